@@ -1,0 +1,17 @@
+//! The system state engine: configuration, the components of system state, and the backup and
+//! restore operations that compose the repository (and, with its issue, the shadow copy
+//! service).
+//!
+//! It knows nothing about terminals or argument parsing: the binary calls it with plain options
+//! and prints what it returns. Every error carries a stable [`ErrorCode`], a message that names
+//! the object, and a specific cause and resolution where the generic ones are not enough.
+
+pub mod components;
+pub mod config;
+pub mod credentials;
+mod error;
+pub mod ops;
+pub mod paths;
+
+pub use error::{EngineError, Result};
+pub use sysstate_types::ErrorCode;

@@ -1,0 +1,157 @@
+//! The operations the CLI runs: backup, restore, and reading versions.
+
+use crate::components::{self, Resolved};
+use crate::config::Config;
+use crate::error::{EngineError, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use sysstate_repo::archiver::{self, BackupOptions, Progress, Selection, Warning};
+use sysstate_repo::backend::{self, Backend};
+use sysstate_repo::keys::KdfParams;
+use sysstate_repo::lock::Lease;
+use sysstate_repo::restorer::{self, RestoreOptions, RestoreOutcome};
+use sysstate_repo::version::{ComponentRecord, Version};
+use sysstate_repo::{Id, Repository};
+use sysstate_types::ErrorCode;
+
+/// Opens the backend of a target.
+pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
+    backend::open_target(target).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))
+}
+
+/// Opens the repository at `target` and loads its index.
+pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
+    let repo = Repository::open(backend(target)?, passphrase)?;
+    repo.load_index()?;
+    Ok(repo)
+}
+
+/// What a backup is asked to do.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// The loaded config.
+    pub config: Config,
+    /// The root (`/` for this machine).
+    pub root: PathBuf,
+    /// The target.
+    pub target: String,
+    /// Components named on the command line (empty: the config's or all).
+    pub components: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Reader/sealer threads (0: one per core).
+    pub threads: usize,
+}
+
+/// What a backup did.
+#[derive(Debug)]
+pub struct BackupReport {
+    /// The new version.
+    pub id: Id,
+    /// Its manifest.
+    pub version: Version,
+    /// Files skipped or unreadable.
+    pub warnings: Vec<Warning>,
+    /// Default components left out because none of their paths exist here.
+    pub skipped_components: Vec<String>,
+    /// True when this backup created the repository.
+    pub created: bool,
+}
+
+/// Turns resolved components into the archiver's selections and the manifest's records.
+fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRecord>)> {
+    let mut selections = Vec::new();
+    let mut records = Vec::new();
+    for item in resolved {
+        let exclude = if item.component.exclude.is_empty() {
+            None
+        } else {
+            let mut builder = globset::GlobSetBuilder::new();
+            for pattern in &item.component.exclude {
+                let glob = globset::GlobBuilder::new(pattern).literal_separator(true).build().map_err(|error| {
+                    EngineError::new(
+                        ErrorCode::InvalidInput,
+                        format!("component `{}`: exclude pattern `{pattern}`: {error}", item.component.name),
+                    )
+                })?;
+                builder.add(glob);
+            }
+            Some(builder.build().map_err(|error| EngineError::new(ErrorCode::InvalidInput, error.to_string()))?)
+        };
+        for path in &item.present {
+            selections.push(Selection { path: PathBuf::from(path), exclude: exclude.clone() });
+        }
+        records.push(ComponentRecord {
+            name: item.component.name.clone(),
+            paths: item.present.clone(),
+            missing: item.missing.clone(),
+        });
+    }
+    Ok((selections, records))
+}
+
+/// Runs a backup: creates the repository if the target has none, takes a shared lease, compares
+/// with the newest version of the same host and root, and stores a new version.
+pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progress) -> Result<BackupReport> {
+    let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
+    let (selections, records) = selections(&resolved)?;
+    let backend = backend(&request.target)?;
+    let created = !Repository::exists(&*backend)?;
+    let repo = if created {
+        Repository::init(backend.clone(), passphrase, KdfParams::default())?
+    } else {
+        Repository::open(backend.clone(), passphrase)?
+    };
+    let _lease = Lease::acquire(backend, false, "backup")?;
+    repo.load_index()?;
+    let host = sysstate_repo::lock::host_name();
+    let root_path = request.root.display().to_string();
+    let parent =
+        repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path).map(|(id, _)| id);
+    let options = BackupOptions {
+        root: request.root.clone(),
+        selections,
+        components: records,
+        parent,
+        host,
+        tags: request.tags.clone(),
+        threads: request.threads,
+        shadow: None,
+        time_ns: 0,
+    };
+    let outcome = archiver::backup(&repo, &options, progress)?;
+    Ok(BackupReport {
+        id: outcome.id,
+        version: outcome.version,
+        warnings: outcome.warnings,
+        skipped_components,
+        created,
+    })
+}
+
+/// Restores a version (or some of its components) to `to`.
+pub fn restore_to(
+    repo: &Repository,
+    version: &str,
+    components: &[String],
+    to: &Path,
+    threads: usize,
+    progress: Option<&dyn Progress>,
+) -> Result<(Id, RestoreOutcome)> {
+    let (id, manifest) = repo.find_version(version)?;
+    let mut include = Vec::new();
+    for name in components {
+        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
+            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
+                .with_resolution(format!(
+                    "choose among the version's components: {}",
+                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+        })?;
+        include.extend(record.paths.iter().map(PathBuf::from));
+    }
+    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
+    let options = RestoreOptions { target: to.to_path_buf(), include, threads, owners: true };
+    let outcome = restorer::restore(repo, &id, &options, progress)?;
+    Ok((id, outcome))
+}

@@ -1,0 +1,60 @@
+//! Where sysstate keeps its files (DESIGN §4 "Paths").
+
+use std::path::PathBuf;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn xdg(var: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| home().join(fallback))
+}
+
+/// The config file: `SYSSTATE_CONFIG`, else `/etc/sysstate/config.toml` as root, else XDG.
+pub fn config_file() -> PathBuf {
+    if let Some(path) = std::env::var_os("SYSSTATE_CONFIG") {
+        return PathBuf::from(path);
+    }
+    if is_root() {
+        PathBuf::from("/etc/sysstate/config.toml")
+    } else {
+        xdg("XDG_CONFIG_HOME", ".config").join("sysstate/config.toml")
+    }
+}
+
+/// The state directory: `SYSSTATE_STATE_DIR`, else `/var/lib/sysstate` as root, else XDG.
+pub fn state_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("SYSSTATE_STATE_DIR") {
+        return PathBuf::from(path);
+    }
+    if is_root() {
+        PathBuf::from("/var/lib/sysstate")
+    } else {
+        xdg("XDG_STATE_HOME", ".local/state").join("sysstate")
+    }
+}
+
+/// The runtime directory: `SYSSTATE_RUNTIME_DIR`, else `/run/sysstate` as root, else XDG.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("SYSSTATE_RUNTIME_DIR") {
+        return PathBuf::from(path);
+    }
+    if is_root() {
+        PathBuf::from("/run/sysstate")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join("sysstate")
+    }
+}
+
+/// The default backup target when the config names none.
+pub fn default_target() -> String {
+    if is_root() {
+        "/var/backups/sysstate".into()
+    } else {
+        xdg("XDG_DATA_HOME", ".local/share").join("sysstate/backups").display().to_string()
+    }
+}

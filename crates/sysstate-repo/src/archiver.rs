@@ -1,0 +1,594 @@
+//! The archiver: a parallel pipeline that turns a set of paths into a version.
+//!
+//! ```text
+//! walker (this thread) ──files──▶ readers ×N ──new chunks──▶ sealers ×N ──▶ packs ──▶ index
+//!   lstat, xattrs,                 read, chunk,               compress, seal,
+//!   parent comparison,             keyed hash, dedup          pack, write
+//!   trees (post-order)
+//! ```
+//! Both channels are bounded, so memory stays within a few chunks per thread whatever the size of
+//! the tree. Unchanged files (same size, mtime, ctime and inode as in the parent version) are
+//! never opened. The version manifest is written only after every pack and the index are stored.
+
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::meta::{node_from_metadata, read_xattrs, unchanged, Names};
+use crate::pack::BlobKind;
+use crate::repo::Repository;
+use crate::saver::BlobSaver;
+use crate::tree::{FileContent, Node, NodeKind, Tree};
+use crate::version::{ComponentRecord, Version, VersionStats};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use globset::GlobSet;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A path to back up, absolute as seen from the root, with its exclude patterns.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// `/etc`, `/var/lib/dpkg`, …
+    pub path: PathBuf,
+    /// Glob patterns matched against paths relative to the root (`etc/*.tmp`) and against
+    /// file names (`*.tmp`).
+    pub exclude: Option<GlobSet>,
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The directory treated as `/`.
+    pub root: PathBuf,
+    /// The paths.
+    pub selections: Vec<Selection>,
+    /// The components, recorded in the manifest.
+    pub components: Vec<ComponentRecord>,
+    /// The version to compare with, to skip unchanged files.
+    pub parent: Option<Id>,
+    /// The host name to record.
+    pub host: String,
+    /// Tags to record.
+    pub tags: Vec<String>,
+    /// Reader and sealer threads each (0: one per core).
+    pub threads: usize,
+    /// The shadow copy results to record.
+    pub shadow: Option<serde_json::Value>,
+    /// The time to record as the version's point in time (ns); 0 means now.
+    pub time_ns: i64,
+}
+
+/// One file that could not be backed up, or an entry skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// The path, as seen from the root.
+    pub path: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// Reports progress; called from several threads.
+pub trait Progress: Send + Sync {
+    /// A file's content was read (or taken from the parent).
+    fn file_done(&self, _bytes: u64) {}
+    /// A file was skipped or failed.
+    fn warning(&self, _warning: &Warning) {}
+}
+
+/// No progress reporting.
+#[derive(Debug)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// The result of a backup.
+#[derive(Debug)]
+pub struct BackupOutcome {
+    /// The new version's id.
+    pub id: Id,
+    /// Its manifest.
+    pub version: Version,
+    /// Files skipped or unreadable.
+    pub warnings: Vec<Warning>,
+}
+
+struct FileJob {
+    path: PathBuf,
+    size: u64,
+    maybe_sparse: bool,
+    reply: Sender<std::io::Result<(FileContent, u64)>>,
+}
+
+struct BlobJob {
+    kind: BlobKind,
+    id: Id,
+    data: Vec<u8>,
+}
+
+/// A selection tree: which children of a directory are selected, and whether a directory is
+/// selected whole.
+#[derive(Debug, Default)]
+struct SelectionNode {
+    children: BTreeMap<Vec<u8>, SelectionNode>,
+    whole: Option<Option<GlobSet>>,
+}
+
+impl SelectionNode {
+    fn build(selections: &[Selection]) -> SelectionNode {
+        let mut root = SelectionNode::default();
+        for selection in selections {
+            let mut node = &mut root;
+            for component in selection.path.components() {
+                if let std::path::Component::Normal(name) = component {
+                    node = node.children.entry(name.as_bytes().to_vec()).or_default();
+                }
+            }
+            node.whole = Some(selection.exclude.clone());
+        }
+        root
+    }
+}
+
+struct Shared<'a> {
+    repo: &'a Repository,
+    saver: BlobSaver<'a>,
+    progress: &'a dyn Progress,
+    warnings: Mutex<Vec<Warning>>,
+    failure: Mutex<Option<RepoError>>,
+    abort: AtomicBool,
+    files_read: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl Shared<'_> {
+    fn warn(&self, path: &Path, message: String) {
+        let warning = Warning { path: path.display().to_string(), message };
+        self.progress.warning(&warning);
+        self.warnings.lock().expect("warnings lock").push(warning);
+    }
+
+    fn fail(&self, error: RepoError) {
+        self.abort.store(true, Ordering::SeqCst);
+        self.failure.lock().expect("failure lock").get_or_insert(error);
+    }
+
+    fn check_abort(&self) -> Result<()> {
+        if self.abort.load(Ordering::SeqCst) {
+            Err(self.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Backs up `options.selections` into `repo` (whose index must be loaded) and saves a version.
+pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progress) -> Result<BackupOutcome> {
+    let started = std::time::Instant::now();
+    let time_ns = if options.time_ns != 0 { options.time_ns } else { crate::lock::now_ns() };
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        options.threads
+    };
+    let parent_tree = match options.parent {
+        Some(parent) => {
+            let version = repo.read_version(&parent)?;
+            Some(repo.read_tree(&version.tree)?)
+        }
+        None => None,
+    };
+    let shared = Shared {
+        repo,
+        saver: BlobSaver::new(repo),
+        progress,
+        warnings: Mutex::new(Vec::new()),
+        failure: Mutex::new(None),
+        abort: AtomicBool::new(false),
+        files_read: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
+    };
+    let selection = SelectionNode::build(&options.selections);
+    let names = Names::load(&options.root);
+    let mut stats = VersionStats::default();
+
+    let walked = std::thread::scope(|scope| {
+        let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
+        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads * 2);
+        let mut readers = Vec::new();
+        for _ in 0..threads {
+            let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
+            readers.push(scope.spawn(move || reader(shared, file_rx, blob_tx)));
+        }
+        for _ in 0..threads {
+            let (blob_rx, shared) = (blob_rx.clone(), &shared);
+            scope.spawn(move || sealer(shared, blob_rx));
+        }
+        drop(file_rx);
+        drop(blob_rx);
+        let mut walker = Walker { shared: &shared, names: &names, file_tx, blob_tx, stats: &mut stats };
+        let tree = walker.selected_dir(&options.root, Path::new("/"), &selection, parent_tree.as_ref());
+        drop(walker);
+        for reader in readers {
+            let _ = reader.join();
+        }
+        tree
+    });
+    let tree = walked?;
+    shared.check_abort()?;
+    shared.saver.finish()?;
+
+    let warnings = shared.warnings.into_inner().expect("warnings lock");
+    stats.files_read = shared.files_read.load(Ordering::Relaxed);
+    stats.files_unchanged = stats.files - stats.files_read;
+    stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
+    stats.blobs_added = shared.saver.stats.blobs.load(Ordering::Relaxed);
+    stats.bytes_added = shared.saver.stats.raw_bytes.load(Ordering::Relaxed);
+    stats.bytes_stored = shared.saver.stats.stored_bytes.load(Ordering::Relaxed);
+    stats.errors = warnings.len() as u64;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let version = Version {
+        time_ns,
+        host: options.host.clone(),
+        root_path: options.root.display().to_string(),
+        tree,
+        components: options.components.clone(),
+        parent: options.parent,
+        tags: options.tags.clone(),
+        stats,
+        program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
+        shadow: options.shadow.clone(),
+        extra: Default::default(),
+    };
+    let id = repo.save_version(&version)?;
+    Ok(BackupOutcome { id, version, warnings })
+}
+
+struct Walker<'a, 's> {
+    shared: &'s Shared<'a>,
+    names: &'s Names,
+    file_tx: Sender<FileJob>,
+    blob_tx: Sender<BlobJob>,
+    stats: &'s mut VersionStats,
+}
+
+enum Pending {
+    Ready(Node),
+    File(Node, Receiver<std::io::Result<(FileContent, u64)>>, PathBuf),
+}
+
+impl Walker<'_, '_> {
+    /// A directory on the way to the selected paths: only its selected children are kept.
+    fn selected_dir(
+        &mut self,
+        dir: &Path,
+        shown: &Path,
+        selection: &SelectionNode,
+        parent: Option<&Tree>,
+    ) -> Result<Id> {
+        if let Some(exclude) = &selection.whole {
+            return self.whole_dir(dir, shown, exclude.as_ref(), parent);
+        }
+        let mut pending = Vec::new();
+        for (name, child) in &selection.children {
+            let name_os = std::ffi::OsStr::from_bytes(name);
+            let path = dir.join(name_os);
+            let shown_child = shown.join(name_os);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
+                    continue;
+                }
+            };
+            let parent_node = parent.and_then(|tree| tree.get(name));
+            if child.whole.is_none() && meta.is_dir() {
+                let subtree = self.load_parent_subtree(parent_node);
+                let xattrs = self.xattrs(&path, &shown_child);
+                let id = self.selected_dir(&path, &shown_child, child, subtree.as_ref())?;
+                self.stats.dirs += 1;
+                pending.push(Pending::Ready(node_from_metadata(
+                    name,
+                    &meta,
+                    xattrs,
+                    self.names,
+                    NodeKind::Dir { subtree: id },
+                )));
+            } else {
+                if child.whole.is_none() {
+                    self.shared.warn(
+                        &shown_child,
+                        "is not a directory: backed up as it is, without the paths selected under it".into(),
+                    );
+                }
+                let exclude = child.whole.as_ref().and_then(|e| e.as_ref());
+                if let Some(entry) = self.entry(name, &path, &shown_child, meta, exclude, parent_node)? {
+                    pending.push(entry);
+                }
+            }
+        }
+        self.finish_dir(pending)
+    }
+
+    /// A directory selected whole.
+    fn whole_dir(&mut self, dir: &Path, shown: &Path, exclude: Option<&GlobSet>, parent: Option<&Tree>) -> Result<Id> {
+        self.shared.check_abort()?;
+        let mut entries: Vec<_> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect(),
+            Err(error) => {
+                self.shared.warn(shown, format!("cannot list the directory: {error}"));
+                Vec::new()
+            }
+        };
+        entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut pending = Vec::with_capacity(entries.len());
+        for name in entries {
+            let path = dir.join(&name);
+            let shown_child = shown.join(&name);
+            if let Some(exclude) = exclude {
+                let relative = shown_child.strip_prefix("/").unwrap_or(&shown_child);
+                if exclude.is_match(relative) || exclude.is_match(Path::new(&name)) {
+                    continue;
+                }
+            }
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
+                    continue;
+                }
+            };
+            let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
+            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, meta, exclude, parent_node)? {
+                pending.push(entry);
+            }
+        }
+        self.finish_dir(pending)
+    }
+
+    fn xattrs(&self, path: &Path, shown: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+        read_xattrs(path).unwrap_or_else(|error| {
+            self.shared.warn(shown, format!("cannot read its extended attributes: {error}"));
+            Vec::new()
+        })
+    }
+
+    fn load_parent_subtree(&self, parent_node: Option<&Node>) -> Option<Tree> {
+        match parent_node.map(|n| &n.kind) {
+            Some(NodeKind::Dir { subtree }) => self.shared.repo.read_tree(subtree).ok(),
+            _ => None,
+        }
+    }
+
+    fn entry(
+        &mut self,
+        name: &[u8],
+        path: &Path,
+        shown: &Path,
+        meta: std::fs::Metadata,
+        exclude: Option<&GlobSet>,
+        parent_node: Option<&Node>,
+    ) -> Result<Option<Pending>> {
+        let file_type = meta.file_type();
+        if file_type.is_socket() {
+            self.shared
+                .warn(shown, "is a socket: skipped (sockets are recreated by the programs that own them)".into());
+            return Ok(None);
+        }
+        let xattrs = self.xattrs(path, shown);
+        let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
+        if file_type.is_dir() {
+            let subtree = self.load_parent_subtree(parent_node);
+            let id = self.whole_dir(path, shown, exclude, subtree.as_ref())?;
+            node.kind = NodeKind::Dir { subtree: id };
+            self.stats.dirs += 1;
+            return Ok(Some(Pending::Ready(node)));
+        }
+        if file_type.is_file() {
+            self.stats.files += 1;
+            self.stats.bytes_total += meta.size();
+            if let Some(parent) = parent_node.filter(|p| unchanged(p, &node)) {
+                if let NodeKind::File(content) = &parent.kind {
+                    if self.shared.repo.has_blobs(&content.blobs) {
+                        node.kind = NodeKind::File(content.clone());
+                        self.shared.progress.file_done(meta.size());
+                        return Ok(Some(Pending::Ready(node)));
+                    }
+                }
+            }
+            let (reply, result) = bounded(1);
+            let job = FileJob {
+                path: path.to_path_buf(),
+                size: meta.size(),
+                maybe_sparse: meta.blocks() * 512 < meta.size(),
+                reply,
+            };
+            if self.file_tx.send(job).is_err() {
+                return Err(self.shared.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted));
+            }
+            return Ok(Some(Pending::File(node, result, shown.to_path_buf())));
+        }
+        self.stats.others += 1;
+        node.kind = if file_type.is_symlink() {
+            match std::fs::read_link(path) {
+                Ok(target) => NodeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() },
+                Err(error) => {
+                    self.shared.warn(shown, format!("cannot read the symlink: {error}"));
+                    return Ok(None);
+                }
+            }
+        } else if file_type.is_char_device() {
+            NodeKind::CharDevice { rdev: meta.rdev() }
+        } else if file_type.is_block_device() {
+            NodeKind::BlockDevice { rdev: meta.rdev() }
+        } else {
+            NodeKind::Fifo
+        };
+        Ok(Some(Pending::Ready(node)))
+    }
+
+    fn finish_dir(&mut self, pending: Vec<Pending>) -> Result<Id> {
+        let mut tree = Tree { nodes: Vec::with_capacity(pending.len()) };
+        for entry in pending {
+            match entry {
+                Pending::Ready(node) => tree.nodes.push(node),
+                Pending::File(mut node, result, shown) => match result.recv() {
+                    Ok(Ok((content, size))) => {
+                        if size != node.size {
+                            self.shared.warn(
+                                &shown,
+                                format!("changed while it was read ({} bytes before, {size} after)", node.size),
+                            );
+                            node.size = size;
+                        }
+                        node.kind = NodeKind::File(content);
+                        tree.nodes.push(node);
+                    }
+                    Ok(Err(error)) => {
+                        self.stats.files -= 1;
+                        self.stats.bytes_total -= node.size;
+                        self.shared.warn(&shown, format!("cannot read the file: {error}"));
+                    }
+                    Err(_) => {
+                        return Err(self
+                            .shared
+                            .failure
+                            .lock()
+                            .expect("failure lock")
+                            .take()
+                            .unwrap_or(RepoError::Interrupted))
+                    }
+                },
+            }
+        }
+        self.shared.check_abort()?;
+        let bytes = tree.encode();
+        let id = self.shared.repo.key().blob_id(&bytes);
+        if self.shared.saver.reserve(id)
+            && self.blob_tx.send(BlobJob { kind: BlobKind::Tree, id, data: bytes }).is_err()
+        {
+            return Err(self.shared.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted));
+        }
+        Ok(id)
+    }
+}
+
+fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) {
+    for job in jobs {
+        if shared.abort.load(Ordering::Relaxed) {
+            return;
+        }
+        let result = read_file(shared, &job, &blobs);
+        if let Ok((_, size)) = &result {
+            shared.files_read.fetch_add(1, Ordering::Relaxed);
+            shared.bytes_read.fetch_add(*size, Ordering::Relaxed);
+            shared.progress.file_done(*size);
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+fn open_source(path: &Path) -> std::io::Result<File> {
+    let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
+    match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        // O_NOATIME needs ownership or CAP_FOWNER.
+        Err(error) if error.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+            std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)
+        }
+        other => other,
+    }
+}
+
+/// The data extents of a file, or `None` when it has no holes.
+fn data_extents(file: &File, size: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+    let mut extents = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let start = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset as i64)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(error) => return Err(error.into()),
+        };
+        let end = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(start as i64))?.min(size);
+        if end > start {
+            extents.push((start, end - start));
+        }
+        offset = end;
+    }
+    if extents.len() == 1 && extents[0] == (0, size) {
+        return Ok(None);
+    }
+    Ok(Some(extents))
+}
+
+/// Reads only the data extents of a sparse file, concatenated.
+struct ExtentReader<'f> {
+    file: &'f File,
+    extents: std::vec::IntoIter<(u64, u64)>,
+    left: u64,
+}
+
+impl Read for ExtentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.left == 0 {
+            match self.extents.next() {
+                Some((offset, length)) => {
+                    (&*self.file).seek(SeekFrom::Start(offset))?;
+                    self.left = length;
+                }
+                None => return Ok(0),
+            }
+        }
+        let want = buf.len().min(self.left as usize);
+        let n = (&*self.file).read(&mut buf[..want])?;
+        if n == 0 {
+            // The file shrank while it was read.
+            self.left = 0;
+            self.extents = Vec::new().into_iter();
+            return Ok(0);
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std::io::Result<(FileContent, u64)> {
+    let file = open_source(&job.path)?;
+    let extents = if job.maybe_sparse { data_extents(&file, job.size)? } else { None };
+    let source: Box<dyn Read + '_> = match &extents {
+        Some(extents) => Box::new(ExtentReader { file: &file, extents: extents.clone().into_iter(), left: 0 }),
+        None => Box::new(&file),
+    };
+    let mut chunker = crate::chunker::Chunker::new(shared.repo.gear(), source);
+    let mut ids = Vec::new();
+    let mut read = 0u64;
+    while let Some(chunk) = chunker.next_chunk()? {
+        read += chunk.len() as u64;
+        let id = shared.repo.key().blob_id(chunk);
+        ids.push(id);
+        if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec() }).is_err() {
+            return Err(std::io::Error::other("the backup was stopped"));
+        }
+    }
+    let size = match &extents {
+        Some(_) => file.metadata()?.size(),
+        None => read,
+    };
+    Ok((FileContent { blobs: ids, extents }, size))
+}
+
+fn sealer(shared: &Shared<'_>, blobs: Receiver<BlobJob>) {
+    for job in blobs {
+        if shared.abort.load(Ordering::Relaxed) {
+            // Keep draining so senders never block on a full channel.
+            continue;
+        }
+        if let Err(error) = shared.saver.store(job.kind, job.id, &job.data) {
+            shared.fail(error);
+        }
+    }
+}

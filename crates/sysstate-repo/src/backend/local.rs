@@ -1,0 +1,177 @@
+use super::{Backend, BackendError, ErrorKind, FileKind, Result};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A repository in a local directory (the embedded default target).
+///
+/// Writes go to a temp name in the destination folder, are fsynced, then linked into place with
+/// `renameat2(RENAME_NOREPLACE)` so an existing file is never replaced, and the folder is fsynced.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    /// A backend rooted at `root` (which need not exist until [`Backend::create`]).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend { root: root.into() }
+    }
+
+    fn full(&self, kind: FileKind, name: &str) -> PathBuf {
+        self.root.join(kind.path(name))
+    }
+
+    fn error(&self, operation: &'static str, kind: FileKind, name: &str, error: &std::io::Error) -> BackendError {
+        let mut classified = BackendError::from_io(operation, kind.path(name), self.location(), error);
+        if classified.kind == ErrorKind::NotFound && !self.root.exists() {
+            classified.kind = ErrorKind::Unavailable;
+        }
+        classified
+    }
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self) -> Result<()> {
+        let io = |e: &std::io::Error| BackendError::from_io("create", String::new(), self.location(), e);
+        fs::create_dir_all(&self.root).map_err(|e| io(&e))?;
+        for kind in [FileKind::Key, FileKind::Index, FileKind::Version, FileKind::Lock, FileKind::Pack] {
+            fs::create_dir_all(self.root.join(kind.dir())).map_err(|e| io(&e))?;
+        }
+        for prefix in 0..=255u8 {
+            fs::create_dir_all(self.root.join("data").join(format!("{prefix:02x}"))).map_err(|e| io(&e))?;
+        }
+        sync_dir(&self.root).map_err(|e| io(&e))
+    }
+
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        let dirs: Vec<PathBuf> = match kind {
+            FileKind::Config => {
+                return match fs::metadata(self.full(kind, "config")) {
+                    Ok(meta) => Ok(vec![("config".into(), meta.len())]),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if self.root.exists() {
+                            Ok(Vec::new())
+                        } else {
+                            Err(self.error("list", kind, "", &e))
+                        }
+                    }
+                    Err(e) => Err(self.error("list", kind, "", &e)),
+                }
+            }
+            FileKind::Pack => (0..=255u8).map(|p| self.root.join("data").join(format!("{p:02x}"))).collect(),
+            _ => vec![self.root.join(kind.dir())],
+        };
+        let mut out = Vec::new();
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.root.exists() => continue,
+                Err(e) => return Err(self.error("list", kind, "", &e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.error("list", kind, "", &e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp-") {
+                    continue;
+                }
+                let meta = entry.metadata().map_err(|e| self.error("list", kind, &name, &e))?;
+                out.push((name, meta.len()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        fs::read(self.full(kind, name)).map_err(|e| self.error("read", kind, name, &e))
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let file = File::open(self.full(kind, name)).map_err(|e| self.error("read", kind, name, &e))?;
+        let mut buffer = vec![0u8; length as usize];
+        file.read_exact_at(&mut buffer, offset).map_err(|e| self.error("read", kind, name, &e))?;
+        Ok(buffer)
+    }
+
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.full(kind, name);
+        let dir = path.parent().expect("repository files live in a folder").to_path_buf();
+        let temp = dir.join(format!(".tmp-{}", crate::Id::random().short()));
+        let err = |e: &std::io::Error| self.error("write", kind, name, e);
+        let result = (|| {
+            let mut file = File::create(&temp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&temp);
+            return Err(err(&e));
+        }
+        let renamed = if kind == FileKind::Lock {
+            fs::rename(&temp, &path)
+        } else {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &temp,
+                rustix::fs::CWD,
+                &path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(std::io::Error::from)
+        };
+        match renamed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let _ = fs::remove_file(&temp);
+                return same_bytes(&path, data).map_err(|e| err(&e)).and_then(|same| {
+                    if same {
+                        Ok(())
+                    } else {
+                        Err(BackendError {
+                            kind: ErrorKind::Mismatch,
+                            operation: "write",
+                            path: kind.path(name),
+                            location: self.location(),
+                            message: "the file already exists with other bytes".into(),
+                        })
+                    }
+                });
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(err(&e));
+            }
+        }
+        sync_dir(&dir).map_err(|e| err(&e))
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        match fs::remove_file(self.full(kind, name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.error("remove", kind, name, &e)),
+        }
+    }
+}
+
+fn same_bytes(path: &Path, data: &[u8]) -> std::io::Result<bool> {
+    let mut file = File::open(path)?;
+    if file.seek(SeekFrom::End(0))? != data.len() as u64 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let mut existing = Vec::with_capacity(data.len());
+    file.read_to_end(&mut existing)?;
+    Ok(existing == data)
+}

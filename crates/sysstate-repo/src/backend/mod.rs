@@ -1,0 +1,141 @@
+//! Where repository files live: a small [`Backend`] trait, the local directory backend, object
+//! storage through `object_store`, and a retry decorator.
+//!
+//! Every backend keeps the same promises, checked by one conformance suite: a write is atomic
+//! and durable when it returns; an existing file is never replaced by other bytes (a mismatch is
+//! reported as corruption), except lock files, which are leases and are refreshed in place.
+
+mod local;
+mod object;
+mod retry;
+
+pub use local::LocalBackend;
+pub use object::ObjectBackend;
+pub use retry::RetryBackend;
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The kinds of file in a repository, each in its own folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// `config`: the repository's frozen parameters (one file).
+    Config,
+    /// `keys/`: the master key wrapped per passphrase.
+    Key,
+    /// `data/xx/`: pack files.
+    Pack,
+    /// `index/`: index files.
+    Index,
+    /// `versions/`: version manifests.
+    Version,
+    /// `locks/`: leases.
+    Lock,
+}
+
+impl FileKind {
+    /// The folder name.
+    pub fn dir(self) -> &'static str {
+        match self {
+            FileKind::Config => "",
+            FileKind::Key => "keys",
+            FileKind::Pack => "data",
+            FileKind::Index => "index",
+            FileKind::Version => "versions",
+            FileKind::Lock => "locks",
+        }
+    }
+
+    /// The path of a file of this kind relative to the repository root.
+    pub fn path(self, name: &str) -> String {
+        match self {
+            FileKind::Config => "config".to_string(),
+            FileKind::Pack => format!("data/{}/{}", &name[..name.len().min(2)], name),
+            _ => format!("{}/{}", self.dir(), name),
+        }
+    }
+}
+
+/// How a backend operation failed; callers decide what to retry and what to tell the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The file does not exist.
+    NotFound,
+    /// A passing fault (timeout, connection reset, 5xx, EINTR): worth a retry.
+    Transient,
+    /// The target has no space left.
+    NoSpace,
+    /// Access is denied, or the target is read-only.
+    Permission,
+    /// The target itself cannot be reached or does not exist.
+    Unavailable,
+    /// An existing file holds other bytes than the ones written under its name.
+    Mismatch,
+    /// Anything else; retrying will not help.
+    Permanent,
+}
+
+/// A failed backend operation, naming the file and the target.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} `{path}` on `{location}`: {message}")]
+pub struct BackendError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// `read`, `write`, `list`, `remove`.
+    pub operation: &'static str,
+    /// The repository-relative path.
+    pub path: String,
+    /// The target's location.
+    pub location: String,
+    /// The underlying message.
+    pub message: String,
+}
+
+impl BackendError {
+    /// Classifies an I/O error.
+    pub fn from_io(operation: &'static str, path: String, location: String, error: &std::io::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        let kind = match (error.kind(), error.raw_os_error()) {
+            (Io::NotFound, _) => ErrorKind::NotFound,
+            (_, Some(code)) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorKind::NoSpace,
+            (_, Some(code)) if code == rustix::io::Errno::DQUOT.raw_os_error() => ErrorKind::NoSpace,
+            (_, Some(code)) if code == rustix::io::Errno::ROFS.raw_os_error() => ErrorKind::Permission,
+            (Io::PermissionDenied, _) => ErrorKind::Permission,
+            (Io::Interrupted | Io::TimedOut | Io::WouldBlock, _) => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        };
+        BackendError { kind, operation, path, location, message: error.to_string() }
+    }
+}
+
+/// Result of backend operations.
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Storage for repository files. Implementations are blocking and thread-safe.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// A human-readable location (`/var/backups/sysstate`, `s3://bucket/prefix`).
+    fn location(&self) -> String;
+    /// Makes sure the target exists and is usable for a new repository.
+    fn create(&self) -> Result<()>;
+    /// Names and sizes of the files of one kind.
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>>;
+    /// The whole file.
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>>;
+    /// `length` bytes from `offset`.
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
+    /// Stores a file atomically and durably. An existing file with the same bytes is success; with
+    /// other bytes it is an [`ErrorKind::Mismatch`] (but for locks, which are replaced).
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
+    /// Deletes a file; a missing file is success.
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
+}
+
+/// Opens the backend for a target: a local path, or `s3://`, `az://`, `gs://` URLs.
+pub fn open_target(target: &str) -> Result<Arc<dyn Backend>> {
+    let backend: Arc<dyn Backend> = if target.contains("://") {
+        Arc::new(ObjectBackend::open(target)?)
+    } else {
+        Arc::new(LocalBackend::new(target))
+    };
+    Ok(Arc::new(RetryBackend::new(backend)))
+}

@@ -1,0 +1,208 @@
+use super::{Backend, BackendError, ErrorKind, FileKind, Result};
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use std::sync::Arc;
+
+/// A repository on object storage (`s3://bucket/prefix`, `az://container/prefix`,
+/// `gs://bucket/prefix`) through the `object_store` crate.
+///
+/// Credentials come from the usual environment variables (`AWS_*`, `AZURE_*`, `GOOGLE_*`;
+/// `AZURE_STORAGE_USE_EMULATOR=true` for Azurite). Object stores offer no portable
+/// create-if-absent, so a write first asks whether the object exists and compares the bytes if it
+/// does. Repository file names are hashes of their content, so two writers racing on one name
+/// write the same bytes.
+#[derive(Debug)]
+pub struct ObjectBackend {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ObjectBackend {
+    /// Opens `url`.
+    pub fn open(url: &str) -> Result<Self> {
+        let fail = |message: String| BackendError {
+            kind: ErrorKind::Unavailable,
+            operation: "open",
+            path: String::new(),
+            location: url.to_string(),
+            message,
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| fail("not a URL".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(fail("the URL names no bucket or container".into()));
+        }
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "s3" => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            "az" | "azure" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            other => return Err(fail(format!("unknown scheme `{other}`: use s3://, az:// or gs://"))),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sysstate-object-io")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(ObjectBackend { store, prefix: prefix.trim_matches('/').to_string(), url: url.to_string(), runtime })
+    }
+
+    fn object_path(&self, kind: FileKind, name: &str) -> ObjectPath {
+        let relative = kind.path(name);
+        if self.prefix.is_empty() {
+            ObjectPath::from(relative)
+        } else {
+            ObjectPath::from(format!("{}/{}", self.prefix, relative))
+        }
+    }
+
+    fn error(&self, operation: &'static str, kind: FileKind, name: &str, error: object_store::Error) -> BackendError {
+        use object_store::Error as E;
+        let classified = match &error {
+            E::NotFound { .. } => ErrorKind::NotFound,
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => ErrorKind::Permission,
+            E::Generic { source, .. } => classify_message(&source.to_string()),
+            _ => ErrorKind::Permanent,
+        };
+        BackendError {
+            kind: classified,
+            operation,
+            path: kind.path(name),
+            location: self.url.clone(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// The object_store crate folds HTTP failures into `Generic`; tell passing faults and a
+/// missing bucket apart by their text.
+fn classify_message(message: &str) -> ErrorKind {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("nosuchbucket")
+        || lower.contains("containernotfound")
+        || lower.contains("connection refused")
+        || lower.contains("dns error")
+    {
+        ErrorKind::Unavailable
+    } else if lower.contains("accessdenied") || lower.contains("authorizationfailure") || lower.contains("403") {
+        ErrorKind::Permission
+    } else if lower.contains("timed out")
+        || lower.contains("timeout")
+        || lower.contains("connection reset")
+        || lower.contains("503")
+        || lower.contains("500")
+    {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Permanent
+    }
+}
+
+impl Backend for ObjectBackend {
+    fn location(&self) -> String {
+        self.url.clone()
+    }
+
+    fn create(&self) -> Result<()> {
+        // Buckets and containers are made by their owner; check that this one answers.
+        self.list(FileKind::Config).map(|_| ())
+    }
+
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        let prefix = match kind {
+            FileKind::Config => {
+                return match self.runtime.block_on(self.store.head(&self.object_path(kind, "config"))) {
+                    Ok(meta) => Ok(vec![("config".into(), meta.size as u64)]),
+                    Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+                    Err(e) => Err(self.error("list", kind, "config", e)),
+                }
+            }
+            _ if self.prefix.is_empty() => ObjectPath::from(kind.dir()),
+            _ => ObjectPath::from(format!("{}/{}", self.prefix, kind.dir())),
+        };
+        let listed: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(self.store.list(Some(&prefix)).try_collect())
+            .map_err(|e| self.error("list", kind, "", e))?;
+        let mut out: Vec<(String, u64)> = listed
+            .into_iter()
+            .filter_map(|meta| meta.location.filename().map(|name| (name.to_string(), meta.size as u64)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        let path = self.object_path(kind, name);
+        self.runtime
+            .block_on(async { self.store.get(&path).await?.bytes().await })
+            .map(|bytes| bytes.to_vec())
+            .map_err(|e| self.error("read", kind, name, e))
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let path = self.object_path(kind, name);
+        let range = offset as usize..(offset + length) as usize;
+        let bytes =
+            self.runtime.block_on(self.store.get_range(&path, range)).map_err(|e| self.error("read", kind, name, e))?;
+        if bytes.len() as u64 != length {
+            return Err(BackendError {
+                kind: ErrorKind::Permanent,
+                operation: "read",
+                path: kind.path(name),
+                location: self.url.clone(),
+                message: format!("short read: {} of {length} bytes at offset {offset}", bytes.len()),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.object_path(kind, name);
+        if kind != FileKind::Lock {
+            match self.read(kind, name) {
+                Ok(existing) if existing == data => return Ok(()),
+                Ok(_) => {
+                    return Err(BackendError {
+                        kind: ErrorKind::Mismatch,
+                        operation: "write",
+                        path: kind.path(name),
+                        location: self.url.clone(),
+                        message: "the object already exists with other bytes".into(),
+                    })
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.runtime
+            .block_on(self.store.put(&path, PutPayload::from(data.to_vec())))
+            .map(|_| ())
+            .map_err(|e| self.error("write", kind, name, e))
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        match self.runtime.block_on(self.store.delete(&self.object_path(kind, name))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("remove", kind, name, e)),
+        }
+    }
+}

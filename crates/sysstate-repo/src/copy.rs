@@ -1,0 +1,75 @@
+//! `copy`: versions from one repository to another. Blob ids are keyed per repository, so every
+//! blob is re-identified under the destination's key and every tree is rewritten with the new
+//! ids; blobs the destination already has are not stored again.
+
+use crate::error::Result;
+use crate::id::Id;
+use crate::pack::BlobKind;
+use crate::repo::Repository;
+use crate::saver::BlobSaver;
+use crate::tree::NodeKind;
+use std::collections::HashMap;
+
+/// Copies version `id` of `from` into `to` (both with loaded indexes); returns the new id.
+pub fn copy_version(from: &Repository, to: &Repository, id: &Id) -> Result<Id> {
+    let version = from.read_version(id)?;
+    let saver = BlobSaver::new(to);
+    let mut mapped: HashMap<Id, Id> = HashMap::new();
+    let tree = copy_tree(from, to, &saver, &version.tree, &mut mapped)?;
+    saver.finish()?;
+    let mut copied = version;
+    copied.tree = tree;
+    copied.parent = None;
+    to.save_version(&copied)
+}
+
+fn copy_blob(
+    from: &Repository,
+    to: &Repository,
+    saver: &BlobSaver<'_>,
+    kind: BlobKind,
+    id: &Id,
+    mapped: &mut HashMap<Id, Id>,
+) -> Result<Id> {
+    if let Some(new) = mapped.get(id) {
+        return Ok(*new);
+    }
+    let data = from.read_blob(id)?;
+    let new = to.key().blob_id(&data);
+    if saver.reserve(new) {
+        saver.store(kind, new, &data)?;
+    }
+    mapped.insert(*id, new);
+    Ok(new)
+}
+
+fn copy_tree(
+    from: &Repository,
+    to: &Repository,
+    saver: &BlobSaver<'_>,
+    id: &Id,
+    mapped: &mut HashMap<Id, Id>,
+) -> Result<Id> {
+    if let Some(new) = mapped.get(id) {
+        return Ok(*new);
+    }
+    let mut tree = from.read_tree(id)?;
+    for node in &mut tree.nodes {
+        match &mut node.kind {
+            NodeKind::Dir { subtree } => *subtree = copy_tree(from, to, saver, subtree, mapped)?,
+            NodeKind::File(content) => {
+                for blob in &mut content.blobs {
+                    *blob = copy_blob(from, to, saver, BlobKind::Data, blob, mapped)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    let bytes = tree.encode();
+    let new = to.key().blob_id(&bytes);
+    if saver.reserve(new) {
+        saver.store(BlobKind::Tree, new, &bytes)?;
+    }
+    mapped.insert(*id, new);
+    Ok(new)
+}

@@ -1,0 +1,99 @@
+use crate::backend::{BackendError, ErrorKind};
+use sysstate_types::ErrorCode;
+
+/// Errors of repository operations. Each maps to a stable [`ErrorCode`].
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// There is no repository at the target.
+    #[error("there is no sysstate repository at `{location}`")]
+    NotARepository {
+        /// The target.
+        location: String,
+    },
+    /// `init` found one.
+    #[error("a repository already exists at `{location}`")]
+    AlreadyExists {
+        /// The target.
+        location: String,
+    },
+    /// No key opens.
+    #[error("no key of the repository at `{location}` opens with the passphrase given")]
+    WrongPassphrase {
+        /// The target.
+        location: String,
+    },
+    /// Another process holds a lease that excludes ours.
+    #[error("the repository at `{location}` is locked by {holder}")]
+    Locked {
+        /// The target.
+        location: String,
+        /// Who holds it: host, pid, command, since.
+        holder: String,
+    },
+    /// Something in the repository is damaged.
+    #[error("the repository at `{location}` is damaged: {object}: {detail}")]
+    Corrupt {
+        /// The target.
+        location: String,
+        /// Which file or blob.
+        object: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A version that does not exist, or an ambiguous prefix.
+    #[error("{0}")]
+    VersionNotFound(String),
+    /// The format version is newer than this program.
+    #[error("the repository at `{location}` has format version {version}; this sysstate reads version {supported}")]
+    UnsupportedFormat {
+        /// The target.
+        location: String,
+        /// Its version.
+        version: u32,
+        /// Ours.
+        supported: u32,
+    },
+    /// A local file operation outside the repository (reading a source, writing a restore).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operation was stopped.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl RepoError {
+    /// The stable error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RepoError::Backend(error) => match error.kind {
+                ErrorKind::NoSpace => ErrorCode::TargetFull,
+                ErrorKind::Permission => ErrorCode::TargetPermission,
+                ErrorKind::Mismatch | ErrorKind::NotFound => ErrorCode::RepositoryCorrupt,
+                ErrorKind::Unavailable | ErrorKind::Transient | ErrorKind::Permanent => ErrorCode::TargetUnavailable,
+            },
+            RepoError::NotARepository { .. } => ErrorCode::TargetUnavailable,
+            RepoError::AlreadyExists { .. } => ErrorCode::InvalidInput,
+            RepoError::WrongPassphrase { .. } => ErrorCode::WrongPassphrase,
+            RepoError::Locked { .. } => ErrorCode::RepositoryLocked,
+            RepoError::Corrupt { .. } | RepoError::UnsupportedFormat { .. } => ErrorCode::RepositoryCorrupt,
+            RepoError::VersionNotFound(_) => ErrorCode::InvalidInput,
+            RepoError::Io { source, .. } => match source.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorCode::TargetFull,
+                _ => ErrorCode::Internal,
+            },
+            RepoError::Interrupted => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Result of repository operations.
+pub type Result<T> = std::result::Result<T, RepoError>;

@@ -1,0 +1,116 @@
+//! Reading Linux file metadata into [`Node`]s: owners and their names, times in ns, xattrs.
+
+use crate::tree::{Node, NodeKind};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Every extended attribute of `path` (not following a final symlink), sorted by name.
+pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut names = vec![0u8; 1024];
+    let length = loop {
+        match rustix::fs::llistxattr(path, &mut names) {
+            Ok(length) => break length,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(error) => return Err(error.into()),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..length].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name_os = OsStr::from_bytes(name);
+        let mut value = vec![0u8; 256];
+        loop {
+            match rustix::fs::lgetxattr(path, name_os, &mut value) {
+                Ok(len) => {
+                    value.truncate(len);
+                    break;
+                }
+                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
+                // Removed between the list and the read.
+                Err(rustix::io::Errno::NODATA) => {
+                    value.clear();
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Names of users and groups from a root's `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Default)]
+pub struct Names {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl Names {
+    /// Reads the account files under `root`; missing files give no names.
+    pub fn load(root: &Path) -> Names {
+        let parse = |file: &str| -> HashMap<u32, String> {
+            std::fs::read_to_string(root.join(file))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| {
+                    let mut fields = line.split(':');
+                    let name = fields.next()?;
+                    let id = fields.nth(1)?.parse().ok()?;
+                    Some((id, name.to_string()))
+                })
+                .collect()
+        };
+        Names { users: parse("etc/passwd"), groups: parse("etc/group") }
+    }
+
+    fn user(&self, uid: u32) -> Option<String> {
+        self.users.get(&uid).cloned()
+    }
+
+    fn group(&self, gid: u32) -> Option<String> {
+        self.groups.get(&gid).cloned()
+    }
+}
+
+/// A node with the metadata of `meta` and a placeholder kind.
+pub fn node_from_metadata(
+    name: &[u8],
+    meta: &Metadata,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    names: &Names,
+    kind: NodeKind,
+) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        user: names.user(meta.uid()),
+        group: names.group(meta.gid()),
+        atime_ns: meta.atime() * 1_000_000_000 + meta.atime_nsec(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        inode: meta.ino(),
+        device: meta.dev(),
+        links: meta.nlink(),
+        size: if meta.is_file() { meta.size() } else { 0 },
+        xattrs,
+    }
+}
+
+/// True when a file's content need not be read again: same size, mtime, ctime and inode as
+/// in the parent version.
+pub fn unchanged(parent: &Node, current: &Node) -> bool {
+    matches!(parent.kind, NodeKind::File(_))
+        && parent.size == current.size
+        && parent.mtime_ns == current.mtime_ns
+        && parent.ctime_ns == current.ctime_ns
+        && parent.inode == current.inode
+}

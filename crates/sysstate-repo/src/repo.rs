@@ -1,0 +1,329 @@
+//! An open repository: its backend, its master key, its config and its index.
+
+use crate::backend::{Backend, ErrorKind, FileKind};
+use crate::chunker::{ChunkerParams, Gear};
+use crate::crypto::{Label, MasterKey};
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile};
+use crate::keys::{KdfParams, KeyError, KeyFile, RepoConfig, CONFIG_MAGIC, FORMAT_VERSION};
+use crate::lock::{host_name, now_ns};
+use crate::pack::BlobKind;
+use crate::tree::Tree;
+use crate::version::Version;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    key: MasterKey,
+    key_name: String,
+    config: RepoConfig,
+    gear: Gear,
+    index: RwLock<Index>,
+}
+
+fn user_name() -> String {
+    std::env::var("USER").unwrap_or_else(|_| format!("uid {}", rustix::process::getuid().as_raw()))
+}
+
+impl Repository {
+    /// Creates a new repository at the backend with one key for `passphrase`.
+    pub fn init(backend: Arc<dyn Backend>, passphrase: &[u8], kdf: KdfParams) -> Result<Repository> {
+        backend.create()?;
+        if !backend.list(FileKind::Config)?.is_empty() {
+            return Err(RepoError::AlreadyExists { location: backend.location() });
+        }
+        let key = MasterKey::generate();
+        let config = RepoConfig {
+            magic: CONFIG_MAGIC.into(),
+            version: FORMAT_VERSION,
+            id: Id::random(),
+            chunker: ChunkerParams::default(),
+        };
+        let key_file = KeyFile::wrap(&key, passphrase, kdf, &host_name(), &user_name(), now_ns());
+        let key_name = Id::random().to_hex();
+        // The key first: a config without a key would be a repository nobody can open.
+        backend.write(FileKind::Key, &key_name, &serde_json::to_vec_pretty(&key_file).expect("key encodes"))?;
+        backend.write(FileKind::Config, "config", &serde_json::to_vec_pretty(&config).expect("config encodes"))?;
+        let gear = Gear::new(config.chunker, key.chunker_seed());
+        Ok(Repository { backend, key, key_name, config, gear, index: RwLock::new(Index::default()) })
+    }
+
+    /// Opens the repository with `passphrase`, trying every key. Does not load the index.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: &[u8]) -> Result<Repository> {
+        let location = backend.location();
+        let config = Self::read_config(&*backend)?;
+        let mut malformed = Vec::new();
+        for (name, _) in backend.list(FileKind::Key)? {
+            let bytes = backend.read(FileKind::Key, &name)?;
+            match KeyFile::decode(&bytes).and_then(|file| file.unwrap_key(passphrase)) {
+                Ok(key) => {
+                    let gear = Gear::new(config.chunker, key.chunker_seed());
+                    return Ok(Repository {
+                        backend,
+                        key,
+                        key_name: name,
+                        config,
+                        gear,
+                        index: RwLock::new(Index::default()),
+                    });
+                }
+                Err(KeyError::WrongPassphrase) => {}
+                Err(KeyError::Malformed(detail)) => malformed.push(format!("keys/{name}: {detail}")),
+            }
+        }
+        if !malformed.is_empty() {
+            tracing::warn!(keys = ?malformed, "some key files are malformed");
+        }
+        Err(RepoError::WrongPassphrase { location })
+    }
+
+    /// Reads and checks the config.
+    pub fn read_config(backend: &dyn Backend) -> Result<RepoConfig> {
+        let location = backend.location();
+        let bytes = match backend.read(FileKind::Config, "config") {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind == ErrorKind::NotFound => return Err(RepoError::NotARepository { location }),
+            Err(error) => return Err(error.into()),
+        };
+        let config: RepoConfig = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+            location: location.clone(),
+            object: "config".into(),
+            detail: e.to_string(),
+        })?;
+        if config.magic != CONFIG_MAGIC {
+            return Err(RepoError::NotARepository { location });
+        }
+        if config.version != FORMAT_VERSION {
+            return Err(RepoError::UnsupportedFormat { location, version: config.version, supported: FORMAT_VERSION });
+        }
+        if !config.chunker.is_valid() {
+            return Err(RepoError::Corrupt {
+                location,
+                object: "config".into(),
+                detail: "invalid chunker parameters".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// True when the backend holds a repository config.
+    pub fn exists(backend: &dyn Backend) -> Result<bool> {
+        match backend.list(FileKind::Config) {
+            Ok(files) => Ok(!files.is_empty()),
+            Err(error) if error.kind == ErrorKind::Unavailable || error.kind == ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The location for messages.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    /// The master key.
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// The name of the key file that opened this repository.
+    pub fn key_name(&self) -> &str {
+        &self.key_name
+    }
+
+    /// The config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The chunker tables.
+    pub fn gear(&self) -> &Gear {
+        &self.gear
+    }
+
+    /// Reads every index file into memory. Returns the names of the index files read.
+    pub fn load_index(&self) -> Result<Vec<Id>> {
+        let mut index = Index::default();
+        let mut names = Vec::new();
+        for (name, _) in self.backend.list(FileKind::Index)? {
+            let file = self.read_index_file(&name)?;
+            for pack in &file.packs {
+                index.add_pack(pack);
+            }
+            names.push(Id::from_hex(&name).ok_or_else(|| self.corrupt(format!("index/{name}"), "not a hex name"))?);
+        }
+        *self.index.write().expect("index lock") = index;
+        Ok(names)
+    }
+
+    /// Reads and decodes one index file.
+    pub fn read_index_file(&self, name: &str) -> Result<IndexFile> {
+        let bytes = self.backend.read(FileKind::Index, name)?;
+        IndexFile::decode(&self.key, &bytes).map_err(|e| self.corrupt(format!("index/{name}"), e))
+    }
+
+    /// The in-memory index.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().expect("index lock")
+    }
+
+    /// Adds packs to the in-memory index (after writing them).
+    pub fn index_add(&self, file: &IndexFile) {
+        let mut index = self.index.write().expect("index lock");
+        for pack in &file.packs {
+            index.add_pack(pack);
+        }
+    }
+
+    pub fn corrupt(&self, object: String, detail: impl ToString) -> RepoError {
+        RepoError::Corrupt { location: self.location(), object, detail: detail.to_string() }
+    }
+
+    /// Reads, opens, decompresses and verifies one blob.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let location =
+            *self.index().get(id).ok_or_else(|| self.corrupt(format!("blob {}", id.short()), "not in the index"))?;
+        let sealed = self.backend.read_range(
+            FileKind::Pack,
+            &location.pack.to_hex(),
+            u64::from(location.entry.offset),
+            u64::from(location.entry.length),
+        )?;
+        self.open_blob(&location.pack, &location.entry, &sealed)
+    }
+
+    /// Opens a sealed blob read from `pack` and checks its id.
+    pub fn open_blob(&self, pack: &Id, entry: &crate::pack::PackEntry, sealed: &[u8]) -> Result<Vec<u8>> {
+        let object = || format!("blob {} in pack {}", entry.id.short(), pack.short());
+        let opened = self.key.open(Label::Blob, sealed).map_err(|_| self.corrupt(object(), "does not decrypt"))?;
+        let plain = if entry.compressed {
+            zstd::bulk::decompress(&opened, entry.raw_length as usize)
+                .map_err(|e| self.corrupt(object(), format!("does not decompress: {e}")))?
+        } else {
+            opened
+        };
+        if plain.len() != entry.raw_length as usize || self.key.blob_id(&plain) != entry.id {
+            return Err(self.corrupt(object(), "content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    /// Reads a tree blob.
+    pub fn read_tree(&self, id: &Id) -> Result<Tree> {
+        let bytes = self.read_blob(id)?;
+        Tree::decode(&bytes).map_err(|e| self.corrupt(format!("tree {}", id.short()), e))
+    }
+
+    /// True when every blob is in the index.
+    pub fn has_blobs(&self, ids: &[Id]) -> bool {
+        let index = self.index();
+        ids.iter().all(|id| index.contains(id))
+    }
+
+    /// Every version, oldest first.
+    pub fn versions(&self) -> Result<Vec<(Id, Version)>> {
+        let mut out = Vec::new();
+        for (name, _) in self.backend.list(FileKind::Version)? {
+            let id = Id::from_hex(&name).ok_or_else(|| self.corrupt(format!("versions/{name}"), "not a hex name"))?;
+            out.push((id, self.read_version(&id)?));
+        }
+        out.sort_by_key(|(id, version)| (version.time_ns, *id));
+        Ok(out)
+    }
+
+    /// One version.
+    pub fn read_version(&self, id: &Id) -> Result<Version> {
+        let bytes = match self.backend.read(FileKind::Version, &id.to_hex()) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind == ErrorKind::NotFound => {
+                return Err(RepoError::VersionNotFound(format!(
+                    "version `{}` does not exist in `{}`",
+                    id.short(),
+                    self.location()
+                )))
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Version::decode(&self.key, &bytes).map_err(|e| self.corrupt(format!("versions/{}", id.to_hex()), e))
+    }
+
+    /// Finds a version by `latest` or a unique hex prefix of its id.
+    pub fn find_version(&self, spec: &str) -> Result<(Id, Version)> {
+        let versions = self.versions()?;
+        if spec == "latest" {
+            return versions.into_iter().last().ok_or_else(|| {
+                RepoError::VersionNotFound(format!("the repository at `{}` holds no version yet", self.location()))
+            });
+        }
+        let spec = spec.to_ascii_lowercase();
+        let mut matches = versions.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec));
+        match (matches.next(), matches.next()) {
+            (Some(found), None) if !spec.is_empty() => Ok(found),
+            (Some(_), Some(_)) => {
+                Err(RepoError::VersionNotFound(format!("version prefix `{spec}` is ambiguous: give more digits")))
+            }
+            _ => Err(RepoError::VersionNotFound(format!(
+                "version `{spec}` does not exist in `{}`: `sysstate versions` lists them",
+                self.location()
+            ))),
+        }
+    }
+
+    /// Stores a version manifest. Call only after its packs and index are stored.
+    pub fn save_version(&self, version: &Version) -> Result<Id> {
+        let bytes = version.encode(&self.key);
+        let id = Id::of_stored(&bytes);
+        self.backend.write(FileKind::Version, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Adds a key for `passphrase`; returns its name.
+    pub fn add_key(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        let file = KeyFile::wrap(&self.key, passphrase, kdf, &host_name(), &user_name(), now_ns());
+        let name = Id::random().to_hex();
+        self.backend.write(FileKind::Key, &name, &serde_json::to_vec_pretty(&file).expect("key encodes"))?;
+        Ok(name)
+    }
+
+    /// The key files.
+    pub fn list_keys(&self) -> Result<Vec<(String, KeyFile)>> {
+        let mut out = Vec::new();
+        for (name, _) in self.backend.list(FileKind::Key)? {
+            let bytes = self.backend.read(FileKind::Key, &name)?;
+            let file = KeyFile::decode(&bytes).map_err(|e| self.corrupt(format!("keys/{name}"), e))?;
+            out.push((name, file));
+        }
+        Ok(out)
+    }
+
+    /// Removes a key (never the last one, nor the one in use).
+    pub fn remove_key(&self, name: &str) -> Result<()> {
+        let keys = self.list_keys()?;
+        let matching: Vec<_> = keys.iter().filter(|(n, _)| n.starts_with(name)).collect();
+        let [(full, _)] = matching.as_slice() else {
+            return Err(RepoError::VersionNotFound(format!(
+                "key `{name}` matches {} keys: give a unique prefix (`sysstate key list`)",
+                matching.len()
+            )));
+        };
+        if *full == self.key_name {
+            return Err(RepoError::VersionNotFound(format!(
+                "key `{name}` is the key in use: open the repository with another key to remove it"
+            )));
+        }
+        self.backend.remove(FileKind::Key, full)?;
+        Ok(())
+    }
+
+    /// Counts blobs of a kind in the index.
+    pub fn blob_count(&self, kind: BlobKind) -> usize {
+        self.index().count(kind)
+    }
+}

@@ -1,0 +1,174 @@
+//! Storing blobs: dedup against the index and this session, compress, seal, pack, and write
+//! packs and index files in the order that keeps the repository consistent (packs → index;
+//! the caller writes the version last).
+
+use crate::backend::FileKind;
+use crate::crypto::Label;
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::index::{IndexFile, IndexPack};
+use crate::pack::{BlobKind, PackBuilder, PACK_TARGET_SIZE};
+use crate::repo::Repository;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// zstd level: 3 is zstd's default and the knee of its speed/ratio curve on system files.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Blobs smaller than this are stored uncompressed (the frame overhead eats the gain).
+const MIN_COMPRESS: usize = 64;
+/// Write an index file after this many packs, to bound the memory of a long backup.
+const PACKS_PER_INDEX: usize = 256;
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses `data` unless that does not make it smaller; returns the bytes and whether
+/// they are compressed.
+pub fn maybe_compress(data: &[u8]) -> (std::borrow::Cow<'_, [u8]>, bool) {
+    if data.len() < MIN_COMPRESS {
+        return (data.into(), false);
+    }
+    let compressed = COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor =
+            cell.get_or_insert_with(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid"));
+        compressor.compress(data).ok()
+    });
+    match compressed {
+        // Keep it only when it saves at least 1/32 of the size.
+        Some(compressed) if compressed.len() < data.len() - data.len() / 32 => (compressed.into(), true),
+        _ => (data.into(), false),
+    }
+}
+
+/// Counters of what a saver wrote.
+#[derive(Debug, Default)]
+pub struct SaverStats {
+    /// Blobs added.
+    pub blobs: AtomicU64,
+    /// Plaintext bytes of blobs added.
+    pub raw_bytes: AtomicU64,
+    /// Bytes of packs written.
+    pub stored_bytes: AtomicU64,
+}
+
+/// Stores blobs into a repository; shared by the threads of one operation.
+#[derive(Debug)]
+pub struct BlobSaver<'r> {
+    repo: &'r Repository,
+    pending: Mutex<HashSet<Id>>,
+    data_pack: Mutex<PackBuilder>,
+    tree_pack: Mutex<PackBuilder>,
+    written: Mutex<Vec<IndexPack>>,
+    /// What was written.
+    pub stats: SaverStats,
+}
+
+impl<'r> BlobSaver<'r> {
+    /// A saver for `repo` (whose index must be loaded).
+    pub fn new(repo: &'r Repository) -> Self {
+        BlobSaver {
+            repo,
+            pending: Mutex::new(HashSet::new()),
+            data_pack: Mutex::default(),
+            tree_pack: Mutex::default(),
+            written: Mutex::new(Vec::new()),
+            stats: SaverStats::default(),
+        }
+    }
+
+    /// Claims `id` for storing: true when neither the repository nor this saver has it yet.
+    pub fn reserve(&self, id: Id) -> bool {
+        if self.repo.index().contains(&id) {
+            return false;
+        }
+        self.pending.lock().expect("pending lock").insert(id)
+    }
+
+    /// Compresses, seals and packs a blob claimed with [`reserve`](Self::reserve).
+    pub fn store(&self, kind: BlobKind, id: Id, plaintext: &[u8]) -> Result<()> {
+        let (payload, compressed) = maybe_compress(plaintext);
+        let sealed = self.repo.key().seal(Label::Blob, &payload);
+        self.stats.blobs.fetch_add(1, Ordering::Relaxed);
+        self.stats.raw_bytes.fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+        self.add_sealed(kind, id, &sealed, plaintext.len() as u32, compressed)
+    }
+
+    /// Packs an already sealed blob (prune copies blobs without re-sealing them).
+    pub fn add_sealed(&self, kind: BlobKind, id: Id, sealed: &[u8], raw_length: u32, compressed: bool) -> Result<()> {
+        let packer = match kind {
+            BlobKind::Data => &self.data_pack,
+            BlobKind::Tree => &self.tree_pack,
+        };
+        let full = {
+            let mut pack = packer.lock().expect("pack lock");
+            pack.add(kind, id, sealed, raw_length, compressed);
+            if pack.len() >= PACK_TARGET_SIZE {
+                Some(std::mem::take(&mut *pack))
+            } else {
+                None
+            }
+        };
+        match full {
+            Some(pack) => self.write_pack(pack),
+            None => Ok(()),
+        }
+    }
+
+    fn write_pack(&self, pack: PackBuilder) -> Result<()> {
+        let (name, bytes, blobs) = pack.finish(self.repo.key());
+        self.repo.backend().write(FileKind::Pack, &name.to_hex(), &bytes)?;
+        self.stats.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let batch = {
+            let mut written = self.written.lock().expect("written lock");
+            written.push(IndexPack { pack: name, blobs });
+            (written.len() >= PACKS_PER_INDEX).then(|| std::mem::take(&mut *written))
+        };
+        match batch {
+            Some(packs) => self.write_index(packs).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    fn write_index(&self, packs: Vec<IndexPack>) -> Result<Option<Id>> {
+        if packs.is_empty() {
+            return Ok(None);
+        }
+        let file = IndexFile { packs, supersedes: Vec::new() };
+        let bytes = file.encode(self.repo.key());
+        let name = Id::of_stored(&bytes);
+        self.repo.backend().write(FileKind::Index, &name.to_hex(), &bytes)?;
+        self.repo.index_add(&file);
+        let mut pending = self.pending.lock().expect("pending lock");
+        for pack in &file.packs {
+            for blob in &pack.blobs {
+                pending.remove(&blob.id);
+            }
+        }
+        Ok(Some(name))
+    }
+
+    /// Writes the packs still open and the index of everything written. After this returns,
+    /// every stored blob is readable and a version referring to them may be saved.
+    pub fn finish(&self) -> Result<()> {
+        for packer in [&self.data_pack, &self.tree_pack] {
+            let pack = std::mem::take(&mut *packer.lock().expect("pack lock"));
+            if !pack.is_empty() {
+                self.write_pack(pack)?;
+            }
+        }
+        let packs = std::mem::take(&mut *self.written.lock().expect("written lock"));
+        self.write_index(packs)?;
+        if !self.pending.lock().expect("pending lock").is_empty() {
+            return Err(RepoError::Corrupt {
+                location: self.repo.location(),
+                object: "backup session".into(),
+                detail: "blobs were reserved but never stored".into(),
+            });
+        }
+        Ok(())
+    }
+}

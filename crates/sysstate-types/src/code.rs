@@ -1,0 +1,152 @@
+use serde::{Deserialize, Serialize};
+
+/// Severity of an event or an error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Level {
+    /// Something happened that needs no action.
+    Info,
+    /// The job went on, but something deserves a look.
+    Warning,
+    /// The job, or part of it, failed.
+    Error,
+}
+
+macro_rules! error_codes {
+    ($( $variant:ident = $name:literal, $id:literal, $level:ident,
+        cause: $cause:literal, resolution: $resolution:literal; )*) => {
+        /// A stable error code (DESIGN §4). Each has a kebab-case name, a numeric event id, a
+        /// level, a generic cause and a generic resolution; the message that accompanies it at
+        /// run time names the object and the culprit.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum ErrorCode { $( #[doc = $cause] $variant, )* }
+
+        impl ErrorCode {
+            /// Every code, in catalogue order.
+            pub const ALL: &'static [ErrorCode] = &[ $( ErrorCode::$variant, )* ];
+
+            /// The stable kebab-case name, as printed in `error[NAME]`.
+            pub fn as_str(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $name, )* }
+            }
+
+            /// The numeric event id written to the event log.
+            pub fn event_id(self) -> u32 {
+                match self { $( ErrorCode::$variant => $id, )* }
+            }
+
+            /// The level of the event this code produces.
+            pub fn level(self) -> Level {
+                match self { $( ErrorCode::$variant => Level::$level, )* }
+            }
+
+            /// What usually causes it, in one sentence.
+            pub fn cause(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $cause, )* }
+            }
+
+            /// What the administrator should do, in one sentence.
+            pub fn resolution(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $resolution, )* }
+            }
+
+            /// Looks a code up by its kebab-case name.
+            pub fn from_name(name: &str) -> Option<ErrorCode> {
+                ErrorCode::ALL.iter().copied().find(|code| code.as_str() == name)
+            }
+        }
+    };
+}
+
+error_codes! {
+    WriterTimeout = "writer-timeout", 1001, Error,
+        cause: "a writer stayed frozen longer than its freeze-timeout: the system was short of CPU or memory, the provider commit was slow, or another shadow set was using the writer",
+        resolution: "look at the load and memory pressure named in the message, stop what takes the resources or wait for the other backup to finish, then run the backup again; raise the writer's freeze-timeout only if the freeze is legitimately slow";
+    WriterRetryable = "writer-retryable", 1002, Error,
+        cause: "a writer reported a transient error (for example the application was busy)",
+        resolution: "run the backup again; if it keeps failing, read the writer's own message";
+    WriterNonretryable = "writer-nonretryable", 1003, Error,
+        cause: "a writer reported an error that will not go away by retrying",
+        resolution: "fix what the writer's own message names, then run the backup again";
+    WriterOutOfResources = "writer-out-of-resources", 1004, Error,
+        cause: "a writer ran out of memory, disk space or another resource",
+        resolution: "free the resource the writer's message names, then run the backup again";
+    WriterInconsistent = "writer-inconsistent", 1005, Error,
+        cause: "a writer could not bring its application to a consistent state",
+        resolution: "check the application's health as the writer's message says, then run the backup again";
+    WriterNotResponding = "writer-not-responding", 1006, Error,
+        cause: "a writer process died or stopped answering",
+        resolution: "check why the writer process exited or hung (its stderr is in the job log), fix it, and run the backup again";
+    ShadowSetInProgress = "shadow-set-in-progress", 1010, Error,
+        cause: "another shadow set (usually another backup) holds the machine's shadow-set lock",
+        resolution: "wait for the job named in the message to finish, or run with `--wait DURATION`";
+    CommitTimeout = "commit-timeout", 1011, Error,
+        cause: "the provider took longer than `shadow.commit-timeout` to commit the shadow copies",
+        resolution: "check the I/O load on the volumes named, use a faster provider (reflink or btrfs), or raise `shadow.commit-timeout`";
+    ShadowStorageFull = "shadow-storage-full", 1012, Error,
+        cause: "the shadow storage could not grow: its maximum size or its volume's free space is too small for the shadow copies",
+        resolution: "free space on the storage volume, or raise the maximum with `sysstate shadowstorage resize`";
+    ShadowStorageOldestDeleted = "shadow-storage-oldest-deleted", 1013, Warning,
+        cause: "an older persistent shadow copy was deleted to make room for a new one",
+        resolution: "nothing is needed; raise the shadow storage maximum size to keep more copies";
+    ComponentLocked = "component-locked", 1020, Error,
+        cause: "another program holds a lock on, or is writing to, a file of the component",
+        resolution: "wait for the named process to finish, or stop it, and run the backup again";
+    ComponentMissing = "component-missing", 1021, Error,
+        cause: "a component named in the config or on the command line does not exist on this machine",
+        resolution: "check the component's name and paths in the config, or drop it from `backup.components`";
+    TargetUnavailable = "target-unavailable", 1030, Error,
+        cause: "the backup target cannot be reached or does not exist",
+        resolution: "check that the target path is mounted or the object store is reachable and the credentials are right";
+    TargetFull = "target-full", 1031, Error,
+        cause: "the backup target has no space left",
+        resolution: "free space on the target, or run `sysstate forget` and `sysstate prune` to drop old versions";
+    TargetPermission = "target-permission", 1032, Error,
+        cause: "sysstate may not read or write the backup target",
+        resolution: "give the service user write access to the target (owner and mode of the directory, or the bucket's policy)";
+    RepositoryLocked = "repository-locked", 1033, Error,
+        cause: "another process holds an exclusive lease on the repository",
+        resolution: "wait for the process named in the message to finish; a lease of a dead process expires by itself";
+    RepositoryCorrupt = "repository-corrupt", 1034, Error,
+        cause: "data in the repository does not match its checksums or cannot be decoded",
+        resolution: "run `sysstate check --read-data` to see which packs and versions are damaged, then back up again to replace them";
+    WrongPassphrase = "wrong-passphrase", 1035, Error,
+        cause: "no key of the repository opens with the passphrase given",
+        resolution: "give the right passphrase through `SYSSTATE_PASSPHRASE`, `--passphrase-file` or the prompt";
+    StateDirPermission = "state-dir-permission", 1040, Error,
+        cause: "the state directory is not owned by the service user, is open to others, or is not writable",
+        resolution: "run `sysstate doctor --fix`, or set its owner to the service user and its mode to 0700";
+    InvalidInput = "invalid-input", 1050, Error,
+        cause: "a command-line argument or configuration value is not valid",
+        resolution: "correct the argument or configuration key named in the message";
+    RestoreFailed = "restore-failed", 1060, Error,
+        cause: "a file could not be restored",
+        resolution: "read the message for the file and the reason, fix the destination, and run the restore again";
+    Internal = "internal", 1099, Error,
+        cause: "an unexpected error inside sysstate",
+        resolution: "run the command again with `-v`, and report the message and the job log";
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_event_ids_are_unique_and_round_trip() {
+        let mut ids = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(ids.insert(code.event_id()), "duplicate event id for {code}");
+            assert!(names.insert(code.as_str()), "duplicate name {code}");
+            assert_eq!(ErrorCode::from_name(code.as_str()), Some(*code));
+        }
+        assert_eq!(ErrorCode::from_name("no-such-code"), None);
+    }
+}

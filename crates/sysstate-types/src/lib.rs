@@ -1,0 +1,11 @@
+//! Types shared by every sysstate crate: the stable error codes of DESIGN §4 with their numeric
+//! event ids, and the levels of the event log.
+//!
+//! This crate does no I/O and knows nothing about repositories, writers or terminals. Its
+//! invariant: an [`ErrorCode`]'s kebab-case name and event id never change once released,
+//! because administrators' scripts and the event log match on them.
+
+mod code;
+
+pub use code::{ErrorCode, Level};
+pub mod time;

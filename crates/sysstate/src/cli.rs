@@ -1,0 +1,149 @@
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// System-state backup for Linux servers.
+#[derive(Debug, Parser)]
+#[command(name = "sysstate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// The config file (default /etc/sysstate/config.toml as root).
+    #[arg(long, global = true, env = "SYSSTATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Treat DIR as `/`: back up or restore an offline or fake system tree.
+    #[arg(long, global = true, env = "SYSSTATE_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors; never prompt.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More logging (-v, -vv).
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Read the repository passphrase from this file.
+    #[arg(long, global = true)]
+    pub passphrase_file: Option<PathBuf>,
+    /// The repository: a directory, or s3://, az://, gs:// URL (default: `backup.target`).
+    #[arg(long, global = true)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Back up the system state (or some components).
+    Backup {
+        /// Only this component (repeat for more).
+        #[arg(long = "component", short = 'c')]
+        components: Vec<String>,
+        /// Tag the version.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Reader and sealer threads each (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// List the versions in the target.
+    Versions,
+    /// List the components and files of a version.
+    Items {
+        /// The version: `latest` or an id prefix.
+        #[arg(long, default_value = "latest")]
+        version: String,
+        /// Only this component.
+        #[arg(long = "component", short = 'c')]
+        components: Vec<String>,
+    },
+    /// Restore a version to an alternate root.
+    Restore {
+        /// The version: `latest` or an id prefix.
+        #[arg(long, default_value = "latest")]
+        version: String,
+        /// Only this component (repeat for more).
+        #[arg(long = "component", short = 'c')]
+        components: Vec<String>,
+        /// The directory that stands for `/`.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Restore over the live system (staged, undoable).
+        #[arg(long, conflicts_with = "to")]
+        in_place: bool,
+        /// Reader threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Check the repository's structure; with --read-data, every byte.
+    Check {
+        /// Read, decrypt and verify every blob.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Drop versions by a retention policy (then run `prune`).
+    Forget(ForgetArgs),
+    /// Remove data no version needs.
+    Prune,
+    /// Copy versions to another repository.
+    Copy {
+        /// The destination repository.
+        #[arg(long)]
+        to: String,
+        /// The destination's passphrase file (default: SYSSTATE_TO_PASSPHRASE or the same).
+        #[arg(long)]
+        to_passphrase_file: Option<PathBuf>,
+        /// Only these versions (default: all the destination lacks).
+        #[arg(long = "version")]
+        versions: Vec<String>,
+    },
+    /// Manage the repository's keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Keep the N newest versions.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
+    /// Keep the newest version of each of the N last days that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: usize,
+    /// … of each of the N last weeks.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: usize,
+    /// … of each of the N last months.
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: usize,
+    /// … of each of the N last years.
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: usize,
+    /// Show what would be dropped.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the keys.
+    List,
+    /// Add a key; its passphrase comes from --new-passphrase-file or SYSSTATE_NEW_PASSPHRASE.
+    Add {
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Remove a key by id prefix (not the one in use).
+    Remove { id: String },
+    /// Change the passphrase of the key in use (adds the new key, then removes the old).
+    Passwd {
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,539 @@
+//! One function per command: resolve the target and passphrase, call the engine, print.
+
+use crate::cli::{Cli, Command, ForgetArgs, KeyCommand};
+use crate::output::{bytes, print_json};
+use serde_json::json;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use sysstate_engine::config::Config;
+use sysstate_engine::{credentials, ops, paths, EngineError, ErrorCode, Result};
+use sysstate_repo::archiver::{Progress, Warning};
+use sysstate_repo::keys::KdfParams;
+use sysstate_repo::lock::Lease;
+use sysstate_repo::tree::NodeKind;
+use sysstate_repo::{Id, Repository};
+
+/// How a command ended.
+pub enum Outcome {
+    Success,
+    Warnings,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Warnings => 1,
+        }
+    }
+}
+
+struct Context<'a> {
+    cli: &'a Cli,
+    config: Config,
+    target: String,
+}
+
+impl Context<'_> {
+    fn say(&self, text: impl AsRef<str>) {
+        if !self.cli.global.quiet && !self.cli.global.json {
+            println!("{}", text.as_ref());
+        }
+    }
+
+    /// The passphrase: environment, file, the state directory's key file, or a prompt.
+    fn passphrase(&self, target: &str, passphrase_file: Option<&Path>) -> Result<Option<Vec<u8>>> {
+        if let Some(found) = credentials::find(target, passphrase_file, &paths::state_dir())? {
+            return Ok(Some(found));
+        }
+        if !self.cli.global.quiet && std::io::stdin().is_terminal() {
+            return prompt(&format!("passphrase for `{target}`: ")).map(Some);
+        }
+        Ok(None)
+    }
+
+    fn require_passphrase(&self, target: &str) -> Result<Vec<u8>> {
+        self.passphrase(target, self.cli.global.passphrase_file.as_deref())?.ok_or_else(|| {
+            EngineError::new(ErrorCode::WrongPassphrase, format!("no passphrase for the repository at `{target}`"))
+                .with_cause("no passphrase was given and there is no terminal to ask on")
+                .with_resolution("set `SYSSTATE_PASSPHRASE`, or pass `--passphrase-file FILE`")
+        })
+    }
+
+    fn open(&self) -> Result<Repository> {
+        let passphrase = self.require_passphrase(&self.target)?;
+        ops::open(&self.target, &passphrase)
+    }
+}
+
+fn prompt(text: &str) -> Result<Vec<u8>> {
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|e| EngineError::new(ErrorCode::WrongPassphrase, format!("cannot open the terminal: {e}")))?;
+    let saved = rustix::termios::tcgetattr(&tty).ok();
+    if let Some(mut quiet) = saved.clone() {
+        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        let _ = rustix::termios::tcsetattr(&tty, rustix::termios::OptionalActions::Now, &quiet);
+    }
+    let mut writer = &tty;
+    let _ = write!(writer, "{text}");
+    let _ = writer.flush();
+    let mut line = String::new();
+    let read = std::io::BufReader::new(&tty).read_line(&mut line);
+    if let Some(saved) = saved {
+        let _ = rustix::termios::tcsetattr(&tty, rustix::termios::OptionalActions::Now, &saved);
+    }
+    let _ = writeln!(writer);
+    read.map_err(|e| EngineError::new(ErrorCode::WrongPassphrase, format!("cannot read the passphrase: {e}")))?;
+    Ok(line.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+}
+
+/// Prints warnings as they come (not with --quiet or --json).
+struct Printer {
+    show: bool,
+}
+
+impl Progress for Printer {
+    fn warning(&self, warning: &Warning) {
+        if self.show {
+            eprintln!("warning: `{}` {}", warning.path, warning.message);
+        }
+    }
+}
+
+pub fn run(cli: &Cli) -> Result<Outcome> {
+    let config_file = cli.global.config.clone().unwrap_or_else(paths::config_file);
+    let config = Config::load(&config_file, cli.global.config.is_some())?;
+    let target =
+        cli.global.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
+    let context = Context { cli, config, target };
+    match &cli.command {
+        Command::Backup { components, tags, threads } => backup(&context, components, tags, *threads),
+        Command::Versions => versions(&context),
+        Command::Items { version, components } => items(&context, version, components),
+        Command::Restore { version, components, to, in_place, threads } => {
+            if *in_place {
+                return Err(EngineError::new(
+                    ErrorCode::InvalidInput,
+                    "`restore --in-place` is not available in this build",
+                )
+                .with_cause("in-place restore (staged, undoable) arrives with the system state engine")
+                .with_resolution("restore with `--to DIR` and copy what you need"));
+            }
+            let to = to.as_ref().ok_or_else(|| {
+                EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR` (or `--in-place`)")
+            })?;
+            restore(&context, version, components, to, *threads)
+        }
+        Command::Check { read_data } => check(&context, *read_data),
+        Command::Forget(args) => forget(&context, args),
+        Command::Prune => prune(&context),
+        Command::Copy { to, to_passphrase_file, versions } => {
+            copy(&context, to, to_passphrase_file.as_deref(), versions)
+        }
+        Command::Key { command } => key(&context, command),
+    }
+}
+
+fn backup(context: &Context<'_>, components: &[String], tags: &[String], threads: usize) -> Result<Outcome> {
+    let global = &context.cli.global;
+    let target = &context.target;
+    let exists = Repository::exists(&*ops::backend(target)?)?;
+    let passphrase = match context.passphrase(target, global.passphrase_file.as_deref())? {
+        Some(passphrase) => passphrase,
+        None if !exists => {
+            let (passphrase, path) = credentials::generate(target, &paths::state_dir())?;
+            eprintln!(
+                "note: no passphrase was given, so the new repository at `{target}` is protected by a random key kept in `{}` (mode 0600). Keep a copy of that file somewhere safe: without it the backups cannot be read.",
+                path.display()
+            );
+            passphrase
+        }
+        None => context.require_passphrase(target)?,
+    };
+    let request = ops::BackupRequest {
+        config: context.config.clone(),
+        root: global.root.clone(),
+        target: target.clone(),
+        components: components.to_vec(),
+        tags: tags.to_vec(),
+        threads,
+    };
+    let printer = Printer { show: !global.quiet && !global.json };
+    let report = ops::backup(&request, &passphrase, &printer)?;
+    let stats = &report.version.stats;
+    if global.json {
+        print_json(&json!({
+            "version": report.id.to_hex(),
+            "created-repository": report.created,
+            "components": report.version.components,
+            "skipped-components": report.skipped_components,
+            "stats": stats,
+            "warnings": report.warnings.iter().map(|w| json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
+        }));
+    } else {
+        if report.created {
+            context.say(format!("created a new repository at `{target}`"));
+        }
+        if !report.skipped_components.is_empty() {
+            context.say(format!("left out (not on this machine): {}", report.skipped_components.join(", ")));
+        }
+        context.say(format!(
+            "version {} saved: {} files, {} dirs, {} ({} read, {} files unchanged), {} added, {} stored, in {:.2} s",
+            report.id.short(),
+            stats.files,
+            stats.dirs,
+            bytes(stats.bytes_total),
+            bytes(stats.bytes_read),
+            stats.files_unchanged,
+            bytes(stats.bytes_added),
+            bytes(stats.bytes_stored),
+            stats.duration_ms as f64 / 1000.0
+        ));
+    }
+    if report.warnings.is_empty() {
+        Ok(Outcome::Success)
+    } else {
+        if !global.quiet && !global.json {
+            eprintln!(
+                "{} entries could not be backed up (listed above); the version holds everything else",
+                report.warnings.len()
+            );
+        }
+        Ok(Outcome::Warnings)
+    }
+}
+
+fn versions(context: &Context<'_>) -> Result<Outcome> {
+    let repo = context.open()?;
+    let versions = repo.versions()?;
+    if context.cli.global.json {
+        let list: Vec<_> = versions
+            .iter()
+            .map(|(id, v)| {
+                let mut value = serde_json::to_value(v).expect("versions encode");
+                value["id"] = json!(id.to_hex());
+                value["time"] = json!(sysstate_types::time::format_utc(v.time_ns));
+                value
+            })
+            .collect();
+        print_json(&json!(list));
+    } else {
+        println!("{:<10} {:<21} {:<16} {:>10}  components", "version", "time (UTC)", "host", "size");
+        for (id, v) in &versions {
+            let names: Vec<_> = v.components.iter().map(|c| c.name.as_str()).collect();
+            println!(
+                "{:<10} {:<21} {:<16} {:>10}  {}",
+                id.short(),
+                sysstate_types::time::format_utc(v.time_ns),
+                v.host,
+                bytes(v.stats.bytes_total),
+                names.join(", ")
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn items(context: &Context<'_>, version: &str, components: &[String]) -> Result<Outcome> {
+    let repo = context.open()?;
+    let (id, manifest) = repo.find_version(version)?;
+    let include: Vec<String> = manifest
+        .components
+        .iter()
+        .filter(|c| components.is_empty() || components.contains(&c.name))
+        .flat_map(|c| c.paths.clone())
+        .collect();
+    let mut entries = Vec::new();
+    walk_items(&repo, &manifest.tree, Path::new("/"), &include, &mut entries)?;
+    if context.cli.global.json {
+        print_json(&json!({"version": id.to_hex(), "components": manifest.components, "entries": entries}));
+    } else {
+        for component in &manifest.components {
+            println!("component {}: {}", component.name, component.paths.join(", "));
+        }
+        for entry in &entries {
+            println!(
+                "{} {:>6o} {:>5}:{:<5} {:>10} {}",
+                entry["type"].as_str().unwrap_or("?"),
+                entry["mode"].as_u64().unwrap_or(0),
+                entry["uid"],
+                entry["gid"],
+                entry["size"],
+                entry["path"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn walk_items(
+    repo: &Repository,
+    tree: &Id,
+    path: &Path,
+    include: &[String],
+    out: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    for node in repo.read_tree(tree)?.nodes {
+        let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&node.name));
+        let shown = child.display().to_string();
+        let inside = include.iter().any(|p| child.starts_with(p));
+        let above = include.iter().any(|p| Path::new(p).starts_with(&child));
+        if !inside && !above {
+            continue;
+        }
+        let kind = match &node.kind {
+            NodeKind::File(_) => "f",
+            NodeKind::Dir { .. } => "d",
+            NodeKind::Symlink { .. } => "l",
+            NodeKind::CharDevice { .. } => "c",
+            NodeKind::BlockDevice { .. } => "b",
+            NodeKind::Fifo => "p",
+        };
+        if inside {
+            out.push(json!({"path": shown, "type": kind, "mode": node.mode, "uid": node.uid, "gid": node.gid, "size": node.size, "mtime": sysstate_types::time::format_utc(node.mtime_ns)}));
+        }
+        if let NodeKind::Dir { subtree } = node.kind {
+            walk_items(repo, &subtree, &child, include, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn restore(context: &Context<'_>, version: &str, components: &[String], to: &Path, threads: usize) -> Result<Outcome> {
+    let repo = context.open()?;
+    let printer = Printer { show: !context.cli.global.quiet && !context.cli.global.json };
+    let started = std::time::Instant::now();
+    let (id, outcome) = ops::restore_to(&repo, version, components, to, threads, Some(&printer))?;
+    let stats = &outcome.stats;
+    if context.cli.global.json {
+        print_json(&json!({
+            "version": id.to_hex(),
+            "to": to.display().to_string(),
+            "files": stats.files, "dirs": stats.dirs, "others": stats.others, "bytes": stats.bytes,
+            "warnings": outcome.warnings.iter().map(|w| json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
+        }));
+    } else {
+        context.say(format!(
+            "restored version {} to `{}`: {} files, {} dirs, {} others, {} in {:.2} s",
+            id.short(),
+            to.display(),
+            stats.files,
+            stats.dirs,
+            stats.others,
+            bytes(stats.bytes),
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    if outcome.warnings.is_empty() {
+        Ok(Outcome::Success)
+    } else {
+        if !context.cli.global.quiet && !context.cli.global.json {
+            eprintln!("{} entries could not be restored (listed above); everything else was", outcome.warnings.len());
+        }
+        Ok(Outcome::Warnings)
+    }
+}
+
+fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
+    let repo = context.open()?;
+    let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
+    let report = sysstate_repo::check::check(&repo, read_data, &|_, _| {})?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&report).expect("report encodes"));
+    } else {
+        for warning in &report.warnings {
+            eprintln!("warning: {warning}");
+        }
+        for error in &report.errors {
+            eprintln!("damage: {error}");
+        }
+        for file in &report.damaged_files {
+            eprintln!("cannot be restored whole: {file}");
+        }
+        context.say(format!(
+            "checked {} versions, {} packs, {} blobs{}: {}",
+            report.versions,
+            report.packs,
+            report.blobs,
+            if read_data { format!(", read {}", bytes(report.bytes_read)) } else { String::new() },
+            if report.is_clean() { "no damage found" } else { "DAMAGE FOUND" }
+        ));
+    }
+    if !report.is_clean() {
+        return Err(EngineError::new(
+            ErrorCode::RepositoryCorrupt,
+            format!(
+                "the repository at `{}` is damaged: {} problems in packs {}; versions affected: {}",
+                context.target,
+                report.errors.len(),
+                report.damaged_packs.iter().map(|p| &p[..8]).collect::<Vec<_>>().join(", "),
+                report.damaged_versions.join(", ")
+            ),
+        ));
+    }
+    Ok(if report.warnings.is_empty() { Outcome::Success } else { Outcome::Warnings })
+}
+
+fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
+    let policy = sysstate_repo::forget::Policy {
+        last: args.keep_last,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+    };
+    if policy.is_empty() {
+        return Err(EngineError::new(ErrorCode::InvalidInput, "forget needs at least one `--keep-…` option")
+            .with_cause("without a rule every version would be dropped")
+            .with_resolution("for example `sysstate forget --keep-daily 7 --keep-weekly 4`"));
+    }
+    let repo = context.open()?;
+    let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
+    let versions = repo.versions()?;
+    let (keep, drop) = sysstate_repo::forget::plan(&versions, &policy);
+    if !args.dry_run {
+        for id in &drop {
+            repo.backend().remove(sysstate_repo::backend::FileKind::Version, &id.to_hex())?;
+        }
+    }
+    if context.cli.global.json {
+        print_json(
+            &json!({"keep": keep.iter().map(Id::to_hex).collect::<Vec<_>>(), "drop": drop.iter().map(Id::to_hex).collect::<Vec<_>>(), "dry-run": args.dry_run}),
+        );
+    } else {
+        for id in &drop {
+            context.say(format!("{} version {}", if args.dry_run { "would drop" } else { "dropped" }, id.short()));
+        }
+        context.say(format!(
+            "{} versions kept, {} {}; run `sysstate prune` to free their space",
+            keep.len(),
+            drop.len(),
+            if args.dry_run { "would be dropped" } else { "dropped" }
+        ));
+    }
+    Ok(Outcome::Success)
+}
+
+fn prune(context: &Context<'_>) -> Result<Outcome> {
+    let repo = context.open()?;
+    let _lease = Lease::acquire(repo.backend().clone(), true, "prune")?;
+    let report = sysstate_repo::prune::prune(&repo)?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&report).expect("report encodes"));
+    } else {
+        context.say(format!(
+            "pruned: {} blobs kept, {} dropped; {} packs deleted, {} repacked, {} left by interrupted backups deleted; {} freed, {} written",
+            report.blobs_used,
+            report.blobs_dropped,
+            report.packs_deleted,
+            report.packs_repacked,
+            report.orphan_packs_deleted,
+            bytes(report.bytes_freed),
+            bytes(report.bytes_written)
+        ));
+    }
+    Ok(Outcome::Success)
+}
+
+fn copy(context: &Context<'_>, to: &str, to_passphrase_file: Option<&Path>, versions: &[String]) -> Result<Outcome> {
+    let from = context.open()?;
+    let to_passphrase = match std::env::var_os("SYSSTATE_TO_PASSPHRASE") {
+        Some(value) => std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec(),
+        None => match to_passphrase_file {
+            Some(path) => credentials::read_passphrase_file(path)?,
+            None => context.require_passphrase(&context.target)?,
+        },
+    };
+    let backend = ops::backend(to)?;
+    let destination = if Repository::exists(&*backend)? {
+        Repository::open(backend, &to_passphrase)?
+    } else {
+        Repository::init(backend, &to_passphrase, KdfParams::default())?
+    };
+    destination.load_index()?;
+    let _from_lease = Lease::acquire(from.backend().clone(), false, "copy")?;
+    let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;
+    let existing: Vec<(i64, String, String)> =
+        destination.versions()?.into_iter().map(|(_, v)| (v.time_ns, v.host, v.root_path)).collect();
+    let chosen: Vec<(Id, sysstate_repo::version::Version)> = if versions.is_empty() {
+        from.versions()?
+    } else {
+        versions.iter().map(|v| from.find_version(v)).collect::<std::result::Result<_, _>>()?
+    };
+    let mut copied = Vec::new();
+    for (id, version) in chosen {
+        if existing.contains(&(version.time_ns, version.host.clone(), version.root_path.clone())) {
+            context.say(format!("version {} is already in `{to}`", id.short()));
+            continue;
+        }
+        let new = sysstate_repo::copy::copy_version(&from, &destination, &id)?;
+        context.say(format!("copied version {} to `{to}` as {}", id.short(), new.short()));
+        copied.push(json!({"from": id.to_hex(), "to": new.to_hex()}));
+    }
+    if context.cli.global.json {
+        print_json(&json!(copied));
+    }
+    Ok(Outcome::Success)
+}
+
+fn new_passphrase(file: Option<&Path>) -> Result<Vec<u8>> {
+    if let Some(value) = std::env::var_os("SYSSTATE_NEW_PASSPHRASE") {
+        return Ok(std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec());
+    }
+    match file {
+        Some(path) => credentials::read_passphrase_file(path),
+        None if std::io::stdin().is_terminal() => {
+            let first = prompt("new passphrase: ")?;
+            if prompt("again: ")? != first {
+                return Err(EngineError::new(ErrorCode::InvalidInput, "the two passphrases differ"));
+            }
+            Ok(first)
+        }
+        None => Err(EngineError::new(ErrorCode::InvalidInput, "no new passphrase given")
+            .with_resolution("set `SYSSTATE_NEW_PASSPHRASE` or pass `--new-passphrase-file FILE`")),
+    }
+}
+
+fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
+    let repo = context.open()?;
+    match command {
+        KeyCommand::List => {
+            let keys = repo.list_keys()?;
+            if context.cli.global.json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|(name, key)| json!({"id": name, "current": name == repo.key_name(), "host": key.host, "user": key.user, "created": sysstate_types::time::format_utc(key.created_ns)}))
+                    .collect();
+                print_json(&json!(list));
+            } else {
+                for (name, key) in &keys {
+                    println!(
+                        "{} {:<8} {}@{} {}",
+                        if name == repo.key_name() { "*" } else { " " },
+                        &name[..8],
+                        key.user,
+                        key.host,
+                        sysstate_types::time::format_utc(key.created_ns)
+                    );
+                }
+            }
+        }
+        KeyCommand::Add { new_passphrase_file } => {
+            let name = repo.add_key(&new_passphrase(new_passphrase_file.as_deref())?, KdfParams::default())?;
+            context.say(format!("added key {}", &name[..8]));
+        }
+        KeyCommand::Remove { id } => {
+            repo.remove_key(id).map_err(|e| EngineError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            context.say(format!("removed key {id}"));
+        }
+        KeyCommand::Passwd { new_passphrase_file } => {
+            let name = repo.add_key(&new_passphrase(new_passphrase_file.as_deref())?, KdfParams::default())?;
+            repo.backend().remove(sysstate_repo::backend::FileKind::Key, repo.key_name())?;
+            context.say(format!("passphrase changed: key {} replaces {}", &name[..8], &repo.key_name()[..8]));
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine as root: installs what the tests need (Debian
+# packages, Azurite from npm, Garage built once with cargo and kept in cargo's bin folder),
+# starts the services on 127.0.0.1, then runs formatting and lint checks and every test.
+#
+# SYSSTATE_TEST_REQUIRE=all (set here) makes a test fail, not skip, when root, a loop device or a
+# service is missing: CI must run everything. Unset it to run the suite elsewhere; the tests
+# that cannot run say why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh installs packages and uses loop devices: run it as root" >&2
+  exit 2
+fi
+
+step "Debian packages"
+packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs debootstrap postgresql util-linux kmod python3 nodejs npm)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ] && ! { command -v node >/dev/null && [ "${missing[*]}" = "nodejs npm" ]; }; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || {
+    # The machine's own Node.js may stand in for Debian's.
+    filtered=(); for p in "${missing[@]}"; do case $p in nodejs|npm) command -v node >/dev/null || filtered+=("$p");; *) filtered+=("$p");; esac; done
+    [ "${#filtered[@]}" -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${filtered[@]}"
+  }
+fi
+
+step "Azurite (npm) and the Azure SDK for Python (creates the test container)"
+command -v azurite-blob >/dev/null || npm install -g --no-fund --no-audit azurite@3 >/dev/null
+python3 -c 'import azure.storage.blob' 2>/dev/null || python3 -m pip install -q azure-storage-blob
+
+step "Garage (cargo install, cached in cargo's bin folder)"
+if ! command -v garage >/dev/null; then
+  cargo install garage --locked --no-default-features --features bundled-libs,lmdb,sqlite
+fi
+
+step "loop devices"
+[ -e /dev/loop-control ] || modprobe loop || true
+ls /dev/loop-control
+
+step "services"
+eval "$(scripts/services.sh)"
+export SYSSTATE_TEST_REQUIRE=all
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test"
+cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/sysstate-test.log
