@@ -150,8 +150,17 @@ pub fn restore_to(
         })?;
         include.extend(record.paths.iter().map(PathBuf::from));
     }
+    // A path belongs to the component with the longest path above it: restoring `boot` leaves
+    // out the ESP, which is `efi`'s.
+    let exclude: Vec<PathBuf> = manifest
+        .components
+        .iter()
+        .filter(|c| !components.contains(&c.name))
+        .flat_map(|c| c.paths.iter().map(PathBuf::from))
+        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
+        .collect();
     let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
-    let options = RestoreOptions { target: to.to_path_buf(), include, threads, owners: true };
+    let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, progress)?;
     Ok((id, outcome))
 }

@@ -269,7 +269,7 @@ impl Walker<'_, '_> {
         parent: Option<&Tree>,
     ) -> Result<Id> {
         if let Some(exclude) = &selection.whole {
-            return self.whole_dir(dir, shown, exclude.as_ref(), parent);
+            return self.whole_dir(dir, shown, exclude.as_ref(), parent, Some(selection));
         }
         let mut pending = Vec::new();
         for (name, child) in &selection.children {
@@ -305,7 +305,7 @@ impl Walker<'_, '_> {
                     );
                 }
                 let exclude = child.whole.as_ref().and_then(|e| e.as_ref());
-                if let Some(entry) = self.entry(name, &path, &shown_child, meta, exclude, parent_node)? {
+                if let Some(entry) = self.entry(name, &path, &shown_child, meta, exclude, parent_node, Some(child))? {
                     pending.push(entry);
                 }
             }
@@ -313,8 +313,16 @@ impl Walker<'_, '_> {
         self.finish_dir(pending)
     }
 
-    /// A directory selected whole.
-    fn whole_dir(&mut self, dir: &Path, shown: &Path, exclude: Option<&GlobSet>, parent: Option<&Tree>) -> Result<Id> {
+    /// A directory selected whole. `selection` holds paths selected again inside it (another
+    /// component's), which its excludes do not apply to.
+    fn whole_dir(
+        &mut self,
+        dir: &Path,
+        shown: &Path,
+        exclude: Option<&GlobSet>,
+        parent: Option<&Tree>,
+        selection: Option<&SelectionNode>,
+    ) -> Result<Id> {
         self.shared.check_abort()?;
         let mut entries: Vec<_> = match std::fs::read_dir(dir) {
             Ok(entries) => entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect(),
@@ -328,7 +336,12 @@ impl Walker<'_, '_> {
         for name in entries {
             let path = dir.join(&name);
             let shown_child = shown.join(&name);
-            if let Some(exclude) = exclude {
+            let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
+            let exclude = match nested.and_then(|n| n.whole.as_ref()) {
+                Some(own) => own.as_ref(),
+                None => exclude,
+            };
+            if let (Some(exclude), None) = (exclude, nested) {
                 let relative = shown_child.strip_prefix("/").unwrap_or(&shown_child);
                 if exclude.is_match(relative) || exclude.is_match(Path::new(&name)) {
                     continue;
@@ -343,7 +356,7 @@ impl Walker<'_, '_> {
                 }
             };
             let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
-            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, meta, exclude, parent_node)? {
+            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, meta, exclude, parent_node, nested)? {
                 pending.push(entry);
             }
         }
@@ -364,6 +377,7 @@ impl Walker<'_, '_> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn entry(
         &mut self,
         name: &[u8],
@@ -372,6 +386,7 @@ impl Walker<'_, '_> {
         meta: std::fs::Metadata,
         exclude: Option<&GlobSet>,
         parent_node: Option<&Node>,
+        selection: Option<&SelectionNode>,
     ) -> Result<Option<Pending>> {
         let file_type = meta.file_type();
         if file_type.is_socket() {
@@ -383,7 +398,7 @@ impl Walker<'_, '_> {
         let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
-            let id = self.whole_dir(path, shown, exclude, subtree.as_ref())?;
+            let id = self.whole_dir(path, shown, exclude, subtree.as_ref(), selection)?;
             node.kind = NodeKind::Dir { subtree: id };
             self.stats.dirs += 1;
             return Ok(Some(Pending::Ready(node)));

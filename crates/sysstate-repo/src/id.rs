@@ -1,11 +1,11 @@
 //! 32-byte identifiers of blobs, packs, index files and versions.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
 /// A 32-byte id. Blob ids are keyed BLAKE3 hashes of the plaintext; the names of packs, index
 /// files and versions are plain BLAKE3 hashes of the stored (encrypted) bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id(pub [u8; 32]);
 
 impl Id {
@@ -48,5 +48,28 @@ impl fmt::Debug for Id {
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+/// Hex in human-readable formats (JSON manifests, `--json` output), 32 raw bytes in binary ones
+/// (postcard trees, index and pack headers).
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            Id::from_hex(&text).ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a 64-digit hex id")))
+        } else {
+            <[u8; 32]>::deserialize(deserializer).map(Id)
+        }
     }
 }

@@ -32,6 +32,9 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     /// Only these absolute paths (and what is under them); empty means everything.
     pub include: Vec<PathBuf>,
+    /// But not these (other components' paths nested in the included ones, like the ESP under
+    /// `/boot`).
+    pub exclude: Vec<PathBuf>,
     /// Worker threads (0: one per core).
     pub threads: usize,
     /// Set owners (needs root; off, files belong to the restoring user).
@@ -171,7 +174,8 @@ impl Walk<'_, '_> {
         }
         let absolute = Path::new("/").join(path);
         // (restore this entry, descend into it)
-        let inside = include.iter().any(|p| absolute.starts_with(p));
+        let inside = include.iter().any(|p| absolute.starts_with(p))
+            && !self.shared.options.exclude.iter().any(|p| absolute.starts_with(p));
         let above = include.iter().any(|p| p.starts_with(&absolute));
         (inside, inside || above)
     }

@@ -17,6 +17,8 @@ use sysstate_repo::{Id, Repository};
 pub enum Outcome {
     Success,
     Warnings,
+    /// A failure already printed (with `--json`, inside the command's one JSON document).
+    Failed,
 }
 
 impl Outcome {
@@ -24,6 +26,7 @@ impl Outcome {
         match self {
             Outcome::Success => 0,
             Outcome::Warnings => 1,
+            Outcome::Failed => 2,
         }
     }
 }
@@ -341,29 +344,8 @@ fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
     let repo = context.open()?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
     let report = sysstate_repo::check::check(&repo, read_data, &|_, _| {})?;
-    if context.cli.global.json {
-        print_json(&serde_json::to_value(&report).expect("report encodes"));
-    } else {
-        for warning in &report.warnings {
-            eprintln!("warning: {warning}");
-        }
-        for error in &report.errors {
-            eprintln!("damage: {error}");
-        }
-        for file in &report.damaged_files {
-            eprintln!("cannot be restored whole: {file}");
-        }
-        context.say(format!(
-            "checked {} versions, {} packs, {} blobs{}: {}",
-            report.versions,
-            report.packs,
-            report.blobs,
-            if read_data { format!(", read {}", bytes(report.bytes_read)) } else { String::new() },
-            if report.is_clean() { "no damage found" } else { "DAMAGE FOUND" }
-        ));
-    }
-    if !report.is_clean() {
-        return Err(EngineError::new(
+    let failure = (!report.is_clean()).then(|| {
+        EngineError::new(
             ErrorCode::RepositoryCorrupt,
             format!(
                 "the repository at `{}` is damaged: {} problems in packs {}; versions affected: {}",
@@ -372,9 +354,45 @@ fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
                 report.damaged_packs.iter().map(|p| &p[..8]).collect::<Vec<_>>().join(", "),
                 report.damaged_versions.join(", ")
             ),
-        ));
+        )
+        .with_cause("pack files were changed or lost after they were written (disk or storage fault, or tampering)")
+        .with_resolution("run a new backup to store the damaged files again, then `sysstate forget` the damaged versions and `sysstate prune`")
+    });
+    if context.cli.global.json {
+        let mut value = serde_json::to_value(&report).expect("report encodes");
+        if let Some(error) = &failure {
+            value["error"] = crate::output::error_json(error);
+            crate::output::print_error_text(error);
+        }
+        print_json(&value);
+        return Ok(match failure {
+            Some(_) => Outcome::Failed,
+            None if report.warnings.is_empty() => Outcome::Success,
+            None => Outcome::Warnings,
+        });
     }
-    Ok(if report.warnings.is_empty() { Outcome::Success } else { Outcome::Warnings })
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for error in &report.errors {
+        eprintln!("damage: {error}");
+    }
+    for file in &report.damaged_files {
+        eprintln!("cannot be restored whole: {file}");
+    }
+    context.say(format!(
+        "checked {} versions, {} packs, {} blobs{}: {}",
+        report.versions,
+        report.packs,
+        report.blobs,
+        if read_data { format!(", read {}", bytes(report.bytes_read)) } else { String::new() },
+        if report.is_clean() { "no damage found" } else { "DAMAGE FOUND" }
+    ));
+    match failure {
+        Some(error) => Err(error),
+        None if report.warnings.is_empty() => Ok(Outcome::Success),
+        None => Ok(Outcome::Warnings),
+    }
 }
 
 fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {

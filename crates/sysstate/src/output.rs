@@ -15,20 +15,27 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-/// Prints a failure.
+/// The `error` object of JSON output (DESIGN §4).
+pub fn error_json(error: &EngineError) -> serde_json::Value {
+    serde_json::json!({
+        "code": error.code.as_str(),
+        "event-id": error.code.event_id(),
+        "message": error.message,
+        "cause": error.cause(),
+        "resolution": error.resolution(),
+    })
+}
+
+/// Prints a failure: `{"error": …}` on stdout with `--json`, and always the text on stderr.
 pub fn print_error(error: &EngineError, json: bool) {
     if json {
-        let value = serde_json::json!({
-            "error": {
-                "code": error.code.as_str(),
-                "event-id": error.code.event_id(),
-                "message": error.message,
-                "cause": error.cause(),
-                "resolution": error.resolution(),
-            }
-        });
-        println!("{}", serde_json::to_string_pretty(&value).expect("JSON encodes"));
+        print_json(&serde_json::json!({ "error": error_json(error) }));
     }
+    print_error_text(error);
+}
+
+/// `error[code]: message`, then the cause and resolution lines, on stderr.
+pub fn print_error_text(error: &EngineError) {
     eprintln!("error[{}]: {}", error.code, error.message);
     eprintln!("  cause: {}", error.cause());
     eprintln!("  resolution: {}", error.resolution());

@@ -153,7 +153,9 @@ impl Backend for LocalBackend {
                 return Err(err(&e));
             }
         }
-        sync_dir(&dir).map_err(|e| err(&e))
+        sync_dir(&dir).map_err(|e| err(&e))?;
+        crash_failpoint();
+        Ok(())
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
@@ -174,4 +176,20 @@ fn same_bytes(path: &Path, data: &[u8]) -> std::io::Result<bool> {
     let mut existing = Vec::with_capacity(data.len());
     file.read_to_end(&mut existing)?;
     Ok(existing == data)
+}
+
+/// Failpoint for the crash-safety tests: with `SYSSTATE_FAILPOINT_KILL_AFTER_WRITES=N`, the
+/// process kills itself with SIGKILL right after its N-th durable write, so tests can stop a
+/// backup at every point of its write sequence.
+fn crash_failpoint() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let limit =
+        LIMIT.get_or_init(|| std::env::var("SYSSTATE_FAILPOINT_KILL_AFTER_WRITES").ok().and_then(|v| v.parse().ok()));
+    if let Some(limit) = limit {
+        if WRITES.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::Kill);
+        }
+    }
 }

@@ -1,0 +1,152 @@
+//! The error codes of the repository layer, each provoked by its real condition.
+
+use crate::support::*;
+use std::process::Command;
+
+fn stderr_has_code(output: &std::process::Output, code: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("error[{code}]")), "expected error[{code}]: {stderr}");
+    assert!(stderr.contains("  cause: ") && stderr.contains("  resolution: "), "{stderr}");
+}
+
+#[test]
+fn wrong_passphrase() {
+    let mut sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 6);
+    sandbox.backup_data(&root);
+    sandbox.passphrase = Some("wrong".into());
+    let output = sandbox.run(&["versions"]);
+    stderr_has_code(&output, "wrong-passphrase");
+    assert!(text(&output.stderr).contains(&sandbox.target), "names the repository");
+    let value = sandbox.json(&["versions"], 2);
+    assert_eq!(value["error"]["code"], "wrong-passphrase");
+    assert_eq!(value["error"]["event-id"], 1035);
+}
+
+#[test]
+fn target_unavailable() {
+    let sandbox = Sandbox::new();
+    let output = sandbox.run(&["versions", "--target", "/nonexistent/sysstate-target"]);
+    stderr_has_code(&output, "target-unavailable");
+    assert!(text(&output.stderr).contains("/nonexistent/sysstate-target"));
+    // An object store nobody listens on.
+    let output = sandbox
+        .command(&["versions", "--target", "s3://nobody/x"])
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "x")
+        .env("AWS_SECRET_ACCESS_KEY", "y")
+        .env("AWS_REGION", "garage")
+        .output()
+        .unwrap();
+    stderr_has_code(&output, "target-unavailable");
+}
+
+#[test]
+fn component_missing_and_unknown_config_keys() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "nope"]);
+    stderr_has_code(&output, "component-missing");
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "efi"]);
+    stderr_has_code(&output, "component-missing");
+    assert!(text(&output.stderr).contains("/boot/efi"), "{}", text(&output.stderr));
+
+    std::fs::write(sandbox.path("config.toml"), "[backup]\ntarget = \"/x\"\ncompnents = [\"config\"]\n").unwrap();
+    let output = sandbox.run(&["versions"]);
+    stderr_has_code(&output, "invalid-input");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("compnents") && stderr.contains("config.toml") && stderr.contains("line 3"), "{stderr}");
+}
+
+/// Mounts a tmpfs of `size` at `dir`; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn target_full_keeps_earlier_versions() {
+    if !require("root (mounts a small tmpfs as a full target)", is_root()) {
+        return;
+    }
+    let mut sandbox = Sandbox::new().with_data_component();
+    let mount = Tmpfs::mount(&sandbox.path("small"), "2m");
+    sandbox.target = mount.0.join("repo").display().to_string();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 8);
+    std::fs::write(root.join("data/small"), b"small").unwrap();
+    let first = sandbox.backup_data(&root);
+    let expected = snapshot(&root.join("data"));
+    let mut rng = Rng(3);
+    std::fs::write(root.join("data/too-big"), rng.bytes(6 << 20)).unwrap();
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    stderr_has_code(&output, "target-full");
+    assert!(text(&output.stderr).contains(&sandbox.target), "names the target: {}", text(&output.stderr));
+    // Make room for the check's lease; the earlier version is intact.
+    let to = sandbox.path("restored");
+    sandbox.run_code(&["check"], 0);
+    sandbox.ok(&["restore", "--version", &first, "--to", to.to_str().unwrap()]);
+    assert_same(&expected, &snapshot(&to.join("data")));
+}
+
+#[test]
+fn target_permission_on_a_read_only_target() {
+    if !require("root (remounts a tmpfs read-only)", is_root()) {
+        return;
+    }
+    let mut sandbox = Sandbox::new().with_data_component();
+    let mount = Tmpfs::mount(&sandbox.path("ro"), "20m");
+    sandbox.target = mount.0.join("repo").display().to_string();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 9);
+    sandbox.backup_data(&root);
+    assert!(Command::new("mount").args(["-o", "remount,ro"]).arg(&mount.0).status().unwrap().success());
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    stderr_has_code(&output, "target-permission");
+}
+
+#[test]
+fn repository_locked_names_the_holder_and_a_dead_holder_is_taken_over() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 10);
+    sandbox.backup_data(&root);
+    // A real prune holding its exclusive lease (the failpoint pauses it after taking it).
+    let mut holder = sandbox.command(&["prune"]).env("SYSSTATE_FAILPOINT_HOLD_LEASE_SECS", "30").spawn().unwrap();
+    let locks = sandbox.path("repo/locks");
+    for _ in 0..100 {
+        if std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    stderr_has_code(&output, "repository-locked");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&format!("pid {}", holder.id())) && stderr.contains("`prune`"), "{stderr}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // Its lease names a dead process on this host: the next command takes over.
+    sandbox.ok(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    assert_eq!(std::fs::read_dir(&locks).unwrap().count(), 0);
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests of the `sysstate` binary against real repositories: local directories,
+//! Garage (S3) and Azurite (Azure Blob) started by `scripts/services.sh`, and real filesystems.
+
+mod backends;
+mod corruption;
+mod crash;
+mod errors;
+mod fidelity;
+mod hostile;
+mod roundtrip;
+mod support;
+mod upkeep;

@@ -1,0 +1,120 @@
+use crate::support::*;
+
+#[test]
+fn backup_restore_round_trip_and_unchanged_files_are_not_read() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 300, 1);
+    let first = sandbox.backup_data(&root);
+
+    // Nothing changed: no file is read again.
+    let again = sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 0);
+    assert_eq!(again["stats"]["files-read"], 0, "{again}");
+    assert_eq!(again["stats"]["files-unchanged"], 300);
+
+    // Change three files and add one: exactly those are read.
+    for i in [3, 50, 120] {
+        let path = std::fs::read_dir(root.join(format!("data/d{}/e{}", i % 7, i % 3)))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(path, format!("changed {i}")).unwrap();
+    }
+    std::fs::write(root.join("data/new-file"), b"new").unwrap();
+    let changed = sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 0);
+    assert_eq!(changed["stats"]["files-read"], 4, "{changed}");
+    let latest = changed["version"].as_str().unwrap().to_string();
+
+    let versions = sandbox.json(&["versions"], 0);
+    assert_eq!(versions.as_array().unwrap().len(), 3);
+    assert_eq!(
+        versions[2]["parent"].as_str(),
+        again["version"].as_str(),
+        "the newest version's parent is the one before it"
+    );
+
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--version", &latest[..8], "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+
+    // The first version is still there, whole.
+    let old = sandbox.path("restored-old");
+    sandbox.ok(&["restore", "--version", &first, "--to", old.to_str().unwrap()]);
+    assert!(!old.join("data/new-file").exists());
+    assert_eq!(snapshot(&old.join("data")).len(), snapshot(&root.join("data")).len() - 1);
+
+    let items = sandbox.json(&["items", "--version", "latest"], 0);
+    let paths: Vec<&str> = items["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"/data/new-file"), "{paths:?}");
+}
+
+#[test]
+fn default_components_are_detected_on_a_fake_root() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    for (path, content) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/shadow", "root:*:19000:0:99999:7:::\n"),
+        ("etc/group", "root:x:0:\n"),
+        ("etc/fstab", "UUID=1 / ext4 defaults 0 1\n"),
+        ("etc/systemd/system/multi-user.target.wants/x.service", "[Unit]\n"),
+        ("etc/default/grub", "GRUB_TIMEOUT=5\n"),
+        ("boot/vmlinuz-6.1", "kernel"),
+        ("boot/grub/grub.cfg", "menuentry\n"),
+        ("boot/efi/EFI/debian/grubx64.efi", "efi binary"),
+        ("var/lib/dpkg/status", "Package: base-files\n"),
+        ("var/spool/cron/crontabs/root", "* * * * * true\n"),
+    ] {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+    }
+    let report = sandbox.json(&["backup", "--root", root.to_str().unwrap()], 0);
+    let names: Vec<&str> =
+        report["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["boot", "efi", "config", "accounts", "packages", "bootloader", "disk-layout", "systemd", "cron"]
+    );
+
+    // `boot` leaves the ESP to `efi`, which restores it on its own.
+    let to = sandbox.path("boot-only");
+    sandbox.ok(&["restore", "--component", "boot", "--to", to.to_str().unwrap()]);
+    assert!(to.join("boot/vmlinuz-6.1").exists());
+    assert!(!to.join("boot/efi/EFI").exists(), "the boot component must not carry the ESP");
+    let to = sandbox.path("efi-only");
+    sandbox.ok(&["restore", "--component", "efi", "--to", to.to_str().unwrap()]);
+    assert_eq!(std::fs::read(to.join("boot/efi/EFI/debian/grubx64.efi")).unwrap(), b"efi binary");
+    assert!(!to.join("etc").exists());
+}
+
+#[test]
+fn a_system_state_backup_of_this_machine() {
+    // The README's main job, into a temp target, on the embedded defaults.
+    let sandbox = Sandbox::new();
+    let report = sandbox.json(&["backup"], 0);
+    let names: Vec<&str> =
+        report["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"config"), "{names:?}");
+    assert!(report["stats"]["files"].as_u64().unwrap() > 10);
+    sandbox.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_new_target_without_passphrase_gets_a_key_file_in_the_state_dir() {
+    let mut sandbox = Sandbox::new().with_data_component();
+    sandbox.passphrase = None;
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 2);
+    let output = sandbox.ok(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("Keep a copy of that file"), "{stderr}");
+    let keys: Vec<_> = std::fs::read_dir(sandbox.path("state/keys")).unwrap().map(|e| e.unwrap()).collect();
+    assert_eq!(keys.len(), 1);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(keys[0].metadata().unwrap().permissions().mode() & 0o777, 0o600);
+    // The same state dir opens the repository again without a passphrase.
+    sandbox.ok(&["versions"]);
+}

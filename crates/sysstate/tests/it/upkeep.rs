@@ -1,0 +1,88 @@
+use crate::support::*;
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    crate::corruption::walk_files(dir).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum()
+}
+
+#[test]
+fn forget_and_prune_free_space_and_keep_what_is_kept() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 100, 11);
+    let mut rng = Rng(5);
+    for round in 0..3 {
+        std::fs::write(root.join("data/changing"), rng.bytes(4 << 20)).unwrap();
+        std::fs::write(root.join(format!("data/round{round}")), rng.text(10_000)).unwrap();
+        sandbox.backup_data(&root);
+    }
+    let before = dir_size(&sandbox.path("repo/data"));
+    let dry = sandbox.json(&["forget", "--keep-last", "1", "--dry-run"], 0);
+    assert_eq!(dry["drop"].as_array().unwrap().len(), 2);
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 3, "a dry run drops nothing");
+    sandbox.json(&["forget", "--keep-last", "1"], 0);
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 1);
+    let report = sandbox.json(&["prune"], 0);
+    assert!(report["blobs-dropped"].as_u64().unwrap() >= 2, "{report}");
+    let after = dir_size(&sandbox.path("repo/data"));
+    assert!(after + (6 << 20) < before, "prune freed too little: {before} -> {after}");
+    sandbox.ok(&["check", "--read-data"]);
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    // forget without a rule would drop everything: refused.
+    let output = sandbox.run(&["forget"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn keys_can_be_added_listed_changed_and_removed() {
+    let mut sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 12);
+    sandbox.backup_data(&root);
+    sandbox.command(&["key", "add"]).env("SYSSTATE_NEW_PASSPHRASE", "second").output().unwrap();
+    let keys = sandbox.json(&["key", "list"], 0);
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    let first_key =
+        keys.as_array().unwrap().iter().find(|k| k["current"] == true).unwrap()["id"].as_str().unwrap().to_string();
+    sandbox.passphrase = Some("second".into());
+    sandbox.ok(&["versions"]);
+    // The key in use cannot be removed; the other can.
+    sandbox.ok(&["key", "remove", &first_key[..8]]);
+    sandbox.passphrase = Some("correct horse".into());
+    assert_eq!(sandbox.run(&["versions"]).status.code(), Some(2), "the removed key still opens the repository");
+    sandbox.passphrase = Some("second".into());
+    let output = sandbox.command(&["key", "passwd"]).env("SYSSTATE_NEW_PASSPHRASE", "third").output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(sandbox.run(&["versions"]).status.code(), Some(2));
+    sandbox.passphrase = Some("third".into());
+    sandbox.ok(&["versions"]);
+    assert_eq!(sandbox.json(&["key", "list"], 0).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn copy_to_another_repository_with_its_own_key() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 80, 13);
+    sandbox.backup_data(&root);
+    std::fs::write(root.join("data/later"), b"later").unwrap();
+    sandbox.backup_data(&root);
+    let second = sandbox.path("second").display().to_string();
+    let output =
+        sandbox.command(&["copy", "--to", &second, "--json"]).env("SYSSTATE_TO_PASSPHRASE", "other").output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // Copying again copies nothing.
+    let output =
+        sandbox.command(&["copy", "--to", &second, "--json"]).env("SYSSTATE_TO_PASSPHRASE", "other").output().unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(again.as_array().unwrap().len(), 0);
+    let mut other = Sandbox::new();
+    other.target = second;
+    other.passphrase = Some("other".into());
+    assert_eq!(other.json(&["versions"], 0).as_array().unwrap().len(), 2);
+    other.ok(&["check", "--read-data"]);
+    let to = other.path("restored");
+    other.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
