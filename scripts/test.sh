@@ -64,8 +64,11 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
   export RUSTC_BOOTSTRAP=1
   cargo fuzz build -O --sanitizer none
   for target in $(cargo fuzz list); do
-    cargo fuzz run -O --sanitizer none "$target" -- -max_total_time="${SYSSTATE_FUZZ_SECONDS:-15}" 2>&1 | grep -E '^(Done|==|SUMMARY)' || true
-    test "${PIPESTATUS[0]}" -eq 0
+    fuzz_log=$(mktemp)
+    if ! cargo fuzz run -O --sanitizer none "$target" -- -max_total_time="${SYSSTATE_FUZZ_SECONDS:-15}" >"$fuzz_log" 2>&1; then
+      echo "fuzz target $target failed:"; tail -n 40 "$fuzz_log"; exit 1
+    fi
+    echo "$target: $(grep -E '^Done' "$fuzz_log")"
   done
 )
 
