@@ -17,8 +17,9 @@ root=$(dirname "$corpus")
 
 measure() { # name, command...
   local name=$1; shift
-  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-  # Warm the source the same way for every tool: read it once.
+  # Warm page cache for every tool: in a VM the host caches the disk image too, so cold-cache
+  # timings depend on which tool happened to read first.
+  sync
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/$name.out" 2>"$work/$name.err" || { echo "$name failed:"; tail "$work/$name.err"; exit 1; }
   read -r secs rss <"$work/time"
   printf '%-28s %8.2f s %8d MiB\n' "$name" "$secs" "$((rss / 1024))"

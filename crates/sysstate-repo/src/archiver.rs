@@ -196,7 +196,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
 
     let walked = std::thread::scope(|scope| {
         let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
-        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads * 2);
+        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
         let mut readers = Vec::new();
         for _ in 0..threads {
             let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
@@ -578,7 +578,7 @@ fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std
         Some(extents) => Box::new(ExtentReader { file: &file, extents: extents.clone().into_iter(), left: 0 }),
         None => Box::new(&file),
     };
-    let mut chunker = crate::chunker::Chunker::new(shared.repo.gear(), source);
+    let mut chunker = crate::chunker::Chunker::with_size_hint(shared.repo.gear(), source, job.size);
     let mut ids = Vec::new();
     let mut read = 0u64;
     while let Some(chunk) = chunker.next_chunk()? {

@@ -94,7 +94,14 @@ pub struct Chunker<'g, R> {
 impl<'g, R: Read> Chunker<'g, R> {
     /// A chunker over `source`.
     pub fn new(gear: &'g Gear, source: R) -> Self {
-        Chunker { gear, source, buffer: Vec::new(), start: 0, end: 0, eof: false }
+        Self::with_size_hint(gear, source, 64 * 1024)
+    }
+
+    /// A chunker over `source`, which is expected to hold about `size` bytes: a small file gets
+    /// a buffer just big enough to see its end in one read.
+    pub fn with_size_hint(gear: &'g Gear, source: R, size: u64) -> Self {
+        let first = (size as usize).saturating_add(1).clamp(4096, 1024 * 1024);
+        Chunker { gear, source, buffer: vec![0; first], start: 0, end: 0, eof: false }
     }
 
     /// The next chunk, borrowed from the internal buffer; `None` at the end.
@@ -115,10 +122,6 @@ impl<'g, R: Read> Chunker<'g, R> {
     }
 
     fn fill(&mut self, max: usize) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            // Small files never need the full buffer: start with what one read would return.
-            self.buffer.resize(64 * 1024, 0);
-        }
         if self.start > 0 {
             self.buffer.copy_within(self.start..self.end, 0);
             self.end -= self.start;

@@ -50,7 +50,9 @@ pub struct PackBuilder {
 
 impl Default for PackBuilder {
     fn default() -> Self {
-        let mut bytes = Vec::with_capacity(PACK_TARGET_SIZE + 1024 * 1024);
+        // Room for the blobs and a header of a few thousand entries; a blob larger than the target
+        // (up to the 8 MiB chunk maximum, sealed) grows it once.
+        let mut bytes = Vec::with_capacity(PACK_TARGET_SIZE + 256 * 1024);
         bytes.extend_from_slice(PACK_MAGIC);
         PackBuilder { bytes, entries: Vec::new() }
     }

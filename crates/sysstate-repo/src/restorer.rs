@@ -300,13 +300,18 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, jo
             *cached = Some((job.dir.clone(), open_dir_beneath(&shared.root, &job.dir)?));
         }
         let dir = &cached.as_ref().expect("just set").1;
-        clear(dir, &job.node.name)?;
-        let fd = rustix::fs::openat(
-            dir,
-            OsStr::from_bytes(&job.node.name),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
+        let name = OsStr::from_bytes(&job.node.name);
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mode = Mode::from_raw_mode(0o600);
+        // Into an empty target the create succeeds at once; only an existing entry (restoring
+        // over an earlier restore) costs an unlink.
+        let fd = match rustix::fs::openat(dir, name, flags, mode) {
+            Err(rustix::io::Errno::EXIST) => {
+                clear(dir, &job.node.name)?;
+                rustix::fs::openat(dir, name, flags, mode)?
+            }
+            other => other?,
+        };
         let mut file = std::fs::File::from(fd);
         let NodeKind::File(content) = &job.node.kind else { unreachable!("only files are queued") };
         let written = write_content(shared.repo, &mut file, &content.blobs, content.extents.as_deref())?;

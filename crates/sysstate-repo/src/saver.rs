@@ -103,14 +103,14 @@ impl<'r> BlobSaver<'r> {
             BlobKind::Data => &self.data_pack,
             BlobKind::Tree => &self.tree_pack,
         };
+        // Close the pack before a blob would push it past the target size, so a pack's buffer
+        // never grows beyond the size it was allocated with.
         let full = {
             let mut pack = packer.lock().expect("pack lock");
+            let closed =
+                (!pack.is_empty() && pack.len() + sealed.len() > PACK_TARGET_SIZE).then(|| std::mem::take(&mut *pack));
             pack.add(kind, id, sealed, raw_length, compressed);
-            if pack.len() >= PACK_TARGET_SIZE {
-                Some(std::mem::take(&mut *pack))
-            } else {
-                None
-            }
+            closed
         };
         match full {
             Some(pack) => self.write_pack(pack),

@@ -134,6 +134,36 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// The error catalogue as Markdown: the content of `docs/errors.md`, which a test keeps equal
+/// to this.
+pub fn catalogue_markdown() -> String {
+    let mut out = String::from(
+        "# Error codes\n\n\
+         Generated from `crates/sysstate-types/src/code.rs` (`ErrorCode`); a test fails when the two differ\n\
+         (regenerate with `SYSSTATE_UPDATE_DOCS=1 cargo test -p sysstate-types`).\n\n\
+         Every failure is printed as `error[CODE]: message`, then `cause:` and `resolution:` lines, and\n\
+         ends the command with exit code 2. The message names the object and the culprit; the cause and\n\
+         resolution below are the generic ones, replaced by specific ones where the program knows more.\n\n\
+         | code | event id | level | cause | resolution |\n|---|---|---|---|---|\n",
+    );
+    for code in ErrorCode::ALL {
+        let level = match code.level() {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            code.as_str(),
+            code.event_id(),
+            level,
+            code.cause(),
+            code.resolution()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,34 +193,4 @@ mod tests {
             "docs/errors.md is out of date: run SYSSTATE_UPDATE_DOCS=1 cargo test -p sysstate-types"
         );
     }
-}
-
-/// The error catalogue as Markdown: the content of `docs/errors.md`, which a test keeps equal
-/// to this.
-pub fn catalogue_markdown() -> String {
-    let mut out = String::from(
-        "# Error codes\n\n\
-         Generated from `crates/sysstate-types/src/code.rs` (`ErrorCode`); a test fails when the two differ\n\
-         (regenerate with `SYSSTATE_UPDATE_DOCS=1 cargo test -p sysstate-types`).\n\n\
-         Every failure is printed as `error[CODE]: message`, then `cause:` and `resolution:` lines, and\n\
-         ends the command with exit code 2. The message names the object and the culprit; the cause and\n\
-         resolution below are the generic ones, replaced by specific ones where the program knows more.\n\n\
-         | code | event id | level | cause | resolution |\n|---|---|---|---|---|\n",
-    );
-    for code in ErrorCode::ALL {
-        let level = match code.level() {
-            Level::Info => "info",
-            Level::Warning => "warning",
-            Level::Error => "error",
-        };
-        out.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} |\n",
-            code.as_str(),
-            code.event_id(),
-            level,
-            code.cause(),
-            code.resolution()
-        ));
-    }
-    out
 }

@@ -143,6 +143,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
 fn backup(context: &Context<'_>, components: &[String], tags: &[String], threads: usize) -> Result<Outcome> {
     let global = &context.cli.global;
     let target = &context.target;
+    // Refuse unknown or missing components before anything is created (a key file, a repository).
+    sysstate_engine::components::select(&context.config, &global.root, components)?;
     let exists = Repository::exists(&*ops::backend(target)?)?;
     let passphrase = match context.passphrase(target, global.passphrase_file.as_deref())? {
         Some(passphrase) => passphrase,
