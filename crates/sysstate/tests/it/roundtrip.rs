@@ -118,3 +118,44 @@ fn a_new_target_without_passphrase_gets_a_key_file_in_the_state_dir() {
     // The same state dir opens the repository again without a passphrase.
     sandbox.ok(&["versions"]);
 }
+
+#[test]
+fn several_backups_write_into_one_repository_at_once() {
+    let sandbox = Sandbox::new().with_data_component();
+    let roots: Vec<_> = (0..3).map(|i| sandbox.path(&format!("root{i}"))).collect();
+    for (i, root) in roots.iter().enumerate() {
+        // Shared files (same seed) dedup across the three; each also has its own.
+        make_tree(&root.join("data/shared"), 40, 21);
+        make_tree(&root.join("data/own"), 40, 100 + i as u64);
+    }
+    // Create the repository first, so the three race only on writing into it.
+    let empty = sandbox.path("empty");
+    std::fs::create_dir_all(empty.join("data")).unwrap();
+    sandbox.backup_data(&empty);
+    // Start all three, then wait for them: they write into the repository at the same time.
+    let running: Vec<_> = roots
+        .iter()
+        .map(|root| {
+            sandbox
+                .command(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<String> = running
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().unwrap();
+            assert!(output.status.success(), "a concurrent backup failed");
+            let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            value["version"].as_str().unwrap().to_string()
+        })
+        .collect();
+    sandbox.ok(&["check", "--read-data"]);
+    for (root, id) in roots.iter().zip(&ids) {
+        let to = sandbox.path(&format!("restore-{}", &id[..8]));
+        sandbox.ok(&["restore", "--version", id, "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    }
+}
