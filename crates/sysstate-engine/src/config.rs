@@ -98,6 +98,8 @@ pub struct WriterConfig {
     pub thaw: Option<Vec<String>>,
     /// Command run at abort.
     pub abort: Option<Vec<String>>,
+    /// For `process` writers: the program and its arguments.
+    pub command: Option<Vec<String>>,
     /// The freeze-to-thaw window.
     pub freeze_timeout: Option<String>,
 }

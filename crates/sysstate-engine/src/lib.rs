@@ -12,6 +12,7 @@ pub mod credentials;
 mod error;
 pub mod ops;
 pub mod paths;
+pub mod shadow;
 
 pub use error::{EngineError, Result};
 pub use sysstate_types::ErrorCode;

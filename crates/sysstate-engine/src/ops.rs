@@ -41,6 +41,10 @@ pub struct BackupRequest {
     pub tags: Vec<String>,
     /// Reader/sealer threads (0: one per core).
     pub threads: usize,
+    /// How long to wait for another shadow set (`--wait`).
+    pub wait: Option<std::time::Duration>,
+    /// Fired by the binary's signal handler: thaws the writers at once.
+    pub trigger: sysstate_shadow::ThawTrigger,
 }
 
 /// What a backup did.
@@ -108,18 +112,42 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let root_path = request.root.display().to_string();
     let parent =
         repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path).map(|(id, _)| id);
+
+    // The point in time: a shadow set of every selected path, read instead of the live files.
+    let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
+    let writers = crate::shadow::writers(&request.config, &names, "backup")?;
+    let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
+    let shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
+    let set = sysstate_shadow::Coordinator::new(writers)
+        .create(&shadow_options, &request.trigger)
+        .map_err(crate::shadow::shadow_error)?;
+    let origins = set.origins();
     let options = BackupOptions {
-        root: request.root.clone(),
+        root: set.root().to_path_buf(),
+        live_root: request.root.clone(),
         selections,
         components: records,
         parent,
         host,
         tags: request.tags.clone(),
         threads: request.threads,
-        shadow: None,
+        shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
         time_ns: 0,
+        cancel: Some(request.trigger.flag()),
+        origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(move |path: &Path| {
+            origins.get(path).map(|o| (o.device, o.inode, o.ctime_ns))
+        }))),
     };
-    let outcome = archiver::backup(&repo, &options, progress)?;
+    let skipped: Vec<Warning> = set
+        .skipped()
+        .iter()
+        .map(|(path, message)| Warning { path: path.display().to_string(), message: message.clone() })
+        .collect();
+    skipped.iter().for_each(|w| progress.warning(w));
+    let outcome = archiver::backup(&repo, &options, progress);
+    set.complete(outcome.is_ok());
+    let mut outcome = outcome?;
+    outcome.warnings.extend(skipped);
     Ok(BackupReport {
         id: outcome.id,
         version: outcome.version,
@@ -163,4 +191,56 @@ pub fn restore_to(
     let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, progress)?;
     Ok((id, outcome))
+}
+
+/// The shadow set options for `paths` under `root`, from the config.
+fn shadow_options(
+    config: &Config,
+    root: &Path,
+    paths: Vec<PathBuf>,
+    wait: Option<std::time::Duration>,
+    persistent: bool,
+) -> Result<sysstate_shadow::ShadowSetOptions> {
+    let provider =
+        sysstate_shadow::provider::ProviderChoice::parse(config.shadow.provider.as_deref().unwrap_or("auto"))
+            .map_err(crate::shadow::shadow_error)?;
+    let commit_timeout = match &config.shadow.commit_timeout {
+        Some(text) => crate::shadow::parse_duration(text)
+            .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`shadow.commit-timeout`: {e}")))?,
+        None => std::time::Duration::from_secs(10),
+    };
+    Ok(sysstate_shadow::ShadowSetOptions {
+        runtime_dir: crate::paths::runtime_dir(),
+        root: root.to_path_buf(),
+        paths,
+        provider,
+        storage: crate::shadow::storage_for(config, &crate::paths::state_dir(), root)?,
+        commit_timeout,
+        holder: sysstate_shadow::LockHolder {
+            pid: std::process::id(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            job: None,
+            since_ns: sysstate_repo::lock::now_ns(),
+        },
+        wait,
+        persistent,
+    })
+}
+
+/// `sysstate shadows create`: a persistent shadow copy of the components, kept for fast local
+/// restore until deleted or pushed out by the storage limit.
+pub fn create_persistent(
+    config: &Config,
+    root: &Path,
+    components: &[String],
+    trigger: sysstate_shadow::ThawTrigger,
+) -> Result<sysstate_shadow::ShadowSetRecord> {
+    let (resolved, _) = components::select(config, root, components)?;
+    let (selections, _) = selections(&resolved)?;
+    let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
+    let writers = crate::shadow::writers(config, &names, "persistent")?;
+    let options = shadow_options(config, root, selections.into_iter().map(|s| s.path).collect(), None, true)?;
+    let set =
+        sysstate_shadow::Coordinator::new(writers).create(&options, &trigger).map_err(crate::shadow::shadow_error)?;
+    Ok(set.complete(true))
 }

@@ -42,8 +42,11 @@ pub struct Selection {
 /// What to back up and how.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
-    /// The directory treated as `/`.
+    /// The directory the files are read from, treated as `/` (a shadow copy's tree).
     pub root: PathBuf,
+    /// The live root the version is of (`/`), recorded in the manifest; account names are read
+    /// from its `/etc/passwd` and `/etc/group`.
+    pub live_root: PathBuf,
     /// The paths.
     pub selections: Vec<Selection>,
     /// The components, recorded in the manifest.
@@ -60,6 +63,25 @@ pub struct BackupOptions {
     pub shadow: Option<serde_json::Value>,
     /// The time to record as the version's point in time (ns); 0 means now.
     pub time_ns: i64,
+    /// When reading from a shadow copy: the live identity (device, inode, ctime ns) of an entry
+    /// by its absolute path as seen from the root, recorded instead of the copy's, so versions
+    /// of copies equal versions of the live files and unchanged files are recognised.
+    pub origin: Option<Origin>,
+    /// Set from outside (a signal) to stop the backup; it then fails without a version.
+    pub cancel: Option<std::sync::Arc<AtomicBool>>,
+}
+
+/// Maps a path (as seen from the root) to the live identity of the entry copied there.
+#[derive(Clone)]
+pub struct Origin(pub std::sync::Arc<OriginFn>);
+
+/// `path → (device, inode, ctime ns)` of the live entry.
+pub type OriginFn = dyn Fn(&Path) -> Option<(u64, u64, i64)> + Send + Sync;
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Origin(..)")
+    }
 }
 
 /// One file that could not be backed up, or an entry skipped.
@@ -134,6 +156,7 @@ impl SelectionNode {
 
 struct Shared<'a> {
     repo: &'a Repository,
+    cancel: Option<std::sync::Arc<AtomicBool>>,
     saver: BlobSaver<'a>,
     progress: &'a dyn Progress,
     warnings: Mutex<Vec<Warning>>,
@@ -156,6 +179,9 @@ impl Shared<'_> {
     }
 
     fn check_abort(&self) -> Result<()> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            self.abort.store(true, Ordering::SeqCst);
+        }
         if self.abort.load(Ordering::SeqCst) {
             Err(self.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted))
         } else {
@@ -182,6 +208,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
     };
     let shared = Shared {
         repo,
+        cancel: options.cancel.clone(),
         saver: BlobSaver::new(repo),
         progress,
         warnings: Mutex::new(Vec::new()),
@@ -191,7 +218,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         bytes_read: AtomicU64::new(0),
     };
     let selection = SelectionNode::build(&options.selections);
-    let names = Names::load(&options.root);
+    let names = Names::load(&options.live_root);
     let mut stats = VersionStats::default();
 
     let walked = std::thread::scope(|scope| {
@@ -208,7 +235,14 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         }
         drop(file_rx);
         drop(blob_rx);
-        let mut walker = Walker { shared: &shared, names: &names, file_tx, blob_tx, stats: &mut stats };
+        let mut walker = Walker {
+            shared: &shared,
+            names: &names,
+            origin: options.origin.as_ref(),
+            file_tx,
+            blob_tx,
+            stats: &mut stats,
+        };
         let tree = walker.selected_dir(&options.root, Path::new("/"), &selection, parent_tree.as_ref());
         drop(walker);
         for reader in readers {
@@ -232,7 +266,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
     let version = Version {
         time_ns,
         host: options.host.clone(),
-        root_path: options.root.display().to_string(),
+        root_path: options.live_root.display().to_string(),
         tree,
         components: options.components.clone(),
         parent: options.parent,
@@ -249,6 +283,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
 struct Walker<'a, 's> {
     shared: &'s Shared<'a>,
     names: &'s Names,
+    origin: Option<&'s Origin>,
     file_tx: Sender<FileJob>,
     blob_tx: Sender<BlobJob>,
     stats: &'s mut VersionStats,
@@ -290,13 +325,9 @@ impl Walker<'_, '_> {
                 let xattrs = self.xattrs(&path, &shown_child);
                 let id = self.selected_dir(&path, &shown_child, child, subtree.as_ref())?;
                 self.stats.dirs += 1;
-                pending.push(Pending::Ready(node_from_metadata(
-                    name,
-                    &meta,
-                    xattrs,
-                    self.names,
-                    NodeKind::Dir { subtree: id },
-                )));
+                let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Dir { subtree: id });
+                self.live_identity(&shown_child, &mut node);
+                pending.push(Pending::Ready(node));
             } else {
                 if child.whole.is_none() {
                     self.shared.warn(
@@ -363,6 +394,15 @@ impl Walker<'_, '_> {
         self.finish_dir(pending)
     }
 
+    /// Records the live file's identity instead of the shadow copy's.
+    fn live_identity(&self, shown: &Path, node: &mut Node) {
+        if let Some((device, inode, ctime_ns)) = self.origin.and_then(|origin| (origin.0)(shown)) {
+            node.device = device;
+            node.inode = inode;
+            node.ctime_ns = ctime_ns;
+        }
+    }
+
     fn xattrs(&self, path: &Path, shown: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         read_xattrs(path).unwrap_or_else(|error| {
             self.shared.warn(shown, format!("cannot read its extended attributes: {error}"));
@@ -396,6 +436,7 @@ impl Walker<'_, '_> {
         }
         let xattrs = self.xattrs(path, shown);
         let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
+        self.live_identity(shown, &mut node);
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
             let id = self.whole_dir(path, shown, exclude, subtree.as_ref(), selection)?;
@@ -518,28 +559,6 @@ fn open_source(path: &Path) -> std::io::Result<File> {
     }
 }
 
-/// The data extents of a file, or `None` when it has no holes.
-fn data_extents(file: &File, size: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
-    let mut extents = Vec::new();
-    let mut offset = 0u64;
-    while offset < size {
-        let start = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset as i64)) {
-            Ok(start) => start,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(error) => return Err(error.into()),
-        };
-        let end = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(start as i64))?.min(size);
-        if end > start {
-            extents.push((start, end - start));
-        }
-        offset = end;
-    }
-    if extents.len() == 1 && extents[0] == (0, size) {
-        return Ok(None);
-    }
-    Ok(Some(extents))
-}
-
 /// Reads only the data extents of a sparse file, concatenated.
 struct ExtentReader<'f> {
     file: &'f File,
@@ -573,7 +592,7 @@ impl Read for ExtentReader<'_> {
 
 fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std::io::Result<(FileContent, u64)> {
     let file = open_source(&job.path)?;
-    let extents = if job.maybe_sparse { data_extents(&file, job.size)? } else { None };
+    let extents = if job.maybe_sparse { sysstate_fs::data_extents(&file, job.size)? } else { None };
     let source: Box<dyn Read + '_> = match &extents {
         Some(extents) => Box::new(ExtentReader { file: &file, extents: extents.clone().into_iter(), left: 0 }),
         None => Box::new(&file),

@@ -2,47 +2,11 @@
 
 use crate::tree::{Node, NodeKind};
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs::Metadata;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// Every extended attribute of `path` (not following a final symlink), sorted by name.
-pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut names = vec![0u8; 1024];
-    let length = loop {
-        match rustix::fs::llistxattr(path, &mut names) {
-            Ok(length) => break length,
-            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(error) => return Err(error.into()),
-        }
-    };
-    let mut out = Vec::new();
-    for name in names[..length].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let name_os = OsStr::from_bytes(name);
-        let mut value = vec![0u8; 256];
-        loop {
-            match rustix::fs::lgetxattr(path, name_os, &mut value) {
-                Ok(len) => {
-                    value.truncate(len);
-                    break;
-                }
-                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
-                // Removed between the list and the read.
-                Err(rustix::io::Errno::NODATA) => {
-                    value.clear();
-                    break;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-        out.push((name.to_vec(), value));
-    }
-    out.sort();
-    Ok(out)
-}
+pub use sysstate_fs::read_xattrs;
 
 /// Names of users and groups from a root's `/etc/passwd` and `/etc/group`.
 #[derive(Debug, Default)]

@@ -49,6 +49,9 @@ pub enum Command {
         /// Reader and sealer threads each (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Wait this long for another shadow set to finish (`30s`, `10m`) instead of failing.
+        #[arg(long)]
+        wait: Option<String>,
     },
     /// List the versions in the target.
     Versions,
@@ -105,6 +108,58 @@ pub enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// The writers and their states (like `vssadmin list writers`).
+    Writers,
+    /// The shadow copy providers.
+    Providers,
+    /// Persistent shadow copies: list, create, delete.
+    Shadows {
+        #[command(subcommand)]
+        command: Option<ShadowsCommand>,
+    },
+    /// Shadow storage: list, resize.
+    Shadowstorage {
+        #[command(subcommand)]
+        command: Option<StorageCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShadowsCommand {
+    /// List the shadow copies.
+    List,
+    /// Make a persistent shadow copy of the components (kept until deleted or pushed out).
+    Create {
+        #[arg(long = "component", short = 'c')]
+        components: Vec<String>,
+    },
+    /// Delete shadow copies.
+    Delete {
+        /// This copy.
+        #[arg(long)]
+        id: Option<String>,
+        /// The oldest copy.
+        #[arg(long)]
+        oldest: bool,
+        /// Every copy.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// List the storage areas with their sizes.
+    List,
+    /// Set a storage area's maximum size (shrinking deletes the oldest copies that no longer fit).
+    Resize {
+        #[arg(long = "for")]
+        for_volume: String,
+        #[arg(long)]
+        on: String,
+        #[arg(long)]
+        max_size: String,
     },
 }
 

@@ -113,7 +113,9 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         cli.global.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
     let context = Context { cli, config, target };
     match &cli.command {
-        Command::Backup { components, tags, threads } => backup(&context, components, tags, *threads),
+        Command::Backup { components, tags, threads, wait } => {
+            backup(&context, components, tags, *threads, wait.as_deref())
+        }
         Command::Versions => versions(&context),
         Command::Items { version, components } => items(&context, version, components),
         Command::Restore { version, components, to, in_place, threads } => {
@@ -137,10 +139,28 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             copy(&context, to, to_passphrase_file.as_deref(), versions)
         }
         Command::Key { command } => key(&context, command),
+        Command::Writers => crate::shadow::writers(&context.config, context.cli.global.json),
+        Command::Providers => crate::shadow::providers(context.cli.global.json),
+        Command::Shadows { command } => crate::shadow::shadows(&context.config, &context.cli.global, command.as_ref()),
+        Command::Shadowstorage { command } => {
+            crate::shadow::storage(&context.config, context.cli.global.json, command.as_ref())
+        }
     }
 }
 
-fn backup(context: &Context<'_>, components: &[String], tags: &[String], threads: usize) -> Result<Outcome> {
+fn backup(
+    context: &Context<'_>,
+    components: &[String],
+    tags: &[String],
+    threads: usize,
+    wait: Option<&str>,
+) -> Result<Outcome> {
+    let wait = wait
+        .map(|text| {
+            sysstate_engine::shadow::parse_duration(text)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--wait`: {e}")))
+        })
+        .transpose()?;
     let global = &context.cli.global;
     let target = &context.target;
     // Refuse unknown or missing components before anything is created (a key file, a repository).
@@ -165,6 +185,8 @@ fn backup(context: &Context<'_>, components: &[String], tags: &[String], threads
         components: components.to_vec(),
         tags: tags.to_vec(),
         threads,
+        wait,
+        trigger: crate::shadow::signal_trigger(),
     };
     let printer = Printer { show: !global.quiet && !global.json };
     let report = ops::backup(&request, &passphrase, &printer)?;

@@ -137,7 +137,7 @@ fn several_backups_write_into_one_repository_at_once() {
         .iter()
         .map(|root| {
             sandbox
-                .command(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--json"])
+                .command(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--json", "--wait", "2m"])
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()

@@ -1,0 +1,211 @@
+//! The engine's side of the shadow copy service: writers and storage from the config, and
+//! shadow errors turned into engine errors with this machine's specifics.
+
+use crate::config::Config;
+use crate::error::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use sysstate_shadow::storage::{MaxSize, StorageArea};
+use sysstate_shadow::writer::{CommandWriter, ProcessWriter, DEFAULT_FREEZE_TIMEOUT};
+use sysstate_shadow::{ShadowError, Writer};
+use sysstate_types::ErrorCode;
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or a number of seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration: use `500ms`, `10s`, `2m` or `1h`"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("`{text}`: unknown unit `{other}`")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn invalid(message: String) -> EngineError {
+    EngineError::new(ErrorCode::InvalidInput, message)
+}
+
+/// The writers of the config that serve any of `components` (a writer with no components
+/// serves every backup).
+pub fn writers(config: &Config, components: &[String], set_id: &str) -> Result<Vec<Box<dyn Writer>>> {
+    let mut out: Vec<Box<dyn Writer>> = Vec::new();
+    for writer in &config.writers {
+        if !writer.components.is_empty() && !writer.components.iter().any(|c| components.contains(c)) {
+            continue;
+        }
+        let window = match &writer.freeze_timeout {
+            Some(text) => {
+                parse_duration(text).map_err(|e| invalid(format!("writer `{}`: freeze-timeout {e}", writer.name)))?
+            }
+            None => DEFAULT_FREEZE_TIMEOUT,
+        };
+        match writer.kind.as_str() {
+            "command" => out.push(Box::new(CommandWriter::new(
+                &writer.name,
+                writer.prepare.clone(),
+                writer.freeze.clone(),
+                writer.thaw.clone(),
+                writer.abort.clone(),
+                window,
+            ))),
+            "process" => {
+                let argv = writer.command.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
+                    invalid(format!(
+                        "writer `{}` of kind `process` needs `command = [\"/path/to/writer\", …]`",
+                        writer.name
+                    ))
+                })?;
+                out.push(Box::new(ProcessWriter::new(&writer.name, argv, window, set_id)));
+            }
+            "dpkg" | "accounts" | "postgresql" | "fsfreeze" => {
+                return Err(invalid(format!(
+                    "writer `{}`: the `{}` writer kind is not available in this build yet",
+                    writer.name, writer.kind
+                ))
+                .with_resolution("use a `command` or `process` writer for now, or remove this writer"))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "writer `{}`: unknown kind `{other}`: use command, process, postgresql, fsfreeze, dpkg or accounts",
+                    writer.name
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A `shadowstorage resize`, kept in the state directory; it overrides the config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StorageSetting {
+    /// The volume.
+    #[serde(rename = "for")]
+    pub for_volume: String,
+    /// The location.
+    pub on: String,
+    /// The maximum size.
+    pub max_size: String,
+}
+
+fn settings_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("shadowstorage.json")
+}
+
+/// The resize settings.
+pub fn read_settings(state_dir: &Path) -> Vec<StorageSetting> {
+    std::fs::read(settings_path(state_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Stores a resize setting (replacing one for the same volume).
+pub fn write_setting(state_dir: &Path, setting: StorageSetting) -> Result<()> {
+    let mut settings = read_settings(state_dir);
+    settings.retain(|s| s.for_volume != setting.for_volume);
+    settings.push(setting);
+    let path = settings_path(state_dir);
+    std::fs::create_dir_all(state_dir)
+        .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&settings).expect("settings encode")))
+        .map_err(|e| EngineError::new(ErrorCode::StateDirPermission, format!("cannot write `{}`: {e}", path.display())))
+}
+
+/// Every storage area: the config's, overridden by resizes, and the default (`/` on
+/// `STATE/shadow`, 10%) when none is for `/`.
+pub fn storage_areas(config: &Config, state_dir: &Path) -> Result<Vec<StorageArea>> {
+    let mut settings: Vec<StorageSetting> = config
+        .shadow
+        .storage
+        .iter()
+        .map(|s| StorageSetting {
+            for_volume: s.for_volume.clone(),
+            on: s.on.clone(),
+            max_size: s.max_size.clone().unwrap_or_else(|| "10%".into()),
+        })
+        .collect();
+    for resized in read_settings(state_dir) {
+        settings.retain(|s| s.for_volume != resized.for_volume);
+        settings.push(resized);
+    }
+    if !settings.iter().any(|s| s.for_volume == "/") {
+        settings.push(StorageSetting {
+            for_volume: "/".into(),
+            on: state_dir.join("shadow").display().to_string(),
+            max_size: "10%".into(),
+        });
+    }
+    settings
+        .into_iter()
+        .map(|s| {
+            let max_size = MaxSize::parse(&s.max_size)
+                .map_err(|e| invalid(format!("shadow storage for `{}`: max-size {e}", s.for_volume)))?;
+            Ok(StorageArea { for_volume: PathBuf::from(&s.for_volume), on: PathBuf::from(&s.on), max_size })
+        })
+        .collect()
+}
+
+/// The mount point holding `path` (from `/proc/self/mountinfo`, the longest match).
+pub fn mount_point(path: &Path) -> PathBuf {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// The storage area for a shadow set of files under `root`: the one for its volume, else the
+/// one for `/`.
+pub fn storage_for(config: &Config, state_dir: &Path, root: &Path) -> Result<StorageArea> {
+    let areas = storage_areas(config, state_dir)?;
+    let volume = mount_point(root);
+    let chosen =
+        areas.iter().find(|a| a.for_volume == volume).or_else(|| areas.iter().find(|a| a.for_volume == Path::new("/")));
+    Ok(chosen.expect("a storage for `/` always exists").clone())
+}
+
+/// A shadow error as the administrator reads it.
+pub fn shadow_error(error: ShadowError) -> EngineError {
+    let code = error.code();
+    let message = error.to_string();
+    let engine = EngineError::new(code, message);
+    match error {
+        ShadowError::InProgress(holder) => engine
+            .with_cause(format!("{holder} holds the machine's shadow-set lock; only one shadow set runs at a time"))
+            .with_resolution(format!("wait for pid {} to finish, or run with `--wait 10m` to wait for it", holder.pid)),
+        ShadowError::StorageFull { volume, location, used, needed, .. } => engine
+            .with_cause(format!("the shadow storage on `{location}` cannot hold a copy of `{volume}` of {needed} bytes next to {used} bytes of other copies"))
+            .with_resolution(format!(
+                "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `sysstate shadowstorage resize --for {volume} --on {location} --max-size {}`",
+                (used + needed).div_ceil(1 << 20) * 2 + 1
+            ) + "MiB"),
+        ShadowError::WriterTimeout { writer, window_ms, .. } => engine.with_resolution(format!(
+            "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{writer}` needs longer than {window_ms} ms, raise its `freeze-timeout`"
+        )),
+        ShadowError::CommitTimeout { .. } => engine,
+        _ => engine,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+}

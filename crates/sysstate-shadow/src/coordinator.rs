@@ -1,0 +1,664 @@
+//! The coordinator: runs a shadow set through its phases, with a watchdog that thaws.
+
+use crate::error::{ShadowError, WriterFailure};
+use crate::lock::{LockHolder, ShadowSetLock};
+use crate::provider::{self, CommitError, Origin, ProviderChoice};
+use crate::state::StateBook;
+use crate::storage::{CopyMeta, StorageArea};
+use crate::writer::{Event, Writer, DEFAULT_EVENT_TIMEOUT};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a shadow set is asked to do.
+#[derive(Debug, Clone)]
+pub struct ShadowSetOptions {
+    /// Where the lock and the writer states live.
+    pub runtime_dir: PathBuf,
+    /// The live root (`/`).
+    pub root: PathBuf,
+    /// The paths to copy, absolute as seen from the root.
+    pub paths: Vec<PathBuf>,
+    /// The provider.
+    pub provider: ProviderChoice,
+    /// Where the copies go.
+    pub storage: StorageArea,
+    /// The longest a commit may take.
+    pub commit_timeout: Duration,
+    /// Who takes the lock.
+    pub holder: LockHolder,
+    /// How long to wait for another shadow set to finish (`None`: fail at once).
+    pub wait: Option<Duration>,
+    /// Keep the copy after [`ShadowSet::complete`].
+    pub persistent: bool,
+}
+
+/// One writer's part in a shadow set, for the version manifest.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WriterRecord {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// `ok` or the error code.
+    pub result: String,
+    /// The writer's message on failure.
+    pub message: Option<String>,
+    /// How long it was frozen, ms.
+    pub frozen_ms: u64,
+}
+
+/// What a shadow set did, recorded in the version manifest.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShadowSetRecord {
+    /// The set's id.
+    pub id: String,
+    /// The provider used on each volume (device number → provider).
+    pub providers: BTreeMap<String, String>,
+    /// The writers.
+    pub writers: Vec<WriterRecord>,
+    /// From the first freeze to the last thaw, ms.
+    pub freeze_window_ms: u64,
+    /// The provider's commit, ms.
+    pub commit_ms: u64,
+    /// Where the copy was.
+    pub storage: String,
+    /// Real bytes the copy took.
+    pub bytes: u64,
+    /// Entries copied.
+    pub files: u64,
+    /// Persistent copies deleted to make room (`shadow-storage-oldest-deleted`).
+    pub deleted_to_make_room: Vec<String>,
+    /// A lock left by a process that is gone, taken over.
+    pub lock_taken_over: Option<LockHolder>,
+}
+
+/// Fires a thaw from anywhere (a signal handler thread): frozen writers are thawed at once and
+/// the shadow set stops with [`ShadowError::Interrupted`].
+#[derive(Debug, Clone, Default)]
+pub struct ThawTrigger {
+    inner: Arc<TriggerInner>,
+}
+
+#[derive(Debug, Default)]
+struct TriggerInner {
+    fired: Arc<AtomicBool>,
+    signal: AtomicI32,
+    watchers: Mutex<Vec<Arc<Watch>>>,
+}
+
+impl ThawTrigger {
+    /// Fires, with the signal number that caused it.
+    pub fn fire(&self, signal: i32) {
+        self.inner.signal.store(signal, Ordering::SeqCst);
+        self.inner.fired.store(true, Ordering::SeqCst);
+        for watch in self.inner.watchers.lock().expect("watchers lock").iter() {
+            watch.wake.notify_all();
+        }
+    }
+
+    /// A flag that is set when the trigger fires (for work outside the shadow set, such as the
+    /// archiver, to stop too).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.inner.fired.clone()
+    }
+
+    /// Waits until no writer of any running shadow set is frozen or being thawed, up to `limit`.
+    pub fn wait_thawed(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            let busy = self.inner.watchers.lock().expect("watchers lock").iter().any(|watch| {
+                let state = watch.state.lock().expect("watch lock");
+                state.thawing > 0 || state.frozen.iter().any(Option::is_some)
+            });
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The signal, once fired.
+    pub fn fired(&self) -> Option<i32> {
+        self.inner.fired.load(Ordering::SeqCst).then(|| self.inner.signal.load(Ordering::SeqCst))
+    }
+}
+
+/// Shared between the coordinator's thread and its watchdog.
+#[derive(Debug)]
+struct Watch {
+    state: Mutex<WatchState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    /// Per writer: its thaw deadline while frozen.
+    frozen: Vec<Option<Instant>>,
+    /// When each writer's freeze started and ended (thaw).
+    freeze_started: Vec<Option<Instant>>,
+    thawed_at: Vec<Option<Instant>>,
+    /// The first writer whose window the watchdog saw pass.
+    expired: Option<usize>,
+    /// Thaws in progress.
+    thawing: usize,
+    done: bool,
+}
+
+struct Members {
+    writers: Vec<Mutex<Box<dyn Writer>>>,
+    names: Vec<(String, String)>,
+    states: StateBook,
+    set_id: String,
+}
+
+impl Members {
+    fn call(&self, index: usize, event: Event, deadline: Instant) -> Result<(), crate::writer::WriterError> {
+        self.writers[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner()).handle(event, deadline)
+    }
+
+    fn state(&self, index: usize, state: &str, error: Option<String>) {
+        self.states.set(&self.names[index].0, state, error, &self.set_id);
+    }
+}
+
+/// Thaws every writer still frozen (whoever calls it first does the work), last frozen first.
+fn thaw_all(members: &Members, watch: &Watch) {
+    let frozen: Vec<usize> = {
+        let mut state = watch.state.lock().expect("watch lock");
+        let now = Instant::now();
+        let frozen: Vec<usize> = (0..state.frozen.len()).rev().filter(|i| state.frozen[*i].is_some()).collect();
+        for i in &frozen {
+            state.frozen[*i] = None;
+            state.thawed_at[*i] = Some(now);
+        }
+        state.thawing += frozen.len();
+        frozen
+    };
+    for index in frozen {
+        match members.call(index, Event::Thaw, Instant::now() + DEFAULT_EVENT_TIMEOUT) {
+            Ok(()) => members.state(index, "waiting-for-post-snapshot", None),
+            Err(error) => members.state(index, "failed-at-thaw", Some(error.message.clone())),
+        }
+        watch.state.lock().expect("watch lock").thawing -= 1;
+    }
+}
+
+/// The watchdog: thaws at the earliest freeze deadline, or at once when the trigger fires.
+fn watchdog(members: Arc<Members>, watch: Arc<Watch>, trigger: ThawTrigger) {
+    let mut state = watch.state.lock().expect("watch lock");
+    loop {
+        if state.done {
+            return;
+        }
+        if trigger.fired().is_some() {
+            drop(state);
+            thaw_all(&members, &watch);
+            return;
+        }
+        let next = state.frozen.iter().enumerate().filter_map(|(i, d)| d.map(|d| (d, i))).min();
+        match next {
+            Some((deadline, index)) if deadline <= Instant::now() => {
+                state.expired.get_or_insert(index);
+                drop(state);
+                tracing::warn!(writer = %members.names[index].0, "freeze window expired: the watchdog thaws every writer");
+                thaw_all(&members, &watch);
+                state = watch.state.lock().expect("watch lock");
+            }
+            Some((deadline, _)) => {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                state = watch.wake.wait_timeout(state, wait).expect("watch lock").0;
+            }
+            None => state = watch.wake.wait(state).expect("watch lock"),
+        }
+    }
+}
+
+/// A shadow set whose copies exist: read them, then [`complete`](ShadowSet::complete).
+pub struct ShadowSet {
+    members: Arc<Members>,
+    storage: StorageArea,
+    copy_id: String,
+    tree: PathBuf,
+    origins: Arc<HashMap<PathBuf, Origin>>,
+    skipped: Vec<(PathBuf, String)>,
+    record: ShadowSetRecord,
+    persistent: bool,
+    completed: bool,
+    _lock: ShadowSetLock,
+}
+
+impl std::fmt::Debug for ShadowSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowSet").field("id", &self.record.id).field("tree", &self.tree).finish()
+    }
+}
+
+impl ShadowSet {
+    /// The directory that stands for `/` in the copies.
+    pub fn root(&self) -> &Path {
+        &self.tree
+    }
+
+    /// The live identity of a copied entry, by its absolute path as seen from the root.
+    pub fn origin(&self, path: &Path) -> Option<Origin> {
+        self.origins.get(path).copied()
+    }
+
+    /// Every copied entry's live identity, shareable with reader threads.
+    pub fn origins(&self) -> Arc<HashMap<PathBuf, Origin>> {
+        self.origins.clone()
+    }
+
+    /// Entries the provider did not copy (sockets), with why.
+    pub fn skipped(&self) -> &[(PathBuf, String)] {
+        &self.skipped
+    }
+
+    /// What the set did.
+    pub fn record(&self) -> &ShadowSetRecord {
+        &self.record
+    }
+
+    /// Ends the set: backup-complete (or abort, when the backup failed) to every writer, and the
+    /// copy released unless it is persistent.
+    pub fn complete(mut self, backup_succeeded: bool) -> ShadowSetRecord {
+        self.finish(backup_succeeded);
+        self.record.clone()
+    }
+
+    fn finish(&mut self, backup_succeeded: bool) {
+        if std::mem::replace(&mut self.completed, true) {
+            return;
+        }
+        let event = if backup_succeeded { Event::BackupComplete } else { Event::Abort };
+        for index in 0..self.members.writers.len() {
+            match self.members.call(index, event, Instant::now() + DEFAULT_EVENT_TIMEOUT) {
+                Ok(()) => self.members.state(index, "stable", None),
+                Err(error) => self.members.state(index, &format!("failed-at-{}", event.as_str()), Some(error.message)),
+            }
+        }
+        if !self.persistent {
+            if let Err(error) = self.storage.delete(&self.copy_id) {
+                tracing::warn!(%error, "cannot release the shadow copy");
+            }
+        }
+    }
+}
+
+impl Drop for ShadowSet {
+    fn drop(&mut self) {
+        // A caller that never completed (an error, a panic): abort and release.
+        self.finish(false);
+    }
+}
+
+/// Runs shadow sets with a fixed set of writers.
+pub struct Coordinator {
+    writers: Vec<Box<dyn Writer>>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("writers", &self.writers.len()).finish()
+    }
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the kernel's random source is available");
+    hex::encode(bytes)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Undoes a failed set: thaws, aborts every writer that got past identify, deletes the copy.
+struct FailureGuard<'a> {
+    members: &'a Members,
+    watch: &'a Watch,
+    prepared: usize,
+    storage: &'a StorageArea,
+    copy_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for FailureGuard<'_> {
+    fn drop(&mut self) {
+        thaw_all(self.members, self.watch);
+        if !self.armed {
+            return;
+        }
+        for index in 0..self.prepared {
+            let failed = self.members.states.get(&self.members.names[index].0).is_some_and(|s| s.starts_with("failed"));
+            let _ = self.members.call(index, Event::Abort, Instant::now() + DEFAULT_EVENT_TIMEOUT);
+            if !failed {
+                self.members.state(index, "stable", None);
+            }
+        }
+        let _ = self.storage.delete(self.copy_id);
+    }
+}
+
+impl Coordinator {
+    /// A coordinator for these writers.
+    pub fn new(writers: Vec<Box<dyn Writer>>) -> Self {
+        Coordinator { writers }
+    }
+
+    /// Makes a shadow set. On failure, every writer is thawed and aborted and nothing is left
+    /// in shadow storage.
+    pub fn create(self, options: &ShadowSetOptions, trigger: &ThawTrigger) -> Result<ShadowSet, ShadowError> {
+        let (lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
+        if let Some(previous) = &taken_over {
+            tracing::warn!(holder = %previous, "took over the shadow-set lock of a process that is gone");
+        }
+        let set_id = new_id();
+        let names: Vec<(String, String)> =
+            self.writers.iter().map(|w| (w.name().to_string(), w.kind().to_string())).collect();
+        let windows: Vec<Duration> = self.writers.iter().map(|w| w.freeze_timeout()).collect();
+        let members = Arc::new(Members {
+            states: StateBook::new(&options.runtime_dir, &names),
+            writers: self.writers.into_iter().map(Mutex::new).collect(),
+            names,
+            set_id: set_id.clone(),
+        });
+        let count = members.writers.len();
+        let watch = Arc::new(Watch {
+            state: Mutex::new(WatchState {
+                frozen: vec![None; count],
+                freeze_started: vec![None; count],
+                thawed_at: vec![None; count],
+                ..WatchState::default()
+            }),
+            wake: Condvar::new(),
+        });
+        trigger.inner.watchers.lock().expect("watchers lock").push(watch.clone());
+        let copy_id = set_id.clone();
+        let watchdog_thread = {
+            let (members, watch, trigger) = (members.clone(), watch.clone(), trigger.clone());
+            std::thread::Builder::new()
+                .name("sysstate-watchdog".into())
+                .spawn(move || watchdog(members, watch, trigger))
+                .map_err(|e| ShadowError::io("watchdog thread", e))?
+        };
+        let result = run(&members, &watch, trigger, options, &set_id, &copy_id, &windows);
+        watch.state.lock().expect("watch lock").done = true;
+        watch.wake.notify_all();
+        let _ = watchdog_thread.join();
+        trigger.inner.watchers.lock().expect("watchers lock").retain(|w| !Arc::ptr_eq(w, &watch));
+        let (commit, mut record) = result?;
+        record.lock_taken_over = taken_over;
+        let tree = options.storage.copy_dir(&copy_id).join("tree");
+        Ok(ShadowSet {
+            members,
+            storage: options.storage.clone(),
+            copy_id,
+            tree,
+            origins: Arc::new(commit.origins),
+            skipped: commit.skipped,
+            record,
+            persistent: options.persistent,
+            completed: false,
+            _lock: lock,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    members: &Members,
+    watch: &Watch,
+    trigger: &ThawTrigger,
+    options: &ShadowSetOptions,
+    set_id: &str,
+    copy_id: &str,
+    windows: &[Duration],
+) -> Result<(provider::Commit, ShadowSetRecord), ShadowError> {
+    let count = members.writers.len();
+    let mut guard = FailureGuard { members, watch, prepared: 0, storage: &options.storage, copy_id, armed: true };
+    let interrupted = |trigger: &ThawTrigger| trigger.fired().map(ShadowError::Interrupted);
+    let fail = |index: usize, phase: &'static str, error: crate::writer::WriterError| {
+        members.state(index, &format!("failed-at-{phase}"), Some(error.message.clone()));
+        ShadowError::Writer(WriterFailure {
+            writer: members.names[index].0.clone(),
+            phase,
+            class: error.class,
+            message: error.message,
+        })
+    };
+    for (event, waiting) in [
+        (Event::Identify, "stable"),
+        (Event::PrepareBackup, "waiting-for-freeze"),
+        (Event::PrepareSnapshot, "waiting-for-freeze"),
+    ] {
+        for index in 0..count {
+            if let Some(error) = interrupted(trigger) {
+                return Err(error);
+            }
+            guard.prepared = guard.prepared.max(index + 1);
+            members
+                .call(index, event, Instant::now() + DEFAULT_EVENT_TIMEOUT)
+                .map_err(|e| fail(index, event.as_str(), e))?;
+            members.state(index, waiting, None);
+        }
+    }
+
+    // Room in shadow storage, before anything is frozen.
+    let needed =
+        if options.provider == ProviderChoice::Copy { provider::estimate(&options.root, &options.paths) } else { 0 };
+    let deleted: Vec<CopyMeta> = options.storage.make_room(needed)?;
+    for copy in &deleted {
+        tracing::warn!(copy = %copy.id, created = %sysstate_types::time::format_utc(copy.created_ns), "shadow-storage-oldest-deleted: deleted an older persistent shadow copy to make room");
+    }
+    let budget = options.storage.budget()?;
+
+    // Freeze, each writer with its own window.
+    let freeze_started = Instant::now();
+    for index in 0..count {
+        if let Some(error) = interrupted(trigger) {
+            return Err(error);
+        }
+        let start = Instant::now();
+        let deadline = start + windows[index];
+        {
+            let mut state = watch.state.lock().expect("watch lock");
+            state.freeze_started[index] = Some(start);
+            state.frozen[index] = Some(deadline);
+        }
+        watch.wake.notify_all();
+        if let Err(error) = members.call(index, Event::Freeze, deadline) {
+            if Instant::now() >= deadline {
+                return Err(timeout(members, watch, index, windows, 0));
+            }
+            return Err(fail(index, "freeze", error));
+        }
+        members.state(index, "waiting-for-thaw", None);
+    }
+
+    // Commit.
+    let commit_started = Instant::now();
+    let dest = options.storage.copy_dir(copy_id).join("tree");
+    let stop = AtomicBool::new(false);
+    let interrupt_flag = &stop;
+    let committed = std::thread::scope(|scope| {
+        // Forward the trigger into the provider's stop flag.
+        let forward = scope.spawn(|| {
+            while !interrupt_flag.load(Ordering::SeqCst) {
+                if trigger.fired().is_some() {
+                    interrupt_flag.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let result = provider::commit(
+            &options.root,
+            &options.paths,
+            &dest,
+            options.provider,
+            commit_started + options.commit_timeout,
+            budget,
+            interrupt_flag,
+        );
+        interrupt_flag.store(true, Ordering::SeqCst);
+        let _ = forward.join();
+        result
+    });
+    let commit_ms = commit_started.elapsed().as_millis() as u64;
+    thaw_all(members, watch);
+    let commit = match committed {
+        Ok(commit) => commit,
+        Err(CommitError::Timeout) => {
+            return Err(ShadowError::CommitTimeout {
+                provider: provider_name(options.provider),
+                elapsed_ms: commit_ms,
+                limit_ms: options.commit_timeout.as_millis() as u64,
+            })
+        }
+        Err(CommitError::Budget(bytes)) | Err(CommitError::NoSpace(bytes)) => {
+            let _ = options.storage.delete(copy_id);
+            return Err(options.storage.full(needed.max(bytes)));
+        }
+        Err(CommitError::Unsupported(path, message)) => {
+            return Err(ShadowError::Provider { provider: "reflink".into(), path: path.display().to_string(), message })
+        }
+        Err(CommitError::Io(error)) => return Err(error),
+        Err(CommitError::Interrupted) => return Err(interrupted(trigger).unwrap_or(ShadowError::Interrupted(0))),
+    };
+    if let Some(error) = interrupted(trigger) {
+        return Err(error);
+    }
+    // Every writer must have been thawed within its window.
+    let (expired, overrun) = {
+        let state = watch.state.lock().expect("watch lock");
+        let overrun = (0..count).find(|i| match (state.freeze_started[*i], state.thawed_at[*i]) {
+            (Some(start), Some(end)) => end.duration_since(start) > windows[*i],
+            _ => false,
+        });
+        (state.expired, overrun)
+    };
+    if let Some(index) = expired.or(overrun) {
+        return Err(timeout(members, watch, index, windows, commit_ms));
+    }
+    let freeze_window_ms = {
+        let state = watch.state.lock().expect("watch lock");
+        state
+            .thawed_at
+            .iter()
+            .flatten()
+            .max()
+            .map(|end| end.duration_since(freeze_started).as_millis() as u64)
+            .unwrap_or(0)
+    };
+
+    for index in 0..count {
+        members
+            .call(index, Event::PostSnapshot, Instant::now() + DEFAULT_EVENT_TIMEOUT)
+            .map_err(|e| fail(index, "post-snapshot", e))?;
+        members.state(index, "waiting-for-completion", None);
+    }
+
+    let writers = {
+        let state = watch.state.lock().expect("watch lock");
+        (0..count)
+            .map(|i| WriterRecord {
+                name: members.names[i].0.clone(),
+                kind: members.names[i].1.clone(),
+                result: "ok".into(),
+                message: None,
+                frozen_ms: match (state.freeze_started[i], state.thawed_at[i]) {
+                    (Some(start), Some(end)) => end.duration_since(start).as_millis() as u64,
+                    _ => 0,
+                },
+            })
+            .collect()
+    };
+    let record = ShadowSetRecord {
+        id: set_id.to_string(),
+        providers: commit
+            .used
+            .iter()
+            .map(|(dev, name)| (format!("{}:{}", rustix::fs::major(*dev), rustix::fs::minor(*dev)), name.to_string()))
+            .collect(),
+        writers,
+        freeze_window_ms,
+        commit_ms,
+        storage: options.storage.on.display().to_string(),
+        bytes: commit.bytes,
+        files: commit.files,
+        deleted_to_make_room: deleted.iter().map(|c| c.id.clone()).collect(),
+        lock_taken_over: None,
+    };
+    let meta = CopyMeta {
+        id: copy_id.to_string(),
+        set: set_id.to_string(),
+        for_volume: options.storage.for_volume.display().to_string(),
+        provider: commit.used.values().next().copied().unwrap_or(provider_name_static(options.provider)).to_string(),
+        created_ns: now_ns(),
+        bytes: commit.bytes,
+        files: commit.files,
+        persistent: options.persistent,
+        paths: options.paths.iter().map(|p| p.display().to_string()).collect(),
+    };
+    let meta_path = options.storage.copy_dir(copy_id).join("meta.json");
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("meta encodes"))
+        .map_err(|e| ShadowError::io(&meta_path, e))?;
+    guard.armed = false;
+    drop(guard);
+    Ok((commit, record))
+}
+
+/// The `writer-timeout` error: which writer, its window, how long it was frozen, what took the
+/// time, and the system's pressure now.
+fn timeout(members: &Members, watch: &Watch, index: usize, windows: &[Duration], commit_ms: u64) -> ShadowError {
+    thaw_all(members, watch);
+    let state = watch.state.lock().expect("watch lock");
+    let frozen_ms = match (state.freeze_started[index], state.thawed_at[index]) {
+        (Some(start), Some(end)) => end.duration_since(start).as_millis() as u64,
+        (Some(start), None) => start.elapsed().as_millis() as u64,
+        _ => 0,
+    };
+    let mut parts = Vec::new();
+    for i in 0..members.writers.len() {
+        if let Some(start) = state.freeze_started[i] {
+            let next = (i + 1 < members.writers.len()).then(|| state.freeze_started[i + 1]).flatten();
+            let freeze_call = next
+                .map(|n| n.duration_since(start).as_millis())
+                .unwrap_or_else(|| start.elapsed().as_millis().min(u128::from(frozen_ms)));
+            parts.push(format!("writer `{}` freeze {} ms", members.names[i].0, freeze_call));
+        }
+    }
+    if commit_ms > 0 {
+        parts.push(format!("provider commit {commit_ms} ms"));
+    }
+    members.state(
+        index,
+        "failed-at-freeze",
+        Some(format!("frozen for {frozen_ms} ms, past its window of {} ms", windows[index].as_millis())),
+    );
+    ShadowError::WriterTimeout {
+        writer: members.names[index].0.clone(),
+        window_ms: windows[index].as_millis() as u64,
+        frozen_ms,
+        breakdown: parts.join(", "),
+        pressure: crate::pressure::snapshot(),
+    }
+}
+
+fn provider_name_static(choice: ProviderChoice) -> &'static str {
+    match choice {
+        ProviderChoice::Auto => "auto",
+        ProviderChoice::Copy => "copy",
+        ProviderChoice::Reflink => "reflink",
+    }
+}
+
+fn provider_name(choice: ProviderChoice) -> String {
+    provider_name_static(choice).to_string()
+}

@@ -1,0 +1,364 @@
+//! Providers: code that makes point-in-time copies of paths during the freeze.
+//!
+//! - `copy` works everywhere: it copies each file, with all its metadata, into shadow storage.
+//! - `reflink` clones each file's extents with `FICLONE` (XFS, btrfs): near-zero time and space.
+//! - `auto` uses reflink on each volume where it works and copy elsewhere, and says which.
+//!
+//! A copy has new inode numbers and ctimes. So that versions made from copies are identical to
+//! versions of the live files (same trees, same dedup, unchanged files recognised), the commit
+//! records each entry's **origin** — device, inode and ctime of the live file — and the archiver
+//! records those instead of the copy's.
+
+use crate::error::ShadowError;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The live identity of a copied entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// `st_dev` of the live file.
+    pub device: u64,
+    /// `st_ino` of the live file.
+    pub inode: u64,
+    /// `st_ctime` of the live file, ns.
+    pub ctime_ns: i64,
+}
+
+/// How a provider was asked to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderChoice {
+    /// Reflink where it works, else copy.
+    Auto,
+    /// Always copy.
+    Copy,
+    /// Reflink or fail.
+    Reflink,
+}
+
+impl ProviderChoice {
+    /// Parses `shadow.provider`.
+    pub fn parse(text: &str) -> Result<ProviderChoice, ShadowError> {
+        match text {
+            "auto" => Ok(ProviderChoice::Auto),
+            "copy" => Ok(ProviderChoice::Copy),
+            "reflink" => Ok(ProviderChoice::Reflink),
+            "btrfs" => Err(ShadowError::Config("the `btrfs` provider (read-only subvolume snapshots) is not built yet: use `auto`, `copy` or `reflink`".into())),
+            other => Err(ShadowError::Config(format!("`shadow.provider = \"{other}\"` is not a provider: use auto, copy, reflink or btrfs"))),
+        }
+    }
+}
+
+/// The providers this build has, with what they need (for `sysstate providers`).
+pub const PROVIDERS: &[(&str, &str)] = &[
+    ("copy", "any filesystem; copies the components' files into shadow storage during the freeze"),
+    ("reflink", "XFS or btrfs, shadow storage on the same filesystem; clones extents with FICLONE"),
+];
+
+/// What a commit made.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Real bytes allocated in shadow storage.
+    pub bytes: u64,
+    /// Entries copied.
+    pub files: u64,
+    /// Live identities, by absolute path as seen from the root.
+    pub origins: HashMap<PathBuf, Origin>,
+    /// The provider used per volume (device number → `copy` or `reflink`).
+    pub used: HashMap<u64, &'static str>,
+    /// Entries not copied, with why (absolute paths as seen from the root).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// Why a commit stopped.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The deadline passed.
+    Timeout,
+    /// The copy would pass its budget (bytes needed so far).
+    Budget(u64),
+    /// The storage's filesystem is full (bytes written so far).
+    NoSpace(u64),
+    /// Reflink was required and does not work here.
+    Unsupported(PathBuf, String),
+    /// Another I/O failure.
+    Io(ShadowError),
+    /// Stopped by a signal.
+    Interrupted,
+}
+
+struct Copier<'a> {
+    root: &'a Path,
+    dest: &'a Path,
+    choice: ProviderChoice,
+    deadline: Instant,
+    budget: u64,
+    out: Commit,
+    links: HashMap<(u64, u64), PathBuf>,
+    dirs: Vec<(PathBuf, std::fs::Metadata)>,
+    reflink_works: HashMap<u64, bool>,
+    interrupted: &'a std::sync::atomic::AtomicBool,
+}
+
+/// Copies `paths` (absolute as seen from `root`) from under `root` into `dest`, mirrored.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    root: &Path,
+    paths: &[PathBuf],
+    dest: &Path,
+    choice: ProviderChoice,
+    deadline: Instant,
+    budget: u64,
+    interrupted: &std::sync::atomic::AtomicBool,
+) -> Result<Commit, CommitError> {
+    if let Some(ms) = std::env::var("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        // Failpoint for the tests: a provider commit that takes this long.
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    let mut copier = Copier {
+        root,
+        dest,
+        choice,
+        deadline,
+        budget,
+        out: Commit::default(),
+        links: HashMap::new(),
+        dirs: Vec::new(),
+        reflink_works: HashMap::new(),
+        interrupted,
+    };
+    std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
+    for path in paths {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        // The folders above the path, with their metadata.
+        let mut above = PathBuf::new();
+        for component in relative.parent().into_iter().flat_map(|p| p.components()) {
+            above.push(component);
+            let target = dest.join(&above);
+            if !target.exists() {
+                let meta = std::fs::symlink_metadata(root.join(&above))
+                    .map_err(|e| CommitError::Io(ShadowError::io(root.join(&above), e)))?;
+                std::fs::create_dir(&target).map_err(|e| copier.io_error(&target, e))?;
+                copier.note_origin(&above, &meta);
+                copier.dirs.push((above.clone(), meta));
+            }
+        }
+        if dest.join(relative).exists() {
+            continue; // nested in a path already copied
+        }
+        match std::fs::symlink_metadata(root.join(relative)) {
+            Ok(meta) => copier.entry(relative, meta)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CommitError::Io(ShadowError::io(root.join(relative), e))),
+        }
+    }
+    // Folders last, deepest first: creating their entries changed their times.
+    for (relative, meta) in copier.dirs.iter().rev() {
+        apply_metadata(&root.join(relative), &dest.join(relative), meta)
+            .map_err(|e| CommitError::Io(ShadowError::io(dest.join(relative), e)))?;
+    }
+    Ok(copier.out)
+}
+
+impl Copier<'_> {
+    fn io_error(&self, path: &Path, error: std::io::Error) -> CommitError {
+        if error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            CommitError::NoSpace(self.out.bytes)
+        } else {
+            CommitError::Io(ShadowError::io(path, error))
+        }
+    }
+
+    fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
+        self.out.origins.insert(
+            Path::new("/").join(relative),
+            Origin {
+                device: meta.dev(),
+                inode: meta.ino(),
+                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            },
+        );
+    }
+
+    fn charge(&mut self, path: &Path) -> Result<(), CommitError> {
+        let allocated = std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
+        self.out.bytes += allocated;
+        self.out.files += 1;
+        if self.out.bytes > self.budget {
+            return Err(CommitError::Budget(self.out.bytes));
+        }
+        if Instant::now() > self.deadline {
+            return Err(CommitError::Timeout);
+        }
+        if self.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CommitError::Interrupted);
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
+        let source = self.root.join(relative);
+        let target = self.dest.join(relative);
+        let file_type = meta.file_type();
+        self.note_origin(relative, &meta);
+        if file_type.is_dir() {
+            std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
+            self.dirs.push((relative.to_path_buf(), meta));
+            let mut names: Vec<_> = std::fs::read_dir(&source)
+                .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            names.sort();
+            for name in names {
+                let child = relative.join(&name);
+                match std::fs::symlink_metadata(self.root.join(&child)) {
+                    Ok(child_meta) => self.entry(&child, child_meta)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(CommitError::Io(ShadowError::io(self.root.join(&child), e))),
+                }
+            }
+            return self.charge(&target);
+        }
+        if file_type.is_file() {
+            if meta.nlink() > 1 {
+                if let Some(first) = self.links.get(&(meta.dev(), meta.ino())) {
+                    std::fs::hard_link(first, &target).map_err(|e| self.io_error(&target, e))?;
+                    return Ok(());
+                }
+                self.links.insert((meta.dev(), meta.ino()), target.clone());
+            }
+            self.copy_file(&source, &target, &meta)?;
+        } else if file_type.is_symlink() {
+            let link = std::fs::read_link(&source).map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?;
+            std::os::unix::fs::symlink(link, &target).map_err(|e| self.io_error(&target, e))?;
+        } else if file_type.is_socket() {
+            self.out.skipped.push((
+                Path::new("/").join(relative),
+                "is a socket: skipped (sockets are recreated by the programs that own them)".into(),
+            ));
+            return Ok(());
+        } else {
+            let kind = if file_type.is_char_device() {
+                rustix::fs::FileType::CharacterDevice
+            } else if file_type.is_block_device() {
+                rustix::fs::FileType::BlockDevice
+            } else {
+                rustix::fs::FileType::Fifo
+            };
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &target,
+                kind,
+                rustix::fs::Mode::from_raw_mode(meta.mode() & 0o777),
+                meta.rdev(),
+            )
+            .map_err(|e| self.io_error(&target, e.into()))?;
+        }
+        apply_metadata(&source, &target, &meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+        self.charge(&target)
+    }
+
+    fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<(), CommitError> {
+        let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
+        let input = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(source)
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(source)
+            })
+            .map_err(|e| CommitError::Io(ShadowError::io(source, e)))?;
+        let output = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .map_err(|e| self.io_error(target, e))?;
+        let device = meta.dev();
+        if self.choice != ProviderChoice::Copy && *self.reflink_works.get(&device).unwrap_or(&true) {
+            match rustix::fs::ioctl_ficlone(&output, &input) {
+                Ok(()) => {
+                    self.reflink_works.insert(device, true);
+                    self.out.used.insert(device, "reflink");
+                    return Ok(());
+                }
+                Err(error) if self.choice == ProviderChoice::Reflink => {
+                    return Err(CommitError::Unsupported(source.to_path_buf(), error.to_string()));
+                }
+                Err(_) => {
+                    self.reflink_works.insert(device, false);
+                }
+            }
+        }
+        self.out.used.insert(device, "copy");
+        copy_data(&input, &output, meta).map_err(|e| self.io_error(target, e))
+    }
+}
+
+/// Copies content, keeping holes as holes.
+fn copy_data(input: &File, output: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let size = meta.size();
+    let extents = if meta.blocks() * 512 < size { sysstate_fs::data_extents(input, size)? } else { None };
+    let Some(extents) = extents else {
+        let (mut reader, mut writer) = (input, output);
+        std::io::copy(&mut reader, &mut writer)?;
+        return Ok(());
+    };
+    let mut buffer = vec![0u8; 1 << 20];
+    for (start, length) in extents {
+        let mut at = start;
+        while at < start + length {
+            let want = buffer.len().min((start + length - at) as usize);
+            let n = input.read_at(&mut buffer[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            output.write_all_at(&buffer[..n], at)?;
+            at += n as u64;
+        }
+    }
+    output.set_len(size)
+}
+
+/// Owner, xattrs (read from `source`), mode and times of `meta` onto `target` (neither is
+/// followed through a final symlink).
+fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    let is_symlink = meta.file_type().is_symlink();
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::lchown(target, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    // After chown, which clears file capabilities.
+    sysstate_fs::write_xattrs(target, &sysstate_fs::read_xattrs(source)?, is_symlink)?;
+    if !is_symlink {
+        std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777))?;
+    }
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
+        last_modification: rustix::fs::Timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, target, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// Bytes a copy of `paths` would allocate (what the copy provider needs in shadow storage).
+pub fn estimate(root: &Path, paths: &[PathBuf]) -> u64 {
+    let mut total = 0;
+    let mut stack: Vec<PathBuf> = paths.iter().map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&path).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    total
+}

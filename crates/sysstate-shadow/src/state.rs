@@ -1,0 +1,105 @@
+//! Writer states, persisted in the runtime directory so `sysstate writers` shows them from
+//! another process (like `vssadmin list writers`).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One writer's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WriterStatus {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// `stable`, `waiting-for-freeze`, `waiting-for-thaw`, `waiting-for-post-snapshot`,
+    /// `waiting-for-completion`, or `failed-at-PHASE`.
+    pub state: String,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// The shadow set it last took part in.
+    pub set: Option<String>,
+    /// When the state was set, ns since the epoch.
+    pub updated_ns: i64,
+}
+
+/// The state file.
+pub fn states_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("writers.json")
+}
+
+/// Reads the persisted states (empty when none were written yet).
+pub fn read_states(runtime_dir: &Path) -> Vec<WriterStatus> {
+    std::fs::read(states_path(runtime_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// The live states of one coordinator, written through on every change.
+#[derive(Debug)]
+pub struct StateBook {
+    runtime_dir: PathBuf,
+    states: Mutex<Vec<WriterStatus>>,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+impl StateBook {
+    /// A book for these writers, starting from the persisted states (writers not in the shadow
+    /// set keep theirs).
+    pub fn new(runtime_dir: &Path, writers: &[(String, String)]) -> StateBook {
+        let mut states = read_states(runtime_dir);
+        for (name, kind) in writers {
+            if !states.iter().any(|s| &s.name == name) {
+                states.push(WriterStatus {
+                    name: name.clone(),
+                    kind: kind.clone(),
+                    state: "stable".into(),
+                    last_error: None,
+                    set: None,
+                    updated_ns: now_ns(),
+                });
+            }
+        }
+        let book = StateBook { runtime_dir: runtime_dir.to_path_buf(), states: Mutex::new(states) };
+        book.persist();
+        book
+    }
+
+    /// Sets a writer's state (and error).
+    pub fn set(&self, name: &str, state: &str, error: Option<String>, set: &str) {
+        {
+            let mut states = self.states.lock().expect("states lock");
+            if let Some(status) = states.iter_mut().find(|s| s.name == name) {
+                status.state = state.to_string();
+                if error.is_some() || state == "stable" {
+                    status.last_error = error.or(status.last_error.take());
+                }
+                status.set = Some(set.to_string());
+                status.updated_ns = now_ns();
+            }
+        }
+        self.persist();
+    }
+
+    /// The current state of a writer.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.states.lock().expect("states lock").iter().find(|s| s.name == name).map(|s| s.state.clone())
+    }
+
+    fn persist(&self) {
+        let states = self.states.lock().expect("states lock").clone();
+        let path = states_path(&self.runtime_dir);
+        let temp = path.with_extension(format!("tmp{}", std::process::id()));
+        let result = std::fs::create_dir_all(&self.runtime_dir)
+            .and_then(|_| std::fs::write(&temp, serde_json::to_vec_pretty(&states).expect("states encode")))
+            .and_then(|_| std::fs::rename(&temp, &path));
+        if let Err(error) = result {
+            tracing::warn!(%error, path = %path.display(), "cannot persist the writer states");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Writers: code that makes an application consistent during the freeze.
+
+mod command;
+mod process;
+
+pub use command::CommandWriter;
+pub use process::ProcessWriter;
+
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use sysstate_types::ErrorCode;
+
+/// The events of a shadow set, in order (abort replaces the tail on failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Event {
+    /// Say who you are.
+    Identify,
+    /// A backup is about to start: flush, checkpoint, start a backup session.
+    PrepareBackup,
+    /// The freeze is near.
+    PrepareSnapshot,
+    /// Stop writing until thaw.
+    Freeze,
+    /// Writing may resume.
+    Thaw,
+    /// The copies exist (add files to them if needed).
+    PostSnapshot,
+    /// The backup read the copies.
+    BackupComplete,
+    /// The shadow set failed: undo what prepare did.
+    Abort,
+}
+
+impl Event {
+    /// kebab-case name, as in the protocol and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Identify => "identify",
+            Event::PrepareBackup => "prepare-backup",
+            Event::PrepareSnapshot => "prepare-snapshot",
+            Event::Freeze => "freeze",
+            Event::Thaw => "thaw",
+            Event::PostSnapshot => "post-snapshot",
+            Event::BackupComplete => "backup-complete",
+            Event::Abort => "abort",
+        }
+    }
+}
+
+/// How a writer failed (VSS's writer error classes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorClass {
+    /// Try again later (0x800423F3).
+    Retryable,
+    /// Will not go away by retrying (0x800423F4).
+    Nonretryable,
+    /// Out of memory, disk or another resource (0x800423F1).
+    OutOfResources,
+    /// Could not make the data consistent (0x800423F0).
+    Inconsistent,
+    /// Died or stopped answering (0x80042319).
+    NotResponding,
+}
+
+impl ErrorClass {
+    /// The error code of a failure of this class.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            ErrorClass::Retryable => ErrorCode::WriterRetryable,
+            ErrorClass::Nonretryable => ErrorCode::WriterNonretryable,
+            ErrorClass::OutOfResources => ErrorCode::WriterOutOfResources,
+            ErrorClass::Inconsistent => ErrorCode::WriterInconsistent,
+            ErrorClass::NotResponding => ErrorCode::WriterNotResponding,
+        }
+    }
+}
+
+/// A writer's failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct WriterError {
+    /// The class.
+    pub class: ErrorClass,
+    /// The writer's own words.
+    pub message: String,
+}
+
+impl WriterError {
+    /// A failure of `class`.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        WriterError { class, message: message.into() }
+    }
+}
+
+/// A writer. Calls come from the coordinator's thread, and `Thaw`/`Abort` possibly from its
+/// watchdog (never at the same time: the coordinator serializes calls per writer).
+pub trait Writer: Send {
+    /// Its configured name.
+    fn name(&self) -> &str;
+    /// Its kind (`command`, `process`, …).
+    fn kind(&self) -> &'static str;
+    /// The freeze-to-thaw window.
+    fn freeze_timeout(&self) -> Duration;
+    /// Handles one event; must return by `deadline`.
+    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError>;
+}
+
+/// The default freeze-to-thaw window (DESIGN §4).
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long prepare and the other non-freeze events may take.
+pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,187 @@
+use super::{ErrorClass, Event, Writer, WriterError};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A long-running writer process speaking JSON lines on stdin/stdout
+/// (`docs/writer-protocol.md`). It is started at identify and ends after backup-complete or
+/// abort; a process that exits or does not answer by the deadline is `writer-not-responding`.
+#[derive(Debug)]
+pub struct ProcessWriter {
+    name: String,
+    argv: Vec<String>,
+    freeze_timeout: Duration,
+    running: Option<Running>,
+    set_id: String,
+}
+
+#[derive(Debug)]
+struct Running {
+    child: Child,
+    stdin: ChildStdin,
+    replies: mpsc::Receiver<String>,
+}
+
+/// A request line.
+#[derive(Debug, Serialize)]
+struct Request<'a> {
+    event: &'a str,
+    set: &'a str,
+}
+
+/// A reply line.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Reply {
+    result: String,
+    class: Option<ErrorClass>,
+    message: Option<String>,
+}
+
+impl ProcessWriter {
+    /// A writer that runs `argv`.
+    pub fn new(name: &str, argv: Vec<String>, freeze_timeout: Duration, set_id: &str) -> Self {
+        ProcessWriter { name: name.into(), argv, freeze_timeout, running: None, set_id: set_id.into() }
+    }
+
+    fn start(&mut self) -> Result<(), WriterError> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, "the writer command is empty"))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| WriterError::new(ErrorClass::NotResponding, format!("cannot start `{program}`: {e}")))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let (tx, replies) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("writer-{}", self.name))
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| WriterError::new(ErrorClass::NotResponding, e.to_string()))?;
+        self.running = Some(Running { child, stdin, replies });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            drop(running.stdin);
+            // Give it a moment to exit on end of input, then make sure.
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = running.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
+    }
+
+    fn exchange(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
+        let running = self
+            .running
+            .as_mut()
+            .ok_or_else(|| WriterError::new(ErrorClass::NotResponding, "the writer process is not running"))?;
+        let line =
+            serde_json::to_string(&Request { event: event.as_str(), set: &self.set_id }).expect("requests encode");
+        let gone = |running: &mut Running| {
+            let status = running
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "still running".into());
+            WriterError::new(
+                ErrorClass::NotResponding,
+                format!(
+                    "the writer process `{}` stopped answering at {} ({status})",
+                    self_argv(&running.child),
+                    event.as_str()
+                ),
+            )
+        };
+        if writeln!(running.stdin, "{line}").and_then(|_| running.stdin.flush()).is_err() {
+            return Err(gone(running));
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let reply = match running.replies.recv_timeout(wait) {
+            Ok(reply) => reply,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(WriterError::new(
+                    ErrorClass::NotResponding,
+                    format!("the writer process did not answer {} within {} ms", event.as_str(), wait.as_millis()),
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gone(running)),
+        };
+        let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
+            WriterError::new(
+                ErrorClass::NotResponding,
+                format!(
+                    "the writer process answered {} with a line that is not a reply ({e}): {reply}",
+                    event.as_str()
+                ),
+            )
+        })?;
+        match reply.result.as_str() {
+            "ok" => Ok(()),
+            _ => Err(WriterError::new(
+                reply.class.unwrap_or(ErrorClass::Nonretryable),
+                reply.message.unwrap_or_else(|| "no message".into()),
+            )),
+        }
+    }
+}
+
+fn self_argv(child: &Child) -> String {
+    format!("pid {}", child.id())
+}
+
+impl Writer for ProcessWriter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn freeze_timeout(&self) -> Duration {
+        self.freeze_timeout
+    }
+
+    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
+        if event == Event::Identify && self.running.is_none() {
+            self.start()?;
+        }
+        let result = self.exchange(event, deadline);
+        if matches!(event, Event::BackupComplete | Event::Abort)
+            || result.as_ref().is_err_and(|e| e.class == ErrorClass::NotResponding)
+        {
+            self.stop();
+        }
+        result
+    }
+}
+
+impl Drop for ProcessWriter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,232 @@
+//! The shadow copy service's commands: `writers`, `providers`, `shadows`, `shadowstorage`, and
+//! the signal handler that thaws writers.
+
+use crate::cli::{Global, ShadowsCommand, StorageCommand};
+use crate::commands::Outcome;
+use crate::output::{bytes, print_json};
+use serde_json::json;
+use sysstate_engine::config::Config;
+use sysstate_engine::{paths, shadow, EngineError, ErrorCode, Result};
+use sysstate_shadow::ThawTrigger;
+
+/// A thaw trigger fired by SIGINT and SIGTERM. On a signal, frozen writers are thawed at once
+/// (by the coordinator's watchdog) and the running backup is told to stop; if it has not ended
+/// 30 s later, the process exits anyway.
+pub fn signal_trigger() -> ThawTrigger {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let trigger = ThawTrigger::default();
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        tracing::warn!("cannot install the signal handler: a signal during the freeze would not thaw the writers");
+        return trigger;
+    };
+    let fired = trigger.clone();
+    let _ = std::thread::Builder::new().name("sysstate-signals".into()).spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            eprintln!("sysstate: signal {signal}: thawing writers and stopping");
+            fired.fire(signal);
+            fired.wait_thawed(std::time::Duration::from_secs(60));
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            std::process::exit(128 + signal);
+        }
+    });
+    trigger
+}
+
+pub fn writers(config: &Config, json: bool) -> Result<Outcome> {
+    let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
+    let rows: Vec<serde_json::Value> = config
+        .writers
+        .iter()
+        .map(|writer| {
+            let status = states.iter().find(|s| s.name == writer.name);
+            json!({
+                "name": writer.name,
+                "kind": writer.kind,
+                "components": writer.components,
+                "state": status.map(|s| s.state.as_str()).unwrap_or("stable"),
+                "last-error": status.and_then(|s| s.last_error.clone()),
+                "set": status.and_then(|s| s.set.clone()),
+                "updated": status.map(|s| sysstate_types::time::format_utc(s.updated_ns)),
+            })
+        })
+        .collect();
+    if json {
+        print_json(&json!(rows));
+    } else if rows.is_empty() {
+        println!("no writers are configured (`[[writer]]` in the config)");
+    } else {
+        for row in &rows {
+            println!("writer `{}` ({})", row["name"].as_str().unwrap_or(""), row["kind"].as_str().unwrap_or(""));
+            println!("   state: {}", row["state"].as_str().unwrap_or(""));
+            println!("   last error: {}", row["last-error"].as_str().unwrap_or("no error"));
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn providers(json: bool) -> Result<Outcome> {
+    let holder = sysstate_shadow::lock::current_holder(&paths::runtime_dir());
+    let state = match &holder {
+        Some(holder) => format!("in use by {holder}"),
+        None => "idle".into(),
+    };
+    let rows: Vec<serde_json::Value> = sysstate_shadow::provider::PROVIDERS
+        .iter()
+        .map(|(name, needs)| json!({"name": name, "needs": needs, "start-type": "on-demand", "state": state}))
+        .collect();
+    if json {
+        print_json(&json!(rows));
+    } else {
+        for row in &rows {
+            println!(
+                "provider `{}`: {} ({})",
+                row["name"].as_str().unwrap_or(""),
+                row["state"].as_str().unwrap_or(""),
+                row["needs"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn copy_json(
+    area: &sysstate_shadow::storage::StorageArea,
+    copy: &sysstate_shadow::storage::CopyMeta,
+) -> serde_json::Value {
+    json!({
+        "id": copy.id, "for": copy.for_volume, "on": area.on.display().to_string(), "provider": copy.provider,
+        "created": sysstate_types::time::format_utc(copy.created_ns), "bytes": copy.bytes, "files": copy.files,
+        "persistent": copy.persistent, "paths": copy.paths,
+    })
+}
+
+pub fn shadows(config: &Config, global: &Global, command: Option<&ShadowsCommand>) -> Result<Outcome> {
+    let areas = shadow::storage_areas(config, &paths::state_dir())?;
+    match command.unwrap_or(&ShadowsCommand::List) {
+        ShadowsCommand::List => {
+            let rows: Vec<_> =
+                areas.iter().flat_map(|a| a.copies().into_iter().map(move |c| copy_json(a, &c))).collect();
+            if global.json {
+                print_json(&json!(rows));
+            } else if rows.is_empty() {
+                println!("no shadow copies");
+            } else {
+                for row in &rows {
+                    println!(
+                        "{}  {}  {}  {} entries  {}  {}",
+                        row["id"].as_str().unwrap_or(""),
+                        row["created"].as_str().unwrap_or(""),
+                        row["provider"].as_str().unwrap_or(""),
+                        row["files"],
+                        bytes(row["bytes"].as_u64().unwrap_or(0)),
+                        row["on"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        ShadowsCommand::Create { components } => {
+            let record = sysstate_engine::ops::create_persistent(config, &global.root, components, signal_trigger())?;
+            if global.json {
+                print_json(&serde_json::to_value(&record).expect("records encode"));
+            } else if !global.quiet {
+                println!(
+                    "shadow copy {} created: {} entries, {} in `{}`, frozen {} ms",
+                    record.id,
+                    record.files,
+                    bytes(record.bytes),
+                    record.storage,
+                    record.freeze_window_ms
+                );
+            }
+            Ok(Outcome::Success)
+        }
+        ShadowsCommand::Delete { id, oldest, all } => {
+            let mut deleted = Vec::new();
+            let mut copies: Vec<_> = areas.iter().flat_map(|a| a.copies().into_iter().map(move |c| (a, c))).collect();
+            copies.sort_by_key(|(_, c)| c.created_ns);
+            let chosen: Vec<_> = if *all {
+                copies
+            } else if *oldest {
+                copies.into_iter().take(1).collect()
+            } else if let Some(id) = id {
+                let found: Vec<_> = copies.into_iter().filter(|(_, c)| c.id.starts_with(id.as_str())).collect();
+                if found.len() != 1 {
+                    return Err(EngineError::new(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "`--id {id}` matches {} shadow copies: `sysstate shadows list` shows them",
+                            found.len()
+                        ),
+                    ));
+                }
+                found
+            } else {
+                return Err(EngineError::new(
+                    ErrorCode::InvalidInput,
+                    "say which copies: `--id ID`, `--oldest` or `--all`",
+                ));
+            };
+            for (area, copy) in chosen {
+                area.delete(&copy.id).map_err(shadow::shadow_error)?;
+                deleted.push(copy.id);
+            }
+            if global.json {
+                print_json(&json!({"deleted": deleted}));
+            } else if !global.quiet {
+                println!("deleted {} shadow copies", deleted.len());
+            }
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+pub fn storage(config: &Config, json: bool, command: Option<&StorageCommand>) -> Result<Outcome> {
+    let state_dir = paths::state_dir();
+    if let Some(StorageCommand::Resize { for_volume, on, max_size }) = command {
+        let size = sysstate_shadow::storage::MaxSize::parse(max_size)
+            .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--max-size`: {e}")))?;
+        shadow::write_setting(
+            &state_dir,
+            shadow::StorageSetting { for_volume: for_volume.clone(), on: on.clone(), max_size: max_size.clone() },
+        )?;
+        // Shrinking below what is used deletes the oldest copies that no longer fit.
+        let area =
+            sysstate_shadow::storage::StorageArea { for_volume: for_volume.into(), on: on.into(), max_size: size };
+        let deleted = area.make_room(0).unwrap_or_default();
+        for copy in &deleted {
+            eprintln!(
+                "warning[shadow-storage-oldest-deleted]: deleted shadow copy {} (made {}) which no longer fits",
+                copy.id,
+                sysstate_types::time::format_utc(copy.created_ns)
+            );
+        }
+        if !json {
+            println!("shadow storage for `{for_volume}` on `{on}`: max size {size}");
+        }
+    }
+    let rows: Vec<serde_json::Value> = shadow::storage_areas(config, &state_dir)?
+        .iter()
+        .map(|area| {
+            let (limit, free) = area.limit_and_free().unwrap_or((None, 0));
+            json!({"for": area.for_volume.display().to_string(), "on": area.on.display().to_string(), "max-size": area.max_size.to_string(), "max-bytes": limit, "used": area.used(), "free": free, "copies": area.copies().len()})
+        })
+        .collect();
+    if json {
+        print_json(&json!(rows));
+    } else {
+        for row in &rows {
+            println!(
+                "for `{}` on `{}`: max {} ({}), used {}, {} copies, {} free on its volume",
+                row["for"].as_str().unwrap_or(""),
+                row["on"].as_str().unwrap_or(""),
+                row["max-size"].as_str().unwrap_or(""),
+                row["max-bytes"].as_u64().map(bytes).unwrap_or_else(|| "unbounded".into()),
+                bytes(row["used"].as_u64().unwrap_or(0)),
+                row["copies"],
+                bytes(row["free"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}
