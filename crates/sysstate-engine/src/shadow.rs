@@ -184,9 +184,9 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
         ShadowError::StorageFull { volume, location, used, needed, .. } => engine
             .with_cause(format!("the shadow storage on `{location}` cannot hold a copy of `{volume}` of {needed} bytes next to {used} bytes of other copies"))
             .with_resolution(format!(
-                "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `sysstate shadowstorage resize --for {volume} --on {location} --max-size {}`",
+                "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `sysstate shadowstorage resize --for {volume} --on {location} --max-size {}MiB`",
                 (used + needed).div_ceil(1 << 20) * 2 + 1
-            ) + "MiB"),
+            )),
         ShadowError::WriterTimeout { writer, window_ms, .. } => engine.with_resolution(format!(
             "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{writer}` needs longer than {window_ms} ms, raise its `freeze-timeout`"
         )),

@@ -181,9 +181,22 @@ fn thaw_all(members: &Members, watch: &Watch) {
         frozen
     };
     for index in frozen {
+        let name = &members.names[index].0;
         match members.call(index, Event::Thaw, Instant::now() + DEFAULT_EVENT_TIMEOUT) {
-            Ok(()) => members.state(index, "waiting-for-post-snapshot", None),
-            Err(error) => members.state(index, "failed-at-thaw", Some(error.message.clone())),
+            Ok(()) => members.states.set_when(
+                name,
+                |s| s == "waiting-for-thaw",
+                "waiting-for-post-snapshot",
+                None,
+                &members.set_id,
+            ),
+            Err(error) => members.states.set_when(
+                name,
+                |s| !s.starts_with("failed"),
+                "failed-at-thaw",
+                Some(error.message),
+                &members.set_id,
+            ),
         }
         watch.state.lock().expect("watch lock").thawing -= 1;
     }

@@ -86,6 +86,14 @@ impl StateBook {
         self.persist();
     }
 
+    /// Sets a writer's state only when `allowed` accepts its current one (a thaw racing a
+    /// failure must not hide the failure).
+    pub fn set_when(&self, name: &str, allowed: impl Fn(&str) -> bool, state: &str, error: Option<String>, set: &str) {
+        if self.get(name).is_some_and(|current| allowed(&current)) {
+            self.set(name, state, error, set);
+        }
+    }
+
     /// The current state of a writer.
     pub fn get(&self, name: &str) -> Option<String> {
         self.states.lock().expect("states lock").iter().find(|s| s.name == name).map(|s| s.state.clone())

@@ -168,6 +168,14 @@ impl StorageArea {
             match self.copies().into_iter().find(|c| c.persistent) {
                 Some(oldest) => {
                     self.delete(&oldest.id)?;
+                    tracing::warn!(
+                        "shadow-storage-oldest-deleted: deleted persistent shadow copy {} of `{}` (made {}, {} bytes) to make room in `{}`",
+                        oldest.id,
+                        oldest.for_volume,
+                        sysstate_types::time::format_utc(oldest.created_ns),
+                        oldest.bytes,
+                        self.on.display()
+                    );
                     deleted.push(oldest);
                 }
                 None => return Err(self.full(needed)),

@@ -8,5 +8,6 @@ mod errors;
 mod fidelity;
 mod hostile;
 mod roundtrip;
+mod shadow;
 mod support;
 mod upkeep;

@@ -1,0 +1,260 @@
+//! The shadow copy service end to end: every error it can end a backup with, provoked for real.
+
+use crate::support::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const DATA: &str = "[[component]]\nname = \"data\"\npaths = [\"/data\"]\n";
+
+/// A sandbox with the `data` component, `extra` config, and a small tree to back up.
+fn setup(extra: &str) -> (Sandbox, std::path::PathBuf) {
+    let sandbox = Sandbox::new();
+    let config = format!("{DATA}{}", extra.replace("@", sandbox.dir.path().to_str().unwrap()));
+    std::fs::write(sandbox.path("config.toml"), config).unwrap();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 20, 31);
+    (sandbox, root)
+}
+
+fn backup_args(root: &Path) -> Vec<String> {
+    ["backup", "--root", root.to_str().unwrap(), "--component", "data"].iter().map(|s| s.to_string()).collect()
+}
+
+fn run_backup(sandbox: &Sandbox, root: &Path) -> std::process::Output {
+    let args = backup_args(root);
+    sandbox.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn expect_code(output: &std::process::Output, code: &str) -> String {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "expected failure with {code}: {stderr}");
+    assert!(stderr.contains(&format!("error[{code}]")), "expected error[{code}]: {stderr}");
+    stderr
+}
+
+/// No shadow copy may be left behind in the sandbox's storage.
+fn assert_storage_empty(sandbox: &Sandbox) {
+    let storage = sandbox.path("state/shadow");
+    let left: Vec<_> =
+        std::fs::read_dir(&storage).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "shadow copies left behind: {left:?}");
+}
+
+fn writer_state(sandbox: &Sandbox, name: &str) -> serde_json::Value {
+    let writers = sandbox.json(&["writers"], 0);
+    writers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no writer {name}: {writers}"))
+}
+
+#[test]
+fn a_successful_backup_reads_the_shadow_copy_and_records_the_set() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\n",
+    );
+    let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+    assert!(sandbox.path("frozen").exists() && sandbox.path("thawed").exists());
+    let versions = sandbox.json(&["versions"], 0);
+    let shadow = &versions[0]["shadow"];
+    assert_eq!(shadow["writers"][0]["name"], "app", "{shadow}");
+    assert_eq!(shadow["writers"][0]["result"], "ok");
+    assert!(shadow["freeze-window-ms"].is_u64() && shadow["commit-ms"].is_u64(), "{shadow}");
+    assert!(shadow["providers"].as_object().unwrap().values().all(|p| p == "copy" || p == "reflink"), "{shadow}");
+    assert_eq!(writer_state(&sandbox, "app")["state"], "stable");
+    assert_storage_empty(&sandbox);
+    // The copy records the live files' identities: nothing is read again next time.
+    let again = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+    assert_eq!(again["stats"]["files-read"], 0, "{again}");
+    assert_eq!(report["stats"]["files"], again["stats"]["files-unchanged"]);
+}
+
+#[test]
+fn a_writer_frozen_past_its_window_is_writer_timeout_and_is_thawed() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"slowdb\"\nkind = \"command\"\nfreeze = [\"sleep\", \"3\"]\nthaw = [\"touch\", \"@/thawed\"]\nfreeze-timeout = \"500ms\"\n",
+    );
+    let started = Instant::now();
+    let output = run_backup(&sandbox, &root);
+    let stderr = expect_code(&output, "writer-timeout");
+    assert!(started.elapsed() < Duration::from_secs(3), "the freeze was not cut at its window");
+    for needle in ["`slowdb`", "500 ms", "frozen for", "system pressure", "load "] {
+        assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
+    }
+    assert!(sandbox.path("thawed").exists(), "the writer was not thawed");
+    let state = writer_state(&sandbox, "slowdb");
+    assert_eq!(state["state"], "failed-at-freeze", "{state}");
+    assert!(state["last-error"].as_str().unwrap().contains("500 ms"), "{state}");
+    assert_storage_empty(&sandbox);
+    assert_eq!(
+        sandbox.json(&["versions"], 0).as_array().map(|a| a.len()).unwrap_or(0),
+        0,
+        "no version from a failed set"
+    );
+}
+
+fn process_writer(sandbox: &Sandbox, behaviour: &str) -> String {
+    let script = sandbox.path("writer.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile read -r line; do\n  case \"$line\" in\n{behaviour}\n  esac\n  echo '{{\"result\":\"ok\"}}'\ndone\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "[[writer]]\nname = \"proc\"\nkind = \"process\"\ncommand = [\"{}\"]\nfreeze-timeout = \"5s\"\n",
+        script.display()
+    )
+}
+
+#[test]
+fn a_process_writer_killed_mid_freeze_is_writer_not_responding() {
+    let (sandbox, root) = setup("");
+    let writer = process_writer(&sandbox, "    *'\"freeze\"'*) kill -9 $$ ;;");
+    std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
+    let output = run_backup(&sandbox, &root);
+    let stderr = expect_code(&output, "writer-not-responding");
+    assert!(stderr.contains("`proc`") && stderr.contains("freeze"), "{stderr}");
+    assert_eq!(writer_state(&sandbox, "proc")["state"], "failed-at-freeze");
+    assert_storage_empty(&sandbox);
+}
+
+#[test]
+fn a_process_writer_replying_retryable_is_writer_retryable() {
+    let (sandbox, root) = setup("");
+    let writer = process_writer(
+        &sandbox,
+        "    *prepare-backup*) echo '{\"result\":\"error\",\"class\":\"retryable\",\"message\":\"database busy, checkpoint running\"}'; continue ;;",
+    );
+    std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
+    let stderr = expect_code(&run_backup(&sandbox, &root), "writer-retryable");
+    assert!(stderr.contains("database busy, checkpoint running"), "{stderr}");
+    assert_eq!(writer_state(&sandbox, "proc")["state"], "failed-at-prepare-backup");
+    let json = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    assert_eq!(json["error"]["code"], "writer-retryable");
+    assert_eq!(json["error"]["event-id"], 1002);
+}
+
+fn wait_for(path: &Path) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < until, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_shadow_set_fails_naming_the_first_and_a_dead_holder_is_taken_over() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"slow\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"touch @/frozen; sleep 4\"]\nfreeze-timeout = \"20s\"\n",
+    );
+    let args = backup_args(&root);
+    let mut first = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    wait_for(&sandbox.path("frozen"));
+    let stderr = expect_code(&run_backup(&sandbox, &root), "shadow-set-in-progress");
+    assert!(stderr.contains(&format!("pid {}", first.id())) && stderr.contains("backup"), "{stderr}");
+    // The holder dies: its lock goes with it, and the next set takes over.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::write(sandbox.path("config.toml"), DATA).unwrap();
+    let output = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("took over the shadow-set lock"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn a_commit_past_commit_timeout_is_commit_timeout() {
+    let (sandbox, root) = setup("[shadow]\ncommit-timeout = \"1s\"\n");
+    let args = backup_args(&root);
+    let output = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "1500")
+        .output()
+        .unwrap();
+    let stderr = expect_code(&output, "commit-timeout");
+    assert!(stderr.contains("1000 ms") && stderr.contains("commit"), "{stderr}");
+    assert_storage_empty(&sandbox);
+}
+
+#[test]
+fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
+    let (sandbox, root) = setup(
+        "[shadow]\nprovider = \"copy\"\n\n[[shadow.storage]]\nfor = \"/\"\non = \"@/storage\"\nmax-size = \"400KiB\"\n",
+    );
+    // Make the storage apply whatever mount the sandbox is on.
+    let mount = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "TARGET", "-T"])
+        .arg(sandbox.path("root"))
+        .output()
+        .unwrap();
+    let mount = text(&mount.stdout).trim().to_string();
+    let config = std::fs::read_to_string(sandbox.path("config.toml"))
+        .unwrap()
+        .replace("for = \"/\"", &format!("for = \"{mount}\""));
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!("{config}\n[[component]]\nname = \"small\"\npaths = [\"/small\"]\n"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("small")).unwrap();
+    std::fs::write(root.join("small/file"), vec![7u8; 100 * 1024]).unwrap();
+    let created = sandbox.json(&["shadows", "create", "--root", root.to_str().unwrap(), "--component", "small"], 0);
+    let persistent = created["id"].as_str().unwrap().to_string();
+    assert_eq!(sandbox.json(&["shadows", "list"], 0).as_array().unwrap().len(), 1);
+    // The data component needs far more than 400 KiB.
+    let mut rng = Rng(8);
+    std::fs::write(root.join("data/big"), rng.bytes(2 << 20)).unwrap();
+    let output = run_backup(&sandbox, &root);
+    let stderr = expect_code(&output, "shadow-storage-full");
+    let location = sandbox.path("storage").display().to_string();
+    for needle in [mount.as_str(), location.as_str(), "409600 bytes", "needed", "shadowstorage resize"] {
+        assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
+    }
+    assert!(
+        stderr.contains("shadow-storage-oldest-deleted") && stderr.contains(&persistent),
+        "the older copy was not deleted first, or not said: {stderr}"
+    );
+    assert_eq!(sandbox.json(&["shadows", "list"], 0).as_array().unwrap().len(), 0, "partial copy left behind");
+    // Raising the limit makes it work.
+    let storage = sandbox.path("storage").display().to_string();
+    sandbox.ok(&["shadowstorage", "resize", "--for", &mount, "--on", &storage, "--max-size", "64MiB"]);
+    sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn sigterm_during_the_freeze_thaws_the_writers() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nfreeze-timeout = \"60s\"\n",
+    );
+    let args = backup_args(&root);
+    // The commit takes 3 s, so the writer stays frozen while the signal arrives.
+    let mut child = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "3000")
+        .spawn()
+        .unwrap();
+    wait_for(&sandbox.path("frozen"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!sandbox.path("thawed").exists());
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Term).unwrap();
+    // Thawed at once, not after the commit's 3 s.
+    let signalled = Instant::now();
+    wait_for(&sandbox.path("thawed"));
+    assert!(signalled.elapsed() < Duration::from_millis(2500), "thawed only after {:?}", signalled.elapsed());
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert_storage_empty(&sandbox);
+    // The lock is free again.
+    std::fs::write(sandbox.path("config.toml"), DATA).unwrap();
+    sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
