@@ -182,8 +182,11 @@ impl Copier<'_> {
         );
     }
 
-    fn charge(&mut self, path: &Path) -> Result<(), CommitError> {
-        let allocated = std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
+    /// Counts what an entry added to shadow storage: its allocated bytes, or nothing for a
+    /// reflinked file, whose extents are shared with the live file.
+    fn charge(&mut self, path: &Path, reflinked: bool) -> Result<(), CommitError> {
+        let allocated =
+            if reflinked { 0 } else { std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0) };
         self.out.bytes += allocated;
         self.out.files += 1;
         if self.out.bytes > self.budget {
@@ -219,8 +222,9 @@ impl Copier<'_> {
                     Err(e) => return Err(CommitError::Io(ShadowError::io(self.root.join(&child), e))),
                 }
             }
-            return self.charge(&target);
+            return self.charge(&target, false);
         }
+        let mut reflinked = false;
         if file_type.is_file() {
             if meta.nlink() > 1 {
                 if let Some(first) = self.links.get(&(meta.dev(), meta.ino())) {
@@ -229,7 +233,7 @@ impl Copier<'_> {
                 }
                 self.links.insert((meta.dev(), meta.ino()), target.clone());
             }
-            self.copy_file(&source, &target, &meta)?;
+            reflinked = self.copy_file(&source, &target, &meta)?;
         } else if file_type.is_symlink() {
             let link = std::fs::read_link(&source).map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?;
             std::os::unix::fs::symlink(link, &target).map_err(|e| self.io_error(&target, e))?;
@@ -257,10 +261,11 @@ impl Copier<'_> {
             .map_err(|e| self.io_error(&target, e.into()))?;
         }
         apply_metadata(&source, &target, &meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
-        self.charge(&target)
+        self.charge(&target, reflinked)
     }
 
-    fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<(), CommitError> {
+    /// Copies a file's content; true when it was reflinked.
+    fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<bool, CommitError> {
         let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
         let input = std::fs::OpenOptions::new()
             .read(true)
@@ -284,7 +289,7 @@ impl Copier<'_> {
                 Ok(()) => {
                     self.reflink_works.insert(device, true);
                     self.out.used.insert(device, "reflink");
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(error) if self.choice == ProviderChoice::Reflink => {
                     return Err(CommitError::Unsupported(source.to_path_buf(), error.to_string()));
@@ -295,7 +300,8 @@ impl Copier<'_> {
             }
         }
         self.out.used.insert(device, "copy");
-        copy_data(&input, &output, meta).map_err(|e| self.io_error(target, e))
+        copy_data(&input, &output, meta).map_err(|e| self.io_error(target, e))?;
+        Ok(false)
     }
 }
 

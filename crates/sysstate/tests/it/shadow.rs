@@ -258,3 +258,78 @@ fn sigterm_during_the_freeze_thaws_the_writers() {
     std::fs::write(sandbox.path("config.toml"), DATA).unwrap();
     sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+/// A filesystem on a loop device, mounted; unmounted and detached on drop.
+struct LoopFs {
+    mount: std::path::PathBuf,
+    device: String,
+}
+
+impl LoopFs {
+    fn new(dir: &Path, kind: &str) -> LoopFs {
+        let image = dir.join(format!("{kind}.img"));
+        let mount = dir.join(format!("{kind}-mnt"));
+        std::fs::create_dir_all(&mount).unwrap();
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(512 << 20).unwrap();
+        let run = |program: &str, args: &[&str]| {
+            let output = std::process::Command::new(program).args(args).output().unwrap();
+            assert!(output.status.success(), "{program} {args:?}: {}", text(&output.stderr));
+            text(&output.stdout).trim().to_string()
+        };
+        let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]);
+        match kind {
+            "xfs" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &device]),
+            _ => run("mkfs.btrfs", &["-q", "-f", &device]),
+        };
+        run("mount", &[&device, mount.to_str().unwrap()]);
+        LoopFs { mount, device }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mount).status();
+        let _ = std::process::Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+#[test]
+fn reflink_provider_on_xfs_and_btrfs_loop_devices() {
+    if !require("root and loop devices (mkfs.xfs, mkfs.btrfs)", is_root() && Path::new("/dev/loop-control").exists()) {
+        return;
+    }
+    for kind in ["xfs", "btrfs"] {
+        let sandbox = Sandbox::new();
+        let fs = LoopFs::new(sandbox.dir.path(), kind);
+        let root = fs.mount.join("root");
+        make_tree(&root.join("data"), 400, 41);
+        let storage = fs.mount.join("shadow");
+        std::fs::write(
+            sandbox.path("config.toml"),
+            format!("{DATA}[shadow]\nprovider = \"reflink\"\n\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n\n[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"true\"]\nthaw = [\"true\"]\n", fs.mount.display(), storage.display()),
+        )
+        .unwrap();
+        let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+        let versions = sandbox.json(&["versions"], 0);
+        let shadow = &versions[0]["shadow"];
+        let providers: Vec<&str> =
+            shadow["providers"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(providers, ["reflink"], "{kind}: {shadow}");
+        // Reflinked extents are shared: the copy allocated almost nothing.
+        let data_bytes = report["stats"]["bytes-total"].as_u64().unwrap();
+        assert!(
+            shadow["bytes"].as_u64().unwrap() < data_bytes / 4,
+            "{kind}: the reflink copy took {} of {data_bytes} bytes",
+            shadow["bytes"]
+        );
+        eprintln!(
+            "{kind} reflink: {} files, {} bytes: freeze window {} ms, commit {} ms",
+            report["stats"]["files"], data_bytes, shadow["freeze-window-ms"], shadow["commit-ms"]
+        );
+        let to = sandbox.path("restored");
+        sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+        assert_eq!(std::fs::read_dir(&storage).unwrap().count(), 0, "{kind}: the copy was not released");
+    }
+}
