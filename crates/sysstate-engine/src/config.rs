@@ -102,6 +102,10 @@ pub struct WriterConfig {
     pub command: Option<Vec<String>>,
     /// The freeze-to-thaw window.
     pub freeze_timeout: Option<String>,
+    /// How long prepare may wait (for the `dpkg` and `accounts` writers: for the lock holder).
+    pub prepare_timeout: Option<String>,
+    /// For `fsfreeze` writers: the mount points to freeze.
+    pub mount_points: Option<Vec<String>>,
 }
 
 impl Config {

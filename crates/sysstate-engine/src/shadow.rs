@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sysstate_shadow::storage::{MaxSize, StorageArea};
-use sysstate_shadow::writer::{CommandWriter, ProcessWriter, DEFAULT_FREEZE_TIMEOUT};
+use sysstate_shadow::writer::{
+    CommandWriter, LockFileWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT,
+};
 use sysstate_shadow::{ShadowError, Writer};
 use sysstate_types::ErrorCode;
 
@@ -32,10 +34,18 @@ fn invalid(message: String) -> EngineError {
     EngineError::new(ErrorCode::InvalidInput, message)
 }
 
-/// The writers of the config that serve any of `components` (a writer with no components
-/// serves every backup).
-pub fn writers(config: &Config, components: &[String], set_id: &str) -> Result<Vec<Box<dyn Writer>>> {
+/// The writers that serve any of `components` (a writer with no components serves every
+/// backup): the config's, and the built-in `dpkg` and `accounts` writers for the `packages` and
+/// `accounts` components unless the config defines writers of those names.
+pub fn writers(config: &Config, root: &Path, components: &[String], set_id: &str) -> Result<Vec<Box<dyn Writer>>> {
     let mut out: Vec<Box<dyn Writer>> = Vec::new();
+    let configured = |name: &str| config.writers.iter().any(|w| w.name == name);
+    if components.iter().any(|c| c == "packages") && !configured("dpkg") && root.join("var/lib/dpkg").is_dir() {
+        out.push(Box::new(LockFileWriter::dpkg("dpkg", root, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
+    }
+    if components.iter().any(|c| c == "accounts") && !configured("accounts") && root.join("etc").is_dir() {
+        out.push(Box::new(LockFileWriter::accounts("accounts", root, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
+    }
     for writer in &config.writers {
         if !writer.components.is_empty() && !writer.components.iter().any(|c| components.contains(c)) {
             continue;
@@ -45,6 +55,12 @@ pub fn writers(config: &Config, components: &[String], set_id: &str) -> Result<V
                 parse_duration(text).map_err(|e| invalid(format!("writer `{}`: freeze-timeout {e}", writer.name)))?
             }
             None => DEFAULT_FREEZE_TIMEOUT,
+        };
+        let prepare = match &writer.prepare_timeout {
+            Some(text) => {
+                parse_duration(text).map_err(|e| invalid(format!("writer `{}`: prepare-timeout {e}", writer.name)))?
+            }
+            None => DEFAULT_EVENT_TIMEOUT,
         };
         match writer.kind.as_str() {
             "command" => out.push(Box::new(CommandWriter::new(
@@ -64,7 +80,9 @@ pub fn writers(config: &Config, components: &[String], set_id: &str) -> Result<V
                 })?;
                 out.push(Box::new(ProcessWriter::new(&writer.name, argv, window, set_id)));
             }
-            "dpkg" | "accounts" | "postgresql" | "fsfreeze" => {
+            "dpkg" => out.push(Box::new(LockFileWriter::dpkg(&writer.name, root, prepare, window))),
+            "accounts" => out.push(Box::new(LockFileWriter::accounts(&writer.name, root, prepare, window))),
+            "postgresql" | "fsfreeze" => {
                 return Err(invalid(format!(
                     "writer `{}`: the `{}` writer kind is not available in this build yet",
                     writer.name, writer.kind

@@ -80,3 +80,114 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Option<Vec<(u64, 
     }
     Ok(Some(extents))
 }
+
+/// A process holding a lock on a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command line (or name).
+    pub command: String,
+    /// `POSIX`, `OFDLCK` or `FLOCK`.
+    pub kind: String,
+    /// `READ` or `WRITE`.
+    pub mode: String,
+}
+
+/// A process's command line, spaces between arguments, or its name when that is unreadable.
+pub fn process_command(pid: u32) -> String {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(bytes) if !bytes.is_empty() => bytes
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+    }
+}
+
+/// One `/proc/locks` line (or the `lock:` line of `/proc/PID/fdinfo/FD`): kind, mode, pid, and
+/// the locked file as `(major, minor, inode)`.
+fn parse_lock_line(line: &str) -> Option<(String, String, i64, (u32, u32, u64))> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // "1:" [ "->" ] KIND ADVISORY|MANDATORY MODE PID MAJ:MIN:INODE START END
+    let fields: Vec<&str> = fields.into_iter().filter(|f| *f != "->").collect();
+    let (kind, mode, pid, file) = (fields.get(1)?, fields.get(3)?, fields.get(4)?, fields.get(5)?);
+    let mut parts = file.split(':');
+    let major = u32::from_str_radix(parts.next()?, 16).ok()?;
+    let minor = u32::from_str_radix(parts.next()?, 16).ok()?;
+    let inode = parts.next()?.parse().ok()?;
+    Some((kind.to_string(), mode.to_string(), pid.parse().ok()?, (major, minor, inode)))
+}
+
+/// The processes holding a lock (POSIX, OFD or flock) on `path`. OFD locks do not name their
+/// process in `/proc/locks`; their holders are found through `/proc/PID/fdinfo`.
+pub fn lock_holders(path: &Path) -> std::io::Result<Vec<LockHolder>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let file = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()), meta.ino());
+    let mut holders = Vec::new();
+    let mut anonymous = false;
+    for line in std::fs::read_to_string("/proc/locks")?.lines() {
+        let Some((kind, mode, pid, locked)) = parse_lock_line(line) else { continue };
+        if locked != file {
+            continue;
+        }
+        if pid > 0 {
+            holders.push(LockHolder { pid: pid as u32, command: process_command(pid as u32), kind, mode });
+        } else {
+            anonymous = true;
+        }
+    }
+    if anonymous {
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fdinfo")) else { continue };
+            for fd in fds.flatten() {
+                let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+                for line in info.lines().filter(|l| l.starts_with("lock:")) {
+                    if let Some((kind, mode, _, locked)) = parse_lock_line(line.trim_start_matches("lock:").trim()) {
+                        if locked == file && !holders.iter().any(|h: &LockHolder| h.pid == pid) {
+                            holders.push(LockHolder { pid, command: process_command(pid), kind, mode });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(holders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_lines_parse() {
+        assert_eq!(
+            parse_lock_line("1: POSIX  ADVISORY  WRITE 4242 fe:01:1835013 0 EOF"),
+            Some(("POSIX".into(), "WRITE".into(), 4242, (0xfe, 1, 1835013)))
+        );
+        assert_eq!(
+            parse_lock_line("2: -> FLOCK  ADVISORY  WRITE 77 08:11:12 0 EOF"),
+            Some(("FLOCK".into(), "WRITE".into(), 77, (8, 0x11, 12)))
+        );
+        assert_eq!(parse_lock_line("3: OFDLCK ADVISORY  READ  -1 00:2a:99 0 EOF").map(|l| l.2), Some(-1));
+    }
+
+    #[test]
+    fn a_lock_of_this_process_is_found() {
+        let dir = std::env::temp_dir().join(format!("sysstate-fs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("locked");
+        let file = std::fs::File::create(&path).unwrap();
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let holders = lock_holders(&path).unwrap();
+        assert!(holders.iter().any(|h| h.pid == std::process::id() && h.kind == "FLOCK"), "{holders:?}");
+        drop(file);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -66,7 +66,7 @@ pub enum RepoError {
         source: std::io::Error,
     },
     /// The operation was stopped.
-    #[error("interrupted")]
+    #[error("the backup was stopped before it stored a version")]
     Interrupted,
 }
 
@@ -90,7 +90,7 @@ impl RepoError {
                 Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorCode::TargetFull,
                 _ => ErrorCode::Internal,
             },
-            RepoError::Interrupted => ErrorCode::Internal,
+            RepoError::Interrupted => ErrorCode::Cancelled,
         }
     }
 }

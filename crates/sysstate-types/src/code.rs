@@ -120,6 +120,9 @@ error_codes! {
     InvalidInput = "invalid-input", 1050, Error,
         cause: "a command-line argument or configuration value is not valid",
         resolution: "correct the argument or configuration key named in the message";
+    Cancelled = "cancelled", 1070, Error,
+        cause: "the job was stopped by SIGINT or SIGTERM (Ctrl-C, `kill`, or the service manager stopping it)",
+        resolution: "nothing was stored and every writer was thawed; run the job again when ready";
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";

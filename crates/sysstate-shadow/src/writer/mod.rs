@@ -1,9 +1,11 @@
 //! Writers: code that makes an application consistent during the freeze.
 
 mod command;
+mod lockfile;
 mod process;
 
 pub use command::CommandWriter;
+pub use lockfile::LockFileWriter;
 pub use process::ProcessWriter;
 
 use serde::{Deserialize, Serialize};

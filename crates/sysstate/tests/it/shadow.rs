@@ -333,3 +333,89 @@ fn reflink_provider_on_xfs_and_btrfs_loop_devices() {
         assert_eq!(std::fs::read_dir(&storage).unwrap().count(), 0, "{kind}: the copy was not released");
     }
 }
+
+/// A fake root with the files of the `packages` and `accounts` components.
+fn system_root(sandbox: &Sandbox) -> std::path::PathBuf {
+    let root = sandbox.path("sysroot");
+    for (path, content) in [
+        ("var/lib/dpkg/status", "Package: base-files\n"),
+        ("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        ("etc/shadow", "root:*:1::::::\n"),
+        ("etc/group", "root:x:0:\n"),
+    ] {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+    }
+    root
+}
+
+/// Starts a process that holds a POSIX write lock on `file` (as apt or passwd would).
+fn hold_lock(sandbox: &Sandbox, file: &Path) -> std::process::Child {
+    let ready = sandbox.path("lock-ready");
+    let child = std::process::Command::new("python3")
+        .args(["-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n"])
+        .arg(file)
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    wait_for(&ready);
+    child
+}
+
+/// Tries to take a POSIX write lock on `file` without waiting: true when it was free.
+fn lock_is_free(file: &Path) -> bool {
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import fcntl, sys\nf = open(sys.argv[1], 'a')\ntry:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\nexcept OSError:\n    print('busy')\n"])
+        .arg(file)
+        .output()
+        .unwrap();
+    text(&output.stdout).trim() == "free"
+}
+
+#[test]
+fn the_dpkg_writer_waits_for_apt_then_names_it() {
+    let sandbox = Sandbox::new();
+    let root = system_root(&sandbox);
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[writer]]\nname = \"dpkg\"\nkind = \"dpkg\"\nprepare-timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let mut apt = hold_lock(&sandbox, &root.join("var/lib/dpkg/lock-frontend"));
+    let started = Instant::now();
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "packages"]);
+    let stderr = expect_code(&output, "writer-retryable");
+    assert!(started.elapsed() >= Duration::from_secs(1), "did not wait for the holder");
+    for needle in ["lock-frontend", &format!("pid {}", apt.id()), "python3", "waited"] {
+        assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
+    }
+    apt.kill().unwrap();
+    apt.wait().unwrap();
+    sandbox.ok(&["backup", "--root", root.to_str().unwrap(), "--component", "packages"]);
+}
+
+#[test]
+fn the_built_in_accounts_writer_holds_the_shadow_lock_during_the_freeze() {
+    let sandbox = Sandbox::new();
+    let root = system_root(&sandbox);
+    let lock = root.join("etc/.pwd.lock");
+    let mut backup = sandbox
+        .command(&["backup", "--root", root.to_str().unwrap(), "--component", "accounts"])
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "2000")
+        .spawn()
+        .unwrap();
+    // While the copy is being made, nobody else can take the lock that passwd and useradd take.
+    wait_for(&lock);
+    let until = Instant::now() + Duration::from_secs(5);
+    while lock_is_free(&lock) {
+        assert!(Instant::now() < until, "the accounts writer never took /etc/.pwd.lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(backup.wait().unwrap().success());
+    assert!(lock_is_free(&lock), "the lock was not released after the backup");
+    let versions = sandbox.json(&["versions"], 0);
+    let writers: Vec<&str> =
+        versions[0]["shadow"]["writers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(writers, ["accounts"]);
+}
