@@ -109,9 +109,12 @@ pub fn process_command(pid: u32) -> String {
     }
 }
 
+/// A locked file as `(major, minor, inode)`.
+type LockedFile = (u32, u32, u64);
+
 /// One `/proc/locks` line (or the `lock:` line of `/proc/PID/fdinfo/FD`): kind, mode, pid, and
-/// the locked file as `(major, minor, inode)`.
-fn parse_lock_line(line: &str) -> Option<(String, String, i64, (u32, u32, u64))> {
+/// the locked file.
+fn parse_lock_line(line: &str) -> Option<(String, String, i64, LockedFile)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     // "1:" [ "->" ] KIND ADVISORY|MANDATORY MODE PID MAJ:MIN:INODE START END
     let fields: Vec<&str> = fields.into_iter().filter(|f| *f != "->").collect();
