@@ -115,7 +115,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
 
     // The point in time: a shadow set of every selected path, read instead of the live files.
     let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
-    let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup")?;
+    let protected = crate::shadow::protected_paths(&request.config, &request.root, Some(&request.target))?;
+    let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
     let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
     let shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
     let set = sysstate_shadow::Coordinator::new(writers)
@@ -238,7 +239,8 @@ pub fn create_persistent(
     let (resolved, _) = components::select(config, root, components)?;
     let (selections, _) = selections(&resolved)?;
     let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
-    let writers = crate::shadow::writers(config, root, &names, "persistent")?;
+    let protected = crate::shadow::protected_paths(config, root, None)?;
+    let writers = crate::shadow::writers(config, root, &names, "persistent", &protected)?;
     let options = shadow_options(config, root, selections.into_iter().map(|s| s.path).collect(), None, true)?;
     let set =
         sysstate_shadow::Coordinator::new(writers).create(&options, &trigger).map_err(crate::shadow::shadow_error)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sysstate_shadow::storage::{MaxSize, StorageArea};
 use sysstate_shadow::writer::{
-    CommandWriter, LockFileWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT,
+    CommandWriter, FsfreezeWriter, LockFileWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT,
 };
 use sysstate_shadow::{ShadowError, Writer};
 use sysstate_types::ErrorCode;
@@ -37,7 +37,13 @@ fn invalid(message: String) -> EngineError {
 /// The writers that serve any of `components` (a writer with no components serves every
 /// backup): the config's, and the built-in `dpkg` and `accounts` writers for the `packages` and
 /// `accounts` components unless the config defines writers of those names.
-pub fn writers(config: &Config, root: &Path, components: &[String], set_id: &str) -> Result<Vec<Box<dyn Writer>>> {
+pub fn writers(
+    config: &Config,
+    root: &Path,
+    components: &[String],
+    set_id: &str,
+    protected: &[(String, PathBuf)],
+) -> Result<Vec<Box<dyn Writer>>> {
     let mut out: Vec<Box<dyn Writer>> = Vec::new();
     let configured = |name: &str| config.writers.iter().any(|w| w.name == name);
     if components.iter().any(|c| c == "packages") && !configured("dpkg") && root.join("var/lib/dpkg").is_dir() {
@@ -82,7 +88,21 @@ pub fn writers(config: &Config, root: &Path, components: &[String], set_id: &str
             }
             "dpkg" => out.push(Box::new(LockFileWriter::dpkg(&writer.name, root, prepare, window))),
             "accounts" => out.push(Box::new(LockFileWriter::accounts(&writer.name, root, prepare, window))),
-            "postgresql" | "fsfreeze" => {
+            "fsfreeze" => {
+                let mounts = writer.mount_points.clone().filter(|m| !m.is_empty()).ok_or_else(|| {
+                    invalid(format!(
+                        "writer `{}` of kind `fsfreeze` needs `mount-points = [\"/srv/data\"]`",
+                        writer.name
+                    ))
+                })?;
+                out.push(Box::new(FsfreezeWriter::new(
+                    &writer.name,
+                    mounts.iter().map(PathBuf::from).collect(),
+                    protected.to_vec(),
+                    window,
+                )));
+            }
+            "postgresql" => {
                 return Err(invalid(format!(
                     "writer `{}`: the `{}` writer kind is not available in this build yet",
                     writer.name, writer.kind
@@ -226,4 +246,21 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5 fortnights").is_err());
     }
+}
+
+/// What an `fsfreeze` writer must never freeze: the filesystems sysstate writes to.
+pub fn protected_paths(config: &Config, root: &Path, target: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
+    let state_dir = crate::paths::state_dir();
+    let mut protected = vec![
+        ("state directory".to_string(), state_dir.clone()),
+        ("runtime directory".to_string(), crate::paths::runtime_dir()),
+        ("shadow storage".to_string(), storage_for(config, &state_dir, root)?.on),
+    ];
+    if let Some(target) = target.filter(|t| !t.contains("://")) {
+        protected.push(("backup target".to_string(), PathBuf::from(target)));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        protected.push(("sysstate binary".to_string(), exe));
+    }
+    Ok(protected)
 }

@@ -1,10 +1,12 @@
 //! Writers: code that makes an application consistent during the freeze.
 
 mod command;
+mod fsfreeze;
 mod lockfile;
 mod process;
 
 pub use command::CommandWriter;
+pub use fsfreeze::FsfreezeWriter;
 pub use lockfile::LockFileWriter;
 pub use process::ProcessWriter;
 

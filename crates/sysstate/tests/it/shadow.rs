@@ -419,3 +419,67 @@ fn the_built_in_accounts_writer_holds_the_shadow_lock_during_the_freeze() {
         versions[0]["shadow"]["writers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
     assert_eq!(writers, ["accounts"]);
 }
+
+/// Starts `echo > file` on a filesystem; returns the child (it blocks while the fs is frozen).
+fn start_write(file: &Path) -> std::process::Child {
+    std::process::Command::new("sh").arg("-c").arg(format!("echo written > '{}'", file.display())).spawn().unwrap()
+}
+
+#[test]
+fn fsfreeze_blocks_writes_during_the_freeze_and_the_watchdog_thaws_at_the_window() {
+    if !require("root and loop devices (FIFREEZE on XFS)", is_root() && Path::new("/dev/loop-control").exists()) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let fs = LoopFs::new(sandbox.dir.path(), "xfs");
+    let root = fs.mount.join("root");
+    make_tree(&root.join("data"), 30, 51);
+    let config = |window: &str| {
+        format!("{DATA}[[writer]]\nname = \"xfs\"\nkind = \"fsfreeze\"\nmount-points = [\"{}\"]\nfreeze-timeout = \"{window}\"\n", fs.mount.display())
+    };
+    let args = backup_args(&root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // 1. A write during the freeze waits for the thaw.
+    std::fs::write(sandbox.path("config.toml"), config("30s")).unwrap();
+    let mut backup = sandbox.command(&args).env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "1500").spawn().unwrap();
+    let states = sandbox.path("run/writers.json");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&states).unwrap_or_default().contains("waiting-for-thaw") {
+        assert!(Instant::now() < until, "the writer never froze");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Another process sees the writer frozen, like `vssadmin list writers` during a backup.
+    assert_eq!(writer_state(&sandbox, "xfs")["state"], "waiting-for-thaw");
+    let mut write = start_write(&fs.mount.join("during-freeze"));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(write.try_wait().unwrap().is_none(), "a write went through while the filesystem was frozen");
+    assert!(backup.wait().unwrap().success());
+    assert!(write.wait().unwrap().success(), "the write did not complete after the thaw");
+
+    // 2. The watchdog thaws at the window, while the commit is still running.
+    std::fs::write(sandbox.path("config.toml"), config("500ms")).unwrap();
+    let started = Instant::now();
+    let mut backup = sandbox
+        .command(&args)
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "3000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut write = start_write(&fs.mount.join("during-window"));
+    assert!(write.wait().unwrap().success());
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "thawed only after {:?}: the watchdog did not act",
+        started.elapsed()
+    );
+    let output = backup.wait_with_output().unwrap();
+    expect_code(&output, "writer-timeout");
+
+    // 3. sysstate never freezes a filesystem it writes to itself.
+    std::fs::write(sandbox.path("config.toml"), config("30s")).unwrap();
+    let output = sandbox.command(&args).env("SYSSTATE_STATE_DIR", fs.mount.join("state")).output().unwrap();
+    let stderr = expect_code(&output, "writer-nonretryable");
+    assert!(stderr.contains("refusing to freeze") && stderr.contains("state directory"), "{stderr}");
+}
