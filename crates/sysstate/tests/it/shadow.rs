@@ -460,7 +460,7 @@ fn fsfreeze_blocks_writes_during_the_freeze_and_the_watchdog_thaws_at_the_window
     // 2. The watchdog thaws at the window, while the commit is still running.
     std::fs::write(sandbox.path("config.toml"), config("500ms")).unwrap();
     let started = Instant::now();
-    let mut backup = sandbox
+    let backup = sandbox
         .command(&args)
         .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "3000")
         .stderr(std::process::Stdio::piped())
