@@ -233,21 +233,6 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5 fortnights").is_err());
-    }
-}
-
 /// What an `fsfreeze` writer must never freeze: the filesystems sysstate writes to.
 pub fn protected_paths(config: &Config, root: &Path, target: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
     let state_dir = crate::paths::state_dir();
@@ -263,4 +248,19 @@ pub fn protected_paths(config: &Config, root: &Path, target: Option<&str>) -> Re
         protected.push(("sysstate binary".to_string(), exe));
     }
     Ok(protected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
 }
