@@ -122,7 +122,6 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
-    let origins = set.origins();
     let options = BackupOptions {
         root: set.root().to_path_buf(),
         live_root: request.root.clone(),
@@ -135,9 +134,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
         time_ns: 0,
         cancel: Some(request.trigger.flag()),
-        origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(move |path: &Path| {
-            origins.get(path).map(|o| (o.device, o.inode, o.ctime_ns))
-        }))),
+        origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
     };
     let skipped: Vec<Warning> = set
         .skipped()

@@ -75,8 +75,9 @@ pub struct BackupOptions {
 #[derive(Clone)]
 pub struct Origin(pub std::sync::Arc<OriginFn>);
 
-/// `path → (device, inode, ctime ns)` of the live entry.
-pub type OriginFn = dyn Fn(&Path) -> Option<(u64, u64, i64)> + Send + Sync;
+/// `path → (device, inode, ctime ns)` of the live entry; `None` parts are the copy's own (a
+/// btrfs snapshot keeps inodes and ctimes and changes only the device).
+pub type OriginFn = dyn Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync;
 
 impl std::fmt::Debug for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -398,8 +399,8 @@ impl Walker<'_, '_> {
     fn live_identity(&self, shown: &Path, node: &mut Node) {
         if let Some((device, inode, ctime_ns)) = self.origin.and_then(|origin| (origin.0)(shown)) {
             node.device = device;
-            node.inode = inode;
-            node.ctime_ns = ctime_ns;
+            node.inode = inode.unwrap_or(node.inode);
+            node.ctime_ns = ctime_ns.unwrap_or(node.ctime_ns);
         }
     }
 

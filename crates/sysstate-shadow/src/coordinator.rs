@@ -239,6 +239,7 @@ pub struct ShadowSet {
     copy_id: String,
     tree: PathBuf,
     origins: Arc<HashMap<PathBuf, Origin>>,
+    live_device: Option<u64>,
     skipped: Vec<(PathBuf, String)>,
     record: ShadowSetRecord,
     persistent: bool,
@@ -263,9 +264,15 @@ impl ShadowSet {
         self.origins.get(path).copied()
     }
 
-    /// Every copied entry's live identity, shareable with reader threads.
-    pub fn origins(&self) -> Arc<HashMap<PathBuf, Origin>> {
-        self.origins.clone()
+    /// Maps an entry of the copy (by its absolute path as seen from the root) to the live
+    /// entry's identity: `(device, inode, ctime ns)`, where `None` means the copy kept it.
+    pub fn live_identity(&self) -> impl Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync + 'static {
+        let origins = self.origins.clone();
+        let device = self.live_device;
+        move |path| match origins.get(path) {
+            Some(origin) => Some((origin.device, Some(origin.inode), Some(origin.ctime_ns))),
+            None => device.map(|device| (device, None, None)),
+        }
     }
 
     /// Entries the provider did not copy (sockets), with why.
@@ -408,13 +415,14 @@ impl Coordinator {
         trigger.inner.watchers.lock().expect("watchers lock").retain(|w| !Arc::ptr_eq(w, &watch));
         let (commit, mut record) = result?;
         record.lock_taken_over = taken_over;
-        let tree = options.storage.copy_dir(&copy_id).join("tree");
+        let tree = commit.root.clone();
         Ok(ShadowSet {
             members,
             storage: options.storage.clone(),
             copy_id,
             tree,
             origins: Arc::new(commit.origins),
+            live_device: commit.live_device,
             skipped: commit.skipped,
             record,
             persistent: options.persistent,
@@ -669,6 +677,7 @@ fn provider_name_static(choice: ProviderChoice) -> &'static str {
         ProviderChoice::Auto => "auto",
         ProviderChoice::Copy => "copy",
         ProviderChoice::Reflink => "reflink",
+        ProviderChoice::Btrfs => "btrfs",
     }
 }
 

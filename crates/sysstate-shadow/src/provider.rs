@@ -30,12 +30,15 @@ pub struct Origin {
 /// How a provider was asked to work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderChoice {
-    /// Reflink where it works, else copy.
+    /// A btrfs snapshot where the root is a btrfs subvolume on the storage's filesystem, else
+    /// reflink where it works, else copy.
     Auto,
     /// Always copy.
     Copy,
     /// Reflink or fail.
     Reflink,
+    /// A read-only btrfs snapshot of the subvolume holding the root, or fail.
+    Btrfs,
 }
 
 impl ProviderChoice {
@@ -45,8 +48,10 @@ impl ProviderChoice {
             "auto" => Ok(ProviderChoice::Auto),
             "copy" => Ok(ProviderChoice::Copy),
             "reflink" => Ok(ProviderChoice::Reflink),
-            "btrfs" => Err(ShadowError::Config("the `btrfs` provider (read-only subvolume snapshots) is not built yet: use `auto`, `copy` or `reflink`".into())),
-            other => Err(ShadowError::Config(format!("`shadow.provider = \"{other}\"` is not a provider: use auto, copy, reflink or btrfs"))),
+            "btrfs" => Ok(ProviderChoice::Btrfs),
+            other => Err(ShadowError::Config(format!(
+                "`shadow.provider = \"{other}\"` is not a provider: use auto, copy, reflink or btrfs"
+            ))),
         }
     }
 }
@@ -55,7 +60,76 @@ impl ProviderChoice {
 pub const PROVIDERS: &[(&str, &str)] = &[
     ("copy", "any filesystem; copies the components' files into shadow storage during the freeze"),
     ("reflink", "XFS or btrfs, shadow storage on the same filesystem; clones extents with FICLONE"),
+    ("btrfs", "the root in a btrfs subvolume, shadow storage on the same filesystem, and `btrfs` (btrfs-progs); a read-only snapshot"),
 ];
+
+/// `statfs` magic of btrfs.
+const BTRFS_MAGIC: i64 = 0x9123_683E;
+/// The inode number of every btrfs subvolume's root directory.
+const BTRFS_SUBVOLUME_ROOT_INODE: u64 = 256;
+
+/// True when `path` is on btrfs.
+pub fn is_btrfs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == BTRFS_MAGIC)
+}
+
+/// The root of the btrfs subvolume holding `path`.
+fn subvolume_root(path: &Path) -> Option<PathBuf> {
+    let device = std::fs::metadata(path).ok()?.dev();
+    path.ancestors()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.dev() == device && m.ino() == BTRFS_SUBVOLUME_ROOT_INODE))
+        .map(Path::to_path_buf)
+}
+
+/// True when `dir` is a btrfs subvolume (a snapshot), which only `btrfs subvolume delete` removes.
+pub fn is_subvolume(dir: &Path) -> bool {
+    is_btrfs(dir) && std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_SUBVOLUME_ROOT_INODE)
+}
+
+/// Deletes a snapshot made by the btrfs provider.
+pub fn delete_subvolume(dir: &Path) -> std::io::Result<()> {
+    let output = std::process::Command::new("btrfs").args(["subvolume", "delete"]).arg(dir).output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "btrfs subvolume delete: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+/// A read-only snapshot of the subvolume holding `root`, at `dest`.
+fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, CommitError> {
+    let root = std::fs::canonicalize(root).map_err(|e| CommitError::Io(ShadowError::io(root, e)))?;
+    let subvolume = subvolume_root(&root)
+        .ok_or_else(|| CommitError::Unsupported(root.clone(), "not in a btrfs subvolume".into()))?;
+    let live_device = std::fs::metadata(&root).map_err(|e| CommitError::Io(ShadowError::io(&root, e)))?.dev();
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| CommitError::Io(ShadowError::io(parent, e)))?;
+    }
+    let output = std::process::Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&subvolume)
+        .arg(dest)
+        .output()
+        .map_err(|e| {
+            CommitError::Unsupported(subvolume.clone(), format!("cannot run `btrfs` (install btrfs-progs): {e}"))
+        })?;
+    if !output.status.success() {
+        return Err(CommitError::Unsupported(subvolume, String::from_utf8_lossy(&output.stderr).trim().to_string()));
+    }
+    if Instant::now() > deadline {
+        return Err(CommitError::Timeout);
+    }
+    let inner = root.strip_prefix(&subvolume).unwrap_or(Path::new(""));
+    Ok(Commit {
+        root: dest.join(inner),
+        live_device: Some(live_device),
+        used: HashMap::from([(live_device, "btrfs")]),
+        ..Commit::default()
+    })
+}
 
 /// What a commit made.
 #[derive(Debug, Default)]
@@ -70,6 +144,10 @@ pub struct Commit {
     pub used: HashMap<u64, &'static str>,
     /// Entries not copied, with why (absolute paths as seen from the root).
     pub skipped: Vec<(PathBuf, String)>,
+    /// The directory that stands for the root in the copy.
+    pub root: PathBuf,
+    /// For a snapshot, which keeps inodes and ctimes: the live device of every entry.
+    pub live_device: Option<u64>,
 }
 
 /// Why a commit stopped.
@@ -117,6 +195,12 @@ pub fn commit(
         // Failpoint for the tests: a provider commit that takes this long.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+    let btrfs_works = || {
+        is_btrfs(root) && dest.ancestors().find(|p| p.exists()).is_some_and(|p| is_btrfs(p) && same_filesystem(root, p))
+    };
+    if choice == ProviderChoice::Btrfs || (choice == ProviderChoice::Auto && btrfs_works()) {
+        return snapshot(root, dest, deadline);
+    }
     let mut copier = Copier {
         root,
         dest,
@@ -159,7 +243,16 @@ pub fn commit(
         apply_metadata(&root.join(relative), &dest.join(relative), meta)
             .map_err(|e| CommitError::Io(ShadowError::io(dest.join(relative), e)))?;
     }
+    copier.out.root = dest.to_path_buf();
     Ok(copier.out)
+}
+
+/// True when both paths are on one filesystem (`statfs` fsid).
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    match (rustix::fs::statfs(a), rustix::fs::statfs(b)) {
+        (Ok(a), Ok(b)) => format!("{:?}", a.f_fsid) == format!("{:?}", b.f_fsid),
+        _ => false,
+    }
 }
 
 impl Copier<'_> {

@@ -483,3 +483,40 @@ fn fsfreeze_blocks_writes_during_the_freeze_and_the_watchdog_thaws_at_the_window
     let stderr = expect_code(&output, "writer-nonretryable");
     assert!(stderr.contains("refusing to freeze") && stderr.contains("state directory"), "{stderr}");
 }
+
+#[test]
+fn btrfs_provider_takes_a_read_only_snapshot_and_auto_chooses_it() {
+    if !require("root and loop devices (mkfs.btrfs, btrfs-progs)", is_root() && Path::new("/dev/loop-control").exists())
+    {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let fs = LoopFs::new(sandbox.dir.path(), "btrfs");
+    let root = fs.mount.join("root");
+    make_tree(&root.join("data"), 300, 61);
+    let storage = fs.mount.join("shadow");
+    for provider in ["btrfs", "auto"] {
+        std::fs::write(
+            sandbox.path("config.toml"),
+            format!("{DATA}[shadow]\nprovider = \"{provider}\"\n\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n\n[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"true\"]\nthaw = [\"true\"]\n", fs.mount.display(), storage.display()),
+        )
+        .unwrap();
+        let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+        let versions = sandbox.json(&["versions"], 0);
+        let shadow = &versions.as_array().unwrap().last().unwrap()["shadow"];
+        let providers: Vec<&str> =
+            shadow["providers"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(providers, ["btrfs"], "{provider}: {shadow}");
+        eprintln!(
+            "btrfs snapshot ({provider}): {} files: freeze window {} ms, commit {} ms",
+            report["stats"]["files"], shadow["freeze-window-ms"], shadow["commit-ms"]
+        );
+        assert_eq!(std::fs::read_dir(&storage).unwrap().count(), 0, "the snapshot was not deleted");
+    }
+    // The snapshot keeps inodes and ctimes and the device is mapped back: nothing was read twice.
+    let versions = sandbox.json(&["versions"], 0);
+    assert_eq!(versions[1]["stats"]["files-read"], 0, "{}", versions[1]["stats"]);
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
