@@ -70,7 +70,7 @@ const BTRFS_SUBVOLUME_ROOT_INODE: u64 = 256;
 
 /// True when `path` is on btrfs.
 pub fn is_btrfs(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == BTRFS_MAGIC)
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type == BTRFS_MAGIC)
 }
 
 /// The root of the btrfs subvolume holding `path`.
