@@ -242,10 +242,14 @@ pub struct ShadowSet {
     live_device: Option<u64>,
     skipped: Vec<(PathBuf, String)>,
     record: ShadowSetRecord,
-    persistent: bool,
+    /// The copy stays after the set: a persistent copy, or the base copy.
+    keep_copy: bool,
     completed: bool,
     _lock: ShadowSetLock,
 }
+
+/// The id of the base copy that backups refresh in place.
+pub const BASE_COPY: &str = "base";
 
 impl std::fmt::Debug for ShadowSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -303,7 +307,7 @@ impl ShadowSet {
                 Err(error) => self.members.state(index, &format!("failed-at-{}", event.as_str()), Some(error.message)),
             }
         }
-        if !self.persistent {
+        if !self.keep_copy {
             if let Err(error) = self.storage.delete(&self.copy_id) {
                 tracing::warn!(%error, "cannot release the shadow copy");
             }
@@ -400,7 +404,12 @@ impl Coordinator {
             wake: Condvar::new(),
         });
         trigger.inner.watchers.lock().expect("watchers lock").push(watch.clone());
-        let copy_id = set_id.clone();
+        // Backups refresh the storage's base copy in place; persistent copies are made whole.
+        let copy_id = if options.persistent || options.provider == ProviderChoice::Btrfs {
+            set_id.clone()
+        } else {
+            BASE_COPY.to_string()
+        };
         let watchdog_thread = {
             let (members, watch, trigger) = (members.clone(), watch.clone(), trigger.clone());
             std::thread::Builder::new()
@@ -416,6 +425,8 @@ impl Coordinator {
         let (commit, mut record) = result?;
         record.lock_taken_over = taken_over;
         let tree = commit.root.clone();
+        // A snapshot is never a base: it is made whole each time and released after.
+        let keep_copy = options.persistent || (copy_id == BASE_COPY && commit.live_device.is_none());
         Ok(ShadowSet {
             members,
             storage: options.storage.clone(),
@@ -425,7 +436,7 @@ impl Coordinator {
             live_device: commit.live_device,
             skipped: commit.skipped,
             record,
-            persistent: options.persistent,
+            keep_copy,
             completed: false,
             _lock: lock,
         })
@@ -506,6 +517,13 @@ fn run(
     // Commit.
     let commit_started = Instant::now();
     let dest = options.storage.copy_dir(copy_id).join("tree");
+    // A base copy is refreshed from what it was made from; without that record it is made anew.
+    let base_before =
+        (copy_id == BASE_COPY).then(|| options.storage.copies().into_iter().find(|c| c.id == BASE_COPY)).flatten();
+    let previous = if copy_id == BASE_COPY { provider::read_origins(&options.storage.copy_dir(copy_id)) } else { None };
+    if copy_id == BASE_COPY && previous.is_none() {
+        let _ = options.storage.delete(copy_id);
+    }
     let stop = AtomicBool::new(false);
     let interrupt_flag = &stop;
     let committed = std::thread::scope(|scope| {
@@ -526,6 +544,7 @@ fn run(
             commit_started + options.commit_timeout,
             budget,
             interrupt_flag,
+            previous.as_ref(),
         );
         interrupt_flag.store(true, Ordering::SeqCst);
         let _ = forward.join();
@@ -622,7 +641,8 @@ fn run(
         for_volume: options.storage.for_volume.display().to_string(),
         provider: commit.used.values().next().copied().unwrap_or(provider_name_static(options.provider)).to_string(),
         created_ns: now_ns(),
-        bytes: commit.bytes,
+        // A refreshed base holds what it held, less what was freed, plus what was copied.
+        bytes: base_before.map(|b| b.bytes).unwrap_or(0).saturating_sub(commit.freed) + commit.bytes,
         files: commit.files,
         persistent: options.persistent,
         paths: options.paths.iter().map(|p| p.display().to_string()).collect(),
@@ -630,6 +650,10 @@ fn run(
     let meta_path = options.storage.copy_dir(copy_id).join("meta.json");
     std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("meta encodes"))
         .map_err(|e| ShadowError::io(&meta_path, e))?;
+    if copy_id == BASE_COPY {
+        let dir = options.storage.copy_dir(copy_id);
+        provider::write_origins(&dir, &commit.origins).map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+    }
     guard.armed = false;
     drop(guard);
     Ok((commit, record))

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The live identity of a copied entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     /// `st_dev` of the live file.
     pub device: u64,
@@ -108,6 +108,11 @@ fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, Commi
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(|e| CommitError::Io(ShadowError::io(parent, e)))?;
     }
+    // A base copy left by the copy provider gives way to the snapshot.
+    if std::fs::symlink_metadata(dest).is_ok() {
+        let removed = if is_subvolume(dest) { delete_subvolume(dest) } else { std::fs::remove_dir_all(dest) };
+        removed.map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
+    }
     let output = std::process::Command::new("btrfs")
         .args(["subvolume", "snapshot", "-r"])
         .arg(&subvolume)
@@ -148,6 +153,8 @@ pub struct Commit {
     pub root: PathBuf,
     /// For a snapshot, which keeps inodes and ctimes: the live device of every entry.
     pub live_device: Option<u64>,
+    /// Bytes freed in a base copy by entries that changed or went away.
+    pub freed: u64,
 }
 
 /// Why a commit stopped.
@@ -178,9 +185,16 @@ struct Copier<'a> {
     dirs: Vec<(PathBuf, std::fs::Metadata)>,
     reflink_works: HashMap<u64, bool>,
     interrupted: &'a std::sync::atomic::AtomicBool,
+    /// Refreshing a base copy: the live identities its entries were copied from.
+    previous: Option<&'a HashMap<PathBuf, Origin>>,
 }
 
 /// Copies `paths` (absolute as seen from `root`) from under `root` into `dest`, mirrored.
+///
+/// With `previous` (the identities a base copy at `dest` was made from), `dest` is refreshed
+/// in place: an entry whose live identity, type, size and mtime are what the base holds is kept
+/// as it is; everything else is copied again, and entries that went away are removed. The
+/// freeze then costs a `stat` of each unchanged file instead of a copy.
 #[allow(clippy::too_many_arguments)]
 pub fn commit(
     root: &Path,
@@ -190,6 +204,7 @@ pub fn commit(
     deadline: Instant,
     budget: u64,
     interrupted: &std::sync::atomic::AtomicBool,
+    previous: Option<&HashMap<PathBuf, Origin>>,
 ) -> Result<Commit, CommitError> {
     if let Some(ms) = std::env::var("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         // Failpoint for the tests: a provider commit that takes this long.
@@ -212,25 +227,32 @@ pub fn commit(
         dirs: Vec::new(),
         reflink_works: HashMap::new(),
         interrupted,
+        previous,
     };
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
+    let mut done: Vec<&Path> = Vec::new();
     for path in paths {
         let relative = path.strip_prefix("/").unwrap_or(path);
+        if done.iter().any(|d| relative.starts_with(d)) {
+            continue; // nested in a path already copied
+        }
+        done.push(relative);
         // The folders above the path, with their metadata.
         let mut above = PathBuf::new();
         for component in relative.parent().into_iter().flat_map(|p| p.components()) {
             above.push(component);
             let target = dest.join(&above);
-            if !target.exists() {
-                let meta = std::fs::symlink_metadata(root.join(&above))
-                    .map_err(|e| CommitError::Io(ShadowError::io(root.join(&above), e)))?;
-                std::fs::create_dir(&target).map_err(|e| copier.io_error(&target, e))?;
-                copier.note_origin(&above, &meta);
-                copier.dirs.push((above.clone(), meta));
+            if copier.dirs.iter().any(|(d, _)| *d == above) {
+                continue;
             }
-        }
-        if dest.join(relative).exists() {
-            continue; // nested in a path already copied
+            let meta = std::fs::symlink_metadata(root.join(&above))
+                .map_err(|e| CommitError::Io(ShadowError::io(root.join(&above), e)))?;
+            if !std::fs::symlink_metadata(&target).is_ok_and(|t| t.is_dir()) {
+                copier.remove(&target)?;
+                std::fs::create_dir(&target).map_err(|e| copier.io_error(&target, e))?;
+            }
+            copier.note_origin(&above, &meta);
+            copier.dirs.push((above.clone(), meta));
         }
         match std::fs::symlink_metadata(root.join(relative)) {
             Ok(meta) => copier.entry(relative, meta)?,
@@ -282,6 +304,11 @@ impl Copier<'_> {
             if reflinked { 0 } else { std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0) };
         self.out.bytes += allocated;
         self.out.files += 1;
+        self.check_limits()
+    }
+
+    /// The budget, the deadline and the stop flag, checked after every entry.
+    fn check_limits(&mut self) -> Result<(), CommitError> {
         if self.out.bytes > self.budget {
             return Err(CommitError::Budget(self.out.bytes));
         }
@@ -294,19 +321,70 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// Removes whatever stands at `target` in the copy, counting the bytes freed.
+    fn remove(&mut self, target: &Path) -> Result<(), CommitError> {
+        let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?.flatten() {
+                self.remove(&entry.path())?;
+            }
+            std::fs::remove_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?;
+        } else {
+            std::fs::remove_file(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?;
+        }
+        if meta.nlink() <= 1 {
+            self.out.freed += meta.blocks() * 512;
+        }
+        Ok(())
+    }
+
+    /// True when the base copy already holds this live entry as it is now.
+    fn unchanged(&self, relative: &Path, live: &std::fs::Metadata, copied: &std::fs::Metadata) -> bool {
+        let Some(previous) = self.previous else { return false };
+        let origin = Origin {
+            device: live.dev(),
+            inode: live.ino(),
+            ctime_ns: live.ctime() * 1_000_000_000 + live.ctime_nsec(),
+        };
+        previous.get(&Path::new("/").join(relative)) == Some(&origin)
+            && live.file_type() == copied.file_type()
+            && (live.is_dir()
+                || (live.size() == copied.size()
+                    && live.mtime() == copied.mtime()
+                    && live.mtime_nsec() == copied.mtime_nsec()))
+    }
+
     fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
         let source = self.root.join(relative);
         let target = self.dest.join(relative);
         let file_type = meta.file_type();
+        let copied = std::fs::symlink_metadata(&target).ok();
+        let keep = copied.as_ref().is_some_and(|copied| self.unchanged(relative, &meta, copied));
         self.note_origin(relative, &meta);
         if file_type.is_dir() {
-            std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
+            // A folder is kept when it is one already; its entries are compared one by one.
+            let existed = copied.as_ref().is_some_and(|c| c.is_dir());
+            if !existed {
+                self.remove(&target)?;
+                std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
+            }
             self.dirs.push((relative.to_path_buf(), meta));
             let mut names: Vec<_> = std::fs::read_dir(&source)
                 .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?
                 .filter_map(|e| e.ok().map(|e| e.file_name()))
                 .collect();
             names.sort();
+            if existed {
+                // Entries of the base that are gone from the live folder.
+                let gone: Vec<_> = std::fs::read_dir(&target)
+                    .map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .filter(|name| names.binary_search(name).is_err())
+                    .collect();
+                for name in gone {
+                    self.remove(&target.join(name))?;
+                }
+            }
             for name in names {
                 let child = relative.join(&name);
                 match std::fs::symlink_metadata(self.root.join(&child)) {
@@ -315,7 +393,21 @@ impl Copier<'_> {
                     Err(e) => return Err(CommitError::Io(ShadowError::io(self.root.join(&child), e))),
                 }
             }
-            return self.charge(&target, false);
+            return if existed { self.check_limits() } else { self.charge(&target, false) };
+        }
+        if keep {
+            if file_type.is_file() && meta.nlink() > 1 {
+                self.links.entry((meta.dev(), meta.ino())).or_insert(target);
+            }
+            self.out.used.entry(meta.dev()).or_insert(if self.choice == ProviderChoice::Copy {
+                "copy"
+            } else {
+                "reflink"
+            });
+            return self.check_limits();
+        }
+        if copied.is_some() {
+            self.remove(&target)?;
         }
         let mut reflinked = false;
         if file_type.is_file() {
@@ -460,4 +552,27 @@ pub fn estimate(root: &Path, paths: &[PathBuf]) -> u64 {
         }
     }
     total
+}
+
+/// The file beside a base copy's tree that records the live identities it was made from.
+pub fn origins_file(copy_dir: &Path) -> PathBuf {
+    copy_dir.join("origins.json")
+}
+
+/// The identities a base copy was made from (none when unreadable: everything is copied).
+pub fn read_origins(copy_dir: &Path) -> Option<HashMap<PathBuf, Origin>> {
+    let bytes = std::fs::read(origins_file(copy_dir)).ok()?;
+    let list: Vec<(String, Origin)> = serde_json::from_slice(&bytes).ok()?;
+    Some(list.into_iter().map(|(path, origin)| (PathBuf::from(path), origin)).collect())
+}
+
+/// Records the identities a base copy was made from. Paths that are not UTF-8 are left out,
+/// so their entries are copied again next time.
+pub fn write_origins(copy_dir: &Path, origins: &HashMap<PathBuf, Origin>) -> std::io::Result<()> {
+    let list: Vec<(&str, &Origin)> =
+        origins.iter().filter_map(|(path, origin)| Some((path.to_str()?, origin))).collect();
+    let path = origins_file(copy_dir);
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, serde_json::to_vec(&list).expect("origins encode"))?;
+    std::fs::rename(&temp, &path)
 }

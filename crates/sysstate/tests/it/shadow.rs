@@ -32,7 +32,15 @@ fn expect_code(output: &std::process::Output, code: &str) -> String {
     stderr
 }
 
-/// No shadow copy may be left behind in the sandbox's storage.
+/// After a success, only the base copy that the next backup refreshes stays in storage.
+fn assert_only_base(storage: &Path) {
+    let left: Vec<String> = std::fs::read_dir(storage)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|name| name == "base"), "shadow copies left behind: {left:?}");
+}
+
+/// After a failure, no shadow copy may be left behind in the sandbox's storage.
 fn assert_storage_empty(sandbox: &Sandbox) {
     let storage = sandbox.path("state/shadow");
     let left: Vec<_> =
@@ -65,11 +73,27 @@ fn a_successful_backup_reads_the_shadow_copy_and_records_the_set() {
     assert!(shadow["freeze-window-ms"].is_u64() && shadow["commit-ms"].is_u64(), "{shadow}");
     assert!(shadow["providers"].as_object().unwrap().values().all(|p| p == "copy" || p == "reflink"), "{shadow}");
     assert_eq!(writer_state(&sandbox, "app")["state"], "stable");
-    assert_storage_empty(&sandbox);
-    // The copy records the live files' identities: nothing is read again next time.
+    assert_only_base(&sandbox.path("state/shadow"));
+    // The copy records the live files' identities: nothing is read again next time, and the
+    // base copy is refreshed without copying anything.
     let again = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
     assert_eq!(again["stats"]["files-read"], 0, "{again}");
     assert_eq!(report["stats"]["files"], again["stats"]["files-unchanged"]);
+    let versions = sandbox.json(&["versions"], 0);
+    assert_eq!(versions[1]["shadow"]["files"], 0, "an unchanged tree was copied again: {}", versions[1]["shadow"]);
+    // A change, an addition and a removal reach the copy, and only they are copied.
+    let changed = std::fs::read_dir(root.join("data/d0/e0")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&changed, b"changed").unwrap();
+    std::fs::write(root.join("data/added"), b"added").unwrap();
+    let removed = std::fs::read_dir(root.join("data/d1/e1")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(&removed).unwrap();
+    let third = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+    assert_eq!(third["stats"]["files-read"], 2, "{third}");
+    let versions = sandbox.json(&["versions"], 0);
+    assert_eq!(versions[2]["shadow"]["files"], 2, "{}", versions[2]["shadow"]);
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
 }
 
 #[test]
@@ -330,7 +354,7 @@ fn reflink_provider_on_xfs_and_btrfs_loop_devices() {
         let to = sandbox.path("restored");
         sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
         assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
-        assert_eq!(std::fs::read_dir(&storage).unwrap().count(), 0, "{kind}: the copy was not released");
+        assert_only_base(&storage);
     }
 }
 
