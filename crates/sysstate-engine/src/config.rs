@@ -106,6 +106,8 @@ pub struct WriterConfig {
     pub prepare_timeout: Option<String>,
     /// For `fsfreeze` writers: the mount points to freeze.
     pub mount_points: Option<Vec<String>>,
+    /// For `postgresql` writers: the cluster's data directory (absolute, as seen from the root).
+    pub data_directory: Option<String>,
 }
 
 impl Config {

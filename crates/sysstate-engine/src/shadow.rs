@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sysstate_shadow::storage::{MaxSize, StorageArea};
 use sysstate_shadow::writer::{
-    CommandWriter, FsfreezeWriter, LockFileWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT,
+    CommandWriter, FsfreezeWriter, LockFileWriter, PostgresWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT,
+    DEFAULT_FREEZE_TIMEOUT,
 };
 use sysstate_shadow::{ShadowError, Writer};
 use sysstate_types::ErrorCode;
@@ -103,11 +104,18 @@ pub fn writers(
                 )));
             }
             "postgresql" => {
-                return Err(invalid(format!(
-                    "writer `{}`: the `{}` writer kind is not available in this build yet",
-                    writer.name, writer.kind
-                ))
-                .with_resolution("use a `command` or `process` writer for now, or remove this writer"))
+                let data = writer.data_directory.clone().ok_or_else(|| {
+                    invalid(format!(
+                        "writer `{}` of kind `postgresql` needs `data-directory = \"/var/lib/postgresql/15/main\"`",
+                        writer.name
+                    ))
+                })?;
+                let psql = writer
+                    .command
+                    .clone()
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| vec!["psql".into(), "-U".into(), "postgres".into()]);
+                out.push(Box::new(PostgresWriter::new(&writer.name, psql, PathBuf::from(data), window)));
             }
             other => {
                 return Err(invalid(format!(

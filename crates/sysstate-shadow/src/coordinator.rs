@@ -5,7 +5,7 @@ use crate::lock::{LockHolder, ShadowSetLock};
 use crate::provider::{self, CommitError, Origin, ProviderChoice};
 use crate::state::StateBook;
 use crate::storage::{CopyMeta, StorageArea};
-use crate::writer::{Event, Writer, DEFAULT_EVENT_TIMEOUT};
+use crate::writer::{CopyAddition, Event, Writer, DEFAULT_EVENT_TIMEOUT};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -603,6 +603,14 @@ fn run(
             .map_err(|e| fail(index, "post-snapshot", e))?;
         members.state(index, "waiting-for-completion", None);
     }
+    let additions: Vec<CopyAddition> = members
+        .writers
+        .iter()
+        .flat_map(|writer| writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).copy_additions())
+        .collect();
+    if !additions.is_empty() {
+        apply_additions(&options.root, &commit.root, &dest, &additions)?;
+    }
 
     let writers = {
         let state = watch.state.lock().expect("watch lock");
@@ -707,4 +715,81 @@ fn provider_name_static(choice: ProviderChoice) -> &'static str {
 
 fn provider_name(choice: ProviderChoice) -> String {
     provider_name_static(choice).to_string()
+}
+
+/// Applies writers' additions to the copy whose root is `copy_root` (inside `dest`, the copy's
+/// folder or snapshot). A read-only btrfs snapshot is made writable for the time it takes.
+fn apply_additions(
+    live_root: &Path,
+    copy_root: &Path,
+    dest: &Path,
+    additions: &[CopyAddition],
+) -> Result<(), ShadowError> {
+    let snapshot = provider::is_subvolume(dest);
+    let set_read_only = |value: &str| -> Result<(), ShadowError> {
+        let output = std::process::Command::new("btrfs")
+            .args(["property", "set", "-ts"])
+            .arg(dest)
+            .args(["ro", value])
+            .output()
+            .map_err(|e| ShadowError::io(dest, e))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(ShadowError::io(
+                dest,
+                std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()),
+            ))
+        }
+    };
+    if snapshot {
+        set_read_only("false")?;
+    }
+    let result = (|| {
+        for addition in additions {
+            match addition {
+                CopyAddition::Contents(path, bytes) => {
+                    let target = copy_root.join(path.strip_prefix("/").unwrap_or(path));
+                    std::fs::write(&target, bytes).map_err(|e| ShadowError::io(&target, e))?;
+                    // Owned like the folder it is in, readable by its owner only.
+                    if let Some(parent) = target.parent().and_then(|p| std::fs::metadata(p).ok()) {
+                        use std::os::unix::fs::MetadataExt;
+                        if rustix::process::geteuid().is_root() {
+                            std::os::unix::fs::chown(&target, Some(parent.uid()), Some(parent.gid()))
+                                .map_err(|e| ShadowError::io(&target, e))?;
+                        }
+                    }
+                    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                        .map_err(|e| ShadowError::io(&target, e))?;
+                }
+                CopyAddition::FromLive(path) => {
+                    let never = AtomicBool::new(false);
+                    provider::commit(
+                        live_root,
+                        std::slice::from_ref(path),
+                        copy_root,
+                        ProviderChoice::Copy,
+                        Instant::now() + Duration::from_secs(3600),
+                        u64::MAX,
+                        &never,
+                        None,
+                    )
+                    .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;
+                }
+                CopyAddition::Remove(path) => {
+                    let target = copy_root.join(path.strip_prefix("/").unwrap_or(path));
+                    match std::fs::remove_file(&target) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(ShadowError::io(&target, e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    if snapshot {
+        set_read_only("true")?;
+    }
+    result
 }

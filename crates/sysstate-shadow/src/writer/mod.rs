@@ -3,11 +3,13 @@
 mod command;
 mod fsfreeze;
 mod lockfile;
+mod postgresql;
 mod process;
 
 pub use command::CommandWriter;
 pub use fsfreeze::FsfreezeWriter;
 pub use lockfile::LockFileWriter;
+pub use postgresql::PostgresWriter;
 pub use process::ProcessWriter;
 
 use serde::{Deserialize, Serialize};
@@ -109,6 +111,23 @@ pub trait Writer: Send {
     fn freeze_timeout(&self) -> Duration;
     /// Handles one event; must return by `deadline`.
     fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError>;
+
+    /// After post-snapshot: what to add to, refresh in, or remove from the copy (a database's
+    /// backup label, the log written since the copy, its lock file).
+    fn copy_additions(&mut self) -> Vec<CopyAddition> {
+        Vec::new()
+    }
+}
+
+/// A change a writer asks for in the copy, by absolute path as seen from the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyAddition {
+    /// Write this file with these bytes.
+    Contents(std::path::PathBuf, Vec<u8>),
+    /// Copy this file or folder again from the live system.
+    FromLive(std::path::PathBuf),
+    /// Leave this out of the copy.
+    Remove(std::path::PathBuf),
 }
 
 /// The default freeze-to-thaw window (DESIGN §4).

@@ -1,0 +1,214 @@
+use super::{CopyAddition, ErrorClass, Event, Writer, WriterError};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const END: &str = "__sysstate_end_of_reply__";
+
+/// PostgreSQL's own online backup: `pg_backup_start` on a session held open from prepare-backup
+/// until after the commit, `pg_backup_stop` after it, and into the copy: its `backup_label` and
+/// `tablespace_map`, the write-ahead log written until the stop (copied again from the live
+/// `pg_wal`), and without `postmaster.pid`. A data directory restored from the copy starts,
+/// replays the log from the backup's checkpoint to its end, and is consistent.
+///
+/// The session is a `psql` process (the configured command, e.g. `["psql", "-h", "/run/postgresql",
+/// "-U", "postgres"]`); closing it aborts the backup mode, so an abort or a crash of sysstate
+/// leaves the server as it was.
+#[derive(Debug)]
+pub struct PostgresWriter {
+    name: String,
+    psql: Vec<String>,
+    data_directory: PathBuf,
+    freeze_timeout: Duration,
+    session: Option<Session>,
+    stopped: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn decode_hex(text: &str) -> Result<String, WriterError> {
+    let bytes = (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|e| {
+            WriterError::new(ErrorClass::Inconsistent, format!("pg_backup_stop returned an unreadable label: {e}"))
+        })?;
+    String::from_utf8(bytes).map_err(|e| {
+        WriterError::new(ErrorClass::Inconsistent, format!("pg_backup_stop returned a label that is not UTF-8: {e}"))
+    })
+}
+
+impl PostgresWriter {
+    /// A writer that opens its session with `psql` and protects `data_directory` (absolute as
+    /// seen from the root).
+    pub fn new(name: &str, psql: Vec<String>, data_directory: PathBuf, freeze_timeout: Duration) -> Self {
+        PostgresWriter { name: name.into(), psql, data_directory, freeze_timeout, session: None, stopped: None }
+    }
+
+    fn open(&mut self) -> Result<(), WriterError> {
+        let (program, args) = self
+            .psql
+            .split_first()
+            .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, "the psql command is empty"))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| WriterError::new(ErrorClass::Nonretryable, format!("cannot start `{program}`: {e}")))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr_pipe = child.stderr.take().expect("piped");
+        let stdin = child.stdin.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr_pipe.read_to_string(&mut text);
+            sink.lock().expect("stderr lock").push_str(&text);
+        });
+        self.session = Some(Session { child, stdin, lines, stderr });
+        Ok(())
+    }
+
+    /// Runs one statement on the session; its output lines.
+    fn query(&mut self, sql: &str, deadline: Instant) -> Result<Vec<String>, WriterError> {
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| WriterError::new(ErrorClass::NotResponding, "the PostgreSQL session is not open"))?;
+        let failed = |session: &mut Session, what: &str| {
+            // Give psql a moment to write its error.
+            std::thread::sleep(Duration::from_millis(100));
+            let stderr = session.stderr.lock().expect("stderr lock").trim().to_string();
+            let class = if stderr.contains("could not connect") || stderr.contains("Connection refused") {
+                ErrorClass::Retryable
+            } else if stderr.is_empty() {
+                ErrorClass::NotResponding
+            } else {
+                ErrorClass::Nonretryable
+            };
+            WriterError::new(
+                class,
+                format!("{what}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") }),
+            )
+        };
+        if writeln!(session.stdin, "{sql}\n\\echo {END}").and_then(|_| session.stdin.flush()).is_err() {
+            return Err(failed(session, "the PostgreSQL session ended"));
+        }
+        let mut out = Vec::new();
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match session.lines.recv_timeout(wait) {
+                Ok(line) if line == END => return Ok(out),
+                Ok(line) => out.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(WriterError::new(
+                        ErrorClass::NotResponding,
+                        format!("PostgreSQL did not answer `{sql}` in time"),
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(failed(session, &format!("`{sql}` failed"))),
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(mut session) = self.session.take() {
+            drop(session.stdin);
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = session.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = session.child.kill();
+            let _ = session.child.wait();
+        }
+    }
+}
+
+impl Writer for PostgresWriter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn freeze_timeout(&self) -> Duration {
+        self.freeze_timeout
+    }
+
+    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
+        match event {
+            Event::Identify => Ok(()),
+            Event::PrepareBackup => {
+                self.open()?;
+                // A fast checkpoint: the copy can start at once.
+                self.query("SELECT pg_backup_start('sysstate', true);", deadline).map(|_| ())
+            }
+            Event::PostSnapshot => {
+                let lines = self.query(
+                    "SELECT encode(convert_to(labelfile, 'UTF8'), 'hex') || '|' || encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM pg_backup_stop(false);",
+                    deadline,
+                )?;
+                self.close();
+                let line = lines
+                    .iter()
+                    .find(|l| l.contains('|'))
+                    .ok_or_else(|| WriterError::new(ErrorClass::Inconsistent, "pg_backup_stop returned nothing"))?;
+                let (label, map) = line.split_once('|').expect("checked above");
+                self.stopped = Some((decode_hex(label)?, decode_hex(map)?));
+                Ok(())
+            }
+            Event::Abort => {
+                // Ending the session ends its backup mode.
+                self.close();
+                Ok(())
+            }
+            Event::PrepareSnapshot | Event::Freeze | Event::Thaw | Event::BackupComplete => Ok(()),
+        }
+    }
+
+    fn copy_additions(&mut self) -> Vec<CopyAddition> {
+        let Some((label, map)) = self.stopped.take() else { return Vec::new() };
+        let data = &self.data_directory;
+        let mut additions = vec![
+            CopyAddition::FromLive(data.join("pg_wal")),
+            CopyAddition::Contents(data.join("backup_label"), label.into_bytes()),
+            CopyAddition::Remove(data.join("postmaster.pid")),
+            CopyAddition::Remove(data.join("postmaster.opts")),
+        ];
+        if !map.is_empty() {
+            additions.push(CopyAddition::Contents(data.join("tablespace_map"), map.into_bytes()));
+        }
+        additions
+    }
+}
+
+impl Drop for PostgresWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
