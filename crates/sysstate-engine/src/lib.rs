@@ -10,6 +10,7 @@ pub mod components;
 pub mod config;
 pub mod credentials;
 mod error;
+pub mod jobs;
 pub mod ops;
 pub mod paths;
 pub mod shadow;

@@ -45,6 +45,10 @@ pub struct BackupRequest {
     pub wait: Option<std::time::Duration>,
     /// Fired by the binary's signal handler: thaws the writers at once.
     pub trigger: sysstate_shadow::ThawTrigger,
+    /// The job this backup runs as (named in the shadow-set lock).
+    pub job: Option<String>,
+    /// Told each operation as it starts.
+    pub phase: Option<sysstate_shadow::PhaseHook>,
 }
 
 /// What a backup did.
@@ -60,6 +64,8 @@ pub struct BackupReport {
     pub skipped_components: Vec<String>,
     /// True when this backup created the repository.
     pub created: bool,
+    /// What the shadow set did.
+    pub shadow: sysstate_shadow::ShadowSetRecord,
 }
 
 /// Turns resolved components into the archiver's selections and the manifest's records.
@@ -118,7 +124,14 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let protected = crate::shadow::protected_paths(&request.config, &request.root, Some(&request.target))?;
     let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
     let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
-    let shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
+    let mut shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
+    shadow_options.holder.job = request.job.clone();
+    shadow_options.phase = request.phase.clone();
+    let phase = |name: &str| {
+        if let Some(hook) = &request.phase {
+            (hook.0)(name);
+        }
+    };
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
@@ -136,6 +149,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         cancel: Some(request.trigger.flag()),
         origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
     };
+    phase("reading shadow copies");
     let skipped: Vec<Warning> = set
         .skipped()
         .iter()
@@ -143,7 +157,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         .collect();
     skipped.iter().for_each(|w| progress.warning(w));
     let outcome = archiver::backup(&repo, &options, progress);
-    set.complete(outcome.is_ok());
+    phase("releasing shadow copies");
+    let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;
     outcome.warnings.extend(skipped);
     Ok(BackupReport {
@@ -152,6 +167,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         warnings: outcome.warnings,
         skipped_components,
         created,
+        shadow: record,
     })
 }
 
@@ -222,6 +238,7 @@ fn shadow_options(
         },
         wait,
         persistent,
+        phase: None,
     })
 }
 

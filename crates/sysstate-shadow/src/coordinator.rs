@@ -34,6 +34,18 @@ pub struct ShadowSetOptions {
     pub wait: Option<Duration>,
     /// Keep the copy after [`ShadowSet::complete`].
     pub persistent: bool,
+    /// Told each phase as it starts (the job's current operation).
+    pub phase: Option<PhaseHook>,
+}
+
+/// A callback told the shadow set's phases.
+#[derive(Clone)]
+pub struct PhaseHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for PhaseHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhaseHook(..)")
+    }
 }
 
 /// One writer's part in a shadow set, for the version manifest.
@@ -454,6 +466,12 @@ fn run(
     windows: &[Duration],
 ) -> Result<(provider::Commit, ShadowSetRecord), ShadowError> {
     let count = members.writers.len();
+    let phase = |name: &str| {
+        if let Some(hook) = &options.phase {
+            (hook.0)(name);
+        }
+    };
+    phase("preparing writers");
     let mut guard = FailureGuard { members, watch, prepared: 0, storage: &options.storage, copy_id, armed: true };
     let interrupted = |trigger: &ThawTrigger| trigger.fired().map(ShadowError::Interrupted);
     let fail = |index: usize, phase: &'static str, error: crate::writer::WriterError| {
@@ -492,6 +510,7 @@ fn run(
     let budget = options.storage.budget()?;
 
     // Freeze, each writer with its own window.
+    phase("freezing writers");
     let freeze_started = Instant::now();
     for index in 0..count {
         if let Some(error) = interrupted(trigger) {
@@ -515,6 +534,7 @@ fn run(
     }
 
     // Commit.
+    phase("committing shadow copies");
     let commit_started = Instant::now();
     let dest = options.storage.copy_dir(copy_id).join("tree");
     // A base copy is refreshed from what it was made from; without that record it is made anew.

@@ -21,7 +21,9 @@ pub mod state;
 pub mod storage;
 pub mod writer;
 
-pub use coordinator::{Coordinator, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, WriterRecord};
+pub use coordinator::{
+    Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, WriterRecord, BASE_COPY,
+};
 pub use error::{ShadowError, WriterFailure};
 pub use lock::{LockHolder, ShadowSetLock};
 pub use writer::{ErrorClass, Event, Writer, WriterError};

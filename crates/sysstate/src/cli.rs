@@ -109,6 +109,27 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// The running job (like `Get-WBJob`), or the N most recent ended jobs.
+    Job {
+        /// The N most recent ended jobs, newest first.
+        #[arg(long)]
+        previous: Option<usize>,
+    },
+    /// The event log.
+    Events {
+        /// Only this source: repository, shadow, writer, engine.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this level and above: info, warning, error.
+        #[arg(long)]
+        level: Option<String>,
+        /// Only since this time (`2026-11-24`, `2026-11-24T10:00:00Z`) or this long ago (`2h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+    },
     /// The writers and their states (like `vssadmin list writers`).
     Writers,
     /// The shadow copy providers.

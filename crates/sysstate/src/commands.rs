@@ -93,12 +93,19 @@ fn prompt(text: &str) -> Result<Vec<u8>> {
     Ok(line.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
 }
 
-/// Prints warnings as they come (not with --quiet or --json).
-struct Printer {
+/// Prints warnings as they come (not with --quiet or --json) and feeds the job's progress.
+struct Printer<'a> {
     show: bool,
+    progress: Option<&'a sysstate_engine::jobs::ProgressWriter<'a>>,
 }
 
-impl Progress for Printer {
+impl Progress for Printer<'_> {
+    fn file_done(&self, bytes: u64) {
+        if let Some(progress) = self.progress {
+            progress.add(bytes);
+        }
+    }
+
     fn warning(&self, warning: &Warning) {
         if self.show {
             eprintln!("warning: `{}` {}", warning.path, warning.message);
@@ -139,6 +146,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             copy(&context, to, to_passphrase_file.as_deref(), versions)
         }
         Command::Key { command } => key(&context, command),
+        Command::Job { previous } => job(&context, *previous),
+        Command::Events { source, level, since, job } => events(&context, source, level, since, job),
         Command::Writers => crate::shadow::writers(&context.config, context.cli.global.json),
         Command::Providers => crate::shadow::providers(context.cli.global.json),
         Command::Shadows { command } => crate::shadow::shadows(&context.config, &context.cli.global, command.as_ref()),
@@ -148,6 +157,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
     }
 }
 
+/// A backup as a job: a row in the job store from start to end, its current operation and
+/// progress while it runs, and an event for its failure.
 fn backup(
     context: &Context<'_>,
     components: &[String],
@@ -155,6 +166,66 @@ fn backup(
     threads: usize,
     wait: Option<&str>,
 ) -> Result<Outcome> {
+    use sysstate_engine::jobs::{source_of, JobStore, ProgressWriter};
+    let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
+    let job = store.start("backup", Some(&context.target), components)?;
+    let progress = ProgressWriter::new(&store, &job);
+    let hook = {
+        let (store, job) = (store.clone(), job.clone());
+        sysstate_shadow::PhaseHook(std::sync::Arc::new(move |operation: &str| {
+            let _ = store.operation(&job, operation);
+        }))
+    };
+    let result = run_backup(context, components, tags, threads, wait, &job, hook, &progress);
+    progress.flush();
+    match result {
+        Ok((outcome, report)) => {
+            for copy in &report.shadow.deleted_to_make_room {
+                let message =
+                    format!("deleted persistent shadow copy {copy} to make room in `{}`", report.shadow.storage);
+                store.event(
+                    Some(&job),
+                    sysstate_types::Level::Warning,
+                    "shadow",
+                    ErrorCode::ShadowStorageOldestDeleted,
+                    &message,
+                    None,
+                )?;
+            }
+            if let Some(previous) = &report.shadow.lock_taken_over {
+                let message = format!("took over the shadow-set lock of {previous}, which is gone");
+                store.event(
+                    Some(&job),
+                    sysstate_types::Level::Warning,
+                    "shadow",
+                    ErrorCode::ShadowSetInProgress,
+                    &message,
+                    None,
+                )?;
+            }
+            let state = if matches!(outcome, Outcome::Success) { "succeeded" } else { "succeeded-with-warnings" };
+            store.finish(&job, state, Some(&report.id.to_hex()), None, "engine")?;
+            Ok(outcome)
+        }
+        Err(error) => {
+            let state = if error.code == ErrorCode::Cancelled { "cancelled" } else { "failed" };
+            store.finish(&job, state, None, Some(&error), source_of(error.code))?;
+            Err(error)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_backup(
+    context: &Context<'_>,
+    components: &[String],
+    tags: &[String],
+    threads: usize,
+    wait: Option<&str>,
+    job: &str,
+    hook: sysstate_shadow::PhaseHook,
+    progress: &sysstate_engine::jobs::ProgressWriter<'_>,
+) -> Result<(Outcome, ops::BackupReport)> {
     let wait = wait
         .map(|text| {
             sysstate_engine::shadow::parse_duration(text)
@@ -187,12 +258,15 @@ fn backup(
         threads,
         wait,
         trigger: crate::shadow::signal_trigger(),
+        job: Some(job.to_string()),
+        phase: Some(hook),
     };
-    let printer = Printer { show: !global.quiet && !global.json };
+    let printer = Printer { show: !global.quiet && !global.json, progress: Some(progress) };
     let report = ops::backup(&request, &passphrase, &printer)?;
     let stats = &report.version.stats;
     if global.json {
         print_json(&json!({
+            "job": job,
             "version": report.id.to_hex(),
             "created-repository": report.created,
             "components": report.version.components,
@@ -221,7 +295,7 @@ fn backup(
         ));
     }
     if report.warnings.is_empty() {
-        Ok(Outcome::Success)
+        Ok((Outcome::Success, report))
     } else {
         if !global.quiet && !global.json {
             eprintln!(
@@ -229,7 +303,7 @@ fn backup(
                 report.warnings.len()
             );
         }
-        Ok(Outcome::Warnings)
+        Ok((Outcome::Warnings, report))
     }
 }
 
@@ -331,7 +405,7 @@ fn walk_items(
 
 fn restore(context: &Context<'_>, version: &str, components: &[String], to: &Path, threads: usize) -> Result<Outcome> {
     let repo = context.open()?;
-    let printer = Printer { show: !context.cli.global.quiet && !context.cli.global.json };
+    let printer = Printer { show: !context.cli.global.quiet && !context.cli.global.json, progress: None };
     let started = std::time::Instant::now();
     let (id, outcome) = ops::restore_to(&repo, version, components, to, threads, Some(&printer))?;
     let stats = &outcome.stats;
@@ -575,6 +649,98 @@ fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
             let name = repo.add_key(&new_passphrase(new_passphrase_file.as_deref())?, KdfParams::default())?;
             repo.backend().remove(sysstate_repo::backend::FileKind::Key, repo.key_name())?;
             context.say(format!("passphrase changed: key {} replaces {}", &name[..8], &repo.key_name()[..8]));
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn job(context: &Context<'_>, previous: Option<usize>) -> Result<Outcome> {
+    let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+    let jobs = match previous {
+        Some(count) => store.previous(count)?,
+        None => store.running()?,
+    };
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&jobs).expect("jobs encode"));
+        return Ok(Outcome::Success);
+    }
+    if jobs.is_empty() {
+        println!("{}", if previous.is_some() { "no job has ended yet" } else { "no job is running" });
+    }
+    for job in &jobs {
+        println!("job {} ({}): {}", job.id, job.kind, job.state);
+        println!(
+            "   started: {}{}",
+            job.started,
+            job.ended.as_ref().map(|e| format!(", ended: {e}")).unwrap_or_default()
+        );
+        if let Some(operation) = &job.current_operation {
+            println!("   current operation: {operation}");
+        }
+        let progress = &job.progress;
+        println!("   progress: {} files, {}", progress.files_done, bytes(progress.bytes_done));
+        if let Some(version) = &job.version {
+            println!("   version: {}", &version[..8.min(version.len())]);
+        }
+        if let Some(error) = &job.error {
+            println!("   error[{}]: {}", error.code, error.message);
+            println!("     cause: {}", error.cause);
+            println!("     resolution: {}", error.resolution);
+        }
+        if let Some(log) = &job.log_path {
+            println!("   log: {log}");
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn events(
+    context: &Context<'_>,
+    source: &Option<String>,
+    level: &Option<String>,
+    since: &Option<String>,
+    job: &Option<String>,
+) -> Result<Outcome> {
+    let level = match level.as_deref() {
+        None => None,
+        Some("info") => Some(sysstate_types::Level::Info),
+        Some("warning") => Some(sysstate_types::Level::Warning),
+        Some("error") => Some(sysstate_types::Level::Error),
+        Some(other) => {
+            return Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("`--level {other}`: use info, warning or error"),
+            ))
+        }
+    };
+    let since_ns = match since {
+        None => None,
+        Some(text) => Some(match sysstate_types::time::parse_utc(text) {
+            Some(ns) => ns,
+            None => {
+                let ago = sysstate_engine::shadow::parse_duration(text)
+                    .map_err(|_| EngineError::new(ErrorCode::InvalidInput, format!("`--since {text}`: use a date (`2026-11-24`), a time (`2026-11-24T10:00:00Z`) or a duration (`2h`)")))?;
+                sysstate_repo::lock::now_ns() - ago.as_nanos() as i64
+            }
+        }),
+    };
+    let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+    let filter = sysstate_engine::jobs::EventFilter { source: source.clone(), level, since_ns, job: job.clone() };
+    let events = store.events(&filter)?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&events).expect("events encode"));
+    } else {
+        for event in &events {
+            println!(
+                "{} {:<7} {:<10} {} {}: {}{}",
+                event.time,
+                event.level,
+                event.source,
+                event.event_id,
+                event.code,
+                event.message,
+                event.job.as_ref().map(|j| format!(" (job {j})")).unwrap_or_default()
+            );
         }
     }
     Ok(Outcome::Success)

@@ -51,6 +51,7 @@ fn component_missing_and_unknown_config_keys() {
     std::fs::create_dir_all(root.join("etc")).unwrap();
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "nope"]);
     stderr_has_code(&output, "component-missing");
+    assert_job_failed(&sandbox, "component-missing");
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "efi"]);
     stderr_has_code(&output, "component-missing");
     assert!(text(&output.stderr).contains("/boot/efi"), "{}", text(&output.stderr));
@@ -101,6 +102,7 @@ fn target_full_keeps_earlier_versions() {
     std::fs::write(root.join("data/too-big"), rng.bytes(6 << 20)).unwrap();
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
     stderr_has_code(&output, "target-full");
+    assert_job_failed(&sandbox, "target-full");
     assert!(text(&output.stderr).contains(&sandbox.target), "names the target: {}", text(&output.stderr));
     // Make room for the check's lease; the earlier version is intact.
     let to = sandbox.path("restored");
@@ -123,6 +125,7 @@ fn target_permission_on_a_read_only_target() {
     assert!(Command::new("mount").args(["-o", "remount,ro"]).arg(&mount.0).status().unwrap().success());
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
     stderr_has_code(&output, "target-permission");
+    assert_job_failed(&sandbox, "target-permission");
 }
 
 #[test]
@@ -142,6 +145,7 @@ fn repository_locked_names_the_holder_and_a_dead_holder_is_taken_over() {
     }
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
     stderr_has_code(&output, "repository-locked");
+    assert_job_failed(&sandbox, "repository-locked");
     let stderr = text(&output.stderr);
     assert!(stderr.contains(&format!("pid {}", holder.id())) && stderr.contains("`prune`"), "{stderr}");
     holder.kill().unwrap();

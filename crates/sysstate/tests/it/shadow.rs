@@ -104,6 +104,7 @@ fn a_writer_frozen_past_its_window_is_writer_timeout_and_is_thawed() {
     let started = Instant::now();
     let output = run_backup(&sandbox, &root);
     let stderr = expect_code(&output, "writer-timeout");
+    assert_job_failed(&sandbox, "writer-timeout");
     assert!(started.elapsed() < Duration::from_secs(3), "the freeze was not cut at its window");
     for needle in ["`slowdb`", "500 ms", "frozen for", "system pressure", "load "] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
@@ -144,6 +145,7 @@ fn a_process_writer_killed_mid_freeze_is_writer_not_responding() {
     std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
     let output = run_backup(&sandbox, &root);
     let stderr = expect_code(&output, "writer-not-responding");
+    assert_job_failed(&sandbox, "writer-not-responding");
     assert!(stderr.contains("`proc`") && stderr.contains("freeze"), "{stderr}");
     assert_eq!(writer_state(&sandbox, "proc")["state"], "failed-at-freeze");
     assert_storage_empty(&sandbox);
@@ -158,6 +160,7 @@ fn a_process_writer_replying_retryable_is_writer_retryable() {
     );
     std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
     let stderr = expect_code(&run_backup(&sandbox, &root), "writer-retryable");
+    assert_job_failed(&sandbox, "writer-retryable");
     assert!(stderr.contains("database busy, checkpoint running"), "{stderr}");
     assert_eq!(writer_state(&sandbox, "proc")["state"], "failed-at-prepare-backup");
     let json = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 2);
@@ -182,7 +185,20 @@ fn a_second_shadow_set_fails_naming_the_first_and_a_dead_holder_is_taken_over() 
     let mut first = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
     wait_for(&sandbox.path("frozen"));
     let stderr = expect_code(&run_backup(&sandbox, &root), "shadow-set-in-progress");
+    assert_job_failed(&sandbox, "shadow-set-in-progress");
     assert!(stderr.contains(&format!("pid {}", first.id())) && stderr.contains("backup"), "{stderr}");
+    // From another process: the first backup is the running job, frozen on its writer.
+    let running = sandbox.json(&["job"], 0);
+    let running = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["pid"] == first.id())
+        .cloned()
+        .unwrap_or_else(|| panic!("the running job is not shown: {running}"));
+    assert_eq!(running["state"], "running");
+    assert_eq!(running["current-operation"], "freezing writers", "{running}");
+    assert!(stderr.contains(running["id"].as_str().unwrap()), "the holder's job id is not named: {stderr}");
     // The holder dies: its lock goes with it, and the next set takes over.
     first.kill().unwrap();
     first.wait().unwrap();
@@ -206,6 +222,7 @@ fn a_commit_past_commit_timeout_is_commit_timeout() {
         .output()
         .unwrap();
     let stderr = expect_code(&output, "commit-timeout");
+    assert_job_failed(&sandbox, "commit-timeout");
     assert!(stderr.contains("1000 ms") && stderr.contains("commit"), "{stderr}");
     assert_storage_empty(&sandbox);
 }
@@ -240,6 +257,7 @@ fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
     std::fs::write(root.join("data/big"), rng.bytes(2 << 20)).unwrap();
     let output = run_backup(&sandbox, &root);
     let stderr = expect_code(&output, "shadow-storage-full");
+    assert_job_failed(&sandbox, "shadow-storage-full");
     let location = sandbox.path("storage").display().to_string();
     for needle in [mount.as_str(), location.as_str(), "409600 bytes", "needed", "shadowstorage resize"] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
@@ -277,6 +295,8 @@ fn sigterm_during_the_freeze_thaws_the_writers() {
     assert!(signalled.elapsed() < Duration::from_millis(2500), "thawed only after {:?}", signalled.elapsed());
     let status = child.wait().unwrap();
     assert!(!status.success());
+    assert_job_failed(&sandbox, "cancelled");
+    assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled");
     assert_storage_empty(&sandbox);
     // The lock is free again.
     std::fs::write(sandbox.path("config.toml"), DATA).unwrap();
@@ -410,6 +430,7 @@ fn the_dpkg_writer_waits_for_apt_then_names_it() {
     let started = Instant::now();
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "packages"]);
     let stderr = expect_code(&output, "writer-retryable");
+    assert_job_failed(&sandbox, "writer-retryable");
     assert!(started.elapsed() >= Duration::from_secs(1), "did not wait for the holder");
     for needle in ["lock-frontend", &format!("pid {}", apt.id()), "python3", "waited"] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");

@@ -268,3 +268,28 @@ pub fn assert_same(expected: &BTreeMap<PathBuf, Entry>, actual: &BTreeMap<PathBu
         problems.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
 }
+
+/// The last ended job failed with `code`, with a cause, a resolution and the code's event id,
+/// and the event log holds that error for it.
+pub fn assert_job_failed(sandbox: &Sandbox, code: &str) {
+    let jobs = sandbox.json(&["job", "--previous", "1"], 0);
+    let job = &jobs[0];
+    assert!(job["state"] == "failed" || job["state"] == "cancelled", "{job}");
+    assert_eq!(job["error"]["code"], code, "{job}");
+    assert!(
+        !job["error"]["cause"].as_str().unwrap().is_empty() && !job["error"]["resolution"].as_str().unwrap().is_empty(),
+        "{job}"
+    );
+    let id = job["id"].as_str().unwrap();
+    let events = sandbox.json(&["events", "--job", id, "--level", "error"], 0);
+    let event = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["code"] == code)
+        .unwrap_or_else(|| panic!("no {code} event for job {id}: {events}"));
+    assert_eq!(event["event-id"], job["error"]["event-id"]);
+    assert!(!event["source"].as_str().unwrap().is_empty());
+    let log = std::fs::read_to_string(job["log-path"].as_str().unwrap()).unwrap();
+    assert!(log.contains(code), "the job log does not name {code}:\n{log}");
+}

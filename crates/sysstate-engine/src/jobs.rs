@@ -1,0 +1,496 @@
+//! The job store and the event log (DESIGN §4): SQLite in WAL mode in the state directory,
+//! shared by every CLI process and the daemon. A job row lives from its start to its end and is
+//! updated while it runs (current operation, progress), so `sysstate job` in another process
+//! shows it; events are appended by every layer with a level, a source, a numeric id and a
+//! stable code. Rows older than the retention are pruned when a job starts.
+
+use crate::error::{EngineError, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use sysstate_types::{ErrorCode, Level};
+
+/// How long ended jobs and events are kept.
+pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_ns INTEGER NOT NULL,
+    ended_ns INTEGER,
+    target TEXT,
+    components TEXT NOT NULL DEFAULT '[]',
+    current_operation TEXT,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    files_done INTEGER NOT NULL DEFAULT 0,
+    files_total INTEGER NOT NULL DEFAULT 0,
+    version TEXT,
+    log_path TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    error_cause TEXT,
+    error_resolution TEXT,
+    error_event_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_ns);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ns INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL,
+    job TEXT,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
+";
+
+fn now_ns() -> i64 {
+    sysstate_repo::lock::now_ns()
+}
+
+fn db_error(path: &Path, error: rusqlite::Error) -> EngineError {
+    EngineError::new(ErrorCode::StateDirPermission, format!("the job database `{}`: {error}", path.display()))
+        .with_resolution("check that the state directory is writable by the service user (`sysstate doctor --fix`)")
+}
+
+/// The progress of a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Progress {
+    /// Bytes processed.
+    pub bytes_done: u64,
+    /// Bytes to process, when known.
+    pub bytes_total: u64,
+    /// Files processed.
+    pub files_done: u64,
+    /// Files to process, when known.
+    pub files_total: u64,
+}
+
+/// A job's error (DESIGN §4 job JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobError {
+    /// The code.
+    pub code: String,
+    /// The message.
+    pub message: String,
+    /// The cause.
+    pub cause: String,
+    /// The resolution.
+    pub resolution: String,
+    /// The event id.
+    pub event_id: u32,
+}
+
+/// A job as `sysstate job --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobRecord {
+    /// Its id.
+    pub id: String,
+    /// `backup`, `restore`, …
+    pub kind: String,
+    /// `running`, `succeeded`, `succeeded-with-warnings`, `failed`, `cancelled`.
+    pub state: String,
+    /// The process running it.
+    pub pid: u32,
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// When it ended.
+    pub ended: Option<String>,
+    /// The target.
+    pub target: Option<String>,
+    /// The components.
+    pub components: Vec<String>,
+    /// What it is doing now.
+    pub current_operation: Option<String>,
+    /// How far it is.
+    pub progress: Progress,
+    /// The version it made.
+    pub version: Option<String>,
+    /// Its log file.
+    pub log_path: Option<String>,
+    /// Its error.
+    pub error: Option<JobError>,
+}
+
+/// An event as `sysstate events --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EventRecord {
+    /// When (RFC 3339).
+    pub time: String,
+    /// `info`, `warning`, `error`.
+    pub level: String,
+    /// `repository`, `shadow`, `writer`, `engine`.
+    pub source: String,
+    /// The numeric id.
+    pub event_id: u32,
+    /// The stable code.
+    pub code: String,
+    /// The message.
+    pub message: String,
+    /// The job it belongs to.
+    pub job: Option<String>,
+    /// Details.
+    pub data: Option<serde_json::Value>,
+}
+
+/// Filters of `sysstate events`.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this level and above.
+    pub level: Option<Level>,
+    /// Only since this time (ns).
+    pub since_ns: Option<i64>,
+    /// Only this job.
+    pub job: Option<String>,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct JobStore {
+    connection: Mutex<Connection>,
+    path: PathBuf,
+    state_dir: PathBuf,
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Info => "info",
+        Level::Warning => "warning",
+        Level::Error => "error",
+    }
+}
+
+impl JobStore {
+    /// Opens (creating) the store in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<JobStore> {
+        let path = state_dir.join("sysstate.db");
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            EngineError::new(
+                ErrorCode::StateDirPermission,
+                format!("cannot create the state directory `{}`: {e}", state_dir.display()),
+            )
+        })?;
+        let connection = Connection::open(&path).map_err(|e| db_error(&path, e))?;
+        connection.busy_timeout(Duration::from_secs(10)).map_err(|e| db_error(&path, e))?;
+        connection.pragma_update(None, "journal_mode", "WAL").map_err(|e| db_error(&path, e))?;
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| db_error(&path, e))?;
+        connection.execute_batch(SCHEMA).map_err(|e| db_error(&path, e))?;
+        Ok(JobStore { connection: Mutex::new(connection), path, state_dir: state_dir.to_path_buf() })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let connection = self.connection.lock().expect("db lock");
+        f(&connection).map_err(|e| db_error(&self.path, e))
+    }
+
+    /// Starts a job: a `running` row and a log file. Prunes rows past the retention.
+    pub fn start(&self, kind: &str, target: Option<&str>, components: &[String]) -> Result<String> {
+        let mut random = [0u8; 6];
+        getrandom::getrandom(&mut random).expect("the kernel's random source is available");
+        let now = now_ns();
+        let id = format!(
+            "{}-{}",
+            sysstate_types::time::format_utc(now).replace([':', '-'], "").trim_end_matches('Z'),
+            hex::encode(random)
+        );
+        let logs = self.state_dir.join("logs");
+        let log_path = logs.join(format!("{id}.log"));
+        let _ = std::fs::create_dir_all(&logs);
+        let cutoff = now - RETENTION.as_nanos() as i64;
+        self.with(|db| {
+            db.execute("DELETE FROM jobs WHERE ended_ns IS NOT NULL AND ended_ns < ?1", params![cutoff])?;
+            db.execute("DELETE FROM events WHERE time_ns < ?1", params![cutoff])?;
+            db.execute(
+                "INSERT INTO jobs (id, kind, state, pid, started_ns, target, components, log_path) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
+                params![id, kind, std::process::id(), now, target, serde_json::to_string(components).expect("names encode"), log_path.display().to_string()],
+            )
+        })?;
+        self.log(&id, &format!("{kind} started (pid {})", std::process::id()));
+        Ok(id)
+    }
+
+    /// Appends a line to a job's log file.
+    pub fn log(&self, job: &str, line: &str) {
+        use std::io::Write;
+        let path = self.state_dir.join("logs").join(format!("{job}.log"));
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "{} {line}", sysstate_types::time::format_utc(now_ns()));
+        }
+    }
+
+    /// Sets what a job is doing now.
+    pub fn operation(&self, job: &str, operation: &str) -> Result<()> {
+        self.log(job, operation);
+        self.with(|db| db.execute("UPDATE jobs SET current_operation = ?2 WHERE id = ?1", params![job, operation]))
+            .map(|_| ())
+    }
+
+    /// Updates a job's progress.
+    pub fn progress(&self, job: &str, progress: &Progress) -> Result<()> {
+        self.with(|db| {
+            db.execute(
+                "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, files_done = ?4, files_total = ?5 WHERE id = ?1",
+                params![job, progress.bytes_done, progress.bytes_total, progress.files_done, progress.files_total],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Ends a job. A failure is written as an event too; returns the event's id.
+    pub fn finish(
+        &self,
+        job: &str,
+        state: &str,
+        version: Option<&str>,
+        error: Option<&EngineError>,
+        source: &str,
+    ) -> Result<()> {
+        let now = now_ns();
+        if let Some(error) = error {
+            self.event(Some(job), error.code.level(), source, error.code, &error.message, None)?;
+        }
+        self.log(
+            job,
+            &format!(
+                "ended: {state}{}",
+                error.map(|e| format!(": error[{}]: {}", e.code, e.message)).unwrap_or_default()
+            ),
+        );
+        self.with(|db| {
+            db.execute(
+                "UPDATE jobs SET state = ?2, ended_ns = ?3, version = ?4, current_operation = NULL, error_code = ?5, error_message = ?6, error_cause = ?7, error_resolution = ?8, error_event_id = ?9 WHERE id = ?1",
+                params![
+                    job,
+                    state,
+                    now,
+                    version,
+                    error.map(|e| e.code.as_str()),
+                    error.map(|e| e.message.clone()),
+                    error.map(|e| e.cause().to_string()),
+                    error.map(|e| e.resolution().to_string()),
+                    error.map(|e| e.code.event_id()),
+                ],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Appends an event.
+    pub fn event(
+        &self,
+        job: Option<&str>,
+        level: Level,
+        source: &str,
+        code: ErrorCode,
+        message: &str,
+        data: Option<serde_json::Value>,
+    ) -> Result<()> {
+        if let Some(job) = job {
+            self.log(job, &format!("{} {source} {}[{}]: {message}", level_name(level), code.event_id(), code));
+        }
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO events (time_ns, level, source, event_id, code, message, job, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![now_ns(), level_name(level), source, code.event_id(), code.as_str(), message, job, data.map(|d| d.to_string())],
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+        let ended: Option<i64> = row.get("ended_ns")?;
+        let code: Option<String> = row.get("error_code")?;
+        let components: String = row.get("components")?;
+        Ok(JobRecord {
+            id: row.get("id")?,
+            kind: row.get("kind")?,
+            state: row.get("state")?,
+            pid: row.get("pid")?,
+            started: sysstate_types::time::format_utc(row.get("started_ns")?),
+            ended: ended.map(sysstate_types::time::format_utc),
+            target: row.get("target")?,
+            components: serde_json::from_str(&components).unwrap_or_default(),
+            current_operation: row.get("current_operation")?,
+            progress: Progress {
+                bytes_done: row.get("bytes_done")?,
+                bytes_total: row.get("bytes_total")?,
+                files_done: row.get("files_done")?,
+                files_total: row.get("files_total")?,
+            },
+            version: row.get("version")?,
+            log_path: row.get("log_path")?,
+            error: match code {
+                Some(code) => Some(JobError {
+                    code,
+                    message: row.get("error_message")?,
+                    cause: row.get("error_cause")?,
+                    resolution: row.get("error_resolution")?,
+                    event_id: row.get("error_event_id")?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Jobs still running. A `running` row whose process is gone is ended as failed.
+    pub fn running(&self) -> Result<Vec<JobRecord>> {
+        let jobs: Vec<JobRecord> = self.with(|db| {
+            let mut statement = db.prepare("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_ns DESC")?;
+            let rows = statement.query_map([], Self::read_job)?;
+            rows.collect()
+        })?;
+        let mut alive = Vec::new();
+        for job in jobs {
+            if sysstate_repo::lock::process_alive(job.pid, None) {
+                alive.push(job);
+            } else {
+                let error = EngineError::new(
+                    ErrorCode::Cancelled,
+                    format!(
+                        "job {} ended without a word: its process {} is gone (killed, or the machine restarted)",
+                        job.id, job.pid
+                    ),
+                );
+                self.finish(&job.id, "failed", None, Some(&error), "engine")?;
+            }
+        }
+        Ok(alive)
+    }
+
+    /// The `count` most recent ended jobs, newest first.
+    pub fn previous(&self, count: usize) -> Result<Vec<JobRecord>> {
+        self.with(|db| {
+            let mut statement = db.prepare(
+                "SELECT * FROM jobs WHERE state != 'running' ORDER BY ended_ns DESC, started_ns DESC LIMIT ?1",
+            )?;
+            let rows = statement.query_map(params![count as i64], Self::read_job)?;
+            rows.collect()
+        })
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+        self.with(|db| db.query_row("SELECT * FROM jobs WHERE id = ?1", params![id], Self::read_job).optional())
+    }
+
+    /// Events, oldest first.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventRecord>> {
+        let levels: Vec<&str> = match filter.level {
+            None | Some(Level::Info) => vec!["info", "warning", "error"],
+            Some(Level::Warning) => vec!["warning", "error"],
+            Some(Level::Error) => vec!["error"],
+        };
+        self.with(|db| {
+            let mut statement = db.prepare(
+                "SELECT time_ns, level, source, event_id, code, message, job, data FROM events
+                 WHERE (?1 IS NULL OR source = ?1) AND (?2 IS NULL OR time_ns >= ?2) AND (?3 IS NULL OR job = ?3)
+                 ORDER BY seq",
+            )?;
+            let rows = statement.query_map(params![filter.source, filter.since_ns, filter.job], |row| {
+                let data: Option<String> = row.get(7)?;
+                Ok(EventRecord {
+                    time: sysstate_types::time::format_utc(row.get(0)?),
+                    level: row.get(1)?,
+                    source: row.get(2)?,
+                    event_id: row.get(3)?,
+                    code: row.get(4)?,
+                    message: row.get(5)?,
+                    job: row.get(6)?,
+                    data: data.and_then(|d| serde_json::from_str(&d).ok()),
+                })
+            })?;
+            rows.filter(|r| r.as_ref().map(|e| levels.contains(&e.level.as_str())).unwrap_or(true)).collect()
+        })
+    }
+}
+
+/// The layer an error code comes from: the `source` of its event.
+pub fn source_of(code: ErrorCode) -> &'static str {
+    use ErrorCode::*;
+    match code {
+        WriterTimeout | WriterRetryable | WriterNonretryable | WriterOutOfResources | WriterInconsistent
+        | WriterNotResponding => "writer",
+        ShadowSetInProgress | CommitTimeout | ShadowStorageFull | ShadowStorageOldestDeleted => "shadow",
+        TargetUnavailable | TargetFull | TargetPermission | RepositoryLocked | RepositoryCorrupt | WrongPassphrase => {
+            "repository"
+        }
+        _ => "engine",
+    }
+}
+
+/// Throttles progress writes to the store (at most every half second).
+#[derive(Debug)]
+pub struct ProgressWriter<'s> {
+    store: &'s JobStore,
+    job: String,
+    state: Mutex<(Progress, Instant)>,
+}
+
+impl<'s> ProgressWriter<'s> {
+    /// For `job`.
+    pub fn new(store: &'s JobStore, job: &str) -> Self {
+        ProgressWriter { store, job: job.to_string(), state: Mutex::new((Progress::default(), Instant::now())) }
+    }
+
+    /// Adds a file of `bytes`.
+    pub fn add(&self, bytes: u64) {
+        let mut state = self.state.lock().expect("progress lock");
+        state.0.files_done += 1;
+        state.0.bytes_done += bytes;
+        if state.1.elapsed() >= Duration::from_millis(500) {
+            state.1 = Instant::now();
+            let _ = self.store.progress(&self.job, &state.0);
+        }
+    }
+
+    /// Writes the final counts.
+    pub fn flush(&self) {
+        let state = self.state.lock().expect("progress lock");
+        let _ = self.store.progress(&self.job, &state.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_lives_from_start_to_end_with_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let id = store.start("backup", Some("/t"), &["config".into()]).unwrap();
+        store.operation(&id, "reading shadow copies").unwrap();
+        let running = JobStore::open(dir.path()).unwrap().running().unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].current_operation.as_deref(), Some("reading shadow copies"));
+        let error = EngineError::new(ErrorCode::WriterTimeout, "writer `db` was frozen too long");
+        store.finish(&id, "failed", None, Some(&error), "shadow").unwrap();
+        let previous = store.previous(1).unwrap();
+        assert_eq!(previous[0].state, "failed");
+        assert_eq!(previous[0].error.as_ref().unwrap().code, "writer-timeout");
+        assert_eq!(previous[0].error.as_ref().unwrap().event_id, 1001);
+        let events = store.events(&EventFilter { level: Some(Level::Error), ..Default::default() }).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].source, "shadow");
+        assert!(store
+            .events(&EventFilter { source: Some("repository".into()), ..Default::default() })
+            .unwrap()
+            .is_empty());
+        assert!(std::fs::read_to_string(previous[0].log_path.as_ref().unwrap()).unwrap().contains("writer-timeout"));
+    }
+}
