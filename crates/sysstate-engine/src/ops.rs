@@ -89,7 +89,7 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
             Some(builder.build().map_err(|error| EngineError::new(ErrorCode::InvalidInput, error.to_string()))?)
         };
         for path in &item.present {
-            selections.push(Selection { path: PathBuf::from(path), exclude: exclude.clone() });
+            selections.push(Selection { path: PathBuf::from(path), exclude: exclude.clone(), source: None });
         }
         records.push(ComponentRecord {
             name: item.component.name.clone(),
@@ -125,6 +125,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
     let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
     let mut shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
+    split_by_volume(&request.config, &request.root, &mut shadow_options)?;
     shadow_options.holder.job = request.job.clone();
     shadow_options.phase = request.phase.clone();
     let phase = |name: &str| {
@@ -135,6 +136,10 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
+    let mut selections = selections;
+    for selection in &mut selections {
+        selection.source = set.source_for(&selection.path);
+    }
     let options = BackupOptions {
         root: set.root().to_path_buf(),
         live_root: request.root.clone(),
@@ -239,6 +244,7 @@ fn shadow_options(
         wait,
         persistent,
         phase: None,
+        extra: Vec::new(),
     })
 }
 
@@ -259,4 +265,25 @@ pub fn create_persistent(
     let set =
         sysstate_shadow::Coordinator::new(writers).create(&options, &trigger).map_err(crate::shadow::shadow_error)?;
     Ok(set.complete(true))
+}
+
+/// Moves the paths that lie on a volume with its own `[[shadow.storage]]` into a group of their
+/// own, so their copies go to (and are counted against) that volume's storage.
+fn split_by_volume(config: &Config, root: &Path, options: &mut sysstate_shadow::ShadowSetOptions) -> Result<()> {
+    let areas = crate::shadow::storage_areas(config, &crate::paths::state_dir())?;
+    let mut primary = Vec::new();
+    let mut groups: Vec<sysstate_shadow::VolumeGroup> = Vec::new();
+    for path in std::mem::take(&mut options.paths) {
+        let volume = crate::shadow::mount_point(&components::under_root(root, &path.display().to_string()));
+        match areas.iter().find(|a| a.for_volume == volume && a.on != options.storage.on) {
+            Some(area) => match groups.iter_mut().find(|g| g.storage.on == area.on) {
+                Some(group) => group.paths.push(path),
+                None => groups.push(sysstate_shadow::VolumeGroup { storage: area.clone(), paths: vec![path] }),
+            },
+            None => primary.push(path),
+        }
+    }
+    options.paths = primary;
+    options.extra = groups;
+    Ok(())
 }

@@ -37,6 +37,8 @@ pub struct Selection {
     /// Glob patterns matched against paths relative to the root (`etc/*.tmp`) and against
     /// file names (`*.tmp`).
     pub exclude: Option<GlobSet>,
+    /// Where to read it, when not under the root (a copy in another volume's shadow storage).
+    pub source: Option<PathBuf>,
 }
 
 /// What to back up and how.
@@ -137,6 +139,8 @@ struct BlobJob {
 struct SelectionNode {
     children: BTreeMap<Vec<u8>, SelectionNode>,
     whole: Option<Option<GlobSet>>,
+    /// Where a whole selection is read from, when not under the root.
+    source: Option<PathBuf>,
 }
 
 impl SelectionNode {
@@ -150,6 +154,7 @@ impl SelectionNode {
                 }
             }
             node.whole = Some(selection.exclude.clone());
+            node.source = selection.source.clone();
         }
         root
     }
@@ -310,7 +315,7 @@ impl Walker<'_, '_> {
         let mut pending = Vec::new();
         for (name, child) in &selection.children {
             let name_os = std::ffi::OsStr::from_bytes(name);
-            let path = dir.join(name_os);
+            let path = child.source.clone().unwrap_or_else(|| dir.join(name_os));
             let shown_child = shown.join(name_os);
             let meta = match std::fs::symlink_metadata(&path) {
                 Ok(meta) => meta,
@@ -363,12 +368,21 @@ impl Walker<'_, '_> {
                 Vec::new()
             }
         };
+        // Selections read from another volume's copy are not in this copy's listing.
+        if let Some(selection) = selection {
+            for (name, child) in &selection.children {
+                let name = std::ffi::OsStr::from_bytes(name).to_os_string();
+                if child.source.is_some() && !entries.contains(&name) {
+                    entries.push(name);
+                }
+            }
+        }
         entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut pending = Vec::with_capacity(entries.len());
         for name in entries {
-            let path = dir.join(&name);
             let shown_child = shown.join(&name);
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
+            let path = nested.and_then(|n| n.source.clone()).unwrap_or_else(|| dir.join(&name));
             let exclude = match nested.and_then(|n| n.whole.as_ref()) {
                 Some(own) => own.as_ref(),
                 None => exclude,

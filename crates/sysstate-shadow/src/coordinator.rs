@@ -36,6 +36,26 @@ pub struct ShadowSetOptions {
     pub persistent: bool,
     /// Told each phase as it starts (the job's current operation).
     pub phase: Option<PhaseHook>,
+    /// Paths on other volumes, each group copied into its own volume's storage area under the
+    /// same freeze (`paths` and `storage` are the root volume's).
+    pub extra: Vec<VolumeGroup>,
+}
+
+/// Paths on one volume and the storage area that holds their copies.
+#[derive(Debug, Clone)]
+pub struct VolumeGroup {
+    /// The storage area for the volume.
+    pub storage: StorageArea,
+    /// The paths, absolute as seen from the root.
+    pub paths: Vec<PathBuf>,
+}
+
+/// A copy of another volume's paths in its own storage area.
+#[derive(Debug, Clone)]
+struct ExtraCopy {
+    storage: StorageArea,
+    paths: Vec<PathBuf>,
+    root: PathBuf,
 }
 
 /// A callback told the shadow set's phases.
@@ -256,6 +276,8 @@ pub struct ShadowSet {
     record: ShadowSetRecord,
     /// The copy stays after the set: a persistent copy, or the base copy.
     keep_copy: bool,
+    /// Copies of the paths on other volumes.
+    extra: Vec<ExtraCopy>,
     completed: bool,
     _lock: ShadowSetLock,
 }
@@ -273,6 +295,15 @@ impl ShadowSet {
     /// The directory that stands for `/` in the copies.
     pub fn root(&self) -> &Path {
         &self.tree
+    }
+
+    /// Where to read `path` (absolute as seen from the root) when it lies on another volume
+    /// whose copy is in that volume's own storage; `None` for paths in [`root`](Self::root).
+    pub fn source_for(&self, path: &Path) -> Option<PathBuf> {
+        self.extra
+            .iter()
+            .find(|extra| extra.paths.iter().any(|p| path.starts_with(p)))
+            .map(|extra| extra.root.join(path.strip_prefix("/").unwrap_or(path)))
     }
 
     /// The live identity of a copied entry, by its absolute path as seen from the root.
@@ -323,6 +354,11 @@ impl ShadowSet {
             if let Err(error) = self.storage.delete(&self.copy_id) {
                 tracing::warn!(%error, "cannot release the shadow copy");
             }
+            for extra in &self.extra {
+                if let Err(error) = extra.storage.delete(&self.copy_id) {
+                    tracing::warn!(%error, "cannot release the shadow copy");
+                }
+            }
         }
     }
 }
@@ -361,6 +397,7 @@ struct FailureGuard<'a> {
     watch: &'a Watch,
     prepared: usize,
     storage: &'a StorageArea,
+    extra: &'a [VolumeGroup],
     copy_id: &'a str,
     armed: bool,
 }
@@ -379,6 +416,9 @@ impl Drop for FailureGuard<'_> {
             }
         }
         let _ = self.storage.delete(self.copy_id);
+        for group in self.extra {
+            let _ = group.storage.delete(self.copy_id);
+        }
     }
 }
 
@@ -434,7 +474,7 @@ impl Coordinator {
         watch.wake.notify_all();
         let _ = watchdog_thread.join();
         trigger.inner.watchers.lock().expect("watchers lock").retain(|w| !Arc::ptr_eq(w, &watch));
-        let (commit, mut record) = result?;
+        let (commit, extra, mut record) = result?;
         record.lock_taken_over = taken_over;
         let tree = commit.root.clone();
         // A snapshot is never a base: it is made whole each time and released after.
@@ -449,6 +489,7 @@ impl Coordinator {
             skipped: commit.skipped,
             record,
             keep_copy,
+            extra,
             completed: false,
             _lock: lock,
         })
@@ -464,7 +505,7 @@ fn run(
     set_id: &str,
     copy_id: &str,
     windows: &[Duration],
-) -> Result<(provider::Commit, ShadowSetRecord), ShadowError> {
+) -> Result<(provider::Commit, Vec<ExtraCopy>, ShadowSetRecord), ShadowError> {
     let count = members.writers.len();
     let phase = |name: &str| {
         if let Some(hook) = &options.phase {
@@ -472,7 +513,15 @@ fn run(
         }
     };
     phase("preparing writers");
-    let mut guard = FailureGuard { members, watch, prepared: 0, storage: &options.storage, copy_id, armed: true };
+    let mut guard = FailureGuard {
+        members,
+        watch,
+        prepared: 0,
+        storage: &options.storage,
+        extra: &options.extra,
+        copy_id,
+        armed: true,
+    };
     let interrupted = |trigger: &ThawTrigger| trigger.fired().map(ShadowError::Interrupted);
     let fail = |index: usize, phase: &'static str, error: crate::writer::WriterError| {
         members.state(index, &format!("failed-at-{phase}"), Some(error.message.clone()));
@@ -508,6 +557,28 @@ fn run(
         tracing::warn!(copy = %copy.id, created = %sysstate_types::time::format_utc(copy.created_ns), "shadow-storage-oldest-deleted: deleted an older persistent shadow copy to make room");
     }
     let budget = options.storage.budget()?;
+    let mut extra_budgets = Vec::new();
+    for group in &options.extra {
+        let needed =
+            if options.provider == ProviderChoice::Copy { provider::estimate(&options.root, &group.paths) } else { 0 };
+        group.storage.make_room(needed)?;
+        extra_budgets.push((needed, group.storage.budget()?));
+    }
+    // Never copy another group's paths, nor shadow storage itself (as seen from the root).
+    let storage_dirs: Vec<PathBuf> = std::iter::once(&options.storage)
+        .chain(options.extra.iter().map(|g| &g.storage))
+        .filter_map(|storage| storage.on.strip_prefix(&options.root).ok().map(|inside| Path::new("/").join(inside)))
+        .collect();
+    let skip_for = |own: Option<usize>| -> Vec<PathBuf> {
+        let others = options
+            .extra
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != own)
+            .flat_map(|(_, g)| g.paths.iter().cloned());
+        others.chain(storage_dirs.iter().cloned()).collect()
+    };
+    let skip = skip_for(None);
 
     // Freeze, each writer with its own window.
     phase("freezing writers");
@@ -556,6 +627,10 @@ fn run(
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
+        // Extra volumes are copied (or reflinked) whole each time into their own storage; a
+        // snapshot is only ever of the root's subvolume.
+        let extra_choice =
+            if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
         let result = provider::commit(
             &options.root,
             &options.paths,
@@ -565,31 +640,78 @@ fn run(
             budget,
             interrupt_flag,
             previous.as_ref(),
-        );
+            &skip,
+        )
+        .map_err(|e| (None, e))
+        .and_then(|main| {
+            let mut extras = Vec::new();
+            for (index, group) in options.extra.iter().enumerate() {
+                let group_dest = group.storage.copy_dir(copy_id).join("tree");
+                let group_previous =
+                    if copy_id == BASE_COPY { provider::read_origins(&group.storage.copy_dir(copy_id)) } else { None };
+                if copy_id == BASE_COPY && group_previous.is_none() {
+                    let _ = group.storage.delete(copy_id);
+                }
+                let copy = provider::commit(
+                    &options.root,
+                    &group.paths,
+                    &group_dest,
+                    if extra_choice == ProviderChoice::Auto
+                        && provider::is_btrfs(
+                            &group_dest.ancestors().find(|p| p.exists()).map(Path::to_path_buf).unwrap_or_default(),
+                        )
+                    {
+                        ProviderChoice::Auto
+                    } else {
+                        extra_choice
+                    },
+                    commit_started + options.commit_timeout,
+                    extra_budgets[index].1,
+                    interrupt_flag,
+                    group_previous.as_ref(),
+                    &skip_for(Some(index)),
+                )
+                .map_err(|e| (Some(index), e))?;
+                extras.push(copy);
+            }
+            Ok((main, extras))
+        });
         interrupt_flag.store(true, Ordering::SeqCst);
         let _ = forward.join();
         result
     });
     let commit_ms = commit_started.elapsed().as_millis() as u64;
     thaw_all(members, watch);
-    let commit = match committed {
-        Ok(commit) => commit,
-        Err(CommitError::Timeout) => {
-            return Err(ShadowError::CommitTimeout {
-                provider: provider_name(options.provider),
-                elapsed_ms: commit_ms,
-                limit_ms: options.commit_timeout.as_millis() as u64,
-            })
+    let (commit, extra_commits) = match committed {
+        Ok(commits) => commits,
+        Err((group, CommitError::Budget(bytes))) | Err((group, CommitError::NoSpace(bytes))) => {
+            let (storage, needed) = match group {
+                Some(index) => (&options.extra[index].storage, extra_budgets[index].0),
+                None => (&options.storage, needed),
+            };
+            let _ = storage.delete(copy_id);
+            return Err(storage.full(needed.max(bytes)));
         }
-        Err(CommitError::Budget(bytes)) | Err(CommitError::NoSpace(bytes)) => {
-            let _ = options.storage.delete(copy_id);
-            return Err(options.storage.full(needed.max(bytes)));
-        }
-        Err(CommitError::Unsupported(path, message)) => {
-            return Err(ShadowError::Provider { provider: "reflink".into(), path: path.display().to_string(), message })
-        }
-        Err(CommitError::Io(error)) => return Err(error),
-        Err(CommitError::Interrupted) => return Err(interrupted(trigger).unwrap_or(ShadowError::Interrupted(0))),
+        Err((_, error)) => match error {
+            CommitError::Budget(_) | CommitError::NoSpace(_) => unreachable!("matched above"),
+            CommitError::Timeout => {
+                return Err(ShadowError::CommitTimeout {
+                    provider: provider_name(options.provider),
+                    elapsed_ms: commit_ms,
+                    limit_ms: options.commit_timeout.as_millis() as u64,
+                })
+            }
+            CommitError::Unsupported(path, message) => {
+                let _ = options.storage.delete(copy_id);
+                return Err(ShadowError::Provider {
+                    provider: provider_name(options.provider),
+                    path: path.display().to_string(),
+                    message,
+                });
+            }
+            CommitError::Io(error) => return Err(error),
+            CommitError::Interrupted => return Err(interrupted(trigger).unwrap_or(ShadowError::Interrupted(0))),
+        },
     };
     if let Some(error) = interrupted(trigger) {
         return Err(error);
@@ -647,7 +769,7 @@ fn run(
             })
             .collect()
     };
-    let record = ShadowSetRecord {
+    let mut record = ShadowSetRecord {
         id: set_id.to_string(),
         providers: commit
             .used
@@ -682,9 +804,41 @@ fn run(
         let dir = options.storage.copy_dir(copy_id);
         provider::write_origins(&dir, &commit.origins).map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
     }
+    // The extra volumes' copies: their records, and their live identities merged into one map.
+    let mut extra = Vec::new();
+    let mut commit = commit;
+    for (group, copy) in options.extra.iter().zip(extra_commits) {
+        let dir = group.storage.copy_dir(copy_id);
+        let meta = CopyMeta {
+            id: copy_id.to_string(),
+            set: set_id.to_string(),
+            for_volume: group.storage.for_volume.display().to_string(),
+            provider: copy.used.values().next().copied().unwrap_or("copy").to_string(),
+            created_ns: now_ns(),
+            bytes: copy.bytes,
+            files: copy.files,
+            persistent: options.persistent,
+            paths: group.paths.iter().map(|p| p.display().to_string()).collect(),
+        };
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("meta encodes"))
+            .map_err(|e| ShadowError::io(dir.join("meta.json"), e))?;
+        if copy_id == BASE_COPY {
+            provider::write_origins(&dir, &copy.origins)
+                .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+        }
+        for (device, name) in &copy.used {
+            record
+                .providers
+                .insert(format!("{}:{}", rustix::fs::major(*device), rustix::fs::minor(*device)), name.to_string());
+        }
+        record.bytes += copy.bytes;
+        record.files += copy.files;
+        extra.push(ExtraCopy { storage: group.storage.clone(), paths: group.paths.clone(), root: copy.root.clone() });
+        commit.origins.extend(copy.origins);
+    }
     guard.armed = false;
     drop(guard);
-    Ok((commit, record))
+    Ok((commit, extra, record))
 }
 
 /// The `writer-timeout` error: which writer, its window, how long it was frozen, what took the
@@ -793,6 +947,7 @@ fn apply_additions(
                         u64::MAX,
                         &never,
                         None,
+                        &[],
                     )
                     .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;
                 }

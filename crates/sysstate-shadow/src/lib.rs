@@ -22,7 +22,8 @@ pub mod storage;
 pub mod writer;
 
 pub use coordinator::{
-    Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, WriterRecord, BASE_COPY,
+    Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup, WriterRecord,
+    BASE_COPY,
 };
 pub use error::{ShadowError, WriterFailure};
 pub use lock::{LockHolder, ShadowSetLock};

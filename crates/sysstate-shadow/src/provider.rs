@@ -187,6 +187,8 @@ struct Copier<'a> {
     interrupted: &'a std::sync::atomic::AtomicBool,
     /// Refreshing a base copy: the live identities its entries were copied from.
     previous: Option<&'a HashMap<PathBuf, Origin>>,
+    /// Absolute paths copied elsewhere (another volume's storage): not entered.
+    skip: &'a [PathBuf],
 }
 
 /// Copies `paths` (absolute as seen from `root`) from under `root` into `dest`, mirrored.
@@ -205,6 +207,7 @@ pub fn commit(
     budget: u64,
     interrupted: &std::sync::atomic::AtomicBool,
     previous: Option<&HashMap<PathBuf, Origin>>,
+    skip: &[PathBuf],
 ) -> Result<Commit, CommitError> {
     if let Some(ms) = std::env::var("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         // Failpoint for the tests: a provider commit that takes this long.
@@ -228,6 +231,7 @@ pub fn commit(
         reflink_works: HashMap::new(),
         interrupted,
         previous,
+        skip,
     };
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     let mut done: Vec<&Path> = Vec::new();
@@ -355,6 +359,9 @@ impl Copier<'_> {
     }
 
     fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
+        if self.skip.iter().any(|s| s.strip_prefix("/").unwrap_or(s) == relative) {
+            return Ok(());
+        }
         let source = self.root.join(relative);
         let target = self.dest.join(relative);
         let file_type = meta.file_type();

@@ -565,3 +565,66 @@ fn btrfs_provider_takes_a_read_only_snapshot_and_auto_chooses_it() {
     sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
 }
+
+#[test]
+fn each_volume_copies_into_its_own_shadow_storage() {
+    if !require("root and loop devices (a second volume on XFS)", is_root() && Path::new("/dev/loop-control").exists())
+    {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    make_tree(&root.join("etc"), 20, 71);
+    std::fs::create_dir_all(root.join("vol")).unwrap();
+    // The second volume is mounted at /vol of the root, with its storage inside it.
+    let fs = LoopFs::new(sandbox.dir.path(), "xfs");
+    let status =
+        std::process::Command::new("mount").args(["--bind"]).arg(&fs.mount).arg(root.join("vol")).status().unwrap();
+    assert!(status.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _bind = Unmount(root.join("vol"));
+    make_tree(&root.join("vol/data"), 40, 72);
+    let volume = root.join("vol");
+    let storage = volume.join("shadow");
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!(
+            "[[component]]\nname = \"etc\"\npaths = [\"/etc\"]\n\n[[component]]\nname = \"vol\"\npaths = [\"/vol\"]\n\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+            volume.display(),
+            storage.display()
+        ),
+    )
+    .unwrap();
+    let args = ["backup", "--root", root.to_str().unwrap(), "--component", "etc", "--component", "vol"];
+    sandbox.ok(&args);
+    // The root volume's copy is in the default storage, the second volume's in its own, which
+    // the copy does not contain.
+    let own: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(storage.join("base/meta.json")).unwrap()).unwrap();
+    assert_eq!(own["for-volume"], volume.display().to_string());
+    assert_eq!(own["provider"], "reflink", "{own}");
+    assert!(storage.join("base/tree/vol/data").is_dir());
+    assert!(!storage.join("base/tree/vol/shadow").exists(), "the storage copied itself");
+    assert!(sandbox.path("state/shadow/base/tree/etc").is_dir());
+    assert!(
+        !sandbox.path("state/shadow/base/tree/vol/data").exists(),
+        "the second volume went to the root volume's storage"
+    );
+    let versions = sandbox.json(&["versions"], 0);
+    let providers: Vec<&str> =
+        versions[0]["shadow"]["providers"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    assert!(providers.contains(&"reflink") && providers.contains(&"copy"), "{providers:?}");
+    // Nothing is read twice, and both volumes restore whole; the storage is not in the version.
+    let again = sandbox.json(&args, 0);
+    assert_eq!(again["stats"]["files-read"], 0, "{again}");
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("etc")), &snapshot(&to.join("etc")));
+    assert_same(&snapshot(&root.join("vol/data")), &snapshot(&to.join("vol/data")));
+    assert!(!to.join("vol/shadow").exists(), "shadow storage was backed up");
+}
