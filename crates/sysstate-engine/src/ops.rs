@@ -49,6 +49,8 @@ pub struct BackupRequest {
     pub job: Option<String>,
     /// Told each operation as it starts.
     pub phase: Option<sysstate_shadow::PhaseHook>,
+    /// Told each warning of the shadow set as it happens.
+    pub warning: Option<sysstate_shadow::WarningHook>,
 }
 
 /// What a backup did.
@@ -128,6 +130,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     split_by_volume(&request.config, &request.root, &mut shadow_options)?;
     shadow_options.holder.job = request.job.clone();
     shadow_options.phase = request.phase.clone();
+    shadow_options.warning = request.warning.clone();
     let phase = |name: &str| {
         if let Some(hook) = &request.phase {
             (hook.0)(name);
@@ -245,6 +248,7 @@ fn shadow_options(
         persistent,
         phase: None,
         extra: Vec::new(),
+        warning: None,
     })
 }
 

@@ -39,6 +39,19 @@ pub struct ShadowSetOptions {
     /// Paths on other volumes, each group copied into its own volume's storage area under the
     /// same freeze (`paths` and `storage` are the root volume's).
     pub extra: Vec<VolumeGroup>,
+    /// Told every warning as it happens (an older copy deleted, a dead holder's lock taken over),
+    /// with its code and message: the caller's event log.
+    pub warning: Option<WarningHook>,
+}
+
+/// A callback told the shadow set's warnings: code and message.
+#[derive(Clone)]
+pub struct WarningHook(pub Arc<dyn Fn(sysstate_types::ErrorCode, &str) + Send + Sync>);
+
+impl std::fmt::Debug for WarningHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WarningHook(..)")
+    }
 }
 
 /// Paths on one volume and the storage area that holds their copies.
@@ -434,6 +447,12 @@ impl Coordinator {
         let (lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
         if let Some(previous) = &taken_over {
             tracing::warn!(holder = %previous, "took over the shadow-set lock of a process that is gone");
+            if let Some(hook) = &options.warning {
+                (hook.0)(
+                    sysstate_types::ErrorCode::ShadowSetInProgress,
+                    &format!("took over the shadow-set lock of {previous}, which is gone"),
+                );
+            }
         }
         let set_id = new_id();
         let names: Vec<(String, String)> =
@@ -552,7 +571,20 @@ fn run(
     // Room in shadow storage, before anything is frozen.
     let needed =
         if options.provider == ProviderChoice::Copy { provider::estimate(&options.root, &options.paths) } else { 0 };
-    let deleted: Vec<CopyMeta> = options.storage.make_room(needed)?;
+    let on_delete = |copy: &CopyMeta, storage: &StorageArea| {
+        if let Some(hook) = &options.warning {
+            let message = format!(
+                "deleted persistent shadow copy {} of `{}` (made {}, {} bytes) to make room in `{}`",
+                copy.id,
+                copy.for_volume,
+                sysstate_types::time::format_utc(copy.created_ns),
+                copy.bytes,
+                storage.on.display()
+            );
+            (hook.0)(sysstate_types::ErrorCode::ShadowStorageOldestDeleted, &message);
+        }
+    };
+    let deleted: Vec<CopyMeta> = options.storage.make_room_with(needed, &|copy| on_delete(copy, &options.storage))?;
     for copy in &deleted {
         tracing::warn!(copy = %copy.id, created = %sysstate_types::time::format_utc(copy.created_ns), "shadow-storage-oldest-deleted: deleted an older persistent shadow copy to make room");
     }
@@ -561,7 +593,7 @@ fn run(
     for group in &options.extra {
         let needed =
             if options.provider == ProviderChoice::Copy { provider::estimate(&options.root, &group.paths) } else { 0 };
-        group.storage.make_room(needed)?;
+        group.storage.make_room_with(needed, &|copy| on_delete(copy, &group.storage))?;
         extra_budgets.push((needed, group.storage.budget()?));
     }
     // Never copy another group's paths, nor shadow storage itself (as seen from the root).

@@ -22,8 +22,8 @@ pub mod storage;
 pub mod writer;
 
 pub use coordinator::{
-    Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup, WriterRecord,
-    BASE_COPY,
+    Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup, WarningHook,
+    WriterRecord, BASE_COPY,
 };
 pub use error::{ShadowError, WriterFailure};
 pub use lock::{LockHolder, ShadowSetLock};

@@ -164,9 +164,16 @@ impl StorageArea {
     /// Makes room for `needed` bytes by deleting the oldest persistent copies; returns those
     /// deleted. Fails with `shadow-storage-full` when even that is not enough.
     pub fn make_room(&self, needed: u64) -> Result<Vec<CopyMeta>, ShadowError> {
+        self.make_room_with(needed, &|_| {})
+    }
+
+    /// [`make_room`](Self::make_room), telling `deleted` of each copy as it goes.
+    pub fn make_room_with(&self, needed: u64, on_delete: &dyn Fn(&CopyMeta)) -> Result<Vec<CopyMeta>, ShadowError> {
         let mut deleted = Vec::new();
         loop {
-            if needed <= self.budget()? {
+            let (limit, free) = self.limit_and_free()?;
+            let fits = limit.is_none_or(|limit| self.used() + needed <= limit) && needed <= free;
+            if fits {
                 return Ok(deleted);
             }
             match self.copies().into_iter().find(|c| c.persistent) {
@@ -180,6 +187,7 @@ impl StorageArea {
                         oldest.bytes,
                         self.on.display()
                     );
+                    on_delete(&oldest);
                     deleted.push(oldest);
                 }
                 None => return Err(self.full(needed)),

@@ -176,7 +176,13 @@ fn backup(
             let _ = store.operation(&job, operation);
         }))
     };
-    let result = run_backup(context, components, tags, threads, wait, &job, hook, &progress);
+    let warning = {
+        let (store, job) = (store.clone(), job.clone());
+        sysstate_shadow::WarningHook(std::sync::Arc::new(move |code: ErrorCode, message: &str| {
+            let _ = store.event(Some(&job), sysstate_types::Level::Warning, "shadow", code, message, None);
+        }))
+    };
+    let result = run_backup(context, components, tags, threads, wait, &job, hook, warning, &progress);
     progress.flush();
     match result {
         Ok((outcome, report)) => {
@@ -224,6 +230,7 @@ fn run_backup(
     wait: Option<&str>,
     job: &str,
     hook: sysstate_shadow::PhaseHook,
+    warning: sysstate_shadow::WarningHook,
     progress: &sysstate_engine::jobs::ProgressWriter<'_>,
 ) -> Result<(Outcome, ops::BackupReport)> {
     let wait = wait
@@ -260,6 +267,7 @@ fn run_backup(
         trigger: crate::shadow::signal_trigger(),
         job: Some(job.to_string()),
         phase: Some(hook),
+        warning: Some(warning),
     };
     let printer = Printer { show: !global.quiet && !global.json, progress: Some(progress) };
     let report = ops::backup(&request, &passphrase, &printer)?;

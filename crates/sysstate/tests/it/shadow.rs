@@ -210,6 +210,15 @@ fn a_second_shadow_set_fails_naming_the_first_and_a_dead_holder_is_taken_over() 
         .unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("took over the shadow-set lock"), "{}", text(&output.stderr));
+    let warnings = sandbox.json(&["events", "--level", "warning"], 0);
+    assert!(
+        warnings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == "shadow-set-in-progress" && e["message"].as_str().unwrap().contains("took over")),
+        "no take-over event: {warnings}"
+    );
 }
 
 #[test]
@@ -265,6 +274,13 @@ fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
     assert!(
         stderr.contains("shadow-storage-oldest-deleted") && stderr.contains(&persistent),
         "the older copy was not deleted first, or not said: {stderr}"
+    );
+    let warnings = sandbox.json(&["events", "--level", "warning", "--source", "shadow"], 0);
+    assert!(
+        warnings.as_array().unwrap().iter().any(|e| e["code"] == "shadow-storage-oldest-deleted"
+            && e["event-id"] == 1013
+            && e["message"].as_str().unwrap().contains(&persistent)),
+        "no shadow-storage-oldest-deleted event naming {persistent}: {warnings}"
     );
     assert_eq!(sandbox.json(&["shadows", "list"], 0).as_array().unwrap().len(), 0, "partial copy left behind");
     // Raising the limit makes it work.
@@ -627,4 +643,63 @@ fn each_volume_copies_into_its_own_shadow_storage() {
     assert_same(&snapshot(&root.join("etc")), &snapshot(&to.join("etc")));
     assert_same(&snapshot(&root.join("vol/data")), &snapshot(&to.join("vol/data")));
     assert!(!to.join("vol/shadow").exists(), "shadow storage was backed up");
+}
+
+#[test]
+fn persistent_copies_are_listed_deleted_and_pushed_out_by_a_smaller_storage() {
+    let (sandbox, root) = setup("[shadow]\nprovider = \"copy\"\n");
+    let args = ["shadows", "create", "--root", root.to_str().unwrap(), "--component", "data"];
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let created = sandbox.json(&args, 0);
+            std::thread::sleep(Duration::from_millis(20));
+            created["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let list = sandbox.json(&["shadows", "list"], 0);
+    let listed: Vec<&str> = list.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>(), "oldest first");
+    assert!(list.as_array().unwrap().iter().all(|c| c["persistent"] == true && c["bytes"].as_u64().unwrap() > 0));
+    // The copy holds the files, as they were.
+    let storage = sandbox.path("state/shadow");
+    assert_same(&snapshot(&root.join("data")), &snapshot(&storage.join(&ids[0]).join("tree/data")));
+
+    sandbox.ok(&["shadows", "delete", "--oldest"]);
+    sandbox.ok(&["shadows", "delete", "--id", &ids[2][..6]]);
+    let left: Vec<String> = sandbox
+        .json(&["shadows", "list"], 0)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, [ids[1].clone()]);
+    assert!(!storage.join(&ids[0]).exists() && !storage.join(&ids[2]).exists());
+
+    // Shrinking the storage below what is used deletes the oldest copies that no longer fit.
+    let mount = std::process::Command::new("findmnt").args(["-n", "-o", "TARGET", "-T"]).arg(&root).output().unwrap();
+    let mount = text(&mount.stdout).trim().to_string();
+    let output = sandbox.run(&[
+        "shadowstorage",
+        "resize",
+        "--for",
+        &mount,
+        "--on",
+        storage.to_str().unwrap(),
+        "--max-size",
+        "1KiB",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("shadow-storage-oldest-deleted") && text(&output.stderr).contains(&ids[1]),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(sandbox.json(&["shadows", "list"], 0).as_array().unwrap().len(), 0);
+    let areas = sandbox.json(&["shadowstorage", "list"], 0);
+    assert!(
+        areas.as_array().unwrap().iter().any(|a| a["on"] == storage.to_str().unwrap() && a["max-bytes"] == 1024),
+        "{areas}"
+    );
+    sandbox.ok(&["shadows", "delete", "--all"]);
 }
