@@ -46,7 +46,10 @@ pub struct ShadowSetOptions {
 
 /// A callback told the shadow set's warnings: code and message.
 #[derive(Clone)]
-pub struct WarningHook(pub Arc<dyn Fn(sysstate_types::ErrorCode, &str) + Send + Sync>);
+pub struct WarningHook(pub Arc<WarningFn>);
+
+/// `(code, message)` of a warning.
+pub type WarningFn = dyn Fn(sysstate_types::ErrorCode, &str) + Send + Sync;
 
 impl std::fmt::Debug for WarningHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
