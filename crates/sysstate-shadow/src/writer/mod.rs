@@ -130,6 +130,19 @@ pub enum CopyAddition {
     Remove(std::path::PathBuf),
 }
 
+/// Lets a child process whose stdin was closed exit by itself within `grace`, then kills it.
+pub(crate) fn end_child(child: &mut std::process::Child, grace: Duration) {
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The default freeze-to-thaw window (DESIGN §4).
 pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long prepare and the other non-freeze events may take.

@@ -134,15 +134,7 @@ impl PostgresWriter {
     fn close(&mut self) {
         if let Some(mut session) = self.session.take() {
             drop(session.stdin);
-            let until = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < until {
-                if let Ok(Some(_)) = session.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = session.child.kill();
-            let _ = session.child.wait();
+            super::end_child(&mut session.child, Duration::from_secs(5));
         }
     }
 }

@@ -78,17 +78,9 @@ impl ProcessWriter {
 
     fn stop(&mut self) {
         if let Some(mut running) = self.running.take() {
+            // End of input asks it to exit; it gets a moment before it is killed.
             drop(running.stdin);
-            // Give it a moment to exit on end of input, then make sure.
-            let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until {
-                if let Ok(Some(_)) = running.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = running.child.kill();
-            let _ = running.child.wait();
+            super::end_child(&mut running.child, Duration::from_secs(2));
         }
     }
 
