@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 mod error;
 pub mod jobs;
+pub mod locks;
 pub mod ops;
 pub mod paths;
 pub mod shadow;

@@ -107,6 +107,8 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
 pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progress) -> Result<BackupReport> {
     let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
     let (selections, records) = selections(&resolved)?;
+    let served = crate::shadow::served_components(&request.config);
+    crate::locks::check(&resolved, &request.root, &served)?;
     let backend = backend(&request.target)?;
     let created = !Repository::exists(&*backend)?;
     let repo = if created {

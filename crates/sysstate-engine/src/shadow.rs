@@ -128,6 +128,14 @@ pub fn writers(
     Ok(out)
 }
 
+/// The components a writer makes consistent: those named by a configured writer, and `packages`
+/// and `accounts`, which the built-in `dpkg` and `accounts` writers serve.
+pub fn served_components(config: &Config) -> Vec<String> {
+    let mut served: Vec<String> = config.writers.iter().flat_map(|w| w.components.iter().cloned()).collect();
+    served.extend(["packages".to_string(), "accounts".to_string()]);
+    served
+}
+
 /// A `shadowstorage resize`, kept in the state directory; it overrides the config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -164,6 +164,68 @@ pub fn lock_holders(path: &Path) -> std::io::Result<Vec<LockHolder>> {
     Ok(holders)
 }
 
+/// A process that holds a lock on, or has open for writing, a file under some prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusyFile {
+    /// The file, as the process opened it.
+    pub path: std::path::PathBuf,
+    /// The process.
+    pub pid: u32,
+    /// Its command line.
+    pub command: String,
+    /// True for a lock (POSIX, OFD or flock), false for a file open for writing.
+    pub locked: bool,
+}
+
+/// Every file under one of `prefixes` that another process holds a lock on or has open for
+/// writing, found through `/proc/PID/fd`, `/proc/PID/fdinfo` and `/proc/locks`.
+pub fn busy_files(prefixes: &[std::path::PathBuf]) -> Vec<BusyFile> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::process::id();
+    // (major, minor, inode) → pids holding a POSIX or flock lock (OFD locks name no pid there;
+    // they show in the holder's fdinfo).
+    let mut locks: std::collections::HashMap<LockedFile, Vec<u32>> = std::collections::HashMap::new();
+    for line in std::fs::read_to_string("/proc/locks").unwrap_or_default().lines() {
+        if let Some((_, _, pid, file)) = parse_lock_line(line) {
+            if pid > 0 {
+                locks.entry(file).or_default().push(pid as u32);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else { return found };
+    for process in processes.flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == own {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            if !prefixes.iter().any(|p| target.starts_with(p)) {
+                continue;
+            }
+            let info = std::fs::read_to_string(process.path().join("fdinfo").join(fd.file_name())).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                .unwrap_or(0);
+            let writing = matches!(flags & 0o3, 1 | 2);
+            let locked = info.lines().any(|l| l.starts_with("lock:"))
+                || std::fs::metadata(fd.path()).is_ok_and(|m| {
+                    let file = (rustix::fs::major(m.dev()), rustix::fs::minor(m.dev()), m.ino());
+                    locks.get(&file).is_some_and(|pids| pids.contains(&pid))
+                });
+            if (writing || locked) && !found.iter().any(|b: &BusyFile| b.pid == pid && b.path == target) {
+                found.push(BusyFile { path: target, pid, command: process_command(pid), locked });
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.path, a.pid).cmp(&(&b.path, b.pid)));
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
