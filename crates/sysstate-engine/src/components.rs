@@ -34,12 +34,49 @@ fn builtin(name: &str, paths: &[&str], exclude: &[&str]) -> Component {
     }
 }
 
+/// The ESP partition type GUID (GPT).
+const ESP_TYPE: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+
+/// The EFI system partition's mount points on the running system: vfat mounts whose partition
+/// type is the ESP's (from udev's database), or vfat mounts at `/boot/efi` or `/efi`.
+pub fn detect_esp() -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(separator) = fields.iter().position(|f| *f == "-") else { continue };
+        let (Some(mount), Some(fstype), Some(device)) = (fields.get(4), fields.get(separator + 1), fields.get(2))
+        else {
+            continue;
+        };
+        if *fstype != "vfat" {
+            continue;
+        }
+        let udev = std::fs::read_to_string(format!("/run/udev/data/b{device}")).unwrap_or_default();
+        let esp_type = udev.lines().any(|l| l.eq_ignore_ascii_case(&format!("E:ID_PART_ENTRY_TYPE={ESP_TYPE}")));
+        if esp_type || *mount == "/boot/efi" || *mount == "/efi" {
+            found.push(mount.replace("\\040", " "));
+        }
+    }
+    found
+}
+
 /// The built-in components.
 pub fn builtins() -> Vec<Component> {
+    builtins_with_esp(&detect_esp())
+}
+
+/// The built-in components, with the ESP at `esp` (the usual places when empty).
+pub fn builtins_with_esp(esp: &[String]) -> Vec<Component> {
+    let esp: Vec<&str> =
+        if esp.is_empty() { vec!["/boot/efi", "/efi"] } else { esp.iter().map(String::as_str).collect() };
+    let boot_excludes: Vec<String> =
+        esp.iter().filter_map(|p| p.strip_prefix("/boot/")).map(|p| format!("boot/{p}")).collect();
+    let boot_excludes: Vec<&str> = boot_excludes.iter().map(String::as_str).collect();
     vec![
         // The ESP is its own component, with its own lock check.
-        builtin("boot", &["/boot"], &["boot/efi"]),
-        builtin("efi", &["/boot/efi"], &[]),
+        builtin("boot", &["/boot"], &boot_excludes),
+        builtin("efi", &esp, &[]),
         builtin("config", &["/etc"], &[]),
         builtin(
             "accounts",
@@ -142,4 +179,112 @@ pub fn select(config: &Config, root: &Path, named: &[String]) -> Result<(Vec<Res
         selected.push(Resolved { component: component.clone(), present, missing });
     }
     Ok((selected, skipped))
+}
+
+/// One component as `sysstate components` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ComponentReport {
+    /// Its name.
+    pub name: String,
+    /// Built in, or from the config.
+    pub builtin: bool,
+    /// Its paths that exist under the root.
+    pub paths: Vec<String>,
+    /// Its paths that do not.
+    pub missing: Vec<String>,
+    /// Bytes of its regular files (each inode once).
+    pub size: u64,
+    /// Its files.
+    pub files: u64,
+    /// The writers that make it consistent.
+    pub writers: Vec<String>,
+    /// The filesystem type its first path is on (`auto` picks btrfs snapshots on btrfs, reflink
+    /// on XFS and btrfs, copies elsewhere).
+    pub filesystem: Option<String>,
+    /// `free`, `not checked`, or who holds which file.
+    pub lock_state: String,
+}
+
+fn filesystem_name(path: &Path) -> Option<String> {
+    let magic = rustix::fs::statfs(path).ok()?.f_type as u64;
+    Some(
+        match magic {
+            0xEF53 => "ext4",
+            0x5846_5342 => "xfs",
+            0x9123_683E => "btrfs",
+            0x0102_1994 => "tmpfs",
+            0x4d44 => "vfat",
+            0x794c_7630 => "overlayfs",
+            _ => return Some(format!("0x{magic:x}")),
+        }
+        .to_string(),
+    )
+}
+
+/// Every known component with what is on this machine.
+pub fn report(config: &Config, root: &Path, served: &[String]) -> Result<Vec<ComponentReport>> {
+    use std::os::unix::fs::MetadataExt;
+    let resolved: Vec<Resolved> = all(config)?
+        .into_iter()
+        .map(|component| {
+            let (present, missing) =
+                component.paths.iter().cloned().partition(|p| std::fs::symlink_metadata(under_root(root, p)).is_ok());
+            Resolved { component, present, missing }
+        })
+        .collect();
+    let busy = crate::locks::busy_by_component(&resolved, root, served);
+    let mut out = Vec::new();
+    for item in &resolved {
+        let (component, present, missing) = (&item.component, &item.present, &item.missing);
+        let (mut size, mut files) = (0, 0);
+        let mut seen = std::collections::HashSet::new();
+        let mut stack: Vec<PathBuf> = present.iter().map(|p| under_root(root, p)).collect();
+        while let Some(path) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                stack.extend(std::fs::read_dir(&path).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())));
+            } else if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
+                size += meta.size();
+                files += 1;
+            }
+        }
+        let writers: Vec<String> = config
+            .writers
+            .iter()
+            .filter(|w| w.components.contains(&component.name))
+            .map(|w| w.name.clone())
+            .chain(match component.name.as_str() {
+                "packages" if !config.writers.iter().any(|w| w.name == "dpkg") => Some("dpkg (built in)".to_string()),
+                "accounts" if !config.writers.iter().any(|w| w.name == "accounts") => {
+                    Some("accounts (built in)".to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        let lock_state = match busy.iter().find(|(name, _, _)| *name == component.name) {
+            _ if present.is_empty() => "not on this machine".to_string(),
+            _ if !component.lock_check || served.contains(&component.name) => "not checked".to_string(),
+            Some((_, shown, busy)) => format!(
+                "{} by pid {} (`{}`): `{}`",
+                if busy.locked { "locked" } else { "open for writing" },
+                busy.pid,
+                busy.command,
+                shown.display()
+            ),
+            None => "free".to_string(),
+        };
+        out.push(ComponentReport {
+            filesystem: present.first().and_then(|p| filesystem_name(&under_root(root, p))),
+            name: component.name.clone(),
+            builtin: component.builtin,
+            paths: present.clone(),
+            missing: missing.clone(),
+            size,
+            files,
+            writers,
+            lock_state,
+        });
+    }
+    Ok(out)
 }

@@ -94,9 +94,10 @@ pub struct LockHolder {
     pub mode: String,
 }
 
-/// A process's command line, spaces between arguments, or its name when that is unreadable.
+/// A process's command line for messages: one line, at most 100 characters; its name when the
+/// command line is unreadable.
 pub fn process_command(pid: u32) -> String {
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+    let line = match std::fs::read(format!("/proc/{pid}/cmdline")) {
         Ok(bytes) if !bytes.is_empty() => bytes
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
@@ -106,6 +107,12 @@ pub fn process_command(pid: u32) -> String {
         _ => std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim().to_string())
             .unwrap_or_else(|_| "unknown".into()),
+    };
+    // One line, at most 100 characters: it goes into messages.
+    let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
     }
 }
 

@@ -109,6 +109,8 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// The components of system state on this machine: paths, size, writers, lock state.
+    Components,
     /// The running job (like `Get-WBJob`), or the N most recent ended jobs.
     Job {
         /// The N most recent ended jobs, newest first.

@@ -146,6 +146,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             copy(&context, to, to_passphrase_file.as_deref(), versions)
         }
         Command::Key { command } => key(&context, command),
+        Command::Components => components(&context),
         Command::Job { previous } => job(&context, *previous),
         Command::Events { source, level, since, job } => events(&context, source, level, since, job),
         Command::Writers => crate::shadow::writers(&context.config, context.cli.global.json),
@@ -750,6 +751,34 @@ fn events(
                 event.job.as_ref().map(|j| format!(" (job {j})")).unwrap_or_default()
             );
         }
+    }
+    Ok(Outcome::Success)
+}
+
+fn components(context: &Context<'_>) -> Result<Outcome> {
+    let served = sysstate_engine::shadow::served_components(&context.config);
+    let report = sysstate_engine::components::report(&context.config, &context.cli.global.root, &served)?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&report).expect("components encode"));
+        return Ok(Outcome::Success);
+    }
+    for component in &report {
+        println!("{}{}", component.name, if component.builtin { "" } else { " (from the config)" });
+        if component.paths.is_empty() {
+            println!("   not on this machine (looked for {})", component.missing.join(", "));
+            continue;
+        }
+        println!("   paths: {}", component.paths.join(", "));
+        println!(
+            "   size: {} in {} files, on {}",
+            bytes(component.size),
+            component.files,
+            component.filesystem.as_deref().unwrap_or("?")
+        );
+        if !component.writers.is_empty() {
+            println!("   writers: {}", component.writers.join(", "));
+        }
+        println!("   lock state: {}", component.lock_state);
     }
     Ok(Outcome::Success)
 }

@@ -45,7 +45,10 @@ fn locked(sandbox: &Sandbox, root: &Path, component: &str, file: &str, holder: &
     assert!(stderr.contains(&expected), "expected {expected:?} in: {stderr}");
     assert!(stderr.contains(how), "{stderr}");
     let named = stderr.lines().next().unwrap();
-    assert!(named.contains("python3 -c import fcntl"), "the holder's command is not named on one line: {named}");
+    assert!(
+        named.contains("python3 -c import fcntl, sys, time f = open(sys.argv[1]"),
+        "the holder's command is not named on one line: {named}"
+    );
     assert_job_failed(sandbox, "component-locked");
 }
 
@@ -59,8 +62,15 @@ fn a_process_holding_a_lock_on_the_esp_is_named() {
         &root.join("boot/efi/EFI/debian/grubx64.efi"),
     );
     locked(&sandbox, &root, "efi", "/boot/efi/EFI/debian/grubx64.efi", &holder, "holds a lock on it");
-    // The doctor's question: is it still running? The message named it; it is.
-    assert!(Path::new(&format!("/proc/{}", holder.id())).exists());
+    // `sysstate components` shows the lock and who holds it; the other components are free.
+    let components = sandbox.json(&["components", "--root", root.to_str().unwrap()], 0);
+    let find = |name: &str| components.as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap();
+    let efi = find("efi");
+    assert!(efi["lock-state"].as_str().unwrap().contains(&format!("locked by pid {}", holder.id())), "{efi}");
+    assert_eq!(efi["paths"][0], "/boot/efi");
+    assert_eq!(efi["files"], 1);
+    assert_eq!(find("boot")["lock-state"], "free");
+    assert_eq!(find("cron")["lock-state"], "not on this machine");
     holder.kill().unwrap();
     holder.wait().unwrap();
     sandbox.ok(&["backup", "--root", root.to_str().unwrap()]);
