@@ -137,14 +137,16 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             let to = to.as_ref().ok_or_else(|| {
                 EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR` (or `--in-place`)")
             })?;
-            restore(&context, version, components, to, *threads)
+            as_job(&context, "restore", components, |_, _| {
+                Ok((restore(&context, version, components, to, *threads)?, None))
+            })
         }
-        Command::Check { read_data } => check(&context, *read_data),
-        Command::Forget(args) => forget(&context, args),
-        Command::Prune => prune(&context),
-        Command::Copy { to, to_passphrase_file, versions } => {
-            copy(&context, to, to_passphrase_file.as_deref(), versions)
-        }
+        Command::Check { read_data } => as_job(&context, "check", &[], |_, _| Ok((check(&context, *read_data)?, None))),
+        Command::Forget(args) => as_job(&context, "forget", &[], |_, _| Ok((forget(&context, args)?, None))),
+        Command::Prune => as_job(&context, "prune", &[], |_, _| Ok((prune(&context)?, None))),
+        Command::Copy { to, to_passphrase_file, versions } => as_job(&context, "copy", &[], |_, _| {
+            Ok((copy(&context, to, to_passphrase_file.as_deref(), versions)?, None))
+        }),
         Command::Key { command } => key(&context, command),
         Command::Components => components(&context),
         Command::Job { previous } => job(&context, *previous),
@@ -160,58 +162,25 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
 
 /// A backup as a job: a row in the job store from start to end, its current operation and
 /// progress while it runs, and an event for its failure.
-fn backup(
+/// Runs `work` as a job of `kind`: a `running` row from start to end, ended with its outcome,
+/// the version it made, or its error (also written as an event).
+fn as_job(
     context: &Context<'_>,
+    kind: &str,
     components: &[String],
-    tags: &[String],
-    threads: usize,
-    wait: Option<&str>,
+    work: impl FnOnce(&std::sync::Arc<sysstate_engine::jobs::JobStore>, &str) -> Result<(Outcome, Option<String>)>,
 ) -> Result<Outcome> {
-    use sysstate_engine::jobs::{source_of, JobStore, ProgressWriter};
+    use sysstate_engine::jobs::{source_of, JobStore};
     let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
-    let job = store.start("backup", Some(&context.target), components)?;
-    let progress = ProgressWriter::new(&store, &job);
-    let hook = {
-        let (store, job) = (store.clone(), job.clone());
-        sysstate_shadow::PhaseHook(std::sync::Arc::new(move |operation: &str| {
-            let _ = store.operation(&job, operation);
-        }))
-    };
-    let warning = {
-        let (store, job) = (store.clone(), job.clone());
-        sysstate_shadow::WarningHook(std::sync::Arc::new(move |code: ErrorCode, message: &str| {
-            let _ = store.event(Some(&job), sysstate_types::Level::Warning, "shadow", code, message, None);
-        }))
-    };
-    let result = run_backup(context, components, tags, threads, wait, &job, hook, warning, &progress);
-    progress.flush();
-    match result {
-        Ok((outcome, report)) => {
-            for copy in &report.shadow.deleted_to_make_room {
-                let message =
-                    format!("deleted persistent shadow copy {copy} to make room in `{}`", report.shadow.storage);
-                store.event(
-                    Some(&job),
-                    sysstate_types::Level::Warning,
-                    "shadow",
-                    ErrorCode::ShadowStorageOldestDeleted,
-                    &message,
-                    None,
-                )?;
-            }
-            if let Some(previous) = &report.shadow.lock_taken_over {
-                let message = format!("took over the shadow-set lock of {previous}, which is gone");
-                store.event(
-                    Some(&job),
-                    sysstate_types::Level::Warning,
-                    "shadow",
-                    ErrorCode::ShadowSetInProgress,
-                    &message,
-                    None,
-                )?;
-            }
-            let state = if matches!(outcome, Outcome::Success) { "succeeded" } else { "succeeded-with-warnings" };
-            store.finish(&job, state, Some(&report.id.to_hex()), None, "engine")?;
+    let job = store.start(kind, Some(&context.target), components)?;
+    match work(&store, &job) {
+        Ok((outcome, version)) => {
+            let state = match outcome {
+                Outcome::Success => "succeeded",
+                Outcome::Warnings => "succeeded-with-warnings",
+                Outcome::Failed => "failed",
+            };
+            store.finish(&job, state, version.as_deref(), None, "engine")?;
             Ok(outcome)
         }
         Err(error) => {
@@ -220,6 +189,35 @@ fn backup(
             Err(error)
         }
     }
+}
+
+/// A backup as a job, with the shadow set's phases as its current operation, the archiver's
+/// progress, and the shadow set's warnings as events as they happen.
+fn backup(
+    context: &Context<'_>,
+    components: &[String],
+    tags: &[String],
+    threads: usize,
+    wait: Option<&str>,
+) -> Result<Outcome> {
+    as_job(context, "backup", components, |store, job| {
+        let progress = sysstate_engine::jobs::ProgressWriter::new(store, job);
+        let hook = {
+            let (store, job) = (store.clone(), job.to_string());
+            sysstate_shadow::PhaseHook(std::sync::Arc::new(move |operation: &str| {
+                let _ = store.operation(&job, operation);
+            }))
+        };
+        let warning = {
+            let (store, job) = (store.clone(), job.to_string());
+            sysstate_shadow::WarningHook(std::sync::Arc::new(move |code: ErrorCode, message: &str| {
+                let _ = store.event(Some(&job), sysstate_types::Level::Warning, "shadow", code, message, None);
+            }))
+        };
+        let result = run_backup(context, components, tags, threads, wait, job, hook, warning, &progress);
+        progress.flush();
+        result.map(|(outcome, report)| (outcome, Some(report.id.to_hex())))
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -33,11 +33,19 @@ fn a_flipped_byte_is_found_named_and_the_rest_restores() {
     assert!(!damaged.is_empty());
     let output = sandbox.run(&["check", "--read-data"]);
     assert!(text(&output.stderr).contains("error[repository-corrupt]"), "{}", text(&output.stderr));
+    // The check ran as a job that failed, with its event.
+    assert_job_failed(&sandbox, "repository-corrupt");
+    assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["kind"], "check");
     assert!(text(&output.stderr).contains(&name[..8]), "the message names the pack: {}", text(&output.stderr));
 
     // Restore: the damaged files are reported, every other file comes back whole.
     let to = sandbox.path("restored");
     let output = sandbox.run_code(&["restore", "--to", to.to_str().unwrap()], 1);
+    let restore_job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(
+        (restore_job["kind"].as_str(), restore_job["state"].as_str()),
+        (Some("restore"), Some("succeeded-with-warnings"))
+    );
     let stderr = text(&output.stderr);
     for file in &damaged {
         assert!(stderr.contains(file.as_str()), "restore did not name {file}: {stderr}");
