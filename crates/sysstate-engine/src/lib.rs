@@ -10,6 +10,7 @@ pub mod components;
 pub mod config;
 pub mod credentials;
 mod error;
+pub mod generated;
 pub mod jobs;
 pub mod locks;
 pub mod ops;

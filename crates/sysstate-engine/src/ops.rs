@@ -97,6 +97,7 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
             name: item.component.name.clone(),
             paths: item.present.clone(),
             missing: item.missing.clone(),
+            generated: Vec::new(),
         });
     }
     Ok((selections, records))
@@ -128,6 +129,45 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let protected = crate::shadow::protected_paths(&request.config, &request.root, Some(&request.target))?;
     let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
     let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
+    // Command output (package selection, disk layout, boot entries) goes into the version beside
+    // the files, read from a folder of the state directory, not from the shadow set.
+    let generated_dir = crate::paths::state_dir().join("generated").join(format!(
+        "{}-{}",
+        std::process::id(),
+        sysstate_repo::lock::now_ns()
+    ));
+    let _cleanup = RemoveOnDrop(generated_dir.clone());
+    let mut records = records;
+    let mut generated_warnings = Vec::new();
+    let mut selections = selections;
+    for record in &mut records {
+        let dir = generated_dir.join(&record.name);
+        let outputs = crate::generated::generate(&record.name, &request.root, &dir);
+        if outputs.is_empty() {
+            continue;
+        }
+        let path = format!("{}/{}", crate::generated::GENERATED_DIR, record.name);
+        for output in outputs.iter().filter(|o| o.status.is_some_and(|s| s != 0)) {
+            generated_warnings.push(Warning {
+                path: format!("{path}/{}", output.file),
+                message: format!(
+                    "`{}` exited with status {}: {}",
+                    output.command.join(" "),
+                    output.status.unwrap_or(-1),
+                    output.stderr
+                ),
+            });
+        }
+        record.paths.push(path);
+        record.generated = outputs.iter().map(|o| serde_json::to_value(o).expect("records encode")).collect();
+    }
+    if records.iter().any(|r| !r.generated.is_empty()) {
+        selections.push(Selection {
+            path: PathBuf::from(crate::generated::GENERATED_DIR),
+            exclude: None,
+            source: Some(generated_dir.clone()),
+        });
+    }
     let mut shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
     split_by_volume(&request.config, &request.root, &mut shadow_options)?;
     shadow_options.holder.job = request.job.clone();
@@ -143,7 +183,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         .map_err(crate::shadow::shadow_error)?;
     let mut selections = selections;
     for selection in &mut selections {
-        selection.source = set.source_for(&selection.path);
+        selection.source = set.source_for(&selection.path).or(selection.source.take());
     }
     let options = BackupOptions {
         root: set.root().to_path_buf(),
@@ -171,6 +211,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;
     outcome.warnings.extend(skipped);
+    outcome.warnings.extend(generated_warnings);
     Ok(BackupReport {
         id: outcome.id,
         version: outcome.version,
@@ -292,4 +333,13 @@ fn split_by_volume(config: &Config, root: &Path, options: &mut sysstate_shadow::
     options.paths = primary;
     options.extra = groups;
     Ok(())
+}
+
+/// Removes a temporary folder when dropped, on every path out of a function.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

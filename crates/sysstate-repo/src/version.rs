@@ -25,6 +25,10 @@ pub struct ComponentRecord {
     /// Paths that did not exist when the backup ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// Command output captured into the version (the package selection, the disk layout …),
+    /// each with its command, exit status and stderr. Opaque to the repository.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generated: Vec<serde_json::Value>,
 }
 
 /// Counters of one backup.
@@ -137,7 +141,12 @@ mod tests {
             host: "h".into(),
             root_path: "/".into(),
             tree: Id::random(),
-            components: vec![ComponentRecord { name: "config".into(), paths: vec!["/etc".into()], missing: vec![] }],
+            components: vec![ComponentRecord {
+                name: "config".into(),
+                paths: vec!["/etc".into()],
+                missing: vec![],
+                generated: vec![],
+            }],
             parent: None,
             tags: vec!["t".into()],
             stats: VersionStats::default(),

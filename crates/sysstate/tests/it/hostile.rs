@@ -55,7 +55,12 @@ fn hostile_version(sandbox: &Sandbox, build: impl FnOnce(&dyn Fn(BlobKind, Vec<u
         host: "attacker".into(),
         root_path: "/".into(),
         tree: root_id,
-        components: vec![ComponentRecord { name: "data".into(), paths: vec!["/data".into()], missing: vec![] }],
+        components: vec![ComponentRecord {
+            name: "data".into(),
+            paths: vec!["/data".into()],
+            missing: vec![],
+            generated: vec![],
+        }],
         parent: None,
         tags: vec![],
         stats: VersionStats::default(),

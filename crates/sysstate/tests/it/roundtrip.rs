@@ -64,7 +64,7 @@ fn default_components_are_detected_on_a_fake_root() {
         ("boot/vmlinuz-6.1", "kernel"),
         ("boot/grub/grub.cfg", "menuentry\n"),
         ("boot/efi/EFI/debian/grubx64.efi", "efi binary"),
-        ("var/lib/dpkg/status", "Package: base-files\n"),
+        ("var/lib/dpkg/status", "Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\nMaintainer: x\nDescription: base\n"),
         ("var/spool/cron/crontabs/root", "* * * * * true\n"),
     ] {
         let file = root.join(path);
@@ -84,6 +84,15 @@ fn default_components_are_detected_on_a_fake_root() {
     sandbox.ok(&["restore", "--component", "boot", "--to", to.to_str().unwrap()]);
     assert!(to.join("boot/vmlinuz-6.1").exists());
     assert!(!to.join("boot/efi/EFI").exists(), "the boot component must not carry the ESP");
+    // The package selection is generated from dpkg's database and restores with `packages`.
+    let packages = report["components"].as_array().unwrap().iter().find(|c| c["name"] == "packages").unwrap();
+    assert_eq!(packages["generated"][0]["command"][0], "dpkg", "{packages}");
+    assert_eq!(packages["generated"][0]["status"], 0, "{packages}");
+    let to = sandbox.path("packages-only");
+    sandbox.ok(&["restore", "--component", "packages", "--to", to.to_str().unwrap()]);
+    let selections = std::fs::read_to_string(to.join(".sysstate-generated/packages/dpkg-selections.txt")).unwrap();
+    assert!(selections.starts_with("base-files") && selections.contains("install"), "{selections}");
+    assert!(to.join("var/lib/dpkg/status").exists());
     let to = sandbox.path("efi-only");
     sandbox.ok(&["restore", "--component", "efi", "--to", to.to_str().unwrap()]);
     assert_eq!(std::fs::read(to.join("boot/efi/EFI/debian/grubx64.efi")).unwrap(), b"efi binary");
@@ -99,6 +108,12 @@ fn a_system_state_backup_of_this_machine() {
         report["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"config"), "{names:?}");
     assert!(report["stats"]["files"].as_u64().unwrap() > 10);
+    // The disk layout is captured from commands, each with its command and status.
+    let disk =
+        report["components"].as_array().unwrap().iter().find(|c| c["name"] == "disk-layout").expect("disk-layout");
+    let lsblk = disk["generated"].as_array().unwrap().iter().find(|g| g["file"] == "lsblk.json").expect("lsblk output");
+    assert_eq!(lsblk["status"], 0, "{lsblk}");
+    assert_eq!(lsblk["command"][0], "lsblk");
     sandbox.ok(&["check", "--read-data"]);
 }
 

@@ -1,0 +1,106 @@
+//! Generated components: command output captured into the version, each with its command, exit
+//! status and stderr — what a bare-metal restore needs besides files (the package selection,
+//! the partition tables, the boot entries). Outputs live in the version under
+//! `/.sysstate-generated/<component>/`. A missing tool is recorded, not a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where generated outputs appear in a version.
+pub const GENERATED_DIR: &str = "/.sysstate-generated";
+
+/// One captured command.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Generated {
+    /// The file in the version.
+    pub file: String,
+    /// The command.
+    pub command: Vec<String>,
+    /// Its exit status; `None` when it could not run (not installed).
+    pub status: Option<i32>,
+    /// Its stderr (or why it could not run).
+    pub stderr: String,
+}
+
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+                .any(|d| d.join(program).is_file())
+        })
+        .unwrap_or(false)
+}
+
+fn run(dir: &Path, file: &str, command: &[&str], out: &mut Vec<Generated>) {
+    let record = |status, stderr: String| Generated {
+        file: file.into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        status,
+        stderr,
+    };
+    if !installed(command[0]) {
+        out.push(record(None, format!("`{}` is not installed", command[0])));
+        return;
+    }
+    match Command::new(command[0]).args(&command[1..]).env("LC_ALL", "C").output() {
+        Ok(output) => {
+            let _ = std::fs::write(dir.join(file), &output.stdout);
+            out.push(record(output.status.code(), String::from_utf8_lossy(&output.stderr).trim().to_string()));
+        }
+        Err(error) => out.push(record(None, error.to_string())),
+    }
+}
+
+/// Runs the generators of `component` for the system at `root` into `dir`. The disk layout and
+/// boot entries describe the running machine, so they are taken only when `root` is `/`.
+pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
+    let mut out = Vec::new();
+    let live = root == Path::new("/");
+    if std::fs::create_dir_all(dir).is_err() {
+        return out;
+    }
+    match component {
+        "packages" => {
+            let admin = root.join("var/lib/dpkg");
+            if admin.join("status").exists() {
+                let admindir = format!("--admindir={}", admin.display());
+                run(dir, "dpkg-selections.txt", &["dpkg", &admindir, "--get-selections"], &mut out);
+                if live {
+                    run(dir, "apt-manual.txt", &["apt-mark", "showmanual"], &mut out);
+                }
+            }
+            if root.join("var/lib/rpm").exists() {
+                let rpm_root = format!("--root={}", root.display());
+                run(dir, "rpm-packages.txt", &["rpm", &rpm_root, "-qa"], &mut out);
+            }
+        }
+        "disk-layout" if live => {
+            run(dir, "lsblk.json", &["lsblk", "-J", "-O"], &mut out);
+            run(dir, "blkid.txt", &["blkid"], &mut out);
+            run(dir, "findmnt.json", &["findmnt", "-J"], &mut out);
+            let disks = Command::new("lsblk")
+                .args(["-dnpo", "NAME,TYPE"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for disk in disks.lines().filter(|l| l.ends_with(" disk")).filter_map(|l| l.split_whitespace().next()) {
+                let name = disk.trim_start_matches("/dev/").replace('/', "-");
+                run(dir, &format!("sfdisk-{name}.txt"), &["sfdisk", "--dump", disk], &mut out);
+            }
+            if Path::new("/proc/mdstat").exists() && installed("mdadm") {
+                run(dir, "mdadm.txt", &["mdadm", "--detail", "--scan"], &mut out);
+            }
+            if installed("lvm") {
+                run(dir, "lvm.json", &["lvm", "fullreport", "--reportformat", "json"], &mut out);
+            }
+        }
+        "bootloader" if live && (Path::new("/sys/firmware/efi").exists() || installed("efibootmgr")) => {
+            run(dir, "efibootmgr.txt", &["efibootmgr", "-v"], &mut out);
+        }
+        _ => {}
+    }
+    let _ = std::fs::write(dir.join("commands.json"), serde_json::to_vec_pretty(&out).expect("records encode"));
+    out
+}
