@@ -244,7 +244,6 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
         ShadowError::WriterTimeout { writer, window_ms, .. } => engine.with_resolution(format!(
             "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{writer}` needs longer than {window_ms} ms, raise its `freeze-timeout`"
         )),
-        ShadowError::CommitTimeout { .. } => engine,
         _ => engine,
     }
 }

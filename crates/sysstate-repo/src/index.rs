@@ -6,7 +6,7 @@
 
 use crate::crypto::{Label, MasterKey};
 use crate::id::Id;
-use crate::pack::{BlobKind, PackEntry};
+use crate::pack::PackEntry;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -114,16 +114,12 @@ impl Index {
     pub fn iter(&self) -> impl Iterator<Item = (&Id, &BlobLocation)> {
         self.blobs.iter()
     }
-
-    /// Number of blobs of one kind.
-    pub fn count(&self, kind: BlobKind) -> usize {
-        self.blobs.values().filter(|l| l.entry.kind == kind).count()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pack::BlobKind;
     use proptest::prelude::*;
 
     fn entry() -> impl Strategy<Value = PackEntry> {

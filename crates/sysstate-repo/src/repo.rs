@@ -8,7 +8,6 @@ use crate::id::Id;
 use crate::index::{Index, IndexFile};
 use crate::keys::{KdfParams, KeyError, KeyFile, RepoConfig, CONFIG_MAGIC, FORMAT_VERSION};
 use crate::lock::{host_name, now_ns};
-use crate::pack::BlobKind;
 use crate::tree::Tree;
 use crate::version::Version;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -320,10 +319,5 @@ impl Repository {
         }
         self.backend.remove(FileKind::Key, full)?;
         Ok(())
-    }
-
-    /// Counts blobs of a kind in the index.
-    pub fn blob_count(&self, kind: BlobKind) -> usize {
-        self.index().count(kind)
     }
 }

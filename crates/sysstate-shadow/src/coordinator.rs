@@ -322,11 +322,6 @@ impl ShadowSet {
             .map(|extra| extra.root.join(path.strip_prefix("/").unwrap_or(path)))
     }
 
-    /// The live identity of a copied entry, by its absolute path as seen from the root.
-    pub fn origin(&self, path: &Path) -> Option<Origin> {
-        self.origins.get(path).copied()
-    }
-
     /// Maps an entry of the copy (by its absolute path as seen from the root) to the live
     /// entry's identity: `(device, inode, ctime ns)`, where `None` means the copy kept it.
     pub fn live_identity(&self) -> impl Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync + 'static {
@@ -731,7 +726,7 @@ fn run(
             CommitError::Budget(_) | CommitError::NoSpace(_) => unreachable!("matched above"),
             CommitError::Timeout => {
                 return Err(ShadowError::CommitTimeout {
-                    provider: provider_name(options.provider),
+                    provider: provider_name(options.provider).to_string(),
                     elapsed_ms: commit_ms,
                     limit_ms: options.commit_timeout.as_millis() as u64,
                 })
@@ -739,7 +734,7 @@ fn run(
             CommitError::Unsupported(path, message) => {
                 let _ = options.storage.delete(copy_id);
                 return Err(ShadowError::Provider {
-                    provider: provider_name(options.provider),
+                    provider: provider_name(options.provider).to_string(),
                     path: path.display().to_string(),
                     message,
                 });
@@ -824,7 +819,7 @@ fn run(
         id: copy_id.to_string(),
         set: set_id.to_string(),
         for_volume: options.storage.for_volume.display().to_string(),
-        provider: commit.used.values().next().copied().unwrap_or(provider_name_static(options.provider)).to_string(),
+        provider: commit.used.values().next().copied().unwrap_or(provider_name(options.provider)).to_string(),
         created_ns: now_ns(),
         // A refreshed base holds what it held, less what was freed, plus what was copied.
         bytes: base_before.map(|b| b.bytes).unwrap_or(0).saturating_sub(commit.freed) + commit.bytes,
@@ -913,17 +908,14 @@ fn timeout(members: &Members, watch: &Watch, index: usize, windows: &[Duration],
     }
 }
 
-fn provider_name_static(choice: ProviderChoice) -> &'static str {
+/// The provider's name, as in `shadow.provider`.
+fn provider_name(choice: ProviderChoice) -> &'static str {
     match choice {
         ProviderChoice::Auto => "auto",
         ProviderChoice::Copy => "copy",
         ProviderChoice::Reflink => "reflink",
         ProviderChoice::Btrfs => "btrfs",
     }
-}
-
-fn provider_name(choice: ProviderChoice) -> String {
-    provider_name_static(choice).to_string()
 }
 
 /// Applies writers' additions to the copy whose root is `copy_root` (inside `dest`, the copy's
