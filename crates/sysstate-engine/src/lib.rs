@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 mod error;
 pub mod generated;
+pub mod inplace;
 pub mod jobs;
 pub mod locks;
 pub mod ops;

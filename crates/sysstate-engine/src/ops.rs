@@ -232,26 +232,7 @@ pub fn restore_to(
     progress: Option<&dyn Progress>,
 ) -> Result<(Id, RestoreOutcome)> {
     let (id, manifest) = repo.find_version(version)?;
-    let mut include = Vec::new();
-    for name in components {
-        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
-            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
-                .with_resolution(format!(
-                    "choose among the version's components: {}",
-                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-        })?;
-        include.extend(record.paths.iter().map(PathBuf::from));
-    }
-    // A path belongs to the component with the longest path above it: restoring `boot` leaves
-    // out the ESP, which is `efi`'s.
-    let exclude: Vec<PathBuf> = manifest
-        .components
-        .iter()
-        .filter(|c| !components.contains(&c.name))
-        .flat_map(|c| c.paths.iter().map(PathBuf::from))
-        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
-        .collect();
+    let (include, exclude) = crate::inplace::component_scope(&manifest, &id, components)?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
     let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, progress)?;

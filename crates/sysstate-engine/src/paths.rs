@@ -1,6 +1,6 @@
 //! Where sysstate keeps its files (DESIGN §4 "Paths").
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -57,4 +57,19 @@ pub fn default_target() -> String {
     } else {
         xdg("XDG_DATA_HOME", ".local/share").join("sysstate/backups").display().to_string()
     }
+}
+
+/// Writes `bytes` to `path` so that after a crash the file holds either its old content or all
+/// of the new: a temporary file beside it, fsynced, renamed over it, and the directory fsynced.
+/// The file is readable by its owner only.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -563,7 +563,7 @@ fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) 
     }
 }
 
-fn open_source(path: &Path) -> std::io::Result<File> {
+pub(crate) fn open_source(path: &Path) -> std::io::Result<File> {
     let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
     match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
         // O_NOATIME needs ownership or CAP_FOWNER.
@@ -607,27 +607,48 @@ impl Read for ExtentReader<'_> {
 
 fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std::io::Result<(FileContent, u64)> {
     let file = open_source(&job.path)?;
-    let extents = if job.maybe_sparse { sysstate_fs::data_extents(&file, job.size)? } else { None };
-    let source: Box<dyn Read + '_> = match &extents {
-        Some(extents) => Box::new(ExtentReader { file: &file, extents: extents.clone().into_iter(), left: 0 }),
-        None => Box::new(&file),
-    };
-    let mut chunker = crate::chunker::Chunker::with_size_hint(shared.repo.gear(), source, job.size);
     let mut ids = Vec::new();
-    let mut read = 0u64;
-    while let Some(chunk) = chunker.next_chunk()? {
-        read += chunk.len() as u64;
-        let id = shared.repo.key().blob_id(chunk);
+    let (extents, read) = chunk_file(shared.repo, &file, job.size, job.maybe_sparse, |id, chunk| {
         ids.push(id);
         if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec() }).is_err() {
             return Err(std::io::Error::other("the backup was stopped"));
         }
-    }
+        Ok(true)
+    })?;
     let size = match &extents {
         Some(_) => file.metadata()?.size(),
         None => read,
     };
     Ok((FileContent { blobs: ids, extents }, size))
+}
+
+/// A sparse file's data extents: `(offset, length)`.
+pub(crate) type Extents = Vec<(u64, u64)>;
+
+/// Cuts a file's content (only its data extents when it may be sparse) into chunks, and calls
+/// `each` with every chunk and its blob id until it returns false. Returns the data extents (for
+/// a sparse file) and the bytes read.
+pub(crate) fn chunk_file(
+    repo: &Repository,
+    file: &File,
+    size: u64,
+    maybe_sparse: bool,
+    mut each: impl FnMut(Id, &[u8]) -> std::io::Result<bool>,
+) -> std::io::Result<(Option<Extents>, u64)> {
+    let extents = if maybe_sparse { sysstate_fs::data_extents(file, size)? } else { None };
+    let source: Box<dyn Read + '_> = match &extents {
+        Some(extents) => Box::new(ExtentReader { file, extents: extents.clone().into_iter(), left: 0 }),
+        None => Box::new(file),
+    };
+    let mut chunker = crate::chunker::Chunker::with_size_hint(repo.gear(), source, size);
+    let mut read = 0u64;
+    while let Some(chunk) = chunker.next_chunk()? {
+        read += chunk.len() as u64;
+        if !each(repo.key().blob_id(chunk), chunk)? {
+            break;
+        }
+    }
+    Ok((extents, read))
 }
 
 fn sealer(shared: &Shared<'_>, blobs: Receiver<BlobJob>) {

@@ -65,6 +65,9 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
+    /// A request that cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
     /// The operation was stopped.
     #[error("the backup was stopped before it stored a version")]
     Interrupted,
@@ -85,7 +88,7 @@ impl RepoError {
             RepoError::WrongPassphrase { .. } => ErrorCode::WrongPassphrase,
             RepoError::Locked { .. } => ErrorCode::RepositoryLocked,
             RepoError::Corrupt { .. } | RepoError::UnsupportedFormat { .. } => ErrorCode::RepositoryCorrupt,
-            RepoError::VersionNotFound(_) => ErrorCode::InvalidInput,
+            RepoError::VersionNotFound(_) | RepoError::Invalid(_) => ErrorCode::InvalidInput,
             RepoError::Io { source, .. } => match source.raw_os_error() {
                 Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorCode::TargetFull,
                 _ => ErrorCode::Internal,

@@ -17,6 +17,7 @@ mod error;
 pub mod forget;
 pub mod id;
 pub mod index;
+pub mod inplace;
 pub mod keys;
 pub mod lock;
 pub mod meta;

@@ -66,7 +66,7 @@ pub struct RestoreOutcome {
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// Opens the directory `relative` beneath `root`, never through a symlink.
-fn open_dir_beneath(root: &OwnedFd, relative: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir_beneath(root: &OwnedFd, relative: &Path) -> std::io::Result<OwnedFd> {
     let path = if relative.as_os_str().is_empty() { Path::new(".") } else { relative };
     Ok(rustix::fs::openat2(root, path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), RESOLVE)?)
 }
@@ -102,6 +102,16 @@ pub fn restore(
     progress: Option<&dyn Progress>,
 ) -> Result<RestoreOutcome> {
     let manifest = repo.read_version(version)?;
+    restore_tree(repo, &manifest.tree, options, progress)
+}
+
+/// Restores the directory tree `tree` into `options.target`, which stands for that directory.
+pub fn restore_tree(
+    repo: &Repository,
+    tree: &Id,
+    options: &RestoreOptions,
+    progress: Option<&dyn Progress>,
+) -> Result<RestoreOutcome> {
     let io = |path: &Path, source: std::io::Error| RepoError::Io { path: path.display().to_string(), source };
     std::fs::create_dir_all(&options.target).map_err(|e| io(&options.target, e))?;
     let root = rustix::fs::open(&options.target, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -135,7 +145,7 @@ pub fn restore(
         }
         drop(rx);
         let mut walk = Walk { shared: &shared, jobs: tx, dirs: &mut dirs, links: &mut links, seen: HashMap::new() };
-        walk.tree(&manifest.tree, Path::new(""))
+        walk.tree(tree, Path::new(""))
     })?;
 
     for (dir, node, first) in links {
@@ -147,7 +157,7 @@ pub fn restore(
     }
     for (dir, node) in dirs.iter().rev() {
         let result = open_dir_beneath(&shared.root, &dir.join(OsStr::from_bytes(&node.name)))
-            .and_then(|fd| apply_metadata(&shared, Target::Fd(fd.as_fd()), node));
+            .and_then(|fd| apply_metadata(options.owners, Target::Fd(fd.as_fd()), node));
         if let Err(error) = result {
             shared.warn(dir, &node.name, format!("cannot set the directory's metadata: {error}"));
         }
@@ -229,7 +239,7 @@ impl Walk<'_, '_> {
                     }
                     let _ = self.jobs.send(Job { dir: dir.to_path_buf(), node });
                 }
-                _ => match make_special(self.shared, &dir_fd, &node) {
+                _ => match make_special(self.shared.options.owners, &dir_fd, &node.name, &node) {
                     Ok(()) => self.shared.stats.lock().expect("stats lock").others += 1,
                     Err(error) => self.shared.warn(dir, &node.name, format!("cannot create it: {error}")),
                 },
@@ -240,7 +250,7 @@ impl Walk<'_, '_> {
 }
 
 /// Removes whatever stands at `name` in `dir` (not a directory with content).
-fn clear(dir: &OwnedFd, name: &[u8]) -> std::io::Result<()> {
+pub(crate) fn clear(dir: &OwnedFd, name: &[u8]) -> std::io::Result<()> {
     match rustix::fs::unlinkat(dir, OsStr::from_bytes(name), AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(rustix::io::Errno::ISDIR) => Ok(rustix::fs::unlinkat(dir, OsStr::from_bytes(name), AtFlags::REMOVEDIR)?),
@@ -266,9 +276,10 @@ fn make_dir(dir: &OwnedFd, name: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn make_special(shared: &Shared<'_>, dir: &OwnedFd, node: &Node) -> std::io::Result<()> {
-    clear(dir, &node.name)?;
-    let name = OsStr::from_bytes(&node.name);
+/// Creates the symlink, device or fifo `node` as `name` in `dir`, with its metadata.
+pub(crate) fn make_special(owners: bool, dir: &OwnedFd, name: &[u8], node: &Node) -> std::io::Result<()> {
+    clear(dir, name)?;
+    let name = OsStr::from_bytes(name);
     let mode = Mode::from_raw_mode(node.mode & 0o777);
     match &node.kind {
         NodeKind::Symlink { target } => rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)?,
@@ -283,7 +294,7 @@ fn make_special(shared: &Shared<'_>, dir: &OwnedFd, node: &Node) -> std::io::Res
     }
     // Set by name: symlinks must not be followed, and devices and fifos must not be opened
     // (opening a fifo blocks).
-    apply_metadata(shared, Target::ByName(dir.as_fd(), name), node)
+    apply_metadata(owners, Target::ByName(dir.as_fd(), name), node)
 }
 
 fn make_hardlink(shared: &Shared<'_>, dir: &Path, node: &Node, first: &Path) -> std::io::Result<()> {
@@ -300,24 +311,7 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, jo
             *cached = Some((job.dir.clone(), open_dir_beneath(&shared.root, &job.dir)?));
         }
         let dir = &cached.as_ref().expect("just set").1;
-        let name = OsStr::from_bytes(&job.node.name);
-        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mode = Mode::from_raw_mode(0o600);
-        // Into an empty target the create succeeds at once; only an existing entry (restoring
-        // over an earlier restore) costs an unlink.
-        let fd = match rustix::fs::openat(dir, name, flags, mode) {
-            Err(rustix::io::Errno::EXIST) => {
-                clear(dir, &job.node.name)?;
-                rustix::fs::openat(dir, name, flags, mode)?
-            }
-            other => other?,
-        };
-        let mut file = std::fs::File::from(fd);
-        let NodeKind::File(content) = &job.node.kind else { unreachable!("only files are queued") };
-        let written = write_content(shared.repo, &mut file, &content.blobs, content.extents.as_deref())?;
-        file.set_len(job.node.size)?;
-        apply_metadata(shared, Target::Fd(file.as_fd()), &job.node)?;
-        Ok(written)
+        write_file(shared.repo, dir, &job.node.name, &job.node, shared.options.owners)
     })();
     match result {
         Ok(bytes) => {
@@ -329,6 +323,35 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, jo
         }
         Err(error) => shared.warn(&job.dir, &job.node.name, format!("cannot restore the file: {error}")),
     }
+}
+
+/// Writes the file `node` as `name` in `dir` (replacing what stands there), content then metadata,
+/// and returns the bytes written.
+pub(crate) fn write_file(
+    repo: &Repository,
+    dir: &OwnedFd,
+    name: &[u8],
+    node: &Node,
+    owners: bool,
+) -> std::io::Result<u64> {
+    let name_os = OsStr::from_bytes(name);
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o600);
+    // Into an empty target the create succeeds at once; only an existing entry (restoring over
+    // an earlier restore) costs an unlink.
+    let fd = match rustix::fs::openat(dir, name_os, flags, mode) {
+        Err(rustix::io::Errno::EXIST) => {
+            clear(dir, name)?;
+            rustix::fs::openat(dir, name_os, flags, mode)?
+        }
+        other => other?,
+    };
+    let mut file = std::fs::File::from(fd);
+    let NodeKind::File(content) = &node.kind else { unreachable!("only files are written here") };
+    let written = write_content(repo, &mut file, &content.blobs, content.extents.as_deref())?;
+    file.set_len(node.size)?;
+    apply_metadata(owners, Target::Fd(file.as_fd()), node)?;
+    Ok(written)
 }
 
 fn write_content(
@@ -375,16 +398,17 @@ fn write_content(
     Ok(written)
 }
 
-enum Target<'f> {
+pub(crate) enum Target<'f> {
     Fd(std::os::fd::BorrowedFd<'f>),
     /// Set by name in a directory, without following or opening it.
     ByName(std::os::fd::BorrowedFd<'f>, &'f OsStr),
 }
 
-fn apply_metadata(shared: &Shared<'_>, target: Target<'_>, node: &Node) -> std::io::Result<()> {
+/// Sets `node`'s owner (when `owners` and root), extended attributes, mode and times on `target`.
+pub(crate) fn apply_metadata(owners: bool, target: Target<'_>, node: &Node) -> std::io::Result<()> {
     use rustix::fs::{Gid, Timespec, Timestamps, Uid};
     let is_root = rustix::process::geteuid().is_root();
-    let owners = shared.options.owners && is_root && node.uid != u32::MAX && node.gid != u32::MAX;
+    let owners = owners && is_root && node.uid != u32::MAX && node.gid != u32::MAX;
     // SAFETY: `u32::MAX` (the "do not change" value) was excluded above; any other value is a
     // valid id to pass to chown.
     let (uid, gid) = unsafe { (Uid::from_raw(node.uid), Gid::from_raw(node.gid)) };

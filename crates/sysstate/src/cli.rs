@@ -64,7 +64,7 @@ pub enum Command {
         #[arg(long = "component", short = 'c')]
         components: Vec<String>,
     },
-    /// Restore a version to an alternate root.
+    /// Restore a version to an alternate root, or in place.
     Restore {
         /// The version: `latest` or an id prefix.
         #[arg(long, default_value = "latest")]
@@ -75,9 +75,18 @@ pub enum Command {
         /// The directory that stands for `/`.
         #[arg(long)]
         to: Option<PathBuf>,
-        /// Restore over the live system (staged, undoable).
+        /// Restore over the live system (or `--root`): staged, journaled, undoable.
         #[arg(long, conflicts_with = "to")]
         in_place: bool,
+        /// With --in-place: list what would be added, changed and removed; change nothing.
+        #[arg(long, requires = "in_place")]
+        dry_run: bool,
+        /// With --in-place: also run the commands that reconcile the package set.
+        #[arg(long, requires = "in_place")]
+        apply_packages: bool,
+        /// Put back what the in-place restore JOB replaced or removed, and remove what it added.
+        #[arg(long, value_name = "JOB", conflicts_with_all = ["to", "in_place"])]
+        undo: Option<String>,
         /// Reader threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,

@@ -7,6 +7,7 @@ mod crash;
 mod errors;
 mod fidelity;
 mod hostile;
+mod inplace;
 mod locks;
 mod postgres;
 mod roundtrip;

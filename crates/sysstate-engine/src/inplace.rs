@@ -1,0 +1,535 @@
+//! Restore in place: a version's components over the live system, staged, journaled, and
+//! undoable with `sysstate restore --undo JOB`.
+//!
+//! The order makes every failure recoverable:
+//! 1. plan the differences (all `--dry-run` does);
+//! 2. keep what will be replaced or removed: a small local repository per job in
+//!    `<state>/undo/<job>/` holds those entries as they are now, with all their metadata;
+//! 3. write the journal (the paths, the undo version, the staging tag);
+//! 4. stage every new entry beside its live name and sync — a failure up to here changed nothing;
+//! 5. under the account database's lock, rename the staged entries into place; a failure here
+//!    is undone at once from step 2; a process killed here is undone by `restore --undo JOB`.
+//!
+//! `packages` is not restored over dpkg's database: the version's package selection is written
+//! out with the commands that reconcile the package set, run only with `--apply-packages`.
+
+use crate::components;
+use crate::config::Config;
+use crate::error::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use sysstate_repo::archiver::{self, BackupOptions, NoProgress, Selection};
+use sysstate_repo::inplace::{self, Change, Difference, Scope};
+use sysstate_repo::keys::KdfParams;
+use sysstate_repo::lock::Lease;
+use sysstate_repo::tree::NodeKind;
+use sysstate_repo::version::{ComponentRecord, Version};
+use sysstate_repo::{Id, Repository};
+use sysstate_shadow::writer::LockFileWriter;
+use sysstate_shadow::{Event, Writer};
+use sysstate_types::ErrorCode;
+
+/// Components that take effect only when the machine boots again.
+const NEXT_BOOT: &[&str] = &["boot", "efi", "bootloader"];
+
+/// An in-place restore as asked on the command line.
+#[derive(Debug, Clone)]
+pub struct InPlaceRequest {
+    /// The live root (`/`, or `--root`).
+    pub root: PathBuf,
+    /// `latest` or an id prefix.
+    pub version: String,
+    /// Components (empty: every component of the version).
+    pub components: Vec<String>,
+    /// Only list the differences.
+    pub dry_run: bool,
+    /// Run the package commands.
+    pub apply_packages: bool,
+    /// The job this restore runs as: names the undo folder.
+    pub job: String,
+}
+
+/// What an in-place restore found and did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InPlaceReport {
+    /// The version restored.
+    pub version: String,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// The differences (made, or that would be made).
+    pub differences: Vec<Difference>,
+    /// Components changed that take effect at the next boot.
+    pub next_boot: Vec<String>,
+    /// The package set, when `packages` was restored.
+    pub packages: Option<PackagesReport>,
+    /// The job to name to `restore --undo`, when something changed.
+    pub undo: Option<String>,
+}
+
+/// How the package set differs from the version's, and what reconciles it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PackagesReport {
+    /// Where the version's selection list was written (none in a dry run).
+    pub selections: Option<String>,
+    /// Packages the version selects that are not installed here.
+    pub to_install: Vec<String>,
+    /// Packages installed here that the version does not select.
+    pub to_remove: Vec<String>,
+    /// The commands that reconcile the package set.
+    pub commands: Vec<String>,
+    /// True when they were run (`--apply-packages`).
+    pub applied: bool,
+}
+
+/// The journal of one in-place restore, in `<state>/undo/<job>/journal.json`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Journal {
+    job: String,
+    root: PathBuf,
+    version: String,
+    /// Names staged entries: `.sysstate-TAG-N`.
+    tag: String,
+    /// Every path the restore changes, in plan order.
+    paths: Vec<PathBuf>,
+    /// The version of the undo repository that holds those paths as they were.
+    undo_version: String,
+    owners: bool,
+    /// `staged`, `committed`, `rolled-back`, `undone`.
+    state: String,
+}
+
+fn undo_dir(job: &str) -> PathBuf {
+    crate::paths::state_dir().join("undo").join(job)
+}
+
+impl Journal {
+    fn load(job: &str) -> Result<Journal> {
+        let path = undo_dir(job).join("journal.json");
+        let bytes = std::fs::read(&path).map_err(|error| {
+            EngineError::new(ErrorCode::InvalidInput, format!("no in-place restore `{job}` to undo ({error})"))
+                .with_cause(format!("`{}` does not exist or cannot be read", path.display()))
+                .with_resolution("name the job of an in-place restore: `sysstate job --previous 20` lists the jobs")
+        })?;
+        serde_json::from_slice(&bytes).map_err(|error| {
+            EngineError::new(ErrorCode::Internal, format!("the journal `{}` is damaged: {error}", path.display()))
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let dir = undo_dir(&self.job);
+        let bytes = serde_json::to_vec_pretty(self).expect("journals encode");
+        crate::paths::write_durably(&dir.join("journal.json"), &bytes)
+            .map_err(|error| EngineError::new(ErrorCode::Internal, format!("cannot write the journal: {error}")))
+    }
+
+    fn open_undo_repository(&self) -> Result<Repository> {
+        let dir = undo_dir(&self.job);
+        let key = std::fs::read(dir.join("key")).map_err(|error| {
+            EngineError::new(ErrorCode::Internal, format!("the undo key of `{}` cannot be read: {error}", self.job))
+        })?;
+        crate::ops::open(&dir.join("repo").display().to_string(), &key)
+    }
+}
+
+/// The version's paths of `names` (every component when empty), and the paths of other
+/// components nested in them.
+pub fn component_scope(manifest: &Version, id: &Id, names: &[String]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut include = Vec::new();
+    for name in names {
+        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
+            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
+                .with_resolution(format!(
+                    "choose among the version's components: {}",
+                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+        })?;
+        include.extend(record.paths.iter().map(PathBuf::from));
+    }
+    // A path belongs to the component with the longest path above it: restoring `boot` leaves
+    // out the ESP, which is `efi`'s.
+    let exclude = manifest
+        .components
+        .iter()
+        .filter(|c| !names.contains(&c.name))
+        .flat_map(|c| c.paths.iter().map(PathBuf::from))
+        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
+        .collect();
+    Ok((include, exclude))
+}
+
+/// Restores `request.components` of a version over the live root, or lists the differences.
+pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
+    let (id, manifest) = repo.find_version(&request.version)?;
+    let names: Vec<String> = if request.components.is_empty() {
+        manifest.components.iter().map(|c| c.name.clone()).collect()
+    } else {
+        request.components.clone()
+    };
+    let (include, exclude) = component_scope(&manifest, &id, &names)?;
+    // dpkg's database is never written under dpkg: the package set is reconciled by apt.
+    let packages_paths: Vec<PathBuf> = manifest
+        .components
+        .iter()
+        .filter(|c| c.name == "packages")
+        .flat_map(|c| c.paths.iter().map(PathBuf::from))
+        .collect();
+    let include: Vec<PathBuf> = include
+        .into_iter()
+        .filter(|p| !packages_paths.contains(p) && !p.starts_with(crate::generated::GENERATED_DIR))
+        .collect();
+    let owners = rustix::process::geteuid().is_root();
+    let scope = Scope { include, exclude, keep: keep_patterns(config, &names)?, owners };
+    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
+    let plan = if scope.include.is_empty() {
+        inplace::Plan::default()
+    } else {
+        inplace::plan(repo, &manifest.tree, &request.root, &scope)?
+    };
+    let next_boot = NEXT_BOOT
+        .iter()
+        .filter(|name| names.iter().any(|n| n == *name))
+        .filter(|name| {
+            let paths: Vec<&String> =
+                manifest.components.iter().filter(|c| c.name == **name).flat_map(|c| c.paths.iter()).collect();
+            plan.differences.iter().any(|d| paths.iter().any(|p| Path::new(&d.path).starts_with(p)))
+        })
+        .map(|name| name.to_string())
+        .collect();
+    let mut report = InPlaceReport {
+        version: id.to_hex(),
+        dry_run: request.dry_run,
+        differences: Vec::new(),
+        next_boot,
+        packages: None,
+        undo: None,
+    };
+    if names.iter().any(|n| n == "packages") {
+        report.packages = packages(repo, &manifest, request)?;
+    }
+    if request.dry_run || plan.differences.is_empty() {
+        report.differences = plan.differences;
+        return Ok(report);
+    }
+
+    // Keep everything that will be replaced or removed, as it is now.
+    let dir = undo_dir(&request.job);
+    let undo_version = keep_for_undo(&plan, &request.root, &dir)?;
+    let tag = request.job.rsplit('-').next().unwrap_or(&request.job).to_string();
+    let mut journal = Journal {
+        job: request.job.clone(),
+        root: request.root.clone(),
+        version: id.to_hex(),
+        tag: tag.clone(),
+        paths: plan.paths(),
+        undo_version: undo_version.to_hex(),
+        owners,
+        state: "staged".into(),
+    };
+    journal.save()?;
+
+    if let Err(error) = inplace::stage(repo, &plan, &request.root, &tag, owners, &NoProgress) {
+        // Nothing was renamed into place; this removes what was staged and puts back the
+        // directories' times.
+        let _ = undo_journal(&mut journal, "rolled-back");
+        return Err(EngineError::new(ErrorCode::RestoreFailed, format!("cannot stage the restored files: {error}"))
+            .with_cause("a file of the version could not be written beside its live name; nothing live was changed")
+            .with_resolution(
+                "fix what the message names (space, permissions, the repository) and run the restore again",
+            ));
+    }
+
+    let touches_accounts = manifest
+        .components
+        .iter()
+        .filter(|c| c.name == "accounts")
+        .flat_map(|c| c.paths.iter())
+        .any(|p| plan.differences.iter().any(|d| Path::new(&d.path).starts_with(p)));
+    let lock = if touches_accounts { Some(lock_accounts(&request.root)?) } else { None };
+    let kill_after = failpoint_kill_after();
+    let mut done = 0usize;
+    let result = inplace::commit(&plan, &request.root, &tag, owners, &mut |_| {
+        done += 1;
+        if kill_after == Some(done) {
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::Kill);
+        }
+    });
+    if let Err(error) = result {
+        let rollback = undo_journal(&mut journal, "rolled-back");
+        drop(lock);
+        let undone = match rollback {
+            Ok(_) => "every change it made was undone: the system is as it was".to_string(),
+            Err(undo_error) => format!(
+                "undoing it failed too ({undo_error}); run `sysstate restore --undo {}` once the cause is fixed",
+                request.job
+            ),
+        };
+        return Err(EngineError::new(
+            ErrorCode::RestoreFailed,
+            format!("the in-place restore stopped midway: {error}"),
+        )
+        .with_cause(format!("an entry could not be put in place; {undone}"))
+        .with_resolution(
+            "fix what the message names (a mount over the file, an immutable flag, space) and run the restore again",
+        ));
+    }
+    drop(lock);
+    journal.state = "committed".into();
+    journal.save()?;
+    report.differences = plan.differences;
+    report.undo = Some(request.job.clone());
+    Ok(report)
+}
+
+/// What `restore --undo` did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UndoReport {
+    /// The in-place restore undone.
+    pub job: String,
+    /// What was put back.
+    pub differences: Vec<Difference>,
+}
+
+/// Puts back what the in-place restore `job` replaced or removed, and removes what it added —
+/// also after a restore that was killed midway.
+pub fn undo(job: &str) -> Result<UndoReport> {
+    let mut journal = Journal::load(job)?;
+    if journal.state == "undone" || journal.state == "rolled-back" {
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("the in-place restore `{job}` was already undone"),
+        )
+        .with_cause(format!("its journal says `{}`", journal.state))
+        .with_resolution("nothing to do: the system already has what it had before that restore"));
+    }
+    let differences = undo_journal(&mut journal, "undone")?;
+    Ok(UndoReport { job: job.to_string(), differences })
+}
+
+fn undo_journal(journal: &mut Journal, state: &str) -> Result<Vec<Difference>> {
+    let repo = journal.open_undo_repository()?;
+    let id = Id::from_hex(&journal.undo_version)
+        .ok_or_else(|| EngineError::new(ErrorCode::Internal, "the journal's undo version is not an id"))?;
+    let manifest = repo.read_version(&id)?;
+    // What a killed restore left staged goes first.
+    inplace::clean_staged(&journal.root, &journal.paths, &journal.tag)?;
+    let plan = inplace::plan_paths(&repo, &manifest.tree, &journal.root, &journal.paths, journal.owners)?;
+    let tag = format!("{}u", journal.tag);
+    if let Err(error) = inplace::stage(&repo, &plan, &journal.root, &tag, journal.owners, &NoProgress) {
+        let _ = inplace::clean_staged(&journal.root, &plan.paths(), &tag);
+        return Err(error.into());
+    }
+    inplace::commit(&plan, &journal.root, &tag, journal.owners, &mut |_| {})?;
+    // Staging and cleaning changed the parents' times too, also where nothing else changed.
+    let parents = journal.paths.iter().filter_map(|p| p.strip_prefix("/").ok()?.parent().map(Path::to_path_buf));
+    inplace::put_back_dir_times(&plan, &journal.root, parents)?;
+    journal.state = state.into();
+    journal.save()?;
+    Ok(plan.differences)
+}
+
+/// Saves the live entries the plan replaces or removes into a new local repository in `dir`.
+fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
+    let fail = |what: &str, error: String| {
+        EngineError::new(ErrorCode::RestoreFailed, format!("cannot keep the replaced files for undo: {what}: {error}"))
+            .with_cause("the in-place restore keeps every entry it replaces first; nothing live was changed")
+            .with_resolution(format!("make room or fix `{}`, and run the restore again", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(&dir.display().to_string(), e.to_string()))?;
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).expect("the kernel's random source is available");
+    let key = hex::encode(key);
+    crate::paths::write_durably(&dir.join("key"), key.as_bytes()).map_err(|e| fail("key", e.to_string()))?;
+    let backend: Arc<dyn sysstate_repo::backend::Backend> =
+        crate::ops::backend(&dir.join("repo").display().to_string())?;
+    // The key is random: the key derivation adds nothing.
+    let cheap = KdfParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+    let repo = Repository::init(backend, key.as_bytes(), cheap)?;
+    repo.load_index()?;
+    let everything = globset::GlobSetBuilder::new()
+        .add(globset::Glob::new("*").expect("a valid glob"))
+        .build()
+        .expect("a valid glob set");
+    let selections = plan
+        .differences
+        .iter()
+        .filter_map(Difference::keep)
+        .map(|(path, whole)| Selection { path, exclude: (!whole).then(|| everything.clone()), source: None })
+        .collect();
+    let options = BackupOptions {
+        root: root.to_path_buf(),
+        live_root: root.to_path_buf(),
+        selections,
+        components: vec![ComponentRecord {
+            name: "undo".into(),
+            paths: Vec::new(),
+            missing: Vec::new(),
+            generated: Vec::new(),
+        }],
+        parent: None,
+        host: sysstate_repo::lock::host_name(),
+        tags: vec!["undo".into()],
+        threads: 0,
+        shadow: None,
+        time_ns: 0,
+        cancel: None,
+        origin: None,
+    };
+    let outcome = archiver::backup(&repo, &options, &NoProgress)?;
+    if let Some(warning) = outcome.warnings.first() {
+        return Err(fail(&warning.path, warning.message.clone()));
+    }
+    Ok(outcome.id)
+}
+
+/// The components' exclude patterns: live entries they match were left out of the version on
+/// purpose and are kept.
+fn keep_patterns(config: &Config, names: &[String]) -> Result<Option<globset::GlobSet>> {
+    let mut builder = globset::GlobSetBuilder::new();
+    let mut any = false;
+    for component in components::all(config)?.iter().filter(|c| names.contains(&c.name)) {
+        for pattern in &component.exclude {
+            let glob = globset::GlobBuilder::new(pattern).literal_separator(true).build().map_err(|error| {
+                EngineError::new(
+                    ErrorCode::InvalidInput,
+                    format!("component `{}`: exclude pattern `{pattern}`: {error}", component.name),
+                )
+            })?;
+            builder.add(glob);
+            any = true;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Ok(Some(builder.build().map_err(|error| EngineError::new(ErrorCode::InvalidInput, error.to_string()))?))
+}
+
+/// Takes the account database's lock (`/etc/.pwd.lock`, as `lckpwdf(3)`), so no `passwd` or
+/// `useradd` runs while the account files are replaced; released when dropped.
+fn lock_accounts(root: &Path) -> Result<LockFileWriter> {
+    let wait = std::time::Duration::from_secs(30);
+    let mut writer = LockFileWriter::accounts("accounts", root, wait, wait);
+    writer.handle(Event::PrepareSnapshot, std::time::Instant::now() + wait).map_err(|error| {
+        EngineError::new(ErrorCode::ComponentLocked, format!("component `accounts` is locked: {}", error.message))
+            .with_cause("a tool that changes accounts (passwd, useradd, chpasswd …) holds the account database's lock")
+            .with_resolution("let that process finish, or stop it, then run the restore again; nothing was changed")
+    })?;
+    Ok(writer)
+}
+
+/// `SYSSTATE_FAILPOINT_KILL_AFTER_COMMITS=N`: the process kills itself after putting N entries
+/// in place (crash tests).
+fn failpoint_kill_after() -> Option<usize> {
+    std::env::var("SYSSTATE_FAILPOINT_KILL_AFTER_COMMITS").ok()?.parse().ok()
+}
+
+/// Reads a file of the version by its absolute path.
+fn version_file(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Vec<u8>>> {
+    let mut tree = *tree;
+    let mut parts = path.trim_start_matches('/').split('/').peekable();
+    while let Some(part) = parts.next() {
+        let Some(node) = repo.read_tree(&tree)?.get(part.as_bytes()).cloned() else { return Ok(None) };
+        match node.kind {
+            NodeKind::Dir { subtree } if parts.peek().is_some() => tree = subtree,
+            NodeKind::File(content) if parts.peek().is_none() => {
+                let mut data = Vec::new();
+                for blob in &content.blobs {
+                    data.extend(repo.read_blob(blob)?);
+                }
+                return Ok(Some(data));
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// The package set: the version's selection against the root's, and the commands that
+/// reconcile them; written out and run as the request says.
+fn packages(repo: &Repository, manifest: &Version, request: &InPlaceRequest) -> Result<Option<PackagesReport>> {
+    let generated = format!("{}/packages", crate::generated::GENERATED_DIR);
+    let Some(selections) = version_file(repo, &manifest.tree, &format!("{generated}/dpkg-selections.txt"))? else {
+        return Ok(None);
+    };
+    let manual = version_file(repo, &manifest.tree, &format!("{generated}/apt-manual.txt"))?;
+    let installed = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace();
+                let (name, state) = (fields.next()?, fields.next()?);
+                (state == "install" || state == "hold").then(|| name.to_string())
+            })
+            .collect()
+    };
+    let wanted = installed(&String::from_utf8_lossy(&selections));
+    let admindir = format!("--admindir={}", request.root.join("var/lib/dpkg").display());
+    let current = std::process::Command::new("dpkg")
+        .args([admindir.as_str(), "--get-selections"])
+        .output()
+        .map(|o| installed(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default();
+    let dir = undo_dir(&request.job);
+    let file = dir.join("dpkg-selections.txt");
+    let manual_file = dir.join("apt-manual.txt");
+    let chroot =
+        if request.root == Path::new("/") { String::new() } else { format!("chroot {} ", request.root.display()) };
+    let mut commands = vec![
+        format!("{chroot}dpkg --clear-selections"),
+        format!("{chroot}dpkg --set-selections < {}", file.display()),
+        format!("{chroot}apt-get -y dselect-upgrade"),
+    ];
+    if manual.is_some() {
+        commands.push(format!("{chroot}xargs -a {} apt-mark manual", manual_file.display()));
+    }
+    let mut report = PackagesReport {
+        selections: None,
+        to_install: wanted.difference(&current).cloned().collect(),
+        to_remove: current.difference(&wanted).cloned().collect(),
+        commands,
+        applied: false,
+    };
+    if request.dry_run {
+        return Ok(Some(report));
+    }
+    let io = |e: std::io::Error| {
+        EngineError::new(ErrorCode::RestoreFailed, format!("cannot write `{}`: {e}", file.display()))
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    crate::paths::write_durably(&file, &selections).map_err(io)?;
+    if let Some(manual) = &manual {
+        crate::paths::write_durably(&manual_file, manual).map_err(io)?;
+    }
+    report.selections = Some(file.display().to_string());
+    if request.apply_packages {
+        for command in &report.commands {
+            let status = std::process::Command::new("sh").args(["-c", command]).status();
+            if !status.as_ref().is_ok_and(|s| s.success()) {
+                return Err(EngineError::new(
+                    ErrorCode::RestoreFailed,
+                    format!("`{command}` failed ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                )
+                .with_cause("the package manager could not reconcile the package set")
+                .with_resolution(
+                    "read apt's output above, fix the cause (a mirror, a held package), and run the commands again",
+                ));
+            }
+        }
+        report.applied = true;
+    }
+    Ok(Some(report))
+}
+
+/// Lists differences in the form the CLI prints: `+ path`, `~ path (what)`, `- path`.
+pub fn describe(difference: &Difference) -> String {
+    let count = if difference.entries > 1 { format!(" ({} entries)", difference.entries) } else { String::new() };
+    match difference.change {
+        Change::Add => format!("+ {}{count}", difference.path),
+        Change::Remove => format!("- {}{count}", difference.path),
+        Change::Change => format!("~ {} ({}){count}", difference.path, difference.what.join(", ")),
+    }
+}

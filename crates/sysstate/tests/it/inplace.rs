@@ -1,0 +1,219 @@
+//! Restore in place: dry run, the real run, undo, a run killed midway, a run that fails midway,
+//! and the package set.
+
+use crate::support::*;
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+/// A small system tree: accounts, config files, a symlink, nested directories.
+fn system_tree(root: &Path) {
+    for (path, content) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"),
+        ("etc/group", "root:x:0:\nalice:x:1000:\n"),
+        ("etc/shadow", "root:*:19000:0:99999:7:::\n"),
+        ("etc/hostname", "server-1\n"),
+        ("etc/app/a.conf", "a = 1\n"),
+        ("etc/app/b.conf", "b = 2\n"),
+        ("etc/keep/dir/x", "x\n"),
+        ("etc/zzz.conf", "last\n"),
+    ] {
+        std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+        std::fs::write(root.join(path), content).unwrap();
+    }
+    std::fs::set_permissions(root.join("etc/shadow"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("hostname", root.join("etc/link")).unwrap();
+}
+
+/// Changes of every kind: content, mode, a new file and directory, a removed symlink, a
+/// directory replaced by a file, an account added.
+fn change_everything(root: &Path) {
+    std::fs::write(root.join("etc/hostname"), "server-2\n").unwrap();
+    std::fs::set_permissions(root.join("etc/app/a.conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(root.join("etc/new.conf"), "new\n").unwrap();
+    std::fs::create_dir_all(root.join("etc/newdir")).unwrap();
+    std::fs::write(root.join("etc/newdir/f"), "f\n").unwrap();
+    std::fs::remove_file(root.join("etc/link")).unwrap();
+    std::fs::remove_dir_all(root.join("etc/keep/dir")).unwrap();
+    std::fs::write(root.join("etc/keep/dir"), "now a file\n").unwrap();
+    let mut passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    passwd.push_str("mallory:x:1001:1001::/home/mallory:/bin/sh\n");
+    std::fs::write(root.join("etc/passwd"), passwd).unwrap();
+    std::fs::write(root.join("etc/zzz.conf"), "changed last\n").unwrap();
+    let status =
+        Command::new("setfattr").args(["-n", "user.origin", "-v", "changed"]).arg(root.join("etc/app/b.conf")).status();
+    assert!(status.is_ok_and(|s| s.success()), "setfattr (package attr) sets a user attribute");
+}
+
+fn differences(report: &serde_json::Value) -> BTreeSet<(String, String)> {
+    report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["path"].as_str().unwrap().to_string(), d["change"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn backed_up_system(sandbox: &Sandbox) -> std::path::PathBuf {
+    let root = sandbox.path("root");
+    system_tree(&root);
+    let root_arg = root.to_str().unwrap();
+    sandbox.json(&["backup", "--root", root_arg, "--component", "config", "--component", "accounts"], 0);
+    root
+}
+
+#[test]
+fn in_place_restore_dry_run_real_run_and_undo() {
+    let sandbox = Sandbox::new();
+    let root = backed_up_system(&sandbox);
+    let root_arg = root.to_str().unwrap();
+    let original = snapshot(&root.join("etc"));
+    change_everything(&root);
+    let changed = snapshot(&root.join("etc"));
+
+    // The dry run lists every difference and changes nothing.
+    let dry = sandbox.json(&["restore", "--in-place", "--dry-run", "--root", root_arg], 0);
+    let expected: BTreeSet<(String, String)> = [
+        ("/etc/app/a.conf", "change"),
+        ("/etc/app/b.conf", "change"),
+        ("/etc/hostname", "change"),
+        ("/etc/keep/dir", "change"),
+        ("/etc/link", "add"),
+        ("/etc/new.conf", "remove"),
+        ("/etc/newdir", "remove"),
+        ("/etc/passwd", "change"),
+        ("/etc/zzz.conf", "change"),
+    ]
+    .iter()
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(differences(&dry), expected, "{dry}");
+    let find = |path: &str| dry["differences"].as_array().unwrap().iter().find(|d| d["path"] == path).unwrap().clone();
+    assert_eq!(find("/etc/app/a.conf")["what"], serde_json::json!(["mode"]));
+    assert!(find("/etc/hostname")["what"].as_array().unwrap().contains(&"content".into()));
+    assert_eq!(find("/etc/keep/dir")["what"], serde_json::json!(["type"]));
+    assert_eq!(find("/etc/app/b.conf")["what"], serde_json::json!(["xattrs"]));
+    assert_eq!(find("/etc/newdir")["entries"], 2);
+    assert_eq!(dry["dry-run"], true);
+    assert_same(&changed, &snapshot(&root.join("etc")));
+    let listing = text(&sandbox.ok(&["restore", "--in-place", "--dry-run", "--root", root_arg]).stdout);
+    assert!(listing.contains("~ /etc/app/a.conf (mode)") && listing.contains("- /etc/newdir (2 entries)"), "{listing}");
+
+    // The real run makes the tree equal to the version, metadata included.
+    let report = sandbox.json(&["restore", "--in-place", "--root", root_arg], 0);
+    assert_eq!(differences(&report), expected);
+    assert_same(&original, &snapshot(&root.join("etc")));
+    let job = report["undo"].as_str().unwrap().to_string();
+    let again = sandbox.json(&["restore", "--in-place", "--dry-run", "--root", root_arg], 0);
+    assert_eq!(again["differences"], serde_json::json!([]), "nothing differs after the restore: {again}");
+
+    // Undo puts back every byte and every piece of metadata.
+    sandbox.ok(&["restore", "--undo", &job]);
+    assert_same(&changed, &snapshot(&root.join("etc")));
+    // A second undo is refused with the reason.
+    let output = sandbox.run_code(&["restore", "--undo", &job], 2);
+    assert!(text(&output.stderr).contains("already undone"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn in_place_restore_killed_midway_leaves_no_half_written_file_and_can_be_undone() {
+    let sandbox = Sandbox::new();
+    let root = backed_up_system(&sandbox);
+    let root_arg = root.to_str().unwrap();
+    let original = snapshot(&root.join("etc"));
+    change_everything(&root);
+    let changed = snapshot(&root.join("etc"));
+
+    let output = sandbox
+        .command(&["restore", "--in-place", "--root", root_arg])
+        .env("SYSSTATE_FAILPOINT_KILL_AFTER_COMMITS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), None, "killed by its failpoint: {}", text(&output.stderr));
+
+    // Every entry is either as it was or as the version has it; none is half-written.
+    let now = snapshot(&root.join("etc"));
+    let mut restored = 0;
+    for (path, entry) in &now {
+        if path.to_string_lossy().contains(".sysstate-") || entry.kind == "dir" {
+            continue; // staged, complete, not yet in place; directories get their times last
+        }
+        let before = changed.get(path);
+        let after = original.get(path);
+        assert!(
+            Some(entry) == before || Some(entry) == after,
+            "{} is neither the old nor the restored entry: {entry:?}",
+            path.display()
+        );
+        if Some(entry) == after && Some(entry) != before {
+            restored += 1;
+        }
+    }
+    assert!(restored >= 1, "the failpoint fires after some entries were put in place");
+
+    // The job is seen as failed, and undo puts the system back.
+    let jobs = sandbox.json(&["job", "--previous", "1"], 0);
+    assert_eq!(jobs[0]["state"], "failed", "{jobs}");
+    assert_eq!(jobs[0]["kind"], "restore-in-place", "{jobs}");
+    let job = jobs[0]["id"].as_str().unwrap();
+    assert!(jobs[0]["error"]["resolution"].as_str().unwrap().contains(&format!("sysstate restore --undo {job}")));
+    sandbox.ok(&["restore", "--undo", job]);
+    assert_same(&changed, &snapshot(&root.join("etc")));
+}
+
+/// A bind mount over a file makes renaming over it fail (EBUSY): the restore stops midway and
+/// undoes what it did.
+#[test]
+fn in_place_restore_that_fails_midway_is_rolled_back() {
+    if !require("root (bind-mounts over a file)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let root = backed_up_system(&sandbox);
+    let root_arg = root.to_str().unwrap();
+    change_everything(&root);
+    let mounted = sandbox.path("mounted");
+    std::fs::write(&mounted, "changed last\n").unwrap();
+    let status = Command::new("mount").args(["--bind"]).arg(&mounted).arg(root.join("etc/zzz.conf")).status().unwrap();
+    assert!(status.success());
+    let changed = snapshot(&root.join("etc"));
+
+    let output = sandbox.run_code(&["restore", "--in-place", "--root", root_arg], 2);
+    let _ = Command::new("umount").arg(root.join("etc/zzz.conf")).status();
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("error[restore-failed]") && stderr.contains("zzz.conf"), "{stderr}");
+    assert!(stderr.contains("the system is as it was"), "{stderr}");
+    assert_job_failed(&sandbox, "restore-failed");
+    let mut now = snapshot(&root.join("etc"));
+    let mut changed = changed;
+    // The mount point itself is not part of the comparison (its inode is the mounted file's).
+    now.remove(Path::new("zzz.conf"));
+    changed.remove(Path::new("zzz.conf"));
+    assert_same(&changed, &now);
+}
+
+#[test]
+fn in_place_restore_of_packages_writes_the_selection_and_the_apt_commands() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    let status = "Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\
+                  Maintainer: x\nDescription: base\n\nPackage: vim\nStatus: install ok installed\n\
+                  Architecture: amd64\nVersion: 9\nMaintainer: x\nDescription: editor\n";
+    std::fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
+    std::fs::write(root.join("var/lib/dpkg/status"), status).unwrap();
+    let root_arg = root.to_str().unwrap();
+    sandbox.json(&["backup", "--root", root_arg, "--component", "packages"], 0);
+    // vim is removed after the backup.
+    std::fs::write(root.join("var/lib/dpkg/status"), format!("{}\n", status.split("\n\n").next().unwrap())).unwrap();
+    let dpkg_status = std::fs::read(root.join("var/lib/dpkg/status")).unwrap();
+
+    let report = sandbox.json(&["restore", "--in-place", "--root", root_arg, "--component", "packages"], 0);
+    let packages = &report["packages"];
+    assert_eq!(packages["to-install"], serde_json::json!(["vim"]), "{report}");
+    assert_eq!(packages["applied"], false);
+    let file = packages["selections"].as_str().unwrap();
+    assert!(std::fs::read_to_string(file).unwrap().contains("vim"), "the selection list is written");
+    assert!(packages["commands"][1].as_str().unwrap().contains(&format!("dpkg --set-selections < {file}")));
+    assert_eq!(std::fs::read(root.join("var/lib/dpkg/status")).unwrap(), dpkg_status, "dpkg's database is untouched");
+}
