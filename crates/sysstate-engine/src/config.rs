@@ -16,6 +16,9 @@ pub struct Config {
     /// `[shadow]`.
     #[serde(default)]
     pub shadow: ShadowSection,
+    /// `[jobs]`.
+    #[serde(default)]
+    pub jobs: JobsSection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -36,6 +39,25 @@ pub struct BackupSection {
     pub target: Option<String>,
     /// Which components a backup takes by default.
     pub components: Option<Vec<String>>,
+}
+
+/// `[jobs]`: the job history and event log.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct JobsSection {
+    /// How long ended jobs, their events, logs and undo folders are kept (`90d`, the default).
+    pub retention: Option<String>,
+}
+
+impl Config {
+    /// `[jobs] retention`, parsed.
+    pub fn job_retention(&self) -> Result<std::time::Duration> {
+        match &self.jobs.retention {
+            None => Ok(crate::jobs::RETENTION),
+            Some(text) => crate::shadow::parse_duration(text)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`jobs.retention`: {e}"))),
+        }
+    }
 }
 
 /// `[shadow]`.

@@ -81,11 +81,17 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
             run(dir, "blkid.txt", &["blkid"], &mut out);
             run(dir, "findmnt.json", &["findmnt", "-J"], &mut out);
             let disks = Command::new("lsblk")
-                .args(["-dnpo", "NAME,TYPE"])
+                .args(["-dnpro", "NAME,TYPE,PTTYPE"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            for disk in disks.lines().filter(|l| l.ends_with(" disk")).filter_map(|l| l.split_whitespace().next()) {
+            // Only disks with a partition table: sfdisk fails on the others (zram, whole-disk
+            // filesystems), which is not a problem worth a warning.
+            let partitioned = disks.lines().filter_map(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                (fields.len() == 3 && fields[1] == "disk" && !fields[2].is_empty()).then_some(fields[0])
+            });
+            for disk in partitioned {
                 let name = disk.trim_start_matches("/dev/").replace('/', "-");
                 run(dir, &format!("sfdisk-{name}.txt"), &["sfdisk", "--dump", disk], &mut out);
             }
@@ -94,6 +100,19 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
             }
             if installed("lvm") {
                 run(dir, "lvm.json", &["lvm", "fullreport", "--reportformat", "json"], &mut out);
+            }
+            // A LUKS header lost is the data lost: keep each one's description (keyslots,
+            // cipher, UUID) beside the layout. The header itself is `cryptsetup
+            // luksHeaderBackup`'s job, kept off backups on purpose: it opens with old keys.
+            // blkid probes the devices itself; lsblk's FSTYPE needs udev's database.
+            let devices = Command::new("blkid")
+                .args(["-t", "TYPE=crypto_LUKS", "-o", "device"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for device in devices.lines().filter(|l| l.starts_with("/dev/")) {
+                let name = device.trim_start_matches("/dev/").replace('/', "-");
+                run(dir, &format!("luks-{name}.txt"), &["cryptsetup", "luksDump", device], &mut out);
             }
         }
         "bootloader" if live && (Path::new("/sys/firmware/efi").exists() || installed("efibootmgr")) => {

@@ -165,6 +165,7 @@ pub struct JobStore {
     connection: Mutex<Connection>,
     path: PathBuf,
     state_dir: PathBuf,
+    retention: Duration,
 }
 
 fn level_name(level: Level) -> &'static str {
@@ -190,7 +191,18 @@ impl JobStore {
         connection.pragma_update(None, "journal_mode", "WAL").map_err(|e| db_error(&path, e))?;
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| db_error(&path, e))?;
         connection.execute_batch(SCHEMA).map_err(|e| db_error(&path, e))?;
-        Ok(JobStore { connection: Mutex::new(connection), path, state_dir: state_dir.to_path_buf() })
+        Ok(JobStore {
+            connection: Mutex::new(connection),
+            path,
+            state_dir: state_dir.to_path_buf(),
+            retention: RETENTION,
+        })
+    }
+
+    /// Keeps ended jobs, their events, logs and undo folders for `retention` (`[jobs] retention`).
+    pub fn with_retention(mut self, retention: Duration) -> JobStore {
+        self.retention = retention;
+        self
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -211,7 +223,8 @@ impl JobStore {
         let logs = self.state_dir.join("logs");
         let log_path = logs.join(format!("{id}.log"));
         let _ = std::fs::create_dir_all(&logs);
-        let cutoff = now - RETENTION.as_nanos() as i64;
+        let cutoff = now - self.retention.as_nanos() as i64;
+        self.prune_files(cutoff);
         self.with(|db| {
             db.execute("DELETE FROM jobs WHERE ended_ns IS NOT NULL AND ended_ns < ?1", params![cutoff])?;
             db.execute("DELETE FROM events WHERE time_ns < ?1", params![cutoff])?;
@@ -222,6 +235,25 @@ impl JobStore {
         })?;
         self.log(&id, &format!("{kind} started (pid {})", std::process::id()));
         Ok(id)
+    }
+
+    /// Removes job logs and in-place restore undo folders last changed before `cutoff`.
+    fn prune_files(&self, cutoff: i64) {
+        for dir in ["logs", "undo"] {
+            let Ok(entries) = std::fs::read_dir(self.state_dir.join(dir)) else { continue };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                use std::os::unix::fs::MetadataExt;
+                if meta.mtime() * 1_000_000_000 + meta.mtime_nsec() >= cutoff {
+                    continue;
+                }
+                let _ = if meta.is_dir() {
+                    std::fs::remove_dir_all(entry.path())
+                } else {
+                    std::fs::remove_file(entry.path())
+                };
+            }
+        }
     }
 
     /// Appends a line to a job's log file.
@@ -359,13 +391,19 @@ impl JobStore {
             if sysstate_repo::lock::process_alive(job.pid, None) {
                 alive.push(job);
             } else {
-                let error = EngineError::new(
+                let mut error = EngineError::new(
                     ErrorCode::Cancelled,
                     format!(
                         "job {} ended without a word: its process {} is gone (killed, or the machine restarted)",
                         job.id, job.pid
                     ),
                 );
+                if job.kind == "restore-in-place" {
+                    error = error.with_resolution(format!(
+                        "the system may be half restored: run `sysstate restore --undo {}` to put it back as it was, then restore again",
+                        job.id
+                    ));
+                }
                 self.finish(&job.id, "failed", None, Some(&error), "engine")?;
             }
         }
@@ -374,6 +412,8 @@ impl JobStore {
 
     /// The `count` most recent ended jobs, newest first.
     pub fn previous(&self, count: usize) -> Result<Vec<JobRecord>> {
+        // Jobs whose process is gone have ended: they belong here.
+        self.running()?;
         self.with(|db| {
             let mut statement = db.prepare(
                 "SELECT * FROM jobs WHERE state != 'running' ORDER BY ended_ns DESC, started_ns DESC LIMIT ?1",
@@ -468,6 +508,24 @@ impl<'s> ProgressWriter<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_jobs_their_events_and_logs_are_pruned_past_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap().with_retention(Duration::from_millis(50));
+        let old = store.start("backup", None, &[]).unwrap();
+        let error = EngineError::new(ErrorCode::TargetFull, "full");
+        store.finish(&old, "failed", None, Some(&error), "repository").unwrap();
+        let old_log = dir.path().join("logs").join(format!("{old}.log"));
+        assert!(old_log.exists());
+        std::thread::sleep(Duration::from_millis(120));
+        let new = store.start("backup", None, &[]).unwrap();
+        store.finish(&new, "succeeded", None, None, "engine").unwrap();
+        let previous = store.previous(10).unwrap();
+        assert_eq!(previous.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![new.as_str()]);
+        assert!(store.events(&EventFilter::default()).unwrap().iter().all(|e| e.job.as_deref() != Some(old.as_str())));
+        assert!(!old_log.exists(), "the old job's log is removed with it");
+    }
 
     #[test]
     fn a_job_lives_from_start_to_end_with_its_events() {

@@ -125,17 +125,26 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         }
         Command::Versions => versions(&context),
         Command::Items { version, components } => items(&context, version, components),
-        Command::Restore { version, components, to, in_place, threads } => {
+        Command::Restore { version, components, to, in_place, dry_run, apply_packages, undo, threads } => {
+            if let Some(job) = undo {
+                return as_job(&context, "undo", &[], |_, _| Ok((undo_in_place(&context, job)?, None)));
+            }
             if *in_place {
-                return Err(EngineError::new(
-                    ErrorCode::InvalidInput,
-                    "`restore --in-place` is not available in this build",
-                )
-                .with_cause("in-place restore (staged, undoable) arrives with the system state engine")
-                .with_resolution("restore with `--to DIR` and copy what you need"));
+                let kind = if *dry_run { "restore-dry-run" } else { "restore-in-place" };
+                return as_job(&context, kind, components, |_, job| {
+                    let request = sysstate_engine::inplace::InPlaceRequest {
+                        root: context.cli.global.root.clone(),
+                        version: version.clone(),
+                        components: components.clone(),
+                        dry_run: *dry_run,
+                        apply_packages: *apply_packages,
+                        job: job.to_string(),
+                    };
+                    restore_in_place(&context, &request)
+                });
             }
             let to = to.as_ref().ok_or_else(|| {
-                EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR` (or `--in-place`)")
+                EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR`, `--in-place` or `--undo JOB`")
             })?;
             as_job(&context, "restore", components, |_, _| {
                 Ok((restore(&context, version, components, to, *threads)?, None))
@@ -171,7 +180,8 @@ fn as_job(
     work: impl FnOnce(&std::sync::Arc<sysstate_engine::jobs::JobStore>, &str) -> Result<(Outcome, Option<String>)>,
 ) -> Result<Outcome> {
     use sysstate_engine::jobs::{source_of, JobStore};
-    let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
+    let store =
+        std::sync::Arc::new(JobStore::open(&paths::state_dir())?.with_retention(context.config.job_retention()?));
     let job = store.start(kind, Some(&context.target), components)?;
     match work(&store, &job) {
         Ok((outcome, version)) => {
@@ -445,6 +455,78 @@ fn restore(context: &Context<'_>, version: &str, components: &[String], to: &Pat
     }
 }
 
+fn restore_in_place(
+    context: &Context<'_>,
+    request: &sysstate_engine::inplace::InPlaceRequest,
+) -> Result<(Outcome, Option<String>)> {
+    use sysstate_engine::inplace::describe;
+    let repo = context.open()?;
+    let report = sysstate_engine::inplace::restore_in_place(&repo, request, &context.config)?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&report).expect("reports encode"));
+        return Ok((Outcome::Success, Some(report.version)));
+    }
+    for difference in &report.differences {
+        context.say(describe(difference));
+    }
+    let count = |change| report.differences.iter().filter(|d| d.change == change).count();
+    use sysstate_repo::inplace::Change;
+    let (added, changed, removed) = (count(Change::Add), count(Change::Change), count(Change::Remove));
+    let short = &report.version[..12];
+    if report.dry_run {
+        context.say(format!(
+            "version {short} against `{}`: {added} to add, {changed} to change, {removed} to remove (dry run: nothing was changed)",
+            request.root.display()
+        ));
+    } else if report.differences.is_empty() {
+        context.say(format!("`{}` already equals version {short}: nothing to restore", request.root.display()));
+    } else {
+        context.say(format!(
+            "restored version {short} in place: {added} added, {changed} changed, {removed} removed; every replaced entry is kept: `sysstate restore --undo {}` puts them back",
+            request.job
+        ));
+    }
+    for component in &report.next_boot {
+        context.say(format!("component `{component}` changed: it takes effect at the next boot"));
+    }
+    if let Some(packages) = &report.packages {
+        context.say(format!(
+            "packages: {} to install, {} to remove to match the version{}",
+            packages.to_install.len(),
+            packages.to_remove.len(),
+            match &packages.selections {
+                Some(file) => format!("; its selection is in `{file}`"),
+                None => String::new(),
+            }
+        ));
+        if packages.applied {
+            context.say("packages: the package set was reconciled");
+        } else if !packages.to_install.is_empty() || !packages.to_remove.is_empty() {
+            context.say("packages: to reconcile the package set, run (or restore again with --apply-packages):");
+            for command in &packages.commands {
+                context.say(format!("  {command}"));
+            }
+        }
+    }
+    Ok((Outcome::Success, Some(report.version)))
+}
+
+fn undo_in_place(context: &Context<'_>, job: &str) -> Result<Outcome> {
+    let report = sysstate_engine::inplace::undo(job)?;
+    if context.cli.global.json {
+        print_json(&serde_json::to_value(&report).expect("reports encode"));
+    } else {
+        for difference in &report.differences {
+            context.say(sysstate_engine::inplace::describe(difference));
+        }
+        context.say(format!(
+            "undid the in-place restore {job}: {} entries put back as they were",
+            report.differences.len()
+        ));
+    }
+    Ok(Outcome::Success)
+}
+
 fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
     let repo = context.open()?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
@@ -662,7 +744,8 @@ fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
 }
 
 fn job(context: &Context<'_>, previous: Option<usize>) -> Result<Outcome> {
-    let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+    let store =
+        sysstate_engine::jobs::JobStore::open(&paths::state_dir())?.with_retention(context.config.job_retention()?);
     let jobs = match previous {
         Some(count) => store.previous(count)?,
         None => store.running()?,
@@ -731,7 +814,8 @@ fn events(
             }
         }),
     };
-    let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+    let store =
+        sysstate_engine::jobs::JobStore::open(&paths::state_dir())?.with_retention(context.config.job_retention()?);
     let filter = sysstate_engine::jobs::EventFilter { source: source.clone(), level, since_ns, job: job.clone() };
     let events = store.events(&filter)?;
     if context.cli.global.json {

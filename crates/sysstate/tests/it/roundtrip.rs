@@ -1,4 +1,6 @@
 use crate::support::*;
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn backup_restore_round_trip_and_unchanged_files_are_not_read() {
@@ -115,6 +117,85 @@ fn a_system_state_backup_of_this_machine() {
     assert_eq!(lsblk["status"], 0, "{lsblk}");
     assert_eq!(lsblk["command"][0], "lsblk");
     sandbox.ok(&["check", "--read-data"]);
+}
+
+/// Every default component is listed with exactly the paths that exist on this machine.
+#[test]
+fn each_default_component_is_detected_on_this_machine() {
+    let sandbox = Sandbox::new();
+    let listed = sandbox.json(&["components"], 0);
+    let listed = listed.as_array().unwrap();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for name in ["boot", "efi", "config", "accounts", "packages", "bootloader", "disk-layout", "systemd", "cron"] {
+        let component = listed.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} is not listed"));
+        for path in component["paths"].as_array().unwrap() {
+            assert!(Path::new(path.as_str().unwrap()).exists(), "{name}: {path} is listed present");
+        }
+        for path in component["missing"].as_array().unwrap() {
+            assert!(!Path::new(path.as_str().unwrap()).exists(), "{name}: {path} is listed missing");
+        }
+    }
+    let find = |name: &str| listed.iter().find(|c| c["name"] == name).unwrap().clone();
+    assert_eq!(find("config")["paths"], serde_json::json!(["/etc"]));
+    assert!(find("accounts")["paths"].as_array().unwrap().contains(&"/etc/passwd".into()));
+    assert!(find("packages")["paths"].as_array().unwrap().contains(&"/var/lib/dpkg".into()), "a Debian machine");
+    // The ESP is the vfat mount the mount table shows, if any.
+    let esp_mounted =
+        mountinfo.lines().any(|l| l.contains(" - vfat ") && (l.contains(" /boot/efi ") || l.contains(" /efi ")));
+    assert_eq!(!find("efi")["paths"].as_array().unwrap().is_empty(), esp_mounted, "{mountinfo}");
+}
+
+/// The disk layout keeps the description of every LUKS header (`cryptsetup luksDump`).
+#[test]
+fn the_disk_layout_describes_each_luks_header() {
+    if !require(
+        "root, loop devices and cryptsetup",
+        is_root() && Path::new("/dev/loop-control").exists() && Path::new("/sbin/cryptsetup").exists(),
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let image = sandbox.path("luks.img");
+    std::fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+    let output = Command::new("losetup").args(["-f", "--show"]).arg(&image).output().unwrap();
+    let device = text(&output.stdout).trim().to_string();
+    assert!(device.starts_with("/dev/loop"), "{}", text(&output.stderr));
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(device.clone());
+    let key = sandbox.path("key");
+    std::fs::write(&key, "not a real secret").unwrap();
+    let status = Command::new("cryptsetup")
+        .args([
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ])
+        .arg(&device)
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = Command::new("udevadm").args(["settle"]).status();
+    let report = sandbox.json(&["backup", "--component", "disk-layout"], 0);
+    let disk = &report["components"][0];
+    let name = format!("luks-{}.txt", device.trim_start_matches("/dev/"));
+    let luks = disk["generated"].as_array().unwrap().iter().find(|g| g["file"] == name.as_str());
+    let luks = luks.unwrap_or_else(|| panic!("no {name} in {disk}"));
+    assert_eq!(luks["status"], 0, "{luks}");
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--component", "disk-layout", "--to", to.to_str().unwrap()]);
+    let dump = std::fs::read_to_string(to.join(".sysstate-generated/disk-layout").join(&name)).unwrap();
+    assert!(dump.contains("LUKS header information"), "{dump}");
 }
 
 #[test]
