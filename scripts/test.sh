@@ -44,6 +44,16 @@ step "loop devices"
 [ -e /dev/loop-control ] || modprobe loop || true
 ls /dev/loop-control
 
+step "a debootstrap minbase Debian for the round-trip test (built once, cached)"
+minbase=${SYSSTATE_MINBASE_CACHE:-/var/cache/sysstate-test/minbase-bookworm}
+if [ ! -e "$minbase.complete" ]; then
+  rm -rf "$minbase"
+  mkdir -p "$minbase"
+  debootstrap --variant=minbase bookworm "$minbase" http://deb.debian.org/debian >/dev/null
+  touch "$minbase.complete"
+fi
+export SYSSTATE_TEST_MINBASE="$minbase"
+
 step "services"
 eval "$(scripts/services.sh)"
 export SYSSTATE_TEST_REQUIRE=all

@@ -498,6 +498,21 @@ impl<'s> ProgressWriter<'s> {
         }
     }
 
+    /// Sets the bytes to process in all, when known.
+    pub fn total(&self, bytes: u64) {
+        self.state.lock().expect("progress lock").0.bytes_total = bytes;
+    }
+
+    /// Sets the bytes done and to do (operations that count in bytes, not files).
+    pub fn set_bytes(&self, done: u64, total: u64) {
+        let mut state = self.state.lock().expect("progress lock");
+        (state.0.bytes_done, state.0.bytes_total) = (done, total);
+        if state.1.elapsed() >= Duration::from_millis(500) {
+            state.1 = Instant::now();
+            let _ = self.store.progress(&self.job, &state.0);
+        }
+    }
+
     /// Writes the final counts.
     pub fn flush(&self) {
         let state = self.state.lock().expect("progress lock");

@@ -121,8 +121,11 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     repo.load_index()?;
     let host = sysstate_repo::lock::host_name();
     let root_path = request.root.display().to_string();
-    let parent =
-        repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path).map(|(id, _)| id);
+    let parent = repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path);
+    if let Some((_, version)) = &parent {
+        progress.total(version.stats.bytes_total);
+    }
+    let parent = parent.map(|(id, _)| id);
 
     // The point in time: a shadow set of every selected path, read instead of the live files.
     let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
@@ -233,6 +236,9 @@ pub fn restore_to(
 ) -> Result<(Id, RestoreOutcome)> {
     let (id, manifest) = repo.find_version(version)?;
     let (include, exclude) = crate::inplace::component_scope(&manifest, &id, components)?;
+    if let (Some(progress), true) = (progress, components.is_empty()) {
+        progress.total(manifest.stats.bytes_total);
+    }
     let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
     let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, progress)?;

@@ -102,6 +102,8 @@ pub trait Progress: Send + Sync {
     fn file_done(&self, _bytes: u64) {}
     /// A file was skipped or failed.
     fn warning(&self, _warning: &Warning) {}
+    /// About `bytes` are to be processed in all (an estimate: the parent version's size).
+    fn total(&self, _bytes: u64) {}
 }
 
 /// No progress reporting.

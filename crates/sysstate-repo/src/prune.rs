@@ -57,8 +57,9 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<Id>> {
     Ok(used)
 }
 
-/// Prunes `repo` (index loaded, exclusive lease held by the caller).
-pub fn prune(repo: &Repository) -> Result<PruneReport> {
+/// Prunes `repo` (index loaded, exclusive lease held by the caller). `progress` is told the
+/// bytes of partly used packs read so far and in all.
+pub fn prune(repo: &Repository, progress: &dyn Fn(u64, u64)) -> Result<PruneReport> {
     let mut report = PruneReport::default();
     let old_index_files = repo.load_index()?;
     let used = used_blobs(repo)?;
@@ -88,8 +89,12 @@ pub fn prune(repo: &Repository) -> Result<PruneReport> {
     // Move used blobs out of partly used packs, without re-sealing them (after checking them).
     let saver = BlobSaver::new(repo);
     let mut moved: HashSet<Id> = HashSet::new();
+    let repack_total: u64 = repack.iter().filter_map(|(pack, _)| pack_sizes.get(&pack.to_hex())).sum();
+    let mut repack_done = 0u64;
     for (pack, entries) in &repack {
         let bytes = repo.backend().read(FileKind::Pack, &pack.to_hex())?;
+        repack_done += bytes.len() as u64;
+        progress(repack_done, repack_total);
         for entry in entries {
             if !moved.insert(entry.id) {
                 continue;

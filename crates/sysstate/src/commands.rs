@@ -93,14 +93,32 @@ fn prompt(text: &str) -> Result<Vec<u8>> {
     Ok(line.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
 }
 
-/// Prints warnings as they come (not with --quiet or --json) and feeds the job's progress.
+/// Prints warnings as they come (not with --quiet or --json), draws the progress bar, and
+/// feeds the job's progress.
 struct Printer<'a> {
     show: bool,
     progress: Option<&'a sysstate_engine::jobs::ProgressWriter<'a>>,
+    bar: crate::output::Bar,
+}
+
+impl<'a> Printer<'a> {
+    fn new(context: &Context<'_>, what: &str, progress: Option<&'a sysstate_engine::jobs::ProgressWriter<'a>>) -> Self {
+        let show = !context.cli.global.quiet && !context.cli.global.json;
+        Printer { show, progress, bar: crate::output::Bar::new(show, what, None) }
+    }
+
+    /// `done` of `total` bytes (check, prune).
+    fn set(&self, done: u64, total: u64) {
+        self.bar.set(done, total);
+        if let Some(progress) = self.progress {
+            progress.set_bytes(done, total);
+        }
+    }
 }
 
 impl Progress for Printer<'_> {
     fn file_done(&self, bytes: u64) {
+        self.bar.add(bytes);
         if let Some(progress) = self.progress {
             progress.add(bytes);
         }
@@ -108,7 +126,14 @@ impl Progress for Printer<'_> {
 
     fn warning(&self, warning: &Warning) {
         if self.show {
-            eprintln!("warning: `{}` {}", warning.path, warning.message);
+            self.bar.println(&format!("warning: `{}` {}", warning.path, warning.message));
+        }
+    }
+
+    fn total(&self, bytes: u64) {
+        self.bar.set(0, bytes);
+        if let Some(progress) = self.progress {
+            progress.total(bytes);
         }
     }
 }
@@ -146,13 +171,26 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             let to = to.as_ref().ok_or_else(|| {
                 EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR`, `--in-place` or `--undo JOB`")
             })?;
-            as_job(&context, "restore", components, |_, _| {
-                Ok((restore(&context, version, components, to, *threads)?, None))
+            as_job(&context, "restore", components, |store, job| {
+                let progress = sysstate_engine::jobs::ProgressWriter::new(store, job);
+                let outcome = restore(&context, version, components, to, *threads, &progress);
+                progress.flush();
+                Ok((outcome?, None))
             })
         }
-        Command::Check { read_data } => as_job(&context, "check", &[], |_, _| Ok((check(&context, *read_data)?, None))),
+        Command::Check { read_data } => as_job(&context, "check", &[], |store, job| {
+            let progress = sysstate_engine::jobs::ProgressWriter::new(store, job);
+            let outcome = check(&context, *read_data, &progress);
+            progress.flush();
+            Ok((outcome?, None))
+        }),
         Command::Forget(args) => as_job(&context, "forget", &[], |_, _| Ok((forget(&context, args)?, None))),
-        Command::Prune => as_job(&context, "prune", &[], |_, _| Ok((prune(&context)?, None))),
+        Command::Prune => as_job(&context, "prune", &[], |store, job| {
+            let progress = sysstate_engine::jobs::ProgressWriter::new(store, job);
+            let outcome = prune(&context, &progress);
+            progress.flush();
+            Ok((outcome?, None))
+        }),
         Command::Copy { to, to_passphrase_file, versions } => as_job(&context, "copy", &[], |_, _| {
             Ok((copy(&context, to, to_passphrase_file.as_deref(), versions)?, None))
         }),
@@ -278,7 +316,7 @@ fn run_backup(
         phase: Some(hook),
         warning: Some(warning),
     };
-    let printer = Printer { show: !global.quiet && !global.json, progress: Some(progress) };
+    let printer = Printer::new(context, "backing up", Some(progress));
     let report = ops::backup(&request, &passphrase, &printer)?;
     let stats = &report.version.stats;
     if global.json {
@@ -420,9 +458,16 @@ fn walk_items(
     Ok(())
 }
 
-fn restore(context: &Context<'_>, version: &str, components: &[String], to: &Path, threads: usize) -> Result<Outcome> {
+fn restore(
+    context: &Context<'_>,
+    version: &str,
+    components: &[String],
+    to: &Path,
+    threads: usize,
+    progress: &sysstate_engine::jobs::ProgressWriter<'_>,
+) -> Result<Outcome> {
     let repo = context.open()?;
-    let printer = Printer { show: !context.cli.global.quiet && !context.cli.global.json, progress: None };
+    let printer = Printer::new(context, "restoring", Some(progress));
     let started = std::time::Instant::now();
     let (id, outcome) = ops::restore_to(&repo, version, components, to, threads, Some(&printer))?;
     let stats = &outcome.stats;
@@ -527,10 +572,16 @@ fn undo_in_place(context: &Context<'_>, job: &str) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
+fn check(
+    context: &Context<'_>,
+    read_data: bool,
+    progress: &sysstate_engine::jobs::ProgressWriter<'_>,
+) -> Result<Outcome> {
     let repo = context.open()?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
-    let report = sysstate_repo::check::check(&repo, read_data, &|_, _| {})?;
+    let printer = Printer::new(context, "checking", Some(progress));
+    let report = sysstate_repo::check::check(&repo, read_data, &|done, total| printer.set(done, total))?;
+    drop(printer);
     let failure = (!report.is_clean()).then(|| {
         EngineError::new(
             ErrorCode::RepositoryCorrupt,
@@ -622,10 +673,12 @@ fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn prune(context: &Context<'_>) -> Result<Outcome> {
+fn prune(context: &Context<'_>, progress: &sysstate_engine::jobs::ProgressWriter<'_>) -> Result<Outcome> {
     let repo = context.open()?;
     let _lease = Lease::acquire(repo.backend().clone(), true, "prune")?;
-    let report = sysstate_repo::prune::prune(&repo)?;
+    let printer = Printer::new(context, "pruning", Some(progress));
+    let report = sysstate_repo::prune::prune(&repo, &|done, total| printer.set(done, total))?;
+    drop(printer);
     if context.cli.global.json {
         print_json(&serde_json::to_value(&report).expect("report encodes"));
     } else {

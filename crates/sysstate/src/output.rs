@@ -61,3 +61,65 @@ pub fn bytes(n: u64) -> String {
         format!("{value:.1} {}", UNITS[unit])
     }
 }
+
+/// A progress bar on stderr for a long operation (backup, restore, check, prune): bytes, rate
+/// and, when the total is known, a bar and the time left. Drawn only on a terminal and never
+/// with `--quiet` or `--json`; otherwise every call is a no-op.
+#[derive(Debug)]
+pub struct Bar(Option<indicatif::ProgressBar>);
+
+const SPINNER: &str = "{prefix} {spinner} {bytes} {binary_bytes_per_sec} {elapsed}";
+const BAR: &str = "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left";
+
+fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template).expect("the templates are valid").progress_chars("=> ")
+}
+
+impl Bar {
+    /// A bar for `what` (`backing up`), of `total` bytes when known (a spinner until then).
+    pub fn new(show: bool, what: &str, total: Option<u64>) -> Bar {
+        use std::io::IsTerminal;
+        if !show || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
+        bar.set_style(style(if total.is_some() { BAR } else { SPINNER }));
+        bar.set_prefix(what.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Bar(Some(bar))
+    }
+
+    /// `bytes` more are done.
+    pub fn add(&self, bytes: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(bytes);
+        }
+    }
+
+    /// `done` of `total` bytes are done.
+    pub fn set(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.0 {
+            if total > 0 && bar.length() == Some(0) {
+                bar.set_style(style(BAR));
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    /// Prints a line above the bar.
+    pub fn println(&self, line: &str) {
+        match &self.0 {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}

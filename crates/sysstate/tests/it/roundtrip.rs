@@ -255,3 +255,26 @@ fn several_backups_write_into_one_repository_at_once() {
         assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
     }
 }
+
+/// A real Debian root (debootstrap minbase, made by scripts/test.sh) backed up with `--root` and
+/// restored into another folder: every file, directory, symlink and device with its owner,
+/// mode, times, extended attributes, hardlinks and holes.
+#[test]
+fn a_debootstrapped_debian_round_trips_with_all_metadata() {
+    let minbase = std::env::var_os("SYSSTATE_TEST_MINBASE").map(std::path::PathBuf::from);
+    let Some(minbase) = minbase.filter(|m| m.join("etc/debian_version").exists()) else {
+        require("a debootstrap minbase tree in SYSSTATE_TEST_MINBASE (scripts/test.sh makes it)", false);
+        return;
+    };
+    if !require("root (the tree's owners)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    std::fs::write(sandbox.path("config.toml"), "[[component]]\nname = \"system\"\npaths = [\"/\"]\n").unwrap();
+    let root = minbase.to_str().unwrap();
+    let report = sandbox.json(&["backup", "--root", root, "--component", "system"], 0);
+    assert!(report["stats"]["files"].as_u64().unwrap() > 5000, "{}", report["stats"]);
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--component", "system", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&minbase), &snapshot(&to));
+}

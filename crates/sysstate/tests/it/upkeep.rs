@@ -86,3 +86,51 @@ fn copy_to_another_repository_with_its_own_key() {
     other.ok(&["restore", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
 }
+
+/// Restore, check and prune record their progress in their job; on a terminal a progress bar
+/// is drawn; with --quiet nothing but errors is printed.
+#[test]
+fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 40, 7);
+    let output = sandbox.ok(&["backup", "--quiet", "--root", root.to_str().unwrap(), "--component", "data"]);
+    assert!(
+        output.stdout.is_empty() && output.stderr.is_empty(),
+        "--quiet printed: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--quiet", "--to", to.to_str().unwrap()]);
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["kind"], "restore");
+    assert_eq!(job["progress"]["files-done"], 40, "{job}");
+    assert!(job["progress"]["bytes-done"].as_u64().unwrap() > 0);
+    assert_eq!(job["progress"]["bytes-done"], job["progress"]["bytes-total"], "{job}");
+
+    sandbox.ok(&["check", "--quiet", "--read-data"]);
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["kind"], "check");
+    assert!(job["progress"]["bytes-done"].as_u64().unwrap() > 0, "{job}");
+    assert_eq!(job["progress"]["bytes-done"], job["progress"]["bytes-total"], "{job}");
+
+    // A progress bar on a terminal (script(1) gives the command one).
+    let command = format!(
+        "{} check --read-data --target {} --config {}",
+        env!("CARGO_BIN_EXE_sysstate"),
+        sandbox.target,
+        sandbox.path("config.toml").display()
+    );
+    let terminal = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("SYSSTATE_STATE_DIR", sandbox.path("state"))
+        .env("SYSSTATE_PASSPHRASE", sandbox.passphrase.as_deref().unwrap())
+        .env("COLUMNS", "120")
+        .output()
+        .unwrap();
+    let shown = text(&terminal.stdout);
+    assert!(terminal.status.success(), "{shown}");
+    assert!(shown.contains("checking"), "no progress bar on a terminal: {shown:?}");
+}
