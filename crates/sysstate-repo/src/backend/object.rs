@@ -93,22 +93,33 @@ impl ObjectBackend {
 }
 
 /// The object_store crate folds HTTP failures into `Generic`; tell passing faults and a
-/// missing bucket apart by their text.
+/// missing bucket apart by their text. Its retry wrapper prefixes "Error after 10 retries in
+/// 3.684037785s, max_retries:10, retry_timeout:180s, source:": numbers and words there are not
+/// the failure's, so only the source is read, and a status code only counts as a whole number.
 fn classify_message(message: &str) -> ErrorKind {
     let lower = message.to_ascii_lowercase();
+    let lower = lower.split_once("source:").map_or(lower.as_str(), |(_, source)| source);
+    let status = |code: &str| {
+        lower.match_indices(code).any(|(at, _)| {
+            let before = lower[..at].chars().next_back();
+            let after = lower[at + code.len()..].chars().next();
+            let joined = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '.');
+            !joined(before) && !joined(after)
+        })
+    };
     if lower.contains("nosuchbucket")
         || lower.contains("containernotfound")
         || lower.contains("connection refused")
         || lower.contains("dns error")
     {
         ErrorKind::Unavailable
-    } else if lower.contains("accessdenied") || lower.contains("authorizationfailure") || lower.contains("403") {
+    } else if lower.contains("accessdenied") || lower.contains("authorizationfailure") || status("403") {
         ErrorKind::Permission
     } else if lower.contains("timed out")
-        || lower.contains("timeout")
+        || lower.contains("error sending request")
         || lower.contains("connection reset")
-        || lower.contains("503")
-        || lower.contains("500")
+        || status("503")
+        || status("500")
     {
         ErrorKind::Transient
     } else {
@@ -204,5 +215,20 @@ impl Backend for ObjectBackend {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("remove", kind, name, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_the_retry_prefix_are_not_status_codes() {
+        let dead = "Generic S3 error: Error after 10 retries in 3.684037785s, max_retries:10, retry_timeout:180s, \
+                    source:error sending request for url (http://127.0.0.1:9/nobody/x/config)";
+        assert_eq!(classify_message(dead), ErrorKind::Transient);
+        assert_eq!(classify_message("Generic S3 error: Received redirect without LOCATION, this normally indicates an incorrectly configured region: status 403 Forbidden"), ErrorKind::Permission);
+        assert_eq!(classify_message("Error after 2 retries in 1.5003s, max_retries:10, retry_timeout:180s, source:HTTP status server error (503 Service Unavailable)"), ErrorKind::Transient);
+        assert_eq!(classify_message("source: NoSuchBucket: the bucket does not exist"), ErrorKind::Unavailable);
     }
 }
