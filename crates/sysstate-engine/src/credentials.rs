@@ -53,7 +53,7 @@ pub fn generate(target: &str, state_dir: &Path) -> Result<(Vec<u8>, PathBuf)> {
             format!("cannot write the key file `{}`: {error}", what.display()),
         )
     };
-    std::fs::create_dir_all(dir).map_err(|e| fail(e, dir))?;
+    crate::paths::create_private_dir(dir).map_err(|e| fail(e, dir))?;
     let mut random = [0u8; 32];
     getrandom::getrandom(&mut random).expect("the kernel's random source is available");
     let passphrase = hex::encode(random).into_bytes();

@@ -14,12 +14,15 @@ pub struct EngineError {
     pub cause: Option<String>,
     /// What to do, for this occurrence (falls back to the code's generic resolution).
     pub resolution: Option<String>,
+    /// The specifics as data (pid, sizes, durations), recorded with the job's error event for
+    /// `sysstate doctor`.
+    pub data: Option<serde_json::Value>,
 }
 
 impl EngineError {
     /// An error with the code's generic cause and resolution.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        EngineError { code, message: message.into(), cause: None, resolution: None }
+        EngineError { code, message: message.into(), cause: None, resolution: None, data: None }
     }
 
     /// Sets a specific cause.
@@ -31,6 +34,12 @@ impl EngineError {
     /// Sets a specific resolution.
     pub fn with_resolution(mut self, resolution: impl Into<String>) -> Self {
         self.resolution = Some(resolution.into());
+        self
+    }
+
+    /// Sets the specifics as data.
+    pub fn with_data(mut self, data: serde_json::Value) -> Self {
+        self.data = Some(data);
         self
     }
 
@@ -58,7 +67,7 @@ impl From<RepoError> for EngineError {
             }
             _ => None,
         };
-        EngineError { code, message: error.to_string(), cause: None, resolution }
+        EngineError { code, message: error.to_string(), cause: None, resolution, data: None }
     }
 }
 

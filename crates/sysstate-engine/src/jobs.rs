@@ -180,7 +180,7 @@ impl JobStore {
     /// Opens (creating) the store in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<JobStore> {
         let path = state_dir.join("sysstate.db");
-        std::fs::create_dir_all(state_dir).map_err(|e| {
+        crate::paths::create_private_dir(state_dir).map_err(|e| {
             EngineError::new(
                 ErrorCode::StateDirPermission,
                 format!("cannot create the state directory `{}`: {e}", state_dir.display()),
@@ -196,6 +196,16 @@ impl JobStore {
             path,
             state_dir: state_dir.to_path_buf(),
             retention: RETENTION,
+        })
+    }
+
+    /// A one-line health summary: the database's integrity check and its row counts.
+    pub fn health(&self) -> Result<String> {
+        self.with(|db| {
+            let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
+            let jobs: i64 = db.query_row("SELECT count(*) FROM jobs", [], |row| row.get(0))?;
+            let events: i64 = db.query_row("SELECT count(*) FROM events", [], |row| row.get(0))?;
+            Ok(format!("{jobs} jobs and {events} events; integrity check: {check}"))
         })
     }
 
@@ -294,7 +304,7 @@ impl JobStore {
     ) -> Result<()> {
         let now = now_ns();
         if let Some(error) = error {
-            self.event(Some(job), error.code.level(), source, error.code, &error.message, None)?;
+            self.event(Some(job), error.code.level(), source, error.code, &error.message, error.data.clone())?;
         }
         self.log(
             job,

@@ -62,5 +62,9 @@ pub fn check(resolved: &[Resolved], root: &Path, served: &[String]) -> Result<()
     .with_resolution(format!(
         "wait for pid {} to finish, or stop it, and run the backup again; if its writes are safe to copy, set `lock-check = false` for component `{component}`",
         busy.pid
-    )))
+    ))
+    .with_data(serde_json::json!({
+        "component": component, "file": shown.display().to_string(), "pid": busy.pid, "command": busy.command,
+        "how": if busy.locked { "lock" } else { "open for writing" },
+    })))
 }

@@ -73,3 +73,10 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
+
+/// Creates `dir` (and missing parents) readable by its owner only (mode 0700), as the state
+/// directory must be; an existing directory is left as it is (`sysstate doctor` checks it).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}

@@ -165,7 +165,7 @@ pub fn write_setting(state_dir: &Path, setting: StorageSetting) -> Result<()> {
     settings.retain(|s| s.for_volume != setting.for_volume);
     settings.push(setting);
     let path = settings_path(state_dir);
-    std::fs::create_dir_all(state_dir)
+    crate::paths::create_private_dir(state_dir)
         .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&settings).expect("settings encode")))
         .map_err(|e| EngineError::new(ErrorCode::StateDirPermission, format!("cannot write `{}`: {e}", path.display())))
 }
@@ -231,7 +231,7 @@ pub fn storage_for(config: &Config, state_dir: &Path, root: &Path) -> Result<Sto
 pub fn shadow_error(error: ShadowError) -> EngineError {
     let code = error.code();
     let message = error.to_string();
-    let engine = EngineError::new(code, message);
+    let engine = EngineError::new(code, message).with_data(shadow_error_data(&error));
     match error {
         ShadowError::InProgress(holder) => engine
             .with_cause(format!("{holder} holds the machine's shadow-set lock; only one shadow set runs at a time"))
@@ -246,6 +246,32 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
             "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{writer}` needs longer than {window_ms} ms, raise its `freeze-timeout`"
         )),
         _ => engine,
+    }
+}
+
+/// The specifics of a shadow failure as data, for the doctor.
+fn shadow_error_data(error: &ShadowError) -> serde_json::Value {
+    use serde_json::json;
+    match error {
+        ShadowError::Writer(failure) => {
+            json!({"writer": failure.writer, "phase": failure.phase, "writer-message": failure.message})
+        }
+        ShadowError::WriterTimeout { writer, window_ms, frozen_ms, breakdown, pressure } => json!({
+            "writer": writer, "window-ms": window_ms, "frozen-ms": frozen_ms, "breakdown": breakdown, "pressure": pressure,
+        }),
+        ShadowError::InProgress(holder) => json!({
+            "pid": holder.pid, "command": holder.command, "job": holder.job,
+            "since": sysstate_types::time::format_utc(holder.since_ns),
+        }),
+        ShadowError::CommitTimeout { provider, elapsed_ms, limit_ms } => {
+            json!({"provider": provider, "elapsed-ms": elapsed_ms, "limit-ms": limit_ms})
+        }
+        ShadowError::StorageFull { volume, location, max_size, used, free, needed } => json!({
+            "volume": volume, "location": location, "max-size": max_size, "used": used, "free": free, "needed": needed,
+        }),
+        ShadowError::Provider { provider, path, .. } => json!({"provider": provider, "path": path}),
+        ShadowError::Interrupted(signal) => json!({"signal": signal}),
+        ShadowError::Config(_) | ShadowError::Io { .. } => serde_json::Value::Null,
     }
 }
 

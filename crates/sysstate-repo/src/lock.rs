@@ -51,7 +51,9 @@ impl LeaseInfo {
         )
     }
 
-    fn is_stale(&self, now_ns: i64, this_host: &str) -> bool {
+    /// True when the lease's owner is gone: a process of this host that no longer runs, or a
+    /// lease of another host not refreshed for 30 minutes.
+    pub fn is_stale(&self, now_ns: i64, this_host: &str) -> bool {
         if self.host == this_host {
             return !process_alive(self.pid, self.start_ticks);
         }

@@ -137,36 +137,6 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
-/// The error catalogue as Markdown: the content of `docs/errors.md`, which a test keeps equal
-/// to this.
-pub fn catalogue_markdown() -> String {
-    let mut out = String::from(
-        "# Error codes\n\n\
-         Generated from `crates/sysstate-types/src/code.rs` (`ErrorCode`); a test fails when the two differ\n\
-         (regenerate with `SYSSTATE_UPDATE_DOCS=1 cargo test -p sysstate-types`).\n\n\
-         Every failure is printed as `error[CODE]: message`, then `cause:` and `resolution:` lines, and\n\
-         ends the command with exit code 2. The message names the object and the culprit; the cause and\n\
-         resolution below are the generic ones, replaced by specific ones where the program knows more.\n\n\
-         | code | event id | level | cause | resolution |\n|---|---|---|---|---|\n",
-    );
-    for code in ErrorCode::ALL {
-        let level = match code.level() {
-            Level::Info => "info",
-            Level::Warning => "warning",
-            Level::Error => "error",
-        };
-        out.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} |\n",
-            code.as_str(),
-            code.event_id(),
-            level,
-            code.cause(),
-            code.resolution()
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,19 +151,5 @@ mod tests {
             assert_eq!(ErrorCode::from_name(code.as_str()), Some(*code));
         }
         assert_eq!(ErrorCode::from_name("no-such-code"), None);
-    }
-
-    #[test]
-    fn docs_errors_md_is_the_catalogue() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md");
-        let generated = catalogue_markdown();
-        if std::env::var_os("SYSSTATE_UPDATE_DOCS").is_some() {
-            std::fs::write(path, &generated).unwrap();
-        }
-        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            on_disk == generated,
-            "docs/errors.md is out of date: run SYSSTATE_UPDATE_DOCS=1 cargo test -p sysstate-types"
-        );
     }
 }

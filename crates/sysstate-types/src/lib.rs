@@ -7,5 +7,5 @@
 
 mod code;
 
-pub use code::{catalogue_markdown, ErrorCode, Level};
+pub use code::{ErrorCode, Level};
 pub mod time;

@@ -120,6 +120,17 @@ pub enum Command {
     },
     /// The components of system state on this machine: paths, size, writers, lock state.
     Components,
+    /// Check every prerequisite, run a validation backup, and diagnose recent failed jobs.
+    Doctor {
+        /// Repair what can be repaired (the state directory's owner and mode) and say what changed.
+        #[arg(long)]
+        fix: bool,
+        /// Skip the validation backup.
+        #[arg(long)]
+        no_validate: bool,
+    },
+    /// The parts of the service (event log, coordinator, providers, writers) and their state.
+    Services,
     /// The running job (like `Get-WBJob`), or the N most recent ended jobs.
     Job {
         /// The N most recent ended jobs, newest first.

@@ -139,6 +139,10 @@ impl Progress for Printer<'_> {
 }
 
 pub fn run(cli: &Cli) -> Result<Outcome> {
+    // The doctor checks the config itself: it runs even when the config does not parse.
+    if let Command::Doctor { fix, no_validate } = &cli.command {
+        return crate::doctor::doctor(cli, *fix, !*no_validate);
+    }
     let config_file = cli.global.config.clone().unwrap_or_else(paths::config_file);
     let config = Config::load(&config_file, cli.global.config.is_some())?;
     let target =
@@ -196,6 +200,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         }),
         Command::Key { command } => key(&context, command),
         Command::Components => components(&context),
+        Command::Services => crate::doctor::services(cli, &context.config),
+        Command::Doctor { .. } => unreachable!("handled before the config is read"),
         Command::Job { previous } => job(&context, *previous),
         Command::Events { source, level, since, job } => events(&context, source, level, since, job),
         Command::Writers => crate::shadow::writers(&context.config, context.cli.global.json),

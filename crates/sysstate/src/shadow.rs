@@ -194,12 +194,20 @@ pub fn storage(config: &Config, json: bool, command: Option<&StorageCommand>) ->
         let area =
             sysstate_shadow::storage::StorageArea { for_volume: for_volume.into(), on: on.into(), max_size: size };
         let deleted = area.make_room(0).unwrap_or_default();
+        let store = sysstate_engine::jobs::JobStore::open(&state_dir).ok();
         for copy in &deleted {
-            eprintln!(
-                "warning[shadow-storage-oldest-deleted]: deleted shadow copy {} (made {}) which no longer fits",
+            let message = format!(
+                "deleted shadow copy {} of `{}` (made {}) from `{on}`: it no longer fits in the new maximum of {size}",
                 copy.id,
+                copy.for_volume,
                 sysstate_types::time::format_utc(copy.created_ns)
             );
+            eprintln!("warning[shadow-storage-oldest-deleted]: {message}");
+            if let Some(store) = &store {
+                let code = ErrorCode::ShadowStorageOldestDeleted;
+                let data = json!({"id": copy.id, "volume": copy.for_volume, "location": on, "bytes": copy.bytes});
+                let _ = store.event(None, sysstate_types::Level::Warning, "shadow", code, &message, Some(data));
+            }
         }
         if !json {
             println!("shadow storage for `{for_volume}` on `{on}`: max size {size}");

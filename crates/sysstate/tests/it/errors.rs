@@ -23,6 +23,10 @@ fn wrong_passphrase() {
     let value = sandbox.json(&["versions"], 2);
     assert_eq!(value["error"]["code"], "wrong-passphrase");
     assert_eq!(value["error"]["event-id"], 1035);
+    // As a backup job: the job, the event, and the doctor's diagnosis.
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    stderr_has_code(&output, "wrong-passphrase");
+    assert_job_failed(&sandbox, "wrong-passphrase");
 }
 
 #[test]
@@ -42,6 +46,53 @@ fn target_unavailable() {
         .output()
         .unwrap();
     stderr_has_code(&output, "target-unavailable");
+    // As a backup job, diagnosed with the target named.
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 9);
+    let output = sandbox
+        .command(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--target", "s3://nobody/x"])
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "x")
+        .env("AWS_SECRET_ACCESS_KEY", "y")
+        .env("AWS_REGION", "garage")
+        .output()
+        .unwrap();
+    stderr_has_code(&output, "target-unavailable");
+    assert_job_failed(&sandbox, "target-unavailable");
+    let diagnosis = assert_diagnosed(&sandbox, "target-unavailable");
+    assert!(diagnosis["specifics"][0].as_str().unwrap().contains("s3://nobody/x"), "{diagnosis:#}");
+}
+
+/// The state directory on a read-only filesystem: the job cannot even be recorded, so the
+/// failure is `state-dir-permission` on stderr, and the doctor's state-dir checks name it.
+#[test]
+fn state_dir_permission_on_a_read_only_state_dir() {
+    if !require("root (mounts a read-only tmpfs)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 10);
+    let state = sandbox.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&sandbox.run(&["doctor", "--no-validate", "--json"]).stdout).unwrap();
+    let _ = Command::new("umount").arg("-l").arg(&state).status();
+    stderr_has_code(&output, "state-dir-permission");
+    let writable = report["checks"].as_array().unwrap().iter().find(|c| c["id"] == "state-dir.writable").unwrap();
+    assert_eq!(writable["status"], "failed", "{report:#}");
+    assert_eq!(writable["code"], "state-dir-permission", "{writable}");
+    assert!(writable["found"].as_str().unwrap().contains("Read-only file system"), "{writable}");
+    assert!(writable["resolution"].as_str().unwrap().contains("read-write"), "{writable}");
 }
 
 #[test]

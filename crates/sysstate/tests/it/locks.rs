@@ -50,6 +50,10 @@ fn locked(sandbox: &Sandbox, root: &Path, component: &str, file: &str, holder: &
         "the holder's command is not named on one line: {named}"
     );
     assert_job_failed(sandbox, "component-locked");
+    let diagnosis = assert_diagnosed(sandbox, "component-locked");
+    let specifics = diagnosis["specifics"].to_string();
+    assert!(specifics.contains(&format!("held by pid {}", holder.id())), "{diagnosis:#}");
+    assert!(specifics.contains("still runs now"), "the holder still runs: {diagnosis:#}");
 }
 
 #[test]

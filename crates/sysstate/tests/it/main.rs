@@ -4,6 +4,7 @@
 mod backends;
 mod corruption;
 mod crash;
+mod doctor;
 mod errors;
 mod fidelity;
 mod hostile;

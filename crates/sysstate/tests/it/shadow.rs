@@ -106,6 +106,13 @@ fn a_writer_frozen_past_its_window_is_writer_timeout_and_is_thawed() {
     let stderr = expect_code(&output, "writer-timeout");
     assert_job_failed(&sandbox, "writer-timeout");
     assert!(started.elapsed() < Duration::from_secs(3), "the freeze was not cut at its window");
+    let diagnosis = assert_diagnosed(&sandbox, "writer-timeout");
+    let specifics = diagnosis["specifics"].to_string();
+    for needle in
+        ["writer `slowdb` was frozen", "its window is 500 ms", "what took the time", "pressure then", "pressure now"]
+    {
+        assert!(specifics.contains(needle), "the diagnosis lacks {needle:?}: {diagnosis:#}");
+    }
     for needle in ["`slowdb`", "500 ms", "frozen for", "system pressure", "load "] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
     }
@@ -151,6 +158,26 @@ fn a_process_writer_killed_mid_freeze_is_writer_not_responding() {
     assert_storage_empty(&sandbox);
 }
 
+/// The other classes a writer can reply with, each its own code, job error, event and diagnosis.
+#[test]
+fn a_process_writer_replying_each_error_class_fails_with_its_code() {
+    for (class, code) in [
+        ("nonretryable", "writer-nonretryable"),
+        ("out-of-resources", "writer-out-of-resources"),
+        ("inconsistent", "writer-inconsistent"),
+    ] {
+        let (sandbox, root) = setup("");
+        let reply = format!(
+            "    *prepare-backup*) echo '{{\"result\":\"error\",\"class\":\"{class}\",\"message\":\"the {class} condition\"}}'; continue ;;"
+        );
+        let writer = process_writer(&sandbox, &reply);
+        std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
+        let stderr = expect_code(&run_backup(&sandbox, &root), code);
+        assert!(stderr.contains(&format!("the {class} condition")), "{stderr}");
+        assert_job_failed(&sandbox, code);
+    }
+}
+
 #[test]
 fn a_process_writer_replying_retryable_is_writer_retryable() {
     let (sandbox, root) = setup("");
@@ -187,6 +214,9 @@ fn a_second_shadow_set_fails_naming_the_first_and_a_dead_holder_is_taken_over() 
     let stderr = expect_code(&run_backup(&sandbox, &root), "shadow-set-in-progress");
     assert_job_failed(&sandbox, "shadow-set-in-progress");
     assert!(stderr.contains(&format!("pid {}", first.id())) && stderr.contains("backup"), "{stderr}");
+    let diagnosis = assert_diagnosed(&sandbox, "shadow-set-in-progress");
+    assert!(diagnosis["specifics"][0].as_str().unwrap().contains(&format!("pid {}", first.id())), "{diagnosis:#}");
+    assert!(diagnosis["cause"].as_str().unwrap().contains("Another backup"), "the holder still runs: {diagnosis:#}");
     // From another process: the first backup is the running job, frozen on its writer.
     let running = sandbox.json(&["job"], 0);
     let running = running
@@ -233,6 +263,11 @@ fn a_commit_past_commit_timeout_is_commit_timeout() {
     let stderr = expect_code(&output, "commit-timeout");
     assert_job_failed(&sandbox, "commit-timeout");
     assert!(stderr.contains("1000 ms") && stderr.contains("commit"), "{stderr}");
+    let diagnosis = assert_diagnosed(&sandbox, "commit-timeout");
+    assert!(
+        diagnosis["specifics"][0].as_str().unwrap().contains("`shadow.commit-timeout` is 1000 ms"),
+        "{diagnosis:#}"
+    );
     assert_storage_empty(&sandbox);
 }
 
@@ -268,6 +303,15 @@ fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
     let stderr = expect_code(&output, "shadow-storage-full");
     assert_job_failed(&sandbox, "shadow-storage-full");
     let location = sandbox.path("storage").display().to_string();
+    let diagnosis = assert_diagnosed(&sandbox, "shadow-storage-full");
+    assert!(diagnosis["specifics"][0].as_str().unwrap().contains(&location), "{diagnosis:#}");
+    assert!(
+        diagnosis["resolution"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("sysstate shadowstorage resize --for {mount} --on {location} --max-size ")),
+        "the limit, not the volume, is too small here: {diagnosis:#}"
+    );
     for needle in [mount.as_str(), location.as_str(), "409600 bytes", "needed", "shadowstorage resize"] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
     }
@@ -696,6 +740,17 @@ fn persistent_copies_are_listed_deleted_and_pushed_out_by_a_smaller_storage() {
         text(&output.stderr)
     );
     assert_eq!(sandbox.json(&["shadows", "list"], 0).as_array().unwrap().len(), 0);
+    // The deletion is an event, and the doctor explains it.
+    let report: serde_json::Value =
+        serde_json::from_slice(&sandbox.run(&["doctor", "--no-validate", "--json"]).stdout).unwrap();
+    let notice = report["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["code"] == "shadow-storage-oldest-deleted")
+        .unwrap_or_else(|| panic!("no notice of the deleted copy: {report:#}"));
+    assert!(notice["specifics"][0].as_str().unwrap().contains(&ids[1]), "{notice:#}");
+    assert!(notice["cause"].as_str().unwrap().contains("older persistent copies"), "{notice:#}");
     let areas = sandbox.json(&["shadowstorage", "list"], 0);
     assert!(
         areas.as_array().unwrap().iter().any(|a| a["on"] == storage.to_str().unwrap() && a["max-bytes"] == 1024),

@@ -292,4 +292,38 @@ pub fn assert_job_failed(sandbox: &Sandbox, code: &str) {
     assert!(!event["source"].as_str().unwrap().is_empty());
     let log = std::fs::read_to_string(job["log-path"].as_str().unwrap()).unwrap();
     assert!(log.contains(code), "the job log does not name {code}:\n{log}");
+    assert_diagnosed(sandbox, code);
+}
+
+/// `sysstate doctor` diagnoses the newest failed job: its code, a cause from the knowledge
+/// base with what told it apart, this machine's specifics where the code has them, and a
+/// resolution. Returns the diagnosis for more specific checks.
+pub fn assert_diagnosed(sandbox: &Sandbox, code: &str) -> serde_json::Value {
+    let report = sandbox.json(&["doctor", "--no-validate"], 2);
+    let diagnosis = report["diagnoses"]
+        .as_array()
+        .unwrap()
+        .first()
+        .unwrap_or_else(|| panic!("the doctor diagnosed no failed job: {report:#}"))
+        .clone();
+    assert_eq!(diagnosis["code"], code, "{diagnosis:#}");
+    for field in ["symptom", "cause", "tell", "resolution", "message"] {
+        assert!(!diagnosis[field].as_str().unwrap_or("").is_empty(), "no {field}: {diagnosis:#}");
+    }
+    let with_specifics = [
+        "writer-timeout",
+        "shadow-storage-full",
+        "component-locked",
+        "shadow-set-in-progress",
+        "repository-locked",
+        "commit-timeout",
+        "target-unavailable",
+        "target-full",
+        "target-permission",
+        "wrong-passphrase",
+    ];
+    if with_specifics.contains(&code) {
+        assert!(!diagnosis["specifics"].as_array().unwrap().is_empty(), "no specifics: {diagnosis:#}");
+    }
+    diagnosis
 }

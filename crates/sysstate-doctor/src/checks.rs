@@ -1,0 +1,584 @@
+//! The checks, in the seed's order: installation, the state directory (the "System Volume
+//! Information" of sysstate), the service's parts, shadow storage, the target, and a real
+//! validation backup through the normal job path.
+
+use crate::services::installed;
+use crate::{Check, Options};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use sysstate_engine::config::{ComponentConfig, Config};
+use sysstate_engine::{components, paths};
+use sysstate_repo::backend::FileKind;
+
+/// Version, config, and the tools the provider and the components need. Returns the config
+/// when it parses.
+pub(crate) fn installation(options: &Options, checks: &mut Vec<Check>) -> Option<Config> {
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "sysstate".into());
+    checks.push(Check::ok("installation.version", format!("sysstate {} at `{exe}`", env!("CARGO_PKG_VERSION"))));
+    let config = match Config::load(&options.config_file, options.config_required) {
+        Ok(config) => {
+            let found = if options.config_file.exists() {
+                format!("`{}` parses", options.config_file.display())
+            } else {
+                format!("no config file at `{}`: the embedded defaults apply", options.config_file.display())
+            };
+            checks.push(Check::ok("installation.config", found));
+            config
+        }
+        Err(error) => {
+            checks.push(Check::failed("installation.config", error.message.clone(), error.resolution()));
+            return None;
+        }
+    };
+
+    let provider = config.shadow.provider.clone().unwrap_or_else(|| "auto".into());
+    if provider == "btrfs" && !installed("btrfs") {
+        checks.push(Check::failed(
+            "installation.provider-tools",
+            "`shadow.provider = \"btrfs\"` needs the `btrfs` program (package btrfs-progs), which is not installed",
+            "install it (`apt-get install btrfs-progs`), or set `shadow.provider = \"auto\"`",
+        ));
+    } else {
+        checks.push(Check::ok("installation.provider-tools", format!("provider `{provider}` has what it needs")));
+    }
+
+    let root = &options.root;
+    let live = root == Path::new("/");
+    let mut wanted: Vec<(&str, &str, &str)> = Vec::new(); // (program, package, component)
+    if root.join("var/lib/dpkg").is_dir() {
+        wanted.extend([("dpkg", "dpkg", "packages"), ("apt-mark", "apt", "packages")]);
+    }
+    if root.join("var/lib/rpm").is_dir() {
+        wanted.push(("rpm", "rpm", "packages"));
+    }
+    if live {
+        wanted.extend([
+            ("lsblk", "util-linux", "disk-layout"),
+            ("blkid", "util-linux", "disk-layout"),
+            ("findmnt", "util-linux", "disk-layout"),
+            ("sfdisk", "fdisk", "disk-layout"),
+        ]);
+        if Path::new("/sys/firmware/efi").exists() {
+            wanted.push(("efibootmgr", "efibootmgr", "bootloader"));
+        }
+        if Path::new("/etc/crypttab").exists() {
+            wanted.push(("cryptsetup", "cryptsetup-bin", "disk-layout"));
+        }
+        if Path::new("/etc/lvm").exists() {
+            wanted.push(("lvm", "lvm2", "disk-layout"));
+        }
+    }
+    let missing: Vec<_> = wanted.iter().filter(|(program, _, _)| !installed(program)).collect();
+    if missing.is_empty() {
+        checks
+            .push(Check::ok("installation.component-tools", "every program the generated components run is installed"));
+    } else {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(program, package, component)| format!("`{program}` ({package}) for {component}"))
+            .collect();
+        let packages: std::collections::BTreeSet<&str> = missing.iter().map(|(_, package, _)| *package).collect();
+        checks.push(Check::warning(
+            "installation.component-tools",
+            format!("not installed: {}; their output is left out of the version", list.join(", ")),
+            format!("install them: `apt-get install {}`", packages.into_iter().collect::<Vec<_>>().join(" ")),
+        ));
+    }
+    Some(config)
+}
+
+/// The state directory: owner, mode 0700, writable, free space; `--fix` repairs owner and mode.
+pub(crate) fn state_dir(options: &Options, checks: &mut Vec<Check>) {
+    let dir = paths::state_dir();
+    let shown = dir.display().to_string();
+    let euid = rustix::process::geteuid().as_raw();
+    if !dir.exists() {
+        if options.fix {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+                Ok(()) => checks.push(Check {
+                    fixed: Some(format!("created `{shown}` with mode 0700")),
+                    ..Check::ok("state-dir.exists", format!("`{shown}` did not exist"))
+                }),
+                Err(error) => checks.push(Check::failed(
+                    "state-dir.exists",
+                    format!("`{shown}` does not exist and cannot be created: {error}"),
+                    "create it as the service user with mode 0700",
+                )),
+            }
+        } else {
+            checks.push(Check::warning(
+                "state-dir.exists",
+                format!("`{shown}` does not exist yet"),
+                "run `sysstate doctor --fix` (or any job) to create it",
+            ));
+            return;
+        }
+    }
+    let Ok(meta) = std::fs::metadata(&dir) else { return };
+
+    let id = "state-dir.owner";
+    if meta.uid() == euid {
+        checks.push(Check::ok(id, format!("`{shown}` is owned by the service user (uid {euid})")));
+    } else if options.fix {
+        match chown_tree(&dir, euid, rustix::process::getegid().as_raw()) {
+            Ok(count) => checks.push(Check {
+                fixed: Some(format!(
+                    "changed the owner of `{shown}` and {count} entries under it from uid {} to uid {euid}",
+                    meta.uid()
+                )),
+                ..Check::ok(id, format!("`{shown}` was owned by uid {}, not the service user (uid {euid})", meta.uid()))
+            }),
+            Err(error) => checks.push(Check::failed(
+                id,
+                format!("cannot change the owner of `{shown}`: {error}"),
+                "run the fix as root",
+            )),
+        }
+    } else {
+        checks.push(Check::failed(
+            id,
+            format!("`{shown}` is owned by uid {}, not the service user (uid {euid}): the job store, keys and shadow copies may be changed by another user", meta.uid()),
+            format!("run `sysstate doctor --fix`, or `chown -R {euid} {shown}`"),
+        ));
+    }
+
+    let id = "state-dir.mode";
+    let mode = meta.mode() & 0o7777;
+    if mode == 0o700 {
+        checks.push(Check::ok(id, format!("`{shown}` has mode 0700")));
+    } else if options.fix {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => checks.push(Check {
+                fixed: Some(format!("changed the mode of `{shown}` from {mode:04o} to 0700")),
+                ..Check::ok(id, format!("`{shown}` had mode {mode:04o}"))
+            }),
+            Err(error) => checks.push(Check::failed(
+                id,
+                format!("cannot change the mode of `{shown}`: {error}"),
+                "run the fix as root",
+            )),
+        }
+    } else {
+        checks.push(Check::failed(
+            id,
+            format!("`{shown}` has mode {mode:04o}: others can read the job history, key files and shadow copies"),
+            format!("run `sysstate doctor --fix`, or `chmod 0700 {shown}`"),
+        ));
+    }
+
+    match probe_write(&dir) {
+        Ok(()) => checks.push(Check::ok("state-dir.writable", format!("`{shown}` is writable"))),
+        Err(error) => checks.push(Check::failed(
+            "state-dir.writable",
+            format!("`{shown}` cannot be written: {error}"),
+            "remount its filesystem read-write, or free space on it",
+        )),
+    }
+    space_check("state-dir.space", &dir, checks);
+}
+
+/// Changes the owner of `dir` and everything under it; returns the entries changed below it.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<u64> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current)? {
+            let entry = entry?;
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+            count += 1;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Creates and removes a file in `dir`.
+fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".sysstate-doctor-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(probe)
+}
+
+/// The nearest existing directory at or above `path`.
+fn existing_ancestor(path: &Path) -> PathBuf {
+    path.ancestors().find(|p| p.is_dir()).unwrap_or(Path::new("/")).to_path_buf()
+}
+
+fn space_check(id: &str, path: &Path, checks: &mut Vec<Check>) {
+    const LOW: u64 = 1 << 30;
+    match sysstate_shadow::storage::volume_space(&existing_ancestor(path)) {
+        Ok((total, free)) if free < LOW.min(total / 20) => checks.push(Check::warning(
+            id,
+            format!("{} free of {} on the filesystem of `{}`", bytes(free), bytes(total), path.display()),
+            "free space on that filesystem",
+        )),
+        Ok((total, free)) => checks.push(Check::ok(
+            id,
+            format!("{} free of {} on the filesystem of `{}`", bytes(free), bytes(total), path.display()),
+        )),
+        Err(error) => checks.push(Check::warning(
+            id,
+            format!("cannot read the free space of `{}`: {error}", path.display()),
+            "check the filesystem",
+        )),
+    }
+}
+
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The service's parts: a broken part is a failed check.
+pub(crate) fn services(config: &Config, options: &Options, checks: &mut Vec<Check>) {
+    for part in crate::services::parts(config, &options.root, &paths::state_dir(), &paths::runtime_dir()) {
+        let id = format!("services.{}", part.name.replace(' ', "."));
+        if part.healthy {
+            checks.push(Check::ok(&id, format!("{}: {}", part.role, part.status)));
+        } else {
+            checks.push(Check::failed(
+                &id,
+                format!("{}: {}", part.role, part.status),
+                "install what is missing, or fix the writer's `[[writer]]` entry; `sysstate services` shows every part",
+            ));
+        }
+    }
+}
+
+/// Each shadow storage location: writable, its maximum possible, and room for the shadow
+/// copies the components need.
+pub(crate) fn shadow_storage(config: &Config, options: &Options, checks: &mut Vec<Check>) {
+    let areas = match sysstate_engine::shadow::storage_areas(config, &paths::state_dir()) {
+        Ok(areas) => areas,
+        Err(error) => {
+            checks.push(Check::failed("shadow-storage.config", error.message.clone(), error.resolution()));
+            return;
+        }
+    };
+    let resolved = components::select(config, &options.root, &[]).map(|(r, _)| r).unwrap_or_default();
+    for area in &areas {
+        let on = area.on.display().to_string();
+        let volume = area.for_volume.display().to_string();
+        let ancestor = existing_ancestor(&area.on);
+        match probe_write(&ancestor) {
+            Ok(()) => checks.push(Check::ok("shadow-storage.location", format!("`{on}` (for `{volume}`) is writable"))),
+            Err(error) => {
+                checks.push(Check::failed(
+                    "shadow-storage.location",
+                    format!("shadow storage `{on}` (for `{volume}`) cannot be written: `{}`: {error}", ancestor.display()),
+                    format!("make `{}` writable (or remount it read-write), or point `[[shadow.storage]] on` for `{volume}` at a writable place", ancestor.display()),
+                ));
+                continue;
+            }
+        }
+        let Ok((total, free)) = sysstate_shadow::storage::volume_space(&ancestor) else { continue };
+        let limit = area.max_size.resolve(total);
+        let resize =
+            |size: u64| format!("sysstate shadowstorage resize --for {volume} --on {on} --max-size {}", size_arg(size));
+        if let Some(limit) = limit.filter(|l| *l > total) {
+            checks.push(Check::failed(
+                "shadow-storage.max-size",
+                format!("the maximum size of `{on}` ({}) is larger than its volume ({})", bytes(limit), bytes(total)),
+                format!("set a size the volume can hold: `{}`", resize(total / 10)),
+            ));
+            continue;
+        }
+        // What the next copy needs: the copy provider copies every file of the components on
+        // this volume once; reflink and btrfs copies take almost nothing.
+        let paths: Vec<PathBuf> = resolved
+            .iter()
+            .flat_map(|r| r.present.iter())
+            .map(PathBuf::from)
+            .filter(|p| {
+                sysstate_engine::shadow::mount_point(&components::under_root(&options.root, &p.display().to_string()))
+                    == area.for_volume
+            })
+            .collect();
+        let clones = matches!(config.shadow.provider.as_deref(), Some("reflink" | "btrfs"));
+        let needed = if clones { 0 } else { sysstate_shadow::provider::estimate(&options.root, &paths) };
+        let used = area.used();
+        // The copy provider keeps one base copy and refreshes it: it must fit whole.
+        let room = limit.unwrap_or(u64::MAX).min(free.saturating_add(used));
+        let max = limit.map(bytes).unwrap_or_else(|| "unbounded".into());
+        if needed > room {
+            checks.push(Check::warning(
+                "shadow-storage.room",
+                format!(
+                    "the components on `{volume}` need {} of shadow copies; `{on}` allows {max} ({} free on its volume, {} used by copies)",
+                    bytes(needed),
+                    bytes(free),
+                    bytes(used)
+                ),
+                format!("raise its maximum: `{}` (or free space on its volume)", resize(needed + needed / 4)),
+            ));
+        } else {
+            checks.push(Check::ok(
+                "shadow-storage.room",
+                format!(
+                    "`{on}` allows {max}; the components on `{volume}` need {} ({} free)",
+                    bytes(needed),
+                    bytes(free)
+                ),
+            ));
+        }
+    }
+}
+
+/// A size as `sysstate shadowstorage resize` takes it (MiB, rounded up).
+fn size_arg(size: u64) -> String {
+    format!("{}MiB", size.div_ceil(1 << 20).max(1))
+}
+
+/// The target: reachable, writable, free space, the repository opens, no stale lease.
+pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
+    let backend = match sysstate_engine::ops::backend(target) {
+        Ok(backend) => backend,
+        Err(error) => {
+            checks.push(Check::failed("target.reachable", error.message.clone(), error.resolution()));
+            return;
+        }
+    };
+    let local = (!target.contains("://")).then(|| PathBuf::from(target));
+    if let Some(dir) = &local {
+        if !dir.exists() {
+            let parent = existing_ancestor(dir);
+            if dir.parent().is_some_and(|p| p.is_dir()) {
+                checks.push(Check::ok(
+                    "target.reachable",
+                    format!("`{target}` does not exist yet; the first backup creates it in `{}`", parent.display()),
+                ));
+            } else {
+                checks.push(Check::failed(
+                    "target.reachable",
+                    format!("`{target}` does not exist, nor its parent (the nearest existing folder is `{}`): is its filesystem mounted?", parent.display()),
+                    "mount the target's filesystem, or correct `backup.target` / `--target`",
+                ));
+                return;
+            }
+        }
+    }
+    let exists = match sysstate_repo::Repository::exists(&*backend) {
+        Ok(exists) => {
+            if local.as_ref().is_none_or(|d| d.exists()) {
+                checks.push(Check::ok("target.reachable", format!("`{target}` answers")));
+            }
+            exists
+        }
+        Err(error) => {
+            let error = sysstate_engine::EngineError::from(error);
+            checks.push(Check::failed(
+                "target.reachable",
+                format!("`{target}` cannot be reached: {}", error.message),
+                error.resolution(),
+            ));
+            return;
+        }
+    };
+    // Writable: a probe lease file, written and removed.
+    let probe = format!("doctor-probe-{}", std::process::id());
+    let write = match &local {
+        Some(dir) if !dir.exists() => probe_write(&existing_ancestor(dir)).map_err(|e| e.to_string()),
+        _ => backend
+            .write(FileKind::Lock, &probe, b"{}")
+            .and_then(|()| backend.remove(FileKind::Lock, &probe))
+            .map_err(|e| e.to_string()),
+    };
+    match write {
+        Ok(()) => checks.push(Check::ok("target.writable", format!("`{target}` takes writes"))),
+        Err(error) => checks.push(Check::failed(
+            "target.writable",
+            format!("`{target}` cannot be written: {error}"),
+            sysstate_types::ErrorCode::TargetPermission.resolution(),
+        )),
+    }
+    if let Some(dir) = &local {
+        space_check("target.space", dir, checks);
+    }
+    if !exists {
+        checks.push(Check::ok(
+            "target.repository",
+            format!("no repository at `{target}` yet: the first backup creates it"),
+        ));
+        return;
+    }
+    match &options.passphrase {
+        None => checks.push(Check::warning(
+            "target.repository",
+            format!("a repository is at `{target}`, but no passphrase was found to open it"),
+            "set `SYSSTATE_PASSPHRASE` or pass `--passphrase-file` to let the doctor open it",
+        )),
+        Some(passphrase) => match sysstate_repo::Repository::open(backend.clone(), passphrase) {
+            Ok(repo) => {
+                let versions = repo.versions().map(|v| v.len()).unwrap_or(0);
+                checks.push(Check::ok(
+                    "target.repository",
+                    format!("the repository at `{target}` opens; {versions} versions"),
+                ));
+            }
+            Err(error) => {
+                let error = sysstate_engine::EngineError::from(error);
+                checks.push(
+                    Check::failed("target.repository", error.message.clone(), error.resolution()).code(error.code),
+                );
+            }
+        },
+    }
+    match sysstate_repo::lock::list_leases(&*backend) {
+        Ok(leases) => {
+            let host = sysstate_repo::lock::host_name();
+            let now = sysstate_repo::lock::now_ns();
+            let stale: Vec<String> = leases
+                .iter()
+                .filter_map(|(_, info)| info.as_ref())
+                .filter(|i| i.is_stale(now, &host))
+                .map(|i| i.describe())
+                .collect();
+            if stale.is_empty() {
+                checks.push(Check::ok(
+                    "target.leases",
+                    format!("{} leases, none held by a process that is gone", leases.len()),
+                ));
+            } else {
+                checks.push(Check::warning(
+                    "target.leases",
+                    format!("leases held by processes that are gone: {}", stale.join("; ")),
+                    "nothing to do: the next job takes a stale lease over (at once on this host)",
+                ));
+            }
+        }
+        Err(error) => {
+            checks.push(Check::warning("target.leases", format!("cannot list the leases: {error}"), "check the target"))
+        }
+    }
+}
+
+/// A real, small system-state backup of a temporary component into a temporary repository
+/// beside the target, through the normal job path, read back from the job store.
+pub(crate) fn validation(config: &Config, target: &str, checks: &mut Vec<Check>) {
+    let id = "validation.backup";
+    let work = paths::state_dir().join("doctor").join(format!("validate-{}", std::process::id()));
+    let root = work.join("root");
+    let temp_target = match target.split_once("://") {
+        Some(_) => format!("{}/doctor-validate-{}", target.trim_end_matches('/'), std::process::id()),
+        None => {
+            let path = Path::new(target);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "target".into());
+            path.with_file_name(format!(".{name}-doctor-validate-{}", std::process::id())).display().to_string()
+        }
+    };
+    let result = (|| -> sysstate_engine::Result<String> {
+        let io = |e: std::io::Error| {
+            sysstate_engine::EngineError::new(
+                sysstate_types::ErrorCode::StateDirPermission,
+                format!("cannot prepare the validation in `{}`: {e}", work.display()),
+            )
+        };
+        std::fs::create_dir_all(root.join("data")).map_err(io)?;
+        std::fs::write(root.join("data/validation.txt"), b"sysstate doctor validation\n").map_err(io)?;
+        let mut config = config.clone();
+        config.components = vec![ComponentConfig {
+            name: "doctor-validation".into(),
+            paths: vec!["/data".into()],
+            exclude: Vec::new(),
+            lock_check: None,
+        }];
+        let mut key = [0u8; 32];
+        getrandom::getrandom(&mut key).expect("the kernel's random source is available");
+        let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+        let components = vec!["doctor-validation".to_string()];
+        let job = store.start("validate", Some(&temp_target), &components)?;
+        let request = sysstate_engine::ops::BackupRequest {
+            config,
+            root: root.clone(),
+            target: temp_target.clone(),
+            components: components.clone(),
+            tags: vec!["doctor".into()],
+            threads: 1,
+            wait: Some(std::time::Duration::from_secs(60)),
+            trigger: sysstate_shadow::ThawTrigger::default(),
+            job: Some(job.clone()),
+            phase: None,
+            warning: None,
+        };
+        let outcome =
+            sysstate_engine::ops::backup(&request, hex::encode(key).as_bytes(), &sysstate_repo::archiver::NoProgress);
+        match &outcome {
+            Ok(report) => store.finish(&job, "succeeded", Some(&report.id.to_hex()), None, "engine")?,
+            Err(error) => {
+                store.finish(&job, "failed", None, Some(error), sysstate_engine::jobs::source_of(error.code))?
+            }
+        }
+        // Read back from the job store, as `sysstate job --previous 1` would.
+        let record = store.job(&job)?.ok_or_else(|| {
+            sysstate_engine::EngineError::new(
+                sysstate_types::ErrorCode::Internal,
+                format!("job {job} is not in the job store"),
+            )
+        })?;
+        match (record.state.as_str(), outcome) {
+            ("succeeded", Ok(report)) => Ok(format!(
+                "a backup of a test component into `{temp_target}` succeeded as job {job} (version {}, {} files), and the job store shows it",
+                report.id.short(),
+                report.version.stats.files
+            )),
+            (_, Err(error)) => Err(error),
+            (state, Ok(_)) => Err(sysstate_engine::EngineError::new(
+                sysstate_types::ErrorCode::Internal,
+                format!("the validation backup ended but the job store shows job {job} as `{state}`"),
+            )),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    match &temp_target.split_once("://") {
+        None => {
+            let _ = std::fs::remove_dir_all(&temp_target);
+        }
+        Some(_) => {
+            if let Ok(backend) = sysstate_engine::ops::backend(&temp_target) {
+                for kind in [
+                    FileKind::Pack,
+                    FileKind::Index,
+                    FileKind::Version,
+                    FileKind::Key,
+                    FileKind::Lock,
+                    FileKind::Config,
+                ] {
+                    for (name, _) in backend.list(kind).unwrap_or_default() {
+                        let _ = backend.remove(kind, &name);
+                    }
+                }
+            }
+        }
+    }
+    match result {
+        Ok(found) => checks.push(Check::ok(id, found)),
+        Err(error) => checks.push(
+            Check::failed(
+                id,
+                format!(
+                    "a backup of a test component into `{temp_target}` failed: error[{}]: {} ({})",
+                    error.code,
+                    error.message,
+                    error.cause()
+                ),
+                error.resolution(),
+            )
+            .code(error.code),
+        ),
+    }
+}

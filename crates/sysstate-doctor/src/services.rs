@@ -1,0 +1,157 @@
+//! `sysstate services`: the parts of the service and their state, like the seed's table of
+//! dependent services (RPC, EventSystem, SENS always on; VSS and its provider on demand).
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use sysstate_engine::config::Config;
+
+/// How a part is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartType {
+    /// Runs all the time (a daemon).
+    AlwaysOn,
+    /// Started by the job that needs it, ended with it.
+    OnDemand,
+}
+
+/// One part of the service.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Part {
+    /// `api`, `event-log`, `provider copy`, `writer postgres` …
+    pub name: String,
+    /// What it is.
+    pub role: String,
+    /// Always on, or on demand.
+    pub start_type: StartType,
+    /// `running`, `idle`, `in use by …`, `responds`, `not installed`, or what is wrong.
+    pub status: String,
+    /// False when the part is broken (a backup needing it would fail).
+    pub healthy: bool,
+}
+
+fn part(name: impl Into<String>, role: &str, start_type: StartType, status: String, healthy: bool) -> Part {
+    Part { name: name.into(), role: role.into(), start_type, status, healthy }
+}
+
+/// True when `program` is an executable path or found in `PATH` (or /usr/sbin, /sbin).
+pub fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<PathBuf>>())
+        .unwrap_or_default()
+        .into_iter()
+        .any(|dir| executable(&dir.join(program)))
+}
+
+/// The parts: the agent's (not installed until the agent exists), the event log, the shadow
+/// copy coordinator, each provider, and each writer (asked to identify itself).
+pub fn parts(config: &Config, root: &Path, state_dir: &Path, runtime_dir: &Path) -> Vec<Part> {
+    use StartType::*;
+    let mut parts = vec![
+        part(
+            "api",
+            "the daemon's API on a unix socket (schedules, remote control)",
+            AlwaysOn,
+            "not installed: it arrives with the agent (`sysstate daemon`); backups run from the command line".into(),
+            true,
+        ),
+        event_log(state_dir),
+        part(
+            "notifications",
+            "mail and webhook notices of failed jobs",
+            AlwaysOn,
+            "not installed: it arrives with the agent; failures are in `sysstate events`".into(),
+            true,
+        ),
+    ];
+    let holder = sysstate_shadow::lock::current_holder(runtime_dir);
+    let in_use = match &holder {
+        Some(holder) => format!("in use by {holder}"),
+        None => "idle".into(),
+    };
+    parts.push(part(
+        "coordinator",
+        "the shadow copy coordinator (one shadow set at a time)",
+        OnDemand,
+        in_use.clone(),
+        true,
+    ));
+    for (name, needs) in sysstate_shadow::provider::PROVIDERS {
+        let (status, healthy) = match *name {
+            // Unavailable matters only when the config asks for it.
+            "btrfs" if !installed("btrfs") => (
+                format!("unavailable: `btrfs` (btrfs-progs) is not installed; {needs}"),
+                config.shadow.provider.as_deref() != Some("btrfs"),
+            ),
+            _ => (in_use.clone(), true),
+        };
+        parts.push(part(format!("provider {name}"), needs, OnDemand, status, healthy));
+    }
+    parts.extend(writers(config, root, runtime_dir));
+    parts
+}
+
+fn event_log(state_dir: &Path) -> Part {
+    let role = "the job store and event log (SQLite in the state directory)";
+    let (status, healthy) = match sysstate_engine::jobs::JobStore::open(state_dir).and_then(|store| store.health()) {
+        Ok(summary) => (format!("running: {summary}"), true),
+        Err(error) => (format!("failed: {error}"), false),
+    };
+    part("event-log", role, StartType::AlwaysOn, status, healthy)
+}
+
+fn writers(config: &Config, root: &Path, runtime_dir: &Path) -> Vec<Part> {
+    let states = sysstate_shadow::state::read_states(runtime_dir);
+    let names: Vec<String> = sysstate_engine::components::all(config)
+        .map(|all| all.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    let writers = match sysstate_engine::shadow::writers(config, root, &names, "services", &[]) {
+        Ok(writers) => writers,
+        Err(error) => {
+            return vec![part(
+                "writers",
+                "the configured writers",
+                StartType::OnDemand,
+                format!("cannot be set up: {error}"),
+                false,
+            )]
+        }
+    };
+    let mut parts = Vec::new();
+    for mut writer in writers {
+        let name = writer.name().to_string();
+        let last = states.iter().find(|s| s.name == name);
+        let missing: Vec<String> = config
+            .writers
+            .iter()
+            .filter(|w| w.name == name)
+            .flat_map(|w| [&w.prepare, &w.freeze, &w.thaw, &w.abort, &w.command])
+            .filter_map(|argv| argv.as_ref().and_then(|a| a.first()).cloned())
+            .filter(|program| !installed(program))
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (mut status, healthy) = if let Some(program) = missing.first() {
+            (format!("does not respond: its program `{program}` is not installed"), false)
+        } else {
+            match writer.handle(sysstate_shadow::Event::Identify, deadline) {
+                Ok(()) => ("responds".to_string(), true),
+                Err(error) => (format!("does not respond to identify: {}", error.message), false),
+            }
+        };
+        if let Some(last) = last {
+            status.push_str(&format!("; last state `{}`", last.state));
+            if let Some(error) = &last.last_error {
+                status.push_str(&format!(" ({error})"));
+            }
+        }
+        let role = format!("{} writer", writer.kind());
+        parts.push(part(format!("writer {name}"), &role, StartType::OnDemand, status, healthy));
+    }
+    parts
+}
