@@ -250,6 +250,29 @@ fn diagnose(
                 }
             }
         }
+        ErrorCode::WriterRetryable
+        | ErrorCode::WriterNonretryable
+        | ErrorCode::WriterOutOfResources
+        | ErrorCode::WriterInconsistent
+        | ErrorCode::WriterNotResponding => {
+            let writer = text(&data, "writer");
+            specifics.push(format!(
+                "writer `{writer}` failed at {}: {}",
+                text(&data, "phase"),
+                text(&data, "writer-message")
+            ));
+            let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
+            if let Some(state) = states.iter().find(|s| s.name == writer) {
+                specifics.push(format!(
+                    "its state now: `{}`{}",
+                    state.state,
+                    state.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                ));
+            }
+            if let Some(log) = &job.log_path {
+                specifics.push(format!("its output is in the job log `{log}`"));
+            }
+        }
         ErrorCode::CommitTimeout => {
             let provider = text(&data, "provider");
             specifics.push(format!(

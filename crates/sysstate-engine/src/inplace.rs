@@ -26,7 +26,6 @@ use sysstate_repo::lock::Lease;
 use sysstate_repo::tree::NodeKind;
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::{Id, Repository};
-use sysstate_shadow::writer::LockFileWriter;
 use sysstate_shadow::{Event, Writer};
 use sysstate_types::ErrorCode;
 
@@ -248,7 +247,14 @@ pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Co
         .filter(|c| c.name == "accounts")
         .flat_map(|c| c.paths.iter())
         .any(|p| plan.differences.iter().any(|d| Path::new(&d.path).starts_with(p)));
-    let lock = if touches_accounts { Some(lock_accounts(&request.root)?) } else { None };
+    let lock = match touches_accounts.then(|| lock_accounts(config, &request.root)).transpose() {
+        Ok(lock) => lock,
+        Err(error) => {
+            // Nothing is in place yet: remove what was staged.
+            let _ = undo_journal(&mut journal, "rolled-back");
+            return Err(error);
+        }
+    };
     let kill_after = failpoint_kill_after();
     let mut done = 0usize;
     let result = inplace::commit(&plan, &request.root, &tag, owners, &mut |_| {
@@ -409,13 +415,30 @@ fn keep_patterns(config: &Config, names: &[String]) -> Result<Option<globset::Gl
     Ok(Some(builder.build().map_err(|error| EngineError::new(ErrorCode::InvalidInput, error.to_string()))?))
 }
 
-/// Takes the account database's lock (`/etc/.pwd.lock`, as `lckpwdf(3)`), so no `passwd` or
-/// `useradd` runs while the account files are replaced; released when dropped.
-fn lock_accounts(root: &Path) -> Result<LockFileWriter> {
-    let wait = std::time::Duration::from_secs(30);
-    let mut writer = LockFileWriter::accounts("accounts", root, wait, wait);
-    writer.handle(Event::PrepareSnapshot, std::time::Instant::now() + wait).map_err(|error| {
+/// Takes the account database's lock (`/etc/.pwd.lock`, as `lckpwdf(3)`) through the
+/// `accounts` writer — the built-in one, or the config's with its `prepare-timeout` — so no
+/// `passwd` or `useradd` runs while the account files are replaced; released when dropped.
+fn lock_accounts(config: &Config, root: &Path) -> Result<Box<dyn Writer>> {
+    let writers = crate::shadow::writers(config, root, &["accounts".to_string()], "restore", &[])?;
+    let Some(mut writer) = writers.into_iter().find(|w| w.kind() == "accounts") else {
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            "no `accounts` writer to take the account database's lock",
+        )
+        .with_resolution(
+            "remove the `[[writer]]` named `accounts` of another kind, or give it `kind = \"accounts\"`",
+        ));
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    writer.handle(Event::PrepareSnapshot, deadline).map_err(|error| {
+        let file = root.join("etc/.pwd.lock");
+        let holder = sysstate_fs::lock_holders(&file).ok().and_then(|h| h.into_iter().next());
+        let data = serde_json::json!({
+            "component": "accounts", "file": file.display().to_string(),
+            "pid": holder.as_ref().map(|h| h.pid), "command": holder.as_ref().map(|h| h.command.clone()), "how": "lock",
+        });
         EngineError::new(ErrorCode::ComponentLocked, format!("component `accounts` is locked: {}", error.message))
+            .with_data(data)
             .with_cause("a tool that changes accounts (passwd, useradd, chpasswd …) holds the account database's lock")
             .with_resolution("let that process finish, or stop it, then run the restore again; nothing was changed")
     })?;

@@ -217,3 +217,71 @@ fn in_place_restore_of_packages_writes_the_selection_and_the_apt_commands() {
     assert!(packages["commands"][1].as_str().unwrap().contains(&format!("dpkg --set-selections < {file}")));
     assert_eq!(std::fs::read(root.join("var/lib/dpkg/status")).unwrap(), dpkg_status, "dpkg's database is untouched");
 }
+
+/// Holds `/etc/.pwd.lock` under `root` as `lckpwdf(3)` does (a POSIX write lock) for `seconds`.
+fn hold_account_lock(sandbox: &Sandbox, root: &Path, seconds: f64) -> std::process::Child {
+    let ready = sandbox.path("lock-held");
+    let _ = std::fs::remove_file(&ready);
+    let child = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\nopen(sys.argv[2], 'w').close()\ntime.sleep(float(sys.argv[3]))",
+        ])
+        .arg(root.join("etc/.pwd.lock"))
+        .arg(&ready)
+        .arg(seconds.to_string())
+        .spawn()
+        .unwrap();
+    while !ready.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// The account files are put in place under the account database's lock: a restore waits for a
+/// holder that lets go, and one that does not fails the restore with `component-locked`,
+/// naming it, with nothing changed.
+#[test]
+fn accounts_are_restored_under_the_account_database_lock() {
+    let sandbox = Sandbox::new();
+    let root = backed_up_system(&sandbox);
+    let root_arg = root.to_str().unwrap();
+    // The lock file is the lock holders' (the backup's writer made it): left out of the
+    // comparisons.
+    let mut original = snapshot(&root.join("etc"));
+    original.remove(Path::new(".pwd.lock"));
+    change_everything(&root);
+    let mut changed = snapshot(&root.join("etc"));
+    changed.remove(Path::new(".pwd.lock"));
+
+    // A holder that never lets go in the writer's prepare-timeout.
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[writer]]\nname = \"accounts\"\nkind = \"accounts\"\nprepare-timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let mut holder = hold_account_lock(&sandbox, &root, 30.0);
+    let output = sandbox.run_code(&["restore", "--in-place", "--root", root_arg], 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("error[component-locked]") && stderr.contains(&format!("pid {}", holder.id())), "{stderr}");
+    let mut now = snapshot(&root.join("etc"));
+    now.remove(Path::new(".pwd.lock"));
+    assert_same(&changed, &now);
+    assert_job_failed(&sandbox, "component-locked");
+    let diagnosis = assert_diagnosed(&sandbox, "component-locked");
+    assert!(diagnosis["specifics"].to_string().contains(&format!("pid {} (", holder.id())), "{diagnosis:#}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    // A holder that lets go after a moment: the restore waits for it (the built-in writer's
+    // prepare-timeout), then succeeds.
+    std::fs::write(sandbox.path("config.toml"), "").unwrap();
+    let mut holder = hold_account_lock(&sandbox, &root, 1.5);
+    let started = std::time::Instant::now();
+    sandbox.ok(&["restore", "--in-place", "--root", root_arg]);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "the restore did not wait for the lock");
+    holder.wait().unwrap();
+    let mut now = snapshot(&root.join("etc"));
+    now.remove(Path::new(".pwd.lock"));
+    assert_same(&original, &now);
+}

@@ -312,6 +312,11 @@ pub fn assert_diagnosed(sandbox: &Sandbox, code: &str) -> serde_json::Value {
     }
     let with_specifics = [
         "writer-timeout",
+        "writer-retryable",
+        "writer-nonretryable",
+        "writer-out-of-resources",
+        "writer-inconsistent",
+        "writer-not-responding",
         "shadow-storage-full",
         "component-locked",
         "shadow-set-in-progress",
