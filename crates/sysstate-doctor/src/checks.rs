@@ -2,13 +2,14 @@
 //! Information" of sysstate), the service's parts, shadow storage, the target, and a real
 //! validation backup through the normal job path.
 
-use crate::services::installed;
 use crate::{Check, Options};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use sysstate_engine::config::{ComponentConfig, Config};
+use sysstate_engine::generated::installed;
 use sysstate_engine::{components, paths};
 use sysstate_repo::backend::FileKind;
+use sysstate_types::units::bytes;
 
 /// Version, config, and the tools the provider and the components need. Returns the config
 /// when it parses.
@@ -226,21 +227,6 @@ fn space_check(id: &str, path: &Path, checks: &mut Vec<Check>) {
             format!("cannot read the free space of `{}`: {error}", path.display()),
             "check the filesystem",
         )),
-    }
-}
-
-pub(crate) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -7,6 +7,7 @@ use serde_json::Value;
 use sysstate_engine::config::Config;
 use sysstate_engine::jobs::{EventFilter, JobRecord, JobStore};
 use sysstate_engine::paths;
+use sysstate_types::units::bytes;
 use sysstate_types::ErrorCode;
 
 /// How many failures are diagnosed at most, and how far back.
@@ -15,8 +16,27 @@ const WITHIN_DAYS: i64 = 7;
 
 /// The failed jobs of the last week not since followed by a success of the same kind, newest
 /// first.
-pub(crate) fn recent_failures(config: Option<&Config>, options: &Options) -> Vec<Diagnosis> {
-    let Ok(store) = JobStore::open(&paths::state_dir()) else { return Vec::new() };
+/// What the checks of this run found: reused for the specifics "now" instead of checking again.
+pub(crate) struct Found<'a> {
+    /// Every check run.
+    pub checks: &'a [Check],
+    /// The target they checked.
+    pub target: Option<&'a str>,
+}
+
+impl Found<'_> {
+    /// The checks whose id starts with `prefix` that are not ok, as "now: …" lines.
+    fn now(&self, prefix: &str) -> Vec<String> {
+        describe_now(self.checks.iter().filter(|c| c.id.starts_with(prefix)))
+    }
+}
+
+pub(crate) fn recent_failures(
+    store: &JobStore,
+    config: Option<&Config>,
+    options: &Options,
+    found: &Found<'_>,
+) -> Vec<Diagnosis> {
     let jobs = store.previous(100).unwrap_or_default();
     let now = sysstate_repo::lock::now_ns();
     let mut succeeded = std::collections::HashSet::new();
@@ -32,7 +52,7 @@ pub(crate) fn recent_failures(config: Option<&Config>, options: &Options) -> Vec
             continue;
         }
         let Some(error) = &job.error else { continue };
-        out.push(diagnose(job, error, &store, &jobs, config, options));
+        out.push(diagnose(job, error, store, &jobs, config, options, found));
         if out.len() == MOST {
             break;
         }
@@ -41,8 +61,7 @@ pub(crate) fn recent_failures(config: Option<&Config>, options: &Options) -> Vec
 }
 
 /// The warning events of the last week, newest first, each explained from the knowledge base.
-pub(crate) fn recent_warnings() -> Vec<Diagnosis> {
-    let Ok(store) = JobStore::open(&paths::state_dir()) else { return Vec::new() };
+pub(crate) fn recent_warnings(store: &JobStore) -> Vec<Diagnosis> {
     let since = sysstate_repo::lock::now_ns() - WITHIN_DAYS * 86_400_000_000_000;
     let filter =
         EventFilter { level: Some(sysstate_types::Level::Warning), since_ns: Some(since), ..Default::default() };
@@ -136,6 +155,7 @@ fn diagnose(
     jobs: &[JobRecord],
     config: Option<&Config>,
     options: &Options,
+    found: &Found<'_>,
 ) -> Diagnosis {
     let code = ErrorCode::from_name(&error.code).unwrap_or(ErrorCode::Internal);
     let events = store.events(&EventFilter { job: Some(job.id.clone()), ..Default::default() }).unwrap_or_default();
@@ -192,13 +212,13 @@ fn diagnose(
             specifics.push(format!(
                 "shadow storage `{location}` for `{volume}`: max size {}, {} used by copies, {} free on its volume, {} needed",
                 text(&data, "max-size"),
-                checks::bytes(used),
-                checks::bytes(free),
-                checks::bytes(needed)
+                bytes(used),
+                bytes(free),
+                bytes(needed)
             ));
             if free < needed {
                 cause = 1;
-                resolution = format!("free at least {} on the volume of `{location}`, or move the storage with `[[shadow.storage]] on = …`", checks::bytes(needed - free));
+                resolution = format!("free at least {} on the volume of `{location}`, or move the storage with `[[shadow.storage]] on = …`", bytes(needed - free));
             } else {
                 let size = (used + needed + (used + needed) / 4).div_ceil(1 << 20);
                 resolution =
@@ -290,15 +310,15 @@ fn diagnose(
             if target.contains("://") {
                 cause = if code == ErrorCode::TargetFull { 0 } else { 1 };
             }
-            let mut now = Vec::new();
-            checks::target(&target, options, &mut now);
-            specifics.extend(describe_now(&now));
+            if found.target == Some(target.as_str()) {
+                specifics.extend(found.now("target."));
+            } else {
+                let mut now = Vec::new();
+                checks::target(&target, options, &mut now);
+                specifics.extend(describe_now(&now));
+            }
         }
-        ErrorCode::StateDirPermission => {
-            let mut now = Vec::new();
-            checks::state_dir(&Options { fix: false, ..options.clone() }, &mut now);
-            specifics.extend(describe_now(&now));
-        }
+        ErrorCode::StateDirPermission => specifics.extend(found.now("state-dir.")),
         ErrorCode::WrongPassphrase => {
             let keys = std::fs::read_dir(paths::state_dir().join("keys")).map(|d| d.count()).unwrap_or(0);
             specifics.push(format!(
@@ -334,6 +354,6 @@ fn diagnose(
     }
 }
 
-fn describe_now(checks: &[Check]) -> Vec<String> {
-    checks.iter().filter(|c| c.status != Status::Ok).map(|c| format!("now: {}", c.found)).collect()
+fn describe_now<'c>(checks: impl IntoIterator<Item = &'c Check>) -> Vec<String> {
+    checks.into_iter().filter(|c| c.status != Status::Ok).map(|c| format!("now: {}", c.found)).collect()
 }

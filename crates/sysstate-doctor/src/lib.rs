@@ -155,23 +155,30 @@ pub fn run(options: &Options) -> Report {
     let mut checks = Vec::new();
     let config = checks::installation(options, &mut checks);
     checks::state_dir(options, &mut checks);
+    let mut target = None;
     if let Some(config) = &config {
         checks::services(config, options, &mut checks);
         checks::shadow_storage(config, options, &mut checks);
-        let target = options
+        let checked = options
             .target
             .clone()
             .or_else(|| config.backup.target.clone())
             .unwrap_or_else(sysstate_engine::paths::default_target);
-        checks::target(&target, options, &mut checks);
+        checks::target(&checked, options, &mut checks);
         if options.validate {
-            checks::validation(config, &target, &mut checks);
+            checks::validation(config, &checked, &mut checks);
         }
+        target = Some(checked);
     }
     for check in checks.iter_mut().filter(|c| c.status != Status::Ok && c.code.is_none()) {
         check.code = code_of(&check.id).map(|code| code.as_str().to_string());
     }
-    let diagnoses = diagnose::recent_failures(config.as_ref(), options);
-    let notices = diagnose::recent_warnings();
+    let Ok(store) = sysstate_engine::jobs::JobStore::open(&sysstate_engine::paths::state_dir()) else {
+        // The event log cannot be read: the `services.event-log` check says why.
+        return Report { checks, diagnoses: Vec::new(), notices: Vec::new() };
+    };
+    let found = diagnose::Found { checks: &checks, target: target.as_deref() };
+    let diagnoses = diagnose::recent_failures(&store, config.as_ref(), options, &found);
+    let notices = diagnose::recent_warnings(&store);
     Report { checks, diagnoses, notices }
 }

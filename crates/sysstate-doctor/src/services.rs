@@ -2,8 +2,9 @@
 //! dependent services (RPC, EventSystem, SENS always on; VSS and its provider on demand).
 
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use sysstate_engine::config::Config;
+use sysstate_engine::generated::installed;
 
 /// How a part is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,20 +34,6 @@ pub struct Part {
 
 fn part(name: impl Into<String>, role: &str, start_type: StartType, status: String, healthy: bool) -> Part {
     Part { name: name.into(), role: role.into(), start_type, status, healthy }
-}
-
-/// True when `program` is an executable path or found in `PATH` (or /usr/sbin, /sbin).
-pub fn installed(program: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if program.contains('/') {
-        return executable(Path::new(program));
-    }
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<PathBuf>>())
-        .unwrap_or_default()
-        .into_iter()
-        .any(|dir| executable(&dir.join(program)))
 }
 
 /// The parts: the agent's (not installed until the agent exists), the event log, the shadow

@@ -23,7 +23,12 @@ pub struct Generated {
     pub stderr: String,
 }
 
-fn installed(program: &str) -> bool {
+/// True when `program` (a name, or a path) can be run: found in `PATH`, `/usr/sbin` or `/sbin`
+/// (root's tools, missing from some service managers' `PATH`).
+pub fn installed(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths)

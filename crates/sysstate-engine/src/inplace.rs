@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use sysstate_repo::archiver::{self, BackupOptions, NoProgress, Selection};
-use sysstate_repo::inplace::{self, Change, Difference, Scope};
+use sysstate_repo::inplace::{self, Difference, Scope};
 use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::tree::NodeKind;
@@ -134,32 +134,6 @@ impl Journal {
     }
 }
 
-/// The version's paths of `names` (every component when empty), and the paths of other
-/// components nested in them.
-pub fn component_scope(manifest: &Version, id: &Id, names: &[String]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let mut include = Vec::new();
-    for name in names {
-        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
-            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
-                .with_resolution(format!(
-                    "choose among the version's components: {}",
-                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-        })?;
-        include.extend(record.paths.iter().map(PathBuf::from));
-    }
-    // A path belongs to the component with the longest path above it: restoring `boot` leaves
-    // out the ESP, which is `efi`'s.
-    let exclude = manifest
-        .components
-        .iter()
-        .filter(|c| !names.contains(&c.name))
-        .flat_map(|c| c.paths.iter().map(PathBuf::from))
-        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
-        .collect();
-    Ok((include, exclude))
-}
-
 /// Restores `request.components` of a version over the live root, or lists the differences.
 pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
     let (id, manifest) = repo.find_version(&request.version)?;
@@ -168,7 +142,7 @@ pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Co
     } else {
         request.components.clone()
     };
-    let (include, exclude) = component_scope(&manifest, &id, &names)?;
+    let (include, exclude) = crate::ops::component_scope(&manifest, &id, &names)?;
     // dpkg's database is never written under dpkg: the package set is reconciled by apt.
     let packages_paths: Vec<PathBuf> = manifest
         .components
@@ -545,14 +519,4 @@ fn packages(repo: &Repository, manifest: &Version, request: &InPlaceRequest) -> 
         report.applied = true;
     }
     Ok(Some(report))
-}
-
-/// Lists differences in the form the CLI prints: `+ path`, `~ path (what)`, `- path`.
-pub fn describe(difference: &Difference) -> String {
-    let count = if difference.entries > 1 { format!(" ({} entries)", difference.entries) } else { String::new() };
-    match difference.change {
-        Change::Add => format!("+ {}{count}", difference.path),
-        Change::Remove => format!("- {}{count}", difference.path),
-        Change::Change => format!("~ {} ({}){count}", difference.path, difference.what.join(", ")),
-    }
 }

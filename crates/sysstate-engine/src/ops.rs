@@ -235,7 +235,7 @@ pub fn restore_to(
     progress: Option<&dyn Progress>,
 ) -> Result<(Id, RestoreOutcome)> {
     let (id, manifest) = repo.find_version(version)?;
-    let (include, exclude) = crate::inplace::component_scope(&manifest, &id, components)?;
+    let (include, exclude) = component_scope(&manifest, &id, components)?;
     if let (Some(progress), true) = (progress, components.is_empty()) {
         progress.total(manifest.stats.bytes_total);
     }
@@ -243,6 +243,32 @@ pub fn restore_to(
     let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, progress)?;
     Ok((id, outcome))
+}
+
+/// The version's paths of the components `names`, and the paths of other components nested in
+/// them (left out: restoring `boot` leaves the ESP to `efi`).
+pub fn component_scope(manifest: &Version, id: &Id, names: &[String]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut include = Vec::new();
+    for name in names {
+        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
+            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
+                .with_resolution(format!(
+                    "choose among the version's components: {}",
+                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+        })?;
+        include.extend(record.paths.iter().map(PathBuf::from));
+    }
+    // A path belongs to the component with the longest path above it: restoring `boot` leaves
+    // out the ESP, which is `efi`'s.
+    let exclude = manifest
+        .components
+        .iter()
+        .filter(|c| !names.contains(&c.name))
+        .flat_map(|c| c.paths.iter().map(PathBuf::from))
+        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
+        .collect();
+    Ok((include, exclude))
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

@@ -505,19 +505,8 @@ pub fn commit(plan: &Plan, root: &Path, tag: &str, owners: bool, after_each: &mu
                 rustix::fs::renameat(&dir, staged.as_str(), &dir, name).map_err(|e| fail(e.into()))?;
             }
             Some(node) => {
-                let target = if matches!(node.kind, NodeKind::Dir { .. }) {
-                    None
-                } else {
-                    Some(Target::ByName(dir.as_fd(), name))
-                };
                 remove_other_xattrs(&dir, name, node).map_err(fail)?;
-                match target {
-                    Some(target) => apply_metadata(owners, target, node).map_err(fail)?,
-                    None => {
-                        let fd = open_dir_beneath(&dir, Path::new(name)).map_err(fail)?;
-                        apply_metadata(owners, Target::Fd(fd.as_fd()), node).map_err(fail)?;
-                    }
-                }
+                apply_metadata(owners, Target::ByName(dir.as_fd(), name), node).map_err(fail)?;
             }
         }
         touched_dirs.push(parent.to_path_buf());

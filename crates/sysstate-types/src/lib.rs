@@ -9,3 +9,4 @@ mod code;
 
 pub use code::{ErrorCode, Level};
 pub mod time;
+pub mod units;

@@ -104,7 +104,7 @@ struct Printer<'a> {
 impl<'a> Printer<'a> {
     fn new(context: &Context<'_>, what: &str, progress: Option<&'a sysstate_engine::jobs::ProgressWriter<'a>>) -> Self {
         let show = !context.cli.global.quiet && !context.cli.global.json;
-        Printer { show, progress, bar: crate::output::Bar::new(show, what, None) }
+        Printer { show, progress, bar: crate::output::Bar::new(show, what) }
     }
 
     /// `done` of `total` bytes (check, prune).
@@ -510,7 +510,6 @@ fn restore_in_place(
     context: &Context<'_>,
     request: &sysstate_engine::inplace::InPlaceRequest,
 ) -> Result<(Outcome, Option<String>)> {
-    use sysstate_engine::inplace::describe;
     let repo = context.open()?;
     let report = sysstate_engine::inplace::restore_in_place(&repo, request, &context.config)?;
     if context.cli.global.json {
@@ -562,13 +561,24 @@ fn restore_in_place(
     Ok((Outcome::Success, Some(report.version)))
 }
 
+/// Lists differences in the form the CLI prints: `+ path`, `~ path (what)`, `- path`.
+fn describe(difference: &sysstate_repo::inplace::Difference) -> String {
+    use sysstate_repo::inplace::Change;
+    let count = if difference.entries > 1 { format!(" ({} entries)", difference.entries) } else { String::new() };
+    match difference.change {
+        Change::Add => format!("+ {}{count}", difference.path),
+        Change::Remove => format!("- {}{count}", difference.path),
+        Change::Change => format!("~ {} ({}){count}", difference.path, difference.what.join(", ")),
+    }
+}
+
 fn undo_in_place(context: &Context<'_>, job: &str) -> Result<Outcome> {
     let report = sysstate_engine::inplace::undo(job)?;
     if context.cli.global.json {
         print_json(&serde_json::to_value(&report).expect("reports encode"));
     } else {
         for difference in &report.differences {
-            context.say(sysstate_engine::inplace::describe(difference));
+            context.say(describe(difference));
         }
         context.say(format!(
             "undid the in-place restore {job}: {} entries put back as they were",

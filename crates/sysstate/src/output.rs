@@ -46,21 +46,7 @@ pub fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON encodes"));
 }
 
-/// `1.5 GiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use sysstate_types::units::bytes;
 
 /// A progress bar on stderr for a long operation (backup, restore, check, prune): bytes, rate
 /// and, when the total is known, a bar and the time left. Drawn only on a terminal and never
@@ -76,14 +62,15 @@ fn style(template: &str) -> indicatif::ProgressStyle {
 }
 
 impl Bar {
-    /// A bar for `what` (`backing up`), of `total` bytes when known (a spinner until then).
-    pub fn new(show: bool, what: &str, total: Option<u64>) -> Bar {
+    /// A bar for `what` (`backing up`): a spinner with bytes and rate until the total is known
+    /// ([`Bar::set`]), then a bar with the time left.
+    pub fn new(show: bool, what: &str) -> Bar {
         use std::io::IsTerminal;
         if !show || !std::io::stderr().is_terminal() {
             return Bar(None);
         }
-        let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
-        bar.set_style(style(if total.is_some() { BAR } else { SPINNER }));
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(style(SPINNER));
         bar.set_prefix(what.to_string());
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         Bar(Some(bar))
