@@ -5,7 +5,6 @@
 use crate::support::*;
 use serde_json::Value;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::Command;
 
 fn check<'a>(report: &'a Value, id: &str) -> &'a Value {
     report["checks"]
@@ -24,25 +23,6 @@ fn failed(report: &Value) -> Vec<String> {
         .filter(|c| c["status"] == "failed")
         .map(|c| format!("{}: {}", c["id"], c["found"]))
         .collect()
-}
-
-/// Mounts a read-only tmpfs at `dir`; unmounted on drop.
-struct ReadOnly(std::path::PathBuf);
-
-impl ReadOnly {
-    fn mount(dir: &std::path::Path) -> ReadOnly {
-        std::fs::create_dir_all(dir).unwrap();
-        let status =
-            Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]).arg(dir).status().unwrap();
-        assert!(status.success());
-        ReadOnly(dir.to_path_buf())
-    }
-}
-
-impl Drop for ReadOnly {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]
@@ -147,7 +127,7 @@ fn an_unwritable_shadow_storage_location_is_a_failed_check() {
         return;
     }
     let sandbox = Sandbox::new();
-    let ro = ReadOnly::mount(&sandbox.path("ro"));
+    let ro = Tmpfs::mount(&sandbox.path("ro"), "ro,size=1m");
     std::fs::write(
         sandbox.path("config.toml"),
         format!("[[shadow.storage]]\nfor = \"/\"\non = \"{}/shadow\"\n", ro.0.display()),
@@ -163,15 +143,8 @@ fn an_unwritable_shadow_storage_location_is_a_failed_check() {
 #[test]
 fn an_unreachable_target_is_a_failed_check() {
     let sandbox = Sandbox::new();
-    let output = sandbox
-        .command(&["doctor", "--no-validate", "--json", "--target", "s3://sysstate-test/doctor"])
-        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
-        .env("AWS_ACCESS_KEY_ID", "nobody")
-        .env("AWS_SECRET_ACCESS_KEY", "nothing")
-        .env("AWS_REGION", "garage")
-        .env("AWS_ALLOW_HTTP", "true")
-        .output()
-        .unwrap();
+    let args = ["doctor", "--no-validate", "--json", "--target", "s3://sysstate-test/doctor"];
+    let output = dead_s3(&mut sandbox.command(&args)).output().unwrap();
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let reachable = check(&report, "target.reachable");
@@ -186,7 +159,7 @@ fn validation_fails_explained_when_the_target_is_read_only() {
         return;
     }
     let sandbox = Sandbox::new();
-    let ro = ReadOnly::mount(&sandbox.path("ro"));
+    let ro = Tmpfs::mount(&sandbox.path("ro"), "ro,size=1m");
     let target = ro.0.join("repo");
     let report = sandbox.json(&["doctor", "--target", target.to_str().unwrap()], 2);
     assert_eq!(check(&report, "target.writable")["status"], "failed", "{report:#}");

@@ -36,29 +36,14 @@ fn target_unavailable() {
     stderr_has_code(&output, "target-unavailable");
     assert!(text(&output.stderr).contains("/nonexistent/sysstate-target"));
     // An object store nobody listens on.
-    let output = sandbox
-        .command(&["versions", "--target", "s3://nobody/x"])
-        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "x")
-        .env("AWS_SECRET_ACCESS_KEY", "y")
-        .env("AWS_REGION", "garage")
-        .output()
-        .unwrap();
+    let output = dead_s3(&mut sandbox.command(&["versions", "--target", "s3://nobody/x"])).output().unwrap();
     stderr_has_code(&output, "target-unavailable");
     // As a backup job, diagnosed with the target named.
     let sandbox = Sandbox::new().with_data_component();
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 3, 9);
-    let output = sandbox
-        .command(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--target", "s3://nobody/x"])
-        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "x")
-        .env("AWS_SECRET_ACCESS_KEY", "y")
-        .env("AWS_REGION", "garage")
-        .output()
-        .unwrap();
+    let args = ["backup", "--root", root.to_str().unwrap(), "--component", "data", "--target", "s3://nobody/x"];
+    let output = dead_s3(&mut sandbox.command(&args)).output().unwrap();
     stderr_has_code(&output, "target-unavailable");
     assert_job_failed(&sandbox, "target-unavailable");
     let diagnosis = assert_diagnosed(&sandbox, "target-unavailable");
@@ -75,18 +60,11 @@ fn state_dir_permission_on_a_read_only_state_dir() {
     let sandbox = Sandbox::new().with_data_component();
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 3, 10);
-    let state = sandbox.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,mode=0700,size=1m", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let state = Tmpfs::mount(&sandbox.path("state"), "ro,mode=0700,size=1m");
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
     let report: serde_json::Value =
         serde_json::from_slice(&sandbox.run(&["doctor", "--no-validate", "--json"]).stdout).unwrap();
-    let _ = Command::new("umount").arg("-l").arg(&state).status();
+    drop(state);
     stderr_has_code(&output, "state-dir-permission");
     let writable = report["checks"].as_array().unwrap().iter().find(|c| c["id"] == "state-dir.writable").unwrap();
     assert_eq!(writable["status"], "failed", "{report:#}");
@@ -114,35 +92,13 @@ fn component_missing_and_unknown_config_keys() {
     assert!(stderr.contains("compnents") && stderr.contains("config.toml") && stderr.contains("line 3"), "{stderr}");
 }
 
-/// Mounts a tmpfs of `size` at `dir`; unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn target_full_keeps_earlier_versions() {
     if !require("root (mounts a small tmpfs as a full target)", is_root()) {
         return;
     }
     let mut sandbox = Sandbox::new().with_data_component();
-    let mount = Tmpfs::mount(&sandbox.path("small"), "2m");
+    let mount = Tmpfs::mount(&sandbox.path("small"), "size=2m");
     sandbox.target = mount.0.join("repo").display().to_string();
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 5, 8);
@@ -168,7 +124,7 @@ fn target_permission_on_a_read_only_target() {
         return;
     }
     let mut sandbox = Sandbox::new().with_data_component();
-    let mount = Tmpfs::mount(&sandbox.path("ro"), "20m");
+    let mount = Tmpfs::mount(&sandbox.path("ro"), "size=20m");
     sandbox.target = mount.0.join("repo").display().to_string();
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 5, 9);

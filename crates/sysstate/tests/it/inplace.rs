@@ -63,14 +63,32 @@ fn backed_up_system(sandbox: &Sandbox) -> std::path::PathBuf {
     root
 }
 
+/// Entries by path, with their metadata.
+type Etc = std::collections::BTreeMap<std::path::PathBuf, Entry>;
+
+/// Every entry of the root's `/etc` with its metadata, but the account lock file (the lock
+/// holders', made by the backup's `accounts` writer).
+fn etc(root: &Path) -> Etc {
+    let mut entries = snapshot(&root.join("etc"));
+    entries.remove(Path::new(".pwd.lock"));
+    entries
+}
+
+/// A backed-up system changed every way after its backup: the root, `/etc` as backed up, and
+/// `/etc` as changed.
+fn changed_system(sandbox: &Sandbox) -> (std::path::PathBuf, Etc, Etc) {
+    let root = backed_up_system(sandbox);
+    let original = etc(&root);
+    change_everything(&root);
+    let changed = etc(&root);
+    (root, original, changed)
+}
+
 #[test]
 fn in_place_restore_dry_run_real_run_and_undo() {
     let sandbox = Sandbox::new();
-    let root = backed_up_system(&sandbox);
+    let (root, original, changed) = changed_system(&sandbox);
     let root_arg = root.to_str().unwrap();
-    let original = snapshot(&root.join("etc"));
-    change_everything(&root);
-    let changed = snapshot(&root.join("etc"));
 
     // The dry run lists every difference and changes nothing.
     let dry = sandbox.json(&["restore", "--in-place", "--dry-run", "--root", root_arg], 0);
@@ -96,21 +114,21 @@ fn in_place_restore_dry_run_real_run_and_undo() {
     assert_eq!(find("/etc/app/b.conf")["what"], serde_json::json!(["xattrs"]));
     assert_eq!(find("/etc/newdir")["entries"], 2);
     assert_eq!(dry["dry-run"], true);
-    assert_same(&changed, &snapshot(&root.join("etc")));
+    assert_same(&changed, &etc(&root));
     let listing = text(&sandbox.ok(&["restore", "--in-place", "--dry-run", "--root", root_arg]).stdout);
     assert!(listing.contains("~ /etc/app/a.conf (mode)") && listing.contains("- /etc/newdir (2 entries)"), "{listing}");
 
     // The real run makes the tree equal to the version, metadata included.
     let report = sandbox.json(&["restore", "--in-place", "--root", root_arg], 0);
     assert_eq!(differences(&report), expected);
-    assert_same(&original, &snapshot(&root.join("etc")));
+    assert_same(&original, &etc(&root));
     let job = report["undo"].as_str().unwrap().to_string();
     let again = sandbox.json(&["restore", "--in-place", "--dry-run", "--root", root_arg], 0);
     assert_eq!(again["differences"], serde_json::json!([]), "nothing differs after the restore: {again}");
 
     // Undo puts back every byte and every piece of metadata.
     sandbox.ok(&["restore", "--undo", &job]);
-    assert_same(&changed, &snapshot(&root.join("etc")));
+    assert_same(&changed, &etc(&root));
     // A second undo is refused with the reason.
     let output = sandbox.run_code(&["restore", "--undo", &job], 2);
     assert!(text(&output.stderr).contains("already undone"), "{}", text(&output.stderr));
@@ -119,11 +137,8 @@ fn in_place_restore_dry_run_real_run_and_undo() {
 #[test]
 fn in_place_restore_killed_midway_leaves_no_half_written_file_and_can_be_undone() {
     let sandbox = Sandbox::new();
-    let root = backed_up_system(&sandbox);
+    let (root, original, changed) = changed_system(&sandbox);
     let root_arg = root.to_str().unwrap();
-    let original = snapshot(&root.join("etc"));
-    change_everything(&root);
-    let changed = snapshot(&root.join("etc"));
 
     let output = sandbox
         .command(&["restore", "--in-place", "--root", root_arg])
@@ -133,7 +148,7 @@ fn in_place_restore_killed_midway_leaves_no_half_written_file_and_can_be_undone(
     assert_eq!(output.status.code(), None, "killed by its failpoint: {}", text(&output.stderr));
 
     // Every entry is either as it was or as the version has it; none is half-written.
-    let now = snapshot(&root.join("etc"));
+    let now = etc(&root);
     let mut restored = 0;
     for (path, entry) in &now {
         if path.to_string_lossy().contains(".sysstate-") || entry.kind == "dir" {
@@ -159,7 +174,7 @@ fn in_place_restore_killed_midway_leaves_no_half_written_file_and_can_be_undone(
     let job = jobs[0]["id"].as_str().unwrap();
     assert!(jobs[0]["error"]["resolution"].as_str().unwrap().contains(&format!("sysstate restore --undo {job}")));
     sandbox.ok(&["restore", "--undo", job]);
-    assert_same(&changed, &snapshot(&root.join("etc")));
+    assert_same(&changed, &etc(&root));
 }
 
 /// A bind mount over a file makes renaming over it fail (EBUSY): the restore stops midway and
@@ -177,7 +192,7 @@ fn in_place_restore_that_fails_midway_is_rolled_back() {
     std::fs::write(&mounted, "changed last\n").unwrap();
     let status = Command::new("mount").args(["--bind"]).arg(&mounted).arg(root.join("etc/zzz.conf")).status().unwrap();
     assert!(status.success());
-    let changed = snapshot(&root.join("etc"));
+    let changed = etc(&root);
 
     let output = sandbox.run_code(&["restore", "--in-place", "--root", root_arg], 2);
     let _ = Command::new("umount").arg(root.join("etc/zzz.conf")).status();
@@ -185,7 +200,7 @@ fn in_place_restore_that_fails_midway_is_rolled_back() {
     assert!(stderr.contains("error[restore-failed]") && stderr.contains("zzz.conf"), "{stderr}");
     assert!(stderr.contains("the system is as it was"), "{stderr}");
     assert_job_failed(&sandbox, "restore-failed");
-    let mut now = snapshot(&root.join("etc"));
+    let mut now = etc(&root);
     let mut changed = changed;
     // The mount point itself is not part of the comparison (its inode is the mounted file's).
     now.remove(Path::new("zzz.conf"));
@@ -244,15 +259,8 @@ fn hold_account_lock(sandbox: &Sandbox, root: &Path, seconds: f64) -> std::proce
 #[test]
 fn accounts_are_restored_under_the_account_database_lock() {
     let sandbox = Sandbox::new();
-    let root = backed_up_system(&sandbox);
+    let (root, original, changed) = changed_system(&sandbox);
     let root_arg = root.to_str().unwrap();
-    // The lock file is the lock holders' (the backup's writer made it): left out of the
-    // comparisons.
-    let mut original = snapshot(&root.join("etc"));
-    original.remove(Path::new(".pwd.lock"));
-    change_everything(&root);
-    let mut changed = snapshot(&root.join("etc"));
-    changed.remove(Path::new(".pwd.lock"));
 
     // A holder that never lets go in the writer's prepare-timeout.
     std::fs::write(
@@ -264,9 +272,7 @@ fn accounts_are_restored_under_the_account_database_lock() {
     let output = sandbox.run_code(&["restore", "--in-place", "--root", root_arg], 2);
     let stderr = text(&output.stderr);
     assert!(stderr.contains("error[component-locked]") && stderr.contains(&format!("pid {}", holder.id())), "{stderr}");
-    let mut now = snapshot(&root.join("etc"));
-    now.remove(Path::new(".pwd.lock"));
-    assert_same(&changed, &now);
+    assert_same(&changed, &etc(&root));
     assert_job_failed(&sandbox, "component-locked");
     let diagnosis = assert_diagnosed(&sandbox, "component-locked");
     assert!(diagnosis["specifics"].to_string().contains(&format!("pid {} (", holder.id())), "{diagnosis:#}");
@@ -281,7 +287,5 @@ fn accounts_are_restored_under_the_account_database_lock() {
     sandbox.ok(&["restore", "--in-place", "--root", root_arg]);
     assert!(started.elapsed() >= std::time::Duration::from_millis(900), "the restore did not wait for the lock");
     holder.wait().unwrap();
-    let mut now = snapshot(&root.join("etc"));
-    now.remove(Path::new(".pwd.lock"));
-    assert_same(&original, &now);
+    assert_same(&original, &etc(&root));
 }

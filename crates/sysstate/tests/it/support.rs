@@ -332,3 +332,31 @@ pub fn assert_diagnosed(sandbox: &Sandbox, code: &str) -> serde_json::Value {
     }
     diagnosis
 }
+
+/// Mounts a tmpfs with `options` (`size=2m`, `ro,size=1m`) at `dir`; unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir).status().unwrap();
+        assert!(status.success(), "mount -t tmpfs -o {options} {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Points `command` at an S3 endpoint nobody listens on.
+pub fn dead_s3(command: &mut Command) -> &mut Command {
+    command
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "x")
+        .env("AWS_SECRET_ACCESS_KEY", "y")
+        .env("AWS_REGION", "garage")
+}

@@ -116,6 +116,20 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
     assert!(job["progress"]["bytes-done"].as_u64().unwrap() > 0, "{job}");
     assert_eq!(job["progress"]["bytes-done"], job["progress"]["bytes-total"], "{job}");
 
+    // Prune: change some files, back up again, forget the first version; its pack is then
+    // partly used and repacked, and the job counts the bytes it read.
+    for (i, entry) in walk_files(&root.join("data")).into_iter().take(5).enumerate() {
+        std::fs::write(entry, format!("changed {i}")).unwrap();
+    }
+    sandbox.ok(&["backup", "--quiet", "--root", root.to_str().unwrap(), "--component", "data"]);
+    sandbox.ok(&["forget", "--quiet", "--keep-last", "1"]);
+    let pruned = sandbox.json(&["prune"], 0);
+    assert!(pruned["packs-repacked"].as_u64().unwrap() > 0, "{pruned}");
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["kind"], "prune");
+    assert!(job["progress"]["bytes-done"].as_u64().unwrap() > 0, "{job}");
+    assert_eq!(job["progress"]["bytes-done"], job["progress"]["bytes-total"], "{job}");
+
     // A progress bar on a terminal (script(1) gives the command one).
     let command = format!(
         "{} check --read-data --target {} --config {}",
@@ -133,4 +147,19 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
     let shown = text(&terminal.stdout);
     assert!(terminal.status.success(), "{shown}");
     assert!(shown.contains("checking"), "no progress bar on a terminal: {shown:?}");
+}
+
+/// Every regular file under `dir`, sorted.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
 }
