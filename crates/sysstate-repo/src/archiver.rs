@@ -12,7 +12,7 @@
 
 use crate::error::{RepoError, Result};
 use crate::id::Id;
-use crate::meta::{node_from_metadata, read_xattrs, unchanged, Names};
+use crate::meta::{node_from_metadata, read_xattrs, unchanged, untouched, Names};
 use crate::pack::BlobKind;
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
@@ -451,9 +451,12 @@ impl Walker<'_, '_> {
                 .warn(shown, "is a socket: skipped (sockets are recreated by the programs that own them)".into());
             return Ok(None);
         }
-        let xattrs = self.xattrs(path, shown);
-        let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
+        let mut node = node_from_metadata(name, &meta, Vec::new(), self.names, NodeKind::Fifo);
         self.live_identity(shown, &mut node);
+        node.xattrs = match parent_node.filter(|p| untouched(p, &node, file_type)) {
+            Some(parent) => parent.xattrs.clone(),
+            None => self.xattrs(path, shown),
+        };
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
             let id = self.whole_dir(path, shown, exclude, subtree.as_ref(), selection)?;

@@ -72,8 +72,28 @@ pub fn node_from_metadata(
 /// True when a file's content need not be read again: same size, mtime, ctime and inode as
 /// in the parent version.
 pub fn unchanged(parent: &Node, current: &Node) -> bool {
-    matches!(parent.kind, NodeKind::File(_))
-        && parent.size == current.size
+    matches!(parent.kind, NodeKind::File(_)) && same_inode_state(parent, current)
+}
+
+/// True when an entry of type `file_type` is the parent version's entry, untouched since: same
+/// type, inode, ctime, mtime and size. The kernel moves ctime with every change of mode, owner
+/// or extended attribute, so the parent's extended attributes stand without being read again —
+/// the same trust the content comparison puts in ctime.
+pub fn untouched(parent: &Node, current: &Node, file_type: std::fs::FileType) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let same_type = match parent.kind {
+        NodeKind::File(_) => file_type.is_file(),
+        NodeKind::Dir { .. } => file_type.is_dir(),
+        NodeKind::Symlink { .. } => file_type.is_symlink(),
+        NodeKind::CharDevice { .. } => file_type.is_char_device(),
+        NodeKind::BlockDevice { .. } => file_type.is_block_device(),
+        NodeKind::Fifo => file_type.is_fifo(),
+    };
+    same_type && same_inode_state(parent, current)
+}
+
+fn same_inode_state(parent: &Node, current: &Node) -> bool {
+    parent.size == current.size
         && parent.mtime_ns == current.mtime_ns
         && parent.ctime_ns == current.ctime_ns
         && parent.inode == current.inode

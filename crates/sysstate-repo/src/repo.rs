@@ -203,7 +203,7 @@ impl Repository {
         let object = || format!("blob {} in pack {}", entry.id.short(), pack.short());
         let opened = self.key.open(Label::Blob, sealed).map_err(|_| self.corrupt(object(), "does not decrypt"))?;
         let plain = if entry.compressed {
-            zstd::bulk::decompress(&opened, entry.raw_length as usize)
+            crate::saver::decompress(&opened, entry.raw_length as usize)
                 .map_err(|e| self.corrupt(object(), format!("does not decompress: {e}")))?
         } else {
             opened

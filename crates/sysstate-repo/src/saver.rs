@@ -44,6 +44,23 @@ pub fn maybe_compress(data: &[u8]) -> (std::borrow::Cow<'_, [u8]>, bool) {
     }
 }
 
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Decompresses a blob of `raw_length` bytes, with this thread's decompression context (making
+/// one costs more than decompressing a small tree blob).
+pub fn decompress(data: &[u8], raw_length: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(decompressor) => decompressor,
+            None => cell.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(data, raw_length)
+    })
+}
+
 /// Counters of what a saver wrote.
 #[derive(Debug, Default)]
 pub struct SaverStats {
