@@ -82,6 +82,10 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
   done
 )
 
+step "benchmark harness: a smoke run (checks the harness works; times nothing)"
+cargo build --quiet -p sysstate
+bench/run --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
+
 step "cargo test"
 log=$(mktemp)
 status=0

@@ -229,6 +229,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
     let names = Names::load(&options.live_root);
     let mut stats = VersionStats::default();
 
+    let walk_done = AtomicBool::new(false);
     let walked = std::thread::scope(|scope| {
         let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
         let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
@@ -243,6 +244,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         }
         drop(file_rx);
         drop(blob_rx);
+        let prefetcher = scope.spawn(|| prefetch_metadata(&options.root, &options.selections, &walk_done));
         let mut walker = Walker {
             shared: &shared,
             names: &names,
@@ -252,6 +254,8 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
             stats: &mut stats,
         };
         let tree = walker.selected_dir(&options.root, Path::new("/"), &selection, parent_tree.as_ref());
+        walk_done.store(true, Ordering::Relaxed);
+        let _ = prefetcher.join();
         drop(walker);
         for reader in readers {
             let _ = reader.join();
@@ -489,7 +493,10 @@ impl Walker<'_, '_> {
             return Ok(Some(Pending::File(node, result, shown.to_path_buf())));
         }
         self.stats.others += 1;
-        node.kind = if file_type.is_symlink() {
+        let untouched_link = parent_node.filter(|p| untouched(p, &node, file_type)).map(|p| &p.kind);
+        node.kind = if let Some(NodeKind::Symlink { target }) = untouched_link {
+            NodeKind::Symlink { target: target.clone() }
+        } else if file_type.is_symlink() {
             match std::fs::read_link(path) {
                 Ok(target) => NodeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() },
                 Err(error) => {
@@ -551,6 +558,40 @@ impl Walker<'_, '_> {
         }
         Ok(id)
     }
+}
+
+/// Walks the selected trees from their far end, asking for every entry's metadata, until the
+/// walker (which goes from the near end) is done. In a fresh shadow copy — a new btrfs snapshot,
+/// new clones — every inode is cold and looking one up costs more than all the walker does
+/// with it; this way the two threads each look up about half, and the walker finds the rest
+/// already looked up.
+fn prefetch_metadata(root: &Path, selections: &[Selection], walked: &AtomicBool) {
+    for selection in selections.iter().rev() {
+        let start = match &selection.source {
+            Some(source) => source.clone(),
+            None => root.join(selection.path.strip_prefix("/").unwrap_or(&selection.path)),
+        };
+        if !prefetch_dir(&start, walked) {
+            return;
+        }
+    }
+}
+
+/// Returns false once the walker is done.
+fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return true };
+    let mut names: Vec<_> = entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect();
+    names.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+    for name in names {
+        if walked.load(Ordering::Relaxed) {
+            return false;
+        }
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_dir()) && !prefetch_dir(&path, walked) {
+            return false;
+        }
+    }
+    true
 }
 
 fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) {
