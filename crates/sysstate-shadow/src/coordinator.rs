@@ -610,6 +610,15 @@ fn run(
     };
     let skip = skip_for(None);
 
+    // Write back what is dirty before the freeze, not in it: a snapshot or a clone first
+    // flushes the filesystem's dirty data, and that was most of a first freeze window on btrfs
+    // (60 of 66 ms after the tree had just been written).
+    for path in std::iter::once(&options.root).chain(options.extra.iter().map(|g| &g.storage.on)) {
+        if let Ok(dir) = std::fs::File::open(path) {
+            let _ = rustix::fs::syncfs(&dir);
+        }
+    }
+
     // Freeze, each writer with its own window.
     phase("freezing writers");
     let freeze_started = Instant::now();
