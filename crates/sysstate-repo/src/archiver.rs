@@ -496,7 +496,8 @@ impl Walker<'_, '_> {
         }
         let mut node = node_from_metadata(name, &meta, Vec::new(), self.names, NodeKind::Fifo);
         self.live_identity(shown, &mut node);
-        node.xattrs = match parent_node.filter(|p| untouched(p, &node, file_type)) {
+        let untouched_parent = parent_node.filter(|p| untouched(p, &node, file_type));
+        node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
             None => self.xattrs(path, shown),
         };
@@ -532,8 +533,7 @@ impl Walker<'_, '_> {
             return Ok(Some(Pending::File(node, result, shown.to_path_buf())));
         }
         self.stats.others += 1;
-        let untouched_link = parent_node.filter(|p| untouched(p, &node, file_type)).map(|p| &p.kind);
-        node.kind = if let Some(NodeKind::Symlink { target }) = untouched_link {
+        node.kind = if let Some(NodeKind::Symlink { target }) = untouched_parent.map(|p| &p.kind) {
             NodeKind::Symlink { target: target.clone() }
         } else if file_type.is_symlink() {
             match std::fs::read_link(path) {

@@ -267,16 +267,8 @@ impl Planner<'_> {
         };
         let live_path = self.root.join(relative);
         let file_type = meta.file_type();
-        let same_type = match &node.kind {
-            NodeKind::File(_) => file_type.is_file(),
-            NodeKind::Dir { .. } => file_type.is_dir(),
-            NodeKind::Symlink { .. } => file_type.is_symlink(),
-            NodeKind::CharDevice { .. } => file_type.is_char_device(),
-            NodeKind::BlockDevice { .. } => file_type.is_block_device(),
-            NodeKind::Fifo => file_type.is_fifo(),
-        };
         let mut what = Vec::new();
-        if !same_type {
+        if !node.kind.is_type_of(file_type) {
             what.push("type");
             let entries = self.version_entries(&node)?;
             self.push(relative, Change::Change, what, entries, Some(node));

@@ -80,16 +80,7 @@ pub fn unchanged(parent: &Node, current: &Node) -> bool {
 /// or extended attribute, so the parent's extended attributes stand without being read again —
 /// the same trust the content comparison puts in ctime.
 pub fn untouched(parent: &Node, current: &Node, file_type: std::fs::FileType) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    let same_type = match parent.kind {
-        NodeKind::File(_) => file_type.is_file(),
-        NodeKind::Dir { .. } => file_type.is_dir(),
-        NodeKind::Symlink { .. } => file_type.is_symlink(),
-        NodeKind::CharDevice { .. } => file_type.is_char_device(),
-        NodeKind::BlockDevice { .. } => file_type.is_block_device(),
-        NodeKind::Fifo => file_type.is_fifo(),
-    };
-    same_type && same_inode_state(parent, current)
+    parent.kind.is_type_of(file_type) && same_inode_state(parent, current)
 }
 
 fn same_inode_state(parent: &Node, current: &Node) -> bool {

@@ -49,6 +49,21 @@ pub enum NodeKind {
     Fifo,
 }
 
+impl NodeKind {
+    /// True when a live entry of type `file_type` is of this kind.
+    pub fn is_type_of(&self, file_type: std::fs::FileType) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        match self {
+            NodeKind::File(_) => file_type.is_file(),
+            NodeKind::Dir { .. } => file_type.is_dir(),
+            NodeKind::Symlink { .. } => file_type.is_symlink(),
+            NodeKind::CharDevice { .. } => file_type.is_char_device(),
+            NodeKind::BlockDevice { .. } => file_type.is_block_device(),
+            NodeKind::Fifo => file_type.is_fifo(),
+        }
+    }
+}
+
 /// One directory entry with all its metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

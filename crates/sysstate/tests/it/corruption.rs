@@ -63,6 +63,7 @@ fn a_flipped_byte_is_found_named_and_the_rest_restores() {
     assert!(checked > 300, "only {checked} files compared");
 }
 
+/// Every regular file under `dir`, sorted.
 pub fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -73,5 +74,6 @@ pub fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
             out.push(path);
         }
     }
+    out.sort();
     out
 }

@@ -83,3 +83,51 @@ fn all_metadata_survives_backup_and_restore() {
     let getcap = Command::new("getcap").arg(to.join("data/with-cap")).output().unwrap();
     assert!(text(&getcap.stdout).contains("cap_net_bind_service,cap_net_raw=ep"), "{}", text(&getcap.stdout));
 }
+
+/// A re-backup takes the extended attributes and symlink targets of untouched entries from the
+/// parent version; entries whose metadata changed (which moves their ctime) are read again.
+#[test]
+fn metadata_changes_between_backups_are_seen_and_untouched_metadata_is_kept() {
+    if !require("root (chown, mknod, setcap)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_rich_tree(&root.join("data"));
+    sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 1);
+    let d = root.join("data");
+    sh(&format!(
+        "cd {}
+         setfattr -x user.empty with-xattr && setfattr -n user.sysstate -v changed with-xattr
+         setfacl -b with-acl
+         setcap -r with-cap
+         ln -sfn /etc/changed abs-link
+         setfattr -n user.added -v on link-a",
+        d.display()
+    ));
+    let again = sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 1);
+    // Content is read again where ctime moved: with-xattr, with-acl, with-cap and the three
+    // names of link-a; the other five files are not.
+    assert_eq!(again["stats"]["files-read"], 6, "{again}");
+    assert_eq!(again["stats"]["files-unchanged"], 5, "{again}");
+
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    let mut expected = snapshot(&d);
+    expected.remove(Path::new("socket"));
+    let actual = snapshot(&to.join("data"));
+    assert_same(&expected, &actual);
+
+    let get = |name: &str| actual.get(Path::new(name)).unwrap_or_else(|| panic!("{name} missing"));
+    let names = |name: &str| get(name).xattrs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names("with-xattr"), vec![b"user.sysstate".to_vec()]);
+    assert!(get("with-xattr").xattrs.iter().any(|(_, v)| v == b"changed"));
+    assert!(!names("with-acl").contains(&b"system.posix_acl_access".to_vec()));
+    assert!(!names("with-cap").contains(&b"security.capability".to_vec()));
+    assert_eq!(get("abs-link").link.as_deref(), Some(&b"/etc/changed"[..]));
+    assert!(names("link-b").contains(&b"user.added".to_vec()), "a hardlink shares the inode's attributes");
+    // Untouched entries kept what they had, taken from the first version.
+    assert!(names("acl-dir").contains(&b"system.posix_acl_default".to_vec()));
+    assert_eq!(get("bad-target").link.as_deref(), Some(&b"target-\xfe\xfd"[..]));
+    assert_eq!(get("setuid").mode, 0o4755);
+}

@@ -118,7 +118,7 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
 
     // Prune: change some files, back up again, forget the first version; its pack is then
     // partly used and repacked, and the job counts the bytes it read.
-    for (i, entry) in walk_files(&root.join("data")).into_iter().take(5).enumerate() {
+    for (i, entry) in crate::corruption::walk_files(&root.join("data")).into_iter().take(5).enumerate() {
         std::fs::write(entry, format!("changed {i}")).unwrap();
     }
     sandbox.ok(&["backup", "--quiet", "--root", root.to_str().unwrap(), "--component", "data"]);
@@ -147,19 +147,4 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
     let shown = text(&terminal.stdout);
     assert!(terminal.status.success(), "{shown}");
     assert!(shown.contains("checking"), "no progress bar on a terminal: {shown:?}");
-}
-
-/// Every regular file under `dir`, sorted.
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk_files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out.sort();
-    out
 }
