@@ -31,11 +31,13 @@ tool happened to read first.
 
 import argparse
 import datetime
+import filecmp
 import json
 import os
 import platform
 import random
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -201,17 +203,11 @@ class Rustic(Restic):
             "HOME": str(self.work / "home"),  # no profile from the user's config
         }
 
-    def init(self, repo):
-        return [self.binary, "-r", str(repo), "init"]
-
     def backup(self, repo, corpus):
         return [self.binary, "-r", str(repo), "backup", "--host", "bench", str(corpus)], None
 
     def restore(self, repo, dest):
         return [self.binary, "-r", str(repo), "restore", "latest", str(dest)], None
-
-    def verify(self, repo):
-        return [self.binary, "-r", str(repo), "check", "--read-data"], None
 
     def version(self):
         return run([self.binary, "--version"]).strip()
@@ -481,9 +477,6 @@ def tree_summary(path):
 
 def compare_trees(a, b):
     """The entries that differ between two trees: type, bytes, link target or device number."""
-    import filecmp
-    import stat
-
     differences = []
     names_a = {p.relative_to(a) for p in a.rglob("*")}
     names_b = {p.relative_to(b) for p in b.rglob("*")}
