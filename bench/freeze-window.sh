@@ -1,16 +1,24 @@
 #!/bin/bash
 # The freeze window (first freeze to last thaw) of a system-sized component set with the
-# reflink (XFS) or btrfs provider: copies /etc, /boot, /var/lib/dpkg and /var/lib/apt onto a loop
+# reflink (XFS), btrfs or copy (ext4) provider: copies /etc, /boot, /var/lib/dpkg and /var/lib/apt onto a loop
 # filesystem and backs it up four times (the first makes the base copy). Needs root.
-#   bench/freeze-window.sh xfs|btrfs
+#   bench/freeze-window.sh xfs|btrfs|ext4
 set -e
-kind=${1:?usage: bench/freeze-window.sh xfs|btrfs}
+kind=${1:?usage: bench/freeze-window.sh xfs|btrfs|ext4}
 sysstate=${SYSSTATE_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/sysstate}
 base=/tmp/fw-$kind; umount $base/mnt 2>/dev/null || true; rm -rf $base; mkdir -p $base/mnt
 truncate -s 2G $base/img; dev=$(losetup -f --show $base/img)
-if [ $kind = xfs ]; then mkfs.xfs -q -f -m reflink=1 $dev; else mkfs.btrfs -q -f $dev; fi
+case $kind in
+    xfs) mkfs.xfs -q -f -m reflink=1 $dev ;;
+    btrfs) mkfs.btrfs -q -f $dev ;;
+    ext4) mkfs.ext4 -q -F $dev ;;
+    *) echo "usage: bench/freeze-window.sh xfs|btrfs|ext4" >&2; exit 2 ;;
+esac
 mount $dev $base/mnt; mkdir -p $base/mnt/root/var/lib $base/mnt/root/var/spool
 cp -a /etc /boot $base/mnt/root/; cp -a /var/lib/dpkg /var/lib/apt $base/mnt/root/var/lib/ 2>/dev/null || true
+# A system's files were not all written a moment ago: copies of entries changed less than two
+# seconds before are not trusted, and would all be copied again in the freeze.
+sleep 3
 printf '[shadow]\nprovider = "auto"\n[[shadow.storage]]\nfor = "%s"\non = "%s"\nmax-size = "50%%"\n[[writer]]\nname = "noop"\nkind = "command"\nfreeze = ["true"]\nthaw = ["true"]\n' $base/mnt $base/mnt/shadow > $base/c.toml
 export SYSSTATE_CONFIG=$base/c.toml SYSSTATE_STATE_DIR=$base/st SYSSTATE_RUNTIME_DIR=$base/run SYSSTATE_PASSPHRASE=x
 for i in 1 2 3 4; do "$sysstate" backup --root $base/mnt/root --target $base/repo -q; done

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
+pub use sysstate_types::time::now_ns;
 
 /// A lease not refreshed for this long is stale whatever its host.
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
@@ -81,11 +82,6 @@ pub fn process_alive(pid: u32, start_ticks: Option<u64>) -> bool {
 /// The host name.
 pub fn host_name() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
-}
-
-/// Nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// A held lease; released on drop.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use sysstate_types::time::now_ns;
 
 /// What a shadow set is asked to do.
 #[derive(Debug, Clone)]
@@ -74,6 +75,39 @@ struct ExtraCopy {
     root: PathBuf,
 }
 
+/// One storage area's part of a commit: the root volume's, or an extra volume's.
+struct CommitGroup<'a> {
+    storage: &'a StorageArea,
+    paths: &'a [PathBuf],
+    choice: ProviderChoice,
+    /// Bytes the copy may take.
+    budget: u64,
+    /// Paths not to enter: other groups' and shadow storage.
+    skip: Vec<PathBuf>,
+    /// Bytes the copy was estimated to need (for `shadow-storage-full`).
+    needed: u64,
+}
+
+/// Runs `work` with a stop flag that is raised when the trigger fires (a signal), and lowered
+/// for good when `work` returns.
+fn with_stop_flag<T>(trigger: &ThawTrigger, work: impl FnOnce(&AtomicBool) -> T) -> T {
+    let stop = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if trigger.fired().is_some() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let result = work(&stop);
+        done.store(true, Ordering::SeqCst);
+        result
+    })
+}
+
 /// A callback told the shadow set's phases.
 #[derive(Clone)]
 pub struct PhaseHook(pub Arc<dyn Fn(&str) + Send + Sync>);
@@ -112,14 +146,18 @@ pub struct ShadowSetRecord {
     pub writers: Vec<WriterRecord>,
     /// From the first freeze to the last thaw, ms.
     pub freeze_window_ms: u64,
-    /// The provider's commit, ms.
+    /// The provider's commit in the freeze, ms.
     pub commit_ms: u64,
+    /// Bringing the base copies up to date before the freeze, ms (0: none was).
+    pub precopy_ms: u64,
     /// Where the copy was.
     pub storage: String,
     /// Real bytes the copy took.
     pub bytes: u64,
-    /// Entries copied.
+    /// Entries copied in the freeze.
     pub files: u64,
+    /// Entries copied before the freeze (into a base copy).
+    pub precopied_files: u64,
     /// Persistent copies deleted to make room (`shadow-storage-oldest-deleted`).
     pub deleted_to_make_room: Vec<String>,
     /// A lock left by a process that is gone, taken over.
@@ -398,10 +436,6 @@ fn new_id() -> String {
     hex::encode(bytes)
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
-
 /// Undoes a failed set: thaws, aborts every writer that got past identify, deletes the copy.
 struct FailureGuard<'a> {
     members: &'a Members,
@@ -619,6 +653,114 @@ fn run(
         }
     }
 
+    // The base copies (one per storage area) are brought up to date before the freeze, while
+    // everything runs; the commit in the freeze then copies only what changed in between.
+    let groups: Vec<CommitGroup> = std::iter::once(CommitGroup {
+        storage: &options.storage,
+        paths: &options.paths,
+        choice: options.provider,
+        budget,
+        skip: skip.clone(),
+        needed,
+    })
+    .chain(options.extra.iter().enumerate().map(|(index, group)| {
+        // Extra volumes are copied (or reflinked) into their own storage; a snapshot is only
+        // ever of the root's subvolume.
+        let choice = if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
+        let dest = group.storage.copy_dir(copy_id).join("tree");
+        let on_btrfs =
+            provider::is_btrfs(&dest.ancestors().find(|p| p.exists()).map(Path::to_path_buf).unwrap_or_default());
+        CommitGroup {
+            storage: &group.storage,
+            paths: &group.paths,
+            choice: if choice == ProviderChoice::Auto && on_btrfs { ProviderChoice::Auto } else { choice },
+            budget: extra_budgets[index].1,
+            skip: skip_for(Some(index)),
+            needed: extra_budgets[index].0,
+        }
+    }))
+    .collect();
+    let dest = options.storage.copy_dir(copy_id).join("tree");
+    let base = copy_id == BASE_COPY;
+    // What each base holds: its size, and the live identities it was made from (without that
+    // record it is made anew).
+    let bases_before: Vec<u64> =
+        groups
+            .iter()
+            .map(|g| {
+                if base {
+                    g.storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes)
+                } else {
+                    0
+                }
+            })
+            .collect();
+    let mut previous: Vec<Option<HashMap<PathBuf, Origin>>> = groups
+        .iter()
+        .map(|group| {
+            let origins = if base { provider::read_origins(&group.storage.copy_dir(copy_id)) } else { None };
+            if base && origins.is_none() {
+                let _ = group.storage.delete(copy_id);
+            }
+            origins
+        })
+        .collect();
+    let mut precopies: Vec<Option<provider::Commit>> = groups.iter().map(|_| None).collect();
+    let mut precopy_ms = 0;
+    if base {
+        phase("bringing the base copy up to date");
+        let started = Instant::now();
+        let done = with_stop_flag(trigger, |stop| {
+            for (index, group) in groups.iter().enumerate() {
+                let copy = provider::precopy(
+                    &options.root,
+                    group.paths,
+                    &group.storage.copy_dir(copy_id).join("tree"),
+                    group.choice,
+                    started + options.commit_timeout,
+                    group.budget,
+                    stop,
+                    previous[index].as_ref(),
+                    &group.skip,
+                );
+                match copy {
+                    None => {}
+                    Some(Ok(copy)) => {
+                        previous[index] = Some(copy.settled_origins());
+                        precopies[index] = Some(copy);
+                    }
+                    Some(Err(
+                        error @ (CommitError::Budget(_) | CommitError::NoSpace(_) | CommitError::Interrupted),
+                    )) => {
+                        return Err((index, error));
+                    }
+                    Some(Err(error)) => {
+                        // The commit in the freeze makes the copy whole and reports what fails.
+                        tracing::debug!(?error, "the copy before the freeze failed; the freeze copies everything");
+                        previous[index] = None;
+                        let _ = group.storage.delete(copy_id);
+                    }
+                }
+            }
+            Ok(())
+        });
+        match done {
+            Ok(()) => {}
+            Err((_, CommitError::Interrupted)) => {
+                return Err(interrupted(trigger).unwrap_or(ShadowError::Interrupted(0)))
+            }
+            Err((index, error)) => {
+                let bytes = match error {
+                    CommitError::Budget(bytes) | CommitError::NoSpace(bytes) => bytes,
+                    _ => 0,
+                };
+                let _ = groups[index].storage.delete(copy_id);
+                return Err(groups[index].storage.full(groups[index].needed.max(bytes)));
+            }
+        }
+        precopy_ms = started.elapsed().as_millis() as u64;
+    }
+
     // Freeze, each writer with its own window.
     phase("freezing writers");
     let freeze_started = Instant::now();
@@ -646,90 +788,35 @@ fn run(
     // Commit.
     phase("committing shadow copies");
     let commit_started = Instant::now();
-    let dest = options.storage.copy_dir(copy_id).join("tree");
-    // A base copy is refreshed from what it was made from; without that record it is made anew.
-    let base_before =
-        (copy_id == BASE_COPY).then(|| options.storage.copies().into_iter().find(|c| c.id == BASE_COPY)).flatten();
-    let previous = if copy_id == BASE_COPY { provider::read_origins(&options.storage.copy_dir(copy_id)) } else { None };
-    if copy_id == BASE_COPY && previous.is_none() {
-        let _ = options.storage.delete(copy_id);
-    }
-    let stop = AtomicBool::new(false);
-    let interrupt_flag = &stop;
-    let committed = std::thread::scope(|scope| {
-        // Forward the trigger into the provider's stop flag.
-        let forward = scope.spawn(|| {
-            while !interrupt_flag.load(Ordering::SeqCst) {
-                if trigger.fired().is_some() {
-                    interrupt_flag.store(true, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        // Extra volumes are copied (or reflinked) whole each time into their own storage; a
-        // snapshot is only ever of the root's subvolume.
-        let extra_choice =
-            if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
-        let result = provider::commit(
-            &options.root,
-            &options.paths,
-            &dest,
-            options.provider,
-            commit_started + options.commit_timeout,
-            budget,
-            interrupt_flag,
-            previous.as_ref(),
-            &skip,
-        )
-        .map_err(|e| (None, e))
-        .and_then(|main| {
-            let mut extras = Vec::new();
-            for (index, group) in options.extra.iter().enumerate() {
-                let group_dest = group.storage.copy_dir(copy_id).join("tree");
-                let group_previous =
-                    if copy_id == BASE_COPY { provider::read_origins(&group.storage.copy_dir(copy_id)) } else { None };
-                if copy_id == BASE_COPY && group_previous.is_none() {
-                    let _ = group.storage.delete(copy_id);
-                }
-                let copy = provider::commit(
-                    &options.root,
-                    &group.paths,
-                    &group_dest,
-                    if extra_choice == ProviderChoice::Auto
-                        && provider::is_btrfs(
-                            &group_dest.ancestors().find(|p| p.exists()).map(Path::to_path_buf).unwrap_or_default(),
-                        )
-                    {
-                        ProviderChoice::Auto
-                    } else {
-                        extra_choice
-                    },
-                    commit_started + options.commit_timeout,
-                    extra_budgets[index].1,
-                    interrupt_flag,
-                    group_previous.as_ref(),
-                    &skip_for(Some(index)),
-                )
-                .map_err(|e| (Some(index), e))?;
-                extras.push(copy);
-            }
-            Ok((main, extras))
-        });
-        interrupt_flag.store(true, Ordering::SeqCst);
-        let _ = forward.join();
-        result
+    let committed = with_stop_flag(trigger, |stop| {
+        let mut commits = Vec::new();
+        for (index, group) in groups.iter().enumerate() {
+            let spent = precopies[index].as_ref().map_or(0, |c| c.bytes);
+            let copy = provider::commit(
+                &options.root,
+                group.paths,
+                &group.storage.copy_dir(copy_id).join("tree"),
+                group.choice,
+                commit_started + options.commit_timeout,
+                group.budget.saturating_sub(spent),
+                stop,
+                previous[index].as_ref(),
+                &group.skip,
+            )
+            .map_err(|e| (index, e))?;
+            commits.push(copy);
+        }
+        Ok(commits)
     });
     let commit_ms = commit_started.elapsed().as_millis() as u64;
     thaw_all(members, watch);
-    let (commit, extra_commits) = match committed {
+    let mut commits = match committed {
         Ok(commits) => commits,
-        Err((group, CommitError::Budget(bytes))) | Err((group, CommitError::NoSpace(bytes))) => {
-            let (storage, needed) = match group {
-                Some(index) => (&options.extra[index].storage, extra_budgets[index].0),
-                None => (&options.storage, needed),
-            };
-            let _ = storage.delete(copy_id);
-            return Err(storage.full(needed.max(bytes)));
+        Err((index, CommitError::Budget(bytes))) | Err((index, CommitError::NoSpace(bytes))) => {
+            let group = &groups[index];
+            let _ = group.storage.delete(copy_id);
+            let before = precopies[index].as_ref().map_or(0, |c| c.bytes);
+            return Err(group.storage.full(group.needed.max(before + bytes)));
         }
         Err((_, error)) => match error {
             CommitError::Budget(_) | CommitError::NoSpace(_) => unreachable!("matched above"),
@@ -790,7 +877,7 @@ fn run(
         .flat_map(|writer| writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).copy_additions())
         .collect();
     if !additions.is_empty() {
-        apply_additions(&options.root, &commit.root, &dest, &additions)?;
+        apply_additions(&options.root, &commits[0].root, &dest, &additions)?;
     }
 
     let writers = {
@@ -810,68 +897,56 @@ fn run(
     };
     let mut record = ShadowSetRecord {
         id: set_id.to_string(),
-        providers: commit
-            .used
-            .iter()
-            .map(|(dev, name)| (format!("{}:{}", rustix::fs::major(*dev), rustix::fs::minor(*dev)), name.to_string()))
-            .collect(),
+        providers: BTreeMap::new(),
         writers,
         freeze_window_ms,
         commit_ms,
+        precopy_ms,
         storage: options.storage.on.display().to_string(),
-        bytes: commit.bytes,
-        files: commit.files,
+        bytes: 0,
+        files: 0,
+        precopied_files: 0,
         deleted_to_make_room: deleted.iter().map(|c| c.id.clone()).collect(),
         lock_taken_over: None,
     };
-    let meta = CopyMeta {
-        id: copy_id.to_string(),
-        set: set_id.to_string(),
-        for_volume: options.storage.for_volume.display().to_string(),
-        provider: commit.used.values().next().copied().unwrap_or(provider_name(options.provider)).to_string(),
-        created_ns: now_ns(),
-        // A refreshed base holds what it held, less what was freed, plus what was copied.
-        bytes: base_before.map(|b| b.bytes).unwrap_or(0).saturating_sub(commit.freed) + commit.bytes,
-        files: commit.files,
-        persistent: options.persistent,
-        paths: options.paths.iter().map(|p| p.display().to_string()).collect(),
-    };
-    let meta_path = options.storage.copy_dir(copy_id).join("meta.json");
-    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("meta encodes"))
-        .map_err(|e| ShadowError::io(&meta_path, e))?;
-    if copy_id == BASE_COPY {
-        let dir = options.storage.copy_dir(copy_id);
-        provider::write_origins(&dir, &commit.origins).map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
-    }
-    // The extra volumes' copies: their records, and their live identities merged into one map.
-    let mut extra = Vec::new();
-    let mut commit = commit;
-    for (group, copy) in options.extra.iter().zip(extra_commits) {
+    // Each group's copy: its record beside it, and what it adds to the set's record.
+    for (index, (group, copy)) in groups.iter().zip(&commits).enumerate() {
+        let precopy = precopies[index].as_ref();
         let dir = group.storage.copy_dir(copy_id);
         let meta = CopyMeta {
             id: copy_id.to_string(),
             set: set_id.to_string(),
             for_volume: group.storage.for_volume.display().to_string(),
-            provider: copy.used.values().next().copied().unwrap_or("copy").to_string(),
+            provider: copy.used.values().next().copied().unwrap_or(provider_name(group.choice)).to_string(),
             created_ns: now_ns(),
-            bytes: copy.bytes,
+            // A refreshed base holds what it held, less what was freed, plus what was copied.
+            bytes: bases_before[index].saturating_sub(precopy.map_or(0, |c| c.freed)).saturating_sub(copy.freed)
+                + precopy.map_or(0, |c| c.bytes)
+                + copy.bytes,
             files: copy.files,
             persistent: options.persistent,
             paths: group.paths.iter().map(|p| p.display().to_string()).collect(),
         };
         std::fs::write(dir.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("meta encodes"))
             .map_err(|e| ShadowError::io(dir.join("meta.json"), e))?;
-        if copy_id == BASE_COPY {
-            provider::write_origins(&dir, &copy.origins)
+        if base {
+            // What was copied in the tick it changed in is copied again next time.
+            provider::write_origins(&dir, &copy.settled_origins())
                 .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
         }
-        for (device, name) in &copy.used {
+        for (device, name) in precopy.iter().flat_map(|c| &c.used).chain(&copy.used) {
             record
                 .providers
                 .insert(format!("{}:{}", rustix::fs::major(*device), rustix::fs::minor(*device)), name.to_string());
         }
-        record.bytes += copy.bytes;
+        record.bytes += precopy.map_or(0, |c| c.bytes) + copy.bytes;
         record.files += copy.files;
+        record.precopied_files += precopy.map_or(0, |c| c.files);
+    }
+    // The extra volumes' copies, and their live identities merged into the root volume's.
+    let mut commit = commits.remove(0);
+    let mut extra = Vec::new();
+    for (group, copy) in options.extra.iter().zip(commits) {
         extra.push(ExtraCopy { storage: group.storage.clone(), paths: group.paths.clone(), root: copy.root.clone() });
         commit.origins.extend(copy.origins);
     }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The live identity of a copied entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -25,6 +25,13 @@ pub struct Origin {
     pub inode: u64,
     /// `st_ctime` of the live file, ns.
     pub ctime_ns: i64,
+}
+
+impl Origin {
+    /// The identity of a live entry.
+    pub fn of(meta: &std::fs::Metadata) -> Origin {
+        Origin { device: meta.dev(), inode: meta.ino(), ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec() }
+    }
 }
 
 /// How a provider was asked to work.
@@ -155,6 +162,20 @@ pub struct Commit {
     pub live_device: Option<u64>,
     /// Bytes freed in a base copy by entries that changed or went away.
     pub freed: u64,
+    /// Entries this commit copied that had changed less than [`SETTLED`] before it started
+    /// (absolute paths as seen from the root).
+    pub unsettled: Vec<PathBuf>,
+}
+
+impl Commit {
+    /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
+    pub fn settled_origins(&self) -> HashMap<PathBuf, Origin> {
+        let mut origins = self.origins.clone();
+        for path in &self.unsettled {
+            origins.remove(path);
+        }
+        origins
+    }
 }
 
 /// Why a commit stopped.
@@ -187,6 +208,8 @@ struct Copier<'a> {
     interrupted: &'a std::sync::atomic::AtomicBool,
     /// Refreshing a base copy: the live identities its entries were copied from.
     previous: Option<&'a HashMap<PathBuf, Origin>>,
+    /// Entries whose ctime is later than this (ns since the epoch) are unsettled when copied.
+    settled_before_ns: i64,
     /// Absolute paths copied elsewhere (another volume's storage): not entered.
     skip: &'a [PathBuf],
 }
@@ -213,12 +236,64 @@ pub fn commit(
         // Failpoint for the tests: a provider commit that takes this long.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+    if takes_snapshot(root, dest, choice) {
+        return snapshot(root, dest, deadline);
+    }
+    copy_tree(root, paths, dest, choice, deadline, budget, interrupted, previous, skip)
+}
+
+/// True when a commit of `root` into `dest` with `choice` takes a btrfs snapshot rather than
+/// copying entries.
+pub fn takes_snapshot(root: &Path, dest: &Path, choice: ProviderChoice) -> bool {
     let btrfs_works = || {
         is_btrfs(root) && dest.ancestors().find(|p| p.exists()).is_some_and(|p| is_btrfs(p) && same_filesystem(root, p))
     };
-    if choice == ProviderChoice::Btrfs || (choice == ProviderChoice::Auto && btrfs_works()) {
-        return snapshot(root, dest, deadline);
+    choice == ProviderChoice::Btrfs || (choice == ProviderChoice::Auto && btrfs_works())
+}
+
+/// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:
+/// timestamps are coarse (a clock tick; a second on some filesystems), so a file changed in the
+/// tick it was copied in may change again without its ctime moving.
+pub const SETTLED: Duration = Duration::from_secs(2);
+
+/// Brings a base copy up to date before the freeze, while everything runs, so that the commit
+/// in the freeze finds it current and copies only what changed in between: the first backup's
+/// freeze then costs a `stat` per entry instead of a clone or a copy per file. Same arguments
+/// as [`commit`]; `None` when the commit takes a snapshot (there is nothing to prepare).
+///
+/// Hand the commit in the freeze [`Commit::settled_origins`], not `origins`: an entry copied
+/// while it was being written is copied again in the freeze.
+#[allow(clippy::too_many_arguments)]
+pub fn precopy(
+    root: &Path,
+    paths: &[PathBuf],
+    dest: &Path,
+    choice: ProviderChoice,
+    deadline: Instant,
+    budget: u64,
+    interrupted: &std::sync::atomic::AtomicBool,
+    previous: Option<&HashMap<PathBuf, Origin>>,
+    skip: &[PathBuf],
+) -> Option<Result<Commit, CommitError>> {
+    if takes_snapshot(root, dest, choice) {
+        return None;
     }
+    Some(copy_tree(root, paths, dest, choice, deadline, budget, interrupted, previous, skip))
+}
+
+/// [`commit`] by copying (or cloning) entries into a mirrored tree.
+#[allow(clippy::too_many_arguments)]
+fn copy_tree(
+    root: &Path,
+    paths: &[PathBuf],
+    dest: &Path,
+    choice: ProviderChoice,
+    deadline: Instant,
+    budget: u64,
+    interrupted: &std::sync::atomic::AtomicBool,
+    previous: Option<&HashMap<PathBuf, Origin>>,
+    skip: &[PathBuf],
+) -> Result<Commit, CommitError> {
     let mut copier = Copier {
         root,
         dest,
@@ -231,6 +306,7 @@ pub fn commit(
         reflink_works: HashMap::new(),
         interrupted,
         previous,
+        settled_before_ns: sysstate_types::time::now_ns() - SETTLED.as_nanos() as i64,
         skip,
     };
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
@@ -291,14 +367,7 @@ impl Copier<'_> {
     }
 
     fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
-        self.out.origins.insert(
-            Path::new("/").join(relative),
-            Origin {
-                device: meta.dev(),
-                inode: meta.ino(),
-                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            },
-        );
+        self.out.origins.insert(Path::new("/").join(relative), Origin::of(meta));
     }
 
     /// Counts what an entry added to shadow storage: its allocated bytes, or nothing for a
@@ -345,12 +414,7 @@ impl Copier<'_> {
     /// True when the base copy already holds this live entry as it is now.
     fn unchanged(&self, relative: &Path, live: &std::fs::Metadata, copied: &std::fs::Metadata) -> bool {
         let Some(previous) = self.previous else { return false };
-        let origin = Origin {
-            device: live.dev(),
-            inode: live.ino(),
-            ctime_ns: live.ctime() * 1_000_000_000 + live.ctime_nsec(),
-        };
-        previous.get(&Path::new("/").join(relative)) == Some(&origin)
+        previous.get(&Path::new("/").join(relative)) == Some(&Origin::of(live))
             && live.file_type() == copied.file_type()
             && (live.is_dir()
                 || (live.size() == copied.size()
@@ -403,18 +467,20 @@ impl Copier<'_> {
             return if existed { self.check_limits() } else { self.charge(&target, false) };
         }
         if keep {
+            if file_type.is_file() && !self.out.used.contains_key(&meta.dev()) {
+                let provider = self.provider_on(&source, &target, meta.dev());
+                self.out.used.insert(meta.dev(), provider);
+            }
             if file_type.is_file() && meta.nlink() > 1 {
                 self.links.entry((meta.dev(), meta.ino())).or_insert(target);
             }
-            self.out.used.entry(meta.dev()).or_insert(if self.choice == ProviderChoice::Copy {
-                "copy"
-            } else {
-                "reflink"
-            });
             return self.check_limits();
         }
         if copied.is_some() {
             self.remove(&target)?;
+        }
+        if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
+            self.out.unsettled.push(Path::new("/").join(relative));
         }
         let mut reflinked = false;
         if file_type.is_file() {
@@ -454,6 +520,29 @@ impl Copier<'_> {
         }
         apply_metadata(&source, &target, &meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
         self.charge(&target, reflinked)
+    }
+
+    /// Which provider copies files of `device` here: `reflink` when cloning `source` beside
+    /// `target` works (tried once per device), else `copy`. For the record of a commit that
+    /// kept every file it met.
+    fn provider_on(&mut self, source: &Path, target: &Path, device: u64) -> &'static str {
+        if self.choice == ProviderChoice::Copy {
+            return "copy";
+        }
+        let works = *self.reflink_works.entry(device).or_insert_with(|| {
+            let probe = target.with_file_name(".sysstate-reflink-probe");
+            let cloned = File::open(source).and_then(|input| {
+                let output = File::create(&probe)?;
+                rustix::fs::ioctl_ficlone(&output, &input).map_err(std::io::Error::from)
+            });
+            let _ = std::fs::remove_file(&probe);
+            cloned.is_ok()
+        });
+        if works {
+            "reflink"
+        } else {
+            "copy"
+        }
     }
 
     /// Copies a file's content; true when it was reflinked.

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use sysstate_types::time::now_ns;
 
 /// One writer's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,10 +43,6 @@ pub fn read_states(runtime_dir: &Path) -> Vec<WriterStatus> {
 pub struct StateBook {
     runtime_dir: PathBuf,
     states: Mutex<Vec<WriterStatus>>,
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 impl StateBook {

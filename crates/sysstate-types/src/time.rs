@@ -1,5 +1,10 @@
 //! UTC timestamps as RFC 3339 text, without a calendar dependency.
 
+/// Nanoseconds since the Unix epoch, now (0 for a clock set before 1970).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
 /// Formats nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds).
 pub fn format_utc(ns: i64) -> String {
     let secs = ns.div_euclid(1_000_000_000);
