@@ -244,18 +244,24 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         }
         drop(file_rx);
         drop(blob_rx);
-        let prefetcher = scope.spawn(|| prefetch_metadata(&options.root, &options.selections, &walk_done));
+        // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
+        // copy only for what changed: prefetching the copy's metadata would look up every one.
+        let live = (parent_tree.is_some() && options.root != options.live_root)
+            .then_some((options.root.as_path(), options.live_root.as_path()));
+        if live.is_none() {
+            scope.spawn(|| prefetch_metadata(&options.root, &options.selections, &walk_done));
+        }
         let mut walker = Walker {
             shared: &shared,
             names: &names,
             origin: options.origin.as_ref(),
+            live,
             file_tx,
             blob_tx,
             stats: &mut stats,
             in_flight: 0,
         };
         let tree = walker.walk(&options.root, &selection, parent_tree.as_ref(), &walk_done);
-        let _ = prefetcher.join();
         drop(walker);
         for reader in readers {
             let _ = reader.join();
@@ -296,6 +302,8 @@ struct Walker<'a, 's> {
     shared: &'s Shared<'a>,
     names: &'s Names,
     origin: Option<&'s Origin>,
+    /// Reading a copy of the live files with a parent version: `(copy root, live root)`.
+    live: Option<(&'s Path, &'s Path)>,
     file_tx: Sender<FileJob>,
     blob_tx: Sender<BlobJob>,
     stats: &'s mut VersionStats,
@@ -314,6 +322,19 @@ enum Pending {
     File(Node, Receiver<std::io::Result<(FileContent, u64)>>, PathBuf),
     /// A directory whose tree waits for files being read.
     Dir(Node, Vec<Pending>),
+}
+
+/// An entry's metadata (the copy's, or its live twin's), and where it is live.
+struct Stat {
+    meta: std::fs::Metadata,
+    live: Option<LiveDir>,
+}
+
+/// The live path of an entry of the copy, and whether it is untouched since the parent version
+/// (see [`Walker::live_twin`]).
+struct LiveDir {
+    path: PathBuf,
+    untouched: bool,
 }
 
 /// A directory's tree: stored, or waiting for files being read.
@@ -355,7 +376,8 @@ impl Walker<'_, '_> {
         parent: Option<&Tree>,
     ) -> Result<Subtree> {
         if let Some(exclude) = &selection.whole {
-            return self.whole_dir(dir, shown, exclude.as_ref(), parent, Some(selection));
+            let live = self.live_of(dir);
+            return self.whole_dir(dir, live, shown, exclude.as_ref(), parent, Some(selection));
         }
         let mut pending = Vec::new();
         for (name, child) in &selection.children {
@@ -387,7 +409,8 @@ impl Walker<'_, '_> {
                     );
                 }
                 let exclude = child.whole.as_ref().and_then(|e| e.as_ref());
-                if let Some(entry) = self.entry(name, &path, &shown_child, meta, exclude, parent_node, Some(child))? {
+                let stat = Stat { meta, live: self.live_of(&path) };
+                if let Some(entry) = self.entry(name, &path, &shown_child, stat, exclude, parent_node, Some(child))? {
                     pending.push(entry);
                 }
             }
@@ -397,16 +420,22 @@ impl Walker<'_, '_> {
 
     /// A directory selected whole. `selection` holds paths selected again inside it (another
     /// component's), which its excludes do not apply to.
+    ///
+    /// `live` is the live directory it is a copy of, if any (see [`Walker::live_twin`]).
+    #[allow(clippy::too_many_arguments)]
     fn whole_dir(
         &mut self,
         dir: &Path,
+        live: Option<LiveDir>,
         shown: &Path,
         exclude: Option<&GlobSet>,
         parent: Option<&Tree>,
         selection: Option<&SelectionNode>,
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
-        let mut entries: Vec<_> = match std::fs::read_dir(dir) {
+        // An untouched live directory holds the names the copy holds.
+        let listing = live.as_ref().filter(|l| l.untouched).map_or(dir, |l| l.path.as_path());
+        let mut entries: Vec<_> = match std::fs::read_dir(listing) {
             Ok(entries) => entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect(),
             Err(error) => {
                 self.shared.warn(shown, format!("cannot list the directory: {error}"));
@@ -438,20 +467,48 @@ impl Walker<'_, '_> {
                     continue;
                 }
             }
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => {
-                    self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
-                    continue;
-                }
-            };
             let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
-            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, meta, exclude, parent_node, nested)? {
+            // A selection read from elsewhere has no live twin here.
+            let live_path =
+                live.as_ref().filter(|_| nested.is_none_or(|n| n.source.is_none())).map(|l| l.path.join(&name));
+            let (meta, live) = match live_path.as_deref().and_then(|live| self.live_twin(live, parent_node)) {
+                Some(meta) => (meta, live_path.map(|path| LiveDir { path, untouched: true })),
+                None => match std::fs::symlink_metadata(&path) {
+                    Ok(meta) => (meta, live_path.map(|path| LiveDir { path, untouched: false })),
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => {
+                        self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
+                        continue;
+                    }
+                },
+            };
+            let stat = Stat { meta, live };
+            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, stat, exclude, parent_node, nested)? {
                 pending.push(entry);
             }
         }
         self.finish_dir(pending)
+    }
+
+    /// The live path of the copy's entry at `path` (not untouched: the copy's is listed), if
+    /// it is in the copy (a selection read from elsewhere has no live twin here).
+    fn live_of(&self, path: &Path) -> Option<LiveDir> {
+        let (copy_root, live_root) = self.live?;
+        Some(LiveDir { path: live_root.join(path.strip_prefix(copy_root).ok()?), untouched: false })
+    }
+
+    /// The live entry that stands for the copy's entry at `path`, when it is the parent
+    /// version's entry untouched since: same device, inode, ctime, mtime, size and type. Its
+    /// ctime has not moved since the parent version, so nothing about it changed in between,
+    /// and the copy — made in between — holds it as the parent version does: its metadata
+    /// (and, for a directory, its names) can be taken from the live entry, whose inode is in
+    /// the cache, instead of from the copy, whose inodes (a fresh btrfs snapshot's, new clones)
+    /// are cold and then cost a lookup each, and again to release.
+    fn live_twin(&self, live: &Path, parent: Option<&Node>) -> Option<std::fs::Metadata> {
+        let parent = parent?;
+        let meta = std::fs::symlink_metadata(live).ok()?;
+        let node = node_from_metadata(&parent.name, &meta, Vec::new(), self.names, NodeKind::Fifo);
+        (meta.dev() == parent.device && untouched(parent, &node, meta.file_type())).then_some(meta)
     }
 
     /// Records the live file's identity instead of the shadow copy's.
@@ -483,11 +540,12 @@ impl Walker<'_, '_> {
         name: &[u8],
         path: &Path,
         shown: &Path,
-        meta: std::fs::Metadata,
+        stat: Stat,
         exclude: Option<&GlobSet>,
         parent_node: Option<&Node>,
         selection: Option<&SelectionNode>,
     ) -> Result<Option<Pending>> {
+        let Stat { meta, live } = stat;
         let file_type = meta.file_type();
         if file_type.is_socket() {
             self.shared
@@ -503,7 +561,7 @@ impl Walker<'_, '_> {
         };
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
-            let subtree = self.whole_dir(path, shown, exclude, subtree.as_ref(), selection)?;
+            let subtree = self.whole_dir(path, live, shown, exclude, subtree.as_ref(), selection)?;
             self.stats.dirs += 1;
             return Ok(Some(subtree.entry(node)));
         }

@@ -804,3 +804,66 @@ fn persistent_copies_are_listed_deleted_and_pushed_out_by_a_smaller_storage() {
     );
     sandbox.ok(&["shadows", "delete", "--all"]);
 }
+
+/// What changes after the freeze stays out of the version. With a parent version the walk takes
+/// an entry from the live tree when it is untouched since the parent, and from the copy
+/// otherwise; here the writer's thaw changes, adds, removes and re-permissions entries (some
+/// untouched since the parent, some changed before the freeze too) between the commit and the
+/// walk, and the version must equal the tree as it was in the freeze — with the copy provider
+/// and with a btrfs snapshot.
+#[test]
+fn changes_after_the_freeze_stay_out_of_the_version() {
+    let btrfs = require("root and loop devices (mkfs.btrfs)", is_root() && Path::new("/dev/loop-control").exists());
+    for provider in ["copy", "btrfs"] {
+        if provider == "btrfs" && !btrfs {
+            continue;
+        }
+        let sandbox = Sandbox::new();
+        let fs = (provider == "btrfs").then(|| LoopFs::new(sandbox.dir.path(), "btrfs"));
+        let base = fs.as_ref().map_or(sandbox.dir.path().to_path_buf(), |fs| fs.mount.clone());
+        let root = base.join("root");
+        let data = root.join("data");
+        make_tree(&data, 60, 81);
+        std::fs::write(data.join("changed"), "parent\n").unwrap();
+        let at_freeze = sandbox.path("at-freeze");
+        let after_thaw = [
+            format!("echo after > '{}'", data.join("d0/e0/f0.bin").display()),
+            format!("echo after > '{}'", data.join("changed").display()),
+            format!("echo new > '{}'", data.join("new-after-thaw").display()),
+            format!("rm -rf '{}'", data.join("d1").display()),
+            format!("chmod 600 '{}'", data.join("d2/e2/f2.bin").display()),
+            format!("mkdir '{}'", data.join("d3/dir-after-thaw").display()),
+        ]
+        .join("; ");
+        let storage = match &fs {
+            Some(fs) => format!(
+                "[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+                fs.mount.display(),
+                fs.mount.join("shadow").display()
+            ),
+            None => String::new(),
+        };
+        let config = |thaw: &str| {
+            format!(
+                "{DATA}[shadow]\nprovider = \"{provider}\"\n{storage}[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"rm -rf '{0}'; cp -a '{1}' '{0}'\"]\nthaw = [\"sh\", \"-c\", \"{thaw}\"]\n",
+                at_freeze.display(),
+                data.display()
+            )
+        };
+        std::fs::write(sandbox.path("config.toml"), config("true")).unwrap();
+        sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+        // Before the second freeze: one file changes (it changes again after the thaw).
+        std::fs::write(data.join("changed"), "before the freeze\n").unwrap();
+        std::fs::write(sandbox.path("config.toml"), config(&after_thaw)).unwrap();
+        sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(std::fs::read_to_string(data.join("changed")).unwrap(), "after\n", "the thaw did not run");
+        let versions = sandbox.json(&["versions"], 0);
+        let providers = versions[1]["shadow"]["providers"].to_string();
+        assert!(providers.contains(provider), "{provider}: {providers}");
+        let to = sandbox.path("restored");
+        sandbox.ok(&["restore", "--to", to.to_str().unwrap(), "--version", versions[1]["id"].as_str().unwrap()]);
+        let expected = snapshot(&at_freeze);
+        assert_eq!(std::fs::read_to_string(to.join("data/changed")).unwrap(), "before the freeze\n", "{provider}");
+        assert_same(&expected, &snapshot(&to.join("data")));
+    }
+}
