@@ -358,6 +358,7 @@ fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
         time_ns: 0,
         cancel: None,
         origin: None,
+        live_reads_before_ns: None,
     };
     let outcome = archiver::backup(&repo, &options, &NoProgress)?;
     if let Some(warning) = outcome.warnings.first() {

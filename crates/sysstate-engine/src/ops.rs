@@ -201,6 +201,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         time_ns: 0,
         cancel: Some(request.trigger.flag()),
         origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
+        live_reads_before_ns: set.taken_ns(),
     };
     phase("reading shadow copies");
     let skipped: Vec<Warning> = set

@@ -71,6 +71,11 @@ pub struct BackupOptions {
     pub origin: Option<Origin>,
     /// Set from outside (a signal) to stop the backup; it then fails without a version.
     pub cancel: Option<std::sync::Arc<AtomicBool>>,
+    /// Reading a btrfs snapshot taken at this time (ns since the epoch): a file whose ctime
+    /// was well before it is read from the live file when that still has the snapshot's inode,
+    /// ctime and size before and after the read (see `ShadowSet::taken_ns`). The live file's
+    /// pages are likelier in the cache; the snapshot's never are.
+    pub live_reads_before_ns: Option<i64>,
 }
 
 /// Maps a path (as seen from the root) to the live identity of the entry copied there.
@@ -124,9 +129,39 @@ pub struct BackupOutcome {
 
 struct FileJob {
     path: PathBuf,
+    /// The live file to read instead, if it is still what `path` holds.
+    live: Option<LiveFile>,
     size: u64,
     maybe_sparse: bool,
     reply: Sender<std::io::Result<(FileContent, u64)>>,
+}
+
+/// A live file and the identity it must have, before and after it is read, to stand for the
+/// snapshot's.
+struct LiveFile {
+    path: PathBuf,
+    device: u64,
+    inode: u64,
+    ctime_ns: i64,
+    size: u64,
+}
+
+impl LiveFile {
+    fn matches(&self, meta: &std::fs::Metadata) -> bool {
+        meta.is_file()
+            && meta.dev() == self.device
+            && meta.ino() == self.inode
+            && meta.ctime() * 1_000_000_000 + meta.ctime_nsec() == self.ctime_ns
+            && meta.size() == self.size
+    }
+}
+
+/// How long before a snapshot a file's ctime must be for a later change to move it: a clock
+/// tick on filesystems with fine timestamps; two seconds where whole seconds (or two) are
+/// kept, which a ctime with no fraction suggests.
+fn settled_before(ctime_ns: i64, taken_ns: i64) -> bool {
+    let margin = if ctime_ns % 1_000_000_000 == 0 { 2_000_000_000 } else { 50_000_000 };
+    ctime_ns < taken_ns - margin
 }
 
 struct BlobJob {
@@ -246,9 +281,8 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         drop(blob_rx);
         // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
         // copy only for what changed: prefetching the copy's metadata would look up every one.
-        let live = (parent_tree.is_some() && options.root != options.live_root)
-            .then_some((options.root.as_path(), options.live_root.as_path()));
-        if live.is_none() {
+        let live = (options.root != options.live_root).then_some((options.root.as_path(), options.live_root.as_path()));
+        if parent_tree.is_none() {
             scope.spawn(|| prefetch_metadata(&options.root, &options.selections, &walk_done));
         }
         let mut walker = Walker {
@@ -256,6 +290,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
             names: &names,
             origin: options.origin.as_ref(),
             live,
+            live_reads_before_ns: options.live_reads_before_ns,
             file_tx,
             blob_tx,
             stats: &mut stats,
@@ -302,8 +337,10 @@ struct Walker<'a, 's> {
     shared: &'s Shared<'a>,
     names: &'s Names,
     origin: Option<&'s Origin>,
-    /// Reading a copy of the live files with a parent version: `(copy root, live root)`.
+    /// Reading a copy of the live files: `(copy root, live root)`.
     live: Option<(&'s Path, &'s Path)>,
+    /// See [`BackupOptions::live_reads_before_ns`].
+    live_reads_before_ns: Option<i64>,
     file_tx: Sender<FileJob>,
     blob_tx: Sender<BlobJob>,
     stats: &'s mut VersionStats,
@@ -578,8 +615,19 @@ impl Walker<'_, '_> {
                 }
             }
             let (reply, result) = bounded(1);
+            let live = match (self.live_reads_before_ns, live) {
+                (Some(taken), Some(live)) if settled_before(node.ctime_ns, taken) => Some(LiveFile {
+                    path: live.path,
+                    device: node.device,
+                    inode: node.inode,
+                    ctime_ns: node.ctime_ns,
+                    size: meta.size(),
+                }),
+                _ => None,
+            };
             let job = FileJob {
                 path: path.to_path_buf(),
+                live,
                 size: meta.size(),
                 maybe_sparse: meta.blocks() * 512 < meta.size(),
                 reply,
@@ -766,9 +814,28 @@ impl Read for ExtentReader<'_> {
 }
 
 fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std::io::Result<(FileContent, u64)> {
-    let file = open_source(&job.path)?;
+    if let Some(live) = &job.live {
+        // The live file, if it is what the copy holds before and after the read; else the copy.
+        if let Ok(file) = open_source(&live.path) {
+            if file.metadata().is_ok_and(|meta| live.matches(&meta)) {
+                let read = read_open_file(shared, &file, job, blobs);
+                if read.is_ok() && file.metadata().is_ok_and(|meta| live.matches(&meta)) {
+                    return read;
+                }
+            }
+        }
+    }
+    read_open_file(shared, &open_source(&job.path)?, job, blobs)
+}
+
+fn read_open_file(
+    shared: &Shared<'_>,
+    file: &File,
+    job: &FileJob,
+    blobs: &Sender<BlobJob>,
+) -> std::io::Result<(FileContent, u64)> {
     let mut ids = Vec::new();
-    let (extents, read) = chunk_file(shared.repo, &file, job.size, job.maybe_sparse, |id, chunk| {
+    let (extents, read) = chunk_file(shared.repo, file, job.size, job.maybe_sparse, |id, chunk| {
         ids.push(id);
         if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec() }).is_err() {
             return Err(std::io::Error::other("the backup was stopped"));

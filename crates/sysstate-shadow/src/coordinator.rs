@@ -326,6 +326,7 @@ pub struct ShadowSet {
     tree: PathBuf,
     origins: Arc<HashMap<PathBuf, Origin>>,
     live_device: Option<u64>,
+    taken_ns: Option<i64>,
     skipped: Vec<(PathBuf, String)>,
     record: ShadowSetRecord,
     /// The copy stays after the set: a persistent copy, or the base copy.
@@ -369,6 +370,15 @@ impl ShadowSet {
             Some(origin) => Some((origin.device, Some(origin.inode), Some(origin.ctime_ns))),
             None => device.map(|device| (device, None, None)),
         }
+    }
+
+    /// For a btrfs snapshot, when it was taken (ns since the epoch): its files share their
+    /// extents with the live files, and taking it wrote back every dirty page, so a live file
+    /// whose ctime is still the snapshot's — and was well before this — holds what the snapshot
+    /// holds (a later write, even through a shared mapping, moves the ctime). `None` for a copy,
+    /// which a write through a mapping can leave behind without a new ctime.
+    pub fn taken_ns(&self) -> Option<i64> {
+        self.taken_ns
     }
 
     /// Entries the provider did not copy (sockets), with why.
@@ -537,6 +547,7 @@ impl Coordinator {
             tree,
             origins: Arc::new(commit.origins),
             live_device: commit.live_device,
+            taken_ns: commit.taken_ns,
             skipped: commit.skipped,
             record,
             keep_copy,

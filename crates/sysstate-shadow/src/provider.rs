@@ -120,6 +120,7 @@ fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, Commi
         let removed = if is_subvolume(dest) { delete_subvolume(dest) } else { std::fs::remove_dir_all(dest) };
         removed.map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     }
+    let taken_ns = sysstate_types::time::now_ns();
     let output = std::process::Command::new("btrfs")
         .args(["subvolume", "snapshot", "-r"])
         .arg(&subvolume)
@@ -138,6 +139,7 @@ fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, Commi
     Ok(Commit {
         root: dest.join(inner),
         live_device: Some(live_device),
+        taken_ns: Some(taken_ns),
         used: HashMap::from([(live_device, "btrfs")]),
         ..Commit::default()
     })
@@ -160,6 +162,8 @@ pub struct Commit {
     pub root: PathBuf,
     /// For a snapshot, which keeps inodes and ctimes: the live device of every entry.
     pub live_device: Option<u64>,
+    /// For a snapshot: when it was taken (wall clock, ns since the epoch; just before).
+    pub taken_ns: Option<i64>,
     /// Bytes freed in a base copy by entries that changed or went away.
     pub freed: u64,
     /// Entries this commit copied that had changed less than [`SETTLED`] before it started

@@ -805,12 +805,13 @@ fn persistent_copies_are_listed_deleted_and_pushed_out_by_a_smaller_storage() {
     sandbox.ok(&["shadows", "delete", "--all"]);
 }
 
-/// What changes after the freeze stays out of the version. With a parent version the walk takes
-/// an entry from the live tree when it is untouched since the parent, and from the copy
-/// otherwise; here the writer's thaw changes, adds, removes and re-permissions entries (some
-/// untouched since the parent, some changed before the freeze too) between the commit and the
-/// walk, and the version must equal the tree as it was in the freeze — with the copy provider
-/// and with a btrfs snapshot.
+/// What changes after the freeze stays out of the version. The walk takes an entry from the
+/// live tree when it is untouched since the parent version, and from the copy otherwise; from a
+/// btrfs snapshot it reads a file's content from the live file when that still has the
+/// snapshot's inode, ctime and size. Here the writer's thaw changes, adds, removes and
+/// re-permissions entries (some untouched since the parent, some changed before the freeze too)
+/// between the commit and the walk, on the first backup and on the next, and each version must
+/// equal the tree as it was in the freeze — with the copy provider and with a btrfs snapshot.
 #[test]
 fn changes_after_the_freeze_stay_out_of_the_version() {
     let btrfs = require("root and loop devices (mkfs.btrfs)", is_root() && Path::new("/dev/loop-control").exists());
@@ -824,15 +825,16 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
         let root = base.join("root");
         let data = root.join("data");
         make_tree(&data, 60, 81);
-        std::fs::write(data.join("changed"), "parent\n").unwrap();
+        std::fs::write(data.join("same-size"), "0123456789").unwrap();
         let at_freeze = sandbox.path("at-freeze");
         let after_thaw = [
             format!("echo after > '{}'", data.join("d0/e0/f0.bin").display()),
+            format!("printf ABCDEFGHIJ > '{}'", data.join("same-size").display()),
             format!("echo after > '{}'", data.join("changed").display()),
             format!("echo new > '{}'", data.join("new-after-thaw").display()),
             format!("rm -rf '{}'", data.join("d1").display()),
             format!("chmod 600 '{}'", data.join("d2/e2/f2.bin").display()),
-            format!("mkdir '{}'", data.join("d3/dir-after-thaw").display()),
+            format!("mkdir -p '{}'", data.join("d3/dir-after-thaw").display()),
         ]
         .join("; ");
         let storage = match &fs {
@@ -843,27 +845,29 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
             ),
             None => String::new(),
         };
-        let config = |thaw: &str| {
+        std::fs::write(
+            sandbox.path("config.toml"),
             format!(
-                "{DATA}[shadow]\nprovider = \"{provider}\"\n{storage}[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"rm -rf '{0}'; cp -a '{1}' '{0}'\"]\nthaw = [\"sh\", \"-c\", \"{thaw}\"]\n",
+                "{DATA}[shadow]\nprovider = \"{provider}\"\n{storage}[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"rm -rf '{0}'; cp -a '{1}' '{0}'\"]\nthaw = [\"sh\", \"-c\", \"{after_thaw}\"]\n",
                 at_freeze.display(),
                 data.display()
-            )
-        };
-        std::fs::write(sandbox.path("config.toml"), config("true")).unwrap();
-        sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
-        // Before the second freeze: one file changes (it changes again after the thaw).
-        std::fs::write(data.join("changed"), "before the freeze\n").unwrap();
-        std::fs::write(sandbox.path("config.toml"), config(&after_thaw)).unwrap();
-        sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(std::fs::read_to_string(data.join("changed")).unwrap(), "after\n", "the thaw did not run");
-        let versions = sandbox.json(&["versions"], 0);
-        let providers = versions[1]["shadow"]["providers"].to_string();
-        assert!(providers.contains(provider), "{provider}: {providers}");
-        let to = sandbox.path("restored");
-        sandbox.ok(&["restore", "--to", to.to_str().unwrap(), "--version", versions[1]["id"].as_str().unwrap()]);
-        let expected = snapshot(&at_freeze);
-        assert_eq!(std::fs::read_to_string(to.join("data/changed")).unwrap(), "before the freeze\n", "{provider}");
-        assert_same(&expected, &snapshot(&to.join("data")));
+            ),
+        )
+        .unwrap();
+        for round in 0..2 {
+            // Changed before the freeze (and again after the thaw); the rest settles, so that
+            // the snapshot's files are read from their live twins where those are unchanged.
+            std::fs::write(data.join("changed"), format!("before freeze {round}\n")).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+            assert_eq!(std::fs::read_to_string(data.join("changed")).unwrap(), "after\n", "the thaw did not run");
+            let providers = sandbox.json(&["versions"], 0)[round]["shadow"]["providers"].to_string();
+            assert!(providers.contains(provider), "{provider}: {providers}");
+            let to = sandbox.path(&format!("restored-{round}"));
+            sandbox.ok(&["restore", "--to", to.to_str().unwrap(), "--version", report["version"].as_str().unwrap()]);
+            let restored = std::fs::read_to_string(to.join("data/changed")).unwrap();
+            assert_eq!(restored, format!("before freeze {round}\n"), "{provider}, backup {round}");
+            assert_same(&snapshot(&at_freeze), &snapshot(&to.join("data")));
+        }
     }
 }
