@@ -7,12 +7,12 @@
 //! that names the kind of object, so a blob cannot be passed off as an index or a manifest.
 
 use crate::id::Id;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 /// Bytes added to every sealed object: the nonce in front, the tag behind.
 pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
-const NONCE_LEN: usize = 24;
+pub const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 
 /// What a sealed object is; bound into the AEAD so objects cannot be swapped between roles.
@@ -48,16 +48,23 @@ pub struct OpenError;
 
 /// Seals `plaintext` under `key`: `nonce || ciphertext || tag`.
 pub fn seal(key: &[u8; 32], label: Label, plaintext: &[u8]) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(key.into());
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut nonce).expect("the kernel's random source is available");
-    let sealed = cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: label.aad() })
-        .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
-    let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    out.resize(NONCE_LEN, 0);
+    out.extend_from_slice(plaintext);
+    seal_in_place(key, label, &mut out);
     out
+}
+
+/// [`seal`] without allocating: `buffer` holds [`NONCE_LEN`] bytes of room followed by the
+/// plaintext, and is left holding what [`seal`] returns for that plaintext.
+pub fn seal_in_place(key: &[u8; 32], label: Label, buffer: &mut Vec<u8>) {
+    assert!(buffer.len() >= NONCE_LEN, "no room for the nonce");
+    let (nonce, body) = buffer.split_at_mut(NONCE_LEN);
+    getrandom::getrandom(nonce).expect("the kernel's random source is available");
+    let tag = XChaCha20Poly1305::new(key.into())
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), label.aad(), body)
+        .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
+    buffer.extend_from_slice(&tag);
 }
 
 /// Opens what [`seal`] produced.
@@ -126,6 +133,11 @@ impl MasterKey {
     /// Seals with the encryption key.
     pub fn seal(&self, label: Label, plaintext: &[u8]) -> Vec<u8> {
         seal(&self.encryption, label, plaintext)
+    }
+
+    /// Seals in place with the encryption key (see [`seal_in_place`]).
+    pub fn seal_in_place(&self, label: Label, buffer: &mut Vec<u8>) {
+        seal_in_place(&self.encryption, label, buffer)
     }
 
     /// Opens with the encryption key.

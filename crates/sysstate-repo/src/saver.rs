@@ -26,25 +26,26 @@ const PACKS_PER_INDEX: usize = 256;
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    /// A sealer thread's buffers: the compressed payload, and the sealed blob. Reused from blob to
+    /// blob, so storing a blob allocates nothing once they have grown to the largest chunk.
+    static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Compresses `data` unless that does not make it smaller; returns the bytes and whether
-/// they are compressed.
-pub fn maybe_compress(data: &[u8]) -> (std::borrow::Cow<'_, [u8]>, bool) {
+/// Compresses `data` into `out` (replacing what it held); true when that made it smaller by at
+/// least 1/32, else `out` is to be ignored and `data` stored as it is.
+pub fn compress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
     if data.len() < MIN_COMPRESS {
-        return (data.into(), false);
+        return false;
     }
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
     let compressed = COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         let compressor =
             cell.get_or_insert_with(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 2 is valid"));
-        compressor.compress(data).ok()
+        compressor.compress_to_buffer(data, out).ok()
     });
-    match compressed {
-        // Keep it only when it saves at least 1/32 of the size.
-        Some(compressed) if compressed.len() < data.len() - data.len() / 32 => (compressed.into(), true),
-        _ => (data.into(), false),
-    }
+    compressed.is_some_and(|length| length < data.len() - data.len() / 32)
 }
 
 thread_local! {
@@ -110,11 +111,17 @@ impl<'r> BlobSaver<'r> {
 
     /// Compresses, seals and packs a blob claimed with [`reserve`](Self::reserve).
     pub fn store(&self, kind: BlobKind, id: Id, plaintext: &[u8]) -> Result<()> {
-        let (payload, compressed) = maybe_compress(plaintext);
-        let sealed = self.repo.key().seal(Label::Blob, &payload);
-        self.stats.blobs.fetch_add(1, Ordering::Relaxed);
-        self.stats.raw_bytes.fetch_add(plaintext.len() as u64, Ordering::Relaxed);
-        self.add_sealed(kind, id, &sealed, plaintext.len() as u32, compressed)
+        BUFFERS.with(|cell| {
+            let (compressed, sealed) = &mut *cell.borrow_mut();
+            let is_compressed = compress_into(plaintext, compressed);
+            sealed.clear();
+            sealed.resize(crate::crypto::NONCE_LEN, 0);
+            sealed.extend_from_slice(if is_compressed { compressed } else { plaintext });
+            self.repo.key().seal_in_place(Label::Blob, sealed);
+            self.stats.blobs.fetch_add(1, Ordering::Relaxed);
+            self.stats.raw_bytes.fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+            self.add_sealed(kind, id, sealed, plaintext.len() as u32, is_compressed)
+        })
     }
 
     /// Packs an already sealed blob (prune copies blobs without re-sealing them).
