@@ -103,13 +103,13 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
     Ok((selections, records))
 }
 
-/// Runs a backup: creates the repository if the target has none, takes a shared lease, compares
-/// with the newest version of the same host and root, and stores a new version.
-pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progress) -> Result<BackupReport> {
-    let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
-    let (selections, records) = selections(&resolved)?;
-    let served = crate::shadow::served_components(&request.config);
-    crate::locks::check(&resolved, &request.root, &served)?;
+/// Opens (or creates) the backup's repository, takes a shared lease and loads the index; finds
+/// the parent version (the newest of the same host and root) and tells `progress` its size.
+fn open_for_backup(
+    request: &BackupRequest,
+    passphrase: &[u8],
+    progress: &dyn Progress,
+) -> Result<(Repository, bool, Lease, Option<Id>)> {
     let backend = backend(&request.target)?;
     let created = !Repository::exists(&*backend)?;
     let repo = if created {
@@ -117,7 +117,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     } else {
         Repository::open(backend.clone(), passphrase)?
     };
-    let _lease = Lease::acquire(backend, false, "backup")?;
+    let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;
     let host = sysstate_repo::lock::host_name();
     let root_path = request.root.display().to_string();
@@ -125,33 +125,22 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     if let Some((_, version)) = &parent {
         progress.total(version.stats.bytes_total);
     }
-    let parent = parent.map(|(id, _)| id);
+    Ok((repo, created, lease, parent.map(|(id, _)| id)))
+}
 
-    // The point in time: a shadow set of every selected path, read instead of the live files.
-    let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
-    let protected = crate::shadow::protected_paths(&request.config, &request.root, Some(&request.target))?;
-    let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
-    let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
-    // Command output (package selection, disk layout, boot entries) goes into the version beside
-    // the files, read from a folder of the state directory, not from the shadow set.
-    let generated_dir = crate::paths::state_dir().join("generated").join(format!(
-        "{}-{}",
-        std::process::id(),
-        sysstate_repo::lock::now_ns()
-    ));
-    let _cleanup = RemoveOnDrop(generated_dir.clone());
-    let mut records = records;
-    let mut generated_warnings = Vec::new();
-    let mut selections = selections;
-    for record in &mut records {
-        let dir = generated_dir.join(&record.name);
-        let outputs = crate::generated::generate(&record.name, &request.root, &dir);
+/// Runs the components' commands (package selection, disk layout, boot entries) into `dir`,
+/// whose output goes into the version beside the files (read from there, not from the shadow
+/// set); records them, and returns a warning for each that failed.
+fn generate(records: &mut [ComponentRecord], root: &Path, dir: &Path) -> Vec<Warning> {
+    let mut warnings = Vec::new();
+    for record in records {
+        let outputs = crate::generated::generate(&record.name, root, &dir.join(&record.name));
         if outputs.is_empty() {
             continue;
         }
         let path = format!("{}/{}", crate::generated::GENERATED_DIR, record.name);
         for output in outputs.iter().filter(|o| o.status.is_some_and(|s| s != 0)) {
-            generated_warnings.push(Warning {
+            warnings.push(Warning {
                 path: format!("{path}/{}", output.file),
                 message: format!(
                     "`{}` exited with status {}: {}",
@@ -164,6 +153,40 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         record.paths.push(path);
         record.generated = outputs.iter().map(|o| serde_json::to_value(o).expect("records encode")).collect();
     }
+    warnings
+}
+
+/// Runs a backup: creates the repository if the target has none, takes a shared lease, compares
+/// with the newest version of the same host and root, and stores a new version.
+pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progress) -> Result<BackupReport> {
+    let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
+    let (selections, records) = selections(&resolved)?;
+    let served = crate::shadow::served_components(&request.config);
+    // The repository opens (the key derivation takes a core for a tenth of a second, the index
+    // loads) while the components' locks are checked and their commands run; the shadow set
+    // waits for both, so no writer is frozen for a repository that cannot be opened.
+    let generated_dir = crate::paths::state_dir().join("generated").join(format!(
+        "{}-{}",
+        std::process::id(),
+        sysstate_repo::lock::now_ns()
+    ));
+    let _cleanup = RemoveOnDrop(generated_dir.clone());
+    let mut records = records;
+    let (opened, checked, generated_warnings) = std::thread::scope(|scope| {
+        let opened = scope.spawn(|| open_for_backup(request, passphrase, progress));
+        let checked = crate::locks::check(&resolved, &request.root, &served);
+        let warnings = if checked.is_ok() { generate(&mut records, &request.root, &generated_dir) } else { Vec::new() };
+        (opened.join().expect("the thread opening the repository does not panic"), checked, warnings)
+    });
+    checked?;
+    let (repo, created, _lease, parent) = opened?;
+
+    // The point in time: a shadow set of every selected path, read instead of the live files.
+    let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();
+    let protected = crate::shadow::protected_paths(&request.config, &request.root, Some(&request.target))?;
+    let writers = crate::shadow::writers(&request.config, &request.root, &names, "backup", &protected)?;
+    let paths: Vec<PathBuf> = selections.iter().map(|s| s.path.clone()).collect();
+    let mut selections = selections;
     if records.iter().any(|r| !r.generated.is_empty()) {
         selections.push(Selection {
             path: PathBuf::from(crate::generated::GENERATED_DIR),
@@ -194,7 +217,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         selections,
         components: records,
         parent,
-        host,
+        host: sysstate_repo::lock::host_name(),
         tags: request.tags.clone(),
         threads: request.threads,
         shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
