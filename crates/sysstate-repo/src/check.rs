@@ -94,7 +94,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Fn(u64, u64)) ->
     let damaged: HashSet<Id> = report.damaged_packs.iter().filter_map(|p| Id::from_hex(p)).collect();
     for (id, location) in index.iter() {
         if damaged.contains(&location.pack) {
-            missing_blobs.insert(*id);
+            missing_blobs.insert(id);
         }
     }
 
@@ -113,7 +113,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Fn(u64, u64)) ->
                     report.errors.push(format!("pack {}: {error}", pack.short()));
                     report.damaged_packs.push(pack.to_hex());
                     index.iter().filter(|(_, l)| l.pack == *pack).for_each(|(id, _)| {
-                        missing_blobs.insert(*id);
+                        missing_blobs.insert(id);
                     });
                     continue;
                 }

@@ -188,7 +188,7 @@ impl Repository {
     /// Reads, opens, decompresses and verifies one blob.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let location =
-            *self.index().get(id).ok_or_else(|| self.corrupt(format!("blob {}", id.short()), "not in the index"))?;
+            self.index().get(id).ok_or_else(|| self.corrupt(format!("blob {}", id.short()), "not in the index"))?;
         let sealed = self.backend.read_range(
             FileKind::Pack,
             &location.pack.to_hex(),
