@@ -71,10 +71,16 @@ pub(crate) fn open_dir_beneath(root: &OwnedFd, relative: &Path) -> std::io::Resu
     Ok(rustix::fs::openat2(root, path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), RESOLVE)?)
 }
 
+/// Files of one directory for one worker: two workers creating files in one directory wait
+/// for each other on its lock, so each takes a directory's files in batches.
 struct Job {
     dir: PathBuf,
-    node: Node,
+    nodes: Vec<Node>,
 }
+
+/// A batch is sent when it holds this many files or this many bytes.
+const BATCH_FILES: usize = 64;
+const BATCH_BYTES: u64 = 8 << 20;
 
 struct Shared<'a> {
     repo: &'a Repository,
@@ -133,13 +139,15 @@ pub fn restore_tree(
     let mut dirs = Vec::new();
     let mut links = Vec::new();
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<Job>(threads * 16);
+        let (tx, rx) = bounded::<Job>(threads * 4);
         for _ in 0..threads {
             let (rx, shared) = (rx.clone(), &shared);
             scope.spawn(move || {
                 let mut cached: Option<(PathBuf, OwnedFd)> = None;
                 for job in rx {
-                    restore_file(shared, &mut cached, &job);
+                    for node in &job.nodes {
+                        restore_file(shared, &mut cached, &job.dir, node);
+                    }
                 }
             });
         }
@@ -206,6 +214,8 @@ impl Walk<'_, '_> {
                 return Ok(());
             }
         };
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
         for node in tree.nodes {
             let path = dir.join(OsStr::from_bytes(&node.name));
             let (restore_it, descend) = self.included(&path);
@@ -237,13 +247,21 @@ impl Walk<'_, '_> {
                         }
                         self.seen.insert((node.device, node.inode), path.clone());
                     }
-                    let _ = self.jobs.send(Job { dir: dir.to_path_buf(), node });
+                    batch_bytes += node.size;
+                    batch.push(node);
+                    if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
+                        let _ = self.jobs.send(Job { dir: dir.to_path_buf(), nodes: std::mem::take(&mut batch) });
+                        batch_bytes = 0;
+                    }
                 }
                 _ => match make_special(self.shared.options.owners, &dir_fd, &node.name, &node) {
                     Ok(()) => self.shared.stats.lock().expect("stats lock").others += 1,
                     Err(error) => self.shared.warn(dir, &node.name, format!("cannot create it: {error}")),
                 },
             }
+        }
+        if !batch.is_empty() {
+            let _ = self.jobs.send(Job { dir: dir.to_path_buf(), nodes: batch });
         }
         Ok(())
     }
@@ -305,13 +323,13 @@ fn make_hardlink(shared: &Shared<'_>, dir: &Path, node: &Node, first: &Path) -> 
     Ok(rustix::fs::linkat(&first_dir, first_name, &dir_fd, OsStr::from_bytes(&node.name), AtFlags::empty())?)
 }
 
-fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, job: &Job) {
+fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, dir: &Path, node: &Node) {
     let result = (|| -> std::io::Result<u64> {
-        if cached.as_ref().map(|(path, _)| path != &job.dir).unwrap_or(true) {
-            *cached = Some((job.dir.clone(), open_dir_beneath(&shared.root, &job.dir)?));
+        if cached.as_ref().map(|(path, _)| path != dir).unwrap_or(true) {
+            *cached = Some((dir.to_path_buf(), open_dir_beneath(&shared.root, dir)?));
         }
-        let dir = &cached.as_ref().expect("just set").1;
-        write_file(shared.repo, dir, &job.node.name, &job.node, shared.options.owners)
+        let dir_fd = &cached.as_ref().expect("just set").1;
+        write_file(shared.repo, dir_fd, &node.name, node, shared.options.owners)
     })();
     match result {
         Ok(bytes) => {
@@ -321,7 +339,7 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, jo
             drop(stats);
             shared.progress.file_done(bytes);
         }
-        Err(error) => shared.warn(&job.dir, &job.node.name, format!("cannot restore the file: {error}")),
+        Err(error) => shared.warn(dir, &node.name, format!("cannot restore the file: {error}")),
     }
 }
 
@@ -349,7 +367,10 @@ pub(crate) fn write_file(
     let mut file = std::fs::File::from(fd);
     let NodeKind::File(content) = &node.kind else { unreachable!("only files are written here") };
     let written = write_content(repo, &mut file, &content.blobs, content.extents.as_deref())?;
-    file.set_len(node.size)?;
+    if written != node.size || content.extents.is_some() {
+        // Holes at the end, or content that does not match the recorded size.
+        file.set_len(node.size)?;
+    }
     apply_metadata(owners, Target::Fd(file.as_fd()), node)?;
     Ok(written)
 }

@@ -1,8 +1,10 @@
 use super::{Backend, BackendError, ErrorKind, FileKind, Result};
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// A repository in a local directory (the embedded default target).
 ///
@@ -11,12 +13,39 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     root: PathBuf,
+    /// Packs kept open for ranged reads, most recent first: a restore or a walk reads many
+    /// blobs from few packs, and opening the pack for each was a path lookup and three system
+    /// calls a blob. Packs never change under their name; a removed one is let go.
+    open_packs: Arc<Mutex<VecDeque<OpenPack>>>,
 }
+
+/// A pack's name and its open file.
+type OpenPack = (String, Arc<File>);
+
+/// How many packs [`LocalBackend`] keeps open.
+const OPEN_PACKS: usize = 32;
 
 impl LocalBackend {
     /// A backend rooted at `root` (which need not exist until [`Backend::create`]).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalBackend { root: root.into() }
+        LocalBackend { root: root.into(), open_packs: Arc::default() }
+    }
+
+    /// The pack `name`, open.
+    fn open_pack(&self, name: &str) -> std::io::Result<Arc<File>> {
+        let mut open = self.open_packs.lock().expect("open packs lock");
+        if let Some(at) = open.iter().position(|(n, _)| n == name) {
+            let entry = open.remove(at).expect("found above");
+            let file = entry.1.clone();
+            open.push_front(entry);
+            return Ok(file);
+        }
+        drop(open);
+        let file = Arc::new(File::open(self.full(FileKind::Pack, name))?);
+        let mut open = self.open_packs.lock().expect("open packs lock");
+        open.push_front((name.to_string(), file.clone()));
+        open.truncate(OPEN_PACKS);
+        Ok(file)
     }
 
     fn full(&self, kind: FileKind, name: &str) -> PathBuf {
@@ -97,7 +126,11 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-        let file = File::open(self.full(kind, name)).map_err(|e| self.error("read", kind, name, &e))?;
+        let file = match kind {
+            FileKind::Pack => self.open_pack(name),
+            _ => File::open(self.full(kind, name)).map(Arc::new),
+        }
+        .map_err(|e| self.error("read", kind, name, &e))?;
         let mut buffer = vec![0u8; length as usize];
         file.read_exact_at(&mut buffer, offset).map_err(|e| self.error("read", kind, name, &e))?;
         Ok(buffer)
@@ -159,6 +192,9 @@ impl Backend for LocalBackend {
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        if kind == FileKind::Pack {
+            self.open_packs.lock().expect("open packs lock").retain(|(n, _)| n != name);
+        }
         match fs::remove_file(self.full(kind, name)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
