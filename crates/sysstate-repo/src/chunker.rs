@@ -121,6 +121,10 @@ impl<'g, R: Read> Chunker<'g, R> {
         Ok(Some(&self.buffer[chunk_start..chunk_start + len]))
     }
 
+    /// Reads until a maximum chunk is buffered or the stream ends, first moving the unread bytes
+    /// to the front. (Growing the buffer to 1.5 or 2 maximum chunks, so that they move less
+    /// often, made a first backup of three 300 MiB files 3–5% faster for 8–16 MiB more memory
+    /// a reader: not taken, memory is the tighter target.)
     fn fill(&mut self, max: usize) -> io::Result<()> {
         if self.start > 0 {
             self.buffer.copy_within(self.start..self.end, 0);
@@ -189,6 +193,28 @@ mod tests {
                 prop_assert!(part.len() <= 4096);
                 if i + 1 < parts.len() { prop_assert!(part.len() >= 256); }
             }
+        }
+
+        #[test]
+        fn boundaries_do_not_depend_on_how_the_reader_hands_out_bytes(len in 0usize..60_000, seed: u64, step in 1usize..5000) {
+            /// Hands out at most `step` bytes a read.
+            struct Trickle<'a>(&'a [u8], usize);
+            impl Read for Trickle<'_> {
+                fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                    let n = buf.len().min(self.1).min(self.0.len());
+                    buf[..n].copy_from_slice(&self.0[..n]);
+                    self.0 = &self.0[n..];
+                    Ok(n)
+                }
+            }
+            let gear = small_gear();
+            let data = pseudo_random(len, seed);
+            let mut chunker = Chunker::with_size_hint(&gear, Trickle(&data, step), 10);
+            let mut trickled = Vec::new();
+            while let Some(chunk) = chunker.next_chunk().unwrap() {
+                trickled.push(chunk.to_vec());
+            }
+            prop_assert_eq!(trickled, chunks(&gear, &data));
         }
 
         #[test]
