@@ -701,21 +701,36 @@ def table(results):
 
 
 def targets(results):
-    """Each target of issue 6, met or not, on the system corpus."""
-    res = results["corpora"].get("system") or next(iter(results["corpora"].values()), None)
-    if not res or "restic" not in res["tools"] or "sysstate" not in res["tools"]:
+    """Each target of issue 6, met or not, at its worst over the corpora (and, for memory, the
+    scaling run): the corpus that sets each figure is named."""
+    corpora = {name: res["tools"] for name, res in results["corpora"].items()
+               if "restic" in res["tools"] and "sysstate" in res["tools"]}
+    if not corpora:
         return []
-    ours, restic, rustic = res["tools"]["sysstate"], res["tools"]["restic"], res["tools"].get("rustic")
     out = []
+
+    def worst(values):
+        """(value, corpus) of the lowest value."""
+        return min(values, key=lambda v: v[0])
+
     for phase, target in TARGETS.items():
-        got = ours[phase]["speedup_vs_restic"]
-        out.append((f"{phase}: ≥ {target:g}× restic", f"{got:.2f}×", got >= target))
-    if rustic:
-        out.append(("restore: faster than rustic", f"{rustic['restore']['wall_s'] / ours['restore']['wall_s']:.2f}×", ours["restore"]["wall_s"] < rustic["restore"]["wall_s"]))
-    worst = max(ours[p]["rss_vs_restic"] for p in PHASES)
-    out.append(("peak memory ≤ restic's in every phase", f"worst {worst:.2f}× restic's", worst <= 1.0))
-    repo = ours["repo_vs_restic"]
-    out.append(("repository within 5% of restic's", f"{repo:.3f}×", abs(repo - 1) <= 0.05))
+        got, where = worst((tools["sysstate"][phase]["speedup_vs_restic"], name) for name, tools in corpora.items())
+        out.append((f"{phase}: ≥ {target:g}× restic", f"{got:.2f}× ({where})", got >= target))
+    with_rustic = {name: tools for name, tools in corpora.items() if "rustic" in tools}
+    if with_rustic:
+        got, where = worst((tools["rustic"]["restore"]["wall_s"] / tools["sysstate"]["restore"]["wall_s"], name)
+                           for name, tools in with_rustic.items())
+        out.append(("restore: faster than rustic", f"{got:.2f}× ({where})", got > 1.0))
+    rss = [(tools["sysstate"][p]["rss_vs_restic"], f"{name} {p}") for name, tools in corpora.items() for p in PHASES]
+    for count, point in (results.get("scaling") or {}).get("points", {}).items():
+        tools = point["tools"]
+        if "restic" in tools:
+            rss += [(tools["sysstate"][p]["rss_vs_restic"], f"{count} files {p}") for p in tools["sysstate"]]
+    got, where = max(rss, key=lambda v: v[0])
+    out.append(("peak memory ≤ restic's in every phase", f"worst {got:.2f}× restic's ({where})", got <= 1.0))
+    got, where = max(((tools["sysstate"]["repo_vs_restic"], name) for name, tools in corpora.items()),
+                     key=lambda v: abs(v[0] - 1))
+    out.append(("repository within 5% of restic's", f"{got:.3f}× ({where})", abs(got - 1) <= 0.05))
     return out
 
 
@@ -733,7 +748,15 @@ def main():
     parser.add_argument("--out", type=Path, help="the JSON report (default: WORK/results.json)")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness (CI)")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only print (and with --update-docs write) the report of an earlier run")
     args = parser.parse_args()
+    if args.report:
+        results = json.loads(args.report.read_text())
+        report = full_report(results)
+        print(report)
+        if args.update_docs:
+            update_docs(results, report)
+        return
     if os.geteuid() != 0:
         raise SystemExit("bench/run mounts a loop filesystem and installs the peers: run it as root")
     if args.smoke:
@@ -786,16 +809,22 @@ def main():
         fs.close()
 
     out.write_text(json.dumps(results, indent=2) + "\n")
+    report = full_report(results)
+    print(report)
+    log(f"JSON: {out}")
+    if args.update_docs:
+        update_docs(results, report)
+
+
+def full_report(results):
+    """The tables and the targets, as Markdown."""
     report = table(results)
     checks = targets(results)
     if checks:
         report += "\n| target | measured | met |\n|---|---|---|\n" + "".join(
             f"| {what} | {got} | {'yes' if ok else '**no**'} |\n" for what, got, ok in checks
         )
-    print(report)
-    log(f"JSON: {out}")
-    if args.update_docs:
-        update_docs(results, report)
+    return report
 
 
 def update_docs(results, report):
