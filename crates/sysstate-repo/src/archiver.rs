@@ -364,12 +364,12 @@ enum Pending {
 /// An entry's metadata (the copy's, or its live twin's), and where it is live.
 struct Stat {
     meta: std::fs::Metadata,
-    live: Option<LiveDir>,
+    live: Option<LivePath>,
 }
 
 /// The live path of an entry of the copy, and whether it is untouched since the parent version
 /// (see [`Walker::live_twin`]).
-struct LiveDir {
+struct LivePath {
     path: PathBuf,
     untouched: bool,
 }
@@ -463,7 +463,7 @@ impl Walker<'_, '_> {
     fn whole_dir(
         &mut self,
         dir: &Path,
-        live: Option<LiveDir>,
+        live: Option<LivePath>,
         shown: &Path,
         exclude: Option<&GlobSet>,
         parent: Option<&Tree>,
@@ -509,9 +509,9 @@ impl Walker<'_, '_> {
             let live_path =
                 live.as_ref().filter(|_| nested.is_none_or(|n| n.source.is_none())).map(|l| l.path.join(&name));
             let (meta, live) = match live_path.as_deref().and_then(|live| self.live_twin(live, parent_node)) {
-                Some(meta) => (meta, live_path.map(|path| LiveDir { path, untouched: true })),
+                Some(meta) => (meta, live_path.map(|path| LivePath { path, untouched: true })),
                 None => match std::fs::symlink_metadata(&path) {
-                    Ok(meta) => (meta, live_path.map(|path| LiveDir { path, untouched: false })),
+                    Ok(meta) => (meta, live_path.map(|path| LivePath { path, untouched: false })),
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(error) => {
                         self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
@@ -529,9 +529,9 @@ impl Walker<'_, '_> {
 
     /// The live path of the copy's entry at `path` (not untouched: the copy's is listed), if
     /// it is in the copy (a selection read from elsewhere has no live twin here).
-    fn live_of(&self, path: &Path) -> Option<LiveDir> {
+    fn live_of(&self, path: &Path) -> Option<LivePath> {
         let (copy_root, live_root) = self.live?;
-        Some(LiveDir { path: live_root.join(path.strip_prefix(copy_root).ok()?), untouched: false })
+        Some(LivePath { path: live_root.join(path.strip_prefix(copy_root).ok()?), untouched: false })
     }
 
     /// The live entry that stands for the copy's entry at `path`, when it is the parent
