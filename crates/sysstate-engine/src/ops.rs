@@ -221,7 +221,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         tags: request.tags.clone(),
         threads: request.threads,
         shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
-        time_ns: 0,
+        // The version is of the moment the writers were frozen.
+        time_ns: set.record().frozen_at_ns,
         cancel: Some(request.trigger.flag()),
         origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
         live_reads_before_ns: set.taken_ns(),

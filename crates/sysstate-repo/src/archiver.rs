@@ -156,9 +156,9 @@ impl LiveFile {
     }
 }
 
-/// How long before a snapshot a file's ctime must be for a later change to move it: a clock
-/// tick on filesystems with fine timestamps; two seconds where whole seconds (or two) are
-/// kept, which a ctime with no fraction suggests.
+/// True when `ctime_ns` is far enough before a copy taken at `taken_ns` for any later change to
+/// move it: a clock tick on filesystems with fine timestamps (50 ms is ample); two seconds where
+/// whole seconds (or two) are kept, which a ctime with no fraction suggests.
 fn settled_before(ctime_ns: i64, taken_ns: i64) -> bool {
     let margin = if ctime_ns % 1_000_000_000 == 0 { 2_000_000_000 } else { 50_000_000 };
     ctime_ns < taken_ns - margin
@@ -242,12 +242,12 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
     } else {
         options.threads
     };
-    let parent_tree = match options.parent {
+    let (parent_tree, parent_time_ns) = match options.parent {
         Some(parent) => {
             let version = repo.read_version(&parent)?;
-            Some(repo.read_tree(&version.tree)?)
+            (Some(repo.read_tree(&version.tree)?), version.time_ns)
         }
-        None => None,
+        None => (None, 0),
     };
     let shared = Shared {
         repo,
@@ -291,6 +291,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
             origin: options.origin.as_ref(),
             live,
             live_reads_before_ns: options.live_reads_before_ns,
+            parent_time_ns,
             file_tx,
             blob_tx,
             stats: &mut stats,
@@ -341,6 +342,8 @@ struct Walker<'a, 's> {
     live: Option<(&'s Path, &'s Path)>,
     /// See [`BackupOptions::live_reads_before_ns`].
     live_reads_before_ns: Option<i64>,
+    /// The parent version's point in time (see [`Walker::trusted`]).
+    parent_time_ns: i64,
     file_tx: Sender<FileJob>,
     blob_tx: Sender<BlobJob>,
     stats: &'s mut VersionStats,
@@ -542,10 +545,18 @@ impl Walker<'_, '_> {
     /// the cache, instead of from the copy, whose inodes (a fresh btrfs snapshot's, new clones)
     /// are cold and then cost a lookup each, and again to release.
     fn live_twin(&self, live: &Path, parent: Option<&Node>) -> Option<std::fs::Metadata> {
-        let parent = parent?;
+        let parent = parent.filter(|p| self.trusted(p))?;
         let meta = std::fs::symlink_metadata(live).ok()?;
         let node = node_from_metadata(&parent.name, &meta, Vec::new(), self.names, NodeKind::Fifo);
         (meta.dev() == parent.device && untouched(parent, &node, meta.file_type())).then_some(meta)
+    }
+
+    /// True when the parent version's entry changed well before the parent's point in time, so
+    /// that an entry with its ctime now is the entry the parent holds. Timestamps are coarse
+    /// (a clock tick): an entry changed in the tick the parent was taken in could have changed
+    /// again in that tick, after the copy, without its ctime moving; such an entry is read again.
+    fn trusted(&self, parent: &Node) -> bool {
+        settled_before(parent.ctime_ns, self.parent_time_ns)
     }
 
     /// Records the live file's identity instead of the shadow copy's.
@@ -591,7 +602,9 @@ impl Walker<'_, '_> {
         }
         let mut node = node_from_metadata(name, &meta, Vec::new(), self.names, NodeKind::Fifo);
         self.live_identity(shown, &mut node);
-        let untouched_parent = parent_node.filter(|p| untouched(p, &node, file_type));
+        // A directory's parent subtree is compared entry by entry whatever its own ctime.
+        let trusted_parent = parent_node.filter(|p| self.trusted(p));
+        let untouched_parent = trusted_parent.filter(|p| untouched(p, &node, file_type));
         node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
             None => self.xattrs(path, shown),
@@ -605,7 +618,7 @@ impl Walker<'_, '_> {
         if file_type.is_file() {
             self.stats.files += 1;
             self.stats.bytes_total += meta.size();
-            if let Some(parent) = parent_node.filter(|p| unchanged(p, &node)) {
+            if let Some(parent) = trusted_parent.filter(|p| unchanged(p, &node)) {
                 if let NodeKind::File(content) = &parent.kind {
                     if self.shared.repo.has_blobs(&content.blobs) {
                         node.kind = NodeKind::File(content.clone());

@@ -162,6 +162,10 @@ pub struct ShadowSetRecord {
     pub deleted_to_make_room: Vec<String>,
     /// A lock left by a process that is gone, taken over.
     pub lock_taken_over: Option<LockHolder>,
+    /// When the first writer was frozen (ns since the epoch): the set's point in time, which
+    /// every copy was made at or after.
+    #[serde(skip)]
+    pub frozen_at_ns: i64,
 }
 
 /// Fires a thaw from anywhere (a signal handler thread): frozen writers are thawed at once and
@@ -775,6 +779,7 @@ fn run(
     // Freeze, each writer with its own window.
     phase("freezing writers");
     let freeze_started = Instant::now();
+    let frozen_at_ns = now_ns();
     for index in 0..count {
         if let Some(error) = interrupted(trigger) {
             return Err(error);
@@ -919,6 +924,7 @@ fn run(
         precopied_files: 0,
         deleted_to_make_room: deleted.iter().map(|c| c.id.clone()).collect(),
         lock_taken_over: None,
+        frozen_at_ns,
     };
     // Each group's copy: its record beside it, and what it adds to the set's record.
     for (index, (group, copy)) in groups.iter().zip(&commits).enumerate() {

@@ -131,6 +131,28 @@ fn the_base_copy_is_made_before_the_freeze_which_copies_only_what_changed_since(
     assert_only_base(&sandbox.path("state/shadow"));
 }
 
+/// An entry changed in the tick its version was taken in is read again next time, although its
+/// ctime has not moved since: it could have changed again in that tick, after the copy, without
+/// the ctime moving. Here the writer writes a file as it freezes.
+#[test]
+fn an_entry_changed_as_the_parent_was_taken_is_read_again() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"echo frozen >> @/root/data/app.db\"]\nthaw = [\"true\"]\n",
+    );
+    let args = backup_args(&root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = sandbox.json(&args, 0);
+    assert_eq!(first["stats"]["files-read"], first["stats"]["files"], "{first}");
+    std::fs::write(sandbox.path("config.toml"), DATA).unwrap();
+    let second = sandbox.json(&args, 0);
+    assert_eq!(second["stats"]["files-read"], 1, "only app.db, written in the first freeze, is read again: {second}");
+    let third = sandbox.json(&args, 0);
+    assert_eq!(third["stats"]["files-read"], 0, "{third}");
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
+
 #[test]
 fn a_writer_frozen_past_its_window_is_writer_timeout_and_is_thawed() {
     let (sandbox, root) = setup(
