@@ -79,6 +79,8 @@ struct ExtraCopy {
 struct CommitGroup<'a> {
     storage: &'a StorageArea,
     paths: &'a [PathBuf],
+    /// Where its copy goes: the `tree` of its copy in `storage`.
+    dest: PathBuf,
     choice: ProviderChoice,
     /// Bytes the copy may take.
     budget: u64,
@@ -86,6 +88,30 @@ struct CommitGroup<'a> {
     skip: Vec<PathBuf>,
     /// Bytes the copy was estimated to need (for `shadow-storage-full`).
     needed: u64,
+}
+
+impl CommitGroup<'_> {
+    /// A commit of this group's paths from `root` into its copy.
+    fn request<'r>(
+        &'r self,
+        root: &'r Path,
+        deadline: Instant,
+        budget: u64,
+        stop: &'r AtomicBool,
+        previous: Option<&'r HashMap<PathBuf, Origin>>,
+    ) -> provider::CommitRequest<'r> {
+        provider::CommitRequest {
+            root,
+            paths: self.paths,
+            dest: &self.dest,
+            choice: self.choice,
+            deadline,
+            budget,
+            interrupted: stop,
+            previous,
+            skip: &self.skip,
+        }
+    }
 }
 
 /// Runs `work` with a stop flag that is raised when the trigger fires (a signal), and lowered
@@ -673,6 +699,7 @@ fn run(
     let groups: Vec<CommitGroup> = std::iter::once(CommitGroup {
         storage: &options.storage,
         paths: &options.paths,
+        dest: options.storage.copy_dir(copy_id).join("tree"),
         choice: options.provider,
         budget,
         skip: skip.clone(),
@@ -688,6 +715,7 @@ fn run(
         CommitGroup {
             storage: &group.storage,
             paths: &group.paths,
+            dest,
             choice: if choice == ProviderChoice::Auto && on_btrfs { ProviderChoice::Auto } else { choice },
             budget: extra_budgets[index].1,
             skip: skip_for(Some(index)),
@@ -695,21 +723,12 @@ fn run(
         }
     }))
     .collect();
-    let dest = options.storage.copy_dir(copy_id).join("tree");
     let base = copy_id == BASE_COPY;
     // What each base holds: its size, and the live identities it was made from (without that
     // record it is made anew).
-    let bases_before: Vec<u64> =
-        groups
-            .iter()
-            .map(|g| {
-                if base {
-                    g.storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes)
-                } else {
-                    0
-                }
-            })
-            .collect();
+    let base_bytes =
+        |storage: &StorageArea| storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes);
+    let bases_before: Vec<u64> = groups.iter().map(|g| if base { base_bytes(g.storage) } else { 0 }).collect();
     let mut previous: Vec<Option<HashMap<PathBuf, Origin>>> = groups
         .iter()
         .map(|group| {
@@ -727,17 +746,14 @@ fn run(
         let started = Instant::now();
         let done = with_stop_flag(trigger, |stop| {
             for (index, group) in groups.iter().enumerate() {
-                let copy = provider::precopy(
+                let deadline = started + options.commit_timeout;
+                let copy = provider::precopy(&group.request(
                     &options.root,
-                    group.paths,
-                    &group.storage.copy_dir(copy_id).join("tree"),
-                    group.choice,
-                    started + options.commit_timeout,
+                    deadline,
                     group.budget,
                     stop,
                     previous[index].as_ref(),
-                    &group.skip,
-                );
+                ));
                 match copy {
                     None => {}
                     Some(Ok(copy)) => {
@@ -808,18 +824,11 @@ fn run(
         let mut commits = Vec::new();
         for (index, group) in groups.iter().enumerate() {
             let spent = precopies[index].as_ref().map_or(0, |c| c.bytes);
-            let copy = provider::commit(
-                &options.root,
-                group.paths,
-                &group.storage.copy_dir(copy_id).join("tree"),
-                group.choice,
-                commit_started + options.commit_timeout,
-                group.budget.saturating_sub(spent),
-                stop,
-                previous[index].as_ref(),
-                &group.skip,
-            )
-            .map_err(|e| (index, e))?;
+            let deadline = commit_started + options.commit_timeout;
+            let budget = group.budget.saturating_sub(spent);
+            let copy =
+                provider::commit(&group.request(&options.root, deadline, budget, stop, previous[index].as_ref()))
+                    .map_err(|e| (index, e))?;
             commits.push(copy);
         }
         Ok(commits)
@@ -893,7 +902,7 @@ fn run(
         .flat_map(|writer| writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).copy_additions())
         .collect();
     if !additions.is_empty() {
-        apply_additions(&options.root, &commits[0].root, &dest, &additions)?;
+        apply_additions(&options.root, &commits[0].root, &groups[0].dest, &additions)?;
     }
 
     let writers = {
@@ -1066,17 +1075,17 @@ fn apply_additions(
                 }
                 CopyAddition::FromLive(path) => {
                     let never = AtomicBool::new(false);
-                    provider::commit(
-                        live_root,
-                        std::slice::from_ref(path),
-                        copy_root,
-                        ProviderChoice::Copy,
-                        Instant::now() + Duration::from_secs(3600),
-                        u64::MAX,
-                        &never,
-                        None,
-                        &[],
-                    )
+                    provider::commit(&provider::CommitRequest {
+                        root: live_root,
+                        paths: std::slice::from_ref(path),
+                        dest: copy_root,
+                        choice: ProviderChoice::Copy,
+                        deadline: Instant::now() + Duration::from_secs(3600),
+                        budget: u64::MAX,
+                        interrupted: &never,
+                        previous: None,
+                        skip: &[],
+                    })
                     .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;
                 }
                 CopyAddition::Remove(path) => {

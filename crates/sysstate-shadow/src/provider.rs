@@ -200,50 +200,54 @@ pub enum CommitError {
 }
 
 struct Copier<'a> {
-    root: &'a Path,
-    dest: &'a Path,
-    choice: ProviderChoice,
-    deadline: Instant,
-    budget: u64,
+    req: &'a CommitRequest<'a>,
     out: Commit,
     links: HashMap<(u64, u64), PathBuf>,
     dirs: Vec<(PathBuf, std::fs::Metadata)>,
     reflink_works: HashMap<u64, bool>,
-    interrupted: &'a std::sync::atomic::AtomicBool,
-    /// Refreshing a base copy: the live identities its entries were copied from.
-    previous: Option<&'a HashMap<PathBuf, Origin>>,
     /// Entries whose ctime is later than this (ns since the epoch) are unsettled when copied.
     settled_before_ns: i64,
-    /// Absolute paths copied elsewhere (another volume's storage): not entered.
-    skip: &'a [PathBuf],
 }
 
-/// Copies `paths` (absolute as seen from `root`) from under `root` into `dest`, mirrored.
+/// What a commit copies, where to, and within what.
+#[derive(Debug)]
+pub struct CommitRequest<'a> {
+    /// The live root.
+    pub root: &'a Path,
+    /// The paths to copy, absolute as seen from `root`.
+    pub paths: &'a [PathBuf],
+    /// Where the mirrored tree goes (or the snapshot).
+    pub dest: &'a Path,
+    /// The provider asked for.
+    pub choice: ProviderChoice,
+    /// When the commit gives up ([`CommitError::Timeout`]).
+    pub deadline: Instant,
+    /// Bytes the copy may allocate ([`CommitError::Budget`]).
+    pub budget: u64,
+    /// Set from outside to stop ([`CommitError::Interrupted`]).
+    pub interrupted: &'a std::sync::atomic::AtomicBool,
+    /// Refreshing a base copy at `dest`: the live identities its entries were copied from.
+    pub previous: Option<&'a HashMap<PathBuf, Origin>>,
+    /// Absolute paths copied elsewhere (another volume's storage): not entered.
+    pub skip: &'a [PathBuf],
+}
+
+/// Copies the request's `paths` from under `root` into `dest`, mirrored, or takes a btrfs
+/// snapshot there.
 ///
 /// With `previous` (the identities a base copy at `dest` was made from), `dest` is refreshed
 /// in place: an entry whose live identity, type, size and mtime are what the base holds is kept
 /// as it is; everything else is copied again, and entries that went away are removed. The
 /// freeze then costs a `stat` of each unchanged file instead of a copy.
-#[allow(clippy::too_many_arguments)]
-pub fn commit(
-    root: &Path,
-    paths: &[PathBuf],
-    dest: &Path,
-    choice: ProviderChoice,
-    deadline: Instant,
-    budget: u64,
-    interrupted: &std::sync::atomic::AtomicBool,
-    previous: Option<&HashMap<PathBuf, Origin>>,
-    skip: &[PathBuf],
-) -> Result<Commit, CommitError> {
+pub fn commit(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
     if let Some(ms) = std::env::var("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         // Failpoint for the tests: a provider commit that takes this long.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    if takes_snapshot(root, dest, choice) {
-        return snapshot(root, dest, deadline);
+    if takes_snapshot(req.root, req.dest, req.choice) {
+        return snapshot(req.root, req.dest, req.deadline);
     }
-    copy_tree(root, paths, dest, choice, deadline, budget, interrupted, previous, skip)
+    copy_tree(req)
 }
 
 /// True when a commit of `root` into `dest` with `choice` takes a btrfs snapshot rather than
@@ -262,60 +266,32 @@ pub const SETTLED: Duration = Duration::from_secs(2);
 
 /// Brings a base copy up to date before the freeze, while everything runs, so that the commit
 /// in the freeze finds it current and copies only what changed in between: the first backup's
-/// freeze then costs a `stat` per entry instead of a clone or a copy per file. Same arguments
-/// as [`commit`]; `None` when the commit takes a snapshot (there is nothing to prepare).
+/// freeze then costs a `stat` per entry instead of a clone or a copy per file. `None` when the
+/// commit takes a snapshot (there is nothing to prepare).
 ///
 /// Hand the commit in the freeze [`Commit::settled_origins`], not `origins`: an entry copied
 /// while it was being written is copied again in the freeze.
-#[allow(clippy::too_many_arguments)]
-pub fn precopy(
-    root: &Path,
-    paths: &[PathBuf],
-    dest: &Path,
-    choice: ProviderChoice,
-    deadline: Instant,
-    budget: u64,
-    interrupted: &std::sync::atomic::AtomicBool,
-    previous: Option<&HashMap<PathBuf, Origin>>,
-    skip: &[PathBuf],
-) -> Option<Result<Commit, CommitError>> {
-    if takes_snapshot(root, dest, choice) {
+pub fn precopy(req: &CommitRequest<'_>) -> Option<Result<Commit, CommitError>> {
+    if takes_snapshot(req.root, req.dest, req.choice) {
         return None;
     }
-    Some(copy_tree(root, paths, dest, choice, deadline, budget, interrupted, previous, skip))
+    Some(copy_tree(req))
 }
 
 /// [`commit`] by copying (or cloning) entries into a mirrored tree.
-#[allow(clippy::too_many_arguments)]
-fn copy_tree(
-    root: &Path,
-    paths: &[PathBuf],
-    dest: &Path,
-    choice: ProviderChoice,
-    deadline: Instant,
-    budget: u64,
-    interrupted: &std::sync::atomic::AtomicBool,
-    previous: Option<&HashMap<PathBuf, Origin>>,
-    skip: &[PathBuf],
-) -> Result<Commit, CommitError> {
+fn copy_tree(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
+    let (root, dest) = (req.root, req.dest);
     let mut copier = Copier {
-        root,
-        dest,
-        choice,
-        deadline,
-        budget,
+        req,
         out: Commit::default(),
         links: HashMap::new(),
         dirs: Vec::new(),
         reflink_works: HashMap::new(),
-        interrupted,
-        previous,
         settled_before_ns: sysstate_types::time::now_ns() - SETTLED.as_nanos() as i64,
-        skip,
     };
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     let mut done: Vec<&Path> = Vec::new();
-    for path in paths {
+    for path in req.paths {
         let relative = path.strip_prefix("/").unwrap_or(path);
         if done.iter().any(|d| relative.starts_with(d)) {
             continue; // nested in a path already copied
@@ -386,13 +362,13 @@ impl Copier<'_> {
 
     /// The budget, the deadline and the stop flag, checked after every entry.
     fn check_limits(&mut self) -> Result<(), CommitError> {
-        if self.out.bytes > self.budget {
+        if self.out.bytes > self.req.budget {
             return Err(CommitError::Budget(self.out.bytes));
         }
-        if Instant::now() > self.deadline {
+        if Instant::now() > self.req.deadline {
             return Err(CommitError::Timeout);
         }
-        if self.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.req.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(CommitError::Interrupted);
         }
         Ok(())
@@ -417,7 +393,7 @@ impl Copier<'_> {
 
     /// True when the base copy already holds this live entry as it is now.
     fn unchanged(&self, relative: &Path, live: &std::fs::Metadata, copied: &std::fs::Metadata) -> bool {
-        let Some(previous) = self.previous else { return false };
+        let Some(previous) = self.req.previous else { return false };
         previous.get(&Path::new("/").join(relative)) == Some(&Origin::of(live))
             && live.file_type() == copied.file_type()
             && (live.is_dir()
@@ -427,11 +403,11 @@ impl Copier<'_> {
     }
 
     fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
-        if self.skip.iter().any(|s| s.strip_prefix("/").unwrap_or(s) == relative) {
+        if self.req.skip.iter().any(|s| s.strip_prefix("/").unwrap_or(s) == relative) {
             return Ok(());
         }
-        let source = self.root.join(relative);
-        let target = self.dest.join(relative);
+        let source = self.req.root.join(relative);
+        let target = self.req.dest.join(relative);
         let file_type = meta.file_type();
         let copied = std::fs::symlink_metadata(&target).ok();
         let keep = copied.as_ref().is_some_and(|copied| self.unchanged(relative, &meta, copied));
@@ -462,10 +438,10 @@ impl Copier<'_> {
             }
             for name in names {
                 let child = relative.join(&name);
-                match std::fs::symlink_metadata(self.root.join(&child)) {
+                match std::fs::symlink_metadata(self.req.root.join(&child)) {
                     Ok(child_meta) => self.entry(&child, child_meta)?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(CommitError::Io(ShadowError::io(self.root.join(&child), e))),
+                    Err(e) => return Err(CommitError::Io(ShadowError::io(self.req.root.join(&child), e))),
                 }
             }
             return if existed { self.check_limits() } else { self.charge(&target, false) };
@@ -530,7 +506,7 @@ impl Copier<'_> {
     /// `target` works (tried once per device), else `copy`. For the record of a commit that
     /// kept every file it met.
     fn provider_on(&mut self, source: &Path, target: &Path, device: u64) -> &'static str {
-        if self.choice == ProviderChoice::Copy {
+        if self.req.choice == ProviderChoice::Copy {
             return "copy";
         }
         let works = *self.reflink_works.entry(device).or_insert_with(|| {
@@ -569,14 +545,14 @@ impl Copier<'_> {
             .open(target)
             .map_err(|e| self.io_error(target, e))?;
         let device = meta.dev();
-        if self.choice != ProviderChoice::Copy && *self.reflink_works.get(&device).unwrap_or(&true) {
+        if self.req.choice != ProviderChoice::Copy && *self.reflink_works.get(&device).unwrap_or(&true) {
             match rustix::fs::ioctl_ficlone(&output, &input) {
                 Ok(()) => {
                     self.reflink_works.insert(device, true);
                     self.out.used.insert(device, "reflink");
                     return Ok(true);
                 }
-                Err(error) if self.choice == ProviderChoice::Reflink => {
+                Err(error) if self.req.choice == ProviderChoice::Reflink => {
                     return Err(CommitError::Unsupported(source.to_path_buf(), error.to_string()));
                 }
                 Err(_) => {
