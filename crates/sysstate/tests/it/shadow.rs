@@ -328,18 +328,55 @@ fn a_commit_past_commit_timeout_is_commit_timeout() {
     assert_storage_empty(&sandbox);
 }
 
+/// The mount point holding `path`: shadow storage set `for` it applies to the sandbox.
+fn mount_of(path: &Path) -> String {
+    let output = std::process::Command::new("findmnt").args(["-n", "-o", "TARGET", "-T"]).arg(path).output().unwrap();
+    text(&output.stdout).trim().to_string()
+}
+
+/// The copy before the freeze fits in shadow storage, but what a writer writes as it freezes
+/// does not: the commit in the freeze stops at the limit, the writer is thawed, nothing is left
+/// in storage, and the next backup (without that write) succeeds.
+#[test]
+fn shadow_storage_filled_during_the_freeze_is_shadow_storage_full() {
+    let (sandbox, root) = setup("");
+    let mount = mount_of(&root);
+    let tree_bytes: u64 =
+        crate::corruption::walk_files(&root.join("data")).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    let limit = tree_bytes + (1 << 20);
+    let late = root.join("data/late.bin");
+    let config = |freeze: &str| {
+        format!(
+            "{DATA}[shadow]\nprovider = \"copy\"\n\n[[shadow.storage]]\nfor = \"{mount}\"\non = \"{}\"\nmax-size = \"{limit}\"\n\n[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"{freeze}\"]\nthaw = [\"touch\", \"{}\"]\n",
+            sandbox.path("storage").display(),
+            sandbox.path("thawed").display(),
+        )
+    };
+    let write_late = format!("head -c 3145728 /dev/urandom > '{}'", late.display());
+    std::fs::write(sandbox.path("config.toml"), config(&write_late)).unwrap();
+    let output = run_backup(&sandbox, &root);
+    let stderr = expect_code(&output, "shadow-storage-full");
+    assert_job_failed(&sandbox, "shadow-storage-full");
+    assert_diagnosed(&sandbox, "shadow-storage-full");
+    assert!(stderr.contains(&format!("{limit} bytes")), "the message does not give the limit: {stderr}");
+    assert!(late.exists(), "the writer's freeze did not run");
+    assert!(sandbox.path("thawed").exists(), "the writer was not thawed");
+    let left: Vec<_> = std::fs::read_dir(sandbox.path("storage"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "shadow copies left behind: {left:?}");
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().map_or(0, |v| v.len()), 0, "no version from a failed set");
+    std::fs::remove_file(&late).unwrap();
+    std::fs::write(sandbox.path("config.toml"), config("true")).unwrap();
+    sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
     let (sandbox, root) = setup(
         "[shadow]\nprovider = \"copy\"\n\n[[shadow.storage]]\nfor = \"/\"\non = \"@/storage\"\nmax-size = \"400KiB\"\n",
     );
-    // Make the storage apply whatever mount the sandbox is on.
-    let mount = std::process::Command::new("findmnt")
-        .args(["-n", "-o", "TARGET", "-T"])
-        .arg(sandbox.path("root"))
-        .output()
-        .unwrap();
-    let mount = text(&mount.stdout).trim().to_string();
+    let mount = mount_of(&sandbox.path("root"));
     let config = std::fs::read_to_string(sandbox.path("config.toml"))
         .unwrap()
         .replace("for = \"/\"", &format!("for = \"{mount}\""));
