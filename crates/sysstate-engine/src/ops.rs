@@ -103,19 +103,25 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
     Ok((selections, records))
 }
 
-/// Opens (or creates) the backup's repository, takes a shared lease and loads the index; finds
-/// the parent version (the newest of the same host and root) and tells `progress` its size.
+/// The backup's repository, open, under a shared lease, with its index loaded; whether this
+/// backup created it; and the parent version (the newest of the same host and root), whose size
+/// `progress` is told.
+type Opened = (Repository, bool, Lease, Option<Id>);
+
+/// Opens the backup's repository, or creates it when `create` and the target has none;
+/// `Ok(None)` when it has none and `create` is false.
 fn open_for_backup(
     request: &BackupRequest,
     passphrase: &[u8],
     progress: &dyn Progress,
-) -> Result<(Repository, bool, Lease, Option<Id>)> {
+    create: bool,
+) -> Result<Option<Opened>> {
     let backend = backend(&request.target)?;
     let created = !Repository::exists(&*backend)?;
-    let repo = if created {
-        Repository::init(backend.clone(), passphrase, KdfParams::default())?
-    } else {
-        Repository::open(backend.clone(), passphrase)?
+    let repo = match (created, create) {
+        (true, false) => return Ok(None),
+        (true, true) => Repository::init(backend.clone(), passphrase, KdfParams::default())?,
+        (false, _) => Repository::open(backend.clone(), passphrase)?,
     };
     let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;
@@ -125,7 +131,7 @@ fn open_for_backup(
     if let Some((_, version)) = &parent {
         progress.total(version.stats.bytes_total);
     }
-    Ok((repo, created, lease, parent.map(|(id, _)| id)))
+    Ok(Some((repo, created, lease, parent.map(|(id, _)| id))))
 }
 
 /// Runs the components' commands (package selection, disk layout, boot entries) into `dir`,
@@ -162,9 +168,10 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
     let (selections, records) = selections(&resolved)?;
     let served = crate::shadow::served_components(&request.config);
-    // The repository opens (the key derivation takes a core for a tenth of a second, the index
-    // loads) while the components' locks are checked and their commands run; the shadow set
-    // waits for both, so no writer is frozen for a repository that cannot be opened.
+    // An existing repository opens (the key derivation takes a core for a tenth of a second,
+    // the index loads) while the components' locks are checked and their commands run; the
+    // shadow set waits for both, so no writer is frozen for a repository that cannot be opened.
+    // A new one is created only once the checks passed: a refused backup leaves no repository.
     let generated_dir = crate::paths::state_dir().join("generated").join(format!(
         "{}-{}",
         std::process::id(),
@@ -173,13 +180,16 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     let _cleanup = RemoveOnDrop(generated_dir.clone());
     let mut records = records;
     let (opened, checked, generated_warnings) = std::thread::scope(|scope| {
-        let opened = scope.spawn(|| open_for_backup(request, passphrase, progress));
+        let opened = scope.spawn(|| open_for_backup(request, passphrase, progress, false));
         let checked = crate::locks::check(&resolved, &request.root, &served);
         let warnings = if checked.is_ok() { generate(&mut records, &request.root, &generated_dir) } else { Vec::new() };
         (opened.join().expect("the thread opening the repository does not panic"), checked, warnings)
     });
     checked?;
-    let (repo, created, _lease, parent) = opened?;
+    let (repo, created, _lease, parent) = match opened? {
+        Some(opened) => opened,
+        None => open_for_backup(request, passphrase, progress, true)?.expect("a repository is created"),
+    };
 
     // The point in time: a shadow set of every selected path, read instead of the live files.
     let names: Vec<String> = resolved.iter().map(|r| r.component.name.clone()).collect();

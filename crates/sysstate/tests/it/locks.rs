@@ -54,6 +54,8 @@ fn locked(sandbox: &Sandbox, root: &Path, component: &str, file: &str, holder: &
     let specifics = diagnosis["specifics"].to_string();
     assert!(specifics.contains(&format!("held by pid {}", holder.id())), "{diagnosis:#}");
     assert!(specifics.contains("still runs now"), "the holder still runs: {diagnosis:#}");
+    // The refused backup created no repository at its (new) target.
+    assert!(!Path::new(&sandbox.target).join("config").exists(), "a refused backup created the repository");
 }
 
 #[test]
