@@ -12,7 +12,7 @@
 
 use crate::error::{RepoError, Result};
 use crate::id::Id;
-use crate::meta::{node_from_metadata, read_xattrs, unchanged, untouched, Names};
+use crate::meta::{ctime_ns, node_from_metadata, read_xattrs, unchanged, untouched, untouched_live, Names};
 use crate::pack::BlobKind;
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
@@ -151,7 +151,7 @@ impl LiveFile {
         meta.is_file()
             && meta.dev() == self.device
             && meta.ino() == self.inode
-            && meta.ctime() * 1_000_000_000 + meta.ctime_nsec() == self.ctime_ns
+            && ctime_ns(meta) == self.ctime_ns
             && meta.size() == self.size
     }
 }
@@ -547,8 +547,7 @@ impl Walker<'_, '_> {
     fn live_twin(&self, live: &Path, parent: Option<&Node>) -> Option<std::fs::Metadata> {
         let parent = parent.filter(|p| self.trusted(p))?;
         let meta = std::fs::symlink_metadata(live).ok()?;
-        let node = node_from_metadata(&parent.name, &meta, Vec::new(), self.names, NodeKind::Fifo);
-        (meta.dev() == parent.device && untouched(parent, &node, meta.file_type())).then_some(meta)
+        untouched_live(parent, &meta).then_some(meta)
     }
 
     /// True when the parent version's entry changed well before the parent's point in time, so

@@ -301,7 +301,7 @@ impl Planner<'_> {
             what.push("xattrs");
         }
         // A directory's time changes with its entries; it is put back after them, not compared.
-        if !is_dir && node.mtime_ns != meta.mtime() * 1_000_000_000 + meta.mtime_nsec() {
+        if !is_dir && node.mtime_ns != crate::meta::mtime_ns(&meta) {
             what.push("mtime");
         }
         let subtree = match &node.kind {

@@ -59,14 +59,44 @@ pub fn node_from_metadata(
         user: names.user(meta.uid()),
         group: names.group(meta.gid()),
         atime_ns: meta.atime() * 1_000_000_000 + meta.atime_nsec(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        mtime_ns: mtime_ns(meta),
+        ctime_ns: ctime_ns(meta),
         inode: meta.ino(),
         device: meta.dev(),
         links: meta.nlink(),
-        size: if meta.is_file() { meta.size() } else { 0 },
+        size: node_size(meta),
         xattrs,
     }
+}
+
+/// `st_mtime` in ns since the epoch.
+pub fn mtime_ns(meta: &Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+/// `st_ctime` in ns since the epoch.
+pub fn ctime_ns(meta: &Metadata) -> i64 {
+    meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
+}
+
+/// The size a node records: a regular file's, 0 for everything else.
+fn node_size(meta: &Metadata) -> u64 {
+    if meta.is_file() {
+        meta.size()
+    } else {
+        0
+    }
+}
+
+/// [`untouched`] for a live entry's metadata, without making a node of it (the walk asks this
+/// of every entry before it knows whether it needs the node).
+pub fn untouched_live(parent: &Node, meta: &Metadata) -> bool {
+    parent.kind.is_type_of(meta.file_type())
+        && parent.device == meta.dev()
+        && parent.size == node_size(meta)
+        && parent.mtime_ns == mtime_ns(meta)
+        && parent.ctime_ns == ctime_ns(meta)
+        && parent.inode == meta.ino()
 }
 
 /// True when a file's content need not be read again: same size, mtime, ctime and inode as

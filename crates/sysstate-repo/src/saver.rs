@@ -33,7 +33,7 @@ thread_local! {
 
 /// Compresses `data` into `out` (replacing what it held); true when that made it smaller by at
 /// least 1/32, else `out` is to be ignored and `data` stored as it is.
-pub fn compress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
+fn compress_into(data: &[u8], out: &mut Vec<u8>) -> bool {
     if data.len() < MIN_COMPRESS {
         return false;
     }
