@@ -884,18 +884,25 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
         let root = base.join("root");
         let data = root.join("data");
         make_tree(&data, 60, 81);
-        std::fs::write(data.join("same-size"), "0123456789").unwrap();
+        std::fs::write(data.join("same-size-0"), "0123456789").unwrap();
+        std::fs::write(data.join("same-size-1"), "0123456789").unwrap();
         let at_freeze = sandbox.path("at-freeze");
-        let after_thaw = [
-            format!("echo after > '{}'", data.join("d0/e0/f0.bin").display()),
-            format!("printf ABCDEFGHIJ > '{}'", data.join("same-size").display()),
-            format!("echo after > '{}'", data.join("changed").display()),
-            format!("echo new > '{}'", data.join("new-after-thaw").display()),
-            format!("rm -rf '{}'", data.join("d1").display()),
-            format!("chmod 600 '{}'", data.join("d2/e2/f2.bin").display()),
-            format!("mkdir -p '{}'", data.join("d3/dir-after-thaw").display()),
-        ]
-        .join("; ");
+        // Each round's thaw changes entries the earlier rounds left alone, so that on the second
+        // backup they are untouched since the parent until the thaw: a chmod moves only the
+        // ctime, a same-size overwrite the ctime and the mtime.
+        let after_thaw = |round: usize| {
+            let (rewritten, chmodded) = [("d0/e0/f0.bin", "d2/e2/f2.bin"), ("d5/e2/f5.bin", "d4/e1/f4.bin")][round];
+            [
+                format!("echo after > '{}'", data.join(rewritten).display()),
+                format!("printf ABCDEFGHIJ > '{}'", data.join(format!("same-size-{round}")).display()),
+                format!("echo after > '{}'", data.join("changed").display()),
+                format!("echo new > '{}'", data.join("new-after-thaw").display()),
+                format!("rm -rf '{}'", data.join(format!("d{}", round + 1)).display()),
+                format!("chmod 600 '{}'", data.join(chmodded).display()),
+                format!("mkdir -p '{}'", data.join("d3/dir-after-thaw").display()),
+            ]
+            .join("; ")
+        };
         let storage = match &fs {
             Some(fs) => format!(
                 "[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
@@ -904,19 +911,19 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
             ),
             None => String::new(),
         };
-        std::fs::write(
-            sandbox.path("config.toml"),
+        let config = |round: usize| {
             format!(
-                "{DATA}[shadow]\nprovider = \"{provider}\"\n{storage}[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"rm -rf '{0}'; cp -a '{1}' '{0}'\"]\nthaw = [\"sh\", \"-c\", \"{after_thaw}\"]\n",
+                "{DATA}[shadow]\nprovider = \"{provider}\"\n{storage}[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"rm -rf '{0}'; cp -a '{1}' '{0}'\"]\nthaw = [\"sh\", \"-c\", \"{2}\"]\n",
                 at_freeze.display(),
-                data.display()
-            ),
-        )
-        .unwrap();
+                data.display(),
+                after_thaw(round)
+            )
+        };
         for round in 0..2 {
             // Changed before the freeze (and again after the thaw); the rest settles, so that
             // the snapshot's files are read from their live twins where those are unchanged.
             std::fs::write(data.join("changed"), format!("before freeze {round}\n")).unwrap();
+            std::fs::write(sandbox.path("config.toml"), config(round)).unwrap();
             std::thread::sleep(Duration::from_millis(200));
             let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
             assert_eq!(std::fs::read_to_string(data.join("changed")).unwrap(), "after\n", "the thaw did not run");
