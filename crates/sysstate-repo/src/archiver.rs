@@ -10,6 +10,7 @@
 //! the tree. Unchanged files (same size, mtime, ctime and inode as in the parent version) are
 //! never opened. The version manifest is written only after every pack and the index are stored.
 
+use crate::content::{cut_stream, ChunkBytes, Cutter, Extents, Helpers, Stream};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::meta::{ctime_ns, node_from_metadata, read_xattrs, unchanged, untouched, untouched_live, Names};
@@ -22,7 +23,6 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::GlobSet;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -207,6 +207,8 @@ struct Shared<'a> {
     abort: AtomicBool,
     files_read: AtomicU64,
     bytes_read: AtomicU64,
+    /// Segments of big files for idle readers to cut.
+    helpers: Helpers,
 }
 
 impl Shared<'_> {
@@ -259,6 +261,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         abort: AtomicBool::new(false),
         files_read: AtomicU64::new(0),
         bytes_read: AtomicU64::new(0),
+        helpers: Helpers::new(),
     };
     let selection = SelectionNode::build(&options.selections);
     let names = Names::load(&options.live_root);
@@ -769,7 +772,28 @@ fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
 }
 
 fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) {
-    for job in jobs {
+    let cutter = Cutter { gear: shared.repo.gear(), key: shared.repo.key() };
+    let waiting = shared.helpers.waiting();
+    loop {
+        // A segment of a big file another reader is on comes first: that reader waits for it.
+        let job = match waiting.try_recv() {
+            Ok(segment) => {
+                segment.help(cutter);
+                continue;
+            }
+            Err(_) => crossbeam_channel::select! {
+                recv(waiting) -> segment => {
+                    if let Ok(segment) = segment {
+                        segment.help(cutter);
+                    }
+                    continue;
+                }
+                recv(jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+            },
+        };
         if shared.abort.load(Ordering::Relaxed) {
             return;
         }
@@ -791,37 +815,6 @@ pub(crate) fn open_source(path: &Path) -> std::io::Result<File> {
             std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)
         }
         other => other,
-    }
-}
-
-/// Reads only the data extents of a sparse file, concatenated.
-struct ExtentReader<'f> {
-    file: &'f File,
-    extents: std::vec::IntoIter<(u64, u64)>,
-    left: u64,
-}
-
-impl Read for ExtentReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.left == 0 {
-            match self.extents.next() {
-                Some((offset, length)) => {
-                    (&*self.file).seek(SeekFrom::Start(offset))?;
-                    self.left = length;
-                }
-                None => return Ok(0),
-            }
-        }
-        let want = buf.len().min(self.left as usize);
-        let n = (&*self.file).read(&mut buf[..want])?;
-        if n == 0 {
-            // The file shrank while it was read.
-            self.left = 0;
-            self.extents = Vec::new().into_iter();
-            return Ok(0);
-        }
-        self.left -= n as u64;
-        Ok(n)
     }
 }
 
@@ -847,9 +840,11 @@ fn read_open_file(
     blobs: &Sender<BlobJob>,
 ) -> std::io::Result<(FileContent, u64)> {
     let mut ids = Vec::new();
-    let (extents, read) = chunk_file(shared.repo, file, job.size, job.maybe_sparse, |id, chunk| {
+    let helpers = Some(&shared.helpers);
+    let (extents, read) = chunk_file(shared.repo, file, job.size, job.maybe_sparse, helpers, |id, chunk| {
         ids.push(id);
-        if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec() }).is_err() {
+        if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec()? }).is_err()
+        {
             return Err(std::io::Error::other("the backup was stopped"));
         }
         Ok(true)
@@ -861,32 +856,20 @@ fn read_open_file(
     Ok((FileContent { blobs: ids, extents }, size))
 }
 
-/// A sparse file's data extents: `(offset, length)`.
-pub(crate) type Extents = Vec<(u64, u64)>;
-
 /// Cuts a file's content (only its data extents when it may be sparse) into chunks, and calls
-/// `each` with every chunk and its blob id until it returns false. Returns the data extents (for
-/// a sparse file) and the bytes read.
+/// `each` with every chunk's blob id and bytes until it returns false. Returns the data extents
+/// (for a sparse file) and the bytes read. With `helpers`, idle readers cut parts of a big file.
 pub(crate) fn chunk_file(
     repo: &Repository,
     file: &File,
     size: u64,
     maybe_sparse: bool,
-    mut each: impl FnMut(Id, &[u8]) -> std::io::Result<bool>,
+    helpers: Option<&Helpers>,
+    each: impl FnMut(Id, ChunkBytes<'_>) -> std::io::Result<bool>,
 ) -> std::io::Result<(Option<Extents>, u64)> {
     let extents = if maybe_sparse { sysstate_fs::data_extents(file, size)? } else { None };
-    let source: Box<dyn Read + '_> = match &extents {
-        Some(extents) => Box::new(ExtentReader { file, extents: extents.clone().into_iter(), left: 0 }),
-        None => Box::new(file),
-    };
-    let mut chunker = crate::chunker::Chunker::with_size_hint(repo.gear(), source, size);
-    let mut read = 0u64;
-    while let Some(chunk) = chunker.next_chunk()? {
-        read += chunk.len() as u64;
-        if !each(repo.key().blob_id(chunk), chunk)? {
-            break;
-        }
-    }
+    let stream = Stream::new(file, extents.as_deref());
+    let read = cut_stream(Cutter { gear: repo.gear(), key: repo.key() }, &stream, size, helpers, each)?;
     Ok((extents, read))
 }
 

@@ -363,7 +363,7 @@ fn same_content(
     let file = open_source(path)?;
     let mut expected = content.blobs.iter();
     let mut same = true;
-    let (extents, _) = chunk_file(repo, &file, size, meta.blocks() * 512 < size, |id, _| {
+    let (extents, _) = chunk_file(repo, &file, size, meta.blocks() * 512 < size, None, |id, _| {
         same = expected.next() == Some(&id);
         Ok(same)
     })?;

@@ -11,6 +11,7 @@ pub mod archiver;
 pub mod backend;
 pub mod check;
 pub mod chunker;
+mod content;
 pub mod copy;
 pub mod crypto;
 mod error;
