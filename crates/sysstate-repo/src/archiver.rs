@@ -284,9 +284,15 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         drop(blob_rx);
         // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
         // copy only for what changed: prefetching the copy's metadata would look up every one.
+        // Without, a btrfs snapshot's entries are looked up live first too: the live tree is
+        // prefetched, else the copy.
         let live = (options.root != options.live_root).then_some((options.root.as_path(), options.live_root.as_path()));
         if parent_tree.is_none() {
-            scope.spawn(|| prefetch_metadata(&options.root, &options.selections, &walk_done));
+            let prefetched = match (live, options.live_reads_before_ns) {
+                (Some((_, live_root)), Some(_)) => live_root,
+                _ => options.root.as_path(),
+            };
+            scope.spawn(|| prefetch_metadata(prefetched, &options.selections, &walk_done));
         }
         let mut walker = Walker {
             shared: &shared,
@@ -373,8 +379,8 @@ struct Stat {
     live: Option<LivePath>,
 }
 
-/// The live path of an entry of the copy, and whether it is untouched since the parent version
-/// (see [`Walker::live_twin`]).
+/// The live path of an entry of the copy, and whether it stands for the copy's entry (see
+/// [`Walker::live_twin`]).
 struct LivePath {
     path: PathBuf,
     untouched: bool,
@@ -540,17 +546,27 @@ impl Walker<'_, '_> {
         Some(LivePath { path: live_root.join(path.strip_prefix(copy_root).ok()?), untouched: false })
     }
 
-    /// The live entry that stands for the copy's entry at `path`, when it is the parent
-    /// version's entry untouched since: same device, inode, ctime, mtime, size and type. Its
-    /// ctime has not moved since the parent version, so nothing about it changed in between,
-    /// and the copy — made in between — holds it as the parent version does: its metadata
-    /// (and, for a directory, its names) can be taken from the live entry, whose inode is in
-    /// the cache, instead of from the copy, whose inodes (a fresh btrfs snapshot's, new clones)
-    /// are cold and then cost a lookup each, and again to release.
+    /// The live entry that stands for the copy's entry at `path`, if it is the entry the copy
+    /// holds, untouched since: its metadata (and, for a directory, its names) can be taken from
+    /// the live entry, whose inode is in the cache, instead of from the copy, whose inodes (a
+    /// fresh btrfs snapshot's, new clones) are cold and then cost a lookup each, and again to
+    /// release. Two ways to know, both by the ctime, which moves with every change of content,
+    /// mode, owner, extended attribute, link or rename:
+    /// - it is the parent version's entry (same device, inode, ctime, mtime, size and type), so
+    ///   nothing about it changed since the parent, and the copy — made in between — holds it
+    ///   as the parent does (every provider);
+    /// - its ctime is well before a btrfs snapshot was taken, so nothing about it changed since
+    ///   the snapshot, which shares its inode (number and all) with the live one (a first
+    ///   backup, or an entry changed since the parent).
     fn live_twin(&self, live: &Path, parent: Option<&Node>) -> Option<std::fs::Metadata> {
-        let parent = parent.filter(|p| self.trusted(p))?;
+        let parent = parent.filter(|p| self.trusted(p));
+        if parent.is_none() && self.live_reads_before_ns.is_none() {
+            return None;
+        }
         let meta = std::fs::symlink_metadata(live).ok()?;
-        untouched_live(parent, &meta).then_some(meta)
+        let twin = parent.is_some_and(|parent| untouched_live(parent, &meta))
+            || self.live_reads_before_ns.is_some_and(|taken| settled_before(ctime_ns(&meta), taken));
+        twin.then_some(meta)
     }
 
     /// True when the parent version's entry changed well before the parent's point in time, so
@@ -596,6 +612,8 @@ impl Walker<'_, '_> {
         selection: Option<&SelectionNode>,
     ) -> Result<Option<Pending>> {
         let Stat { meta, live } = stat;
+        // What is not in the node is read from the live twin, when it stands for the copy's.
+        let source = live.as_ref().filter(|l| l.untouched).map_or(path, |l| l.path.as_path());
         let file_type = meta.file_type();
         if file_type.is_socket() {
             self.shared
@@ -609,7 +627,7 @@ impl Walker<'_, '_> {
         let untouched_parent = trusted_parent.filter(|p| untouched(p, &node, file_type));
         node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
-            None => self.xattrs(path, shown),
+            None => self.xattrs(source, shown),
         };
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
@@ -657,7 +675,7 @@ impl Walker<'_, '_> {
         node.kind = if let Some(NodeKind::Symlink { target }) = untouched_parent.map(|p| &p.kind) {
             NodeKind::Symlink { target: target.clone() }
         } else if file_type.is_symlink() {
-            match std::fs::read_link(path) {
+            match std::fs::read_link(source) {
                 Ok(target) => NodeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() },
                 Err(error) => {
                     self.shared.warn(shown, format!("cannot read the symlink: {error}"));

@@ -867,8 +867,8 @@ fn persistent_copies_are_listed_deleted_and_pushed_out_by_a_smaller_storage() {
 /// What changes after the freeze stays out of the version. The walk takes an entry from the
 /// live tree when it is untouched since the parent version, and from the copy otherwise; from a
 /// btrfs snapshot it reads a file's content from the live file when that still has the
-/// snapshot's inode, ctime and size. Here the writer's thaw changes, adds, removes and
-/// re-permissions entries (some untouched since the parent, some changed before the freeze too)
+/// snapshot's inode, ctime and size. Here the writer's thaw changes, adds, removes,
+/// re-permissions and sets extended attributes on entries (some untouched since the parent, some changed before the freeze too)
 /// between the commit and the walk, on the first backup and on the next, and each version must
 /// equal the tree as it was in the freeze — with the copy provider and with a btrfs snapshot.
 #[test]
@@ -891,7 +891,9 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
         // backup they are untouched since the parent until the thaw: a chmod moves only the
         // ctime, a same-size overwrite the ctime and the mtime.
         let after_thaw = |round: usize| {
-            let (rewritten, chmodded) = [("d0/e0/f0.bin", "d2/e2/f2.bin"), ("d5/e2/f5.bin", "d4/e1/f4.bin")][round];
+            let (rewritten, chmodded, xattred) =
+                [("d0/e0/f0.bin", "d2/e2/f2.bin", "d6/e0/f6.bin"), ("d5/e2/f5.bin", "d4/e1/f4.bin", "d6/e1/f13.bin")]
+                    [round];
             [
                 format!("echo after > '{}'", data.join(rewritten).display()),
                 format!("printf ABCDEFGHIJ > '{}'", data.join(format!("same-size-{round}")).display()),
@@ -899,6 +901,7 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
                 format!("echo new > '{}'", data.join("new-after-thaw").display()),
                 format!("rm -rf '{}'", data.join(format!("d{}", round + 1)).display()),
                 format!("chmod 600 '{}'", data.join(chmodded).display()),
+                format!("setfattr -n user.after -v thaw '{}'", data.join(xattred).display()),
                 format!("mkdir -p '{}'", data.join("d3/dir-after-thaw").display()),
             ]
             .join("; ")
