@@ -379,11 +379,39 @@ struct Stat {
     live: Option<LivePath>,
 }
 
-/// The live path of an entry of the copy, and whether it stands for the copy's entry (see
-/// [`Walker::live_twin`]).
+/// The live path of an entry of the copy, and — when it stands for the copy's entry (see
+/// [`Walker::live_twin`]) — the identity it had then.
 struct LivePath {
     path: PathBuf,
-    untouched: bool,
+    twin: Option<Twin>,
+}
+
+/// A live entry's device, inode and ctime when it was found to stand for the copy's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Twin {
+    device: u64,
+    inode: u64,
+    ctime_ns: i64,
+}
+
+impl Twin {
+    fn of(meta: &std::fs::Metadata) -> Twin {
+        Twin { device: meta.dev(), inode: meta.ino(), ctime_ns: ctime_ns(meta) }
+    }
+}
+
+impl LivePath {
+    /// The live path, when it stands for the copy's entry.
+    fn twin_path(&self) -> Option<&Path> {
+        self.twin.map(|_| self.path.as_path())
+    }
+
+    /// True when the live entry is still the twin it was: what was read from it after it was
+    /// found to be one (its names, extended attributes or link target) is the copy's. An entry
+    /// changed, removed or replaced in between has another ctime or inode.
+    fn still_twin(&self) -> bool {
+        self.twin.is_some_and(|twin| std::fs::symlink_metadata(&self.path).is_ok_and(|meta| Twin::of(&meta) == twin))
+    }
 }
 
 /// A directory's tree: stored, or waiting for files being read.
@@ -482,15 +510,20 @@ impl Walker<'_, '_> {
         selection: Option<&SelectionNode>,
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
-        // An untouched live directory holds the names the copy holds.
-        let listing = live.as_ref().filter(|l| l.untouched).map_or(dir, |l| l.path.as_path());
-        let mut entries: Vec<_> = match std::fs::read_dir(listing) {
-            Ok(entries) => entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect(),
-            Err(error) => {
-                self.shared.warn(shown, format!("cannot list the directory: {error}"));
-                Vec::new()
-            }
+        // A live directory that stands for the copy's holds the names the copy holds, if it
+        // still does once listed.
+        let list = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .map(|entries| entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect())
         };
+        let listed = match live.as_ref().and_then(|l| l.twin_path().map(|path| (l, list(path)))) {
+            Some((live, Ok(names))) if live.still_twin() => Ok(names),
+            _ => list(dir),
+        };
+        let mut entries: Vec<_> = listed.unwrap_or_else(|error| {
+            self.shared.warn(shown, format!("cannot list the directory: {error}"));
+            Vec::new()
+        });
         // Selections read from another volume's copy are not in this copy's listing.
         if let Some(selection) = selection {
             for (name, child) in &selection.children {
@@ -521,9 +554,12 @@ impl Walker<'_, '_> {
             let live_path =
                 live.as_ref().filter(|_| nested.is_none_or(|n| n.source.is_none())).map(|l| l.path.join(&name));
             let (meta, live) = match live_path.as_deref().and_then(|live| self.live_twin(live, parent_node)) {
-                Some(meta) => (meta, live_path.map(|path| LivePath { path, untouched: true })),
+                Some(meta) => {
+                    let twin = Some(Twin::of(&meta));
+                    (meta, live_path.map(|path| LivePath { path, twin }))
+                }
                 None => match std::fs::symlink_metadata(&path) {
-                    Ok(meta) => (meta, live_path.map(|path| LivePath { path, untouched: false })),
+                    Ok(meta) => (meta, live_path.map(|path| LivePath { path, twin: None })),
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(error) => {
                         self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
@@ -539,11 +575,11 @@ impl Walker<'_, '_> {
         self.finish_dir(pending)
     }
 
-    /// The live path of the copy's entry at `path` (not untouched: the copy's is listed), if
+    /// The live path of the copy's entry at `path` (not a twin: the copy's is listed), if
     /// it is in the copy (a selection read from elsewhere has no live twin here).
     fn live_of(&self, path: &Path) -> Option<LivePath> {
         let (copy_root, live_root) = self.live?;
-        Some(LivePath { path: live_root.join(path.strip_prefix(copy_root).ok()?), untouched: false })
+        Some(LivePath { path: live_root.join(path.strip_prefix(copy_root).ok()?), twin: None })
     }
 
     /// The live entry that stands for the copy's entry at `path`, if it is the entry the copy
@@ -612,8 +648,8 @@ impl Walker<'_, '_> {
         selection: Option<&SelectionNode>,
     ) -> Result<Option<Pending>> {
         let Stat { meta, live } = stat;
-        // What is not in the node is read from the live twin, when it stands for the copy's.
-        let source = live.as_ref().filter(|l| l.untouched).map_or(path, |l| l.path.as_path());
+        // What is not in the metadata is read from the live twin, if it still is one after.
+        let twin = live.as_ref().filter(|l| l.twin.is_some());
         let file_type = meta.file_type();
         if file_type.is_socket() {
             self.shared
@@ -627,7 +663,10 @@ impl Walker<'_, '_> {
         let untouched_parent = trusted_parent.filter(|p| untouched(p, &node, file_type));
         node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
-            None => self.xattrs(source, shown),
+            None => match twin.map(|live| (live, read_xattrs(&live.path))) {
+                Some((live, Ok(xattrs))) if live.still_twin() => xattrs,
+                _ => self.xattrs(path, shown),
+            },
         };
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
@@ -675,7 +714,12 @@ impl Walker<'_, '_> {
         node.kind = if let Some(NodeKind::Symlink { target }) = untouched_parent.map(|p| &p.kind) {
             NodeKind::Symlink { target: target.clone() }
         } else if file_type.is_symlink() {
-            match std::fs::read_link(source) {
+            let live_target = twin.map(|live| (live, std::fs::read_link(&live.path)));
+            let target = match live_target {
+                Some((live, Ok(target))) if live.still_twin() => Ok(target),
+                _ => std::fs::read_link(path),
+            };
+            match target {
                 Ok(target) => NodeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() },
                 Err(error) => {
                     self.shared.warn(shown, format!("cannot read the symlink: {error}"));
@@ -900,5 +944,47 @@ fn sealer(shared: &Shared<'_>, blobs: Receiver<BlobJob>) {
         if let Err(error) = shared.saver.store(job.kind, job.id, &job.data) {
             shared.fail(error);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is read from a live twin after it was found to be one stands only if the entry is
+    /// still that twin: a name added or removed, an extended attribute set, a mode changed or the
+    /// entry replaced in between each make it not one.
+    #[test]
+    fn a_live_twin_changed_after_it_was_found_is_no_longer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = |path: &Path| LivePath {
+            path: path.to_path_buf(),
+            twin: Some(Twin::of(&std::fs::symlink_metadata(path).unwrap())),
+        };
+        let tick = || std::thread::sleep(std::time::Duration::from_millis(20));
+        let folder = dir.path().join("folder");
+        std::fs::create_dir(&folder).unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("before", &link).unwrap();
+        let changes: [(&Path, &dyn Fn()); 5] = [
+            (&folder, &|| std::fs::write(folder.join("new"), "").unwrap()),
+            (&folder, &|| std::fs::remove_file(folder.join("new")).unwrap()),
+            (&file, &|| rustix::fs::setxattr(&file, "user.sysstate", b"v", rustix::fs::XattrFlags::empty()).unwrap()),
+            (&file, &|| std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap()),
+            (&link, &|| {
+                std::os::unix::fs::symlink("after", dir.path().join("link.new")).unwrap();
+                std::fs::rename(dir.path().join("link.new"), &link).unwrap();
+            }),
+        ];
+        for (path, change) in changes {
+            let twin = live(path);
+            assert!(twin.still_twin(), "{} changed by itself", path.display());
+            tick();
+            change();
+            assert!(!twin.still_twin(), "a change to {} went unseen", path.display());
+        }
+        assert!(!LivePath { path: file.clone(), twin: None }.still_twin(), "not a twin to begin with");
     }
 }
