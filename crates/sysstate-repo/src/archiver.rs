@@ -838,22 +838,16 @@ fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) 
     let waiting = shared.helpers.waiting();
     loop {
         // A segment of a big file another reader is on comes first: that reader waits for it.
-        let job = match waiting.try_recv() {
-            Ok(segment) => {
-                segment.help(cutter);
+        let job = crossbeam_channel::select_biased! {
+            recv(waiting) -> segment => {
+                if let Ok(segment) = segment {
+                    segment.help(cutter);
+                }
                 continue;
             }
-            Err(_) => crossbeam_channel::select! {
-                recv(waiting) -> segment => {
-                    if let Ok(segment) = segment {
-                        segment.help(cutter);
-                    }
-                    continue;
-                }
-                recv(jobs) -> job => match job {
-                    Ok(job) => job,
-                    Err(_) => return,
-                },
+            recv(jobs) -> job => match job {
+                Ok(job) => job,
+                Err(_) => return,
             },
         };
         if shared.abort.load(Ordering::Relaxed) {

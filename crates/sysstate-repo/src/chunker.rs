@@ -158,25 +158,18 @@ impl<'g, R: Read> Chunker<'g, R> {
     }
 }
 
+/// Small chunk sizes and reproducible data for the chunking tests here and in `content`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
+pub(crate) mod testing {
+    use super::{ChunkerParams, Gear};
 
-    fn small_gear() -> Gear {
+    /// Chunks of 256 B to 4 KiB, 1 KiB on average.
+    pub(crate) fn small_gear() -> Gear {
         Gear::new(ChunkerParams { min_size: 256, avg_size: 1024, max_size: 4096 }, 7)
     }
 
-    fn chunks(gear: &Gear, data: &[u8]) -> Vec<Vec<u8>> {
-        let mut chunker = Chunker::new(gear, data);
-        let mut out = Vec::new();
-        while let Some(chunk) = chunker.next_chunk().unwrap() {
-            out.push(chunk.to_vec());
-        }
-        out
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    /// `len` bytes of xorshift from `seed`.
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         let mut state = seed | 1;
         (0..len)
             .map(|_| {
@@ -186,6 +179,22 @@ mod tests {
                 state as u8
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{pseudo_random, small_gear};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunks(gear: &Gear, data: &[u8]) -> Vec<Vec<u8>> {
+        let mut chunker = Chunker::new(gear, data);
+        let mut out = Vec::new();
+        while let Some(chunk) = chunker.next_chunk().unwrap() {
+            out.push(chunk.to_vec());
+        }
+        out
     }
 
     #[test]

@@ -144,7 +144,7 @@ pub(crate) struct Cutter<'r> {
 }
 
 /// Segments of big files waiting for an idle reader, shared by the readers of one backup.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Helpers {
     queue: Sender<Arc<Segment>>,
     waiting: Receiver<Arc<Segment>>,
@@ -212,22 +212,26 @@ impl Segment {
     }
 
     fn claim(&self) -> bool {
-        let mut state = self.state.lock().expect("segment lock");
-        let waiting = matches!(*state, State::Waiting);
-        if waiting {
-            *state = State::Cutting;
-        }
-        waiting
+        self.claim_as(State::Cutting)
     }
 
     /// Claimed for the reader to cut through in order; false if a helper has it.
     fn pass(&self) -> bool {
+        self.claim_as(State::Passed)
+    }
+
+    /// Moves a waiting segment to `next`; false if someone claimed it already.
+    fn claim_as(&self, next: State) -> bool {
         let mut state = self.state.lock().expect("segment lock");
         let waiting = matches!(*state, State::Waiting);
         if waiting {
-            *state = State::Passed;
+            *state = next;
         }
         waiting
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(*self.state.lock().expect("segment lock"), State::Done(_))
     }
 
     fn cut(&self, cutter: Cutter<'_>) {
@@ -306,7 +310,7 @@ fn cut_in_segments(
         }
         // While a helper cuts this one, the reader cuts the next waiting one rather than wait.
         for later in &segments.0[index + 1..] {
-            if segment.state.lock().expect("segment lock").is_done() {
+            if segment.is_done() {
                 break;
             }
             later.help(cutter);
@@ -375,12 +379,6 @@ fn offer(helpers: &Helpers, stream: &Stream<'_>, expected: u64, segment: u64) ->
     Ok(segments)
 }
 
-impl State {
-    fn is_done(&self) -> bool {
-        matches!(self, State::Done(_))
-    }
-}
-
 /// The cuts from the start of the stream, made by the reading thread.
 struct Chain<'c, 's, 'f> {
     cutter: Cutter<'c>,
@@ -423,25 +421,9 @@ impl Chain<'_, '_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::ChunkerParams;
+    use crate::chunker::testing::{pseudo_random, small_gear};
     use proptest::prelude::*;
     use std::io::Write;
-
-    fn small_gear() -> Gear {
-        Gear::new(ChunkerParams { min_size: 256, avg_size: 1024, max_size: 4096 }, 7)
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
 
     /// The chunks, as one thread cuts them from the start.
     fn sequential(gear: &Gear, key: &MasterKey, data: &[u8]) -> Vec<(Id, Vec<u8>)> {
