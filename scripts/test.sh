@@ -84,6 +84,11 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 step "benchmark harness: a smoke run (checks the harness works; times nothing)"
 cargo build --quiet -p sysstate
+# A build without the tests' dev-dependencies has no fault injection compiled in.
+if grep -q SYSSTATE_FAILPOINT target/debug/sysstate; then
+  echo "target/debug/sysstate contains SYSSTATE_FAILPOINT_*: failpoints must only be in test builds" >&2
+  exit 1
+fi
 bench/run --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
 
 step "cargo test"

@@ -7,8 +7,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use sysstate_engine::config::{ComponentConfig, Config};
 use sysstate_engine::generated::installed;
+use sysstate_engine::jobs::{self, JobKind, JobState, JobStore};
 use sysstate_engine::{components, paths};
 use sysstate_repo::backend::FileKind;
+use sysstate_repo::NoProgress;
 use sysstate_types::units::bytes;
 
 /// Version, config, and the tools the provider and the components need. Returns the config
@@ -485,9 +487,8 @@ pub(crate) fn validation(config: &Config, target: &str, checks: &mut Vec<Check>)
         }];
         let mut key = [0u8; 32];
         getrandom::getrandom(&mut key).expect("the kernel's random source is available");
-        let store = sysstate_engine::jobs::JobStore::open(&paths::state_dir())?;
+        let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
         let components = vec!["doctor-validation".to_string()];
-        let job = store.start("validate", Some(&temp_target), &components)?;
         let request = sysstate_engine::ops::BackupRequest {
             config,
             root: root.clone(),
@@ -497,33 +498,26 @@ pub(crate) fn validation(config: &Config, target: &str, checks: &mut Vec<Check>)
             threads: 1,
             wait: Some(std::time::Duration::from_secs(60)),
             trigger: sysstate_shadow::ThawTrigger::default(),
-            job: Some(job.clone()),
-            phase: None,
-            warning: None,
         };
-        let outcome =
-            sysstate_engine::ops::backup(&request, hex::encode(key).as_bytes(), &sysstate_repo::archiver::NoProgress);
-        match &outcome {
-            Ok(report) => store.finish(&job, "succeeded", Some(&report.id.to_hex()), None, "engine")?,
-            Err(error) => {
-                store.finish(&job, "failed", None, Some(error), sysstate_engine::jobs::source_of(error.code))?
-            }
-        }
+        let passphrase = hex::encode(key);
+        let report = jobs::run(&store, JobKind::Validate, Some(&temp_target), &components, &NoProgress, |job| {
+            sysstate_engine::ops::backup(&request, passphrase.as_bytes(), job)
+        })?;
         // Read back from the job store, as `sysstate job --previous 1` would.
-        let record = store.job(&job)?.ok_or_else(|| {
+        let job = &report.job;
+        let record = store.job(job)?.ok_or_else(|| {
             sysstate_engine::EngineError::new(
                 sysstate_types::ErrorCode::Internal,
                 format!("job {job} is not in the job store"),
             )
         })?;
-        match (record.state.as_str(), outcome) {
-            ("succeeded", Ok(report)) => Ok(format!(
+        match record.state {
+            JobState::Succeeded => Ok(format!(
                 "a backup of a test component into `{temp_target}` succeeded as job {job} (version {}, {} files), and the job store shows it",
                 report.id.short(),
                 report.version.stats.files
             )),
-            (_, Err(error)) => Err(error),
-            (state, Ok(_)) => Err(sysstate_engine::EngineError::new(
+            state => Err(sysstate_engine::EngineError::new(
                 sysstate_types::ErrorCode::Internal,
                 format!("the validation backup ended but the job store shows job {job} as `{state}`"),
             )),

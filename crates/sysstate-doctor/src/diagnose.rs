@@ -5,7 +5,7 @@
 use crate::{checks, knowledge, Check, Diagnosis, Options, Status};
 use serde_json::Value;
 use sysstate_engine::config::Config;
-use sysstate_engine::jobs::{EventFilter, JobRecord, JobStore};
+use sysstate_engine::jobs::{EventFilter, JobKind, JobRecord, JobStore};
 use sysstate_engine::paths;
 use sysstate_types::units::bytes;
 use sysstate_types::ErrorCode;
@@ -42,13 +42,16 @@ pub(crate) fn recent_failures(
     let mut succeeded = std::collections::HashSet::new();
     let mut out = Vec::new();
     for job in &jobs {
-        if job.state.starts_with("succeeded") {
-            succeeded.insert(job.kind.clone());
+        if job.state.succeeded() {
+            succeeded.insert(job.kind);
             continue;
         }
         let ended = job.ended.as_deref().and_then(sysstate_types::time::parse_utc).unwrap_or(now);
         // The doctor's own validation is its own check; dry runs change nothing.
-        if succeeded.contains(&job.kind) || job.kind == "validate" || now - ended > WITHIN_DAYS * 86_400_000_000_000 {
+        if succeeded.contains(&job.kind)
+            || job.kind == JobKind::Validate
+            || now - ended > WITHIN_DAYS * 86_400_000_000_000
+        {
             continue;
         }
         let Some(error) = &job.error else { continue };
@@ -341,7 +344,7 @@ fn diagnose(
     let chosen = entry.and_then(|e| e.causes.get(cause).or(e.causes.first()));
     Diagnosis {
         job: job.id.clone(),
-        kind: job.kind.clone(),
+        kind: job.kind.to_string(),
         ended: job.ended.clone(),
         code: error.code.clone(),
         event_id: error.event_id,

@@ -19,12 +19,13 @@ use crate::error::{EngineError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use sysstate_repo::archiver::{self, BackupOptions, NoProgress, Selection};
+use sysstate_repo::archiver::{self, BackupOptions, Selection};
 use sysstate_repo::inplace::{self, Difference, Scope};
 use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::tree::NodeKind;
 use sysstate_repo::version::{ComponentRecord, Version};
+use sysstate_repo::NoProgress;
 use sysstate_repo::{Id, Repository};
 use sysstate_shadow::{Event, Writer};
 use sysstate_types::ErrorCode;
@@ -274,6 +275,14 @@ pub struct UndoReport {
     pub differences: Vec<Difference>,
 }
 
+impl crate::jobs::JobOutput for UndoReport {}
+
+impl crate::jobs::JobOutput for InPlaceReport {
+    fn version(&self) -> Option<String> {
+        Some(self.version.clone())
+    }
+}
+
 /// Puts back what the in-place restore `job` replaced or removed, and removes what it added —
 /// also after a restore that was killed midway.
 pub fn undo(job: &str) -> Result<UndoReport> {
@@ -423,7 +432,7 @@ fn lock_accounts(config: &Config, root: &Path) -> Result<Box<dyn Writer>> {
 /// `SYSSTATE_FAILPOINT_KILL_AFTER_COMMITS=N`: the process kills itself after putting N entries
 /// in place (crash tests).
 fn failpoint_kill_after() -> Option<usize> {
-    std::env::var("SYSSTATE_FAILPOINT_KILL_AFTER_COMMITS").ok()?.parse().ok()
+    sysstate_types::failpoint("KILL_AFTER_COMMITS")
 }
 
 /// Reads a file of the version by its absolute path.

@@ -29,8 +29,15 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
         "d" => value * 86400.0,
         other => return Err(format!("`{text}`: unknown unit `{other}`")),
     };
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|duration| *duration <= MAX_DURATION)
+        .ok_or_else(|| format!("`{text}` is too long: at most 100 years (`36500d`)"))
 }
+
+/// The longest duration taken anywhere: far beyond any sensible wait or retention, and far from
+/// the overflow of a time in nanoseconds.
+const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 fn invalid(message: String) -> EngineError {
     EngineError::new(ErrorCode::InvalidInput, message)
@@ -170,6 +177,74 @@ pub fn write_setting(state_dir: &Path, setting: StorageSetting) -> Result<()> {
         .map_err(|e| EngineError::new(ErrorCode::StateDirPermission, format!("cannot write `{}`: {e}", path.display())))
 }
 
+/// Sets a storage area's maximum size (`sysstate shadowstorage resize`), kept in the state
+/// directory over the config. Shrinking below what is used deletes the oldest copies that no
+/// longer fit, each a `shadow-storage-oldest-deleted` warning in the event log; returns those
+/// warnings' messages.
+pub fn resize(state_dir: &Path, setting: StorageSetting) -> Result<Vec<String>> {
+    let size = MaxSize::parse(&setting.max_size).map_err(|e| invalid(format!("`--max-size`: {e}")))?;
+    let area = StorageArea { for_volume: (&setting.for_volume).into(), on: (&setting.on).into(), max_size: size };
+    write_setting(state_dir, setting)?;
+    let deleted = area.make_room(0).unwrap_or_default();
+    let store = crate::jobs::JobStore::open(state_dir).ok();
+    let mut warnings = Vec::new();
+    for copy in &deleted {
+        let message = format!(
+            "deleted shadow copy {} of `{}` (made {}) from `{}`: it no longer fits in the new maximum of {size}",
+            copy.id,
+            copy.for_volume,
+            sysstate_types::time::format_utc(copy.created_ns),
+            area.on.display()
+        );
+        if let Some(store) = &store {
+            let data =
+                serde_json::json!({"id": copy.id, "volume": copy.for_volume, "location": area.on, "bytes": copy.bytes});
+            let code = ErrorCode::ShadowStorageOldestDeleted;
+            let _ = store.event(None, code.level(), crate::jobs::Source::Shadow, code, &message, Some(data));
+        }
+        warnings.push(message);
+    }
+    Ok(warnings)
+}
+
+/// Which persistent shadow copies `sysstate shadows delete` deletes.
+#[derive(Debug, Clone)]
+pub enum CopySelector {
+    /// The one copy whose id starts with this.
+    Id(String),
+    /// The oldest copy.
+    Oldest,
+    /// Every copy.
+    All,
+}
+
+/// Deletes the chosen shadow copies; returns their ids.
+pub fn delete_copies(config: &Config, state_dir: &Path, selector: &CopySelector) -> Result<Vec<String>> {
+    let areas = storage_areas(config, state_dir)?;
+    let mut copies: Vec<_> = areas.iter().flat_map(|a| a.copies().into_iter().map(move |c| (a, c))).collect();
+    copies.sort_by_key(|(_, c)| c.created_ns);
+    let chosen: Vec<_> = match selector {
+        CopySelector::All => copies,
+        CopySelector::Oldest => copies.into_iter().take(1).collect(),
+        CopySelector::Id(id) => {
+            let found: Vec<_> = copies.into_iter().filter(|(_, c)| c.id.starts_with(id.as_str())).collect();
+            if found.len() != 1 {
+                return Err(invalid(format!(
+                    "`--id {id}` matches {} shadow copies: `sysstate shadows list` shows them",
+                    found.len()
+                )));
+            }
+            found
+        }
+    };
+    let mut deleted = Vec::new();
+    for (area, copy) in chosen {
+        area.delete(&copy.id).map_err(shadow_error)?;
+        deleted.push(copy.id);
+    }
+    Ok(deleted)
+}
+
 /// Every storage area: the config's, overridden by resizes, and the default (`/` on
 /// `STATE/shadow`, 10%) when none is for `/`.
 pub fn storage_areas(config: &Config, state_dir: &Path) -> Result<Vec<StorageArea>> {
@@ -295,6 +370,19 @@ pub fn protected_paths(config: &Config, root: &Path, target: Option<&str>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_and_absurd_ones_are_refused_not_panicked_on() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+        for absurd in ["300000000000000d", "1e400", "99999999999999999999999999999999999h", "36501d"] {
+            let error = parse_duration(absurd).unwrap_err();
+            assert!(error.contains(absurd), "{error}");
+        }
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
 
     #[test]
     fn durations_parse() {

@@ -15,6 +15,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::meta::{ctime_ns, node_from_metadata, read_xattrs, unchanged, untouched, untouched_live, Names};
 use crate::pack::BlobKind;
+use crate::progress::{Progress, Warning};
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
 use crate::tree::{FileContent, Node, NodeKind, Tree};
@@ -91,30 +92,6 @@ impl std::fmt::Debug for Origin {
         f.write_str("Origin(..)")
     }
 }
-
-/// One file that could not be backed up, or an entry skipped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Warning {
-    /// The path, as seen from the root.
-    pub path: String,
-    /// What happened.
-    pub message: String,
-}
-
-/// Reports progress; called from several threads.
-pub trait Progress: Send + Sync {
-    /// A file's content was read (or taken from the parent).
-    fn file_done(&self, _bytes: u64) {}
-    /// A file was skipped or failed.
-    fn warning(&self, _warning: &Warning) {}
-    /// About `bytes` are to be processed in all (an estimate: the parent version's size).
-    fn total(&self, _bytes: u64) {}
-}
-
-/// No progress reporting.
-#[derive(Debug)]
-pub struct NoProgress;
-impl Progress for NoProgress {}
 
 /// The result of a backup.
 #[derive(Debug)]

@@ -46,7 +46,7 @@ impl CheckReport {
 }
 
 /// Checks `repo`; with `read_data`, reads every pack.
-pub fn check(repo: &Repository, read_data: bool, progress: &dyn Fn(u64, u64)) -> Result<CheckReport> {
+pub fn check(repo: &Repository, read_data: bool, progress: &dyn crate::Progress) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut index = Index::default();
     // Every pack an index file lists, with the end of its furthest blob. Taken from the files,
@@ -120,7 +120,7 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Fn(u64, u64)) ->
             };
             done += bytes.len() as u64;
             report.bytes_read += bytes.len() as u64;
-            progress(done, total);
+            progress.bytes(done, total);
             let mut pack_damaged = false;
             if Id::of_stored(&bytes) != *pack {
                 report

@@ -12,9 +12,10 @@
 //! Writes go through directory handles opened with `openat2(RESOLVE_BENEATH | NO_SYMLINKS)`
 //! from the root, as in the restorer: a hostile version cannot reach outside the root.
 
-use crate::archiver::{chunk_file, open_source, Progress};
+use crate::archiver::{chunk_file, open_source};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
+use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restorer::{self, apply_metadata, open_dir_beneath, RestoreOptions, Target};
 use crate::tree::{Node, NodeKind};

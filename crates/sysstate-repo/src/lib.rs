@@ -23,6 +23,7 @@ pub mod keys;
 pub mod lock;
 pub mod meta;
 pub mod pack;
+mod progress;
 pub mod prune;
 mod repo;
 pub mod restorer;
@@ -32,4 +33,5 @@ pub mod version;
 
 pub use error::{RepoError, Result};
 pub use id::Id;
+pub use progress::{NoProgress, Progress, Warning};
 pub use repo::Repository;

@@ -152,7 +152,7 @@ impl Lease {
                 .map_err(|source| RepoError::Io { path: "lease refresher thread".into(), source })?
         };
         // Failpoint for the tests: a real process holding a real lease for a while.
-        if let Some(secs) = std::env::var("SYSSTATE_FAILPOINT_HOLD_LEASE_SECS").ok().and_then(|v| v.parse().ok()) {
+        if let Some(secs) = sysstate_types::failpoint("HOLD_LEASE_SECS") {
             std::thread::sleep(Duration::from_secs(secs));
         }
         Ok(Lease { backend, name, stop: Some(stop), refresher: Some(refresher) })

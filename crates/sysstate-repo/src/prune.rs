@@ -57,87 +57,144 @@ pub fn used_blobs(repo: &Repository) -> Result<HashSet<Id>> {
     Ok(used)
 }
 
-/// Prunes `repo` (index loaded, exclusive lease held by the caller). `progress` is told the
-/// bytes of partly used packs read so far and in all.
-pub fn prune(repo: &Repository, progress: &dyn Fn(u64, u64)) -> Result<PruneReport> {
-    let mut report = PruneReport::default();
+/// What prune will do, decided before anything is written: a dry run prints it, a real run
+/// executes it ([`PrunePlan::execute`]).
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PrunePlan {
+    /// Blobs still used.
+    pub blobs_used: usize,
+    /// Blobs no version needs.
+    pub blobs_unused: usize,
+    /// Packs whose every blob is used: kept as they are.
+    #[serde(skip)]
+    keep: Vec<IndexPack>,
+    /// Packs with no used blob: deleted whole.
+    #[serde(serialize_with = "hex_ids")]
+    pub delete: Vec<Id>,
+    /// Packs with some used blobs: those are moved to new packs, then the pack is deleted.
+    #[serde(serialize_with = "hex_ids")]
+    pub repack: Vec<Id>,
+    #[serde(skip)]
+    repack_entries: Vec<Vec<crate::pack::PackEntry>>,
+    /// Pack files in no index (left by interrupted backups): deleted.
+    pub orphans: Vec<String>,
+    /// Bytes that deleting the packs frees (before the repacked blobs are written again).
+    pub bytes_to_free: u64,
+    /// Bytes of partly used packs to read.
+    pub bytes_to_repack: u64,
+    #[serde(skip)]
+    old_index_files: Vec<Id>,
+    #[serde(skip)]
+    pack_sizes: HashMap<String, u64>,
+}
+
+fn hex_ids<S: serde::Serializer>(ids: &[Id], serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_seq(ids.iter().map(Id::to_hex))
+}
+
+/// Plans a prune of `repo` (exclusive lease held by the caller): which packs stay, go, or are
+/// repacked. Reads the index and every tree; writes nothing.
+pub fn plan(repo: &Repository) -> Result<PrunePlan> {
     let old_index_files = repo.load_index()?;
     let used = used_blobs(repo)?;
     let pack_sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    let mut plan = PrunePlan { old_index_files, ..PrunePlan::default() };
 
-    // Group the index by pack.
     let mut by_pack: HashMap<Id, Vec<crate::pack::PackEntry>> = HashMap::new();
     for (_, location) in repo.index().iter() {
         by_pack.entry(location.pack).or_default().push(location.entry);
     }
-    let mut keep: Vec<IndexPack> = Vec::new();
-    let mut delete: Vec<Id> = Vec::new();
-    let mut repack: Vec<(Id, Vec<crate::pack::PackEntry>)> = Vec::new();
+    let size_of = |pack: &Id| pack_sizes.get(&pack.to_hex()).copied().unwrap_or(0);
     for (pack, entries) in by_pack {
         let used_entries: Vec<_> = entries.iter().copied().filter(|e| used.contains(&e.id)).collect();
-        report.blobs_used += used_entries.len();
-        report.blobs_dropped += entries.len() - used_entries.len();
+        plan.blobs_used += used_entries.len();
+        plan.blobs_unused += entries.len() - used_entries.len();
         if used_entries.len() == entries.len() {
-            keep.push(IndexPack { pack, blobs: entries });
+            plan.keep.push(IndexPack { pack, blobs: entries });
         } else if used_entries.is_empty() {
-            delete.push(pack);
+            plan.bytes_to_free += size_of(&pack);
+            plan.delete.push(pack);
         } else {
-            repack.push((pack, used_entries));
+            plan.bytes_to_free += size_of(&pack);
+            plan.bytes_to_repack += size_of(&pack);
+            plan.repack.push(pack);
+            plan.repack_entries.push(used_entries);
         }
+    }
+    let indexed: HashSet<Id> = repo.index().iter().map(|(_, l)| l.pack).collect();
+    for (name, size) in &pack_sizes {
+        if !Id::from_hex(name).is_some_and(|id| indexed.contains(&id)) {
+            plan.orphans.push(name.clone());
+            plan.bytes_to_free += size;
+        }
+    }
+    plan.orphans.sort();
+    plan.pack_sizes = pack_sizes;
+    Ok(plan)
+}
+
+impl PrunePlan {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.repack.is_empty() && self.orphans.is_empty()
     }
 
-    // Move used blobs out of partly used packs, without re-sealing them (after checking them).
-    let saver = BlobSaver::new(repo);
-    let mut moved: HashSet<Id> = HashSet::new();
-    let repack_total: u64 = repack.iter().filter_map(|(pack, _)| pack_sizes.get(&pack.to_hex())).sum();
-    let mut repack_done = 0u64;
-    for (pack, entries) in &repack {
-        let bytes = repo.backend().read(FileKind::Pack, &pack.to_hex())?;
-        repack_done += bytes.len() as u64;
-        progress(repack_done, repack_total);
-        for entry in entries {
-            if !moved.insert(entry.id) {
-                continue;
+    /// Carries the plan out (exclusive lease still held); what it shows stays for the caller
+    /// to print. `progress` is told the bytes of partly used packs read so far and in all.
+    pub fn execute(&mut self, repo: &Repository, progress: &dyn crate::Progress) -> Result<PruneReport> {
+        let mut report =
+            PruneReport { blobs_used: self.blobs_used, blobs_dropped: self.blobs_unused, ..PruneReport::default() };
+        // Move used blobs out of partly used packs, without re-sealing them (after checking them).
+        let saver = BlobSaver::new(repo);
+        let mut moved: HashSet<Id> = HashSet::new();
+        let mut repack_done = 0u64;
+        for (pack, entries) in self.repack.iter().zip(&self.repack_entries) {
+            let bytes = repo.backend().read(FileKind::Pack, &pack.to_hex())?;
+            repack_done += bytes.len() as u64;
+            progress.bytes(repack_done, self.bytes_to_repack);
+            for entry in entries {
+                if !moved.insert(entry.id) {
+                    continue;
+                }
+                let sealed = bytes
+                    .get(entry.offset as usize..(entry.offset + entry.length) as usize)
+                    .ok_or_else(|| repo.corrupt(format!("pack {}", pack.short()), "shorter than its index says"))?;
+                repo.open_blob(pack, entry, sealed)?;
+                saver.add_sealed(entry.kind, entry.id, sealed, entry.raw_length, entry.compressed)?;
             }
-            let sealed = bytes
-                .get(entry.offset as usize..(entry.offset + entry.length) as usize)
-                .ok_or_else(|| repo.corrupt(format!("pack {}", pack.short()), "shorter than its index says"))?;
-            repo.open_blob(pack, entry, sealed)?;
-            saver.add_sealed(entry.kind, entry.id, sealed, entry.raw_length, entry.compressed)?;
+            report.packs_repacked += 1;
         }
-        report.packs_repacked += 1;
-    }
-    // The saver writes the moved blobs' packs and their own index file; the kept packs go in a
-    // second index file that supersedes every old one.
-    saver.finish()?;
-    report.bytes_written = saver.stats.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    let kept_file = IndexFile { packs: keep, supersedes: old_index_files.clone() };
-    let bytes = kept_file.encode(repo.key());
-    let kept_name = Id::of_stored(&bytes);
-    repo.backend().write(FileKind::Index, &kept_name.to_hex(), &bytes)?;
-    for name in &old_index_files {
-        if *name != kept_name {
-            repo.backend().remove(FileKind::Index, &name.to_hex())?;
-        }
-    }
-    // Packs in no index at all were left by interrupted backups.
-    repo.load_index()?;
-    let indexed: HashSet<Id> = repo.index().iter().map(|(_, l)| l.pack).collect();
-    for name in pack_sizes.keys() {
-        match Id::from_hex(name) {
-            Some(id) if indexed.contains(&id) => {}
-            Some(id) if delete.contains(&id) || repack.iter().any(|(p, _)| *p == id) => {}
-            _ => {
-                report.orphan_packs_deleted += 1;
-                report.bytes_freed += pack_sizes[name];
-                repo.backend().remove(FileKind::Pack, name)?;
+        // The saver writes the moved blobs' packs and their own index file; the kept packs go in
+        // a second index file that supersedes every old one.
+        saver.finish()?;
+        report.bytes_written = saver.stats.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let kept_file = IndexFile { packs: std::mem::take(&mut self.keep), supersedes: self.old_index_files.clone() };
+        let bytes = kept_file.encode(repo.key());
+        let kept_name = Id::of_stored(&bytes);
+        repo.backend().write(FileKind::Index, &kept_name.to_hex(), &bytes)?;
+        for name in &self.old_index_files {
+            if *name != kept_name {
+                repo.backend().remove(FileKind::Index, &name.to_hex())?;
             }
         }
+        let size_of = |name: &str| self.pack_sizes.get(name).copied().unwrap_or(0);
+        for name in &self.orphans {
+            report.orphan_packs_deleted += 1;
+            report.bytes_freed += size_of(name);
+            repo.backend().remove(FileKind::Pack, name)?;
+        }
+        report.packs_deleted = self.delete.len();
+        for pack in self.delete.iter().chain(&self.repack) {
+            report.bytes_freed += size_of(&pack.to_hex());
+            repo.backend().remove(FileKind::Pack, &pack.to_hex())?;
+        }
+        repo.load_index()?;
+        Ok(report)
     }
-    report.packs_deleted = delete.len();
-    for pack in delete.iter().chain(repack.iter().map(|(p, _)| p)) {
-        report.bytes_freed += pack_sizes.get(&pack.to_hex()).copied().unwrap_or(0);
-        repo.backend().remove(FileKind::Pack, &pack.to_hex())?;
-    }
-    Ok(report)
+}
+
+/// Prunes `repo` (exclusive lease held by the caller): [`plan`], then [`PrunePlan::execute`].
+pub fn prune(repo: &Repository, progress: &dyn crate::Progress) -> Result<PruneReport> {
+    plan(repo)?.execute(repo, progress)
 }

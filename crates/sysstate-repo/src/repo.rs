@@ -283,6 +283,19 @@ impl Repository {
         Ok(id)
     }
 
+    /// Drops version `id` (its data stays until `prune`).
+    pub fn forget_version(&self, id: &Id) -> Result<()> {
+        Ok(self.backend.remove(FileKind::Version, &id.to_hex())?)
+    }
+
+    /// Replaces the key in use by one for `passphrase`: the new key is written before the old
+    /// one is removed, so a failure in between leaves both. Returns the new key's name.
+    pub fn change_passphrase(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
+        let name = self.add_key(passphrase, kdf)?;
+        self.backend.remove(FileKind::Key, &self.key_name)?;
+        Ok(name)
+    }
+
     /// Adds a key for `passphrase`; returns its name.
     pub fn add_key(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
         let file = KeyFile::wrap(&self.key, passphrase, kdf, &host_name(), &user_name(), now_ns());

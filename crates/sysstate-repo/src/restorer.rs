@@ -10,9 +10,9 @@
 //! chown clears setuid bits and file capabilities, so both come after it. Directories get their
 //! metadata last, deepest first, so restoring their entries does not change their times.
 
-use crate::archiver::{NoProgress, Progress, Warning};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
+use crate::progress::{NoProgress, Progress, Warning};
 use crate::repo::Repository;
 use crate::tree::{Node, NodeKind};
 use crossbeam_channel::bounded;

@@ -710,13 +710,11 @@ fn run(
         // ever of the root's subvolume.
         let choice = if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
         let dest = group.storage.copy_dir(copy_id).join("tree");
-        let on_btrfs =
-            provider::is_btrfs(&dest.ancestors().find(|p| p.exists()).map(Path::to_path_buf).unwrap_or_default());
         CommitGroup {
             storage: &group.storage,
             paths: &group.paths,
             dest,
-            choice: if choice == ProviderChoice::Auto && on_btrfs { ProviderChoice::Auto } else { choice },
+            choice,
             budget: extra_budgets[index].1,
             skip: skip_for(Some(index)),
             needed: extra_budgets[index].0,

@@ -240,7 +240,7 @@ pub struct CommitRequest<'a> {
 /// as it is; everything else is copied again, and entries that went away are removed. The
 /// freeze then costs a `stat` of each unchanged file instead of a copy.
 pub fn commit(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
-    if let Some(ms) = std::env::var("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = sysstate_types::failpoint("COMMIT_DELAY_MS") {
         // Failpoint for the tests: a provider commit that takes this long.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }

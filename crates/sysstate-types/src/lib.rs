@@ -6,7 +6,9 @@
 //! because administrators' scripts and the event log match on them.
 
 mod code;
+mod failpoint;
 
 pub use code::{ErrorCode, Level};
+pub use failpoint::failpoint;
 pub mod time;
 pub mod units;

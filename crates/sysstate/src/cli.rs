@@ -65,32 +65,7 @@ pub enum Command {
         components: Vec<String>,
     },
     /// Restore a version to an alternate root, or in place.
-    Restore {
-        /// The version: `latest` or an id prefix.
-        #[arg(long, default_value = "latest")]
-        version: String,
-        /// Only this component (repeat for more).
-        #[arg(long = "component", short = 'c')]
-        components: Vec<String>,
-        /// The directory that stands for `/`.
-        #[arg(long)]
-        to: Option<PathBuf>,
-        /// Restore over the live system (or `--root`): staged, journaled, undoable.
-        #[arg(long, conflicts_with = "to")]
-        in_place: bool,
-        /// With --in-place: list what would be added, changed and removed; change nothing.
-        #[arg(long, requires = "in_place")]
-        dry_run: bool,
-        /// With --in-place: also run the commands that reconcile the package set.
-        #[arg(long, requires = "in_place")]
-        apply_packages: bool,
-        /// Put back what the in-place restore JOB replaced or removed, and remove what it added.
-        #[arg(long, value_name = "JOB", conflicts_with_all = ["to", "in_place"])]
-        undo: Option<String>,
-        /// Reader threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-    },
+    Restore(RestoreArgs),
     /// Check the repository's structure; with --read-data, every byte.
     Check {
         /// Read, decrypt and verify every blob.
@@ -100,7 +75,11 @@ pub enum Command {
     /// Drop versions by a retention policy (then run `prune`).
     Forget(ForgetArgs),
     /// Remove data no version needs.
-    Prune,
+    Prune {
+        /// Show what would be deleted and repacked; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Copy versions to another repository.
     Copy {
         /// The destination repository.
@@ -244,4 +223,32 @@ pub enum KeyCommand {
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The version: `latest` or an id prefix.
+    #[arg(long, default_value = "latest")]
+    pub version: String,
+    /// Only this component (repeat for more).
+    #[arg(long = "component", short = 'c')]
+    pub components: Vec<String>,
+    /// The directory that stands for `/`.
+    #[arg(long)]
+    pub to: Option<PathBuf>,
+    /// Restore over the live system (or `--root`): staged, journaled, undoable.
+    #[arg(long, conflicts_with = "to")]
+    pub in_place: bool,
+    /// With --in-place: list what would be added, changed and removed; change nothing.
+    #[arg(long, requires = "in_place")]
+    pub dry_run: bool,
+    /// With --in-place: also run the commands that reconcile the package set.
+    #[arg(long, requires = "in_place")]
+    pub apply_packages: bool,
+    /// Put back what the in-place restore JOB replaced or removed, and remove what it added.
+    #[arg(long, value_name = "JOB", conflicts_with_all = ["to", "in_place"])]
+    pub undo: Option<String>,
+    /// Reader threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }

@@ -3,9 +3,8 @@
 
 mod cli;
 mod commands;
-mod doctor;
 mod output;
-mod shadow;
+mod passphrase;
 
 use clap::Parser;
 

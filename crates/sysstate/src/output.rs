@@ -110,3 +110,38 @@ impl Drop for Bar {
         }
     }
 }
+
+/// The caller's side of a job's progress: draws the bar and prints warnings as they come (not
+/// with `--quiet` or `--json`). The job runner feeds the job store itself.
+#[derive(Debug)]
+pub struct Printer {
+    show: bool,
+    bar: Bar,
+}
+
+impl Printer {
+    /// For an operation that says `what` (`backing up`).
+    pub fn new(show: bool, what: &str) -> Printer {
+        Printer { show, bar: Bar::new(show, what) }
+    }
+}
+
+impl sysstate_repo::Progress for Printer {
+    fn file_done(&self, bytes: u64) {
+        self.bar.add(bytes);
+    }
+
+    fn warning(&self, warning: &sysstate_repo::Warning) {
+        if self.show {
+            self.bar.println(&format!("warning: `{}` {}", warning.path, warning.message));
+        }
+    }
+
+    fn total(&self, bytes: u64) {
+        self.bar.set(0, bytes);
+    }
+
+    fn bytes(&self, done: u64, total: u64) {
+        self.bar.set(done, total);
+    }
+}

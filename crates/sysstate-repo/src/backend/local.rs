@@ -287,8 +287,7 @@ fn crash_failpoint() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static WRITES: AtomicU64 = AtomicU64::new(0);
     static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let limit =
-        LIMIT.get_or_init(|| std::env::var("SYSSTATE_FAILPOINT_KILL_AFTER_WRITES").ok().and_then(|v| v.parse().ok()));
+    let limit = LIMIT.get_or_init(|| sysstate_types::failpoint("KILL_AFTER_WRITES"));
     if let Some(limit) = limit {
         if WRITES.fetch_add(1, Ordering::SeqCst) + 1 >= *limit {
             let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::Kill);

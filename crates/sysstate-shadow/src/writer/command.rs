@@ -1,5 +1,5 @@
 use super::{ErrorClass, Event, Writer, WriterError};
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,18 +45,18 @@ pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), 
         .map_err(|e| {
             WriterError::new(ErrorClass::Nonretryable, format!("cannot run the {what} command `{program}`: {e}"))
         })?;
+    let last_line = read_stderr(child.stderr.take().expect("stderr is piped"), argv.join(" "));
     loop {
         if let Some(status) =
             child.try_wait().map_err(|e| WriterError::new(ErrorClass::NotResponding, e.to_string()))?
         {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = pipe.read_to_string(&mut stderr);
-            }
             if status.success() {
                 return Ok(());
             }
-            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            // A child the command left running may hold the pipe open: its last line is not
+            // worth waiting long for.
+            let last = last_line.recv_timeout(Duration::from_millis(500)).unwrap_or_default();
+            let last = last.trim();
             let class = if status.code() == Some(75) { ErrorClass::Retryable } else { ErrorClass::Nonretryable };
             return Err(WriterError::new(
                 class,
@@ -77,6 +77,29 @@ pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Reads a command's stderr as it comes, so a command that prints more than a pipe holds
+/// (64 KiB) never blocks on it: each line is logged (`-v` shows it), and the last non-empty one
+/// is sent when the pipe closes, for the failure's message.
+fn read_stderr(pipe: std::process::ChildStderr, command: String) -> std::sync::mpsc::Receiver<String> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("writer-stderr".into()).spawn(move || {
+        let mut last = String::new();
+        for line in BufReader::new(pipe).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line);
+            if !line.trim().is_empty() {
+                tracing::info!("`{command}`: {line}");
+                last = line.into_owned();
+            }
+        }
+        let _ = sender.send(last);
+    });
+    if let Err(error) = spawned {
+        tracing::warn!("cannot read the stderr of a writer's command: {error}");
+    }
+    receiver
 }
 
 impl Writer for CommandWriter {
@@ -118,5 +141,43 @@ impl Writer for CommandWriter {
             Some(argv) => run(argv, deadline, event.as_str()),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    #[test]
+    fn a_command_that_prints_more_than_a_pipe_holds_is_not_reported_as_hung() {
+        // 256 KiB on stderr, four times what a pipe holds: read only after the exit, the command
+        // blocks on its write and is killed at the deadline.
+        let script = "head -c 262144 /dev/zero | tr '\\0' x >&2; exit 0";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let started = Instant::now();
+        run(&sh(script), deadline, "freeze").unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_failure_says_the_last_line_of_stderr_and_its_class() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error =
+            run(&sh("echo noise >&2; echo 'database busy' >&2; echo >&2; exit 75"), deadline, "freeze").unwrap_err();
+        assert_eq!(error.class, ErrorClass::Retryable);
+        assert!(error.message.ends_with(": database busy"), "{}", error.message);
+        let error = run(&sh("exit 3"), deadline, "thaw").unwrap_err();
+        assert_eq!(error.class, ErrorClass::Nonretryable);
+    }
+
+    #[test]
+    fn a_command_still_running_at_its_deadline_is_killed() {
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let error = run(&sh("sleep 30"), deadline, "freeze").unwrap_err();
+        assert_eq!(error.class, ErrorClass::NotResponding);
     }
 }

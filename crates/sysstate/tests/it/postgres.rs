@@ -126,7 +126,7 @@ fn a_backup_under_pgbench_load_restores_into_a_cluster_that_recovers_consistent(
     .unwrap();
     // The load runs through the whole backup.
     let mut load = Command::new(bin.join("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-c", "4", "-T", "6", "-n", "postgres"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-c", "4", "-T", "15", "-n", "postgres"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

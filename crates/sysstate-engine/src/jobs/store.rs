@@ -1,12 +1,11 @@
-//! The job store and the event log (DESIGN §4): SQLite in WAL mode in the state directory,
-//! shared by every CLI process and the daemon. A job row lives from its start to its end and is
-//! updated while it runs (current operation, progress), so `sysstate job` in another process
-//! shows it; events are appended by every layer with a level, a source, a numeric id and a
-//! stable code. Rows older than the retention are pruned when a job starts.
+//! The job store and the event log: SQLite in WAL mode in the state directory. A job row lives
+//! from its start to its end and is updated while it runs (current operation, progress), so
+//! `sysstate job` in another process shows it. Rows older than the retention are pruned when a
+//! job starts. Only the runner (`jobs::run`) starts and ends rows.
 
+use super::{EventFilter, EventRecord, JobError, JobKind, JobProgress, JobRecord, JobState, Source};
 use crate::error::{EngineError, Result};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -62,103 +61,6 @@ fn db_error(path: &Path, error: rusqlite::Error) -> EngineError {
         .with_resolution("check that the state directory is writable by the service user (`sysstate doctor --fix`)")
 }
 
-/// The progress of a job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Progress {
-    /// Bytes processed.
-    pub bytes_done: u64,
-    /// Bytes to process, when known.
-    pub bytes_total: u64,
-    /// Files processed.
-    pub files_done: u64,
-    /// Files to process, when known.
-    pub files_total: u64,
-}
-
-/// A job's error (DESIGN §4 job JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct JobError {
-    /// The code.
-    pub code: String,
-    /// The message.
-    pub message: String,
-    /// The cause.
-    pub cause: String,
-    /// The resolution.
-    pub resolution: String,
-    /// The event id.
-    pub event_id: u32,
-}
-
-/// A job as `sysstate job --json` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct JobRecord {
-    /// Its id.
-    pub id: String,
-    /// `backup`, `restore`, …
-    pub kind: String,
-    /// `running`, `succeeded`, `succeeded-with-warnings`, `failed`, `cancelled`.
-    pub state: String,
-    /// The process running it.
-    pub pid: u32,
-    /// When it started (RFC 3339).
-    pub started: String,
-    /// When it ended.
-    pub ended: Option<String>,
-    /// The target.
-    pub target: Option<String>,
-    /// The components.
-    pub components: Vec<String>,
-    /// What it is doing now.
-    pub current_operation: Option<String>,
-    /// How far it is.
-    pub progress: Progress,
-    /// The version it made.
-    pub version: Option<String>,
-    /// Its log file.
-    pub log_path: Option<String>,
-    /// Its error.
-    pub error: Option<JobError>,
-}
-
-/// An event as `sysstate events --json` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct EventRecord {
-    /// When (RFC 3339).
-    pub time: String,
-    /// `info`, `warning`, `error`.
-    pub level: String,
-    /// `repository`, `shadow`, `writer`, `engine`.
-    pub source: String,
-    /// The numeric id.
-    pub event_id: u32,
-    /// The stable code.
-    pub code: String,
-    /// The message.
-    pub message: String,
-    /// The job it belongs to.
-    pub job: Option<String>,
-    /// Details.
-    pub data: Option<serde_json::Value>,
-}
-
-/// Filters of `sysstate events`.
-#[derive(Debug, Clone, Default)]
-pub struct EventFilter {
-    /// Only this source.
-    pub source: Option<String>,
-    /// Only this level and above.
-    pub level: Option<Level>,
-    /// Only since this time (ns).
-    pub since_ns: Option<i64>,
-    /// Only this job.
-    pub job: Option<String>,
-}
-
 /// The store.
 #[derive(Debug)]
 pub struct JobStore {
@@ -166,6 +68,15 @@ pub struct JobStore {
     path: PathBuf,
     state_dir: PathBuf,
     retention: Duration,
+}
+
+/// A stored name this binary does not know (a newer release wrote it).
+fn unknown(column: &str, name: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("the job {column} `{name}` is unknown to this release of sysstate").into(),
+    )
 }
 
 fn level_name(level: Level) -> &'static str {
@@ -221,7 +132,7 @@ impl JobStore {
     }
 
     /// Starts a job: a `running` row and a log file. Prunes rows past the retention.
-    pub fn start(&self, kind: &str, target: Option<&str>, components: &[String]) -> Result<String> {
+    pub(super) fn start(&self, kind: JobKind, target: Option<&str>, components: &[String]) -> Result<String> {
         let mut random = [0u8; 6];
         getrandom::getrandom(&mut random).expect("the kernel's random source is available");
         let now = now_ns();
@@ -240,7 +151,7 @@ impl JobStore {
             db.execute("DELETE FROM events WHERE time_ns < ?1", params![cutoff])?;
             db.execute(
                 "INSERT INTO jobs (id, kind, state, pid, started_ns, target, components, log_path) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
-                params![id, kind, std::process::id(), now, target, serde_json::to_string(components).expect("names encode"), log_path.display().to_string()],
+                params![id, kind.as_str(), std::process::id(), now, target, serde_json::to_string(components).expect("names encode"), log_path.display().to_string()],
             )
         })?;
         self.log(&id, &format!("{kind} started (pid {})", std::process::id()));
@@ -283,7 +194,7 @@ impl JobStore {
     }
 
     /// Updates a job's progress.
-    pub fn progress(&self, job: &str, progress: &Progress) -> Result<()> {
+    pub fn progress(&self, job: &str, progress: &JobProgress) -> Result<()> {
         self.with(|db| {
             db.execute(
                 "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, files_done = ?4, files_total = ?5 WHERE id = ?1",
@@ -294,17 +205,23 @@ impl JobStore {
     }
 
     /// Ends a job. A failure is written as an event too; returns the event's id.
-    pub fn finish(
+    pub(super) fn finish(
         &self,
         job: &str,
-        state: &str,
+        state: JobState,
         version: Option<&str>,
         error: Option<&EngineError>,
-        source: &str,
     ) -> Result<()> {
         let now = now_ns();
         if let Some(error) = error {
-            self.event(Some(job), error.code.level(), source, error.code, &error.message, error.data.clone())?;
+            self.event(
+                Some(job),
+                error.code.level(),
+                Source::of(error.code),
+                error.code,
+                &error.message,
+                error.data.clone(),
+            )?;
         }
         self.log(
             job,
@@ -318,7 +235,7 @@ impl JobStore {
                 "UPDATE jobs SET state = ?2, ended_ns = ?3, version = ?4, current_operation = NULL, error_code = ?5, error_message = ?6, error_cause = ?7, error_resolution = ?8, error_event_id = ?9 WHERE id = ?1",
                 params![
                     job,
-                    state,
+                    state.as_str(),
                     now,
                     version,
                     error.map(|e| e.code.as_str()),
@@ -337,18 +254,21 @@ impl JobStore {
         &self,
         job: Option<&str>,
         level: Level,
-        source: &str,
+        source: Source,
         code: ErrorCode,
         message: &str,
         data: Option<serde_json::Value>,
     ) -> Result<()> {
         if let Some(job) = job {
-            self.log(job, &format!("{} {source} {}[{}]: {message}", level_name(level), code.event_id(), code));
+            self.log(
+                job,
+                &format!("{} {} {}[{}]: {message}", level_name(level), source.as_str(), code.event_id(), code),
+            );
         }
         self.with(|db| {
             db.execute(
                 "INSERT INTO events (time_ns, level, source, event_id, code, message, job, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![now_ns(), level_name(level), source, code.event_id(), code.as_str(), message, job, data.map(|d| d.to_string())],
+                params![now_ns(), level_name(level), source.as_str(), code.event_id(), code.as_str(), message, job, data.map(|d| d.to_string())],
             )
         })
         .map(|_| ())
@@ -358,17 +278,19 @@ impl JobStore {
         let ended: Option<i64> = row.get("ended_ns")?;
         let code: Option<String> = row.get("error_code")?;
         let components: String = row.get("components")?;
+        let kind: String = row.get("kind")?;
+        let state: String = row.get("state")?;
         Ok(JobRecord {
             id: row.get("id")?,
-            kind: row.get("kind")?,
-            state: row.get("state")?,
+            kind: JobKind::from_name(&kind).ok_or_else(|| unknown("kind", &kind))?,
+            state: JobState::from_name(&state).ok_or_else(|| unknown("state", &state))?,
             pid: row.get("pid")?,
             started: sysstate_types::time::format_utc(row.get("started_ns")?),
             ended: ended.map(sysstate_types::time::format_utc),
             target: row.get("target")?,
             components: serde_json::from_str(&components).unwrap_or_default(),
             current_operation: row.get("current_operation")?,
-            progress: Progress {
+            progress: JobProgress {
                 bytes_done: row.get("bytes_done")?,
                 bytes_total: row.get("bytes_total")?,
                 files_done: row.get("files_done")?,
@@ -408,13 +330,13 @@ impl JobStore {
                         job.id, job.pid
                     ),
                 );
-                if job.kind == "restore-in-place" {
+                if job.kind == JobKind::RestoreInPlace {
                     error = error.with_resolution(format!(
                         "the system may be half restored: run `sysstate restore --undo {}` to put it back as it was, then restore again",
                         job.id
                     ));
                 }
-                self.finish(&job.id, "failed", None, Some(&error), "engine")?;
+                self.finish(&job.id, JobState::Failed, None, Some(&error))?;
             }
         }
         Ok(alive)
@@ -469,32 +391,18 @@ impl JobStore {
     }
 }
 
-/// The layer an error code comes from: the `source` of its event.
-pub fn source_of(code: ErrorCode) -> &'static str {
-    use ErrorCode::*;
-    match code {
-        WriterTimeout | WriterRetryable | WriterNonretryable | WriterOutOfResources | WriterInconsistent
-        | WriterNotResponding => "writer",
-        ShadowSetInProgress | CommitTimeout | ShadowStorageFull | ShadowStorageOldestDeleted => "shadow",
-        TargetUnavailable | TargetFull | TargetPermission | RepositoryLocked | RepositoryCorrupt | WrongPassphrase => {
-            "repository"
-        }
-        _ => "engine",
-    }
-}
-
 /// Throttles progress writes to the store (at most every half second).
 #[derive(Debug)]
 pub struct ProgressWriter<'s> {
     store: &'s JobStore,
     job: String,
-    state: Mutex<(Progress, Instant)>,
+    state: Mutex<(JobProgress, Instant)>,
 }
 
 impl<'s> ProgressWriter<'s> {
     /// For `job`.
     pub fn new(store: &'s JobStore, job: &str) -> Self {
-        ProgressWriter { store, job: job.to_string(), state: Mutex::new((Progress::default(), Instant::now())) }
+        ProgressWriter { store, job: job.to_string(), state: Mutex::new((JobProgress::default(), Instant::now())) }
     }
 
     /// Adds a file of `bytes`.
@@ -538,14 +446,14 @@ mod tests {
     fn ended_jobs_their_events_and_logs_are_pruned_past_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap().with_retention(Duration::from_millis(50));
-        let old = store.start("backup", None, &[]).unwrap();
+        let old = store.start(JobKind::Backup, None, &[]).unwrap();
         let error = EngineError::new(ErrorCode::TargetFull, "full");
-        store.finish(&old, "failed", None, Some(&error), "repository").unwrap();
+        store.finish(&old, JobState::Failed, None, Some(&error)).unwrap();
         let old_log = dir.path().join("logs").join(format!("{old}.log"));
         assert!(old_log.exists());
         std::thread::sleep(Duration::from_millis(120));
-        let new = store.start("backup", None, &[]).unwrap();
-        store.finish(&new, "succeeded", None, None, "engine").unwrap();
+        let new = store.start(JobKind::Backup, None, &[]).unwrap();
+        store.finish(&new, JobState::Succeeded, None, None).unwrap();
         let previous = store.previous(10).unwrap();
         assert_eq!(previous.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![new.as_str()]);
         assert!(store.events(&EventFilter::default()).unwrap().iter().all(|e| e.job.as_deref() != Some(old.as_str())));
@@ -556,20 +464,20 @@ mod tests {
     fn a_job_lives_from_start_to_end_with_its_events() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
-        let id = store.start("backup", Some("/t"), &["config".into()]).unwrap();
+        let id = store.start(JobKind::Backup, Some("/t"), &["config".into()]).unwrap();
         store.operation(&id, "reading shadow copies").unwrap();
         let running = JobStore::open(dir.path()).unwrap().running().unwrap();
         assert_eq!(running.len(), 1);
         assert_eq!(running[0].current_operation.as_deref(), Some("reading shadow copies"));
         let error = EngineError::new(ErrorCode::WriterTimeout, "writer `db` was frozen too long");
-        store.finish(&id, "failed", None, Some(&error), "shadow").unwrap();
+        store.finish(&id, JobState::Failed, None, Some(&error)).unwrap();
         let previous = store.previous(1).unwrap();
-        assert_eq!(previous[0].state, "failed");
+        assert_eq!(previous[0].state, JobState::Failed);
         assert_eq!(previous[0].error.as_ref().unwrap().code, "writer-timeout");
         assert_eq!(previous[0].error.as_ref().unwrap().event_id, 1001);
         let events = store.events(&EventFilter { level: Some(Level::Error), ..Default::default() }).unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].source, "shadow");
+        assert_eq!(events[0].source, "writer", "a writer timeout is the writer's");
         assert!(store
             .events(&EventFilter { source: Some("repository".into()), ..Default::default() })
             .unwrap()

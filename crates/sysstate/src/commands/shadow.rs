@@ -1,12 +1,12 @@
 //! The shadow copy service's commands: `writers`, `providers`, `shadows`, `shadowstorage`, and
 //! the signal handler that thaws writers.
 
-use crate::cli::{Global, ShadowsCommand, StorageCommand};
-use crate::commands::Outcome;
+use super::{Context, Outcome};
+use crate::cli::{ShadowsCommand, StorageCommand};
 use crate::output::{bytes, print_json};
 use serde_json::json;
-use sysstate_engine::config::Config;
-use sysstate_engine::{paths, shadow, EngineError, ErrorCode, Result};
+use sysstate_engine::shadow::{self, CopySelector, StorageSetting};
+use sysstate_engine::{paths, EngineError, ErrorCode, Result};
 use sysstate_shadow::ThawTrigger;
 
 /// A thaw trigger fired by SIGINT and SIGTERM. On a signal, frozen writers are thawed at once
@@ -32,9 +32,10 @@ pub fn signal_trigger() -> ThawTrigger {
     trigger
 }
 
-pub fn writers(config: &Config, json: bool) -> Result<Outcome> {
+pub fn writers(context: &Context<'_>) -> Result<Outcome> {
     let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
-    let rows: Vec<serde_json::Value> = config
+    let rows: Vec<serde_json::Value> = context
+        .config
         .writers
         .iter()
         .map(|writer| {
@@ -50,7 +51,7 @@ pub fn writers(config: &Config, json: bool) -> Result<Outcome> {
             })
         })
         .collect();
-    if json {
+    if context.json() {
         print_json(&json!(rows));
     } else if rows.is_empty() {
         println!("no writers are configured (`[[writer]]` in the config)");
@@ -64,7 +65,7 @@ pub fn writers(config: &Config, json: bool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-pub fn providers(json: bool) -> Result<Outcome> {
+pub fn providers(context: &Context<'_>) -> Result<Outcome> {
     let holder = sysstate_shadow::lock::current_holder(&paths::runtime_dir());
     let state = match &holder {
         Some(holder) => format!("in use by {holder}"),
@@ -74,7 +75,7 @@ pub fn providers(json: bool) -> Result<Outcome> {
         .iter()
         .map(|(name, needs)| json!({"name": name, "needs": needs, "start-type": "on-demand", "state": state}))
         .collect();
-    if json {
+    if context.json() {
         print_json(&json!(rows));
     } else {
         for row in &rows {
@@ -100,10 +101,11 @@ fn copy_json(
     })
 }
 
-pub fn shadows(config: &Config, global: &Global, command: Option<&ShadowsCommand>) -> Result<Outcome> {
-    let areas = shadow::storage_areas(config, &paths::state_dir())?;
+pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Result<Outcome> {
+    let global = &context.cli.global;
     match command.unwrap_or(&ShadowsCommand::List) {
         ShadowsCommand::List => {
+            let areas = shadow::storage_areas(&context.config, &paths::state_dir())?;
             let rows: Vec<_> =
                 areas.iter().flat_map(|a| a.copies().into_iter().map(move |c| copy_json(a, &c))).collect();
             if global.json {
@@ -126,7 +128,8 @@ pub fn shadows(config: &Config, global: &Global, command: Option<&ShadowsCommand
             Ok(Outcome::Success)
         }
         ShadowsCommand::Create { components } => {
-            let record = sysstate_engine::ops::create_persistent(config, &global.root, components, signal_trigger())?;
+            let record =
+                sysstate_engine::ops::create_persistent(&context.config, &global.root, components, signal_trigger())?;
             if global.json {
                 print_json(&serde_json::to_value(&record).expect("records encode"));
             } else if !global.quiet {
@@ -142,35 +145,18 @@ pub fn shadows(config: &Config, global: &Global, command: Option<&ShadowsCommand
             Ok(Outcome::Success)
         }
         ShadowsCommand::Delete { id, oldest, all } => {
-            let mut deleted = Vec::new();
-            let mut copies: Vec<_> = areas.iter().flat_map(|a| a.copies().into_iter().map(move |c| (a, c))).collect();
-            copies.sort_by_key(|(_, c)| c.created_ns);
-            let chosen: Vec<_> = if *all {
-                copies
-            } else if *oldest {
-                copies.into_iter().take(1).collect()
-            } else if let Some(id) = id {
-                let found: Vec<_> = copies.into_iter().filter(|(_, c)| c.id.starts_with(id.as_str())).collect();
-                if found.len() != 1 {
+            let selector = match (id, oldest, all) {
+                (_, _, true) => CopySelector::All,
+                (_, true, _) => CopySelector::Oldest,
+                (Some(id), _, _) => CopySelector::Id(id.clone()),
+                (None, false, false) => {
                     return Err(EngineError::new(
                         ErrorCode::InvalidInput,
-                        format!(
-                            "`--id {id}` matches {} shadow copies: `sysstate shadows list` shows them",
-                            found.len()
-                        ),
-                    ));
+                        "say which copies: `--id ID`, `--oldest` or `--all`",
+                    ))
                 }
-                found
-            } else {
-                return Err(EngineError::new(
-                    ErrorCode::InvalidInput,
-                    "say which copies: `--id ID`, `--oldest` or `--all`",
-                ));
             };
-            for (area, copy) in chosen {
-                area.delete(&copy.id).map_err(shadow::shadow_error)?;
-                deleted.push(copy.id);
-            }
+            let deleted = shadow::delete_copies(&context.config, &paths::state_dir(), &selector)?;
             if global.json {
                 print_json(&json!({"deleted": deleted}));
             } else if !global.quiet {
@@ -181,46 +167,25 @@ pub fn shadows(config: &Config, global: &Global, command: Option<&ShadowsCommand
     }
 }
 
-pub fn storage(config: &Config, json: bool, command: Option<&StorageCommand>) -> Result<Outcome> {
+pub fn storage(context: &Context<'_>, command: Option<&StorageCommand>) -> Result<Outcome> {
     let state_dir = paths::state_dir();
     if let Some(StorageCommand::Resize { for_volume, on, max_size }) = command {
-        let size = sysstate_shadow::storage::MaxSize::parse(max_size)
-            .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--max-size`: {e}")))?;
-        shadow::write_setting(
-            &state_dir,
-            shadow::StorageSetting { for_volume: for_volume.clone(), on: on.clone(), max_size: max_size.clone() },
-        )?;
-        // Shrinking below what is used deletes the oldest copies that no longer fit.
-        let area =
-            sysstate_shadow::storage::StorageArea { for_volume: for_volume.into(), on: on.into(), max_size: size };
-        let deleted = area.make_room(0).unwrap_or_default();
-        let store = sysstate_engine::jobs::JobStore::open(&state_dir).ok();
-        for copy in &deleted {
-            let message = format!(
-                "deleted shadow copy {} of `{}` (made {}) from `{on}`: it no longer fits in the new maximum of {size}",
-                copy.id,
-                copy.for_volume,
-                sysstate_types::time::format_utc(copy.created_ns)
-            );
-            eprintln!("warning[shadow-storage-oldest-deleted]: {message}");
-            if let Some(store) = &store {
-                let code = ErrorCode::ShadowStorageOldestDeleted;
-                let data = json!({"id": copy.id, "volume": copy.for_volume, "location": on, "bytes": copy.bytes});
-                let _ = store.event(None, sysstate_types::Level::Warning, "shadow", code, &message, Some(data));
-            }
+        let setting = StorageSetting { for_volume: for_volume.clone(), on: on.clone(), max_size: max_size.clone() };
+        for warning in shadow::resize(&state_dir, setting)? {
+            eprintln!("warning[shadow-storage-oldest-deleted]: {warning}");
         }
-        if !json {
-            println!("shadow storage for `{for_volume}` on `{on}`: max size {size}");
+        if !context.json() {
+            println!("shadow storage for `{for_volume}` on `{on}`: max size {max_size}");
         }
     }
-    let rows: Vec<serde_json::Value> = shadow::storage_areas(config, &state_dir)?
+    let rows: Vec<serde_json::Value> = shadow::storage_areas(&context.config, &state_dir)?
         .iter()
         .map(|area| {
             let (limit, free) = area.limit_and_free().unwrap_or((None, 0));
             json!({"for": area.for_volume.display().to_string(), "on": area.on.display().to_string(), "max-size": area.max_size.to_string(), "max-bytes": limit, "used": area.used(), "free": free, "copies": area.copies().len()})
         })
         .collect();
-    if json {
+    if context.json() {
         print_json(&json!(rows));
     } else {
         for row in &rows {

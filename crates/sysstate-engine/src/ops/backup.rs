@@ -1,30 +1,18 @@
-//! The operations the CLI runs: backup, restore, and reading versions.
+//! A system state backup: the components resolved, their locks checked and their commands
+//! run, a shadow set taken, and the shadow copies read into a new version. Also the persistent
+//! shadow copy (`sysstate shadows create`), which takes the same shadow set without a backup.
 
 use crate::components::{self, Resolved};
 use crate::config::Config;
 use crate::error::{EngineError, Result};
+use crate::jobs::{Job, JobOutput};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use sysstate_repo::archiver::{self, BackupOptions, Progress, Selection, Warning};
-use sysstate_repo::backend::{self, Backend};
+use sysstate_repo::archiver::{self, BackupOptions, Selection};
 use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
-use sysstate_repo::restorer::{self, RestoreOptions, RestoreOutcome};
 use sysstate_repo::version::{ComponentRecord, Version};
-use sysstate_repo::{Id, Repository};
+use sysstate_repo::{Id, Progress, Repository, Warning};
 use sysstate_types::ErrorCode;
-
-/// Opens the backend of a target.
-pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
-    backend::open_target(target).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))
-}
-
-/// Opens the repository at `target` and loads its index.
-pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
-    let repo = Repository::open(backend(target)?, passphrase)?;
-    repo.load_index()?;
-    Ok(repo)
-}
 
 /// What a backup is asked to do.
 #[derive(Debug, Clone)]
@@ -45,17 +33,13 @@ pub struct BackupRequest {
     pub wait: Option<std::time::Duration>,
     /// Fired by the binary's signal handler: thaws the writers at once.
     pub trigger: sysstate_shadow::ThawTrigger,
-    /// The job this backup runs as (named in the shadow-set lock).
-    pub job: Option<String>,
-    /// Told each operation as it starts.
-    pub phase: Option<sysstate_shadow::PhaseHook>,
-    /// Told each warning of the shadow set as it happens.
-    pub warning: Option<sysstate_shadow::WarningHook>,
 }
 
 /// What a backup did.
 #[derive(Debug)]
 pub struct BackupReport {
+    /// The job it ran as.
+    pub job: String,
     /// The new version.
     pub id: Id,
     /// Its manifest.
@@ -68,6 +52,16 @@ pub struct BackupReport {
     pub created: bool,
     /// What the shadow set did.
     pub shadow: sysstate_shadow::ShadowSetRecord,
+}
+
+impl JobOutput for BackupReport {
+    fn version(&self) -> Option<String> {
+        Some(self.id.to_hex())
+    }
+
+    fn warnings(&self) -> usize {
+        self.warnings.len()
+    }
 }
 
 /// Turns resolved components into the archiver's selections and the manifest's records.
@@ -116,7 +110,7 @@ fn open_for_backup(
     progress: &dyn Progress,
     create: bool,
 ) -> Result<Option<Opened>> {
-    let backend = backend(&request.target)?;
+    let backend = super::backend(&request.target)?;
     let created = !Repository::exists(&*backend)?;
     let repo = match (created, create) {
         (true, false) => return Ok(None),
@@ -162,9 +156,11 @@ fn generate(records: &mut [ComponentRecord], root: &Path, dir: &Path) -> Vec<War
     warnings
 }
 
-/// Runs a backup: creates the repository if the target has none, takes a shared lease, compares
-/// with the newest version of the same host and root, and stores a new version.
-pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progress) -> Result<BackupReport> {
+/// Runs a backup as `job`: creates the repository if the target has none, takes a shared lease,
+/// compares with the newest version of the same host and root, and stores a new version. The
+/// shadow set's phases become the job's current operation and its warnings the job's events.
+pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Result<BackupReport> {
+    let progress: &dyn Progress = job;
     let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
     let (selections, records) = selections(&resolved)?;
     let served = crate::shadow::served_components(&request.config);
@@ -206,14 +202,9 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
     }
     let mut shadow_options = shadow_options(&request.config, &request.root, paths, request.wait, false)?;
     split_by_volume(&request.config, &request.root, &mut shadow_options)?;
-    shadow_options.holder.job = request.job.clone();
-    shadow_options.phase = request.phase.clone();
-    shadow_options.warning = request.warning.clone();
-    let phase = |name: &str| {
-        if let Some(hook) = &request.phase {
-            (hook.0)(name);
-        }
-    };
+    shadow_options.holder.job = Some(job.id().to_string());
+    shadow_options.phase = Some(job.phase_hook());
+    shadow_options.warning = Some(job.warning_hook());
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
@@ -237,7 +228,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
         live_reads_before_ns: set.taken_ns(),
     };
-    phase("reading shadow copies");
+    job.operation("reading shadow copies");
     let skipped: Vec<Warning> = set
         .skipped()
         .iter()
@@ -245,12 +236,13 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         .collect();
     skipped.iter().for_each(|w| progress.warning(w));
     let outcome = archiver::backup(&repo, &options, progress);
-    phase("releasing shadow copies");
+    job.operation("releasing shadow copies");
     let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;
     outcome.warnings.extend(skipped);
     outcome.warnings.extend(generated_warnings);
     Ok(BackupReport {
+        job: job.id().to_string(),
         id: outcome.id,
         version: outcome.version,
         warnings: outcome.warnings,
@@ -258,52 +250,6 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], progress: &dyn Progres
         created,
         shadow: record,
     })
-}
-
-/// Restores a version (or some of its components) to `to`.
-pub fn restore_to(
-    repo: &Repository,
-    version: &str,
-    components: &[String],
-    to: &Path,
-    threads: usize,
-    progress: Option<&dyn Progress>,
-) -> Result<(Id, RestoreOutcome)> {
-    let (id, manifest) = repo.find_version(version)?;
-    let (include, exclude) = component_scope(&manifest, &id, components)?;
-    if let (Some(progress), true) = (progress, components.is_empty()) {
-        progress.total(manifest.stats.bytes_total);
-    }
-    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
-    let options = RestoreOptions { target: to.to_path_buf(), include, exclude, threads, owners: true };
-    let outcome = restorer::restore(repo, &id, &options, progress)?;
-    Ok((id, outcome))
-}
-
-/// The version's paths of the components `names`, and the paths of other components nested in
-/// them (left out: restoring `boot` leaves the ESP to `efi`).
-pub fn component_scope(manifest: &Version, id: &Id, names: &[String]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let mut include = Vec::new();
-    for name in names {
-        let record = manifest.components.iter().find(|c| &c.name == name).ok_or_else(|| {
-            EngineError::new(ErrorCode::ComponentMissing, format!("version `{}` has no component `{name}`", id.short()))
-                .with_resolution(format!(
-                    "choose among the version's components: {}",
-                    manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-        })?;
-        include.extend(record.paths.iter().map(PathBuf::from));
-    }
-    // A path belongs to the component with the longest path above it: restoring `boot` leaves
-    // out the ESP, which is `efi`'s.
-    let exclude = manifest
-        .components
-        .iter()
-        .filter(|c| !names.contains(&c.name))
-        .flat_map(|c| c.paths.iter().map(PathBuf::from))
-        .filter(|other| include.iter().any(|p| other.starts_with(p) && other != p))
-        .collect();
-    Ok((include, exclude))
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

@@ -1,7 +1,7 @@
 //! `sysstate doctor` and `sysstate services`: printing what `sysstate-doctor` finds.
 
+use super::Outcome;
 use crate::cli::Cli;
-use crate::commands::Outcome;
 use crate::output::print_json;
 use sysstate_doctor::services::StartType;
 use sysstate_doctor::Status;

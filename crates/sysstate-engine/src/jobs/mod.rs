@@ -1,0 +1,243 @@
+//! Jobs and the event log (DESIGN §4). Every operation that changes or reads a repository at
+//! length runs as a job through [`run`]: the job store ([`JobStore`], SQLite in the state
+//! directory, shared by every CLI process and the agent) holds a row from the job's start to its
+//! end, with its current operation and progress while it runs and its state, version or error
+//! after; the event log holds every failure and warning with a level, a source, a numeric id and
+//! a stable code.
+//!
+//! The runner is the only code that starts and ends job rows: the CLI, the doctor's validation
+//! backup and the agent all go through it, so a job ends with the right state, error and event
+//! on every path out of its work, a panic included.
+
+mod runner;
+mod store;
+
+pub use runner::{run, Job, JobOutput};
+pub use store::{JobStore, RETENTION};
+
+use serde::Serialize;
+use sysstate_types::{ErrorCode, Level};
+
+/// Declares a kebab-case enum stored and shown as its name.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every value.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// The name stored in the job store and shown to users.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+
+            /// The value of a stored name.
+            pub fn from_name(name: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|value| value.as_str() == name)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// What a job does.
+    JobKind {
+        /// `sysstate backup`.
+        Backup => "backup",
+        /// `sysstate restore --to DIR`.
+        Restore => "restore",
+        /// `sysstate restore --in-place`.
+        RestoreInPlace => "restore-in-place",
+        /// `sysstate restore --in-place --dry-run`: plans, changes nothing.
+        RestoreDryRun => "restore-dry-run",
+        /// `sysstate restore --undo JOB`.
+        Undo => "undo",
+        /// `sysstate check`.
+        Check => "check",
+        /// `sysstate forget`.
+        Forget => "forget",
+        /// `sysstate prune`.
+        Prune => "prune",
+        /// `sysstate copy`.
+        Copy => "copy",
+        /// The doctor's validation backup.
+        Validate => "validate",
+    }
+}
+
+named_enum! {
+    /// Where a job is in its life.
+    JobState {
+        /// Started, not ended.
+        Running => "running",
+        /// Ended with everything done.
+        Succeeded => "succeeded",
+        /// Ended with everything done but some entries, each a warning.
+        SucceededWithWarnings => "succeeded-with-warnings",
+        /// Ended with an error.
+        Failed => "failed",
+        /// Stopped on request (a signal, `job cancel`).
+        Cancelled => "cancelled",
+    }
+}
+
+impl JobState {
+    /// True for the two successful ends.
+    pub fn succeeded(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::SucceededWithWarnings)
+    }
+}
+
+/// The layer an event comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The repository and its backend.
+    Repository,
+    /// The shadow copy coordinator, providers and storage.
+    Shadow,
+    /// A writer.
+    Writer,
+    /// Everything else.
+    Engine,
+}
+
+impl Source {
+    /// The name stored in the event log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Repository => "repository",
+            Source::Shadow => "shadow",
+            Source::Writer => "writer",
+            Source::Engine => "engine",
+        }
+    }
+
+    /// The layer an error code comes from: the `source` of its event.
+    pub fn of(code: ErrorCode) -> Source {
+        use ErrorCode::*;
+        match code {
+            WriterTimeout | WriterRetryable | WriterNonretryable | WriterOutOfResources | WriterInconsistent
+            | WriterNotResponding => Source::Writer,
+            ShadowSetInProgress | CommitTimeout | ShadowStorageFull | ShadowStorageOldestDeleted => Source::Shadow,
+            TargetUnavailable | TargetFull | TargetPermission | RepositoryLocked | RepositoryCorrupt
+            | WrongPassphrase => Source::Repository,
+            _ => Source::Engine,
+        }
+    }
+}
+
+/// The progress of a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobProgress {
+    /// Bytes processed.
+    pub bytes_done: u64,
+    /// Bytes to process, when known.
+    pub bytes_total: u64,
+    /// Files processed.
+    pub files_done: u64,
+    /// Files to process, when known.
+    pub files_total: u64,
+}
+
+/// A job's error (DESIGN §4 job JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobError {
+    /// The code.
+    pub code: String,
+    /// The message.
+    pub message: String,
+    /// The cause.
+    pub cause: String,
+    /// The resolution.
+    pub resolution: String,
+    /// The event id.
+    pub event_id: u32,
+}
+
+/// A job as `sysstate job --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobRecord {
+    /// Its id.
+    pub id: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// Where it is in its life.
+    pub state: JobState,
+    /// The process running it.
+    pub pid: u32,
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// When it ended.
+    pub ended: Option<String>,
+    /// The target.
+    pub target: Option<String>,
+    /// The components.
+    pub components: Vec<String>,
+    /// What it is doing now.
+    pub current_operation: Option<String>,
+    /// How far it is.
+    pub progress: JobProgress,
+    /// The version it made.
+    pub version: Option<String>,
+    /// Its log file.
+    pub log_path: Option<String>,
+    /// Its error.
+    pub error: Option<JobError>,
+}
+
+/// An event as `sysstate events --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EventRecord {
+    /// When (RFC 3339).
+    pub time: String,
+    /// `info`, `warning`, `error`.
+    pub level: String,
+    /// `repository`, `shadow`, `writer`, `engine`.
+    pub source: String,
+    /// The numeric id.
+    pub event_id: u32,
+    /// The stable code.
+    pub code: String,
+    /// The message.
+    pub message: String,
+    /// The job it belongs to.
+    pub job: Option<String>,
+    /// Details.
+    pub data: Option<serde_json::Value>,
+}
+
+/// Filters of `sysstate events`.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this level and above.
+    pub level: Option<Level>,
+    /// Only since this time (ns).
+    pub since_ns: Option<i64>,
+    /// Only this job.
+    pub job: Option<String>,
+}

@@ -1,0 +1,40 @@
+//! Every operation on a repository, as Options → (Plan) → Report (rustic_core's model): the
+//! binary, the doctor and the agent call these and print or record what they return. Each takes
+//! the lease it needs itself; none prints.
+//!
+//! - [`backup`]: a shadow set of the components, read into a new version;
+//! - [`restore`]: a version to an alternate root (in place: [`crate::inplace`]);
+//! - [`upkeep`]: check, forget (plan, then execute), prune (plan, then execute), copy;
+//! - [`keys`]: list, add, remove, change the passphrase;
+//! - [`read`]: versions and the items of one.
+
+pub mod backup;
+pub mod keys;
+pub mod read;
+pub mod restore;
+pub mod upkeep;
+
+pub use backup::{backup, create_persistent, BackupReport, BackupRequest};
+pub use restore::{component_scope, restore_to, RestoreReport, RestoreRequest};
+
+use crate::error::{EngineError, Result};
+use std::sync::Arc;
+use sysstate_repo::backend::{self, Backend};
+use sysstate_repo::Repository;
+
+/// Opens the backend of a target.
+pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
+    backend::open_target(target).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))
+}
+
+/// Opens the repository at `target` and loads its index.
+pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
+    let repo = Repository::open(backend(target)?, passphrase)?;
+    repo.load_index()?;
+    Ok(repo)
+}
+
+/// True when `target` holds a repository.
+pub fn exists(target: &str) -> Result<bool> {
+    Ok(Repository::exists(&*backend(target)?)?)
+}

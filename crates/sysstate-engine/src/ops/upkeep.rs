@@ -1,0 +1,177 @@
+//! Repository upkeep: check, forget, prune, copy. Forget and prune decide first and act second:
+//! their plan is a value that a dry run shows and a real run executes.
+
+use crate::error::{EngineError, Result};
+use crate::jobs::JobOutput;
+use serde::Serialize;
+use sysstate_repo::check::CheckReport;
+use sysstate_repo::forget::Policy;
+use sysstate_repo::keys::KdfParams;
+use sysstate_repo::lock::Lease;
+use sysstate_repo::prune::{PrunePlan, PruneReport};
+use sysstate_repo::version::Version;
+use sysstate_repo::{Id, Progress, Repository};
+use sysstate_types::ErrorCode;
+
+/// What a check found, in the repository at `target`.
+#[derive(Debug)]
+pub struct CheckOutcome {
+    /// The target checked (named in the failure).
+    pub target: String,
+    /// What was found.
+    pub report: CheckReport,
+}
+
+impl JobOutput for CheckOutcome {
+    fn warnings(&self) -> usize {
+        self.report.warnings.len()
+    }
+
+    fn failure(&self) -> Option<EngineError> {
+        let report = &self.report;
+        (!report.is_clean()).then(|| {
+            EngineError::new(
+                ErrorCode::RepositoryCorrupt,
+                format!(
+                    "the repository at `{}` is damaged: {} problems in packs {}; versions affected: {}",
+                    self.target,
+                    report.errors.len(),
+                    report.damaged_packs.iter().map(|p| p.get(..8).unwrap_or(p)).collect::<Vec<_>>().join(", "),
+                    report.damaged_versions.join(", ")
+                ),
+            )
+            .with_cause("pack files were changed or lost after they were written (disk or storage fault, or tampering)")
+            .with_resolution("run a new backup to store the damaged files again, then `sysstate forget` the damaged versions and `sysstate prune`")
+        })
+    }
+}
+
+/// Checks the repository's structure under a shared lease; with `read_data`, every byte.
+/// Damage is not an error here: it is in the outcome (its [`JobOutput::failure`]), so the caller
+/// can show everything that was found.
+pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Result<CheckOutcome> {
+    let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
+    let report = sysstate_repo::check::check(repo, read_data, progress)?;
+    Ok(CheckOutcome { target: repo.location(), report })
+}
+
+/// The versions a retention policy keeps and drops.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ForgetPlan {
+    /// Kept, by id.
+    #[serde(serialize_with = "hex_ids")]
+    pub keep: Vec<Id>,
+    /// Dropped (or to drop), by id.
+    #[serde(serialize_with = "hex_ids")]
+    pub drop: Vec<Id>,
+    /// True when nothing was dropped: the plan was only shown.
+    pub dry_run: bool,
+}
+
+impl JobOutput for ForgetPlan {}
+
+fn hex_ids<S: serde::Serializer>(ids: &[Id], serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_seq(ids.iter().map(Id::to_hex))
+}
+
+/// Applies a retention policy: plans which versions go and, unless `dry_run`, drops them (their
+/// data stays until `prune`). An empty policy is refused: it would drop every version.
+pub fn forget(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<ForgetPlan> {
+    if policy.is_empty() {
+        return Err(EngineError::new(ErrorCode::InvalidInput, "forget needs at least one `--keep-…` option")
+            .with_cause("without a rule every version would be dropped")
+            .with_resolution("for example `sysstate forget --keep-daily 7 --keep-weekly 4`"));
+    }
+    let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
+    let (keep, drop) = sysstate_repo::forget::plan(&repo.versions()?, policy);
+    if !dry_run {
+        for id in &drop {
+            repo.forget_version(id)?;
+        }
+    }
+    Ok(ForgetPlan { keep, drop, dry_run })
+}
+
+/// What prune planned and, unless a dry run, did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PruneOutcome {
+    /// What was to be done.
+    pub plan: PrunePlan,
+    /// What was done (none in a dry run).
+    pub done: Option<PruneReport>,
+}
+
+impl JobOutput for PruneOutcome {}
+
+/// Removes data no version needs, under an exclusive lease: plans, then (unless `dry_run`)
+/// executes the plan.
+pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Result<PruneOutcome> {
+    let _lease = Lease::acquire(repo.backend().clone(), true, "prune")?;
+    let mut plan = sysstate_repo::prune::plan(repo)?;
+    let done = if dry_run { None } else { Some(plan.execute(repo, progress)?) };
+    Ok(PruneOutcome { plan, done })
+}
+
+/// Where `copy` sends versions.
+#[derive(Debug)]
+pub struct CopyRequest<'a> {
+    /// The destination repository (created when the target has none).
+    pub to: &'a str,
+    /// Its passphrase.
+    pub to_passphrase: &'a [u8],
+    /// Versions to copy (empty: every version).
+    pub versions: &'a [String],
+}
+
+/// One version copied, or found already there.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Copied {
+    /// Its id in the source.
+    pub from: String,
+    /// Its id in the destination (none when it was already there).
+    pub to: Option<String>,
+}
+
+/// What `copy` did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CopyReport {
+    /// Each version chosen, in order.
+    pub versions: Vec<Copied>,
+}
+
+impl JobOutput for CopyReport {}
+
+/// Copies versions the destination lacks (same time, host and root) under shared leases on
+/// both repositories, creating the destination if its target has none.
+pub fn copy(from: &Repository, request: &CopyRequest<'_>) -> Result<CopyReport> {
+    let backend = super::backend(request.to)?;
+    let destination = if Repository::exists(&*backend)? {
+        Repository::open(backend, request.to_passphrase)?
+    } else {
+        Repository::init(backend, request.to_passphrase, KdfParams::default())?
+    };
+    destination.load_index()?;
+    let _from_lease = Lease::acquire(from.backend().clone(), false, "copy")?;
+    let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;
+    let existing: Vec<(i64, String, String)> =
+        destination.versions()?.into_iter().map(|(_, v)| (v.time_ns, v.host, v.root_path)).collect();
+    let chosen: Vec<(Id, Version)> = if request.versions.is_empty() {
+        from.versions()?
+    } else {
+        request.versions.iter().map(|v| from.find_version(v)).collect::<std::result::Result<_, _>>()?
+    };
+    let mut report = CopyReport { versions: Vec::new() };
+    for (id, version) in chosen {
+        let to = if existing.contains(&(version.time_ns, version.host.clone(), version.root_path.clone())) {
+            None
+        } else {
+            Some(sysstate_repo::copy::copy_version(from, &destination, &id)?.to_hex())
+        };
+        report.versions.push(Copied { from: id.to_hex(), to });
+    }
+    Ok(report)
+}

@@ -1,0 +1,98 @@
+//! The job store and the event log: `sysstate job`, `sysstate events`.
+
+use super::{Context, Outcome};
+use crate::output::{bytes, print_json};
+use sysstate_engine::jobs::EventFilter;
+use sysstate_engine::{EngineError, ErrorCode, Result};
+
+pub fn job(context: &Context<'_>, previous: Option<usize>) -> Result<Outcome> {
+    let store = context.job_store()?;
+    let jobs = match previous {
+        Some(count) => store.previous(count)?,
+        None => store.running()?,
+    };
+    if context.json() {
+        print_json(&serde_json::to_value(&jobs).expect("jobs encode"));
+        return Ok(Outcome::Success);
+    }
+    if jobs.is_empty() {
+        println!("{}", if previous.is_some() { "no job has ended yet" } else { "no job is running" });
+    }
+    for job in &jobs {
+        println!("job {} ({}): {}", job.id, job.kind, job.state);
+        println!(
+            "   started: {}{}",
+            job.started,
+            job.ended.as_ref().map(|e| format!(", ended: {e}")).unwrap_or_default()
+        );
+        if let Some(operation) = &job.current_operation {
+            println!("   current operation: {operation}");
+        }
+        let progress = &job.progress;
+        println!("   progress: {} files, {}", progress.files_done, bytes(progress.bytes_done));
+        if let Some(version) = &job.version {
+            println!("   version: {}", version.get(..8).unwrap_or(version));
+        }
+        if let Some(error) = &job.error {
+            println!("   error[{}]: {}", error.code, error.message);
+            println!("     cause: {}", error.cause);
+            println!("     resolution: {}", error.resolution);
+        }
+        if let Some(log) = &job.log_path {
+            println!("   log: {log}");
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn events(
+    context: &Context<'_>,
+    source: &Option<String>,
+    level: &Option<String>,
+    since: &Option<String>,
+    job: &Option<String>,
+) -> Result<Outcome> {
+    let level = match level.as_deref() {
+        None => None,
+        Some("info") => Some(sysstate_types::Level::Info),
+        Some("warning") => Some(sysstate_types::Level::Warning),
+        Some("error") => Some(sysstate_types::Level::Error),
+        Some(other) => {
+            return Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("`--level {other}`: use info, warning or error"),
+            ))
+        }
+    };
+    let since_ns = match since {
+        None => None,
+        Some(text) => Some(match sysstate_types::time::parse_utc(text) {
+            Some(ns) => ns,
+            None => {
+                let ago = sysstate_engine::shadow::parse_duration(text)
+                    .map_err(|_| EngineError::new(ErrorCode::InvalidInput, format!("`--since {text}`: use a date (`2026-11-24`), a time (`2026-11-24T10:00:00Z`) or a duration (`2h`)")))?;
+                sysstate_repo::lock::now_ns() - ago.as_nanos() as i64
+            }
+        }),
+    };
+    let store = context.job_store()?;
+    let filter = EventFilter { source: source.clone(), level, since_ns, job: job.clone() };
+    let events = store.events(&filter)?;
+    if context.json() {
+        print_json(&serde_json::to_value(&events).expect("events encode"));
+    } else {
+        for event in &events {
+            println!(
+                "{} {:<7} {:<10} {} {}: {}{}",
+                event.time,
+                event.level,
+                event.source,
+                event.event_id,
+                event.code,
+                event.message,
+                event.job.as_ref().map(|j| format!(" (job {j})")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,44 @@
+//! `sysstate key list|add|remove|passwd`.
+
+use super::{Context, Outcome};
+use crate::cli::KeyCommand;
+use crate::output::print_json;
+use sysstate_engine::ops::keys;
+use sysstate_engine::Result;
+
+pub fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
+    let repo = context.open()?;
+    match command {
+        KeyCommand::List => {
+            let list = keys::list(&repo)?;
+            if context.json() {
+                print_json(&serde_json::to_value(&list).expect("keys encode"));
+            } else {
+                for key in &list {
+                    println!(
+                        "{} {:<8} {}@{} {}",
+                        if key.current { "*" } else { " " },
+                        key.short(),
+                        key.user,
+                        key.host,
+                        key.created
+                    );
+                }
+            }
+        }
+        KeyCommand::Add { new_passphrase_file } => {
+            let name = keys::add(&repo, &crate::passphrase::new(new_passphrase_file.as_deref())?)?;
+            context.say(format!("added key {}", keys::short(&name)));
+        }
+        KeyCommand::Remove { id } => {
+            keys::remove(&repo, id)?;
+            context.say(format!("removed key {id}"));
+        }
+        KeyCommand::Passwd { new_passphrase_file } => {
+            let passphrase = crate::passphrase::new(new_passphrase_file.as_deref())?;
+            let (new, old) = keys::change_passphrase(&repo, &passphrase)?;
+            context.say(format!("passphrase changed: key {} replaces {}", keys::short(&new), keys::short(&old)));
+        }
+    }
+    Ok(Outcome::Success)
+}

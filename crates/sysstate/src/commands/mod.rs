@@ -1,0 +1,135 @@
+//! One module per topic; each command resolves its options, calls the engine (through the job
+//! runner for the operations that are jobs), and prints what comes back.
+
+mod backup;
+mod doctor;
+mod jobs;
+mod keys;
+mod read;
+mod restore;
+mod shadow;
+mod upkeep;
+
+use crate::cli::{Cli, Command};
+use crate::output::Printer;
+use std::sync::Arc;
+use sysstate_engine::config::Config;
+use sysstate_engine::jobs::{JobKind, JobOutput, JobStore};
+use sysstate_engine::{paths, Result};
+use sysstate_repo::Repository;
+
+/// How a command ended.
+pub enum Outcome {
+    Success,
+    Warnings,
+    /// A failure already printed (with `--json`, inside the command's one JSON document).
+    Failed,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Warnings => 1,
+            Outcome::Failed => 2,
+        }
+    }
+
+    /// Success, or Warnings when there are some.
+    fn warned(warnings: usize) -> Outcome {
+        if warnings == 0 {
+            Outcome::Success
+        } else {
+            Outcome::Warnings
+        }
+    }
+}
+
+/// What every command sees: the options, the config, the target.
+pub struct Context<'a> {
+    pub cli: &'a Cli,
+    pub config: Config,
+    pub target: String,
+}
+
+impl Context<'_> {
+    /// Prints a line of text output (not with `--quiet` or `--json`).
+    pub fn say(&self, text: impl AsRef<str>) {
+        if self.shows_text() {
+            println!("{}", text.as_ref());
+        }
+    }
+
+    /// True when text output is wanted.
+    pub fn shows_text(&self) -> bool {
+        !self.cli.global.quiet && !self.cli.global.json
+    }
+
+    fn json(&self) -> bool {
+        self.cli.global.json
+    }
+
+    /// The passphrase of the target, or an error saying how to give one.
+    fn passphrase(&self) -> Result<Vec<u8>> {
+        let global = &self.cli.global;
+        crate::passphrase::require(&self.target, global.passphrase_file.as_deref(), global.quiet)
+    }
+
+    /// Opens the target's repository with its index loaded.
+    fn open(&self) -> Result<Repository> {
+        sysstate_engine::ops::open(&self.target, &self.passphrase()?)
+    }
+
+    /// The job store, with the config's retention.
+    fn job_store(&self) -> Result<Arc<JobStore>> {
+        Ok(Arc::new(JobStore::open(&paths::state_dir())?.with_retention(self.config.job_retention()?)))
+    }
+
+    /// Runs `work` as a job of `kind` on the target, with a progress bar that says `what`.
+    fn run_job<T: JobOutput>(
+        &self,
+        kind: JobKind,
+        components: &[String],
+        what: &str,
+        work: impl FnOnce(&sysstate_engine::jobs::Job<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let printer = Printer::new(self.shows_text(), what);
+        sysstate_engine::jobs::run(&self.job_store()?, kind, Some(&self.target), components, &printer, work)
+    }
+}
+
+pub fn run(cli: &Cli) -> Result<Outcome> {
+    // The doctor checks the config itself: it runs even when the config does not parse.
+    if let Command::Doctor { fix, no_validate } = &cli.command {
+        return doctor::doctor(cli, *fix, !*no_validate);
+    }
+    let config_file = cli.global.config.clone().unwrap_or_else(paths::config_file);
+    let config = Config::load(&config_file, cli.global.config.is_some())?;
+    let target =
+        cli.global.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
+    let context = Context { cli, config, target };
+    match &cli.command {
+        Command::Backup { components, tags, threads, wait } => {
+            backup::backup(&context, components, tags, *threads, wait.as_deref())
+        }
+        Command::Versions => read::versions(&context),
+        Command::Items { version, components } => read::items(&context, version, components),
+        Command::Components => read::components(&context),
+        Command::Restore(args) => restore::restore(&context, args),
+        Command::Check { read_data } => upkeep::check(&context, *read_data),
+        Command::Forget(args) => upkeep::forget(&context, args),
+        Command::Prune { dry_run } => upkeep::prune(&context, *dry_run),
+        Command::Copy { to, to_passphrase_file, versions } => {
+            upkeep::copy(&context, to, to_passphrase_file.as_deref(), versions)
+        }
+        Command::Key { command } => keys::key(&context, command),
+        Command::Services => doctor::services(cli, &context.config),
+        Command::Doctor { .. } => unreachable!("handled before the config is read"),
+        Command::Job { previous } => jobs::job(&context, *previous),
+        Command::Events { source, level, since, job } => jobs::events(&context, source, level, since, job),
+        Command::Writers => shadow::writers(&context),
+        Command::Providers => shadow::providers(&context),
+        Command::Shadows { command } => shadow::shadows(&context, command.as_ref()),
+        Command::Shadowstorage { command } => shadow::storage(&context, command.as_ref()),
+    }
+}

@@ -1,0 +1,83 @@
+//! Reading what is stored and what is here: `versions`, `items`, `components`.
+
+use super::{Context, Outcome};
+use crate::output::{bytes, print_json};
+use serde_json::json;
+use sysstate_engine::ops::read;
+use sysstate_engine::Result;
+
+pub fn versions(context: &Context<'_>) -> Result<Outcome> {
+    let versions = read::versions(&context.open()?)?;
+    if context.json() {
+        let list: Vec<_> = versions
+            .iter()
+            .map(|(id, v)| {
+                let mut value = serde_json::to_value(v).expect("versions encode");
+                value["id"] = json!(id.to_hex());
+                value["time"] = json!(sysstate_types::time::format_utc(v.time_ns));
+                value
+            })
+            .collect();
+        print_json(&json!(list));
+        return Ok(Outcome::Success);
+    }
+    println!("{:<10} {:<21} {:<16} {:>10}  components", "version", "time (UTC)", "host", "size");
+    for (id, v) in &versions {
+        let names: Vec<_> = v.components.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "{:<10} {:<21} {:<16} {:>10}  {}",
+            id.short(),
+            sysstate_types::time::format_utc(v.time_ns),
+            v.host,
+            bytes(v.stats.bytes_total),
+            names.join(", ")
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Result<Outcome> {
+    let items = read::items(&context.open()?, version, components)?;
+    if context.json() {
+        print_json(&serde_json::to_value(&items).expect("items encode"));
+        return Ok(Outcome::Success);
+    }
+    for component in &items.components {
+        println!("component {}: {}", component.name, component.paths.join(", "));
+    }
+    for entry in &items.entries {
+        println!(
+            "{} {:>6o} {:>5}:{:<5} {:>10} {}",
+            entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.path
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn components(context: &Context<'_>) -> Result<Outcome> {
+    let served = sysstate_engine::shadow::served_components(&context.config);
+    let report = sysstate_engine::components::report(&context.config, &context.cli.global.root, &served)?;
+    if context.json() {
+        print_json(&serde_json::to_value(&report).expect("components encode"));
+        return Ok(Outcome::Success);
+    }
+    for component in &report {
+        println!("{}{}", component.name, if component.builtin { "" } else { " (from the config)" });
+        if component.paths.is_empty() {
+            println!("   not on this machine (looked for {})", component.missing.join(", "));
+            continue;
+        }
+        println!("   paths: {}", component.paths.join(", "));
+        println!(
+            "   size: {} in {} files, on {}",
+            bytes(component.size),
+            component.files,
+            component.filesystem.as_deref().unwrap_or("?")
+        );
+        if !component.writers.is_empty() {
+            println!("   writers: {}", component.writers.join(", "));
+        }
+        println!("   lock state: {}", component.lock_state);
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,149 @@
+//! `sysstate restore`: to an alternate root, in place (with its dry run), and `--undo`.
+
+use super::{Context, Outcome};
+use crate::cli::RestoreArgs;
+use crate::output::{bytes, print_json};
+use serde_json::json;
+use std::path::Path;
+use sysstate_engine::inplace::{InPlaceReport, InPlaceRequest};
+use sysstate_engine::jobs::JobKind;
+use sysstate_engine::ops::{self, RestoreRequest};
+use sysstate_engine::{EngineError, ErrorCode, Result};
+use sysstate_repo::inplace::{Change, Difference};
+
+pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
+    if let Some(job) = &args.undo {
+        return undo(context, job);
+    }
+    if args.in_place {
+        return in_place(context, args);
+    }
+    let to = args.to.as_ref().ok_or_else(|| {
+        EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR`, `--in-place` or `--undo JOB`")
+    })?;
+    let request = RestoreRequest {
+        version: args.version.clone(),
+        components: args.components.clone(),
+        to: to.clone(),
+        threads: args.threads,
+    };
+    let started = std::time::Instant::now();
+    let report = context.run_job(JobKind::Restore, &args.components, "restoring", |job| {
+        ops::restore_to(&context.open()?, &request, job)
+    })?;
+    let stats = &report.stats;
+    if context.json() {
+        print_json(&json!({
+            "version": report.id.to_hex(),
+            "to": to.display().to_string(),
+            "files": stats.files, "dirs": stats.dirs, "others": stats.others, "bytes": stats.bytes,
+            "warnings": report.warnings.iter().map(|w| json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
+        }));
+    } else {
+        context.say(format!(
+            "restored version {} to `{}`: {} files, {} dirs, {} others, {} in {:.2} s",
+            report.id.short(),
+            to.display(),
+            stats.files,
+            stats.dirs,
+            stats.others,
+            bytes(stats.bytes),
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    if !report.warnings.is_empty() && context.shows_text() {
+        eprintln!("{} entries could not be restored (listed above); everything else was", report.warnings.len());
+    }
+    Ok(Outcome::warned(report.warnings.len()))
+}
+
+fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
+    let kind = if args.dry_run { JobKind::RestoreDryRun } else { JobKind::RestoreInPlace };
+    let root = &context.cli.global.root;
+    let report = context.run_job(kind, &args.components, "restoring", |job| {
+        let request = InPlaceRequest {
+            root: root.clone(),
+            version: args.version.clone(),
+            components: args.components.clone(),
+            dry_run: args.dry_run,
+            apply_packages: args.apply_packages,
+            job: job.id().to_string(),
+        };
+        sysstate_engine::inplace::restore_in_place(&context.open()?, &request, &context.config)
+    })?;
+    if context.json() {
+        print_json(&serde_json::to_value(&report).expect("reports encode"));
+        return Ok(Outcome::Success);
+    }
+    print_in_place(context, root, &report);
+    Ok(Outcome::Success)
+}
+
+fn print_in_place(context: &Context<'_>, root: &Path, report: &InPlaceReport) {
+    for difference in &report.differences {
+        context.say(describe(difference));
+    }
+    let count = |change| report.differences.iter().filter(|d| d.change == change).count();
+    let (added, changed, removed) = (count(Change::Add), count(Change::Change), count(Change::Remove));
+    let short = report.version.get(..12).unwrap_or(&report.version);
+    if report.dry_run {
+        context.say(format!(
+            "version {short} against `{}`: {added} to add, {changed} to change, {removed} to remove (dry run: nothing was changed)",
+            root.display()
+        ));
+    } else if report.differences.is_empty() {
+        context.say(format!("`{}` already equals version {short}: nothing to restore", root.display()));
+    } else if let Some(job) = &report.undo {
+        context.say(format!(
+            "restored version {short} in place: {added} added, {changed} changed, {removed} removed; every replaced entry is kept: `sysstate restore --undo {job}` puts them back"
+        ));
+    }
+    for component in &report.next_boot {
+        context.say(format!("component `{component}` changed: it takes effect at the next boot"));
+    }
+    if let Some(packages) = &report.packages {
+        context.say(format!(
+            "packages: {} to install, {} to remove to match the version{}",
+            packages.to_install.len(),
+            packages.to_remove.len(),
+            match &packages.selections {
+                Some(file) => format!("; its selection is in `{file}`"),
+                None => String::new(),
+            }
+        ));
+        if packages.applied {
+            context.say("packages: the package set was reconciled");
+        } else if !packages.to_install.is_empty() || !packages.to_remove.is_empty() {
+            context.say("packages: to reconcile the package set, run (or restore again with --apply-packages):");
+            for command in &packages.commands {
+                context.say(format!("  {command}"));
+            }
+        }
+    }
+}
+
+/// A difference as the CLI prints it: `+ path`, `~ path (what)`, `- path`.
+fn describe(difference: &Difference) -> String {
+    let count = if difference.entries > 1 { format!(" ({} entries)", difference.entries) } else { String::new() };
+    match difference.change {
+        Change::Add => format!("+ {}{count}", difference.path),
+        Change::Remove => format!("- {}{count}", difference.path),
+        Change::Change => format!("~ {} ({}){count}", difference.path, difference.what.join(", ")),
+    }
+}
+
+fn undo(context: &Context<'_>, job: &str) -> Result<Outcome> {
+    let report = context.run_job(JobKind::Undo, &[], "undoing", |_| sysstate_engine::inplace::undo(job))?;
+    if context.json() {
+        print_json(&serde_json::to_value(&report).expect("reports encode"));
+    } else {
+        for difference in &report.differences {
+            context.say(describe(difference));
+        }
+        context.say(format!(
+            "undid the in-place restore {job}: {} entries put back as they were",
+            report.differences.len()
+        ));
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,149 @@
+//! Repository upkeep: `check`, `forget`, `prune`, `copy`.
+
+use super::{Context, Outcome};
+use crate::cli::ForgetArgs;
+use crate::output::{bytes, print_json};
+use std::path::Path;
+use sysstate_engine::jobs::{JobKind, JobOutput};
+use sysstate_engine::ops::upkeep::{self, CopyRequest};
+use sysstate_engine::{credentials, Result};
+use sysstate_repo::Id;
+
+pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
+    let outcome =
+        context.run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open()?, read_data, job))?;
+    let report = &outcome.report;
+    let failure = outcome.failure();
+    if context.json() {
+        let mut value = serde_json::to_value(report).expect("report encodes");
+        if let Some(error) = &failure {
+            value["error"] = crate::output::error_json(error);
+            crate::output::print_error_text(error);
+        }
+        print_json(&value);
+        return Ok(match failure {
+            Some(_) => Outcome::Failed,
+            None => Outcome::warned(report.warnings.len()),
+        });
+    }
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for error in &report.errors {
+        eprintln!("damage: {error}");
+    }
+    for file in &report.damaged_files {
+        eprintln!("cannot be restored whole: {file}");
+    }
+    context.say(format!(
+        "checked {} versions, {} packs, {} blobs{}: {}",
+        report.versions,
+        report.packs,
+        report.blobs,
+        if read_data { format!(", read {}", bytes(report.bytes_read)) } else { String::new() },
+        if report.is_clean() { "no damage found" } else { "DAMAGE FOUND" }
+    ));
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(Outcome::warned(report.warnings.len())),
+    }
+}
+
+pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
+    let policy = sysstate_repo::forget::Policy {
+        last: args.keep_last,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+    };
+    let plan = context
+        .run_job(JobKind::Forget, &[], "forgetting", |_| upkeep::forget(&context.open()?, &policy, args.dry_run))?;
+    if context.json() {
+        print_json(&serde_json::to_value(&plan).expect("plans encode"));
+        return Ok(Outcome::Success);
+    }
+    for id in &plan.drop {
+        context.say(format!("{} version {}", if plan.dry_run { "would drop" } else { "dropped" }, id.short()));
+    }
+    context.say(format!(
+        "{} versions kept, {} {}; run `sysstate prune` to free their space",
+        plan.keep.len(),
+        plan.drop.len(),
+        if plan.dry_run { "would be dropped" } else { "dropped" }
+    ));
+    Ok(Outcome::Success)
+}
+
+pub fn prune(context: &Context<'_>, dry_run: bool) -> Result<Outcome> {
+    let outcome =
+        context.run_job(JobKind::Prune, &[], "pruning", |job| upkeep::prune(&context.open()?, dry_run, job))?;
+    if context.json() {
+        // The report as before, and the plan beside it.
+        let mut value = match &outcome.done {
+            Some(done) => serde_json::to_value(done).expect("reports encode"),
+            None => serde_json::json!({}),
+        };
+        value["plan"] = serde_json::to_value(&outcome.plan).expect("plans encode");
+        print_json(&value);
+        return Ok(Outcome::Success);
+    }
+    let plan = &outcome.plan;
+    match &outcome.done {
+        None => context.say(format!(
+            "would prune: {} blobs kept, {} dropped; {} packs deleted, {} repacked ({} to read), {} left by interrupted backups deleted; about {} freed (dry run: nothing was changed)",
+            plan.blobs_used,
+            plan.blobs_unused,
+            plan.delete.len(),
+            plan.repack.len(),
+            bytes(plan.bytes_to_repack),
+            plan.orphans.len(),
+            bytes(plan.bytes_to_free),
+        )),
+        Some(report) => context.say(format!(
+            "pruned: {} blobs kept, {} dropped; {} packs deleted, {} repacked, {} left by interrupted backups deleted; {} freed, {} written",
+            report.blobs_used,
+            report.blobs_dropped,
+            report.packs_deleted,
+            report.packs_repacked,
+            report.orphan_packs_deleted,
+            bytes(report.bytes_freed),
+            bytes(report.bytes_written)
+        )),
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn copy(
+    context: &Context<'_>,
+    to: &str,
+    to_passphrase_file: Option<&Path>,
+    versions: &[String],
+) -> Result<Outcome> {
+    let report = context.run_job(JobKind::Copy, &[], "copying", |_| {
+        let from = context.open()?;
+        let to_passphrase = match std::env::var_os("SYSSTATE_TO_PASSPHRASE") {
+            Some(value) => std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec(),
+            None => match to_passphrase_file {
+                Some(path) => credentials::read_passphrase_file(path)?,
+                None => context.passphrase()?,
+            },
+        };
+        upkeep::copy(&from, &CopyRequest { to, to_passphrase: &to_passphrase, versions })
+    })?;
+    let short = |id: &str| Id::from_hex(id).map(|id| id.short()).unwrap_or_else(|| id.to_string());
+    let mut copied = Vec::new();
+    for version in &report.versions {
+        match &version.to {
+            None => context.say(format!("version {} is already in `{to}`", short(&version.from))),
+            Some(new) => {
+                context.say(format!("copied version {} to `{to}` as {}", short(&version.from), short(new)));
+                copied.push(serde_json::json!({"from": version.from, "to": new}));
+            }
+        }
+    }
+    if context.json() {
+        print_json(&serde_json::json!(copied));
+    }
+    Ok(Outcome::Success)
+}
