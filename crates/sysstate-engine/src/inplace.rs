@@ -135,111 +135,178 @@ impl Journal {
     }
 }
 
-/// Restores `request.components` of a version over the live root, or lists the differences.
-pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
+/// What an in-place restore will do, decided before anything changes: a dry run shows it
+/// ([`InPlacePlan::into_report`]), a real run carries it out ([`InPlacePlan::execute`]).
+#[derive(Debug)]
+pub struct InPlacePlan {
+    manifest: Version,
+    /// The differences to make, with the scope they were found in.
+    plan: inplace::Plan,
+    owners: bool,
+    /// The report, with every field but the differences already known.
+    report: InPlaceReport,
+    /// The version's package selection, to write out beside the undo data.
+    selections: Option<PackageSelections>,
+}
+
+/// Plans an in-place restore: the version's components against the live root (`packages` as
+/// the difference of the package sets). Reads the repository and the live tree; changes nothing.
+pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlacePlan> {
     let (id, manifest) = repo.find_version(&request.version)?;
     let names: Vec<String> = if request.components.is_empty() {
         manifest.components.iter().map(|c| c.name.clone()).collect()
     } else {
         request.components.clone()
     };
-    let (include, exclude) = crate::ops::component_scope(&manifest, &id, &names)?;
-    // dpkg's database is never written under dpkg: the package set is reconciled by apt.
+    let owners = rustix::process::geteuid().is_root();
+    let scope = file_scope(&manifest, &id, &names, config, owners)?;
+    let plan = if scope.include.is_empty() {
+        inplace::Plan::default()
+    } else {
+        inplace::plan(repo, &manifest.tree, &request.root, &scope)?
+    };
+    let next_boot = next_boot(&manifest, &names, &plan);
+    let (packages, selections) = match names.iter().any(|n| n == "packages") {
+        true => plan_packages(repo, &manifest, request)?.unzip(),
+        false => (None, None),
+    };
+    let report = InPlaceReport {
+        version: id.to_hex(),
+        dry_run: request.dry_run,
+        differences: Vec::new(),
+        next_boot,
+        packages,
+        undo: None,
+    };
+    Ok(InPlacePlan { manifest, plan, owners, report, selections })
+}
+
+/// Restores `request.components` of a version over the live root under a shared lease, or —
+/// with `dry_run` — lists the differences.
+pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
+    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
+    let plan = plan(repo, request, config)?;
+    if request.dry_run {
+        return Ok(plan.into_report());
+    }
+    plan.execute(repo, request, config)
+}
+
+/// The paths an in-place restore compares: the components' own, without dpkg's database (the
+/// package set is reconciled by apt, never written under dpkg) or the generated files.
+fn file_scope(manifest: &Version, id: &Id, names: &[String], config: &Config, owners: bool) -> Result<Scope> {
+    let (include, exclude) = crate::ops::component_scope(manifest, id, names)?;
     let packages_paths: Vec<PathBuf> = manifest
         .components
         .iter()
         .filter(|c| c.name == "packages")
         .flat_map(|c| c.paths.iter().map(PathBuf::from))
         .collect();
-    let include: Vec<PathBuf> = include
+    let include = include
         .into_iter()
         .filter(|p| !packages_paths.contains(p) && !p.starts_with(crate::generated::GENERATED_DIR))
         .collect();
-    let owners = rustix::process::geteuid().is_root();
-    let scope = Scope { include, exclude, keep: keep_patterns(config, &names)?, owners };
-    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
-    let plan = if scope.include.is_empty() {
-        inplace::Plan::default()
-    } else {
-        inplace::plan(repo, &manifest.tree, &request.root, &scope)?
-    };
-    let next_boot = NEXT_BOOT
+    Ok(Scope { include, exclude, keep: keep_patterns(config, names)?, owners })
+}
+
+/// The paths of the version's component `name`.
+fn component_paths<'a>(manifest: &'a Version, name: &'a str) -> impl Iterator<Item = &'a String> {
+    manifest.components.iter().filter(move |c| c.name == name).flat_map(|c| c.paths.iter())
+}
+
+/// True when the plan changes something of component `name`.
+fn changes_component(manifest: &Version, name: &str, plan: &inplace::Plan) -> bool {
+    component_paths(manifest, name).any(|p| plan.differences.iter().any(|d| Path::new(&d.path).starts_with(p)))
+}
+
+/// The restored components that take effect only at the next boot.
+fn next_boot(manifest: &Version, names: &[String], plan: &inplace::Plan) -> Vec<String> {
+    NEXT_BOOT
         .iter()
-        .filter(|name| names.iter().any(|n| n == *name))
-        .filter(|name| {
-            let paths: Vec<&String> =
-                manifest.components.iter().filter(|c| c.name == **name).flat_map(|c| c.paths.iter()).collect();
-            plan.differences.iter().any(|d| paths.iter().any(|p| Path::new(&d.path).starts_with(p)))
-        })
+        .filter(|name| names.iter().any(|n| n == *name) && changes_component(manifest, name, plan))
         .map(|name| name.to_string())
-        .collect();
-    let mut report = InPlaceReport {
-        version: id.to_hex(),
-        dry_run: request.dry_run,
-        differences: Vec::new(),
-        next_boot,
-        packages: None,
-        undo: None,
-    };
-    if names.iter().any(|n| n == "packages") {
-        report.packages = packages(repo, &manifest, request)?;
-    }
-    if request.dry_run || plan.differences.is_empty() {
-        report.differences = plan.differences;
-        return Ok(report);
+        .collect()
+}
+
+impl InPlacePlan {
+    /// The report of a dry run: the differences that would be made.
+    pub fn into_report(mut self) -> InPlaceReport {
+        self.report.differences = self.plan.differences;
+        self.report
     }
 
-    // Keep everything that will be replaced or removed, as it is now.
-    let dir = undo_dir(&request.job);
-    let undo_version = keep_for_undo(&plan, &request.root, &dir)?;
-    let tag = request.job.rsplit('-').next().unwrap_or(&request.job).to_string();
-    let mut journal = Journal {
-        job: request.job.clone(),
-        root: request.root.clone(),
-        version: id.to_hex(),
-        tag: tag.clone(),
-        paths: plan.paths(),
-        undo_version: undo_version.to_hex(),
-        owners,
-        state: "staged".into(),
-    };
-    journal.save()?;
+    /// Carries the plan out as job `request.job`: reconciles the package set as asked, keeps
+    /// what will be replaced, journals, stages, and commits under the account database's lock.
+    /// A failure before the commit changes nothing live; one during it is undone at once.
+    pub fn execute(mut self, repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
+        if let (Some(packages), Some(selections)) = (&mut self.report.packages, &self.selections) {
+            apply_packages(packages, selections, request)?;
+        }
+        if self.plan.differences.is_empty() {
+            return Ok(self.into_report());
+        }
+        let mut journal = self.keep_and_journal(request)?;
+        self.stage(repo, &mut journal)?;
+        self.commit(config, request, &mut journal)?;
+        journal.state = "committed".into();
+        journal.save()?;
+        self.report.undo = Some(request.job.clone());
+        Ok(self.into_report())
+    }
 
-    if let Err(error) = inplace::stage(repo, &plan, &request.root, &tag, owners, &NoProgress) {
+    /// Keeps everything that will be replaced or removed, as it is now, and writes the journal.
+    fn keep_and_journal(&self, request: &InPlaceRequest) -> Result<Journal> {
+        let undo_version = keep_for_undo(&self.plan, &request.root, &undo_dir(&request.job))?;
+        let journal = Journal {
+            job: request.job.clone(),
+            root: request.root.clone(),
+            version: self.report.version.clone(),
+            tag: request.job.rsplit('-').next().unwrap_or(&request.job).to_string(),
+            paths: self.plan.paths(),
+            undo_version: undo_version.to_hex(),
+            owners: self.owners,
+            state: "staged".into(),
+        };
+        journal.save()?;
+        Ok(journal)
+    }
+
+    /// Writes every new entry beside its live name; on failure removes what was staged.
+    fn stage(&self, repo: &Repository, journal: &mut Journal) -> Result<()> {
+        let staged = inplace::stage(repo, &self.plan, &journal.root, &journal.tag, self.owners, &NoProgress);
+        let Err(error) = staged else { return Ok(()) };
         // Nothing was renamed into place; this removes what was staged and puts back the
         // directories' times.
-        let _ = undo_journal(&mut journal, "rolled-back");
-        return Err(EngineError::new(ErrorCode::RestoreFailed, format!("cannot stage the restored files: {error}"))
+        let _ = undo_journal(journal, "rolled-back");
+        Err(EngineError::new(ErrorCode::RestoreFailed, format!("cannot stage the restored files: {error}"))
             .with_cause("a file of the version could not be written beside its live name; nothing live was changed")
             .with_resolution(
                 "fix what the message names (space, permissions, the repository) and run the restore again",
-            ));
+            ))
     }
 
-    let touches_accounts = manifest
-        .components
-        .iter()
-        .filter(|c| c.name == "accounts")
-        .flat_map(|c| c.paths.iter())
-        .any(|p| plan.differences.iter().any(|d| Path::new(&d.path).starts_with(p)));
-    let lock = match touches_accounts.then(|| lock_accounts(config, &request.root)).transpose() {
-        Ok(lock) => lock,
-        Err(error) => {
-            // Nothing is in place yet: remove what was staged.
-            let _ = undo_journal(&mut journal, "rolled-back");
-            return Err(error);
-        }
-    };
-    let kill_after = failpoint_kill_after();
-    let mut done = 0usize;
-    let result = inplace::commit(&plan, &request.root, &tag, owners, &mut |_| {
-        done += 1;
-        if kill_after == Some(done) {
-            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::Kill);
-        }
-    });
-    if let Err(error) = result {
-        let rollback = undo_journal(&mut journal, "rolled-back");
+    /// Renames the staged entries into place, under the account database's lock when account
+    /// files change; on failure undoes every change made.
+    fn commit(&self, config: &Config, request: &InPlaceRequest, journal: &mut Journal) -> Result<()> {
+        let touches_accounts = changes_component(&self.manifest, "accounts", &self.plan);
+        let lock = match touches_accounts.then(|| lock_accounts(config, &request.root)).transpose() {
+            Ok(lock) => lock,
+            Err(error) => {
+                // Nothing is in place yet: remove what was staged.
+                let _ = undo_journal(journal, "rolled-back");
+                return Err(error);
+            }
+        };
+        let kill_after = failpoint_kill_after();
+        let mut done = 0usize;
+        let result = inplace::commit(&self.plan, &request.root, &journal.tag, self.owners, &mut |_| {
+            done += 1;
+            if kill_after == Some(done) {
+                let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::Kill);
+            }
+        });
+        let Err(error) = result else { return Ok(()) };
+        let rollback = undo_journal(journal, "rolled-back");
         drop(lock);
         let undone = match rollback {
             Ok(_) => "every change it made was undone: the system is as it was".to_string(),
@@ -248,21 +315,12 @@ pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Co
                 request.job
             ),
         };
-        return Err(EngineError::new(
-            ErrorCode::RestoreFailed,
-            format!("the in-place restore stopped midway: {error}"),
-        )
-        .with_cause(format!("an entry could not be put in place; {undone}"))
-        .with_resolution(
-            "fix what the message names (a mount over the file, an immutable flag, space) and run the restore again",
-        ));
+        Err(EngineError::new(ErrorCode::RestoreFailed, format!("the in-place restore stopped midway: {error}"))
+            .with_cause(format!("an entry could not be put in place; {undone}"))
+            .with_resolution(
+                "fix what the message names (a mount over the file, an immutable flag, space) and run the restore again",
+            ))
     }
-    drop(lock);
-    journal.state = "committed".into();
-    journal.save()?;
-    report.differences = plan.differences;
-    report.undo = Some(request.job.clone());
-    Ok(report)
 }
 
 /// What `restore --undo` did.
@@ -456,9 +514,20 @@ fn version_file(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Vec<u
     Ok(None)
 }
 
+/// The version's package selection files, as stored.
+#[derive(Debug)]
+struct PackageSelections {
+    selections: Vec<u8>,
+    manual: Option<Vec<u8>>,
+}
+
 /// The package set: the version's selection against the root's, and the commands that
-/// reconcile them; written out and run as the request says.
-fn packages(repo: &Repository, manifest: &Version, request: &InPlaceRequest) -> Result<Option<PackagesReport>> {
+/// reconcile them. `None` when the version has no selection.
+fn plan_packages(
+    repo: &Repository,
+    manifest: &Version,
+    request: &InPlaceRequest,
+) -> Result<Option<(PackagesReport, PackageSelections)>> {
     let generated = format!("{}/packages", crate::generated::GENERATED_DIR);
     let Some(selections) = version_file(repo, &manifest.tree, &format!("{generated}/dpkg-selections.txt"))? else {
         return Ok(None);
@@ -481,52 +550,59 @@ fn packages(repo: &Repository, manifest: &Version, request: &InPlaceRequest) -> 
         .map(|o| installed(&String::from_utf8_lossy(&o.stdout)))
         .unwrap_or_default();
     let dir = undo_dir(&request.job);
-    let file = dir.join("dpkg-selections.txt");
-    let manual_file = dir.join("apt-manual.txt");
     let chroot =
         if request.root == Path::new("/") { String::new() } else { format!("chroot {} ", request.root.display()) };
     let mut commands = vec![
         format!("{chroot}dpkg --clear-selections"),
-        format!("{chroot}dpkg --set-selections < {}", file.display()),
+        format!("{chroot}dpkg --set-selections < {}", dir.join(SELECTIONS_FILE).display()),
         format!("{chroot}apt-get -y dselect-upgrade"),
     ];
     if manual.is_some() {
-        commands.push(format!("{chroot}xargs -a {} apt-mark manual", manual_file.display()));
+        commands.push(format!("{chroot}xargs -a {} apt-mark manual", dir.join(MANUAL_FILE).display()));
     }
-    let mut report = PackagesReport {
+    let report = PackagesReport {
         selections: None,
         to_install: wanted.difference(&current).cloned().collect(),
         to_remove: current.difference(&wanted).cloned().collect(),
         commands,
         applied: false,
     };
-    if request.dry_run {
-        return Ok(Some(report));
-    }
+    Ok(Some((report, PackageSelections { selections, manual })))
+}
+
+const SELECTIONS_FILE: &str = "dpkg-selections.txt";
+const MANUAL_FILE: &str = "apt-manual.txt";
+
+/// Writes the version's selection out beside the job's undo data and, with `apply_packages`,
+/// runs the commands that reconcile the package set.
+fn apply_packages(report: &mut PackagesReport, files: &PackageSelections, request: &InPlaceRequest) -> Result<()> {
+    let dir = undo_dir(&request.job);
+    let file = dir.join(SELECTIONS_FILE);
     let io = |e: std::io::Error| {
         EngineError::new(ErrorCode::RestoreFailed, format!("cannot write `{}`: {e}", file.display()))
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    crate::paths::write_durably(&file, &selections).map_err(io)?;
-    if let Some(manual) = &manual {
-        crate::paths::write_durably(&manual_file, manual).map_err(io)?;
+    crate::paths::write_durably(&file, &files.selections).map_err(io)?;
+    if let Some(manual) = &files.manual {
+        crate::paths::write_durably(&dir.join(MANUAL_FILE), manual).map_err(io)?;
     }
     report.selections = Some(file.display().to_string());
-    if request.apply_packages {
-        for command in &report.commands {
-            let status = std::process::Command::new("sh").args(["-c", command]).status();
-            if !status.as_ref().is_ok_and(|s| s.success()) {
-                return Err(EngineError::new(
-                    ErrorCode::RestoreFailed,
-                    format!("`{command}` failed ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
-                )
-                .with_cause("the package manager could not reconcile the package set")
-                .with_resolution(
-                    "read apt's output above, fix the cause (a mirror, a held package), and run the commands again",
-                ));
-            }
-        }
-        report.applied = true;
+    if !request.apply_packages {
+        return Ok(());
     }
-    Ok(Some(report))
+    for command in &report.commands {
+        let status = std::process::Command::new("sh").args(["-c", command]).status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            return Err(EngineError::new(
+                ErrorCode::RestoreFailed,
+                format!("`{command}` failed ({})", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+            )
+            .with_cause("the package manager could not reconcile the package set")
+            .with_resolution(
+                "read apt's output above, fix the cause (a mirror, a held package), and run the commands again",
+            ));
+        }
+    }
+    report.applied = true;
+    Ok(())
 }

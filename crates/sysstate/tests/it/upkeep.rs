@@ -21,8 +21,17 @@ fn forget_and_prune_free_space_and_keep_what_is_kept() {
     assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 3, "a dry run drops nothing");
     sandbox.json(&["forget", "--keep-last", "1"], 0);
     assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 1);
+    // A dry run shows the plan and changes nothing; the real run carries out that plan.
+    let dry = sandbox.json(&["prune", "--dry-run"], 0);
+    let planned = &dry["plan"];
+    assert!(planned["blobs-unused"].as_u64().unwrap() >= 2, "{dry}");
+    assert!(planned["delete"].as_array().unwrap().len() + planned["repack"].as_array().unwrap().len() > 0, "{dry}");
+    assert!(dry.get("packs-deleted").is_none(), "a dry run reports nothing done: {dry}");
+    assert_eq!(dir_size(&sandbox.path("repo/data")), before, "a dry run deletes nothing");
     let report = sandbox.json(&["prune"], 0);
     assert!(report["blobs-dropped"].as_u64().unwrap() >= 2, "{report}");
+    assert_eq!(report["blobs-dropped"], planned["blobs-unused"], "{report}");
+    assert_eq!(report["packs-deleted"].as_u64().unwrap() as usize, planned["delete"].as_array().unwrap().len());
     let after = dir_size(&sandbox.path("repo/data"));
     assert!(after + (6 << 20) < before, "prune freed too little: {before} -> {after}");
     sandbox.ok(&["check", "--read-data"]);
