@@ -181,7 +181,7 @@ fn diagnose(
             let (start, end) = interval(job);
             let overlapping: Vec<String> = jobs
                 .iter()
-                .filter(|other| other.id != job.id && matches!(other.kind.as_str(), "backup" | "validate"))
+                .filter(|other| other.id != job.id && matches!(other.kind, JobKind::Backup | JobKind::Validate))
                 .filter(|other| {
                     let (s, e) = interval(other);
                     s < end && start < e

@@ -56,6 +56,15 @@ pub enum RepoError {
         /// Ours.
         supported: u32,
     },
+    /// The restore's destination cannot be created or opened.
+    #[error("cannot restore to `{path}`: {source}")]
+    Destination {
+        /// The destination.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A local file operation outside the repository (reading a source, writing a restore).
     #[error("{path}: {source}")]
     Io {
@@ -93,6 +102,7 @@ impl RepoError {
                 Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorCode::TargetFull,
                 _ => ErrorCode::Internal,
             },
+            RepoError::Destination { .. } => ErrorCode::RestoreDestination,
             RepoError::Interrupted => ErrorCode::Cancelled,
         }
     }

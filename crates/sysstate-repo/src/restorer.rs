@@ -118,7 +118,7 @@ pub fn restore_tree(
     options: &RestoreOptions,
     progress: Option<&dyn Progress>,
 ) -> Result<RestoreOutcome> {
-    let io = |path: &Path, source: std::io::Error| RepoError::Io { path: path.display().to_string(), source };
+    let io = |path: &Path, source: std::io::Error| RepoError::Destination { path: path.display().to_string(), source };
     std::fs::create_dir_all(&options.target).map_err(|e| io(&options.target, e))?;
     let root = rustix::fs::open(&options.target, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io(&options.target, e.into()))?;

@@ -100,7 +100,8 @@ impl ShadowError {
             ShadowError::InProgress(_) => ErrorCode::ShadowSetInProgress,
             ShadowError::CommitTimeout { .. } => ErrorCode::CommitTimeout,
             ShadowError::StorageFull { .. } => ErrorCode::ShadowStorageFull,
-            ShadowError::Provider { .. } | ShadowError::Io { .. } => ErrorCode::Internal,
+            ShadowError::Provider { .. } => ErrorCode::ProviderUnsupported,
+            ShadowError::Io { .. } => ErrorCode::Internal,
             ShadowError::Interrupted(_) => ErrorCode::Cancelled,
             ShadowError::Config(_) => ErrorCode::InvalidInput,
         }

@@ -90,6 +90,9 @@ error_codes! {
     ShadowStorageOldestDeleted = "shadow-storage-oldest-deleted", 1013, Warning,
         cause: "an older persistent shadow copy was deleted to make room for a new one",
         resolution: "nothing is needed; raise the shadow storage maximum size to keep more copies";
+    ProviderUnsupported = "provider-unsupported", 1014, Error,
+        cause: "the configured shadow copy provider cannot copy this volume (reflink on a filesystem without FICLONE, btrfs off a btrfs subvolume)",
+        resolution: "set `shadow.provider` to `auto` (or to one that works on this filesystem: `sysstate providers` says what each needs)";
     ComponentLocked = "component-locked", 1020, Error,
         cause: "another program holds a lock on, or is writing to, a file of the component",
         resolution: "wait for the named process to finish, or stop it, and run the backup again";
@@ -126,6 +129,9 @@ error_codes! {
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";
+    RestoreDestination = "restore-destination", 1061, Error,
+        cause: "the restore's destination cannot be created or written (a file in the way, a read-only or missing mount, no permission)",
+        resolution: "choose a destination directory sysstate can create and write, or fix the one named in the message, and run the restore again";
     Internal = "internal", 1099, Error,
         cause: "an unexpected error inside sysstate",
         resolution: "run the command again with `-v`, and report the message and the job log";

@@ -161,3 +161,40 @@ fn repository_locked_names_the_holder_and_a_dead_holder_is_taken_over() {
     sandbox.ok(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
     assert_eq!(std::fs::read_dir(&locks).unwrap().count(), 0);
 }
+
+#[test]
+fn restore_destination_names_the_path_and_creates_nothing() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 21);
+    sandbox.backup_data(&root);
+    // A file where the destination's parent should be: the restore cannot create its root.
+    let blocker = sandbox.path("blocker");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let to = blocker.join("restored");
+    let output = sandbox.run(&["restore", "--to", to.to_str().unwrap()]);
+    stderr_has_code(&output, "restore-destination");
+    assert!(text(&output.stderr).contains(to.to_str().unwrap()), "names the destination: {}", text(&output.stderr));
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"not a directory", "the file in the way is untouched");
+    assert_job_failed(&sandbox, "restore-destination");
+}
+
+#[test]
+fn provider_unsupported_when_reflink_cannot_clone_the_volume() {
+    if !require("root (mounts a tmpfs, which has no reflinks, as the backed-up volume)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let volume = Tmpfs::mount(&sandbox.path("volume"), "size=8m");
+    let root = volume.0.join("root");
+    make_tree(&root.join("data"), 3, 22);
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+    std::fs::write(sandbox.path("config.toml"), format!("{config}\n[shadow]\nprovider = \"reflink\"\n")).unwrap();
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    stderr_has_code(&output, "provider-unsupported");
+    assert!(text(&output.stderr).contains("reflink"), "names the provider: {}", text(&output.stderr));
+    assert_job_failed(&sandbox, "provider-unsupported");
+    // With `auto` the same backup works.
+    std::fs::write(sandbox.path("config.toml"), format!("{config}\n[shadow]\nprovider = \"auto\"\n")).unwrap();
+    sandbox.backup_data(&root);
+}
