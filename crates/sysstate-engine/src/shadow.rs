@@ -372,16 +372,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_and_absurd_ones_are_refused_not_panicked_on() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+    fn absurd_durations_are_refused_not_panicked_on() {
+        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
         for absurd in ["300000000000000d", "1e400", "99999999999999999999999999999999999h", "36501d"] {
             let error = parse_duration(absurd).unwrap_err();
             assert!(error.contains(absurd), "{error}");
         }
         assert!(parse_duration("-5s").is_err());
-        assert!(parse_duration("5 fortnights").is_err());
     }
 
     #[test]

@@ -70,10 +70,8 @@ pub struct PrunePlan {
     #[serde(skip)]
     keep: Vec<IndexPack>,
     /// Packs with no used blob: deleted whole.
-    #[serde(serialize_with = "hex_ids")]
     pub delete: Vec<Id>,
     /// Packs with some used blobs: those are moved to new packs, then the pack is deleted.
-    #[serde(serialize_with = "hex_ids")]
     pub repack: Vec<Id>,
     #[serde(skip)]
     repack_entries: Vec<Vec<crate::pack::PackEntry>>,
@@ -87,10 +85,6 @@ pub struct PrunePlan {
     old_index_files: Vec<Id>,
     #[serde(skip)]
     pack_sizes: HashMap<String, u64>,
-}
-
-fn hex_ids<S: serde::Serializer>(ids: &[Id], serializer: S) -> std::result::Result<S::Ok, S::Error> {
-    serializer.collect_seq(ids.iter().map(Id::to_hex))
 }
 
 /// Plans a prune of `repo` (exclusive lease held by the caller): which packs stay, go, or are
@@ -189,7 +183,6 @@ impl PrunePlan {
             report.bytes_freed += size_of(&pack.to_hex());
             repo.backend().remove(FileKind::Pack, &pack.to_hex())?;
         }
-        repo.load_index()?;
         Ok(report)
     }
 }

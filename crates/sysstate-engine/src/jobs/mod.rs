@@ -137,7 +137,11 @@ impl Source {
         match code {
             WriterTimeout | WriterRetryable | WriterNonretryable | WriterOutOfResources | WriterInconsistent
             | WriterNotResponding => Source::Writer,
-            ShadowSetInProgress | CommitTimeout | ShadowStorageFull | ShadowStorageOldestDeleted => Source::Shadow,
+            ShadowSetInProgress
+            | CommitTimeout
+            | ShadowStorageFull
+            | ShadowStorageOldestDeleted
+            | ProviderUnsupported => Source::Shadow,
             TargetUnavailable | TargetFull | TargetPermission | RepositoryLocked | RepositoryCorrupt
             | WrongPassphrase => Source::Repository,
             _ => Source::Engine,

@@ -54,27 +54,10 @@ impl Job<'_> {
         &self.id
     }
 
-    /// What the job does.
-    pub fn kind(&self) -> JobKind {
-        self.kind
-    }
-
     /// Says what the job is doing now (`sysstate job` shows it; the job's log keeps it).
     pub fn operation(&self, operation: &str) {
         if let Err(error) = self.store.operation(&self.id, operation) {
             tracing::warn!("job {}: cannot record the operation `{operation}`: {}", self.id, error.message);
-        }
-    }
-
-    /// Appends a line to the job's log.
-    pub fn log(&self, line: &str) {
-        self.store.log(&self.id, line);
-    }
-
-    /// Writes an event of this job.
-    pub fn event(&self, level: Level, code: ErrorCode, message: &str, data: Option<serde_json::Value>) {
-        if let Err(error) = self.store.event(Some(&self.id), level, Source::of(code), code, message, data) {
-            tracing::warn!("job {}: cannot write the event `{code}`: {}", self.id, error.message);
         }
     }
 

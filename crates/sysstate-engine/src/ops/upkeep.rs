@@ -60,10 +60,8 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
 #[serde(rename_all = "kebab-case")]
 pub struct ForgetPlan {
     /// Kept, by id.
-    #[serde(serialize_with = "hex_ids")]
     pub keep: Vec<Id>,
     /// Dropped (or to drop), by id.
-    #[serde(serialize_with = "hex_ids")]
     pub drop: Vec<Id>,
     /// True when nothing was dropped: the plan was only shown.
     pub dry_run: bool,
@@ -71,18 +69,21 @@ pub struct ForgetPlan {
 
 impl JobOutput for ForgetPlan {}
 
-fn hex_ids<S: serde::Serializer>(ids: &[Id], serializer: S) -> std::result::Result<S::Ok, S::Error> {
-    serializer.collect_seq(ids.iter().map(Id::to_hex))
+/// Refuses a policy without a rule: it would drop every version. (Callers check it before they
+/// ask for a passphrase; [`forget`] checks it again.)
+pub fn require_rule(policy: &Policy) -> Result<()> {
+    if !policy.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::new(ErrorCode::InvalidInput, "forget needs at least one `--keep-…` option")
+        .with_cause("without a rule every version would be dropped")
+        .with_resolution("for example `sysstate forget --keep-daily 7 --keep-weekly 4`"))
 }
 
 /// Applies a retention policy: plans which versions go and, unless `dry_run`, drops them (their
 /// data stays until `prune`). An empty policy is refused: it would drop every version.
 pub fn forget(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<ForgetPlan> {
-    if policy.is_empty() {
-        return Err(EngineError::new(ErrorCode::InvalidInput, "forget needs at least one `--keep-…` option")
-            .with_cause("without a rule every version would be dropped")
-            .with_resolution("for example `sysstate forget --keep-daily 7 --keep-weekly 4`"));
-    }
+    require_rule(policy)?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
     let (keep, drop) = sysstate_repo::forget::plan(&repo.versions()?, policy);
     if !dry_run {

@@ -79,20 +79,42 @@ pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), 
     }
 }
 
+/// The most of one stderr line kept (for the log and the failure's message); the rest of a
+/// longer line is read and dropped, so a command cannot make sysstate hold what it prints.
+const LINE_LIMIT: usize = 1024;
+
 /// Reads a command's stderr as it comes, so a command that prints more than a pipe holds
 /// (64 KiB) never blocks on it: each line is logged (`-v` shows it), and the last non-empty one
-/// is sent when the pipe closes, for the failure's message.
+/// is sent when the pipe closes, for the failure's message. Lines are cut at [`LINE_LIMIT`].
 fn read_stderr(pipe: std::process::ChildStderr, command: String) -> std::sync::mpsc::Receiver<String> {
     let (sender, receiver) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new().name("writer-stderr".into()).spawn(move || {
-        let mut last = String::new();
-        for line in BufReader::new(pipe).split(b'\n') {
-            let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line);
-            if !line.trim().is_empty() {
-                tracing::info!("`{command}`: {line}");
-                last = line.into_owned();
+        let mut reader = BufReader::new(pipe);
+        let (mut line, mut last) = (Vec::new(), String::new());
+        while let Ok(buffer) = reader.fill_buf() {
+            if buffer.is_empty() {
+                break;
             }
+            let (chunk, ends_line) = match buffer.iter().position(|&b| b == b'\n') {
+                Some(end) => (&buffer[..end], true),
+                None => (buffer, false),
+            };
+            let room = LINE_LIMIT.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let used = chunk.len() + usize::from(ends_line);
+            reader.consume(used);
+            if ends_line {
+                let text = String::from_utf8_lossy(&line);
+                if !text.trim().is_empty() {
+                    tracing::info!("`{command}`: {text}");
+                    last = text.into_owned();
+                }
+                line.clear();
+            }
+        }
+        let text = String::from_utf8_lossy(&line);
+        if !text.trim().is_empty() {
+            last = text.into_owned();
         }
         let _ = sender.send(last);
     });
@@ -172,6 +194,19 @@ mod tests {
         assert!(error.message.ends_with(": database busy"), "{}", error.message);
         let error = run(&sh("exit 3"), deadline, "thaw").unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
+    }
+
+    #[test]
+    fn an_endless_stderr_line_is_cut_not_kept() {
+        // 8 MiB with no newline, then the reason: the message keeps at most a line's limit.
+        let script = "head -c 8388608 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk busy' >&2; head -c 8388608 /dev/zero | tr '\\0' y >&2; exit 1";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let error = run(&sh(script), deadline, "freeze").unwrap_err();
+        assert_eq!(error.class, ErrorClass::Nonretryable);
+        assert!(error.message.len() < 2 * LINE_LIMIT, "a message of {} bytes", error.message.len());
+        assert!(error.message.ends_with(&"y".repeat(100)), "the last line, cut: {}", &error.message[..200]);
+        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze").unwrap_err();
+        assert!(error.message.ends_with(": disk busy"), "{}", error.message);
     }
 
     #[test]

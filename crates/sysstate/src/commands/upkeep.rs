@@ -57,8 +57,10 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
     };
-    let plan = context
-        .run_job(JobKind::Forget, &[], "forgetting", |_| upkeep::forget(&context.open()?, &policy, args.dry_run))?;
+    let plan = context.run_job(JobKind::Forget, &[], "forgetting", |_| {
+        upkeep::require_rule(&policy)?;
+        upkeep::forget(&context.open()?, &policy, args.dry_run)
+    })?;
     if context.json() {
         print_json(&serde_json::to_value(&plan).expect("plans encode"));
         return Ok(Outcome::Success);

@@ -38,9 +38,11 @@ fn forget_and_prune_free_space_and_keep_what_is_kept() {
     let to = sandbox.path("restored");
     sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
-    // forget without a rule would drop everything: refused.
-    let output = sandbox.run(&["forget"]);
+    // forget without a rule would drop everything: refused, and said before any passphrase is
+    // asked for.
+    let output = sandbox.command(&["forget"]).env_remove("SYSSTATE_PASSPHRASE").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("error[invalid-input]: forget needs"), "{}", text(&output.stderr));
 }
 
 #[test]
