@@ -7,6 +7,8 @@ use serde_json::Value;
 use sysstate_engine::config::Config;
 use sysstate_engine::jobs::{EventFilter, JobKind, JobRecord, JobStore};
 use sysstate_engine::paths;
+use sysstate_repo::lock::LeaseInfo;
+use sysstate_shadow::{FreezePart, LockHolder, Pressure, WriterTimeout};
 use sysstate_types::units::bytes;
 use sysstate_types::ErrorCode;
 
@@ -113,35 +115,6 @@ fn interval(job: &JobRecord) -> (i64, i64) {
     (start, parse(job.ended.as_deref()).unwrap_or(i64::MAX))
 }
 
-/// What in a pressure line says the machine was short of resources.
-fn pressure_high(line: &str) -> Option<String> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    let mut reasons = Vec::new();
-    if let Some(load) =
-        line.strip_prefix("load ").and_then(|r| r.split_whitespace().next()).and_then(|l| l.parse::<f64>().ok())
-    {
-        if load > 2.0 * cores {
-            reasons.push(format!("load {load} on {cores} cores"));
-        }
-    }
-    if let Some((available, total)) = line.split(", ").find(|p| p.contains("MiB available")).and_then(|p| {
-        let mut numbers = p.split_whitespace().filter_map(|w| w.parse::<f64>().ok());
-        Some((numbers.next()?, numbers.next()?))
-    }) {
-        if total > 0.0 && available / total < 0.1 {
-            reasons.push(format!("only {available} of {total} MiB memory available"));
-        }
-    }
-    for part in line.split([',', ' ']) {
-        if let Some(value) = part.strip_prefix("avg10=").and_then(|v| v.parse::<f64>().ok()) {
-            if value > 10.0 {
-                reasons.push(format!("pressure stalls at {value}%"));
-            }
-        }
-    }
-    (!reasons.is_empty()).then(|| reasons.join(", "))
-}
-
 fn process_now(pid: u64, command: &str) -> Option<String> {
     let pid = u32::try_from(pid).ok()?;
     if !sysstate_repo::lock::process_alive(pid, None) {
@@ -149,6 +122,29 @@ fn process_now(pid: u64, command: &str) -> Option<String> {
     }
     let now = sysstate_fs::process_command(pid);
     (command.is_empty() || now == command).then_some(now)
+}
+
+/// What the evidence says of one failure: which of the knowledge base's causes it points to,
+/// the specifics, and a resolution more specific than the error's when one is known.
+#[derive(Debug, Default)]
+struct Evidence {
+    cause: usize,
+    specifics: Vec<String>,
+    resolution: Option<String>,
+}
+
+impl Evidence {
+    fn cause(cause: usize) -> Evidence {
+        Evidence { cause, ..Evidence::default() }
+    }
+
+    fn of(specifics: Vec<String>) -> Evidence {
+        Evidence { specifics, ..Evidence::default() }
+    }
+
+    fn say(&mut self, specific: impl Into<String>) {
+        self.specifics.push(specific.into());
+    }
 }
 
 fn diagnose(
@@ -163,185 +159,29 @@ fn diagnose(
     let code = ErrorCode::from_name(&error.code).unwrap_or(ErrorCode::Internal);
     let events = store.events(&EventFilter { job: Some(job.id.clone()), ..Default::default() }).unwrap_or_default();
     let data = events.iter().rev().find(|e| e.code == error.code).and_then(|e| e.data.clone()).unwrap_or(Value::Null);
-    let mut cause = 0;
-    let mut specifics = Vec::new();
-    let mut resolution = error.resolution.clone();
-    match code {
-        ErrorCode::WriterTimeout => {
-            let (writer, breakdown, pressure) =
-                (text(&data, "writer"), text(&data, "breakdown"), text(&data, "pressure"));
-            specifics.push(format!(
-                "writer `{writer}` was frozen {} ms; its window is {} ms",
-                number(&data, "frozen-ms"),
-                number(&data, "window-ms")
-            ));
-            specifics.push(format!("what took the time: {breakdown}"));
-            specifics.push(format!("system pressure then: {pressure}"));
-            specifics.push(format!("system pressure now: {}", sysstate_shadow::pressure::snapshot()));
-            let (start, end) = interval(job);
-            let overlapping: Vec<String> = jobs
-                .iter()
-                .filter(|other| other.id != job.id && matches!(other.kind, JobKind::Backup | JobKind::Validate))
-                .filter(|other| {
-                    let (s, e) = interval(other);
-                    s < end && start < e
-                })
-                .map(|other| format!("job {} ({}, pid {})", other.id, other.kind, other.pid))
-                .collect();
-            let commit_ms = breakdown
-                .split(", ")
-                .find_map(|p| p.strip_prefix("provider commit ")?.strip_suffix(" ms")?.parse::<u64>().ok())
-                .unwrap_or(0);
-            let frozen = number(&data, "frozen-ms");
-            if !overlapping.is_empty() {
-                cause = 1;
-                specifics.push(format!("another backup ran at the same time: {}", overlapping.join(", ")));
-            } else if let Some(high) = pressure_high(&pressure) {
-                cause = 0;
-                specifics.push(format!("the machine was short of resources: {high}"));
-            } else if frozen > 0 && commit_ms * 2 >= frozen {
-                cause = 2;
-                specifics.push(format!("the provider commit took {commit_ms} of the {frozen} ms"));
-            } else {
-                cause = 3;
-                specifics.push("no other backup ran, the pressure was low and the commit short: the window is too short for this writer".into());
-                resolution =
-                    format!("raise `freeze-timeout` of writer `{writer}` above {frozen} ms in its `[[writer]]` entry");
-            }
-        }
-        ErrorCode::ShadowStorageFull => {
-            let (used, free, needed) = (number(&data, "used"), number(&data, "free"), number(&data, "needed"));
-            let (volume, location) = (text(&data, "volume"), text(&data, "location"));
-            specifics.push(format!(
-                "shadow storage `{location}` for `{volume}`: max size {}, {} used by copies, {} free on its volume, {} needed",
-                text(&data, "max-size"),
-                bytes(used),
-                bytes(free),
-                bytes(needed)
-            ));
-            if free < needed {
-                cause = 1;
-                resolution = format!("free at least {} on the volume of `{location}`, or move the storage with `[[shadow.storage]] on = …`", bytes(needed - free));
-            } else {
-                let size = (used + needed + (used + needed) / 4).div_ceil(1 << 20);
-                resolution =
-                    format!("sysstate shadowstorage resize --for {volume} --on {location} --max-size {size}MiB");
-            }
-        }
-        ErrorCode::ComponentLocked => {
-            let (pid, command) = (number(&data, "pid"), text(&data, "command"));
-            specifics.push(format!(
-                "component `{}`: `{}` held by pid {pid} (`{command}`)",
-                text(&data, "component"),
-                text(&data, "file")
-            ));
-            match process_now(pid, &command) {
-                Some(now) => specifics.push(format!("pid {pid} (`{now}`) still runs now")),
-                None => {
-                    cause = 1;
-                    specifics.push(format!("pid {pid} is gone now: the file is free"));
-                }
-            }
-        }
-        ErrorCode::ShadowSetInProgress => {
-            let pid = number(&data, "pid");
-            specifics.push(format!(
-                "the shadow-set lock was held by pid {pid} (`{}`), job {}",
-                text(&data, "command"),
-                text(&data, "job")
-            ));
-            match sysstate_shadow::lock::current_holder(&paths::runtime_dir()) {
-                Some(holder) => specifics.push(format!("the lock is held now by {holder}")),
-                None => {
-                    cause = 1;
-                    specifics.push("the lock is free now".into());
-                }
-            }
-        }
-        ErrorCode::RepositoryLocked => {
-            let pid = error
-                .message
-                .split("pid ")
-                .nth(1)
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|p| p.parse::<u64>().ok());
-            match pid.and_then(|pid| process_now(pid, "").map(|now| (pid, now))) {
-                Some((pid, now)) => specifics.push(format!("pid {pid} (`{now}`) still runs now")),
-                None => {
-                    cause = 1;
-                    specifics.push("the lease's holder is gone now: the next job takes the lease over".into());
-                }
-            }
-        }
+    let evidence = match code {
+        ErrorCode::WriterTimeout => writer_timeout(job, jobs, &data),
+        ErrorCode::ShadowStorageFull => shadow_storage_full(&data),
+        ErrorCode::ComponentLocked => component_locked(&data),
+        ErrorCode::ShadowSetInProgress => shadow_set_in_progress(&data),
+        ErrorCode::RepositoryLocked => repository_locked(&data),
         ErrorCode::WriterRetryable
         | ErrorCode::WriterNonretryable
         | ErrorCode::WriterOutOfResources
         | ErrorCode::WriterInconsistent
-        | ErrorCode::WriterNotResponding => {
-            let writer = text(&data, "writer");
-            specifics.push(format!(
-                "writer `{writer}` failed at {}: {}",
-                text(&data, "phase"),
-                text(&data, "writer-message")
-            ));
-            let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
-            if let Some(state) = states.iter().find(|s| s.name == writer) {
-                specifics.push(format!(
-                    "its state now: `{}`{}",
-                    state.state,
-                    state.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
-                ));
-            }
-            if let Some(log) = &job.log_path {
-                specifics.push(format!("its output is in the job log `{log}`"));
-            }
-        }
-        ErrorCode::CommitTimeout => {
-            let provider = text(&data, "provider");
-            specifics.push(format!(
-                "provider `{provider}` took {} ms; `shadow.commit-timeout` is {} ms",
-                number(&data, "elapsed-ms"),
-                number(&data, "limit-ms")
-            ));
-            if provider != "copy" {
-                cause = 1;
-            }
-        }
+        | ErrorCode::WriterNotResponding => writer_failed(job, &data),
+        ErrorCode::CommitTimeout => commit_timeout(&data),
         ErrorCode::TargetUnavailable | ErrorCode::TargetFull | ErrorCode::TargetPermission => {
-            let target = job.target.clone().unwrap_or_default();
-            specifics.push(format!("the job's target: `{target}`"));
-            if target.contains("://") {
-                cause = if code == ErrorCode::TargetFull { 0 } else { 1 };
-            }
-            if found.target == Some(target.as_str()) {
-                specifics.extend(found.now("target."));
-            } else {
-                let mut now = Vec::new();
-                checks::target(&target, options, &mut now);
-                specifics.extend(describe_now(&now));
-            }
+            target(job, code, options, found)
         }
-        ErrorCode::StateDirPermission => specifics.extend(found.now("state-dir.")),
-        ErrorCode::WrongPassphrase => {
-            let keys = std::fs::read_dir(paths::state_dir().join("keys")).map(|d| d.count()).unwrap_or(0);
-            specifics.push(format!(
-                "now: `SYSSTATE_PASSPHRASE` is {}; {keys} key files in the state directory",
-                if std::env::var_os("SYSSTATE_PASSPHRASE").is_some() { "set" } else { "not set" }
-            ));
-        }
-        ErrorCode::ComponentMissing => {
-            if let Some(config) = config {
-                let listed = sysstate_engine::components::all(config)
-                    .map(|all| all.into_iter().map(|c| c.name).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default();
-                specifics.push(format!("components known now: {listed}"));
-            }
-        }
-        ErrorCode::Cancelled if error.message.contains("ended without a word") => cause = 1,
-        _ => {}
-    }
+        ErrorCode::StateDirPermission => Evidence::of(found.now("state-dir.")),
+        ErrorCode::WrongPassphrase => wrong_passphrase(),
+        ErrorCode::ComponentMissing => component_missing(config),
+        ErrorCode::Cancelled if error.message.contains("ended without a word") => Evidence::cause(1),
+        _ => Evidence::default(),
+    };
     let entry = knowledge::entry(code);
-    let chosen = entry.and_then(|e| e.causes.get(cause).or(e.causes.first()));
+    let chosen = entry.and_then(|e| e.causes.get(evidence.cause).or(e.causes.first()));
     Diagnosis {
         job: job.id.clone(),
         kind: job.kind.to_string(),
@@ -352,9 +192,209 @@ fn diagnose(
         symptom: entry.map(|e| e.symptom.clone()).unwrap_or_default(),
         cause: chosen.map(|c| c.cause.clone()).unwrap_or_else(|| error.cause.clone()),
         tell: chosen.map(|c| c.tell.clone()).unwrap_or_default(),
-        specifics,
-        resolution,
+        specifics: evidence.specifics,
+        resolution: evidence.resolution.unwrap_or_else(|| error.resolution.clone()),
     }
+}
+
+/// Causes: 0 the machine was short of resources, 1 another backup ran, 2 the provider's commit
+/// took the window, 3 the window is too short for the writer.
+fn writer_timeout(job: &JobRecord, jobs: &[JobRecord], data: &Value) -> Evidence {
+    let Ok(timeout) = serde_json::from_value::<WriterTimeout>(data.clone()) else {
+        return Evidence::of(
+            vec!["the job's event does not say what took the time (an older version wrote it)".into()],
+        );
+    };
+    let WriterTimeout { writer, window_ms, frozen_ms, breakdown, pressure } = timeout;
+    let mut evidence = Evidence::default();
+    evidence.say(format!("writer `{writer}` was frozen {frozen_ms} ms; its window is {window_ms} ms"));
+    evidence.say(format!("what took the time: {}", FreezePart::describe(&breakdown)));
+    evidence.say(format!("system pressure then: {pressure}"));
+    evidence.say(format!("system pressure now: {}", Pressure::now()));
+    let (start, end) = interval(job);
+    let overlapping: Vec<String> = jobs
+        .iter()
+        .filter(|other| other.id != job.id && matches!(other.kind, JobKind::Backup | JobKind::Validate))
+        .filter(|other| {
+            let (s, e) = interval(other);
+            s < end && start < e
+        })
+        .map(|other| format!("job {} ({}, pid {})", other.id, other.kind, other.pid))
+        .collect();
+    let commit_ms = breakdown
+        .iter()
+        .find_map(|part| match part {
+            FreezePart::ProviderCommit { ms } => Some(*ms),
+            FreezePart::WriterFreeze { .. } => None,
+        })
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !overlapping.is_empty() {
+        evidence.cause = 1;
+        evidence.say(format!("another backup ran at the same time: {}", overlapping.join(", ")));
+    } else if let Some(shortage) = pressure.shortage(cores) {
+        evidence.say(format!("the machine was short of resources: {shortage}"));
+    } else if frozen_ms > 0 && commit_ms * 2 >= frozen_ms {
+        evidence.cause = 2;
+        evidence.say(format!("the provider commit took {commit_ms} of the {frozen_ms} ms"));
+    } else {
+        evidence.cause = 3;
+        evidence.say(
+            "no other backup ran, the pressure was low and the commit short: the window is too short for this writer",
+        );
+        evidence.resolution =
+            Some(format!("raise `freeze-timeout` of writer `{writer}` above {frozen_ms} ms in its `[[writer]]` entry"));
+    }
+    evidence
+}
+
+/// Causes: 0 the storage's limit, 1 its volume is full.
+fn shadow_storage_full(data: &Value) -> Evidence {
+    let (used, free, needed) = (number(data, "used"), number(data, "free"), number(data, "needed"));
+    let (volume, location) = (text(data, "volume"), text(data, "location"));
+    let mut evidence = Evidence::of(vec![format!(
+        "shadow storage `{location}` for `{volume}`: max size {}, {} used by copies, {} free on its volume, {} needed",
+        text(data, "max-size"),
+        bytes(used),
+        bytes(free),
+        bytes(needed)
+    )]);
+    if free < needed {
+        evidence.cause = 1;
+        evidence.resolution = Some(format!(
+            "free at least {} on the volume of `{location}`, or move the storage with `[[shadow.storage]] on = …`",
+            bytes(needed - free)
+        ));
+    } else {
+        let size = (used + needed + (used + needed) / 4).div_ceil(1 << 20);
+        evidence.resolution =
+            Some(format!("sysstate shadowstorage resize --for {volume} --on {location} --max-size {size}MiB"));
+    }
+    evidence
+}
+
+/// Causes: 0 the holder still runs, 1 it is gone.
+fn component_locked(data: &Value) -> Evidence {
+    let (pid, command) = (number(data, "pid"), text(data, "command"));
+    let mut evidence = Evidence::of(vec![format!(
+        "component `{}`: `{}` held by pid {pid} (`{command}`)",
+        text(data, "component"),
+        text(data, "file")
+    )]);
+    match process_now(pid, &command) {
+        Some(now) => evidence.say(format!("pid {pid} (`{now}`) still runs now")),
+        None => {
+            evidence.cause = 1;
+            evidence.say(format!("pid {pid} is gone now: the file is free"));
+        }
+    }
+    evidence
+}
+
+/// Causes: 0 the lock is still held, 1 it is free now.
+fn shadow_set_in_progress(data: &Value) -> Evidence {
+    let mut evidence = Evidence::default();
+    if let Ok(holder) = serde_json::from_value::<LockHolder>(data.clone()) {
+        evidence.say(format!("the shadow-set lock was held by {holder}"));
+    }
+    match sysstate_shadow::lock::current_holder(&paths::runtime_dir()) {
+        Some(holder) => evidence.say(format!("the lock is held now by {holder}")),
+        None => {
+            evidence.cause = 1;
+            evidence.say("the lock is free now");
+        }
+    }
+    evidence
+}
+
+/// Causes: 0 the lease's holder still runs, 1 it is gone.
+fn repository_locked(data: &Value) -> Evidence {
+    let lease = serde_json::from_value::<LeaseInfo>(data.clone()).ok();
+    let this_host = sysstate_repo::lock::host_name();
+    let running = lease.as_ref().filter(|lease| lease.host == this_host).and_then(|lease| {
+        sysstate_repo::lock::process_alive(lease.pid, lease.start_ticks)
+            .then(|| (lease.pid, sysstate_fs::process_command(lease.pid)))
+    });
+    match (&lease, running) {
+        (_, Some((pid, now))) => Evidence::of(vec![format!("pid {pid} (`{now}`) still runs now")]),
+        (Some(lease), None) if lease.host != this_host => Evidence::of(vec![format!(
+            "the lease is held by pid {} on host `{}`, which this machine cannot look at; it expires 30 minutes after its last refresh",
+            lease.pid, lease.host
+        )]),
+        _ => Evidence {
+            cause: 1,
+            specifics: vec!["the lease's holder is gone now: the next job takes the lease over".into()],
+            resolution: None,
+        },
+    }
+}
+
+fn writer_failed(job: &JobRecord, data: &Value) -> Evidence {
+    let writer = text(data, "writer");
+    let mut evidence = Evidence::of(vec![format!(
+        "writer `{writer}` failed at {}: {}",
+        text(data, "phase"),
+        text(data, "writer-message")
+    )]);
+    let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
+    if let Some(state) = states.iter().find(|s| s.name == writer) {
+        evidence.say(format!(
+            "its state now: `{}`{}",
+            state.state,
+            state.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+        ));
+    }
+    if let Some(log) = &job.log_path {
+        evidence.say(format!("its output is in the job log `{log}`"));
+    }
+    evidence
+}
+
+/// Causes: 0 a copy is slow for this much data, 1 a provider that should be fast was not.
+fn commit_timeout(data: &Value) -> Evidence {
+    let provider = text(data, "provider");
+    let mut evidence = Evidence::of(vec![format!(
+        "provider `{provider}` took {} ms; `shadow.commit-timeout` is {} ms",
+        number(data, "elapsed-ms"),
+        number(data, "limit-ms")
+    )]);
+    if provider != "copy" {
+        evidence.cause = 1;
+    }
+    evidence
+}
+
+/// The target's state now, from this run's checks or checked again.
+fn target(job: &JobRecord, code: ErrorCode, options: &Options, found: &Found<'_>) -> Evidence {
+    let target = job.target.clone().unwrap_or_default();
+    let mut evidence = Evidence::of(vec![format!("the job's target: `{target}`")]);
+    if target.contains("://") {
+        evidence.cause = if code == ErrorCode::TargetFull { 0 } else { 1 };
+    }
+    if found.target == Some(target.as_str()) {
+        evidence.specifics.extend(found.now("target."));
+    } else {
+        let mut now = Vec::new();
+        checks::target(&target, options, &mut now);
+        evidence.specifics.extend(describe_now(&now));
+    }
+    evidence
+}
+
+fn wrong_passphrase() -> Evidence {
+    let keys = std::fs::read_dir(paths::state_dir().join("keys")).map(|d| d.count()).unwrap_or(0);
+    Evidence::of(vec![format!(
+        "now: `SYSSTATE_PASSPHRASE` is {}; {keys} key files in the state directory",
+        if std::env::var_os("SYSSTATE_PASSPHRASE").is_some() { "set" } else { "not set" }
+    )])
+}
+
+fn component_missing(config: Option<&Config>) -> Evidence {
+    let Some(config) = config else { return Evidence::default() };
+    let listed = sysstate_engine::components::all(config)
+        .map(|all| all.into_iter().map(|c| c.name).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    Evidence::of(vec![format!("components known now: {listed}")])
 }
 
 fn describe_now<'c>(checks: impl IntoIterator<Item = &'c Check>) -> Vec<String> {

@@ -126,7 +126,7 @@ fn writers(config: &Config, root: &Path, runtime_dir: &Path) -> Vec<Part> {
         let (mut status, healthy) = if let Some(program) = missing.first() {
             (format!("does not respond: its program `{program}` is not installed"), false)
         } else {
-            match writer.handle(sysstate_shadow::Event::Identify, deadline) {
+            match writer.handle(sysstate_shadow::Phase::Identify, deadline) {
                 Ok(()) => ("responds".to_string(), true),
                 Err(error) => (format!("does not respond to identify: {}", error.message), false),
             }

@@ -67,7 +67,11 @@ impl From<RepoError> for EngineError {
             }
             _ => None,
         };
-        EngineError { code, message: error.to_string(), cause: None, resolution, data: None }
+        let data = match &error {
+            RepoError::Locked { holder, .. } => Some(serde_json::to_value(holder).expect("a lease encodes")),
+            _ => None,
+        };
+        EngineError { code, message: error.to_string(), cause: None, resolution, data }
     }
 }
 

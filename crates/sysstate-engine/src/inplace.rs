@@ -27,7 +27,7 @@ use sysstate_repo::tree::NodeKind;
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::NoProgress;
 use sysstate_repo::{Id, Repository};
-use sysstate_shadow::{Event, Writer};
+use sysstate_shadow::{Phase, Writer};
 use sysstate_types::ErrorCode;
 
 /// Components that take effect only when the machine boots again.
@@ -472,7 +472,7 @@ fn lock_accounts(config: &Config, root: &Path) -> Result<Box<dyn Writer>> {
         ));
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-    writer.handle(Event::PrepareSnapshot, deadline).map_err(|error| {
+    writer.handle(Phase::PrepareSnapshot, deadline).map_err(|error| {
         let file = root.join("etc/.pwd.lock");
         let holder = sysstate_fs::lock_holders(&file).ok().and_then(|h| h.into_iter().next());
         let data = serde_json::json!({

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sysstate_shadow::storage::{MaxSize, StorageArea};
 use sysstate_shadow::writer::{
-    CommandWriter, FsfreezeWriter, LockFileWriter, PostgresWriter, ProcessWriter, DEFAULT_EVENT_TIMEOUT,
-    DEFAULT_FREEZE_TIMEOUT,
+    CommandWriter, FsfreezeWriter, LockFileWriter, PostgresWriter, ProcessWriter, DEFAULT_FREEZE_TIMEOUT,
+    DEFAULT_PHASE_TIMEOUT,
 };
 use sysstate_shadow::{ShadowError, Writer};
 use sysstate_types::ErrorCode;
@@ -56,10 +56,10 @@ pub fn writers(
     let mut out: Vec<Box<dyn Writer>> = Vec::new();
     let configured = |name: &str| config.writers.iter().any(|w| w.name == name);
     if components.iter().any(|c| c == "packages") && !configured("dpkg") && root.join("var/lib/dpkg").is_dir() {
-        out.push(Box::new(LockFileWriter::dpkg("dpkg", root, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
+        out.push(Box::new(LockFileWriter::dpkg("dpkg", root, DEFAULT_PHASE_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
     }
     if components.iter().any(|c| c == "accounts") && !configured("accounts") && root.join("etc").is_dir() {
-        out.push(Box::new(LockFileWriter::accounts("accounts", root, DEFAULT_EVENT_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
+        out.push(Box::new(LockFileWriter::accounts("accounts", root, DEFAULT_PHASE_TIMEOUT, DEFAULT_FREEZE_TIMEOUT)));
     }
     for writer in &config.writers {
         if !writer.components.is_empty() && !writer.components.iter().any(|c| components.contains(c)) {
@@ -75,7 +75,7 @@ pub fn writers(
             Some(text) => {
                 parse_duration(text).map_err(|e| invalid(format!("writer `{}`: prepare-timeout {e}", writer.name)))?
             }
-            None => DEFAULT_EVENT_TIMEOUT,
+            None => DEFAULT_PHASE_TIMEOUT,
         };
         match writer.kind.as_str() {
             "command" => out.push(Box::new(CommandWriter::new(
@@ -317,27 +317,24 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
                 "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `sysstate shadowstorage resize --for {volume} --on {location} --max-size {}MiB`",
                 (used + needed).div_ceil(1 << 20) * 2 + 1
             )),
-        ShadowError::WriterTimeout { writer, window_ms, .. } => engine.with_resolution(format!(
-            "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{writer}` needs longer than {window_ms} ms, raise its `freeze-timeout`"
+        ShadowError::WriterTimeout(timeout) => engine.with_resolution(format!(
+            "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{}` needs longer than {} ms, raise its `freeze-timeout`",
+            timeout.writer, timeout.window_ms
         )),
         _ => engine,
     }
 }
 
-/// The specifics of a shadow failure as data, for the doctor.
+/// The specifics of a shadow failure as data, for the doctor: the typed value itself where
+/// there is one (the doctor reads it back as that type).
 fn shadow_error_data(error: &ShadowError) -> serde_json::Value {
     use serde_json::json;
     match error {
         ShadowError::Writer(failure) => {
             json!({"writer": failure.writer, "phase": failure.phase, "writer-message": failure.message})
         }
-        ShadowError::WriterTimeout { writer, window_ms, frozen_ms, breakdown, pressure } => json!({
-            "writer": writer, "window-ms": window_ms, "frozen-ms": frozen_ms, "breakdown": breakdown, "pressure": pressure,
-        }),
-        ShadowError::InProgress(holder) => json!({
-            "pid": holder.pid, "command": holder.command, "job": holder.job,
-            "since": sysstate_types::time::format_utc(holder.since_ns),
-        }),
+        ShadowError::WriterTimeout(timeout) => serde_json::to_value(timeout).expect("a timeout encodes"),
+        ShadowError::InProgress(holder) => serde_json::to_value(holder).expect("a holder encodes"),
         ShadowError::CommitTimeout { provider, elapsed_ms, limit_ms } => {
             json!({"provider": provider, "elapsed-ms": elapsed_ms, "limit-ms": limit_ms})
         }

@@ -26,12 +26,12 @@ pub enum RepoError {
         location: String,
     },
     /// Another process holds a lease that excludes ours.
-    #[error("the repository at `{location}` is locked by {holder}")]
+    #[error("the repository at `{location}` is locked by {}", .holder.describe())]
     Locked {
         /// The target.
         location: String,
-        /// Who holds it: host, pid, command, since.
-        holder: String,
+        /// The lease in the way: host, pid, command, since.
+        holder: Box<crate::lock::LeaseInfo>,
     },
     /// Something in the repository is damaged.
     #[error("the repository at `{location}` is damaged: {object}: {detail}")]

@@ -171,7 +171,7 @@ impl Lease {
                 continue;
             }
             if info.exclusive || ours.exclusive {
-                return Err(RepoError::Locked { location: backend.location(), holder: info.describe() });
+                return Err(RepoError::Locked { location: backend.location(), holder: Box::new(info) });
             }
         }
         Ok(())

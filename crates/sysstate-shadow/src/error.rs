@@ -1,5 +1,7 @@
 use crate::lock::LockHolder;
-use crate::writer::ErrorClass;
+use crate::pressure::Pressure;
+use crate::writer::{ErrorClass, Phase};
+use serde::{Deserialize, Serialize};
 use sysstate_types::ErrorCode;
 
 /// One writer's failure, with the phase it failed in.
@@ -7,12 +9,69 @@ use sysstate_types::ErrorCode;
 pub struct WriterFailure {
     /// The writer.
     pub writer: String,
-    /// The phase (`freeze`, `prepare-backup`, …).
-    pub phase: &'static str,
+    /// The phase it failed in.
+    pub phase: Phase,
     /// Its class.
     pub class: ErrorClass,
     /// The writer's own message.
     pub message: String,
+}
+
+/// A writer that stayed frozen past its window: which, how long, what took the time and how
+/// busy the machine was. Recorded as the event's data; the doctor reads it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "kebab-case")]
+#[error(
+    "writer `{writer}` was frozen for {frozen_ms} ms, past its freeze-timeout of {window_ms} ms: {}; system pressure then: {pressure}",
+    FreezePart::describe(.breakdown)
+)]
+pub struct WriterTimeout {
+    /// The writer whose window was exceeded first.
+    pub writer: String,
+    /// Its window.
+    pub window_ms: u64,
+    /// How long the freeze really lasted (its freeze start to the thaw).
+    pub frozen_ms: u64,
+    /// What took the time.
+    pub breakdown: Vec<FreezePart>,
+    /// Load, memory and PSI at the time.
+    pub pressure: Pressure,
+}
+
+/// One part of a freeze window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "part", rename_all = "kebab-case")]
+pub enum FreezePart {
+    /// A writer's freeze call (until the next writer's freeze started, or the thaw).
+    WriterFreeze {
+        /// The writer.
+        writer: String,
+        /// How long, ms.
+        ms: u64,
+    },
+    /// The provider's commit of the copies.
+    ProviderCommit {
+        /// How long, ms.
+        ms: u64,
+    },
+}
+
+impl FreezePart {
+    /// `writer `pg` freeze 12 ms, provider commit 340 ms`.
+    pub fn describe(parts: &[FreezePart]) -> String {
+        let parts: Vec<String> = parts
+            .iter()
+            .map(|part| match part {
+                FreezePart::WriterFreeze { writer, ms } => format!("writer `{writer}` freeze {ms} ms"),
+                FreezePart::ProviderCommit { ms } => format!("provider commit {ms} ms"),
+            })
+            .collect();
+        if parts.is_empty() {
+            "nothing measured".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// Why a shadow set failed.
@@ -22,19 +81,8 @@ pub enum ShadowError {
     #[error("writer `{}` failed at {}: {}", .0.writer, .0.phase, .0.message)]
     Writer(WriterFailure),
     /// A writer stayed frozen past its window.
-    #[error("writer `{writer}` was frozen for {frozen_ms} ms, past its freeze-timeout of {window_ms} ms: {breakdown}; system pressure then: {pressure}")]
-    WriterTimeout {
-        /// The writer whose window was exceeded first.
-        writer: String,
-        /// Its window.
-        window_ms: u64,
-        /// How long the freeze really lasted (its freeze start to the thaw).
-        frozen_ms: u64,
-        /// What took the time: each writer's freeze and the provider commit.
-        breakdown: String,
-        /// Load, memory and PSI at the time.
-        pressure: String,
-    },
+    #[error("{0}")]
+    WriterTimeout(Box<WriterTimeout>),
     /// Another shadow set holds the lock.
     #[error("another shadow set is in progress: {0}")]
     InProgress(LockHolder),
@@ -96,7 +144,7 @@ impl ShadowError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ShadowError::Writer(failure) => failure.class.code(),
-            ShadowError::WriterTimeout { .. } => ErrorCode::WriterTimeout,
+            ShadowError::WriterTimeout(_) => ErrorCode::WriterTimeout,
             ShadowError::InProgress(_) => ErrorCode::ShadowSetInProgress,
             ShadowError::CommitTimeout { .. } => ErrorCode::CommitTimeout,
             ShadowError::StorageFull { .. } => ErrorCode::ShadowStorageFull,

@@ -25,6 +25,9 @@ pub use coordinator::{
     Coordinator, PhaseHook, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup, WarningHook,
     WriterRecord, BASE_COPY,
 };
-pub use error::{ShadowError, WriterFailure};
+pub use error::{FreezePart, ShadowError, WriterFailure, WriterTimeout};
 pub use lock::{LockHolder, ShadowSetLock};
-pub use writer::{ErrorClass, Event, Writer, WriterError};
+pub use pressure::Pressure;
+pub use provider::Provider;
+pub use state::WriterState;
+pub use writer::{ErrorClass, Phase, Writer, WriterError};

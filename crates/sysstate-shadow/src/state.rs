@@ -1,10 +1,76 @@
 //! Writer states, persisted in the runtime directory so `sysstate writers` shows them from
 //! another process (like `vssadmin list writers`).
 
+use crate::writer::Phase;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use sysstate_types::time::now_ns;
+
+/// Where a writer is in a shadow set (VSS's writer states), stored as its kebab-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum WriterState {
+    /// Not in a shadow set, or done with one.
+    Stable,
+    /// Prepared; the freeze comes next.
+    WaitingForFreeze,
+    /// Frozen.
+    WaitingForThaw,
+    /// Thawed; post-snapshot comes next.
+    WaitingForPostSnapshot,
+    /// Waiting for the backup to read the copies (backup-complete or abort).
+    WaitingForCompletion,
+    /// Failed in this phase.
+    Failed(Phase),
+}
+
+impl WriterState {
+    /// True for a failure.
+    pub fn is_failed(self) -> bool {
+        matches!(self, WriterState::Failed(_))
+    }
+}
+
+impl std::fmt::Display for WriterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriterState::Stable => f.write_str("stable"),
+            WriterState::WaitingForFreeze => f.write_str("waiting-for-freeze"),
+            WriterState::WaitingForThaw => f.write_str("waiting-for-thaw"),
+            WriterState::WaitingForPostSnapshot => f.write_str("waiting-for-post-snapshot"),
+            WriterState::WaitingForCompletion => f.write_str("waiting-for-completion"),
+            WriterState::Failed(phase) => write!(f, "failed-at-{phase}"),
+        }
+    }
+}
+
+impl From<WriterState> for String {
+    fn from(state: WriterState) -> String {
+        state.to_string()
+    }
+}
+
+impl TryFrom<String> for WriterState {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<WriterState, String> {
+        let state = match name.as_str() {
+            "stable" => WriterState::Stable,
+            "waiting-for-freeze" => WriterState::WaitingForFreeze,
+            "waiting-for-thaw" => WriterState::WaitingForThaw,
+            "waiting-for-post-snapshot" => WriterState::WaitingForPostSnapshot,
+            "waiting-for-completion" => WriterState::WaitingForCompletion,
+            other => WriterState::Failed(
+                other
+                    .strip_prefix("failed-at-")
+                    .and_then(Phase::from_name)
+                    .ok_or_else(|| format!("`{other}` is not a writer state"))?,
+            ),
+        };
+        Ok(state)
+    }
+}
 
 /// One writer's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,9 +80,8 @@ pub struct WriterStatus {
     pub name: String,
     /// Its kind.
     pub kind: String,
-    /// `stable`, `waiting-for-freeze`, `waiting-for-thaw`, `waiting-for-post-snapshot`,
-    /// `waiting-for-completion`, or `failed-at-PHASE`.
-    pub state: String,
+    /// Where it is.
+    pub state: WriterState,
     /// The last error, if any.
     pub last_error: Option<String>,
     /// The shadow set it last took part in.
@@ -55,7 +120,7 @@ impl StateBook {
                 states.push(WriterStatus {
                     name: name.clone(),
                     kind: kind.clone(),
-                    state: "stable".into(),
+                    state: WriterState::Stable,
                     last_error: None,
                     set: None,
                     updated_ns: now_ns(),
@@ -68,12 +133,12 @@ impl StateBook {
     }
 
     /// Sets a writer's state (and error).
-    pub fn set(&self, name: &str, state: &str, error: Option<String>, set: &str) {
+    pub fn set(&self, name: &str, state: WriterState, error: Option<String>, set: &str) {
         {
             let mut states = self.states.lock().expect("states lock");
             if let Some(status) = states.iter_mut().find(|s| s.name == name) {
-                status.state = state.to_string();
-                if error.is_some() || state == "stable" {
+                status.state = state;
+                if error.is_some() || state == WriterState::Stable {
                     status.last_error = error.or(status.last_error.take());
                 }
                 status.set = Some(set.to_string());
@@ -85,15 +150,22 @@ impl StateBook {
 
     /// Sets a writer's state only when `allowed` accepts its current one (a thaw racing a
     /// failure must not hide the failure).
-    pub fn set_when(&self, name: &str, allowed: impl Fn(&str) -> bool, state: &str, error: Option<String>, set: &str) {
-        if self.get(name).is_some_and(|current| allowed(&current)) {
+    pub fn set_when(
+        &self,
+        name: &str,
+        allowed: impl Fn(WriterState) -> bool,
+        state: WriterState,
+        error: Option<String>,
+        set: &str,
+    ) {
+        if self.get(name).is_some_and(allowed) {
             self.set(name, state, error, set);
         }
     }
 
     /// The current state of a writer.
-    pub fn get(&self, name: &str) -> Option<String> {
-        self.states.lock().expect("states lock").iter().find(|s| s.name == name).map(|s| s.state.clone())
+    pub fn get(&self, name: &str) -> Option<WriterState> {
+        self.states.lock().expect("states lock").iter().find(|s| s.name == name).map(|s| s.state)
     }
 
     fn persist(&self) {
@@ -106,5 +178,20 @@ impl StateBook {
         if let Err(error) = result {
             tracing::warn!(%error, path = %path.display(), "cannot persist the writer states");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        let states = [WriterState::Stable, WriterState::WaitingForThaw, WriterState::Failed(Phase::PrepareBackup)];
+        for state in states {
+            assert_eq!(WriterState::try_from(state.to_string()), Ok(state));
+        }
+        assert_eq!(WriterState::Failed(Phase::Freeze).to_string(), "failed-at-freeze");
+        assert!(WriterState::try_from("failed-at-lunch".to_string()).is_err());
     }
 }

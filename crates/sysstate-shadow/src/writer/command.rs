@@ -1,4 +1,4 @@
-use super::{ErrorClass, Event, Writer, WriterError};
+use super::{ErrorClass, Phase, Writer, WriterError};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,18 +137,18 @@ impl Writer for CommandWriter {
         self.freeze_timeout
     }
 
-    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
-        let command = match event {
-            Event::PrepareBackup => self.prepare.as_ref(),
-            Event::Freeze => {
+    fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
+        let command = match phase {
+            Phase::PrepareBackup => self.prepare.as_ref(),
+            Phase::Freeze => {
                 self.frozen = true;
                 self.freeze.as_ref()
             }
-            Event::Thaw => {
+            Phase::Thaw => {
                 self.frozen = false;
                 self.thaw.as_ref()
             }
-            Event::Abort => {
+            Phase::Abort => {
                 // An abort during the freeze thaws first.
                 if std::mem::take(&mut self.frozen) {
                     if let Some(thaw) = &self.thaw {
@@ -157,10 +157,10 @@ impl Writer for CommandWriter {
                 }
                 self.abort.as_ref()
             }
-            Event::Identify | Event::PrepareSnapshot | Event::PostSnapshot | Event::BackupComplete => None,
+            Phase::Identify | Phase::PrepareSnapshot | Phase::PostSnapshot | Phase::BackupComplete => None,
         };
         match command {
-            Some(argv) => run(argv, deadline, event.as_str()),
+            Some(argv) => run(argv, deadline, phase.as_str()),
             None => Ok(()),
         }
     }

@@ -1,4 +1,4 @@
-use super::{ErrorClass, Event, Writer, WriterError};
+use super::{ErrorClass, Phase, Writer, WriterError};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -90,10 +90,10 @@ impl Writer for FsfreezeWriter {
         self.freeze_timeout
     }
 
-    fn handle(&mut self, event: Event, _deadline: Instant) -> Result<(), WriterError> {
-        match event {
-            Event::Identify => self.check(),
-            Event::Freeze => {
+    fn handle(&mut self, phase: Phase, _deadline: Instant) -> Result<(), WriterError> {
+        match phase {
+            Phase::Identify => self.check(),
+            Phase::Freeze => {
                 for mount in self.mount_points.clone() {
                     let file = File::open(&mount).map_err(|e| {
                         WriterError::new(ErrorClass::Nonretryable, format!("cannot open `{}`: {e}", mount.display()))
@@ -112,8 +112,8 @@ impl Writer for FsfreezeWriter {
                 }
                 Ok(())
             }
-            Event::Thaw | Event::Abort => self.thaw(),
-            Event::PrepareBackup | Event::PrepareSnapshot | Event::PostSnapshot | Event::BackupComplete => Ok(()),
+            Phase::Thaw | Phase::Abort => self.thaw(),
+            Phase::PrepareBackup | Phase::PrepareSnapshot | Phase::PostSnapshot | Phase::BackupComplete => Ok(()),
         }
     }
 }

@@ -1,4 +1,4 @@
-use super::{ErrorClass, Event, Writer, WriterError};
+use super::{ErrorClass, Phase, Writer, WriterError};
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -105,15 +105,15 @@ impl Writer for LockFileWriter {
         self.freeze_timeout
     }
 
-    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
-        match event {
-            Event::PrepareSnapshot => self.acquire(deadline),
+    fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
+        match phase {
+            Phase::PrepareSnapshot => self.acquire(deadline),
             // Closing the files releases the locks.
-            Event::Thaw | Event::Abort | Event::BackupComplete => {
+            Phase::Thaw | Phase::Abort | Phase::BackupComplete => {
                 self.held.clear();
                 Ok(())
             }
-            Event::Identify | Event::PrepareBackup | Event::Freeze | Event::PostSnapshot => Ok(()),
+            Phase::Identify | Phase::PrepareBackup | Phase::Freeze | Phase::PostSnapshot => Ok(()),
         }
     }
 }

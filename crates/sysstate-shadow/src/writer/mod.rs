@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use sysstate_types::ErrorCode;
 
-/// The events of a shadow set, in order (abort replaces the tail on failure).
+/// The phases a writer is taken through in a shadow set, in order (abort replaces the tail on
+/// failure). The process-writer protocol sends them as `{"event": "<phase>"}` lines (VSS calls
+/// them events; here that word belongs to the event log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Event {
+pub enum Phase {
     /// Say who you are.
     Identify,
     /// A backup is about to start: flush, checkpoint, start a backup session.
@@ -38,19 +40,42 @@ pub enum Event {
     Abort,
 }
 
-impl Event {
+impl Phase {
     /// kebab-case name, as in the protocol and in messages.
     pub fn as_str(self) -> &'static str {
         match self {
-            Event::Identify => "identify",
-            Event::PrepareBackup => "prepare-backup",
-            Event::PrepareSnapshot => "prepare-snapshot",
-            Event::Freeze => "freeze",
-            Event::Thaw => "thaw",
-            Event::PostSnapshot => "post-snapshot",
-            Event::BackupComplete => "backup-complete",
-            Event::Abort => "abort",
+            Phase::Identify => "identify",
+            Phase::PrepareBackup => "prepare-backup",
+            Phase::PrepareSnapshot => "prepare-snapshot",
+            Phase::Freeze => "freeze",
+            Phase::Thaw => "thaw",
+            Phase::PostSnapshot => "post-snapshot",
+            Phase::BackupComplete => "backup-complete",
+            Phase::Abort => "abort",
         }
+    }
+
+    /// Every phase, in order.
+    pub const ALL: [Phase; 8] = [
+        Phase::Identify,
+        Phase::PrepareBackup,
+        Phase::PrepareSnapshot,
+        Phase::Freeze,
+        Phase::Thaw,
+        Phase::PostSnapshot,
+        Phase::BackupComplete,
+        Phase::Abort,
+    ];
+
+    /// The phase of a kebab-case name.
+    pub fn from_name(name: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|phase| phase.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -109,8 +134,8 @@ pub trait Writer: Send {
     fn kind(&self) -> &'static str;
     /// The freeze-to-thaw window.
     fn freeze_timeout(&self) -> Duration;
-    /// Handles one event; must return by `deadline`.
-    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError>;
+    /// Handles one phase; must return by `deadline`.
+    fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError>;
 
     /// After post-snapshot: what to add to, refresh in, or remove from the copy (a database's
     /// backup label, the log written since the copy, its lock file).
@@ -146,4 +171,4 @@ pub(crate) fn end_child(child: &mut std::process::Child, grace: Duration) {
 /// The default freeze-to-thaw window (DESIGN §4).
 pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long prepare and the other non-freeze events may take.
-pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_PHASE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,4 +1,4 @@
-use super::{CopyAddition, ErrorClass, Event, Writer, WriterError};
+use super::{CopyAddition, ErrorClass, Phase, Writer, WriterError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -152,15 +152,15 @@ impl Writer for PostgresWriter {
         self.freeze_timeout
     }
 
-    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
-        match event {
-            Event::Identify => Ok(()),
-            Event::PrepareBackup => {
+    fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
+        match phase {
+            Phase::Identify => Ok(()),
+            Phase::PrepareBackup => {
                 self.open()?;
                 // A fast checkpoint: the copy can start at once.
                 self.query("SELECT pg_backup_start('sysstate', true);", deadline).map(|_| ())
             }
-            Event::PostSnapshot => {
+            Phase::PostSnapshot => {
                 let lines = self.query(
                     "SELECT encode(convert_to(labelfile, 'UTF8'), 'hex') || '|' || encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM pg_backup_stop(false);",
                     deadline,
@@ -174,12 +174,12 @@ impl Writer for PostgresWriter {
                 self.stopped = Some((decode_hex(label)?, decode_hex(map)?));
                 Ok(())
             }
-            Event::Abort => {
+            Phase::Abort => {
                 // Ending the session ends its backup mode.
                 self.close();
                 Ok(())
             }
-            Event::PrepareSnapshot | Event::Freeze | Event::Thaw | Event::BackupComplete => Ok(()),
+            Phase::PrepareSnapshot | Phase::Freeze | Phase::Thaw | Phase::BackupComplete => Ok(()),
         }
     }
 

@@ -1,4 +1,4 @@
-use super::{ErrorClass, Event, Writer, WriterError};
+use super::{ErrorClass, Phase, Writer, WriterError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -27,6 +27,7 @@ struct Running {
 /// A request line.
 #[derive(Debug, Serialize)]
 struct Request<'a> {
+    /// The phase, under the protocol's name for it.
     event: &'a str,
     set: &'a str,
 }
@@ -84,13 +85,13 @@ impl ProcessWriter {
         }
     }
 
-    fn exchange(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
+    fn exchange(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
         let running = self
             .running
             .as_mut()
             .ok_or_else(|| WriterError::new(ErrorClass::NotResponding, "the writer process is not running"))?;
         let line =
-            serde_json::to_string(&Request { event: event.as_str(), set: &self.set_id }).expect("requests encode");
+            serde_json::to_string(&Request { event: phase.as_str(), set: &self.set_id }).expect("requests encode");
         let gone = |running: &mut Running| {
             let status = running
                 .child
@@ -104,7 +105,7 @@ impl ProcessWriter {
                 format!(
                     "the writer process `{}` stopped answering at {} ({status})",
                     self_argv(&running.child),
-                    event.as_str()
+                    phase.as_str()
                 ),
             )
         };
@@ -117,7 +118,7 @@ impl ProcessWriter {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 return Err(WriterError::new(
                     ErrorClass::NotResponding,
-                    format!("the writer process did not answer {} within {} ms", event.as_str(), wait.as_millis()),
+                    format!("the writer process did not answer {} within {} ms", phase.as_str(), wait.as_millis()),
                 ));
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gone(running)),
@@ -127,7 +128,7 @@ impl ProcessWriter {
                 ErrorClass::NotResponding,
                 format!(
                     "the writer process answered {} with a line that is not a reply ({e}): {reply}",
-                    event.as_str()
+                    phase.as_str()
                 ),
             )
         })?;
@@ -158,12 +159,12 @@ impl Writer for ProcessWriter {
         self.freeze_timeout
     }
 
-    fn handle(&mut self, event: Event, deadline: Instant) -> Result<(), WriterError> {
-        if event == Event::Identify && self.running.is_none() {
+    fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
+        if phase == Phase::Identify && self.running.is_none() {
             self.start()?;
         }
-        let result = self.exchange(event, deadline);
-        if matches!(event, Event::BackupComplete | Event::Abort)
+        let result = self.exchange(phase, deadline);
+        if matches!(phase, Phase::BackupComplete | Phase::Abort)
             || result.as_ref().is_err_and(|e| e.class == ErrorClass::NotResponding)
         {
             self.stop();

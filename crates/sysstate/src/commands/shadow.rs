@@ -44,7 +44,7 @@ pub fn writers(context: &Context<'_>) -> Result<Outcome> {
                 "name": writer.name,
                 "kind": writer.kind,
                 "components": writer.components,
-                "state": status.map(|s| s.state.as_str()).unwrap_or("stable"),
+                "state": status.map(|s| s.state.to_string()).unwrap_or_else(|| "stable".into()),
                 "last-error": status.and_then(|s| s.last_error.clone()),
                 "set": status.and_then(|s| s.set.clone()),
                 "updated": status.map(|s| sysstate_types::time::format_utc(s.updated_ns)),

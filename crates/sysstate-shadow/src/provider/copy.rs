@@ -1,206 +1,57 @@
-//! Providers: code that makes point-in-time copies of paths during the freeze.
-//!
-//! - `copy` works everywhere: it copies each file, with all its metadata, into shadow storage.
-//! - `reflink` clones each file's extents with `FICLONE` (XFS, btrfs): near-zero time and space.
-//! - `auto` uses reflink on each volume where it works and copy elsewhere, and says which.
-//!
-//! A copy has new inode numbers and ctimes. So that versions made from copies are identical to
-//! versions of the live files (same trees, same dedup, unchanged files recognised), the commit
-//! records each entry's **origin** — device, inode and ctime of the live file — and the archiver
-//! records those instead of the copy's.
+//! The `copy` provider, and `reflink`, which clones each file's extents instead of copying them.
 
+use super::{Commit, CommitError, CommitRequest, Origin, Provider, SETTLED};
 use crate::error::ShadowError;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// The live identity of a copied entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Origin {
-    /// `st_dev` of the live file.
-    pub device: u64,
-    /// `st_ino` of the live file.
-    pub inode: u64,
-    /// `st_ctime` of the live file, ns.
-    pub ctime_ns: i64,
-}
-
-impl Origin {
-    /// The identity of a live entry.
-    pub fn of(meta: &std::fs::Metadata) -> Origin {
-        Origin { device: meta.dev(), inode: meta.ino(), ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec() }
-    }
-}
-
-/// How a provider was asked to work.
+/// Whether a copy clones files' extents (`FICLONE`) instead of copying their bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderChoice {
-    /// A btrfs snapshot where the root is a btrfs subvolume on the storage's filesystem, else
-    /// reflink where it works, else copy.
-    Auto,
-    /// Always copy.
-    Copy,
-    /// Reflink or fail.
-    Reflink,
-    /// A read-only btrfs snapshot of the subvolume holding the root, or fail.
-    Btrfs,
+pub enum Reflink {
+    /// Always copy bytes (`copy`).
+    Never,
+    /// Clone where the filesystem can, copy elsewhere (`auto`).
+    Try,
+    /// Clone or fail (`reflink`).
+    Require,
 }
 
-impl ProviderChoice {
-    /// Parses `shadow.provider`.
-    pub fn parse(text: &str) -> Result<ProviderChoice, ShadowError> {
-        match text {
-            "auto" => Ok(ProviderChoice::Auto),
-            "copy" => Ok(ProviderChoice::Copy),
-            "reflink" => Ok(ProviderChoice::Reflink),
-            "btrfs" => Ok(ProviderChoice::Btrfs),
-            other => Err(ShadowError::Config(format!(
-                "`shadow.provider = \"{other}\"` is not a provider: use auto, copy, reflink or btrfs"
-            ))),
+/// Copies (or clones) each entry into a mirrored tree in shadow storage, with all its metadata.
+///
+/// With `previous` in the request (the identities a base copy at `dest` was made from), `dest`
+/// is refreshed in place: an entry whose live identity, type, size and mtime are what the base
+/// holds is kept as it is; everything else is copied again, and entries that went away are
+/// removed. The freeze then costs a `stat` of each unchanged file instead of a copy.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyProvider {
+    /// Whether to clone.
+    pub reflink: Reflink,
+}
+
+impl Provider for CopyProvider {
+    fn name(&self) -> &'static str {
+        match self.reflink {
+            Reflink::Never => "copy",
+            Reflink::Try => "auto",
+            Reflink::Require => "reflink",
         }
     }
-}
 
-/// The providers this build has, with what they need (for `sysstate providers`).
-pub const PROVIDERS: &[(&str, &str)] = &[
-    ("copy", "any filesystem; copies the components' files into shadow storage during the freeze"),
-    ("reflink", "XFS or btrfs, shadow storage on the same filesystem; clones extents with FICLONE"),
-    ("btrfs", "the root in a btrfs subvolume, shadow storage on the same filesystem, and `btrfs` (btrfs-progs); a read-only snapshot"),
-];
-
-/// `statfs` magic of btrfs.
-const BTRFS_MAGIC: i64 = 0x9123_683E;
-/// The inode number of every btrfs subvolume's root directory.
-const BTRFS_SUBVOLUME_ROOT_INODE: u64 = 256;
-
-/// True when `path` is on btrfs.
-pub fn is_btrfs(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|s| s.f_type == BTRFS_MAGIC)
-}
-
-/// The root of the btrfs subvolume holding `path`.
-fn subvolume_root(path: &Path) -> Option<PathBuf> {
-    let device = std::fs::metadata(path).ok()?.dev();
-    path.ancestors()
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.dev() == device && m.ino() == BTRFS_SUBVOLUME_ROOT_INODE))
-        .map(Path::to_path_buf)
-}
-
-/// True when `dir` is a btrfs subvolume (a snapshot), which only `btrfs subvolume delete` removes.
-pub fn is_subvolume(dir: &Path) -> bool {
-    is_btrfs(dir) && std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_SUBVOLUME_ROOT_INODE)
-}
-
-/// Deletes a snapshot made by the btrfs provider.
-pub fn delete_subvolume(dir: &Path) -> std::io::Result<()> {
-    let output = std::process::Command::new("btrfs").args(["subvolume", "delete"]).arg(dir).output()?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "btrfs subvolume delete: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
+    fn precopy(&self, request: &CommitRequest<'_>) -> Option<Result<Commit, CommitError>> {
+        Some(self.commit(request))
     }
-}
 
-/// A read-only snapshot of the subvolume holding `root`, at `dest`.
-fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, CommitError> {
-    let root = std::fs::canonicalize(root).map_err(|e| CommitError::Io(ShadowError::io(root, e)))?;
-    let subvolume = subvolume_root(&root)
-        .ok_or_else(|| CommitError::Unsupported(root.clone(), "not in a btrfs subvolume".into()))?;
-    let live_device = std::fs::metadata(&root).map_err(|e| CommitError::Io(ShadowError::io(&root, e)))?.dev();
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| CommitError::Io(ShadowError::io(parent, e)))?;
+    fn commit(&self, request: &CommitRequest<'_>) -> Result<Commit, CommitError> {
+        copy_tree(request, self.reflink)
     }
-    // A base copy left by the copy provider gives way to the snapshot.
-    if std::fs::symlink_metadata(dest).is_ok() {
-        let removed = if is_subvolume(dest) { delete_subvolume(dest) } else { std::fs::remove_dir_all(dest) };
-        removed.map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
-    }
-    let taken_ns = sysstate_types::time::now_ns();
-    let output = std::process::Command::new("btrfs")
-        .args(["subvolume", "snapshot", "-r"])
-        .arg(&subvolume)
-        .arg(dest)
-        .output()
-        .map_err(|e| {
-            CommitError::Unsupported(subvolume.clone(), format!("cannot run `btrfs` (install btrfs-progs): {e}"))
-        })?;
-    if !output.status.success() {
-        return Err(CommitError::Unsupported(subvolume, String::from_utf8_lossy(&output.stderr).trim().to_string()));
-    }
-    if Instant::now() > deadline {
-        return Err(CommitError::Timeout);
-    }
-    let inner = root.strip_prefix(&subvolume).unwrap_or(Path::new(""));
-    Ok(Commit {
-        root: dest.join(inner),
-        live_device: Some(live_device),
-        taken_ns: Some(taken_ns),
-        used: HashMap::from([(live_device, "btrfs")]),
-        ..Commit::default()
-    })
-}
-
-/// What a commit made.
-#[derive(Debug, Default)]
-pub struct Commit {
-    /// Real bytes allocated in shadow storage.
-    pub bytes: u64,
-    /// Entries copied.
-    pub files: u64,
-    /// Live identities, by absolute path as seen from the root.
-    pub origins: HashMap<PathBuf, Origin>,
-    /// The provider used per volume (device number → `copy` or `reflink`).
-    pub used: HashMap<u64, &'static str>,
-    /// Entries not copied, with why (absolute paths as seen from the root).
-    pub skipped: Vec<(PathBuf, String)>,
-    /// The directory that stands for the root in the copy.
-    pub root: PathBuf,
-    /// For a snapshot, which keeps inodes and ctimes: the live device of every entry.
-    pub live_device: Option<u64>,
-    /// For a snapshot: when it was taken (wall clock, ns since the epoch; just before).
-    pub taken_ns: Option<i64>,
-    /// Bytes freed in a base copy by entries that changed or went away.
-    pub freed: u64,
-    /// Entries this commit copied that had changed less than [`SETTLED`] before it started
-    /// (absolute paths as seen from the root).
-    pub unsettled: Vec<PathBuf>,
-}
-
-impl Commit {
-    /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
-    pub fn settled_origins(&self) -> HashMap<PathBuf, Origin> {
-        let mut origins = self.origins.clone();
-        for path in &self.unsettled {
-            origins.remove(path);
-        }
-        origins
-    }
-}
-
-/// Why a commit stopped.
-#[derive(Debug)]
-pub enum CommitError {
-    /// The deadline passed.
-    Timeout,
-    /// The copy would pass its budget (bytes needed so far).
-    Budget(u64),
-    /// The storage's filesystem is full (bytes written so far).
-    NoSpace(u64),
-    /// Reflink was required and does not work here.
-    Unsupported(PathBuf, String),
-    /// Another I/O failure.
-    Io(ShadowError),
-    /// Stopped by a signal.
-    Interrupted,
 }
 
 struct Copier<'a> {
     req: &'a CommitRequest<'a>,
+    reflink: Reflink,
     out: Commit,
     links: HashMap<(u64, u64), PathBuf>,
     dirs: Vec<(PathBuf, std::fs::Metadata)>,
@@ -209,80 +60,12 @@ struct Copier<'a> {
     settled_before_ns: i64,
 }
 
-/// What a commit copies, where to, and within what.
-#[derive(Debug)]
-pub struct CommitRequest<'a> {
-    /// The live root.
-    pub root: &'a Path,
-    /// The paths to copy, absolute as seen from `root`.
-    pub paths: &'a [PathBuf],
-    /// Where the mirrored tree goes (or the snapshot).
-    pub dest: &'a Path,
-    /// The provider asked for.
-    pub choice: ProviderChoice,
-    /// When the commit gives up ([`CommitError::Timeout`]).
-    pub deadline: Instant,
-    /// Bytes the copy may allocate ([`CommitError::Budget`]).
-    pub budget: u64,
-    /// Set from outside to stop ([`CommitError::Interrupted`]).
-    pub interrupted: &'a std::sync::atomic::AtomicBool,
-    /// Refreshing a base copy at `dest`: the live identities its entries were copied from.
-    pub previous: Option<&'a HashMap<PathBuf, Origin>>,
-    /// Absolute paths copied elsewhere (another volume's storage): not entered.
-    pub skip: &'a [PathBuf],
-}
-
-/// Copies the request's `paths` from under `root` into `dest`, mirrored, or takes a btrfs
-/// snapshot there.
-///
-/// With `previous` (the identities a base copy at `dest` was made from), `dest` is refreshed
-/// in place: an entry whose live identity, type, size and mtime are what the base holds is kept
-/// as it is; everything else is copied again, and entries that went away are removed. The
-/// freeze then costs a `stat` of each unchanged file instead of a copy.
-pub fn commit(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
-    if let Some(ms) = sysstate_types::failpoint("COMMIT_DELAY_MS") {
-        // Failpoint for the tests: a provider commit that takes this long.
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-    if takes_snapshot(req.root, req.dest, req.choice) {
-        return snapshot(req.root, req.dest, req.deadline);
-    }
-    copy_tree(req)
-}
-
-/// True when a commit of `root` into `dest` with `choice` takes a btrfs snapshot rather than
-/// copying entries.
-pub fn takes_snapshot(root: &Path, dest: &Path, choice: ProviderChoice) -> bool {
-    let btrfs_works = || {
-        is_btrfs(root) && dest.ancestors().find(|p| p.exists()).is_some_and(|p| is_btrfs(p) && same_filesystem(root, p))
-    };
-    choice == ProviderChoice::Btrfs || (choice == ProviderChoice::Auto && btrfs_works())
-}
-
-/// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:
-/// timestamps are coarse (a clock tick; a second on some filesystems), so a file changed in the
-/// tick it was copied in may change again without its ctime moving.
-pub const SETTLED: Duration = Duration::from_secs(2);
-
-/// Brings a base copy up to date before the freeze, while everything runs, so that the commit
-/// in the freeze finds it current and copies only what changed in between: the first backup's
-/// freeze then costs a `stat` per entry instead of a clone or a copy per file. `None` when the
-/// commit takes a snapshot (there is nothing to prepare).
-///
-/// Hand the commit in the freeze [`Commit::settled_origins`], not `origins`: an entry copied
-/// while it was being written is copied again in the freeze.
-pub fn precopy(req: &CommitRequest<'_>) -> Option<Result<Commit, CommitError>> {
-    if takes_snapshot(req.root, req.dest, req.choice) {
-        return None;
-    }
-    Some(copy_tree(req))
-}
-
-/// [`commit`] by copying (or cloning) entries into a mirrored tree.
-fn copy_tree(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
+/// A commit by copying (or cloning) entries into a mirrored tree.
+fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, CommitError> {
     let (root, dest) = (req.root, req.dest);
     let mut copier = Copier {
         req,
+        reflink,
         out: Commit::default(),
         links: HashMap::new(),
         dirs: Vec::new(),
@@ -327,14 +110,6 @@ fn copy_tree(req: &CommitRequest<'_>) -> Result<Commit, CommitError> {
     }
     copier.out.root = dest.to_path_buf();
     Ok(copier.out)
-}
-
-/// True when both paths are on one filesystem (`statfs` fsid).
-fn same_filesystem(a: &Path, b: &Path) -> bool {
-    match (rustix::fs::statfs(a), rustix::fs::statfs(b)) {
-        (Ok(a), Ok(b)) => format!("{:?}", a.f_fsid) == format!("{:?}", b.f_fsid),
-        _ => false,
-    }
 }
 
 impl Copier<'_> {
@@ -506,7 +281,7 @@ impl Copier<'_> {
     /// `target` works (tried once per device), else `copy`. For the record of a commit that
     /// kept every file it met.
     fn provider_on(&mut self, source: &Path, target: &Path, device: u64) -> &'static str {
-        if self.req.choice == ProviderChoice::Copy {
+        if self.reflink == Reflink::Never {
             return "copy";
         }
         let works = *self.reflink_works.entry(device).or_insert_with(|| {
@@ -545,14 +320,14 @@ impl Copier<'_> {
             .open(target)
             .map_err(|e| self.io_error(target, e))?;
         let device = meta.dev();
-        if self.req.choice != ProviderChoice::Copy && *self.reflink_works.get(&device).unwrap_or(&true) {
+        if self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true) {
             match rustix::fs::ioctl_ficlone(&output, &input) {
                 Ok(()) => {
                     self.reflink_works.insert(device, true);
                     self.out.used.insert(device, "reflink");
                     return Ok(true);
                 }
-                Err(error) if self.req.choice == ProviderChoice::Reflink => {
+                Err(error) if self.reflink == Reflink::Require => {
                     return Err(CommitError::Unsupported(source.to_path_buf(), error.to_string()));
                 }
                 Err(_) => {
@@ -610,45 +385,4 @@ fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std
     };
     rustix::fs::utimensat(rustix::fs::CWD, target, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(())
-}
-
-/// Bytes a copy of `paths` would allocate (what the copy provider needs in shadow storage).
-pub fn estimate(root: &Path, paths: &[PathBuf]) -> u64 {
-    let mut total = 0;
-    let mut stack: Vec<PathBuf> = paths.iter().map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
-    let mut seen = std::collections::HashSet::new();
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-        if !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        total += meta.blocks() * 512;
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&path).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())));
-        }
-    }
-    total
-}
-
-/// The file beside a base copy's tree that records the live identities it was made from.
-pub fn origins_file(copy_dir: &Path) -> PathBuf {
-    copy_dir.join("origins.json")
-}
-
-/// The identities a base copy was made from (none when unreadable: everything is copied).
-pub fn read_origins(copy_dir: &Path) -> Option<HashMap<PathBuf, Origin>> {
-    let bytes = std::fs::read(origins_file(copy_dir)).ok()?;
-    let list: Vec<(String, Origin)> = serde_json::from_slice(&bytes).ok()?;
-    Some(list.into_iter().map(|(path, origin)| (PathBuf::from(path), origin)).collect())
-}
-
-/// Records the identities a base copy was made from. Paths that are not UTF-8 are left out,
-/// so their entries are copied again next time.
-pub fn write_origins(copy_dir: &Path, origins: &HashMap<PathBuf, Origin>) -> std::io::Result<()> {
-    let list: Vec<(&str, &Origin)> =
-        origins.iter().filter_map(|(path, origin)| Some((path.to_str()?, origin))).collect();
-    let path = origins_file(copy_dir);
-    let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_vec(&list).expect("origins encode"))?;
-    std::fs::rename(&temp, &path)
 }

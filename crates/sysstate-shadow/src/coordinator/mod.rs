@@ -1,0 +1,181 @@
+//! The coordinator: runs a shadow set through its phases ([`phases`]), with a watchdog that
+//! thaws at the freeze deadline ([`watchdog`]) and a guard that undoes a failed set ([`guard`]).
+
+mod additions;
+mod guard;
+mod members;
+mod phases;
+mod record;
+mod set;
+mod watchdog;
+
+#[cfg(test)]
+mod tests;
+
+pub use record::{ShadowSetRecord, WriterRecord};
+pub use set::ShadowSet;
+pub use watchdog::ThawTrigger;
+
+use crate::error::ShadowError;
+use crate::lock::{LockHolder, ShadowSetLock};
+use crate::provider::{Provider, ProviderChoice};
+use crate::storage::StorageArea;
+use crate::writer::Writer;
+use members::Members;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use watchdog::{Watch, Watchdog};
+
+/// The id of the base copy that backups refresh in place.
+pub const BASE_COPY: &str = "base";
+
+/// What a shadow set is asked to do.
+#[derive(Debug, Clone)]
+pub struct ShadowSetOptions {
+    /// Where the lock and the writer states live.
+    pub runtime_dir: PathBuf,
+    /// The live root (`/`).
+    pub root: PathBuf,
+    /// The paths to copy, absolute as seen from the root.
+    pub paths: Vec<PathBuf>,
+    /// The provider.
+    pub provider: ProviderChoice,
+    /// Where the copies go.
+    pub storage: StorageArea,
+    /// The longest a commit may take.
+    pub commit_timeout: Duration,
+    /// Who takes the lock.
+    pub holder: LockHolder,
+    /// How long to wait for another shadow set to finish (`None`: fail at once).
+    pub wait: Option<Duration>,
+    /// Keep the copy after [`ShadowSet::complete`].
+    pub persistent: bool,
+    /// Told each phase as it starts (the job's current operation).
+    pub phase: Option<PhaseHook>,
+    /// Paths on other volumes, each group copied into its own volume's storage area under the
+    /// same freeze (`paths` and `storage` are the root volume's).
+    pub extra: Vec<VolumeGroup>,
+    /// Told every warning as it happens (an older copy deleted, a dead holder's lock taken over),
+    /// with its code and message: the caller's event log.
+    pub warning: Option<WarningHook>,
+}
+
+/// A callback told the shadow set's warnings: code and message.
+#[derive(Clone)]
+pub struct WarningHook(pub Arc<WarningFn>);
+
+/// `(code, message)` of a warning.
+pub type WarningFn = dyn Fn(sysstate_types::ErrorCode, &str) + Send + Sync;
+
+impl std::fmt::Debug for WarningHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WarningHook(..)")
+    }
+}
+
+/// Paths on one volume and the storage area that holds their copies.
+#[derive(Debug, Clone)]
+pub struct VolumeGroup {
+    /// The storage area for the volume.
+    pub storage: StorageArea,
+    /// The paths, absolute as seen from the root.
+    pub paths: Vec<PathBuf>,
+}
+
+/// A callback told the shadow set's phases.
+#[derive(Clone)]
+pub struct PhaseHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for PhaseHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhaseHook(..)")
+    }
+}
+
+/// Runs shadow sets with a fixed set of writers.
+pub struct Coordinator {
+    writers: Vec<Box<dyn Writer>>,
+    provider: Option<Arc<dyn Provider>>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("writers", &self.writers.len()).finish()
+    }
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the kernel's random source is available");
+    hex::encode(bytes)
+}
+
+impl Coordinator {
+    /// A coordinator for these writers, with the providers `shadow.provider` chooses.
+    pub fn new(writers: Vec<Box<dyn Writer>>) -> Self {
+        Coordinator { writers, provider: None }
+    }
+
+    /// Uses `provider` for every volume instead of the one `shadow.provider` chooses.
+    pub fn with_provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Makes a shadow set. On failure, every writer is thawed and aborted and nothing is left
+    /// in shadow storage.
+    pub fn create(self, options: &ShadowSetOptions, trigger: &ThawTrigger) -> Result<ShadowSet, ShadowError> {
+        let (lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
+        if let Some(previous) = &taken_over {
+            tracing::warn!(holder = %previous, "took over the shadow-set lock of a process that is gone");
+            if let Some(hook) = &options.warning {
+                (hook.0)(
+                    sysstate_types::ErrorCode::ShadowSetInProgress,
+                    &format!("took over the shadow-set lock of {previous}, which is gone"),
+                );
+            }
+        }
+        let set_id = new_id();
+        let members = Arc::new(Members::new(self.writers, &options.runtime_dir, &set_id));
+        let watch = Arc::new(Watch::new(members.count()));
+        // Backups refresh the storage's base copy in place; persistent copies are made whole.
+        let copy_id = if options.persistent || options.provider == ProviderChoice::Btrfs {
+            set_id.clone()
+        } else {
+            BASE_COPY.to_string()
+        };
+        let watchdog = Watchdog::start(members.clone(), watch.clone(), trigger)
+            .map_err(|e| ShadowError::io("watchdog thread", e))?;
+        let run = phases::Run {
+            members: &members,
+            watch: &watch,
+            trigger,
+            options,
+            set_id: &set_id,
+            copy_id: &copy_id,
+            provider: self.provider,
+        };
+        let made = run.run();
+        watchdog.stop();
+        let phases::Made { commit, extra, mut record } = made?;
+        record.lock_taken_over = taken_over;
+        // A snapshot is never a base: it is made whole each time and released after.
+        let keep_copy = options.persistent || (copy_id == BASE_COPY && commit.live_device.is_none());
+        Ok(ShadowSet {
+            members,
+            storage: options.storage.clone(),
+            copy_id,
+            tree: commit.root,
+            origins: Arc::new(commit.origins),
+            live_device: commit.live_device,
+            taken_ns: commit.taken_ns,
+            skipped: commit.skipped,
+            record,
+            keep_copy,
+            extra,
+            completed: false,
+            _lock: lock,
+        })
+    }
+}

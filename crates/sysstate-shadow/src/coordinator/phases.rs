@@ -1,0 +1,498 @@
+//! The phases of one shadow set, in the order [`Run::run`] takes them: prepare the writers,
+//! make room in shadow storage, plan the groups, bring the base copies up to date, freeze,
+//! commit, check the windows, post-snapshot, record.
+
+use super::additions::apply_additions;
+use super::guard::FailureGuard;
+use super::members::Members;
+use super::record::{ShadowSetRecord, WriterRecord};
+use super::set::ExtraCopy;
+use super::watchdog::{thaw_all, ThawTrigger, Watch};
+use super::{ShadowSetOptions, BASE_COPY};
+use crate::error::{ShadowError, WriterTimeout};
+use crate::pressure::Pressure;
+use crate::provider::{self, Commit, CommitError, CommitRequest, Origin, Provider, ProviderChoice};
+use crate::state::WriterState;
+use crate::storage::{CopyMeta, StorageArea};
+use crate::writer::{Phase, DEFAULT_PHASE_TIMEOUT};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use sysstate_types::time::now_ns;
+use sysstate_types::ErrorCode;
+
+/// One shadow set being made.
+pub(super) struct Run<'a> {
+    pub(super) members: &'a Members,
+    pub(super) watch: &'a Watch,
+    pub(super) trigger: &'a ThawTrigger,
+    pub(super) options: &'a ShadowSetOptions,
+    pub(super) set_id: &'a str,
+    /// The copy's id in every storage area: the set's, or [`BASE_COPY`].
+    pub(super) copy_id: &'a str,
+    /// Stands in for the providers `options.provider` would choose.
+    pub(super) provider: Option<Arc<dyn Provider>>,
+}
+
+/// A shadow set made: the root volume's commit (with the other volumes' live identities merged
+/// in), the other volumes' copies, and the record.
+pub(super) struct Made {
+    pub(super) commit: Commit,
+    pub(super) extra: Vec<ExtraCopy>,
+    pub(super) record: ShadowSetRecord,
+}
+
+/// One storage area's part of the set: the root volume's (the first), or another volume's.
+struct Group<'a> {
+    storage: &'a StorageArea,
+    paths: &'a [PathBuf],
+    /// Where its copy goes: the `tree` of its copy in `storage`.
+    dest: PathBuf,
+    provider: Arc<dyn Provider>,
+    /// Bytes the copy may take.
+    budget: u64,
+    /// Bytes the copy was estimated to need (for `shadow-storage-full`).
+    needed: u64,
+    /// Paths not to enter: other groups' and shadow storage.
+    skip: Vec<PathBuf>,
+    /// Refreshing the base copy: the bytes it held before.
+    base_bytes: u64,
+    /// Refreshing the base copy: the live identities its entries were copied from.
+    previous: Option<HashMap<PathBuf, Origin>>,
+    /// What the copy before the freeze made.
+    precopy: Option<Commit>,
+}
+
+impl Group<'_> {
+    fn request<'r>(
+        &'r self,
+        root: &'r Path,
+        deadline: Instant,
+        budget: u64,
+        stop: &'r AtomicBool,
+    ) -> CommitRequest<'r> {
+        CommitRequest {
+            root,
+            paths: self.paths,
+            dest: &self.dest,
+            deadline,
+            budget,
+            interrupted: stop,
+            previous: self.previous.as_ref(),
+            skip: &self.skip,
+        }
+    }
+
+    fn precopied_bytes(&self) -> u64 {
+        self.precopy.as_ref().map_or(0, |c| c.bytes)
+    }
+}
+
+/// Room made in one storage area: bytes needed and bytes allowed.
+struct Room {
+    needed: u64,
+    budget: u64,
+}
+
+impl Run<'_> {
+    /// Takes the set through every phase. On failure the guard thaws and aborts the writers and
+    /// deletes what was made.
+    pub(super) fn run(self) -> Result<Made, ShadowError> {
+        let storages = std::iter::once(&self.options.storage).chain(self.options.extra.iter().map(|g| &g.storage));
+        let mut guard = FailureGuard::new(self.members, self.watch, storages.collect(), self.copy_id);
+        self.prepare(&mut guard)?;
+        let (deleted, room) = self.make_room()?;
+        let mut groups = self.plan_groups(room);
+        self.write_back();
+        let precopy_ms = self.precopy(&mut groups)?;
+        let (freeze_started, frozen_at_ns) = self.freeze()?;
+        let (commits, commit_ms) = self.commit(&groups)?;
+        self.check_windows(commit_ms)?;
+        let freeze_window_ms = self.watch.window_ms(freeze_started);
+        self.post_snapshot(&groups, &commits)?;
+        let mut record = self.record(&groups, &commits, deleted)?;
+        record.freeze_window_ms = freeze_window_ms;
+        record.commit_ms = commit_ms;
+        record.precopy_ms = precopy_ms;
+        record.frozen_at_ns = frozen_at_ns;
+        let made = self.made(commits, record);
+        guard.disarm();
+        Ok(made)
+    }
+
+    fn phase(&self, name: &str) {
+        if let Some(hook) = &self.options.phase {
+            (hook.0)(name);
+        }
+    }
+
+    fn warn(&self, code: ErrorCode, message: &str) {
+        if let Some(hook) = &self.options.warning {
+            (hook.0)(code, message);
+        }
+    }
+
+    fn interrupted(&self) -> ShadowError {
+        ShadowError::Interrupted(self.trigger.fired().unwrap_or(0))
+    }
+
+    fn stop_if_interrupted(&self) -> Result<(), ShadowError> {
+        match self.trigger.fired() {
+            Some(signal) => Err(ShadowError::Interrupted(signal)),
+            None => Ok(()),
+        }
+    }
+
+    /// identify → prepare-backup → prepare-snapshot, each for every writer before the next.
+    fn prepare(&self, guard: &mut FailureGuard<'_>) -> Result<(), ShadowError> {
+        self.phase("preparing writers");
+        for (phase, next) in [
+            (Phase::Identify, WriterState::Stable),
+            (Phase::PrepareBackup, WriterState::WaitingForFreeze),
+            (Phase::PrepareSnapshot, WriterState::WaitingForFreeze),
+        ] {
+            for index in 0..self.members.count() {
+                self.stop_if_interrupted()?;
+                guard.calling(index);
+                self.members
+                    .call(index, phase, Instant::now() + DEFAULT_PHASE_TIMEOUT)
+                    .map_err(|error| self.members.failed(index, phase, error))?;
+                self.members.set_state(index, next, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Room in every storage area before anything is frozen: older persistent copies are
+    /// deleted (each a `shadow-storage-oldest-deleted` warning) until the copy fits.
+    fn make_room(&self) -> Result<(Vec<CopyMeta>, Vec<Room>), ShadowError> {
+        let options = self.options;
+        let areas = std::iter::once((&options.storage, &options.paths))
+            .chain(options.extra.iter().map(|group| (&group.storage, &group.paths)));
+        let (mut deleted, mut rooms) = (Vec::new(), Vec::new());
+        for (storage, paths) in areas {
+            let needed =
+                if options.provider == ProviderChoice::Copy { provider::estimate(&options.root, paths) } else { 0 };
+            let on_delete = |copy: &CopyMeta| {
+                self.warn(
+                    ErrorCode::ShadowStorageOldestDeleted,
+                    &format!(
+                        "deleted persistent shadow copy {} of `{}` (made {}, {} bytes) to make room in `{}`",
+                        copy.id,
+                        copy.for_volume,
+                        sysstate_types::time::format_utc(copy.created_ns),
+                        copy.bytes,
+                        storage.on.display()
+                    ),
+                );
+            };
+            deleted.extend(storage.make_room_with(needed, &on_delete)?);
+            rooms.push(Room { needed, budget: storage.budget()? });
+        }
+        Ok((deleted, rooms))
+    }
+
+    /// The groups, the root volume's first: where each copy goes, with which provider, within
+    /// what, and what it must not enter; and for a base copy, what it holds already.
+    fn plan_groups(&self, rooms: Vec<Room>) -> Vec<Group<'_>> {
+        let options = self.options;
+        // Never copy another group's paths, nor shadow storage itself (as seen from the root).
+        let storage_dirs: Vec<PathBuf> = std::iter::once(&options.storage)
+            .chain(options.extra.iter().map(|g| &g.storage))
+            .filter_map(|storage| storage.on.strip_prefix(&options.root).ok().map(|inside| Path::new("/").join(inside)))
+            .collect();
+        let skip_for = |own: Option<usize>| -> Vec<PathBuf> {
+            let others = options.extra.iter().enumerate().filter(|(i, _)| Some(*i) != own);
+            others.flat_map(|(_, g)| g.paths.iter().cloned()).chain(storage_dirs.iter().cloned()).collect()
+        };
+        // Extra volumes are copied (or reflinked) into their own storage; a snapshot is only
+        // ever of the root's subvolume.
+        let extra_choice =
+            if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
+        let parts = std::iter::once((&options.storage, &options.paths[..], options.provider, skip_for(None))).chain(
+            options.extra.iter().enumerate().map(|(i, g)| (&g.storage, &g.paths[..], extra_choice, skip_for(Some(i)))),
+        );
+        let base = self.copy_id == BASE_COPY;
+        parts
+            .zip(rooms)
+            .map(|((storage, paths, choice, skip), room)| {
+                let dest = storage.copy_dir(self.copy_id).join("tree");
+                let provider =
+                    self.provider.clone().unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, &dest)));
+                let base_bytes = if base {
+                    storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes)
+                } else {
+                    0
+                };
+                // Without the record of what it was made from, a base is made anew.
+                let previous = if base { provider::read_origins(&storage.copy_dir(self.copy_id)) } else { None };
+                if base && previous.is_none() {
+                    let _ = storage.delete(self.copy_id);
+                }
+                Group {
+                    storage,
+                    paths,
+                    dest,
+                    provider,
+                    budget: room.budget,
+                    needed: room.needed,
+                    skip,
+                    base_bytes,
+                    previous,
+                    precopy: None,
+                }
+            })
+            .collect()
+    }
+
+    /// Writes back what is dirty before the freeze, not in it: a snapshot or a clone first
+    /// flushes the filesystem's dirty data, and that was most of a first freeze window on btrfs
+    /// (60 of 66 ms after the tree had just been written).
+    fn write_back(&self) {
+        let options = self.options;
+        for path in std::iter::once(&options.root).chain(options.extra.iter().map(|g| &g.storage.on)) {
+            if let Ok(dir) = std::fs::File::open(path) {
+                let _ = rustix::fs::syncfs(&dir);
+            }
+        }
+    }
+
+    /// Brings the base copies up to date before the freeze, while everything runs; the commit
+    /// in the freeze then copies only what changed in between. Returns how long it took, ms.
+    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<u64, ShadowError> {
+        if self.copy_id != BASE_COPY {
+            return Ok(0);
+        }
+        self.phase("bringing the base copy up to date");
+        let started = Instant::now();
+        let deadline = started + self.options.commit_timeout;
+        let failed = self.trigger.with_stop_flag(|stop| {
+            for (index, group) in groups.iter_mut().enumerate() {
+                let copied = group.provider.precopy(&group.request(&self.options.root, deadline, group.budget, stop));
+                match copied {
+                    None => {}
+                    Some(Ok(copy)) => {
+                        group.previous = Some(copy.settled_origins());
+                        group.precopy = Some(copy);
+                    }
+                    Some(Err(
+                        error @ (CommitError::Budget(_) | CommitError::NoSpace(_) | CommitError::Interrupted),
+                    )) => {
+                        return Some((index, error));
+                    }
+                    Some(Err(error)) => {
+                        // The commit in the freeze makes the copy whole and reports what fails.
+                        tracing::debug!(?error, "the copy before the freeze failed; the freeze copies everything");
+                        group.previous = None;
+                        let _ = group.storage.delete(self.copy_id);
+                    }
+                }
+            }
+            None
+        });
+        match failed {
+            None => Ok(started.elapsed().as_millis() as u64),
+            Some((_, CommitError::Interrupted)) => Err(self.interrupted()),
+            Some((index, CommitError::Budget(bytes) | CommitError::NoSpace(bytes))) => {
+                Err(groups[index].storage.full(groups[index].needed.max(bytes)))
+            }
+            Some((_, other)) => unreachable!("only budget, space and interruption stop the copy: {other:?}"),
+        }
+    }
+
+    /// Freezes the writers in order, each with its own window, which the watchdog enforces.
+    /// Returns when the freeze started and its wall-clock time: the set's point in time.
+    fn freeze(&self) -> Result<(Instant, i64), ShadowError> {
+        self.phase("freezing writers");
+        let started = Instant::now();
+        let frozen_at_ns = now_ns();
+        for index in 0..self.members.count() {
+            self.stop_if_interrupted()?;
+            let deadline = self.watch.start_freeze(index, self.members.window(index));
+            if let Err(error) = self.members.call(index, Phase::Freeze, deadline) {
+                if Instant::now() >= deadline {
+                    return Err(self.timeout(index, 0));
+                }
+                return Err(self.members.failed(index, Phase::Freeze, error));
+            }
+            self.members.set_state(index, WriterState::WaitingForThaw, None);
+        }
+        Ok((started, frozen_at_ns))
+    }
+
+    /// Each group's provider commits its copy within `shadow.commit-timeout`; then every
+    /// writer is thawed, whatever happened. Returns the commits and how long they took, ms.
+    fn commit(&self, groups: &[Group<'_>]) -> Result<(Vec<Commit>, u64), ShadowError> {
+        self.phase("committing shadow copies");
+        let started = Instant::now();
+        let deadline = started + self.options.commit_timeout;
+        let committed = self.trigger.with_stop_flag(|stop| {
+            if let Some(ms) = sysstate_types::failpoint("COMMIT_DELAY_MS") {
+                // Failpoint for the tests: a provider commit that takes this long.
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            let commit = |(index, group): (usize, &Group<'_>)| {
+                let budget = group.budget.saturating_sub(group.precopied_bytes());
+                group
+                    .provider
+                    .commit(&group.request(&self.options.root, deadline, budget, stop))
+                    .map_err(|e| (index, e))
+            };
+            groups.iter().enumerate().map(commit).collect::<Result<Vec<_>, _>>()
+        });
+        let commit_ms = started.elapsed().as_millis() as u64;
+        thaw_all(self.members, self.watch);
+        let commits = committed.map_err(|(index, error)| self.commit_failed(&groups[index], error, commit_ms))?;
+        self.stop_if_interrupted()?;
+        Ok((commits, commit_ms))
+    }
+
+    /// The error a failed commit of `group` ends the set with.
+    fn commit_failed(&self, group: &Group<'_>, error: CommitError, commit_ms: u64) -> ShadowError {
+        match error {
+            CommitError::Budget(bytes) | CommitError::NoSpace(bytes) => {
+                group.storage.full(group.needed.max(group.precopied_bytes() + bytes))
+            }
+            CommitError::Timeout => ShadowError::CommitTimeout {
+                provider: group.provider.name().to_string(),
+                elapsed_ms: commit_ms,
+                limit_ms: self.options.commit_timeout.as_millis() as u64,
+            },
+            CommitError::Unsupported(path, message) => ShadowError::Provider {
+                provider: group.provider.name().to_string(),
+                path: path.display().to_string(),
+                message,
+            },
+            CommitError::Io(error) => error,
+            CommitError::Interrupted => self.interrupted(),
+        }
+    }
+
+    /// Every writer must have been thawed within its window.
+    fn check_windows(&self, commit_ms: u64) -> Result<(), ShadowError> {
+        match self.watch.overrun(self.members) {
+            Some(index) => Err(self.timeout(index, commit_ms)),
+            None => Ok(()),
+        }
+    }
+
+    /// The `writer-timeout` error of writer `index`: its window, how long it was frozen, what
+    /// took the time, and the system's pressure now.
+    fn timeout(&self, index: usize, commit_ms: u64) -> ShadowError {
+        thaw_all(self.members, self.watch);
+        let frozen_ms = self.watch.frozen_ms(index);
+        let window_ms = self.members.window(index).as_millis() as u64;
+        self.members.set_state(
+            index,
+            WriterState::Failed(Phase::Freeze),
+            Some(format!("frozen for {frozen_ms} ms, past its window of {window_ms} ms")),
+        );
+        ShadowError::WriterTimeout(Box::new(WriterTimeout {
+            writer: self.members.name(index).to_string(),
+            window_ms,
+            frozen_ms,
+            breakdown: self.watch.breakdown(self.members, frozen_ms, commit_ms),
+            pressure: Pressure::now(),
+        }))
+    }
+
+    /// post-snapshot to every writer, then what they add to the root volume's copy.
+    fn post_snapshot(&self, groups: &[Group<'_>], commits: &[Commit]) -> Result<(), ShadowError> {
+        for index in 0..self.members.count() {
+            self.members
+                .call(index, Phase::PostSnapshot, Instant::now() + DEFAULT_PHASE_TIMEOUT)
+                .map_err(|error| self.members.failed(index, Phase::PostSnapshot, error))?;
+            self.members.set_state(index, WriterState::WaitingForCompletion, None);
+        }
+        let additions = self.members.copy_additions();
+        if !additions.is_empty() {
+            apply_additions(&self.options.root, &commits[0].root, &groups[0].dest, &additions)?;
+        }
+        Ok(())
+    }
+
+    /// Each group's copy gets its record beside it (and a base, the identities it was made
+    /// from); the set's record sums them up. Timings are the caller's to fill in.
+    fn record(
+        &self,
+        groups: &[Group<'_>],
+        commits: &[Commit],
+        deleted: Vec<CopyMeta>,
+    ) -> Result<ShadowSetRecord, ShadowError> {
+        let writers = (0..self.members.count())
+            .map(|index| WriterRecord {
+                name: self.members.name(index).to_string(),
+                kind: self.members.kind(index).to_string(),
+                result: "ok".into(),
+                message: None,
+                frozen_ms: self.watch.frozen_ms(index),
+            })
+            .collect();
+        let mut record = ShadowSetRecord {
+            id: self.set_id.to_string(),
+            providers: BTreeMap::new(),
+            writers,
+            freeze_window_ms: 0,
+            commit_ms: 0,
+            precopy_ms: 0,
+            storage: self.options.storage.on.display().to_string(),
+            bytes: 0,
+            files: 0,
+            precopied_files: 0,
+            deleted_to_make_room: deleted.into_iter().map(|c| c.id).collect(),
+            lock_taken_over: None,
+            frozen_at_ns: 0,
+        };
+        for (group, copy) in groups.iter().zip(commits) {
+            let precopy = group.precopy.as_ref();
+            let dir = group.storage.copy_dir(self.copy_id);
+            let meta = CopyMeta {
+                id: self.copy_id.to_string(),
+                set: self.set_id.to_string(),
+                for_volume: group.storage.for_volume.display().to_string(),
+                provider: copy.used.values().next().copied().unwrap_or(group.provider.name()).to_string(),
+                created_ns: now_ns(),
+                // A refreshed base holds what it held, less what was freed, plus what was copied.
+                bytes: group.base_bytes.saturating_sub(precopy.map_or(0, |c| c.freed)).saturating_sub(copy.freed)
+                    + group.precopied_bytes()
+                    + copy.bytes,
+                files: copy.files,
+                persistent: self.options.persistent,
+                paths: group.paths.iter().map(|p| p.display().to_string()).collect(),
+            };
+            std::fs::write(dir.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("meta encodes"))
+                .map_err(|e| ShadowError::io(dir.join("meta.json"), e))?;
+            if self.copy_id == BASE_COPY {
+                // What was copied in the tick it changed in is copied again next time.
+                provider::write_origins(&dir, &copy.settled_origins())
+                    .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+            }
+            for (device, name) in precopy.iter().flat_map(|c| &c.used).chain(&copy.used) {
+                let device = format!("{}:{}", rustix::fs::major(*device), rustix::fs::minor(*device));
+                record.providers.insert(device, name.to_string());
+            }
+            record.bytes += group.precopied_bytes() + copy.bytes;
+            record.files += copy.files;
+            record.precopied_files += precopy.map_or(0, |c| c.files);
+        }
+        Ok(record)
+    }
+
+    /// The made set: the other volumes' copies, and their live identities merged into the
+    /// root volume's.
+    fn made(&self, mut commits: Vec<Commit>, record: ShadowSetRecord) -> Made {
+        let mut commit = commits.remove(0);
+        let mut extra = Vec::new();
+        for (group, copy) in self.options.extra.iter().zip(commits) {
+            extra.push(ExtraCopy {
+                storage: group.storage.clone(),
+                paths: group.paths.clone(),
+                root: copy.root.clone(),
+            });
+            commit.origins.extend(copy.origins);
+        }
+        Made { commit, extra, record }
+    }
+}

@@ -1,0 +1,55 @@
+//! What a shadow set did, as the version manifest records it.
+
+use crate::lock::LockHolder;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One writer's part in a shadow set, for the version manifest.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WriterRecord {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// `ok` or the error code.
+    pub result: String,
+    /// The writer's message on failure.
+    pub message: Option<String>,
+    /// How long it was frozen, ms.
+    pub frozen_ms: u64,
+}
+
+/// What a shadow set did, recorded in the version manifest.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShadowSetRecord {
+    /// The set's id.
+    pub id: String,
+    /// The provider used on each volume (device number → provider).
+    pub providers: BTreeMap<String, String>,
+    /// The writers.
+    pub writers: Vec<WriterRecord>,
+    /// From the first freeze to the last thaw, ms.
+    pub freeze_window_ms: u64,
+    /// The provider's commit in the freeze, ms.
+    pub commit_ms: u64,
+    /// Bringing the base copies up to date before the freeze, ms (0: none was).
+    pub precopy_ms: u64,
+    /// Where the copy was.
+    pub storage: String,
+    /// Real bytes the copy took.
+    pub bytes: u64,
+    /// Entries copied in the freeze.
+    pub files: u64,
+    /// Entries copied before the freeze (into a base copy).
+    pub precopied_files: u64,
+    /// Persistent copies deleted to make room (`shadow-storage-oldest-deleted`).
+    pub deleted_to_make_room: Vec<String>,
+    /// A lock left by a process that is gone, taken over.
+    pub lock_taken_over: Option<LockHolder>,
+    /// When the first writer was frozen (ns since the epoch): the set's point in time, which
+    /// every copy was made at or after.
+    #[serde(skip)]
+    pub frozen_at_ns: i64,
+}

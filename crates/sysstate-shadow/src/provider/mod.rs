@@ -1,0 +1,246 @@
+//! Providers: code that makes point-in-time copies of paths during the freeze.
+//!
+//! - `copy` works everywhere: it copies each file, with all its metadata, into shadow storage.
+//! - `reflink` clones each file's extents with `FICLONE` (XFS, btrfs): near-zero time and space.
+//! - `btrfs` takes a read-only snapshot of the subvolume holding the root.
+//! - `auto` takes a btrfs snapshot where it can, else uses reflink on each volume where it works
+//!   and copy elsewhere, and says which.
+//!
+//! Each is a [`Provider`]; a future LVM or cloud-disk snapshot provider is one more impl.
+//!
+//! A copy has new inode numbers and ctimes. So that versions made from copies are identical to
+//! versions of the live files (same trees, same dedup, unchanged files recognised), the commit
+//! records each entry's **origin** — device, inode and ctime of the live file — and the archiver
+//! records those instead of the copy's.
+
+mod btrfs;
+mod copy;
+
+pub use btrfs::{delete_subvolume, is_btrfs, is_subvolume, BtrfsProvider};
+pub use copy::{CopyProvider, Reflink};
+
+use crate::error::ShadowError;
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The live identity of a copied entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    /// `st_dev` of the live file.
+    pub device: u64,
+    /// `st_ino` of the live file.
+    pub inode: u64,
+    /// `st_ctime` of the live file, ns.
+    pub ctime_ns: i64,
+}
+
+impl Origin {
+    /// The identity of a live entry.
+    pub fn of(meta: &std::fs::Metadata) -> Origin {
+        Origin { device: meta.dev(), inode: meta.ino(), ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec() }
+    }
+}
+
+/// How a provider was asked to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderChoice {
+    /// A btrfs snapshot where the root is a btrfs subvolume on the storage's filesystem, else
+    /// reflink where it works, else copy.
+    Auto,
+    /// Always copy.
+    Copy,
+    /// Reflink or fail.
+    Reflink,
+    /// A read-only btrfs snapshot of the subvolume holding the root, or fail.
+    Btrfs,
+}
+
+impl ProviderChoice {
+    /// Parses `shadow.provider`.
+    pub fn parse(text: &str) -> Result<ProviderChoice, ShadowError> {
+        match text {
+            "auto" => Ok(ProviderChoice::Auto),
+            "copy" => Ok(ProviderChoice::Copy),
+            "reflink" => Ok(ProviderChoice::Reflink),
+            "btrfs" => Ok(ProviderChoice::Btrfs),
+            other => Err(ShadowError::Config(format!(
+                "`shadow.provider = \"{other}\"` is not a provider: use auto, copy, reflink or btrfs"
+            ))),
+        }
+    }
+
+    /// Its name, as in `shadow.provider`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderChoice::Auto => "auto",
+            ProviderChoice::Copy => "copy",
+            ProviderChoice::Reflink => "reflink",
+            ProviderChoice::Btrfs => "btrfs",
+        }
+    }
+
+    /// The provider that makes copies of what is under `root` into `dest` for this choice:
+    /// `auto` is a btrfs snapshot where the root is a btrfs subvolume on the filesystem of
+    /// `dest`, else a copy that clones where it can.
+    pub fn provider_for(self, root: &Path, dest: &Path) -> Box<dyn Provider> {
+        match self {
+            ProviderChoice::Btrfs => Box::new(BtrfsProvider),
+            ProviderChoice::Auto if btrfs::snapshot_works(root, dest) => Box::new(BtrfsProvider),
+            ProviderChoice::Auto => Box::new(CopyProvider { reflink: Reflink::Try }),
+            ProviderChoice::Copy => Box::new(CopyProvider { reflink: Reflink::Never }),
+            ProviderChoice::Reflink => Box::new(CopyProvider { reflink: Reflink::Require }),
+        }
+    }
+}
+
+/// Makes point-in-time copies of paths into shadow storage: before the freeze (a base copy
+/// brought up to date while everything runs) and in it (the commit).
+pub trait Provider: Send + Sync {
+    /// Its name, for messages (`copy`, `reflink`, `btrfs`, …).
+    fn name(&self) -> &'static str;
+
+    /// Brings a base copy at the request's `dest` up to date before the freeze, while everything
+    /// runs, so that the commit in the freeze finds it current and copies only what changed in
+    /// between. `None` when there is nothing to prepare (a snapshot is made whole in the freeze).
+    ///
+    /// Hand the commit in the freeze [`Commit::settled_origins`], not `origins`: an entry
+    /// copied while it was being written is copied again in the freeze.
+    fn precopy(&self, request: &CommitRequest<'_>) -> Option<Result<Commit, CommitError>> {
+        let _ = request;
+        None
+    }
+
+    /// Makes the copy of the request's `paths` at its `dest`, in the freeze, within its deadline
+    /// and budget. A failure leaves whatever was made for the caller to delete.
+    fn commit(&self, request: &CommitRequest<'_>) -> Result<Commit, CommitError>;
+}
+
+/// The providers this build has, with what they need (for `sysstate providers`).
+pub const PROVIDERS: &[(&str, &str)] = &[
+    ("copy", "any filesystem; copies the components' files into shadow storage during the freeze"),
+    ("reflink", "XFS or btrfs, shadow storage on the same filesystem; clones extents with FICLONE"),
+    ("btrfs", "the root in a btrfs subvolume, shadow storage on the same filesystem, and `btrfs` (btrfs-progs); a read-only snapshot"),
+];
+
+/// What a commit made.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Real bytes allocated in shadow storage.
+    pub bytes: u64,
+    /// Entries copied.
+    pub files: u64,
+    /// Live identities, by absolute path as seen from the root.
+    pub origins: HashMap<PathBuf, Origin>,
+    /// The provider used per volume (device number → `copy` or `reflink`).
+    pub used: HashMap<u64, &'static str>,
+    /// Entries not copied, with why (absolute paths as seen from the root).
+    pub skipped: Vec<(PathBuf, String)>,
+    /// The directory that stands for the root in the copy.
+    pub root: PathBuf,
+    /// For a snapshot, which keeps inodes and ctimes: the live device of every entry.
+    pub live_device: Option<u64>,
+    /// For a snapshot: when it was taken (wall clock, ns since the epoch; just before).
+    pub taken_ns: Option<i64>,
+    /// Bytes freed in a base copy by entries that changed or went away.
+    pub freed: u64,
+    /// Entries this commit copied that had changed less than [`SETTLED`] before it started
+    /// (absolute paths as seen from the root).
+    pub unsettled: Vec<PathBuf>,
+}
+
+impl Commit {
+    /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
+    pub fn settled_origins(&self) -> HashMap<PathBuf, Origin> {
+        let mut origins = self.origins.clone();
+        for path in &self.unsettled {
+            origins.remove(path);
+        }
+        origins
+    }
+}
+
+/// Why a commit stopped.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The deadline passed.
+    Timeout,
+    /// The copy would pass its budget (bytes needed so far).
+    Budget(u64),
+    /// The storage's filesystem is full (bytes written so far).
+    NoSpace(u64),
+    /// Reflink was required and does not work here.
+    Unsupported(PathBuf, String),
+    /// Another I/O failure.
+    Io(ShadowError),
+    /// Stopped by a signal.
+    Interrupted,
+}
+
+/// What a commit copies, where to, and within what.
+#[derive(Debug)]
+pub struct CommitRequest<'a> {
+    /// The live root.
+    pub root: &'a Path,
+    /// The paths to copy, absolute as seen from `root`.
+    pub paths: &'a [PathBuf],
+    /// Where the mirrored tree goes (or the snapshot).
+    pub dest: &'a Path,
+    /// When the commit gives up ([`CommitError::Timeout`]).
+    pub deadline: Instant,
+    /// Bytes the copy may allocate ([`CommitError::Budget`]).
+    pub budget: u64,
+    /// Set from outside to stop ([`CommitError::Interrupted`]).
+    pub interrupted: &'a std::sync::atomic::AtomicBool,
+    /// Refreshing a base copy at `dest`: the live identities its entries were copied from.
+    pub previous: Option<&'a HashMap<PathBuf, Origin>>,
+    /// Absolute paths copied elsewhere (another volume's storage): not entered.
+    pub skip: &'a [PathBuf],
+}
+
+/// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:
+/// timestamps are coarse (a clock tick; a second on some filesystems), so a file changed in the
+/// tick it was copied in may change again without its ctime moving.
+pub const SETTLED: Duration = Duration::from_secs(2);
+
+/// Bytes a copy of `paths` would allocate (what the copy provider needs in shadow storage).
+pub fn estimate(root: &Path, paths: &[PathBuf]) -> u64 {
+    let mut total = 0;
+    let mut stack: Vec<PathBuf> = paths.iter().map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&path).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    }
+    total
+}
+
+/// The file beside a base copy's tree that records the live identities it was made from.
+pub fn origins_file(copy_dir: &Path) -> PathBuf {
+    copy_dir.join("origins.json")
+}
+
+/// The identities a base copy was made from (none when unreadable: everything is copied).
+pub fn read_origins(copy_dir: &Path) -> Option<HashMap<PathBuf, Origin>> {
+    let bytes = std::fs::read(origins_file(copy_dir)).ok()?;
+    let list: Vec<(String, Origin)> = serde_json::from_slice(&bytes).ok()?;
+    Some(list.into_iter().map(|(path, origin)| (PathBuf::from(path), origin)).collect())
+}
+
+/// Records the identities a base copy was made from. Paths that are not UTF-8 are left out,
+/// so their entries are copied again next time.
+pub fn write_origins(copy_dir: &Path, origins: &HashMap<PathBuf, Origin>) -> std::io::Result<()> {
+    let list: Vec<(&str, &Origin)> =
+        origins.iter().filter_map(|(path, origin)| Some((path.to_str()?, origin))).collect();
+    let path = origins_file(copy_dir);
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, serde_json::to_vec(&list).expect("origins encode"))?;
+    std::fs::rename(&temp, &path)
+}
