@@ -334,38 +334,62 @@ fn size_arg(size: u64) -> String {
 
 /// The target: reachable, writable, free space, the repository opens, no stale lease.
 pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
+    let Some(reached) = target_reachable(target, checks) else { return };
+    target_writable(&reached, checks);
+    if let Some(dir) = &reached.local {
+        space_check("target.space", dir, checks);
+    }
+    if !reached.exists {
+        checks.push(Check::ok(
+            "target.repository",
+            format!("no repository at `{target}` yet: the first backup creates it"),
+        ));
+        return;
+    }
+    target_repository(&reached, options, checks);
+    target_leases(&reached, checks);
+}
+
+/// A target that answers: its backend, its folder when local, and whether a repository is there.
+struct Reached<'t> {
+    target: &'t str,
+    backend: std::sync::Arc<dyn sysstate_repo::backend::Backend>,
+    local: Option<PathBuf>,
+    exists: bool,
+}
+
+/// `target.reachable`: the backend opens and answers; a local target or its parent exists.
+fn target_reachable<'t>(target: &'t str, checks: &mut Vec<Check>) -> Option<Reached<'t>> {
     let backend = match sysstate_engine::ops::backend(target) {
         Ok(backend) => backend,
         Err(error) => {
             checks.push(Check::failed("target.reachable", error.message.clone(), error.resolution()));
-            return;
+            return None;
         }
     };
     let local = (!target.contains("://")).then(|| PathBuf::from(target));
-    if let Some(dir) = &local {
-        if !dir.exists() {
-            let parent = existing_ancestor(dir);
-            if dir.parent().is_some_and(|p| p.is_dir()) {
-                checks.push(Check::ok(
-                    "target.reachable",
-                    format!("`{target}` does not exist yet; the first backup creates it in `{}`", parent.display()),
-                ));
-            } else {
-                checks.push(Check::failed(
-                    "target.reachable",
-                    format!("`{target}` does not exist, nor its parent (the nearest existing folder is `{}`): is its filesystem mounted?", parent.display()),
-                    "mount the target's filesystem, or correct `backup.target` / `--target`",
-                ));
-                return;
-            }
+    if let Some(dir) = local.as_ref().filter(|dir| !dir.exists()) {
+        let parent = existing_ancestor(dir);
+        if dir.parent().is_some_and(|p| p.is_dir()) {
+            checks.push(Check::ok(
+                "target.reachable",
+                format!("`{target}` does not exist yet; the first backup creates it in `{}`", parent.display()),
+            ));
+        } else {
+            checks.push(Check::failed(
+                "target.reachable",
+                format!("`{target}` does not exist, nor its parent (the nearest existing folder is `{}`): is its filesystem mounted?", parent.display()),
+                "mount the target's filesystem, or correct `backup.target` / `--target`",
+            ));
+            return None;
         }
     }
-    let exists = match sysstate_repo::Repository::exists(&*backend) {
+    match sysstate_repo::Repository::exists(&*backend) {
         Ok(exists) => {
             if local.as_ref().is_none_or(|d| d.exists()) {
                 checks.push(Check::ok("target.reachable", format!("`{target}` answers")));
             }
-            exists
+            Some(Reached { target, backend, local, exists })
         }
         Err(error) => {
             let error = sysstate_engine::EngineError::from(error);
@@ -374,16 +398,22 @@ pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
                 format!("`{target}` cannot be reached: {}", error.message),
                 error.resolution(),
             ));
-            return;
+            None
         }
-    };
-    // Writable: a probe lease file, written and removed.
+    }
+}
+
+/// `target.writable`: a probe lease file, written and removed (in the nearest existing folder
+/// of a local target not made yet).
+fn target_writable(reached: &Reached<'_>, checks: &mut Vec<Check>) {
+    let target = reached.target;
     let probe = format!("doctor-probe-{}", std::process::id());
-    let write = match &local {
+    let write = match &reached.local {
         Some(dir) if !dir.exists() => probe_write(&existing_ancestor(dir)).map_err(|e| e.to_string()),
-        _ => backend
+        _ => reached
+            .backend
             .write(FileKind::Lock, &probe, b"{}")
-            .and_then(|()| backend.remove(FileKind::Lock, &probe))
+            .and_then(|()| reached.backend.remove(FileKind::Lock, &probe))
             .map_err(|e| e.to_string()),
     };
     match write {
@@ -394,64 +424,64 @@ pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
             sysstate_types::ErrorCode::TargetPermission.resolution(),
         )),
     }
-    if let Some(dir) = &local {
-        space_check("target.space", dir, checks);
-    }
-    if !exists {
-        checks.push(Check::ok(
-            "target.repository",
-            format!("no repository at `{target}` yet: the first backup creates it"),
-        ));
-        return;
-    }
-    match &options.passphrase {
-        None => checks.push(Check::warning(
+}
+
+/// `target.repository`: the repository opens with the passphrase given.
+fn target_repository(reached: &Reached<'_>, options: &Options, checks: &mut Vec<Check>) {
+    let target = reached.target;
+    let Some(passphrase) = &options.passphrase else {
+        checks.push(Check::warning(
             "target.repository",
             format!("a repository is at `{target}`, but no passphrase was found to open it"),
             "set `SYSSTATE_PASSPHRASE` or pass `--passphrase-file` to let the doctor open it",
-        )),
-        Some(passphrase) => match sysstate_repo::Repository::open(backend.clone(), passphrase) {
-            Ok(repo) => {
-                let versions = repo.versions().map(|v| v.len()).unwrap_or(0);
-                checks.push(Check::ok(
-                    "target.repository",
-                    format!("the repository at `{target}` opens; {versions} versions"),
-                ));
-            }
-            Err(error) => {
-                let error = sysstate_engine::EngineError::from(error);
-                checks.push(
-                    Check::failed("target.repository", error.message.clone(), error.resolution()).code(error.code),
-                );
-            }
-        },
-    }
-    match sysstate_repo::lock::list_leases(&*backend) {
-        Ok(leases) => {
-            let host = sysstate_repo::lock::host_name();
-            let now = sysstate_repo::lock::now_ns();
-            let stale: Vec<String> = leases
-                .iter()
-                .filter_map(|(_, info)| info.as_ref())
-                .filter(|i| i.is_stale(now, &host))
-                .map(|i| i.describe())
-                .collect();
-            if stale.is_empty() {
-                checks.push(Check::ok(
-                    "target.leases",
-                    format!("{} leases, none held by a process that is gone", leases.len()),
-                ));
-            } else {
-                checks.push(Check::warning(
-                    "target.leases",
-                    format!("leases held by processes that are gone: {}", stale.join("; ")),
-                    "nothing to do: the next job takes a stale lease over (at once on this host)",
-                ));
-            }
+        ));
+        return;
+    };
+    match sysstate_repo::Repository::open(reached.backend.clone(), passphrase) {
+        Ok(repo) => {
+            let versions = repo.versions().map(|v| v.len()).unwrap_or(0);
+            checks.push(Check::ok(
+                "target.repository",
+                format!("the repository at `{target}` opens; {versions} versions"),
+            ));
         }
         Err(error) => {
-            checks.push(Check::warning("target.leases", format!("cannot list the leases: {error}"), "check the target"))
+            let error = sysstate_engine::EngineError::from(error);
+            checks.push(Check::failed("target.repository", error.message.clone(), error.resolution()).code(error.code));
         }
+    }
+}
+
+/// `target.leases`: no lease held by a process that is gone.
+fn target_leases(reached: &Reached<'_>, checks: &mut Vec<Check>) {
+    let leases = match sysstate_repo::lock::list_leases(&*reached.backend) {
+        Ok(leases) => leases,
+        Err(error) => {
+            checks.push(Check::warning(
+                "target.leases",
+                format!("cannot list the leases: {error}"),
+                "check the target",
+            ));
+            return;
+        }
+    };
+    let host = sysstate_repo::lock::host_name();
+    let now = sysstate_repo::lock::now_ns();
+    let stale: Vec<String> = leases
+        .iter()
+        .filter_map(|(_, info)| info.as_ref())
+        .filter(|i| i.is_stale(now, &host))
+        .map(|i| i.describe())
+        .collect();
+    if stale.is_empty() {
+        checks
+            .push(Check::ok("target.leases", format!("{} leases, none held by a process that is gone", leases.len())));
+    } else {
+        checks.push(Check::warning(
+            "target.leases",
+            format!("leases held by processes that are gone: {}", stale.join("; ")),
+            "nothing to do: the next job takes a stale lease over (at once on this host)",
+        ));
     }
 }
 
@@ -460,91 +490,9 @@ pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
 pub(crate) fn validation(config: &Config, target: &str, checks: &mut Vec<Check>) {
     let id = "validation.backup";
     let work = paths::state_dir().join("doctor").join(format!("validate-{}", std::process::id()));
-    let root = work.join("root");
-    let temp_target = match target.split_once("://") {
-        Some(_) => format!("{}/doctor-validate-{}", target.trim_end_matches('/'), std::process::id()),
-        None => {
-            let path = Path::new(target);
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "target".into());
-            path.with_file_name(format!(".{name}-doctor-validate-{}", std::process::id())).display().to_string()
-        }
-    };
-    let result = (|| -> sysstate_engine::Result<String> {
-        let io = |e: std::io::Error| {
-            sysstate_engine::EngineError::new(
-                sysstate_types::ErrorCode::StateDirPermission,
-                format!("cannot prepare the validation in `{}`: {e}", work.display()),
-            )
-        };
-        std::fs::create_dir_all(root.join("data")).map_err(io)?;
-        std::fs::write(root.join("data/validation.txt"), b"sysstate doctor validation\n").map_err(io)?;
-        let mut config = config.clone();
-        config.components = vec![ComponentConfig {
-            name: "doctor-validation".into(),
-            paths: vec!["/data".into()],
-            exclude: Vec::new(),
-            lock_check: None,
-        }];
-        let mut key = [0u8; 32];
-        getrandom::getrandom(&mut key).expect("the kernel's random source is available");
-        let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
-        let components = vec!["doctor-validation".to_string()];
-        let request = sysstate_engine::ops::BackupRequest {
-            config,
-            root: root.clone(),
-            target: temp_target.clone(),
-            components: components.clone(),
-            tags: vec!["doctor".into()],
-            threads: 1,
-            wait: Some(std::time::Duration::from_secs(60)),
-            trigger: sysstate_shadow::ThawTrigger::default(),
-        };
-        let passphrase = hex::encode(key);
-        let report = jobs::run(&store, JobKind::Validate, Some(&temp_target), &components, &NoProgress, |job| {
-            sysstate_engine::ops::backup(&request, passphrase.as_bytes(), job)
-        })?;
-        // Read back from the job store, as `sysstate job --previous 1` would.
-        let job = &report.job;
-        let record = store.job(job)?.ok_or_else(|| {
-            sysstate_engine::EngineError::new(
-                sysstate_types::ErrorCode::Internal,
-                format!("job {job} is not in the job store"),
-            )
-        })?;
-        match record.state {
-            JobState::Succeeded => Ok(format!(
-                "a backup of a test component into `{temp_target}` succeeded as job {job} (version {}, {} files), and the job store shows it",
-                report.id.short(),
-                report.version.stats.files
-            )),
-            state => Err(sysstate_engine::EngineError::new(
-                sysstate_types::ErrorCode::Internal,
-                format!("the validation backup ended but the job store shows job {job} as `{state}`"),
-            )),
-        }
-    })();
-    let _ = std::fs::remove_dir_all(&work);
-    match &temp_target.split_once("://") {
-        None => {
-            let _ = std::fs::remove_dir_all(&temp_target);
-        }
-        Some(_) => {
-            if let Ok(backend) = sysstate_engine::ops::backend(&temp_target) {
-                for kind in [
-                    FileKind::Pack,
-                    FileKind::Index,
-                    FileKind::Version,
-                    FileKind::Key,
-                    FileKind::Lock,
-                    FileKind::Config,
-                ] {
-                    for (name, _) in backend.list(kind).unwrap_or_default() {
-                        let _ = backend.remove(kind, &name);
-                    }
-                }
-            }
-        }
-    }
+    let temp_target = validation_target(target);
+    let result = validation_tree(&work).and_then(|root| validation_backup(config, root, &temp_target));
+    validation_clean_up(&work, &temp_target);
     match result {
         Ok(found) => checks.push(Check::ok(id, found)),
         Err(error) => checks.push(
@@ -560,5 +508,94 @@ pub(crate) fn validation(config: &Config, target: &str, checks: &mut Vec<Check>)
             )
             .code(error.code),
         ),
+    }
+}
+
+/// A repository beside the target, on the same storage, that nothing else uses.
+fn validation_target(target: &str) -> String {
+    match target.split_once("://") {
+        Some(_) => format!("{}/doctor-validate-{}", target.trim_end_matches('/'), std::process::id()),
+        None => {
+            let path = Path::new(target);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "target".into());
+            path.with_file_name(format!(".{name}-doctor-validate-{}", std::process::id())).display().to_string()
+        }
+    }
+}
+
+/// A root holding one small file to back up, under `work`.
+fn validation_tree(work: &Path) -> sysstate_engine::Result<PathBuf> {
+    let io = |e: std::io::Error| {
+        sysstate_engine::EngineError::new(
+            sysstate_types::ErrorCode::StateDirPermission,
+            format!("cannot prepare the validation in `{}`: {e}", work.display()),
+        )
+    };
+    let root = work.join("root");
+    std::fs::create_dir_all(root.join("data")).map_err(io)?;
+    std::fs::write(root.join("data/validation.txt"), b"sysstate doctor validation\n").map_err(io)?;
+    Ok(root)
+}
+
+/// The backup, as a `validate` job with a random passphrase, and its record read back from
+/// the job store as `sysstate job --previous 1` would.
+fn validation_backup(config: &Config, root: PathBuf, temp_target: &str) -> sysstate_engine::Result<String> {
+    let mut config = config.clone();
+    config.components = vec![ComponentConfig {
+        name: "doctor-validation".into(),
+        paths: vec!["/data".into()],
+        exclude: Vec::new(),
+        lock_check: None,
+    }];
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).expect("the kernel's random source is available");
+    let passphrase = hex::encode(key);
+    let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
+    let components = vec!["doctor-validation".to_string()];
+    let request = sysstate_engine::ops::BackupRequest {
+        config,
+        root,
+        target: temp_target.to_string(),
+        components: components.clone(),
+        tags: vec!["doctor".into()],
+        threads: 1,
+        wait: Some(std::time::Duration::from_secs(60)),
+        trigger: sysstate_shadow::ThawTrigger::default(),
+    };
+    let report = jobs::run(&store, JobKind::Validate, Some(temp_target), &components, &NoProgress, |job| {
+        sysstate_engine::ops::backup(&request, passphrase.as_bytes(), job)
+    })?;
+    let job = &report.job;
+    let record = store.job(job)?.ok_or_else(|| {
+        sysstate_engine::EngineError::new(
+            sysstate_types::ErrorCode::Internal,
+            format!("job {job} is not in the job store"),
+        )
+    })?;
+    match record.state {
+        JobState::Succeeded => Ok(format!(
+            "a backup of a test component into `{temp_target}` succeeded as job {job} (version {}, {} files), and the job store shows it",
+            report.id.short(),
+            report.version.stats.files
+        )),
+        state => Err(sysstate_engine::EngineError::new(
+            sysstate_types::ErrorCode::Internal,
+            format!("the validation backup ended but the job store shows job {job} as `{state}`"),
+        )),
+    }
+}
+
+/// Removes the validation's tree and repository.
+fn validation_clean_up(work: &Path, temp_target: &str) {
+    let _ = std::fs::remove_dir_all(work);
+    if !temp_target.contains("://") {
+        let _ = std::fs::remove_dir_all(temp_target);
+        return;
+    }
+    let Ok(backend) = sysstate_engine::ops::backend(temp_target) else { return };
+    for kind in [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock, FileKind::Config] {
+        for (name, _) in backend.list(kind).unwrap_or_default() {
+            let _ = backend.remove(kind, &name);
+        }
     }
 }
