@@ -212,7 +212,18 @@ impl Backend for LocalBackend {
         let dir = path.parent().expect("repository files live in a folder").to_path_buf();
         let temp = dir.join(format!(".tmp-{}", crate::Id::random().short()));
         let err = |e: &std::io::Error| self.error("write", kind, name, e);
-        let result = if kind == FileKind::Pack { write_direct(&temp, data) } else { write_buffered(&temp, data) };
+        let write =
+            |temp: &Path| if kind == FileKind::Pack { write_direct(temp, data) } else { write_buffered(temp, data) };
+        let mut result = write(&temp);
+        // A kind's folder can be missing from a repository that is whole (copied by a tool that
+        // drops empty folders, such as git): it is made again, inside a repository that exists.
+        if result.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            && self.root.join("config").is_file()
+        {
+            result = fs::create_dir_all(&dir)
+                .and_then(|()| sync_dir(dir.parent().unwrap_or(&dir)))
+                .and_then(|()| write(&temp));
+        }
         if let Err(e) = result {
             let _ = fs::remove_file(&temp);
             return Err(err(&e));
@@ -298,6 +309,25 @@ fn crash_failpoint() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_folder_is_made_again_in_a_repository_but_no_repository_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().join("repo"));
+        backend.create().unwrap();
+        backend.write(FileKind::Config, "config", b"{}").unwrap();
+        for kind in ["locks", "index", "data"] {
+            fs::remove_dir_all(dir.path().join("repo").join(kind)).unwrap();
+        }
+        backend.write(FileKind::Lock, "l1", b"lease").unwrap();
+        backend.write(FileKind::Index, "i1", b"index").unwrap();
+        backend.write(FileKind::Pack, &"ab".repeat(32), b"pack").unwrap();
+        assert_eq!(backend.read(FileKind::Pack, &"ab".repeat(32)).unwrap(), b"pack");
+        // Without a config there is no repository to mend: nothing is made.
+        let elsewhere = LocalBackend::new(dir.path().join("none"));
+        assert!(elsewhere.write(FileKind::Lock, "l1", b"lease").is_err());
+        assert!(!dir.path().join("none").exists());
+    }
 
     #[test]
     fn packs_written_direct_hold_exactly_their_bytes_on_any_length() {

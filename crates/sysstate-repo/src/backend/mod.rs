@@ -8,6 +8,8 @@
 mod local;
 mod object;
 mod retry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use local::LocalBackend;
 pub use object::ObjectBackend;

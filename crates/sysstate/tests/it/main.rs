@@ -7,6 +7,7 @@ mod crash;
 mod doctor;
 mod errors;
 mod fidelity;
+mod format;
 mod hostile;
 mod inplace;
 mod locks;

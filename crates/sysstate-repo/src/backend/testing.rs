@@ -1,0 +1,148 @@
+//! The backend conformance suite (restic's `internal/backend/test`): the promises every
+//! [`Backend`] keeps, as one function a new backend's tests call with a fresh, empty place.
+//! Compiled for this crate's tests and, with the `testing` feature, for other crates'.
+
+use super::{Backend, ErrorKind, FileKind};
+use std::sync::Arc;
+
+/// Runs every check against `backend`, which must point at a place that does not exist yet or
+/// is empty; it is left empty. Panics naming the promise broken.
+pub fn conformance(backend: Arc<dyn Backend>) {
+    backend.create().expect("create() makes a new place");
+    backend.create().expect("create() on an existing place is success");
+    empty_place_lists_nothing(&*backend);
+    written_bytes_read_back(&*backend);
+    same_bytes_again_succeed_other_bytes_mismatch(&*backend);
+    locks_are_refreshed_in_place(&*backend);
+    missing_files(&*backend);
+    kinds_do_not_mix(&*backend);
+    listing_passes_a_page(&*backend);
+    for kind in [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock, FileKind::Config] {
+        assert!(backend.list(kind).unwrap().is_empty(), "{kind:?}: the suite left files behind");
+    }
+}
+
+const KINDS: [FileKind; 5] = [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock];
+
+fn empty_place_lists_nothing(backend: &dyn Backend) {
+    for kind in KINDS.into_iter().chain([FileKind::Config]) {
+        assert!(backend.list(kind).unwrap().is_empty(), "{kind:?} not empty in a new place");
+    }
+}
+
+fn written_bytes_read_back(backend: &dyn Backend) {
+    let name = "ab".repeat(32);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    backend.write(FileKind::Pack, &name, &data).unwrap();
+    assert_eq!(backend.read(FileKind::Pack, &name).unwrap(), data, "a pack reads back");
+    assert_eq!(backend.read_range(FileKind::Pack, &name, 1000, 10).unwrap(), &data[1000..1010], "a range");
+    assert_eq!(backend.read_range(FileKind::Pack, &name, 99_990, 10).unwrap(), &data[99_990..], "the last bytes");
+    assert_eq!(backend.list(FileKind::Pack).unwrap(), vec![(name.clone(), data.len() as u64)], "listed with its size");
+    // An empty file is a file.
+    backend.write(FileKind::Index, "empty", b"").unwrap();
+    assert_eq!(backend.read(FileKind::Index, "empty").unwrap(), b"");
+    assert_eq!(backend.list(FileKind::Index).unwrap(), vec![("empty".to_string(), 0)]);
+    backend.remove(FileKind::Index, "empty").unwrap();
+    backend.remove(FileKind::Pack, &name).unwrap();
+    assert!(backend.list(FileKind::Pack).unwrap().is_empty(), "a removed pack is gone");
+}
+
+fn same_bytes_again_succeed_other_bytes_mismatch(backend: &dyn Backend) {
+    let name = "cd".repeat(32);
+    backend.write(FileKind::Pack, &name, b"the bytes").unwrap();
+    backend.write(FileKind::Pack, &name, b"the bytes").expect("the same bytes again are success");
+    let error = backend.write(FileKind::Pack, &name, b"other").unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Mismatch, "{error}");
+    assert_eq!(backend.read(FileKind::Pack, &name).unwrap(), b"the bytes", "a mismatch keeps the file's bytes");
+    backend.remove(FileKind::Pack, &name).unwrap();
+}
+
+fn locks_are_refreshed_in_place(backend: &dyn Backend) {
+    backend.write(FileKind::Lock, "l1", b"one").unwrap();
+    backend.write(FileKind::Lock, "l1", b"two").unwrap();
+    assert_eq!(backend.read(FileKind::Lock, "l1").unwrap(), b"two", "a lease is refreshed in place");
+    backend.remove(FileKind::Lock, "l1").unwrap();
+}
+
+fn missing_files(backend: &dyn Backend) {
+    let error = backend.read(FileKind::Index, "missing").unwrap_err();
+    assert_eq!(error.kind, ErrorKind::NotFound, "{error}");
+    let error = backend.read_range(FileKind::Pack, &"ef".repeat(32), 0, 10).unwrap_err();
+    assert_eq!(error.kind, ErrorKind::NotFound, "{error}");
+    backend.remove(FileKind::Index, "missing").expect("removing a missing file is success");
+}
+
+fn kinds_do_not_mix(backend: &dyn Backend) {
+    backend.write(FileKind::Config, "config", b"{}").unwrap();
+    assert_eq!(backend.list(FileKind::Config).unwrap(), vec![("config".to_string(), 2)]);
+    for (index, kind) in KINDS.into_iter().enumerate() {
+        backend.write(kind, &format!("{index:02}").repeat(32), b"x").unwrap();
+    }
+    for (index, kind) in KINDS.into_iter().enumerate() {
+        let listed = backend.list(kind).unwrap();
+        assert_eq!(listed, vec![(format!("{index:02}").repeat(32), 1)], "{kind:?} lists only its own files");
+        backend.remove(kind, &listed[0].0).unwrap();
+    }
+    backend.remove(FileKind::Config, "config").unwrap();
+}
+
+/// More files than an object store lists in one page (1,000 for S3).
+fn listing_passes_a_page(backend: &dyn Backend) {
+    let names: Vec<String> = (0..1_005).map(|i| format!("{i:04}")).collect();
+    std::thread::scope(|scope| {
+        for part in names.chunks(128) {
+            scope.spawn(move || part.iter().for_each(|name| backend.write(FileKind::Lock, name, b"lease").unwrap()));
+        }
+    });
+    let mut listed: Vec<String> = backend.list(FileKind::Lock).unwrap().into_iter().map(|(name, _)| name).collect();
+    listed.sort();
+    assert_eq!(listed, names, "every file is listed, past the first page");
+    std::thread::scope(|scope| {
+        for part in names.chunks(128) {
+            scope.spawn(move || part.iter().for_each(|name| backend.remove(FileKind::Lock, name).unwrap()));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conformance;
+    use crate::backend::open_target;
+
+    /// A URL from `scripts/services.sh`, or `None` (a failure under `SYSSTATE_TEST_REQUIRE=all`).
+    fn service(var: &str, what: &str) -> Option<String> {
+        let url = std::env::var(var).ok();
+        if url.is_none() {
+            assert!(
+                std::env::var("SYSSTATE_TEST_REQUIRE").as_deref() != Ok("all"),
+                "this test needs {what} ({var} from scripts/services.sh), and SYSSTATE_TEST_REQUIRE=all says it must run"
+            );
+            eprintln!("skipped: this test needs {what} ({var} from scripts/services.sh)");
+        }
+        url
+    }
+
+    fn unique(url: &str) -> String {
+        format!("{url}/conformance-{}", crate::Id::random().short())
+    }
+
+    #[test]
+    fn local_backend_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance(open_target(dir.path().join("repo").to_str().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn s3_backend_conforms_on_garage() {
+        if let Some(url) = service("SYSSTATE_TEST_S3_URL", "Garage") {
+            conformance(open_target(&unique(&url)).unwrap());
+        }
+    }
+
+    #[test]
+    fn azure_backend_conforms_on_azurite() {
+        if let Some(url) = service("SYSSTATE_TEST_AZURE_URL", "Azurite") {
+            conformance(open_target(&unique(&url)).unwrap());
+        }
+    }
+}
