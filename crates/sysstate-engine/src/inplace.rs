@@ -474,7 +474,7 @@ fn lock_accounts(config: &Config, root: &Path) -> Result<Box<dyn Writer>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
     writer.handle(Phase::PrepareSnapshot, deadline).map_err(|error| {
         let file = root.join("etc/.pwd.lock");
-        let holder = sysstate_fs::lock_holders(&file).ok().and_then(|h| h.into_iter().next());
+        let holder = sysstate_fs::file_lockers(&file).ok().and_then(|h| h.into_iter().next());
         let data = serde_json::json!({
             "component": "accounts", "file": file.display().to_string(),
             "pid": holder.as_ref().map(|h| h.pid), "command": holder.as_ref().map(|h| h.command.clone()), "how": "lock",

@@ -83,7 +83,7 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Option<Vec<(u64, 
 
 /// A process holding a lock on a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockHolder {
+pub struct FileLocker {
     /// Its pid.
     pub pid: u32,
     /// Its command line (or name).
@@ -135,7 +135,7 @@ fn parse_lock_line(line: &str) -> Option<(String, String, i64, LockedFile)> {
 
 /// The processes holding a lock (POSIX, OFD or flock) on `path`. OFD locks do not name their
 /// process in `/proc/locks`; their holders are found through `/proc/PID/fdinfo`.
-pub fn lock_holders(path: &Path) -> std::io::Result<Vec<LockHolder>> {
+pub fn file_lockers(path: &Path) -> std::io::Result<Vec<FileLocker>> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     let file = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()), meta.ino());
@@ -147,7 +147,7 @@ pub fn lock_holders(path: &Path) -> std::io::Result<Vec<LockHolder>> {
             continue;
         }
         if pid > 0 {
-            holders.push(LockHolder { pid: pid as u32, command: process_command(pid as u32), kind, mode });
+            holders.push(FileLocker { pid: pid as u32, command: process_command(pid as u32), kind, mode });
         } else {
             anonymous = true;
         }
@@ -160,8 +160,8 @@ pub fn lock_holders(path: &Path) -> std::io::Result<Vec<LockHolder>> {
                 let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
                 for line in info.lines().filter(|l| l.starts_with("lock:")) {
                     if let Some((kind, mode, _, locked)) = parse_lock_line(line.trim_start_matches("lock:").trim()) {
-                        if locked == file && !holders.iter().any(|h: &LockHolder| h.pid == pid) {
-                            holders.push(LockHolder { pid, command: process_command(pid), kind, mode });
+                        if locked == file && !holders.iter().any(|h: &FileLocker| h.pid == pid) {
+                            holders.push(FileLocker { pid, command: process_command(pid), kind, mode });
                         }
                     }
                 }
@@ -257,7 +257,7 @@ mod tests {
         let path = dir.join("locked");
         let file = std::fs::File::create(&path).unwrap();
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        let holders = lock_holders(&path).unwrap();
+        let holders = file_lockers(&path).unwrap();
         assert!(holders.iter().any(|h| h.pid == std::process::id() && h.kind == "FLOCK"), "{holders:?}");
         drop(file);
         std::fs::remove_dir_all(&dir).unwrap();

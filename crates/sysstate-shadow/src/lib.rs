@@ -30,4 +30,4 @@ pub use lock::{LockHolder, ShadowSetLock};
 pub use pressure::Pressure;
 pub use provider::Provider;
 pub use state::WriterState;
-pub use writer::{ErrorClass, Phase, Writer, WriterError};
+pub use writer::{ErrorClass, OutputHook, Phase, Writer, WriterError};

@@ -77,7 +77,7 @@ error_codes! {
         resolution: "check the application's health as the writer's message says, then run the backup again";
     WriterNotResponding = "writer-not-responding", 1006, Error,
         cause: "a writer process died or stopped answering",
-        resolution: "check why the writer process exited or hung (a process writer's stderr goes to sysstate's stderr; run with `-v` to see a command writer's), fix it, and run the backup again";
+        resolution: "check why the writer process exited or hung (what it printed on stderr is in the job's log: `sysstate job` names it), fix it, and run the backup again";
     ShadowSetInProgress = "shadow-set-in-progress", 1010, Error,
         cause: "another shadow set (usually another backup) holds the machine's shadow-set lock",
         resolution: "wait for the job named in the message to finish, or run with `--wait DURATION`";

@@ -70,6 +70,15 @@ impl Job<'_> {
         }))
     }
 
+    /// The hook writers' programs' output goes to: each line into the job's log, with the
+    /// writer's name.
+    pub fn output_hook(&self) -> sysstate_shadow::OutputHook {
+        let (store, id) = (self.store.clone(), self.id.clone());
+        sysstate_shadow::OutputHook(Arc::new(move |writer: &str, line: &str| {
+            store.log(&id, &format!("writer `{writer}`: {line}"));
+        }))
+    }
+
     /// The hook the shadow copy coordinator tells its warnings: each becomes an event of this job.
     pub fn warning_hook(&self) -> sysstate_shadow::WarningHook {
         let (store, id) = (self.store.clone(), self.id.clone());

@@ -205,6 +205,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     shadow_options.holder.job = Some(job.id().to_string());
     shadow_options.phase = Some(job.phase_hook());
     shadow_options.warning = Some(job.warning_hook());
+    shadow_options.output = Some(job.output_hook());
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
@@ -286,6 +287,7 @@ fn shadow_options(
         phase: None,
         extra: Vec::new(),
         warning: None,
+        output: None,
     })
 }
 

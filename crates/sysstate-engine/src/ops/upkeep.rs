@@ -117,7 +117,7 @@ pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Resul
 
 /// Where `copy` sends versions.
 #[derive(Debug)]
-pub struct CopyRequest<'a> {
+pub struct ReplicateRequest<'a> {
     /// The destination repository (created when the target has none).
     pub to: &'a str,
     /// Its passphrase.
@@ -126,29 +126,29 @@ pub struct CopyRequest<'a> {
     pub versions: &'a [String],
 }
 
-/// One version copied, or found already there.
+/// One version replicated, or found already there.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct Copied {
+pub struct Replicated {
     /// Its id in the source.
     pub from: String,
     /// Its id in the destination (none when it was already there).
     pub to: Option<String>,
 }
 
-/// What `copy` did.
+/// What replication (`sysstate copy`) did.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct CopyReport {
+pub struct ReplicationReport {
     /// Each version chosen, in order.
-    pub versions: Vec<Copied>,
+    pub versions: Vec<Replicated>,
 }
 
-impl JobOutput for CopyReport {}
+impl JobOutput for ReplicationReport {}
 
-/// Copies versions the destination lacks (same time, host and root) under shared leases on
+/// Replicates (`sysstate copy`) the versions the destination lacks (same time, host and root) under shared leases on
 /// both repositories, creating the destination if its target has none.
-pub fn copy(from: &Repository, request: &CopyRequest<'_>) -> Result<CopyReport> {
+pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<ReplicationReport> {
     let backend = super::backend(request.to)?;
     let destination = if Repository::exists(&*backend)? {
         Repository::open(backend, request.to_passphrase)?
@@ -165,14 +165,14 @@ pub fn copy(from: &Repository, request: &CopyRequest<'_>) -> Result<CopyReport> 
     } else {
         request.versions.iter().map(|v| from.find_version(v)).collect::<std::result::Result<_, _>>()?
     };
-    let mut report = CopyReport { versions: Vec::new() };
+    let mut report = ReplicationReport { versions: Vec::new() };
     for (id, version) in chosen {
         let to = if existing.contains(&(version.time_ns, version.host.clone(), version.root_path.clone())) {
             None
         } else {
-            Some(sysstate_repo::copy::copy_version(from, &destination, &id)?.to_hex())
+            Some(sysstate_repo::replicate::replicate_version(from, &destination, &id)?.to_hex())
         };
-        report.versions.push(Copied { from: id.to_hex(), to });
+        report.versions.push(Replicated { from: id.to_hex(), to });
     }
     Ok(report)
 }

@@ -20,7 +20,7 @@ use crate::error::ShadowError;
 use crate::lock::{LockHolder, ShadowSetLock};
 use crate::provider::{Provider, ProviderChoice};
 use crate::storage::StorageArea;
-use crate::writer::Writer;
+use crate::writer::{OutputHook, Writer};
 use members::Members;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +59,8 @@ pub struct ShadowSetOptions {
     /// Told every warning as it happens (an older copy deleted, a dead holder's lock taken over),
     /// with its code and message: the caller's event log.
     pub warning: Option<WarningHook>,
+    /// Told every line the writers' programs print on stderr (the job's log).
+    pub output: Option<OutputHook>,
 }
 
 /// A callback told the shadow set's warnings: code and message.
@@ -137,7 +139,11 @@ impl Coordinator {
             }
         }
         let set_id = new_id();
-        let members = Arc::new(Members::new(self.writers, &options.runtime_dir, &set_id));
+        let mut writers = self.writers;
+        if let Some(output) = &options.output {
+            writers.iter_mut().for_each(|writer| writer.set_output(output.clone()));
+        }
+        let members = Arc::new(Members::new(writers, &options.runtime_dir, &set_id));
         let watch = Arc::new(Watch::new(members.count()));
         // Backups refresh the storage's base copy in place; persistent copies are made whole.
         let copy_id = if options.persistent || options.provider == ProviderChoice::Btrfs {

@@ -113,6 +113,7 @@ impl Fixture {
             phase: None,
             extra: Vec::new(),
             warning: None,
+            output: None,
         }
     }
 

@@ -1,5 +1,4 @@
-use super::{ErrorClass, Phase, Writer, WriterError};
-use std::io::{BufRead, BufReader};
+use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ pub struct CommandWriter {
     abort: Option<Vec<String>>,
     freeze_timeout: Duration,
     frozen: bool,
+    output: Option<OutputHook>,
 }
 
 impl CommandWriter {
@@ -27,12 +27,19 @@ impl CommandWriter {
         abort: Option<Vec<String>>,
         freeze_timeout: Duration,
     ) -> Self {
-        CommandWriter { name: name.into(), prepare, freeze, thaw, abort, freeze_timeout, frozen: false }
+        CommandWriter { name: name.into(), prepare, freeze, thaw, abort, freeze_timeout, frozen: false, output: None }
     }
 }
 
-/// Runs `argv` until it exits or `deadline` passes (then it is killed).
-pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), WriterError> {
+/// Runs `argv` until it exits or `deadline` passes (then it is killed); its stderr goes to
+/// `output` as writer `writer`'s.
+fn run(
+    argv: &[String],
+    deadline: Instant,
+    what: &str,
+    writer: &str,
+    output: Option<&OutputHook>,
+) -> Result<(), WriterError> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, format!("the {what} command is empty")))?;
@@ -45,7 +52,7 @@ pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), 
         .map_err(|e| {
             WriterError::new(ErrorClass::Nonretryable, format!("cannot run the {what} command `{program}`: {e}"))
         })?;
-    let last_line = read_stderr(child.stderr.take().expect("stderr is piped"), argv.join(" "));
+    let last_line = read_output(child.stderr.take().expect("stderr is piped"), writer.to_string(), output.cloned());
     loop {
         if let Some(status) =
             child.try_wait().map_err(|e| WriterError::new(ErrorClass::NotResponding, e.to_string()))?
@@ -79,51 +86,6 @@ pub(crate) fn run(argv: &[String], deadline: Instant, what: &str) -> Result<(), 
     }
 }
 
-/// The most of one stderr line kept (for the log and the failure's message); the rest of a
-/// longer line is read and dropped, so a command cannot make sysstate hold what it prints.
-const LINE_LIMIT: usize = 1024;
-
-/// Reads a command's stderr as it comes, so a command that prints more than a pipe holds
-/// (64 KiB) never blocks on it: each line is logged (`-v` shows it), and the last non-empty one
-/// is sent when the pipe closes, for the failure's message. Lines are cut at [`LINE_LIMIT`].
-fn read_stderr(pipe: std::process::ChildStderr, command: String) -> std::sync::mpsc::Receiver<String> {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new().name("writer-stderr".into()).spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let (mut line, mut last) = (Vec::new(), String::new());
-        while let Ok(buffer) = reader.fill_buf() {
-            if buffer.is_empty() {
-                break;
-            }
-            let (chunk, ends_line) = match buffer.iter().position(|&b| b == b'\n') {
-                Some(end) => (&buffer[..end], true),
-                None => (buffer, false),
-            };
-            let room = LINE_LIMIT.saturating_sub(line.len());
-            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            let used = chunk.len() + usize::from(ends_line);
-            reader.consume(used);
-            if ends_line {
-                let text = String::from_utf8_lossy(&line);
-                if !text.trim().is_empty() {
-                    tracing::info!("`{command}`: {text}");
-                    last = text.into_owned();
-                }
-                line.clear();
-            }
-        }
-        let text = String::from_utf8_lossy(&line);
-        if !text.trim().is_empty() {
-            last = text.into_owned();
-        }
-        let _ = sender.send(last);
-    });
-    if let Err(error) = spawned {
-        tracing::warn!("cannot read the stderr of a writer's command: {error}");
-    }
-    receiver
-}
-
 impl Writer for CommandWriter {
     fn name(&self) -> &str {
         &self.name
@@ -135,6 +97,10 @@ impl Writer for CommandWriter {
 
     fn freeze_timeout(&self) -> Duration {
         self.freeze_timeout
+    }
+
+    fn set_output(&mut self, output: OutputHook) {
+        self.output = Some(output);
     }
 
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
@@ -152,7 +118,7 @@ impl Writer for CommandWriter {
                 // An abort during the freeze thaws first.
                 if std::mem::take(&mut self.frozen) {
                     if let Some(thaw) = &self.thaw {
-                        run(thaw, deadline, "thaw")?;
+                        run(thaw, deadline, "thaw", &self.name, self.output.as_ref())?;
                     }
                 }
                 self.abort.as_ref()
@@ -160,7 +126,7 @@ impl Writer for CommandWriter {
             Phase::Identify | Phase::PrepareSnapshot | Phase::PostSnapshot | Phase::BackupComplete => None,
         };
         match command {
-            Some(argv) => run(argv, deadline, phase.as_str()),
+            Some(argv) => run(argv, deadline, phase.as_str(), &self.name, self.output.as_ref()),
             None => Ok(()),
         }
     }
@@ -168,6 +134,7 @@ impl Writer for CommandWriter {
 
 #[cfg(test)]
 mod tests {
+    use super::super::LINE_LIMIT;
     use super::*;
 
     fn sh(script: &str) -> Vec<String> {
@@ -181,7 +148,7 @@ mod tests {
         let script = "head -c 262144 /dev/zero | tr '\\0' x >&2; exit 0";
         let deadline = Instant::now() + Duration::from_secs(10);
         let started = Instant::now();
-        run(&sh(script), deadline, "freeze").unwrap();
+        run(&sh(script), deadline, "freeze", "w", None).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 
@@ -189,10 +156,11 @@ mod tests {
     fn a_failure_says_the_last_line_of_stderr_and_its_class() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let error =
-            run(&sh("echo noise >&2; echo 'database busy' >&2; echo >&2; exit 75"), deadline, "freeze").unwrap_err();
+            run(&sh("echo noise >&2; echo 'database busy' >&2; echo >&2; exit 75"), deadline, "freeze", "w", None)
+                .unwrap_err();
         assert_eq!(error.class, ErrorClass::Retryable);
         assert!(error.message.ends_with(": database busy"), "{}", error.message);
-        let error = run(&sh("exit 3"), deadline, "thaw").unwrap_err();
+        let error = run(&sh("exit 3"), deadline, "thaw", "w", None).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
     }
 
@@ -201,18 +169,43 @@ mod tests {
         // 8 MiB with no newline, then the reason: the message keeps at most a line's limit.
         let script = "head -c 8388608 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk busy' >&2; head -c 8388608 /dev/zero | tr '\\0' y >&2; exit 1";
         let deadline = Instant::now() + Duration::from_secs(20);
-        let error = run(&sh(script), deadline, "freeze").unwrap_err();
+        let error = run(&sh(script), deadline, "freeze", "w", None).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
         assert!(error.message.len() < 2 * LINE_LIMIT, "a message of {} bytes", error.message.len());
         assert!(error.message.ends_with(&"y".repeat(100)), "the last line, cut: {}", &error.message[..200]);
-        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze").unwrap_err();
+        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze", "w", None).unwrap_err();
         assert!(error.message.ends_with(": disk busy"), "{}", error.message);
     }
 
     #[test]
     fn a_command_still_running_at_its_deadline_is_killed() {
         let deadline = Instant::now() + Duration::from_millis(300);
-        let error = run(&sh("sleep 30"), deadline, "freeze").unwrap_err();
+        let error = run(&sh("sleep 30"), deadline, "freeze", "w", None).unwrap_err();
         assert_eq!(error.class, ErrorClass::NotResponding);
+    }
+
+    #[test]
+    fn what_a_command_prints_reaches_the_output_hook_as_its_writer_s() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let hook = OutputHook(std::sync::Arc::new(move |writer: &str, line: &str| {
+            seen.lock().unwrap().push(format!("{writer}: {line}"));
+        }));
+        let mut writer = CommandWriter::new(
+            "db",
+            Some(sh("echo flushing >&2; echo done >&2")),
+            None,
+            None,
+            None,
+            Duration::from_secs(5),
+        );
+        writer.set_output(hook);
+        writer.handle(Phase::PrepareBackup, Instant::now() + Duration::from_secs(10)).unwrap();
+        // The reader thread may still be telling the last line.
+        let until = Instant::now() + Duration::from_secs(5);
+        while lines.lock().unwrap().len() < 2 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*lines.lock().unwrap(), ["db: flushing", "db: done"]);
     }
 }

@@ -63,7 +63,7 @@ impl LockFileWriter {
                     }
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::ACCESS) => {
                         self.held.clear();
-                        let holders = sysstate_fs::lock_holders(path).unwrap_or_default();
+                        let holders = sysstate_fs::file_lockers(path).unwrap_or_default();
                         let who = match holders.first() {
                             Some(holder) => format!("pid {} (`{}`)", holder.pid, holder.command),
                             None => "another process".into(),

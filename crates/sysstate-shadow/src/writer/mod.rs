@@ -142,6 +142,83 @@ pub trait Writer: Send {
     fn copy_additions(&mut self) -> Vec<CopyAddition> {
         Vec::new()
     }
+
+    /// Where to send what the writer's programs print on stderr, line by line (the job's log).
+    /// Writers that run no program ignore it.
+    fn set_output(&mut self, output: OutputHook) {
+        let _ = output;
+    }
+}
+
+/// Told each line a writer's program prints on stderr: the writer's name and the line.
+#[derive(Clone)]
+pub struct OutputHook(pub std::sync::Arc<OutputFn>);
+
+/// `(writer, line)` of a writer program's output.
+pub type OutputFn = dyn Fn(&str, &str) + Send + Sync;
+
+impl std::fmt::Debug for OutputHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputHook(..)")
+    }
+}
+
+/// The most of one output line kept (for the log and a failure's message); the rest of a
+/// longer line is read and dropped, so a program cannot make sysstate hold what it prints.
+pub(crate) const LINE_LIMIT: usize = 1024;
+
+/// Reads a writer program's stderr as it comes, on a thread of its own, so a program that
+/// prints more than a pipe holds (64 KiB) never blocks on it: each line is logged (`-v` shows
+/// it) and told to `output`; the last non-empty one is sent when the pipe closes, for a
+/// failure's message. Lines are cut at [`LINE_LIMIT`].
+pub(crate) fn read_output(
+    pipe: impl std::io::Read + Send + 'static,
+    writer: String,
+    output: Option<OutputHook>,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let tell = move |text: &str| {
+        tracing::info!("writer `{writer}`: {text}");
+        if let Some(output) = &output {
+            (output.0)(&writer, text);
+        }
+    };
+    let spawned = std::thread::Builder::new().name("writer-output".into()).spawn(move || {
+        let mut reader = std::io::BufReader::new(pipe);
+        let (mut line, mut last) = (Vec::new(), String::new());
+        while let Ok(buffer) = reader.fill_buf() {
+            if buffer.is_empty() {
+                break;
+            }
+            let (chunk, ends_line) = match buffer.iter().position(|&b| b == b'\n') {
+                Some(end) => (&buffer[..end], true),
+                None => (buffer, false),
+            };
+            let room = LINE_LIMIT.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let used = chunk.len() + usize::from(ends_line);
+            reader.consume(used);
+            if ends_line {
+                let text = String::from_utf8_lossy(&line);
+                if !text.trim().is_empty() {
+                    tell(&text);
+                    last = text.into_owned();
+                }
+                line.clear();
+            }
+        }
+        let text = String::from_utf8_lossy(&line);
+        if !text.trim().is_empty() {
+            tell(&text);
+            last = text.into_owned();
+        }
+        let _ = sender.send(last);
+    });
+    if let Err(error) = spawned {
+        tracing::warn!("cannot read the output of a writer's program: {error}");
+    }
+    receiver
 }
 
 /// A change a writer asks for in the copy, by absolute path as seen from the root.

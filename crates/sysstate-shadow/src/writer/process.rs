@@ -1,4 +1,4 @@
-use super::{ErrorClass, Phase, Writer, WriterError};
+use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -15,6 +15,7 @@ pub struct ProcessWriter {
     freeze_timeout: Duration,
     running: Option<Running>,
     set_id: String,
+    output: Option<OutputHook>,
 }
 
 #[derive(Debug)]
@@ -44,7 +45,7 @@ struct Reply {
 impl ProcessWriter {
     /// A writer that runs `argv`.
     pub fn new(name: &str, argv: Vec<String>, freeze_timeout: Duration, set_id: &str) -> Self {
-        ProcessWriter { name: name.into(), argv, freeze_timeout, running: None, set_id: set_id.into() }
+        ProcessWriter { name: name.into(), argv, freeze_timeout, running: None, set_id: set_id.into(), output: None }
     }
 
     fn start(&mut self) -> Result<(), WriterError> {
@@ -56,10 +57,12 @@ impl ProcessWriter {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| WriterError::new(ErrorClass::NotResponding, format!("cannot start `{program}`: {e}")))?;
         let stdout = child.stdout.take().expect("stdout is piped");
+        // Its stderr goes to the job's log, line by line, for as long as it runs.
+        let _ = read_output(child.stderr.take().expect("stderr is piped"), self.name.clone(), self.output.clone());
         let stdin = child.stdin.take().expect("stdin is piped");
         let (tx, replies) = mpsc::channel();
         std::thread::Builder::new()
@@ -157,6 +160,10 @@ impl Writer for ProcessWriter {
 
     fn freeze_timeout(&self) -> Duration {
         self.freeze_timeout
+    }
+
+    fn set_output(&mut self, output: OutputHook) {
+        self.output = Some(output);
     }
 
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {

@@ -5,7 +5,7 @@ use crate::cli::ForgetArgs;
 use crate::output::{bytes, print_json};
 use std::path::Path;
 use sysstate_engine::jobs::{JobKind, JobOutput};
-use sysstate_engine::ops::upkeep::{self, CopyRequest};
+use sysstate_engine::ops::upkeep::{self, ReplicateRequest};
 use sysstate_engine::{credentials, Result};
 use sysstate_repo::Id;
 
@@ -131,7 +131,7 @@ pub fn copy(
                 None => context.passphrase()?,
             },
         };
-        upkeep::copy(&from, &CopyRequest { to, to_passphrase: &to_passphrase, versions })
+        upkeep::replicate(&from, &ReplicateRequest { to, to_passphrase: &to_passphrase, versions })
     })?;
     let short = |id: &str| Id::from_hex(id).map(|id| id.short()).unwrap_or_else(|| id.to_string());
     let mut copied = Vec::new();

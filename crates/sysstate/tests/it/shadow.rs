@@ -215,6 +215,22 @@ fn a_process_writer_killed_mid_freeze_is_writer_not_responding() {
     assert_storage_empty(&sandbox);
 }
 
+/// What writers' programs print on stderr is in the job's log, line by line, with the writer's
+/// name: a process writer's for as long as it runs, a command writer's for each command.
+#[test]
+fn writers_output_goes_to_the_job_log() {
+    let (sandbox, root) = setup("");
+    let process = process_writer(&sandbox, "    *prepare-backup*) echo 'checkpoint started' >&2 ;;");
+    let command = "[[writer]]\nname = \"cmd\"\nkind = \"command\"\nfreeze = [\"/bin/sh\", \"-c\", \"echo 'tables locked' >&2\"]\n";
+    std::fs::write(sandbox.path("config.toml"), format!("{DATA}{process}{command}")).unwrap();
+    let output = run_backup(&sandbox, &root);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let jobs = sandbox.json(&["job", "--previous", "1"], 0);
+    let log = std::fs::read_to_string(jobs[0]["log-path"].as_str().expect("the job has a log")).unwrap();
+    assert!(log.contains("writer `proc`: checkpoint started"), "{log}");
+    assert!(log.contains("writer `cmd`: tables locked"), "{log}");
+}
+
 /// The other classes a writer can reply with, each its own code, job error, event and diagnosis.
 #[test]
 fn a_process_writer_replying_each_error_class_fails_with_its_code() {

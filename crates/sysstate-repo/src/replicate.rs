@@ -1,4 +1,4 @@
-//! `copy`: versions from one repository to another. Blob ids are keyed per repository, so every
+//! Replication (`sysstate copy`): versions from one repository to another. Blob ids are keyed per repository, so every
 //! blob is re-identified under the destination's key and every tree is rewritten with the new
 //! ids; blobs the destination already has are not stored again.
 
@@ -10,12 +10,12 @@ use crate::saver::BlobSaver;
 use crate::tree::NodeKind;
 use std::collections::HashMap;
 
-/// Copies version `id` of `from` into `to` (both with loaded indexes); returns the new id.
-pub fn copy_version(from: &Repository, to: &Repository, id: &Id) -> Result<Id> {
+/// Replicates version `id` of `from` into `to` (both with loaded indexes); returns the new id.
+pub fn replicate_version(from: &Repository, to: &Repository, id: &Id) -> Result<Id> {
     let version = from.read_version(id)?;
     let saver = BlobSaver::new(to);
     let mut mapped: HashMap<Id, Id> = HashMap::new();
-    let tree = copy_tree(from, to, &saver, &version.tree, &mut mapped)?;
+    let tree = replicate_tree(from, to, &saver, &version.tree, &mut mapped)?;
     saver.finish()?;
     let mut copied = version;
     copied.tree = tree;
@@ -23,7 +23,7 @@ pub fn copy_version(from: &Repository, to: &Repository, id: &Id) -> Result<Id> {
     to.save_version(&copied)
 }
 
-fn copy_blob(
+fn replicate_blob(
     from: &Repository,
     to: &Repository,
     saver: &BlobSaver<'_>,
@@ -43,7 +43,7 @@ fn copy_blob(
     Ok(new)
 }
 
-fn copy_tree(
+fn replicate_tree(
     from: &Repository,
     to: &Repository,
     saver: &BlobSaver<'_>,
@@ -56,10 +56,10 @@ fn copy_tree(
     let mut tree = from.read_tree(id)?;
     for node in &mut tree.nodes {
         match &mut node.kind {
-            NodeKind::Dir { subtree } => *subtree = copy_tree(from, to, saver, subtree, mapped)?,
+            NodeKind::Dir { subtree } => *subtree = replicate_tree(from, to, saver, subtree, mapped)?,
             NodeKind::File(content) => {
                 for blob in &mut content.blobs {
-                    *blob = copy_blob(from, to, saver, BlobKind::Data, blob, mapped)?;
+                    *blob = replicate_blob(from, to, saver, BlobKind::Data, blob, mapped)?;
                 }
             }
             _ => {}
