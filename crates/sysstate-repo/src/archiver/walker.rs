@@ -1,137 +1,22 @@
-//! The archiver: a parallel pipeline that turns a set of paths into a version.
-//!
-//! ```text
-//! walker (this thread) ──files──▶ readers ×N ──new chunks──▶ sealers ×N ──▶ packs ──▶ index
-//!   lstat, xattrs,                 read, chunk,               compress, seal,
-//!   parent comparison,             keyed hash, dedup          pack, write
-//!   trees (post-order)
-//! ```
-//! Both channels are bounded, so memory stays within a few chunks per thread whatever the size of
-//! the tree. Unchanged files (same size, mtime, ctime and inode as in the parent version) are
-//! never opened. The version manifest is written only after every pack and the index are stored.
+//! The walker: goes through the selected trees in order, compares each entry with the parent
+//! version, sends the files to read to the readers and stores each directory's tree.
 
-use crate::content::{cut_stream, ChunkBytes, Cutter, Extents, Helpers, Stream};
+use super::reader::{FileJob, LiveFile};
+use super::sealer::BlobJob;
+use super::{Origin, Selection, Shared};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::meta::{ctime_ns, node_from_metadata, read_xattrs, unchanged, untouched, untouched_live, Names};
 use crate::pack::BlobKind;
-use crate::progress::{Progress, Warning};
-use crate::repo::Repository;
-use crate::saver::BlobSaver;
 use crate::tree::{FileContent, Node, NodeKind, Tree};
-use crate::version::{ComponentRecord, Version, VersionStats};
+use crate::version::VersionStats;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::GlobSet;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-
-/// A path to back up, absolute as seen from the root, with its exclude patterns.
-#[derive(Debug, Clone)]
-pub struct Selection {
-    /// `/etc`, `/var/lib/dpkg`, …
-    pub path: PathBuf,
-    /// Glob patterns matched against paths relative to the root (`etc/*.tmp`) and against
-    /// file names (`*.tmp`).
-    pub exclude: Option<GlobSet>,
-    /// Where to read it, when not under the root (a copy in another volume's shadow storage).
-    pub source: Option<PathBuf>,
-}
-
-/// What to back up and how.
-#[derive(Debug, Clone)]
-pub struct BackupOptions {
-    /// The directory the files are read from, treated as `/` (a shadow copy's tree).
-    pub root: PathBuf,
-    /// The live root the version is of (`/`), recorded in the manifest; account names are read
-    /// from its `/etc/passwd` and `/etc/group`.
-    pub live_root: PathBuf,
-    /// The paths.
-    pub selections: Vec<Selection>,
-    /// The components, recorded in the manifest.
-    pub components: Vec<ComponentRecord>,
-    /// The version to compare with, to skip unchanged files.
-    pub parent: Option<Id>,
-    /// The host name to record.
-    pub host: String,
-    /// Tags to record.
-    pub tags: Vec<String>,
-    /// Reader and sealer threads each (0: one per core).
-    pub threads: usize,
-    /// The shadow copy results to record.
-    pub shadow: Option<serde_json::Value>,
-    /// The time to record as the version's point in time (ns); 0 means now.
-    pub time_ns: i64,
-    /// When reading from a shadow copy: the live identity (device, inode, ctime ns) of an entry
-    /// by its absolute path as seen from the root, recorded instead of the copy's, so versions
-    /// of copies equal versions of the live files and unchanged files are recognised.
-    pub origin: Option<Origin>,
-    /// Set from outside (a signal) to stop the backup; it then fails without a version.
-    pub cancel: Option<std::sync::Arc<AtomicBool>>,
-    /// Reading a btrfs snapshot taken at this time (ns since the epoch): a file whose ctime
-    /// was well before it is read from the live file when that still has the snapshot's inode,
-    /// ctime and size before and after the read (see `ShadowSet::taken_ns`). The live file's
-    /// pages are likelier in the cache; the snapshot's never are.
-    pub live_reads_before_ns: Option<i64>,
-}
-
-/// Maps a path (as seen from the root) to the live identity of the entry copied there.
-#[derive(Clone)]
-pub struct Origin(pub std::sync::Arc<OriginFn>);
-
-/// `path → (device, inode, ctime ns)` of the live entry; `None` parts are the copy's own (a
-/// btrfs snapshot keeps inodes and ctimes and changes only the device).
-pub type OriginFn = dyn Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync;
-
-impl std::fmt::Debug for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Origin(..)")
-    }
-}
-
-/// The result of a backup.
-#[derive(Debug)]
-pub struct BackupOutcome {
-    /// The new version's id.
-    pub id: Id,
-    /// Its manifest.
-    pub version: Version,
-    /// Files skipped or unreadable.
-    pub warnings: Vec<Warning>,
-}
-
-struct FileJob {
-    path: PathBuf,
-    /// The live file to read instead, if it is still what `path` holds.
-    live: Option<LiveFile>,
-    size: u64,
-    maybe_sparse: bool,
-    reply: Sender<std::io::Result<(FileContent, u64)>>,
-}
-
-/// A live file and the identity it must have, before and after it is read, to stand for the
-/// snapshot's.
-struct LiveFile {
-    path: PathBuf,
-    device: u64,
-    inode: u64,
-    ctime_ns: i64,
-    size: u64,
-}
-
-impl LiveFile {
-    fn matches(&self, meta: &std::fs::Metadata) -> bool {
-        meta.is_file()
-            && meta.dev() == self.device
-            && meta.ino() == self.inode
-            && ctime_ns(meta) == self.ctime_ns
-            && meta.size() == self.size
-    }
-}
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// True when `ctime_ns` is far enough before a copy taken at `taken_ns` for any later change to
 /// move it: a clock tick on filesystems with fine timestamps (50 ms is ample); two seconds where
@@ -141,16 +26,10 @@ fn settled_before(ctime_ns: i64, taken_ns: i64) -> bool {
     ctime_ns < taken_ns - margin
 }
 
-struct BlobJob {
-    kind: BlobKind,
-    id: Id,
-    data: Vec<u8>,
-}
-
 /// A selection tree: which children of a directory are selected, and whether a directory is
 /// selected whole.
 #[derive(Debug, Default)]
-struct SelectionNode {
+pub(super) struct SelectionNode {
     children: BTreeMap<Vec<u8>, SelectionNode>,
     whole: Option<Option<GlobSet>>,
     /// Where a whole selection is read from, when not under the root.
@@ -158,7 +37,7 @@ struct SelectionNode {
 }
 
 impl SelectionNode {
-    fn build(selections: &[Selection]) -> SelectionNode {
+    pub(super) fn build(selections: &[Selection]) -> SelectionNode {
         let mut root = SelectionNode::default();
         for selection in selections {
             let mut node = &mut root;
@@ -174,167 +53,21 @@ impl SelectionNode {
     }
 }
 
-struct Shared<'a> {
-    repo: &'a Repository,
-    cancel: Option<std::sync::Arc<AtomicBool>>,
-    saver: BlobSaver<'a>,
-    progress: &'a dyn Progress,
-    warnings: Mutex<Vec<Warning>>,
-    failure: Mutex<Option<RepoError>>,
-    abort: AtomicBool,
-    files_read: AtomicU64,
-    bytes_read: AtomicU64,
-    /// Segments of big files for idle readers to cut.
-    helpers: Helpers,
-}
-
-impl Shared<'_> {
-    fn warn(&self, path: &Path, message: String) {
-        let warning = Warning { path: path.display().to_string(), message };
-        self.progress.warning(&warning);
-        self.warnings.lock().expect("warnings lock").push(warning);
-    }
-
-    fn fail(&self, error: RepoError) {
-        self.abort.store(true, Ordering::SeqCst);
-        self.failure.lock().expect("failure lock").get_or_insert(error);
-    }
-
-    fn check_abort(&self) -> Result<()> {
-        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
-            self.abort.store(true, Ordering::SeqCst);
-        }
-        if self.abort.load(Ordering::SeqCst) {
-            Err(self.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Backs up `options.selections` into `repo` (whose index must be loaded) and saves a version.
-pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progress) -> Result<BackupOutcome> {
-    let started = std::time::Instant::now();
-    let time_ns = if options.time_ns != 0 { options.time_ns } else { crate::lock::now_ns() };
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-    } else {
-        options.threads
-    };
-    let (parent_tree, parent_time_ns) = match options.parent {
-        Some(parent) => {
-            let version = repo.read_version(&parent)?;
-            (Some(repo.read_tree(&version.tree)?), version.time_ns)
-        }
-        None => (None, 0),
-    };
-    let shared = Shared {
-        repo,
-        cancel: options.cancel.clone(),
-        saver: BlobSaver::new(repo),
-        progress,
-        warnings: Mutex::new(Vec::new()),
-        failure: Mutex::new(None),
-        abort: AtomicBool::new(false),
-        files_read: AtomicU64::new(0),
-        bytes_read: AtomicU64::new(0),
-        helpers: Helpers::new(),
-    };
-    let selection = SelectionNode::build(&options.selections);
-    let names = Names::load(&options.live_root);
-    let mut stats = VersionStats::default();
-
-    let walk_done = AtomicBool::new(false);
-    let walked = std::thread::scope(|scope| {
-        let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
-        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
-        let mut readers = Vec::new();
-        for _ in 0..threads {
-            let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
-            readers.push(scope.spawn(move || reader(shared, file_rx, blob_tx)));
-        }
-        for _ in 0..threads {
-            let (blob_rx, shared) = (blob_rx.clone(), &shared);
-            scope.spawn(move || sealer(shared, blob_rx));
-        }
-        drop(file_rx);
-        drop(blob_rx);
-        // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
-        // copy only for what changed: prefetching the copy's metadata would look up every one.
-        // Without, a btrfs snapshot's entries are looked up live first too: the live tree is
-        // prefetched, else the copy.
-        let live = (options.root != options.live_root).then_some((options.root.as_path(), options.live_root.as_path()));
-        if parent_tree.is_none() {
-            let prefetched = match (live, options.live_reads_before_ns) {
-                (Some((_, live_root)), Some(_)) => live_root,
-                _ => options.root.as_path(),
-            };
-            scope.spawn(|| prefetch_metadata(prefetched, &options.selections, &walk_done));
-        }
-        let mut walker = Walker {
-            shared: &shared,
-            names: &names,
-            origin: options.origin.as_ref(),
-            live,
-            live_reads_before_ns: options.live_reads_before_ns,
-            parent_time_ns,
-            file_tx,
-            blob_tx,
-            stats: &mut stats,
-            in_flight: 0,
-        };
-        let tree = walker.walk(&options.root, &selection, parent_tree.as_ref(), &walk_done);
-        drop(walker);
-        for reader in readers {
-            let _ = reader.join();
-        }
-        tree
-    });
-    let tree = walked?;
-    shared.check_abort()?;
-    shared.saver.finish()?;
-
-    let warnings = shared.warnings.into_inner().expect("warnings lock");
-    stats.files_read = shared.files_read.load(Ordering::Relaxed);
-    stats.files_unchanged = stats.files - stats.files_read;
-    stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
-    stats.blobs_added = shared.saver.stats.blobs.load(Ordering::Relaxed);
-    stats.bytes_added = shared.saver.stats.raw_bytes.load(Ordering::Relaxed);
-    stats.bytes_stored = shared.saver.stats.stored_bytes.load(Ordering::Relaxed);
-    stats.errors = warnings.len() as u64;
-    stats.duration_ms = started.elapsed().as_millis() as u64;
-    let version = Version {
-        time_ns,
-        host: options.host.clone(),
-        root_path: options.live_root.display().to_string(),
-        tree,
-        components: options.components.clone(),
-        parent: options.parent,
-        tags: options.tags.clone(),
-        stats,
-        program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
-        shadow: options.shadow.clone(),
-        extra: Default::default(),
-    };
-    let id = repo.save_version(&version)?;
-    Ok(BackupOutcome { id, version, warnings })
-}
-
-struct Walker<'a, 's> {
-    shared: &'s Shared<'a>,
-    names: &'s Names,
-    origin: Option<&'s Origin>,
+pub(super) struct Walker<'a, 's> {
+    pub(super) shared: &'s Shared<'a>,
+    pub(super) names: &'s Names,
+    pub(super) origin: Option<&'s Origin>,
     /// Reading a copy of the live files: `(copy root, live root)`.
-    live: Option<(&'s Path, &'s Path)>,
+    pub(super) live: Option<(&'s Path, &'s Path)>,
     /// See [`BackupOptions::live_reads_before_ns`].
-    live_reads_before_ns: Option<i64>,
+    pub(super) live_reads_before_ns: Option<i64>,
     /// The parent version's point in time (see [`Walker::trusted`]).
-    parent_time_ns: i64,
-    file_tx: Sender<FileJob>,
-    blob_tx: Sender<BlobJob>,
-    stats: &'s mut VersionStats,
+    pub(super) parent_time_ns: i64,
+    pub(super) file_tx: Sender<FileJob>,
+    pub(super) blob_tx: Sender<BlobJob>,
+    pub(super) stats: &'s mut VersionStats,
     /// Files sent to the readers whose results the walker has not taken yet.
-    in_flight: usize,
+    pub(super) in_flight: usize,
 }
 
 /// How many files may be read while the walker goes on to the next directories. The walker
@@ -412,7 +145,13 @@ impl Subtree {
 
 impl Walker<'_, '_> {
     /// Walks the selection from the root and stores every tree; returns the root tree's id.
-    fn walk(&mut self, root: &Path, selection: &SelectionNode, parent: Option<&Tree>, done: &AtomicBool) -> Result<Id> {
+    pub(super) fn walk(
+        &mut self,
+        root: &Path,
+        selection: &SelectionNode,
+        parent: Option<&Tree>,
+        done: &AtomicBool,
+    ) -> Result<Id> {
         let subtree = self.selected_dir(root, Path::new("/"), selection, parent);
         done.store(true, Ordering::Relaxed);
         match subtree? {
@@ -781,7 +520,7 @@ impl Walker<'_, '_> {
 /// new clones — every inode is cold and looking one up costs more than all the walker does
 /// with it; this way the two threads each look up about half, and the walker finds the rest
 /// already looked up.
-fn prefetch_metadata(root: &Path, selections: &[Selection], walked: &AtomicBool) {
+pub(super) fn prefetch_metadata(root: &Path, selections: &[Selection], walked: &AtomicBool) {
     for selection in selections.iter().rev() {
         let start = match &selection.source {
             Some(source) => source.clone(),
@@ -808,114 +547,6 @@ fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
         }
     }
     true
-}
-
-fn reader(shared: &Shared<'_>, jobs: Receiver<FileJob>, blobs: Sender<BlobJob>) {
-    let cutter = Cutter { gear: shared.repo.gear(), key: shared.repo.key() };
-    let waiting = shared.helpers.waiting();
-    loop {
-        // A segment of a big file another reader is on comes first: that reader waits for it.
-        let job = crossbeam_channel::select_biased! {
-            recv(waiting) -> segment => {
-                if let Ok(segment) = segment {
-                    segment.help(cutter);
-                }
-                continue;
-            }
-            recv(jobs) -> job => match job {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        if shared.abort.load(Ordering::Relaxed) {
-            return;
-        }
-        let result = read_file(shared, &job, &blobs);
-        if let Ok((_, size)) = &result {
-            shared.files_read.fetch_add(1, Ordering::Relaxed);
-            shared.bytes_read.fetch_add(*size, Ordering::Relaxed);
-            shared.progress.file_done(*size);
-        }
-        let _ = job.reply.send(result);
-    }
-}
-
-pub(crate) fn open_source(path: &Path) -> std::io::Result<File> {
-    let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
-    match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
-        // O_NOATIME needs ownership or CAP_FOWNER.
-        Err(error) if error.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
-            std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)
-        }
-        other => other,
-    }
-}
-
-fn read_file(shared: &Shared<'_>, job: &FileJob, blobs: &Sender<BlobJob>) -> std::io::Result<(FileContent, u64)> {
-    if let Some(live) = &job.live {
-        // The live file, if it is what the copy holds before and after the read; else the copy.
-        if let Ok(file) = open_source(&live.path) {
-            if file.metadata().is_ok_and(|meta| live.matches(&meta)) {
-                let read = read_open_file(shared, &file, job, blobs);
-                if read.is_ok() && file.metadata().is_ok_and(|meta| live.matches(&meta)) {
-                    return read;
-                }
-            }
-        }
-    }
-    read_open_file(shared, &open_source(&job.path)?, job, blobs)
-}
-
-fn read_open_file(
-    shared: &Shared<'_>,
-    file: &File,
-    job: &FileJob,
-    blobs: &Sender<BlobJob>,
-) -> std::io::Result<(FileContent, u64)> {
-    let mut ids = Vec::new();
-    let helpers = Some(&shared.helpers);
-    let (extents, read) = chunk_file(shared.repo, file, job.size, job.maybe_sparse, helpers, |id, chunk| {
-        ids.push(id);
-        if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec()? }).is_err()
-        {
-            return Err(std::io::Error::other("the backup was stopped"));
-        }
-        Ok(true)
-    })?;
-    let size = match &extents {
-        Some(_) => file.metadata()?.size(),
-        None => read,
-    };
-    Ok((FileContent { blobs: ids, extents }, size))
-}
-
-/// Cuts a file's content (only its data extents when it may be sparse) into chunks, and calls
-/// `each` with every chunk's blob id and bytes until it returns false. Returns the data extents
-/// (for a sparse file) and the bytes read. With `helpers`, idle readers cut parts of a big file.
-pub(crate) fn chunk_file(
-    repo: &Repository,
-    file: &File,
-    size: u64,
-    maybe_sparse: bool,
-    helpers: Option<&Helpers>,
-    each: impl FnMut(Id, ChunkBytes<'_>) -> std::io::Result<bool>,
-) -> std::io::Result<(Option<Extents>, u64)> {
-    let extents = if maybe_sparse { sysstate_fs::data_extents(file, size)? } else { None };
-    let stream = Stream::new(file, extents.as_deref());
-    let read = cut_stream(Cutter { gear: repo.gear(), key: repo.key() }, &stream, size, helpers, each)?;
-    Ok((extents, read))
-}
-
-fn sealer(shared: &Shared<'_>, blobs: Receiver<BlobJob>) {
-    for job in blobs {
-        if shared.abort.load(Ordering::Relaxed) {
-            // Keep draining so senders never block on a full channel.
-            continue;
-        }
-        if let Err(error) = shared.saver.store(job.kind, job.id, &job.data) {
-            shared.fail(error);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,255 @@
+//! The archiver: a parallel pipeline that turns a set of paths into a version: the walker
+//! ([`walker`]) on this thread, readers ([`reader`]) and sealers ([`sealer`]) on their own.
+//!
+//! ```text
+//! walker (this thread) ──files──▶ readers ×N ──new chunks──▶ sealers ×N ──▶ packs ──▶ index
+//!   lstat, xattrs,                 read, chunk,               compress, seal,
+//!   parent comparison,             keyed hash, dedup          pack, write
+//!   trees (post-order)
+//! ```
+//! Both channels are bounded, so memory stays within a few chunks per thread whatever the size of
+//! the tree. Unchanged files (same size, mtime, ctime and inode as in the parent version) are
+//! never opened. The version manifest is written only after every pack and the index are stored.
+
+mod reader;
+mod sealer;
+mod walker;
+
+pub(crate) use reader::{chunk_file, open_source};
+
+use crate::content::Helpers;
+use crate::error::{RepoError, Result};
+use crate::id::Id;
+use crate::meta::Names;
+use crate::progress::{Progress, Warning};
+use crate::repo::Repository;
+use crate::saver::BlobSaver;
+use crate::version::{ComponentRecord, Version, VersionStats};
+use crossbeam_channel::bounded;
+use globset::GlobSet;
+use reader::{reader, FileJob};
+use sealer::{sealer, BlobJob};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use walker::{prefetch_metadata, SelectionNode, Walker};
+
+/// A path to back up, absolute as seen from the root, with its exclude patterns.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// `/etc`, `/var/lib/dpkg`, …
+    pub path: PathBuf,
+    /// Glob patterns matched against paths relative to the root (`etc/*.tmp`) and against
+    /// file names (`*.tmp`).
+    pub exclude: Option<GlobSet>,
+    /// Where to read it, when not under the root (a copy in another volume's shadow storage).
+    pub source: Option<PathBuf>,
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The directory the files are read from, treated as `/` (a shadow copy's tree).
+    pub root: PathBuf,
+    /// The live root the version is of (`/`), recorded in the manifest; account names are read
+    /// from its `/etc/passwd` and `/etc/group`.
+    pub live_root: PathBuf,
+    /// The paths.
+    pub selections: Vec<Selection>,
+    /// The components, recorded in the manifest.
+    pub components: Vec<ComponentRecord>,
+    /// The version to compare with, to skip unchanged files.
+    pub parent: Option<Id>,
+    /// The host name to record.
+    pub host: String,
+    /// Tags to record.
+    pub tags: Vec<String>,
+    /// Reader and sealer threads each (0: one per core).
+    pub threads: usize,
+    /// The shadow copy results to record.
+    pub shadow: Option<serde_json::Value>,
+    /// The time to record as the version's point in time (ns); 0 means now.
+    pub time_ns: i64,
+    /// When reading from a shadow copy: the live identity (device, inode, ctime ns) of an entry
+    /// by its absolute path as seen from the root, recorded instead of the copy's, so versions
+    /// of copies equal versions of the live files and unchanged files are recognised.
+    pub origin: Option<Origin>,
+    /// Set from outside (a signal) to stop the backup; it then fails without a version.
+    pub cancel: Option<std::sync::Arc<AtomicBool>>,
+    /// Reading a btrfs snapshot taken at this time (ns since the epoch): a file whose ctime
+    /// was well before it is read from the live file when that still has the snapshot's inode,
+    /// ctime and size before and after the read (see `ShadowSet::taken_ns`). The live file's
+    /// pages are likelier in the cache; the snapshot's never are.
+    pub live_reads_before_ns: Option<i64>,
+}
+
+/// Maps a path (as seen from the root) to the live identity of the entry copied there.
+#[derive(Clone)]
+pub struct Origin(pub std::sync::Arc<OriginFn>);
+
+/// `path → (device, inode, ctime ns)` of the live entry; `None` parts are the copy's own (a
+/// btrfs snapshot keeps inodes and ctimes and changes only the device).
+pub type OriginFn = dyn Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync;
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Origin(..)")
+    }
+}
+
+/// The result of a backup.
+#[derive(Debug)]
+pub struct BackupOutcome {
+    /// The new version's id.
+    pub id: Id,
+    /// Its manifest.
+    pub version: Version,
+    /// Files skipped or unreadable.
+    pub warnings: Vec<Warning>,
+}
+
+pub(super) struct Shared<'a> {
+    pub(super) repo: &'a Repository,
+    pub(super) cancel: Option<std::sync::Arc<AtomicBool>>,
+    pub(super) saver: BlobSaver<'a>,
+    pub(super) progress: &'a dyn Progress,
+    pub(super) warnings: Mutex<Vec<Warning>>,
+    pub(super) failure: Mutex<Option<RepoError>>,
+    pub(super) abort: AtomicBool,
+    pub(super) files_read: AtomicU64,
+    pub(super) bytes_read: AtomicU64,
+    /// Segments of big files for idle readers to cut.
+    pub(super) helpers: Helpers,
+}
+
+impl Shared<'_> {
+    pub(super) fn warn(&self, path: &Path, message: String) {
+        let warning = Warning { path: path.display().to_string(), message };
+        self.progress.warning(&warning);
+        self.warnings.lock().expect("warnings lock").push(warning);
+    }
+
+    pub(super) fn fail(&self, error: RepoError) {
+        self.abort.store(true, Ordering::SeqCst);
+        self.failure.lock().expect("failure lock").get_or_insert(error);
+    }
+
+    pub(super) fn check_abort(&self) -> Result<()> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            self.abort.store(true, Ordering::SeqCst);
+        }
+        if self.abort.load(Ordering::SeqCst) {
+            Err(self.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Backs up `options.selections` into `repo` (whose index must be loaded) and saves a version.
+pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progress) -> Result<BackupOutcome> {
+    let started = std::time::Instant::now();
+    let time_ns = if options.time_ns != 0 { options.time_ns } else { crate::lock::now_ns() };
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        options.threads
+    };
+    let (parent_tree, parent_time_ns) = match options.parent {
+        Some(parent) => {
+            let version = repo.read_version(&parent)?;
+            (Some(repo.read_tree(&version.tree)?), version.time_ns)
+        }
+        None => (None, 0),
+    };
+    let shared = Shared {
+        repo,
+        cancel: options.cancel.clone(),
+        saver: BlobSaver::new(repo),
+        progress,
+        warnings: Mutex::new(Vec::new()),
+        failure: Mutex::new(None),
+        abort: AtomicBool::new(false),
+        files_read: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
+        helpers: Helpers::new(),
+    };
+    let selection = SelectionNode::build(&options.selections);
+    let names = Names::load(&options.live_root);
+    let mut stats = VersionStats::default();
+
+    let walk_done = AtomicBool::new(false);
+    let walked = std::thread::scope(|scope| {
+        let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
+        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
+        let mut readers = Vec::new();
+        for _ in 0..threads {
+            let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
+            readers.push(scope.spawn(move || reader(shared, file_rx, blob_tx)));
+        }
+        for _ in 0..threads {
+            let (blob_rx, shared) = (blob_rx.clone(), &shared);
+            scope.spawn(move || sealer(shared, blob_rx));
+        }
+        drop(file_rx);
+        drop(blob_rx);
+        // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
+        // copy only for what changed: prefetching the copy's metadata would look up every one.
+        // Without, a btrfs snapshot's entries are looked up live first too: the live tree is
+        // prefetched, else the copy.
+        let live = (options.root != options.live_root).then_some((options.root.as_path(), options.live_root.as_path()));
+        if parent_tree.is_none() {
+            let prefetched = match (live, options.live_reads_before_ns) {
+                (Some((_, live_root)), Some(_)) => live_root,
+                _ => options.root.as_path(),
+            };
+            scope.spawn(|| prefetch_metadata(prefetched, &options.selections, &walk_done));
+        }
+        let mut walker = Walker {
+            shared: &shared,
+            names: &names,
+            origin: options.origin.as_ref(),
+            live,
+            live_reads_before_ns: options.live_reads_before_ns,
+            parent_time_ns,
+            file_tx,
+            blob_tx,
+            stats: &mut stats,
+            in_flight: 0,
+        };
+        let tree = walker.walk(&options.root, &selection, parent_tree.as_ref(), &walk_done);
+        drop(walker);
+        for reader in readers {
+            let _ = reader.join();
+        }
+        tree
+    });
+    let tree = walked?;
+    shared.check_abort()?;
+    shared.saver.finish()?;
+
+    let warnings = shared.warnings.into_inner().expect("warnings lock");
+    stats.files_read = shared.files_read.load(Ordering::Relaxed);
+    stats.files_unchanged = stats.files - stats.files_read;
+    stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
+    stats.blobs_added = shared.saver.stats.blobs.load(Ordering::Relaxed);
+    stats.bytes_added = shared.saver.stats.raw_bytes.load(Ordering::Relaxed);
+    stats.bytes_stored = shared.saver.stats.stored_bytes.load(Ordering::Relaxed);
+    stats.errors = warnings.len() as u64;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let version = Version {
+        time_ns,
+        host: options.host.clone(),
+        root_path: options.live_root.display().to_string(),
+        tree,
+        components: options.components.clone(),
+        parent: options.parent,
+        tags: options.tags.clone(),
+        stats,
+        program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
+        shadow: options.shadow.clone(),
+        extra: Default::default(),
+    };
+    let id = repo.save_version(&version)?;
+    Ok(BackupOutcome { id, version, warnings })
+}
