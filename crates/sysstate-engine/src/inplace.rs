@@ -409,7 +409,6 @@ fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
         .collect();
     let options = BackupOptions {
         root: root.to_path_buf(),
-        live_root: root.to_path_buf(),
         selections,
         components: vec![ComponentRecord {
             name: "undo".into(),
@@ -424,10 +423,8 @@ fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
         shadow: None,
         time_ns: 0,
         cancel: None,
-        origin: None,
-        live_reads_before_ns: None,
     };
-    let outcome = archiver::backup(&repo, &options, &NoProgress)?;
+    let outcome = archiver::backup(&repo, &options, &sysstate_repo::source::TreeSource::new(root), &NoProgress)?;
     if let Some(warning) = outcome.warnings.first() {
         return Err(fail(&warning.path, warning.message.clone()));
     }

@@ -17,6 +17,7 @@ pub mod locks;
 pub mod ops;
 pub mod paths;
 pub mod shadow;
+pub mod source;
 
 pub use error::{EngineError, Result};
 pub use sysstate_types::ErrorCode;

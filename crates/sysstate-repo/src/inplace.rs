@@ -12,12 +12,13 @@
 //! Writes go through directory handles opened with `openat2(RESOLVE_BENEATH | NO_SYMLINKS)`
 //! from the root, as in the restorer: a hostile version cannot reach outside the root.
 
-use crate::archiver::{chunk_file, open_source};
+use crate::archiver::chunk_file;
 use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restorer::{self, apply_metadata, open_dir_beneath, RestoreOptions, Target};
+use crate::source::open_file as open_source;
 use crate::tree::{Node, NodeKind};
 use globset::GlobSet;
 use rustix::fs::{AtFlags, Mode, OFlags};

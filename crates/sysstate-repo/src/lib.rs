@@ -28,6 +28,7 @@ pub mod replicate;
 mod repo;
 pub mod restorer;
 pub mod saver;
+pub mod source;
 pub mod tree;
 pub mod version;
 

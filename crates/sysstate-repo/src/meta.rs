@@ -79,6 +79,15 @@ pub fn ctime_ns(meta: &Metadata) -> i64 {
     meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
 }
 
+/// True when `ctime_ns` is far enough before a moment (`at_ns`, a version's point in time or a
+/// copy's) for any later change to move it: a clock tick on filesystems with fine timestamps
+/// (50 ms is ample); two seconds where whole seconds (or two) are kept, which a ctime with no
+/// fraction suggests.
+pub fn settled_before(ctime_ns: i64, at_ns: i64) -> bool {
+    let margin = if ctime_ns % 1_000_000_000 == 0 { 2_000_000_000 } else { 50_000_000 };
+    ctime_ns < at_ns - margin
+}
+
 /// The size a node records: a regular file's, 0 for everything else.
 fn node_size(meta: &Metadata) -> u64 {
     if meta.is_file() {
@@ -88,9 +97,9 @@ fn node_size(meta: &Metadata) -> u64 {
     }
 }
 
-/// [`untouched`] for a live entry's metadata, without making a node of it (the walk asks this
-/// of every entry before it knows whether it needs the node).
-pub fn untouched_live(parent: &Node, meta: &Metadata) -> bool {
+/// [`untouched`] for an entry's metadata, without making a node of it (a source asks this of
+/// every entry before the walk knows whether it needs the node).
+pub fn untouched_metadata(parent: &Node, meta: &Metadata) -> bool {
     parent.kind.is_type_of(meta.file_type())
         && parent.device == meta.dev()
         && parent.size == node_size(meta)

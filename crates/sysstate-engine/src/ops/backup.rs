@@ -214,8 +214,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         selection.source = set.source_for(&selection.path).or(selection.source.take());
     }
     let options = BackupOptions {
-        root: set.root().to_path_buf(),
-        live_root: request.root.clone(),
+        root: request.root.clone(),
         selections,
         components: records,
         parent,
@@ -226,8 +225,6 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         // The version is of the moment the writers were frozen.
         time_ns: set.record().frozen_at_ns,
         cancel: Some(request.trigger.flag()),
-        origin: Some(sysstate_repo::archiver::Origin(std::sync::Arc::new(set.live_identity()))),
-        live_reads_before_ns: set.taken_ns(),
     };
     job.operation("reading shadow copies");
     let skipped: Vec<Warning> = set
@@ -236,7 +233,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         .map(|(path, message)| Warning { path: path.display().to_string(), message: message.clone() })
         .collect();
     skipped.iter().for_each(|w| progress.warning(w));
-    let outcome = archiver::backup(&repo, &options, progress);
+    let source = crate::source::ShadowSource::new(&set, &request.root);
+    let outcome = archiver::backup(&repo, &options, &source, progress);
     job.operation("releasing shadow copies");
     let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;

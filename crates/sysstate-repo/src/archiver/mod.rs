@@ -15,7 +15,7 @@ mod reader;
 mod sealer;
 mod walker;
 
-pub(crate) use reader::{chunk_file, open_source};
+pub(crate) use reader::chunk_file;
 
 use crate::content::Helpers;
 use crate::error::{RepoError, Result};
@@ -24,6 +24,7 @@ use crate::meta::Names;
 use crate::progress::{Progress, Warning};
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
+use crate::source::Source;
 use crate::version::{ComponentRecord, Version, VersionStats};
 use crossbeam_channel::bounded;
 use globset::GlobSet;
@@ -42,18 +43,16 @@ pub struct Selection {
     /// Glob patterns matched against paths relative to the root (`etc/*.tmp`) and against
     /// file names (`*.tmp`).
     pub exclude: Option<GlobSet>,
-    /// Where to read it, when not under the root (a copy in another volume's shadow storage).
+    /// Where to read it, when not under the root (another folder the source reads it from).
     pub source: Option<PathBuf>,
 }
 
 /// What to back up and how.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
-    /// The directory the files are read from, treated as `/` (a shadow copy's tree).
+    /// The root the version is of (`/`), recorded in the manifest; account names are read from
+    /// its `/etc/passwd` and `/etc/group`.
     pub root: PathBuf,
-    /// The live root the version is of (`/`), recorded in the manifest; account names are read
-    /// from its `/etc/passwd` and `/etc/group`.
-    pub live_root: PathBuf,
     /// The paths.
     pub selections: Vec<Selection>,
     /// The components, recorded in the manifest.
@@ -70,31 +69,8 @@ pub struct BackupOptions {
     pub shadow: Option<serde_json::Value>,
     /// The time to record as the version's point in time (ns); 0 means now.
     pub time_ns: i64,
-    /// When reading from a shadow copy: the live identity (device, inode, ctime ns) of an entry
-    /// by its absolute path as seen from the root, recorded instead of the copy's, so versions
-    /// of copies equal versions of the live files and unchanged files are recognised.
-    pub origin: Option<Origin>,
     /// Set from outside (a signal) to stop the backup; it then fails without a version.
     pub cancel: Option<std::sync::Arc<AtomicBool>>,
-    /// Reading a btrfs snapshot taken at this time (ns since the epoch): a file whose ctime
-    /// was well before it is read from the live file when that still has the snapshot's inode,
-    /// ctime and size before and after the read (see `ShadowSet::taken_ns`). The live file's
-    /// pages are likelier in the cache; the snapshot's never are.
-    pub live_reads_before_ns: Option<i64>,
-}
-
-/// Maps a path (as seen from the root) to the live identity of the entry copied there.
-#[derive(Clone)]
-pub struct Origin(pub std::sync::Arc<OriginFn>);
-
-/// `path → (device, inode, ctime ns)` of the live entry; `None` parts are the copy's own (a
-/// btrfs snapshot keeps inodes and ctimes and changes only the device).
-pub type OriginFn = dyn Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync;
-
-impl std::fmt::Debug for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Origin(..)")
-    }
 }
 
 /// The result of a backup.
@@ -146,8 +122,14 @@ impl Shared<'_> {
     }
 }
 
-/// Backs up `options.selections` into `repo` (whose index must be loaded) and saves a version.
-pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progress) -> Result<BackupOutcome> {
+/// Backs up `options.selections`, read from `source`, into `repo` (whose index must be loaded)
+/// and saves a version.
+pub fn backup<S: Source>(
+    repo: &Repository,
+    options: &BackupOptions,
+    source: &S,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
     let started = std::time::Instant::now();
     let time_ns = if options.time_ns != 0 { options.time_ns } else { crate::lock::now_ns() };
     let threads = if options.threads == 0 {
@@ -175,17 +157,17 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         helpers: Helpers::new(),
     };
     let selection = SelectionNode::build(&options.selections);
-    let names = Names::load(&options.live_root);
+    let names = Names::load(&options.root);
     let mut stats = VersionStats::default();
 
     let walk_done = AtomicBool::new(false);
     let walked = std::thread::scope(|scope| {
-        let (file_tx, file_rx) = bounded::<FileJob>(threads * 16);
+        let (file_tx, file_rx) = bounded::<FileJob<S::Place>>(threads * 16);
         let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
         let mut readers = Vec::new();
         for _ in 0..threads {
             let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
-            readers.push(scope.spawn(move || reader(shared, file_rx, blob_tx)));
+            readers.push(scope.spawn(move || reader(shared, source, file_rx, blob_tx)));
         }
         for _ in 0..threads {
             let (blob_rx, shared) = (blob_rx.clone(), &shared);
@@ -193,31 +175,25 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
         }
         drop(file_rx);
         drop(blob_rx);
-        // With a parent, entries are looked up live first (see `Walker::live_twin`), and the
-        // copy only for what changed: prefetching the copy's metadata would look up every one.
-        // Without, a btrfs snapshot's entries are looked up live first too: the live tree is
-        // prefetched, else the copy.
-        let live = (options.root != options.live_root).then_some((options.root.as_path(), options.live_root.as_path()));
+        // Without a parent every entry is looked up: a second thread warms the cache from the
+        // far end. With one, most are not (unchanged entries may be found elsewhere by the
+        // source), and a prefetch would look every one up.
         if parent_tree.is_none() {
-            let prefetched = match (live, options.live_reads_before_ns) {
-                (Some((_, live_root)), Some(_)) => live_root,
-                _ => options.root.as_path(),
-            };
-            scope.spawn(|| prefetch_metadata(prefetched, &options.selections, &walk_done));
+            let prefetched = source.prefetch_root();
+            let (selections, walk_done) = (&options.selections, &walk_done);
+            scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done));
         }
         let mut walker = Walker {
             shared: &shared,
+            source,
             names: &names,
-            origin: options.origin.as_ref(),
-            live,
-            live_reads_before_ns: options.live_reads_before_ns,
             parent_time_ns,
             file_tx,
             blob_tx,
             stats: &mut stats,
             in_flight: 0,
         };
-        let tree = walker.walk(&options.root, &selection, parent_tree.as_ref(), &walk_done);
+        let tree = walker.walk(&selection, parent_tree.as_ref(), &walk_done);
         drop(walker);
         for reader in readers {
             let _ = reader.join();
@@ -240,7 +216,7 @@ pub fn backup(repo: &Repository, options: &BackupOptions, progress: &dyn Progres
     let version = Version {
         time_ns,
         host: options.host.clone(),
-        root_path: options.live_root.display().to_string(),
+        root_path: options.root.display().to_string(),
         tree,
         components: options.components.clone(),
         parent: options.parent,

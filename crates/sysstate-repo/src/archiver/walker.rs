@@ -1,30 +1,26 @@
-//! The walker: goes through the selected trees in order, compares each entry with the parent
-//! version, sends the files to read to the readers and stores each directory's tree.
+//! The walker: goes through the selected trees in order, as its [`Source`] shows them, compares
+//! each entry with the parent version, sends the files to read to the readers and stores each
+//! directory's tree.
 
-use super::reader::{FileJob, LiveFile};
+use super::reader::FileJob;
 use super::sealer::BlobJob;
-use super::{Origin, Selection, Shared};
+use super::{Selection, Shared};
 use crate::error::{RepoError, Result};
 use crate::id::Id;
-use crate::meta::{ctime_ns, node_from_metadata, read_xattrs, unchanged, untouched, untouched_live, Names};
+use crate::meta::{node_from_metadata, settled_before, unchanged, untouched, Names};
 use crate::pack::BlobKind;
+use crate::source::{Source, Xattrs};
 use crate::tree::{FileContent, Node, NodeKind, Tree};
 use crate::version::VersionStats;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::GlobSet;
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-/// True when `ctime_ns` is far enough before a copy taken at `taken_ns` for any later change to
-/// move it: a clock tick on filesystems with fine timestamps (50 ms is ample); two seconds where
-/// whole seconds (or two) are kept, which a ctime with no fraction suggests.
-fn settled_before(ctime_ns: i64, taken_ns: i64) -> bool {
-    let margin = if ctime_ns % 1_000_000_000 == 0 { 2_000_000_000 } else { 50_000_000 };
-    ctime_ns < taken_ns - margin
-}
 
 /// A selection tree: which children of a directory are selected, and whether a directory is
 /// selected whole.
@@ -53,17 +49,13 @@ impl SelectionNode {
     }
 }
 
-pub(super) struct Walker<'a, 's> {
+pub(super) struct Walker<'a, 's, S: Source> {
     pub(super) shared: &'s Shared<'a>,
+    pub(super) source: &'s S,
     pub(super) names: &'s Names,
-    pub(super) origin: Option<&'s Origin>,
-    /// Reading a copy of the live files: `(copy root, live root)`.
-    pub(super) live: Option<(&'s Path, &'s Path)>,
-    /// See [`BackupOptions::live_reads_before_ns`].
-    pub(super) live_reads_before_ns: Option<i64>,
     /// The parent version's point in time (see [`Walker::trusted`]).
     pub(super) parent_time_ns: i64,
-    pub(super) file_tx: Sender<FileJob>,
+    pub(super) file_tx: Sender<FileJob<S::Place>>,
     pub(super) blob_tx: Sender<BlobJob>,
     pub(super) stats: &'s mut VersionStats,
     /// Files sent to the readers whose results the walker has not taken yet.
@@ -81,47 +73,6 @@ enum Pending {
     File(Node, Receiver<std::io::Result<(FileContent, u64)>>, PathBuf),
     /// A directory whose tree waits for files being read.
     Dir(Node, Vec<Pending>),
-}
-
-/// An entry's metadata (the copy's, or its live twin's), and where it is live.
-struct Stat {
-    meta: std::fs::Metadata,
-    live: Option<LivePath>,
-}
-
-/// The live path of an entry of the copy, and — when it stands for the copy's entry (see
-/// [`Walker::live_twin`]) — the identity it had then.
-struct LivePath {
-    path: PathBuf,
-    twin: Option<Twin>,
-}
-
-/// A live entry's device, inode and ctime when it was found to stand for the copy's.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Twin {
-    device: u64,
-    inode: u64,
-    ctime_ns: i64,
-}
-
-impl Twin {
-    fn of(meta: &std::fs::Metadata) -> Twin {
-        Twin { device: meta.dev(), inode: meta.ino(), ctime_ns: ctime_ns(meta) }
-    }
-}
-
-impl LivePath {
-    /// The live path, when it stands for the copy's entry.
-    fn twin_path(&self) -> Option<&Path> {
-        self.twin.map(|_| self.path.as_path())
-    }
-
-    /// True when the live entry is still the twin it was: what was read from it after it was
-    /// found to be one (its names, extended attributes or link target) is the copy's. An entry
-    /// changed, removed or replaced in between has another ctime or inode.
-    fn still_twin(&self) -> bool {
-        self.twin.is_some_and(|twin| std::fs::symlink_metadata(&self.path).is_ok_and(|meta| Twin::of(&meta) == twin))
-    }
 }
 
 /// A directory's tree: stored, or waiting for files being read.
@@ -143,16 +94,10 @@ impl Subtree {
     }
 }
 
-impl Walker<'_, '_> {
+impl<S: Source> Walker<'_, '_, S> {
     /// Walks the selection from the root and stores every tree; returns the root tree's id.
-    pub(super) fn walk(
-        &mut self,
-        root: &Path,
-        selection: &SelectionNode,
-        parent: Option<&Tree>,
-        done: &AtomicBool,
-    ) -> Result<Id> {
-        let subtree = self.selected_dir(root, Path::new("/"), selection, parent);
+    pub(super) fn walk(&mut self, selection: &SelectionNode, parent: Option<&Tree>, done: &AtomicBool) -> Result<Id> {
+        let subtree = self.selected_dir(self.source.root(), Path::new("/"), selection, parent);
         done.store(true, Ordering::Relaxed);
         match subtree? {
             Subtree::Stored(id) => Ok(id),
@@ -160,39 +105,51 @@ impl Walker<'_, '_> {
         }
     }
 
+    /// Entry `name` of `dir` as the source finds it (read at `at` when given); `None`, with a
+    /// warning when it cannot be looked up, when there is none to back up.
+    fn find(
+        &self,
+        dir: &S::Place,
+        name: &OsStr,
+        shown: &Path,
+        at: Option<&Path>,
+        parent: Option<&Node>,
+    ) -> Option<(Metadata, S::Place)> {
+        match self.source.entry(dir, name, at, parent) {
+            Ok(found) => found,
+            Err(error) => {
+                self.shared.warn(shown, format!("cannot read its metadata: {error}"));
+                None
+            }
+        }
+    }
+
     /// A directory on the way to the selected paths: only its selected children are kept.
     fn selected_dir(
         &mut self,
-        dir: &Path,
+        dir: S::Place,
         shown: &Path,
         selection: &SelectionNode,
         parent: Option<&Tree>,
     ) -> Result<Subtree> {
         if let Some(exclude) = &selection.whole {
-            let live = self.live_of(dir);
-            return self.whole_dir(dir, live, shown, exclude.as_ref(), parent, Some(selection));
+            return self.whole_dir(&dir, shown, exclude.as_ref(), parent, Some(selection));
         }
         let mut pending = Vec::new();
         for (name, child) in &selection.children {
-            let name_os = std::ffi::OsStr::from_bytes(name);
-            let path = child.source.clone().unwrap_or_else(|| dir.join(name_os));
+            let name_os = OsStr::from_bytes(name);
             let shown_child = shown.join(name_os);
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => {
-                    self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
-                    continue;
-                }
+            let Some((meta, place)) = self.find(&dir, name_os, &shown_child, child.source.as_deref(), None) else {
+                continue;
             };
             let parent_node = parent.and_then(|tree| tree.get(name));
             if child.whole.is_none() && meta.is_dir() {
                 let subtree = self.load_parent_subtree(parent_node);
-                let xattrs = self.xattrs(&path, &shown_child);
-                let subtree = self.selected_dir(&path, &shown_child, child, subtree.as_ref())?;
+                let xattrs = self.xattrs(&place, &shown_child);
+                let subtree = self.selected_dir(place, &shown_child, child, subtree.as_ref())?;
                 self.stats.dirs += 1;
                 let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
-                self.live_identity(&shown_child, &mut node);
+                self.identity(&shown_child, &mut node);
                 pending.push(subtree.entry(node));
             } else {
                 if child.whole.is_none() {
@@ -202,8 +159,7 @@ impl Walker<'_, '_> {
                     );
                 }
                 let exclude = child.whole.as_ref().and_then(|e| e.as_ref());
-                let stat = Stat { meta, live: self.live_of(&path) };
-                if let Some(entry) = self.entry(name, &path, &shown_child, stat, exclude, parent_node, Some(child))? {
+                if let Some(entry) = self.entry(name, place, &shown_child, meta, exclude, parent_node, Some(child))? {
                     pending.push(entry);
                 }
             }
@@ -213,37 +169,23 @@ impl Walker<'_, '_> {
 
     /// A directory selected whole. `selection` holds paths selected again inside it (another
     /// component's), which its excludes do not apply to.
-    ///
-    /// `live` is the live directory it is a copy of, if any (see [`Walker::live_twin`]).
-    #[allow(clippy::too_many_arguments)]
     fn whole_dir(
         &mut self,
-        dir: &Path,
-        live: Option<LivePath>,
+        dir: &S::Place,
         shown: &Path,
         exclude: Option<&GlobSet>,
         parent: Option<&Tree>,
         selection: Option<&SelectionNode>,
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
-        // A live directory that stands for the copy's holds the names the copy holds, if it
-        // still does once listed.
-        let list = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .map(|entries| entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect())
-        };
-        let listed = match live.as_ref().and_then(|l| l.twin_path().map(|path| (l, list(path)))) {
-            Some((live, Ok(names))) if live.still_twin() => Ok(names),
-            _ => list(dir),
-        };
-        let mut entries: Vec<_> = listed.unwrap_or_else(|error| {
+        let mut entries = self.source.list(dir).unwrap_or_else(|error| {
             self.shared.warn(shown, format!("cannot list the directory: {error}"));
             Vec::new()
         });
-        // Selections read from another volume's copy are not in this copy's listing.
+        // Selections read from elsewhere are not in this directory's listing.
         if let Some(selection) = selection {
             for (name, child) in &selection.children {
-                let name = std::ffi::OsStr::from_bytes(name).to_os_string();
+                let name = OsStr::from_bytes(name).to_os_string();
                 if child.source.is_some() && !entries.contains(&name) {
                     entries.push(name);
                 }
@@ -254,7 +196,6 @@ impl Walker<'_, '_> {
         for name in entries {
             let shown_child = shown.join(&name);
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
-            let path = nested.and_then(|n| n.source.clone()).unwrap_or_else(|| dir.join(&name));
             let exclude = match nested.and_then(|n| n.whole.as_ref()) {
                 Some(own) => own.as_ref(),
                 None => exclude,
@@ -266,59 +207,14 @@ impl Walker<'_, '_> {
                 }
             }
             let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
-            // A selection read from elsewhere has no live twin here.
-            let live_path =
-                live.as_ref().filter(|_| nested.is_none_or(|n| n.source.is_none())).map(|l| l.path.join(&name));
-            let (meta, live) = match live_path.as_deref().and_then(|live| self.live_twin(live, parent_node)) {
-                Some(meta) => {
-                    let twin = Some(Twin::of(&meta));
-                    (meta, live_path.map(|path| LivePath { path, twin }))
-                }
-                None => match std::fs::symlink_metadata(&path) {
-                    Ok(meta) => (meta, live_path.map(|path| LivePath { path, twin: None })),
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(error) => {
-                        self.shared.warn(&shown_child, format!("cannot read its metadata: {error}"));
-                        continue;
-                    }
-                },
-            };
-            let stat = Stat { meta, live };
-            if let Some(entry) = self.entry(name.as_bytes(), &path, &shown_child, stat, exclude, parent_node, nested)? {
+            let at = nested.and_then(|n| n.source.as_deref());
+            let trusted = parent_node.filter(|p| self.trusted(p));
+            let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
+            if let Some(entry) = self.entry(name.as_bytes(), place, &shown_child, meta, exclude, parent_node, nested)? {
                 pending.push(entry);
             }
         }
         self.finish_dir(pending)
-    }
-
-    /// The live path of the copy's entry at `path` (not a twin: the copy's is listed), if
-    /// it is in the copy (a selection read from elsewhere has no live twin here).
-    fn live_of(&self, path: &Path) -> Option<LivePath> {
-        let (copy_root, live_root) = self.live?;
-        Some(LivePath { path: live_root.join(path.strip_prefix(copy_root).ok()?), twin: None })
-    }
-
-    /// The live entry that stands for the copy's entry at `path`, if it is the entry the copy
-    /// holds, untouched since: its metadata (and, for a directory, its names) can be taken from
-    /// the live entry, whose inode is in the cache, instead of from the copy, whose inodes (a
-    /// fresh btrfs snapshot's, new clones) are cold and then cost a lookup each, and again to
-    /// release. Two ways to know, both by the ctime, which moves with every change of content,
-    /// mode, owner, extended attribute, link or rename:
-    /// - it is the parent version's entry (same device, inode, ctime, mtime, size and type), so
-    ///   nothing about it changed since the parent, and the copy — made in between — holds it
-    ///   as the parent does (every provider);
-    /// - its ctime is well before a btrfs snapshot was taken, so nothing about it changed since
-    ///   the snapshot, which shares its inode (number and all) with the live one (a first
-    ///   backup, or an entry changed since the parent).
-    fn live_twin(&self, live: &Path, parent: Option<&Node>) -> Option<std::fs::Metadata> {
-        let parent = parent.filter(|p| self.trusted(p));
-        if parent.is_none() && self.live_reads_before_ns.is_none() {
-            return None;
-        }
-        let meta = std::fs::symlink_metadata(live).ok()?;
-        let twin = parent.is_some_and(|parent| untouched_live(parent, &meta))
-            || self.live_reads_before_ns.is_some_and(|taken| settled_before(ctime_ns(&meta), taken));
-        twin.then_some(meta)
     }
 
     /// True when the parent version's entry changed well before the parent's point in time, so
@@ -329,17 +225,17 @@ impl Walker<'_, '_> {
         settled_before(parent.ctime_ns, self.parent_time_ns)
     }
 
-    /// Records the live file's identity instead of the shadow copy's.
-    fn live_identity(&self, shown: &Path, node: &mut Node) {
-        if let Some((device, inode, ctime_ns)) = self.origin.and_then(|origin| (origin.0)(shown)) {
+    /// Records the identity the source gives the entry instead of its metadata's own.
+    fn identity(&self, shown: &Path, node: &mut Node) {
+        if let Some((device, inode, ctime_ns)) = self.source.identity(shown) {
             node.device = device;
             node.inode = inode.unwrap_or(node.inode);
             node.ctime_ns = ctime_ns.unwrap_or(node.ctime_ns);
         }
     }
 
-    fn xattrs(&self, path: &Path, shown: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-        read_xattrs(path).unwrap_or_else(|error| {
+    fn xattrs(&self, place: &S::Place, shown: &Path) -> Xattrs {
+        self.source.xattrs(place).unwrap_or_else(|error| {
             self.shared.warn(shown, format!("cannot read its extended attributes: {error}"));
             Vec::new()
         })
@@ -356,16 +252,13 @@ impl Walker<'_, '_> {
     fn entry(
         &mut self,
         name: &[u8],
-        path: &Path,
+        place: S::Place,
         shown: &Path,
-        stat: Stat,
+        meta: Metadata,
         exclude: Option<&GlobSet>,
         parent_node: Option<&Node>,
         selection: Option<&SelectionNode>,
     ) -> Result<Option<Pending>> {
-        let Stat { meta, live } = stat;
-        // What is not in the metadata is read from the live twin, if it still is one after.
-        let twin = live.as_ref().filter(|l| l.twin.is_some());
         let file_type = meta.file_type();
         if file_type.is_socket() {
             self.shared
@@ -373,20 +266,17 @@ impl Walker<'_, '_> {
             return Ok(None);
         }
         let mut node = node_from_metadata(name, &meta, Vec::new(), self.names, NodeKind::Fifo);
-        self.live_identity(shown, &mut node);
+        self.identity(shown, &mut node);
         // A directory's parent subtree is compared entry by entry whatever its own ctime.
         let trusted_parent = parent_node.filter(|p| self.trusted(p));
         let untouched_parent = trusted_parent.filter(|p| untouched(p, &node, file_type));
         node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
-            None => match twin.map(|live| (live, read_xattrs(&live.path))) {
-                Some((live, Ok(xattrs))) if live.still_twin() => xattrs,
-                _ => self.xattrs(path, shown),
-            },
+            None => self.xattrs(&place, shown),
         };
         if file_type.is_dir() {
             let subtree = self.load_parent_subtree(parent_node);
-            let subtree = self.whole_dir(path, live, shown, exclude, subtree.as_ref(), selection)?;
+            let subtree = self.whole_dir(&place, shown, exclude, subtree.as_ref(), selection)?;
             self.stats.dirs += 1;
             return Ok(Some(subtree.entry(node)));
         }
@@ -403,23 +293,7 @@ impl Walker<'_, '_> {
                 }
             }
             let (reply, result) = bounded(1);
-            let live = match (self.live_reads_before_ns, live) {
-                (Some(taken), Some(live)) if settled_before(node.ctime_ns, taken) => Some(LiveFile {
-                    path: live.path,
-                    device: node.device,
-                    inode: node.inode,
-                    ctime_ns: node.ctime_ns,
-                    size: meta.size(),
-                }),
-                _ => None,
-            };
-            let job = FileJob {
-                path: path.to_path_buf(),
-                live,
-                size: meta.size(),
-                maybe_sparse: meta.blocks() * 512 < meta.size(),
-                reply,
-            };
+            let job = FileJob { place, size: meta.size(), maybe_sparse: meta.blocks() * 512 < meta.size(), reply };
             if self.file_tx.send(job).is_err() {
                 return Err(self.shared.failure.lock().expect("failure lock").take().unwrap_or(RepoError::Interrupted));
             }
@@ -430,12 +304,7 @@ impl Walker<'_, '_> {
         node.kind = if let Some(NodeKind::Symlink { target }) = untouched_parent.map(|p| &p.kind) {
             NodeKind::Symlink { target: target.clone() }
         } else if file_type.is_symlink() {
-            let live_target = twin.map(|live| (live, std::fs::read_link(&live.path)));
-            let target = match live_target {
-                Some((live, Ok(target))) if live.still_twin() => Ok(target),
-                _ => std::fs::read_link(path),
-            };
-            match target {
+            match self.source.read_link(&place) {
                 Ok(target) => NodeKind::Symlink { target: target.as_os_str().as_bytes().to_vec() },
                 Err(error) => {
                     self.shared.warn(shown, format!("cannot read the symlink: {error}"));
@@ -516,10 +385,9 @@ impl Walker<'_, '_> {
 }
 
 /// Walks the selected trees from their far end, asking for every entry's metadata, until the
-/// walker (which goes from the near end) is done. In a fresh shadow copy — a new btrfs snapshot,
-/// new clones — every inode is cold and looking one up costs more than all the walker does
-/// with it; this way the two threads each look up about half, and the walker finds the rest
-/// already looked up.
+/// walker (which goes from the near end) is done. In a tree whose inodes are all cold (a fresh
+/// point-in-time copy) looking one up costs more than all the walker does with it; this way the
+/// two threads each look up about half, and the walker finds the rest already looked up.
 pub(super) fn prefetch_metadata(root: &Path, selections: &[Selection], walked: &AtomicBool) {
     for selection in selections.iter().rev() {
         let start = match &selection.source {
@@ -547,46 +415,4 @@ fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
         }
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What is read from a live twin after it was found to be one stands only if the entry is
-    /// still that twin: a name added or removed, an extended attribute set, a mode changed or the
-    /// entry replaced in between each make it not one.
-    #[test]
-    fn a_live_twin_changed_after_it_was_found_is_no_longer_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let live = |path: &Path| LivePath {
-            path: path.to_path_buf(),
-            twin: Some(Twin::of(&std::fs::symlink_metadata(path).unwrap())),
-        };
-        let tick = || std::thread::sleep(std::time::Duration::from_millis(20));
-        let folder = dir.path().join("folder");
-        std::fs::create_dir(&folder).unwrap();
-        let file = dir.path().join("file");
-        std::fs::write(&file, "x").unwrap();
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink("before", &link).unwrap();
-        let changes: [(&Path, &dyn Fn()); 5] = [
-            (&folder, &|| std::fs::write(folder.join("new"), "").unwrap()),
-            (&folder, &|| std::fs::remove_file(folder.join("new")).unwrap()),
-            (&file, &|| rustix::fs::setxattr(&file, "user.sysstate", b"v", rustix::fs::XattrFlags::empty()).unwrap()),
-            (&file, &|| std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap()),
-            (&link, &|| {
-                std::os::unix::fs::symlink("after", dir.path().join("link.new")).unwrap();
-                std::fs::rename(dir.path().join("link.new"), &link).unwrap();
-            }),
-        ];
-        for (path, change) in changes {
-            let twin = live(path);
-            assert!(twin.still_twin(), "{} changed by itself", path.display());
-            tick();
-            change();
-            assert!(!twin.still_twin(), "a change to {} went unseen", path.display());
-        }
-        assert!(!LivePath { path: file.clone(), twin: None }.still_twin(), "not a twin to begin with");
-    }
 }
