@@ -66,12 +66,11 @@ impl ShadowSource {
         twin.then_some(meta)
     }
 
-    /// The live file a snapshot's file `meta` may be read from: one whose ctime was settled
-    /// before the snapshot, checked again before and after the read.
-    fn live_file(&self, meta: &Metadata, live: &Path) -> Option<LiveFile> {
+    /// What the live file must be for a snapshot's file `meta` to be read from it: one whose
+    /// ctime was settled before the snapshot, checked again before and after the read.
+    fn live_file(&self, meta: &Metadata) -> Option<LiveFile> {
         let (taken, device) = self.snapshot?;
         (meta.is_file() && settled_before(ctime_ns(meta), taken)).then(|| LiveFile {
-            path: live.to_path_buf(),
             device,
             inode: meta.ino(),
             ctime_ns: ctime_ns(meta),
@@ -88,7 +87,7 @@ pub struct ShadowPlace {
     /// The live entry it is a copy of (none for one read from elsewhere), and whether it stands
     /// for it.
     live: Option<LivePath>,
-    /// For a file of a snapshot: the live file that may be read instead.
+    /// For a file of a snapshot: what the live file must be to be read instead.
     file: Option<LiveFile>,
 }
 
@@ -137,11 +136,10 @@ impl ShadowPlace {
     }
 }
 
-/// A live file and the identity it must have, before and after it is read, to stand for the
+/// The identity a live file must have, before and after it is read, to stand for the
 /// snapshot's.
 #[derive(Debug)]
 struct LiveFile {
-    path: PathBuf,
     device: u64,
     inode: u64,
     ctime_ns: i64,
@@ -178,13 +176,13 @@ impl Source for ShadowSource {
         let live_path = dir.live.as_ref().filter(|_| at.is_none()).map(|live| live.path.join(name));
         if let Some(live) = live_path.as_deref() {
             if let Some(meta) = self.twin(live, parent) {
-                let file = self.live_file(&meta, live);
+                let file = self.live_file(&meta);
                 let live = LivePath { path: live.to_path_buf(), twin: Some(Twin::of(&meta)) };
                 return Ok(Some((meta, ShadowPlace { path, live: Some(live), file })));
             }
         }
         let Some(meta) = source::metadata(&path)? else { return Ok(None) };
-        let file = live_path.as_deref().and_then(|live| self.live_file(&meta, live));
+        let file = live_path.as_ref().and_then(|_| self.live_file(&meta));
         let live = live_path.map(|path| LivePath { path, twin: None });
         Ok(Some((meta, ShadowPlace { path, live, file })))
     }
@@ -211,8 +209,8 @@ impl Source for ShadowSource {
         read: &mut dyn FnMut(&File) -> std::io::Result<(FileContent, u64)>,
     ) -> std::io::Result<(FileContent, u64)> {
         // The live file, if it is what the snapshot holds before and after the read; else the copy.
-        if let Some(live) = &file.file {
-            if let Ok(opened) = source::open_file(&live.path) {
+        if let (Some(live), Some(path)) = (&file.file, &file.live) {
+            if let Ok(opened) = source::open_file(&path.path) {
                 if opened.metadata().is_ok_and(|meta| live.matches(&meta)) {
                     let content = read(&opened);
                     if content.is_ok() && opened.metadata().is_ok_and(|meta| live.matches(&meta)) {
