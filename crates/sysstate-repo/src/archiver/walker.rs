@@ -30,16 +30,35 @@ pub(super) struct SelectionNode {
     whole: Option<Option<GlobSet>>,
     /// Where a whole selection is read from, when not under the root.
     source: Option<PathBuf>,
+    /// For a directory on the way to a selection read from elsewhere: where that elsewhere holds
+    /// this directory, for when the root does not (another volume's copy holds the folders
+    /// above the paths it copied; the root's copy may hold none of them).
+    above: Option<PathBuf>,
 }
 
 impl SelectionNode {
     pub(super) fn build(selections: &[Selection]) -> SelectionNode {
         let mut root = SelectionNode::default();
         for selection in selections {
+            let names: Vec<&OsStr> = selection
+                .path
+                .components()
+                .filter_map(|component| match component {
+                    std::path::Component::Normal(name) => Some(name),
+                    _ => None,
+                })
+                .collect();
             let mut node = &mut root;
-            for component in selection.path.components() {
-                if let std::path::Component::Normal(name) = component {
-                    node = node.children.entry(name.as_bytes().to_vec()).or_default();
+            for (depth, name) in names.iter().enumerate() {
+                node = node.children.entry(name.as_bytes().to_vec()).or_default();
+                if depth + 1 < names.len() && node.above.is_none() {
+                    // `source` holds the selection; its ancestors are as many levels up.
+                    let up = names.len() - depth - 1;
+                    node.above = selection
+                        .source
+                        .as_deref()
+                        .and_then(|source| source.ancestors().nth(up))
+                        .map(Path::to_path_buf);
                 }
             }
             node.whole = Some(selection.exclude.clone());
@@ -139,9 +158,11 @@ impl<S: Source> Walker<'_, '_, S> {
         for (name, child) in &selection.children {
             let name_os = OsStr::from_bytes(name);
             let shown_child = shown.join(name_os);
-            let Some((meta, place)) = self.find(&dir, name_os, &shown_child, child.source.as_deref(), None) else {
-                continue;
-            };
+            let found = self.find(&dir, name_os, &shown_child, child.source.as_deref(), None).or_else(|| {
+                let above = child.above.as_deref()?;
+                self.find(&dir, name_os, &shown_child, Some(above), None)
+            });
+            let Some((meta, place)) = found else { continue };
             let parent_node = parent.and_then(|tree| tree.get(name));
             if child.whole.is_none() && meta.is_dir() {
                 let subtree = self.load_parent_subtree(parent_node);

@@ -956,3 +956,45 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
         }
     }
 }
+
+/// A component on another volume, below a plain folder of it, with and without shadow storage of
+/// its own: every file is in the version. (The folders above it were looked up in the root
+/// volume's copy, which held none of them: every backup saved 0 files and said it succeeded.)
+#[test]
+fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
+    if !require("root and loop devices (mkfs.btrfs, mkfs.ext4)", is_root() && Path::new("/dev/loop-control").exists()) {
+        return;
+    }
+    for (kind, own_storage) in [("btrfs", true), ("btrfs", false), ("ext4", true), ("ext4", false)] {
+        let sandbox = Sandbox::new();
+        let root = sandbox.path("root");
+        std::fs::create_dir_all(root.join("vol")).unwrap();
+        let fs = LoopFs::new(sandbox.dir.path(), kind);
+        let status =
+            std::process::Command::new("mount").args(["--bind"]).arg(&fs.mount).arg(root.join("vol")).status().unwrap();
+        assert!(status.success());
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _bind = Unmount(root.join("vol"));
+        make_tree(&root.join("vol/small"), 294, 15);
+        let files = snapshot(&root.join("vol/small")).values().filter(|e| e.kind == "file").count();
+        let mut config = "[[component]]\nname = \"small\"\npaths = [\"/vol/small\"]\n".to_string();
+        if own_storage {
+            config.push_str(&format!(
+                "\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+                root.join("vol").display(),
+                root.join("vol/shadow").display()
+            ));
+        }
+        std::fs::write(sandbox.path("config.toml"), config).unwrap();
+        let report = sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "small"], 0);
+        assert_eq!(report["stats"]["files"], files, "{kind}, own storage {own_storage}: {report}");
+        let to = sandbox.path("restored");
+        sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join("vol/small")), &snapshot(&to.join("vol/small")));
+    }
+}
