@@ -1,5 +1,7 @@
-//! Passphrases: from `SYSSTATE_PASSPHRASE`, a passphrase file, or a key file that sysstate made
-//! in the state directory for a target created without any passphrase (mode 0600).
+//! Passphrases: from a passphrase file (`--passphrase-file`, which wins when both are given),
+//! `SYSSTATE_PASSPHRASE`, or a key file that sysstate made in the state directory for a target
+//! created without any passphrase (mode 0600). An empty passphrase is refused wherever it comes
+//! from: it would protect nothing.
 
 use crate::error::{EngineError, Result};
 use std::io::Write;
@@ -25,16 +27,27 @@ pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
     if bytes.ends_with(b"\n") {
         bytes.pop();
     }
-    Ok(bytes)
+    not_empty(bytes, &format!("the passphrase file `{}`", path.display()))
 }
 
-/// A passphrase from the environment, a file, or the state directory's key file, if any.
-pub fn find(target: &str, passphrase_file: Option<&Path>, state_dir: &Path) -> Result<Option<Vec<u8>>> {
-    if let Some(value) = std::env::var_os("SYSSTATE_PASSPHRASE") {
-        return Ok(Some(std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec()));
+/// Refuses an empty passphrase, naming where it came from.
+pub fn not_empty(passphrase: Vec<u8>, from: &str) -> Result<Vec<u8>> {
+    if passphrase.is_empty() {
+        return Err(EngineError::new(ErrorCode::InvalidInput, format!("{from} is empty: an empty passphrase protects nothing"))
+            .with_resolution("give a passphrase of at least one character, or none at all for a new repository (a random key is then made and kept in the state directory)"));
     }
+    Ok(passphrase)
+}
+
+/// A passphrase from a file given explicitly, the environment, or the state directory's key
+/// file, if any, in that order.
+pub fn find(target: &str, passphrase_file: Option<&Path>, state_dir: &Path) -> Result<Option<Vec<u8>>> {
     if let Some(path) = passphrase_file {
         return read_passphrase_file(path).map(Some);
+    }
+    if let Some(value) = std::env::var_os("SYSSTATE_PASSPHRASE") {
+        let value = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec();
+        return not_empty(value, "`SYSSTATE_PASSPHRASE`").map(Some);
     }
     let stored = stored_key_path(state_dir, target);
     if stored.exists() {

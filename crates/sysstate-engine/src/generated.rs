@@ -4,7 +4,6 @@
 //! `/.sysstate-generated/<component>/`. A missing tool is recorded, not a failure.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Where generated outputs appear in a version.
 pub const GENERATED_DIR: &str = "/.sysstate-generated";
@@ -49,7 +48,7 @@ fn run(dir: &Path, file: &str, command: &[&str], out: &mut Vec<Generated>) {
         out.push(record(None, format!("`{}` is not installed", command[0])));
         return;
     }
-    match Command::new(command[0]).args(&command[1..]).env("LC_ALL", "C").output() {
+    match sysstate_fs::command(command[0]).args(&command[1..]).env("LC_ALL", "C").output() {
         Ok(output) => {
             let _ = std::fs::write(dir.join(file), &output.stdout);
             out.push(record(output.status.code(), String::from_utf8_lossy(&output.stderr).trim().to_string()));
@@ -85,7 +84,7 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
             run(dir, "lsblk.json", &["lsblk", "-J", "-O"], &mut out);
             run(dir, "blkid.txt", &["blkid"], &mut out);
             run(dir, "findmnt.json", &["findmnt", "-J"], &mut out);
-            let disks = Command::new("lsblk")
+            let disks = sysstate_fs::command("lsblk")
                 .args(["-dnpro", "NAME,TYPE,PTTYPE"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -110,7 +109,7 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
             // cipher, UUID) beside the layout. The header itself is `cryptsetup
             // luksHeaderBackup`'s job, kept off backups on purpose: it opens with old keys.
             // blkid probes the devices itself; lsblk's FSTYPE needs udev's database.
-            let devices = Command::new("blkid")
+            let devices = sysstate_fs::command("blkid")
                 .args(["-t", "TYPE=crypto_LUKS", "-o", "device"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

@@ -36,7 +36,7 @@ const NEXT_BOOT: &[&str] = &["boot", "efi", "bootloader"];
 /// An in-place restore as asked on the command line.
 #[derive(Debug, Clone)]
 pub struct InPlaceRequest {
-    /// The live root (`/`, or `--root`).
+    /// The live root (`/`, or `--root`), absolute: the journal records it for the undo.
     pub root: PathBuf,
     /// `latest` or an id prefix.
     pub version: String,
@@ -184,6 +184,13 @@ pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Res
 /// Restores `request.components` of a version over the live root under a shared lease, or —
 /// with `dry_run` — lists the differences.
 pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlaceReport> {
+    if request.root.is_relative() {
+        // The journal must name the root whatever folder its undo is run from.
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("the root of an in-place restore must be an absolute path, not `{}`", request.root.display()),
+        ));
+    }
     let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
     let plan = plan(repo, request, config)?;
     if request.dry_run {
@@ -342,9 +349,38 @@ impl crate::jobs::JobOutput for InPlaceReport {
 }
 
 /// Puts back what the in-place restore `job` replaced or removed, and removes what it added —
-/// also after a restore that was killed midway.
-pub fn undo(job: &str) -> Result<UndoReport> {
+/// also after a restore that was killed midway — under the root the restore ran on, wherever
+/// the undo is run from. A `root` given that is not that one is refused.
+pub fn undo(job: &str, root: Option<&Path>) -> Result<UndoReport> {
     let mut journal = Journal::load(job)?;
+    match root {
+        Some(root) if journal.root.is_relative() => {
+            // A journal of an older version, which kept the root as it was typed.
+            journal.root = root.to_path_buf();
+        }
+        Some(root) if root != journal.root => {
+            return Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the in-place restore `{job}` was of the root `{}`, not `{}`",
+                    journal.root.display(),
+                    root.display()
+                ),
+            )
+            .with_resolution(format!("run the undo without `--root`, or with `--root {}`", journal.root.display())));
+        }
+        None if journal.root.is_relative() => {
+            return Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the in-place restore `{job}` recorded its root as `{}`, relative to a folder it did not record",
+                    journal.root.display()
+                ),
+            )
+            .with_resolution("run the undo with `--root` and the absolute path of that root"));
+        }
+        _ => {}
+    }
     if journal.state == "undone" || journal.state == "rolled-back" {
         return Err(EngineError::new(
             ErrorCode::InvalidInput,
@@ -541,7 +577,7 @@ fn plan_packages(
     };
     let wanted = installed(&String::from_utf8_lossy(&selections));
     let admindir = format!("--admindir={}", request.root.join("var/lib/dpkg").display());
-    let current = std::process::Command::new("dpkg")
+    let current = sysstate_fs::command("dpkg")
         .args([admindir.as_str(), "--get-selections"])
         .output()
         .map(|o| installed(&String::from_utf8_lossy(&o.stdout)))
@@ -588,7 +624,7 @@ fn apply_packages(report: &mut PackagesReport, files: &PackageSelections, reques
         return Ok(());
     }
     for command in &report.commands {
-        let status = std::process::Command::new("sh").args(["-c", command]).status();
+        let status = sysstate_fs::command("sh").args(["-c", command]).status();
         if !status.as_ref().is_ok_and(|s| s.success()) {
             return Err(EngineError::new(
                 ErrorCode::RestoreFailed,

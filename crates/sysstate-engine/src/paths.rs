@@ -80,3 +80,26 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
+
+/// Refuses a state directory that others can write: they could plant a key file, alter the
+/// job records or replace undo data.
+pub fn require_private(state_dir: &Path) -> crate::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(state_dir) else { return Ok(()) };
+    if meta.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(crate::EngineError::new(
+        sysstate_types::ErrorCode::StateDirPermission,
+        format!(
+            "the state directory `{}` can be written by others (mode {:o})",
+            state_dir.display(),
+            meta.mode() & 0o7777
+        ),
+    )
+    .with_cause("anyone who can write there can plant a key file, alter the job records or replace undo data")
+    .with_resolution(format!(
+        "`chmod 700 {}` (or `sysstate doctor --fix`), then run the backup again",
+        state_dir.display()
+    )))
+}

@@ -233,9 +233,99 @@ pub fn busy_files(prefixes: &[std::path::PathBuf]) -> Vec<BusyFile> {
     found
 }
 
+/// Environment variables that hold secrets sysstate is given: its passphrases and the object
+/// stores' keys. No program sysstate runs inherits them (see [`command`]).
+pub const SECRET_VARIABLES: &[&str] = &[
+    "SYSSTATE_PASSPHRASE",
+    "SYSSTATE_NEW_PASSPHRASE",
+    "SYSSTATE_TO_PASSPHRASE",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
+
+/// The umask sysstate was started with, which the programs it runs get back.
+static INHERITED_UMASK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0o022);
+
+/// Makes everything this process creates readable by its owner only — repositories, key files,
+/// the state and runtime folders, logs, undo data — whatever umask it was started with (a umask
+/// of 000 made the repository 0777, one of 022 made key files 0644). Restored files get their
+/// recorded modes explicitly. Call it first thing, before any thread starts.
+pub fn private_umask() {
+    let inherited = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    INHERITED_UMASK.store(inherited.bits(), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A command to run `program` with sysstate's environment less its secrets
+/// ([`SECRET_VARIABLES`]), and with the umask sysstate was started with: writers' commands and
+/// processes, the generated components' tools, the package manager, `btrfs`. Every program
+/// sysstate runs is made here (a test checks).
+pub fn command(program: impl AsRef<OsStr>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(program);
+    for name in SECRET_VARIABLES {
+        command.env_remove(name);
+    }
+    let umask = rustix::fs::Mode::from_raw_mode(INHERITED_UMASK.load(std::sync::atomic::Ordering::SeqCst));
+    // SAFETY: the closure runs in the child between fork and exec, and calls only umask(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::umask(umask);
+            Ok(())
+        });
+    }
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every program sysstate runs is started by [`command`], which leaves the secrets out: no
+    /// `Command::new` anywhere else in the sources.
+    #[test]
+    fn every_program_is_started_without_the_secrets() {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut stack = vec![crates.to_path_buf()];
+        let mut offenders = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() && path.file_name() != Some(OsStr::new("tests")) {
+                    stack.push(path);
+                } else if path.extension() == Some(OsStr::new("rs")) {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    if path.ends_with("sysstate-fs/src/lib.rs") {
+                        continue;
+                    }
+                    for (number, line) in text.lines().enumerate() {
+                        if line.contains("Command::new(") {
+                            offenders.push(format!("{}:{}", path.display(), number + 1));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "programs started with their secrets: {offenders:?}");
+    }
+
+    #[test]
+    fn a_command_is_made_without_the_secrets() {
+        std::env::set_var("SYSSTATE_PASSPHRASE", "hunter2");
+        let output = command("env").output().unwrap();
+        std::env::remove_var("SYSSTATE_PASSPHRASE");
+        let env = String::from_utf8_lossy(&output.stdout);
+        assert!(env.contains("PATH="), "{env}");
+        assert!(!env.contains("hunter2"), "{env}");
+    }
 
     #[test]
     fn lock_lines_parse() {

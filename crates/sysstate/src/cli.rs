@@ -17,8 +17,8 @@ pub struct Global {
     #[arg(long, global = true, env = "SYSSTATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Treat DIR as `/`: back up or restore an offline or fake system tree.
-    #[arg(long, global = true, env = "SYSSTATE_ROOT", default_value = "/")]
-    pub root: PathBuf,
+    #[arg(long, global = true, env = "SYSSTATE_ROOT")]
+    pub root: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -34,6 +34,15 @@ pub struct Global {
     /// The repository: a directory, or s3://, az://, gs:// URL (default: `backup.target`).
     #[arg(long, global = true)]
     pub target: Option<String>,
+}
+
+impl Global {
+    /// The root (`/` unless `--root`), absolute and resolved: what a journal records and a
+    /// version names does not depend on the folder sysstate was started in.
+    pub fn root(&self) -> PathBuf {
+        let given = self.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        std::fs::canonicalize(&given).unwrap_or(given)
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod passphrase;
 use clap::Parser;
 
 fn main() {
+    sysstate_fs::private_umask();
     let cli = cli::Cli::parse();
     output::init_tracing(cli.global.verbose, cli.global.quiet);
     let code = match commands::run(&cli) {

@@ -5,14 +5,15 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use sysstate_engine::{credentials, paths, EngineError, ErrorCode, Result};
 
-/// The passphrase of the repository at `target`: environment, file, the state directory's key
+/// The passphrase of the repository at `target`: file, environment, the state directory's key
 /// file, or a prompt when a terminal is there to ask on (never with `--quiet`).
 pub fn find(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result<Option<Vec<u8>>> {
     if let Some(found) = credentials::find(target, passphrase_file, &paths::state_dir())? {
         return Ok(Some(found));
     }
     if !quiet && std::io::stdin().is_terminal() {
-        return prompt(&format!("passphrase for `{target}`: ")).map(Some);
+        let given = prompt(&format!("passphrase for `{target}`: "))?;
+        return credentials::not_empty(given, "the passphrase typed").map(Some);
     }
     Ok(None)
 }
@@ -29,10 +30,27 @@ pub fn require(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Res
 /// The passphrase for a backup: as [`find`]; for a target with no repository yet and none given,
 /// a random key generated and kept in the state directory (the note says where).
 pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result<Vec<u8>> {
-    if let Some(passphrase) = find(target, passphrase_file, quiet)? {
-        return Ok(passphrase);
+    if let Some(found) = credentials::find(target, passphrase_file, &paths::state_dir())? {
+        return Ok(found);
     }
-    if sysstate_engine::ops::exists(target)? {
+    let exists = sysstate_engine::ops::exists(target)?;
+    if !quiet && std::io::stdin().is_terminal() {
+        if exists {
+            let given = prompt(&format!("passphrase for `{target}`: "))?;
+            return credentials::not_empty(given, "the passphrase typed");
+        }
+        // A new repository: the passphrase is asked twice, so a typo does not lock it forever.
+        let first = credentials::not_empty(
+            prompt(&format!("passphrase for the new repository at `{target}`: "))?,
+            "the passphrase typed",
+        )?;
+        if prompt("again: ")? != first {
+            return Err(EngineError::new(ErrorCode::InvalidInput, "the two passphrases differ: nothing was created")
+                .with_resolution("run the backup again and type the same passphrase twice"));
+        }
+        return Ok(first);
+    }
+    if exists {
         return require(target, passphrase_file, quiet);
     }
     let (passphrase, path) = credentials::generate(target, &paths::state_dir())?;
@@ -43,23 +61,24 @@ pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> 
     Ok(passphrase)
 }
 
-/// A new passphrase: `SYSSTATE_NEW_PASSPHRASE`, the file, or asked twice on the terminal.
+/// A new passphrase: the file, `SYSSTATE_NEW_PASSPHRASE`, or asked twice on the terminal.
 pub fn new(file: Option<&Path>) -> Result<Vec<u8>> {
+    if let Some(path) = file {
+        return credentials::read_passphrase_file(path);
+    }
     if let Some(value) = std::env::var_os("SYSSTATE_NEW_PASSPHRASE") {
-        return Ok(std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec());
+        let value = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec();
+        return credentials::not_empty(value, "`SYSSTATE_NEW_PASSPHRASE`");
     }
-    match file {
-        Some(path) => credentials::read_passphrase_file(path),
-        None if std::io::stdin().is_terminal() => {
-            let first = prompt("new passphrase: ")?;
-            if prompt("again: ")? != first {
-                return Err(EngineError::new(ErrorCode::InvalidInput, "the two passphrases differ"));
-            }
-            Ok(first)
-        }
-        None => Err(EngineError::new(ErrorCode::InvalidInput, "no new passphrase given")
-            .with_resolution("set `SYSSTATE_NEW_PASSPHRASE` or pass `--new-passphrase-file FILE`")),
+    if !std::io::stdin().is_terminal() {
+        return Err(EngineError::new(ErrorCode::InvalidInput, "no new passphrase given")
+            .with_resolution("set `SYSSTATE_NEW_PASSPHRASE` or pass `--new-passphrase-file FILE`"));
     }
+    let first = credentials::not_empty(prompt("new passphrase: ")?, "the passphrase typed")?;
+    if prompt("again: ")? != first {
+        return Err(EngineError::new(ErrorCode::InvalidInput, "the two passphrases differ"));
+    }
+    Ok(first)
 }
 
 /// Asks on the terminal with echo off.

@@ -160,6 +160,7 @@ fn generate(records: &mut [ComponentRecord], root: &Path, dir: &Path) -> Vec<War
 /// compares with the newest version of the same host and root, and stores a new version. The
 /// shadow set's phases become the job's current operation and its warnings the job's events.
 pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Result<BackupReport> {
+    crate::paths::require_private(&crate::paths::state_dir())?;
     let progress: &dyn Progress = job;
     let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
     let (selections, records) = selections(&resolved)?;

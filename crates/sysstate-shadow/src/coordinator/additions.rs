@@ -17,7 +17,7 @@ pub(super) fn apply_additions(
 ) -> Result<(), ShadowError> {
     let snapshot = crate::provider::is_subvolume(dest);
     let set_read_only = |value: &str| -> Result<(), ShadowError> {
-        let output = std::process::Command::new("btrfs")
+        let output = sysstate_fs::command("btrfs")
             .args(["property", "set", "-ts"])
             .arg(dest)
             .args(["ro", value])

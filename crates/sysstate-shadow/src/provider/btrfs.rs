@@ -54,7 +54,7 @@ pub fn is_subvolume(dir: &Path) -> bool {
 
 /// Deletes a snapshot made by the btrfs provider.
 pub fn delete_subvolume(dir: &Path) -> std::io::Result<()> {
-    let output = std::process::Command::new("btrfs").args(["subvolume", "delete"]).arg(dir).output()?;
+    let output = sysstate_fs::command("btrfs").args(["subvolume", "delete"]).arg(dir).output()?;
     if output.status.success() {
         Ok(())
     } else {
@@ -80,7 +80,7 @@ fn snapshot(root: &Path, dest: &Path, deadline: Instant) -> Result<Commit, Commi
         removed.map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     }
     let taken_ns = sysstate_types::time::now_ns();
-    let output = std::process::Command::new("btrfs")
+    let output = sysstate_fs::command("btrfs")
         .args(["subvolume", "snapshot", "-r"])
         .arg(&subvolume)
         .arg(dest)

@@ -1,5 +1,5 @@
 use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// A writer made of commands: optional `prepare`, `freeze`, `thaw` and `abort`. A command that
@@ -43,7 +43,7 @@ fn run(
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, format!("the {what} command is empty")))?;
-    let mut child = Command::new(program)
+    let mut child = sysstate_fs::command(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

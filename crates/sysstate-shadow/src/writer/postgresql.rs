@@ -1,7 +1,7 @@
 use super::{CopyAddition, ErrorClass, Phase, Writer, WriterError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,7 @@ impl PostgresWriter {
             .psql
             .split_first()
             .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, "the psql command is empty"))?;
-        let mut child = Command::new(program)
+        let mut child = sysstate_fs::command(program)
             .args(args)
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .stdin(Stdio::piped())

@@ -1,7 +1,7 @@
 use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ impl ProcessWriter {
             .argv
             .split_first()
             .ok_or_else(|| WriterError::new(ErrorClass::Nonretryable, "the writer command is empty"))?;
-        let mut child = Command::new(program)
+        let mut child = sysstate_fs::command(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -26,7 +26,7 @@ pub fn backup(
         .transpose()?;
     let request = BackupRequest {
         config: context.config.clone(),
-        root: global.root.clone(),
+        root: global.root(),
         target: target.clone(),
         components: components.to_vec(),
         tags: tags.to_vec(),
@@ -37,7 +37,7 @@ pub fn backup(
     let report = context.run_job(JobKind::Backup, components, "backing up", |job| {
         // Refuse unknown or missing components before anything is created (a key file, a
         // repository).
-        sysstate_engine::components::select(&context.config, &global.root, components)?;
+        sysstate_engine::components::select(&context.config, &global.root(), components)?;
         let passphrase = crate::passphrase::for_backup(target, global.passphrase_file.as_deref(), global.quiet)?;
         ops::backup(&request, &passphrase, job)
     })?;

@@ -24,7 +24,7 @@ pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
     let options = sysstate_doctor::Options {
         config_file,
         config_required: cli.global.config.is_some(),
-        root: cli.global.root.clone(),
+        root: cli.global.root(),
         target: cli.global.target.clone(),
         passphrase,
         fix,
@@ -84,7 +84,8 @@ pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
 
 /// The parts of the service and their state.
 pub fn services(cli: &Cli, config: &sysstate_engine::config::Config) -> Result<Outcome> {
-    let parts = sysstate_doctor::services::parts(config, &cli.global.root, &paths::state_dir(), &paths::runtime_dir());
+    let parts =
+        sysstate_doctor::services::parts(config, &cli.global.root(), &paths::state_dir(), &paths::runtime_dir());
     if cli.global.json {
         print_json(&serde_json::to_value(&parts).expect("parts encode"));
     } else {

@@ -56,7 +56,7 @@ pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Res
 
 pub fn components(context: &Context<'_>) -> Result<Outcome> {
     let served = sysstate_engine::shadow::served_components(&context.config);
-    let report = sysstate_engine::components::report(&context.config, &context.cli.global.root, &served)?;
+    let report = sysstate_engine::components::report(&context.config, &context.cli.global.root(), &served)?;
     if context.json() {
         print_json(&serde_json::to_value(&report).expect("components encode"));
         return Ok(Outcome::Success);

@@ -59,7 +59,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
 
 fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     let kind = if args.dry_run { JobKind::RestoreDryRun } else { JobKind::RestoreInPlace };
-    let root = &context.cli.global.root;
+    let root = context.cli.global.root();
     let report = context.run_job(kind, &args.components, "restoring", |job| {
         let request = InPlaceRequest {
             root: root.clone(),
@@ -75,7 +75,7 @@ fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
         print_json(&serde_json::to_value(&report).expect("reports encode"));
         return Ok(Outcome::Success);
     }
-    print_in_place(context, root, &report);
+    print_in_place(context, &root, &report);
     Ok(Outcome::Success)
 }
 
@@ -133,7 +133,12 @@ fn describe(difference: &Difference) -> String {
 }
 
 fn undo(context: &Context<'_>, job: &str) -> Result<Outcome> {
-    let report = context.run_job(JobKind::Undo, &[], "undoing", |_| sysstate_engine::inplace::undo(job))?;
+    let report = context.run_job(JobKind::Undo, &[], "undoing", |_| {
+        sysstate_engine::inplace::undo(
+            job,
+            context.cli.global.root.as_ref().map(|_| context.cli.global.root()).as_deref(),
+        )
+    })?;
     if context.json() {
         print_json(&serde_json::to_value(&report).expect("reports encode"));
     } else {

@@ -129,7 +129,7 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
         }
         ShadowsCommand::Create { components } => {
             let record =
-                sysstate_engine::ops::create_persistent(&context.config, &global.root, components, signal_trigger())?;
+                sysstate_engine::ops::create_persistent(&context.config, &global.root(), components, signal_trigger())?;
             if global.json {
                 print_json(&serde_json::to_value(&record).expect("records encode"));
             } else if !global.quiet {

@@ -124,12 +124,14 @@ pub fn copy(
 ) -> Result<Outcome> {
     let report = context.run_job(JobKind::Copy, &[], "copying", |_| {
         let from = context.open()?;
-        let to_passphrase = match std::env::var_os("SYSSTATE_TO_PASSPHRASE") {
-            Some(value) => std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec(),
-            None => match to_passphrase_file {
-                Some(path) => credentials::read_passphrase_file(path)?,
-                None => context.passphrase()?,
-            },
+        // The file given wins over the environment, as for every passphrase.
+        let to_passphrase = match (to_passphrase_file, std::env::var_os("SYSSTATE_TO_PASSPHRASE")) {
+            (Some(path), _) => credentials::read_passphrase_file(path)?,
+            (None, Some(value)) => credentials::not_empty(
+                std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec(),
+                "`SYSSTATE_TO_PASSPHRASE`",
+            )?,
+            (None, None) => context.passphrase()?,
         };
         upkeep::replicate(&from, &ReplicateRequest { to, to_passphrase: &to_passphrase, versions })
     })?;

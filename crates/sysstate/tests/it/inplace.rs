@@ -289,3 +289,33 @@ fn accounts_are_restored_under_the_account_database_lock() {
     holder.wait().unwrap();
     assert_same(&original, &etc(&root));
 }
+
+/// The journal keeps the root as an absolute path: an in-place restore given `--root root` in one
+/// folder is undone there from any other folder (whose own `root` is left alone), and an undo
+/// given another root is refused.
+#[test]
+fn undo_works_on_the_root_the_restore_ran_on_wherever_it_is_run_from() {
+    let sandbox = Sandbox::new();
+    let (root, _, changed) = changed_system(&sandbox);
+    assert_eq!(root, sandbox.path("root"), "the fixture's root is `root` in the sandbox");
+    let elsewhere = sandbox.path("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("root/etc")).unwrap();
+    std::fs::write(elsewhere.join("root/etc/hostname"), "another machine\n").unwrap();
+    let decoy = etc(&elsewhere.join("root"));
+
+    let run_in = |dir: &Path, args: &[&str]| sandbox.command(args).current_dir(dir).output().unwrap();
+    let output = run_in(sandbox.dir.path(), &["restore", "--in-place", "--root", "root", "--json"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let job = report["undo"].as_str().unwrap().to_string();
+
+    let output = run_in(&elsewhere, &["restore", "--undo", &job, "--root", "root"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("was of the root") && stderr.contains(&root.display().to_string()), "{stderr}");
+
+    let output = run_in(&elsewhere, &["restore", "--undo", &job]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_same(&changed, &etc(&root));
+    assert_same(&decoy, &etc(&elsewhere.join("root")));
+}
