@@ -177,6 +177,7 @@ fn diagnose(
         ErrorCode::StateDirPermission => Evidence::of(found.now("state-dir.")),
         ErrorCode::WrongPassphrase => wrong_passphrase(),
         ErrorCode::ComponentMissing => component_missing(config),
+        ErrorCode::ComponentIncomplete => component_incomplete(&data),
         ErrorCode::Cancelled if error.message.contains("ended without a word") => Evidence::cause(1),
         _ => Evidence::default(),
     };
@@ -387,6 +388,28 @@ fn wrong_passphrase() -> Evidence {
         "now: `SYSSTATE_PASSPHRASE` is {}; {keys} key files in the state directory",
         if std::env::var_os("SYSSTATE_PASSPHRASE").is_some() { "set" } else { "not set" }
     )])
+}
+
+/// Causes: 0 the path went away while the backup ran, 1 the copy was made in the wrong place.
+fn component_incomplete(data: &Value) -> Evidence {
+    let paths: Vec<String> =
+        data["paths"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(String::from)).collect();
+    let root = std::path::PathBuf::from(text(data, "root"));
+    let mut evidence = Evidence::default();
+    let mut all_there = !paths.is_empty();
+    for path in &paths {
+        let now = root.join(path.trim_start_matches('/'));
+        let there = now.exists();
+        all_there &= there;
+        evidence.say(format!(
+            "`{path}` was selected but the shadow copy held nothing of it; now it {}",
+            if there { "exists" } else { "is gone" }
+        ));
+    }
+    if all_there {
+        evidence.cause = 1;
+    }
+    evidence
 }
 
 fn component_missing(config: Option<&Config>) -> Evidence {

@@ -56,6 +56,12 @@ pub enum RepoError {
         /// Ours.
         supported: u32,
     },
+    /// Selected paths the source does not hold: the backup saved no version.
+    #[error("the backup's source holds none of {}: no version was saved", .paths.join(", "))]
+    Unread {
+        /// The selected paths, absolute as seen from the root.
+        paths: Vec<String>,
+    },
     /// The restore's destination cannot be created or opened.
     #[error("cannot restore to `{path}`: {source}")]
     Destination {
@@ -103,6 +109,7 @@ impl RepoError {
                 _ => ErrorCode::Internal,
             },
             RepoError::Destination { .. } => ErrorCode::RestoreDestination,
+            RepoError::Unread { .. } => ErrorCode::ComponentIncomplete,
             RepoError::Interrupted => ErrorCode::Cancelled,
         }
     }

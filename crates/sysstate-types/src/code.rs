@@ -99,6 +99,9 @@ error_codes! {
     ComponentMissing = "component-missing", 1021, Error,
         cause: "a component named in the config or on the command line does not exist on this machine",
         resolution: "check the component's name and paths in the config, or drop it from `backup.components`";
+    ComponentIncomplete = "component-incomplete", 1022, Error,
+        cause: "a path of a component exists on the system but the shadow copy the backup read holds nothing of it, so the version would have lied: none was saved",
+        resolution: "run the backup again (a path removed while the backup ran is not there the next time); if it fails the same way, check the `[[shadow.storage]]` of that path's volume with `sysstate doctor` and report the message";
     TargetUnavailable = "target-unavailable", 1030, Error,
         cause: "the backup target cannot be reached or does not exist",
         resolution: "check that the target path is mounted or the object store is reachable and the credentials are right";

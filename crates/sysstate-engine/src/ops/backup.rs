@@ -235,7 +235,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         .collect();
     skipped.iter().for_each(|w| progress.warning(w));
     let source = crate::source::ShadowSource::new(&set, &request.root);
-    let outcome = archiver::backup(&repo, &options, &source, progress);
+    let outcome = archiver::backup(&repo, &options, &source, progress)
+        .map_err(|e| incomplete(e, &options.components, &request.root));
     job.operation("releasing shadow copies");
     let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;
@@ -328,6 +329,33 @@ fn split_by_volume(config: &Config, root: &Path, options: &mut sysstate_shadow::
     options.paths = primary;
     options.extra = groups;
     Ok(())
+}
+
+/// The `component-incomplete` error of selected paths the shadow copy did not hold, naming
+/// their components; other errors as they are.
+fn incomplete(error: sysstate_repo::RepoError, components: &[ComponentRecord], root: &Path) -> EngineError {
+    let sysstate_repo::RepoError::Unread { paths } = &error else { return error.into() };
+    let owner = |path: &str| {
+        components
+            .iter()
+            .flat_map(|c| c.paths.iter().map(move |p| (c, p)))
+            .filter(|(_, p)| Path::new(path).starts_with(p.as_str()))
+            .max_by_key(|(_, p)| p.len())
+            .map_or_else(|| "?".to_string(), |(c, _)| c.name.clone())
+    };
+    let named: Vec<String> = paths.iter().map(|path| format!("`{path}` (component `{}`)", owner(path))).collect();
+    EngineError::new(
+        ErrorCode::ComponentIncomplete,
+        format!(
+            "{} exist on the system, but the shadow copy the backup read holds nothing of them: no version was saved",
+            named.join(", ")
+        ),
+    )
+    .with_data(serde_json::json!({
+        "root": root,
+        "paths": paths,
+        "components": paths.iter().map(|p| owner(p)).collect::<Vec<_>>(),
+    }))
 }
 
 /// Removes a temporary folder when dropped, on every path out of a function.

@@ -192,16 +192,22 @@ pub fn backup<S: Source>(
             blob_tx,
             stats: &mut stats,
             in_flight: 0,
+            missed: Vec::new(),
         };
         let tree = walker.walk(&selection, parent_tree.as_ref(), &walk_done);
+        let missed = std::mem::take(&mut walker.missed);
         drop(walker);
         for reader in readers {
             let _ = reader.join();
         }
-        tree
+        tree.map(|tree| (tree, missed))
     });
-    let tree = walked?;
+    let (tree, missed) = walked?;
     shared.check_abort()?;
+    // A version that silently lacks a selected path would lie: none is saved.
+    if !missed.is_empty() {
+        return Err(RepoError::Unread { paths: missed.iter().map(|p| p.display().to_string()).collect() });
+    }
     shared.saver.finish()?;
 
     let warnings = shared.warnings.into_inner().expect("warnings lock");

@@ -37,6 +37,16 @@ pub(super) struct SelectionNode {
 }
 
 impl SelectionNode {
+    /// The paths selected whole at or below this node, shown as `shown`.
+    fn selected_under(&self, shown: &Path, out: &mut Vec<PathBuf>) {
+        if self.whole.is_some() {
+            out.push(shown.to_path_buf());
+        }
+        for (name, child) in &self.children {
+            child.selected_under(&shown.join(OsStr::from_bytes(name)), out);
+        }
+    }
+
     pub(super) fn build(selections: &[Selection]) -> SelectionNode {
         let mut root = SelectionNode::default();
         for selection in selections {
@@ -79,6 +89,8 @@ pub(super) struct Walker<'a, 's, S: Source> {
     pub(super) stats: &'s mut VersionStats,
     /// Files sent to the readers whose results the walker has not taken yet.
     pub(super) in_flight: usize,
+    /// Selected paths the source does not hold.
+    pub(super) missed: Vec<PathBuf>,
 }
 
 /// How many files may be read while the walker goes on to the next directories. The walker
@@ -162,7 +174,10 @@ impl<S: Source> Walker<'_, '_, S> {
                 let above = child.above.as_deref()?;
                 self.find(&dir, name_os, &shown_child, Some(above), None)
             });
-            let Some((meta, place)) = found else { continue };
+            let Some((meta, place)) = found else {
+                child.selected_under(&shown_child, &mut self.missed);
+                continue;
+            };
             let parent_node = parent.and_then(|tree| tree.get(name));
             if child.whole.is_none() && meta.is_dir() {
                 let subtree = self.load_parent_subtree(parent_node);
@@ -214,6 +229,7 @@ impl<S: Source> Walker<'_, '_, S> {
         }
         entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut pending = Vec::with_capacity(entries.len());
+        let mut found_nested = std::collections::HashSet::new();
         for name in entries {
             let shown_child = shown.join(&name);
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
@@ -231,8 +247,17 @@ impl<S: Source> Walker<'_, '_, S> {
             let at = nested.and_then(|n| n.source.as_deref());
             let trusted = parent_node.filter(|p| self.trusted(p));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
+            if nested.is_some() {
+                found_nested.insert(name.as_bytes().to_vec());
+            }
             if let Some(entry) = self.entry(name.as_bytes(), place, &shown_child, meta, exclude, parent_node, nested)? {
                 pending.push(entry);
+            }
+        }
+        // Paths selected again inside this one that it does not hold.
+        for (name, child) in selection.iter().flat_map(|s| &s.children) {
+            if !found_nested.contains(name) {
+                child.selected_under(&shown.join(OsStr::from_bytes(name)), &mut self.missed);
             }
         }
         self.finish_dir(pending)

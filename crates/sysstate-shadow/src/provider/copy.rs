@@ -99,7 +99,8 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         }
         match std::fs::symlink_metadata(root.join(relative)) {
             Ok(meta) => copier.entry(relative, meta)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Gone from the live system: a base copy must not keep what it held of it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => copier.remove(&dest.join(relative))?,
             Err(e) => return Err(CommitError::Io(ShadowError::io(root.join(relative), e))),
         }
     }

@@ -198,3 +198,32 @@ fn provider_unsupported_when_reflink_cannot_clone_the_volume() {
     std::fs::write(sandbox.path("config.toml"), format!("{config}\n[shadow]\nprovider = \"auto\"\n")).unwrap();
     sandbox.backup_data(&root);
 }
+
+/// A component's path removed after it was chosen and before the shadow copy (here by a writer's
+/// freeze command): the backup fails and saves no version that would lack it, and the doctor
+/// says the path is gone.
+#[test]
+fn component_incomplete_when_a_path_goes_away_before_the_copy() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 8);
+    make_tree(&root.join("gone"), 5, 9);
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!(
+            "[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n[[component]]\nname = \"gone\"\npaths = [\"/gone\"]\n\n[[writer]]\nname = \"remover\"\nkind = \"command\"\nfreeze = [\"rm\", \"-rf\", \"{}\"]\n",
+            root.join("gone").display()
+        ),
+    )
+    .unwrap();
+    let output =
+        sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "data", "--component", "gone"]);
+    stderr_has_code(&output, "component-incomplete");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("`/gone` (component `gone`)") && stderr.contains("no version was saved"), "{stderr}");
+    assert_job_failed(&sandbox, "component-incomplete");
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().map(Vec::len), Some(0), "a version that lies was saved");
+    let diagnosis = assert_diagnosed(&sandbox, "component-incomplete");
+    assert!(diagnosis["specifics"][0].as_str().unwrap().contains("now it is gone"), "{diagnosis:#}");
+    assert!(diagnosis["cause"].as_str().unwrap().contains("removed"), "{diagnosis:#}");
+}
