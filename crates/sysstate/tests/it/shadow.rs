@@ -957,15 +957,29 @@ fn changes_after_the_freeze_stay_out_of_the_version() {
     }
 }
 
-/// A component on another volume, below a plain folder of it, with and without shadow storage of
-/// its own: every file is in the version. (The folders above it were looked up in the root
-/// volume's copy, which held none of them: every backup saved 0 files and said it succeeded.)
+/// A component on another volume, below a plain folder or a btrfs subvolume of it, on btrfs, XFS
+/// and ext4, with and without shadow storage of its own: every file is in the version. (The
+/// folders above it were looked up in the root volume's copy, which held none of them: every
+/// backup saved 0 files and said it succeeded.)
 #[test]
 fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
-    if !require("root and loop devices (mkfs.btrfs, mkfs.ext4)", is_root() && Path::new("/dev/loop-control").exists()) {
+    if !require(
+        "root and loop devices (mkfs.btrfs, mkfs.xfs, mkfs.ext4)",
+        is_root() && Path::new("/dev/loop-control").exists(),
+    ) {
         return;
     }
-    for (kind, own_storage) in [("btrfs", true), ("btrfs", false), ("ext4", true), ("ext4", false)] {
+    let cases = [
+        ("btrfs", "small", true),
+        ("btrfs", "small", false),
+        ("btrfs", "subvolume/small", true),
+        ("btrfs", "subvolume/small", false),
+        ("xfs", "small", true),
+        ("xfs", "small", false),
+        ("ext4", "small", true),
+        ("ext4", "small", false),
+    ];
+    for (kind, below, own_storage) in cases {
         let sandbox = Sandbox::new();
         let root = sandbox.path("root");
         std::fs::create_dir_all(root.join("vol")).unwrap();
@@ -980,9 +994,18 @@ fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
             }
         }
         let _bind = Unmount(root.join("vol"));
-        make_tree(&root.join("vol/small"), 294, 15);
-        let files = snapshot(&root.join("vol/small")).values().filter(|e| e.kind == "file").count();
-        let mut config = "[[component]]\nname = \"small\"\npaths = [\"/vol/small\"]\n".to_string();
+        if below.starts_with("subvolume") {
+            let made = std::process::Command::new("btrfs")
+                .args(["subvolume", "create"])
+                .arg(root.join("vol/subvolume"))
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{}", text(&made.stderr));
+        }
+        let small = root.join("vol").join(below);
+        make_tree(&small, 294, 15);
+        let files = snapshot(&small).values().filter(|e| e.kind == "file").count();
+        let mut config = format!("[[component]]\nname = \"small\"\npaths = [\"/vol/{below}\"]\n");
         if own_storage {
             config.push_str(&format!(
                 "\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
@@ -992,9 +1015,9 @@ fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
         }
         std::fs::write(sandbox.path("config.toml"), config).unwrap();
         let report = sandbox.json(&["backup", "--root", root.to_str().unwrap(), "--component", "small"], 0);
-        assert_eq!(report["stats"]["files"], files, "{kind}, own storage {own_storage}: {report}");
+        assert_eq!(report["stats"]["files"], files, "{kind} /vol/{below}, own storage {own_storage}: {report}");
         let to = sandbox.path("restored");
         sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
-        assert_same(&snapshot(&root.join("vol/small")), &snapshot(&to.join("vol/small")));
+        assert_same(&snapshot(&small), &snapshot(&to.join("vol").join(below)));
     }
 }
