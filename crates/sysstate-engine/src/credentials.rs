@@ -9,20 +9,46 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use sysstate_types::ErrorCode;
 
-/// The state-directory key file for a target.
+/// Where a key generated for a target waits until its repository exists: named after the
+/// target as typed (how keys were kept before they were kept by repository).
 pub fn stored_key_path(state_dir: &Path, target: &str) -> PathBuf {
     let digest = sysstate_repo::Id::of_stored(target.as_bytes());
     state_dir.join("keys").join(format!("{}.key", &digest.to_hex()[..16]))
+}
+
+/// The generated key of the repository with id `id`: found whatever path or URL names it.
+pub fn repository_key_path(state_dir: &Path, id: &sysstate_repo::Id) -> PathBuf {
+    state_dir.join("keys").join(format!("repository-{}.key", id.to_hex()))
+}
+
+/// The id of the repository at `target`, from its config (which is not encrypted).
+fn repository_id(target: &str) -> Option<sysstate_repo::Id> {
+    let backend = crate::ops::backend(target).ok()?;
+    sysstate_repo::Repository::read_config(&*backend).ok().map(|config| config.id)
+}
+
+/// The generated key of the repository at `target`, if there is one: by the repository's id,
+/// else (a key made for a target before its repository existed, or by an earlier version) by
+/// the target as typed, which is then filed under the repository's id.
+pub fn settle(target: &str, state_dir: &Path) -> Option<PathBuf> {
+    let waiting = stored_key_path(state_dir, target);
+    let Some(id) = repository_id(target) else { return waiting.exists().then_some(waiting) };
+    let by_id = repository_key_path(state_dir, &id);
+    if !by_id.exists() && waiting.exists() && std::fs::rename(&waiting, &by_id).is_err() {
+        return Some(waiting);
+    }
+    by_id.exists().then_some(by_id)
 }
 
 /// Reads a passphrase file (one trailing newline is dropped).
 pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
     let mut bytes = std::fs::read(path).map_err(|error| {
         EngineError::new(
-            ErrorCode::WrongPassphrase,
+            ErrorCode::InvalidInput,
             format!("cannot read the passphrase file `{}`: {error}", path.display()),
         )
-        .with_resolution("check the path given with `--passphrase-file`")
+        .with_cause("the file named with `--passphrase-file` is missing or unreadable; the repository was not tried")
+        .with_resolution("check the path given with `--passphrase-file` (sysstate's generated keys are in the state directory's `keys/`)")
     })?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
@@ -49,11 +75,10 @@ pub fn find(target: &str, passphrase_file: Option<&Path>, state_dir: &Path) -> R
         let value = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str()).to_vec();
         return not_empty(value, "`SYSSTATE_PASSPHRASE`").map(Some);
     }
-    let stored = stored_key_path(state_dir, target);
-    if stored.exists() {
-        return read_passphrase_file(&stored).map(Some);
+    match settle(target, state_dir) {
+        Some(key) => read_passphrase_file(&key).map(Some),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 /// Makes a random passphrase for a new target and keeps it in the state directory (0600).

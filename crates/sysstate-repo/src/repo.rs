@@ -73,8 +73,13 @@ impl Repository {
                 Err(KeyError::Malformed(detail)) => malformed.push(format!("keys/{name}: {detail}")),
             }
         }
+        // No key opens: a damaged key file may be the one the passphrase was for.
         if !malformed.is_empty() {
-            tracing::warn!(keys = ?malformed, "some key files are malformed");
+            return Err(RepoError::Corrupt {
+                location,
+                object: malformed.join("; "),
+                detail: "the key file is damaged, and no other key opens with the passphrase given".into(),
+            });
         }
         Err(RepoError::WrongPassphrase { location })
     }

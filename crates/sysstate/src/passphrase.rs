@@ -23,21 +23,25 @@ pub fn require(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Res
     find(target, passphrase_file, quiet)?.ok_or_else(|| {
         EngineError::new(ErrorCode::WrongPassphrase, format!("no passphrase for the repository at `{target}`"))
             .with_cause("no passphrase was given and there is no terminal to ask on")
-            .with_resolution("set `SYSSTATE_PASSPHRASE`, or pass `--passphrase-file FILE`")
+            .with_resolution(format!(
+                "set `SYSSTATE_PASSPHRASE`, or pass `--passphrase-file FILE`; the keys sysstate generates are kept in `{}` by repository id, and such a key file works as `--passphrase-file`",
+                paths::state_dir().join("keys").display()
+            ))
     })
 }
 
 /// The passphrase for a backup: as [`find`]; for a target with no repository yet and none given,
-/// a random key generated and kept in the state directory (the note says where).
-pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result<Vec<u8>> {
+/// a random key generated and kept in the state directory (the backup's note says where; true
+/// when it was generated now).
+pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result<(Vec<u8>, bool)> {
     if let Some(found) = credentials::find(target, passphrase_file, &paths::state_dir())? {
-        return Ok(found);
+        return Ok((found, false));
     }
     let exists = sysstate_engine::ops::exists(target)?;
     if !quiet && std::io::stdin().is_terminal() {
         if exists {
             let given = prompt(&format!("passphrase for `{target}`: "))?;
-            return credentials::not_empty(given, "the passphrase typed");
+            return credentials::not_empty(given, "the passphrase typed").map(|given| (given, false));
         }
         // A new repository: the passphrase is asked twice, so a typo does not lock it forever.
         let first = credentials::not_empty(
@@ -48,17 +52,13 @@ pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> 
             return Err(EngineError::new(ErrorCode::InvalidInput, "the two passphrases differ: nothing was created")
                 .with_resolution("run the backup again and type the same passphrase twice"));
         }
-        return Ok(first);
+        return Ok((first, false));
     }
     if exists {
-        return require(target, passphrase_file, quiet);
+        return require(target, passphrase_file, quiet).map(|given| (given, false));
     }
-    let (passphrase, path) = credentials::generate(target, &paths::state_dir())?;
-    eprintln!(
-        "note: no passphrase was given, so the new repository at `{target}` is protected by a random key kept in `{}` (mode 0600). Keep a copy of that file somewhere safe: without it the backups cannot be read.",
-        path.display()
-    );
-    Ok(passphrase)
+    let (passphrase, _) = credentials::generate(target, &paths::state_dir())?;
+    Ok((passphrase, true))
 }
 
 /// A new passphrase: the file, `SYSSTATE_NEW_PASSPHRASE`, or asked twice on the terminal.

@@ -34,14 +34,27 @@ pub fn backup(
         wait,
         trigger: super::shadow::signal_trigger(),
     };
+    let generated = std::cell::Cell::new(false);
     let report = context.run_job(JobKind::Backup, components, "backing up", |job| {
         // Refuse unknown or missing components before anything is created (a key file, a
         // repository).
         sysstate_engine::components::select(&context.config, &global.root(), components)?;
-        let passphrase = crate::passphrase::for_backup(target, global.passphrase_file.as_deref(), global.quiet)?;
+        let (passphrase, made) =
+            crate::passphrase::for_backup(target, global.passphrase_file.as_deref(), global.quiet)?;
+        generated.set(made);
         ops::backup(&request, &passphrase, job)
     })?;
     let stats = &report.version.stats;
+    // A key generated for the new repository is filed under its id.
+    let generated_key = (generated.get() && report.created)
+        .then(|| sysstate_engine::credentials::settle(target, &sysstate_engine::paths::state_dir()))
+        .flatten();
+    if let Some(key) = &generated_key {
+        eprintln!(
+            "note: no passphrase was given, so the new repository at `{target}` is protected by a random key kept in `{}` (mode 0600). Keep a copy of that file somewhere safe: without it the backups cannot be read. It works as `--passphrase-file`.",
+            key.display()
+        );
+    }
     if context.json() {
         print_json(&json!({
             "job": report.job,

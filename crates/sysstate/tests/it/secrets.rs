@@ -95,3 +95,58 @@ fn a_passphrase_file_given_wins_over_the_environment() {
     let output = sandbox.run_code(&["versions"], 2);
     assert!(text(&output.stderr).contains("error[wrong-passphrase]"), "{}", text(&output.stderr));
 }
+
+/// A key sysstate generated is found by the repository it opens, however the target is written:
+/// with a trailing slash, relative, or a copy of the repository elsewhere.
+#[test]
+fn a_generated_key_is_found_by_the_repository_not_by_how_its_path_is_written() {
+    let mut sandbox = Sandbox::new().with_data_component();
+    sandbox.passphrase = None;
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 4);
+    let output = sandbox.ok(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    let note = text(&output.stderr);
+    let keys: Vec<String> = std::fs::read_dir(sandbox.path("state/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("repository-"), "the key is filed by repository id: {keys:?}");
+    assert!(note.contains(&keys[0]) && note.contains("--passphrase-file"), "{note}");
+
+    let slash = format!("{}/", sandbox.target);
+    sandbox.ok(&["versions", "--target", &slash]);
+    let relative = sandbox.command(&["versions", "--target", "repo"]).current_dir(sandbox.dir.path()).output().unwrap();
+    assert!(relative.status.success(), "{}", text(&relative.stderr));
+    let copy = sandbox.path("copied");
+    assert!(std::process::Command::new("cp").arg("-a").arg(&sandbox.target).arg(&copy).status().unwrap().success());
+    sandbox.ok(&["versions", "--target", copy.to_str().unwrap()]);
+}
+
+/// A passphrase file that is not there, a damaged key file and a wrong passphrase are three
+/// different errors.
+#[test]
+fn a_missing_passphrase_file_a_damaged_key_and_a_wrong_passphrase_are_told_apart() {
+    let mut sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 5);
+    sandbox.backup_data(&root);
+
+    let missing = sandbox.path("no-such-file");
+    let output = sandbox.run_code(&["versions", "--passphrase-file", missing.to_str().unwrap()], 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("error[invalid-input]") && stderr.contains("cannot read the passphrase file"), "{stderr}");
+
+    sandbox.passphrase = Some("not the passphrase".into());
+    let output = sandbox.run_code(&["versions"], 2);
+    assert!(text(&output.stderr).contains("error[wrong-passphrase]"), "{}", text(&output.stderr));
+
+    let keys = Path::new(&sandbox.target).join("keys");
+    for key in std::fs::read_dir(&keys).unwrap() {
+        std::fs::write(key.unwrap().path(), b"{ damaged").unwrap();
+    }
+    sandbox.passphrase = Some("correct horse".into());
+    let output = sandbox.run_code(&["versions"], 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("error[repository-corrupt]") && stderr.contains("key file is damaged"), "{stderr}");
+}
