@@ -177,6 +177,9 @@ pub enum ShadowsCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Undo what a shadow set whose process died left: thaw and abort its writers, delete its
+    /// copies (a backup does it too when it finds the lock of a process that is gone).
+    Recover,
 }
 
 #[derive(Debug, Subcommand)]

@@ -310,6 +310,26 @@ pub fn create_persistent(
     Ok(set.complete(true))
 }
 
+/// `sysstate shadows recover`: when the last shadow set's process died holding the machine's
+/// shadow-set lock, thaws and aborts the writers it left frozen or prepared and deletes its
+/// copies (every backup does the same when it takes the lock over). `None`: no set had died.
+pub fn recover_shadow_set(
+    config: &Config,
+    root: &Path,
+) -> Result<Option<(sysstate_shadow::LockHolder, sysstate_shadow::Recovery)>> {
+    let names: Vec<String> = components::all(config)?.into_iter().map(|c| c.name).collect();
+    let protected = crate::shadow::protected_paths(config, root, None)?;
+    let writers = crate::shadow::writers(config, root, &names, "recovery", &protected)?;
+    let mut options = shadow_options(config, root, Vec::new(), None, false)?;
+    let areas = crate::shadow::storage_areas(config, &crate::paths::state_dir())?;
+    options.extra = areas
+        .into_iter()
+        .filter(|area| area.on != options.storage.on)
+        .map(|storage| sysstate_shadow::VolumeGroup { storage, paths: Vec::new() })
+        .collect();
+    sysstate_shadow::Coordinator::new(writers).recover(&options).map_err(crate::shadow::shadow_error)
+}
+
 /// Moves the paths that lie on a volume with its own `[[shadow.storage]]` into a group of their
 /// own, so their copies go to (and are counted against) that volume's storage.
 fn split_by_volume(config: &Config, root: &Path, options: &mut sysstate_shadow::ShadowSetOptions) -> Result<()> {

@@ -83,6 +83,11 @@ impl Members {
         self.states.get(self.name(index))
     }
 
+    /// Recovers writer `index` from a dead set (see [`Writer::recover`]).
+    pub(super) fn recover(&self, index: usize, frozen: bool, deadline: Instant) -> Result<(), WriterError> {
+        self.writer(index).recover(frozen, deadline)
+    }
+
     /// Records writer `index` as failed at `phase` and makes the error the set fails with.
     pub(super) fn failed(&self, index: usize, phase: Phase, error: WriterError) -> ShadowError {
         self.set_state(index, WriterState::Failed(phase), Some(error.message.clone()));

@@ -6,6 +6,7 @@ mod guard;
 mod members;
 mod phases;
 mod record;
+mod recover;
 mod set;
 mod watchdog;
 
@@ -13,6 +14,7 @@ mod watchdog;
 mod tests;
 
 pub use record::{ShadowSetRecord, WriterRecord};
+pub use recover::Recovery;
 pub use set::ShadowSet;
 pub use watchdog::ThawTrigger;
 
@@ -107,6 +109,11 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
+/// Every storage area a set of `options` uses.
+fn storages(options: &ShadowSetOptions) -> Vec<&StorageArea> {
+    std::iter::once(&options.storage).chain(options.extra.iter().map(|group| &group.storage)).collect()
+}
+
 fn new_id() -> String {
     let mut bytes = [0u8; 8];
     getrandom::getrandom(&mut bytes).expect("the kernel's random source is available");
@@ -125,25 +132,36 @@ impl Coordinator {
         self
     }
 
+    /// Recovers what a shadow set whose process died left (`sysstate shadows recover`): takes the
+    /// lock, and when its last holder is gone, thaws and aborts that set's writers and deletes
+    /// its copies. `None` when no set had died.
+    pub fn recover(self, options: &ShadowSetOptions) -> Result<Option<(LockHolder, Recovery)>, ShadowError> {
+        let (_lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
+        let Some(previous) = taken_over else { return Ok(None) };
+        let members = Members::new(self.writers, &options.runtime_dir, "recovery");
+        Ok(Some((previous, recover::recover(&members, &storages(options)))))
+    }
+
     /// Makes a shadow set. On failure, every writer is thawed and aborted and nothing is left
     /// in shadow storage.
     pub fn create(self, options: &ShadowSetOptions, trigger: &ThawTrigger) -> Result<ShadowSet, ShadowError> {
         let (lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
-        if let Some(previous) = &taken_over {
-            tracing::warn!(holder = %previous, "took over the shadow-set lock of a process that is gone");
-            if let Some(hook) = &options.warning {
-                (hook.0)(
-                    sysstate_types::ErrorCode::ShadowSetInProgress,
-                    &format!("took over the shadow-set lock of {previous}, which is gone"),
-                );
-            }
-        }
         let set_id = new_id();
         let mut writers = self.writers;
         if let Some(output) = &options.output {
             writers.iter_mut().for_each(|writer| writer.set_output(output.clone()));
         }
         let members = Arc::new(Members::new(writers, &options.runtime_dir, &set_id));
+        if let Some(previous) = &taken_over {
+            let recovery = recover::recover(&members, &storages(options));
+            tracing::warn!(holder = %previous, %recovery, "took over the shadow-set lock of a process that is gone");
+            if let Some(hook) = &options.warning {
+                (hook.0)(
+                    sysstate_types::ErrorCode::ShadowSetInProgress,
+                    &format!("took over the shadow-set lock of {previous}, which is gone: {recovery}"),
+                );
+            }
+        }
         let watch = Arc::new(Watch::new(members.count()));
         // Backups refresh the storage's base copy in place; persistent copies are made whole.
         let copy_id = if options.persistent || options.provider == ProviderChoice::Btrfs {

@@ -22,6 +22,9 @@ pub struct FsfreezeWriter {
     protected: Vec<(String, PathBuf)>,
     freeze_timeout: Duration,
     frozen: Vec<(PathBuf, File)>,
+    /// One process per frozen filesystem that thaws it at the end of the window if sysstate
+    /// cannot (killed with SIGKILL: no watchdog, no guard runs then).
+    guardians: Vec<std::process::Child>,
 }
 
 impl FsfreezeWriter {
@@ -32,7 +35,14 @@ impl FsfreezeWriter {
         protected: Vec<(String, PathBuf)>,
         freeze_timeout: Duration,
     ) -> Self {
-        FsfreezeWriter { name: name.into(), mount_points, protected, freeze_timeout, frozen: Vec::new() }
+        FsfreezeWriter {
+            name: name.into(),
+            mount_points,
+            protected,
+            freeze_timeout,
+            frozen: Vec::new(),
+            guardians: Vec::new(),
+        }
     }
 
     fn check(&self) -> Result<(), WriterError> {
@@ -61,7 +71,30 @@ impl FsfreezeWriter {
         Ok(())
     }
 
+    /// Starts the process that thaws `mount` at the end of the window whatever happens to this
+    /// one: `fsfreeze --unfreeze` (util-linux) after the window. It is a child of sysstate and
+    /// outlives it; a thaw by sysstate stops it first.
+    fn guard(&mut self, mount: &std::path::Path) -> Result<(), WriterError> {
+        let guardian = crate::writer::guardian_command(self.freeze_timeout, mount)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                WriterError::new(
+                    ErrorClass::Nonretryable,
+                    format!("cannot start the thaw guardian of `{}`: {e}", mount.display()),
+                )
+            })?;
+        self.guardians.push(guardian);
+        Ok(())
+    }
+
     fn thaw(&mut self) -> Result<(), WriterError> {
+        for mut guardian in self.guardians.drain(..) {
+            let _ = guardian.kill();
+            let _ = guardian.wait();
+        }
         let mut failure = None;
         while let Some((mount, file)) = self.frozen.pop() {
             // SAFETY: FITHAW takes no argument through the pointer; `file` is an open
@@ -82,6 +115,27 @@ impl Writer for FsfreezeWriter {
         &self.name
     }
 
+    fn recover(&mut self, _frozen: bool, _deadline: Instant) -> Result<(), WriterError> {
+        // This writer froze nothing itself: thaw every mount point, whoever froze it. A
+        // filesystem that is not frozen refuses the thaw (EINVAL), which is what we want.
+        for mount in &self.mount_points {
+            let file = File::open(mount).map_err(|e| {
+                WriterError::new(ErrorClass::Nonretryable, format!("cannot open `{}`: {e}", mount.display()))
+            })?;
+            // SAFETY: as in `thaw`.
+            if unsafe { libc::ioctl(file.as_raw_fd(), FITHAW as _, 0) } != 0 {
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(WriterError::new(
+                        ErrorClass::Nonretryable,
+                        format!("cannot thaw `{}`: {error}", mount.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "fsfreeze"
     }
@@ -98,6 +152,10 @@ impl Writer for FsfreezeWriter {
                     let file = File::open(&mount).map_err(|e| {
                         WriterError::new(ErrorClass::Nonretryable, format!("cannot open `{}`: {e}", mount.display()))
                     })?;
+                    if let Err(error) = self.guard(&mount) {
+                        let _ = self.thaw();
+                        return Err(error);
+                    }
                     // SAFETY: FIFREEZE takes no argument through the pointer; `file` is an open
                     // directory on the filesystem to freeze.
                     if unsafe { libc::ioctl(file.as_raw_fd(), FIFREEZE as _, 0) } != 0 {

@@ -143,6 +143,15 @@ pub trait Writer: Send {
         Vec::new()
     }
 
+    /// Undoes what a shadow set that died (its process killed) left this writer in: thaw when it
+    /// was left frozen, then abort. The writer was made anew, so it knows only what the dead
+    /// set's persisted state says.
+    fn recover(&mut self, frozen: bool, deadline: Instant) -> Result<(), WriterError> {
+        let thawed = if frozen { self.handle(Phase::Thaw, deadline) } else { Ok(()) };
+        let aborted = self.handle(Phase::Abort, deadline);
+        thawed.and(aborted)
+    }
+
     /// Where to send what the writer's programs print on stderr, line by line (the job's log).
     /// Writers that run no program ignore it.
     fn set_output(&mut self, output: OutputHook) {
@@ -230,6 +239,19 @@ pub enum CopyAddition {
     FromLive(std::path::PathBuf),
     /// Leave this out of the copy.
     Remove(std::path::PathBuf),
+}
+
+/// The command of a process that thaws the filesystem at `mount` after `window`, run when it is
+/// frozen so that it is thawed even if sysstate is killed outright.
+pub(crate) fn guardian_command(window: Duration, mount: &std::path::Path) -> std::process::Command {
+    let mut command = sysstate_fs::command("sh");
+    command
+        .arg("-c")
+        .arg("sleep \"$1\"; exec fsfreeze --unfreeze \"$2\"")
+        .arg("sysstate-thaw-guardian")
+        .arg(format!("{:.3}", window.as_secs_f64()))
+        .arg(mount);
+    command
 }
 
 /// Lets a child process whose stdin was closed exit by itself within `grace`, then kills it.

@@ -144,6 +144,27 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
             }
             Ok(Outcome::Success)
         }
+        ShadowsCommand::Recover => {
+            let recovered = sysstate_engine::ops::recover_shadow_set(&context.config, &global.root())?;
+            if global.json {
+                print_json(&match &recovered {
+                    Some((holder, recovery)) => json!({
+                        "recovered": true, "holder": holder, "thawed": recovery.thawed, "aborted": recovery.aborted,
+                        "failed": recovery.failed, "deleted": recovery.deleted,
+                    }),
+                    None => json!({"recovered": false}),
+                });
+            } else if !global.quiet {
+                match &recovered {
+                    Some((holder, recovery)) => println!("the shadow set of {holder} had died: {recovery}"),
+                    None => println!("no shadow set had died: nothing to recover"),
+                }
+            }
+            match recovered {
+                Some((_, recovery)) if !recovery.failed.is_empty() => Ok(Outcome::warned(recovery.failed.len())),
+                _ => Ok(Outcome::Success),
+            }
+        }
         ShadowsCommand::Delete { id, oldest, all } => {
             let selector = match (id, oldest, all) {
                 (_, _, true) => CopySelector::All,

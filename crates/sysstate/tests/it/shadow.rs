@@ -1021,3 +1021,106 @@ fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
         assert_same(&snapshot(&small), &snapshot(&to.join("vol").join(below)));
     }
 }
+
+/// A backup killed outright (SIGKILL) while its writer is frozen: nothing thaws it then. The next
+/// command that takes the shadow-set lock — here `sysstate shadows recover`, and then a backup —
+/// runs its thaw and abort, deletes the dead set's copies, and says so in an event.
+#[test]
+fn a_set_killed_outright_is_recovered_by_the_next_one() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nabort = [\"touch\", \"@/aborted\"]\nfreeze-timeout = \"60s\"\n",
+    );
+    let args = backup_args(&root);
+    let mut child = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
+        .spawn()
+        .unwrap();
+    wait_for(&sandbox.path("frozen"));
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!sandbox.path("thawed").exists(), "nothing can thaw after SIGKILL");
+    assert_eq!(writer_state(&sandbox, "app")["state"], "waiting-for-thaw");
+
+    let recovered = sandbox.json(&["shadows", "recover"], 0);
+    assert_eq!(recovered["recovered"], true, "{recovered}");
+    assert_eq!(recovered["thawed"], serde_json::json!(["app"]), "{recovered}");
+    assert!(sandbox.path("thawed").exists() && sandbox.path("aborted").exists());
+    assert_eq!(writer_state(&sandbox, "app")["state"], "stable");
+    assert_storage_empty(&sandbox);
+    assert_eq!(sandbox.json(&["shadows", "recover"], 0)["recovered"], false, "recovered twice");
+
+    // The same by a backup that finds the dead set's lock.
+    for marker in ["frozen", "thawed", "aborted"] {
+        std::fs::remove_file(sandbox.path(marker)).unwrap();
+    }
+    let mut child = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
+        .spawn()
+        .unwrap();
+    wait_for(&sandbox.path("frozen"));
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
+    child.wait().unwrap();
+    std::fs::remove_file(sandbox.path("frozen")).unwrap();
+    sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(sandbox.path("aborted").exists(), "the dead set's writer was not aborted");
+    let warnings = sandbox.json(&["events", "--level", "warning", "--source", "shadow"], 0);
+    assert!(
+        warnings.as_array().unwrap().iter().any(|e| e["code"] == "shadow-set-in-progress"
+            && e["message"].as_str().unwrap().contains("thawed and aborted writer(s) app")),
+        "no event says what was recovered: {warnings}"
+    );
+}
+
+/// The `fsfreeze` writer's filesystem is thawed at the end of its window even when the backup is
+/// killed outright: a guardian process outlives it.
+#[test]
+fn a_filesystem_frozen_by_a_backup_killed_outright_is_thawed_by_its_guardian() {
+    if !require("root and loop devices (mkfs.xfs)", is_root() && Path::new("/dev/loop-control").exists()) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let fs = LoopFs::new(sandbox.dir.path(), "xfs");
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 33);
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!(
+            "{DATA}[[writer]]\nname = \"freezer\"\nkind = \"fsfreeze\"\nmount-points = [\"{}\"]\nfreeze-timeout = \"2s\"\n",
+            fs.mount.display()
+        ),
+    )
+    .unwrap();
+    let args = backup_args(&root);
+    let mut child = sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
+        .spawn()
+        .unwrap();
+    // Frozen: a write blocks. Wait for the writer's state to say so.
+    let until = Instant::now() + Duration::from_secs(20);
+    while writer_state(&sandbox, "freezer")["state"] != "waiting-for-thaw" {
+        assert!(Instant::now() < until, "the writer never froze");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let frozen_at = Instant::now();
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
+    child.wait().unwrap();
+    // A write completes once the guardian thaws: within the 2 s window plus a second.
+    let probe = fs.mount.join("probe");
+    let writer = std::thread::spawn(move || std::fs::write(probe, b"written"));
+    while !writer.is_finished() {
+        if frozen_at.elapsed() > Duration::from_secs(3) {
+            // Thaw by hand so that the test does not hang, then fail.
+            let _ = std::process::Command::new("fsfreeze").arg("--unfreeze").arg(&fs.mount).status();
+            panic!("the filesystem was still frozen 3 s after the freeze (window 2 s)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.join().unwrap().unwrap();
+    // The next command cleans up the dead set and finds the filesystem thawed.
+    sandbox.json(&["shadows", "recover"], 0);
+    assert_eq!(writer_state(&sandbox, "freezer")["state"], "stable");
+}
