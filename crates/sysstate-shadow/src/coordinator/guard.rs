@@ -55,9 +55,22 @@ impl Drop for FailureGuard<'_> {
             }
         }
         for storage in &self.storages {
+            if keep_base(storage, self.copy_id) {
+                continue;
+            }
             if let Err(error) = storage.delete(self.copy_id) {
                 tracing::warn!(%error, storage = %storage.on.display(), "cannot delete the failed shadow copy");
             }
         }
     }
+}
+
+/// True when the copy `id` in `storage` is a base copy that a failed or dead set leaves good: one
+/// with the record of the live identities a finished set made it from. Whatever the failed set
+/// refreshed in it was copied because its live entry had changed since that record, so the next
+/// refresh copies it again; what it had not reached yet is as the record says. Deleting it made
+/// the next set create every file again right after deleting them, which on ext4 was slow
+/// enough to fail the commit every time. A base without that record is not good: it is deleted.
+pub(super) fn keep_base(storage: &StorageArea, id: &str) -> bool {
+    id == super::BASE_COPY && crate::provider::read_origins(&storage.copy_dir(id)).is_some()
 }

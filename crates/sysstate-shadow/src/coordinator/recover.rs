@@ -51,8 +51,8 @@ impl std::fmt::Display for Recovery {
 }
 
 /// Undoes what a dead set left: every writer not `stable` in the persisted states is thawed if
-/// it was frozen and aborted; every copy in `storages` that is not a finished persistent one is
-/// deleted (a base copy may be half refreshed: it is made whole again next time).
+/// it was frozen and aborted; every copy in `storages` that is not a finished persistent one or
+/// a good base (see `guard::keep_base`) is deleted.
 pub(super) fn recover(members: &Members, storages: &[&StorageArea]) -> Recovery {
     let mut done = Recovery::default();
     for index in 0..members.count() {
@@ -82,7 +82,7 @@ pub(super) fn recover(members: &Members, storages: &[&StorageArea]) -> Recovery 
         let Ok(entries) = std::fs::read_dir(&storage.on) else { continue };
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
-            if finished.contains(&id) || !entry.path().is_dir() {
+            if finished.contains(&id) || !entry.path().is_dir() || super::guard::keep_base(storage, &id) {
                 continue;
             }
             match storage.delete(&id) {

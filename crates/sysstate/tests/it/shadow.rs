@@ -1124,3 +1124,25 @@ fn a_filesystem_frozen_by_a_backup_killed_outright_is_thawed_by_its_guardian() {
     sandbox.json(&["shadows", "recover"], 0);
     assert_eq!(writer_state(&sandbox, "freezer")["state"], "stable");
 }
+
+/// A set that fails after a good base copy exists (here its commit runs past
+/// `shadow.commit-timeout`) keeps that base: the next backup refreshes it instead of creating
+/// every file again, and its version restores whole.
+#[test]
+fn a_failed_set_keeps_a_good_base_copy() {
+    let (sandbox, root) = setup("[shadow]\nprovider = \"copy\"\ncommit-timeout = \"1s\"\n");
+    let args = backup_args(&root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    sandbox.ok(&args);
+    let base = sandbox.path("state/shadow/base");
+    assert!(base.join("origins.json").is_file());
+    std::fs::write(root.join("data/changed"), b"after the first backup").unwrap();
+    let output = sandbox.command(&args).env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "1500").output().unwrap();
+    expect_code(&output, "commit-timeout");
+    assert!(base.join("origins.json").is_file() && base.join("tree/data").is_dir(), "the good base was deleted");
+    let report = sandbox.json(&args, 0);
+    assert!(report["stats"]["files"].as_u64().unwrap() > 20, "{report}");
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
