@@ -347,7 +347,40 @@ pub(crate) fn target(target: &str, options: &Options, checks: &mut Vec<Check>) {
         return;
     }
     target_repository(&reached, options, checks);
+    target_modes(&reached, checks);
     target_leases(&reached, checks);
+}
+
+/// `target.modes`: a local repository is its owner's only — its folders, its config and above
+/// all its key files, which anyone who can read them may attack offline.
+fn target_modes(reached: &Reached<'_>, checks: &mut Vec<Check>) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = &reached.local else { return };
+    let mut open = Vec::new();
+    let mut look = |path: &Path| {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.mode() & 0o077 != 0 {
+                open.push(format!("`{}` ({:04o})", path.display(), meta.mode() & 0o7777));
+            }
+        }
+    };
+    look(dir);
+    look(&dir.join("config"));
+    for kind in ["keys", "index", "versions", "data", "locks"] {
+        look(&dir.join(kind));
+    }
+    for key in std::fs::read_dir(dir.join("keys")).into_iter().flatten().flatten() {
+        look(&key.path());
+    }
+    if open.is_empty() {
+        checks.push(Check::ok("target.modes", format!("the repository at `{}` is its owner's only", dir.display())));
+    } else {
+        checks.push(Check::warning(
+            "target.modes",
+            format!("others can use parts of the repository at `{}`: {}", dir.display(), open.join(", ")),
+            format!("`chmod -R go-rwx {}`: a readable key file lets anyone guess the passphrase offline", dir.display()),
+        ));
+    }
 }
 
 /// A target that answers: its backend, its folder when local, and whether a repository is there.

@@ -169,3 +169,22 @@ fn validation_fails_explained_when_the_target_is_read_only() {
     assert!(found.contains("error[target-permission]") && found.contains("Read-only"), "{validation}");
     assert!(!validation["resolution"].as_str().unwrap().is_empty());
 }
+
+/// A repository whose key file others can read is a warning that names it and says how to fix it.
+#[test]
+fn a_repository_open_to_others_is_a_warning() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 7);
+    sandbox.backup_data(&root);
+    let report = sandbox.json(&["doctor", "--no-validate"], 0);
+    assert_eq!(check(&report, "target.modes")["status"], "ok", "{report:#}");
+    let keys = std::path::Path::new(&sandbox.target).join("keys");
+    let key = std::fs::read_dir(&keys).unwrap().next().unwrap().unwrap().path();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let report = sandbox.json(&["doctor", "--no-validate"], 0);
+    let modes = check(&report, "target.modes");
+    assert_eq!(modes["status"], "warning", "{modes}");
+    assert!(modes["found"].as_str().unwrap().contains(&format!("`{}` (0644)", key.display())), "{modes}");
+    assert!(modes["resolution"].as_str().unwrap().contains("chmod -R go-rwx"), "{modes}");
+}
