@@ -378,7 +378,10 @@ fn target_modes(reached: &Reached<'_>, checks: &mut Vec<Check>) {
         checks.push(Check::warning(
             "target.modes",
             format!("others can use parts of the repository at `{}`: {}", dir.display(), open.join(", ")),
-            format!("`chmod -R go-rwx {}`: a readable key file lets anyone guess the passphrase offline", dir.display()),
+            format!(
+                "`chmod -R go-rwx {}`: a readable key file lets anyone guess the passphrase offline",
+                dir.display()
+            ),
         ));
     }
 }
