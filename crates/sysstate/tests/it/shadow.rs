@@ -20,6 +20,22 @@ fn backup_args(root: &Path) -> Vec<String> {
     ["backup", "--root", root.to_str().unwrap(), "--component", "data"].iter().map(|s| s.to_string()).collect()
 }
 
+/// Starts a backup of `root` whose provider commit takes `ms`, so its writers stay frozen that long.
+fn backup_held_in_commit(sandbox: &Sandbox, root: &Path, ms: u64) -> std::process::Child {
+    let args = backup_args(root);
+    sandbox
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", ms.to_string())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `signal` to `child` and reaps it.
+fn signal(child: &mut std::process::Child, signal: rustix::process::Signal) -> std::process::ExitStatus {
+    rustix::process::kill_process(rustix::process::Pid::from_child(child), signal).unwrap();
+    child.wait().unwrap()
+}
+
 fn run_backup(sandbox: &Sandbox, root: &Path) -> std::process::Output {
     let args = backup_args(root);
     sandbox.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -450,11 +466,7 @@ fn sigterm_during_the_freeze_thaws_the_writers() {
     );
     let args = backup_args(&root);
     // The commit takes 3 s, so the writer stays frozen while the signal arrives.
-    let mut child = sandbox
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "3000")
-        .spawn()
-        .unwrap();
+    let mut child = backup_held_in_commit(&sandbox, &root, 3000);
     wait_for(&sandbox.path("frozen"));
     std::thread::sleep(Duration::from_millis(200));
     assert!(!sandbox.path("thawed").exists());
@@ -1031,14 +1043,9 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
         "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nabort = [\"touch\", \"@/aborted\"]\nfreeze-timeout = \"60s\"\n",
     );
     let args = backup_args(&root);
-    let mut child = sandbox
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
-        .spawn()
-        .unwrap();
+    let mut child = backup_held_in_commit(&sandbox, &root, 30000);
     wait_for(&sandbox.path("frozen"));
-    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
-    child.wait().unwrap();
+    signal(&mut child, rustix::process::Signal::Kill);
     std::thread::sleep(Duration::from_millis(200));
     assert!(!sandbox.path("thawed").exists(), "nothing can thaw after SIGKILL");
     assert_eq!(writer_state(&sandbox, "app")["state"], "waiting-for-thaw");
@@ -1055,14 +1062,9 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
     for marker in ["frozen", "thawed", "aborted"] {
         std::fs::remove_file(sandbox.path(marker)).unwrap();
     }
-    let mut child = sandbox
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
-        .spawn()
-        .unwrap();
+    let mut child = backup_held_in_commit(&sandbox, &root, 30000);
     wait_for(&sandbox.path("frozen"));
-    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
-    child.wait().unwrap();
+    signal(&mut child, rustix::process::Signal::Kill);
     std::fs::remove_file(sandbox.path("frozen")).unwrap();
     sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(sandbox.path("aborted").exists(), "the dead set's writer was not aborted");
@@ -1093,12 +1095,7 @@ fn a_filesystem_frozen_by_a_backup_killed_outright_is_thawed_by_its_guardian() {
         ),
     )
     .unwrap();
-    let args = backup_args(&root);
-    let mut child = sandbox
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
-        .spawn()
-        .unwrap();
+    let mut child = backup_held_in_commit(&sandbox, &root, 30000);
     // Frozen: a write blocks. Wait for the writer's state to say so.
     let until = Instant::now() + Duration::from_secs(20);
     while writer_state(&sandbox, "freezer")["state"] != "waiting-for-thaw" {
@@ -1106,8 +1103,7 @@ fn a_filesystem_frozen_by_a_backup_killed_outright_is_thawed_by_its_guardian() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let frozen_at = Instant::now();
-    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Kill).unwrap();
-    child.wait().unwrap();
+    signal(&mut child, rustix::process::Signal::Kill);
     // A write completes once the guardian thaws: within the 2 s window plus a second.
     let probe = fs.mount.join("probe");
     let writer = std::thread::spawn(move || std::fs::write(probe, b"written"));
