@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use sysstate_types::time::now_ns;
 use sysstate_types::ErrorCode;
 
+/// The longest the copy before the freeze may take: far beyond any tree, only a backstop.
+const PRECOPY_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// One shadow set being made.
 pub(super) struct Run<'a> {
     pub(super) members: &'a Members,
@@ -267,7 +270,10 @@ impl Run<'_> {
         }
         self.phase("bringing the base copy up to date");
         let started = Instant::now();
-        let deadline = started + self.options.commit_timeout;
+        // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
+        // by `shadow.commit-timeout`, a first copy of a large tree on a slow filesystem timed
+        // out, was thrown away, and left the freeze to copy everything.
+        let deadline = started + PRECOPY_LIMIT;
         let failed = self.trigger.with_stop_flag(|stop| {
             for (index, group) in groups.iter_mut().enumerate() {
                 let copied = group.provider.precopy(&group.request(&self.options.root, deadline, group.budget, stop));

@@ -493,22 +493,30 @@ struct LoopFs {
 
 impl LoopFs {
     fn new(dir: &Path, kind: &str) -> LoopFs {
+        LoopFs::sized(dir, kind, 512 << 20, &[])
+    }
+
+    /// A filesystem of `bytes` (a sparse image), made with `mkfs_args` added.
+    fn sized(dir: &Path, kind: &str, bytes: u64, mkfs_args: &[&str]) -> LoopFs {
         let image = dir.join(format!("{kind}.img"));
         let mount = dir.join(format!("{kind}-mnt"));
         std::fs::create_dir_all(&mount).unwrap();
         let file = std::fs::File::create(&image).unwrap();
-        file.set_len(512 << 20).unwrap();
+        file.set_len(bytes).unwrap();
         let run = |program: &str, args: &[&str]| {
             let output = std::process::Command::new(program).args(args).output().unwrap();
             assert!(output.status.success(), "{program} {args:?}: {}", text(&output.stderr));
             text(&output.stdout).trim().to_string()
         };
         let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]);
-        match kind {
-            "xfs" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &device]),
-            "ext4" => run("mkfs.ext4", &["-q", "-F", &device]),
-            _ => run("mkfs.btrfs", &["-q", "-f", &device]),
+        let mut args: Vec<&str> = match kind {
+            "xfs" => vec!["-q", "-f", "-m", "reflink=1"],
+            "ext4" => vec!["-q", "-F"],
+            _ => vec!["-q", "-f"],
         };
+        args.extend_from_slice(mkfs_args);
+        args.push(&device);
+        run(&format!("mkfs.{kind}"), &args);
         run("mount", &[&device, mount.to_str().unwrap()]);
         LoopFs { mount, device }
     }
@@ -1141,4 +1149,77 @@ fn a_failed_set_keeps_a_good_base_copy() {
     let to = sandbox.path("restored");
     sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
+
+/// ext4 with the default provider (`auto`: a copy) and commit timeout: a 50,000-file component
+/// backed up right after another tree of that size was deleted on the same filesystem (ext4
+/// creates files slowly just after many were deleted: the copy before the freeze took longer
+/// than the commit timeout, was thrown away, and the freeze then had to copy everything), then a
+/// set failed on purpose, then backed up again: every backup that should succeed does.
+#[test]
+fn the_copy_provider_holds_up_on_ext4_with_fifty_thousand_files() {
+    if !require("root and loop devices (mkfs.ext4)", is_root() && Path::new("/dev/loop-control").exists()) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let fs = LoopFs::sized(sandbox.dir.path(), "ext4", 4 << 30, &["-N", "400000"]);
+    let many = |dir: &Path, count: usize| {
+        for i in 0..count {
+            let sub = dir.join(format!("d{}", i % 200));
+            if i < 200 {
+                std::fs::create_dir_all(&sub).unwrap();
+            }
+            std::fs::write(sub.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+        }
+    };
+    many(&fs.mount.join("other"), 50_000);
+    std::fs::remove_dir_all(fs.mount.join("other")).unwrap();
+    let root = fs.mount.join("root");
+    many(&root.join("data"), 50_000);
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!(
+            "{DATA}\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+            fs.mount.display(),
+            fs.mount.join("shadow").display()
+        ),
+    )
+    .unwrap();
+    let args = backup_args(&root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = sandbox.json(&args, 0);
+    assert_eq!(first["stats"]["files"], 50_000, "{first}");
+    // A set that fails on purpose: its commit runs past the 10 s default.
+    let output = sandbox.command(&args).env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "11000").output().unwrap();
+    expect_code(&output, "commit-timeout");
+    let again = sandbox.json(&args, 0);
+    assert_eq!(again["stats"]["files"], 50_000, "{again}");
+    let versions = sandbox.json(&["versions"], 0);
+    let shadow = &versions.as_array().unwrap().last().unwrap()["shadow"];
+    eprintln!(
+        "ext4, 50,000 files: first backup {} ms; after the failed set: freeze window {} ms, commit {} ms, copy before the freeze {} ms",
+        first["stats"]["duration-ms"], shadow["freeze-window-ms"], shadow["commit-ms"], shadow["precopy-ms"]
+    );
+}
+
+/// The copy before the freeze is not bound by `shadow.commit-timeout`, which is the freeze's
+/// limit: a first copy longer than it used to be thrown away, leaving the freeze to copy
+/// everything, which then failed the commit too.
+#[test]
+fn the_copy_before_the_freeze_may_take_longer_than_the_commit_timeout() {
+    let (sandbox, root) = setup("[shadow]\nprovider = \"copy\"\ncommit-timeout = \"1s\"\n");
+    for i in 0..15_000 {
+        let sub = root.join(format!("data/many/d{}", i % 100));
+        if i < 100 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(sub.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    // Settled: a file changed in the last two seconds is copied again in the freeze.
+    std::thread::sleep(Duration::from_millis(2500));
+    let report = sandbox.json(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>(), 0);
+    let versions = sandbox.json(&["versions"], 0);
+    let shadow = &versions[0]["shadow"];
+    eprintln!("15,000 files: copy before the freeze {} ms, commit {} ms", shadow["precopy-ms"], shadow["commit-ms"]);
+    assert!(report["stats"]["files"].as_u64().unwrap() > 15_000, "{report}");
 }
