@@ -55,8 +55,8 @@ pub enum Command {
         /// Tag the version.
         #[arg(long = "tag")]
         tags: Vec<String>,
-        /// Reader and sealer threads each (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        /// Reader and sealer threads each (default: one per core; at most 256).
+        #[arg(long, default_value_t = 0, value_parser = threads)]
         threads: usize,
         /// Wait this long for another shadow set to finish (`30s`, `10m`) instead of failing.
         #[arg(long)]
@@ -260,7 +260,17 @@ pub struct RestoreArgs {
     /// Put back what the in-place restore JOB replaced or removed, and remove what it added.
     #[arg(long, value_name = "JOB", conflicts_with_all = ["to", "in_place"])]
     pub undo: Option<String>,
-    /// Reader threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// Reader threads (default: one per core; at most 256).
+    #[arg(long, default_value_t = 0, value_parser = threads)]
     pub threads: usize,
+}
+
+/// `--threads`: 0 (one per core) to 256; more only exhausts the machine (100,000 made the
+/// backup panic when the threads could not be started).
+fn threads(text: &str) -> Result<usize, String> {
+    let count: usize = text.parse().map_err(|_| format!("`{text}` is not a number of threads"))?;
+    if count > 256 {
+        return Err(format!("{count} threads is too many: give at most 256 (0 means one per core)"));
+    }
+    Ok(count)
 }

@@ -43,7 +43,17 @@ pub fn print_error_text(error: &EngineError) {
 
 /// Prints a JSON value.
 pub fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON encodes"));
+    crate::outln!("{}", serde_json::to_string_pretty(value).expect("JSON encodes"));
+}
+
+/// `println!` that lets a closed stdout go (`sysstate items | head -1`): the rest of the output
+/// is dropped and the command finishes as it would have, instead of panicking on the broken pipe.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 pub use sysstate_types::units::bytes;

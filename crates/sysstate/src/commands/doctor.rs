@@ -43,17 +43,17 @@ pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
                 Status::Warning => "warning",
                 Status::Failed => "FAILED",
             };
-            println!("{status:<8} {:<30} {}", check.id, check.found);
+            crate::outln!("{status:<8} {:<30} {}", check.id, check.found);
             if let Some(fixed) = &check.fixed {
-                println!("{:<8} {:<30} fixed: {fixed}", "", "");
+                crate::outln!("{:<8} {:<30} fixed: {fixed}", "", "");
             }
             if let (Some(resolution), true) = (&check.resolution, check.status != Status::Ok) {
-                println!("{:<8} {:<30} resolution: {resolution}", "", "");
+                crate::outln!("{:<8} {:<30} resolution: {resolution}", "", "");
             }
         }
         for diagnosis in &report.diagnoses {
-            println!();
-            println!(
+            crate::outln!();
+            crate::outln!(
                 "job {} ({}, ended {}) failed: error[{}]: {}",
                 diagnosis.job,
                 diagnosis.kind,
@@ -61,16 +61,16 @@ pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
                 diagnosis.code,
                 diagnosis.message
             );
-            println!("  cause: {}", diagnosis.cause);
-            println!("  how we know: {}", diagnosis.tell);
+            crate::outln!("  cause: {}", diagnosis.cause);
+            crate::outln!("  how we know: {}", diagnosis.tell);
             for specific in &diagnosis.specifics {
-                println!("  - {specific}");
+                crate::outln!("  - {specific}");
             }
-            println!("  resolution: {}", diagnosis.resolution);
+            crate::outln!("  resolution: {}", diagnosis.resolution);
         }
         let count = |status| report.checks.iter().filter(|c| c.status == status).count();
-        println!();
-        println!(
+        crate::outln!();
+        crate::outln!(
             "{} checks: {} ok, {} warnings, {} failed; {} failed jobs diagnosed",
             report.checks.len(),
             count(Status::Ok),
@@ -89,13 +89,13 @@ pub fn services(cli: &Cli, config: &sysstate_engine::config::Config) -> Result<O
     if cli.global.json {
         print_json(&serde_json::to_value(&parts).expect("parts encode"));
     } else {
-        println!("{:<22} {:<11} status", "part", "start type");
+        crate::outln!("{:<22} {:<11} status", "part", "start type");
         for part in &parts {
             let start = match part.start_type {
                 StartType::AlwaysOn => "always-on",
                 StartType::OnDemand => "on-demand",
             };
-            println!("{:<22} {start:<11} {}", part.name, part.status);
+            crate::outln!("{:<22} {start:<11} {}", part.name, part.status);
         }
     }
     Ok(if parts.iter().all(|p| p.healthy) { Outcome::Success } else { Outcome::Failed })

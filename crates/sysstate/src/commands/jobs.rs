@@ -16,30 +16,30 @@ pub fn job(context: &Context<'_>, previous: Option<usize>) -> Result<Outcome> {
         return Ok(Outcome::Success);
     }
     if jobs.is_empty() {
-        println!("{}", if previous.is_some() { "no job has ended yet" } else { "no job is running" });
+        crate::outln!("{}", if previous.is_some() { "no job has ended yet" } else { "no job is running" });
     }
     for job in &jobs {
-        println!("job {} ({}): {}", job.id, job.kind, job.state);
-        println!(
+        crate::outln!("job {} ({}): {}", job.id, job.kind, job.state);
+        crate::outln!(
             "   started: {}{}",
             job.started,
             job.ended.as_ref().map(|e| format!(", ended: {e}")).unwrap_or_default()
         );
         if let Some(operation) = &job.current_operation {
-            println!("   current operation: {operation}");
+            crate::outln!("   current operation: {operation}");
         }
         let progress = &job.progress;
-        println!("   progress: {} files, {}", progress.files_done, bytes(progress.bytes_done));
+        crate::outln!("   progress: {} files, {}", progress.files_done, bytes(progress.bytes_done));
         if let Some(version) = &job.version {
-            println!("   version: {}", version.get(..8).unwrap_or(version));
+            crate::outln!("   version: {}", version.get(..8).unwrap_or(version));
         }
         if let Some(error) = &job.error {
-            println!("   error[{}]: {}", error.code, error.message);
-            println!("     cause: {}", error.cause);
-            println!("     resolution: {}", error.resolution);
+            crate::outln!("   error[{}]: {}", error.code, error.message);
+            crate::outln!("     cause: {}", error.cause);
+            crate::outln!("     resolution: {}", error.resolution);
         }
         if let Some(log) = &job.log_path {
-            println!("   log: {log}");
+            crate::outln!("   log: {log}");
         }
     }
     Ok(Outcome::Success)
@@ -82,7 +82,7 @@ pub fn events(
         print_json(&serde_json::to_value(&events).expect("events encode"));
     } else {
         for event in &events {
-            println!(
+            crate::outln!(
                 "{} {:<7} {:<10} {} {}: {}{}",
                 event.time,
                 event.level,

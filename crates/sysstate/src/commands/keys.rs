@@ -15,7 +15,7 @@ pub fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
                 print_json(&serde_json::to_value(&list).expect("keys encode"));
             } else {
                 for key in &list {
-                    println!(
+                    crate::outln!(
                         "{} {:<8} {}@{} {}",
                         if key.current { "*" } else { " " },
                         key.short(),

@@ -56,7 +56,7 @@ impl Context<'_> {
     /// Prints a line of text output (not with `--quiet` or `--json`).
     pub fn say(&self, text: impl AsRef<str>) {
         if self.shows_text() {
-            println!("{}", text.as_ref());
+            crate::outln!("{}", text.as_ref());
         }
     }
 

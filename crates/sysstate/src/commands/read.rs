@@ -21,10 +21,10 @@ pub fn versions(context: &Context<'_>) -> Result<Outcome> {
         print_json(&json!(list));
         return Ok(Outcome::Success);
     }
-    println!("{:<10} {:<21} {:<16} {:>10}  components", "version", "time (UTC)", "host", "size");
+    crate::outln!("{:<10} {:<21} {:<16} {:>10}  components", "version", "time (UTC)", "host", "size");
     for (id, v) in &versions {
         let names: Vec<_> = v.components.iter().map(|c| c.name.as_str()).collect();
-        println!(
+        crate::outln!(
             "{:<10} {:<21} {:<16} {:>10}  {}",
             id.short(),
             sysstate_types::time::format_utc(v.time_ns),
@@ -43,12 +43,17 @@ pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Res
         return Ok(Outcome::Success);
     }
     for component in &items.components {
-        println!("component {}: {}", component.name, component.paths.join(", "));
+        crate::outln!("component {}: {}", component.name, component.paths.join(", "));
     }
     for entry in &items.entries {
-        println!(
+        crate::outln!(
             "{} {:>6o} {:>5}:{:<5} {:>10} {}",
-            entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.path
+            entry.kind,
+            entry.mode,
+            entry.uid,
+            entry.gid,
+            entry.size,
+            entry.path
         );
     }
     Ok(Outcome::Success)
@@ -62,22 +67,22 @@ pub fn components(context: &Context<'_>) -> Result<Outcome> {
         return Ok(Outcome::Success);
     }
     for component in &report {
-        println!("{}{}", component.name, if component.builtin { "" } else { " (from the config)" });
+        crate::outln!("{}{}", component.name, if component.builtin { "" } else { " (from the config)" });
         if component.paths.is_empty() {
-            println!("   not on this machine (looked for {})", component.missing.join(", "));
+            crate::outln!("   not on this machine (looked for {})", component.missing.join(", "));
             continue;
         }
-        println!("   paths: {}", component.paths.join(", "));
-        println!(
+        crate::outln!("   paths: {}", component.paths.join(", "));
+        crate::outln!(
             "   size: {} in {} files, on {}",
             bytes(component.size),
             component.files,
             component.filesystem.as_deref().unwrap_or("?")
         );
         if !component.writers.is_empty() {
-            println!("   writers: {}", component.writers.join(", "));
+            crate::outln!("   writers: {}", component.writers.join(", "));
         }
-        println!("   lock state: {}", component.lock_state);
+        crate::outln!("   lock state: {}", component.lock_state);
     }
     Ok(Outcome::Success)
 }

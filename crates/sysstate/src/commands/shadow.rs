@@ -54,12 +54,12 @@ pub fn writers(context: &Context<'_>) -> Result<Outcome> {
     if context.json() {
         print_json(&json!(rows));
     } else if rows.is_empty() {
-        println!("no writers are configured (`[[writer]]` in the config)");
+        crate::outln!("no writers are configured (`[[writer]]` in the config)");
     } else {
         for row in &rows {
-            println!("writer `{}` ({})", row["name"].as_str().unwrap_or(""), row["kind"].as_str().unwrap_or(""));
-            println!("   state: {}", row["state"].as_str().unwrap_or(""));
-            println!("   last error: {}", row["last-error"].as_str().unwrap_or("no error"));
+            crate::outln!("writer `{}` ({})", row["name"].as_str().unwrap_or(""), row["kind"].as_str().unwrap_or(""));
+            crate::outln!("   state: {}", row["state"].as_str().unwrap_or(""));
+            crate::outln!("   last error: {}", row["last-error"].as_str().unwrap_or("no error"));
         }
     }
     Ok(Outcome::Success)
@@ -79,7 +79,7 @@ pub fn providers(context: &Context<'_>) -> Result<Outcome> {
         print_json(&json!(rows));
     } else {
         for row in &rows {
-            println!(
+            crate::outln!(
                 "provider `{}`: {} ({})",
                 row["name"].as_str().unwrap_or(""),
                 row["state"].as_str().unwrap_or(""),
@@ -111,10 +111,10 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
             if global.json {
                 print_json(&json!(rows));
             } else if rows.is_empty() {
-                println!("no shadow copies");
+                crate::outln!("no shadow copies");
             } else {
                 for row in &rows {
-                    println!(
+                    crate::outln!(
                         "{}  {}  {}  {} entries  {}  {}",
                         row["id"].as_str().unwrap_or(""),
                         row["created"].as_str().unwrap_or(""),
@@ -133,7 +133,7 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
             if global.json {
                 print_json(&serde_json::to_value(&record).expect("records encode"));
             } else if !global.quiet {
-                println!(
+                crate::outln!(
                     "shadow copy {} created: {} entries, {} in `{}`, frozen {} ms",
                     record.id,
                     record.files,
@@ -156,8 +156,8 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
                 });
             } else if !global.quiet {
                 match &recovered {
-                    Some((holder, recovery)) => println!("the shadow set of {holder} had died: {recovery}"),
-                    None => println!("no shadow set had died: nothing to recover"),
+                    Some((holder, recovery)) => crate::outln!("the shadow set of {holder} had died: {recovery}"),
+                    None => crate::outln!("no shadow set had died: nothing to recover"),
                 }
             }
             match recovered {
@@ -181,7 +181,7 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
             if global.json {
                 print_json(&json!({"deleted": deleted}));
             } else if !global.quiet {
-                println!("deleted {} shadow copies", deleted.len());
+                crate::outln!("deleted {} shadow copies", deleted.len());
             }
             Ok(Outcome::Success)
         }
@@ -196,7 +196,7 @@ pub fn storage(context: &Context<'_>, command: Option<&StorageCommand>) -> Resul
             eprintln!("warning[shadow-storage-oldest-deleted]: {warning}");
         }
         if !context.json() {
-            println!("shadow storage for `{for_volume}` on `{on}`: max size {max_size}");
+            crate::outln!("shadow storage for `{for_volume}` on `{on}`: max size {max_size}");
         }
     }
     let rows: Vec<serde_json::Value> = shadow::storage_areas(&context.config, &state_dir)?
@@ -210,7 +210,7 @@ pub fn storage(context: &Context<'_>, command: Option<&StorageCommand>) -> Resul
         print_json(&json!(rows));
     } else {
         for row in &rows {
-            println!(
+            crate::outln!(
                 "for `{}` on `{}`: max {} ({}), used {}, {} copies, {} free on its volume",
                 row["for"].as_str().unwrap_or(""),
                 row["on"].as_str().unwrap_or(""),

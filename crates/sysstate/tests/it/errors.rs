@@ -227,3 +227,38 @@ fn component_incomplete_when_a_path_goes_away_before_the_copy() {
     assert!(diagnosis["specifics"][0].as_str().unwrap().contains("now it is gone"), "{diagnosis:#}");
     assert!(diagnosis["cause"].as_str().unwrap().contains("removed"), "{diagnosis:#}");
 }
+
+/// `sysstate items | head -1`: the reader goes away after a line; sysstate finishes without a
+/// panic (it exited 101 on the broken pipe).
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3000, 17);
+    sandbox.backup_data(&root);
+    let mut child = sandbox
+        .command(&["items"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    assert!(!first.is_empty());
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+}
+
+/// An absurd `--threads` is refused with the limit, not a panic.
+#[test]
+fn too_many_threads_are_refused() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 18);
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--threads", "100000"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("at most 256") && !stderr.contains("panicked"), "{stderr}");
+}
