@@ -1074,8 +1074,11 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
     wait_for(&sandbox.path("frozen"));
     signal(&mut child, rustix::process::Signal::Kill);
     std::fs::remove_file(sandbox.path("frozen")).unwrap();
-    sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let output = sandbox.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(sandbox.path("aborted").exists(), "the dead set's writer was not aborted");
+    // The warning on stderr, which is not a terminal here, has no colour codes.
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("took over the shadow-set lock") && !stderr.contains('\x1b'), "{stderr:?}");
     let warnings = sandbox.json(&["events", "--level", "warning", "--source", "shadow"], 0);
     assert!(
         warnings.as_array().unwrap().iter().any(|e| e["code"] == "shadow-set-in-progress"
