@@ -15,6 +15,8 @@ pub enum WriterState {
     Stable,
     /// Prepared; the freeze comes next.
     WaitingForFreeze,
+    /// Its freeze has begun and not answered yet: it may be frozen.
+    Freezing,
     /// Frozen.
     WaitingForThaw,
     /// Thawed; post-snapshot comes next.
@@ -37,6 +39,7 @@ impl std::fmt::Display for WriterState {
         match self {
             WriterState::Stable => f.write_str("stable"),
             WriterState::WaitingForFreeze => f.write_str("waiting-for-freeze"),
+            WriterState::Freezing => f.write_str("freezing"),
             WriterState::WaitingForThaw => f.write_str("waiting-for-thaw"),
             WriterState::WaitingForPostSnapshot => f.write_str("waiting-for-post-snapshot"),
             WriterState::WaitingForCompletion => f.write_str("waiting-for-completion"),
@@ -58,6 +61,7 @@ impl TryFrom<String> for WriterState {
         let state = match name.as_str() {
             "stable" => WriterState::Stable,
             "waiting-for-freeze" => WriterState::WaitingForFreeze,
+            "freezing" => WriterState::Freezing,
             "waiting-for-thaw" => WriterState::WaitingForThaw,
             "waiting-for-post-snapshot" => WriterState::WaitingForPostSnapshot,
             "waiting-for-completion" => WriterState::WaitingForCompletion,
@@ -187,7 +191,12 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_their_names() {
-        let states = [WriterState::Stable, WriterState::WaitingForThaw, WriterState::Failed(Phase::PrepareBackup)];
+        let states = [
+            WriterState::Stable,
+            WriterState::Freezing,
+            WriterState::WaitingForThaw,
+            WriterState::Failed(Phase::PrepareBackup),
+        ];
         for state in states {
             assert_eq!(WriterState::try_from(state.to_string()), Ok(state));
         }

@@ -318,7 +318,7 @@ impl Run<'_> {
             self.stop_if_interrupted()?;
             // Recorded before the call: a process killed while the writer freezes leaves a state
             // that says it may be frozen, so the next one thaws it.
-            self.members.set_state(index, WriterState::WaitingForThaw, None);
+            self.members.set_state(index, WriterState::Freezing, None);
             let deadline = self.watch.start_freeze(index, self.members.window(index));
             if let Err(error) = self.members.call(index, Phase::Freeze, deadline) {
                 if Instant::now() >= deadline {
@@ -326,6 +326,7 @@ impl Run<'_> {
                 }
                 return Err(self.members.failed(index, Phase::Freeze, error));
             }
+            self.members.set_state(index, WriterState::WaitingForThaw, None);
         }
         Ok((started, frozen_at_ns))
     }

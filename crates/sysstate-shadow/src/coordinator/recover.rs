@@ -58,7 +58,10 @@ pub(super) fn recover(members: &Members, storages: &[&StorageArea]) -> Recovery 
     for index in 0..members.count() {
         let Some(state) = members.state(index).filter(|state| *state != WriterState::Stable) else { continue };
         // Frozen, or perhaps partly: its freeze had started.
-        let frozen = matches!(state, WriterState::WaitingForThaw | WriterState::Failed(crate::writer::Phase::Freeze));
+        let frozen = matches!(
+            state,
+            WriterState::Freezing | WriterState::WaitingForThaw | WriterState::Failed(crate::writer::Phase::Freeze)
+        );
         let name = members.name(index).to_string();
         match members.recover(index, frozen, Instant::now() + DEFAULT_PHASE_TIMEOUT) {
             Ok(()) => {

@@ -1056,7 +1056,8 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
     signal(&mut child, rustix::process::Signal::Kill);
     std::thread::sleep(Duration::from_millis(200));
     assert!(!sandbox.path("thawed").exists(), "nothing can thaw after SIGKILL");
-    assert_eq!(writer_state(&sandbox, "app")["state"], "waiting-for-thaw");
+    let state = writer_state(&sandbox, "app")["state"].clone();
+    assert!(state == "freezing" || state == "waiting-for-thaw", "{state}");
 
     let recovered = sandbox.json(&["shadows", "recover"], 0);
     assert_eq!(recovered["recovered"], true, "{recovered}");
