@@ -45,13 +45,11 @@ impl std::fmt::Debug for ShadowSource {
 impl ShadowSource {
     /// What `set` copied of the live tree under `live_root`.
     pub fn new(set: &ShadowSet, live_root: &Path) -> ShadowSource {
-        let identity = set.live_identity();
-        let snapshot = set.taken_ns().zip(identity(Path::new("/")).map(|(device, ..)| device));
         ShadowSource {
             copy_root: set.root().to_path_buf(),
             live_root: live_root.to_path_buf(),
-            identity: Box::new(identity),
-            snapshot,
+            identity: Box::new(set.live_identity()),
+            snapshot: set.taken_ns().zip(set.live_device()),
         }
     }
 

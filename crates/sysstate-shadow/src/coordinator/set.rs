@@ -80,6 +80,12 @@ impl ShadowSet {
         self.taken_ns
     }
 
+    /// For a snapshot, which keeps inodes and ctimes: the live device its entries are recorded
+    /// with. `None` for a copy.
+    pub fn live_device(&self) -> Option<u64> {
+        self.live_device
+    }
+
     /// Entries the provider did not copy (sockets), with why.
     pub fn skipped(&self) -> &[(PathBuf, String)] {
         &self.skipped

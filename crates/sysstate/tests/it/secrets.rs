@@ -1,5 +1,6 @@
-//! Secrets stay in sysstate: no program it runs sees a passphrase; an empty passphrase is
-//! refused; a passphrase file given on the command line wins over the environment.
+//! Secrets stay in sysstate: no program it runs sees a passphrase (and each gets the umask
+//! sysstate was started with); an empty passphrase is refused; a passphrase file given on the
+//! command line wins over the environment.
 
 use crate::support::*;
 use std::path::Path;
@@ -29,7 +30,7 @@ fn no_program_sysstate_runs_sees_the_passphrase() {
     std::fs::write(
         sandbox.path("config.toml"),
         format!(
-            "[[writer]]\nname = \"dump\"\nkind = \"command\"\nfreeze = [\"/bin/sh\", \"-c\", \"env > {}/writer.env\"]\n",
+            "[[writer]]\nname = \"dump\"\nkind = \"command\"\nfreeze = [\"/bin/sh\", \"-c\", \"env > {0}/writer.env; umask > {0}/writer.umask\"]\n",
             dumps.display()
         ),
     )
@@ -37,7 +38,17 @@ fn no_program_sysstate_runs_sees_the_passphrase() {
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let root_arg = root.to_str().unwrap();
     let run = |args: &[&str]| {
-        let output = sandbox.command(args).env("PATH", &path).output().unwrap();
+        let mut command = sandbox.command(args);
+        command.env("PATH", &path);
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask(2) only, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+                Ok(())
+            });
+        }
+        let output = command.output().unwrap();
         assert!(output.status.success(), "sysstate {args:?}: {}", text(&output.stderr));
     };
     run(&["backup", "--root", root_arg, "--component", "packages"]);
@@ -48,6 +59,9 @@ fn no_program_sysstate_runs_sees_the_passphrase() {
         assert!(env.contains("PATH="), "{dump}: {env}");
         assert!(!env.contains("secret-sentinel-4242"), "{dump} saw the passphrase:\n{env}");
     }
+    // The programs get back the umask sysstate was started with, not its own 077.
+    let umask = std::fs::read_to_string(dumps.join("writer.umask")).unwrap();
+    assert_eq!(umask.trim(), "0022", "the writer's umask");
 }
 
 #[test]

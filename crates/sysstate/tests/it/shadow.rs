@@ -522,6 +522,23 @@ impl LoopFs {
     }
 }
 
+/// `from` bind-mounted at `at`; unmounted on drop.
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(from: &Path, at: &Path) -> BindMount {
+        let status = std::process::Command::new("mount").arg("--bind").arg(from).arg(at).status().unwrap();
+        assert!(status.success(), "mount --bind {} {}", from.display(), at.display());
+        BindMount(at.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.mount).status();
@@ -779,16 +796,7 @@ fn each_volume_copies_into_its_own_shadow_storage() {
     std::fs::create_dir_all(root.join("vol")).unwrap();
     // The second volume is mounted at /vol of the root, with its storage inside it.
     let fs = LoopFs::new(sandbox.dir.path(), "xfs");
-    let status =
-        std::process::Command::new("mount").args(["--bind"]).arg(&fs.mount).arg(root.join("vol")).status().unwrap();
-    assert!(status.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _bind = Unmount(root.join("vol"));
+    let _bind = BindMount::new(&fs.mount, &root.join("vol"));
     make_tree(&root.join("vol/data"), 40, 72);
     let volume = root.join("vol");
     let storage = volume.join("shadow");
@@ -1004,16 +1012,7 @@ fn a_component_on_another_volume_below_a_folder_is_backed_up_whole() {
         let root = sandbox.path("root");
         std::fs::create_dir_all(root.join("vol")).unwrap();
         let fs = LoopFs::new(sandbox.dir.path(), kind);
-        let status =
-            std::process::Command::new("mount").args(["--bind"]).arg(&fs.mount).arg(root.join("vol")).status().unwrap();
-        assert!(status.success());
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(&self.0).status();
-            }
-        }
-        let _bind = Unmount(root.join("vol"));
+        let _bind = BindMount::new(&fs.mount, &root.join("vol"));
         if below.starts_with("subvolume") {
             let made = std::process::Command::new("btrfs")
                 .args(["subvolume", "create"])
