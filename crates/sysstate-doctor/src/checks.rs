@@ -589,6 +589,7 @@ fn validation_backup(config: &Config, root: PathBuf, temp_target: &str) -> sysst
     let store = std::sync::Arc::new(JobStore::open(&paths::state_dir())?);
     let components = vec!["doctor-validation".to_string()];
     let request = sysstate_engine::ops::BackupRequest {
+        damage: None,
         config,
         root,
         target: temp_target.to_string(),

@@ -152,7 +152,7 @@ pub struct InPlacePlan {
 /// Plans an in-place restore: the version's components against the live root (`packages` as
 /// the difference of the package sets). Reads the repository and the live tree; changes nothing.
 pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Result<InPlacePlan> {
-    let (id, manifest) = repo.find_version(&request.version)?;
+    let (id, manifest) = repo.find_version_holding(&request.version, &request.components)?;
     let names: Vec<String> = if request.components.is_empty() {
         manifest.components.iter().map(|c| c.name.clone()).collect()
     } else {

@@ -9,10 +9,10 @@ use crate::id::Id;
 use crate::index::Index;
 use crate::pack::read_header;
 use crate::repo::Repository;
-use crate::tree::NodeKind;
+use crate::tree::{NodeKind, MAX_TREE_DEPTH};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What check found.
 #[derive(Debug, Default, Serialize)]
@@ -28,6 +28,8 @@ pub struct CheckReport {
     pub damaged_files: Vec<String>,
     /// Versions that cannot be restored whole.
     pub damaged_versions: Vec<String>,
+    /// The repairs to run, in order (`sysstate repair index`, …): empty when clean.
+    pub repairs: Vec<String>,
     /// Counts.
     pub versions: usize,
     /// Packs.
@@ -56,6 +58,15 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn crate::Progress)
     Ok(checker.into_report())
 }
 
+/// The versions (short ids) and files (`version:/path`) that cannot be restored whole when the
+/// blobs `missing` are lost (besides those the index lacks).
+pub(crate) fn versions_lacking(repo: &Repository, missing: HashSet<Id>) -> Result<(Vec<String>, Vec<String>)> {
+    let mut checker = Checker::read_indexes(repo)?;
+    checker.missing_blobs = missing;
+    checker.check_versions()?;
+    Ok((checker.report.damaged_versions, checker.report.damaged_files))
+}
+
 /// A check under way: what the index files say, what is stored, and what was found damaged.
 struct Checker<'r> {
     repo: &'r Repository,
@@ -69,6 +80,12 @@ struct Checker<'r> {
     packs: HashMap<String, u64>,
     /// Blobs a restore cannot read.
     missing_blobs: HashSet<Id>,
+    /// Stored packs that no index lists.
+    unindexed: Vec<String>,
+    /// Blobs versions need that no index lists.
+    absent: usize,
+    /// Trees walked clean (a damaged one is walked again for every version, to name them all).
+    clean_trees: HashSet<Id>,
 }
 
 impl<'r> Checker<'r> {
@@ -81,6 +98,9 @@ impl<'r> Checker<'r> {
             indexed_packs: HashMap::new(),
             packs: HashMap::new(),
             missing_blobs: HashSet::new(),
+            unindexed: Vec::new(),
+            absent: 0,
+            clean_trees: HashSet::new(),
         };
         for (name, _) in repo.backend().list(FileKind::Index)? {
             match repo.read_index_file(&name) {
@@ -93,7 +113,10 @@ impl<'r> Checker<'r> {
                         *furthest = (*furthest).max(end);
                     }
                 }
-                Err(error) => checker.report.errors.push(format!("index/{name}: {error}")),
+                Err(error) => {
+                    checker.report.errors.push(format!("index/{name}: {error}"));
+                    checker.repair("sysstate repair index");
+                }
             }
         }
         checker.report.blobs = checker.index.len();
@@ -110,23 +133,24 @@ impl<'r> Checker<'r> {
                 None => {
                     self.report.errors.push(format!("pack {} is in the index but missing from `data/`", pack.short()));
                     self.report.damaged_packs.push(pack.to_hex());
+
                 }
                 Some(size) if *size < *end => {
                     self.report
                         .errors
                         .push(format!("pack {} is truncated: {size} bytes, the index needs {end}", pack.short()));
                     self.report.damaged_packs.push(pack.to_hex());
+
                 }
                 Some(_) => {}
             }
         }
         for name in self.packs.keys() {
             if Id::from_hex(name).is_none_or(|id| !self.indexed_packs.contains_key(&id)) {
-                self.report.warnings.push(format!(
-                    "pack {name} is not in any index (left by an interrupted backup; `sysstate prune` removes it)"
-                ));
+                self.unindexed.push(name.clone());
             }
         }
+        self.unindexed.sort();
         let damaged = self.damaged();
         for (id, location) in self.index.iter() {
             if damaged.contains(&location.pack) {
@@ -206,12 +230,12 @@ impl<'r> Checker<'r> {
     /// Every version: its manifest readable, every tree readable, every data blob indexed and
     /// undamaged; the files and versions that cannot be restored whole.
     fn check_versions(&mut self) -> Result<()> {
-        let mut checked_trees: HashSet<Id> = HashSet::new();
         let mut damaged_files = BTreeSet::new();
         for (name, _) in self.repo.backend().list(FileKind::Version)? {
             self.report.versions += 1;
             let Some(id) = Id::from_hex(&name) else {
                 self.report.errors.push(format!("versions/{name}: not a version name"));
+                self.repair("sysstate repair versions");
                 continue;
             };
             let version = match self.repo.read_version(&id) {
@@ -219,20 +243,11 @@ impl<'r> Checker<'r> {
                 Err(error) => {
                     self.report.errors.push(format!("version {}: {error}", id.short()));
                     self.report.damaged_versions.push(id.short());
+                    self.repair("sysstate repair versions");
                     continue;
                 }
             };
-            let mut broken = Vec::new();
-            walk(
-                self.repo,
-                &self.index,
-                &self.missing_blobs,
-                &version.tree,
-                Path::new("/"),
-                &mut checked_trees,
-                &mut broken,
-                &mut self.report.errors,
-            );
+            let broken = self.walk(&version.tree);
             if !broken.is_empty() {
                 self.report.damaged_versions.push(id.short());
                 for path in broken {
@@ -244,62 +259,108 @@ impl<'r> Checker<'r> {
         Ok(())
     }
 
+    /// Walks one version's trees (with an explicit stack: a crafted repository cannot overflow
+    /// it, and a tree nested deeper than [`MAX_TREE_DEPTH`] is damage) and returns the paths
+    /// that cannot be restored whole.
+    fn walk(&mut self, root: &Id) -> Vec<PathBuf> {
+        enum Step {
+            Enter(Id, PathBuf, usize),
+            /// A tree's walk is over: clean when nothing was broken since `before`.
+            Leave(Id, usize),
+        }
+        let mut broken = Vec::new();
+        let mut stack = vec![Step::Enter(*root, PathBuf::from("/"), 0)];
+        while let Some(step) = stack.pop() {
+            let (tree_id, path, depth) = match step {
+                Step::Leave(tree_id, before) => {
+                    if broken.len() == before {
+                        self.clean_trees.insert(tree_id);
+                    }
+                    continue;
+                }
+                Step::Enter(tree_id, _, _) if self.clean_trees.contains(&tree_id) => continue,
+                Step::Enter(tree_id, path, depth) => (tree_id, path, depth),
+            };
+            if depth > MAX_TREE_DEPTH {
+                self.report.errors.push(format!(
+                    "`{}` is nested deeper than {MAX_TREE_DEPTH} directories: the tree is crafted or damaged",
+                    path.display()
+                ));
+                broken.push(path);
+                continue;
+            }
+            if !self.index.contains(&tree_id) || self.missing_blobs.contains(&tree_id) {
+                self.absent += usize::from(!self.index.contains(&tree_id));
+                self.report.errors.push(format!("tree {} of `{}` is missing or damaged", tree_id.short(), path.display()));
+                broken.push(path);
+                continue;
+            }
+            let tree = match self.repo.read_tree(&tree_id) {
+                Ok(tree) => tree,
+                Err(error) => {
+                    self.report.errors.push(format!("tree of `{}`: {error}", path.display()));
+                    broken.push(path);
+                    continue;
+                }
+            };
+            stack.push(Step::Leave(tree_id, broken.len()));
+            for node in tree.nodes {
+                let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&node.name));
+                match node.kind {
+                    NodeKind::Dir { subtree } => stack.push(Step::Enter(subtree, child, depth + 1)),
+                    NodeKind::File(content) => {
+                        let index = &self.index;
+                        if let Some(bad) = content.blobs.iter().find(|b| !index.contains(b) || self.missing_blobs.contains(b)) {
+                            if !index.contains(bad) {
+                                self.absent += 1;
+                                self.report.errors.push(format!(
+                                    "`{}` needs blob {} which is not in the index",
+                                    child.display(),
+                                    bad.short()
+                                ));
+                            }
+                            broken.push(child);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        broken
+    }
+
+    /// Adds a repair to the advice, once.
+    fn repair(&mut self, command: &str) {
+        if !self.report.repairs.iter().any(|r| r == command) {
+            self.report.repairs.push(command.to_string());
+        }
+    }
+
     fn into_report(mut self) -> CheckReport {
+        // A pack in no index is a leftover of an interrupted backup, unless versions need blobs
+        // that no index lists: then it may be what a lost index file listed.
+        let lost_index = self.absent > 0 && !self.unindexed.is_empty();
+        for name in std::mem::take(&mut self.unindexed) {
+            self.report.warnings.push(if lost_index {
+                format!("pack {name} is not in any index, and versions need blobs no index lists: `sysstate repair index` finds them again (do not prune before)")
+            } else {
+                format!("pack {name} is not in any index (left by an interrupted backup; `sysstate prune` removes it)")
+            });
+        }
+        if lost_index {
+            self.repair("sysstate repair index");
+        }
+        if !self.report.damaged_packs.is_empty() {
+            self.repair("sysstate repair packs");
+        }
+        if !self.report.damaged_files.is_empty() {
+            self.repair("sysstate backup (stores the damaged files' content again where this machine still has it)");
+        }
+        // Index first (the other repairs read it), then manifests, then packs, then a backup.
+        let order = ["sysstate repair index", "sysstate repair versions", "sysstate repair packs"];
+        self.report.repairs.sort_by_key(|r| order.iter().position(|o| o == r).unwrap_or(order.len()));
         self.report.damaged_packs.sort();
         self.report.damaged_packs.dedup();
         self.report
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn walk(
-    repo: &Repository,
-    index: &Index,
-    missing: &HashSet<Id>,
-    tree_id: &Id,
-    path: &Path,
-    seen: &mut HashSet<Id>,
-    broken: &mut Vec<PathBuf>,
-    errors: &mut Vec<String>,
-) {
-    // A tree seen clean before needs no second walk; a damaged one is walked again so every
-    // version it breaks is named.
-    if !index.contains(tree_id) || missing.contains(tree_id) {
-        errors.push(format!("tree {} of `{}` is missing or damaged", tree_id.short(), path.display()));
-        broken.push(path.to_path_buf());
-        return;
-    }
-    let tree = match repo.read_tree(tree_id) {
-        Ok(tree) => tree,
-        Err(error) => {
-            errors.push(format!("tree of `{}`: {error}", path.display()));
-            broken.push(path.to_path_buf());
-            return;
-        }
-    };
-    let before = broken.len();
-    for node in &tree.nodes {
-        let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&node.name));
-        match &node.kind {
-            NodeKind::Dir { subtree } if !seen.contains(subtree) => {
-                walk(repo, index, missing, subtree, &child, seen, broken, errors);
-            }
-            NodeKind::File(content) => {
-                if let Some(bad) = content.blobs.iter().find(|b| !index.contains(b) || missing.contains(b)) {
-                    if !index.contains(bad) {
-                        errors.push(format!(
-                            "`{}` needs blob {} which is not in the index",
-                            child.display(),
-                            bad.short()
-                        ));
-                    }
-                    broken.push(child);
-                }
-            }
-            _ => {}
-        }
-    }
-    if broken.len() == before {
-        seen.insert(*tree_id);
     }
 }

@@ -106,23 +106,41 @@ pub enum PackError {
     BadHeader(String),
 }
 
-/// Reads the entries from a pack's trailing bytes. `tail` holds the last bytes of the pack and
-/// `pack_length` is the whole pack's length.
+/// Reads the entries of a whole pack's header.
 pub fn read_header(key: &MasterKey, pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
-    if pack.len() < PACK_MAGIC.len() + TRAILER_LEN || &pack[..8] != PACK_MAGIC || &pack[pack.len() - 8..] != PACK_MAGIC
+    if pack.len() < PACK_MAGIC.len() + TRAILER_LEN || &pack[..8] != PACK_MAGIC {
+        return Err(PackError::NotAPack);
+    }
+    let length = pack.len() as u64;
+    let header_start = header_start(&pack[pack.len() - TRAILER_LEN..], length)?;
+    open_header(key, &pack[header_start as usize..pack.len() - TRAILER_LEN], header_start)
+}
+
+/// The bytes at a pack's end that say where its header starts.
+pub const TRAILER_LENGTH: usize = TRAILER_LEN;
+
+/// Where the sealed header starts, from the pack's last [`TRAILER_LENGTH`] bytes and its length:
+/// the header is the bytes from there up to the trailer. Lets a reader fetch only a pack's tail
+/// (`sysstate repair index` reads no blob).
+pub fn header_start(trailer: &[u8], pack_length: u64) -> Result<u64, PackError> {
+    if trailer.len() != TRAILER_LEN || pack_length < (PACK_MAGIC.len() + TRAILER_LEN) as u64 || &trailer[4..] != PACK_MAGIC
     {
         return Err(PackError::NotAPack);
     }
-    let length_at = pack.len() - TRAILER_LEN;
-    let header_length = u32::from_le_bytes(pack[length_at..length_at + 4].try_into().expect("4 bytes"));
-    let header_start = length_at
-        .checked_sub(header_length as usize)
-        .filter(|start| *start >= PACK_MAGIC.len())
-        .ok_or(PackError::BadHeaderLength(header_length))?;
-    let header = key.open(Label::PackHeader, &pack[header_start..length_at]).map_err(|_| PackError::HeaderSeal)?;
+    let header_length = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
+    (pack_length - TRAILER_LEN as u64)
+        .checked_sub(u64::from(header_length))
+        .filter(|start| *start >= PACK_MAGIC.len() as u64)
+        .ok_or(PackError::BadHeaderLength(header_length))
+}
+
+/// Opens a sealed header that starts at `header_start`, and checks that every entry lies in the
+/// blob area before it.
+pub fn open_header(key: &MasterKey, sealed: &[u8], header_start: u64) -> Result<Vec<PackEntry>, PackError> {
+    let header = key.open(Label::PackHeader, sealed).map_err(|_| PackError::HeaderSeal)?;
     let entries: Vec<PackEntry> = postcard::from_bytes(&header).map_err(|e| PackError::BadHeader(e.to_string()))?;
     for entry in &entries {
-        let end = entry.offset as usize + entry.length as usize;
+        let end = u64::from(entry.offset) + u64::from(entry.length);
         if (entry.offset as usize) < PACK_MAGIC.len() || end > header_start {
             return Err(PackError::BadHeader(format!("blob {} lies outside the pack's blob area", entry.id.short())));
         }

@@ -9,7 +9,7 @@
 //! one pack being read and one being written.
 
 use crate::backend::FileKind;
-use crate::error::Result;
+use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::index::{IndexFile, IndexPack};
 use crate::repo::Repository;
@@ -92,6 +92,18 @@ pub struct PrunePlan {
 pub fn plan(repo: &Repository) -> Result<PrunePlan> {
     let old_index_files = repo.load_index()?;
     let used = used_blobs(repo)?;
+    // Damage first: a damaged index file hides packs that versions need, a damaged manifest
+    // hides the blobs it names; pruning now would delete them.
+    if let Some(damaged) = repo.damaged().into_iter().next() {
+        return Err(RepoError::Corrupt {
+            location: repo.location(),
+            object: damaged.object,
+            detail: format!(
+                "{}; prune would delete data it may name: run `{}` first",
+                damaged.detail, damaged.repair
+            ),
+        });
+    }
     let pack_sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     let mut plan = PrunePlan { old_index_files, ..PrunePlan::default() };
 
@@ -124,6 +136,19 @@ pub fn plan(repo: &Repository) -> Result<PrunePlan> {
         }
     }
     plan.orphans.sort();
+    // Packs in no index may be what an index file that was lost listed: while a version needs
+    // a blob the index lacks, they are not deleted.
+    let absent = used.iter().filter(|id| !repo.index().contains(id)).count();
+    if absent > 0 && !plan.orphans.is_empty() {
+        return Err(RepoError::Corrupt {
+            location: repo.location(),
+            object: "index".into(),
+            detail: format!(
+                "versions need {absent} blobs that no index lists, and {} packs are in no index: they may hold them. Run `sysstate repair index` before pruning",
+                plan.orphans.len()
+            ),
+        });
+    }
     plan.pack_sizes = pack_sizes;
     Ok(plan)
 }

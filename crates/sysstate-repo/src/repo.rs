@@ -10,7 +10,37 @@ use crate::keys::{KdfParams, KeyError, KeyFile, RepoConfig, CONFIG_MAGIC, FORMAT
 use crate::lock::{host_name, now_ns};
 use crate::tree::Tree;
 use crate::version::Version;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+/// A repository file passed over because it cannot be read: every command that does not need
+/// it goes on without it, and says so through the repository's [`DamageHook`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Damaged {
+    /// The file, repository-relative (`index/3fa2…`, `versions/91c0…`).
+    pub object: String,
+    /// What is wrong with it.
+    pub detail: String,
+    /// The command that repairs it.
+    pub repair: &'static str,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is damaged ({}) and was passed over: `{}` repairs it", self.object, self.detail, self.repair)
+    }
+}
+
+/// Told each damaged file once, when a command first passes over it.
+#[derive(Clone)]
+pub struct DamageHook(pub Arc<dyn Fn(&Damaged) + Send + Sync>);
+
+impl std::fmt::Debug for DamageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DamageHook")
+    }
+}
 
 /// An open repository.
 #[derive(Debug)]
@@ -21,6 +51,9 @@ pub struct Repository {
     config: RepoConfig,
     gear: Gear,
     index: RwLock<Index>,
+    /// Files passed over, by object: each told to the hook once.
+    damaged: Mutex<BTreeMap<String, Damaged>>,
+    damage_hook: Option<DamageHook>,
 }
 
 fn user_name() -> String {
@@ -46,8 +79,7 @@ impl Repository {
         // The key first: a config without a key would be a repository nobody can open.
         backend.write(FileKind::Key, &key_name, &serde_json::to_vec_pretty(&key_file).expect("key encodes"))?;
         backend.write(FileKind::Config, "config", &serde_json::to_vec_pretty(&config).expect("config encodes"))?;
-        let gear = Gear::new(config.chunker, key.chunker_seed());
-        Ok(Repository { backend, key, key_name, config, gear, index: RwLock::new(Index::default()) })
+        Ok(Repository::assemble(backend, key, key_name, config))
     }
 
     /// Opens the repository with `passphrase`, trying every key. Does not load the index.
@@ -58,17 +90,7 @@ impl Repository {
         for (name, _) in backend.list(FileKind::Key)? {
             let bytes = backend.read(FileKind::Key, &name)?;
             match KeyFile::decode(&bytes).and_then(|file| file.unwrap_key(passphrase)) {
-                Ok(key) => {
-                    let gear = Gear::new(config.chunker, key.chunker_seed());
-                    return Ok(Repository {
-                        backend,
-                        key,
-                        key_name: name,
-                        config,
-                        gear,
-                        index: RwLock::new(Index::default()),
-                    });
-                }
+                Ok(key) => return Ok(Repository::assemble(backend, key, name, config)),
                 Err(KeyError::WrongPassphrase) => {}
                 Err(KeyError::Malformed(detail)) => malformed.push(format!("keys/{name}: {detail}")),
             }
@@ -82,6 +104,40 @@ impl Repository {
             });
         }
         Err(RepoError::WrongPassphrase { location })
+    }
+
+    fn assemble(backend: Arc<dyn Backend>, key: MasterKey, key_name: String, config: RepoConfig) -> Repository {
+        let gear = Gear::new(config.chunker, key.chunker_seed());
+        Repository {
+            backend,
+            key,
+            key_name,
+            config,
+            gear,
+            index: RwLock::new(Index::default()),
+            damaged: Mutex::new(BTreeMap::new()),
+            damage_hook: None,
+        }
+    }
+
+    /// Tells `hook` every damaged file a command passes over.
+    pub fn with_damage_hook(mut self, hook: DamageHook) -> Repository {
+        self.damage_hook = Some(hook);
+        self
+    }
+
+    /// The damaged files passed over so far.
+    pub fn damaged(&self) -> Vec<Damaged> {
+        self.damaged.lock().expect("damage lock").values().cloned().collect()
+    }
+
+    /// Records a damaged file that is passed over (and tells the hook, the first time).
+    fn pass_over(&self, object: String, detail: impl ToString, repair: &'static str) {
+        let damaged = Damaged { object: object.clone(), detail: detail.to_string(), repair };
+        let new = self.damaged.lock().expect("damage lock").insert(object, damaged.clone()).is_none();
+        if let (true, Some(hook)) = (new, &self.damage_hook) {
+            (hook.0)(&damaged);
+        }
     }
 
     /// Reads and checks the config.
@@ -152,25 +208,41 @@ impl Repository {
         &self.gear
     }
 
-    /// Reads every index file into memory. Returns the names of the index files read.
+    /// Reads every index file into memory; a damaged one is passed over (its blobs count as
+    /// absent, so a backup stores them again) and told to the damage hook. Returns the names of
+    /// the index files read.
     pub fn load_index(&self) -> Result<Vec<Id>> {
         let mut index = Index::default();
         let mut names = Vec::new();
         for (name, _) in self.backend.list(FileKind::Index)? {
-            let file = self.read_index_file(&name)?;
-            for pack in &file.packs {
-                index.add_pack(pack);
+            match self.read_index_file(&name) {
+                Ok(file) => {
+                    for pack in &file.packs {
+                        index.add_pack(pack);
+                    }
+                    names.push(Id::from_hex(&name).expect("read_index_file takes hex names only"));
+                }
+                // Deleted since the listing: a prune superseded it, its packs are in a newer one.
+                Err(RepoError::Backend(error)) if error.kind == ErrorKind::NotFound => {}
+                Err(RepoError::Corrupt { object, detail, .. }) => {
+                    self.pass_over(object, detail, "sysstate repair index")
+                }
+                Err(error) => return Err(error),
             }
-            names.push(Id::from_hex(&name).ok_or_else(|| self.corrupt(format!("index/{name}"), "not a hex name"))?);
         }
         *self.index.write().expect("index lock") = index;
         Ok(names)
     }
 
-    /// Reads and decodes one index file.
+    /// Reads and decodes one index file, checked against its name.
     pub fn read_index_file(&self, name: &str) -> Result<IndexFile> {
+        let object = || format!("index/{name}");
+        let id = Id::from_hex(name).ok_or_else(|| self.corrupt(object(), "not an index file name (64 hex digits)"))?;
         let bytes = self.backend.read(FileKind::Index, name)?;
-        IndexFile::decode(&self.key, &bytes).map_err(|e| self.corrupt(format!("index/{name}"), e))
+        if Id::of_stored(&bytes) != id {
+            return Err(self.corrupt(object(), "its content does not match its name"));
+        }
+        IndexFile::decode(&self.key, &bytes).map_err(|e| self.corrupt(object(), e))
     }
 
     /// The in-memory index.
@@ -231,18 +303,35 @@ impl Repository {
         ids.iter().all(|id| index.contains(id))
     }
 
-    /// Every version, oldest first.
+    /// Every readable version, oldest first. A damaged manifest (or a stray file in
+    /// `versions/`) is passed over and told to the damage hook.
     pub fn versions(&self) -> Result<Vec<(Id, Version)>> {
         let mut out = Vec::new();
         for (name, _) in self.backend.list(FileKind::Version)? {
-            let id = Id::from_hex(&name).ok_or_else(|| self.corrupt(format!("versions/{name}"), "not a hex name"))?;
-            out.push((id, self.read_version(&id)?));
+            let Some(id) = Id::from_hex(&name) else {
+                self.pass_over(
+                    format!("versions/{name}"),
+                    "not a version file name (64 hex digits)",
+                    "sysstate repair versions",
+                );
+                continue;
+            };
+            match self.read_version(&id) {
+                Ok(version) => out.push((id, version)),
+                // Forgotten since the listing.
+                Err(RepoError::VersionNotFound(_)) => {}
+                Err(RepoError::Corrupt { object, detail, .. }) => {
+                    self.pass_over(object, detail, "sysstate repair versions")
+                }
+                Err(error) => return Err(error),
+            }
         }
         out.sort_by_key(|(id, version)| (version.time_ns, *id));
         Ok(out)
     }
 
-    /// One version.
+    /// One version, checked against its name: a manifest stored under another version's name
+    /// is damage, never that version.
     pub fn read_version(&self, id: &Id) -> Result<Version> {
         let bytes = match self.backend.read(FileKind::Version, &id.to_hex()) {
             Ok(bytes) => bytes,
@@ -255,15 +344,35 @@ impl Repository {
             }
             Err(error) => return Err(error.into()),
         };
-        Version::decode(&self.key, &bytes).map_err(|e| self.corrupt(format!("versions/{}", id.to_hex()), e))
+        let object = || format!("versions/{}", id.to_hex());
+        if Id::of_stored(&bytes) != *id {
+            return Err(self.corrupt(object(), "its content does not match its name"));
+        }
+        Version::decode(&self.key, &bytes).map_err(|e| self.corrupt(object(), e))
     }
 
     /// Finds a version by `latest` or a unique hex prefix of its id.
     pub fn find_version(&self, spec: &str) -> Result<(Id, Version)> {
+        self.find_version_holding(spec, &[])
+    }
+
+    /// Finds a version by a unique hex prefix of its id, or by `latest`: the newest version that
+    /// holds every one of `components` (a backup of one component does not hide the full
+    /// system-state version before it).
+    pub fn find_version_holding(&self, spec: &str, components: &[String]) -> Result<(Id, Version)> {
         let versions = self.versions()?;
         if spec == "latest" {
-            return versions.into_iter().last().ok_or_else(|| {
-                RepoError::VersionNotFound(format!("the repository at `{}` holds no version yet", self.location()))
+            let holds = |version: &Version| components.iter().all(|c| version.components.iter().any(|h| &h.name == c));
+            return versions.into_iter().rev().find(|(_, version)| holds(version)).ok_or_else(|| {
+                RepoError::VersionNotFound(if components.is_empty() {
+                    format!("the repository at `{}` holds no version yet", self.location())
+                } else {
+                    format!(
+                        "no version in `{}` holds {}: `sysstate versions` lists what each holds",
+                        self.location(),
+                        components.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+                    )
+                })
             });
         }
         let spec = spec.to_ascii_lowercase();
@@ -273,10 +382,23 @@ impl Repository {
             (Some(_), Some(_)) => {
                 Err(RepoError::VersionNotFound(format!("version prefix `{spec}` is ambiguous: give more digits")))
             }
-            _ => Err(RepoError::VersionNotFound(format!(
-                "version `{spec}` does not exist in `{}`: `sysstate versions` lists them",
-                self.location()
-            ))),
+            _ => {
+                // A damaged manifest was passed over: say so rather than that it does not exist.
+                let damaged = self.damaged().into_iter().find(|d| {
+                    d.object.strip_prefix("versions/").is_some_and(|name| !spec.is_empty() && name.starts_with(&spec))
+                });
+                Err(match damaged {
+                    Some(d) => RepoError::Corrupt {
+                        location: self.location(),
+                        object: d.object,
+                        detail: format!("{}; `{}` drops it", d.detail, d.repair),
+                    },
+                    None => RepoError::VersionNotFound(format!(
+                        "version `{spec}` does not exist in `{}`: `sysstate versions` lists them",
+                        self.location()
+                    )),
+                })
+            }
         }
     }
 

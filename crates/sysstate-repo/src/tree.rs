@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 /// Version byte at the start of every encoded tree.
 pub const TREE_FORMAT: u8 = 1;
 
+/// The deepest nesting of directories a version may hold. No path deeper than this fits in
+/// `PATH_MAX` (4096 bytes, each level at least 2), so no program can name a deeper entry; a
+/// deeper tree is crafted or damaged, and every walk refuses it instead of overflowing its
+/// stack.
+pub const MAX_TREE_DEPTH: usize = 2048;
+
 /// A file's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileContent {

@@ -89,6 +89,11 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Mend a damaged repository (`sysstate check` says which repair to run).
+    Repair {
+        #[command(subcommand)]
+        part: RepairCommand,
+    },
     /// Copy versions to another repository.
     Copy {
         /// The destination repository.
@@ -214,9 +219,37 @@ pub struct ForgetArgs {
     /// … of each of the N last years.
     #[arg(long, default_value_t = 0)]
     pub keep_yearly: usize,
+    /// Drop these versions (id prefixes; a damaged manifest too), instead of a policy.
+    #[arg(long = "version", value_name = "ID", conflicts_with_all = ["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
+    pub versions: Vec<String>,
     /// Show what would be dropped.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepairCommand {
+    /// Build a new index from the packs' own headers (a lost or damaged index file, packs no
+    /// index lists).
+    Index {
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Read every pack; move the intact blobs of damaged packs to new packs and take damaged
+    /// blobs out of the index, so the next backup stores their content again.
+    Packs {
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Put manifests stored under another name back under their own; remove damaged ones and
+    /// stray files in `versions/`.
+    Versions {
+        /// Say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -79,6 +79,8 @@ named_enum! {
         Prune => "prune",
         /// `sysstate copy`.
         Copy => "copy",
+        /// `sysstate repair`.
+        Repair => "repair",
         /// The doctor's validation backup.
         Validate => "validate",
     }

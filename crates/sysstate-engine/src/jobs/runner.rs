@@ -6,8 +6,9 @@ use super::store::{JobStore, ProgressWriter};
 use super::{JobKind, JobState, Source};
 use crate::error::{EngineError, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use sysstate_repo::{Progress, Warning};
+use sysstate_repo::{DamageHook, Progress, Warning};
 use sysstate_types::{ErrorCode, Level};
 
 /// What a job's work returns tells the runner how the job ended.
@@ -40,6 +41,8 @@ pub struct Job<'a> {
     kind: JobKind,
     progress: ProgressWriter<'a>,
     observer: &'a dyn Progress,
+    /// Warnings recorded as events through [`Job::warn`], beside those of the output.
+    warned: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Job<'_> {
@@ -79,12 +82,39 @@ impl Job<'_> {
         }))
     }
 
+    /// Records a warning of the job: an event, a line of its log, and one more warning for its
+    /// end state (`succeeded-with-warnings`).
+    pub fn warn(&self, source: Source, code: ErrorCode, message: &str) {
+        record_warning(self.store, &self.id, &self.warned, source, code, message);
+    }
+
+    /// The hook the repository tells each damaged file it passes over: each a warning of the job
+    /// (see [`Job::warn`]) and then `also`'s.
+    pub fn damage_hook(&self, also: Option<DamageHook>) -> DamageHook {
+        let (store, id, warned) = (self.store.clone(), self.id.clone(), self.warned.clone());
+        DamageHook(Arc::new(move |damaged| {
+            let message = damaged.to_string();
+            record_warning(&store, &id, &warned, Source::Repository, ErrorCode::RepositoryCorrupt, &message);
+            if let Some(also) = &also {
+                (also.0)(damaged);
+            }
+        }))
+    }
+
     /// The hook the shadow copy coordinator tells its warnings: each becomes an event of this job.
     pub fn warning_hook(&self) -> sysstate_shadow::WarningHook {
         let (store, id) = (self.store.clone(), self.id.clone());
         sysstate_shadow::WarningHook(Arc::new(move |code: ErrorCode, message: &str| {
             let _ = store.event(Some(&id), Level::Warning, Source::Shadow, code, message, None);
         }))
+    }
+}
+
+fn record_warning(store: &JobStore, id: &str, warned: &AtomicUsize, source: Source, code: ErrorCode, message: &str) {
+    warned.fetch_add(1, Ordering::Relaxed);
+    store.log(id, &format!("warning: {message}"));
+    if let Err(error) = store.event(Some(id), Level::Warning, source, code, message, None) {
+        tracing::warn!("job {id}: cannot record the warning `{message}`: {}", error.message);
     }
 }
 
@@ -124,7 +154,14 @@ pub fn run<T: JobOutput>(
     work: impl FnOnce(&Job<'_>) -> Result<T>,
 ) -> Result<T> {
     let id = store.start(kind, target, components)?;
-    let job = Job { store, id: id.clone(), kind, progress: ProgressWriter::new(store, &id), observer };
+    let job = Job {
+        store,
+        id: id.clone(),
+        kind,
+        progress: ProgressWriter::new(store, &id),
+        observer,
+        warned: Arc::new(AtomicUsize::new(0)),
+    };
     let result = catch_unwind(AssertUnwindSafe(|| work(&job))).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
@@ -139,7 +176,7 @@ pub fn run<T: JobOutput>(
     match &result {
         Ok(output) => {
             let failure = output.failure();
-            let state = match (&failure, output.warnings()) {
+            let state = match (&failure, output.warnings() + job.warned.load(Ordering::Relaxed)) {
                 (Some(_), _) => JobState::Failed,
                 (None, 0) => JobState::Succeeded,
                 (None, _) => JobState::SucceededWithWarnings,

@@ -33,6 +33,8 @@ pub struct BackupRequest {
     pub wait: Option<std::time::Duration>,
     /// Fired by the binary's signal handler: thaws the writers at once.
     pub trigger: sysstate_shadow::ThawTrigger,
+    /// Told each damaged repository file the backup passes over (beside the job's events).
+    pub damage: Option<sysstate_repo::DamageHook>,
 }
 
 /// What a backup did.
@@ -104,26 +106,22 @@ type Opened = (Repository, bool, Lease, Option<Id>);
 
 /// Opens the backup's repository, or creates it when `create` and the target has none;
 /// `Ok(None)` when it has none and `create` is false.
-fn open_for_backup(
-    request: &BackupRequest,
-    passphrase: &[u8],
-    progress: &dyn Progress,
-    create: bool,
-) -> Result<Option<Opened>> {
+fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, create: bool) -> Result<Option<Opened>> {
     let backend = super::backend(&request.target)?;
     let created = !Repository::exists(&*backend)?;
     let repo = match (created, create) {
         (true, false) => return Ok(None),
         (true, true) => Repository::init(backend.clone(), passphrase, KdfParams::default())?,
         (false, _) => Repository::open(backend.clone(), passphrase)?,
-    };
+    }
+    .with_damage_hook(job.damage_hook(request.damage.clone()));
     let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;
     let host = sysstate_repo::lock::host_name();
     let root_path = request.root.display().to_string();
     let parent = repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path);
     if let Some((_, version)) = &parent {
-        progress.total(version.stats.bytes_total);
+        Progress::total(job, version.stats.bytes_total);
     }
     Ok(Some((repo, created, lease, parent.map(|(id, _)| id))))
 }
@@ -177,7 +175,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     let _cleanup = RemoveOnDrop(generated_dir.clone());
     let mut records = records;
     let (opened, checked, generated_warnings) = std::thread::scope(|scope| {
-        let opened = scope.spawn(|| open_for_backup(request, passphrase, progress, false));
+        let opened = scope.spawn(|| open_for_backup(request, passphrase, job, false));
         let checked = crate::locks::check(&resolved, &request.root, &served);
         let warnings = if checked.is_ok() { generate(&mut records, &request.root, &generated_dir) } else { Vec::new() };
         (opened.join().expect("the thread opening the repository does not panic"), checked, warnings)
@@ -185,7 +183,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     checked?;
     let (repo, created, _lease, parent) = match opened? {
         Some(opened) => opened,
-        None => open_for_backup(request, passphrase, progress, true)?.expect("a repository is created"),
+        None => open_for_backup(request, passphrase, job, true)?.expect("a repository is created"),
     };
 
     // The point in time: a shadow set of every selected path, read instead of the live files.

@@ -20,7 +20,7 @@ pub use restore::{component_scope, restore_to, RestoreReport, RestoreRequest};
 use crate::error::{EngineError, Result};
 use std::sync::Arc;
 use sysstate_repo::backend::{self, Backend};
-use sysstate_repo::Repository;
+use sysstate_repo::{DamageHook, Repository};
 
 /// Opens the backend of a target.
 pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
@@ -30,6 +30,14 @@ pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
 /// Opens the repository at `target` and loads its index.
 pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
     let repo = Repository::open(backend(target)?, passphrase)?;
+    repo.load_index()?;
+    Ok(repo)
+}
+
+/// Opens the repository at `target` and loads its index, telling `hook` each damaged file
+/// passed over (now and later).
+pub fn open_with(target: &str, passphrase: &[u8], hook: DamageHook) -> Result<Repository> {
+    let repo = Repository::open(backend(target)?, passphrase)?.with_damage_hook(hook);
     repo.load_index()?;
     Ok(repo)
 }

@@ -47,7 +47,7 @@ pub fn versions(repo: &Repository) -> Result<Vec<(Id, Version)>> {
 
 /// The entries of `version` within the paths of `components` (empty: all of them).
 pub fn items(repo: &Repository, version: &str, components: &[String]) -> Result<Items> {
-    let (id, manifest) = repo.find_version(version)?;
+    let (id, manifest) = repo.find_version_holding(version, components)?;
     let include: Vec<String> = manifest
         .components
         .iter()

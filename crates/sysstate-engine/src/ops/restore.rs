@@ -42,7 +42,7 @@ impl JobOutput for RestoreReport {
 
 /// Restores a version (or some of its components) beneath `request.to`, under a shared lease.
 pub fn restore_to(repo: &Repository, request: &RestoreRequest, progress: &dyn Progress) -> Result<RestoreReport> {
-    let (id, manifest) = repo.find_version(&request.version)?;
+    let (id, manifest) = repo.find_version_holding(&request.version, &request.components)?;
     let (include, exclude) = component_scope(&manifest, &id, &request.components)?;
     if request.components.is_empty() {
         progress.total(manifest.stats.bytes_total);

@@ -40,8 +40,11 @@ impl JobOutput for CheckOutcome {
                     report.damaged_versions.join(", ")
                 ),
             )
-            .with_cause("pack files were changed or lost after they were written (disk or storage fault, or tampering)")
-            .with_resolution("run a new backup to store the damaged files again, then `sysstate forget` the damaged versions and `sysstate prune`")
+            .with_cause("repository files were changed or lost after they were written (disk or storage fault, or tampering)")
+            .with_resolution(format!(
+                "run, in this order: {}; then `sysstate check --read-data` again",
+                report.repairs.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")
+            ))
         })
     }
 }
@@ -93,6 +96,61 @@ pub fn forget(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<Forge
     }
     Ok(ForgetPlan { keep, drop, dry_run })
 }
+
+/// Drops the versions named (unique id prefixes), readable or damaged: a damaged manifest is
+/// dropped by its name.
+pub fn forget_named(repo: &Repository, names: &[String], dry_run: bool) -> Result<ForgetPlan> {
+    let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
+    let drop = sysstate_repo::repair::forget_by_name(repo, names, dry_run)?;
+    Ok(ForgetPlan { keep: Vec::new(), drop: drop.iter().filter_map(|n| Id::from_hex(n)).collect(), dry_run })
+}
+
+/// Which part of the repository `repair` mends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairPart {
+    /// A new index from the packs' headers.
+    Index,
+    /// Damaged packs read, their intact blobs moved, their damaged blobs out of the index.
+    Packs,
+    /// Misnamed manifests renamed, damaged ones removed.
+    Versions,
+}
+
+/// What a repair found and did.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum RepairOutcome {
+    /// `repair index`.
+    Index(sysstate_repo::repair::IndexRepair),
+    /// `repair packs`.
+    Packs(sysstate_repo::repair::PackRepair),
+    /// `repair versions`.
+    Versions(sysstate_repo::repair::VersionRepair),
+}
+
+impl JobOutput for RepairOutcome {
+    /// What a repair could not mend (unreadable pack headers, lost blobs) ends its job with
+    /// warnings: the repository is usable, and not whole.
+    fn warnings(&self) -> usize {
+        match self {
+            RepairOutcome::Index(report) => report.unreadable.len(),
+            RepairOutcome::Packs(report) => report.lost.len(),
+            RepairOutcome::Versions(_) => 0,
+        }
+    }
+}
+
+/// Repairs one part of the repository under an exclusive lease (see
+/// [`sysstate_repo::repair`]); with `dry_run`, says what it would do.
+pub fn repair(repo: &Repository, part: RepairPart, dry_run: bool, progress: &dyn Progress) -> Result<RepairOutcome> {
+    let _lease = Lease::acquire(repo.backend().clone(), true, "repair")?;
+    Ok(match part {
+        RepairPart::Index => RepairOutcome::Index(sysstate_repo::repair::index(repo, dry_run, progress)?),
+        RepairPart::Packs => RepairOutcome::Packs(sysstate_repo::repair::packs(repo, dry_run, progress)?),
+        RepairPart::Versions => RepairOutcome::Versions(sysstate_repo::repair::versions(repo, dry_run)?),
+    })
+}
+
 
 /// What prune planned and, unless a dry run, did.
 #[derive(Debug, Serialize)]

@@ -33,6 +33,7 @@ pub fn backup(
         threads,
         wait,
         trigger: super::shadow::signal_trigger(),
+        damage: Some(context.damage_printer()),
     };
     let generated = std::cell::Cell::new(false);
     let report = context.run_job(JobKind::Backup, components, "backing up", |job| {
@@ -91,5 +92,5 @@ pub fn backup(
             report.warnings.len()
         );
     }
-    Ok(Outcome::warned(report.warnings.len()))
+    Ok(context.warned(report.warnings.len()))
 }

@@ -7,7 +7,7 @@ use sysstate_engine::ops::keys;
 use sysstate_engine::Result;
 
 pub fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
-    let repo = context.open()?;
+    let repo = context.open(None)?;
     match command {
         KeyCommand::List => {
             let list = keys::list(&repo)?;

@@ -12,11 +12,12 @@ mod upkeep;
 
 use crate::cli::{Cli, Command};
 use crate::output::Printer;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use sysstate_engine::config::Config;
-use sysstate_engine::jobs::{JobKind, JobOutput, JobStore};
+use sysstate_engine::jobs::{Job, JobKind, JobOutput, JobStore};
 use sysstate_engine::{paths, Result};
-use sysstate_repo::Repository;
+use sysstate_repo::{DamageHook, Repository};
 
 /// How a command ended.
 pub enum Outcome {
@@ -36,7 +37,7 @@ impl Outcome {
     }
 
     /// Success, or Warnings when there are some.
-    fn warned(warnings: usize) -> Outcome {
+    pub fn warned(warnings: usize) -> Outcome {
         if warnings == 0 {
             Outcome::Success
         } else {
@@ -50,6 +51,8 @@ pub struct Context<'a> {
     pub cli: &'a Cli,
     pub config: Config,
     pub target: String,
+    /// Damaged repository files passed over so far (each printed as a warning).
+    passed_over: Arc<AtomicUsize>,
 }
 
 impl Context<'_> {
@@ -75,9 +78,40 @@ impl Context<'_> {
         crate::passphrase::require(&self.target, global.passphrase_file.as_deref(), global.quiet)
     }
 
-    /// Opens the target's repository with its index loaded.
-    fn open(&self) -> Result<Repository> {
+    /// Opens the target's repository with its index loaded. Each damaged file it passes over is
+    /// a warning on stderr (with `--quiet` too), and in `job`'s events when there is one.
+    fn open(&self, job: Option<&Job<'_>>) -> Result<Repository> {
+        let printed = self.damage_printer();
+        let hook = match job {
+            Some(job) => job.damage_hook(Some(printed)),
+            None => printed,
+        };
+        sysstate_engine::ops::open_with(&self.target, &self.passphrase()?, hook)
+    }
+
+    /// Opens the target's repository with its index loaded, for a command that reports damage
+    /// itself (`check`).
+    fn open_unhooked(&self) -> Result<Repository> {
         sysstate_engine::ops::open(&self.target, &self.passphrase()?)
+    }
+
+    /// Success, or warnings when there are `warnings` or damaged files were passed over.
+    pub fn warned(&self, warnings: usize) -> Outcome {
+        Outcome::warned(warnings + self.passed_over.load(Ordering::Relaxed))
+    }
+
+    /// Prints a damaged file passed over, and counts it.
+    pub fn damage_printer(&self) -> DamageHook {
+        let passed_over = self.passed_over.clone();
+        DamageHook(Arc::new(move |damaged| {
+            passed_over.fetch_add(1, Ordering::Relaxed);
+            eprintln!("warning: {damaged}");
+        }))
+    }
+
+    /// Success, or warnings when damaged files were passed over.
+    pub fn outcome(&self) -> Outcome {
+        Outcome::warned(self.passed_over.load(Ordering::Relaxed))
     }
 
     /// The job store, with the config's retention.
@@ -107,7 +141,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
     let config = Config::load(&config_file, cli.global.config.is_some())?;
     let target =
         cli.global.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
-    let context = Context { cli, config, target };
+    let context = Context { cli, config, target, passed_over: Arc::default() };
     match &cli.command {
         Command::Backup { components, tags, threads, wait } => {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
@@ -119,6 +153,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Check { read_data } => upkeep::check(&context, *read_data),
         Command::Forget(args) => upkeep::forget(&context, args),
         Command::Prune { dry_run } => upkeep::prune(&context, *dry_run),
+        Command::Repair { part } => upkeep::repair(&context, part),
         Command::Copy { to, to_passphrase_file, versions } => {
             upkeep::copy(&context, to, to_passphrase_file.as_deref(), versions)
         }

@@ -7,7 +7,7 @@ use sysstate_engine::ops::read;
 use sysstate_engine::Result;
 
 pub fn versions(context: &Context<'_>) -> Result<Outcome> {
-    let versions = read::versions(&context.open()?)?;
+    let versions = read::versions(&context.open(None)?)?;
     if context.json() {
         let list: Vec<_> = versions
             .iter()
@@ -19,7 +19,7 @@ pub fn versions(context: &Context<'_>) -> Result<Outcome> {
             })
             .collect();
         print_json(&json!(list));
-        return Ok(Outcome::Success);
+        return Ok(context.outcome());
     }
     crate::outln!("{:<10} {:<21} {:<16} {:>10}  components", "version", "time (UTC)", "host", "size");
     for (id, v) in &versions {
@@ -33,14 +33,14 @@ pub fn versions(context: &Context<'_>) -> Result<Outcome> {
             names.join(", ")
         );
     }
-    Ok(Outcome::Success)
+    Ok(context.outcome())
 }
 
 pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Result<Outcome> {
-    let items = read::items(&context.open()?, version, components)?;
+    let items = read::items(&context.open(None)?, version, components)?;
     if context.json() {
         print_json(&serde_json::to_value(&items).expect("items encode"));
-        return Ok(Outcome::Success);
+        return Ok(context.outcome());
     }
     for component in &items.components {
         crate::outln!("component {}: {}", component.name, component.paths.join(", "));
@@ -56,7 +56,7 @@ pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Res
             entry.path
         );
     }
-    Ok(Outcome::Success)
+    Ok(context.outcome())
 }
 
 pub fn components(context: &Context<'_>) -> Result<Outcome> {

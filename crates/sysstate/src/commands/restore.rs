@@ -29,7 +29,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     };
     let started = std::time::Instant::now();
     let report = context.run_job(JobKind::Restore, &args.components, "restoring", |job| {
-        ops::restore_to(&context.open()?, &request, job)
+        ops::restore_to(&context.open(Some(job))?, &request, job)
     })?;
     let stats = &report.stats;
     if context.json() {
@@ -54,7 +54,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     if !report.warnings.is_empty() && context.shows_text() {
         eprintln!("{} entries could not be restored (listed above); everything else was", report.warnings.len());
     }
-    Ok(Outcome::warned(report.warnings.len()))
+    Ok(context.warned(report.warnings.len()))
 }
 
 fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
@@ -69,14 +69,14 @@ fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
             apply_packages: args.apply_packages,
             job: job.id().to_string(),
         };
-        sysstate_engine::inplace::restore_in_place(&context.open()?, &request, &context.config)
+        sysstate_engine::inplace::restore_in_place(&context.open(Some(job))?, &request, &context.config)
     })?;
     if context.json() {
         print_json(&serde_json::to_value(&report).expect("reports encode"));
-        return Ok(Outcome::Success);
+        return Ok(context.outcome());
     }
     print_in_place(context, &root, &report);
-    Ok(Outcome::Success)
+    Ok(context.outcome())
 }
 
 fn print_in_place(context: &Context<'_>, root: &Path, report: &InPlaceReport) {

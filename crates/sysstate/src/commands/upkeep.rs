@@ -1,17 +1,17 @@
 //! Repository upkeep: `check`, `forget`, `prune`, `copy`.
 
 use super::{Context, Outcome};
-use crate::cli::ForgetArgs;
+use crate::cli::{ForgetArgs, RepairCommand};
 use crate::output::{bytes, print_json};
 use std::path::Path;
 use sysstate_engine::jobs::{JobKind, JobOutput};
-use sysstate_engine::ops::upkeep::{self, ReplicateRequest};
+use sysstate_engine::ops::upkeep::{self, RepairOutcome, RepairPart, ReplicateRequest};
 use sysstate_engine::{credentials, Result};
 use sysstate_repo::Id;
 
 pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
     let outcome =
-        context.run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open()?, read_data, job))?;
+        context.run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read_data, job))?;
     let report = &outcome.report;
     let failure = outcome.failure();
     if context.json() {
@@ -57,13 +57,16 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
     };
-    let plan = context.run_job(JobKind::Forget, &[], "forgetting", |_| {
+    let plan = context.run_job(JobKind::Forget, &[], "forgetting", |job| {
+        if !args.versions.is_empty() {
+            return upkeep::forget_named(&context.open(Some(job))?, &args.versions, args.dry_run);
+        }
         upkeep::require_rule(&policy)?;
-        upkeep::forget(&context.open()?, &policy, args.dry_run)
+        upkeep::forget(&context.open(Some(job))?, &policy, args.dry_run)
     })?;
     if context.json() {
         print_json(&serde_json::to_value(&plan).expect("plans encode"));
-        return Ok(Outcome::Success);
+        return Ok(context.outcome());
     }
     for id in &plan.drop {
         context.say(format!("{} version {}", if plan.dry_run { "would drop" } else { "dropped" }, id.short()));
@@ -74,12 +77,12 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
         plan.drop.len(),
         if plan.dry_run { "would be dropped" } else { "dropped" }
     ));
-    Ok(Outcome::Success)
+    Ok(context.outcome())
 }
 
 pub fn prune(context: &Context<'_>, dry_run: bool) -> Result<Outcome> {
     let outcome =
-        context.run_job(JobKind::Prune, &[], "pruning", |job| upkeep::prune(&context.open()?, dry_run, job))?;
+        context.run_job(JobKind::Prune, &[], "pruning", |job| upkeep::prune(&context.open(Some(job))?, dry_run, job))?;
     if context.json() {
         // The report as before, and the plan beside it.
         let mut value = match &outcome.done {
@@ -122,8 +125,8 @@ pub fn copy(
     to_passphrase_file: Option<&Path>,
     versions: &[String],
 ) -> Result<Outcome> {
-    let report = context.run_job(JobKind::Copy, &[], "copying", |_| {
-        let from = context.open()?;
+    let report = context.run_job(JobKind::Copy, &[], "copying", |job| {
+        let from = context.open(Some(job))?;
         // The file given wins over the environment, as for every passphrase.
         let to_passphrase = match (to_passphrase_file, std::env::var_os("SYSSTATE_TO_PASSPHRASE")) {
             (Some(path), _) => credentials::read_passphrase_file(path)?,
@@ -149,5 +152,85 @@ pub fn copy(
     if context.json() {
         print_json(&serde_json::json!(copied));
     }
-    Ok(Outcome::Success)
+    Ok(context.outcome())
+}
+
+pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
+    let (which, dry_run) = match *part {
+        RepairCommand::Index { dry_run } => (RepairPart::Index, dry_run),
+        RepairCommand::Packs { dry_run } => (RepairPart::Packs, dry_run),
+        RepairCommand::Versions { dry_run } => (RepairPart::Versions, dry_run),
+    };
+    // The repair reads what is damaged itself: the index and manifests it mends are not
+    // warnings here.
+    let outcome = context.run_job(JobKind::Repair, &[], "repairing", |job| {
+        upkeep::repair(&context.open_unhooked()?, which, dry_run, job)
+    })?;
+    let warnings = outcome.warnings();
+    if context.json() {
+        print_json(&serde_json::to_value(&outcome).expect("repairs encode"));
+        return Ok(Outcome::warned(warnings));
+    }
+    let would = |done: &str, planned: &str| if dry_run { planned.to_string() } else { done.to_string() };
+    match &outcome {
+        RepairOutcome::Index(report) => {
+            for pack in &report.unreadable {
+                eprintln!("warning: the header of pack {pack}");
+            }
+            for stray in &report.strays {
+                context.say(format!("{} `{stray}` (not a repository file)", would("removed", "would remove")));
+            }
+            context.say(format!(
+                "{} from the headers of {} packs: {} blobs; {} packs no index listed are found again; {} index files {}{}",
+                would("index rebuilt", "the index would be rebuilt"),
+                report.packs,
+                report.blobs,
+                report.packs_found.len(),
+                report.replaced.len(),
+                would("replaced", "would be replaced"),
+                if report.unreadable.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} packs have an unreadable header: run `sysstate repair packs`", report.unreadable.len())
+                }
+            ));
+        }
+        RepairOutcome::Packs(report) => {
+            for pack in &report.damaged {
+                context.say(format!("damaged pack {pack}"));
+            }
+            for file in &report.files_lacking {
+                eprintln!("lacks data: {file}");
+            }
+            context.say(format!(
+                "read {} packs ({}): {} damaged; {} intact blobs {}, {} blobs lost{}",
+                report.packs,
+                bytes(report.bytes_read),
+                report.damaged.len(),
+                report.salvaged,
+                would("moved to new packs", "would be moved to new packs"),
+                report.lost.len(),
+                if report.versions_lacking.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; versions lacking data: {}. Run `sysstate backup`: every file whose content this machine still has is stored again, and each version that names it is whole again",
+                        report.versions_lacking.join(", ")
+                    )
+                }
+            ));
+        }
+        RepairOutcome::Versions(report) => {
+            for renamed in &report.renamed {
+                context.say(format!("{} {renamed} (stored under another version's name)", would("renamed", "would rename")));
+            }
+            for removed in &report.removed {
+                context.say(format!("{} versions/{removed}", would("removed", "would remove")));
+            }
+            if report.renamed.is_empty() && report.removed.is_empty() {
+                context.say("every version manifest is sound: nothing to repair");
+            }
+        }
+    }
+    Ok(Outcome::warned(warnings))
 }
