@@ -67,6 +67,9 @@ impl Repository {
         if !backend.list(FileKind::Config)?.is_empty() {
             return Err(RepoError::AlreadyExists { location: backend.location() });
         }
+        if let Some(damaged) = Self::without_config(&*backend)? {
+            return Err(damaged);
+        }
         let key = MasterKey::generate();
         let config = RepoConfig {
             magic: CONFIG_MAGIC.into(),
@@ -87,7 +90,16 @@ impl Repository {
         let location = backend.location();
         let config = Self::read_config(&*backend)?;
         let mut malformed = Vec::new();
-        for (name, _) in backend.list(FileKind::Key)? {
+        let keys = backend.list(FileKind::Key)?;
+        if keys.is_empty() {
+            return Err(RepoError::Corrupt {
+                location,
+                object: "keys/".into(),
+                detail: "the repository has no key file: restore one from a copy (`sysstate key add` makes copies)"
+                    .into(),
+            });
+        }
+        for (name, _) in keys {
             let bytes = backend.read(FileKind::Key, &name)?;
             match KeyFile::decode(&bytes).and_then(|file| file.unwrap_key(passphrase)) {
                 Ok(key) => return Ok(Repository::assemble(backend, key, name, config)),
@@ -145,7 +157,12 @@ impl Repository {
         let location = backend.location();
         let bytes = match backend.read(FileKind::Config, "config") {
             Ok(bytes) => bytes,
-            Err(error) if error.kind == ErrorKind::NotFound => return Err(RepoError::NotARepository { location }),
+            Err(error) if error.kind == ErrorKind::NotFound => {
+                return Err(match Self::without_config(backend)? {
+                    Some(error) => error,
+                    None => RepoError::NotARepository { location },
+                })
+            }
             Err(error) => return Err(error.into()),
         };
         let config: RepoConfig = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
@@ -169,13 +186,41 @@ impl Repository {
         Ok(config)
     }
 
-    /// True when the backend holds a repository config.
+    /// True when the backend holds a repository config. A target that holds keys or data but
+    /// no config is a damaged repository, never a place for a new one.
     pub fn exists(backend: &dyn Backend) -> Result<bool> {
         match backend.list(FileKind::Config) {
-            Ok(files) => Ok(!files.is_empty()),
+            Ok(files) if !files.is_empty() => Ok(true),
+            Ok(_) => match Self::without_config(backend)? {
+                Some(error) => Err(error),
+                None => Ok(false),
+            },
             Err(error) if error.kind == ErrorKind::Unavailable || error.kind == ErrorKind::NotFound => Ok(false),
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// For a target without a config: the damage, when it holds repository files all the same.
+    fn without_config(backend: &dyn Backend) -> Result<Option<RepoError>> {
+        for kind in [FileKind::Key, FileKind::Version, FileKind::Index, FileKind::Pack] {
+            match backend.list(kind) {
+                Ok(files) if !files.is_empty() => {
+                    return Ok(Some(RepoError::Corrupt {
+                        location: backend.location(),
+                        object: "config".into(),
+                        detail: format!(
+                            "config missing, while `{}/` holds {} files: the repository's config was deleted or lost. Put it back from a copy (it is plain JSON and holds no secret); a new repository is never created over an old one",
+                            kind.dir(),
+                            files.len()
+                        ),
+                    }))
+                }
+                Ok(_) => {}
+                Err(error) if error.kind == ErrorKind::NotFound || error.kind == ErrorKind::Unavailable => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(None)
     }
 
     /// The backend.

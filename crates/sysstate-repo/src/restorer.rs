@@ -61,6 +61,20 @@ pub struct RestoreOutcome {
     pub stats: RestoreStats,
     /// Entries that could not be restored (the rest was).
     pub warnings: Vec<Warning>,
+    /// Files and directories that could not be restored because the repository's data for
+    /// them is damaged or missing (also among `warnings`). Such a file is not left behind.
+    pub damaged: Vec<Warning>,
+}
+
+/// A blob a file needs cannot be read from the repository: carried inside the `io::Error` of a
+/// file's write so the restore can tell damage from a local failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct DamagedData(String);
+
+/// True when `error` says the repository's data is damaged or missing.
+fn is_damage(error: &std::io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<DamagedData>())
 }
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
@@ -88,14 +102,27 @@ struct Shared<'a> {
     options: &'a RestoreOptions,
     progress: &'a dyn Progress,
     warnings: Mutex<Vec<Warning>>,
+    damaged: Mutex<Vec<Warning>>,
     stats: Mutex<RestoreStats>,
 }
 
 impl Shared<'_> {
     fn warn(&self, dir: &Path, name: &[u8], message: String) {
+        self.record(dir, name, message, false);
+    }
+
+    /// Records an entry that the repository's damage kept from being restored.
+    fn damaged(&self, dir: &Path, name: &[u8], message: String) {
+        self.record(dir, name, message, true);
+    }
+
+    fn record(&self, dir: &Path, name: &[u8], message: String, damage: bool) {
         let path = Path::new("/").join(dir).join(OsStr::from_bytes(name));
         let warning = Warning { path: path.display().to_string(), message };
         self.progress.warning(&warning);
+        if damage {
+            self.damaged.lock().expect("damaged lock").push(warning.clone());
+        }
         self.warnings.lock().expect("warnings lock").push(warning);
     }
 }
@@ -128,6 +155,7 @@ pub fn restore_tree(
         options,
         progress: progress.unwrap_or(&NoProgress),
         warnings: Mutex::new(Vec::new()),
+        damaged: Mutex::new(Vec::new()),
         stats: Mutex::new(RestoreStats::default()),
     };
     let threads = if options.threads == 0 {
@@ -173,6 +201,7 @@ pub fn restore_tree(
     Ok(RestoreOutcome {
         stats: shared.stats.into_inner().expect("stats lock"),
         warnings: shared.warnings.into_inner().expect("warnings lock"),
+        damaged: shared.damaged.into_inner().expect("damaged lock"),
     })
 }
 
@@ -202,7 +231,7 @@ impl Walk<'_, '_> {
         let tree = match self.shared.repo.read_tree(id) {
             Ok(tree) => tree,
             Err(error @ RepoError::Corrupt { .. }) => {
-                self.shared.warn(dir, b"", format!("cannot read this directory's entries: {error}"));
+                self.shared.damaged(dir, b"", format!("cannot read this directory's entries: {error}"));
                 return Ok(());
             }
             Err(error) => return Err(error),
@@ -339,6 +368,9 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, di
             drop(stats);
             shared.progress.file_done(bytes);
         }
+        Err(error) if is_damage(&error) => {
+            shared.damaged(dir, &node.name, format!("cannot be restored whole, so it was not written: {error}"))
+        }
         Err(error) => shared.warn(dir, &node.name, format!("cannot restore the file: {error}")),
     }
 }
@@ -366,7 +398,10 @@ pub(crate) fn write_file(
     };
     let mut file = std::fs::File::from(fd);
     let NodeKind::File(content) = &node.kind else { unreachable!("only files are written here") };
-    let written = write_content(repo, &mut file, &content.blobs, content.extents.as_deref())?;
+    // A file that cannot be written whole is not left under its name, half written.
+    let written = write_content(repo, &mut file, &content.blobs, content.extents.as_deref()).inspect_err(|_| {
+        let _ = rustix::fs::unlinkat(dir, name_os, AtFlags::empty());
+    })?;
     if written != node.size || content.extents.is_some() {
         // Holes at the end, or content that does not match the recorded size.
         file.set_len(node.size)?;
@@ -382,7 +417,12 @@ fn write_content(
     extents: Option<&[(u64, u64)]>,
 ) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    let read = |id: &Id| repo.read_blob(id).map_err(|e| std::io::Error::other(e.to_string()));
+    let read = |id: &Id| {
+        repo.read_blob(id).map_err(|e| match e.code() {
+            sysstate_types::ErrorCode::RepositoryCorrupt => std::io::Error::other(DamagedData(e.to_string())),
+            _ => std::io::Error::other(e.to_string()),
+        })
+    };
     let mut written = 0u64;
     match extents {
         None => {

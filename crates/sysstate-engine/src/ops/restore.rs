@@ -32,11 +32,39 @@ pub struct RestoreReport {
     pub stats: RestoreStats,
     /// Entries that could not be restored (everything else was).
     pub warnings: Vec<Warning>,
+    /// Those of them that the repository's damage kept out: the restore failed.
+    pub damaged: Vec<Warning>,
+    /// The target (named in the failure).
+    pub target: String,
 }
 
 impl JobOutput for RestoreReport {
     fn warnings(&self) -> usize {
         self.warnings.len()
+    }
+
+    /// Files the repository cannot give back whole fail the restore (everything else is
+    /// restored): a restore that lacks files is not a success with warnings.
+    fn failure(&self) -> Option<EngineError> {
+        const NAMED: usize = 10;
+        (!self.damaged.is_empty()).then(|| {
+            let mut names: Vec<&str> = self.damaged.iter().take(NAMED).map(|w| w.path.as_str()).collect();
+            if self.damaged.len() > NAMED {
+                names.push("…");
+            }
+            EngineError::new(
+                ErrorCode::RepositoryCorrupt,
+                format!(
+                    "version {} cannot be restored whole from `{}`: {} entries lack data in the repository ({}); everything else was restored",
+                    self.id.short(),
+                    self.target,
+                    self.damaged.len(),
+                    names.join(", ")
+                ),
+            )
+            .with_cause("repository files were damaged or lost after the backup")
+            .with_resolution("`sysstate check` names the repair to run; another version may hold these files whole (`sysstate versions`)")
+        })
     }
 }
 
@@ -51,7 +79,13 @@ pub fn restore_to(repo: &Repository, request: &RestoreRequest, progress: &dyn Pr
     let options =
         RestoreOptions { target: request.to.clone(), include, exclude, threads: request.threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, Some(progress))?;
-    Ok(RestoreReport { id, stats: outcome.stats, warnings: outcome.warnings })
+    Ok(RestoreReport {
+        id,
+        stats: outcome.stats,
+        warnings: outcome.warnings,
+        damaged: outcome.damaged,
+        target: repo.location(),
+    })
 }
 
 /// The version's paths of the components `names`, and the paths of other components nested in

@@ -6,7 +6,7 @@ use crate::output::{bytes, print_json};
 use serde_json::json;
 use std::path::Path;
 use sysstate_engine::inplace::{InPlaceReport, InPlaceRequest};
-use sysstate_engine::jobs::JobKind;
+use sysstate_engine::jobs::{JobKind, JobOutput};
 use sysstate_engine::ops::{self, RestoreRequest};
 use sysstate_engine::{EngineError, ErrorCode, Result};
 use sysstate_repo::inplace::{Change, Difference};
@@ -32,13 +32,24 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
         ops::restore_to(&context.open(Some(job))?, &request, job)
     })?;
     let stats = &report.stats;
+    let failure = report.failure();
     if context.json() {
-        print_json(&json!({
+        let mut value = json!({
             "version": report.id.to_hex(),
             "to": to.display().to_string(),
             "files": stats.files, "dirs": stats.dirs, "others": stats.others, "bytes": stats.bytes,
             "warnings": report.warnings.iter().map(|w| json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
-        }));
+            "damaged": report.damaged.iter().map(|w| w.path.as_str()).collect::<Vec<_>>(),
+        });
+        if let Some(error) = &failure {
+            value["error"] = crate::output::error_json(error);
+            crate::output::print_error_text(error);
+        }
+        print_json(&value);
+        return Ok(match failure {
+            Some(_) => Outcome::Failed,
+            None => context.warned(report.warnings.len()),
+        });
     } else {
         context.say(format!(
             "restored version {} to `{}`: {} files, {} dirs, {} others, {} in {:.2} s",
@@ -50,6 +61,15 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
             bytes(stats.bytes),
             started.elapsed().as_secs_f64()
         ));
+    }
+    // What the repository could not give back is listed with --quiet too: it is the failure.
+    if context.cli.global.quiet {
+        for damaged in &report.damaged {
+            eprintln!("not restored: {}: {}", damaged.path, damaged.message);
+        }
+    }
+    if let Some(error) = failure {
+        return Err(error);
     }
     if !report.warnings.is_empty() && context.shows_text() {
         eprintln!("{} entries could not be restored (listed above); everything else was", report.warnings.len());
