@@ -171,7 +171,14 @@ impl Repository {
             detail: e.to_string(),
         })?;
         if config.magic != CONFIG_MAGIC {
-            return Err(RepoError::NotARepository { location });
+            return Err(match Self::without_config(backend)? {
+                Some(_) => RepoError::Corrupt {
+                    location,
+                    object: "config".into(),
+                    detail: format!("its magic is `{}`, not `{CONFIG_MAGIC}`: the file was changed", config.magic),
+                },
+                None => RepoError::NotARepository { location },
+            });
         }
         if config.version != FORMAT_VERSION {
             return Err(RepoError::UnsupportedFormat { location, version: config.version, supported: FORMAT_VERSION });

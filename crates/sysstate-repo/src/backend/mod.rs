@@ -71,7 +71,8 @@ pub enum ErrorKind {
     Permission,
     /// The target itself cannot be reached or does not exist.
     Unavailable,
-    /// An existing file holds other bytes than the ones written under its name.
+    /// An existing file holds other bytes than the ones written under its name, or fewer than
+    /// a read of it needs (it was truncated).
     Mismatch,
     /// Anything else; retrying will not help.
     Permanent,
@@ -99,6 +100,8 @@ impl BackendError {
         use std::io::ErrorKind as Io;
         let kind = match (error.kind(), error.raw_os_error()) {
             (Io::NotFound, _) => ErrorKind::NotFound,
+            // Only reads of a whole range meet the end of a file: the file was truncated.
+            (Io::UnexpectedEof, _) => ErrorKind::Mismatch,
             (_, Some(code)) if code == rustix::io::Errno::NOSPC.raw_os_error() => ErrorKind::NoSpace,
             (_, Some(code)) if code == rustix::io::Errno::DQUOT.raw_os_error() => ErrorKind::NoSpace,
             (_, Some(code)) if code == rustix::io::Errno::ROFS.raw_os_error() => ErrorKind::Permission,

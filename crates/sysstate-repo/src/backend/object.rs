@@ -176,7 +176,7 @@ impl Backend for ObjectBackend {
             self.runtime.block_on(self.store.get_range(&path, range)).map_err(|e| self.error("read", kind, name, e))?;
         if bytes.len() as u64 != length {
             return Err(BackendError {
-                kind: ErrorKind::Permanent,
+                kind: ErrorKind::Mismatch,
                 operation: "read",
                 path: kind.path(name),
                 location: self.url.clone(),

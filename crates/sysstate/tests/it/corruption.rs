@@ -40,15 +40,16 @@ fn a_flipped_byte_is_found_named_and_the_rest_restores() {
 
     // Restore: the damaged files are reported, every other file comes back whole.
     let to = sandbox.path("restored");
-    let output = sandbox.run_code(&["restore", "--to", to.to_str().unwrap()], 1);
+    // The restore fails (the version cannot be given back whole) and names every damaged file,
+    // with --quiet too; none of them is left half written.
+    let output = sandbox.run_code(&["restore", "--to", to.to_str().unwrap(), "--quiet"], 2);
     let restore_job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
-    assert_eq!(
-        (restore_job["kind"].as_str(), restore_job["state"].as_str()),
-        (Some("restore"), Some("succeeded-with-warnings"))
-    );
+    assert_eq!((restore_job["kind"].as_str(), restore_job["state"].as_str()), (Some("restore"), Some("failed")));
+    assert_eq!(restore_job["error"]["code"], "repository-corrupt", "{restore_job}");
     let stderr = text(&output.stderr);
     for file in &damaged {
         assert!(stderr.contains(file.as_str()), "restore did not name {file}: {stderr}");
+        assert!(!to.join(file.trim_start_matches('/')).exists(), "{file} was left half written");
     }
     let original = snapshot(&root.join("data"));
     let restored = snapshot(&to.join("data"));

@@ -4,6 +4,7 @@
 mod backends;
 mod corruption;
 mod crash;
+mod damage;
 mod doctor;
 mod errors;
 mod fidelity;
