@@ -9,7 +9,7 @@ use crate::id::Id;
 use crate::index::Index;
 use crate::pack::read_header;
 use crate::repo::Repository;
-use crate::tree::{NodeKind, MAX_TREE_DEPTH};
+use crate::tree::{at_path, too_deep, NodeKind, MAX_TREE_DEPTH};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -133,14 +133,12 @@ impl<'r> Checker<'r> {
                 None => {
                     self.report.errors.push(format!("pack {} is in the index but missing from `data/`", pack.short()));
                     self.report.damaged_packs.push(pack.to_hex());
-
                 }
                 Some(size) if *size < *end => {
                     self.report
                         .errors
                         .push(format!("pack {} is truncated: {size} bytes, the index needs {end}", pack.short()));
                     self.report.damaged_packs.push(pack.to_hex());
-
                 }
                 Some(_) => {}
             }
@@ -282,16 +280,17 @@ impl<'r> Checker<'r> {
                 Step::Enter(tree_id, path, depth) => (tree_id, path, depth),
             };
             if depth > MAX_TREE_DEPTH {
-                self.report.errors.push(format!(
-                    "`{}` is nested deeper than {MAX_TREE_DEPTH} directories: the tree is crafted or damaged",
-                    path.display()
-                ));
+                self.report.errors.push(too_deep(self.repo, at_path(&path)).to_string());
                 broken.push(path);
                 continue;
             }
             if !self.index.contains(&tree_id) || self.missing_blobs.contains(&tree_id) {
                 self.absent += usize::from(!self.index.contains(&tree_id));
-                self.report.errors.push(format!("tree {} of `{}` is missing or damaged", tree_id.short(), path.display()));
+                self.report.errors.push(format!(
+                    "tree {} of `{}` is missing or damaged",
+                    tree_id.short(),
+                    path.display()
+                ));
                 broken.push(path);
                 continue;
             }
@@ -310,7 +309,9 @@ impl<'r> Checker<'r> {
                     NodeKind::Dir { subtree } => stack.push(Step::Enter(subtree, child, depth + 1)),
                     NodeKind::File(content) => {
                         let index = &self.index;
-                        if let Some(bad) = content.blobs.iter().find(|b| !index.contains(b) || self.missing_blobs.contains(b)) {
+                        if let Some(bad) =
+                            content.blobs.iter().find(|b| !index.contains(b) || self.missing_blobs.contains(b))
+                        {
                             if !index.contains(bad) {
                                 self.absent += 1;
                                 self.report.errors.push(format!(

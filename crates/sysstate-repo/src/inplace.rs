@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restorer::{self, apply_metadata, open_dir_beneath, RestoreOptions, Target};
 use crate::source::open_file as open_source;
-use crate::tree::{Node, NodeKind};
+use crate::tree::{at_path, too_deep, Node, NodeKind, MAX_TREE_DEPTH};
 use globset::GlobSet;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::Serialize;
@@ -204,6 +204,9 @@ impl Planner<'_> {
     }
 
     fn dir(&mut self, tree: &Id, relative: &Path, in_scope: bool) -> Result<()> {
+        if relative.components().count() > MAX_TREE_DEPTH {
+            return Err(too_deep(self.repo, at_path(&Path::new("/").join(relative))));
+        }
         let tree = self.repo.read_tree(tree)?;
         let live_dir = self.root.join(relative);
         let live_dev = std::fs::symlink_metadata(&live_dir).map(|m| m.dev()).ok();
@@ -326,8 +329,17 @@ impl Planner<'_> {
     fn version_entries(&self, node: &Node) -> Result<u64> {
         let NodeKind::Dir { subtree } = &node.kind else { return Ok(1) };
         let mut count = 1;
-        for child in self.repo.read_tree(subtree)?.nodes {
-            count += self.version_entries(&child)?;
+        let mut stack = vec![(*subtree, 1)];
+        while let Some((tree, depth)) = stack.pop() {
+            if depth > MAX_TREE_DEPTH {
+                return Err(too_deep(self.repo, at_path(&Path::new("/").join(OsStr::from_bytes(&node.name)))));
+            }
+            for child in self.repo.read_tree(&tree)?.nodes {
+                count += 1;
+                if let NodeKind::Dir { subtree } = child.kind {
+                    stack.push((subtree, depth + 1));
+                }
+            }
         }
         Ok(count)
     }

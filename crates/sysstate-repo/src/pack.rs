@@ -123,7 +123,9 @@ pub const TRAILER_LENGTH: usize = TRAILER_LEN;
 /// the header is the bytes from there up to the trailer. Lets a reader fetch only a pack's tail
 /// (`sysstate repair index` reads no blob).
 pub fn header_start(trailer: &[u8], pack_length: u64) -> Result<u64, PackError> {
-    if trailer.len() != TRAILER_LEN || pack_length < (PACK_MAGIC.len() + TRAILER_LEN) as u64 || &trailer[4..] != PACK_MAGIC
+    if trailer.len() != TRAILER_LEN
+        || pack_length < (PACK_MAGIC.len() + TRAILER_LEN) as u64
+        || &trailer[4..] != PACK_MAGIC
     {
         return Err(PackError::NotAPack);
     }

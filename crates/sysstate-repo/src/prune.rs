@@ -14,7 +14,7 @@ use crate::id::Id;
 use crate::index::{IndexFile, IndexPack};
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
-use crate::tree::NodeKind;
+use crate::tree::{too_deep, NodeKind, MAX_TREE_DEPTH};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
@@ -32,23 +32,39 @@ pub struct PruneReport {
     pub packs_repacked: usize,
     /// Pack files not in any index (left by interrupted backups), deleted.
     pub orphan_packs_deleted: usize,
+    /// Temporary files of writes that never finished (`.tmp-*`, older than an hour), deleted.
+    pub temporaries_deleted: usize,
     /// Bytes of pack files deleted.
     pub bytes_freed: u64,
     /// Bytes of new packs written.
     pub bytes_written: u64,
 }
 
+/// How old a temporary file (`.tmp-*`) must be for prune to delete it. Prune holds the
+/// exclusive lease, so no writer of this repository is running; the grace covers a writer on
+/// another host whose lease was taken for stale (30 minutes without a refresh).
+pub const TEMPORARY_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Every blob reachable from the versions.
 pub fn used_blobs(repo: &Repository) -> Result<HashSet<Id>> {
     let mut used = HashSet::new();
-    let mut stack: Vec<Id> = repo.versions()?.into_iter().map(|(_, v)| v.tree).collect();
-    while let Some(tree_id) = stack.pop() {
+    let mut stack: Vec<(Id, usize)> = repo.versions()?.into_iter().map(|(_, v)| (v.tree, 0)).collect();
+    while let Some((tree_id, depth)) = stack.pop() {
         if !used.insert(tree_id) {
             continue;
         }
+        if depth > MAX_TREE_DEPTH {
+            return Err(too_deep(repo, format!("tree {}", tree_id.short())));
+        }
+        if !repo.index().contains(&tree_id) {
+            return Err(repo.corrupt(
+                format!("tree {}", tree_id.short()),
+                "a version needs it and no index lists it: run `sysstate repair index` before pruning",
+            ));
+        }
         for node in repo.read_tree(&tree_id)?.nodes {
             match node.kind {
-                NodeKind::Dir { subtree } => stack.push(subtree),
+                NodeKind::Dir { subtree } => stack.push((subtree, depth + 1)),
                 NodeKind::File(content) => used.extend(content.blobs),
                 _ => {}
             }
@@ -77,6 +93,8 @@ pub struct PrunePlan {
     repack_entries: Vec<Vec<crate::pack::PackEntry>>,
     /// Pack files in no index (left by interrupted backups): deleted.
     pub orphans: Vec<String>,
+    /// Temporary files of writes that never finished, older than [`TEMPORARY_GRACE`]: deleted.
+    pub temporaries: Vec<String>,
     /// Bytes that deleting the packs frees (before the repacked blobs are written again).
     pub bytes_to_free: u64,
     /// Bytes of partly used packs to read.
@@ -98,10 +116,7 @@ pub fn plan(repo: &Repository) -> Result<PrunePlan> {
         return Err(RepoError::Corrupt {
             location: repo.location(),
             object: damaged.object,
-            detail: format!(
-                "{}; prune would delete data it may name: run `{}` first",
-                damaged.detail, damaged.repair
-            ),
+            detail: format!("{}; prune would delete data it may name: run `{}` first", damaged.detail, damaged.repair),
         });
     }
     let pack_sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
@@ -150,13 +165,14 @@ pub fn plan(repo: &Repository) -> Result<PrunePlan> {
         });
     }
     plan.pack_sizes = pack_sizes;
+    plan.temporaries = repo.backend().clean_temporaries(TEMPORARY_GRACE, true)?;
     Ok(plan)
 }
 
 impl PrunePlan {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.delete.is_empty() && self.repack.is_empty() && self.orphans.is_empty()
+        self.delete.is_empty() && self.repack.is_empty() && self.orphans.is_empty() && self.temporaries.is_empty()
     }
 
     /// Carries the plan out (exclusive lease still held); what it shows stays for the caller
@@ -203,6 +219,7 @@ impl PrunePlan {
             report.bytes_freed += size_of(name);
             repo.backend().remove(FileKind::Pack, name)?;
         }
+        report.temporaries_deleted = repo.backend().clean_temporaries(TEMPORARY_GRACE, false)?.len();
         report.packs_deleted = self.delete.len();
         for pack in self.delete.iter().chain(&self.repack) {
             report.bytes_freed += size_of(&pack.to_hex());

@@ -107,9 +107,12 @@ pub fn index(repo: &Repository, dry_run: bool, progress: &dyn crate::Progress) -
     Ok(report)
 }
 
+/// Packs and their blobs, as index files list them.
+type IndexedPacks = HashMap<Id, Vec<PackEntry>>;
+
 /// Every file in `index/` (hex names; other names are strays) and the packs the readable ones
 /// list.
-fn read_index_files(repo: &Repository, strays: &mut Vec<String>) -> Result<(Vec<String>, HashMap<Id, Vec<PackEntry>>)> {
+fn read_index_files(repo: &Repository, strays: &mut Vec<String>) -> Result<(Vec<String>, IndexedPacks)> {
     let mut files = Vec::new();
     let mut packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
     for (name, _) in repo.backend().list(FileKind::Index)? {
@@ -139,22 +142,29 @@ fn read_headers(
     packs: &[(Id, u64)],
     progress: &dyn crate::Progress,
 ) -> Vec<std::result::Result<Vec<PackEntry>, String>> {
-    let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
-    let results: Vec<Mutex<Option<std::result::Result<Vec<PackEntry>, String>>>> =
-        packs.iter().map(|_| Mutex::new(None)).collect();
+    in_parallel(packs, READERS, |(pack, size)| {
+        let header = read_header_of(repo, pack, *size);
+        progress.bytes(done.fetch_add(1, Ordering::Relaxed) + 1, packs.len() as u64);
+        header
+    })
+}
+
+/// `work` on every item, `threads` at a time; the results in the items' order.
+fn in_parallel<T: Sync, R: Send>(items: &[T], threads: usize, work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        for _ in 0..READERS.min(packs.len()) {
+        for _ in 0..threads.min(items.len()) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((pack, size)) = packs.get(i) else { break };
-                let header = read_header_of(repo, pack, *size);
-                *results[i].lock().expect("result lock") = Some(header);
-                progress.bytes(done.fetch_add(1, Ordering::Relaxed) + 1, packs.len() as u64);
+                let Some(item) = items.get(i) else { break };
+                let result = work(item);
+                *results[i].lock().expect("result lock") = Some(result);
             });
         }
     });
-    results.into_iter().map(|r| r.into_inner().expect("result lock").expect("every pack read")).collect()
+    results.into_iter().map(|r| r.into_inner().expect("result lock").expect("every item done")).collect()
 }
 
 /// A pack's header, read from its tail: one request for the last 16 KiB, which holds the header
@@ -207,7 +217,6 @@ fn write_index(repo: &Repository, packs: Vec<IndexPack>, superseded: Vec<Id>) ->
     if !batch.packs.is_empty() || !batch.supersedes.is_empty() {
         flush(&mut batch)?;
     }
-    drop(flush);
     Ok(written)
 }
 
@@ -338,27 +347,19 @@ fn read_packs(
     report: &mut PackRepair,
     progress: &dyn crate::Progress,
 ) -> Vec<PackState> {
-    let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack).map(|l| l.into_iter().collect()).unwrap_or_default();
+    let sizes: HashMap<String, u64> =
+        repo.backend().list(FileKind::Pack).map(|l| l.into_iter().collect()).unwrap_or_default();
     let total: u64 = names.iter().filter_map(|p| sizes.get(&p.to_hex())).sum();
-    let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
-    let results: Vec<Mutex<Option<PackState>>> = names.iter().map(|_| Mutex::new(None)).collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(names.len()) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(pack) = names.get(i) else { break };
-                let (state, read) = check_pack(repo, pack, &indexed[pack]);
-                let sofar = done.fetch_add(read, Ordering::Relaxed) + read;
-                progress.bytes(sofar, total);
-                *results[i].lock().expect("result lock") = Some(state);
-            });
-        }
+    let states = in_parallel(names, threads, |pack| {
+        let (state, read) = check_pack(repo, pack, &indexed[pack]);
+        progress.bytes(done.fetch_add(read, Ordering::Relaxed) + read, total);
+        state
     });
     report.packs = names.len();
     report.bytes_read = done.into_inner();
-    results.into_iter().map(|r| r.into_inner().expect("result lock").expect("every pack read")).collect()
+    states
 }
 
 /// Reads one pack and checks the blobs the index lists in it; returns its state and the bytes

@@ -7,7 +7,7 @@ use crate::id::Id;
 use crate::pack::BlobKind;
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
-use crate::tree::NodeKind;
+use crate::tree::{too_deep, NodeKind, MAX_TREE_DEPTH};
 use std::collections::HashMap;
 
 /// Replicates version `id` of `from` into `to` (both with loaded indexes); returns the new id.
@@ -15,7 +15,7 @@ pub fn replicate_version(from: &Repository, to: &Repository, id: &Id) -> Result<
     let version = from.read_version(id)?;
     let saver = BlobSaver::new(to);
     let mut mapped: HashMap<Id, Id> = HashMap::new();
-    let tree = replicate_tree(from, to, &saver, &version.tree, &mut mapped)?;
+    let tree = replicate_tree(from, to, &saver, &version.tree, &mut mapped, 0)?;
     saver.finish()?;
     let mut copied = version;
     copied.tree = tree;
@@ -49,14 +49,19 @@ fn replicate_tree(
     saver: &BlobSaver<'_>,
     id: &Id,
     mapped: &mut HashMap<Id, Id>,
+    depth: usize,
 ) -> Result<Id> {
     if let Some(new) = mapped.get(id) {
         return Ok(*new);
     }
+    // Recursion, bounded: a crafted tree deeper than the limit is damage.
+    if depth > MAX_TREE_DEPTH {
+        return Err(too_deep(from, format!("tree {}", id.short())));
+    }
     let mut tree = from.read_tree(id)?;
     for node in &mut tree.nodes {
         match &mut node.kind {
-            NodeKind::Dir { subtree } => *subtree = replicate_tree(from, to, saver, subtree, mapped)?,
+            NodeKind::Dir { subtree } => *subtree = replicate_tree(from, to, saver, subtree, mapped, depth + 1)?,
             NodeKind::File(content) => {
                 for blob in &mut content.blobs {
                     *blob = replicate_blob(from, to, saver, BlobKind::Data, blob, mapped)?;

@@ -14,7 +14,7 @@ use crate::error::{RepoError, Result};
 use crate::id::Id;
 use crate::progress::{NoProgress, Progress, Warning};
 use crate::repo::Repository;
-use crate::tree::{Node, NodeKind};
+use crate::tree::{at_path, too_deep, Node, NodeKind, MAX_TREE_DEPTH};
 use crossbeam_channel::bounded;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use std::collections::HashMap;
@@ -181,7 +181,7 @@ pub fn restore_tree(
         }
         drop(rx);
         let mut walk = Walk { shared: &shared, jobs: tx, dirs: &mut dirs, links: &mut links, seen: HashMap::new() };
-        walk.tree(tree, Path::new(""))
+        walk.tree(tree)
     })?;
 
     for (dir, node, first) in links {
@@ -227,73 +227,118 @@ impl Walk<'_, '_> {
         (inside, inside || above)
     }
 
-    fn tree(&mut self, id: &Id, dir: &Path) -> Result<()> {
-        let tree = match self.shared.repo.read_tree(id) {
-            Ok(tree) => tree,
-            Err(error @ RepoError::Corrupt { .. }) => {
-                self.shared.damaged(dir, b"", format!("cannot read this directory's entries: {error}"));
-                return Ok(());
-            }
-            Err(error) => return Err(error),
-        };
-        let dir_fd = match open_dir_beneath(&self.shared.root, dir) {
-            Ok(fd) => fd,
-            Err(error) => {
-                self.shared.warn(dir, b"", format!("cannot open the directory: {error}"));
-                return Ok(());
-            }
-        };
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        for node in tree.nodes {
-            let path = dir.join(OsStr::from_bytes(&node.name));
+    /// Restores the tree `root` with an explicit stack of open directories (a crafted
+    /// repository cannot overflow it; a tree nested deeper than [`MAX_TREE_DEPTH`] is damage).
+    /// Directories' metadata is recorded when their walk is over, deepest first.
+    fn tree(&mut self, root: &Id) -> Result<()> {
+        let mut stack: Vec<Frame> = Vec::new();
+        stack.extend(self.enter(root, PathBuf::new(), None)?);
+        loop {
+            let depth = stack.len();
+            let Some(frame) = stack.last_mut() else { break };
+            let Some(node) = frame.nodes.next() else {
+                let frame = stack.pop().expect("the frame just seen");
+                self.leave(frame);
+                continue;
+            };
+            let path = frame.dir.join(OsStr::from_bytes(&node.name));
             let (restore_it, descend) = self.included(&path);
             if !descend {
                 continue;
             }
             match &node.kind {
                 NodeKind::Dir { subtree } => {
-                    if let Err(error) = make_dir(&dir_fd, &node.name) {
-                        self.shared.warn(dir, &node.name, format!("cannot create the directory: {error}"));
+                    if let Err(error) = make_dir(&frame.fd, &node.name) {
+                        self.shared.warn(&frame.dir, &node.name, format!("cannot create the directory: {error}"));
                         continue;
+                    }
+                    if depth > MAX_TREE_DEPTH {
+                        return Err(too_deep(self.shared.repo, at_path(&Path::new("/").join(&path))));
                     }
                     let subtree = *subtree;
                     if restore_it {
                         self.shared.stats.lock().expect("stats lock").dirs += 1;
                     }
-                    self.tree(&subtree, &path)?;
                     // Directories only on the way to an included path keep default metadata.
-                    if restore_it {
-                        self.dirs.push((dir.to_path_buf(), node));
-                    }
+                    let leave = restore_it.then(|| (frame.dir.clone(), node));
+                    let child = self.enter(&subtree, path, leave)?;
+                    stack.extend(child);
                 }
                 _ if !restore_it => {}
                 NodeKind::File(_) => {
                     if node.links > 1 {
                         if let Some(first) = self.seen.get(&(node.device, node.inode)) {
-                            self.links.push((dir.to_path_buf(), node.clone(), first.clone()));
+                            self.links.push((frame.dir.clone(), node.clone(), first.clone()));
                             continue;
                         }
-                        self.seen.insert((node.device, node.inode), path.clone());
+                        self.seen.insert((node.device, node.inode), path);
                     }
-                    batch_bytes += node.size;
-                    batch.push(node);
-                    if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
-                        let _ = self.jobs.send(Job { dir: dir.to_path_buf(), nodes: std::mem::take(&mut batch) });
-                        batch_bytes = 0;
+                    frame.batch_bytes += node.size;
+                    frame.batch.push(node);
+                    if frame.batch.len() >= BATCH_FILES || frame.batch_bytes >= BATCH_BYTES {
+                        let _ = self.jobs.send(Job { dir: frame.dir.clone(), nodes: std::mem::take(&mut frame.batch) });
+                        frame.batch_bytes = 0;
                     }
                 }
-                _ => match make_special(self.shared.options.owners, &dir_fd, &node.name, &node) {
+                _ => match make_special(self.shared.options.owners, &frame.fd, &node.name, &node) {
                     Ok(()) => self.shared.stats.lock().expect("stats lock").others += 1,
-                    Err(error) => self.shared.warn(dir, &node.name, format!("cannot create it: {error}")),
+                    Err(error) => self.shared.warn(&frame.dir, &node.name, format!("cannot create it: {error}")),
                 },
             }
         }
-        if !batch.is_empty() {
-            let _ = self.jobs.send(Job { dir: dir.to_path_buf(), nodes: batch });
-        }
         Ok(())
     }
+
+    /// Opens the directory `dir` of the tree `id` for its walk; `None` (with a warning) when its
+    /// entries cannot be read or the directory cannot be opened. `leave` is the directory's
+    /// own entry, recorded when its walk is over.
+    fn enter(&mut self, id: &Id, dir: PathBuf, leave: Option<(PathBuf, Node)>) -> Result<Option<Frame>> {
+        let opened = match self.shared.repo.read_tree(id) {
+            Ok(tree) => match open_dir_beneath(&self.shared.root, &dir) {
+                Ok(fd) => Some((tree, fd)),
+                Err(error) => {
+                    self.shared.warn(&dir, b"", format!("cannot open the directory: {error}"));
+                    None
+                }
+            },
+            Err(error) if error.code() == sysstate_types::ErrorCode::RepositoryCorrupt => {
+                self.shared.damaged(&dir, b"", format!("cannot read this directory's entries: {error}"));
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(match opened {
+            Some((tree, fd)) => {
+                Some(Frame { dir, fd, nodes: tree.nodes.into_iter(), batch: Vec::new(), batch_bytes: 0, leave })
+            }
+            None => {
+                self.dirs.extend(leave);
+                None
+            }
+        })
+    }
+
+    /// A directory's walk is over: its last files go to the writers, its entry to the list of
+    /// directories whose metadata is set at the end.
+    fn leave(&mut self, frame: Frame) {
+        if !frame.batch.is_empty() {
+            let _ = self.jobs.send(Job { dir: frame.dir, nodes: frame.batch });
+        }
+        self.dirs.extend(frame.leave);
+    }
+}
+
+/// A directory being restored.
+struct Frame {
+    /// Relative to the restore root.
+    dir: PathBuf,
+    fd: OwnedFd,
+    nodes: std::vec::IntoIter<Node>,
+    /// Files not yet sent to the writers, and their bytes.
+    batch: Vec<Node>,
+    batch_bytes: u64,
+    /// The directory's own entry, in its parent.
+    leave: Option<(PathBuf, Node)>,
 }
 
 /// Removes whatever stands at `name` in `dir` (not a directory with content).

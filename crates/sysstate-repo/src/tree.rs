@@ -11,11 +11,27 @@ use serde::{Deserialize, Serialize};
 /// Version byte at the start of every encoded tree.
 pub const TREE_FORMAT: u8 = 1;
 
-/// The deepest nesting of directories a version may hold. No path deeper than this fits in
-/// `PATH_MAX` (4096 bytes, each level at least 2), so no program can name a deeper entry; a
-/// deeper tree is crafted or damaged, and every walk refuses it instead of overflowing its
-/// stack.
-pub const MAX_TREE_DEPTH: usize = 2048;
+/// The deepest nesting of directories a version may hold. A path of 2048 levels no longer fits
+/// in `PATH_MAX` (4096 bytes, each level at least 2), and a restore opens each directory by its
+/// path beneath the restore root: half of that leaves room for names longer than one byte. No
+/// system holds a deeper tree; a deeper one is crafted or damaged, and every walk refuses it
+/// instead of overflowing its stack.
+pub const MAX_TREE_DEPTH: usize = 1024;
+
+/// The damage a walk reports at `object` (a tree, or [`at_path`]) nested deeper than
+/// [`MAX_TREE_DEPTH`].
+pub fn too_deep(repo: &crate::Repository, object: String) -> crate::RepoError {
+    repo.corrupt(
+        object,
+        format!("directories are nested deeper than {MAX_TREE_DEPTH} levels: the tree was crafted or damaged"),
+    )
+}
+
+/// A deep directory named for a message: the start of its path.
+pub fn at_path(path: &std::path::Path) -> String {
+    let shown: String = path.to_string_lossy().chars().take(120).collect();
+    format!("the tree at `{shown}…`")
+}
 
 /// A file's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,8 @@ use crate::error::Result;
 use serde::Serialize;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use sysstate_repo::tree::NodeKind;
+use std::path::{Path, PathBuf};
+use sysstate_repo::tree::{at_path, too_deep, NodeKind, MAX_TREE_DEPTH};
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::{Id, Repository};
 
@@ -55,12 +55,19 @@ pub fn items(repo: &Repository, version: &str, components: &[String]) -> Result<
         .flat_map(|c| c.paths.clone())
         .collect();
     let mut entries = Vec::new();
-    walk(repo, &manifest.tree, Path::new("/"), &include, &mut entries)?;
+    walk(repo, &manifest.tree, &include, &mut entries)?;
     Ok(Items { version: id.to_hex(), components: manifest.components, entries })
 }
 
-fn walk(repo: &Repository, tree: &Id, path: &Path, include: &[String], out: &mut Vec<Item>) -> Result<()> {
-    for node in repo.read_tree(tree)?.nodes {
+/// Lists the entries within `include` in tree order, with an explicit stack (a crafted
+/// repository cannot overflow it; a tree nested deeper than [`MAX_TREE_DEPTH`] is damage).
+fn walk(repo: &Repository, root: &Id, include: &[String], out: &mut Vec<Item>) -> Result<()> {
+    let mut stack = vec![(PathBuf::from("/"), repo.read_tree(root)?.nodes.into_iter())];
+    while let Some((path, nodes)) = stack.last_mut() {
+        let Some(node) = nodes.next() else {
+            stack.pop();
+            continue;
+        };
         let child = path.join(OsStr::from_bytes(&node.name));
         let inside = include.iter().any(|p| child.starts_with(p));
         let above = include.iter().any(|p| Path::new(p).starts_with(&child));
@@ -87,7 +94,10 @@ fn walk(repo: &Repository, tree: &Id, path: &Path, include: &[String], out: &mut
             });
         }
         if let NodeKind::Dir { subtree } = node.kind {
-            walk(repo, &subtree, &child, include, out)?;
+            if stack.len() > MAX_TREE_DEPTH {
+                return Err(too_deep(repo, at_path(&child)).into());
+            }
+            stack.push((child, repo.read_tree(&subtree)?.nodes.into_iter()));
         }
     }
     Ok(())

@@ -40,7 +40,9 @@ impl JobOutput for CheckOutcome {
                     report.damaged_versions.join(", ")
                 ),
             )
-            .with_cause("repository files were changed or lost after they were written (disk or storage fault, or tampering)")
+            .with_cause(
+                "repository files were changed or lost after they were written (disk or storage fault, or tampering)",
+            )
             .with_resolution(format!(
                 "run, in this order: {}; then `sysstate check --read-data` again",
                 report.repairs.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")
@@ -150,7 +152,6 @@ pub fn repair(repo: &Repository, part: RepairPart, dry_run: bool, progress: &dyn
         RepairPart::Versions => RepairOutcome::Versions(sysstate_repo::repair::versions(repo, dry_run)?),
     })
 }
-
 
 /// What prune planned and, unless a dry run, did.
 #[derive(Debug, Serialize)]

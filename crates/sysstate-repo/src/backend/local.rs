@@ -192,6 +192,37 @@ impl Backend for LocalBackend {
         Ok(out)
     }
 
+    fn clean_temporaries(&self, older_than: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
+        let mut dirs = vec![self.root.clone()];
+        for kind in [FileKind::Key, FileKind::Index, FileKind::Version, FileKind::Lock] {
+            dirs.push(self.root.join(kind.dir()));
+        }
+        dirs.extend((0..=255u8).map(|p| self.root.join("data").join(format!("{p:02x}"))));
+        let now = std::time::SystemTime::now();
+        let mut found = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|modified| now.duration_since(modified).unwrap_or_default() > older_than);
+                if !name.starts_with(".tmp-") || !old {
+                    continue;
+                }
+                let path = entry.path();
+                if !dry_run {
+                    fs::remove_file(&path)
+                        .map_err(|e| BackendError::from_io("remove", name.clone(), self.location(), &e))?;
+                }
+                found.push(path.strip_prefix(&self.root).unwrap_or(&path).display().to_string());
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
         fs::read(self.full(kind, name)).map_err(|e| self.error("read", kind, name, &e))
     }

@@ -133,6 +133,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
     /// Deletes a file; a missing file is success.
     fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
+    /// The temporary files (`.tmp-*`) of writes that never finished, older than `older_than`
+    /// (repository-relative paths); removed unless `dry_run`. Object stores have none: an
+    /// upload is atomic.
+    fn clean_temporaries(&self, _older_than: std::time::Duration, _dry_run: bool) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Opens the backend for a target: a local path, or `s3://`, `az://`, `gs://` URLs.

@@ -10,8 +10,8 @@ use sysstate_engine::{credentials, Result};
 use sysstate_repo::Id;
 
 pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
-    let outcome =
-        context.run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read_data, job))?;
+    let outcome = context
+        .run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read_data, job))?;
     let report = &outcome.report;
     let failure = outcome.failure();
     if context.json() {
@@ -81,8 +81,8 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
 }
 
 pub fn prune(context: &Context<'_>, dry_run: bool) -> Result<Outcome> {
-    let outcome =
-        context.run_job(JobKind::Prune, &[], "pruning", |job| upkeep::prune(&context.open(Some(job))?, dry_run, job))?;
+    let outcome = context
+        .run_job(JobKind::Prune, &[], "pruning", |job| upkeep::prune(&context.open(Some(job))?, dry_run, job))?;
     if context.json() {
         // The report as before, and the plan beside it.
         let mut value = match &outcome.done {
@@ -96,22 +96,24 @@ pub fn prune(context: &Context<'_>, dry_run: bool) -> Result<Outcome> {
     let plan = &outcome.plan;
     match &outcome.done {
         None => context.say(format!(
-            "would prune: {} blobs kept, {} dropped; {} packs deleted, {} repacked ({} to read), {} left by interrupted backups deleted; about {} freed (dry run: nothing was changed)",
+            "would prune: {} blobs kept, {} dropped; {} packs deleted, {} repacked ({} to read), {} packs and {} temporary files left by interrupted backups deleted; about {} freed (dry run: nothing was changed)",
             plan.blobs_used,
             plan.blobs_unused,
             plan.delete.len(),
             plan.repack.len(),
             bytes(plan.bytes_to_repack),
             plan.orphans.len(),
+            plan.temporaries.len(),
             bytes(plan.bytes_to_free),
         )),
         Some(report) => context.say(format!(
-            "pruned: {} blobs kept, {} dropped; {} packs deleted, {} repacked, {} left by interrupted backups deleted; {} freed, {} written",
+            "pruned: {} blobs kept, {} dropped; {} packs deleted, {} repacked, {} packs and {} temporary files left by interrupted backups deleted; {} freed, {} written",
             report.blobs_used,
             report.blobs_dropped,
             report.packs_deleted,
             report.packs_repacked,
             report.orphan_packs_deleted,
+            report.temporaries_deleted,
             bytes(report.bytes_freed),
             bytes(report.bytes_written)
         )),
@@ -222,7 +224,10 @@ pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
         }
         RepairOutcome::Versions(report) => {
             for renamed in &report.renamed {
-                context.say(format!("{} {renamed} (stored under another version's name)", would("renamed", "would rename")));
+                context.say(format!(
+                    "{} {renamed} (stored under another version's name)",
+                    would("renamed", "would rename")
+                ));
             }
             for removed in &report.removed {
                 context.say(format!("{} versions/{removed}", would("removed", "would remove")));

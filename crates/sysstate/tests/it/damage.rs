@@ -311,8 +311,13 @@ fn a_damaged_pack_header_is_found_by_reading_and_its_blobs_are_moved() {
 #[test]
 fn damaged_pack_data_fails_the_hit_restore_and_is_stored_again_after_repair() {
     let template = template();
-    let sandbox =
-        case("pack data", &template.pack, Harm::Flip, 100, Expect { versions: 0, intact: 0, hit: 2, backup: 0, check: 2 });
+    let sandbox = case(
+        "pack data",
+        &template.pack,
+        Harm::Flip,
+        100,
+        Expect { versions: 0, intact: 0, hit: 2, backup: 0, check: 2 },
+    );
     assert_job_failed_kind(&sandbox);
     repair_and_verify(&sandbox, "pack data");
 }

@@ -171,3 +171,44 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A crafted tree nested 100,000 levels deep (no filesystem holds one: no path that deep fits
+/// in PATH_MAX) is refused as damage by every command that walks trees, and none of them
+/// overflows its stack; a tree as deep as the limit allows is read.
+#[test]
+fn a_tree_nested_too_deep_is_refused_cleanly_by_every_walk() {
+    let sandbox = Sandbox::new();
+    let chain = |store: &dyn Fn(BlobKind, Vec<u8>) -> Id, levels: usize| {
+        let mut subtree = store(BlobKind::Tree, Tree { nodes: vec![file(store, b"bottom")] }.encode());
+        for _ in 0..levels {
+            subtree = store(BlobKind::Tree, Tree { nodes: vec![node(b"a", NodeKind::Dir { subtree })] }.encode());
+        }
+        Tree { nodes: vec![node(b"data", NodeKind::Dir { subtree })] }
+    };
+    let deep = hostile_version(&sandbox, |store| chain(store, 100_000));
+    let to = sandbox.path("restore");
+    let copy = sandbox.path("copy");
+    let attempts: [&[&str]; 5] = [
+        &["check"],
+        &["items", "--version", &deep],
+        &["restore", "--version", &deep, "--to", to.to_str().unwrap()],
+        &["copy", "--to", copy.to_str().unwrap(), "--version", &deep],
+        &["prune", "--dry-run"],
+    ];
+    for args in attempts {
+        let output = sandbox.run(args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "`sysstate {}` ended {:?}: {stderr}", args.join(" "), output.status);
+        assert!(
+            stderr.contains("repository-corrupt") && stderr.contains("deeper than 1024"),
+            "`sysstate {}`: {stderr}",
+            args.join(" ")
+        );
+    }
+    // 1,000 levels are within the limit: read, listed and restored.
+    let fine = hostile_version(&sandbox, |store| chain(store, 1_000));
+    let items = sandbox.json(&["items", "--version", &fine], 0);
+    assert_eq!(items["entries"].as_array().unwrap().len(), 1_002, "data, 1000 levels and the file");
+    let to = sandbox.path("restore-fine");
+    sandbox.ok(&["restore", "--version", &fine, "--to", to.to_str().unwrap()]);
+}

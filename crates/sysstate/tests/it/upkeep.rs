@@ -159,3 +159,101 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
     assert!(terminal.status.success(), "{shown}");
     assert!(shown.contains("checking"), "no progress bar on a terminal: {shown:?}");
 }
+
+#[test]
+fn prune_removes_temporary_files_left_by_killed_writes_after_an_hour_and_no_sooner() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 20, 3);
+    sandbox.backup_data(&root);
+    let old = sandbox.path("repo/data/00/.tmp-killed");
+    let fresh = sandbox.path("repo/index/.tmp-writing");
+    std::fs::write(&old, b"half a pack").unwrap();
+    std::fs::write(&fresh, b"an index being written").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let dry = sandbox.json(&["prune", "--dry-run"], 0);
+    assert_eq!(dry["plan"]["temporaries"], serde_json::json!(["data/00/.tmp-killed"]), "{dry}");
+    assert!(old.exists(), "a dry run deletes nothing");
+    let report = sandbox.json(&["prune"], 0);
+    assert_eq!(report["temporaries-deleted"], 1, "{report}");
+    assert!(!old.exists(), "the old temporary file is gone");
+    assert!(fresh.exists(), "a temporary file younger than an hour may be a write under way: kept");
+}
+
+#[test]
+fn prune_refuses_while_a_lost_index_file_hides_packs_a_version_needs() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 40, 8);
+    sandbox.backup_data(&root);
+    let packs_before = crate::corruption::walk_files(&sandbox.path("repo/data")).len();
+    for index in crate::corruption::walk_files(&sandbox.path("repo/index")) {
+        std::fs::remove_file(index).unwrap();
+    }
+    // check names the repair, and says not to prune.
+    let report = sandbox.json(&["check"], 2);
+    assert_eq!(report["repairs"][0], "sysstate repair index", "{report:#}");
+    let warnings = report["warnings"].to_string();
+    assert!(warnings.contains("repair index") && warnings.contains("do not prune"), "{report:#}");
+    assert!(!warnings.contains("`sysstate prune` removes it"), "{report:#}");
+    // prune refuses and deletes nothing.
+    let output = sandbox.run_code(&["prune"], 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("repository-corrupt") && stderr.contains("sysstate repair index"), "{stderr}");
+    assert_eq!(crate::corruption::walk_files(&sandbox.path("repo/data")).len(), packs_before);
+    // The repair finds every pack again; then the version restores whole and prune has nothing
+    // to delete.
+    let repaired = sandbox.json(&["repair", "index"], 0);
+    assert_eq!(repaired["packs-found"].as_array().unwrap().len(), packs_before, "{repaired:#}");
+    sandbox.ok(&["check", "--read-data"]);
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    let pruned = sandbox.json(&["prune"], 0);
+    assert_eq!(pruned["orphan-packs-deleted"], 0, "{pruned}");
+}
+
+#[test]
+fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_takes_ids() {
+    let sandbox = Sandbox::new();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[component]]\nname = \"data\"\npaths = [\"/data\"]\n[[component]]\nname = \"more\"\npaths = [\"/more\"]\n",
+    )
+    .unwrap();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 10, 4);
+    make_tree(&root.join("more"), 10, 5);
+    let root_arg = root.to_str().unwrap();
+    let both = sandbox.json(&["backup", "--root", root_arg, "--component", "data", "--component", "more"], 0);
+    let only_more = sandbox.json(&["backup", "--root", root_arg, "--component", "more"], 0);
+    // `latest` for `data` is the older version that holds it, not the newest one that does not.
+    let items = sandbox.json(&["items", "-c", "data"], 0);
+    assert_eq!(items["version"], both["version"], "{items}");
+    let to = sandbox.path("restored");
+    sandbox.ok(&["restore", "-c", "data", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    assert_eq!(sandbox.json(&["items"], 0)["version"], only_more["version"]);
+    let output = sandbox.run_code(&["items", "-c", "nothing-holds-this"], 2);
+    assert!(text(&output.stderr).contains("no version in"), "{}", text(&output.stderr));
+
+    // `forget --version` drops one version by its id, a damaged one too.
+    let first = both["version"].as_str().unwrap();
+    let manifest = sandbox.path(&format!("repo/versions/{first}"));
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    bytes[30] ^= 1;
+    std::fs::write(&manifest, bytes).unwrap();
+    let output = sandbox.run_code(&["versions"], 1);
+    assert!(text(&output.stderr).contains("sysstate repair versions"), "{}", text(&output.stderr));
+    let output =
+        sandbox.run_code(&["restore", "--version", &first[..8], "--to", sandbox.path("r2").to_str().unwrap()], 2);
+    assert!(text(&output.stderr).contains("repository-corrupt"), "{}", text(&output.stderr));
+    let plan = sandbox.json(&["forget", "--version", &first[..8]], 0);
+    assert_eq!(plan["drop"], serde_json::json!([first]), "{plan}");
+    assert!(!manifest.exists());
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 1);
+    let output = sandbox.run_code(&["forget", "--version", "--keep-last", "1"], 2);
+    assert!(!text(&output.stderr).is_empty());
+}
