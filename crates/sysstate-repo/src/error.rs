@@ -96,6 +96,7 @@ impl RepoError {
                 ErrorKind::NoSpace => ErrorCode::TargetFull,
                 ErrorKind::Permission => ErrorCode::TargetPermission,
                 ErrorKind::Mismatch | ErrorKind::NotFound => ErrorCode::RepositoryCorrupt,
+                ErrorKind::Unsuitable => ErrorCode::InvalidInput,
                 ErrorKind::Unavailable | ErrorKind::Transient | ErrorKind::Permanent => ErrorCode::TargetUnavailable,
             },
             RepoError::NotARepository { .. } => ErrorCode::TargetUnavailable,

@@ -71,6 +71,10 @@ pub struct KeyFile {
     pub user: String,
     /// When, ns since the epoch.
     pub created_ns: i64,
+    /// The id of the repository the key belongs to (keys made before December 2026 have
+    /// none); a key never opens another repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<crate::Id>,
 }
 
 /// Why a key file did not open.
@@ -117,7 +121,14 @@ impl KeyFile {
             host: host.into(),
             user: user.into(),
             created_ns: now_ns,
+            repository: None,
         }
+    }
+
+    /// The key, bound to the repository `id`.
+    pub fn for_repository(mut self, id: crate::Id) -> KeyFile {
+        self.repository = Some(id);
+        self
     }
 
     /// Unwraps the master key.

@@ -1,6 +1,6 @@
 //! An open repository: its backend, its master key, its config and its index.
 
-use crate::backend::{Backend, ErrorKind, FileKind};
+use crate::backend::{Backend, ErrorKind, FileKind, NewFile};
 use crate::chunker::{ChunkerParams, Gear};
 use crate::crypto::{Label, MasterKey};
 use crate::error::{RepoError, Result};
@@ -61,14 +61,12 @@ fn user_name() -> String {
 }
 
 impl Repository {
-    /// Creates a new repository at the backend with one key for `passphrase`.
+    /// Creates a new repository at the backend with one key for `passphrase`, atomically (see
+    /// [`Backend::create_repository`]): [`RepoError::AlreadyExists`] when one stands there, or
+    /// another creator's appeared first.
     pub fn init(backend: Arc<dyn Backend>, passphrase: &[u8], kdf: KdfParams) -> Result<Repository> {
-        backend.create()?;
-        if !backend.list(FileKind::Config)?.is_empty() {
+        if Self::exists(&*backend)? {
             return Err(RepoError::AlreadyExists { location: backend.location() });
-        }
-        if let Some(damaged) = Self::without_config(&*backend)? {
-            return Err(damaged);
         }
         let key = MasterKey::generate();
         let config = RepoConfig {
@@ -77,11 +75,18 @@ impl Repository {
             id: Id::random(),
             chunker: ChunkerParams::default(),
         };
-        let key_file = KeyFile::wrap(&key, passphrase, kdf, &host_name(), &user_name(), now_ns());
+        let key_file =
+            KeyFile::wrap(&key, passphrase, kdf, &host_name(), &user_name(), now_ns()).for_repository(config.id);
         let key_name = Id::random().to_hex();
-        // The key first: a config without a key would be a repository nobody can open.
-        backend.write(FileKind::Key, &key_name, &serde_json::to_vec_pretty(&key_file).expect("key encodes"))?;
-        backend.write(FileKind::Config, "config", &serde_json::to_vec_pretty(&config).expect("config encodes"))?;
+        let key_bytes = serde_json::to_vec_pretty(&key_file).expect("key encodes");
+        let config_bytes = serde_json::to_vec_pretty(&config).expect("config encodes");
+        let files = [
+            NewFile { kind: FileKind::Key, name: &key_name, data: &key_bytes },
+            NewFile { kind: FileKind::Config, name: "config", data: &config_bytes },
+        ];
+        if !backend.create_repository(&files)? {
+            return Err(RepoError::AlreadyExists { location: backend.location() });
+        }
         Ok(Repository::assemble(backend, key, key_name, config))
     }
 
@@ -90,6 +95,7 @@ impl Repository {
         let location = backend.location();
         let config = Self::read_config(&*backend)?;
         let mut malformed = Vec::new();
+        let mut foreign = Vec::new();
         let keys = backend.list(FileKind::Key)?;
         if keys.is_empty() {
             return Err(RepoError::Corrupt {
@@ -99,13 +105,30 @@ impl Repository {
                     .into(),
             });
         }
+        let key_count = keys.len();
         for (name, _) in keys {
             let bytes = backend.read(FileKind::Key, &name)?;
-            match KeyFile::decode(&bytes).and_then(|file| file.unwrap_key(passphrase)) {
+            let file = KeyFile::decode(&bytes);
+            // A key made for another repository (a creator that lost a race and died before
+            // removing it) never opens this one.
+            if let Ok(KeyFile { repository: Some(id), .. }) = &file {
+                if *id != config.id {
+                    foreign.push(name);
+                    continue;
+                }
+            }
+            match file.and_then(|file| file.unwrap_key(passphrase)) {
                 Ok(key) => return Ok(Repository::assemble(backend, key, name, config)),
                 Err(KeyError::WrongPassphrase) => {}
                 Err(KeyError::Malformed(detail)) => malformed.push(format!("keys/{name}: {detail}")),
             }
+        }
+        if malformed.is_empty() && foreign.len() == key_count {
+            return Err(RepoError::Corrupt {
+                location,
+                object: format!("keys/{}", foreign.join(", keys/")),
+                detail: "every key file belongs to another repository (its id is not this config's): the config or the keys were replaced".into(),
+            });
         }
         // No key opens: a damaged key file may be the one the passphrase was for.
         if !malformed.is_empty() {
@@ -477,7 +500,8 @@ impl Repository {
 
     /// Adds a key for `passphrase`; returns its name.
     pub fn add_key(&self, passphrase: &[u8], kdf: KdfParams) -> Result<String> {
-        let file = KeyFile::wrap(&self.key, passphrase, kdf, &host_name(), &user_name(), now_ns());
+        let file = KeyFile::wrap(&self.key, passphrase, kdf, &host_name(), &user_name(), now_ns())
+            .for_repository(self.config.id);
         let name = Id::random().to_hex();
         self.backend.write(FileKind::Key, &name, &serde_json::to_vec_pretty(&file).expect("key encodes"))?;
         Ok(name)

@@ -47,6 +47,10 @@ impl Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a repository at the target (a backup creates one on first use too). Refused in a
+    /// folder of other files, inside another repository, and under a mount point that is not
+    /// mounted.
+    Init,
     /// Back up the system state (or some components).
     Backup {
         /// Only this component (repeat for more).

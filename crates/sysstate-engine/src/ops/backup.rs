@@ -8,7 +8,6 @@ use crate::error::{EngineError, Result};
 use crate::jobs::{Job, JobOutput};
 use std::path::{Path, PathBuf};
 use sysstate_repo::archiver::{self, BackupOptions, Selection};
-use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::{Id, Progress, Repository, Warning};
@@ -108,13 +107,11 @@ type Opened = (Repository, bool, Lease, Option<Id>);
 /// `Ok(None)` when it has none and `create` is false.
 fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, create: bool) -> Result<Option<Opened>> {
     let backend = super::backend(&request.target)?;
-    let created = !Repository::exists(&*backend)?;
-    let repo = match (created, create) {
-        (true, false) => return Ok(None),
-        (true, true) => Repository::init(backend.clone(), passphrase, KdfParams::default())?,
-        (false, _) => Repository::open(backend.clone(), passphrase)?,
+    if !create && !Repository::exists(&*backend)? {
+        return Ok(None);
     }
-    .with_damage_hook(job.damage_hook(request.damage.clone()));
+    let (repo, created) = super::open_or_create(backend.clone(), passphrase)?;
+    let repo = repo.with_damage_hook(job.damage_hook(request.damage.clone()));
     let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;
     let host = sysstate_repo::lock::host_name();

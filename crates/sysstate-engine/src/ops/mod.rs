@@ -20,6 +20,7 @@ pub use restore::{component_scope, restore_to, RestoreReport, RestoreRequest};
 use crate::error::{EngineError, Result};
 use std::sync::Arc;
 use sysstate_repo::backend::{self, Backend};
+use sysstate_repo::keys::KdfParams;
 use sysstate_repo::{DamageHook, Repository};
 
 /// Opens the backend of a target.
@@ -40,6 +41,24 @@ pub fn open_with(target: &str, passphrase: &[u8], hook: DamageHook) -> Result<Re
     let repo = Repository::open(backend(target)?, passphrase)?.with_damage_hook(hook);
     repo.load_index()?;
     Ok(repo)
+}
+
+/// Opens the repository of `backend`, or creates it when the target has none (of concurrent
+/// creators one wins; the others open its repository). True when this call created it.
+pub fn open_or_create(backend: Arc<dyn Backend>, passphrase: &[u8]) -> Result<(Repository, bool)> {
+    if !Repository::exists(&*backend)? {
+        match Repository::init(backend.clone(), passphrase, KdfParams::default()) {
+            Err(sysstate_repo::RepoError::AlreadyExists { .. }) => {}
+            created => return Ok((created?, true)),
+        }
+    }
+    Ok((Repository::open(backend, passphrase)?, false))
+}
+
+/// Creates a repository at `target` (`sysstate init`): refused where one stands already, and
+/// where the target is no place for one (see `docs/FORMAT.md`, "Creating a repository").
+pub fn init(target: &str, passphrase: &[u8]) -> Result<Repository> {
+    Ok(Repository::init(backend(target)?, passphrase, KdfParams::default())?)
 }
 
 /// True when `target` holds a repository.

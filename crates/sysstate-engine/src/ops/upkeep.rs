@@ -6,7 +6,6 @@ use crate::jobs::JobOutput;
 use serde::Serialize;
 use sysstate_repo::check::CheckReport;
 use sysstate_repo::forget::Policy;
-use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::prune::{PrunePlan, PruneReport};
 use sysstate_repo::version::Version;
@@ -209,11 +208,7 @@ impl JobOutput for ReplicationReport {}
 /// both repositories, creating the destination if its target has none.
 pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<ReplicationReport> {
     let backend = super::backend(request.to)?;
-    let destination = if Repository::exists(&*backend)? {
-        Repository::open(backend, request.to_passphrase)?
-    } else {
-        Repository::init(backend, request.to_passphrase, KdfParams::default())?
-    };
+    let destination = super::open_or_create(backend, request.to_passphrase)?.0;
     destination.load_index()?;
     let _from_lease = Lease::acquire(from.backend().clone(), false, "copy")?;
     let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;

@@ -31,6 +31,20 @@ impl LocalBackend {
         LocalBackend { root: root.into(), open_packs: Arc::default() }
     }
 
+    /// Builds the repository of `files` in `staging` and renames it to the target.
+    fn stage_and_move(&self, staging: &Path, files: &[super::NewFile<'_>]) -> Result<()> {
+        let staged = LocalBackend::new(staging);
+        staged.create()?;
+        for file in files {
+            staged.write(file.kind, file.name, file.data)?;
+        }
+        sync_dir(staging).map_err(|e| staged.error("create", FileKind::Config, "", &e))?;
+        let flags =
+            if self.root.exists() { rustix::fs::RenameFlags::empty() } else { rustix::fs::RenameFlags::NOREPLACE };
+        rustix::fs::renameat_with(rustix::fs::CWD, staging, rustix::fs::CWD, &self.root, flags)
+            .map_err(|errno| BackendError::from_io("create", String::new(), self.location(), &errno.into()))
+    }
+
     /// The pack `name`, open.
     fn open_pack(&self, name: &str) -> std::io::Result<Arc<File>> {
         let mut open = self.open_packs.lock().expect("open packs lock");
@@ -132,6 +146,9 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// The table of filesystems a new repository's place is checked against.
+const FSTAB: &str = "/etc/fstab";
+
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -151,6 +168,40 @@ impl Backend for LocalBackend {
             fs::create_dir_all(self.root.join("data").join(format!("{prefix:02x}"))).map_err(|e| io(&e))?;
         }
         sync_dir(&self.root).map_err(|e| io(&e))
+    }
+
+    /// Checks the target against the rules of [`super::new_target`], builds the repository in
+    /// a staging folder beside it and renames that into place: a new folder appears whole, an
+    /// empty one is replaced whole (`rename` takes an empty folder's place atomically), and of
+    /// concurrent creators the first rename wins. Where the folder cannot be replaced (a mount
+    /// point, a parent that is not writable), the repository is made inside it with the config
+    /// last, written only if absent.
+    fn create_repository(&self, files: &[super::NewFile<'_>]) -> Result<bool> {
+        if self.root.join("config").exists() {
+            return Ok(false);
+        }
+        if let Err(refused) = super::new_target::check(&self.root, Path::new(FSTAB)) {
+            // Another creator's repository may have appeared since the look above.
+            return if self.root.join("config").exists() { Ok(false) } else { Err(refused) };
+        }
+        let name = self.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let staging = self.root.with_file_name(format!(".{name}.sysstate-new-{}", crate::Id::random().short()));
+        let moved = self.stage_and_move(&staging, files);
+        if moved.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        match moved {
+            Ok(()) => {
+                let parent = self.root.parent().unwrap_or(Path::new("/"));
+                sync_dir(parent).map_err(|e| BackendError::from_io("create", String::new(), self.location(), &e))?;
+                Ok(true)
+            }
+            // Another creator's repository took the name first.
+            Err(_) if self.root.join("config").exists() => Ok(false),
+            // A mount point, or a parent this process cannot write: made in place.
+            Err(_) if self.root.is_dir() => super::create_config_last(self, files),
+            Err(error) => Err(error),
+        }
     }
 
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {

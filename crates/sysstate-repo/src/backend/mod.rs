@@ -6,6 +6,7 @@
 //! reported as corruption), except lock files, which are leases and are refreshed in place.
 
 mod local;
+mod new_target;
 mod object;
 mod retry;
 #[cfg(any(test, feature = "testing"))]
@@ -74,6 +75,9 @@ pub enum ErrorKind {
     /// An existing file holds other bytes than the ones written under its name, or fewer than
     /// a read of it needs (it was truncated).
     Mismatch,
+    /// The target is no place for a new repository (a folder of other files, inside another
+    /// repository).
+    Unsuitable,
     /// Anything else; retrying will not help.
     Permanent,
 }
@@ -120,8 +124,15 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 pub trait Backend: Send + Sync + fmt::Debug {
     /// A human-readable location (`/var/backups/sysstate`, `s3://bucket/prefix`).
     fn location(&self) -> String;
-    /// Makes sure the target exists and is usable for a new repository.
+    /// Makes sure the target's place exists (a local folder and its layout; a bucket answers).
     fn create(&self) -> Result<()>;
+    /// Creates a new repository of `files` (its config and first key) so that no one sees part
+    /// of it: `Ok(true)` when this call made it, `Ok(false)` when a repository stands there
+    /// already (another creator won a race; nothing of this call is left). The default, for
+    /// object stores: the key first, then the config, read back to see whose it is.
+    fn create_repository(&self, files: &[NewFile<'_>]) -> Result<bool> {
+        create_config_last(self, files)
+    }
     /// Names and sizes of the files of one kind.
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>>;
     /// The whole file.
@@ -139,6 +150,46 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn clean_temporaries(&self, _older_than: std::time::Duration, _dry_run: bool) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+}
+
+/// Creates a repository of `files` in place: its place, then every file but the config, then
+/// the config, written only if absent and read back to see whose it is. A creator that lost
+/// removes its own files. `Ok(true)` when this call made the repository.
+fn create_config_last<B: Backend + ?Sized>(backend: &B, files: &[NewFile<'_>]) -> Result<bool> {
+    backend.create()?;
+    if !backend.list(FileKind::Config)?.is_empty() {
+        return Ok(false);
+    }
+    let (config, others): (Vec<&NewFile<'_>>, Vec<&NewFile<'_>>) =
+        files.iter().partition(|file| file.kind == FileKind::Config);
+    for file in &others {
+        backend.write(file.kind, file.name, file.data)?;
+    }
+    let mut won = true;
+    for file in config {
+        won = match backend.write(file.kind, file.name, file.data) {
+            Ok(()) => backend.read(file.kind, file.name)? == file.data,
+            Err(error) if error.kind == ErrorKind::Mismatch => false,
+            Err(error) => return Err(error),
+        };
+    }
+    if !won {
+        for file in &others {
+            backend.remove(file.kind, file.name)?;
+        }
+    }
+    Ok(won)
+}
+
+/// One file of a new repository.
+#[derive(Debug, Clone, Copy)]
+pub struct NewFile<'a> {
+    /// Its kind.
+    pub kind: FileKind,
+    /// Its name.
+    pub name: &'a str,
+    /// Its bytes.
+    pub data: &'a [u8],
 }
 
 /// Opens the backend for a target: a local path, or `s3://`, `az://`, `gs://` URLs.

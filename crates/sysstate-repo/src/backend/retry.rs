@@ -51,6 +51,10 @@ impl Backend for RetryBackend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         self.retry(|| self.inner.write(kind, name, data))
     }
+    fn create_repository(&self, files: &[super::NewFile<'_>]) -> Result<bool> {
+        self.retry(|| self.inner.create_repository(files))
+    }
+
     fn clean_temporaries(&self, older_than: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
         self.retry(|| self.inner.clean_temporaries(older_than, dry_run))
     }

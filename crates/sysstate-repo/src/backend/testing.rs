@@ -17,6 +17,7 @@ pub fn conformance(backend: Arc<dyn Backend>) {
     missing_files(&*backend);
     kinds_do_not_mix(&*backend);
     listing_passes_a_page(&*backend);
+    a_new_repository_appears_whole_once(&*backend);
     for kind in [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock, FileKind::Config] {
         assert!(backend.list(kind).unwrap().is_empty(), "{kind:?}: the suite left files behind");
     }
@@ -102,6 +103,22 @@ fn listing_passes_a_page(backend: &dyn Backend) {
             scope.spawn(move || part.iter().for_each(|name| backend.remove(FileKind::Lock, name).unwrap()));
         }
     });
+}
+
+fn a_new_repository_appears_whole_once(backend: &dyn Backend) {
+    use super::NewFile;
+    let files = |key: &'static str, config: &'static [u8]| {
+        [
+            NewFile { kind: FileKind::Key, name: key, data: b"a key" },
+            NewFile { kind: FileKind::Config, name: "config", data: config },
+        ]
+    };
+    assert!(backend.create_repository(&files("k1", b"first")).unwrap(), "the first creator makes it");
+    assert!(!backend.create_repository(&files("k2", b"second")).unwrap(), "a second one finds it");
+    assert_eq!(backend.read(FileKind::Config, "config").unwrap(), b"first");
+    assert_eq!(backend.list(FileKind::Key).unwrap(), vec![("k1".to_string(), 5)], "the loser left nothing");
+    backend.remove(FileKind::Key, "k1").unwrap();
+    backend.remove(FileKind::Config, "config").unwrap();
 }
 
 #[cfg(test)]

@@ -51,10 +51,7 @@ pub fn backup(
         .then(|| sysstate_engine::credentials::settle(target, &sysstate_engine::paths::state_dir()))
         .flatten();
     if let Some(key) = &generated_key {
-        eprintln!(
-            "note: no passphrase was given, so the new repository at `{target}` is protected by a random key kept in `{}` (mode 0600). Keep a copy of that file somewhere safe: without it the backups cannot be read. It works as `--passphrase-file`.",
-            key.display()
-        );
+        crate::passphrase::note_generated_key(target, key);
     }
     if context.json() {
         print_json(&json!({

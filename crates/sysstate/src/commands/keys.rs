@@ -42,3 +42,28 @@ pub fn key(context: &Context<'_>, command: &KeyCommand) -> Result<Outcome> {
     }
     Ok(Outcome::Success)
 }
+
+/// `sysstate init`: a new repository, with the passphrase given (asked twice on a terminal) or,
+/// when none is, a random key kept in the state directory.
+pub fn init(context: &Context<'_>) -> Result<Outcome> {
+    let global = &context.cli.global;
+    let target = &context.target;
+    let (passphrase, generated) =
+        crate::passphrase::for_backup(target, global.passphrase_file.as_deref(), global.quiet)?;
+    let repo = sysstate_engine::ops::init(target, &passphrase)?;
+    let key =
+        generated.then(|| sysstate_engine::credentials::settle(target, &sysstate_engine::paths::state_dir())).flatten();
+    if context.json() {
+        print_json(&serde_json::json!({
+            "created": target,
+            "id": repo.config().id.to_hex(),
+            "key-file": key.as_ref().map(|k| k.display().to_string()),
+        }));
+        return Ok(Outcome::Success);
+    }
+    context.say(format!("created a new repository at `{target}` (id {})", repo.config().id.short()));
+    if let Some(key) = key {
+        crate::passphrase::note_generated_key(target, &key);
+    }
+    Ok(Outcome::Success)
+}

@@ -146,6 +146,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Backup { components, tags, threads, wait } => {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
         }
+        Command::Init => keys::init(&context),
         Command::Versions => read::versions(&context),
         Command::Items { version, components } => read::items(&context, version, components),
         Command::Components => read::components(&context),

@@ -4,6 +4,7 @@
 mod backends;
 mod corruption;
 mod crash;
+mod creation;
 mod damage;
 mod doctor;
 mod errors;
