@@ -22,7 +22,6 @@ use std::sync::Arc;
 use sysstate_repo::archiver::{self, BackupOptions, Selection};
 use sysstate_repo::inplace::{self, Difference, Scope};
 use sysstate_repo::keys::KdfParams;
-use sysstate_repo::lock::Lease;
 use sysstate_repo::tree::NodeKind;
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::NoProgress;
@@ -66,6 +65,9 @@ pub struct InPlaceReport {
     pub packages: Option<PackagesReport>,
     /// The job to name to `restore --undo`, when something changed.
     pub undo: Option<String>,
+    /// Why the repository was read without a lease (read-only, or `--no-lock`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_without_lease: Option<String>,
 }
 
 /// How the package set differs from the version's, and what reconciles it.
@@ -171,6 +173,7 @@ pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Res
         false => (None, None),
     };
     let report = InPlaceReport {
+        read_without_lease: None,
         version: id.to_hex(),
         dry_run: request.dry_run,
         differences: Vec::new(),
@@ -191,12 +194,11 @@ pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Co
             format!("the root of an in-place restore must be an absolute path, not `{}`", request.root.display()),
         ));
     }
-    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
+    let lease = repo.read_lease("restore")?;
     let plan = plan(repo, request, config)?;
-    if request.dry_run {
-        return Ok(plan.into_report());
-    }
-    plan.execute(repo, request, config)
+    let mut report = if request.dry_run { plan.into_report() } else { plan.execute(repo, request, config)? };
+    report.read_without_lease = lease.without();
+    Ok(report)
 }
 
 /// The paths an in-place restore compares: the components' own, without dpkg's database (the

@@ -84,6 +84,25 @@ pub fn host_name() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 
+/// The lease of a command that only reads.
+#[derive(Debug)]
+pub enum ReadLease {
+    /// A shared lease, released on drop.
+    Held(Lease),
+    /// None, and why: the command reads without telling others.
+    Without(String),
+}
+
+impl ReadLease {
+    /// Why there is no lease, if there is none.
+    pub fn without(&self) -> Option<String> {
+        match self {
+            ReadLease::Held(_) => None,
+            ReadLease::Without(why) => Some(why.clone()),
+        }
+    }
+}
+
 /// A held lease; released on drop.
 #[derive(Debug)]
 pub struct Lease {
@@ -110,6 +129,23 @@ pub fn list_leases(backend: &dyn Backend) -> Result<Vec<(String, Option<LeaseInf
 impl Lease {
     /// Takes a lease, removing stale ones on the way. Fails with [`RepoError::Locked`] naming
     /// the holder when an exclusive lease is held (or, for an exclusive lease, any lease).
+    /// A shared lease for a command that only reads (restore, check, copy's source): none when
+    /// `no_lock` asks for none, or when the repository is read-only (a write-protected disk, a
+    /// read-only mount: what disaster recovery reads from) — an exclusive lease held by another
+    /// process is still refused.
+    pub fn for_reading(backend: Arc<dyn Backend>, command: &str, no_lock: bool) -> Result<ReadLease> {
+        if no_lock {
+            return Ok(ReadLease::Without("`--no-lock` was given".into()));
+        }
+        match Self::acquire(backend, false, command) {
+            Ok(lease) => Ok(ReadLease::Held(lease)),
+            Err(RepoError::Backend(error)) if error.kind == crate::backend::ErrorKind::Permission => {
+                Ok(ReadLease::Without(format!("the repository cannot be written ({})", error.message)))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     pub fn acquire(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Result<Lease> {
         let host = host_name();
         let pid = std::process::id();

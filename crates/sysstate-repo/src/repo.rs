@@ -54,6 +54,8 @@ pub struct Repository {
     /// Files passed over, by object: each told to the hook once.
     damaged: Mutex<BTreeMap<String, Damaged>>,
     damage_hook: Option<DamageHook>,
+    /// Commands that only read take no lease (`--no-lock`).
+    no_lock: bool,
 }
 
 fn user_name() -> String {
@@ -152,6 +154,7 @@ impl Repository {
             index: RwLock::new(Index::default()),
             damaged: Mutex::new(BTreeMap::new()),
             damage_hook: None,
+            no_lock: false,
         }
     }
 
@@ -159,6 +162,18 @@ impl Repository {
     pub fn with_damage_hook(mut self, hook: DamageHook) -> Repository {
         self.damage_hook = Some(hook);
         self
+    }
+
+    /// Reads without a lease when `no_lock` (`--no-lock`: a repository others must not be
+    /// told about, or that a stale lease blocks).
+    pub fn without_lock(mut self, no_lock: bool) -> Repository {
+        self.no_lock = no_lock;
+        self
+    }
+
+    /// The lease of a command that only reads: see [`crate::lock::Lease::for_reading`].
+    pub fn read_lease(&self, command: &str) -> Result<crate::lock::ReadLease> {
+        crate::lock::Lease::for_reading(self.backend.clone(), command, self.no_lock)
     }
 
     /// The damaged files passed over so far.

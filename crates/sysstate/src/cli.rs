@@ -34,6 +34,10 @@ pub struct Global {
     /// The repository: a directory, or s3://, az://, gs:// URL (default: `backup.target`).
     #[arg(long, global = true)]
     pub target: Option<String>,
+    /// Commands that only read (restore, check, copy's source) take no lease on the repository.
+    /// A read-only repository is read without one anyway.
+    #[arg(long, global = true)]
+    pub no_lock: bool,
 }
 
 impl Global {

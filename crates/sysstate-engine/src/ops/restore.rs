@@ -4,7 +4,6 @@
 use crate::error::{EngineError, Result};
 use crate::jobs::JobOutput;
 use std::path::PathBuf;
-use sysstate_repo::lock::Lease;
 use sysstate_repo::restorer::{self, RestoreOptions, RestoreStats};
 use sysstate_repo::version::Version;
 use sysstate_repo::{Id, Progress, Repository, Warning};
@@ -36,6 +35,8 @@ pub struct RestoreReport {
     pub damaged: Vec<Warning>,
     /// The target (named in the failure).
     pub target: String,
+    /// Why the repository was read without a lease (read-only, or `--no-lock`).
+    pub read_without_lease: Option<String>,
 }
 
 impl JobOutput for RestoreReport {
@@ -75,7 +76,7 @@ pub fn restore_to(repo: &Repository, request: &RestoreRequest, progress: &dyn Pr
     if request.components.is_empty() {
         progress.total(manifest.stats.bytes_total);
     }
-    let _lease = Lease::acquire(repo.backend().clone(), false, "restore")?;
+    let lease = repo.read_lease("restore")?;
     let options =
         RestoreOptions { target: request.to.clone(), include, exclude, threads: request.threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, Some(progress))?;
@@ -85,6 +86,7 @@ pub fn restore_to(repo: &Repository, request: &RestoreRequest, progress: &dyn Pr
         warnings: outcome.warnings,
         damaged: outcome.damaged,
         target: repo.location(),
+        read_without_lease: lease.without(),
     })
 }
 

@@ -19,6 +19,8 @@ pub struct CheckOutcome {
     pub target: String,
     /// What was found.
     pub report: CheckReport,
+    /// Why the repository was read without a lease (read-only, or `--no-lock`).
+    pub read_without_lease: Option<String>,
 }
 
 impl JobOutput for CheckOutcome {
@@ -54,9 +56,9 @@ impl JobOutput for CheckOutcome {
 /// Damage is not an error here: it is in the outcome (its [`JobOutput::failure`]), so the caller
 /// can show everything that was found.
 pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Result<CheckOutcome> {
-    let _lease = Lease::acquire(repo.backend().clone(), false, "check")?;
+    let lease = repo.read_lease("check")?;
     let report = sysstate_repo::check::check(repo, read_data, progress)?;
-    Ok(CheckOutcome { target: repo.location(), report })
+    Ok(CheckOutcome { target: repo.location(), report, read_without_lease: lease.without() })
 }
 
 /// The versions a retention policy keeps and drops.
@@ -210,7 +212,7 @@ pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<Re
     let backend = super::backend(request.to)?;
     let destination = super::open_or_create(backend, request.to_passphrase)?.0;
     destination.load_index()?;
-    let _from_lease = Lease::acquire(from.backend().clone(), false, "copy")?;
+    let _from_lease = from.read_lease("copy")?;
     let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;
     let existing: Vec<(i64, String, String)> =
         destination.versions()?.into_iter().map(|(_, v)| (v.time_ns, v.host, v.root_path)).collect();

@@ -86,13 +86,21 @@ impl Context<'_> {
             Some(job) => job.damage_hook(Some(printed)),
             None => printed,
         };
-        sysstate_engine::ops::open_with(&self.target, &self.passphrase()?, hook)
+        Ok(sysstate_engine::ops::open_with(&self.target, &self.passphrase()?, hook)?
+            .without_lock(self.cli.global.no_lock))
+    }
+
+    /// Says that the repository was read without a lease, and why.
+    fn note_unleased(&self, why: Option<&String>) {
+        if let (Some(why), false) = (why, self.cli.global.quiet) {
+            eprintln!("note: read without a lease: {why}; a prune elsewhere could remove what is read");
+        }
     }
 
     /// Opens the target's repository with its index loaded, for a command that reports damage
     /// itself (`check`).
     fn open_unhooked(&self) -> Result<Repository> {
-        sysstate_engine::ops::open(&self.target, &self.passphrase()?)
+        Ok(sysstate_engine::ops::open(&self.target, &self.passphrase()?)?.without_lock(self.cli.global.no_lock))
     }
 
     /// Success, or warnings when there are `warnings` or damaged files were passed over.

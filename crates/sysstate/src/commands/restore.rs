@@ -33,6 +33,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     })?;
     let stats = &report.stats;
     let failure = report.failure();
+    context.note_unleased(report.read_without_lease.as_ref());
     if context.json() {
         let mut value = json!({
             "version": report.id.to_hex(),
@@ -91,6 +92,7 @@ fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
         };
         sysstate_engine::inplace::restore_in_place(&context.open(Some(job))?, &request, &context.config)
     })?;
+    context.note_unleased(report.read_without_lease.as_ref());
     if context.json() {
         print_json(&serde_json::to_value(&report).expect("reports encode"));
         return Ok(context.outcome());

@@ -14,6 +14,7 @@ pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
         .run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read_data, job))?;
     let report = &outcome.report;
     let failure = outcome.failure();
+    context.note_unleased(outcome.read_without_lease.as_ref());
     if context.json() {
         let mut value = serde_json::to_value(report).expect("report encodes");
         if let Some(error) = &failure {

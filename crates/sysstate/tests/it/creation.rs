@@ -148,3 +148,53 @@ fn a_backup_never_creates_a_repository_under_a_mount_point_that_is_not_mounted()
     assert!(!target.exists(), "nothing was written beneath the mount point");
     assert_job_failed(&sandbox, "target-unavailable");
 }
+
+/// A read-only repository (what disaster recovery reads from) is listed, restored from and
+/// checked, without a lease and saying so; an exclusive lease in it still stops a reader.
+#[test]
+fn a_read_only_repository_is_restored_from_and_checked_without_a_lease() {
+    if !require("root (to mount)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 30, 12);
+    sandbox.backup_data(&root);
+    let mount = sandbox.path("read-only");
+    std::fs::create_dir_all(&mount).unwrap();
+    let guard = BindMount::read_only(Path::new(&sandbox.target), &mount);
+    let target = mount.to_str().unwrap();
+    assert_eq!(sandbox.json(&["--target", target, "versions"], 0).as_array().unwrap().len(), 1);
+    sandbox.ok(&["--target", target, "items"]);
+    let to = sandbox.path("restored");
+    let output = sandbox.ok(&["--target", target, "restore", "--to", to.to_str().unwrap()]);
+    assert!(text(&output.stderr).contains("read without a lease"), "{}", text(&output.stderr));
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    let output = sandbox.ok(&["--target", target, "check", "--read-data"]);
+    assert!(text(&output.stderr).contains("cannot be written"), "{}", text(&output.stderr));
+    // A backup to it fails as it must.
+    let output =
+        sandbox.run_code(&["--target", target, "backup", "--root", root.to_str().unwrap(), "--component", "data"], 2);
+    assert!(text(&output.stderr).contains("target-permission"), "{}", text(&output.stderr));
+    drop(guard);
+
+    // `--no-lock` on a writable repository: no lease is written, and it says so.
+    let locks = Path::new(&sandbox.target).join("locks");
+    let output = sandbox.ok(&["--no-lock", "check"]);
+    assert!(text(&output.stderr).contains("--no-lock"), "{}", text(&output.stderr));
+    assert_eq!(std::fs::read_dir(&locks).unwrap().count(), 0);
+
+    // An exclusive lease (a prune elsewhere) in a read-only repository still stops a reader.
+    let lease = serde_json::json!({
+        "host": "another-host", "pid": 1, "start-ticks": 1, "command": "prune",
+        "since-ns": sysstate_now_ns(), "refreshed-ns": sysstate_now_ns(), "exclusive": true,
+    });
+    std::fs::write(locks.join("ab".repeat(32)), lease.to_string()).unwrap();
+    let _guard = BindMount::read_only(Path::new(&sandbox.target), &mount);
+    let output = sandbox.run_code(&["--target", target, "restore", "--to", sandbox.path("r2").to_str().unwrap()], 2);
+    assert!(text(&output.stderr).contains("repository-locked"), "{}", text(&output.stderr));
+}
+
+fn sysstate_now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64
+}

@@ -523,22 +523,6 @@ impl LoopFs {
 }
 
 /// `from` bind-mounted at `at`; unmounted on drop.
-struct BindMount(std::path::PathBuf);
-
-impl BindMount {
-    fn new(from: &Path, at: &Path) -> BindMount {
-        let status = std::process::Command::new("mount").arg("--bind").arg(from).arg(at).status().unwrap();
-        assert!(status.success(), "mount --bind {} {}", from.display(), at.display());
-        BindMount(at.to_path_buf())
-    }
-}
-
-impl Drop for BindMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.mount).status();

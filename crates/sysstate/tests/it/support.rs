@@ -360,3 +360,27 @@ pub fn dead_s3(command: &mut Command) -> &mut Command {
         .env("AWS_SECRET_ACCESS_KEY", "y")
         .env("AWS_REGION", "garage")
 }
+
+/// `from` bind-mounted at `at` (read-only with [`BindMount::read_only`]); unmounted on drop.
+pub struct BindMount(pub PathBuf);
+
+impl BindMount {
+    pub fn new(from: &Path, at: &Path) -> BindMount {
+        let status = Command::new("mount").arg("--bind").arg(from).arg(at).status().unwrap();
+        assert!(status.success(), "mount --bind {} {}", from.display(), at.display());
+        BindMount(at.to_path_buf())
+    }
+
+    pub fn read_only(from: &Path, at: &Path) -> BindMount {
+        let mount = BindMount::new(from, at);
+        let status = Command::new("mount").args(["-o", "remount,bind,ro"]).arg(at).status().unwrap();
+        assert!(status.success(), "remount {} read-only", at.display());
+        mount
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
