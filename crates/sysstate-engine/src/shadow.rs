@@ -19,14 +19,17 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 =
-        number.parse().map_err(|_| format!("`{text}` is not a duration: use `500ms`, `10s`, `2m`, `1h` or `90d`"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: use `500ms`, `10s`, `2m`, `1h`, `90d`, `2w` or `1y`"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
+        "w" => value * 7.0 * 86400.0,
+        "y" => value * 365.0 * 86400.0,
         other => return Err(format!("`{text}`: unknown unit `{other}`")),
     };
     Duration::try_from_secs_f64(seconds)

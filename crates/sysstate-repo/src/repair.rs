@@ -469,13 +469,23 @@ pub fn versions(repo: &Repository, dry_run: bool) -> Result<VersionRepair> {
 
 /// Drops the versions whose names start with one of `specs`, readable or not (a damaged
 /// manifest is dropped by its name); each spec must name exactly one. Returns the full names.
-pub fn forget_by_name(repo: &Repository, specs: &[String], dry_run: bool) -> Result<Vec<String>> {
+pub fn forget_by_name(
+    repo: &Repository,
+    specs: &[String],
+    protected: &HashSet<Id>,
+    dry_run: bool,
+) -> Result<Vec<String>> {
     let names: Vec<String> = repo.backend().list(FileKind::Version)?.into_iter().map(|(name, _)| name).collect();
     let mut chosen = Vec::new();
     for spec in specs {
         let spec = spec.to_ascii_lowercase();
         let matching: Vec<&String> = names.iter().filter(|n| !spec.is_empty() && n.starts_with(&spec)).collect();
         match matching.as_slice() {
+            [one] if Id::from_hex(one).is_some_and(|id| protected.contains(&id)) => {
+                return Err(RepoError::Invalid(format!(
+                    "version {spec} is protected: `sysstate unprotect {spec}` first"
+                )))
+            }
             [one] => chosen.push((*one).clone()),
             [] => {
                 return Err(RepoError::VersionNotFound(format!(

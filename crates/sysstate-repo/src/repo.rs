@@ -500,9 +500,34 @@ impl Repository {
         Ok(id)
     }
 
-    /// Drops version `id` (its data stays until `prune`).
+    /// Drops version `id` (its data stays until `prune`); a protected version is refused.
     pub fn forget_version(&self, id: &Id) -> Result<()> {
+        if self.protected()?.contains(id) {
+            return Err(RepoError::Invalid(format!(
+                "version {} is protected: `sysstate unprotect {}` first",
+                id.short(),
+                id.short()
+            )));
+        }
         Ok(self.backend.remove(FileKind::Version, &id.to_hex())?)
+    }
+
+    /// The protected versions: never forgotten until unprotected.
+    pub fn protected(&self) -> Result<std::collections::HashSet<Id>> {
+        match self.backend.list(FileKind::Protection) {
+            Ok(files) => Ok(files.iter().filter_map(|(name, _)| Id::from_hex(name)).collect()),
+            // A repository made before protection has no folder for it.
+            Err(error) if error.kind == ErrorKind::NotFound => Ok(Default::default()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Protects version `id` (`true`), or lifts its protection.
+    pub fn protect(&self, id: &Id, protect: bool) -> Result<()> {
+        match protect {
+            true => Ok(self.backend.write(FileKind::Protection, &id.to_hex(), b"")?),
+            false => Ok(self.backend.remove(FileKind::Protection, &id.to_hex())?),
+        }
     }
 
     /// Replaces the key in use by one for `passphrase`: the new key is written before the old

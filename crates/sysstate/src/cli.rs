@@ -71,7 +71,20 @@ pub enum Command {
         wait: Option<String>,
     },
     /// List the versions in the target.
-    Versions,
+    Versions {
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Protect a version: never forgotten (by a policy or by name) until unprotected.
+    Protect {
+        /// The version: `latest` or an id prefix.
+        version: String,
+    },
+    /// Lift a version's protection.
+    Unprotect {
+        /// The version: an id prefix.
+        version: String,
+    },
     /// List the components and files of a version.
     Items {
         /// The version: `latest` or an id prefix.
@@ -227,12 +240,49 @@ pub struct ForgetArgs {
     /// … of each of the N last years.
     #[arg(long, default_value_t = 0)]
     pub keep_yearly: usize,
+    /// Keep every version taken within this long before the group's newest (`30d`, `2w`).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep every version with this tag (repeat for more).
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// What makes a group the policy applies to on its own: any of host, root, components,
+    /// tags, comma-separated (empty: all versions are one group).
+    #[arg(long, default_value = "host,root,components")]
+    pub group_by: String,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Drop these versions (id prefixes; a damaged manifest too), instead of a policy.
-    #[arg(long = "version", value_name = "ID", conflicts_with_all = ["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
+    #[arg(long = "version", value_name = "ID", conflicts_with_all = ["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within", "keep_tag"])]
     pub versions: Vec<String>,
     /// Show what would be dropped.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// Which versions a command looks at.
+#[derive(Debug, Args, Default)]
+pub struct FilterArgs {
+    /// Only versions of this host (repeat for more).
+    #[arg(long)]
+    pub host: Vec<String>,
+    /// Only versions with this tag (repeat for more: any of them).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Only versions holding this component (repeat for more: all of them).
+    #[arg(long = "component", short = 'c')]
+    pub components: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The filter.
+    pub fn filter(&self) -> sysstate_repo::forget::Filter {
+        sysstate_repo::forget::Filter {
+            hosts: self.host.clone(),
+            tags: self.tag.clone(),
+            components: self.components.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use crate::error::{EngineError, Result};
 use crate::jobs::JobOutput;
 use serde::Serialize;
 use sysstate_repo::check::CheckReport;
-use sysstate_repo::forget::Policy;
+use sysstate_repo::forget::{Filter, GroupBy, Policy};
 use sysstate_repo::lock::Lease;
 use sysstate_repo::prune::{PrunePlan, PruneReport};
 use sysstate_repo::version::Version;
@@ -61,11 +61,24 @@ pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Res
     Ok(CheckOutcome { target: repo.location(), report, read_without_lease: lease.without() })
 }
 
+/// What `forget` is asked: a policy for the versions a filter selects, in groups.
+#[derive(Debug, Clone, Default)]
+pub struct ForgetRequest {
+    /// What to keep.
+    pub policy: Policy,
+    /// What makes a group.
+    pub group_by: GroupBy,
+    /// Which versions are looked at (the others are left alone).
+    pub filter: Filter,
+    /// Plan only.
+    pub dry_run: bool,
+}
+
 /// The versions a retention policy keeps and drops.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ForgetPlan {
-    /// Kept, by id.
+    /// Kept, by id (protected ones among them).
     pub keep: Vec<Id>,
     /// Dropped (or to drop), by id.
     pub drop: Vec<Id>,
@@ -86,25 +99,38 @@ pub fn require_rule(policy: &Policy) -> Result<()> {
         .with_resolution("for example `sysstate forget --keep-daily 7 --keep-weekly 4`"))
 }
 
-/// Applies a retention policy: plans which versions go and, unless `dry_run`, drops them (their
-/// data stays until `prune`). An empty policy is refused: it would drop every version.
-pub fn forget(repo: &Repository, policy: &Policy, dry_run: bool) -> Result<ForgetPlan> {
-    require_rule(policy)?;
+/// Applies a retention policy to the versions the filter selects, group by group: plans which
+/// go and, unless a dry run, drops them (their data stays until `prune`). Protected versions are
+/// kept. An empty policy is refused: it would drop every version.
+pub fn forget(repo: &Repository, request: &ForgetRequest) -> Result<ForgetPlan> {
+    require_rule(&request.policy)?;
     let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
-    let (keep, drop) = sysstate_repo::forget::plan(&repo.versions()?, policy);
-    if !dry_run {
+    let selected: Vec<(Id, Version)> =
+        repo.versions()?.into_iter().filter(|(_, version)| request.filter.matches(version)).collect();
+    let protected = repo.protected()?;
+    let (keep, drop) = sysstate_repo::forget::plan(&selected, &request.policy, request.group_by, &protected);
+    if !request.dry_run {
         for id in &drop {
             repo.forget_version(id)?;
         }
     }
-    Ok(ForgetPlan { keep, drop, dry_run })
+    Ok(ForgetPlan { keep, drop, dry_run: request.dry_run })
+}
+
+/// Protects a version (never forgotten until unprotected), or lifts its protection; returns
+/// its id.
+pub fn protect(repo: &Repository, version: &str, protect: bool) -> Result<Id> {
+    let _lease = Lease::acquire(repo.backend().clone(), false, "protect")?;
+    let (id, _) = repo.find_version(version)?;
+    repo.protect(&id, protect)?;
+    Ok(id)
 }
 
 /// Drops the versions named (unique id prefixes), readable or damaged: a damaged manifest is
 /// dropped by its name.
 pub fn forget_named(repo: &Repository, names: &[String], dry_run: bool) -> Result<ForgetPlan> {
     let _lease = Lease::acquire(repo.backend().clone(), false, "forget")?;
-    let drop = sysstate_repo::repair::forget_by_name(repo, names, dry_run)?;
+    let drop = sysstate_repo::repair::forget_by_name(repo, names, &repo.protected()?, dry_run)?;
     Ok(ForgetPlan { keep: Vec::new(), drop: drop.iter().filter_map(|n| Id::from_hex(n)).collect(), dry_run })
 }
 

@@ -34,6 +34,8 @@ pub enum FileKind {
     Version,
     /// `locks/`: leases.
     Lock,
+    /// `protected/`: one empty file per protected version, named by its id.
+    Protection,
 }
 
 impl FileKind {
@@ -46,6 +48,7 @@ impl FileKind {
             FileKind::Index => "index",
             FileKind::Version => "versions",
             FileKind::Lock => "locks",
+            FileKind::Protection => "protected",
         }
     }
 

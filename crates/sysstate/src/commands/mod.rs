@@ -155,7 +155,9 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
         }
         Command::Init => keys::init(&context),
-        Command::Versions => read::versions(&context),
+        Command::Versions { filter } => read::versions(&context, &filter.filter()),
+        Command::Protect { version } => upkeep::protect(&context, version, true),
+        Command::Unprotect { version } => upkeep::protect(&context, version, false),
         Command::Items { version, components } => read::items(&context, version, components),
         Command::Components => read::components(&context),
         Command::Restore(args) => restore::restore(&context, args),

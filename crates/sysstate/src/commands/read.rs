@@ -6,8 +6,10 @@ use serde_json::json;
 use sysstate_engine::ops::read;
 use sysstate_engine::Result;
 
-pub fn versions(context: &Context<'_>) -> Result<Outcome> {
-    let versions = read::versions(&context.open(None)?)?;
+pub fn versions(context: &Context<'_>, filter: &sysstate_repo::forget::Filter) -> Result<Outcome> {
+    let repo = context.open(None)?;
+    let protected = repo.protected()?;
+    let versions: Vec<_> = read::versions(&repo)?.into_iter().filter(|(_, v)| filter.matches(v)).collect();
     if context.json() {
         let list: Vec<_> = versions
             .iter()
@@ -15,6 +17,7 @@ pub fn versions(context: &Context<'_>) -> Result<Outcome> {
                 let mut value = serde_json::to_value(v).expect("versions encode");
                 value["id"] = json!(id.to_hex());
                 value["time"] = json!(sysstate_types::time::format_utc(v.time_ns));
+                value["protected"] = json!(protected.contains(id));
                 value
             })
             .collect();
@@ -25,12 +28,13 @@ pub fn versions(context: &Context<'_>) -> Result<Outcome> {
     for (id, v) in &versions {
         let names: Vec<_> = v.components.iter().map(|c| c.name.as_str()).collect();
         crate::outln!(
-            "{:<10} {:<21} {:<16} {:>10}  {}",
+            "{:<10} {:<21} {:<16} {:>10}  {}{}",
             id.short(),
             sysstate_types::time::format_utc(v.time_ns),
             v.host,
             bytes(v.stats.bytes_total),
-            names.join(", ")
+            names.join(", "),
+            if protected.contains(id) { "  (protected)" } else { "" }
         );
     }
     Ok(context.outcome())

@@ -6,7 +6,7 @@ use crate::output::{bytes, print_json};
 use std::path::Path;
 use sysstate_engine::jobs::{JobKind, JobOutput};
 use sysstate_engine::ops::upkeep::{self, RepairOutcome, RepairPart, ReplicateRequest};
-use sysstate_engine::{credentials, Result};
+use sysstate_engine::{credentials, EngineError, ErrorCode, Result};
 use sysstate_repo::Id;
 
 pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
@@ -51,19 +51,38 @@ pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
 }
 
 pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
-    let policy = sysstate_repo::forget::Policy {
-        last: args.keep_last,
-        daily: args.keep_daily,
-        weekly: args.keep_weekly,
-        monthly: args.keep_monthly,
-        yearly: args.keep_yearly,
+    let within = args
+        .keep_within
+        .as_deref()
+        .map(|text| {
+            sysstate_engine::shadow::parse_duration(text)
+                .map(|d| d.as_nanos() as i64)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--keep-within`: {e}")))
+        })
+        .transpose()?;
+    let group_by = sysstate_repo::forget::GroupBy::parse(&args.group_by)
+        .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--group-by`: {e}")))?;
+    let request = upkeep::ForgetRequest {
+        policy: sysstate_repo::forget::Policy {
+            last: args.keep_last,
+            daily: args.keep_daily,
+            weekly: args.keep_weekly,
+            monthly: args.keep_monthly,
+            yearly: args.keep_yearly,
+            within_ns: within,
+            tags: args.keep_tag.clone(),
+        },
+        group_by,
+        filter: args.filter.filter(),
+        dry_run: args.dry_run,
     };
+    let policy = &request.policy;
     let plan = context.run_job(JobKind::Forget, &[], "forgetting", |job| {
         if !args.versions.is_empty() {
             return upkeep::forget_named(&context.open(Some(job))?, &args.versions, args.dry_run);
         }
-        upkeep::require_rule(&policy)?;
-        upkeep::forget(&context.open(Some(job))?, &policy, args.dry_run)
+        upkeep::require_rule(policy)?;
+        upkeep::forget(&context.open(Some(job))?, &request)
     })?;
     if context.json() {
         print_json(&serde_json::to_value(&plan).expect("plans encode"));
@@ -239,4 +258,20 @@ pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
         }
     }
     Ok(Outcome::warned(warnings))
+}
+
+pub fn protect(context: &Context<'_>, version: &str, protect: bool) -> Result<Outcome> {
+    let id = upkeep::protect(&context.open(None)?, version, protect)?;
+    if context.json() {
+        print_json(&serde_json::json!({"version": id.to_hex(), "protected": protect}));
+    } else if protect {
+        context.say(format!(
+            "version {} is protected: forget leaves it until `sysstate unprotect {}`",
+            id.short(),
+            id.short()
+        ));
+    } else {
+        context.say(format!("version {} is no longer protected", id.short()));
+    }
+    Ok(context.outcome())
 }

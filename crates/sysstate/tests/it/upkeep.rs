@@ -257,3 +257,66 @@ fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_take
     let output = sandbox.run_code(&["forget", "--version", "--keep-last", "1"], 2);
     assert!(!text(&output.stderr).is_empty());
 }
+
+#[test]
+fn retention_applies_per_group_keeps_within_tags_and_protected_versions_and_filters() {
+    let sandbox = Sandbox::new();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[component]]\nname = \"data\"\npaths = [\"/data\"]\n[[component]]\nname = \"more\"\npaths = [\"/more\"]\n",
+    )
+    .unwrap();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 5, 4);
+    make_tree(&root.join("more"), 5, 5);
+    let root_arg = root.to_str().unwrap();
+    let backup = |components: &[&str], tags: &[&str]| {
+        let mut args = vec!["backup", "--root", root_arg];
+        for c in components {
+            args.extend(["--component", c]);
+        }
+        for t in tags {
+            args.extend(["--tag", t]);
+        }
+        sandbox.json(&args, 0)["version"].as_str().unwrap().to_string()
+    };
+    let full_tagged = backup(&["data", "more"], &["before-upgrade"]);
+    let full = backup(&["data", "more"], &[]);
+    let small = backup(&["more"], &[]);
+
+    // keep-last 1 keeps the newest of each component set: the small backup does not push the
+    // full version out.
+    let plan = sandbox.json(&["forget", "--keep-last", "1", "--dry-run"], 0);
+    let keep: Vec<&str> = plan["keep"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!((keep.len(), plan["drop"].as_array().unwrap().len()), (2, 1), "{plan}");
+    assert!(keep.contains(&full.as_str()) && keep.contains(&small.as_str()), "{plan}");
+    // One group: only the newest is kept.
+    let plan = sandbox.json(&["forget", "--keep-last", "1", "--group-by", "", "--dry-run"], 0);
+    assert_eq!(plan["keep"], serde_json::json!([small]), "{plan}");
+    let output = sandbox.run_code(&["forget", "--keep-last", "1", "--group-by", "colour"], 2);
+    assert!(text(&output.stderr).contains("`colour` is not something"), "{}", text(&output.stderr));
+    // keep-tag and keep-within.
+    let plan = sandbox.json(&["forget", "--keep-tag", "before-upgrade", "--dry-run"], 0);
+    assert_eq!(plan["keep"], serde_json::json!([full_tagged]), "{plan}");
+    let plan = sandbox.json(&["forget", "--keep-within", "1d", "--dry-run"], 0);
+    assert_eq!(plan["drop"].as_array().unwrap().len(), 0, "all three are within a day: {plan}");
+    // Filters: a policy applied to the versions holding `data` only leaves `small` alone.
+    let plan = sandbox.json(&["forget", "--keep-last", "1", "-c", "data", "--dry-run"], 0);
+    assert_eq!(plan["drop"], serde_json::json!([full_tagged]), "{plan}");
+    assert_eq!(plan["keep"], serde_json::json!([full]), "{plan}");
+    let listed = sandbox.json(&["versions", "--tag", "before-upgrade"], 0);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(sandbox.json(&["versions", "-c", "data"], 0).as_array().unwrap().len(), 2);
+
+    // A protected version is kept whatever the policy, and cannot be forgotten by name.
+    sandbox.ok(&["protect", &full_tagged[..8]]);
+    let listed = sandbox.json(&["versions"], 0);
+    assert_eq!(listed[0]["protected"], true, "{listed}");
+    let plan = sandbox.json(&["forget", "--keep-last", "1", "--group-by", ""], 0);
+    assert_eq!(plan["drop"], serde_json::json!([full]), "{plan}");
+    let output = sandbox.run_code(&["forget", "--version", &full_tagged[..8]], 2);
+    assert!(text(&output.stderr).contains("is protected"), "{}", text(&output.stderr));
+    sandbox.ok(&["unprotect", &full_tagged[..8]]);
+    sandbox.json(&["forget", "--version", &full_tagged[..8]], 0);
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 1);
+}
