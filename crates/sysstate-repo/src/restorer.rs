@@ -146,6 +146,10 @@ pub fn restore_tree(
     progress: Option<&dyn Progress>,
 ) -> Result<RestoreOutcome> {
     let io = |path: &Path, source: std::io::Error| RepoError::Destination { path: path.display().to_string(), source };
+    if std::fs::symlink_metadata(&options.target).is_ok_and(|m| !m.is_dir()) {
+        let error = std::io::Error::other("it is a file, not a folder: give a folder to restore into");
+        return Err(io(&options.target, error));
+    }
     std::fs::create_dir_all(&options.target).map_err(|e| io(&options.target, e))?;
     let root = rustix::fs::open(&options.target, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io(&options.target, e.into()))?;

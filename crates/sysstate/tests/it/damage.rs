@@ -333,3 +333,41 @@ fn assert_job_failed_kind(sandbox: &Sandbox) {
         .unwrap_or_else(|| panic!("no failed restore: {jobs:#}"));
     assert_eq!(restore["error"]["code"], "repository-corrupt", "{restore:#}");
 }
+
+#[test]
+fn swapped_manifest_names_are_found_and_put_back() {
+    let template = template();
+    let sandbox = copy();
+    let versions = Path::new(&sandbox.target).join("versions");
+    let (first, second) = (versions.join(&template.first), versions.join(&template.second));
+    let (a, b) = (std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+    std::fs::write(&first, &b).unwrap();
+    std::fs::write(&second, &a).unwrap();
+    // Neither is taken for the other: both are passed over, and check names the repair.
+    let output = sandbox.run_code(&["versions"], 1);
+    assert_eq!(text(&output.stderr).matches("sysstate repair versions").count(), 2, "{}", text(&output.stderr));
+    let to = sandbox.path("wrong");
+    sandbox.run_code(&["restore", "--version", &template.first, "--to", to.to_str().unwrap()], 2);
+    let report = sandbox.json(&["check", "--read-data"], 2);
+    assert_eq!(report["repairs"], serde_json::json!(["sysstate repair versions"]), "{report:#}");
+    let repaired = sandbox.json(&["repair", "versions"], 0);
+    assert_eq!(repaired["renamed"].as_array().unwrap().len(), 2, "{repaired:#}");
+    sandbox.ok(&["check", "--read-data"]);
+    // Each id gives its own version back.
+    let root = sandbox.path("root");
+    let to = sandbox.path("first");
+    sandbox.ok(&["restore", "--version", &template.first, "--to", to.to_str().unwrap()]);
+    assert_eq!(snapshot(&to.join("data")), snapshot_without_new(&root.join("data")));
+    let to = sandbox.path("second");
+    sandbox.ok(&["restore", "--version", &template.second, "--to", to.to_str().unwrap()]);
+    assert_eq!(snapshot(&to.join("data")), snapshot(&root.join("data")));
+    // Restoring onto a file is a clear error.
+    let file = sandbox.path("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let output = sandbox.run_code(&["restore", "--to", file.to_str().unwrap()], 2);
+    assert!(
+        text(&output.stderr).contains("restore-destination") && text(&output.stderr).contains("not a folder"),
+        "{}",
+        text(&output.stderr)
+    );
+}
