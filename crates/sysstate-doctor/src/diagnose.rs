@@ -178,6 +178,7 @@ fn diagnose(
         ErrorCode::WrongPassphrase => wrong_passphrase(),
         ErrorCode::ComponentMissing => component_missing(config),
         ErrorCode::ComponentIncomplete => component_incomplete(&data),
+        ErrorCode::RepositoryCorrupt => repository_corrupt(&error.message),
         ErrorCode::Cancelled if error.message.contains("ended without a word") => Evidence::cause(1),
         _ => Evidence::default(),
     };
@@ -388,6 +389,20 @@ fn wrong_passphrase() -> Evidence {
         "now: `SYSSTATE_PASSPHRASE` is {}; {keys} key files in the state directory",
         if std::env::var_os("SYSSTATE_PASSPHRASE").is_some() { "set" } else { "not set" }
     )])
+}
+
+/// Causes: 0 data damaged or lost (the repairs), 1 the config or the keys gone or replaced, 2 a
+/// tree nested too deep. Told apart by the object the message names.
+fn repository_corrupt(message: &str) -> Evidence {
+    let mut evidence = if message.contains("deeper than") {
+        Evidence::cause(2)
+    } else if message.contains(": config:") || message.contains(": keys/") {
+        Evidence::cause(1)
+    } else {
+        Evidence::default()
+    };
+    evidence.say(format!("the job's message: {message}"));
+    evidence
 }
 
 /// Causes: 0 the path went away while the backup ran, 1 the copy was made in the wrong place.

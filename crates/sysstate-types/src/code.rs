@@ -115,8 +115,8 @@ error_codes! {
         cause: "another process holds an exclusive lease on the repository",
         resolution: "wait for the process named in the message to finish; a lease of a dead process expires by itself";
     RepositoryCorrupt = "repository-corrupt", 1034, Error,
-        cause: "data in the repository does not match its checksums or cannot be decoded",
-        resolution: "run `sysstate check --read-data` to see which packs and versions are damaged, then back up again to replace them";
+        cause: "data in the repository does not match its checksums, cannot be decoded, or is missing",
+        resolution: "run `sysstate check --read-data`: it names the damaged files and the `sysstate repair` to run, then a backup stores the lost content again";
     WrongPassphrase = "wrong-passphrase", 1035, Error,
         cause: "no key of the repository opens with the passphrase given",
         resolution: "give the right passphrase through `SYSSTATE_PASSPHRASE`, `--passphrase-file` or the prompt";

@@ -237,6 +237,9 @@ fn a_damaged_config_stops_every_command_with_its_name_and_is_never_recreated() {
         if how != Harm::Stray {
             let output = sandbox.run(&["versions"]);
             assert!(text(&output.stderr).contains("config"), "{how:?}: {}", text(&output.stderr));
+            // The doctor tells this cause from damaged data.
+            let diagnosis = assert_diagnosed(&sandbox, "repository-corrupt");
+            assert!(diagnosis["cause"].as_str().unwrap().contains("`config`"), "{how:?}: {diagnosis:#}");
         }
     }
 }
