@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ["first", "nochange", "changed", "restore", "verify"]
+PHASES = ["first", "nochange", "changed", "restore", "verify", "reindex"]
 TOOLS = ["sysstate", "restic", "rustic", "borg"]
 PASSWORD = "bench-passphrase"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +125,10 @@ class Tool:
     def version(self):
         return ""
 
+    def reindex(self, repo):
+        """The command that rebuilds the repository's index from its packs, or None."""
+        return None
+
 
 class Sysstate(Tool):
     name = "sysstate"
@@ -163,6 +167,9 @@ class Sysstate(Tool):
     def verify(self, repo):
         return [self.binary, "check", "--target", str(repo), "--read-data", "--quiet"], None
 
+    def reindex(self, repo):
+        return [self.binary, "repair", "index", "--target", str(repo), "--quiet"], None
+
     def version(self):
         return run([self.binary, "--version"]).strip()
 
@@ -188,6 +195,13 @@ class Restic(Tool):
     def verify(self, repo):
         return [self.binary, "-r", str(repo), "check", "--read-data"], None
 
+    def reindex(self, repo):
+        # `rebuild-index` until 0.16 (Debian's 0.14), `repair index` since.
+        words = self.version().split()
+        release = tuple(int(p) for p in words[1].split(".")[:2]) if len(words) > 1 and words[1][0].isdigit() else (0, 16)
+        command = ["rebuild-index"] if release < (0, 16) else ["repair", "index"]
+        return [self.binary, "-r", str(repo), *command], None
+
     def version(self):
         return run([self.binary, "version"]).strip()
 
@@ -208,6 +222,9 @@ class Rustic(Restic):
 
     def restore(self, repo, dest):
         return [self.binary, "-r", str(repo), "restore", "latest", str(dest)], None
+
+    def reindex(self, repo):
+        return [self.binary, "-r", str(repo), "repair", "index"], None
 
     def version(self):
         return run([self.binary, "--version"]).strip()
@@ -420,7 +437,10 @@ def run_corpus(name, corpus, tools, rounds, work):
 
         def phase(phase_name, command_for):
             for tool in order:
-                cmd, cwd = command_for(tool)
+                command = command_for(tool)
+                if command is None:
+                    continue  # the tool has no such command (borg: no index to rebuild)
+                cmd, cwd = command
                 m = measure(cmd, tool.env(), cwd=cwd, log_path=logs / f"{tool.name}-{phase_name}.log")
                 results[tool.name][phase_name].append(m)
                 log(f"   round {r + 1} {phase_name:9} {tool.name:9} {m.wall:7.2f} s {m.rss_kib / 1024:7.0f} MiB")
@@ -444,6 +464,7 @@ def run_corpus(name, corpus, tools, rounds, work):
         for target in targets.values():
             target.close()
         phase("verify", lambda t: t.verify(repos[t.name]))
+        phase("reindex", lambda t: t.reindex(repos[t.name]))
         change.undo()
         for repo in repos.values():
             shutil.rmtree(repo, ignore_errors=True)
