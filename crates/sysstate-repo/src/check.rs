@@ -355,7 +355,9 @@ impl<'r> Checker<'r> {
             self.repair("sysstate repair packs");
         }
         if !self.report.damaged_files.is_empty() {
-            self.repair("sysstate backup (stores the damaged files' content again where this machine still has it)");
+            self.repair(
+                "sysstate backup (stores the damaged files' content again where this machine still has it; a version that still lacks data after it can be dropped with `sysstate forget --version ID`)",
+            );
         }
         // Index first (the other repairs read it), then manifests, then packs, then a backup.
         let order = ["sysstate repair index", "sysstate repair versions", "sysstate repair packs"];

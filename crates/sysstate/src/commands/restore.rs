@@ -42,15 +42,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
             "warnings": report.warnings.iter().map(|w| json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
             "damaged": report.damaged.iter().map(|w| w.path.as_str()).collect::<Vec<_>>(),
         });
-        if let Some(error) = &failure {
-            value["error"] = crate::output::error_json(error);
-            crate::output::print_error_text(error);
-        }
-        print_json(&value);
-        return Ok(match failure {
-            Some(_) => Outcome::Failed,
-            None => context.warned(report.warnings.len()),
-        });
+        return Ok(super::json_report(value, failure.as_ref(), context.warned(report.warnings.len())));
     } else {
         context.say(format!(
             "restored version {} to `{}`: {} files, {} dirs, {} others, {} in {:.2} s",

@@ -16,16 +16,8 @@ pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
     let failure = outcome.failure();
     context.note_unleased(outcome.read_without_lease.as_ref());
     if context.json() {
-        let mut value = serde_json::to_value(report).expect("report encodes");
-        if let Some(error) = &failure {
-            value["error"] = crate::output::error_json(error);
-            crate::output::print_error_text(error);
-        }
-        print_json(&value);
-        return Ok(match failure {
-            Some(_) => Outcome::Failed,
-            None => Outcome::warned(report.warnings.len()),
-        });
+        let value = serde_json::to_value(report).expect("report encodes");
+        return Ok(super::json_report(value, failure.as_ref(), Outcome::warned(report.warnings.len())));
     }
     for warning in &report.warnings {
         eprintln!("warning: {warning}");

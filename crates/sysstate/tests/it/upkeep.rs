@@ -215,8 +215,8 @@ fn prune_refuses_while_a_lost_index_file_hides_packs_a_version_needs() {
     assert_eq!(pruned["orphan-packs-deleted"], 0, "{pruned}");
 }
 
-#[test]
-fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_takes_ids() {
+/// A sandbox with components `data` and `more`, and a root holding both.
+fn two_components() -> (Sandbox, std::path::PathBuf) {
     let sandbox = Sandbox::new();
     std::fs::write(
         sandbox.path("config.toml"),
@@ -224,8 +224,14 @@ fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_take
     )
     .unwrap();
     let root = sandbox.path("root");
-    make_tree(&root.join("data"), 10, 4);
-    make_tree(&root.join("more"), 10, 5);
+    make_tree(&root.join("data"), 8, 4);
+    make_tree(&root.join("more"), 8, 5);
+    (sandbox, root)
+}
+
+#[test]
+fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_takes_ids() {
+    let (sandbox, root) = two_components();
     let root_arg = root.to_str().unwrap();
     let both = sandbox.json(&["backup", "--root", root_arg, "--component", "data", "--component", "more"], 0);
     let only_more = sandbox.json(&["backup", "--root", root_arg, "--component", "more"], 0);
@@ -260,15 +266,7 @@ fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_take
 
 #[test]
 fn retention_applies_per_group_keeps_within_tags_and_protected_versions_and_filters() {
-    let sandbox = Sandbox::new();
-    std::fs::write(
-        sandbox.path("config.toml"),
-        "[[component]]\nname = \"data\"\npaths = [\"/data\"]\n[[component]]\nname = \"more\"\npaths = [\"/more\"]\n",
-    )
-    .unwrap();
-    let root = sandbox.path("root");
-    make_tree(&root.join("data"), 5, 4);
-    make_tree(&root.join("more"), 5, 5);
+    let (sandbox, root) = two_components();
     let root_arg = root.to_str().unwrap();
     let backup = |components: &[&str], tags: &[&str]| {
         let mut args = vec!["backup", "--root", root_arg];
