@@ -142,7 +142,11 @@ impl Context<'_> {
 
 /// Prints a command's JSON report, with the failure it found (also on stderr, as text); the
 /// command ends `Failed` with one, else as `otherwise`.
-fn json_report(mut value: serde_json::Value, failure: Option<&sysstate_engine::EngineError>, otherwise: Outcome) -> Outcome {
+fn json_report(
+    mut value: serde_json::Value,
+    failure: Option<&sysstate_engine::EngineError>,
+    otherwise: Outcome,
+) -> Outcome {
     if let Some(error) = failure {
         value["error"] = crate::output::error_json(error);
         crate::output::print_error_text(error);

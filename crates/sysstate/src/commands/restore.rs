@@ -35,7 +35,7 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     let failure = report.failure();
     context.note_unleased(report.read_without_lease.as_ref());
     if context.json() {
-        let mut value = json!({
+        let value = json!({
             "version": report.id.to_hex(),
             "to": to.display().to_string(),
             "files": stats.files, "dirs": stats.dirs, "others": stats.others, "bytes": stats.bytes,
