@@ -352,7 +352,7 @@ impl<'r> Checker<'r> {
             self.repair("sysstate repair index");
         }
         if !self.report.damaged_packs.is_empty() {
-            self.repair("sysstate repair packs");
+            self.repair("sysstate repair blobs");
         }
         if !self.report.damaged_files.is_empty() {
             self.repair(
@@ -360,7 +360,7 @@ impl<'r> Checker<'r> {
             );
         }
         // Index first (the other repairs read it), then manifests, then packs, then a backup.
-        let order = ["sysstate repair index", "sysstate repair versions", "sysstate repair packs"];
+        let order = ["sysstate repair index", "sysstate repair versions", "sysstate repair blobs"];
         self.report.repairs.sort_by_key(|r| order.iter().position(|o| o == r).unwrap_or(order.len()));
         self.report.damaged_packs.sort();
         self.report.damaged_packs.dedup();

@@ -6,7 +6,7 @@
 //!
 //! - [`index`]: a new index from the packs' own headers (a lost or damaged index file, packs
 //!   an index does not list);
-//! - [`packs`]: every indexed pack read; the intact blobs of a damaged pack moved to new packs
+//! - [`blobs`]: every indexed pack read; the intact blobs of a damaged pack moved to new packs
 //!   and the damaged blobs taken out of the index, so that the next backup stores their data
 //!   again (blobs are named by their content: every version that names a blob is whole again
 //!   once any backup stores that content again);
@@ -44,7 +44,7 @@ pub struct IndexRepair {
     /// Packs that no readable index file listed before: their blobs are found again.
     pub packs_found: Vec<String>,
     /// Packs whose header cannot be read: `pack: why`. Their blobs stay indexed where an old
-    /// index file listed them (`sysstate repair packs` then moves them); otherwise they are lost.
+    /// index file listed them (`sysstate repair blobs` then moves them); otherwise they are lost.
     pub unreadable: Vec<String>,
     /// Index files replaced by the new ones (damaged ones among them).
     pub replaced: Vec<String>,
@@ -230,10 +230,10 @@ fn remove_stray(repo: &Repository, path: &str) -> Result<()> {
     Ok(repo.backend().remove(kind, name)?)
 }
 
-/// What `repair packs` found and (unless a dry run) did.
+/// What `repair blobs` found and (unless a dry run) did.
 #[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct PackRepair {
+pub struct BlobRepair {
     /// Packs read.
     pub packs: usize,
     /// Bytes read.
@@ -261,13 +261,13 @@ enum PackState {
 }
 
 /// Reads every indexed pack and takes damaged blobs out of the index (see the module).
-pub fn packs(repo: &Repository, dry_run: bool, progress: &dyn crate::Progress) -> Result<PackRepair> {
-    let mut report = PackRepair { dry_run, ..PackRepair::default() };
+pub fn blobs(repo: &Repository, dry_run: bool, progress: &dyn crate::Progress) -> Result<BlobRepair> {
+    let mut report = BlobRepair { dry_run, ..BlobRepair::default() };
     if let Some(damaged) = repo.damaged().into_iter().find(|d| d.object.starts_with("index/")) {
         return Err(RepoError::Corrupt {
             location: repo.location(),
             object: damaged.object,
-            detail: format!("{}: run `sysstate repair index` before `sysstate repair packs`", damaged.detail),
+            detail: format!("{}: run `sysstate repair index` before `sysstate repair blobs`", damaged.detail),
         });
     }
     let mut strays = Vec::new();
@@ -344,7 +344,7 @@ fn read_packs(
     repo: &Repository,
     names: &[Id],
     indexed: &HashMap<Id, Vec<PackEntry>>,
-    report: &mut PackRepair,
+    report: &mut BlobRepair,
     progress: &dyn crate::Progress,
 ) -> Vec<PackState> {
     let sizes: HashMap<String, u64> =

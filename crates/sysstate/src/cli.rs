@@ -295,8 +295,9 @@ pub enum RepairCommand {
         dry_run: bool,
     },
     /// Read every pack; move the intact blobs of damaged packs to new packs and take damaged
-    /// blobs out of the index, so the next backup stores their content again.
-    Packs {
+    /// blobs out of the index, so the next backup stores their content again (also `packs`).
+    #[command(visible_alias = "packs")]
+    Blobs {
         /// Say what would be done; change nothing.
         #[arg(long)]
         dry_run: bool,

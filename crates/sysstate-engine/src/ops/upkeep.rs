@@ -140,7 +140,7 @@ pub enum RepairPart {
     /// A new index from the packs' headers.
     Index,
     /// Damaged packs read, their intact blobs moved, their damaged blobs out of the index.
-    Packs,
+    Blobs,
     /// Misnamed manifests renamed, damaged ones removed.
     Versions,
 }
@@ -151,8 +151,8 @@ pub enum RepairPart {
 pub enum RepairOutcome {
     /// `repair index`.
     Index(sysstate_repo::repair::IndexRepair),
-    /// `repair packs`.
-    Packs(sysstate_repo::repair::PackRepair),
+    /// `repair blobs`.
+    Blobs(sysstate_repo::repair::BlobRepair),
     /// `repair versions`.
     Versions(sysstate_repo::repair::VersionRepair),
 }
@@ -163,7 +163,7 @@ impl JobOutput for RepairOutcome {
     fn warnings(&self) -> usize {
         match self {
             RepairOutcome::Index(report) => report.unreadable.len(),
-            RepairOutcome::Packs(report) => report.lost.len(),
+            RepairOutcome::Blobs(report) => report.lost.len(),
             RepairOutcome::Versions(_) => 0,
         }
     }
@@ -175,7 +175,7 @@ pub fn repair(repo: &Repository, part: RepairPart, dry_run: bool, progress: &dyn
     let _lease = Lease::acquire(repo.backend().clone(), true, "repair")?;
     Ok(match part {
         RepairPart::Index => RepairOutcome::Index(sysstate_repo::repair::index(repo, dry_run, progress)?),
-        RepairPart::Packs => RepairOutcome::Packs(sysstate_repo::repair::packs(repo, dry_run, progress)?),
+        RepairPart::Blobs => RepairOutcome::Blobs(sysstate_repo::repair::blobs(repo, dry_run, progress)?),
         RepairPart::Versions => RepairOutcome::Versions(sysstate_repo::repair::versions(repo, dry_run)?),
     })
 }

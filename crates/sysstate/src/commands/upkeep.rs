@@ -172,7 +172,7 @@ pub fn copy(
 pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
     let (which, dry_run) = match *part {
         RepairCommand::Index { dry_run } => (RepairPart::Index, dry_run),
-        RepairCommand::Packs { dry_run } => (RepairPart::Packs, dry_run),
+        RepairCommand::Blobs { dry_run } => (RepairPart::Blobs, dry_run),
         RepairCommand::Versions { dry_run } => (RepairPart::Versions, dry_run),
     };
     // The repair reads what is damaged itself: the index and manifests it mends are not
@@ -205,11 +205,11 @@ pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
                 if report.unreadable.is_empty() {
                     String::new()
                 } else {
-                    format!("; {} packs have an unreadable header: run `sysstate repair packs`", report.unreadable.len())
+                    format!("; {} packs have an unreadable header: run `sysstate repair blobs`", report.unreadable.len())
                 }
             ));
         }
-        RepairOutcome::Packs(report) => {
+        RepairOutcome::Blobs(report) => {
             for pack in &report.damaged {
                 context.say(format!("damaged pack {pack}"));
             }
