@@ -110,10 +110,10 @@ pub(crate) fn state_dir(options: &Options, checks: &mut Vec<Check>) {
                 )),
             }
         } else {
-            checks.push(Check::warning(
+            // Not a fault: the first job makes it, private (as `--fix` would now).
+            checks.push(Check::ok(
                 "state-dir.exists",
-                format!("`{shown}` does not exist yet"),
-                "run `sysstate doctor --fix` (or any job) to create it",
+                format!("`{shown}` does not exist yet; the first job creates it with mode 0700"),
             ));
             return;
         }

@@ -48,6 +48,15 @@ pub(crate) fn recent_failures(
             succeeded.insert(job.kind);
             continue;
         }
+        // A mistyped command is the administrator's, not the machine's: it says so at once and
+        // is no standing failure. An in-place restore undone since is over.
+        let usage = job.error.as_ref().is_some_and(|e| {
+            e.code == "invalid-input" || (e.code == "component-missing" && e.message.ends_with("is not known"))
+        });
+        let undone = job.kind == JobKind::RestoreInPlace && succeeded.contains(&JobKind::Undo);
+        if usage || undone {
+            continue;
+        }
         let ended = job.ended.as_deref().and_then(sysstate_types::time::parse_utc).unwrap_or(now);
         // The doctor's own validation is its own check; dry runs change nothing.
         if succeeded.contains(&job.kind)

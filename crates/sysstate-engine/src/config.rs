@@ -140,15 +140,31 @@ impl Config {
             Ok(text) => parse(file, &text)?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound && !required => Config::default(),
             Err(error) => {
+                // Say where the path came from: the administrator may never have named it.
+                let from = if required {
+                    "the path given with `--config`"
+                } else if std::env::var_os("SYSSTATE_CONFIG").is_some() {
+                    "the path `SYSSTATE_CONFIG` gives"
+                } else {
+                    "the default config file (`--config FILE` names another)"
+                };
+                let fix = match error.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        "let the user sysstate runs as read it (most commands run as root)"
+                    }
+                    std::io::ErrorKind::NotFound => "create it, or give the right path",
+                    _ => "make it a readable file",
+                };
                 return Err(EngineError::new(
                     ErrorCode::InvalidInput,
-                    format!("cannot read the config file `{}`: {error}", file.display()),
+                    format!("cannot read the config file `{}`, {from}: {error}", file.display()),
                 )
-                .with_resolution("check the path given with `--config` or `SYSSTATE_CONFIG`"))
+                .with_resolution(format!("{fix}; docs/config.md lists every key")));
             }
         };
         if file.exists() {
             config.sources.push(file.to_path_buf());
+            config.validate(file)?;
         }
         let dir = file.parent().unwrap_or(Path::new("."));
         for sub in ["components.d", "writers.d"] {
@@ -166,12 +182,48 @@ impl Config {
                     )
                 })?;
                 let extra = parse(&path, &text)?;
+                extra.validate(&path)?;
                 config.components.extend(extra.components);
                 config.writers.extend(extra.writers);
                 config.sources.push(path);
             }
         }
         Ok(config)
+    }
+}
+
+impl Config {
+    /// Values that parse as TOML but mean nothing: a provider that does not exist, a duration
+    /// that is not one. Each named with its key and file, at load, so no command (and not the
+    /// doctor) takes a typo for a setting.
+    fn validate(&self, file: &Path) -> Result<()> {
+        let invalid = |key: &str, detail: String| {
+            EngineError::new(ErrorCode::InvalidInput, format!("config file `{}`: `{key}`: {detail}", file.display()))
+                .with_cause("the config file has a value sysstate cannot use")
+                .with_resolution("correct the value named; docs/config.md lists every key and its values")
+        };
+        if let Some(provider) = &self.shadow.provider {
+            sysstate_shadow::provider::ProviderChoice::parse(provider).map_err(|_| {
+                invalid("shadow.provider", format!("`{provider}` is not a provider: use auto, copy, reflink or btrfs"))
+            })?;
+        }
+        let durations = [
+            ("shadow.commit-timeout", self.shadow.commit_timeout.as_ref()),
+            ("jobs.retention", self.jobs.retention.as_ref()),
+        ]
+        .into_iter()
+        .chain(self.writers.iter().flat_map(|w| {
+            [
+                ("writer.freeze-timeout", w.freeze_timeout.as_ref()),
+                ("writer.prepare-timeout", w.prepare_timeout.as_ref()),
+            ]
+        }));
+        for (key, value) in durations {
+            if let Some(value) = value {
+                crate::shadow::parse_duration(value).map_err(|e| invalid(key, e))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -205,6 +257,22 @@ mod tests {
         assert!(error.message.contains("targte"), "{}", error.message);
         assert!(error.message.contains("config.toml"), "{}", error.message);
         assert!(error.message.contains("line 3"), "{}", error.message);
+    }
+
+    #[test]
+    fn values_that_mean_nothing_are_named_with_their_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        for (text, key) in [
+            ("[shadow]\nprovider = \"reflnk\"\n", "shadow.provider"),
+            ("[shadow]\ncommit-timeout = \"ten seconds\"\n", "shadow.commit-timeout"),
+            ("[jobs]\nretention = \"90 days\"\n", "jobs.retention"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let error = Config::load(&file, true).unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidInput);
+            assert!(error.message.contains(key) && error.message.contains("config.toml"), "{}", error.message);
+        }
     }
 
     #[test]

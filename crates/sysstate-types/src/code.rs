@@ -102,6 +102,9 @@ error_codes! {
     ComponentIncomplete = "component-incomplete", 1022, Error,
         cause: "a path of a component exists on the system but the shadow copy the backup read holds nothing of it, so the version would have lied: none was saved",
         resolution: "run the backup again (a path removed while the backup ran is not there the next time); if it fails the same way, check the `[[shadow.storage]]` of that path's volume with `sysstate doctor` and report the message";
+    EntrySkipped = "entry-skipped", 1023, Warning,
+        cause: "one entry could not be backed up or restored (a socket, a file that vanished, changed or could not be read or written)",
+        resolution: "the warning names the entry and why; everything else of the version or the restore is whole";
     TargetUnavailable = "target-unavailable", 1030, Error,
         cause: "the backup target cannot be reached or does not exist",
         resolution: "check that the target path is mounted or the object store is reachable and the credentials are right";

@@ -124,8 +124,19 @@ impl Progress for Job<'_> {
         self.observer.file_done(bytes);
     }
 
+    /// Each entry skipped is a warning event of the job (counted by the output's warnings).
     fn warning(&self, warning: &Warning) {
-        self.store.log(&self.id, &format!("warning: `{}` {}", warning.path, warning.message));
+        let message = format!("`{}` {}", warning.path, warning.message);
+        self.store.log(&self.id, &format!("warning: {message}"));
+        let source = match self.kind {
+            JobKind::Backup | JobKind::Validate => Source::Engine,
+            _ => Source::Repository,
+        };
+        if let Err(error) =
+            self.store.event(Some(&self.id), Level::Warning, source, ErrorCode::EntrySkipped, &message, None)
+        {
+            tracing::warn!("job {}: cannot record the warning `{message}`: {}", self.id, error.message);
+        }
         self.observer.warning(warning);
     }
 

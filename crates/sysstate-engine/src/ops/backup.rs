@@ -75,7 +75,10 @@ fn selections(resolved: &[Resolved]) -> Result<(Vec<Selection>, Vec<ComponentRec
         } else {
             let mut builder = globset::GlobSetBuilder::new();
             for pattern in &item.component.exclude {
-                let glob = globset::GlobBuilder::new(pattern).literal_separator(true).build().map_err(|error| {
+                // Patterns match paths relative to the root (`etc/ssl/private/*`) or entry names
+                // (`*.tmp`); an absolute path, as administrators write it, is taken as relative.
+                let relative = pattern.trim_start_matches('/');
+                let glob = globset::GlobBuilder::new(relative).literal_separator(true).build().map_err(|error| {
                     EngineError::new(
                         ErrorCode::InvalidInput,
                         format!("component `{}`: exclude pattern `{pattern}`: {error}", item.component.name),

@@ -7,7 +7,8 @@ use sysstate_doctor::services::StartType;
 use sysstate_doctor::Status;
 use sysstate_engine::{credentials, paths, Result};
 
-/// Runs the checks and the diagnosis; exit 2 when a check failed or a failure stands.
+/// Runs the checks and the diagnosis; exit 2 when a check failed or a failure stands, 1 when a
+/// check warns.
 pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
     let config_file = cli.global.config.clone().unwrap_or_else(paths::config_file);
     // The passphrase lets the doctor open the repository; the config may be broken (that is a
@@ -79,7 +80,8 @@ pub fn doctor(cli: &Cli, fix: bool, validate: bool) -> Result<Outcome> {
             report.diagnoses.len()
         );
     }
-    Ok(if report.failed() { Outcome::Failed } else { Outcome::Success })
+    let warnings = report.checks.iter().filter(|c| c.status == Status::Warning).count();
+    Ok(if report.failed() { Outcome::Failed } else { Outcome::warned(warnings) })
 }
 
 /// The parts of the service and their state.

@@ -102,6 +102,15 @@ fn an_unknown_config_key_is_a_failed_check_naming_the_key_and_the_file() {
     let found = config["found"].as_str().unwrap();
     assert!(found.contains("colour") && found.contains("config.toml"), "{config}");
     assert!(!config["resolution"].as_str().unwrap().is_empty());
+    // A value that means nothing (a mistyped provider) is refused the same way, by the doctor
+    // and by every command.
+    std::fs::write(sandbox.path("config.toml"), "[shadow]\nprovider = \"reflnk\"\n").unwrap();
+    let report = sandbox.json(&["doctor", "--no-validate"], 2);
+    let config = check(&report, "installation.config");
+    assert_eq!(config["status"], "failed", "{config}");
+    assert!(config["found"].as_str().unwrap().contains("`reflnk` is not a provider"), "{config}");
+    let output = sandbox.run_code(&["versions"], 2);
+    assert!(text(&output.stderr).contains("shadow.provider"), "{}", text(&output.stderr));
 }
 
 #[test]
@@ -182,7 +191,8 @@ fn a_repository_open_to_others_is_a_warning() {
     let keys = std::path::Path::new(&sandbox.target).join("keys");
     let key = std::fs::read_dir(&keys).unwrap().next().unwrap().unwrap().path();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let report = sandbox.json(&["doctor", "--no-validate"], 0);
+    // A warning ends the doctor with exit 1.
+    let report = sandbox.json(&["doctor", "--no-validate"], 1);
     let modes = check(&report, "target.modes");
     assert_eq!(modes["status"], "warning", "{modes}");
     assert!(modes["found"].as_str().unwrap().contains(&format!("`{}` (0644)", key.display())), "{modes}");

@@ -78,12 +78,20 @@ fn component_missing_and_unknown_config_keys() {
     let sandbox = Sandbox::new();
     let root = sandbox.path("root");
     std::fs::create_dir_all(root.join("etc")).unwrap();
-    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "nope"]);
-    stderr_has_code(&output, "component-missing");
-    assert_job_failed(&sandbox, "component-missing");
+    // A component the machine lacks (the ESP not mounted) is a failure the doctor diagnoses.
     let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "efi"]);
     stderr_has_code(&output, "component-missing");
     assert!(text(&output.stderr).contains("/boot/efi"), "{}", text(&output.stderr));
+    assert_job_failed(&sandbox, "component-missing");
+    // A mistyped name is refused at once, and is no standing failure: the doctor, which still
+    // sees the efi failure, does not add the typo to it.
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap(), "--component", "nope"]);
+    stderr_has_code(&output, "component-missing");
+    let report = sandbox.json(&["doctor", "--no-validate"], 2);
+    let diagnosed: Vec<&str> =
+        report["diagnoses"].as_array().unwrap().iter().map(|d| d["message"].as_str().unwrap()).collect();
+    assert!(diagnosed.iter().all(|m| !m.contains("`nope`")), "{diagnosed:?}");
+    assert_eq!(diagnosed.len(), 1, "{diagnosed:?}");
 
     std::fs::write(sandbox.path("config.toml"), "[backup]\ntarget = \"/x\"\ncompnents = [\"config\"]\n").unwrap();
     let output = sandbox.run(&["versions"]);

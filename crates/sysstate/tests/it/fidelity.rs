@@ -55,6 +55,20 @@ fn all_metadata_survives_backup_and_restore() {
     let warnings = report["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0]["message"].as_str().unwrap().contains("socket"), "{warnings:?}");
+    // The warning is an event of the job (entry-skipped), and the doctor explains it.
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["state"], "succeeded-with-warnings", "{job}");
+    let events = sandbox.json(&["events", "--job", job["id"].as_str().unwrap(), "--level", "warning"], 0);
+    let event = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["code"] == "entry-skipped")
+        .unwrap_or_else(|| panic!("{events:#}"));
+    assert!(event["message"].as_str().unwrap().contains("/data/socket"), "{event}");
+    let doctor = sandbox.json(&["doctor", "--no-validate"], 0);
+    let notice = doctor["notices"].as_array().unwrap().iter().find(|n| n["code"] == "entry-skipped");
+    assert!(notice.is_some_and(|n| !n["resolution"].as_str().unwrap().is_empty()), "{doctor:#}");
 
     let to = sandbox.path("restored");
     sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);

@@ -318,3 +318,31 @@ fn retention_applies_per_group_keeps_within_tags_and_protected_versions_and_filt
     sandbox.json(&["forget", "--version", &full_tagged[..8]], 0);
     assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn exclude_patterns_take_absolute_paths_relative_ones_and_names() {
+    let sandbox = Sandbox::new();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[component]]\nname = \"data\"\npaths = [\"/data\"]\nexclude = [\"/data/cache/*\", \"data/logs/**\", \"*.tmp\"]\n",
+    )
+    .unwrap();
+    let root = sandbox.path("root");
+    for file in
+        ["data/keep", "data/cache/a", "data/cache/b", "data/logs/x/y.log", "data/sub/scratch.tmp", "data/sub/kept"]
+    {
+        let path = root.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, file).unwrap();
+    }
+    sandbox.backup_data(&root);
+    let items = sandbox.json(&["items"], 0);
+    let files: Vec<&str> = items["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "f")
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["/data/keep", "/data/sub/kept"], "{items:#}");
+}
