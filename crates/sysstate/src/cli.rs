@@ -343,8 +343,9 @@ pub struct RestoreArgs {
     /// Restore over the live system (or `--root`): staged, journaled, undoable.
     #[arg(long, conflicts_with = "to")]
     pub in_place: bool,
-    /// With --in-place: list what would be added, changed and removed; change nothing.
-    #[arg(long, requires = "in_place")]
+    /// List what the restore would do and change nothing: with --to, the entries it would
+    /// write; with --in-place, what would be added, changed and removed.
+    #[arg(long, conflicts_with = "undo")]
     pub dry_run: bool,
     /// With --in-place: also run the commands that reconcile the package set.
     #[arg(long, requires = "in_place")]

@@ -21,6 +21,9 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     let to = args.to.as_ref().ok_or_else(|| {
         EngineError::new(ErrorCode::InvalidInput, "restore needs `--to DIR`, `--in-place` or `--undo JOB`")
     })?;
+    if args.dry_run {
+        return dry_run_to(context, args, to);
+    }
     let request = RestoreRequest {
         version: args.version.clone(),
         components: args.components.clone(),
@@ -165,4 +168,33 @@ fn undo(context: &Context<'_>, job: &str) -> Result<Outcome> {
         ));
     }
     Ok(Outcome::Success)
+}
+
+/// `restore --to DIR --dry-run`: what the restore would write beneath DIR; writes nothing.
+fn dry_run_to(context: &Context<'_>, args: &RestoreArgs, to: &Path) -> Result<Outcome> {
+    let items = sysstate_engine::ops::read::items(&context.open(None)?, &args.version, &args.components)?;
+    let files = items.entries.iter().filter(|e| e.kind == "f");
+    let (count, size) = files.fold((0, 0), |(n, b), e| (n + 1, b + e.size));
+    if context.json() {
+        print_json(&json!({
+            "version": items.version,
+            "to": to.display().to_string(),
+            "dry-run": true,
+            "files": count,
+            "bytes": size,
+            "entries": items.entries,
+        }));
+        return Ok(context.outcome());
+    }
+    for entry in &items.entries {
+        context.say(format!("+ {} {}", entry.kind, to.join(entry.path.trim_start_matches('/')).display()));
+    }
+    context.say(format!(
+        "would restore version {} to `{}`: {} entries, {count} files, {} (dry run: nothing was written)",
+        &items.version[..8],
+        to.display(),
+        items.entries.len(),
+        bytes(size)
+    ));
+    Ok(context.outcome())
 }

@@ -346,3 +346,20 @@ fn exclude_patterns_take_absolute_paths_relative_ones_and_names() {
         .collect();
     assert_eq!(files, ["/data/keep", "/data/sub/kept"], "{items:#}");
 }
+
+#[test]
+fn restore_dry_run_to_a_folder_lists_what_it_would_write_and_writes_nothing() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 12, 9);
+    sandbox.backup_data(&root);
+    let to = sandbox.path("not-yet");
+    let output = sandbox.ok(&["restore", "--to", to.to_str().unwrap(), "--dry-run"]);
+    let shown = text(&output.stdout);
+    assert!(shown.contains("would restore") && shown.contains("nothing was written"), "{shown}");
+    assert!(shown.contains(&format!("+ f {}", to.join("data").display())), "{shown}");
+    assert!(!to.exists(), "a dry run created the destination");
+    let plan = sandbox.json(&["restore", "--to", to.to_str().unwrap(), "--dry-run"], 0);
+    assert_eq!(plan["files"], 12, "{plan}");
+    assert!(!to.exists());
+}
