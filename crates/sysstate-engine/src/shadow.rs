@@ -139,6 +139,39 @@ pub fn writers(
     Ok(out)
 }
 
+/// A writer as `sysstate writers` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterEntry {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// The components it serves (empty: every backup).
+    pub components: Vec<String>,
+    /// True for the built-in `dpkg` and `accounts` writers.
+    pub builtin: bool,
+}
+
+/// Every writer a backup may run: the built-in `dpkg` (for `packages`) and `accounts` (for
+/// `accounts`) unless the config defines writers of those names, then the config's.
+pub fn writer_entries(config: &Config) -> Vec<WriterEntry> {
+    let configured = |name: &str| config.writers.iter().any(|w| w.name == name);
+    let builtin = ["dpkg", "accounts"].into_iter().filter(|name| !configured(name)).map(|name| WriterEntry {
+        name: name.into(),
+        kind: name.into(),
+        components: vec![if name == "dpkg" { "packages".into() } else { "accounts".into() }],
+        builtin: true,
+    });
+    builtin
+        .chain(config.writers.iter().map(|w| WriterEntry {
+            name: w.name.clone(),
+            kind: w.kind.clone(),
+            components: w.components.clone(),
+            builtin: false,
+        }))
+        .collect()
+}
+
 /// The components a writer makes consistent: those named by a configured writer, and `packages`
 /// and `accounts`, which the built-in `dpkg` and `accounts` writers serve.
 pub fn served_components(config: &Config) -> Vec<String> {

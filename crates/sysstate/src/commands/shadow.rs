@@ -34,9 +34,7 @@ pub fn signal_trigger() -> ThawTrigger {
 
 pub fn writers(context: &Context<'_>) -> Result<Outcome> {
     let states = sysstate_shadow::state::read_states(&paths::runtime_dir());
-    let rows: Vec<serde_json::Value> = context
-        .config
-        .writers
+    let rows: Vec<serde_json::Value> = sysstate_engine::shadow::writer_entries(&context.config)
         .iter()
         .map(|writer| {
             let status = states.iter().find(|s| s.name == writer.name);
@@ -44,6 +42,7 @@ pub fn writers(context: &Context<'_>) -> Result<Outcome> {
                 "name": writer.name,
                 "kind": writer.kind,
                 "components": writer.components,
+                "built-in": writer.builtin,
                 "state": status.map(|s| s.state.to_string()).unwrap_or_else(|| "stable".into()),
                 "last-error": status.and_then(|s| s.last_error.clone()),
                 "set": status.and_then(|s| s.set.clone()),
@@ -53,11 +52,18 @@ pub fn writers(context: &Context<'_>) -> Result<Outcome> {
         .collect();
     if context.json() {
         print_json(&json!(rows));
-    } else if rows.is_empty() {
-        crate::outln!("no writers are configured (`[[writer]]` in the config)");
     } else {
         for row in &rows {
-            crate::outln!("writer `{}` ({})", row["name"].as_str().unwrap_or(""), row["kind"].as_str().unwrap_or(""));
+            let origin = if row["built-in"] == true { ", built in" } else { "" };
+            crate::outln!(
+                "writer `{}` ({}{origin}) for {}",
+                row["name"].as_str().unwrap_or(""),
+                row["kind"].as_str().unwrap_or(""),
+                match row["components"].as_array().filter(|c| !c.is_empty()) {
+                    Some(components) => components.iter().filter_map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                    None => "every backup".into(),
+                }
+            );
             crate::outln!("   state: {}", row["state"].as_str().unwrap_or(""));
             crate::outln!("   last error: {}", row["last-error"].as_str().unwrap_or("no error"));
         }

@@ -1210,3 +1210,23 @@ fn the_copy_before_the_freeze_may_take_longer_than_the_commit_timeout() {
     eprintln!("15,000 files: copy before the freeze {} ms, commit {} ms", shadow["precopy-ms"], shadow["commit-ms"]);
     assert!(report["stats"]["files"].as_u64().unwrap() > 15_000, "{report}");
 }
+
+#[test]
+fn writers_lists_the_built_in_writers_and_a_configured_one_replaces_its_namesake() {
+    let sandbox = Sandbox::new();
+    let writers = sandbox.json(&["writers"], 0);
+    let names: Vec<(&str, bool)> =
+        writers.as_array().unwrap().iter().map(|w| (w["name"].as_str().unwrap(), w["built-in"] == true)).collect();
+    assert_eq!(names, [("dpkg", true), ("accounts", true)], "{writers:#}");
+    let output = sandbox.ok(&["writers"]);
+    assert!(text(&output.stdout).contains("writer `dpkg` (dpkg, built in) for packages"), "{}", text(&output.stdout));
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[[writer]]\nname = \"accounts\"\nkind = \"command\"\nfreeze = [\"true\"]\n",
+    )
+    .unwrap();
+    let writers = sandbox.json(&["writers"], 0);
+    let names: Vec<(&str, bool)> =
+        writers.as_array().unwrap().iter().map(|w| (w["name"].as_str().unwrap(), w["built-in"] == true)).collect();
+    assert_eq!(names, [("dpkg", true), ("accounts", false)], "{writers:#}");
+}
