@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message TEXT,
     error_cause TEXT,
     error_resolution TEXT,
-    error_event_id INTEGER
+    error_event_id INTEGER,
+    heartbeat_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_ns);
 CREATE TABLE IF NOT EXISTS events (
@@ -102,6 +103,12 @@ impl JobStore {
         connection.pragma_update(None, "journal_mode", "WAL").map_err(|e| db_error(&path, e))?;
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| db_error(&path, e))?;
         connection.execute_batch(SCHEMA).map_err(|e| db_error(&path, e))?;
+        // Stores made before the heartbeat column get it.
+        if connection.prepare("SELECT heartbeat_ns FROM jobs LIMIT 0").is_err() {
+            connection
+                .execute_batch("ALTER TABLE jobs ADD COLUMN heartbeat_ns INTEGER")
+                .map_err(|e| db_error(&path, e))?;
+        }
         Ok(JobStore {
             connection: Mutex::new(connection),
             path,
@@ -189,16 +196,28 @@ impl JobStore {
     /// Sets what a job is doing now.
     pub fn operation(&self, job: &str, operation: &str) -> Result<()> {
         self.log(job, operation);
-        self.with(|db| db.execute("UPDATE jobs SET current_operation = ?2 WHERE id = ?1", params![job, operation]))
-            .map(|_| ())
+        self.with(|db| {
+            db.execute(
+                "UPDATE jobs SET current_operation = ?2, heartbeat_ns = ?3 WHERE id = ?1",
+                params![job, operation, now_ns()],
+            )
+        })
+        .map(|_| ())
     }
 
     /// Updates a job's progress.
     pub fn progress(&self, job: &str, progress: &JobProgress) -> Result<()> {
         self.with(|db| {
             db.execute(
-                "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, files_done = ?4, files_total = ?5 WHERE id = ?1",
-                params![job, progress.bytes_done, progress.bytes_total, progress.files_done, progress.files_total],
+                "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, files_done = ?4, files_total = ?5, heartbeat_ns = ?6 WHERE id = ?1",
+                params![
+                    job,
+                    progress.bytes_done,
+                    progress.bytes_total,
+                    progress.files_done,
+                    progress.files_total,
+                    now_ns()
+                ],
             )
         })
         .map(|_| ())
@@ -212,7 +231,18 @@ impl JobStore {
         version: Option<&str>,
         error: Option<&EngineError>,
     ) -> Result<()> {
-        let now = now_ns();
+        self.finish_at(job, state, version, error, now_ns())
+    }
+
+    /// Ends a job as [`JobStore::finish`] does, at `ended_ns`.
+    fn finish_at(
+        &self,
+        job: &str,
+        state: JobState,
+        version: Option<&str>,
+        error: Option<&EngineError>,
+        now: i64,
+    ) -> Result<()> {
         if let Some(error) = error {
             self.event(
                 Some(job),
@@ -336,10 +366,27 @@ impl JobStore {
                         job.id
                     ));
                 }
-                self.finish(&job.id, JobState::Failed, None, Some(&error))?;
+                // It ended when it was last heard of, not when someone first looked.
+                let ended = self.last_heard_of(&job.id)?;
+                self.finish_at(&job.id, JobState::Failed, None, Some(&error), ended)?;
             }
         }
         Ok(alive)
+    }
+
+    /// When a job was last heard of: its last progress or operation, its log's last line, or
+    /// its start.
+    fn last_heard_of(&self, job: &str) -> Result<i64> {
+        let (started, heartbeat, log): (i64, Option<i64>, Option<String>) = self.with(|db| {
+            db.query_row("SELECT started_ns, heartbeat_ns, log_path FROM jobs WHERE id = ?1", params![job], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+        })?;
+        let logged = log
+            .and_then(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|since| since.as_nanos() as i64);
+        Ok([Some(started), heartbeat, logged].into_iter().flatten().max().unwrap_or(started))
     }
 
     /// The `count` most recent ended jobs, newest first.
@@ -458,6 +505,30 @@ mod tests {
         assert_eq!(previous.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![new.as_str()]);
         assert!(store.events(&EventFilter::default()).unwrap().iter().all(|e| e.job.as_deref() != Some(old.as_str())));
         assert!(!old_log.exists(), "the old job's log is removed with it");
+    }
+
+    #[test]
+    fn a_killed_job_ends_when_it_was_last_heard_of_not_when_it_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let id = store.start(JobKind::Backup, None, &[]).unwrap();
+        store.operation(&id, "reading shadow copies").unwrap();
+        // Its process is gone (no pid is that high), last heard of ten minutes ago.
+        let ten_minutes_ago = now_ns() - 600 * 1_000_000_000;
+        store
+            .with(|db| {
+                db.execute(
+                    "UPDATE jobs SET pid = 2147483646, heartbeat_ns = ?2, started_ns = ?3 WHERE id = ?1",
+                    params![id, ten_minutes_ago, ten_minutes_ago - 1_000_000_000],
+                )
+            })
+            .unwrap();
+        let log = dir.path().join("logs").join(format!("{id}.log"));
+        let then = std::time::UNIX_EPOCH + Duration::from_nanos(ten_minutes_ago as u64);
+        std::fs::File::options().write(true).open(&log).unwrap().set_modified(then).unwrap();
+        let ended = &store.previous(1).unwrap()[0];
+        assert_eq!(ended.state, JobState::Failed);
+        assert_eq!(ended.ended.as_deref(), Some(sysstate_types::time::format_utc(ten_minutes_ago).as_str()));
     }
 
     #[test]
