@@ -277,9 +277,7 @@ fn shadow_storage_full(data: &Value) -> Evidence {
             bytes(needed - free)
         ));
     } else {
-        let size = (used + needed + (used + needed) / 4).div_ceil(1 << 20);
-        evidence.resolution =
-            Some(format!("sysstate shadowstorage resize --for {volume} --on {location} --max-size {size}MiB"));
+        evidence.resolution = Some(sysstate_shadow::storage::resize_command(&volume, &location, used, needed));
     }
     evidence
 }

@@ -348,10 +348,14 @@ pub fn shadow_error(error: ShadowError) -> EngineError {
             .with_cause(format!("{holder} holds the machine's shadow-set lock; only one shadow set runs at a time"))
             .with_resolution(format!("wait for pid {} to finish, or run with `--wait 10m` to wait for it", holder.pid)),
         ShadowError::StorageFull { volume, location, used, needed, .. } => engine
-            .with_cause(format!("the shadow storage on `{location}` cannot hold a copy of `{volume}` of {needed} bytes next to {used} bytes of other copies"))
+            .with_cause(format!(
+                "the shadow storage on `{location}` cannot hold a copy of `{volume}` of {} next to {} of other copies",
+                sysstate_types::units::bytes(needed),
+                sysstate_types::units::bytes(used)
+            ))
             .with_resolution(format!(
-                "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `sysstate shadowstorage resize --for {volume} --on {location} --max-size {}MiB`",
-                (used + needed).div_ceil(1 << 20) * 2 + 1
+                "free space on `{location}`, delete persistent copies with `sysstate shadows delete --oldest`, or raise the limit: `{}`",
+                sysstate_shadow::storage::resize_command(&volume, &location, used, needed)
             )),
         ShadowError::WriterTimeout(timeout) => engine.with_resolution(format!(
             "if the system was busy, retry when it is quieter; if another backup was running, retry after it; if writer `{}` needs longer than {} ms, raise its `freeze-timeout`",

@@ -97,7 +97,12 @@ pub enum ShadowError {
         limit_ms: u64,
     },
     /// The shadow storage could not hold the copies.
-    #[error("shadow storage for `{volume}` on `{location}` is full: max size {max_size}, used {used} bytes, free {free} bytes on its volume, {needed} bytes needed")]
+    #[error(
+        "shadow storage for `{volume}` on `{location}` is full: max size {max_size}, {} used by copies, {} free on its volume, {} needed",
+        sysstate_types::units::bytes(*used),
+        sysstate_types::units::bytes(*free),
+        sysstate_types::units::bytes(*needed)
+    )]
     StorageFull {
         /// The volume whose copies it holds.
         volume: String,

@@ -61,7 +61,7 @@ impl MaxSize {
 impl std::fmt::Display for MaxSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            MaxSize::Bytes(bytes) => write!(f, "{bytes} bytes"),
+            MaxSize::Bytes(bytes) => f.write_str(&sysstate_types::units::bytes(*bytes)),
             MaxSize::Percent(percent) => write!(f, "{percent}%"),
             MaxSize::Unbounded => f.write_str("unbounded"),
         }
@@ -101,6 +101,13 @@ pub struct StorageArea {
     pub on: PathBuf,
     /// Its maximum.
     pub max_size: MaxSize,
+}
+
+/// The one resize recommended when a storage area is full: room for what is used and what was
+/// needed, with a quarter more, in whole MiB.
+pub fn resize_command(volume: &str, location: &str, used: u64, needed: u64) -> String {
+    let size = (used + needed + (used + needed) / 4).div_ceil(1 << 20).max(1);
+    format!("sysstate shadowstorage resize --for {volume} --on {location} --max-size {size}MiB")
 }
 
 /// Total and free bytes of the filesystem holding `path`.

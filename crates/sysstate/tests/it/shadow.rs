@@ -438,9 +438,12 @@ fn a_full_shadow_storage_deletes_old_persistent_copies_first_then_fails() {
             .starts_with(&format!("sysstate shadowstorage resize --for {mount} --on {location} --max-size ")),
         "the limit, not the volume, is too small here: {diagnosis:#}"
     );
-    for needle in [mount.as_str(), location.as_str(), "409600 bytes", "needed", "shadowstorage resize"] {
+    for needle in [mount.as_str(), location.as_str(), "400.0 KiB (409600 bytes)", "needed", "shadowstorage resize"] {
         assert!(stderr.contains(needle), "the message lacks {needle:?}: {stderr}");
     }
+    // Sizes read as sizes; the error and the doctor recommend one and the same resize.
+    assert!(stderr.contains(" MiB needed") || stderr.contains(" KiB needed"), "{stderr}");
+    assert!(stderr.contains(diagnosis["resolution"].as_str().unwrap()), "two recommendations: {stderr}\n{diagnosis:#}");
     assert!(
         stderr.contains("shadow-storage-oldest-deleted") && stderr.contains(&persistent),
         "the older copy was not deleted first, or not said: {stderr}"
