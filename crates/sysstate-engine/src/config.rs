@@ -60,6 +60,9 @@ impl Config {
     }
 }
 
+/// `shadow.commit-timeout` when the config has none.
+pub const DEFAULT_COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `[shadow]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

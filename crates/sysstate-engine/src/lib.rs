@@ -9,6 +9,7 @@
 pub mod components;
 pub mod config;
 pub mod credentials;
+pub mod effective;
 mod error;
 pub mod generated;
 pub mod inplace;

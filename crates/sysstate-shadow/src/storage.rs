@@ -58,6 +58,17 @@ impl MaxSize {
     }
 }
 
+impl MaxSize {
+    /// As a setting that parses back to the same limit (`512`, `10%`, `unbounded`).
+    pub fn setting(&self) -> String {
+        match self {
+            MaxSize::Bytes(bytes) => bytes.to_string(),
+            MaxSize::Percent(percent) => format!("{percent}%"),
+            MaxSize::Unbounded => "unbounded".into(),
+        }
+    }
+}
+
 impl std::fmt::Display for MaxSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -75,6 +75,11 @@ pub enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
+    /// The configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Protect a version: never forgotten (by a policy or by name) until unprotected.
     Protect {
         /// The version: `latest` or an id prefix.
@@ -188,6 +193,8 @@ pub enum ShadowsCommand {
     List,
     /// Make a persistent shadow copy of the components (kept until deleted or pushed out).
     Create {
+        /// The components to copy (repeat for more; default: `backup.components`, else every
+        /// component present).
         #[arg(long = "component", short = 'c')]
         components: Vec<String>,
     },
@@ -214,10 +221,13 @@ pub enum StorageCommand {
     List,
     /// Set a storage area's maximum size (shrinking deletes the oldest copies that no longer fit).
     Resize {
+        /// The volume (its mount point) whose copies the area holds.
         #[arg(long = "for")]
         for_volume: String,
+        /// The folder the copies live in.
         #[arg(long)]
         on: String,
+        /// Bytes (`512MiB`), a percentage of the `on` volume (`10%`), or `unbounded`.
         #[arg(long)]
         max_size: String,
     },
@@ -286,6 +296,13 @@ impl FilterArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// The effective configuration: every key with the value commands use (the file's or the
+    /// default), the built-in components and writers included; TOML, or JSON with --json.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RepairCommand {
     /// Build a new index from the packs' own headers (a lost or damaged index file, packs no
     /// index lists).
@@ -317,13 +334,18 @@ pub enum KeyCommand {
     List,
     /// Add a key; its passphrase comes from --new-passphrase-file or SYSSTATE_NEW_PASSPHRASE.
     Add {
+        /// The new key's passphrase, from this file.
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
     },
     /// Remove a key by id prefix (not the one in use).
-    Remove { id: String },
+    Remove {
+        /// The key's id, or a unique prefix of it (`sysstate key list`).
+        id: String,
+    },
     /// Change the passphrase of the key in use (adds the new key, then removes the old).
     Passwd {
+        /// The new passphrase, from this file.
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
     },
@@ -366,4 +388,41 @@ fn threads(text: &str) -> Result<usize, String> {
         return Err(format!("{count} threads is too many: give at most 256 (0 means one per core)"));
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and every option says what it is for (`--help`, completions and the man
+    /// page are made from these).
+    #[test]
+    fn every_command_and_option_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "sysstate", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+        Cli::command().debug_assert();
+    }
 }

@@ -265,7 +265,7 @@ fn shadow_options(
     let commit_timeout = match &config.shadow.commit_timeout {
         Some(text) => crate::shadow::parse_duration(text)
             .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`shadow.commit-timeout`: {e}")))?,
-        None => std::time::Duration::from_secs(10),
+        None => crate::config::DEFAULT_COMMIT_TIMEOUT,
     };
     Ok(sysstate_shadow::ShadowSetOptions {
         runtime_dir: crate::paths::runtime_dir(),

@@ -173,6 +173,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
         }
         Command::Init => keys::init(&context),
+        Command::Config { command: crate::cli::ConfigCommand::Show } => read::config_show(&context),
         Command::Versions { filter } => read::versions(&context, &filter.filter()),
         Command::Protect { version } => upkeep::protect(&context, version, true),
         Command::Unprotect { version } => upkeep::protect(&context, version, false),

@@ -90,3 +90,19 @@ pub fn components(context: &Context<'_>) -> Result<Outcome> {
     }
     Ok(Outcome::Success)
 }
+
+/// `sysstate config show`: the effective configuration, as TOML (or JSON).
+pub fn config_show(context: &Context<'_>) -> Result<Outcome> {
+    let effective = sysstate_engine::effective::effective(&context.config, &sysstate_engine::paths::state_dir())?;
+    if context.json() {
+        print_json(&serde_json::to_value(&effective).expect("the configuration encodes"));
+        return Ok(Outcome::Success);
+    }
+    let sources = match effective.sources.as_slice() {
+        [] => "no config file: the embedded defaults".to_string(),
+        files => format!("read from {}", files.join(", ")),
+    };
+    crate::outln!("# the effective configuration ({sources}; defaults filled in)");
+    crate::outln!("{}", toml::to_string_pretty(&effective).expect("the configuration encodes as TOML"));
+    Ok(Outcome::Success)
+}

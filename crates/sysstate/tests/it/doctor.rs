@@ -198,3 +198,28 @@ fn a_repository_open_to_others_is_a_warning() {
     assert!(modes["found"].as_str().unwrap().contains(&format!("`{}` (0644)", key.display())), "{modes}");
     assert!(modes["resolution"].as_str().unwrap().contains("chmod -R go-rwx"), "{modes}");
 }
+
+/// `config show` prints every key with the value commands use: the file's, or the default.
+#[test]
+fn config_show_prints_the_effective_configuration_with_its_defaults() {
+    let sandbox = Sandbox::new();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[shadow]\ncommit-timeout = \"30s\"\n[[component]]\nname = \"myapp\"\npaths = [\"/opt/myapp\"]\nexclude = [\"*.tmp\"]\n",
+    )
+    .unwrap();
+    let shown = sandbox.json(&["config", "show"], 0);
+    assert_eq!(shown["shadow"]["commit-timeout"], "30s", "{shown:#}");
+    assert_eq!(shown["shadow"]["provider"], "auto", "the default, filled in: {shown:#}");
+    assert_eq!(shown["jobs"]["retention"], "90d");
+    assert_eq!(shown["shadow"]["storage"][0]["max-size"], "10%", "{shown:#}");
+    let components = shown["component"].as_array().unwrap();
+    assert!(components.iter().any(|c| c["name"] == "config" && c["built-in"] == true), "{shown:#}");
+    let mine = components.iter().find(|c| c["name"] == "myapp").unwrap();
+    assert_eq!((mine["built-in"].as_bool(), mine["lock-check"].as_bool()), (Some(false), Some(true)));
+    assert!(shown["writer"].as_array().unwrap().iter().any(|w| w["name"] == "dpkg" && w["freeze-timeout"] == "60s"));
+    // The text form is TOML that reads back as a config file would.
+    let output = sandbox.ok(&["config", "show"]);
+    let text = text(&output.stdout);
+    assert!(text.contains("commit-timeout = \"30s\"") && text.contains("[[component]]"), "{text}");
+}
