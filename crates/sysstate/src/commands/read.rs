@@ -102,7 +102,21 @@ pub fn config_show(context: &Context<'_>) -> Result<Outcome> {
         [] => "no config file: the embedded defaults".to_string(),
         files => format!("read from {}", files.join(", ")),
     };
+    // The text is a config file that means the same: what is not a key (where it was read
+    // from, what is built in) goes into comments.
+    let mut value = serde_json::to_value(&effective).expect("the configuration encodes");
+    value.as_object_mut().expect("an object").remove("sources");
+    let mut built_in = Vec::new();
+    for section in ["component", "writer"] {
+        for item in value[section].as_array_mut().into_iter().flatten() {
+            let item = item.as_object_mut().expect("an object");
+            if item.remove("built-in") == Some(serde_json::Value::Bool(true)) {
+                built_in.push(format!("{section} `{}`", item["name"].as_str().unwrap_or("")));
+            }
+        }
+    }
     crate::outln!("# the effective configuration ({sources}; defaults filled in)");
-    crate::outln!("{}", toml::to_string_pretty(&effective).expect("the configuration encodes as TOML"));
+    crate::outln!("# built in: {}", built_in.join(", "));
+    crate::outln!("{}", toml::to_string_pretty(&value).expect("the configuration encodes as TOML"));
     Ok(Outcome::Success)
 }

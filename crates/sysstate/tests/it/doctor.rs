@@ -218,8 +218,13 @@ fn config_show_prints_the_effective_configuration_with_its_defaults() {
     let mine = components.iter().find(|c| c["name"] == "myapp").unwrap();
     assert_eq!((mine["built-in"].as_bool(), mine["lock-check"].as_bool()), (Some(false), Some(true)));
     assert!(shown["writer"].as_array().unwrap().iter().any(|w| w["name"] == "dpkg" && w["freeze-timeout"] == "60s"));
-    // The text form is TOML that reads back as a config file would.
+    // The text form is a config file that means the same.
     let output = sandbox.ok(&["config", "show"]);
-    let text = text(&output.stdout);
-    assert!(text.contains("commit-timeout = \"30s\"") && text.contains("[[component]]"), "{text}");
+    let shown_text = text(&output.stdout);
+    assert!(shown_text.contains("commit-timeout = \"30s\"") && shown_text.contains("[[component]]"), "{shown_text}");
+    let copy = sandbox.path("copy.toml");
+    std::fs::write(&copy, &shown_text).unwrap();
+    let again = sandbox.json(&["--config", copy.to_str().unwrap(), "config", "show"], 0);
+    assert_eq!(again["shadow"], shown["shadow"]);
+    assert_eq!(again["component"].as_array().unwrap().len(), components.len());
 }
