@@ -75,6 +75,15 @@ pub enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell), made
+    /// from this program's own options: `sysstate completions bash > /etc/bash_completion.d/sysstate`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), made from this program's own options: `sysstate man >
+    /// /usr/local/share/man/man8/sysstate.8`.
+    Man,
     /// The configuration.
     Config {
         #[command(subcommand)]

@@ -3,6 +3,7 @@
 
 mod backup;
 mod doctor;
+mod help;
 mod jobs;
 mod keys;
 mod read;
@@ -159,6 +160,12 @@ fn json_report(
 }
 
 pub fn run(cli: &Cli) -> Result<Outcome> {
+    // What describes the program itself needs no config.
+    match &cli.command {
+        Command::Completions { shell } => return help::completions(*shell),
+        Command::Man => return help::man(),
+        _ => {}
+    }
     // The doctor checks the config itself: it runs even when the config does not parse.
     if let Command::Doctor { fix, no_validate } = &cli.command {
         return doctor::doctor(cli, *fix, !*no_validate);
@@ -189,7 +196,9 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         }
         Command::Key { command } => keys::key(&context, command),
         Command::Services => doctor::services(cli, &context.config),
-        Command::Doctor { .. } => unreachable!("handled before the config is read"),
+        Command::Doctor { .. } | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the config is read")
+        }
         Command::Job { previous } => jobs::job(&context, *previous),
         Command::Events { source, level, since, job } => jobs::events(&context, source, level, since, job),
         Command::Writers => shadow::writers(&context),

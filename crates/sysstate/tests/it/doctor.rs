@@ -228,3 +228,18 @@ fn config_show_prints_the_effective_configuration_with_its_defaults() {
     assert_eq!(again["shadow"], shown["shadow"]);
     assert_eq!(again["component"].as_array().unwrap().len(), components.len());
 }
+
+/// Completions and the manual page come from the CLI's own definition.
+#[test]
+fn completions_and_the_man_page_are_made_from_the_cli() {
+    let sandbox = Sandbox::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let script = text(&sandbox.ok(&["completions", shell]).stdout);
+        for word in ["repair", "protect", "keep-within", "no-lock"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let page = text(&sandbox.ok(&["man"]).stdout);
+    assert!(page.contains(".TH sysstate 8") && page.contains("repair"), "{page}");
+    sandbox.run_code(&["completions", "tcsh-ish"], 2);
+}
