@@ -47,9 +47,28 @@ pub struct BackupSection {
 pub struct JobsSection {
     /// How long ended jobs, their events, logs and undo folders are kept (`90d`, the default).
     pub retention: Option<String>,
+    /// The most the undo folders of in-place restores may take together (`1GiB`, the default);
+    /// the oldest go first, the newest is always kept.
+    pub undo_max_size: Option<String>,
 }
 
+/// `jobs.undo-max-size` when the config has none.
+pub const DEFAULT_UNDO_MAX_SIZE: &str = "1GiB";
+
 impl Config {
+    /// `[jobs] undo-max-size`, in bytes (`None`: unbounded).
+    pub fn undo_max_bytes(&self) -> Result<Option<u64>> {
+        let text = self.jobs.undo_max_size.as_deref().unwrap_or(DEFAULT_UNDO_MAX_SIZE);
+        match sysstate_shadow::storage::MaxSize::parse(text) {
+            Ok(sysstate_shadow::storage::MaxSize::Bytes(bytes)) => Ok(Some(bytes)),
+            Ok(sysstate_shadow::storage::MaxSize::Unbounded) => Ok(None),
+            _ => Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("`jobs.undo-max-size = \"{text}\"`: give bytes (`512MiB`, `2GiB`) or `unbounded`"),
+            )),
+        }
+    }
+
     /// `[jobs] retention`, parsed.
     pub fn job_retention(&self) -> Result<std::time::Duration> {
         match &self.jobs.retention {
@@ -226,6 +245,7 @@ impl Config {
                 crate::shadow::parse_duration(value).map_err(|e| invalid(key, e))?;
             }
         }
+        self.undo_max_bytes().map_err(|e| invalid("jobs.undo-max-size", e.message))?;
         Ok(())
     }
 }

@@ -65,6 +65,8 @@ pub struct Storage {
 pub struct Jobs {
     /// How long ended jobs are kept.
     pub retention: String,
+    /// The most the undo folders take together.
+    pub undo_max_size: String,
 }
 
 /// `[[component]]`.
@@ -157,6 +159,11 @@ pub fn effective(config: &Config, state_dir: &Path) -> Result<Effective> {
                 .retention
                 .clone()
                 .unwrap_or_else(|| format!("{}d", crate::jobs::RETENTION.as_secs() / 86_400)),
+            undo_max_size: config
+                .jobs
+                .undo_max_size
+                .clone()
+                .unwrap_or_else(|| crate::config::DEFAULT_UNDO_MAX_SIZE.into()),
         },
         component: components
             .into_iter()

@@ -69,6 +69,8 @@ pub struct JobStore {
     path: PathBuf,
     state_dir: PathBuf,
     retention: Duration,
+    /// The most the undo folders may take together (`None`: unbounded).
+    undo_max_bytes: Option<u64>,
 }
 
 /// A stored name this binary does not know (a newer release wrote it).
@@ -114,6 +116,7 @@ impl JobStore {
             path,
             state_dir: state_dir.to_path_buf(),
             retention: RETENTION,
+            undo_max_bytes: None,
         })
     }
 
@@ -136,6 +139,13 @@ impl JobStore {
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         let connection = self.connection.lock().expect("db lock");
         f(&connection).map_err(|e| db_error(&self.path, e))
+    }
+
+    /// Keeps the undo folders of in-place restores under `bytes` together (`[jobs]
+    /// undo-max-size`): the oldest go first when a job starts; the newest is always kept.
+    pub fn with_undo_max(mut self, bytes: Option<u64>) -> JobStore {
+        self.undo_max_bytes = bytes;
+        self
     }
 
     /// Starts a job: a `running` row and a log file. Prunes rows past the retention.
@@ -180,6 +190,37 @@ impl JobStore {
                 } else {
                     std::fs::remove_file(entry.path())
                 };
+            }
+        }
+        if let Some(max) = self.undo_max_bytes {
+            self.prune_undo_to(max);
+        }
+    }
+
+    /// Removes the oldest undo folders until the rest take at most `max` bytes; the newest
+    /// stays whatever its size (the last in-place restore can always be undone).
+    fn prune_undo_to(&self, max: u64) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(self.state_dir.join("undo")) else { return };
+        let mut folders: Vec<(i64, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let meta = entry.metadata().ok().filter(|m| m.is_dir())?;
+                Some((meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), tree_bytes(&entry.path()), entry.path()))
+            })
+            .collect();
+        folders.sort_by_key(|(mtime, _, path)| (std::cmp::Reverse(*mtime), path.clone()));
+        let mut total = 0u64;
+        for (index, (_, bytes, path)) in folders.iter().enumerate() {
+            total += bytes;
+            if index > 0 && total > max {
+                let job = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if std::fs::remove_dir_all(path).is_ok() {
+                    self.log(
+                        &job,
+                        &format!("undo data removed: the undo folders passed `jobs.undo-max-size` ({max} bytes)"),
+                    );
+                }
             }
         }
     }
@@ -485,6 +526,19 @@ impl<'s> ProgressWriter<'s> {
     }
 }
 
+/// Bytes of the files under `dir` (not following symlinks).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => tree_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +559,31 @@ mod tests {
         assert_eq!(previous.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![new.as_str()]);
         assert!(store.events(&EventFilter::default()).unwrap().iter().all(|e| e.job.as_deref() != Some(old.as_str())));
         assert!(!old_log.exists(), "the old job's log is removed with it");
+    }
+
+    #[test]
+    fn undo_folders_past_their_size_limit_go_oldest_first_and_the_newest_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let undo = dir.path().join("undo");
+        // Four restores' undo folders, oldest first: 2, 2, 2 and 5 MiB.
+        for (age_minutes, name, mib) in [(40, "a", 2), (30, "b", 2), (20, "c", 2), (10, "d", 5)] {
+            let folder = undo.join(name);
+            std::fs::create_dir_all(folder.join("etc")).unwrap();
+            std::fs::write(folder.join("etc/kept"), vec![0u8; mib << 20]).unwrap();
+            let then = std::time::SystemTime::now() - Duration::from_secs(age_minutes * 60);
+            std::fs::File::open(&folder).unwrap().set_modified(then).unwrap();
+        }
+        let store = JobStore::open(dir.path()).unwrap().with_undo_max(Some(8 << 20));
+        store.start(JobKind::Check, None, &[]).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&undo).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["c", "d"], "d (5 MiB) and c (2 MiB) fit in 8 MiB; b would not");
+        // However small the limit, the newest stays: the last restore can be undone.
+        let store = JobStore::open(dir.path()).unwrap().with_undo_max(Some(1));
+        store.start(JobKind::Check, None, &[]).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&undo).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["d"]);
     }
 
     #[test]

@@ -125,7 +125,11 @@ impl Context<'_> {
 
     /// The job store, with the config's retention.
     fn job_store(&self) -> Result<Arc<JobStore>> {
-        Ok(Arc::new(JobStore::open(&paths::state_dir())?.with_retention(self.config.job_retention()?)))
+        Ok(Arc::new(
+            JobStore::open(&paths::state_dir())?
+                .with_retention(self.config.job_retention()?)
+                .with_undo_max(self.config.undo_max_bytes()?),
+        ))
     }
 
     /// Runs `work` as a job of `kind` on the target, with a progress bar that says `what`.
