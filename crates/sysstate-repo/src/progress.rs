@@ -19,6 +19,8 @@ pub trait Progress: Send + Sync {
     fn warning(&self, _warning: &Warning) {}
     /// About `bytes` are to be processed in all (an estimate: the parent version's size).
     fn total(&self, _bytes: u64) {}
+    /// About `files` files are to be processed in all (an estimate, as [`Progress::total`]).
+    fn total_files(&self, _files: u64) {}
     /// `done` of `total` bytes are processed (operations that count bytes, not files: check,
     /// prune).
     fn bytes(&self, _done: u64, _total: u64) {}

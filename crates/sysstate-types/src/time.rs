@@ -14,6 +14,15 @@ pub fn format_utc(ns: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// `45 s`, `3 min 20 s`, `2 h 5 min`: a duration as people read it.
+pub fn format_duration_s(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds} s"),
+        60..3600 => format!("{} min {} s", seconds / 60, seconds % 60),
+        _ => format!("{} h {} min", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
 /// Parses what [`format_utc`] produces (and a date alone, `YYYY-MM-DD`, as midnight UTC).
 pub fn parse_utc(text: &str) -> Option<i64> {
     let (date, time) = match text.split_once('T') {

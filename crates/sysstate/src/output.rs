@@ -74,7 +74,7 @@ pub use sysstate_types::units::bytes;
 pub struct Bar(Option<indicatif::ProgressBar>);
 
 const SPINNER: &str = "{prefix} {spinner} {bytes} {binary_bytes_per_sec} {elapsed}";
-const BAR: &str = "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left";
+const BAR: &str = "{prefix} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left";
 
 fn style(template: &str) -> indicatif::ProgressStyle {
     indicatif::ProgressStyle::with_template(template).expect("the templates are valid").progress_chars("=> ")
@@ -110,6 +110,14 @@ impl Bar {
             }
             bar.set_length(total);
             bar.set_position(done);
+        }
+    }
+
+    /// The total became known (a first backup counts its selection while it reads): the bar
+    /// keeps its position.
+    pub fn set_total(&self, total: u64) {
+        if let Some(bar) = &self.0 {
+            self.set(bar.position(), total);
         }
     }
 
@@ -157,7 +165,7 @@ impl sysstate_repo::Progress for Printer {
     }
 
     fn total(&self, bytes: u64) {
-        self.bar.set(0, bytes);
+        self.bar.set_total(bytes);
     }
 
     fn bytes(&self, done: u64, total: u64) {

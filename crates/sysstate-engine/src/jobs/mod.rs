@@ -163,6 +163,31 @@ pub struct JobProgress {
     pub files_done: u64,
     /// Files to process, when known.
     pub files_total: u64,
+    /// Of a running job with a known total: how far, in percent of the bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u64>,
+    /// Of a running job: bytes a second since it started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    /// Of a running job with a known total: about how many seconds are left at that rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_left: Option<u64>,
+}
+
+impl JobProgress {
+    /// Fills in the percentage, the rate and the time left of a job running for
+    /// `elapsed_ns` (as `Get-WBJob` shows them).
+    pub fn estimate(&mut self, elapsed_ns: i64) {
+        let seconds = elapsed_ns as f64 / 1e9;
+        self.percent = self.bytes_done.saturating_mul(100).checked_div(self.bytes_total).map(|p| p.min(100));
+        if seconds >= 0.5 && self.bytes_done > 0 {
+            let rate = self.bytes_done as f64 / seconds;
+            self.bytes_per_second = Some(rate as u64);
+            if self.bytes_total > self.bytes_done {
+                self.seconds_left = Some(((self.bytes_total - self.bytes_done) as f64 / rate).ceil() as u64);
+            }
+        }
+    }
 }
 
 /// A job's error (DESIGN §4 job JSON).
@@ -246,4 +271,22 @@ pub struct EventFilter {
     pub since_ns: Option<i64>,
     /// Only this job.
     pub job: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_job_shows_how_far_how_fast_and_how_long_yet() {
+        let mut progress = JobProgress { bytes_done: 300 << 20, bytes_total: 1200 << 20, ..JobProgress::default() };
+        progress.estimate(10_000_000_000);
+        assert_eq!(progress.percent, Some(25));
+        assert_eq!(progress.bytes_per_second, Some(30 << 20));
+        assert_eq!(progress.seconds_left, Some(30));
+        // Unknown total: a rate, no percentage and no time left.
+        let mut progress = JobProgress { bytes_done: 100, ..JobProgress::default() };
+        progress.estimate(2_000_000_000);
+        assert_eq!((progress.percent, progress.bytes_per_second, progress.seconds_left), (None, Some(50), None));
+    }
 }

@@ -145,6 +145,11 @@ impl Progress for Job<'_> {
         self.observer.total(bytes);
     }
 
+    fn total_files(&self, files: u64) {
+        self.progress.total_files(files);
+        self.observer.total_files(files);
+    }
+
     fn bytes(&self, done: u64, total: u64) {
         self.progress.set_bytes(done, total);
         self.observer.bytes(done, total);

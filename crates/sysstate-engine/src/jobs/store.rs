@@ -347,16 +347,17 @@ impl JobStore {
 
     fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         let ended: Option<i64> = row.get("ended_ns")?;
+        let started: i64 = row.get("started_ns")?;
         let code: Option<String> = row.get("error_code")?;
         let components: String = row.get("components")?;
         let kind: String = row.get("kind")?;
         let state: String = row.get("state")?;
-        Ok(JobRecord {
+        let mut record = JobRecord {
             id: row.get("id")?,
             kind: JobKind::from_name(&kind).ok_or_else(|| unknown("kind", &kind))?,
             state: JobState::from_name(&state).ok_or_else(|| unknown("state", &state))?,
             pid: row.get("pid")?,
-            started: sysstate_types::time::format_utc(row.get("started_ns")?),
+            started: sysstate_types::time::format_utc(started),
             ended: ended.map(sysstate_types::time::format_utc),
             target: row.get("target")?,
             components: serde_json::from_str(&components).unwrap_or_default(),
@@ -366,6 +367,7 @@ impl JobStore {
                 bytes_total: row.get("bytes_total")?,
                 files_done: row.get("files_done")?,
                 files_total: row.get("files_total")?,
+                ..JobProgress::default()
             },
             version: row.get("version")?,
             log_path: row.get("log_path")?,
@@ -379,7 +381,11 @@ impl JobStore {
                 }),
                 None => None,
             },
-        })
+        };
+        if record.state == JobState::Running {
+            record.progress.estimate(now_ns() - started);
+        }
+        Ok(record)
     }
 
     /// Jobs still running. A `running` row whose process is gone is ended as failed.
@@ -509,6 +515,11 @@ impl<'s> ProgressWriter<'s> {
         self.state.lock().expect("progress lock").0.bytes_total = bytes;
     }
 
+    /// Sets the files to process in all, when known.
+    pub fn total_files(&self, files: u64) {
+        self.state.lock().expect("progress lock").0.files_total = files;
+    }
+
     /// Sets the bytes done and to do (operations that count in bytes, not files).
     pub fn set_bytes(&self, done: u64, total: u64) {
         let mut state = self.state.lock().expect("progress lock");
@@ -519,9 +530,16 @@ impl<'s> ProgressWriter<'s> {
         }
     }
 
-    /// Writes the final counts.
+    /// Writes the final counts; a total never learnt is what was done.
     pub fn flush(&self) {
-        let state = self.state.lock().expect("progress lock");
+        let mut state = self.state.lock().expect("progress lock");
+        let progress = &mut state.0;
+        if progress.files_total == 0 {
+            progress.files_total = progress.files_done;
+        }
+        if progress.bytes_total == 0 {
+            progress.bytes_total = progress.bytes_done;
+        }
         let _ = self.store.progress(&self.job, &state.0);
     }
 }

@@ -122,6 +122,7 @@ fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, cr
     let parent = repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path);
     if let Some((_, version)) = &parent {
         Progress::total(job, version.stats.bytes_total);
+        Progress::total_files(job, version.stats.files);
     }
     Ok(Some((repo, created, lease, parent.map(|(id, _)| id))))
 }

@@ -181,7 +181,7 @@ pub fn backup<S: Source>(
         if parent_tree.is_none() {
             let prefetched = source.prefetch_root();
             let (selections, walk_done) = (&options.selections, &walk_done);
-            scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done));
+            scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done, progress));
         }
         let mut walker = Walker {
             shared: &shared,

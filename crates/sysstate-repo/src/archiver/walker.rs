@@ -434,20 +434,30 @@ impl<S: Source> Walker<'_, '_, S> {
 /// walker (which goes from the near end) is done. In a tree whose inodes are all cold (a fresh
 /// point-in-time copy) looking one up costs more than all the walker does with it; this way the
 /// two threads each look up about half, and the walker finds the rest already looked up.
-pub(super) fn prefetch_metadata(root: &Path, selections: &[Selection], walked: &AtomicBool) {
+/// Counts the selection as it goes: when it gets through before the walker, `progress` is told
+/// the total (a first backup has no parent to take it from).
+pub(super) fn prefetch_metadata(
+    root: &Path,
+    selections: &[Selection],
+    walked: &AtomicBool,
+    progress: &dyn crate::Progress,
+) {
+    let mut counted = (0u64, 0u64);
     for selection in selections.iter().rev() {
         let start = match &selection.source {
             Some(source) => source.clone(),
             None => root.join(selection.path.strip_prefix("/").unwrap_or(&selection.path)),
         };
-        if !prefetch_dir(&start, walked) {
+        if !prefetch_dir(&start, walked, &mut counted) {
             return;
         }
     }
+    progress.total(counted.0);
+    progress.total_files(counted.1);
 }
 
-/// Returns false once the walker is done.
-fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
+/// Returns false once the walker is done; counts (bytes, files) on the way.
+fn prefetch_dir(dir: &Path, walked: &AtomicBool, counted: &mut (u64, u64)) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else { return true };
     let mut names: Vec<_> = entries.filter_map(|entry| entry.ok().map(|e| e.file_name())).collect();
     names.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
@@ -456,8 +466,14 @@ fn prefetch_dir(dir: &Path, walked: &AtomicBool) -> bool {
             return false;
         }
         let path = dir.join(name);
-        if std::fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_dir()) && !prefetch_dir(&path, walked) {
-            return false;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() && !prefetch_dir(&path, walked, counted) => return false,
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.is_file() => {
+                counted.0 += meta.len();
+                counted.1 += 1;
+            }
+            _ => {}
         }
     }
     true

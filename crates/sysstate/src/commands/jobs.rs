@@ -28,8 +28,7 @@ pub fn job(context: &Context<'_>, previous: Option<usize>) -> Result<Outcome> {
         if let Some(operation) = &job.current_operation {
             crate::outln!("   current operation: {operation}");
         }
-        let progress = &job.progress;
-        crate::outln!("   progress: {} files, {}", progress.files_done, bytes(progress.bytes_done));
+        crate::outln!("   progress: {}", progress_line(&job.progress));
         if let Some(version) = &job.version {
             crate::outln!("   version: {}", version.get(..8).unwrap_or(version));
         }
@@ -95,4 +94,27 @@ pub fn events(
         }
     }
     Ok(Outcome::Success)
+}
+
+/// `1,234 of 5,000 files, 1.2 GiB of 3.4 GiB (35%), 120.0 MiB/s, about 20 s left`: the totals,
+/// rate and time left where they are known.
+fn progress_line(progress: &sysstate_engine::jobs::JobProgress) -> String {
+    let files = match progress.files_total {
+        0 => format!("{} files", progress.files_done),
+        total => format!("{} of {total} files", progress.files_done),
+    };
+    let mut line = match progress.bytes_total {
+        0 => format!("{files}, {}", bytes(progress.bytes_done)),
+        total => format!("{files}, {} of {}", bytes(progress.bytes_done), bytes(total)),
+    };
+    if let Some(percent) = progress.percent {
+        line += &format!(" ({percent}%)");
+    }
+    if let Some(rate) = progress.bytes_per_second {
+        line += &format!(", {}/s", bytes(rate));
+    }
+    if let Some(left) = progress.seconds_left {
+        line += &format!(", about {} left", sysstate_types::time::format_duration_s(left));
+    }
+    line
 }

@@ -112,6 +112,12 @@ fn restore_check_and_prune_jobs_record_progress_and_quiet_prints_nothing() {
         text(&output.stdout),
         text(&output.stderr)
     );
+    // A first backup, with no parent to take a total from, ends with its totals filled.
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["kind"], "backup");
+    assert_eq!(job["progress"]["files-total"], job["progress"]["files-done"], "{job}");
+    assert!(job["progress"]["files-total"].as_u64().unwrap() >= 40, "{job}");
+    assert!(job["progress"].get("percent").is_none(), "an ended job shows no estimate: {job}");
 
     let to = sandbox.path("restored");
     sandbox.ok(&["restore", "--quiet", "--to", to.to_str().unwrap()]);
