@@ -48,6 +48,23 @@ pub fn print_error_text(error: &EngineError) {
     eprintln!("error[{}]: {}", error.code, error.message);
     eprintln!("  cause: {}", error.cause());
     eprintln!("  resolution: {}", error.resolution());
+    if let Some(note) = not_root_note(&error.message) {
+        eprintln!("  note: {note}");
+    }
+}
+
+/// For a permission refused to a user who is not root: most commands read or write system
+/// files, and the message alone does not say that sysstate expected root.
+fn not_root_note(message: &str) -> Option<String> {
+    let uid = rustix::process::geteuid();
+    (!uid.is_root() && (message.contains("Permission denied") || message.contains("Operation not permitted"))).then(
+        || {
+            format!(
+                "sysstate runs as uid {}: backups and restores of system state read and write files only root may (run it with `sudo`, or as the service)",
+                uid.as_raw()
+            )
+        },
+    )
 }
 
 /// Prints a JSON value.

@@ -270,3 +270,36 @@ fn too_many_threads_are_refused() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("at most 256") && !stderr.contains("panicked"), "{stderr}");
 }
+
+/// A user who is not root is told that the permission refused is root's to give.
+#[test]
+fn a_permission_refused_to_a_user_who_is_not_root_says_root_is_expected() {
+    if !require("root (to run a command as nobody)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 1);
+    sandbox.backup_data(&root);
+    // The sandbox's folders may be entered by nobody; the repository stays root's (0700).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sandbox.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // nobody's own state and runtime folders, in a folder nobody may write.
+    let own = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(own.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = sandbox.command(&["versions"]);
+    command.env("SYSSTATE_STATE_DIR", own.path().join("state")).env("SYSSTATE_RUNTIME_DIR", own.path().join("run"));
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = command.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program)
+        .args(args)
+        .envs(envs)
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Permission denied") && stderr.contains("note: sysstate runs as uid 65534"), "{stderr}");
+}
