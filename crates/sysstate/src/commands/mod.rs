@@ -145,6 +145,32 @@ impl Context<'_> {
     }
 }
 
+/// Refuses a component name that neither this machine's configuration nor any of `versions`
+/// knows (a typo would otherwise select nothing, silently).
+fn require_known_components(
+    config: &Config,
+    versions: &[(sysstate_repo::Id, sysstate_repo::version::Version)],
+    names: &[String],
+) -> Result<()> {
+    let configured = sysstate_engine::components::all(config)?;
+    for name in names {
+        let known = configured.iter().any(|c| &c.name == name)
+            || versions.iter().any(|(_, v)| v.components.iter().any(|c| &c.name == name));
+        if !known {
+            let mut choices: Vec<String> = configured.iter().map(|c| c.name.clone()).collect();
+            choices.extend(versions.iter().flat_map(|(_, v)| v.components.iter().map(|c| c.name.clone())));
+            choices.sort();
+            choices.dedup();
+            return Err(sysstate_engine::EngineError::new(
+                sysstate_engine::ErrorCode::ComponentMissing,
+                format!("component `{name}` is not known: neither the configuration nor any version has it"),
+            )
+            .with_resolution(format!("use one of: {}", choices.join(", "))));
+        }
+    }
+    Ok(())
+}
+
 /// Prints a command's JSON report, with the failure it found (also on stderr, as text); the
 /// command ends `Failed` with one, else as `otherwise`.
 fn json_report(

@@ -74,7 +74,9 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
             return upkeep::forget_named(&context.open(Some(job))?, &args.versions, args.dry_run);
         }
         upkeep::require_rule(policy)?;
-        upkeep::forget(&context.open(Some(job))?, &request)
+        let repo = context.open(Some(job))?;
+        super::require_known_components(&context.config, &repo.versions()?, &request.filter.components)?;
+        upkeep::forget(&repo, &request)
     })?;
     if context.json() {
         print_json(&serde_json::to_value(&plan).expect("plans encode"));

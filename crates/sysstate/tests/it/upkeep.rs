@@ -248,8 +248,20 @@ fn latest_is_the_newest_version_holding_the_components_asked_for_and_forget_take
     sandbox.ok(&["restore", "-c", "data", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
     assert_eq!(sandbox.json(&["items"], 0)["version"], only_more["version"]);
-    let output = sandbox.run_code(&["items", "-c", "nothing-holds-this"], 2);
+    // A component known to the configuration that no version holds, and a typo: both refused,
+    // each for what it is.
+    let output = sandbox.run_code(&["items", "-c", "cron"], 2);
     assert!(text(&output.stderr).contains("no version in"), "{}", text(&output.stderr));
+    for command in
+        [&["items", "-c", "confg"][..], &["versions", "-c", "confg"], &["forget", "--keep-last", "1", "-c", "confg"]]
+    {
+        let output = sandbox.run_code(command, 2);
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("component-missing") && stderr.contains("`confg` is not known"),
+            "{command:?}: {stderr}"
+        );
+    }
 
     // `forget --version` drops one version by its id, a damaged one too.
     let first = both["version"].as_str().unwrap();
