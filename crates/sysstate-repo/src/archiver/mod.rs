@@ -110,6 +110,15 @@ impl Shared<'_> {
         self.failure.lock().expect("failure lock").get_or_insert(error);
     }
 
+    /// True once the backup is to stop (a signal, or a failure elsewhere): a reader looks at it
+    /// between chunks, so a large file does not hold the stop up.
+    pub(super) fn stopping(&self) -> bool {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            self.abort.store(true, Ordering::SeqCst);
+        }
+        self.abort.load(Ordering::SeqCst)
+    }
+
     pub(super) fn check_abort(&self) -> Result<()> {
         if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
             self.abort.store(true, Ordering::SeqCst);

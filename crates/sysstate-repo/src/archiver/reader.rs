@@ -69,6 +69,9 @@ fn read_open_file(
     let mut ids = Vec::new();
     let helpers = Some(&shared.helpers);
     let (extents, read) = chunk_file(shared.repo, file, size, maybe_sparse, helpers, |id, chunk| {
+        if shared.stopping() {
+            return Err(std::io::Error::other("the backup was stopped"));
+        }
         ids.push(id);
         if shared.saver.reserve(id) && blobs.send(BlobJob { kind: BlobKind::Data, id, data: chunk.to_vec()? }).is_err()
         {

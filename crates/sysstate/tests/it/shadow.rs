@@ -1233,3 +1233,46 @@ fn writers_lists_the_built_in_writers_and_a_configured_one_replaces_its_namesake
         writers.as_array().unwrap().iter().map(|w| (w["name"].as_str().unwrap(), w["built-in"] == true)).collect();
     assert_eq!(names, [("dpkg", true), ("accounts", false)], "{writers:#}");
 }
+
+/// SIGINT while a large file is copied into the base copy, and while it is read: the backup
+/// stops within a moment in both (it went on to the end of the file before: 23 s and 30 s were
+/// seen), cancelled, nothing stored.
+#[test]
+fn a_signal_stops_a_backup_at_once_in_the_base_copy_and_in_the_reading() {
+    let (sandbox, root) = setup("[shadow]\nprovider = \"copy\"\n");
+    // Incompressible and not repeating, so reading it is real work (zeros would be one blob).
+    let big = root.join("data/big.img");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("head -c 512M /dev/urandom > '{}'", big.display())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for phase in ["bringing the base copy up to date", "reading shadow copies"] {
+        let _ = std::fs::remove_dir_all(sandbox.path("state"));
+        let args = backup_args(&root);
+        let mut child = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+        let logs = sandbox.path("state/logs");
+        let in_phase = || {
+            std::fs::read_dir(&logs).into_iter().flatten().flatten().any(|log| {
+                std::fs::read_to_string(log.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .last()
+                    .is_some_and(|l| l.ends_with(phase))
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        while !in_phase() {
+            assert!(Instant::now() < until, "the backup never reached `{phase}`");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let asked = std::time::Instant::now();
+        let status = signal(&mut child, rustix::process::Signal::Int);
+        let took = asked.elapsed();
+        assert_eq!(status.code(), Some(2), "{phase}: {status:?}");
+        assert!(took < std::time::Duration::from_secs(3), "{phase}: the backup took {took:?} to stop");
+        assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled");
+    }
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 0, "nothing was stored");
+}
