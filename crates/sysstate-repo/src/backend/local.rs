@@ -237,7 +237,12 @@ impl Backend for LocalBackend {
                 if name.starts_with(".tmp-") {
                     continue;
                 }
-                let meta = entry.metadata().map_err(|e| self.error("list", kind, &name, &e))?;
+                let meta = match entry.metadata() {
+                    Ok(meta) => meta,
+                    // Removed since the folder was read (a lease released, a prune): not listed.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(self.error("list", kind, &name, &error)),
+                };
                 out.push((name, meta.len()));
             }
         }
