@@ -151,6 +151,7 @@ impl Coordinator {
         if let Some(output) = &options.output {
             writers.iter_mut().for_each(|writer| writer.set_output(output.clone()));
         }
+        writers.iter_mut().for_each(|writer| writer.set_stop(trigger.flag()));
         let members = Arc::new(Members::new(writers, &options.runtime_dir, &set_id));
         if let Some(previous) = &taken_over {
             let recovery = recover::recover(&members, &storages(options));

@@ -159,9 +159,13 @@ impl Run<'_> {
             for index in 0..self.members.count() {
                 self.stop_if_interrupted()?;
                 guard.calling(index);
-                self.members
-                    .call(index, phase, Instant::now() + DEFAULT_PHASE_TIMEOUT)
-                    .map_err(|error| self.members.failed(index, phase, error))?;
+                self.members.call(index, phase, Instant::now() + DEFAULT_PHASE_TIMEOUT).map_err(|error| {
+                    // A writer stopped by the signal has not failed: the set was stopped.
+                    match self.trigger.fired() {
+                        Some(signal) => ShadowError::Interrupted(signal),
+                        None => self.members.failed(index, phase, error),
+                    }
+                })?;
                 self.members.set_state(index, next, None);
             }
         }

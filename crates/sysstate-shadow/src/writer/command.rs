@@ -15,6 +15,8 @@ pub struct CommandWriter {
     freeze_timeout: Duration,
     frozen: bool,
     output: Option<OutputHook>,
+    /// Ends a preparing command early (a signal).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl CommandWriter {
@@ -27,18 +29,29 @@ impl CommandWriter {
         abort: Option<Vec<String>>,
         freeze_timeout: Duration,
     ) -> Self {
-        CommandWriter { name: name.into(), prepare, freeze, thaw, abort, freeze_timeout, frozen: false, output: None }
+        CommandWriter {
+            name: name.into(),
+            prepare,
+            freeze,
+            thaw,
+            abort,
+            freeze_timeout,
+            frozen: false,
+            output: None,
+            stop: None,
+        }
     }
 }
 
-/// Runs `argv` until it exits or `deadline` passes (then it is killed); its stderr goes to
-/// `output` as writer `writer`'s.
+/// Runs `argv` until it exits, `deadline` passes or `stop` is set (then it is killed); its
+/// stderr goes to `output` as writer `writer`'s.
 fn run(
     argv: &[String],
     deadline: Instant,
     what: &str,
     writer: &str,
     output: Option<&OutputHook>,
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<(), WriterError> {
     let (program, args) = argv
         .split_first()
@@ -74,6 +87,14 @@ fn run(
                 ),
             ));
         }
+        if stop.is_some_and(|stop| stop.load(std::sync::atomic::Ordering::SeqCst)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(WriterError::new(
+                ErrorClass::NotResponding,
+                format!("the {what} command `{}` was stopped by a signal", argv.join(" ")),
+            ));
+        }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -103,6 +124,10 @@ impl Writer for CommandWriter {
         self.output = Some(output);
     }
 
+    fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
         let command = match phase {
             Phase::PrepareBackup => self.prepare.as_ref(),
@@ -118,15 +143,20 @@ impl Writer for CommandWriter {
                 // An abort during the freeze thaws first.
                 if std::mem::take(&mut self.frozen) {
                     if let Some(thaw) = &self.thaw {
-                        run(thaw, deadline, "thaw", &self.name, self.output.as_ref())?;
+                        run(thaw, deadline, "thaw", &self.name, self.output.as_ref(), None)?;
                     }
                 }
                 self.abort.as_ref()
             }
             Phase::Identify | Phase::PrepareSnapshot | Phase::PostSnapshot | Phase::BackupComplete => None,
         };
+        // Only a preparation may be cut short; a thaw or an abort runs to its end.
+        let stop = match phase {
+            Phase::PrepareBackup => self.stop.as_deref(),
+            _ => None,
+        };
         match command {
-            Some(argv) => run(argv, deadline, phase.as_str(), &self.name, self.output.as_ref()),
+            Some(argv) => run(argv, deadline, phase.as_str(), &self.name, self.output.as_ref(), stop),
             None => Ok(()),
         }
     }
@@ -148,19 +178,25 @@ mod tests {
         let script = "head -c 262144 /dev/zero | tr '\\0' x >&2; exit 0";
         let deadline = Instant::now() + Duration::from_secs(10);
         let started = Instant::now();
-        run(&sh(script), deadline, "freeze", "w", None).unwrap();
+        run(&sh(script), deadline, "freeze", "w", None, None).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 
     #[test]
     fn a_failure_says_the_last_line_of_stderr_and_its_class() {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let error =
-            run(&sh("echo noise >&2; echo 'database busy' >&2; echo >&2; exit 75"), deadline, "freeze", "w", None)
-                .unwrap_err();
+        let error = run(
+            &sh("echo noise >&2; echo 'database busy' >&2; echo >&2; exit 75"),
+            deadline,
+            "freeze",
+            "w",
+            None,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(error.class, ErrorClass::Retryable);
         assert!(error.message.ends_with(": database busy"), "{}", error.message);
-        let error = run(&sh("exit 3"), deadline, "thaw", "w", None).unwrap_err();
+        let error = run(&sh("exit 3"), deadline, "thaw", "w", None, None).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
     }
 
@@ -169,18 +205,18 @@ mod tests {
         // 8 MiB with no newline, then the reason: the message keeps at most a line's limit.
         let script = "head -c 8388608 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk busy' >&2; head -c 8388608 /dev/zero | tr '\\0' y >&2; exit 1";
         let deadline = Instant::now() + Duration::from_secs(20);
-        let error = run(&sh(script), deadline, "freeze", "w", None).unwrap_err();
+        let error = run(&sh(script), deadline, "freeze", "w", None, None).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
         assert!(error.message.len() < 2 * LINE_LIMIT, "a message of {} bytes", error.message.len());
         assert!(error.message.ends_with(&"y".repeat(100)), "the last line, cut: {}", &error.message[..200]);
-        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze", "w", None).unwrap_err();
+        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze", "w", None, None).unwrap_err();
         assert!(error.message.ends_with(": disk busy"), "{}", error.message);
     }
 
     #[test]
     fn a_command_still_running_at_its_deadline_is_killed() {
         let deadline = Instant::now() + Duration::from_millis(300);
-        let error = run(&sh("sleep 30"), deadline, "freeze", "w", None).unwrap_err();
+        let error = run(&sh("sleep 30"), deadline, "freeze", "w", None, None).unwrap_err();
         assert_eq!(error.class, ErrorClass::NotResponding);
     }
 

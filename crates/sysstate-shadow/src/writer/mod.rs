@@ -157,6 +157,12 @@ pub trait Writer: Send {
     fn set_output(&mut self, output: OutputHook) {
         let _ = output;
     }
+
+    /// The set's stop flag (a signal): a writer whose preparation runs long (a program it
+    /// waits for) ends it when the flag is set. Thaw and abort always run to their end.
+    fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let _ = stop;
+    }
 }
 
 /// Told each line a writer's program prints on stderr: the writer's name and the line.

@@ -1276,3 +1276,39 @@ fn a_signal_stops_a_backup_at_once_in_the_base_copy_and_in_the_reading() {
     }
     assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 0, "nothing was stored");
 }
+
+/// SIGINT while a writer's preparation runs (a slow `prepare` command): the command is ended and
+/// the backup stops cancelled at once, instead of waiting for the command; the writer's abort
+/// still runs to its end.
+#[test]
+fn a_signal_ends_a_writers_slow_preparation_and_its_abort_still_runs() {
+    let (sandbox, root) = setup("");
+    let aborted = sandbox.path("aborted");
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap()
+        + &format!(
+            "[[writer]]\nname = \"slow\"\nkind = \"command\"\nprepare = [\"sleep\", \"60\"]\nfreeze = [\"true\"]\nthaw = [\"true\"]\nabort = [\"touch\", \"{}\"]\n",
+            aborted.display()
+        );
+    std::fs::write(sandbox.path("config.toml"), config).unwrap();
+    let args = backup_args(&root);
+    let mut child = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    let logs = sandbox.path("state/logs");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&logs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|log| std::fs::read_to_string(log.path()).unwrap_or_default().contains("preparing writers"))
+    {
+        assert!(Instant::now() < until, "the backup never began preparing its writers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let status = signal(&mut child, rustix::process::Signal::Int);
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(2), "{status:?}");
+    assert!(took < Duration::from_secs(3), "the backup took {took:?} to stop");
+    assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled");
+    assert!(aborted.exists(), "the writer's abort did not run");
+}
