@@ -111,7 +111,8 @@ pub fn index(repo: &Repository, dry_run: bool, progress: &dyn crate::Progress) -
 type IndexedPacks = HashMap<Id, Vec<PackEntry>>;
 
 /// Every file in `index/` (hex names; other names are strays) and the packs the readable ones
-/// list.
+/// list, each with every entry any of them gives it (a pack listed twice, by concurrent
+/// backups, once), in pack order.
 fn read_index_files(repo: &Repository, strays: &mut Vec<String>) -> Result<(Vec<String>, IndexedPacks)> {
     let mut files = Vec::new();
     let mut packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
@@ -123,7 +124,7 @@ fn read_index_files(repo: &Repository, strays: &mut Vec<String>) -> Result<(Vec<
         match repo.read_index_file(&name) {
             Ok(file) => {
                 for pack in file.packs {
-                    packs.entry(pack.pack).or_insert(pack.blobs);
+                    packs.entry(pack.pack).or_default().extend(pack.blobs);
                 }
             }
             Err(RepoError::Corrupt { .. }) => {}
@@ -131,6 +132,10 @@ fn read_index_files(repo: &Repository, strays: &mut Vec<String>) -> Result<(Vec<
             Err(error) => return Err(error),
         }
         files.push(name);
+    }
+    for entries in packs.values_mut() {
+        entries.sort_by_key(|e| (e.offset, e.id));
+        entries.dedup();
     }
     Ok((files, packs))
 }
@@ -271,17 +276,9 @@ pub fn blobs(repo: &Repository, dry_run: bool, progress: &dyn crate::Progress) -
         });
     }
     let mut strays = Vec::new();
-    let (old_files, _) = read_index_files(repo, &mut strays)?;
-    let mut indexed: HashMap<Id, Vec<PackEntry>> = HashMap::new();
-    for name in &old_files {
-        for pack in repo.read_index_file(name)?.packs {
-            indexed.entry(pack.pack).or_default().extend(pack.blobs);
-        }
-    }
-    for entries in indexed.values_mut() {
-        entries.sort_by_key(|e| (e.offset, e.id));
-        entries.dedup();
-    }
+    // Every index file was read whole by `load_index` above (none is damaged): read once more
+    // here, file by file, to keep each pack's entries.
+    let (old_files, indexed) = read_index_files(repo, &mut strays)?;
     let mut names: Vec<Id> = indexed.keys().copied().collect();
     names.sort();
     let states = read_packs(repo, &names, &indexed, &mut report, progress);
