@@ -145,28 +145,27 @@ impl Context<'_> {
     }
 }
 
-/// Refuses a component name that neither this machine's configuration nor any of `versions`
-/// knows (a typo would otherwise select nothing, silently).
-fn require_known_components(
-    config: &Config,
-    versions: &[(sysstate_repo::Id, sysstate_repo::version::Version)],
-    names: &[String],
-) -> Result<()> {
+/// Refuses a component name that neither this machine's configuration nor any version in
+/// `repo` knows (a typo would otherwise select nothing, silently). The versions are read only for
+/// a name the configuration lacks.
+fn require_known_components(config: &Config, repo: &Repository, names: &[String]) -> Result<()> {
     let configured = sysstate_engine::components::all(config)?;
-    for name in names {
-        let known = configured.iter().any(|c| &c.name == name)
-            || versions.iter().any(|(_, v)| v.components.iter().any(|c| &c.name == name));
-        if !known {
-            let mut choices: Vec<String> = configured.iter().map(|c| c.name.clone()).collect();
-            choices.extend(versions.iter().flat_map(|(_, v)| v.components.iter().map(|c| c.name.clone())));
-            choices.sort();
-            choices.dedup();
-            return Err(sysstate_engine::EngineError::new(
-                sysstate_engine::ErrorCode::ComponentMissing,
-                format!("component `{name}` is not known: neither the configuration nor any version has it"),
-            )
-            .with_resolution(format!("use one of: {}", choices.join(", "))));
-        }
+    let unconfigured: Vec<&String> = names.iter().filter(|n| !configured.iter().any(|c| &c.name == *n)).collect();
+    if unconfigured.is_empty() {
+        return Ok(());
+    }
+    let versions = repo.versions()?;
+    let held = |name: &str| versions.iter().any(|(_, v)| v.components.iter().any(|c| c.name == name));
+    if let Some(name) = unconfigured.into_iter().find(|n| !held(n)) {
+        let mut choices: Vec<String> = configured.iter().map(|c| c.name.clone()).collect();
+        choices.extend(versions.iter().flat_map(|(_, v)| v.components.iter().map(|c| c.name.clone())));
+        choices.sort();
+        choices.dedup();
+        return Err(sysstate_engine::EngineError::new(
+            sysstate_engine::ErrorCode::ComponentMissing,
+            format!("component `{name}` is not known: neither the configuration nor any version has it"),
+        )
+        .with_resolution(format!("use one of: {}", choices.join(", "))));
     }
     Ok(())
 }

@@ -9,9 +9,8 @@ use sysstate_engine::Result;
 pub fn versions(context: &Context<'_>, filter: &sysstate_repo::forget::Filter) -> Result<Outcome> {
     let repo = context.open(None)?;
     let protected = repo.protected()?;
-    let all = read::versions(&repo)?;
-    super::require_known_components(&context.config, &all, &filter.components)?;
-    let versions: Vec<_> = all.into_iter().filter(|(_, v)| filter.matches(v)).collect();
+    super::require_known_components(&context.config, &repo, &filter.components)?;
+    let versions: Vec<_> = read::versions(&repo)?.into_iter().filter(|(_, v)| filter.matches(v)).collect();
     if context.json() {
         let list: Vec<_> = versions
             .iter()
@@ -44,7 +43,7 @@ pub fn versions(context: &Context<'_>, filter: &sysstate_repo::forget::Filter) -
 
 pub fn items(context: &Context<'_>, version: &str, components: &[String]) -> Result<Outcome> {
     let repo = context.open(None)?;
-    super::require_known_components(&context.config, &repo.versions()?, components)?;
+    super::require_known_components(&context.config, &repo, components)?;
     let items = read::items(&repo, version, components)?;
     if context.json() {
         print_json(&serde_json::to_value(&items).expect("items encode"));

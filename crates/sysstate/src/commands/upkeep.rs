@@ -75,7 +75,7 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
         }
         upkeep::require_rule(policy)?;
         let repo = context.open(Some(job))?;
-        super::require_known_components(&context.config, &repo.versions()?, &request.filter.components)?;
+        super::require_known_components(&context.config, &repo, &request.filter.components)?;
         upkeep::forget(&repo, &request)
     })?;
     if context.json() {
