@@ -107,22 +107,31 @@ fn a_backup_creates_a_repository_only_where_one_belongs() {
     assert_eq!(files_under(&fresh.join("keys")), 1, "the backup used the key init made");
 }
 
-/// Adds a line to `/etc/fstab` for as long as it lives.
-struct FstabLine(String);
+/// Adds a line to `/etc/fstab` for as long as it lives (a machine without the file gets none
+/// back).
+struct FstabLine {
+    line: String,
+    existed: bool,
+}
 
 impl FstabLine {
     fn add(line: String) -> FstabLine {
+        let existed = std::path::Path::new("/etc/fstab").exists();
         let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
         std::fs::write("/etc/fstab", format!("{fstab}{line}\n")).unwrap();
-        FstabLine(line)
+        FstabLine { line, existed }
     }
 }
 
 impl Drop for FstabLine {
     fn drop(&mut self) {
         let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
-        let kept: String = fstab.lines().filter(|l| *l != self.0).map(|l| format!("{l}\n")).collect();
-        let _ = std::fs::write("/etc/fstab", kept);
+        let kept: String = fstab.lines().filter(|l| *l != self.line).map(|l| format!("{l}\n")).collect();
+        let _ = if kept.is_empty() && !self.existed {
+            std::fs::remove_file("/etc/fstab")
+        } else {
+            std::fs::write("/etc/fstab", kept)
+        };
     }
 }
 
