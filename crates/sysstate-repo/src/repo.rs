@@ -577,3 +577,29 @@ impl Repository {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+
+    /// A key of another repository under the same passphrase (left by a creator that lost a race,
+    /// or copied in) never opens this one, even when it is tried first.
+    #[test]
+    fn a_key_of_another_repository_never_opens_this_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let ours = Repository::init(Arc::new(LocalBackend::new(dir.path().join("ours"))), b"same", cheap).unwrap();
+        let theirs = Repository::init(Arc::new(LocalBackend::new(dir.path().join("theirs"))), b"same", cheap).unwrap();
+        let foreign = theirs.backend().read(FileKind::Key, theirs.key_name()).unwrap();
+        // Named to sort before ours, so it is tried first.
+        ours.backend().write(FileKind::Key, &"0".repeat(64), &foreign).unwrap();
+        let opened = Repository::open(ours.backend().clone(), b"same").unwrap();
+        assert_eq!(opened.key_name(), ours.key_name());
+        assert_eq!(opened.key().blob_id(b"x"), ours.key().blob_id(b"x"));
+        // With only the foreign key left, the repository says its keys are not its own.
+        ours.backend().remove(FileKind::Key, ours.key_name()).unwrap();
+        let error = Repository::open(ours.backend().clone(), b"same").unwrap_err();
+        assert!(error.to_string().contains("belongs to another repository"), "{error}");
+    }
+}
