@@ -1,4 +1,4 @@
-use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
+use super::{read_output, ErrorClass, OutputHook, Phase, Stop, Writer, WriterError};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ pub struct CommandWriter {
     frozen: bool,
     output: Option<OutputHook>,
     /// Ends a preparing command early (a signal).
-    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    stop: Stop,
 }
 
 impl CommandWriter {
@@ -38,7 +38,7 @@ impl CommandWriter {
             freeze_timeout,
             frozen: false,
             output: None,
-            stop: None,
+            stop: Stop::default(),
         }
     }
 }
@@ -51,7 +51,7 @@ fn run(
     what: &str,
     writer: &str,
     output: Option<&OutputHook>,
-    stop: Option<&std::sync::atomic::AtomicBool>,
+    stop: &Stop,
 ) -> Result<(), WriterError> {
     let (program, args) = argv
         .split_first()
@@ -87,13 +87,10 @@ fn run(
                 ),
             ));
         }
-        if stop.is_some_and(|stop| stop.load(std::sync::atomic::Ordering::SeqCst)) {
+        if stop.is_set() {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(WriterError::new(
-                ErrorClass::NotResponding,
-                format!("the {what} command `{}` was stopped by a signal", argv.join(" ")),
-            ));
+            return Err(Stop::error(format_args!("the {what} command `{}`", argv.join(" "))));
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -125,7 +122,7 @@ impl Writer for CommandWriter {
     }
 
     fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        self.stop = Some(stop);
+        self.stop = Stop::new(stop);
     }
 
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
@@ -143,20 +140,17 @@ impl Writer for CommandWriter {
                 // An abort during the freeze thaws first.
                 if std::mem::take(&mut self.frozen) {
                     if let Some(thaw) = &self.thaw {
-                        run(thaw, deadline, "thaw", &self.name, self.output.as_ref(), None)?;
+                        run(thaw, deadline, "thaw", &self.name, self.output.as_ref(), &Stop::default())?;
                     }
                 }
                 self.abort.as_ref()
             }
             Phase::Identify | Phase::PrepareSnapshot | Phase::PostSnapshot | Phase::BackupComplete => None,
         };
-        // Only a preparation may be cut short; a thaw or an abort runs to its end.
-        let stop = match phase {
-            Phase::PrepareBackup => self.stop.as_deref(),
-            _ => None,
-        };
         match command {
-            Some(argv) => run(argv, deadline, phase.as_str(), &self.name, self.output.as_ref(), stop),
+            Some(argv) => {
+                run(argv, deadline, phase.as_str(), &self.name, self.output.as_ref(), &self.stop.for_phase(phase))
+            }
             None => Ok(()),
         }
     }
@@ -178,7 +172,7 @@ mod tests {
         let script = "head -c 262144 /dev/zero | tr '\\0' x >&2; exit 0";
         let deadline = Instant::now() + Duration::from_secs(10);
         let started = Instant::now();
-        run(&sh(script), deadline, "freeze", "w", None, None).unwrap();
+        run(&sh(script), deadline, "freeze", "w", None, &Stop::default()).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 
@@ -191,12 +185,12 @@ mod tests {
             "freeze",
             "w",
             None,
-            None,
+            &Stop::default(),
         )
         .unwrap_err();
         assert_eq!(error.class, ErrorClass::Retryable);
         assert!(error.message.ends_with(": database busy"), "{}", error.message);
-        let error = run(&sh("exit 3"), deadline, "thaw", "w", None, None).unwrap_err();
+        let error = run(&sh("exit 3"), deadline, "thaw", "w", None, &Stop::default()).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
     }
 
@@ -205,18 +199,19 @@ mod tests {
         // 8 MiB with no newline, then the reason: the message keeps at most a line's limit.
         let script = "head -c 8388608 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk busy' >&2; head -c 8388608 /dev/zero | tr '\\0' y >&2; exit 1";
         let deadline = Instant::now() + Duration::from_secs(20);
-        let error = run(&sh(script), deadline, "freeze", "w", None, None).unwrap_err();
+        let error = run(&sh(script), deadline, "freeze", "w", None, &Stop::default()).unwrap_err();
         assert_eq!(error.class, ErrorClass::Nonretryable);
         assert!(error.message.len() < 2 * LINE_LIMIT, "a message of {} bytes", error.message.len());
         assert!(error.message.ends_with(&"y".repeat(100)), "the last line, cut: {}", &error.message[..200]);
-        let error = run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze", "w", None, None).unwrap_err();
+        let error =
+            run(&sh("echo 'disk busy' >&2; exit 1"), deadline, "freeze", "w", None, &Stop::default()).unwrap_err();
         assert!(error.message.ends_with(": disk busy"), "{}", error.message);
     }
 
     #[test]
     fn a_command_still_running_at_its_deadline_is_killed() {
         let deadline = Instant::now() + Duration::from_millis(300);
-        let error = run(&sh("sleep 30"), deadline, "freeze", "w", None, None).unwrap_err();
+        let error = run(&sh("sleep 30"), deadline, "freeze", "w", None, &Stop::default()).unwrap_err();
         assert_eq!(error.class, ErrorClass::NotResponding);
     }
 

@@ -1,4 +1,4 @@
-use super::{ErrorClass, Phase, Writer, WriterError};
+use super::{ErrorClass, Phase, Stop, Writer, WriterError};
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,13 +20,22 @@ pub struct LockFileWriter {
     prepare_timeout: Duration,
     freeze_timeout: Duration,
     held: Vec<File>,
+    stop: Stop,
 }
 
 impl LockFileWriter {
     /// The `dpkg` writer for a root.
     pub fn dpkg(name: &str, root: &std::path::Path, prepare_timeout: Duration, freeze_timeout: Duration) -> Self {
         let files = ["var/lib/dpkg/lock-frontend", "var/lib/dpkg/lock"].iter().map(|f| root.join(f)).collect();
-        LockFileWriter { name: name.into(), kind: "dpkg", files, prepare_timeout, freeze_timeout, held: Vec::new() }
+        LockFileWriter {
+            name: name.into(),
+            kind: "dpkg",
+            files,
+            prepare_timeout,
+            freeze_timeout,
+            held: Vec::new(),
+            stop: Stop::default(),
+        }
     }
 
     /// The `accounts` writer for a root.
@@ -38,6 +47,7 @@ impl LockFileWriter {
             prepare_timeout,
             freeze_timeout,
             held: Vec::new(),
+            stop: Stop::default(),
         }
     }
 
@@ -59,7 +69,10 @@ impl LockFileWriter {
                 match rustix::fs::fcntl_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                     Ok(()) => break,
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::ACCESS) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50));
+                        if !self.stop.pause() {
+                            self.held.clear();
+                            return Err(Stop::error(format_args!("waiting for the lock on `{}`", path.display())));
+                        }
                     }
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::ACCESS) => {
                         self.held.clear();
@@ -103,6 +116,10 @@ impl Writer for LockFileWriter {
 
     fn freeze_timeout(&self) -> Duration {
         self.freeze_timeout
+    }
+
+    fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Stop::new(stop);
     }
 
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {

@@ -165,6 +165,77 @@ pub trait Writer: Send {
     }
 }
 
+/// The set's stop flag as a writer keeps it (unset until the coordinator hands it over): a
+/// preparation that waits — for a program, a reply, a lock — looks at it at least every 50 ms.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+/// How a wait for a reply ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoReply {
+    /// The deadline passed.
+    Timeout,
+    /// The other end went away.
+    Disconnected,
+    /// The stop flag was set.
+    Stopped,
+}
+
+impl Stop {
+    /// The slice a wait sleeps before it looks at the flag again.
+    const SLICE: Duration = Duration::from_millis(50);
+
+    pub(crate) fn new(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Stop(Some(flag))
+    }
+
+    /// Whether the set was told to stop.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.as_ref().is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The flag for a phase: only a preparation (identify, prepare-backup, prepare-snapshot)
+    /// may be cut short; a freeze, thaw or abort runs to its end.
+    pub(crate) fn for_phase(&self, phase: Phase) -> Stop {
+        match phase {
+            Phase::Identify | Phase::PrepareBackup | Phase::PrepareSnapshot => self.clone(),
+            _ => Stop::default(),
+        }
+    }
+
+    /// Waits for the next message on `receiver` until `deadline` or the flag.
+    pub(crate) fn recv<T>(&self, receiver: &std::sync::mpsc::Receiver<T>, deadline: Instant) -> Result<T, NoReply> {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            if self.is_set() {
+                return Err(NoReply::Stopped);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match receiver.recv_timeout(left.min(Self::SLICE)) {
+                Ok(message) => return Ok(message),
+                Err(RecvTimeoutError::Disconnected) => return Err(NoReply::Disconnected),
+                Err(RecvTimeoutError::Timeout) if left <= Self::SLICE => return Err(NoReply::Timeout),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Sleeps a slice before a wait tries again; false once the flag is set.
+    pub(crate) fn pause(&self) -> bool {
+        if self.is_set() {
+            return false;
+        }
+        std::thread::sleep(Self::SLICE);
+        !self.is_set()
+    }
+
+    /// The failure a preparation ends with when the flag stops it (the coordinator reports the
+    /// set as stopped by the signal, not the writer as failed).
+    pub(crate) fn error(what: impl std::fmt::Display) -> WriterError {
+        WriterError::new(ErrorClass::NotResponding, format!("{what} was stopped by a signal"))
+    }
+}
+
 /// Told each line a writer's program prints on stderr: the writer's name and the line.
 #[derive(Clone)]
 pub struct OutputHook(pub std::sync::Arc<OutputFn>);

@@ -1,4 +1,4 @@
-use super::{CopyAddition, ErrorClass, Phase, Writer, WriterError};
+use super::{CopyAddition, ErrorClass, NoReply, Phase, Stop, Writer, WriterError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Stdio};
@@ -24,6 +24,7 @@ pub struct PostgresWriter {
     freeze_timeout: Duration,
     session: Option<Session>,
     stopped: Option<(String, String)>,
+    stop: Stop,
 }
 
 #[derive(Debug)]
@@ -50,7 +51,15 @@ impl PostgresWriter {
     /// A writer that opens its session with `psql` and protects `data_directory` (absolute as
     /// seen from the root).
     pub fn new(name: &str, psql: Vec<String>, data_directory: PathBuf, freeze_timeout: Duration) -> Self {
-        PostgresWriter { name: name.into(), psql, data_directory, freeze_timeout, session: None, stopped: None }
+        PostgresWriter {
+            name: name.into(),
+            psql,
+            data_directory,
+            freeze_timeout,
+            session: None,
+            stopped: None,
+            stop: Stop::default(),
+        }
     }
 
     fn open(&mut self) -> Result<(), WriterError> {
@@ -89,8 +98,9 @@ impl PostgresWriter {
         Ok(())
     }
 
-    /// Runs one statement on the session; its output lines.
-    fn query(&mut self, sql: &str, deadline: Instant) -> Result<Vec<String>, WriterError> {
+    /// Runs one statement on the session; its output lines. A set `stop` ends the wait and the
+    /// session (which ends what the statement began).
+    fn query(&mut self, sql: &str, deadline: Instant, stop: &Stop) -> Result<Vec<String>, WriterError> {
         let session = self
             .session
             .as_mut()
@@ -116,25 +126,30 @@ impl PostgresWriter {
         }
         let mut out = Vec::new();
         loop {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match session.lines.recv_timeout(wait) {
+            match stop.recv(&session.lines, deadline) {
                 Ok(line) if line == END => return Ok(out),
                 Ok(line) => out.push(line),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(NoReply::Timeout) => {
                     return Err(WriterError::new(
                         ErrorClass::NotResponding,
                         format!("PostgreSQL did not answer `{sql}` in time"),
                     ))
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(failed(session, &format!("`{sql}` failed"))),
+                Err(NoReply::Stopped) => {
+                    // No need to wait for a session that was not answering to end by itself.
+                    self.close(Duration::ZERO);
+                    return Err(Stop::error(format_args!("waiting for PostgreSQL to answer `{sql}`")));
+                }
+                Err(NoReply::Disconnected) => return Err(failed(session, &format!("`{sql}` failed"))),
             }
         }
     }
 
-    fn close(&mut self) {
+    /// Ends the session: psql exits at the end of its input, or is killed after `grace`.
+    fn close(&mut self, grace: Duration) {
         if let Some(mut session) = self.session.take() {
             drop(session.stdin);
-            super::end_child(&mut session.child, Duration::from_secs(5));
+            super::end_child(&mut session.child, grace);
         }
     }
 }
@@ -152,20 +167,26 @@ impl Writer for PostgresWriter {
         self.freeze_timeout
     }
 
+    fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Stop::new(stop);
+    }
+
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {
         match phase {
             Phase::Identify => Ok(()),
             Phase::PrepareBackup => {
                 self.open()?;
                 // A fast checkpoint: the copy can start at once.
-                self.query("SELECT pg_backup_start('sysstate', true);", deadline).map(|_| ())
+                let stop = self.stop.for_phase(phase);
+                self.query("SELECT pg_backup_start('sysstate', true);", deadline, &stop).map(|_| ())
             }
             Phase::PostSnapshot => {
                 let lines = self.query(
                     "SELECT encode(convert_to(labelfile, 'UTF8'), 'hex') || '|' || encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM pg_backup_stop(false);",
                     deadline,
+                    &Stop::default(),
                 )?;
-                self.close();
+                self.close(Duration::from_secs(5));
                 let line = lines
                     .iter()
                     .find(|l| l.contains('|'))
@@ -176,7 +197,7 @@ impl Writer for PostgresWriter {
             }
             Phase::Abort => {
                 // Ending the session ends its backup mode.
-                self.close();
+                self.close(Duration::from_secs(5));
                 Ok(())
             }
             Phase::PrepareSnapshot | Phase::Freeze | Phase::Thaw | Phase::BackupComplete => Ok(()),
@@ -201,6 +222,6 @@ impl Writer for PostgresWriter {
 
 impl Drop for PostgresWriter {
     fn drop(&mut self) {
-        self.close();
+        self.close(Duration::from_secs(5));
     }
 }

@@ -1,4 +1,4 @@
-use super::{read_output, ErrorClass, OutputHook, Phase, Writer, WriterError};
+use super::{read_output, ErrorClass, NoReply, OutputHook, Phase, Stop, Writer, WriterError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Stdio};
@@ -16,6 +16,7 @@ pub struct ProcessWriter {
     running: Option<Running>,
     set_id: String,
     output: Option<OutputHook>,
+    stop: Stop,
 }
 
 #[derive(Debug)]
@@ -23,6 +24,9 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     replies: mpsc::Receiver<String>,
+    /// Requests left unanswered when a signal ended the wait: their replies, when they come,
+    /// are read past so that the next request gets its own.
+    unanswered: usize,
 }
 
 /// A request line.
@@ -45,7 +49,15 @@ struct Reply {
 impl ProcessWriter {
     /// A writer that runs `argv`.
     pub fn new(name: &str, argv: Vec<String>, freeze_timeout: Duration, set_id: &str) -> Self {
-        ProcessWriter { name: name.into(), argv, freeze_timeout, running: None, set_id: set_id.into(), output: None }
+        ProcessWriter {
+            name: name.into(),
+            argv,
+            freeze_timeout,
+            running: None,
+            set_id: set_id.into(),
+            output: None,
+            stop: Stop::default(),
+        }
     }
 
     fn start(&mut self) -> Result<(), WriterError> {
@@ -76,7 +88,7 @@ impl ProcessWriter {
                 }
             })
             .map_err(|e| WriterError::new(ErrorClass::NotResponding, e.to_string()))?;
-        self.running = Some(Running { child, stdin, replies });
+        self.running = Some(Running { child, stdin, replies, unanswered: 0 });
         Ok(())
     }
 
@@ -116,15 +128,23 @@ impl ProcessWriter {
             return Err(gone(running));
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let reply = match running.replies.recv_timeout(wait) {
-            Ok(reply) => reply,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(WriterError::new(
-                    ErrorClass::NotResponding,
-                    format!("the writer process did not answer {} within {} ms", phase.as_str(), wait.as_millis()),
-                ));
+        let stop = self.stop.for_phase(phase);
+        let reply = loop {
+            match stop.recv(&running.replies, deadline) {
+                Ok(_) if running.unanswered > 0 => running.unanswered -= 1,
+                Ok(reply) => break reply,
+                Err(NoReply::Timeout) => {
+                    return Err(WriterError::new(
+                        ErrorClass::NotResponding,
+                        format!("the writer process did not answer {} within {} ms", phase.as_str(), wait.as_millis()),
+                    ));
+                }
+                Err(NoReply::Stopped) => {
+                    running.unanswered += 1;
+                    return Err(Stop::error(format_args!("waiting for the writer process's {}", phase.as_str())));
+                }
+                Err(NoReply::Disconnected) => return Err(gone(running)),
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gone(running)),
         };
         let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
             WriterError::new(
@@ -164,6 +184,10 @@ impl Writer for ProcessWriter {
 
     fn set_output(&mut self, output: OutputHook) {
         self.output = Some(output);
+    }
+
+    fn set_stop(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Stop::new(stop);
     }
 
     fn handle(&mut self, phase: Phase, deadline: Instant) -> Result<(), WriterError> {

@@ -1277,38 +1277,69 @@ fn a_signal_stops_a_backup_at_once_in_the_base_copy_and_in_the_reading() {
     assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 0, "nothing was stored");
 }
 
-/// SIGINT while a writer's preparation runs (a slow `prepare` command): the command is ended and
-/// the backup stops cancelled at once, instead of waiting for the command; the writer's abort
-/// still runs to its end.
+/// SIGINT while a writer's preparation waits — a slow `prepare` command, a writer process that
+/// does not answer prepare-backup, PostgreSQL not answering `pg_backup_start`, the dpkg writer
+/// waiting for apt's lock: the wait is ended and the backup stops cancelled at once, instead of
+/// waiting up to the writer's timeout; a command writer's abort still runs to its end.
 #[test]
 fn a_signal_ends_a_writers_slow_preparation_and_its_abort_still_runs() {
-    let (sandbox, root) = setup("");
+    let sandbox = Sandbox::new();
+    let root = system_root(&sandbox);
+    make_tree(&root.join("data"), 20, 31);
     let aborted = sandbox.path("aborted");
-    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap()
-        + &format!(
-            "[[writer]]\nname = \"slow\"\nkind = \"command\"\nprepare = [\"sleep\", \"60\"]\nfreeze = [\"true\"]\nthaw = [\"true\"]\nabort = [\"touch\", \"{}\"]\n",
-            aborted.display()
-        );
-    std::fs::write(sandbox.path("config.toml"), config).unwrap();
-    let args = backup_args(&root);
-    let mut child = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
-    let logs = sandbox.path("state/logs");
-    let until = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_dir(&logs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|log| std::fs::read_to_string(log.path()).unwrap_or_default().contains("preparing writers"))
-    {
-        assert!(Instant::now() < until, "the backup never began preparing its writers");
-        std::thread::sleep(Duration::from_millis(20));
+    let hang = sandbox.path("hang.sh");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cases = [
+        (
+            "command",
+            format!(
+                "[[writer]]\nname = \"slow\"\nkind = \"command\"\nprepare = [\"sleep\", \"60\"]\nfreeze = [\"true\"]\nthaw = [\"true\"]\nabort = [\"touch\", \"{}\"]\n",
+                aborted.display()
+            ),
+        ),
+        ("process", process_writer(&sandbox, "    *prepare-backup*) sleep 60 ;;")),
+        (
+            "postgresql",
+            format!(
+                "[[writer]]\nname = \"pg\"\nkind = \"postgresql\"\ncommand = [\"{}\"]\ndata-directory = \"/data\"\n",
+                hang.display()
+            ),
+        ),
+        ("dpkg", "[[writer]]\nname = \"dpkg\"\nkind = \"dpkg\"\nprepare-timeout = \"60s\"\n".to_string()),
+    ];
+    for (kind, writer) in cases {
+        std::fs::write(sandbox.path("config.toml"), format!("{DATA}{writer}")).unwrap();
+        let _ = std::fs::remove_file(&aborted);
+        let mut apt = (kind == "dpkg").then(|| hold_lock(&sandbox, &root.join("var/lib/dpkg/lock-frontend")));
+        let logs = sandbox.path("state/logs");
+        let _ = std::fs::remove_dir_all(&logs);
+        let args = backup_args(&root);
+        let mut child = sandbox.command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|log| std::fs::read_to_string(log.path()).unwrap_or_default().contains("preparing writers"))
+        {
+            assert!(Instant::now() < until, "{kind}: the backup never began preparing its writers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let asked = Instant::now();
+        let status = signal(&mut child, rustix::process::Signal::Int);
+        let took = asked.elapsed();
+        if let Some(apt) = apt.as_mut() {
+            apt.kill().unwrap();
+            apt.wait().unwrap();
+        }
+        assert_eq!(status.code(), Some(2), "{kind}: {status:?}");
+        assert!(took < Duration::from_secs(3), "{kind}: the backup took {took:?} to stop");
+        assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled", "{kind}");
+        if kind == "command" {
+            assert!(aborted.exists(), "the writer's abort did not run");
+        }
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let asked = Instant::now();
-    let status = signal(&mut child, rustix::process::Signal::Int);
-    let took = asked.elapsed();
-    assert_eq!(status.code(), Some(2), "{status:?}");
-    assert!(took < Duration::from_secs(3), "the backup took {took:?} to stop");
-    assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled");
-    assert!(aborted.exists(), "the writer's abort did not run");
 }
