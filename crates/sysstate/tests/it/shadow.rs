@@ -1343,3 +1343,23 @@ fn a_signal_ends_a_writers_slow_preparation_and_its_abort_still_runs() {
         }
     }
 }
+
+/// Every copy `shadows list` shows can be deleted by the id it shows, the base copy a backup
+/// keeps (`base`) included; the next backup makes a new one.
+#[test]
+fn every_listed_shadow_copy_is_deleted_by_its_listed_id_the_base_copy_too() {
+    let (sandbox, root) = setup("[shadow]\nprovider = \"copy\"\n");
+    sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+    sandbox.ok(&["shadows", "create", "--root", root.to_str().unwrap(), "--component", "data"]);
+    let list = sandbox.json(&["shadows", "list"], 0);
+    let ids: Vec<String> = list.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    assert!(ids.contains(&"base".to_string()) && ids.len() == 2, "{list:#}");
+    for id in &ids {
+        let output = sandbox.ok(&["shadows", "delete", "--id", id]);
+        assert!(text(&output.stdout).contains("deleted 1"), "{id}: {}", text(&output.stdout));
+    }
+    assert_eq!(sandbox.json(&["shadows", "list"], 0), serde_json::json!([]));
+    assert!(!sandbox.path("state/shadow/base").exists(), "the base copy is still on disk");
+    sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(sandbox.path("state/shadow/base").is_dir(), "the next backup made no base copy");
+}

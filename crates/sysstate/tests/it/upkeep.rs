@@ -381,3 +381,51 @@ fn restore_dry_run_to_a_folder_lists_what_it_would_write_and_writes_nothing() {
     assert_eq!(plan["files"], 12, "{plan}");
     assert!(!to.exists());
 }
+
+/// On a terminal (a pseudo-terminal from `script`), the progress bar is drawn while the backup
+/// runs and cleared before the end: the final summary starts a line of its own, not after the
+/// bar's last frame.
+#[test]
+fn on_a_terminal_the_summary_starts_its_own_line_after_the_bar() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    // Enough to read for the bar to be drawn a few times in a debug build.
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut rng = Rng(17);
+    for i in 0..12 {
+        std::fs::write(root.join(format!("data/part{i}")), rng.bytes(8 << 20)).unwrap();
+    }
+    let command = sandbox.command(&["backup", "--root", root.to_str().unwrap(), "--component", "data"]);
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_str().unwrap().replace('\'', "'\\''"));
+    let line: Vec<String> =
+        std::iter::once(quote(command.get_program())).chain(command.get_args().map(quote)).collect();
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line.join(" "), "/dev/null"]).stdin(std::process::Stdio::null());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => script.env(key, value),
+            None => script.env_remove(key),
+        };
+    }
+    let output = script.output().unwrap();
+    let shown = text(&output.stdout);
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("backing up"), "no bar was drawn on the terminal: {shown:?}");
+    // What stays on the screen: of each line, what follows its last carriage return or
+    // erase-line; no frame of the bar may be left, and the summary is a line of its own.
+    let visible: Vec<&str> = shown
+        .split('\n')
+        .map(|line| {
+            let line = line.trim_end_matches('\r');
+            let start = [line.rfind('\r').map(|i| i + 1), line.rfind("\x1b[2K").map(|i| i + 4)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0);
+            &line[start..]
+        })
+        .collect();
+    assert!(!visible.iter().any(|l| l.contains("backing up")), "a frame of the bar stays on the screen: {visible:#?}");
+    let summary = *visible.iter().find(|l| l.starts_with("version ")).unwrap_or_else(|| panic!("{visible:#?}"));
+    assert!(summary.contains("saved") && !summary.contains('\x1b'), "{summary:?}");
+}
