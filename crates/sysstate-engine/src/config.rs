@@ -19,6 +19,9 @@ pub struct Config {
     /// `[jobs]`.
     #[serde(default)]
     pub jobs: JobsSection,
+    /// `[storage]`.
+    #[serde(default)]
+    pub storage: StorageSection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -50,6 +53,53 @@ pub struct JobsSection {
     /// The most the undo folders of in-place restores may take together (`1GiB`, the default);
     /// the oldest go first, the newest is always kept.
     pub undo_max_size: Option<String>,
+}
+
+/// `[storage]`: how sysstate works with a remote repository (object storage).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StorageSection {
+    /// Requests in flight at once to a remote repository (8, the default; 1 to 64).
+    pub connections: Option<usize>,
+    /// Keep a local cache of remote repositories' index, manifests and trees (`true`, the
+    /// default).
+    pub cache: Option<bool>,
+    /// The most the cache of one repository may hold (`1GiB`, the default).
+    pub cache_max_size: Option<String>,
+}
+
+/// `storage.connections` when the config has none.
+pub const DEFAULT_CONNECTIONS: usize = 8;
+/// `storage.cache-max-size` when the config has none.
+pub const DEFAULT_CACHE_MAX_SIZE: &str = "1GiB";
+
+impl Config {
+    /// `[storage] connections`, checked.
+    pub fn connections(&self) -> Result<usize> {
+        match self.storage.connections.unwrap_or(DEFAULT_CONNECTIONS) {
+            connections @ 1..=64 => Ok(connections),
+            other => Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("`storage.connections = {other}`: give a number from 1 to 64"),
+            )),
+        }
+    }
+
+    /// `[storage] cache-max-size` in bytes, or `None` when the cache is off.
+    pub fn cache_max_bytes(&self) -> Result<Option<u64>> {
+        if self.storage.cache == Some(false) {
+            return Ok(None);
+        }
+        let text = self.storage.cache_max_size.as_deref().unwrap_or(DEFAULT_CACHE_MAX_SIZE);
+        match sysstate_shadow::storage::MaxSize::parse(text) {
+            Ok(sysstate_shadow::storage::MaxSize::Bytes(bytes)) => Ok(Some(bytes)),
+            Ok(sysstate_shadow::storage::MaxSize::Unbounded) => Ok(Some(u64::MAX)),
+            _ => Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("`storage.cache-max-size = \"{text}\"`: give bytes (`512MiB`, `2GiB`) or `unbounded`"),
+            )),
+        }
+    }
 }
 
 /// `jobs.undo-max-size` when the config has none.
@@ -246,6 +296,8 @@ impl Config {
             }
         }
         self.undo_max_bytes().map_err(|e| invalid("jobs.undo-max-size", e.message))?;
+        self.connections().map_err(|e| invalid("storage.connections", e.message))?;
+        self.cache_max_bytes().map_err(|e| invalid("storage.cache-max-size", e.message))?;
         Ok(())
     }
 }

@@ -152,6 +152,11 @@ impl Index {
         self.blobs.is_empty()
     }
 
+    /// The packs that hold at least one tree.
+    pub fn tree_packs(&self) -> std::collections::HashSet<Id> {
+        self.blobs.values().filter(|slot| slot.tree).map(|slot| self.packs[slot.pack as usize]).collect()
+    }
+
     /// Every blob and its location, in no order.
     pub fn iter(&self) -> impl Iterator<Item = (Id, BlobLocation)> + '_ {
         self.blobs.iter().map(|(id, slot)| (*id, self.location(id, slot)))

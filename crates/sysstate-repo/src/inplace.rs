@@ -415,7 +415,9 @@ pub fn stage(
         let name = staged_name(tag, index);
         match &node.kind {
             NodeKind::File(_) => {
-                let bytes = restorer::write_file(repo, &dir, name.as_bytes(), node, owners).map_err(fail)?;
+                let bytes =
+                    restorer::write_file(repo as &dyn crate::fetcher::BlobSource, &dir, name.as_bytes(), node, owners)
+                        .map_err(fail)?;
                 progress.file_done(bytes);
             }
             NodeKind::Dir { subtree } => {
@@ -427,6 +429,7 @@ pub fn stage(
                     exclude: Vec::new(),
                     threads: 0,
                     owners,
+                    connections: 0,
                 };
                 let outcome = restorer::restore_tree(repo, subtree, &options, Some(progress))?;
                 if let Some(warning) = outcome.warnings.first() {

@@ -9,11 +9,13 @@
 
 pub mod archiver;
 pub mod backend;
+pub mod cache;
 pub mod check;
 pub mod chunker;
 mod content;
 pub mod crypto;
 mod error;
+pub mod fetcher;
 pub mod forget;
 pub mod id;
 pub mod index;

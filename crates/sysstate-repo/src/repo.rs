@@ -1,6 +1,7 @@
 //! An open repository: its backend, its master key, its config and its index.
 
 use crate::backend::{Backend, ErrorKind, FileKind, NewFile};
+use crate::cache::{Cache, Cached};
 use crate::chunker::{ChunkerParams, Gear};
 use crate::crypto::{Label, MasterKey};
 use crate::error::{RepoError, Result};
@@ -56,6 +57,8 @@ pub struct Repository {
     damage_hook: Option<DamageHook>,
     /// Commands that only read take no lease (`--no-lock`).
     no_lock: bool,
+    /// The local copy of a remote repository's index, manifests and tree packs.
+    cache: Option<Cache>,
 }
 
 fn user_name() -> String {
@@ -155,6 +158,27 @@ impl Repository {
             damaged: Mutex::new(BTreeMap::new()),
             damage_hook: None,
             no_lock: false,
+            cache: None,
+        }
+    }
+
+    /// Reads index files, manifests and trees through `cache` (see [`crate::cache`]); `None`
+    /// reads the repository itself, as a check or a repair must.
+    pub fn with_cache(mut self, cache: Option<Cache>) -> Repository {
+        self.cache = cache;
+        self
+    }
+
+    /// The cache, when this repository is read through one.
+    pub fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref()
+    }
+
+    /// Keeps a file just written in the cache too (a tree pack, an index file, a manifest), so
+    /// the next command does not download what this one uploaded.
+    pub(crate) fn cache_written(&self, kind: Cached, id: &Id, bytes: &[u8]) {
+        if let Some(cache) = &self.cache {
+            cache.put(kind, id, bytes);
         }
     }
 
@@ -304,7 +328,13 @@ impl Repository {
     pub fn load_index(&self) -> Result<Vec<Id>> {
         let mut index = Index::default();
         let mut names = Vec::new();
-        for (name, _) in self.backend.list(FileKind::Index)? {
+        let listed = self.backend.list(FileKind::Index)?;
+        if let Some(cache) = &self.cache {
+            // Another host's prune replaced index files: their copies go.
+            let listed: std::collections::HashSet<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
+            cache.retain(Cached::Index, |id| listed.contains(id.to_hex().as_str()));
+        }
+        for (name, _) in listed {
             match self.read_index_file(&name) {
                 Ok(file) => {
                     for pack in &file.packs {
@@ -320,6 +350,11 @@ impl Repository {
                 Err(error) => return Err(error),
             }
         }
+        if let Some(cache) = &self.cache {
+            let trees = index.tree_packs();
+            cache.retain(Cached::Pack, |id| trees.contains(id));
+            cache.trim();
+        }
         *self.index.write().expect("index lock") = index;
         Ok(names)
     }
@@ -328,10 +363,17 @@ impl Repository {
     pub fn read_index_file(&self, name: &str) -> Result<IndexFile> {
         let object = || format!("index/{name}");
         let id = Id::from_hex(name).ok_or_else(|| self.corrupt(object(), "not an index file name (64 hex digits)"))?;
-        let bytes = self.backend.read(FileKind::Index, name)?;
-        if Id::of_stored(&bytes) != id {
-            return Err(self.corrupt(object(), "its content does not match its name"));
-        }
+        let bytes = match self.cache.as_ref().and_then(|cache| cache.get(Cached::Index, &id)) {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.backend.read(FileKind::Index, name)?;
+                if Id::of_stored(&bytes) != id {
+                    return Err(self.corrupt(object(), "its content does not match its name"));
+                }
+                self.cache_written(Cached::Index, &id, &bytes);
+                bytes
+            }
+        };
         IndexFile::decode(&self.key, &bytes).map_err(|e| self.corrupt(object(), e))
     }
 
@@ -352,10 +394,16 @@ impl Repository {
         RepoError::Corrupt { location: self.location(), object, detail: detail.to_string() }
     }
 
-    /// Reads, opens, decompresses and verifies one blob.
+    /// Reads, opens, decompresses and verifies one blob (a tree from the cache's copy of its
+    /// pack when there is a cache).
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let location =
             self.index().get(id).ok_or_else(|| self.corrupt(format!("blob {}", id.short()), "not in the index"))?;
+        if let (Some(cache), crate::pack::BlobKind::Tree) = (&self.cache, location.entry.kind) {
+            if let Some(plain) = self.read_cached_tree(cache, &location) {
+                return Ok(plain);
+            }
+        }
         let sealed = self.backend.read_range(
             FileKind::Pack,
             &location.pack.to_hex(),
@@ -363,6 +411,37 @@ impl Repository {
             u64::from(location.entry.length),
         )?;
         self.open_blob(&location.pack, &location.entry, &sealed)
+    }
+
+    /// A tree from the cache's copy of its pack, downloading the whole pack (once, checked
+    /// against its name) when the cache lacks it. `None` sends the caller to the repository: a
+    /// pack that does not match its name is not kept, and a cached copy whose blob does not
+    /// open is deleted.
+    fn read_cached_tree(&self, cache: &Cache, location: &crate::index::BlobLocation) -> Option<Vec<u8>> {
+        let (pack, entry) = (&location.pack, &location.entry);
+        let (offset, length) = (u64::from(entry.offset), u64::from(entry.length));
+        if !cache.has_pack(pack) {
+            let fetching = cache.fetching(pack);
+            let _once = fetching.lock().expect("fetching lock");
+            if !cache.has_pack(pack) {
+                let bytes = self.backend.read(FileKind::Pack, &pack.to_hex()).ok()?;
+                if Id::of_stored(&bytes) != *pack {
+                    return None;
+                }
+                cache.put(Cached::Pack, pack, &bytes);
+                let sealed = bytes.get(offset as usize..(offset + length) as usize)?;
+                return self.open_blob(pack, entry, sealed).ok();
+            }
+        }
+        let sealed = cache.read_range(pack, offset, length)?;
+        match self.open_blob(pack, entry, &sealed) {
+            Ok(plain) => Some(plain),
+            Err(_) => {
+                tracing::warn!("the cached copy of pack {} is damaged; it is read from the repository", pack.short());
+                cache.remove(Cached::Pack, pack);
+                None
+            }
+        }
     }
 
     /// Opens a sealed blob read from `pack` and checks its id.
@@ -397,7 +476,13 @@ impl Repository {
     /// `versions/`) is passed over and told to the damage hook.
     pub fn versions(&self) -> Result<Vec<(Id, Version)>> {
         let mut out = Vec::new();
-        for (name, _) in self.backend.list(FileKind::Version)? {
+        let listed = self.backend.list(FileKind::Version)?;
+        if let Some(cache) = &self.cache {
+            // Forgotten elsewhere: their copies go.
+            let listed: std::collections::HashSet<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
+            cache.retain(Cached::Version, |id| listed.contains(id.to_hex().as_str()));
+        }
+        for (name, _) in listed {
             let Some(id) = Id::from_hex(&name) else {
                 self.pass_over(
                     format!("versions/{name}"),
@@ -423,6 +508,11 @@ impl Repository {
     /// One version, checked against its name: a manifest stored under another version's name
     /// is damage, never that version.
     pub fn read_version(&self, id: &Id) -> Result<Version> {
+        if let Some(bytes) = self.cache.as_ref().and_then(|cache| cache.get(Cached::Version, id)) {
+            if let Ok(version) = Version::decode(&self.key, &bytes) {
+                return Ok(version);
+            }
+        }
         let bytes = match self.backend.read(FileKind::Version, &id.to_hex()) {
             Ok(bytes) => bytes,
             Err(error) if error.kind == ErrorKind::NotFound => {
@@ -438,7 +528,9 @@ impl Repository {
         if Id::of_stored(&bytes) != *id {
             return Err(self.corrupt(object(), "its content does not match its name"));
         }
-        Version::decode(&self.key, &bytes).map_err(|e| self.corrupt(object(), e))
+        let version = Version::decode(&self.key, &bytes).map_err(|e| self.corrupt(object(), e))?;
+        self.cache_written(Cached::Version, id, &bytes);
+        Ok(version)
     }
 
     /// Finds a version by `latest` or a unique hex prefix of its id.
@@ -497,6 +589,7 @@ impl Repository {
         let bytes = version.encode(&self.key);
         let id = Id::of_stored(&bytes);
         self.backend.write(FileKind::Version, &id.to_hex(), &bytes)?;
+        self.cache_written(Cached::Version, &id, &bytes);
         Ok(id)
     }
 
@@ -509,7 +602,11 @@ impl Repository {
                 id.short()
             )));
         }
-        Ok(self.backend.remove(FileKind::Version, &id.to_hex())?)
+        self.backend.remove(FileKind::Version, &id.to_hex())?;
+        if let Some(cache) = &self.cache {
+            cache.remove(Cached::Version, id);
+        }
+        Ok(())
     }
 
     /// The protected versions: never forgotten until unprotected.

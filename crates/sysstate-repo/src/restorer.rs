@@ -11,6 +11,7 @@
 //! metadata last, deepest first, so restoring their entries does not change their times.
 
 use crate::error::{RepoError, Result};
+use crate::fetcher::{BlobSource, Fetcher};
 use crate::id::Id;
 use crate::progress::{NoProgress, Progress, Warning};
 use crate::repo::Repository;
@@ -39,7 +40,14 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Set owners (needs root; off, files belong to the restoring user).
     pub owners: bool,
+    /// Requests in flight at once to a remote repository (0: [`DEFAULT_CONNECTIONS`]).
+    pub connections: usize,
 }
+
+/// Requests in flight at once to a remote repository when the options do not say.
+pub const DEFAULT_CONNECTIONS: usize = 8;
+/// The most a restore from a remote repository fetches ahead of the files it writes.
+const FETCH_AHEAD: u64 = 64 << 20;
 
 /// Counters of a restore.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -98,6 +106,8 @@ const BATCH_BYTES: u64 = 8 << 20;
 
 struct Shared<'a> {
     repo: &'a Repository,
+    /// Reads ahead from a remote repository.
+    fetcher: Option<&'a Fetcher<'a>>,
     root: OwnedFd,
     options: &'a RestoreOptions,
     progress: &'a dyn Progress,
@@ -153,8 +163,13 @@ pub fn restore_tree(
     std::fs::create_dir_all(&options.target).map_err(|e| io(&options.target, e))?;
     let root = rustix::fs::open(&options.target, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| io(&options.target, e.into()))?;
+    // A remote repository is read ahead, many requests at once; a local one blob by blob, as
+    // the files are written.
+    let fetcher = repo.backend().is_remote().then(|| Fetcher::new(repo, FETCH_AHEAD));
+    let connections = if options.connections == 0 { DEFAULT_CONNECTIONS } else { options.connections };
     let shared = Shared {
         repo,
+        fetcher: fetcher.as_ref(),
         root,
         options,
         progress: progress.unwrap_or(&NoProgress),
@@ -171,21 +186,39 @@ pub fn restore_tree(
     let mut dirs = Vec::new();
     let mut links = Vec::new();
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<Job>(threads * 4);
-        for _ in 0..threads {
-            let (rx, shared) = (rx.clone(), &shared);
-            scope.spawn(move || {
-                let mut cached: Option<(PathBuf, OwnedFd)> = None;
-                for job in rx {
-                    for node in &job.nodes {
-                        restore_file(shared, &mut cached, &job.dir, node);
-                    }
-                }
-            });
+        if let Some(fetcher) = &fetcher {
+            for _ in 0..connections {
+                scope.spawn(move || fetcher.fetch());
+            }
         }
+        let (tx, rx) = bounded::<Job>(threads * 4);
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (rx, shared) = (rx.clone(), &shared);
+                scope.spawn(move || {
+                    let mut cached: Option<(PathBuf, OwnedFd)> = None;
+                    for job in rx {
+                        for node in &job.nodes {
+                            restore_file(shared, &mut cached, &job.dir, node);
+                        }
+                    }
+                })
+            })
+            .collect();
         drop(rx);
-        let mut walk = Walk { shared: &shared, jobs: tx, dirs: &mut dirs, links: &mut links, seen: HashMap::new() };
-        walk.tree(tree)
+        let walked =
+            Walk { shared: &shared, jobs: tx, dirs: &mut dirs, links: &mut links, seen: HashMap::new() }.tree(tree);
+        let joined: Vec<_> = workers.into_iter().map(|worker| worker.join()).collect();
+        // Every file is written: the fetchers end.
+        if let Some(fetcher) = &fetcher {
+            fetcher.close();
+        }
+        for joined in joined {
+            if let Err(panic) = joined {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        walked
     })?;
 
     for (dir, node, first) in links {
@@ -280,8 +313,10 @@ impl Walk<'_, '_> {
                     frame.batch_bytes += node.size;
                     frame.batch.push(node);
                     if frame.batch.len() >= BATCH_FILES || frame.batch_bytes >= BATCH_BYTES {
-                        let _ = self.jobs.send(Job { dir: frame.dir.clone(), nodes: std::mem::take(&mut frame.batch) });
+                        let nodes = std::mem::take(&mut frame.batch);
                         frame.batch_bytes = 0;
+                        let dir = frame.dir.clone();
+                        self.send(Job { dir, nodes });
                     }
                 }
                 _ => match make_special(self.shared.options.owners, &frame.fd, &node.name, &node) {
@@ -326,9 +361,21 @@ impl Walk<'_, '_> {
     /// directories whose metadata is set at the end.
     fn leave(&mut self, frame: Frame) {
         if !frame.batch.is_empty() {
-            let _ = self.jobs.send(Job { dir: frame.dir, nodes: frame.batch });
+            self.send(Job { dir: frame.dir, nodes: frame.batch });
         }
         self.dirs.extend(frame.leave);
+    }
+
+    /// Sends files to the writers, after telling the fetcher (if any) the blobs they will take.
+    fn send(&self, job: Job) {
+        if let Some(fetcher) = self.shared.fetcher {
+            for node in &job.nodes {
+                if let NodeKind::File(content) = &node.kind {
+                    fetcher.announce(&content.blobs);
+                }
+            }
+        }
+        let _ = self.jobs.send(job);
     }
 }
 
@@ -407,7 +454,10 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, di
             *cached = Some((dir.to_path_buf(), open_dir_beneath(&shared.root, dir)?));
         }
         let dir_fd = &cached.as_ref().expect("just set").1;
-        write_file(shared.repo, dir_fd, &node.name, node, shared.options.owners)
+        match shared.fetcher {
+            Some(fetcher) => write_file(fetcher, dir_fd, &node.name, node, shared.options.owners),
+            None => write_file(shared.repo, dir_fd, &node.name, node, shared.options.owners),
+        }
     })();
     match result {
         Ok(bytes) => {
@@ -425,13 +475,31 @@ fn restore_file(shared: &Shared<'_>, cached: &mut Option<(PathBuf, OwnedFd)>, di
 }
 
 /// Writes the file `node` as `name` in `dir` (replacing what stands there), content then metadata,
-/// and returns the bytes written.
+/// and returns the bytes written. The blobs come from `source`; those a failure leaves untaken
+/// are released.
 pub(crate) fn write_file(
-    repo: &Repository,
+    source: &dyn BlobSource,
     dir: &OwnedFd,
     name: &[u8],
     node: &Node,
     owners: bool,
+) -> std::io::Result<u64> {
+    let NodeKind::File(content) = &node.kind else { unreachable!("only files are written here") };
+    let mut taken = 0;
+    let written = write_file_taking(source, dir, name, node, owners, &mut taken);
+    if written.is_err() {
+        source.release(&content.blobs[taken.min(content.blobs.len())..]);
+    }
+    written
+}
+
+fn write_file_taking(
+    source: &dyn BlobSource,
+    dir: &OwnedFd,
+    name: &[u8],
+    node: &Node,
+    owners: bool,
+    taken: &mut usize,
 ) -> std::io::Result<u64> {
     let name_os = OsStr::from_bytes(name);
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -448,9 +516,10 @@ pub(crate) fn write_file(
     let mut file = std::fs::File::from(fd);
     let NodeKind::File(content) = &node.kind else { unreachable!("only files are written here") };
     // A file that cannot be written whole is not left under its name, half written.
-    let written = write_content(repo, &mut file, &content.blobs, content.extents.as_deref()).inspect_err(|_| {
-        let _ = rustix::fs::unlinkat(dir, name_os, AtFlags::empty());
-    })?;
+    let written =
+        write_content(source, &mut file, &content.blobs, content.extents.as_deref(), taken).inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(dir, name_os, AtFlags::empty());
+        })?;
     if written != node.size || content.extents.is_some() {
         // Holes at the end, or content that does not match the recorded size.
         file.set_len(node.size)?;
@@ -459,15 +528,19 @@ pub(crate) fn write_file(
     Ok(written)
 }
 
+/// Writes the blobs' content into `file` (at the extents' offsets when it is sparse), counting
+/// in `taken` the blobs taken from `source`.
 fn write_content(
-    repo: &Repository,
+    source: &dyn BlobSource,
     file: &mut std::fs::File,
     blobs: &[Id],
     extents: Option<&[(u64, u64)]>,
+    taken: &mut usize,
 ) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    let read = |id: &Id| {
-        repo.read_blob(id).map_err(|e| match e.code() {
+    let mut read = |id: &Id| {
+        *taken += 1;
+        source.blob(id).map_err(|e| match e.code() {
             sysstate_types::ErrorCode::RepositoryCorrupt => std::io::Error::other(DamagedData(e.to_string())),
             _ => std::io::Error::other(e.to_string()),
         })

@@ -148,6 +148,9 @@ impl<'r> BlobSaver<'r> {
     fn write_pack(&self, pack: PackBuilder) -> Result<()> {
         let (name, bytes, blobs) = pack.finish(self.repo.key());
         self.repo.backend().write(FileKind::Pack, &name.to_hex(), &bytes)?;
+        if blobs.iter().any(|blob| blob.kind == BlobKind::Tree) {
+            self.repo.cache_written(crate::cache::Cached::Pack, &name, &bytes);
+        }
         self.stats.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let batch = {
             let mut written = self.written.lock().expect("written lock");
@@ -168,6 +171,7 @@ impl<'r> BlobSaver<'r> {
         let bytes = file.encode(self.repo.key());
         let name = Id::of_stored(&bytes);
         self.repo.backend().write(FileKind::Index, &name.to_hex(), &bytes)?;
+        self.repo.cache_written(crate::cache::Cached::Index, &name, &bytes);
         self.repo.index_add(&file);
         let mut pending = self.pending.lock().expect("pending lock");
         for pack in &file.packs {

@@ -114,7 +114,7 @@ fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, cr
         return Ok(None);
     }
     let (repo, created) = super::open_or_create(backend.clone(), passphrase)?;
-    let repo = repo.with_damage_hook(job.damage_hook(request.damage.clone()));
+    let repo = super::cached(repo, &request.config)?.with_damage_hook(job.damage_hook(request.damage.clone()));
     let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;
     let host = sysstate_repo::lock::host_name();

@@ -28,19 +28,50 @@ pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
     backend::open_target(target).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))
 }
 
-/// Opens the repository at `target` and loads its index.
+/// Opens the repository at `target` and loads its index, reading the repository itself (a
+/// check or a repair: never through a cache).
 pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
     let repo = Repository::open(backend(target)?, passphrase)?;
     repo.load_index()?;
     Ok(repo)
 }
 
-/// Opens the repository at `target` and loads its index, telling `hook` each damaged file
-/// passed over (now and later).
-pub fn open_with(target: &str, passphrase: &[u8], hook: DamageHook) -> Result<Repository> {
-    let repo = Repository::open(backend(target)?, passphrase)?.with_damage_hook(hook);
+/// Opens the repository at `target`, through its local cache when it is remote (see
+/// [`cache_for`]), and loads its index, telling `hook` each damaged file passed over (now and
+/// later).
+pub fn open_with(
+    target: &str,
+    passphrase: &[u8],
+    hook: DamageHook,
+    config: &crate::config::Config,
+) -> Result<Repository> {
+    let repo = cached(Repository::open(backend(target)?, passphrase)?, config)?.with_damage_hook(hook);
     repo.load_index()?;
     Ok(repo)
+}
+
+/// The local cache for `repo` when its storage is remote and the config keeps one (see
+/// `sysstate_repo::cache`), in the state folder. A cache that cannot be made is a warning in the
+/// log: the repository is read without it.
+pub fn cache_for(repo: &Repository, config: &crate::config::Config) -> Result<Option<sysstate_repo::cache::Cache>> {
+    let Some(max_bytes) = config.cache_max_bytes()? else { return Ok(None) };
+    if !repo.backend().is_remote() {
+        return Ok(None);
+    }
+    let base = crate::paths::state_dir().join("cache");
+    match sysstate_repo::cache::Cache::open(&base, &repo.config().id, max_bytes) {
+        Ok(cache) => Ok(Some(cache)),
+        Err(error) => {
+            tracing::warn!("no local cache for `{}`: cannot make `{}`: {error}", repo.location(), base.display());
+            Ok(None)
+        }
+    }
+}
+
+/// Reads `repo` through its cache (see [`cache_for`]).
+pub fn cached(repo: Repository, config: &crate::config::Config) -> Result<Repository> {
+    let cache = cache_for(&repo, config)?;
+    Ok(repo.with_cache(cache))
 }
 
 /// Opens the repository of `backend`, or creates it when the target has none (of concurrent

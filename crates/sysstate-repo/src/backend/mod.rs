@@ -147,6 +147,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
     /// Deletes a file; a missing file is success.
     fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
+    /// True when every request is a round trip over a network (object storage): such a
+    /// repository is read through a local cache and with many requests in flight.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// The temporary files (`.tmp-*`) of writes that never finished, older than `older_than`
     /// (repository-relative paths); removed unless `dry_run`. Object stores have none: an
     /// upload is atomic.

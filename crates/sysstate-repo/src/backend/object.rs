@@ -132,6 +132,10 @@ impl Backend for ObjectBackend {
         self.url.clone()
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn create(&self) -> Result<()> {
         // Buckets and containers are made by their owner; check that this one answers.
         self.list(FileKind::Config).map(|_| ())

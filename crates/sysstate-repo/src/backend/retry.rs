@@ -36,6 +36,9 @@ impl Backend for RetryBackend {
     fn location(&self) -> String {
         self.inner.location()
     }
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
     fn create(&self) -> Result<()> {
         self.retry(|| self.inner.create())
     }

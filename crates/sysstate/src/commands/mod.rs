@@ -87,7 +87,7 @@ impl Context<'_> {
             Some(job) => job.damage_hook(Some(printed)),
             None => printed,
         };
-        Ok(sysstate_engine::ops::open_with(&self.target, &self.passphrase()?, hook)?
+        Ok(sysstate_engine::ops::open_with(&self.target, &self.passphrase()?, hook, &self.config)?
             .without_lock(self.cli.global.no_lock))
     }
 
@@ -99,7 +99,7 @@ impl Context<'_> {
     }
 
     /// Opens the target's repository with its index loaded, for a command that reports damage
-    /// itself (`check`).
+    /// itself (`check`, `repair`): read from the repository itself, never through the cache.
     fn open_unhooked(&self) -> Result<Repository> {
         Ok(sysstate_engine::ops::open(&self.target, &self.passphrase()?)?.without_lock(self.cli.global.no_lock))
     }

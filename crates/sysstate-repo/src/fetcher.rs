@@ -1,0 +1,284 @@
+//! Reads that fit a remote medium: the blobs a restore is about to need, announced in the order
+//! it will need them, fetched ahead by a few threads with one ranged request per run of
+//! neighbouring blobs of a pack (a whole pack when most of it is wanted), opened and checked,
+//! and handed out as they are asked for. Downloading, opening and writing overlap; what is
+//! fetched but not yet taken is bounded.
+//!
+//! A blob whose fetch failed, or that was never announced, is read the ordinary way
+//! ([`Repository::read_blob`]) when it is taken, so a failure is reported exactly as without
+//! the fetcher (damage stays damage, naming the blob and pack).
+
+use crate::error::Result;
+use crate::id::Id;
+use crate::repo::Repository;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Neighbouring blobs of a pack whose gap is at most this are read with one request: a gap
+/// costs less to read than a round trip does.
+const COALESCE_GAP: u64 = 512 * 1024;
+/// With the blob first in line, the fetch takes the blobs of its pack announced up to this many
+/// places behind it.
+const LOOKAHEAD: u64 = 4096;
+
+/// Where blobs come from when files are written: the repository itself, or a [`Fetcher`] that
+/// reads ahead.
+pub trait BlobSource: Sync {
+    /// Blob `id`, opened and checked.
+    fn blob(&self, id: &Id) -> Result<Vec<u8>>;
+    /// The blobs announced that will not be taken after all (a file given up).
+    fn release(&self, ids: &[Id]) {
+        let _ = ids;
+    }
+}
+
+impl BlobSource for Repository {
+    fn blob(&self, id: &Id) -> Result<Vec<u8>> {
+        self.read_blob(id)
+    }
+}
+
+/// A blob fetched and not yet taken as often as it was announced.
+#[derive(Debug)]
+enum Fetched {
+    /// Opened and checked.
+    Ready(Arc<Vec<u8>>),
+    /// Its fetch failed: taking it reads it the ordinary way, which reports the failure.
+    Failed,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Announced, not yet fetched, in order of need: sequence → (blob, pack).
+    queue: BTreeMap<u64, (Id, Id)>,
+    /// The same, by blob and by pack.
+    queued: HashMap<Id, u64>,
+    by_pack: HashMap<Id, BTreeSet<u64>>,
+    /// Where each announced blob stands and how often it is still wanted.
+    wanted: HashMap<Id, usize>,
+    /// Being fetched.
+    in_flight: HashSet<Id>,
+    /// Fetched, waiting to be taken.
+    fetched: HashMap<Id, Fetched>,
+    /// Bytes fetched or being fetched and not yet taken.
+    ahead: u64,
+    /// Takers waiting for a blob still in the queue: the fetchers go on past the bound for
+    /// them (what is ahead may be blobs only later files take).
+    starving: usize,
+    next: u64,
+    closed: bool,
+}
+
+/// Reads blobs ahead for a restore. Use: [`announce`](Self::announce) each file's blobs before
+/// it is written, run [`fetch`](Self::fetch) on a few threads, [`blob`](BlobSource::blob) to take
+/// them, [`close`](Self::close) when no file is left to write.
+#[derive(Debug)]
+pub struct Fetcher<'r> {
+    repo: &'r Repository,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// The most fetched ahead and not yet taken.
+    limit: u64,
+}
+
+impl<'r> Fetcher<'r> {
+    /// A fetcher for `repo` (its index loaded) that keeps at most `limit` bytes ahead.
+    pub fn new(repo: &'r Repository, limit: u64) -> Self {
+        Fetcher { repo, state: Mutex::default(), changed: Condvar::new(), limit }
+    }
+
+    /// The blobs of a file about to be written, in order.
+    pub fn announce(&self, ids: &[Id]) {
+        let index = self.repo.index();
+        let mut state = self.state.lock().expect("fetcher lock");
+        for id in ids {
+            // A blob the index lacks is not fetched: taking it reads it, which reports it.
+            let Some(location) = index.get(id) else { continue };
+            let wanted = state.wanted.entry(*id).or_insert(0);
+            *wanted += 1;
+            if *wanted > 1 {
+                continue; // queued, in flight or fetched already: one fetch serves every use
+            }
+            let sequence = state.next;
+            state.next += 1;
+            state.queue.insert(sequence, (*id, location.pack));
+            state.queued.insert(*id, sequence);
+            state.by_pack.entry(location.pack).or_default().insert(sequence);
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// No more will be announced or taken: the fetchers end once their requests are done.
+    pub fn close(&self) {
+        let mut state = self.state.lock().expect("fetcher lock");
+        state.closed = true;
+        state.queue.clear();
+        state.queued.clear();
+        state.by_pack.clear();
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// A fetcher thread's work: until [`close`](Self::close), take the blob first in line and
+    /// the blobs of its pack announced soon after it, read them with as few ranged requests as
+    /// their gaps allow, open them and hand them out.
+    pub fn fetch(&self) {
+        while let Some((pack, blobs)) = self.next_batch() {
+            for run in coalesce(blobs) {
+                self.fetch_run(&pack, run);
+            }
+        }
+    }
+
+    /// The next pack to read from and its blobs, sorted by offset; `None` when closed.
+    fn next_batch(&self) -> Option<(Id, Vec<(Id, crate::pack::PackEntry)>)> {
+        let mut state = self.state.lock().expect("fetcher lock");
+        loop {
+            if state.closed {
+                return None;
+            }
+            if !state.queue.is_empty() && (state.ahead < self.limit || state.starving > 0) {
+                break;
+            }
+            state = self.changed.wait(state).expect("fetcher lock");
+        }
+        let (&first, &(_, pack)) = state.queue.iter().next().expect("not empty");
+        let sequences: Vec<u64> = state.by_pack[&pack].range(first..first + LOOKAHEAD).copied().collect();
+        let index = self.repo.index();
+        let mut blobs = Vec::with_capacity(sequences.len());
+        for sequence in sequences {
+            let (id, _) = state.queue.remove(&sequence).expect("queued");
+            state.queued.remove(&id);
+            let entry = index.get(&id).expect("announced blobs are indexed").entry;
+            state.ahead += u64::from(entry.length);
+            state.in_flight.insert(id);
+            blobs.push((id, entry));
+        }
+        let State { queue, by_pack, .. } = &mut *state;
+        let left = by_pack.get_mut(&pack).expect("queued");
+        left.retain(|sequence| queue.contains_key(sequence));
+        if left.is_empty() {
+            by_pack.remove(&pack);
+        }
+        blobs.sort_by_key(|(_, entry)| entry.offset);
+        Some((pack, blobs))
+    }
+
+    /// Reads one run of neighbouring blobs with one request and hands each out.
+    fn fetch_run(&self, pack: &Id, run: Vec<(Id, crate::pack::PackEntry)>) {
+        let start = u64::from(run[0].1.offset);
+        let end = run.iter().map(|(_, e)| u64::from(e.offset) + u64::from(e.length)).max().expect("a run has blobs");
+        let read = self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
+        let mut opened = Vec::with_capacity(run.len());
+        for (id, entry) in &run {
+            let fetched = match &read {
+                Ok(bytes) => {
+                    let at = (u64::from(entry.offset) - start) as usize;
+                    let sealed = &bytes[at..at + entry.length as usize];
+                    match self.repo.open_blob(pack, entry, sealed) {
+                        Ok(plain) => Fetched::Ready(Arc::new(plain)),
+                        Err(_) => Fetched::Failed,
+                    }
+                }
+                Err(_) => Fetched::Failed,
+            };
+            opened.push((*id, u64::from(entry.length), fetched));
+        }
+        let mut state = self.state.lock().expect("fetcher lock");
+        for (id, length, fetched) in opened {
+            state.in_flight.remove(&id);
+            if state.wanted.contains_key(&id) {
+                state.fetched.insert(id, fetched);
+            } else {
+                state.ahead -= length; // released while it was fetched
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// One use of `id` is over: the blob goes once its last use is.
+    fn used(&self, state: &mut State, id: &Id) -> bool {
+        let Some(wanted) = state.wanted.get_mut(id) else { return false };
+        *wanted -= 1;
+        if *wanted > 0 {
+            return false;
+        }
+        state.wanted.remove(id);
+        let index = self.repo.index();
+        let length = index.get(id).map_or(0, |location| u64::from(location.entry.length));
+        if state.fetched.remove(id).is_some() {
+            state.ahead -= length;
+        } else if let Some(sequence) = state.queued.remove(id) {
+            // Still queued: it need not be fetched at all.
+            if let Some((_, pack)) = state.queue.remove(&sequence) {
+                if let Some(left) = state.by_pack.get_mut(&pack) {
+                    left.remove(&sequence);
+                    if left.is_empty() {
+                        state.by_pack.remove(&pack);
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+impl BlobSource for Fetcher<'_> {
+    fn blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let mut state = self.state.lock().expect("fetcher lock");
+        let mut waiting = false;
+        let found = loop {
+            match state.fetched.get(id) {
+                Some(Fetched::Ready(data)) => break Some(data.clone()),
+                Some(Fetched::Failed) => break None,
+                None if state.in_flight.contains(id) => {}
+                None if !state.queued.contains_key(id) => break None,
+                None if !waiting => {
+                    // Queued: ask the fetchers to go on for it whatever is ahead.
+                    waiting = true;
+                    state.starving += 1;
+                    self.changed.notify_all();
+                }
+                None => {}
+            }
+            state = self.changed.wait(state).expect("fetcher lock");
+        };
+        if waiting {
+            state.starving -= 1;
+        }
+        self.used(&mut state, id);
+        drop(state);
+        self.changed.notify_all();
+        match found {
+            // The last use takes the bytes without a copy.
+            Some(data) => Ok(Arc::try_unwrap(data).unwrap_or_else(|shared| (*shared).clone())),
+            None => self.repo.read_blob(id),
+        }
+    }
+
+    fn release(&self, ids: &[Id]) {
+        let mut state = self.state.lock().expect("fetcher lock");
+        for id in ids {
+            self.used(&mut state, id);
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+}
+
+/// Splits blobs sorted by offset into runs whose gaps are at most [`COALESCE_GAP`].
+fn coalesce(blobs: Vec<(Id, crate::pack::PackEntry)>) -> Vec<Vec<(Id, crate::pack::PackEntry)>> {
+    let mut runs: Vec<Vec<(Id, crate::pack::PackEntry)>> = Vec::new();
+    let mut end = 0u64;
+    for (id, entry) in blobs {
+        let offset = u64::from(entry.offset);
+        match runs.last_mut() {
+            Some(run) if offset <= end + COALESCE_GAP => run.push((id, entry)),
+            _ => runs.push(vec![(id, entry)]),
+        }
+        end = end.max(offset + u64::from(entry.length));
+    }
+    runs
+}
