@@ -65,9 +65,17 @@ struct State {
     /// Takers waiting for a blob still in the queue: the fetchers go on past the bound for
     /// them (what is ahead may be blobs only later files take).
     starving: usize,
+    /// Sealed bytes announced and not yet fetched.
+    queued_bytes: u64,
+    /// Fetching has begun (see [`Fetcher::start`]).
+    started: bool,
     next: u64,
     closed: bool,
 }
+
+/// Fetching begins once this much is announced, or when [`Fetcher::start`] is called: reading
+/// the first blobs the moment they are announced would read each pack a few blobs at a time.
+const START_BYTES: u64 = 32 << 20;
 
 /// Reads blobs ahead for a restore. Use: [`announce`](Self::announce) each file's blobs before
 /// it is written, run [`fetch`](Self::fetch) on a few threads, [`blob`](BlobSource::blob) to take
@@ -101,11 +109,19 @@ impl<'r> Fetcher<'r> {
             }
             let sequence = state.next;
             state.next += 1;
+            state.queued_bytes += u64::from(location.entry.length);
             state.queue.insert(sequence, (*id, location.pack));
             state.queued.insert(*id, sequence);
             state.by_pack.entry(location.pack).or_default().insert(sequence);
         }
         drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Lets the fetchers begin before [`START_BYTES`] are announced: the walk is over, or it
+    /// waits for the writers.
+    pub fn start(&self) {
+        self.state.lock().expect("fetcher lock").started = true;
         self.changed.notify_all();
     }
 
@@ -138,7 +154,10 @@ impl<'r> Fetcher<'r> {
             if state.closed {
                 return None;
             }
-            if !state.queue.is_empty() && (state.ahead < self.limit || state.starving > 0) {
+            if state.queued_bytes >= START_BYTES {
+                state.started = true;
+            }
+            if state.started && !state.queue.is_empty() && (state.ahead < self.limit || state.starving > 0) {
                 break;
             }
             state = self.changed.wait(state).expect("fetcher lock");
@@ -152,6 +171,7 @@ impl<'r> Fetcher<'r> {
             state.queued.remove(&id);
             let entry = index.get(&id).expect("announced blobs are indexed").entry;
             state.ahead += u64::from(entry.length);
+            state.queued_bytes -= u64::from(entry.length);
             state.in_flight.insert(id);
             blobs.push((id, entry));
         }
@@ -212,6 +232,7 @@ impl<'r> Fetcher<'r> {
             state.ahead -= length;
         } else if let Some(sequence) = state.queued.remove(id) {
             // Still queued: it need not be fetched at all.
+            state.queued_bytes -= length;
             if let Some((_, pack)) = state.queue.remove(&sequence) {
                 if let Some(left) = state.by_pack.get_mut(&pack) {
                     left.remove(&sequence);

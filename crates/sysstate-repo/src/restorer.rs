@@ -191,7 +191,9 @@ pub fn restore_tree(
                 scope.spawn(move || fetcher.fetch());
             }
         }
-        let (tx, rx) = bounded::<Job>(threads * 4);
+        // From a remote repository the walk runs far ahead of the writers, so that the fetcher
+        // sees most of what each pack is wanted for before it reads it.
+        let (tx, rx) = bounded::<Job>(if fetcher.is_some() { 1024 } else { threads * 4 });
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let (rx, shared) = (rx.clone(), &shared);
@@ -208,6 +210,9 @@ pub fn restore_tree(
         drop(rx);
         let walked =
             Walk { shared: &shared, jobs: tx, dirs: &mut dirs, links: &mut links, seen: HashMap::new() }.tree(tree);
+        if let Some(fetcher) = &fetcher {
+            fetcher.start();
+        }
         let joined: Vec<_> = workers.into_iter().map(|worker| worker.join()).collect();
         // Every file is written: the fetchers end.
         if let Some(fetcher) = &fetcher {
@@ -366,16 +371,22 @@ impl Walk<'_, '_> {
         self.dirs.extend(frame.leave);
     }
 
-    /// Sends files to the writers, after telling the fetcher (if any) the blobs they will take.
+    /// Sends files to the writers, after telling the fetcher (if any) the blobs they will take;
+    /// when the writers are that far behind, the fetcher begins.
     fn send(&self, job: Job) {
-        if let Some(fetcher) = self.shared.fetcher {
-            for node in &job.nodes {
-                if let NodeKind::File(content) = &node.kind {
-                    fetcher.announce(&content.blobs);
-                }
+        let Some(fetcher) = self.shared.fetcher else {
+            let _ = self.jobs.send(job);
+            return;
+        };
+        for node in &job.nodes {
+            if let NodeKind::File(content) = &node.kind {
+                fetcher.announce(&content.blobs);
             }
         }
-        let _ = self.jobs.send(job);
+        if let Err(crossbeam_channel::TrySendError::Full(job)) = self.jobs.try_send(job) {
+            fetcher.start();
+            let _ = self.jobs.send(job);
+        }
     }
 }
 

@@ -170,6 +170,7 @@ pub fn run<T: JobOutput>(
     work: impl FnOnce(&Job<'_>) -> Result<T>,
 ) -> Result<T> {
     let id = store.start(kind, target, components)?;
+    let requests_before = sysstate_repo::backend::RequestCounts::now();
     let job = Job {
         store,
         id: id.clone(),
@@ -189,6 +190,17 @@ pub fn run<T: JobOutput>(
             .with_resolution("run the job again; if it happens again, report it with the job's log"))
     });
     job.progress.flush();
+    // What the storage cost, and whether passing faults were hidden by retries.
+    let requests = sysstate_repo::backend::RequestCounts::now().since(requests_before);
+    if requests.requests > 0 {
+        store.log(
+            &id,
+            &format!(
+                "storage: {} requests, {} of them tried again after a passing fault",
+                requests.requests, requests.retried
+            ),
+        );
+    }
     match &result {
         Ok(output) => {
             let failure = output.failure();

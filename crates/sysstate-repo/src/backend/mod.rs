@@ -14,7 +14,7 @@ pub mod testing;
 
 pub use local::LocalBackend;
 pub use object::ObjectBackend;
-pub use retry::RetryBackend;
+pub use retry::{RequestCounts, RetryBackend};
 
 use std::fmt;
 use std::sync::Arc;

@@ -35,22 +35,27 @@ impl ObjectBackend {
         if bucket.is_empty() {
             return Err(fail("the URL names no bucket or container".into()));
         }
+        // Retries are `RetryBackend`'s, which counts them: the client's own would be silent.
+        let no_retries = object_store::RetryConfig { max_retries: 0, ..Default::default() };
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(no_retries)
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
             "az" | "azure" => Arc::new(
                 object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(bucket)
+                    .with_retry(no_retries)
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
             "gs" => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(no_retries)
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
@@ -118,6 +123,10 @@ fn classify_message(message: &str) -> ErrorKind {
     } else if lower.contains("timed out")
         || lower.contains("error sending request")
         || lower.contains("connection reset")
+        // A body cut short (a connection closed or reset while it was read).
+        || lower.contains("error decoding response body")
+        || lower.contains("connection closed before message completed")
+        || lower.contains("unexpected eof")
         || status("503")
         || status("500")
     {
@@ -234,5 +243,10 @@ mod tests {
         assert_eq!(classify_message("Generic S3 error: Received redirect without LOCATION, this normally indicates an incorrectly configured region: status 403 Forbidden"), ErrorKind::Permission);
         assert_eq!(classify_message("Error after 2 retries in 1.5003s, max_retries:10, retry_timeout:180s, source:HTTP status server error (503 Service Unavailable)"), ErrorKind::Transient);
         assert_eq!(classify_message("source: NoSuchBucket: the bucket does not exist"), ErrorKind::Unavailable);
+        // Seen through the fault proxy: a body cut in half.
+        assert_eq!(
+            classify_message("Generic S3 error: Error after 0 retries in 2.416914ms, max_retries:0, retry_timeout:180s, source:error decoding response body"),
+            ErrorKind::Transient
+        );
     }
 }

@@ -1,27 +1,62 @@
 use super::{Backend, ErrorKind, FileKind, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Retries transient failures with exponential backoff (0.1 s, 0.2 s, … up to 5 tries).
+/// Retries transient failures with exponential backoff (0.1 s, 0.2 s, … 3.2 s: 7 tries over
+/// about 6 s), and counts requests and retries so that a job can say how many there were: a
+/// retry that succeeds is not silent (see [`RequestCounts`]). The object store client's own
+/// retries are off, so every retry is one of these.
 #[derive(Debug)]
 pub struct RetryBackend {
     inner: Arc<dyn Backend>,
     tries: u32,
 }
 
+/// Requests made to every repository's storage by this process, and how many were tries again
+/// after a passing fault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// Requests, each try counted.
+    pub requests: u64,
+    /// Of them, tries again after a passing fault.
+    pub retried: u64,
+}
+
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static RETRIED: AtomicU64 = AtomicU64::new(0);
+
+impl RequestCounts {
+    /// The counts so far (a job takes them when it starts and when it ends; the difference is
+    /// its own while it is the process's only job).
+    pub fn now() -> RequestCounts {
+        RequestCounts { requests: REQUESTS.load(Ordering::Relaxed), retried: RETRIED.load(Ordering::Relaxed) }
+    }
+
+    /// What was counted since `earlier`.
+    pub fn since(self, earlier: RequestCounts) -> RequestCounts {
+        RequestCounts {
+            requests: self.requests.saturating_sub(earlier.requests),
+            retried: self.retried.saturating_sub(earlier.retried),
+        }
+    }
+}
+
 impl RetryBackend {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Backend>) -> Self {
-        RetryBackend { inner, tries: 5 }
+        RetryBackend { inner, tries: 7 }
     }
 
     fn retry<T>(&self, mut operation: impl FnMut() -> Result<T>) -> Result<T> {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             match operation() {
                 Err(error) if error.kind == ErrorKind::Transient && attempt < self.tries => {
-                    tracing::warn!(%error, attempt, "transient backend error, retrying");
+                    tracing::warn!("a passing fault, tried again in {} ms (try {attempt}): {error}", delay.as_millis());
+                    RETRIED.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(delay);
                     delay *= 2;
                     attempt += 1;

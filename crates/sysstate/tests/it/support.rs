@@ -29,6 +29,8 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
     pub target: String,
     pub passphrase: Option<String>,
+    /// More environment for every command (an object store's endpoint through a proxy).
+    pub env: Vec<(String, String)>,
 }
 
 impl Sandbox {
@@ -36,7 +38,7 @@ impl Sandbox {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.toml"), "").unwrap();
         let target = dir.path().join("repo").display().to_string();
-        Sandbox { dir, target, passphrase: Some("correct horse".into()) }
+        Sandbox { dir, target, passphrase: Some("correct horse".into()), env: Vec::new() }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -53,6 +55,7 @@ impl Sandbox {
             .env_remove("SYSSTATE_ROOT")
             .env_remove("SYSSTATE_FAILPOINT_KILL_AFTER_WRITES")
             .stdin(std::process::Stdio::null());
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         if !args.contains(&"--target") {
             command.args(["--target", &self.target]);
         }
