@@ -101,6 +101,65 @@ def du_bytes(path):
     return int(run(["du", "-sb", "--apparent-size", str(path)]).split()[0])
 
 
+class Store:
+    """Where the repositories live: this machine's disk (`local`), Garage (`s3`) or Azurite
+    (`azure`), both on 127.0.0.1 from `scripts/services.sh` (its environment must be loaded:
+    `eval "$(scripts/services.sh)"`). Each round's repositories get a new prefix, so nothing
+    is reused; what a run leaves in the object store stays there."""
+
+    def __init__(self, kind, work):
+        self.kind, self.work = kind, work
+        if kind == "s3":
+            url = os.environ.get("SYSSTATE_TEST_S3_URL")
+            endpoint = os.environ.get("AWS_ENDPOINT")
+            if not url or not endpoint:
+                raise SystemExit("--store s3 needs the environment of scripts/services.sh (SYSSTATE_TEST_S3_URL, AWS_ENDPOINT)")
+            self.bucket, self.endpoint = url.split("://", 1)[1].split("/")[0], endpoint.rstrip("/")
+        elif kind == "azure":
+            url = os.environ.get("SYSSTATE_TEST_AZURE_URL")
+            if not url:
+                raise SystemExit("--store azure needs the environment of scripts/services.sh (SYSSTATE_TEST_AZURE_URL)")
+            self.container = url.split("://", 1)[1].split("/")[0]
+        self.run_tag = f"bench-{int(time.time())}"
+
+    def supports(self, tool):
+        """restic 0.14 and rustic reach Garage; none of the peers reaches Azurite's endpoint."""
+        return self.kind == "local" or tool == "sysstate" or (self.kind == "s3" and tool in ("restic", "rustic"))
+
+    def repo(self, tool, tag):
+        """The repository of `tool` for round `tag`, as the tool takes it."""
+        if self.kind == "local":
+            return self.work / "repos" / tool
+        prefix = f"{self.run_tag}/{tag}/{tool}"
+        if self.kind == "azure":
+            return f"az://{self.container}/{prefix}"
+        if tool == "sysstate":
+            return f"s3://{self.bucket}/{prefix}"
+        if tool == "restic":
+            return f"s3:{self.endpoint}/{self.bucket}/{prefix}"
+        return ObjectRepo("opendal:s3", {"bucket": self.bucket, "root": f"/{prefix}", "endpoint": self.endpoint,
+                                         "region": os.environ.get("AWS_REGION", "garage"),
+                                         "access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
+                                         "secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"]})
+
+    def remove(self, repo):
+        if self.kind == "local":
+            shutil.rmtree(repo, ignore_errors=True)
+
+    def size(self, repo):
+        """Bytes of the repository, on local disk only (None on an object store)."""
+        return du_bytes(repo) if self.kind == "local" else None
+
+
+class ObjectRepo(str):
+    """A repository given as a name and options (rustic's OpenDAL backends)."""
+
+    def __new__(cls, name, options):
+        made = super().__new__(cls, name)
+        made.options = options
+        return made
+
+
 # ---------------------------------------------------------------------------------------------
 # The tools
 
@@ -217,14 +276,33 @@ class Rustic(Restic):
             "HOME": str(self.work / "home"),  # no profile from the user's config
         }
 
+    def repo_args(self, repo):
+        """`-r REPO`; a repository with options (OpenDAL's S3) is given by the default profile,
+        `$HOME/.config/rustic/rustic.toml`, as rustic takes no options on its command line."""
+        options = getattr(repo, "options", None)
+        if not options:
+            return ["-r", str(repo)]
+        profile = self.work / "home" / ".config" / "rustic" / "rustic.toml"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["[repository]", f'repository = "{repo}"', "[repository.options]"]
+        lines += [f'{key} = "{value}"' for key, value in options.items()]
+        profile.write_text("\n".join(lines) + "\n")
+        return []
+
+    def init(self, repo):
+        return [self.binary, *self.repo_args(repo), "init"]
+
     def backup(self, repo, corpus):
-        return [self.binary, "-r", str(repo), "backup", "--host", "bench", str(corpus)], None
+        return [self.binary, *self.repo_args(repo), "backup", "--host", "bench", str(corpus)], None
 
     def restore(self, repo, dest):
-        return [self.binary, "-r", str(repo), "restore", "latest", str(dest)], None
+        return [self.binary, *self.repo_args(repo), "restore", "latest", str(dest)], None
+
+    def verify(self, repo):
+        return [self.binary, *self.repo_args(repo), "check", "--read-data"], None
 
     def reindex(self, repo):
-        return [self.binary, "-r", str(repo), "repair", "index"], None
+        return [self.binary, *self.repo_args(repo), "repair", "index"], None
 
     def version(self):
         return run([self.binary, "--version"]).strip()
@@ -414,7 +492,7 @@ def rotate(items, by):
     return items[by:] + items[:by]
 
 
-def run_corpus(name, corpus, tools, rounds, work):
+def run_corpus(name, corpus, tools, rounds, work, store):
     """All phases for all tools on one corpus; returns {tool: {phase: [Measurement]}, ...}."""
     results = {t.name: {p: [] for p in PHASES} for t in tools}
     sizes = {t.name: {"first": [], "final": []} for t in tools}
@@ -424,11 +502,11 @@ def run_corpus(name, corpus, tools, rounds, work):
     run(["tar", "-cf", "/dev/null", "-C", str(corpus.parent), corpus.name])  # warm the page cache
     for r in range(rounds):
         order = rotate(tools, r)
-        repos = {t.name: work / "repos" / t.name for t in tools}
+        repos = {t.name: store.repo(t.name, f"{name}-{r + 1}") for t in tools}
         logs = work / "logs" / name / f"round{r + 1}"
         logs.mkdir(parents=True, exist_ok=True)
         for tool in order:
-            shutil.rmtree(repos[tool.name], ignore_errors=True)
+            store.remove(repos[tool.name])
             shutil.rmtree(tool.work, ignore_errors=True)
             tool.prepare(corpus)
             init = tool.init(repos[tool.name])
@@ -447,14 +525,14 @@ def run_corpus(name, corpus, tools, rounds, work):
 
         phase("first", lambda t: t.backup(repos[t.name], corpus))
         for tool in tools:
-            sizes[tool.name]["first"].append(du_bytes(repos[tool.name]))
+            sizes[tool.name]["first"].append(store.size(repos[tool.name]))
         phase("nochange", lambda t: t.backup(repos[t.name], corpus))
         change = Change(corpus, seed=r + 1, keep=work / "change-kept")
         counts = change.apply()
         log(f"   change: {counts}")
         phase("changed", lambda t: t.backup(repos[t.name], corpus))
         for tool in tools:
-            sizes[tool.name]["final"].append(du_bytes(repos[tool.name]))
+            sizes[tool.name]["final"].append(store.size(repos[tool.name]))
         targets = {t.name: restore_fs(work, t.name, size) for t in tools}
         dests = {name: fs.mount / "restore" for name, fs in targets.items()}
         phase("restore", lambda t: t.restore(repos[t.name], dests[t.name]))
@@ -467,7 +545,8 @@ def run_corpus(name, corpus, tools, rounds, work):
         phase("reindex", lambda t: t.reindex(repos[t.name]))
         change.undo()
         for repo in repos.values():
-            shutil.rmtree(repo, ignore_errors=True)
+            store.remove(repo)
+    sizes = {tool: kept for tool, kept in sizes.items() if None not in kept["first"]}
     return summarize(results, sizes, {"bytes": size, "files": files})
 
 
@@ -706,9 +785,12 @@ def table(results):
         cells = []
         for tool in tools:
             e = res["tools"][tool]
+            if "repo_bytes_first" not in e:
+                continue
             ratio = f" ({e['repo_vs_restic']:.3f}×)" if "repo_vs_restic" in e and tool != "restic" else ""
             cells.append(f"{e['repo_bytes_first'] / 1e6:.1f} MB{ratio} / {e['repo_bytes_final'] / 1e6:.1f} MB")
-        lines.append("| repository (first / after 3 backups) | " + " | ".join(cells) + " |")
+        if cells:
+            lines.append("| repository (first / after 3 backups) | " + " | ".join(cells) + " |")
     if results.get("scaling"):
         curves = results["scaling"]["curves"]
         lines.append("\n**scaling** — generated small files, one round each\n")
@@ -749,9 +831,10 @@ def targets(results):
             rss += [(tools["sysstate"][p]["rss_vs_restic"], f"{count} files {p}") for p in tools["sysstate"]]
     got, where = max(rss, key=lambda v: v[0])
     out.append(("peak memory ≤ restic's in every phase", f"worst {got:.2f}× restic's ({where})", got <= 1.0))
-    got, where = max(((tools["sysstate"]["repo_vs_restic"], name) for name, tools in corpora.items()),
-                     key=lambda v: abs(v[0] - 1))
-    out.append(("repository within 5% of restic's", f"{got:.3f}× ({where})", abs(got - 1) <= 0.05))
+    sized = [(tools["sysstate"]["repo_vs_restic"], name) for name, tools in corpora.items() if "repo_vs_restic" in tools["sysstate"]]
+    if sized:
+        got, where = max(sized, key=lambda v: abs(v[0] - 1))
+        out.append(("repository within 5% of restic's", f"{got:.3f}× ({where})", abs(got - 1) <= 0.05))
     return out
 
 
@@ -765,6 +848,8 @@ def main():
     parser.add_argument("--scaling", default="50000,150000,500000", help="file counts of the scaling run ('' for none)")
     parser.add_argument("--scaling-tool", action="append", choices=TOOLS, help="(repeat) default: sysstate, restic")
     parser.add_argument("--fs", default="btrfs", choices=["btrfs", "xfs", "ext4"], help="the corpora's filesystem")
+    parser.add_argument("--store", default="local", choices=["local", "s3", "azure"],
+                        help="where repositories live: local disk, Garage or Azurite (scripts/services.sh)")
     parser.add_argument("--sysstate", type=Path, help="a sysstate binary (default: build target/release/sysstate)")
     parser.add_argument("--out", type=Path, help="the JSON report (default: WORK/results.json)")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
@@ -785,8 +870,13 @@ def main():
         args.corpus = args.corpus or ["large"]
         args.tool = args.tool or ["sysstate", "restic"]
         args.scaling_tool = ["sysstate", "restic"]
+    store = Store(args.store, args.work)
     names = args.tool or TOOLS
     names = ["sysstate"] + [n for n in names if n != "sysstate"]
+    skipped = [n for n in names if not store.supports(n)]
+    if skipped:
+        log(f"not on {args.store}: {', '.join(skipped)} (cannot reach it)")
+        names = [n for n in names if store.supports(n)]
     install_peers(set(names) | set(args.scaling_tool or []))
     binary = args.sysstate or build_sysstate()
 
@@ -811,6 +901,7 @@ def main():
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["bench/run", *sys.argv[1:]]),
             "machine": machine_info(args.fs),
+            "store": args.store,
             "versions": {t.name: t.version() for t in tools},
             "rounds": args.rounds,
             "corpora": {},
@@ -819,7 +910,7 @@ def main():
             corpus = fs.mount / name / "data"
             log(f"building the {name} corpus")
             CORPORA[name](corpus, args.scale)
-            results["corpora"][name] = run_corpus(name, corpus, tools, args.rounds, work)
+            results["corpora"][name] = run_corpus(name, corpus, tools, args.rounds, work, store)
             shutil.rmtree(corpus.parent)
             out.write_text(json.dumps(results, indent=2) + "\n")  # what is measured is kept
         counts = [int(c) for c in args.scaling.split(",") if c]
@@ -856,7 +947,7 @@ def update_docs(results, report):
     header = (
         f"Run on {results['date'][:10]} with `{results['command']}` on {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}; corpora on {m['corpus_filesystem']}, "
-        f"repositories on {m['repository_filesystem']}. Versions: "
+        f"repositories on {m['repository_filesystem'] if results.get('store', 'local') == 'local' else results['store'] + ' (127.0.0.1)'}. Versions: "
         + "; ".join(f"{k} `{v}`" for k, v in results["versions"].items())
         + ".\nEach cell: median wall time (speed-up over restic), median peak RSS.\n"
     )

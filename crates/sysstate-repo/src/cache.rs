@@ -55,6 +55,8 @@ pub struct Cache {
     fetching: Mutex<HashMap<Id, Arc<Mutex<()>>>>,
     /// Packs whose time of use was refreshed by this process (once is enough for the order).
     touched: Mutex<HashSet<Id>>,
+    /// A scratch cache's own folder, deleted when it is dropped.
+    scratch: Option<PathBuf>,
 }
 
 const TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
@@ -75,7 +77,17 @@ impl Cache {
         if !tag.exists() {
             std::fs::write(&tag, TAG)?;
         }
-        Ok(Cache { dir, max_bytes, fetching: Mutex::default(), touched: Mutex::default() })
+        Ok(Cache { dir, max_bytes, fetching: Mutex::default(), touched: Mutex::default(), scratch: None })
+    }
+
+    /// A cache for one command that must read the repository itself (a check, a repair): it
+    /// starts empty under `base`, so all it holds was read from the repository by this command
+    /// (and checked against its name), and it is deleted when dropped.
+    pub fn scratch(base: &Path, repository: &Id) -> std::io::Result<Cache> {
+        let folder = base.join(format!("scratch-{}", Id::random().short()));
+        let mut cache = Cache::open(&folder, repository, u64::MAX)?;
+        cache.scratch = Some(folder);
+        Ok(cache)
     }
 
     /// Where the cache of this repository lives.
@@ -207,6 +219,14 @@ impl Cache {
             }
         }
         out
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if let Some(folder) = &self.scratch {
+            let _ = std::fs::remove_dir_all(folder);
+        }
     }
 }
 

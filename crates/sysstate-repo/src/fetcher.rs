@@ -21,6 +21,9 @@ const COALESCE_GAP: u64 = 512 * 1024;
 /// places behind it.
 const LOOKAHEAD: u64 = 4096;
 
+/// A pack's blobs to fetch, sorted by offset, and whether the fetch goes past the bound.
+type Batch = (Id, Vec<(Id, crate::pack::PackEntry)>, bool);
+
 /// Where blobs come from when files are written: the repository itself, or a [`Fetcher`] that
 /// reads ahead.
 pub trait BlobSource: Sync {
@@ -60,11 +63,13 @@ struct State {
     in_flight: HashSet<Id>,
     /// Fetched, waiting to be taken.
     fetched: HashMap<Id, Fetched>,
-    /// Bytes fetched or being fetched and not yet taken.
+    /// Bytes (of plaintext) fetched or being fetched and not yet taken.
     ahead: u64,
-    /// Takers waiting for a blob still in the queue: the fetchers go on past the bound for
-    /// them (what is ahead may be blobs only later files take).
+    /// Takers waiting for a blob still in the queue: one fetch at a time goes on past the bound
+    /// for them (what is ahead may be blobs only later files take).
     starving: usize,
+    /// That one fetch past the bound is under way.
+    overdraft: bool,
     /// Sealed bytes announced and not yet fetched.
     queued_bytes: u64,
     /// Fetching has begun (see [`Fetcher::start`]).
@@ -119,7 +124,8 @@ impl<'r> Fetcher<'r> {
     }
 
     /// Lets the fetchers begin before [`START_BYTES`] are announced: the walk is over, or it
-    /// waits for the writers.
+    /// waits for the writers. Call it before anything can wait for a taker (a full channel to
+    /// the writers): until then takers wait for the fetchers, which wait for this.
     pub fn start(&self) {
         self.state.lock().expect("fetcher lock").started = true;
         self.changed.notify_all();
@@ -140,28 +146,39 @@ impl<'r> Fetcher<'r> {
     /// the blobs of its pack announced soon after it, read them with as few ranged requests as
     /// their gaps allow, open them and hand them out.
     pub fn fetch(&self) {
-        while let Some((pack, blobs)) = self.next_batch() {
+        while let Some((pack, blobs, overdraft)) = self.next_batch() {
             for run in coalesce(blobs) {
                 self.fetch_run(&pack, run);
+            }
+            if overdraft {
+                self.state.lock().expect("fetcher lock").overdraft = false;
+                self.changed.notify_all();
             }
         }
     }
 
-    /// The next pack to read from and its blobs, sorted by offset; `None` when closed.
-    fn next_batch(&self) -> Option<(Id, Vec<(Id, crate::pack::PackEntry)>)> {
+    /// The next pack to read from, its blobs sorted by offset, and whether this fetch goes past
+    /// the bound; `None` when closed.
+    fn next_batch(&self) -> Option<Batch> {
         let mut state = self.state.lock().expect("fetcher lock");
-        loop {
+        let overdraft = loop {
             if state.closed {
                 return None;
             }
             if state.queued_bytes >= START_BYTES {
                 state.started = true;
             }
-            if state.started && !state.queue.is_empty() && (state.ahead < self.limit || state.starving > 0) {
-                break;
+            if state.started && !state.queue.is_empty() {
+                if state.ahead < self.limit {
+                    break false;
+                }
+                if state.starving > 0 && !state.overdraft {
+                    state.overdraft = true;
+                    break true;
+                }
             }
             state = self.changed.wait(state).expect("fetcher lock");
-        }
+        };
         let (&first, &(_, pack)) = state.queue.iter().next().expect("not empty");
         let sequences: Vec<u64> = state.by_pack[&pack].range(first..first + LOOKAHEAD).copied().collect();
         let index = self.repo.index();
@@ -170,7 +187,7 @@ impl<'r> Fetcher<'r> {
             let (id, _) = state.queue.remove(&sequence).expect("queued");
             state.queued.remove(&id);
             let entry = index.get(&id).expect("announced blobs are indexed").entry;
-            state.ahead += u64::from(entry.length);
+            state.ahead += u64::from(entry.raw_length);
             state.queued_bytes -= u64::from(entry.length);
             state.in_flight.insert(id);
             blobs.push((id, entry));
@@ -182,7 +199,7 @@ impl<'r> Fetcher<'r> {
             by_pack.remove(&pack);
         }
         blobs.sort_by_key(|(_, entry)| entry.offset);
-        Some((pack, blobs))
+        Some((pack, blobs, overdraft))
     }
 
     /// Reads one run of neighbouring blobs with one request and hands each out.
@@ -203,7 +220,7 @@ impl<'r> Fetcher<'r> {
                 }
                 Err(_) => Fetched::Failed,
             };
-            opened.push((*id, u64::from(entry.length), fetched));
+            opened.push((*id, u64::from(entry.raw_length), fetched));
         }
         let mut state = self.state.lock().expect("fetcher lock");
         for (id, length, fetched) in opened {
@@ -227,12 +244,12 @@ impl<'r> Fetcher<'r> {
         }
         state.wanted.remove(id);
         let index = self.repo.index();
-        let length = index.get(id).map_or(0, |location| u64::from(location.entry.length));
+        let entry = index.get(id).map(|location| location.entry);
         if state.fetched.remove(id).is_some() {
-            state.ahead -= length;
+            state.ahead -= entry.map_or(0, |entry| u64::from(entry.raw_length));
         } else if let Some(sequence) = state.queued.remove(id) {
             // Still queued: it need not be fetched at all.
-            state.queued_bytes -= length;
+            state.queued_bytes -= entry.map_or(0, |entry| u64::from(entry.length));
             if let Some((_, pack)) = state.queue.remove(&sequence) {
                 if let Some(left) = state.by_pack.get_mut(&pack) {
                     left.remove(&sequence);
@@ -302,4 +319,120 @@ fn coalesce(blobs: Vec<(Id, crate::pack::PackEntry)>) -> Vec<Vec<(Id, crate::pac
         end = end.max(offset + u64::from(entry.length));
     }
     runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+    use crate::keys::KdfParams;
+    use crate::pack::BlobKind;
+    use crate::saver::BlobSaver;
+
+    /// A repository holding `count` blobs of a few KiB each; their ids and contents, in order.
+    fn repository(dir: &std::path::Path, count: usize) -> (Repository, Vec<(Id, Vec<u8>)>) {
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir)), b"pass", cheap).unwrap();
+        let saver = BlobSaver::new(&repo);
+        let blobs: Vec<(Id, Vec<u8>)> = (0..count)
+            .map(|i| {
+                let data: Vec<u8> = (0..3000 + i * 7).map(|n| (n * 31 + i * 17) as u8).collect();
+                let id = repo.key().blob_id(&data);
+                assert!(saver.reserve(id));
+                saver.store(BlobKind::Data, id, &data).unwrap();
+                (id, data)
+            })
+            .collect();
+        saver.finish().unwrap();
+        (repo, blobs)
+    }
+
+    /// Takes every blob of `files` (each a list of blob indexes) on two writer threads while
+    /// three fetchers read ahead under `limit`; returns what was taken, by file.
+    fn restore(repo: &Repository, blobs: &[(Id, Vec<u8>)], files: &[Vec<usize>], limit: u64) -> Vec<Vec<Vec<u8>>> {
+        let fetcher = Fetcher::new(repo, limit);
+        let taken = Mutex::new(vec![Vec::new(); files.len()]);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| fetcher.fetch());
+            }
+            let (send, receive) = crossbeam_channel::bounded::<usize>(4);
+            let writers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (receive, fetcher, taken) = (receive.clone(), &fetcher, &taken);
+                    scope.spawn(move || {
+                        for file in receive {
+                            let data: Vec<Vec<u8>> =
+                                files[file].iter().map(|&b| fetcher.blob(&blobs[b].0).unwrap()).collect();
+                            taken.lock().unwrap()[file] = data;
+                        }
+                    })
+                })
+                .collect();
+            for (n, file) in files.iter().enumerate() {
+                let ids: Vec<Id> = file.iter().map(|&b| blobs[b].0).collect();
+                fetcher.announce(&ids);
+                // As the restore does: the writers being that far behind, fetching begins.
+                if let Err(crossbeam_channel::TrySendError::Full(n)) = send.try_send(n) {
+                    fetcher.start();
+                    send.send(n).unwrap();
+                }
+            }
+            fetcher.start();
+            drop(send);
+            for writer in writers {
+                writer.join().unwrap();
+            }
+            fetcher.close();
+        });
+        taken.into_inner().unwrap()
+    }
+
+    #[test]
+    fn every_blob_is_handed_out_as_often_as_it_is_announced_even_under_a_tiny_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, blobs) = repository(dir.path(), 200);
+        repo.load_index().unwrap();
+        // Files sharing blobs, out of pack order, one blob twice in a file.
+        let files: Vec<Vec<usize>> =
+            (0..60).map(|f| vec![(f * 7) % 200, (f * 13 + 5) % 200, (f * 7) % 200, 199 - f]).collect();
+        for limit in [1, 64 << 10, 64 << 20] {
+            let taken = restore(&repo, &blobs, &files, limit);
+            for (file, data) in files.iter().zip(&taken) {
+                let expected: Vec<Vec<u8>> = file.iter().map(|&b| blobs[b].1.clone()).collect();
+                assert_eq!(data, &expected, "limit {limit}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_blob_never_announced_or_damaged_is_read_the_ordinary_way_and_reported_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, blobs) = repository(dir.path(), 10);
+        repo.load_index().unwrap();
+        let fetcher = Fetcher::new(&repo, 1 << 20);
+        // Never announced: read directly.
+        assert_eq!(fetcher.blob(&blobs[3].0).unwrap(), blobs[3].1);
+        // A damaged pack: the fetch fails to open the blob, taking it reports the damage.
+        let location = repo.index().get(&blobs[4].0).unwrap();
+        let path = dir.path().join(crate::backend::FileKind::Pack.path(&location.pack.to_hex()));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[location.entry.offset as usize + 20] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        fetcher.announce(&[blobs[4].0, blobs[5].0]);
+        fetcher.start();
+        std::thread::scope(|scope| {
+            scope.spawn(|| fetcher.fetch());
+            let error = fetcher.blob(&blobs[4].0).unwrap_err();
+            assert_eq!(error.code(), sysstate_types::ErrorCode::RepositoryCorrupt, "{error}");
+            assert!(error.to_string().contains(&blobs[4].0.short()), "{error}");
+            assert_eq!(fetcher.blob(&blobs[5].0).unwrap(), blobs[5].1);
+            // Released blobs are neither kept nor fetched.
+            fetcher.announce(&[blobs[6].0, blobs[7].0]);
+            fetcher.release(&[blobs[6].0, blobs[7].0]);
+            fetcher.close();
+        });
+        let state = fetcher.state.lock().unwrap();
+        assert!(state.fetched.is_empty() && state.wanted.is_empty(), "{state:?}");
+    }
 }

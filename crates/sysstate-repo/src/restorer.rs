@@ -46,8 +46,9 @@ pub struct RestoreOptions {
 
 /// Requests in flight at once to a remote repository when the options do not say.
 pub const DEFAULT_CONNECTIONS: usize = 8;
-/// The most a restore from a remote repository fetches ahead of the files it writes.
-const FETCH_AHEAD: u64 = 64 << 20;
+/// The most a restore from a remote repository fetches ahead of the files it writes (plaintext,
+/// counted from the start of each fetch).
+const FETCH_AHEAD: u64 = 48 << 20;
 
 /// Counters of a restore.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

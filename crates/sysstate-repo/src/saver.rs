@@ -84,8 +84,64 @@ pub struct BlobSaver<'r> {
     data_pack: Mutex<PackBuilder>,
     tree_pack: Mutex<PackBuilder>,
     written: Mutex<Vec<IndexPack>>,
+    /// Uploads packs in the background to a remote repository.
+    uploader: Option<Uploader>,
     /// What was written.
     pub stats: SaverStats,
+}
+
+/// Packs uploaded at most this many at a time (and one more waiting), so that sealing goes on
+/// while they travel: up to `(UPLOADS + 1) × PACK_TARGET_SIZE` more in memory.
+const UPLOADS: usize = 4;
+
+/// A pack handed to an upload thread: its name, bytes and entries.
+type Upload = (Id, Vec<u8>, Vec<crate::pack::PackEntry>);
+/// An upload that ended: the pack's name, entries and size, or why it failed.
+type Uploaded = (Id, Vec<crate::pack::PackEntry>, u64, crate::backend::Result<()>);
+
+/// Threads that write packs to a remote repository while the sealers go on, each upload retried
+/// by the backend like any write. A pack enters the index only once its upload succeeded.
+#[derive(Debug)]
+struct Uploader {
+    send: Mutex<Option<crossbeam_channel::Sender<Upload>>>,
+    done: crossbeam_channel::Receiver<Uploaded>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Uploader {
+    fn new(backend: std::sync::Arc<dyn crate::backend::Backend>) -> Uploader {
+        let (send, work) = crossbeam_channel::bounded::<Upload>(1);
+        let (report, done) = crossbeam_channel::unbounded::<Uploaded>();
+        let threads = (0..UPLOADS)
+            .map(|n| {
+                let (work, report, backend) = (work.clone(), report.clone(), backend.clone());
+                std::thread::Builder::new()
+                    .name(format!("upload-{n}"))
+                    .spawn(move || {
+                        for (name, bytes, blobs) in work {
+                            let written = backend.write(FileKind::Pack, &name.to_hex(), &bytes);
+                            let _ = report.send((name, blobs, bytes.len() as u64, written));
+                        }
+                    })
+                    .expect("threads start")
+            })
+            .collect();
+        Uploader { send: Mutex::new(Some(send)), done, threads: Mutex::new(threads) }
+    }
+
+    /// Waits for every upload to end.
+    fn join(&self) {
+        drop(self.send.lock().expect("send lock").take());
+        for thread in std::mem::take(&mut *self.threads.lock().expect("threads lock")) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.join();
+    }
 }
 
 impl<'r> BlobSaver<'r> {
@@ -97,6 +153,7 @@ impl<'r> BlobSaver<'r> {
             data_pack: Mutex::default(),
             tree_pack: Mutex::default(),
             written: Mutex::new(Vec::new()),
+            uploader: repo.backend().is_remote().then(|| Uploader::new(repo.backend().clone())),
             stats: SaverStats::default(),
         }
     }
@@ -147,11 +204,45 @@ impl<'r> BlobSaver<'r> {
 
     fn write_pack(&self, pack: PackBuilder) -> Result<()> {
         let (name, bytes, blobs) = pack.finish(self.repo.key());
-        self.repo.backend().write(FileKind::Pack, &name.to_hex(), &bytes)?;
         if blobs.iter().any(|blob| blob.kind == BlobKind::Tree) {
+            // A copy that never reaches the repository is not in its index, and goes from the
+            // cache at the next load of the index.
             self.repo.cache_written(crate::cache::Cached::Pack, &name, &bytes);
         }
-        self.stats.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(uploader) = &self.uploader {
+            self.uploaded(uploader, false)?;
+            let send = uploader.send.lock().expect("send lock").clone();
+            if let Some(send) = send {
+                if send.send((name, bytes, blobs)).is_ok() {
+                    return Ok(());
+                }
+            }
+            return Err(RepoError::Corrupt {
+                location: self.repo.location(),
+                object: "backup session".into(),
+                detail: "the upload threads ended early".into(),
+            });
+        }
+        self.repo.backend().write(FileKind::Pack, &name.to_hex(), &bytes)?;
+        self.pack_written(name, blobs, bytes.len() as u64)
+    }
+
+    /// Takes in the uploads that ended (all of them, waiting, when `all`): each pack goes to
+    /// the index; the first failure is returned.
+    fn uploaded(&self, uploader: &Uploader, all: bool) -> Result<()> {
+        if all {
+            uploader.join();
+        }
+        while let Ok((name, blobs, length, written)) = uploader.done.try_recv() {
+            written?;
+            self.pack_written(name, blobs, length)?;
+        }
+        Ok(())
+    }
+
+    /// Pack `name` is stored: its blobs go to the next index file.
+    fn pack_written(&self, name: Id, blobs: Vec<crate::pack::PackEntry>, length: u64) -> Result<()> {
+        self.stats.stored_bytes.fetch_add(length, Ordering::Relaxed);
         let batch = {
             let mut written = self.written.lock().expect("written lock");
             written.push(IndexPack { pack: name, blobs });
@@ -190,6 +281,9 @@ impl<'r> BlobSaver<'r> {
             if !pack.is_empty() {
                 self.write_pack(pack)?;
             }
+        }
+        if let Some(uploader) = &self.uploader {
+            self.uploaded(uploader, true)?;
         }
         let packs = std::mem::take(&mut *self.written.lock().expect("written lock"));
         self.write_index(packs)?;

@@ -29,9 +29,20 @@ pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
 }
 
 /// Opens the repository at `target` and loads its index, reading the repository itself (a
-/// check or a repair: never through a cache).
+/// check or a repair: never through the cache; a remote one through a scratch cache this
+/// command fills from the repository, so that trees are read a pack at a time).
 pub fn open(target: &str, passphrase: &[u8]) -> Result<Repository> {
     let repo = Repository::open(backend(target)?, passphrase)?;
+    let repo = match repo.backend().is_remote() {
+        true => {
+            let base = crate::paths::state_dir().join("cache");
+            let scratch = sysstate_repo::cache::Cache::scratch(&base, &repo.config().id)
+                .inspect_err(|error| tracing::warn!("no scratch cache in `{}`: {error}", base.display()))
+                .ok();
+            repo.with_cache(scratch)
+        }
+        false => repo,
+    };
     repo.load_index()?;
     Ok(repo)
 }
