@@ -18,6 +18,8 @@ pub struct Effective {
     pub shadow: Shadow,
     /// `[jobs]`.
     pub jobs: Jobs,
+    /// `[storage]`.
+    pub storage: StorageSettings,
     /// `[[component]]`: the built-ins and the file's.
     pub component: Vec<Component>,
     /// `[[writer]]`: the built-ins and the file's.
@@ -67,6 +69,18 @@ pub struct Jobs {
     pub retention: String,
     /// The most the undo folders take together.
     pub undo_max_size: String,
+}
+
+/// `[storage]`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StorageSettings {
+    /// Requests in flight at once to a remote repository.
+    pub connections: usize,
+    /// Whether remote repositories are read through a local cache.
+    pub cache: bool,
+    /// The most the cache of one repository holds.
+    pub cache_max_size: String,
 }
 
 /// `[[component]]`.
@@ -164,6 +178,15 @@ pub fn effective(config: &Config, state_dir: &Path) -> Result<Effective> {
                 .undo_max_size
                 .clone()
                 .unwrap_or_else(|| crate::config::DEFAULT_UNDO_MAX_SIZE.into()),
+        },
+        storage: StorageSettings {
+            connections: config.connections()?,
+            cache: config.storage.cache.unwrap_or(true),
+            cache_max_size: config
+                .storage
+                .cache_max_size
+                .clone()
+                .unwrap_or_else(|| crate::config::DEFAULT_CACHE_MAX_SIZE.into()),
         },
         component: components
             .into_iter()

@@ -110,10 +110,11 @@ type Opened = (Repository, bool, Lease, Option<Id>);
 /// `Ok(None)` when it has none and `create` is false.
 fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, create: bool) -> Result<Option<Opened>> {
     let backend = super::backend(&request.target)?;
-    if !create && !Repository::exists(&*backend)? {
-        return Ok(None);
-    }
-    let (repo, created) = super::open_or_create(backend.clone(), passphrase)?;
+    let (repo, created) = match create {
+        true => super::open_or_create(backend.clone(), passphrase)?,
+        false if Repository::exists(&*backend)? => (Repository::open(backend.clone(), passphrase)?, false),
+        false => return Ok(None),
+    };
     let repo = super::cached(repo, &request.config)?.with_damage_hook(job.damage_hook(request.damage.clone()));
     let lease = Lease::acquire(backend, false, "backup")?;
     repo.load_index()?;

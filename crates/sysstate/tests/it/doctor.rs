@@ -111,6 +111,11 @@ fn an_unknown_config_key_is_a_failed_check_naming_the_key_and_the_file() {
     assert!(config["found"].as_str().unwrap().contains("`reflnk` is not a provider"), "{config}");
     let output = sandbox.run_code(&["versions"], 2);
     assert!(text(&output.stderr).contains("shadow.provider"), "{}", text(&output.stderr));
+    for (bad, key) in [("connections = 0", "storage.connections"), ("cache-max-size = \"lots\"", "storage.cache-max-size")] {
+        std::fs::write(sandbox.path("config.toml"), format!("[storage]\n{bad}\n")).unwrap();
+        let output = sandbox.run_code(&["versions"], 2);
+        assert!(text(&output.stderr).contains(key), "{bad}: {}", text(&output.stderr));
+    }
 }
 
 #[test]
@@ -212,6 +217,7 @@ fn config_show_prints_the_effective_configuration_with_its_defaults() {
     assert_eq!(shown["shadow"]["commit-timeout"], "30s", "{shown:#}");
     assert_eq!(shown["shadow"]["provider"], "auto", "the default, filled in: {shown:#}");
     assert_eq!(shown["jobs"]["retention"], "90d");
+    assert_eq!(shown["storage"], serde_json::json!({"connections": 8, "cache": true, "cache-max-size": "1GiB"}));
     assert_eq!(shown["shadow"]["storage"][0]["max-size"], "10%", "{shown:#}");
     let components = shown["component"].as_array().unwrap();
     assert!(components.iter().any(|c| c["name"] == "config" && c["built-in"] == true), "{shown:#}");
