@@ -22,8 +22,8 @@ pub mod storage;
 pub mod writer;
 
 pub use coordinator::{
-    Coordinator, PhaseHook, Recovery, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup,
-    WarningHook, WriterRecord, BASE_COPY,
+    Coordinator, PhaseHook, RecoveredHook, Recovery, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger,
+    VolumeGroup, WarningHook, WriterRecord, BASE_COPY,
 };
 pub use error::{FreezePart, ShadowError, WriterFailure, WriterTimeout};
 pub use lock::{LockHolder, ShadowSetLock};

@@ -82,6 +82,19 @@ impl Job<'_> {
         }))
     }
 
+    /// The hook a shadow set tells when it recovered what a dead set left: that set's job, if
+    /// it had one here, is told in its record (see [`JobStore::recovered`]).
+    pub fn recovered_hook(&self) -> sysstate_shadow::RecoveredHook {
+        let (store, id) = (self.store.clone(), self.id.clone());
+        sysstate_shadow::RecoveredHook(Arc::new(move |holder, recovery| {
+            if let Some(dead) = &holder.job {
+                if let Err(error) = store.recovered(dead, Some(&id), &recovery.to_string()) {
+                    tracing::warn!("cannot note the recovery in job {dead}'s record: {error}");
+                }
+            }
+        }))
+    }
+
     /// Records a warning of the job: an event, a line of its log, and one more warning for its
     /// end state (`succeeded-with-warnings`).
     pub fn warn(&self, source: Source, code: ErrorCode, message: &str) {

@@ -421,6 +421,32 @@ impl JobStore {
         Ok(alive)
     }
 
+    /// Says in the record of job `dead`, whose process died holding the shadow-set lock, that
+    /// `by` (a job, or `sysstate shadows recover` when `None`) recovered what its set left: an
+    /// event of it and a line of its log; a `running` row is ended now (as [`running`] would)
+    /// and its error says so too.
+    ///
+    /// [`running`]: JobStore::running
+    pub fn recovered(&self, dead: &str, by: Option<&str>, what: &str) -> Result<()> {
+        let who = by.map_or_else(|| "`sysstate shadows recover`".to_string(), |job| format!("job {job}"));
+        let said = format!(
+            "{who} recovered what this job's shadow set left when its process died, at {}: {what}",
+            sysstate_types::time::format_utc(now_ns())
+        );
+        if self.job(dead)?.is_none() {
+            return Ok(()); // a job of another state folder, or dropped by retention
+        }
+        self.event(Some(dead), Level::Info, Source::Shadow, ErrorCode::ShadowSetInProgress, &said, None)?;
+        self.running()?;
+        self.with(|db| {
+            db.execute(
+                "UPDATE jobs SET error_message = error_message || ' ' || ?2 WHERE id = ?1 AND state = 'failed' AND error_message IS NOT NULL AND instr(error_message, ?2) = 0",
+                params![dead, said],
+            )
+        })
+        .map(|_| ())
+    }
+
     /// When a job was last heard of: its last progress or operation, its log's last line, or
     /// its start.
     fn last_heard_of(&self, job: &str) -> Result<i64> {

@@ -207,6 +207,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     shadow_options.phase = Some(job.phase_hook());
     shadow_options.warning = Some(job.warning_hook());
     shadow_options.output = Some(job.output_hook());
+    shadow_options.recovered = Some(job.recovered_hook());
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
@@ -288,6 +289,7 @@ fn shadow_options(
         extra: Vec::new(),
         warning: None,
         output: None,
+        recovered: None,
     })
 }
 

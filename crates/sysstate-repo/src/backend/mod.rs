@@ -145,6 +145,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Stores a file atomically and durably. An existing file with the same bytes is success; with
     /// other bytes it is an [`ErrorKind::Mismatch`] (but for locks, which are replaced).
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
+    /// [`write`](Backend::write) of bytes the caller gives up: an object store sends them
+    /// without a copy (a pack is 8 MiB).
+    fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
+        self.write(kind, name, &data)
+    }
     /// Deletes a file; a missing file is success.
     fn remove(&self, kind: FileKind, name: &str) -> Result<()>;
     /// True when every request is a round trip over a network (object storage): such a

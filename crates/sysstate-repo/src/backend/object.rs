@@ -178,7 +178,8 @@ impl Backend for ObjectBackend {
         let path = self.object_path(kind, name);
         self.runtime
             .block_on(async { self.store.get(&path).await?.bytes().await })
-            .map(|bytes| bytes.to_vec())
+            // Without a copy when the body came in one buffer.
+            .map(Vec::from)
             .map_err(|e| self.error("read", kind, name, e))
     }
 
@@ -196,10 +197,14 @@ impl Backend for ObjectBackend {
                 message: format!("short read: {} of {length} bytes at offset {offset}", bytes.len()),
             });
         }
-        Ok(bytes.to_vec())
+        Ok(Vec::from(bytes))
     }
 
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        self.write_shared(kind, name, bytes::Bytes::copy_from_slice(data))
+    }
+
+    fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
         let path = self.object_path(kind, name);
         if kind != FileKind::Lock {
             match self.read(kind, name) {
@@ -218,7 +223,7 @@ impl Backend for ObjectBackend {
             }
         }
         self.runtime
-            .block_on(self.store.put(&path, PutPayload::from(data.to_vec())))
+            .block_on(self.store.put(&path, PutPayload::from(data)))
             .map(|_| ())
             .map_err(|e| self.error("write", kind, name, e))
     }

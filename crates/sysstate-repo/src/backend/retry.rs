@@ -89,6 +89,9 @@ impl Backend for RetryBackend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         self.retry(|| self.inner.write(kind, name, data))
     }
+    fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
+        self.retry(|| self.inner.write_shared(kind, name, data.clone()))
+    }
     fn create_repository(&self, files: &[super::NewFile<'_>]) -> Result<bool> {
         self.retry(|| self.inner.create_repository(files))
     }

@@ -63,6 +63,22 @@ pub struct ShadowSetOptions {
     pub warning: Option<WarningHook>,
     /// Told every line the writers' programs print on stderr (the job's log).
     pub output: Option<OutputHook>,
+    /// Told when the set took over the lock of a dead one and recovered what it left: the dead
+    /// holder (with its job) and what was done, so that job's record can say so.
+    pub recovered: Option<RecoveredHook>,
+}
+
+/// A callback told a recovery of a dead shadow set: its holder and what was done.
+#[derive(Clone)]
+pub struct RecoveredHook(pub Arc<RecoveredFn>);
+
+/// `(dead holder, what was done)` of a recovery.
+pub type RecoveredFn = dyn Fn(&LockHolder, &Recovery) + Send + Sync;
+
+impl std::fmt::Debug for RecoveredHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveredHook(..)")
+    }
 }
 
 /// A callback told the shadow set's warnings: code and message.
@@ -139,7 +155,11 @@ impl Coordinator {
         let (_lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
         let Some(previous) = taken_over else { return Ok(None) };
         let members = Members::new(self.writers, &options.runtime_dir, "recovery");
-        Ok(Some((previous, recover::recover(&members, &storages(options)))))
+        let recovery = recover::recover(&members, &storages(options));
+        if let Some(hook) = &options.recovered {
+            (hook.0)(&previous, &recovery);
+        }
+        Ok(Some((previous, recovery)))
     }
 
     /// Makes a shadow set. On failure, every writer is thawed and aborted and nothing is left
@@ -161,6 +181,9 @@ impl Coordinator {
                     sysstate_types::ErrorCode::ShadowSetInProgress,
                     &format!("took over the shadow-set lock of {previous}, which is gone: {recovery}"),
                 );
+            }
+            if let Some(hook) = &options.recovered {
+                (hook.0)(previous, &recovery);
             }
         }
         let watch = Arc::new(Watch::new(members.count()));

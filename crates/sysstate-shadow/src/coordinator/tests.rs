@@ -114,6 +114,7 @@ impl Fixture {
             extra: Vec::new(),
             warning: None,
             output: None,
+            recovered: None,
         }
     }
 

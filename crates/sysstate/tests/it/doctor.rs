@@ -111,7 +111,9 @@ fn an_unknown_config_key_is_a_failed_check_naming_the_key_and_the_file() {
     assert!(config["found"].as_str().unwrap().contains("`reflnk` is not a provider"), "{config}");
     let output = sandbox.run_code(&["versions"], 2);
     assert!(text(&output.stderr).contains("shadow.provider"), "{}", text(&output.stderr));
-    for (bad, key) in [("connections = 0", "storage.connections"), ("cache-max-size = \"lots\"", "storage.cache-max-size")] {
+    for (bad, key) in
+        [("connections = 0", "storage.connections"), ("cache-max-size = \"lots\"", "storage.cache-max-size")]
+    {
         std::fs::write(sandbox.path("config.toml"), format!("[storage]\n{bad}\n")).unwrap();
         let output = sandbox.run_code(&["versions"], 2);
         assert!(text(&output.stderr).contains(key), "{bad}: {}", text(&output.stderr));

@@ -1052,6 +1052,15 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
     assert_eq!(writer_state(&sandbox, "app")["state"], "stable");
     assert_storage_empty(&sandbox);
     assert_eq!(sandbox.json(&["shadows", "recover"], 0)["recovered"], false, "recovered twice");
+    // The killed job's own record says what became of what it left, and who did it.
+    let killed = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    let message = killed["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("is gone")
+            && message.contains("`sysstate shadows recover` recovered")
+            && message.contains("app"),
+        "the killed job is not told: {killed:#}"
+    );
 
     // The same by a backup that finds the dead set's lock.
     for marker in ["frozen", "thawed", "aborted"] {
@@ -1072,6 +1081,11 @@ fn a_set_killed_outright_is_recovered_by_the_next_one() {
             && e["message"].as_str().unwrap().contains("thawed and aborted writer(s) app")),
         "no event says what was recovered: {warnings}"
     );
+    let jobs = sandbox.json(&["job", "--previous", "2"], 0);
+    let (recovering, killed) = (&jobs[0], &jobs[1]);
+    let message = killed["error"]["message"].as_str().unwrap_or_default();
+    let by = format!("job {} recovered", recovering["id"].as_str().unwrap());
+    assert!(message.contains(&by) && message.contains("app"), "the killed job is not told by {by}: {jobs:#}");
 }
 
 /// The `fsfreeze` writer's filesystem is thawed at the end of its window even when the backup is
