@@ -110,17 +110,35 @@ type Opened = (Repository, bool, Lease, Option<Id>);
 /// `Ok(None)` when it has none and `create` is false.
 fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, create: bool) -> Result<Option<Opened>> {
     let backend = super::backend(&request.target)?;
-    let (repo, created) = match create {
-        true => super::open_or_create(backend.clone(), passphrase)?,
-        false if Repository::exists(&*backend)? => (Repository::open(backend.clone(), passphrase)?, false),
-        false => return Ok(None),
+    let exists = Repository::exists(&*backend)?;
+    let (repo, created, lease) = match (exists, create) {
+        // The key is derived (argon2) while the lease is taken: neither needs the other, and
+        // on object storage the lease's listings are round trips worth hiding.
+        (true, _) => std::thread::scope(|scope| -> Result<_> {
+            let lease = scope.spawn(|| Lease::acquire(backend.clone(), false, "backup"));
+            let repo = Repository::open(backend.clone(), passphrase);
+            let lease = lease.join().expect("the lease thread does not panic");
+            Ok((repo?, false, lease?))
+        })?,
+        (false, true) => {
+            let (repo, created) = super::open_or_create(backend.clone(), passphrase)?;
+            (repo, created, Lease::acquire(backend, false, "backup")?)
+        }
+        (false, false) => return Ok(None),
     };
     let repo = super::cached(repo, &request.config)?.with_damage_hook(job.damage_hook(request.damage.clone()));
-    let lease = Lease::acquire(backend, false, "backup")?;
-    repo.load_index()?;
+    // The index only once the lease holds (a prune cannot be deleting what it lists); the
+    // versions beside it.
+    let versions = std::thread::scope(|scope| -> Result<_> {
+        let versions = scope.spawn(|| repo.versions());
+        let indexed = repo.load_index();
+        let versions = versions.join().expect("the versions thread does not panic");
+        indexed?;
+        Ok(versions?)
+    })?;
     let host = sysstate_repo::lock::host_name();
     let root_path = request.root.display().to_string();
-    let parent = repo.versions()?.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path);
+    let parent = versions.into_iter().rev().find(|(_, v)| v.host == host && v.root_path == root_path);
     if let Some((_, version)) = &parent {
         Progress::total(job, version.stats.bytes_total);
         Progress::total_files(job, version.stats.files);
