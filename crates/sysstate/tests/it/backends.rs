@@ -88,20 +88,13 @@ fn listed(url: &str, kind: sysstate_repo::backend::FileKind) -> std::collections
 /// The names of the files the cache holds under `dir` (its `index`, `versions` or `packs`).
 fn cached(sandbox: &Sandbox, dir: &str) -> std::collections::BTreeSet<String> {
     let top = sandbox.path("state/cache");
-    let mut out = std::collections::BTreeSet::new();
-    for repo in std::fs::read_dir(&top).unwrap().flatten().filter(|e| e.path().is_dir()) {
-        let mut stack = vec![repo.path().join(dir)];
-        while let Some(path) = stack.pop() {
-            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                if entry.path().is_dir() {
-                    stack.push(entry.path());
-                } else {
-                    out.insert(entry.file_name().to_string_lossy().into_owned());
-                }
-            }
-        }
-    }
-    out
+    std::fs::read_dir(&top)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.path().join(dir).is_dir())
+        .flat_map(|entry| crate::corruption::walk_files(&entry.path().join(dir)))
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// With a warm cache, a backup that finds nothing changed makes a handful of requests, not one
@@ -177,19 +170,13 @@ fn a_cache_that_disagrees_with_the_repository_is_refreshed_never_trusted() {
     // Every cached file damaged: each is found out and read again.
     let cache = first.path("state/cache");
     let mut damaged = 0;
-    let mut stack = vec![cache.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.file_name().unwrap() != "CACHEDIR.TAG" {
-                let mut bytes = std::fs::read(&path).unwrap();
-                let middle = bytes.len() / 2;
-                bytes[middle] ^= 0x55;
-                std::fs::write(&path, bytes).unwrap();
-                damaged += 1;
-            }
+    for path in crate::corruption::walk_files(&cache) {
+        if path.file_name().unwrap() != "CACHEDIR.TAG" {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x55;
+            std::fs::write(&path, bytes).unwrap();
+            damaged += 1;
         }
     }
     assert!(damaged > 3, "only {damaged} cached files");
@@ -205,6 +192,12 @@ fn a_cache_that_disagrees_with_the_repository_is_refreshed_never_trusted() {
             assert_eq!(sysstate_repo::Id::of_stored(&bytes).to_hex(), entry.file_name().to_string_lossy(), "{dir}");
         }
     }
+    // Safe to delete at any time: the next command makes it again.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let to = first.path("restored-without-cache");
+    first.ok(&["restore", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    assert_eq!(cached(&first, "index"), listed(&first.target, FileKind::Index));
     second.ok(&["check", "--read-data"]);
 }
 
