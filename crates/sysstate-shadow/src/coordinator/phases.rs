@@ -451,6 +451,7 @@ impl Run<'_> {
             commit_ms: 0,
             precopy_ms: 0,
             storage: self.options.storage.on.display().to_string(),
+            copies: Vec::new(),
             bytes: 0,
             files: 0,
             precopied_files: 0,
@@ -477,6 +478,13 @@ impl Run<'_> {
             };
             std::fs::write(dir.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("meta encodes"))
                 .map_err(|e| ShadowError::io(dir.join("meta.json"), e))?;
+            record.copies.push(super::record::CopyRecord {
+                for_volume: meta.for_volume.clone(),
+                on: group.storage.on.display().to_string(),
+                provider: meta.provider.clone(),
+                bytes: group.precopied_bytes() + copy.bytes,
+                files: copy.files,
+            });
             if self.copy_id == BASE_COPY {
                 // What was copied in the tick it changed in is copied again next time.
                 provider::write_origins(&dir, &copy.settled_origins())

@@ -20,6 +20,23 @@ pub struct WriterRecord {
     pub frozen_ms: u64,
 }
 
+/// One volume's copy in a shadow set.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CopyRecord {
+    /// The volume (mount point) copied.
+    #[serde(rename = "for")]
+    pub for_volume: String,
+    /// The shadow storage it was copied to.
+    pub on: String,
+    /// The provider that made it.
+    pub provider: String,
+    /// Real bytes it took.
+    pub bytes: u64,
+    /// Entries copied in the freeze.
+    pub files: u64,
+}
+
 /// What a shadow set did, recorded in the version manifest.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -36,8 +53,11 @@ pub struct ShadowSetRecord {
     pub commit_ms: u64,
     /// Bringing the base copies up to date before the freeze, ms (0: none was).
     pub precopy_ms: u64,
-    /// Where the copy was.
+    /// Where the root volume's copy was.
     pub storage: String,
+    /// Every volume's copy, the root volume's first: a component on another volume with its
+    /// own `[[shadow.storage]]` is copied there.
+    pub copies: Vec<CopyRecord>,
     /// Real bytes the copy took.
     pub bytes: u64,
     /// Entries copied in the freeze.

@@ -815,6 +815,19 @@ fn each_volume_copies_into_its_own_shadow_storage() {
     let providers: Vec<&str> =
         versions[0]["shadow"]["providers"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
     assert!(providers.contains(&"reflink") && providers.contains(&"copy"), "{providers:?}");
+    // The version's record names each volume's copy and where it was, not only the root's.
+    let copies: Vec<(String, String)> = versions[0]["shadow"]["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["for"].as_str().unwrap().to_string(), c["on"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(copies.len(), 2, "{}", versions[0]["shadow"]);
+    assert!(
+        copies.contains(&(volume.display().to_string(), storage.display().to_string())),
+        "the second volume's copy is not named: {copies:?}"
+    );
+    assert_eq!(copies[0].1, versions[0]["shadow"]["storage"].as_str().unwrap(), "the root volume's first");
     // Nothing is read twice, and both volumes restore whole; the storage is not in the version.
     let again = sandbox.json(&args, 0);
     assert_eq!(again["stats"]["files-read"], 0, "{again}");
