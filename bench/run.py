@@ -826,7 +826,8 @@ def targets(results):
         got, where = worst((tools["rustic"]["restore"]["wall_s"] / tools["sysstate"]["restore"]["wall_s"], name)
                            for name, tools in with_rustic.items())
         out.append(("restore: faster than rustic", f"{got:.2f}× ({where})", got > 1.0))
-    rss = [(tools["sysstate"][p]["rss_vs_restic"], f"{name} {p}") for name, tools in corpora.items() for p in PHASES]
+    rss = [(tools["sysstate"][p]["rss_vs_restic"], f"{name} {p}") for name, tools in corpora.items() for p in PHASES
+           if p in tools["sysstate"] and "rss_vs_restic" in tools["sysstate"][p]]
     for count, point in (results.get("scaling") or {}).get("points", {}).items():
         tools = point["tools"]
         if "restic" in tools:
