@@ -68,15 +68,13 @@ pub struct StorageSection {
     pub cache_max_size: Option<String>,
 }
 
-/// `storage.connections` when the config has none.
-pub const DEFAULT_CONNECTIONS: usize = 8;
 /// `storage.cache-max-size` when the config has none.
 pub const DEFAULT_CACHE_MAX_SIZE: &str = "1GiB";
 
 impl Config {
     /// `[storage] connections`, checked.
     pub fn connections(&self) -> Result<usize> {
-        match self.storage.connections.unwrap_or(DEFAULT_CONNECTIONS) {
+        match self.storage.connections.unwrap_or(sysstate_repo::DEFAULT_CONNECTIONS) {
             connections @ 1..=64 => Ok(connections),
             other => Err(EngineError::new(
                 ErrorCode::InvalidInput,

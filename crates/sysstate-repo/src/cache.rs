@@ -55,9 +55,14 @@ pub struct Cache {
     fetching: Mutex<HashMap<Id, Arc<Mutex<()>>>>,
     /// Packs whose time of use was refreshed by this process (once is enough for the order).
     touched: Mutex<HashSet<Id>>,
+    /// Packs this process found damaged or unreadable in the repository: not downloaded again.
+    refused: Mutex<HashSet<Id>>,
     /// A scratch cache's own folder, deleted when it is dropped.
     scratch: Option<PathBuf>,
 }
+
+/// A temporary file older than this is a killed process's.
+const STALE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 const TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This file is a cache directory tag created by sysstate: a cache of repository metadata.\n\
@@ -77,7 +82,14 @@ impl Cache {
         if !tag.exists() {
             std::fs::write(&tag, TAG)?;
         }
-        Ok(Cache { dir, max_bytes, fetching: Mutex::default(), touched: Mutex::default(), scratch: None })
+        Ok(Cache {
+            dir,
+            max_bytes,
+            fetching: Mutex::default(),
+            touched: Mutex::default(),
+            refused: Mutex::default(),
+            scratch: None,
+        })
     }
 
     /// A cache for one command that must read the repository itself (a check, a repair): it
@@ -154,9 +166,19 @@ impl Cache {
         }
     }
 
-    /// Held while pack `id` is downloaded, so that it is downloaded once.
-    pub fn fetching(&self, id: &Id) -> Arc<Mutex<()>> {
-        self.fetching.lock().expect("fetching lock").entry(*id).or_default().clone()
+    /// Held while pack `id` is downloaded, so that it is downloaded once; `None` when it was
+    /// refused (see [`refuse`](Self::refuse)).
+    pub fn fetching(&self, id: &Id) -> Option<Arc<Mutex<()>>> {
+        if self.refused.lock().expect("refused lock").contains(id) {
+            return None;
+        }
+        Some(self.fetching.lock().expect("fetching lock").entry(*id).or_default().clone())
+    }
+
+    /// Pack `id` in the repository does not match its name or cannot be read: this process
+    /// does not try to download it again.
+    pub fn refuse(&self, id: &Id) {
+        self.refused.lock().expect("refused lock").insert(*id);
     }
 
     /// Deletes every cached file of `kind` that `keep` refuses: what the repository no longer
@@ -197,7 +219,8 @@ impl Cache {
     }
 
     /// The files of `kind`: id, path and metadata; files not named by an id (a write's
-    /// temporary file left by a killed process) are deleted.
+    /// temporary file left by a killed process, an hour old: another process sharing the
+    /// cache may be writing a newer one) are deleted.
     fn files(&self, kind: Cached) -> Vec<(Id, PathBuf, std::fs::Metadata)> {
         let top = self.dir.join(kind.dir());
         let dirs: Vec<PathBuf> = match kind {
@@ -211,7 +234,7 @@ impl Cache {
                 let Ok(meta) = entry.metadata() else { continue };
                 match entry.file_name().to_str().and_then(Id::from_hex) {
                     Some(id) if meta.is_file() => out.push((id, path, meta)),
-                    _ if meta.is_file() => {
+                    _ if meta.is_file() && meta.modified().is_ok_and(|m| m.elapsed().is_ok_and(|a| a > STALE)) => {
                         let _ = std::fs::remove_file(&path);
                     }
                     _ => {}

@@ -172,7 +172,7 @@ impl<'r> Checker<'r> {
         let mut names: Vec<Id> = self.indexed_packs.keys().copied().filter(|p| !damaged.contains(p)).collect();
         names.sort();
         let readers = if self.repo.backend().is_remote() {
-            crate::restorer::DEFAULT_CONNECTIONS
+            self.repo.connections()
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         };

@@ -429,7 +429,6 @@ pub fn stage(
                     exclude: Vec::new(),
                     threads: 0,
                     owners,
-                    connections: 0,
                 };
                 let outcome = restorer::restore_tree(repo, subtree, &options, Some(progress))?;
                 if let Some(warning) = outcome.warnings.first() {

@@ -38,4 +38,4 @@ pub mod version;
 pub use error::{RepoError, Result};
 pub use id::Id;
 pub use progress::{NoProgress, Progress, Warning};
-pub use repo::{DamageHook, Damaged, Repository};
+pub use repo::{DamageHook, Damaged, Repository, DEFAULT_CONNECTIONS};

@@ -59,7 +59,14 @@ pub struct Repository {
     no_lock: bool,
     /// The local copy of a remote repository's index, manifests and tree packs.
     cache: Option<Cache>,
+    /// Requests in flight at once to a remote repository (a restore's fetchers, a check's
+    /// readers).
+    connections: usize,
 }
+
+/// Requests in flight at once to a remote repository unless configured (`[storage]
+/// connections`).
+pub const DEFAULT_CONNECTIONS: usize = 8;
 
 fn user_name() -> String {
     std::env::var("USER").unwrap_or_else(|_| format!("uid {}", rustix::process::getuid().as_raw()))
@@ -159,7 +166,19 @@ impl Repository {
             damage_hook: None,
             no_lock: false,
             cache: None,
+            connections: DEFAULT_CONNECTIONS,
         }
+    }
+
+    /// Makes at most `connections` requests at once to a remote repository (at least one).
+    pub fn with_connections(mut self, connections: usize) -> Repository {
+        self.connections = connections.max(1);
+        self
+    }
+
+    /// Requests in flight at once to a remote repository.
+    pub fn connections(&self) -> usize {
+        self.connections
     }
 
     /// Reads index files, manifests and trees through `cache` (see [`crate::cache`]); `None`
@@ -167,11 +186,6 @@ impl Repository {
     pub fn with_cache(mut self, cache: Option<Cache>) -> Repository {
         self.cache = cache;
         self
-    }
-
-    /// The cache, when this repository is read through one.
-    pub fn cache(&self) -> Option<&Cache> {
-        self.cache.as_ref()
     }
 
     /// Keeps a file just written in the cache too (a tree pack, an index file, a manifest), so
@@ -421,13 +435,16 @@ impl Repository {
         let (pack, entry) = (&location.pack, &location.entry);
         let (offset, length) = (u64::from(entry.offset), u64::from(entry.length));
         if !cache.has_pack(pack) {
-            let fetching = cache.fetching(pack);
+            let fetching = cache.fetching(pack)?;
             let _once = fetching.lock().expect("fetching lock");
             if !cache.has_pack(pack) {
-                let bytes = self.backend.read(FileKind::Pack, &pack.to_hex()).ok()?;
-                if Id::of_stored(&bytes) != *pack {
+                let bytes = self.backend.read(FileKind::Pack, &pack.to_hex()).ok();
+                let Some(bytes) = bytes.filter(|bytes| Id::of_stored(bytes) == *pack) else {
+                    // Damaged or unreadable: its trees are read a blob at a time, which reports
+                    // the damage, and the pack is not downloaded again for each of them.
+                    cache.refuse(pack);
                     return None;
-                }
+                };
                 cache.put(Cached::Pack, pack, &bytes);
                 let sealed = bytes.get(offset as usize..(offset + length) as usize)?;
                 return self.open_blob(pack, entry, sealed).ok();
@@ -698,5 +715,40 @@ mod tests {
         ours.backend().remove(FileKind::Key, ours.key_name()).unwrap();
         let error = Repository::open(ours.backend().clone(), b"same").unwrap_err();
         assert!(error.to_string().contains("belongs to another repository"), "{error}");
+    }
+
+    /// A tree pack that is damaged in the repository is not cached, and not downloaded again for
+    /// every tree in it: its trees are read a blob at a time, which names the damage.
+    #[test]
+    fn a_damaged_tree_pack_is_refused_by_the_cache_once_and_its_damage_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
+        let saver = crate::saver::BlobSaver::new(&repo);
+        let trees: Vec<(Id, Vec<u8>)> = (0..2u8)
+            .map(|i| {
+                let data = vec![i; 5000];
+                let id = repo.key().blob_id(&data);
+                assert!(saver.reserve(id));
+                saver.store(crate::pack::BlobKind::Tree, id, &data).unwrap();
+                (id, data)
+            })
+            .collect();
+        saver.finish().unwrap();
+        let cache = Cache::open(&dir.path().join("cache"), &repo.config().id, 1 << 30).unwrap();
+        let repo = repo.with_cache(Some(cache));
+        repo.load_index().unwrap();
+        let location = repo.index().get(&trees[0].0).unwrap();
+        let path = dir.path().join("repo").join(FileKind::Pack.path(&location.pack.to_hex()));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[location.entry.offset as usize + 30] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let error = repo.read_blob(&trees[0].0).unwrap_err();
+        assert_eq!(error.code(), sysstate_types::ErrorCode::RepositoryCorrupt, "{error}");
+        let cache = repo.cache.as_ref().unwrap();
+        assert!(!cache.has_pack(&location.pack), "a damaged pack was cached");
+        assert!(cache.fetching(&location.pack).is_none(), "the damaged pack would be downloaded again");
+        // The intact tree in the same pack is still read (a blob at a time).
+        assert_eq!(repo.read_blob(&trees[1].0).unwrap(), trees[1].1);
     }
 }

@@ -40,12 +40,7 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// Set owners (needs root; off, files belong to the restoring user).
     pub owners: bool,
-    /// Requests in flight at once to a remote repository (0: [`DEFAULT_CONNECTIONS`]).
-    pub connections: usize,
 }
-
-/// Requests in flight at once to a remote repository when the options do not say.
-pub const DEFAULT_CONNECTIONS: usize = 8;
 /// The most a restore from a remote repository fetches ahead of the files it writes (plaintext,
 /// counted from the start of each fetch). 32 MiB kept a restore of the 948 MB benchmark tree
 /// from Garage under restic's peak memory; 48 MiB (with 16 MiB requests) took 35 MiB more.
@@ -168,7 +163,6 @@ pub fn restore_tree(
     // A remote repository is read ahead, many requests at once; a local one blob by blob, as
     // the files are written.
     let fetcher = repo.backend().is_remote().then(|| Fetcher::new(repo, FETCH_AHEAD));
-    let connections = if options.connections == 0 { DEFAULT_CONNECTIONS } else { options.connections };
     let shared = Shared {
         repo,
         fetcher: fetcher.as_ref(),
@@ -189,7 +183,7 @@ pub fn restore_tree(
     let mut links = Vec::new();
     std::thread::scope(|scope| -> Result<()> {
         if let Some(fetcher) = &fetcher {
-            for _ in 0..connections {
+            for _ in 0..repo.connections() {
                 scope.spawn(move || fetcher.fetch());
             }
         }

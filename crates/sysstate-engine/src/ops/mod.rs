@@ -64,7 +64,7 @@ pub fn open_with(
 /// The local cache for `repo` when its storage is remote and the config keeps one (see
 /// `sysstate_repo::cache`), in the state folder. A cache that cannot be made is a warning in the
 /// log: the repository is read without it.
-pub fn cache_for(repo: &Repository, config: &crate::config::Config) -> Result<Option<sysstate_repo::cache::Cache>> {
+fn cache_for(repo: &Repository, config: &crate::config::Config) -> Result<Option<sysstate_repo::cache::Cache>> {
     let Some(max_bytes) = config.cache_max_bytes()? else { return Ok(None) };
     if !repo.backend().is_remote() {
         return Ok(None);
@@ -79,10 +79,11 @@ pub fn cache_for(repo: &Repository, config: &crate::config::Config) -> Result<Op
     }
 }
 
-/// Reads `repo` through its cache (see [`cache_for`]).
+/// `repo` as the config says to reach its storage: through its cache (see [`cache_for`]), with
+/// `[storage] connections` requests at once.
 pub fn cached(repo: Repository, config: &crate::config::Config) -> Result<Repository> {
     let cache = cache_for(&repo, config)?;
-    Ok(repo.with_cache(cache))
+    Ok(repo.with_cache(cache).with_connections(config.connections()?))
 }
 
 /// Opens the repository of `backend`, or creates it when the target has none (of concurrent

@@ -20,8 +20,6 @@ pub struct RestoreRequest {
     pub to: PathBuf,
     /// Writer threads (0: one per core).
     pub threads: usize,
-    /// Requests in flight at once to a remote repository (`[storage] connections`).
-    pub connections: usize,
 }
 
 /// What a restore did.
@@ -79,14 +77,8 @@ pub fn restore_to(repo: &Repository, request: &RestoreRequest, progress: &dyn Pr
         progress.total(manifest.stats.bytes_total);
     }
     let lease = repo.read_lease("restore")?;
-    let options = RestoreOptions {
-        target: request.to.clone(),
-        include,
-        exclude,
-        threads: request.threads,
-        owners: true,
-        connections: request.connections,
-    };
+    let options =
+        RestoreOptions { target: request.to.clone(), include, exclude, threads: request.threads, owners: true };
     let outcome = restorer::restore(repo, &id, &options, Some(progress))?;
     Ok(RestoreReport {
         id,

@@ -101,7 +101,9 @@ impl Context<'_> {
     /// Opens the target's repository with its index loaded, for a command that reports damage
     /// itself (`check`, `repair`): read from the repository itself, never through the cache.
     fn open_unhooked(&self) -> Result<Repository> {
-        Ok(sysstate_engine::ops::open(&self.target, &self.passphrase()?)?.without_lock(self.cli.global.no_lock))
+        Ok(sysstate_engine::ops::open(&self.target, &self.passphrase()?)?
+            .with_connections(self.config.connections()?)
+            .without_lock(self.cli.global.no_lock))
     }
 
     /// Success, or warnings when there are `warnings` or damaged files were passed over.

@@ -29,7 +29,6 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
         components: args.components.clone(),
         to: to.clone(),
         threads: args.threads,
-        connections: context.config.connections()?,
     };
     let started = std::time::Instant::now();
     let report = context.run_job(JobKind::Restore, &args.components, "restoring", |job| {
