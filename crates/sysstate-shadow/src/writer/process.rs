@@ -24,9 +24,6 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     replies: mpsc::Receiver<String>,
-    /// Requests left unanswered when a signal ended the wait: their replies, when they come,
-    /// are read past so that the next request gets its own.
-    unanswered: usize,
 }
 
 /// A request line.
@@ -88,7 +85,7 @@ impl ProcessWriter {
                 }
             })
             .map_err(|e| WriterError::new(ErrorClass::NotResponding, e.to_string()))?;
-        self.running = Some(Running { child, stdin, replies, unanswered: 0 });
+        self.running = Some(Running { child, stdin, replies });
         Ok(())
     }
 
@@ -129,22 +126,20 @@ impl ProcessWriter {
         }
         let wait = deadline.saturating_duration_since(Instant::now());
         let stop = self.stop.for_phase(phase);
-        let reply = loop {
-            match stop.recv(&running.replies, deadline) {
-                Ok(_) if running.unanswered > 0 => running.unanswered -= 1,
-                Ok(reply) => break reply,
-                Err(NoReply::Timeout) => {
-                    return Err(WriterError::new(
-                        ErrorClass::NotResponding,
-                        format!("the writer process did not answer {} within {} ms", phase.as_str(), wait.as_millis()),
-                    ));
-                }
-                Err(NoReply::Stopped) => {
-                    running.unanswered += 1;
-                    return Err(Stop::error(format_args!("waiting for the writer process's {}", phase.as_str())));
-                }
-                Err(NoReply::Disconnected) => return Err(gone(running)),
+        let reply = match stop.recv(&running.replies, deadline) {
+            Ok(reply) => reply,
+            Err(NoReply::Timeout) => {
+                return Err(WriterError::new(
+                    ErrorClass::NotResponding,
+                    format!("the writer process did not answer {} within {} ms", phase.as_str(), wait.as_millis()),
+                ));
             }
+            // Like any writer that does not answer, it is ended (its input closed): the
+            // protocol's end of input, on which it undoes what it began.
+            Err(NoReply::Stopped) => {
+                return Err(Stop::error(format_args!("waiting for the writer process's {}", phase.as_str())));
+            }
+            Err(NoReply::Disconnected) => return Err(gone(running)),
         };
         let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
             WriterError::new(
@@ -207,5 +202,48 @@ impl Writer for ProcessWriter {
 impl Drop for ProcessWriter {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// A signal ends the wait for a slow prepare-backup: the writer's input is closed at once
+    /// (the protocol's end, on which it undoes what it began) and it exits or is killed within
+    /// the 2 s grace; the late reply is never taken for another request's.
+    #[test]
+    fn a_signal_ends_the_wait_for_a_writer_process_and_closes_its_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("writer.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nwhile read -r line; do\n  case \"$line\" in\n    *prepare-backup*) sleep 1; echo '{\"result\":\"ok\"}' ;;\n    *abort*) echo '{\"result\":\"error\",\"class\":\"nonretryable\",\"message\":\"abort seen\"}' ;;\n    *) echo '{\"result\":\"ok\"}' ;;\n  esac\ndone\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut writer = ProcessWriter::new("w", vec![script.display().to_string()], Duration::from_secs(5), "set");
+        let stop = Arc::new(AtomicBool::new(false));
+        writer.set_stop(stop.clone());
+        let deadline = || Instant::now() + Duration::from_secs(10);
+        writer.handle(Phase::Identify, deadline()).unwrap();
+        let flag = stop.clone();
+        let signal = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let started = Instant::now();
+        let error = writer.handle(Phase::PrepareBackup, deadline()).unwrap_err();
+        signal.join().unwrap();
+        // The script sleeps 1 s before it reads its end of input and exits: less than the
+        // deadline's 10 s, less than the grace's 2 s beyond it.
+        assert!(started.elapsed() < Duration::from_secs(2), "the wait was not ended: {:?}", started.elapsed());
+        assert!(error.message.contains("stopped by a signal"), "{}", error.message);
+        assert!(writer.running.is_none(), "the writer process was left running");
+        let error = writer.handle(Phase::Abort, deadline()).unwrap_err();
+        assert_eq!(error.class, ErrorClass::NotResponding, "{}", error.message);
     }
 }
