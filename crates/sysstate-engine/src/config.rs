@@ -22,6 +22,15 @@ pub struct Config {
     /// `[storage]`.
     #[serde(default)]
     pub storage: StorageSection,
+    /// `[schedule]`: the agent's schedules.
+    #[serde(default)]
+    pub schedule: crate::schedule::ScheduleSection,
+    /// `[retention]`: the policy the agent applies after each scheduled backup.
+    #[serde(default)]
+    pub retention: RetentionSection,
+    /// `[agent]`: the agent's API.
+    #[serde(default)]
+    pub agent: AgentSection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -66,6 +75,75 @@ pub struct StorageSection {
     pub cache: Option<bool>,
     /// The most the cache of one repository may hold (`1GiB`, the default).
     pub cache_max_size: Option<String>,
+}
+
+/// `[retention]`: which versions the agent keeps after each scheduled backup, per group (as
+/// `sysstate forget` takes them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionSection {
+    /// The newest N.
+    pub last: Option<usize>,
+    /// The newest of each of the last N days.
+    pub daily: Option<usize>,
+    /// … weeks.
+    pub weekly: Option<usize>,
+    /// … months.
+    pub monthly: Option<usize>,
+    /// … years.
+    pub yearly: Option<usize>,
+    /// Every version within this long before the group's newest (`2d`).
+    pub within: Option<String>,
+    /// What makes a group (`host,root,components`, the default).
+    pub group_by: Option<String>,
+}
+
+impl RetentionSection {
+    /// The policy and its groups; `None` when the section sets no rule (the agent then keeps
+    /// every version). A section with only `group-by` is refused: it would keep nothing.
+    pub fn policy(&self) -> Result<Option<(sysstate_repo::forget::Policy, sysstate_repo::forget::GroupBy)>> {
+        let invalid = |detail: String| EngineError::new(ErrorCode::InvalidInput, detail);
+        let within_ns = match &self.within {
+            Some(text) => Some(
+                crate::shadow::parse_duration(text)
+                    .map_err(|e| invalid(format!("`retention.within`: {e}")))?
+                    .as_nanos() as i64,
+            ),
+            None => None,
+        };
+        let policy = sysstate_repo::forget::Policy {
+            last: self.last.unwrap_or(0),
+            daily: self.daily.unwrap_or(0),
+            weekly: self.weekly.unwrap_or(0),
+            monthly: self.monthly.unwrap_or(0),
+            yearly: self.yearly.unwrap_or(0),
+            within_ns,
+            tags: Vec::new(),
+        };
+        let group_by = match &self.group_by {
+            Some(text) => sysstate_repo::forget::GroupBy::parse(text)
+                .map_err(|e| invalid(format!("`retention.group-by`: {e}")))?,
+            None => sysstate_repo::forget::GroupBy::default(),
+        };
+        if policy.is_empty() {
+            if self.group_by.is_some() {
+                return Err(invalid("`[retention]` has `group-by` but no rule: it would keep no version".into())
+                    .with_resolution("add a rule (`daily = 7`, `within = \"2d\"`, …) or remove the section"));
+            }
+            return Ok(None);
+        }
+        Ok(Some((policy, group_by)))
+    }
+}
+
+/// `[agent]`: who may use the agent's API (root always may).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentSection {
+    /// Members of this group may start and cancel jobs, as root.
+    pub admin_group: Option<String>,
+    /// Members of this group may read status, jobs, logs and events.
+    pub read_group: Option<String>,
 }
 
 /// `storage.cache-max-size` when the config has none.
@@ -296,6 +374,8 @@ impl Config {
         self.undo_max_bytes().map_err(|e| invalid("jobs.undo-max-size", e.message))?;
         self.connections().map_err(|e| invalid("storage.connections", e.message))?;
         self.cache_max_bytes().map_err(|e| invalid("storage.cache-max-size", e.message))?;
+        self.schedule.schedules().map_err(|(key, detail)| invalid(&key, detail))?;
+        self.retention.policy().map_err(|e| invalid("retention", e.message))?;
         Ok(())
     }
 }

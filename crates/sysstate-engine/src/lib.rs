@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod locks;
 pub mod ops;
 pub mod paths;
+pub mod schedule;
 pub mod shadow;
 pub mod source;
 

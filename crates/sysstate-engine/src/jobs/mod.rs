@@ -12,7 +12,7 @@
 mod runner;
 mod store;
 
-pub use runner::{run, Job, JobOutput};
+pub use runner::{run, run_triggered, Job, JobOutput};
 pub use store::{JobStore, RETENTION};
 
 use serde::Serialize;
@@ -83,6 +83,20 @@ named_enum! {
         Repair => "repair",
         /// The doctor's validation backup.
         Validate => "validate",
+    }
+}
+
+named_enum! {
+    /// What started a job.
+    JobTrigger {
+        /// A command at a prompt (or a script).
+        Command => "command",
+        /// The agent, at a scheduled time.
+        Schedule => "schedule",
+        /// The agent, at its start, for a scheduled time it missed while it was not running.
+        CatchUp => "catch-up",
+        /// The agent, asked through its API (`sysstate backup --now`).
+        Api => "api",
     }
 }
 
@@ -216,6 +230,8 @@ pub struct JobRecord {
     pub kind: JobKind,
     /// Where it is in its life.
     pub state: JobState,
+    /// What started it.
+    pub trigger: JobTrigger,
     /// The process running it.
     pub pid: u32,
     /// When it started (RFC 3339).
@@ -258,6 +274,21 @@ pub struct EventRecord {
     pub job: Option<String>,
     /// Details.
     pub data: Option<serde_json::Value>,
+}
+
+/// Filters of the agent's job list (as Proxmox's task list).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only running jobs (`Some(true)`), only ended ones (`Some(false)`).
+    pub running: Option<bool>,
+    /// Only jobs started since this time (ns).
+    pub since_ns: Option<i64>,
+    /// Only this kind.
+    pub kind: Option<JobKind>,
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// At most this many, newest first.
+    pub limit: usize,
 }
 
 /// Filters of `sysstate events`.

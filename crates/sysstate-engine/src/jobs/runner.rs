@@ -3,7 +3,7 @@
 //! with the right state, version, error and event on every path — a panic included.
 
 use super::store::{JobStore, ProgressWriter};
-use super::{JobKind, JobState, Source};
+use super::{JobKind, JobState, JobTrigger, Source};
 use crate::error::{EngineError, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -182,7 +182,20 @@ pub fn run<T: JobOutput>(
     observer: &dyn Progress,
     work: impl FnOnce(&Job<'_>) -> Result<T>,
 ) -> Result<T> {
-    let id = store.start(kind, target, components)?;
+    run_triggered(store, kind, JobTrigger::Command, target, components, observer, work)
+}
+
+/// Runs `work` as [`run`] does, as a job that `trigger` started (its record says so).
+pub fn run_triggered<T: JobOutput>(
+    store: &Arc<JobStore>,
+    kind: JobKind,
+    trigger: JobTrigger,
+    target: Option<&str>,
+    components: &[String],
+    observer: &dyn Progress,
+    work: impl FnOnce(&Job<'_>) -> Result<T>,
+) -> Result<T> {
+    let id = store.start(kind, trigger, target, components)?;
     let requests_before = sysstate_repo::backend::RequestCounts::now();
     let job = Job {
         store,

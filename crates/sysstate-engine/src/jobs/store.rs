@@ -3,7 +3,7 @@
 //! `sysstate job` in another process shows it. Rows older than the retention are pruned when a
 //! job starts. Only the runner (`jobs::run`) starts and ends rows.
 
-use super::{EventFilter, EventRecord, JobError, JobKind, JobProgress, JobRecord, JobState, Source};
+use super::{EventFilter, EventRecord, JobError, JobFilter, JobKind, JobProgress, JobRecord, JobState, JobTrigger, Source};
 use crate::error::{EngineError, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -36,9 +36,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_cause TEXT,
     error_resolution TEXT,
     error_event_id INTEGER,
-    heartbeat_ns INTEGER
+    heartbeat_ns INTEGER,
+    trigger TEXT NOT NULL DEFAULT 'command'
 );
 CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_ns);
+CREATE TABLE IF NOT EXISTS schedule_marks (
+    name TEXT PRIMARY KEY,
+    covered_ns INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time_ns INTEGER NOT NULL,
@@ -105,12 +110,19 @@ impl JobStore {
         connection.pragma_update(None, "journal_mode", "WAL").map_err(|e| db_error(&path, e))?;
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(|e| db_error(&path, e))?;
         connection.execute_batch(SCHEMA).map_err(|e| db_error(&path, e))?;
-        // Stores made before the heartbeat column get it.
-        if connection.prepare("SELECT heartbeat_ns FROM jobs LIMIT 0").is_err() {
-            connection
-                .execute_batch("ALTER TABLE jobs ADD COLUMN heartbeat_ns INTEGER")
-                .map_err(|e| db_error(&path, e))?;
+        // Stores made before a column get it.
+        for (column, definition) in
+            [("heartbeat_ns", "heartbeat_ns INTEGER"), ("trigger", "trigger TEXT NOT NULL DEFAULT 'command'")]
+        {
+            if connection.prepare(&format!("SELECT {column} FROM jobs LIMIT 0")).is_err() {
+                connection
+                    .execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {definition}"))
+                    .map_err(|e| db_error(&path, e))?;
+            }
         }
+        connection
+            .execute_batch("CREATE INDEX IF NOT EXISTS jobs_kind_ended ON jobs (kind, ended_ns)")
+            .map_err(|e| db_error(&path, e))?;
         Ok(JobStore {
             connection: Mutex::new(connection),
             path,
@@ -149,7 +161,13 @@ impl JobStore {
     }
 
     /// Starts a job: a `running` row and a log file. Prunes rows past the retention.
-    pub(super) fn start(&self, kind: JobKind, target: Option<&str>, components: &[String]) -> Result<String> {
+    pub(super) fn start(
+        &self,
+        kind: JobKind,
+        trigger: JobTrigger,
+        target: Option<&str>,
+        components: &[String],
+    ) -> Result<String> {
         let mut random = [0u8; 6];
         getrandom::getrandom(&mut random).expect("the kernel's random source is available");
         let now = now_ns();
@@ -167,11 +185,11 @@ impl JobStore {
             db.execute("DELETE FROM jobs WHERE ended_ns IS NOT NULL AND ended_ns < ?1", params![cutoff])?;
             db.execute("DELETE FROM events WHERE time_ns < ?1", params![cutoff])?;
             db.execute(
-                "INSERT INTO jobs (id, kind, state, pid, started_ns, target, components, log_path) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7)",
-                params![id, kind.as_str(), std::process::id(), now, target, serde_json::to_string(components).expect("names encode"), log_path.display().to_string()],
+                "INSERT INTO jobs (id, kind, state, pid, started_ns, target, components, log_path, trigger) VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![id, kind.as_str(), std::process::id(), now, target, serde_json::to_string(components).expect("names encode"), log_path.display().to_string(), trigger.as_str()],
             )
         })?;
-        self.log(&id, &format!("{kind} started (pid {})", std::process::id()));
+        self.log(&id, &format!("{kind} started (pid {}, by {trigger})", std::process::id()));
         Ok(id)
     }
 
@@ -352,10 +370,12 @@ impl JobStore {
         let components: String = row.get("components")?;
         let kind: String = row.get("kind")?;
         let state: String = row.get("state")?;
+        let trigger: String = row.get("trigger")?;
         let mut record = JobRecord {
             id: row.get("id")?,
             kind: JobKind::from_name(&kind).ok_or_else(|| unknown("kind", &kind))?,
             state: JobState::from_name(&state).ok_or_else(|| unknown("state", &state))?,
+            trigger: JobTrigger::from_name(&trigger).ok_or_else(|| unknown("trigger", &trigger))?,
             pid: row.get("pid")?,
             started: sysstate_types::time::format_utc(started),
             ended: ended.map(sysstate_types::time::format_utc),
@@ -475,6 +495,68 @@ impl JobStore {
         })
     }
 
+    /// Jobs as `filter` selects them, newest first (the agent's job list). Rows of jobs whose
+    /// process is gone are ended first.
+    pub fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        self.running()?;
+        let running = filter.running.map(|running| if running { "running" } else { "ended" });
+        self.with(|db| {
+            let mut statement = db.prepare_cached(
+                "SELECT * FROM jobs
+                 WHERE (?1 IS NULL OR (?1 = 'running') = (state = 'running'))
+                   AND (?2 IS NULL OR started_ns >= ?2)
+                   AND (?3 IS NULL OR kind = ?3)
+                   AND (?4 IS NULL OR state = ?4)
+                 ORDER BY started_ns DESC LIMIT ?5",
+            )?;
+            let rows = statement.query_map(
+                params![
+                    running,
+                    filter.since_ns,
+                    filter.kind.map(JobKind::as_str),
+                    filter.state.map(JobState::as_str),
+                    filter.limit as i64
+                ],
+                Self::read_job,
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// Up to when the agent has handled the times of the schedule `name` (ns), if it ever ran it.
+    pub fn schedule_mark(&self, name: &str) -> Result<Option<i64>> {
+        self.with(|db| {
+            db.query_row("SELECT covered_ns FROM schedule_marks WHERE name = ?1", params![name], |row| row.get(0))
+                .optional()
+        })
+    }
+
+    /// Records that the agent has handled the times of the schedule `name` up to `covered_ns`.
+    pub fn set_schedule_mark(&self, name: &str, covered_ns: i64) -> Result<()> {
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO schedule_marks (name, covered_ns) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET covered_ns = excluded.covered_ns",
+                params![name, covered_ns],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// The newest job of `kind` that ended in success (`succeeded` true: with or without
+    /// warnings) or in failure.
+    pub fn last_ended(&self, kind: JobKind, succeeded: bool) -> Result<Option<JobRecord>> {
+        let states: &[&str] = if succeeded { &["succeeded", "succeeded-with-warnings"] } else { &["failed"] };
+        self.with(|db| {
+            db.query_row(
+                "SELECT * FROM jobs WHERE kind = ?1 AND state IN (?2, ?3) ORDER BY ended_ns DESC LIMIT 1",
+                params![kind.as_str(), states[0], states[states.len() - 1]],
+                Self::read_job,
+            )
+            .optional()
+        })
+    }
+
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
         self.with(|db| db.query_row("SELECT * FROM jobs WHERE id = ?1", params![id], Self::read_job).optional())
@@ -591,13 +673,13 @@ mod tests {
     fn ended_jobs_their_events_and_logs_are_pruned_past_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap().with_retention(Duration::from_millis(50));
-        let old = store.start(JobKind::Backup, None, &[]).unwrap();
+        let old = store.start(JobKind::Backup, JobTrigger::Command, None, &[]).unwrap();
         let error = EngineError::new(ErrorCode::TargetFull, "full");
         store.finish(&old, JobState::Failed, None, Some(&error)).unwrap();
         let old_log = dir.path().join("logs").join(format!("{old}.log"));
         assert!(old_log.exists());
         std::thread::sleep(Duration::from_millis(120));
-        let new = store.start(JobKind::Backup, None, &[]).unwrap();
+        let new = store.start(JobKind::Backup, JobTrigger::Command, None, &[]).unwrap();
         store.finish(&new, JobState::Succeeded, None, None).unwrap();
         let previous = store.previous(10).unwrap();
         assert_eq!(previous.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![new.as_str()]);
@@ -618,14 +700,14 @@ mod tests {
             std::fs::File::open(&folder).unwrap().set_modified(then).unwrap();
         }
         let store = JobStore::open(dir.path()).unwrap().with_undo_max(Some(8 << 20));
-        store.start(JobKind::Check, None, &[]).unwrap();
+        store.start(JobKind::Check, JobTrigger::Command, None, &[]).unwrap();
         let mut left: Vec<String> =
             std::fs::read_dir(&undo).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, ["c", "d"], "d (5 MiB) and c (2 MiB) fit in 8 MiB; b would not");
         // However small the limit, the newest stays: the last restore can be undone.
         let store = JobStore::open(dir.path()).unwrap().with_undo_max(Some(1));
-        store.start(JobKind::Check, None, &[]).unwrap();
+        store.start(JobKind::Check, JobTrigger::Command, None, &[]).unwrap();
         let left: Vec<_> = std::fs::read_dir(&undo).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left, ["d"]);
     }
@@ -634,7 +716,7 @@ mod tests {
     fn a_killed_job_ends_when_it_was_last_heard_of_not_when_it_is_listed() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
-        let id = store.start(JobKind::Backup, None, &[]).unwrap();
+        let id = store.start(JobKind::Backup, JobTrigger::Command, None, &[]).unwrap();
         store.operation(&id, "reading shadow copies").unwrap();
         // Its process is gone (no pid is that high), last heard of ten minutes ago.
         let ten_minutes_ago = now_ns() - 600 * 1_000_000_000;
@@ -658,7 +740,7 @@ mod tests {
     fn a_job_lives_from_start_to_end_with_its_events() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
-        let id = store.start(JobKind::Backup, Some("/t"), &["config".into()]).unwrap();
+        let id = store.start(JobKind::Backup, JobTrigger::Command, Some("/t"), &["config".into()]).unwrap();
         store.operation(&id, "reading shadow copies").unwrap();
         let running = JobStore::open(dir.path()).unwrap().running().unwrap();
         assert_eq!(running.len(), 1);
@@ -677,5 +759,34 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(std::fs::read_to_string(previous[0].log_path.as_ref().unwrap()).unwrap().contains("writer-timeout"));
+    }
+
+    #[test]
+    fn the_job_list_filters_as_asked_and_says_what_started_each_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let scheduled = store.start(JobKind::Backup, JobTrigger::Schedule, None, &[]).unwrap();
+        store.finish(&scheduled, JobState::Succeeded, Some("abc"), None).unwrap();
+        let failed = store.start(JobKind::Check, JobTrigger::Api, None, &[]).unwrap();
+        store.finish(&failed, JobState::Failed, None, Some(&EngineError::new(ErrorCode::TargetFull, "full"))).unwrap();
+        let running = store.start(JobKind::Backup, JobTrigger::CatchUp, None, &[]).unwrap();
+        let ids = |filter: JobFilter| -> Vec<String> {
+            store.list(&JobFilter { limit: 10, ..filter }).unwrap().into_iter().map(|j| j.id).collect()
+        };
+        assert_eq!(ids(JobFilter::default()), vec![running.clone(), failed.clone(), scheduled.clone()]);
+        assert_eq!(ids(JobFilter { running: Some(true), ..Default::default() }), vec![running.clone()]);
+        assert_eq!(ids(JobFilter { running: Some(false), ..Default::default() }), vec![failed.clone(), scheduled.clone()]);
+        assert_eq!(ids(JobFilter { kind: Some(JobKind::Check), ..Default::default() }), vec![failed.clone()]);
+        assert_eq!(ids(JobFilter { state: Some(JobState::Succeeded), ..Default::default() }), vec![scheduled.clone()]);
+        assert_eq!(store.list(&JobFilter { limit: 1, ..Default::default() }).unwrap()[0].id, running);
+        assert_eq!(store.job(&scheduled).unwrap().unwrap().trigger, JobTrigger::Schedule);
+        assert_eq!(store.last_ended(JobKind::Backup, true).unwrap().unwrap().id, scheduled);
+        assert_eq!(store.last_ended(JobKind::Check, false).unwrap().unwrap().id, failed);
+        assert!(store.last_ended(JobKind::Backup, false).unwrap().is_none());
+        // The agent's schedule marks survive the store.
+        assert_eq!(store.schedule_mark("backup").unwrap(), None);
+        store.set_schedule_mark("backup", 42).unwrap();
+        store.set_schedule_mark("backup", 43).unwrap();
+        assert_eq!(JobStore::open(dir.path()).unwrap().schedule_mark("backup").unwrap(), Some(43));
     }
 }
