@@ -81,6 +81,31 @@ pub fn find(target: &str, passphrase_file: Option<&Path>, state_dir: &Path) -> R
     }
 }
 
+/// The error for a repository whose passphrase was not given, saying how to give one.
+pub fn missing(target: &str, state_dir: &Path) -> EngineError {
+    EngineError::new(ErrorCode::WrongPassphrase, format!("no passphrase for the repository at `{target}`"))
+        .with_cause("no passphrase was given and there is no terminal to ask on")
+        .with_resolution(format!(
+            "set `SYSSTATE_PASSPHRASE`, or pass `--passphrase-file FILE`; the keys sysstate generates are kept in `{}` by repository id, and such a key file works as `--passphrase-file`",
+            state_dir.join("keys").display()
+        ))
+}
+
+/// The passphrase of a backup that nobody is there to type one for (the agent, a command
+/// without a terminal): as [`find`]; for a target with no repository yet, a random key made and
+/// kept in the state directory (true when it was made now). An existing repository without a
+/// passphrase is [`missing`].
+pub fn unattended(target: &str, passphrase_file: Option<&Path>, state_dir: &Path) -> Result<(Vec<u8>, bool)> {
+    if let Some(found) = find(target, passphrase_file, state_dir)? {
+        return Ok((found, false));
+    }
+    if crate::ops::exists(target)? {
+        return Err(missing(target, state_dir));
+    }
+    let (passphrase, _) = generate(target, state_dir)?;
+    Ok((passphrase, true))
+}
+
 /// Makes a random passphrase for a new target and keeps it in the state directory (0600).
 pub fn generate(target: &str, state_dir: &Path) -> Result<(Vec<u8>, PathBuf)> {
     let path = stored_key_path(state_dir, target);

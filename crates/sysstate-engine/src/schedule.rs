@@ -198,12 +198,7 @@ impl ScheduleSection {
 
     /// `read-data-sample` in percent (1–100; 5 by default).
     pub fn read_data_sample(&self) -> Result<u8, String> {
-        let Some(text) = &self.read_data_sample else { return Ok(5) };
-        text.trim()
-            .strip_suffix('%')
-            .and_then(|n| n.trim().parse::<u8>().ok())
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| format!("`{text}`: give a percentage from `1%` to `100%`"))
+        self.read_data_sample.as_deref().map_or(Ok(5), parse_percent)
     }
 
     /// `random-delay` (zero by default).
@@ -213,6 +208,15 @@ impl ScheduleSection {
             Some(text) => crate::shadow::parse_duration(text),
         }
     }
+}
+
+/// A percentage from `1%` to `100%`.
+pub fn parse_percent(text: &str) -> Result<u8, String> {
+    text.trim()
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u8>().ok())
+        .filter(|n| (1..=100).contains(n))
+        .ok_or_else(|| format!("`{text}`: give a percentage from `1%` to `100%`"))
 }
 
 #[cfg(test)]

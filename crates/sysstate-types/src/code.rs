@@ -132,6 +132,15 @@ error_codes! {
     Cancelled = "cancelled", 1070, Error,
         cause: "the job was stopped by SIGINT or SIGTERM (Ctrl-C, `kill`, or the service manager stopping it)",
         resolution: "nothing was stored and every writer was thawed; run the job again when ready";
+    AgentRunning = "agent-running", 1080, Error,
+        cause: "another agent runs on this machine: it holds the agent's lock in the runtime folder",
+        resolution: "use the agent that runs (`sysstate agent status`), or stop it (`systemctl stop sysstate-agent`) before starting another";
+    ScheduleSkipped = "schedule-skipped", 1081, Warning,
+        cause: "a scheduled run came while the previous run of its kind was still running or queued",
+        resolution: "let the running job end; if runs keep overlapping, space the schedule's times further apart";
+    RetentionRefused = "retention-refused", 1082, Error,
+        cause: "the retention policy would drop every version of a group, or the backup just made",
+        resolution: "keep more in `[retention]` (`daily = 7`, a longer `within`); `sysstate forget --dry-run` with the same rules shows what they keep";
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";

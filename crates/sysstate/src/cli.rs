@@ -115,6 +115,10 @@ pub enum Command {
         /// Read, decrypt and verify every blob.
         #[arg(long)]
         read_data: bool,
+        /// Read, decrypt and verify the blobs of a random sample of the packs (`5%`): scheduled
+        /// checks come round to every pack in time.
+        #[arg(long, value_name = "PERCENT", conflicts_with = "read_data")]
+        read_data_sample: Option<String>,
     },
     /// Drop versions by a retention policy (then run `prune`).
     Forget(ForgetArgs),

@@ -20,14 +20,7 @@ pub fn find(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result
 
 /// Like [`find`], but a missing passphrase is an error that says how to give one.
 pub fn require(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> Result<Vec<u8>> {
-    find(target, passphrase_file, quiet)?.ok_or_else(|| {
-        EngineError::new(ErrorCode::WrongPassphrase, format!("no passphrase for the repository at `{target}`"))
-            .with_cause("no passphrase was given and there is no terminal to ask on")
-            .with_resolution(format!(
-                "set `SYSSTATE_PASSPHRASE`, or pass `--passphrase-file FILE`; the keys sysstate generates are kept in `{}` by repository id, and such a key file works as `--passphrase-file`",
-                paths::state_dir().join("keys").display()
-            ))
-    })
+    find(target, passphrase_file, quiet)?.ok_or_else(|| credentials::missing(target, &paths::state_dir()))
 }
 
 /// The passphrase for a backup: as [`find`]; for a target with no repository yet and none given,
@@ -37,9 +30,8 @@ pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> 
     if let Some(found) = credentials::find(target, passphrase_file, &paths::state_dir())? {
         return Ok((found, false));
     }
-    let exists = sysstate_engine::ops::exists(target)?;
     if !quiet && std::io::stdin().is_terminal() {
-        if exists {
+        if sysstate_engine::ops::exists(target)? {
             let given = prompt(&format!("passphrase for `{target}`: "))?;
             return credentials::not_empty(given, "the passphrase typed").map(|given| (given, false));
         }
@@ -54,11 +46,7 @@ pub fn for_backup(target: &str, passphrase_file: Option<&Path>, quiet: bool) -> 
         }
         return Ok((first, false));
     }
-    if exists {
-        return require(target, passphrase_file, quiet).map(|given| (given, false));
-    }
-    let (passphrase, _) = credentials::generate(target, &paths::state_dir())?;
-    Ok((passphrase, true))
+    credentials::unattended(target, passphrase_file, &paths::state_dir())
 }
 
 /// A new passphrase: the file, `SYSSTATE_NEW_PASSPHRASE`, or asked twice on the terminal.

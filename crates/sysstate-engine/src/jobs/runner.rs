@@ -88,7 +88,7 @@ impl Job<'_> {
         let (store, id) = (self.store.clone(), self.id.clone());
         sysstate_shadow::RecoveredHook(Arc::new(move |holder, recovery| {
             if let Some(dead) = &holder.job {
-                if let Err(error) = store.recovered(dead, Some(&id), &recovery.to_string()) {
+                if let Err(error) = store.recovered(dead, &format!("job {id}"), &recovery.to_string()) {
                     tracing::warn!("cannot note the recovery in job {dead}'s record: {error}");
                 }
             }

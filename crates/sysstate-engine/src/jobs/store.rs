@@ -442,13 +442,12 @@ impl JobStore {
     }
 
     /// Says in the record of job `dead`, whose process died holding the shadow-set lock, that
-    /// `by` (a job, or `sysstate shadows recover` when `None`) recovered what its set left: an
+    /// `who` (`job …`, `` `sysstate shadows recover` ``, the agent) recovered what its set left: an
     /// event of it and a line of its log; a `running` row is ended now (as [`running`] would)
     /// and its error says so too.
     ///
     /// [`running`]: JobStore::running
-    pub fn recovered(&self, dead: &str, by: Option<&str>, what: &str) -> Result<()> {
-        let who = by.map_or_else(|| "`sysstate shadows recover`".to_string(), |job| format!("job {job}"));
+    pub fn recovered(&self, dead: &str, who: &str, what: &str) -> Result<()> {
         let said = format!(
             "{who} recovered what this job's shadow set left when its process died, at {}: {what}",
             sysstate_types::time::format_utc(now_ns())

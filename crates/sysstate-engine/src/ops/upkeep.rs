@@ -52,12 +52,15 @@ impl JobOutput for CheckOutcome {
     }
 }
 
-/// Checks the repository's structure under a shared lease; with `read_data`, every byte.
+pub use sysstate_repo::check::ReadData;
+
+/// Checks the repository's structure under a shared lease, and reads as much of its data as
+/// `read` says.
 /// Damage is not an error here: it is in the outcome (its [`JobOutput::failure`]), so the caller
 /// can show everything that was found.
-pub fn check(repo: &Repository, read_data: bool, progress: &dyn Progress) -> Result<CheckOutcome> {
+pub fn check(repo: &Repository, read: ReadData, progress: &dyn Progress) -> Result<CheckOutcome> {
     let lease = repo.read_lease("check")?;
-    let report = sysstate_repo::check::check(repo, read_data, progress)?;
+    let report = sysstate_repo::check::check(repo, read, progress)?;
     Ok(CheckOutcome { target: repo.location(), report, read_without_lease: lease.without() })
 }
 
@@ -72,6 +75,9 @@ pub struct ForgetRequest {
     pub filter: Filter,
     /// Plan only.
     pub dry_run: bool,
+    /// Versions the plan must keep (the agent's newest successful backup): a plan that drops
+    /// one of them, or keeps none of the versions selected, is refused and nothing is dropped.
+    pub must_keep: Vec<Id>,
 }
 
 /// The versions a retention policy keeps and drops.
@@ -109,6 +115,17 @@ pub fn forget(repo: &Repository, request: &ForgetRequest) -> Result<ForgetPlan> 
         repo.versions()?.into_iter().filter(|(_, version)| request.filter.matches(version)).collect();
     let protected = repo.protected()?;
     let (keep, drop) = sysstate_repo::forget::plan(&selected, &request.policy, request.group_by, &protected);
+    let lost = request.must_keep.iter().find(|id| drop.contains(id));
+    if lost.is_some() || (!request.must_keep.is_empty() && keep.is_empty() && !drop.is_empty()) {
+        let what = match lost {
+            Some(id) => format!("version {}, the last successful backup", id.short()),
+            None => format!("all {} versions", drop.len()),
+        };
+        return Err(EngineError::new(
+            ErrorCode::RetentionRefused,
+            format!("the retention policy would drop {what}: nothing was dropped"),
+        ));
+    }
     if !request.dry_run {
         for id in &drop {
             repo.forget_version(id)?;

@@ -218,7 +218,9 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Items { version, components } => read::items(&context, version, components),
         Command::Components => read::components(&context),
         Command::Restore(args) => restore::restore(&context, args),
-        Command::Check { read_data } => upkeep::check(&context, *read_data),
+        Command::Check { read_data, read_data_sample } => {
+            upkeep::check(&context, *read_data, read_data_sample.as_deref())
+        }
         Command::Forget(args) => upkeep::forget(&context, args),
         Command::Prune { dry_run } => upkeep::prune(&context, *dry_run),
         Command::Repair { part } => upkeep::repair(&context, part),

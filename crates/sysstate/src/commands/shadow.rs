@@ -154,7 +154,7 @@ pub fn shadows(context: &Context<'_>, command: Option<&ShadowsCommand>) -> Resul
             let recovered = sysstate_engine::ops::recover_shadow_set(&context.config, &global.root())?;
             // The dead set's job, if it was one here, is told in its record.
             if let Some((sysstate_shadow::LockHolder { job: Some(dead), .. }, recovery)) = &recovered {
-                context.job_store()?.recovered(dead, None, &recovery.to_string())?;
+                context.job_store()?.recovered(dead, "`sysstate shadows recover`", &recovery.to_string())?;
             }
             if global.json {
                 print_json(&match &recovered {

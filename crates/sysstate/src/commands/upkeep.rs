@@ -9,9 +9,18 @@ use sysstate_engine::ops::upkeep::{self, RepairOutcome, RepairPart, ReplicateReq
 use sysstate_engine::{credentials, EngineError, ErrorCode, Result};
 use sysstate_repo::Id;
 
-pub fn check(context: &Context<'_>, read_data: bool) -> Result<Outcome> {
-    let outcome = context
-        .run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read_data, job))?;
+pub fn check(context: &Context<'_>, read_data: bool, sample: Option<&str>) -> Result<Outcome> {
+    let read = match (read_data, sample) {
+        (true, _) => upkeep::ReadData::All,
+        (false, Some(text)) => upkeep::ReadData::Sample(
+            sysstate_engine::schedule::parse_percent(text)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--read-data-sample`: {e}")))?,
+        ),
+        (false, None) => upkeep::ReadData::None,
+    };
+    let read_data = read != upkeep::ReadData::None;
+    let outcome =
+        context.run_job(JobKind::Check, &[], "checking", |job| upkeep::check(&context.open_unhooked()?, read, job))?;
     let report = &outcome.report;
     let failure = outcome.failure();
     context.note_unleased(outcome.read_without_lease.as_ref());
@@ -67,6 +76,7 @@ pub fn forget(context: &Context<'_>, args: &ForgetArgs) -> Result<Outcome> {
         group_by,
         filter: args.filter.filter(),
         dry_run: args.dry_run,
+        must_keep: Vec::new(),
     };
     let policy = &request.policy;
     let plan = context.run_job(JobKind::Forget, &[], "forgetting", |job| {

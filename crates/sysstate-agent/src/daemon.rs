@@ -1,0 +1,514 @@
+//! The agent's life: one per machine (a lock in the runtime folder), the orphaned shadow set of
+//! a killed job recovered at start, a scheduler thread that queues each schedule's runs (one
+//! catch-up for a time missed while the agent was down), a worker that runs the queue one job at
+//! a time, the API, and signals: SIGHUP reloads the config, SIGTERM and SIGINT cancel the running
+//! job cleanly (writers thawed, nothing half-stored) and stop.
+
+use crate::work::{Request, Work};
+use chrono::{DateTime, Local};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use sysstate_engine::config::Config;
+use sysstate_engine::jobs::{JobKind, JobStore, JobTrigger, Source};
+use sysstate_engine::schedule::Schedule;
+use sysstate_engine::{paths, EngineError, ErrorCode, Result};
+use sysstate_shadow::ThawTrigger;
+use sysstate_types::Level;
+
+/// How the agent was started (the binary's global options).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The config file.
+    pub config_file: PathBuf,
+    /// True when it was named (`--config`): then it must exist.
+    pub config_required: bool,
+    /// The root (`/`).
+    pub root: PathBuf,
+    /// `--target`, over the config's.
+    pub target: Option<String>,
+    /// `--passphrase-file`.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// What the agent knows, shared by its threads and its API.
+#[derive(Debug)]
+pub struct Shared {
+    /// How it was started.
+    pub options: AgentOptions,
+    /// The job store.
+    pub store: Arc<JobStore>,
+    state: Mutex<State>,
+    wake: Condvar,
+    /// When it started (ns).
+    pub started_ns: i64,
+}
+
+/// A schedule and its next time.
+#[derive(Debug)]
+pub struct Slot {
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Its next time.
+    pub next: Option<DateTime<Local>>,
+    /// When that run is queued: the next time plus the random delay.
+    pub due: Option<DateTime<Local>>,
+}
+
+/// The job running now.
+#[derive(Debug)]
+pub struct Running {
+    /// The request it runs.
+    pub request: Request,
+    /// Its job id, once its row exists.
+    pub job: Option<String>,
+    /// Fired to cancel it.
+    pub cancel: ThawTrigger,
+}
+
+/// The agent's mutable state.
+#[derive(Debug)]
+pub struct State {
+    /// The config (replaced on SIGHUP).
+    pub config: Arc<Config>,
+    /// The schedules.
+    pub slots: Vec<Slot>,
+    /// Requests waiting, oldest first.
+    pub queue: VecDeque<Request>,
+    /// The job running.
+    pub running: Option<Running>,
+    /// The signal that stops the agent.
+    pub stopping: Option<i32>,
+    reload: bool,
+    next_request: u64,
+    /// Requests that started, with their jobs (the newest 256).
+    pub started: VecDeque<(u64, String)>,
+    /// Why the last reload was refused, if it was.
+    pub config_error: Option<String>,
+}
+
+/// Why a request was not queued.
+#[derive(Debug)]
+pub struct Busy {
+    /// What holds the kind: `job …` or `a request queued`.
+    pub holder: String,
+}
+
+impl Shared {
+    /// The state, locked.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `work`, unless a run of its kind is queued or running (a run never starts while
+    /// another of the same kind runs). Returns the request's id and its place in the queue (0:
+    /// next).
+    pub fn enqueue(&self, work: Work, trigger: JobTrigger, by: String) -> std::result::Result<(u64, usize), Busy> {
+        let mut state = self.lock();
+        if let Some(running) = state.running.as_ref().filter(|r| r.request.work.kind() == work.kind()) {
+            let holder = running.job.as_ref().map_or_else(|| "a job starting now".to_string(), |id| format!("job {id}"));
+            return Err(Busy { holder });
+        }
+        if let Some(queued) = state.queue.iter().find(|r| r.work.kind() == work.kind()) {
+            return Err(Busy { holder: format!("request {} queued by {}", queued.id, queued.by) });
+        }
+        state.next_request += 1;
+        let id = state.next_request;
+        state.queue.push_back(Request { id, work, trigger, by });
+        let place = state.queue.len() - 1 + usize::from(state.running.is_some());
+        self.wake.notify_all();
+        Ok((id, place))
+    }
+
+    /// Cancels the running job `job` on behalf of `by`: true when it was running here. Only a
+    /// backup stops midway (its writers thawed, nothing stored); see [`Work::cancellable`].
+    pub fn cancel(&self, job: &str, by: &str) -> std::result::Result<(), CancelRefused> {
+        let state = self.lock();
+        let Some(running) = state.running.as_ref().filter(|r| r.job.as_deref() == Some(job)) else {
+            return Err(CancelRefused::NotRunningHere);
+        };
+        if !running.request.work.cancellable() {
+            return Err(CancelRefused::NotCancellable(running.request.work.kind()));
+        }
+        let _ = self.store.event(
+            Some(job),
+            Level::Info,
+            Source::Engine,
+            ErrorCode::Cancelled,
+            &format!("cancel asked by {by}: the writers are thawed and nothing of this job is stored"),
+            None,
+        );
+        running.cancel.fire(libc::SIGTERM);
+        Ok(())
+    }
+
+    /// Stops the agent (a signal): the queue is dropped and the running job cancelled.
+    fn stop(&self, signal: i32) {
+        let mut state = self.lock();
+        state.stopping = Some(signal);
+        state.queue.clear();
+        if let Some(running) = &state.running {
+            if running.request.work.cancellable() {
+                running.cancel.fire(signal);
+            }
+        }
+        self.wake.notify_all();
+    }
+
+    /// Asks the scheduler to read the config again.
+    fn reload(&self) {
+        self.lock().reload = true;
+        self.wake.notify_all();
+    }
+}
+
+/// Why a cancel was refused.
+#[derive(Debug)]
+pub enum CancelRefused {
+    /// No such job runs in this agent (ended, unknown, or a command's).
+    NotRunningHere,
+    /// A job of this kind runs to its end.
+    NotCancellable(JobKind),
+}
+
+/// Prints a line of the agent's own log (stderr: journald keeps it under systemd).
+pub(crate) fn say(line: impl AsRef<str>) {
+    eprintln!("sysstate agent: {}", line.as_ref());
+}
+
+/// The agent's lock: `<runtime>/agent.lock`, held with `flock` for the agent's life, holding its
+/// process id and start time for the next one to name.
+#[derive(Debug)]
+struct AgentLock {
+    _file: std::fs::File,
+}
+
+impl AgentLock {
+    fn acquire(runtime: &Path) -> Result<AgentLock> {
+        use std::io::{Read, Seek, Write};
+        let path = runtime.join("agent.lock");
+        let fail = |error: std::io::Error| {
+            EngineError::new(ErrorCode::StateDirPermission, format!("cannot open the agent's lock `{}`: {error}", path.display()))
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(fail)?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(EngineError::new(
+                ErrorCode::AgentRunning,
+                format!(
+                    "another agent runs on this machine: {} (it holds `{}`)",
+                    holder.trim().trim_end_matches('.'),
+                    path.display()
+                ),
+            ));
+        }
+        let holder = format!(
+            "process {} (`sysstate agent`), started {}",
+            std::process::id(),
+            sysstate_types::time::format_utc(sysstate_repo::lock::now_ns())
+        );
+        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(holder.as_bytes())).map_err(fail)?;
+        Ok(AgentLock { _file: file })
+    }
+}
+
+/// Loads the config as the agent was told to.
+fn load_config(options: &AgentOptions) -> Result<Config> {
+    Config::load(&options.config_file, options.config_required)
+}
+
+/// The slots of `config`'s schedules, each with its next time after `now`.
+fn slots(config: &Config, now: &DateTime<Local>) -> Result<Vec<Slot>> {
+    let schedules = config.schedule.schedules().map_err(|(key, detail)| {
+        EngineError::new(ErrorCode::InvalidInput, format!("`{key}`: {detail}"))
+    })?;
+    let delay = config.schedule.random_delay().unwrap_or_default();
+    Ok(schedules
+        .into_iter()
+        .map(|schedule| {
+            let next = schedule.next_after(now);
+            Slot { due: next.map(|n| n + random_delay(delay)), schedule, next }
+        })
+        .collect())
+}
+
+/// A random time up to `bound`.
+fn random_delay(bound: Duration) -> chrono::TimeDelta {
+    if bound.is_zero() {
+        return chrono::TimeDelta::zero();
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the kernel's random source is available");
+    let millis = u64::from_le_bytes(bytes) % (bound.as_millis().max(1) as u64);
+    chrono::TimeDelta::milliseconds(millis as i64)
+}
+
+fn nanos(time: &DateTime<Local>) -> i64 {
+    time.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// Runs the agent in the foreground until SIGTERM or SIGINT.
+pub fn run(options: AgentOptions) -> Result<()> {
+    let config = load_config(&options)?;
+    let now = Local::now();
+    let slots = slots(&config, &now)?;
+    let runtime = paths::runtime_dir();
+    paths::create_private_dir(&runtime).map_err(|error| {
+        EngineError::new(
+            ErrorCode::StateDirPermission,
+            format!("cannot create the runtime folder `{}`: {error}", runtime.display()),
+        )
+    })?;
+    let _lock = AgentLock::acquire(&runtime)?;
+    let state_dir = paths::state_dir();
+    paths::require_private(&state_dir)?;
+    let store = Arc::new(
+        JobStore::open(&state_dir)?.with_retention(config.job_retention()?).with_undo_max(config.undo_max_bytes()?),
+    );
+    // A job that died holding the shadow-set lock left writers frozen or copies behind: put
+    // them right before anything else runs, and tell that job's record.
+    match sysstate_engine::ops::recover_shadow_set(&config, &options.root) {
+        Ok(Some((holder, recovery))) => {
+            say(format!("recovered what a dead shadow set left: {recovery}"));
+            if let Some(dead) = &holder.job {
+                store.recovered(dead, "the agent, at its start", &recovery.to_string())?;
+            }
+        }
+        Ok(None) => {}
+        Err(error) => say(format!("cannot recover an orphaned shadow set: error[{}]: {}", error.code, error.message)),
+    }
+    let shared = Arc::new(Shared {
+        options,
+        store,
+        state: Mutex::new(State {
+            config: Arc::new(config),
+            slots,
+            queue: VecDeque::new(),
+            running: None,
+            stopping: None,
+            reload: false,
+            next_request: 0,
+            started: VecDeque::new(),
+            config_error: None,
+        }),
+        wake: Condvar::new(),
+        started_ns: sysstate_repo::lock::now_ns(),
+    });
+    catch_up(&shared, &now)?;
+    let signals = watch_signals(&shared)?;
+    let socket = crate::socket_path();
+    let api = crate::api::serve(shared.clone(), &socket)?;
+    say(format!("started (pid {}), API on `{}`", std::process::id(), socket.display()));
+    for slot in &shared.lock().slots {
+        say(format!("schedule `{}`: next run {}", slot.schedule.work.key(), describe(slot.next.as_ref())));
+    }
+    let worker = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("sysstate-agent-worker".into())
+            .spawn(move || work_loop(&shared))
+            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("cannot start the agent's worker: {e}")))?
+    };
+    schedule_loop(&shared);
+    let signal = shared.lock().stopping.unwrap_or(libc::SIGTERM);
+    let running = shared.lock().running.as_ref().and_then(|r| r.job.clone());
+    if let Some(job) = &running {
+        say(format!("signal {signal}: cancelling job {job} (its writers are thawed, nothing half-stored)"));
+    }
+    let _ = worker.join();
+    api.stop();
+    signals.close();
+    let _ = std::fs::remove_file(&socket);
+    say(match running {
+        Some(job) => format!("stopped by signal {signal}; job {job} was cancelled cleanly"),
+        None => format!("stopped by signal {signal}; no job was running"),
+    });
+    Ok(())
+}
+
+fn describe(time: Option<&DateTime<Local>>) -> String {
+    time.map_or_else(|| "never".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, false))
+}
+
+/// At start: a schedule whose last time passed while the agent was not running (after the
+/// time it last handled) runs once now. A schedule the agent never ran starts from now.
+fn catch_up(shared: &Shared, now: &DateTime<Local>) -> Result<()> {
+    let works: Vec<(sysstate_engine::schedule::ScheduledWork, Option<DateTime<Local>>)> =
+        shared.lock().slots.iter().map(|slot| (slot.schedule.work, slot.schedule.previous_at(now))).collect();
+    for (work, previous) in works {
+        let key = work.key();
+        let mark = shared.store.schedule_mark(key)?;
+        if let (Some(covered), Some(previous)) = (mark, previous) {
+            if nanos(&previous) > covered {
+                say(format!("schedule `{key}`: the run of {} was missed while the agent was down: running it now", describe(Some(&previous))));
+                let config = shared.lock().config.clone();
+                let _ = shared.enqueue(Work::scheduled(work, &config), JobTrigger::CatchUp, format!("schedule `{key}` (catch-up of {})", describe(Some(&previous))));
+            }
+        }
+        shared.store.set_schedule_mark(key, nanos(now))?;
+    }
+    Ok(())
+}
+
+/// Queues each schedule's runs as their times come, until the agent stops.
+fn schedule_loop(shared: &Shared) {
+    let mut state = shared.lock();
+    loop {
+        if state.stopping.is_some() {
+            return;
+        }
+        if std::mem::take(&mut state.reload) {
+            drop(state);
+            reload(shared);
+            state = shared.lock();
+            continue;
+        }
+        let now = Local::now();
+        let mut fired = Vec::new();
+        let config = state.config.clone();
+        let delay = config.schedule.random_delay().unwrap_or_default();
+        for slot in &mut state.slots {
+            let (Some(next), Some(due)) = (slot.next, slot.due) else { continue };
+            if due <= now {
+                fired.push((slot.schedule.work, next));
+                slot.next = slot.schedule.next_after(&now.max(next));
+                slot.due = slot.next.map(|n| n + random_delay(delay));
+            }
+        }
+        drop(state);
+        for (work, at) in fired {
+            let key = work.key();
+            let by = format!("schedule `{key}` ({})", describe(Some(&at)));
+            if let Err(busy) = shared.enqueue(Work::scheduled(work, &config), JobTrigger::Schedule, by) {
+                let message = format!(
+                    "the `{key}` run of {} was skipped: {} was still running or queued",
+                    describe(Some(&at)),
+                    busy.holder
+                );
+                say(&message);
+                let _ = shared.store.event(None, Level::Warning, Source::Engine, ErrorCode::ScheduleSkipped, &message, None);
+            }
+            if let Err(error) = shared.store.set_schedule_mark(key, nanos(&at)) {
+                say(format!("cannot record the run of schedule `{key}`: {}", error.message));
+            }
+        }
+        state = shared.lock();
+        // Sleep to the next time; wake at least every minute, so that a change of the clock
+        // (a time zone, a step of NTP) is noticed.
+        let wait = state
+            .slots
+            .iter()
+            .filter_map(|slot| slot.due)
+            .min()
+            .map(|due| (due - Local::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::from_secs(60))
+            .min(Duration::from_secs(60));
+        if state.stopping.is_none() && !state.reload && !wait.is_zero() {
+            state = shared.wake.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Reads the config again (SIGHUP). A config that does not load is refused: the agent keeps
+/// the one it has and says why.
+fn reload(shared: &Shared) {
+    let now = Local::now();
+    match load_config(&shared.options).and_then(|config| Ok((slots(&config, &now)?, config))) {
+        Ok((slots, config)) => {
+            let mut state = shared.lock();
+            state.config = Arc::new(config);
+            state.slots = slots;
+            state.config_error = None;
+            say("configuration reloaded");
+            for slot in &state.slots {
+                say(format!("schedule `{}`: next run {}", slot.schedule.work.key(), describe(slot.next.as_ref())));
+            }
+        }
+        Err(error) => {
+            let message = format!("the configuration was not reloaded, the agent keeps the one it had: {}", error.message);
+            say(&message);
+            let _ = shared.store.event(None, Level::Error, Source::Engine, ErrorCode::InvalidInput, &message, None);
+            shared.lock().config_error = Some(error.message);
+        }
+    }
+}
+
+/// Runs the queue, one job at a time, until the agent stops.
+fn work_loop(shared: &Shared) {
+    loop {
+        let (request, config, cancel) = {
+            let mut state = shared.lock();
+            loop {
+                if state.stopping.is_some() {
+                    return;
+                }
+                if let Some(request) = state.queue.pop_front() {
+                    let cancel = ThawTrigger::default();
+                    state.running = Some(Running { request: request.clone(), job: None, cancel: cancel.clone() });
+                    break (request, state.config.clone(), cancel);
+                }
+                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        crate::work::execute(shared, &config, &request, cancel);
+        let mut state = shared.lock();
+        state.running = None;
+        shared.wake.notify_all();
+    }
+}
+
+impl Shared {
+    /// Notes that the running request's job has its row (`id`).
+    pub(crate) fn started(&self, request: u64, id: &str) {
+        let mut state = self.lock();
+        if let Some(running) = state.running.as_mut().filter(|r| r.request.id == request) {
+            running.job = Some(id.to_string());
+        }
+        state.started.push_back((request, id.to_string()));
+        if state.started.len() > 256 {
+            state.started.pop_front();
+        }
+    }
+}
+
+/// The thread that turns signals into a reload or a stop.
+struct SignalThread {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl SignalThread {
+    fn close(self) {
+        self.handle.close();
+    }
+}
+
+fn watch_signals(shared: &Arc<Shared>) -> Result<SignalThread> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(|e| EngineError::new(ErrorCode::Internal, format!("cannot install the agent's signal handler: {e}")))?;
+    let handle = signals.handle();
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("sysstate-agent-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP => {
+                        say("SIGHUP: reloading the configuration");
+                        shared.reload();
+                    }
+                    signal => shared.stop(signal),
+                }
+            }
+        })
+        .map_err(|e| EngineError::new(ErrorCode::Internal, format!("cannot start the agent's signal thread: {e}")))?;
+    Ok(SignalThread { handle })
+}

@@ -1,0 +1,38 @@
+//! The agent (DESIGN §1: the seed's Azure Backup agent): a daemon that protects the machine
+//! without anyone at a prompt. It runs the system state backup on its schedule, applies the
+//! retention policy after each scheduled backup, prunes and checks on their own schedules,
+//! catches up a time it missed while it was not running, and answers a local API on a unix
+//! socket (`docs/api.md`).
+//!
+//! Every run is an ordinary job of the engine's job runner (its record says what started it), so
+//! `sysstate job`, `sysstate events` and the doctor see the agent's work as they see a
+//! command's. One job runs at a time: the agent's queue is the machine's queue.
+//!
+//! - [`daemon`]: the agent's life: its lock, signals, the schedule and the worker;
+//! - [`work`]: what one queued request runs, through the engine's operations;
+//! - [`api`]: the HTTP API on the unix socket, with access by the caller's credentials;
+//! - [`client`]: the CLI's side of that API.
+
+pub mod api;
+pub mod client;
+pub mod daemon;
+mod peer;
+pub mod work;
+
+pub use daemon::{run, AgentOptions};
+
+use std::path::PathBuf;
+
+/// The API's socket: in `SYSSTATE_RUNTIME_DIR` when it is set, else the machine's
+/// (`/run/sysstate/agent.sock`) when an agent runs there, else in this user's runtime folder.
+pub fn socket_path() -> PathBuf {
+    const NAME: &str = "agent.sock";
+    if std::env::var_os("SYSSTATE_RUNTIME_DIR").is_some() {
+        return sysstate_engine::paths::runtime_dir().join(NAME);
+    }
+    let machine = PathBuf::from("/run/sysstate").join(NAME);
+    if machine.exists() {
+        return machine;
+    }
+    sysstate_engine::paths::runtime_dir().join(NAME)
+}

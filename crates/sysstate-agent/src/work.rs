@@ -1,0 +1,199 @@
+//! What a queued request runs: each an ordinary job of the engine's runner, through the same
+//! operations the CLI calls (`ops::backup`, `ops::upkeep::{forget, prune, check}`), its record
+//! saying what started it. After a scheduled backup that succeeded, the retention policy runs as
+//! a `forget` job of its own.
+
+use crate::daemon::{say, Shared};
+use serde::Serialize;
+use std::sync::Arc;
+use sysstate_engine::config::Config;
+use sysstate_engine::jobs::{self, Job, JobKind, JobTrigger};
+use sysstate_engine::ops::{self, upkeep, BackupRequest};
+use sysstate_engine::schedule::ScheduledWork;
+use sysstate_engine::{credentials, paths, Result};
+use sysstate_repo::NoProgress;
+use sysstate_shadow::ThawTrigger;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Work {
+    /// A system state backup of these components (none: the config's).
+    Backup {
+        /// Components named.
+        components: Vec<String>,
+    },
+    /// A prune.
+    Prune,
+    /// A check; with `read_data`, reading that percentage of the packs.
+    Check {
+        /// Percent of the packs read (none: the structure only).
+        read_data: Option<u8>,
+    },
+}
+
+impl Work {
+    /// What a schedule runs, as the config says.
+    pub fn scheduled(work: ScheduledWork, config: &Config) -> Work {
+        match work {
+            ScheduledWork::Backup => Work::Backup { components: Vec::new() },
+            ScheduledWork::Prune => Work::Prune,
+            ScheduledWork::Check => Work::Check { read_data: None },
+            ScheduledWork::CheckReadData => {
+                Work::Check { read_data: Some(config.schedule.read_data_sample().unwrap_or(5)) }
+            }
+        }
+    }
+
+    /// The kind of job it runs: one of each kind at a time.
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Work::Backup { .. } => JobKind::Backup,
+            Work::Prune => JobKind::Prune,
+            Work::Check { .. } => JobKind::Check,
+        }
+    }
+
+    /// True when the job stops midway when cancelled. A backup does (its writers are thawed and
+    /// nothing of it is stored); a prune or a check runs to its end.
+    pub fn cancellable(&self) -> bool {
+        matches!(self, Work::Backup { .. })
+    }
+}
+
+/// A queued request.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Request {
+    /// Its id (`GET /v1/requests/ID`).
+    pub id: u64,
+    /// What it runs.
+    pub work: Work,
+    /// What started it.
+    pub trigger: JobTrigger,
+    /// Who or what asked: a schedule, or an API caller.
+    pub by: String,
+}
+
+/// Runs `request` as its job (and the retention policy after a scheduled backup), recording
+/// its id with the agent as soon as it has one.
+pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel: ThawTrigger) {
+    let target = shared
+        .options
+        .target
+        .clone()
+        .or_else(|| config.backup.target.clone())
+        .unwrap_or_else(paths::default_target);
+    let store = &shared.store;
+    let kind = request.work.kind();
+    let started = |job: &Job<'_>| {
+        shared.started(request.id, job.id());
+        say(format!("job {} started: {kind} ({}, asked by {})", job.id(), request.trigger, request.by));
+    };
+    let passphrase_file = shared.options.passphrase_file.as_deref();
+    let state_dir = paths::state_dir();
+    let outcome: Result<Option<String>> = match &request.work {
+        Work::Backup { components } => {
+            let backup = BackupRequest {
+                config: config.clone(),
+                root: shared.options.root.clone(),
+                target: target.clone(),
+                components: components.clone(),
+                tags: Vec::new(),
+                threads: 0,
+                wait: None,
+                trigger: cancel,
+                damage: None,
+            };
+            let made = jobs::run_triggered(store, kind, request.trigger, Some(&target), components, &NoProgress, |job| {
+                started(job);
+                sysstate_engine::components::select(config, &shared.options.root, components)?;
+                let (passphrase, generated) = credentials::unattended(&target, passphrase_file, &state_dir)?;
+                let report = ops::backup(&backup, &passphrase, job)?;
+                if generated && report.created {
+                    if let Some(key) = credentials::settle(&target, &state_dir) {
+                        job.operation(&format!(
+                            "no passphrase was given: the new repository is protected by a random key kept in `{}`; keep a copy of it somewhere safe",
+                            key.display()
+                        ));
+                    }
+                }
+                Ok(report)
+            });
+            match made {
+                Ok(report) => {
+                    if request.trigger != JobTrigger::Api {
+                        retention(shared, config, &target, request, report.id);
+                    }
+                    Ok(Some(report.job))
+                }
+                Err(error) => Err(error),
+            }
+        }
+        Work::Prune => jobs::run_triggered(store, kind, request.trigger, Some(&target), &[], &NoProgress, |job| {
+            started(job);
+            let passphrase = require(&target, passphrase_file)?;
+            let repo = ops::open_with(&target, &passphrase, job.damage_hook(None), config)?;
+            upkeep::prune(&repo, false, job)
+        })
+        .map(|_| None),
+        Work::Check { read_data } => {
+            jobs::run_triggered(store, kind, request.trigger, Some(&target), &[], &NoProgress, |job| {
+                started(job);
+                let passphrase = require(&target, passphrase_file)?;
+                let repo = ops::open(&target, &passphrase)?.with_connections(config.connections()?);
+                upkeep::check(&repo, read_data.map_or(upkeep::ReadData::None, upkeep::ReadData::Sample), job)
+            })
+            .map(|_| None)
+        }
+    };
+    match outcome {
+        Ok(_) => say(format!("{kind} ended ({})", request.by)),
+        Err(error) => say(format!("{kind} failed: error[{}]: {}", error.code, error.message)),
+    }
+}
+
+/// The passphrase of an existing repository, or the error that says how to give one.
+fn require(target: &str, passphrase_file: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    let state_dir = paths::state_dir();
+    credentials::find(target, passphrase_file, &state_dir)?.ok_or_else(|| credentials::missing(target, &state_dir))
+}
+
+/// Applies `[retention]` to this host's versions after a scheduled backup made `made`, as a
+/// `forget` job; refused (and nothing dropped) when it would drop `made` or every version.
+fn retention(shared: &Arc<Shared>, config: &Config, target: &str, request: &Request, made: sysstate_repo::Id) {
+    let policy = match config.retention.policy() {
+        Ok(Some(policy)) => policy,
+        Ok(None) => return,
+        Err(error) => {
+            say(format!("retention not applied: {}", error.message));
+            return;
+        }
+    };
+    let passphrase_file = shared.options.passphrase_file.as_deref();
+    let ended = jobs::run_triggered(&shared.store, JobKind::Forget, request.trigger, Some(target), &[], &NoProgress, |job| {
+        job.operation("applying the retention policy");
+        let passphrase = require(target, passphrase_file)?;
+        let repo = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
+        let (policy, group_by) = policy;
+        let plan = upkeep::forget(
+            &repo,
+            &upkeep::ForgetRequest {
+                policy,
+                group_by,
+                filter: sysstate_repo::forget::Filter {
+                    hosts: vec![sysstate_repo::lock::host_name()],
+                    ..Default::default()
+                },
+                dry_run: false,
+                must_keep: vec![made],
+            },
+        )?;
+        job.operation(&format!("retention: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len()));
+        Ok(plan)
+    });
+    match ended {
+        Ok(plan) => say(format!("retention applied: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len())),
+        Err(error) => say(format!("retention refused: error[{}]: {}", error.code, error.message)),
+    }
+}
