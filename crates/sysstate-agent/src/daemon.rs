@@ -328,7 +328,10 @@ pub fn run(options: AgentOptions) -> Result<()> {
     signals.close();
     let _ = std::fs::remove_file(&socket);
     say(match running {
-        Some(job) => format!("stopped by signal {signal}; job {job} was cancelled cleanly"),
+        Some(job) => {
+            let ended = shared.store.job(&job).ok().flatten().map_or_else(|| "?".to_string(), |j| j.state.to_string());
+            format!("stopped by signal {signal}; job {job} ended {ended}")
+        }
         None => format!("stopped by signal {signal}; no job was running"),
     });
     Ok(())
@@ -442,7 +445,7 @@ fn reload(shared: &Shared) {
 }
 
 /// Runs the queue, one job at a time, until the agent stops.
-fn work_loop(shared: &Shared) {
+fn work_loop(shared: &Arc<Shared>) {
     loop {
         let (request, config, cancel) = {
             let mut state = shared.lock();

@@ -69,6 +69,10 @@ pub enum Command {
         /// Wait this long for another shadow set to finish (`30s`, `10m`) instead of failing.
         #[arg(long)]
         wait: Option<String>,
+        /// When the agent runs, ask it to back up now (the machine keeps one queue) and follow
+        /// the job to its end; without an agent, back up here.
+        #[arg(long, conflicts_with_all = ["tags", "threads", "wait"])]
+        now: bool,
     },
     /// List the versions in the target.
     Versions {
@@ -168,6 +172,13 @@ pub enum Command {
         /// The N most recent ended jobs, newest first.
         #[arg(long)]
         previous: Option<usize>,
+        #[command(subcommand)]
+        command: Option<JobCommand>,
+    },
+    /// The agent: scheduled backups, retention, the local API (systemd runs it).
+    Agent {
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
     },
     /// The event log.
     Events {
@@ -198,6 +209,23 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<StorageCommand>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Cancel a running job: the agent's through its API, a command's by SIGTERM to its
+    /// process (either way its writers are thawed and nothing half-stored).
+    Cancel {
+        /// The job's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// The agent's state: the job running, the queue, each schedule's next run, the last
+    /// success and failure of each kind of job.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -276,6 +276,18 @@ pub struct EventRecord {
     pub data: Option<serde_json::Value>,
 }
 
+/// A point in time as filters take it: a date (`2026-11-24`), a time (`2026-11-24T10:00:00Z`)
+/// or a duration before now (`2h`); in ns.
+pub fn parse_since(text: &str) -> std::result::Result<i64, String> {
+    if let Some(ns) = sysstate_types::time::parse_utc(text) {
+        return Ok(ns);
+    }
+    let ago = crate::shadow::parse_duration(text).map_err(|_| {
+        format!("`{text}`: use a date (`2026-11-24`), a time (`2026-11-24T10:00:00Z`) or a duration (`2h`)")
+    })?;
+    Ok(sysstate_repo::lock::now_ns() - ago.as_nanos() as i64)
+}
+
 /// Filters of the agent's job list (as Proxmox's task list).
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {

@@ -63,17 +63,11 @@ pub fn events(
             ))
         }
     };
-    let since_ns = match since {
-        None => None,
-        Some(text) => Some(match sysstate_types::time::parse_utc(text) {
-            Some(ns) => ns,
-            None => {
-                let ago = sysstate_engine::shadow::parse_duration(text)
-                    .map_err(|_| EngineError::new(ErrorCode::InvalidInput, format!("`--since {text}`: use a date (`2026-11-24`), a time (`2026-11-24T10:00:00Z`) or a duration (`2h`)")))?;
-                sysstate_repo::lock::now_ns() - ago.as_nanos() as i64
-            }
-        }),
-    };
+    let since_ns = since
+        .as_deref()
+        .map(sysstate_engine::jobs::parse_since)
+        .transpose()
+        .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--since` {e}")))?;
     let store = context.job_store()?;
     let filter = EventFilter { source: source.clone(), level, since_ns, job: job.clone() };
     let events = store.events(&filter)?;

@@ -1,6 +1,7 @@
 //! One module per topic; each command resolves its options, calls the engine (through the job
 //! runner for the operations that are jobs), and prints what comes back.
 
+mod agent;
 mod backup;
 mod doctor;
 mod help;
@@ -207,9 +208,13 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         cli.global.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
     let context = Context { cli, config, target, passed_over: Arc::default() };
     match &cli.command {
-        Command::Backup { components, tags, threads, wait } => {
+        Command::Backup { components, now: true, .. } => agent::backup_now(&context, components),
+        Command::Backup { components, tags, threads, wait, now: false } => {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
         }
+        Command::Agent { command: None } => agent::run(&context),
+        Command::Agent { command: Some(crate::cli::AgentCommand::Status) } => agent::status(&context),
+        Command::Job { command: Some(crate::cli::JobCommand::Cancel { id }), .. } => agent::cancel(&context, id),
         Command::Init => keys::init(&context),
         Command::Config { command: crate::cli::ConfigCommand::Show } => read::config_show(&context),
         Command::Versions { filter } => read::versions(&context, &filter.filter()),
@@ -232,7 +237,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Doctor { .. } | Command::Completions { .. } | Command::Man => {
             unreachable!("handled before the config is read")
         }
-        Command::Job { previous } => jobs::job(&context, *previous),
+        Command::Job { previous, command: None } => jobs::job(&context, *previous),
         Command::Events { source, level, since, job } => jobs::events(&context, source, level, since, job),
         Command::Writers => shadow::writers(&context),
         Command::Providers => shadow::providers(&context),
