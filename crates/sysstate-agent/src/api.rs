@@ -51,7 +51,10 @@ impl ApiHandle {
 /// peer credentials, and the runtime folder is made traversable (0711), not listable.
 pub fn serve(shared: Arc<Shared>, socket: &Path) -> Result<ApiHandle> {
     let fail = |what: &str, error: std::io::Error| {
-        EngineError::new(ErrorCode::StateDirPermission, format!("cannot {what} the API socket `{}`: {error}", socket.display()))
+        EngineError::new(
+            ErrorCode::StateDirPermission,
+            format!("cannot {what} the API socket `{}`: {error}", socket.display()),
+        )
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -85,11 +88,7 @@ pub fn serve(shared: Arc<Shared>, socket: &Path) -> Result<ApiHandle> {
                 continue; // dropped: too many connections at once
             };
             let Ok(credentials) = stream.peer_cred() else { continue };
-            let peer = Peer {
-                uid: credentials.uid(),
-                gid: credentials.gid(),
-                pid: credentials.pid().unwrap_or(0),
-            };
+            let peer = Peer { uid: credentials.uid(), gid: credentials.gid(), pid: credentials.pid().unwrap_or(0) };
             let shared = shared.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
@@ -243,10 +242,20 @@ async fn read_json(request: Request<Incoming>) -> std::result::Result<Value, Res
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", format!("the request body is over {MAX_BODY} bytes"), "send a smaller body: the API's bodies are small JSON objects"));
+            return Err(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                format!("the request body is over {MAX_BODY} bytes"),
+                "send a smaller body: the API's bodies are small JSON objects",
+            ));
         }
         Err(error) => {
-            return Err(refuse(StatusCode::BAD_REQUEST, "bad-request", format!("cannot read the request body: {error}"), "send the whole body"));
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("cannot read the request body: {error}"),
+                "send the whole body",
+            ));
         }
     };
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -254,8 +263,18 @@ async fn read_json(request: Request<Incoming>) -> std::result::Result<Value, Res
     }
     match serde_json::from_slice::<Value>(&body) {
         Ok(value @ Value::Object(_)) => Ok(value),
-        Ok(_) => Err(refuse(StatusCode::BAD_REQUEST, "bad-request", "the body is not a JSON object", "send an object, such as `{\"kind\": \"backup\"}`")),
-        Err(error) => Err(refuse(StatusCode::BAD_REQUEST, "bad-request", format!("the body is not JSON: {error}"), "send an object, such as `{\"kind\": \"backup\"}`")),
+        Ok(_) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "the body is not a JSON object",
+            "send an object, such as `{\"kind\": \"backup\"}`",
+        )),
+        Err(error) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("the body is not JSON: {error}"),
+            "send an object, such as `{\"kind\": \"backup\"}`",
+        )),
     }
 }
 
@@ -328,15 +347,29 @@ async fn list(shared: Arc<Shared>, query: &str) -> Response<Body> {
             },
             "kind" => match JobKind::from_name(value) {
                 Some(kind) => filter.kind = Some(kind),
-                None => return bad(key, format!("`{value}` is not a kind of job"), "give backup, restore, check, forget, prune, …"),
+                None => {
+                    return bad(
+                        key,
+                        format!("`{value}` is not a kind of job"),
+                        "give backup, restore, check, forget, prune, …",
+                    )
+                }
             },
             "state" => match JobState::from_name(value) {
                 Some(state) => filter.state = Some(state),
-                None => return bad(key, format!("`{value}` is not a state"), "give running, succeeded, succeeded-with-warnings, failed or cancelled"),
+                None => {
+                    return bad(
+                        key,
+                        format!("`{value}` is not a state"),
+                        "give running, succeeded, succeeded-with-warnings, failed or cancelled",
+                    )
+                }
             },
             "limit" => match value.parse::<usize>() {
                 Ok(limit @ 1..=MAX_LIST) => filter.limit = limit,
-                _ => return bad(key, format!("`{value}` is not a number from 1 to {MAX_LIST}"), "give a smaller limit"),
+                _ => {
+                    return bad(key, format!("`{value}` is not a number from 1 to {MAX_LIST}"), "give a smaller limit")
+                }
             },
             other => return bad(other, "is not a filter".into(), "filter by running, since, kind, state and limit"),
         }
@@ -366,13 +399,17 @@ fn start(shared: Arc<Shared>, peer: &Peer, body: Value) -> Response<Body> {
     let work = match fields.get("kind").and_then(Value::as_str) {
         Some("backup") => Work::Backup { components },
         Some("prune") => Work::Prune,
-        Some("check") => match fields.get("read-data").map(|v| v.as_str().map(sysstate_engine::schedule::parse_percent)) {
-            None => Work::Check { read_data: None },
-            Some(Some(Ok(percent))) => Work::Check { read_data: Some(percent) },
-            Some(Some(Err(detail))) => return bad(format!("`read-data`: {detail}"), "send `\"5%\"`"),
-            Some(None) => return bad("`read-data` is not a string".into(), "send `\"5%\"`"),
-        },
-        Some(other) => return bad(format!("`{other}` is not a kind the agent starts"), "send `backup`, `prune` or `check`"),
+        Some("check") => {
+            match fields.get("read-data").map(|v| v.as_str().map(sysstate_engine::schedule::parse_percent)) {
+                None => Work::Check { read_data: None },
+                Some(Some(Ok(percent))) => Work::Check { read_data: Some(percent) },
+                Some(Some(Err(detail))) => return bad(format!("`read-data`: {detail}"), "send `\"5%\"`"),
+                Some(None) => return bad("`read-data` is not a string".into(), "send `\"5%\"`"),
+            }
+        }
+        Some(other) => {
+            return bad(format!("`{other}` is not a kind the agent starts"), "send `backup`, `prune` or `check`")
+        }
         None => return bad("the request has no `kind`".into(), "send `{\"kind\": \"backup\"}`"),
     };
     if !matches!(work, Work::Backup { .. }) && fields.contains_key("components") {
@@ -396,7 +433,12 @@ fn start(shared: Arc<Shared>, peer: &Peer, body: Value) -> Response<Body> {
 /// `GET /v1/requests/ID`: queued (with its place) or started (with its job).
 fn request_state(shared: &Shared, id: &str) -> Response<Body> {
     let Ok(id) = id.parse::<u64>() else {
-        return refuse(StatusCode::BAD_REQUEST, "bad-request", format!("`{id}` is not a request id"), "give the number `POST /v1/jobs` answered");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("`{id}` is not a request id"),
+            "give the number `POST /v1/jobs` answered",
+        );
     };
     let state = shared.lock();
     if let Some((_, job)) = state.started.iter().find(|(request, _)| *request == id) {
@@ -409,7 +451,12 @@ fn request_state(shared: &Shared, id: &str) -> Response<Body> {
         let place = place + usize::from(state.running.is_some());
         return reply(StatusCode::OK, &json!({"request": id, "state": "queued", "position": place}));
     }
-    refuse(StatusCode::NOT_FOUND, "not-found", format!("no request {id}: unknown, or dropped when the agent stopped"), "`GET /v1/jobs` lists the jobs")
+    refuse(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        format!("no request {id}: unknown, or dropped when the agent stopped"),
+        "`GET /v1/jobs` lists the jobs",
+    )
 }
 
 /// `POST /v1/jobs/ID/cancel`.
@@ -451,7 +498,12 @@ async fn log(shared: Arc<Shared>, id: String, follow: bool) -> Response<Body> {
         Err(error) => return engine_error(&error),
     };
     let Some(path) = job.log_path.clone() else {
-        return refuse(StatusCode::NOT_FOUND, "not-found", format!("job {id} has no log"), "its events say what it did");
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("job {id} has no log"),
+            "its events say what it did",
+        );
     };
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::result::Result<Frame<Bytes>, std::io::Error>>(8);
     tokio::spawn(async move {
@@ -477,7 +529,8 @@ async fn log(shared: Arc<Shared>, id: String, follow: bool) -> Response<Body> {
             }
             let store = shared.store.clone();
             let id = id.clone();
-            let ended = blocking(move || store.job(&id)).await.ok().flatten().is_none_or(|j| j.state != JobState::Running);
+            let ended =
+                blocking(move || store.job(&id)).await.ok().flatten().is_none_or(|j| j.state != JobState::Running);
             if ended {
                 // The rest: the log's last lines were written before the row ended.
                 while let Ok(read @ 1..) = file.read(&mut buffer).await {

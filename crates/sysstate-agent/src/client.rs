@@ -93,16 +93,13 @@ impl Client {
         body: Option<&Value>,
         mut chunk: impl FnMut(&[u8]) -> bool,
     ) -> Result<u16> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| self.unreachable(e))?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| self.unreachable(e))?;
         runtime.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| self.unreachable(e))?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| self.unreachable(e))?;
             tokio::spawn(connection);
             let body = body.map(|b| serde_json::to_vec(b).expect("JSON encodes")).unwrap_or_default();
             let request = hyper::Request::builder()

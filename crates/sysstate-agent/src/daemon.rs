@@ -107,7 +107,8 @@ impl Shared {
     pub fn enqueue(&self, work: Work, trigger: JobTrigger, by: String) -> std::result::Result<(u64, usize), Busy> {
         let mut state = self.lock();
         if let Some(running) = state.running.as_ref().filter(|r| r.request.work.kind() == work.kind()) {
-            let holder = running.job.as_ref().map_or_else(|| "a job starting now".to_string(), |id| format!("job {id}"));
+            let holder =
+                running.job.as_ref().map_or_else(|| "a job starting now".to_string(), |id| format!("job {id}"));
             return Err(Busy { holder });
         }
         if let Some(queued) = state.queue.iter().find(|r| r.work.kind() == work.kind()) {
@@ -189,7 +190,10 @@ impl AgentLock {
         use std::io::{Read, Seek, Write};
         let path = runtime.join("agent.lock");
         let fail = |error: std::io::Error| {
-            EngineError::new(ErrorCode::StateDirPermission, format!("cannot open the agent's lock `{}`: {error}", path.display()))
+            EngineError::new(
+                ErrorCode::StateDirPermission,
+                format!("cannot open the agent's lock `{}`: {error}", path.display()),
+            )
         };
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -227,9 +231,10 @@ fn load_config(options: &AgentOptions) -> Result<Config> {
 
 /// The slots of `config`'s schedules, each with its next time after `now`.
 fn slots(config: &Config, now: &DateTime<Local>) -> Result<Vec<Slot>> {
-    let schedules = config.schedule.schedules().map_err(|(key, detail)| {
-        EngineError::new(ErrorCode::InvalidInput, format!("`{key}`: {detail}"))
-    })?;
+    let schedules = config
+        .schedule
+        .schedules()
+        .map_err(|(key, detail)| EngineError::new(ErrorCode::InvalidInput, format!("`{key}`: {detail}")))?;
     let delay = config.schedule.random_delay().unwrap_or_default();
     Ok(schedules
         .into_iter()
@@ -351,9 +356,16 @@ fn catch_up(shared: &Shared, now: &DateTime<Local>) -> Result<()> {
         let mark = shared.store.schedule_mark(key)?;
         if let (Some(covered), Some(previous)) = (mark, previous) {
             if nanos(&previous) > covered {
-                say(format!("schedule `{key}`: the run of {} was missed while the agent was down: running it now", describe(Some(&previous))));
+                say(format!(
+                    "schedule `{key}`: the run of {} was missed while the agent was down: running it now",
+                    describe(Some(&previous))
+                ));
                 let config = shared.lock().config.clone();
-                let _ = shared.enqueue(Work::scheduled(work, &config), JobTrigger::CatchUp, format!("schedule `{key}` (catch-up of {})", describe(Some(&previous))));
+                let _ = shared.enqueue(
+                    Work::scheduled(work, &config),
+                    JobTrigger::CatchUp,
+                    format!("schedule `{key}` (catch-up of {})", describe(Some(&previous))),
+                );
             }
         }
         shared.store.set_schedule_mark(key, nanos(now))?;
@@ -397,7 +409,14 @@ fn schedule_loop(shared: &Shared) {
                     busy.holder
                 );
                 say(&message);
-                let _ = shared.store.event(None, Level::Warning, Source::Engine, ErrorCode::ScheduleSkipped, &message, None);
+                let _ = shared.store.event(
+                    None,
+                    Level::Warning,
+                    Source::Engine,
+                    ErrorCode::ScheduleSkipped,
+                    &message,
+                    None,
+                );
             }
             if let Err(error) = shared.store.set_schedule_mark(key, nanos(&at)) {
                 say(format!("cannot record the run of schedule `{key}`: {}", error.message));
@@ -436,7 +455,8 @@ fn reload(shared: &Shared) {
             }
         }
         Err(error) => {
-            let message = format!("the configuration was not reloaded, the agent keeps the one it had: {}", error.message);
+            let message =
+                format!("the configuration was not reloaded, the agent keeps the one it had: {}", error.message);
             say(&message);
             let _ = shared.store.event(None, Level::Error, Source::Engine, ErrorCode::InvalidInput, &message, None);
             shared.lock().config_error = Some(error.message);
@@ -495,8 +515,9 @@ impl SignalThread {
 
 fn watch_signals(shared: &Arc<Shared>) -> Result<SignalThread> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .map_err(|e| EngineError::new(ErrorCode::Internal, format!("cannot install the agent's signal handler: {e}")))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(|e| {
+        EngineError::new(ErrorCode::Internal, format!("cannot install the agent's signal handler: {e}"))
+    })?;
     let handle = signals.handle();
     let shared = shared.clone();
     std::thread::Builder::new()

@@ -44,7 +44,8 @@ impl Peer {
             return Role::Admin;
         }
         let groups = self.groups();
-        let member = |name: &Option<String>| name.as_deref().and_then(group_id).is_some_and(|gid| groups.contains(&gid));
+        let member =
+            |name: &Option<String>| name.as_deref().and_then(group_id).is_some_and(|gid| groups.contains(&gid));
         if member(&config.admin_group) {
             Role::Admin
         } else if member(&config.read_group) {
@@ -71,8 +72,7 @@ fn group_id(name: &str) -> Option<u32> {
     let mut found: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; the buffer outlives the result, which is read
     // before it is dropped.
-    let status =
-        unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+    let status = unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut found) };
     (status == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 

@@ -78,12 +78,8 @@ pub struct Request {
 /// Runs `request` as its job (and the retention policy after a scheduled backup), recording
 /// its id with the agent as soon as it has one.
 pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel: ThawTrigger) {
-    let target = shared
-        .options
-        .target
-        .clone()
-        .or_else(|| config.backup.target.clone())
-        .unwrap_or_else(paths::default_target);
+    let target =
+        shared.options.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
     let store = &shared.store;
     let kind = request.work.kind();
     let started = |job: &Job<'_>| {
@@ -105,21 +101,29 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
                 trigger: cancel,
                 damage: None,
             };
-            let made = jobs::run_triggered(store, kind, request.trigger, Some(&target), components, &NoProgress, |job| {
-                started(job);
-                sysstate_engine::components::select(config, &shared.options.root, components)?;
-                let (passphrase, generated) = credentials::unattended(&target, passphrase_file, &state_dir)?;
-                let report = ops::backup(&backup, &passphrase, job)?;
-                if generated && report.created {
-                    if let Some(key) = credentials::settle(&target, &state_dir) {
-                        job.operation(&format!(
+            let made = jobs::run_triggered(
+                store,
+                kind,
+                request.trigger,
+                Some(&target),
+                components,
+                &NoProgress,
+                |job| {
+                    started(job);
+                    sysstate_engine::components::select(config, &shared.options.root, components)?;
+                    let (passphrase, generated) = credentials::unattended(&target, passphrase_file, &state_dir)?;
+                    let report = ops::backup(&backup, &passphrase, job)?;
+                    if generated && report.created {
+                        if let Some(key) = credentials::settle(&target, &state_dir) {
+                            job.operation(&format!(
                             "no passphrase was given: the new repository is protected by a random key kept in `{}`; keep a copy of it somewhere safe",
                             key.display()
                         ));
+                        }
                     }
-                }
-                Ok(report)
-            });
+                    Ok(report)
+                },
+            );
             match made {
                 Ok(report) => {
                     if request.trigger != JobTrigger::Api {
@@ -171,27 +175,28 @@ fn retention(shared: &Arc<Shared>, config: &Config, target: &str, request: &Requ
         }
     };
     let passphrase_file = shared.options.passphrase_file.as_deref();
-    let ended = jobs::run_triggered(&shared.store, JobKind::Forget, request.trigger, Some(target), &[], &NoProgress, |job| {
-        job.operation("applying the retention policy");
-        let passphrase = require(target, passphrase_file)?;
-        let repo = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
-        let (policy, group_by) = policy;
-        let plan = upkeep::forget(
-            &repo,
-            &upkeep::ForgetRequest {
-                policy,
-                group_by,
-                filter: sysstate_repo::forget::Filter {
-                    hosts: vec![sysstate_repo::lock::host_name()],
-                    ..Default::default()
+    let ended =
+        jobs::run_triggered(&shared.store, JobKind::Forget, request.trigger, Some(target), &[], &NoProgress, |job| {
+            job.operation("applying the retention policy");
+            let passphrase = require(target, passphrase_file)?;
+            let repo = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
+            let (policy, group_by) = policy;
+            let plan = upkeep::forget(
+                &repo,
+                &upkeep::ForgetRequest {
+                    policy,
+                    group_by,
+                    filter: sysstate_repo::forget::Filter {
+                        hosts: vec![sysstate_repo::lock::host_name()],
+                        ..Default::default()
+                    },
+                    dry_run: false,
+                    must_keep: vec![made],
                 },
-                dry_run: false,
-                must_keep: vec![made],
-            },
-        )?;
-        job.operation(&format!("retention: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len()));
-        Ok(plan)
-    });
+            )?;
+            job.operation(&format!("retention: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len()));
+            Ok(plan)
+        });
     match ended {
         Ok(plan) => say(format!("retention applied: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len())),
         Err(error) => say(format!("retention refused: error[{}]: {}", error.code, error.message)),

@@ -105,9 +105,8 @@ impl RetentionSection {
         let invalid = |detail: String| EngineError::new(ErrorCode::InvalidInput, detail);
         let within_ns = match &self.within {
             Some(text) => Some(
-                crate::shadow::parse_duration(text)
-                    .map_err(|e| invalid(format!("`retention.within`: {e}")))?
-                    .as_nanos() as i64,
+                crate::shadow::parse_duration(text).map_err(|e| invalid(format!("`retention.within`: {e}")))?.as_nanos()
+                    as i64,
             ),
             None => None,
         };

@@ -263,11 +263,18 @@ mod tests {
                 "schedule.backup",
             ),
             (
-                ScheduleSection { backup: vec!["01:00".into()], backup_days: vec!["someday".into()], ..Default::default() },
+                ScheduleSection {
+                    backup: vec!["01:00".into()],
+                    backup_days: vec!["someday".into()],
+                    ..Default::default()
+                },
                 "schedule.backup-days",
             ),
             (ScheduleSection { prune: Some("every sunday".into()), ..Default::default() }, "schedule.prune"),
-            (ScheduleSection { read_data_sample: Some("150%".into()), ..Default::default() }, "schedule.read-data-sample"),
+            (
+                ScheduleSection { read_data_sample: Some("150%".into()), ..Default::default() },
+                "schedule.read-data-sample",
+            ),
             (ScheduleSection { random_delay: Some("soon".into()), ..Default::default() }, "schedule.random-delay"),
         ] {
             assert_eq!(section.schedules().unwrap_err().0, key);

@@ -3,7 +3,9 @@
 //! `sysstate job` in another process shows it. Rows older than the retention are pruned when a
 //! job starts. Only the runner (`jobs::run`) starts and ends rows.
 
-use super::{EventFilter, EventRecord, JobError, JobFilter, JobKind, JobProgress, JobRecord, JobState, JobTrigger, Source};
+use super::{
+    EventFilter, EventRecord, JobError, JobFilter, JobKind, JobProgress, JobRecord, JobState, JobTrigger, Source,
+};
 use crate::error::{EngineError, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -774,7 +776,10 @@ mod tests {
         };
         assert_eq!(ids(JobFilter::default()), vec![running.clone(), failed.clone(), scheduled.clone()]);
         assert_eq!(ids(JobFilter { running: Some(true), ..Default::default() }), vec![running.clone()]);
-        assert_eq!(ids(JobFilter { running: Some(false), ..Default::default() }), vec![failed.clone(), scheduled.clone()]);
+        assert_eq!(
+            ids(JobFilter { running: Some(false), ..Default::default() }),
+            vec![failed.clone(), scheduled.clone()]
+        );
         assert_eq!(ids(JobFilter { kind: Some(JobKind::Check), ..Default::default() }), vec![failed.clone()]);
         assert_eq!(ids(JobFilter { state: Some(JobState::Succeeded), ..Default::default() }), vec![scheduled.clone()]);
         assert_eq!(store.list(&JobFilter { limit: 1, ..Default::default() }).unwrap()[0].id, running);

@@ -242,8 +242,10 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         tags: request.tags.clone(),
         threads: request.threads,
         shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
-        // The version is of the moment the writers were frozen.
-        time_ns: set.record().frozen_at_ns,
+        // The version is of the moment the writers were frozen (in tests, by a clock that runs
+        // ahead: a machine whose clock was wrong when it backed up).
+        time_ns: set.record().frozen_at_ns
+            + sysstate_types::failpoint::<i64>("CLOCK_AHEAD_S").unwrap_or(0) * 1_000_000_000,
         cancel: Some(request.trigger.flag()),
     };
     job.operation("reading shadow copies");

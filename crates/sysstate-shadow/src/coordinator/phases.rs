@@ -343,8 +343,12 @@ impl Run<'_> {
         let deadline = started + self.options.commit_timeout;
         let committed = self.trigger.with_stop_flag(|stop| {
             if let Some(ms) = sysstate_types::failpoint("COMMIT_DELAY_MS") {
-                // Failpoint for the tests: a provider commit that takes this long.
-                std::thread::sleep(Duration::from_millis(ms));
+                // Failpoint for the tests: a provider commit that takes this long, and stops at
+                // the stop flag as the providers do.
+                let until = Instant::now() + Duration::from_millis(ms);
+                while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             let commit = |(index, group): (usize, &Group<'_>)| {
                 let budget = group.budget.saturating_sub(group.precopied_bytes());

@@ -61,14 +61,20 @@ pub fn status(context: &Context<'_>) -> Result<Outcome> {
         None => crate::outln!("running: nothing"),
     }
     for queued in status["queue"].as_array().into_iter().flatten() {
-        crate::outln!("queued: request {} ({}, asked by {})", queued["id"], queued["work"]["kind"].as_str().unwrap_or("?"), queued["by"].as_str().unwrap_or("?"));
+        crate::outln!(
+            "queued: request {} ({}, asked by {})",
+            queued["id"],
+            queued["work"]["kind"].as_str().unwrap_or("?"),
+            queued["by"].as_str().unwrap_or("?")
+        );
     }
     let schedules = status["schedules"].as_array().cloned().unwrap_or_default();
     if schedules.is_empty() {
         crate::outln!("schedules: none (`[schedule]` in the config sets them)");
     }
     for schedule in &schedules {
-        let entries: Vec<&str> = schedule["entries"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let entries: Vec<&str> =
+            schedule["entries"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         crate::outln!(
             "schedule {}: {} — next run {}",
             schedule["name"].as_str().unwrap_or("?"),
@@ -108,15 +114,20 @@ pub fn cancel(context: &Context<'_>, id: &str) -> Result<Outcome> {
             .with_resolution("`sysstate job` shows the running jobs and their ids")
     })?;
     if job.state != JobState::Running || store.running()?.iter().all(|j| j.id != id) {
-        return Err(EngineError::new(ErrorCode::InvalidInput, format!("job {id} is not running: it ended {}", job.state))
-            .with_resolution("nothing to cancel"));
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("job {id} is not running: it ended {}", job.state),
+        )
+        .with_resolution("nothing to cancel"));
     }
-    let pid = rustix::process::Pid::from_raw(job.pid as i32).ok_or_else(|| {
-        EngineError::new(ErrorCode::Internal, format!("job {id} records no process id"))
-    })?;
+    let pid = rustix::process::Pid::from_raw(job.pid as i32)
+        .ok_or_else(|| EngineError::new(ErrorCode::Internal, format!("job {id} records no process id")))?;
     rustix::process::kill_process(pid, rustix::process::Signal::Term).map_err(|error| {
-        EngineError::new(ErrorCode::StateDirPermission, format!("cannot signal process {} running job {id}: {error}", job.pid))
-            .with_resolution("run `sysstate job cancel` as root or as the user who started the job")
+        EngineError::new(
+            ErrorCode::StateDirPermission,
+            format!("cannot signal process {} running job {id}: {error}", job.pid),
+        )
+        .with_resolution("run `sysstate job cancel` as root or as the user who started the job")
     })?;
     context.say(format!("job {id}: sent SIGTERM to its process {} (it thaws its writers and stops)", job.pid));
     Ok(Outcome::Success)
@@ -147,8 +158,14 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
     };
     context.say(format!("the agent runs job {job}; following it (Ctrl-C stops following, not the job)"));
     let mut operation = String::new();
+    let store = context.job_store()?;
     let record = loop {
-        let record = client.get(&format!("/v1/jobs/{job}"))?.into_result()?;
+        // The job's record from the agent; from the job store when the agent went away (a
+        // stop cancels its job: the record then says how it ended).
+        let record = match client.get(&format!("/v1/jobs/{job}")) {
+            Ok(answer) => answer.into_result()?,
+            Err(_) => serde_json::to_value(store.job(&job)?).expect("jobs encode"),
+        };
         if record["state"] != "running" {
             break record;
         }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `sysstate` binary against real repositories: local directories,
 //! Garage (S3) and Azurite (Azure Blob) started by `scripts/services.sh`, and real filesystems.
 
+mod agent;
 mod backends;
 mod corruption;
 mod crash;

@@ -1,0 +1,302 @@
+//! The agent, run for real: `sysstate agent` in the background of a sandbox, with schedules of a
+//! few seconds (calendar expressions with seconds), its API on the sandbox's socket, and
+//! signals sent to it as systemd would.
+
+use crate::support::{assert_job_failed, is_root, make_tree, text, Sandbox};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A running agent; stopped with SIGTERM when dropped.
+struct Agent {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(sandbox: &Sandbox, root: &Path, env: &[(&str, &str)]) -> Agent {
+        let log = sandbox.path(&format!("agent-{}.log", now_ns()));
+        let mut command = sandbox.command(&["--root", root.to_str().unwrap(), "agent"]);
+        command.envs(env.iter().copied()).stderr(std::fs::File::create(&log).unwrap());
+        let agent = Agent { child: command.spawn().unwrap(), log };
+        wait_for("the agent's socket", Duration::from_secs(20), || sandbox.path("run/agent.sock").exists());
+        agent
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::Term)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::Term);
+        let _ = self.child.wait();
+    }
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A sandbox whose config has a `data` component, `extra` after it, and a small tree to back up.
+fn setup(extra: &str) -> (Sandbox, PathBuf) {
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 40, 7);
+    let config = format!(
+        "[backup]\ncomponents = [\"data\"]\n\n[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n{}",
+        extra.replace('@', sandbox.dir.path().to_str().unwrap())
+    );
+    std::fs::write(sandbox.path("config.toml"), config).unwrap();
+    (sandbox, root)
+}
+
+fn jobs(sandbox: &Sandbox, count: usize) -> Vec<Value> {
+    sandbox.json(&["job", "--previous", &count.to_string()], 0).as_array().unwrap().clone()
+}
+
+fn of_kind<'j>(jobs: &'j [Value], kind: &str) -> Vec<&'j Value> {
+    jobs.iter().filter(|j| j["kind"] == kind).collect()
+}
+
+/// One raw HTTP request on the agent's socket, as any local process could send it: the status
+/// and the body.
+fn raw(sandbox: &Sandbox, request: &[u8]) -> (u16, String) {
+    let mut stream = std::os::unix::net::UnixStream::connect(sandbox.path("run/agent.sock")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The agent may answer (413) and close before a large body is all written.
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = text(&answer);
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer)
+}
+
+#[test]
+fn scheduled_backups_never_overlap_keep_the_retention_and_say_they_were_scheduled() {
+    let (sandbox, root) = setup("[schedule]\nbackup = [\"*/2 * * * * *\"]\n\n[retention]\nlast = 2\n");
+    // Each backup holds its writers frozen for 2.5 s: runs come every 2 s, so some find the
+    // previous one running and are skipped, never overlapped.
+    let agent = Agent::start(&sandbox, &root, &[("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "2500")]);
+    wait_for("three scheduled backups", Duration::from_secs(60), || {
+        of_kind(&jobs(&sandbox, 50), "backup").iter().filter(|j| j["state"] == "succeeded").count() >= 3
+    });
+    assert!(agent.stop().success());
+    let all = jobs(&sandbox, 50);
+    let mut backups: Vec<&Value> = of_kind(&all, "backup");
+    backups.sort_by_key(|j| j["started"].as_str().unwrap().to_string());
+    assert!(backups.len() >= 3, "{all:#?}");
+    for pair in backups.windows(2) {
+        let (ended, started) = (pair[0]["ended"].as_str().unwrap(), pair[1]["started"].as_str().unwrap());
+        assert!(ended <= started, "two backups overlapped: {:#?}", pair);
+    }
+    for backup in &backups {
+        assert_eq!(backup["trigger"], "schedule", "{backup:#}");
+    }
+    // The retention policy ran after each successful one: two versions stay.
+    let forgets = of_kind(&all, "forget");
+    assert!(forgets.len() >= 3 && forgets.iter().all(|f| f["state"] == "succeeded"), "{forgets:#?}");
+    assert_eq!(sandbox.json(&["versions"], 0).as_array().unwrap().len(), 2);
+    // The runs that came while one ran were skipped, each said.
+    let skipped = sandbox.json(&["events", "--level", "warning"], 0);
+    let skipped: Vec<&Value> = skipped.as_array().unwrap().iter().filter(|e| e["code"] == "schedule-skipped").collect();
+    assert!(!skipped.is_empty(), "no run was skipped while a 2.5 s backup ran every 2 s");
+    assert!(skipped[0]["message"].as_str().unwrap().contains("was still running"), "{:#}", skipped[0]);
+}
+
+#[test]
+fn a_run_missed_while_the_agent_was_down_runs_once_at_its_start() {
+    let (sandbox, root) = setup("[schedule]\nbackup = [\"*/2 * * * * *\"]\n");
+    let agent = Agent::start(&sandbox, &root, &[]);
+    wait_for("a scheduled backup", Duration::from_secs(30), || !of_kind(&jobs(&sandbox, 10), "backup").is_empty());
+    let first_log = agent.log();
+    assert!(agent.stop().success());
+    let before = jobs(&sandbox, 50).len();
+    assert!(
+        of_kind(&jobs(&sandbox, 50), "backup").iter().all(|j| j["trigger"] == "schedule"),
+        "a first start catches nothing up"
+    );
+    // Down across at least two scheduled times.
+    std::thread::sleep(Duration::from_secs(5));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    wait_for("the catch-up run", Duration::from_secs(30), || {
+        of_kind(&jobs(&sandbox, 50), "backup").iter().any(|j| j["trigger"] == "catch-up" && j["state"] != "running")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log();
+    assert!(agent.stop().success());
+    let all = jobs(&sandbox, 100);
+    let caught_up: Vec<&Value> = of_kind(&all, "backup").into_iter().filter(|j| j["trigger"] == "catch-up").collect();
+    assert_eq!(caught_up.len(), 1, "exactly one catch-up run: {all:#?}\n{first_log}\n{log}");
+    assert_eq!(caught_up[0]["state"], "succeeded");
+    assert!(log.contains("missed while the agent was down"), "{log}");
+    assert!(all.len() > before);
+}
+
+#[test]
+fn sigterm_in_the_middle_of_a_freeze_thaws_the_writers_and_cancels_the_job() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\ncomponents = [\"data\"]\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nfreeze-timeout = \"60s\"\n",
+    );
+    // The provider's commit takes 20 s: the writer stays frozen until the signal comes.
+    let agent = Agent::start(&sandbox, &root, &[("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "20000")]);
+    let follower = sandbox
+        .command(&["backup", "--now"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the writer's freeze", Duration::from_secs(30), || sandbox.path("frozen").exists());
+    assert!(!sandbox.path("thawed").exists());
+    let running = sandbox.json(&["job"], 0);
+    assert_eq!(running[0]["trigger"], "api", "{running:#}");
+    let stopped = Instant::now();
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    assert!(stopped.elapsed() < Duration::from_secs(15), "the agent waited for the commit: {:?}", stopped.elapsed());
+    assert!(sandbox.path("thawed").exists(), "the writer was left frozen");
+    let job = &jobs(&sandbox, 1)[0];
+    assert_eq!((job["kind"].as_str(), job["state"].as_str()), (Some("backup"), Some("cancelled")), "{job:#}");
+    assert!(sandbox.json(&["versions"], 0).as_array().unwrap().is_empty(), "nothing half-stored");
+    let writers = sandbox.json(&["writers"], 0);
+    assert_eq!(
+        writers.as_array().unwrap().iter().find(|w| w["name"] == "app").unwrap()["state"],
+        "stable",
+        "{writers:#}"
+    );
+    // The command that asked follows the job to its end and says how it ended.
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(followed.status.code(), Some(2), "{}", text(&followed.stderr));
+    assert!(text(&followed.stderr).contains("error[cancelled]"), "{}", text(&followed.stderr));
+}
+
+#[test]
+fn the_api_answers_by_the_callers_credentials_and_refuses_what_is_malformed() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a caller as another user");
+        return;
+    }
+    let (sandbox, root) = setup("[agent]\nread-group = \"nogroup\"\n");
+    let agent = Agent::start(&sandbox, &root, &[]);
+    // Root may do everything.
+    let status = sandbox.json(&["agent", "status"], 0);
+    assert_eq!(status["agent"]["pid"], agent.child.id());
+    // Another user reaches the socket (the folders are traversable) and is judged by its
+    // credentials: `nobody` is in `nogroup`, the read group: it may read, not start or cancel.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sandbox.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(sandbox.path("config.toml"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut command = sandbox.command(args);
+        command.uid(65534).gid(65534).env("HOME", "/nonexistent");
+        command.output().unwrap()
+    };
+    let read = as_nobody(&["agent", "status", "--json"]);
+    assert_eq!(read.status.code(), Some(0), "{}", text(&read.stderr));
+    let refused = as_nobody(&["backup", "--now"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("403") && stderr.contains("uid 65534") && stderr.contains("admin-group"), "{stderr}");
+    assert!(jobs(&sandbox, 10).is_empty(), "a refused caller started a job");
+    // Without the read group, `nobody` may not even read.
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[backup]\ncomponents = [\"data\"]\n[[component]]\nname = \"data\"\npaths = [\"/data\"]\n",
+    )
+    .unwrap();
+    rustix::process::kill_process(rustix::process::Pid::from_child(&agent.child), rustix::process::Signal::Hup)
+        .unwrap();
+    wait_for("the reload", Duration::from_secs(10), || agent.log().contains("configuration reloaded"));
+    let unread = as_nobody(&["agent", "status"]);
+    assert_eq!(unread.status.code(), Some(2));
+    assert!(text(&unread.stderr).contains("may not use the agent's API"), "{}", text(&unread.stderr));
+    // Hostile input gets a clear refusal, and the agent goes on.
+    let (code, body) = raw(&sandbox, b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{\"kind\":1");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not JSON"), "{body}");
+    let (code, body) =
+        raw(&sandbox, b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"kind\": \"format-c\"}");
+    assert_eq!(code, 400, "{body}");
+    let big = format!("POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n{}", " ".repeat(200_000));
+    let (code, body) = raw(&sandbox, big.as_bytes());
+    assert_eq!(code, 413, "{body}");
+    let (code, body) = raw(&sandbox, b"GET /v1/jobs?limit=0 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = raw(&sandbox, b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 404);
+    let (code, body) = raw(&sandbox, b"GET /v1/jobs/none/log HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = raw(&sandbox, b"this is not http\r\n\r\n");
+    assert_eq!(code, 400);
+    // A backup asked for now runs, and its log and events are there to read.
+    let output = sandbox.run_code(&["backup", "--now"], 0);
+    assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+    let job = &jobs(&sandbox, 1)[0];
+    let id = job["id"].as_str().unwrap();
+    let (code, log) = raw(&sandbox, format!("GET /v1/jobs/{id}/log?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    assert_eq!(code, 200);
+    assert!(log.contains("ended: succeeded"), "{log}");
+    let (code, listed) = raw(&sandbox, b"GET /v1/jobs?kind=backup&state=succeeded&limit=5 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 200);
+    assert!(listed.contains(id), "{listed}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_second_agent_names_the_one_that_runs() {
+    let (sandbox, root) = setup("");
+    let agent = Agent::start(&sandbox, &root, &[]);
+    let output = sandbox.run_code(&["--root", root.to_str().unwrap(), "agent"], 2);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("error[agent-running]"), "{stderr}");
+    assert!(stderr.contains(&format!("process {}", agent.child.id())), "{stderr}");
+    assert!(agent.stop().success());
+    // Once it stopped, another starts.
+    let again = Agent::start(&sandbox, &root, &[]);
+    assert!(again.stop().success());
+}
+
+#[test]
+fn a_retention_that_would_drop_the_backup_just_made_is_refused() {
+    // Every 5 s: the agent is stopped long before a second run after the first.
+    let (sandbox, root) = setup("[schedule]\nbackup = [\"*/5 * * * * *\"]\n\n[retention]\nlast = 1\n");
+    // A version from a clock that ran an hour ahead is the group's newest: `last = 1` would keep
+    // it and drop every backup made since.
+    let ahead = sandbox
+        .command(&["--root", root.to_str().unwrap(), "backup"])
+        .env("SYSSTATE_FAILPOINT_CLOCK_AHEAD_S", "3600")
+        .output()
+        .unwrap();
+    assert_eq!(ahead.status.code(), Some(0), "{}", text(&ahead.stderr));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    wait_for("the retention after a scheduled backup", Duration::from_secs(30), || {
+        !of_kind(&jobs(&sandbox, 10), "forget").is_empty()
+    });
+    assert!(agent.stop().success());
+    assert_job_failed(&sandbox, "retention-refused");
+    let forget = &of_kind(&jobs(&sandbox, 20), "forget")[0].clone();
+    assert!(forget["error"]["message"].as_str().unwrap().contains("the last successful backup"), "{forget:#}");
+    assert!(sandbox.json(&["versions"], 0).as_array().unwrap().len() >= 2, "something was dropped");
+}
