@@ -173,9 +173,9 @@ pub enum CancelRefused {
     NotCancellable(JobKind),
 }
 
-/// Prints a line of the agent's own log (stderr: journald keeps it under systemd).
+/// A line of the agent's own log (journald keeps it under systemd, see [`crate::systemd::log`]).
 pub(crate) fn say(line: impl AsRef<str>) {
-    eprintln!("sysstate agent: {}", line.as_ref());
+    crate::systemd::log(6, line.as_ref(), &[]);
 }
 
 /// The agent's lock: `<runtime>/agent.lock`, held with `flock` for the agent's life, holding its
@@ -315,6 +315,8 @@ pub fn run(options: AgentOptions) -> Result<()> {
     for slot in &shared.lock().slots {
         say(format!("schedule `{}`: next run {}", slot.schedule.work.key(), describe(slot.next.as_ref())));
     }
+    crate::systemd::notify(&format!("READY=1\nSTATUS={}", shared.status_line()));
+    watchdog(&shared);
     let worker = {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -323,6 +325,7 @@ pub fn run(options: AgentOptions) -> Result<()> {
             .map_err(|e| EngineError::new(ErrorCode::Internal, format!("cannot start the agent's worker: {e}")))?
     };
     schedule_loop(&shared);
+    crate::systemd::notify("STOPPING=1\nSTATUS=stopping: cancelling the running job");
     let signal = shared.lock().stopping.unwrap_or(libc::SIGTERM);
     let running = shared.lock().running.as_ref().and_then(|r| r.job.clone());
     if let Some(job) = &running {
@@ -485,6 +488,8 @@ fn work_loop(shared: &Arc<Shared>) {
         let mut state = shared.lock();
         state.running = None;
         shared.wake.notify_all();
+        drop(state);
+        crate::systemd::notify(&format!("STATUS={}", shared.status_line()));
     }
 }
 
@@ -492,14 +497,45 @@ impl Shared {
     /// Notes that the running request's job has its row (`id`).
     pub(crate) fn started(&self, request: u64, id: &str) {
         let mut state = self.lock();
+        let mut kind = None;
         if let Some(running) = state.running.as_mut().filter(|r| r.request.id == request) {
             running.job = Some(id.to_string());
+            kind = Some(running.request.work.kind());
         }
         state.started.push_back((request, id.to_string()));
         if state.started.len() > 256 {
             state.started.pop_front();
         }
+        drop(state);
+        if let Some(kind) = kind {
+            crate::systemd::notify(&format!("STATUS=running job {id} ({kind})"));
+        }
     }
+
+    /// What systemd shows as the agent's status when no job runs: the next scheduled run.
+    pub(crate) fn status_line(&self) -> String {
+        let state = self.lock();
+        let next = state.slots.iter().filter_map(|s| s.next.map(|n| (n, s.schedule.work.key()))).min();
+        match next {
+            Some((at, key)) => format!("idle; next: {key} at {}", describe(Some(&at))),
+            None => "idle; no schedule".to_string(),
+        }
+    }
+}
+
+/// Tells systemd the agent lives, at half its `WatchdogSec=`, for as long as the agent's state
+/// can be taken (a deadlocked agent stops telling, and systemd restarts it).
+fn watchdog(shared: &Arc<Shared>) {
+    let Some(interval) = crate::systemd::watchdog_interval() else { return };
+    let shared = Arc::downgrade(shared);
+    let _ = std::thread::Builder::new().name("sysstate-agent-watchdog".into()).spawn(move || loop {
+        std::thread::sleep(interval);
+        let Some(shared) = shared.upgrade() else { return };
+        if shared.lock().stopping.is_some() {
+            return;
+        }
+        crate::systemd::notify("WATCHDOG=1");
+    });
 }
 
 /// The thread that turns signals into a reload or a stop.

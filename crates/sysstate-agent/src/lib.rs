@@ -17,6 +17,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 mod peer;
+pub mod systemd;
 pub mod work;
 
 pub use daemon::{run, AgentOptions};

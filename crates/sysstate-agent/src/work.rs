@@ -84,7 +84,11 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
     let kind = request.work.kind();
     let started = |job: &Job<'_>| {
         shared.started(request.id, job.id());
-        say(format!("job {} started: {kind} ({}, asked by {})", job.id(), request.trigger, request.by));
+        crate::systemd::log(
+            6,
+            &format!("job {} started: {kind} ({}, asked by {})", job.id(), request.trigger, request.by),
+            &[("SYSSTATE_JOB", job.id())],
+        );
     };
     let passphrase_file = shared.options.passphrase_file.as_deref();
     let state_dir = paths::state_dir();
@@ -151,9 +155,14 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
             .map(|_| None)
         }
     };
+    let job = shared.lock().running.as_ref().and_then(|r| r.job.clone()).unwrap_or_default();
     match outcome {
-        Ok(_) => say(format!("{kind} ended ({})", request.by)),
-        Err(error) => say(format!("{kind} failed: error[{}]: {}", error.code, error.message)),
+        Ok(_) => crate::systemd::log(6, &format!("job {job} ({kind}) ended"), &[("SYSSTATE_JOB", &job)]),
+        Err(error) => crate::systemd::log(
+            if error.code == sysstate_types::ErrorCode::Cancelled { 4 } else { 3 },
+            &format!("job {job} ({kind}) ended: error[{}]: {}", error.code, error.message),
+            &[("SYSSTATE_JOB", &job), ("SYSSTATE_ERROR_CODE", error.code.as_str())],
+        ),
     }
 }
 

@@ -300,3 +300,72 @@ fn a_retention_that_would_drop_the_backup_just_made_is_refused() {
     assert!(forget["error"]["message"].as_str().unwrap().contains("the last successful backup"), "{forget:#}");
     assert!(sandbox.json(&["versions"], 0).as_array().unwrap().len() >= 2, "something was dropped");
 }
+
+/// Reads datagrams from `socket` until one contains `wanted` (or times out); returns them all.
+fn datagrams_until(socket: &std::os::unix::net::UnixDatagram, wanted: &str) -> Vec<String> {
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    while !seen.iter().any(|s: &String| s.contains(wanted)) {
+        let read = socket.recv(&mut buffer).unwrap_or_else(|e| panic!("no `{wanted}` in {seen:#?}: {e}"));
+        seen.push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+    }
+    seen
+}
+
+#[test]
+fn the_units_verify_and_the_agent_speaks_systemds_notify_and_journal_protocols() {
+    // The units as shipped, with the binary under test in place of /usr/bin/sysstate.
+    let sandbox = Sandbox::new();
+    let units = sandbox.path("units");
+    std::fs::create_dir_all(&units).unwrap();
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/systemd");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dist).unwrap() {
+        let path = entry.unwrap().path();
+        let unit = std::fs::read_to_string(&path).unwrap().replace("/usr/bin/sysstate", env!("CARGO_BIN_EXE_sysstate"));
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::write(units.join(&name), unit).unwrap();
+        names.push(format!("./{name}"));
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    if crate::support::require("systemd-analyze", Path::new("/usr/bin/systemd-analyze").exists()) {
+        let verified = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg("--man=no")
+            .args(&names)
+            .current_dir(&units)
+            .output()
+            .unwrap();
+        assert!(verified.status.success() && verified.stderr.is_empty(), "{}", text(&verified.stderr));
+    }
+
+    // The notify protocol: READY once the API answers, the watchdog, STOPPING at SIGTERM.
+    let (sandbox, root) = setup("[schedule]\nbackup = [\"*/2 * * * * *\"]\n");
+    let notify = std::os::unix::net::UnixDatagram::bind(sandbox.path("notify.sock")).unwrap();
+    let journal = std::os::unix::net::UnixDatagram::bind(sandbox.path("journal.sock")).unwrap();
+    let notify_path = sandbox.path("notify.sock").display().to_string();
+    let journal_path = sandbox.path("journal.sock").display().to_string();
+    let agent = Agent::start(
+        &sandbox,
+        &root,
+        &[
+            ("NOTIFY_SOCKET", &notify_path),
+            ("WATCHDOG_USEC", "400000"),
+            ("JOURNAL_STREAM", "8:1234"),
+            ("SYSSTATE_FAILPOINT_JOURNAL_SOCKET", &journal_path),
+        ],
+    );
+    let ready = datagrams_until(&notify, "READY=1");
+    assert!(ready.last().unwrap().contains("STATUS=idle; next: backup at"), "{ready:#?}");
+    datagrams_until(&notify, "STATUS=running job ");
+    // Every 200 ms, half the watchdog's 400 ms.
+    datagrams_until(&notify, "WATCHDOG=1");
+    // The journal gets each line with its fields: the job, and the priority.
+    let lines = datagrams_until(&journal, "SYSSTATE_JOB=");
+    let started = lines.iter().find(|l| l.contains("SYSSTATE_JOB=")).unwrap();
+    assert!(started.contains("PRIORITY=6\n") && started.contains("SYSLOG_IDENTIFIER=sysstate-agent\n"), "{started}");
+    assert!(started.contains("MESSAGE=job ") && started.contains(" started: backup"), "{started}");
+    assert!(agent.stop().success());
+    datagrams_until(&notify, "STOPPING=1");
+}
