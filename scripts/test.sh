@@ -34,6 +34,8 @@ fi
 step "Azurite (npm) and the Azure SDK for Python (creates the test container)"
 command -v azurite-blob >/dev/null || npm install -g --no-fund --no-audit azurite@3 >/dev/null
 python3 -c 'import azure.storage.blob' 2>/dev/null || python3 -m pip install -q azure-storage-blob
+step "aiosmtpd (PyPI): the SMTP server the agent's mail goes to"
+python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd
 
 step "Garage (cargo install, cached in cargo's bin folder)"
 if ! command -v garage >/dev/null; then

@@ -86,6 +86,11 @@ pub struct State {
     pub started: VecDeque<(u64, String)>,
     /// Why the last reload was refused, if it was.
     pub config_error: Option<String>,
+    /// Notices waiting for the hourly digest, and when the first came.
+    pending: Vec<crate::notify::Notice>,
+    pending_since: Option<std::time::Instant>,
+    /// The last success (ns; the agent's start when none) the dead-man alert was sent for.
+    dead_man_sent_for: Option<i64>,
 }
 
 /// Why a request was not queued.
@@ -303,6 +308,9 @@ pub fn run(options: AgentOptions) -> Result<()> {
             next_request: 0,
             started: VecDeque::new(),
             config_error: None,
+            pending: Vec::new(),
+            pending_since: None,
+            dead_man_sent_for: None,
         }),
         wake: Condvar::new(),
         started_ns: sysstate_repo::lock::now_ns(),
@@ -377,7 +385,7 @@ fn catch_up(shared: &Shared, now: &DateTime<Local>) -> Result<()> {
 }
 
 /// Queues each schedule's runs as their times come, until the agent stops.
-fn schedule_loop(shared: &Shared) {
+fn schedule_loop(shared: &Arc<Shared>) {
     let mut state = shared.lock();
     loop {
         if state.stopping.is_some() {
@@ -425,6 +433,7 @@ fn schedule_loop(shared: &Shared) {
                 say(format!("cannot record the run of schedule `{key}`: {}", error.message));
             }
         }
+        let notices_due = notices(shared, &config);
         state = shared.lock();
         // Sleep to the next time; wake at least every minute, so that a change of the clock
         // (a time zone, a step of NTP) is noticed.
@@ -435,9 +444,92 @@ fn schedule_loop(shared: &Shared) {
             .min()
             .map(|due| (due - Local::now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(Duration::from_secs(60))
-            .min(Duration::from_secs(60));
+            .min(Duration::from_secs(60))
+            .min(notices_due);
         if state.stopping.is_none() && !state.reload && !wait.is_zero() {
             state = shared.wake.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// How often the hourly digest goes.
+const DIGEST_EVERY: Duration = Duration::from_secs(3600);
+
+/// The notices that come with time: the dead-man alert (no successful backup for too long) and
+/// the hourly digest. Returns how long until one may be due.
+fn notices(shared: &Arc<Shared>, config: &Config) -> Duration {
+    let Ok(rules) = config.notify.rules() else { return Duration::from_secs(60) };
+    let mut until = Duration::from_secs(60);
+    if let (Some(limit), true) = (rules.no_success_for, config.notify.has_targets()) {
+        // Since the last success; with none, since the agent started.
+        let last = shared.store.last_ended(JobKind::Backup, true).ok().flatten();
+        let reference = last
+            .as_ref()
+            .and_then(|job| job.ended.as_deref().and_then(sysstate_types::time::parse_utc))
+            .unwrap_or(shared.started_ns);
+        let deadline = reference.saturating_add(limit.as_nanos() as i64);
+        let now = sysstate_repo::lock::now_ns();
+        if now >= deadline {
+            let mut state = shared.lock();
+            if state.dead_man_sent_for != Some(reference) {
+                state.dead_man_sent_for = Some(reference);
+                drop(state);
+                shared.tell(config, crate::notify::no_success(last.as_ref(), limit));
+            }
+        } else {
+            until = until.min(Duration::from_nanos((deadline - now) as u64));
+        }
+    }
+    let mut state = shared.lock();
+    if let Some(since) = state.pending_since {
+        let age = since.elapsed();
+        if age >= DIGEST_EVERY || !rules.hourly {
+            let notices = std::mem::take(&mut state.pending);
+            state.pending_since = None;
+            drop(state);
+            if !notices.is_empty() {
+                send(shared, config, crate::notify::digest(&notices));
+            }
+        } else {
+            until = until.min(DIGEST_EVERY - age);
+        }
+    }
+    until
+}
+
+/// Sends `notice` on a thread of its own (a webhook's retries take seconds).
+fn send(shared: &Arc<Shared>, config: &Config, notice: crate::notify::Notice) {
+    let (store, section) = (shared.store.clone(), config.notify.clone());
+    let _ = std::thread::Builder::new()
+        .name("sysstate-agent-notify".into())
+        .spawn(move || crate::notify::deliver_and_record(&store, &section, &notice));
+}
+
+impl Shared {
+    /// Tells `notice` to `[notify]`'s targets: now, or in the hourly digest.
+    pub(crate) fn tell(self: &Arc<Self>, config: &Config, notice: crate::notify::Notice) {
+        if !config.notify.has_targets() {
+            return;
+        }
+        if config.notify.rules().is_ok_and(|r| r.hourly) {
+            let mut state = self.lock();
+            state.pending.push(notice);
+            state.pending_since.get_or_insert_with(std::time::Instant::now);
+            return;
+        }
+        send(self, config, notice);
+    }
+
+    /// The doctor's options for this agent (its diagnosis goes into notices).
+    pub(crate) fn doctor_options(&self) -> sysstate_doctor::Options {
+        sysstate_doctor::Options {
+            config_file: self.options.config_file.clone(),
+            config_required: self.options.config_required,
+            root: self.options.root.clone(),
+            target: self.options.target.clone(),
+            passphrase: None,
+            fix: false,
+            validate: false,
         }
     }
 }

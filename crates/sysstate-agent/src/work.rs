@@ -82,7 +82,9 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
         shared.options.target.clone().or_else(|| config.backup.target.clone()).unwrap_or_else(paths::default_target);
     let store = &shared.store;
     let kind = request.work.kind();
+    let ran = std::cell::RefCell::new(Vec::new());
     let started = |job: &Job<'_>| {
+        ran.borrow_mut().push(job.id().to_string());
         shared.started(request.id, job.id());
         crate::systemd::log(
             6,
@@ -131,7 +133,9 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
             match made {
                 Ok(report) => {
                     if request.trigger != JobTrigger::Api {
-                        retention(shared, config, &target, request, report.id);
+                        if let Some(forget) = retention(shared, config, &target, request, report.id) {
+                            ran.borrow_mut().push(forget);
+                        }
                     }
                     Ok(Some(report.job))
                 }
@@ -156,6 +160,14 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
         }
     };
     let job = shared.lock().running.as_ref().and_then(|r| r.job.clone()).unwrap_or_default();
+    // Each job that ended badly is told, as `[notify]` asks.
+    let options = shared.doctor_options();
+    for id in ran.into_inner() {
+        let Ok(Some(record)) = store.job(&id) else { continue };
+        if let Some(notice) = crate::notify::for_job(store, &record, config, &options) {
+            shared.tell(config, notice);
+        }
+    }
     match outcome {
         Ok(_) => crate::systemd::log(6, &format!("job {job} ({kind}) ended"), &[("SYSSTATE_JOB", &job)]),
         Err(error) => crate::systemd::log(
@@ -173,19 +185,28 @@ fn require(target: &str, passphrase_file: Option<&std::path::Path>) -> Result<Ve
 }
 
 /// Applies `[retention]` to this host's versions after a scheduled backup made `made`, as a
-/// `forget` job; refused (and nothing dropped) when it would drop `made` or every version.
-fn retention(shared: &Arc<Shared>, config: &Config, target: &str, request: &Request, made: sysstate_repo::Id) {
+/// `forget` job (its id returned); refused (and nothing dropped) when it would drop `made` or
+/// every version.
+fn retention(
+    shared: &Arc<Shared>,
+    config: &Config,
+    target: &str,
+    request: &Request,
+    made: sysstate_repo::Id,
+) -> Option<String> {
     let policy = match config.retention.policy() {
         Ok(Some(policy)) => policy,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(error) => {
             say(format!("retention not applied: {}", error.message));
-            return;
+            return None;
         }
     };
+    let id = std::cell::RefCell::new(None);
     let passphrase_file = shared.options.passphrase_file.as_deref();
     let ended =
         jobs::run_triggered(&shared.store, JobKind::Forget, request.trigger, Some(target), &[], &NoProgress, |job| {
+            *id.borrow_mut() = Some(job.id().to_string());
             job.operation("applying the retention policy");
             let passphrase = require(target, passphrase_file)?;
             let repo = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
@@ -210,4 +231,5 @@ fn retention(shared: &Arc<Shared>, config: &Config, target: &str, request: &Requ
         Ok(plan) => say(format!("retention applied: {} versions kept, {} dropped", plan.keep.len(), plan.drop.len())),
         Err(error) => say(format!("retention refused: error[{}]: {}", error.code, error.message)),
     }
+    id.into_inner()
 }

@@ -74,6 +74,21 @@ pub(crate) fn recent_failures(
     out
 }
 
+/// The diagnosis of one failed job, as a notification carries it: the code looked up, the
+/// cause chosen from the evidence, and this machine's specifics (without the checks: what they
+/// would add is left out).
+pub fn diagnose_job(
+    store: &JobStore,
+    job: &JobRecord,
+    config: Option<&Config>,
+    options: &Options,
+) -> Option<Diagnosis> {
+    let error = job.error.as_ref()?;
+    let jobs = store.previous(100).unwrap_or_default();
+    let found = Found { checks: &[], target: options.target.as_deref() };
+    Some(diagnose(job, error, store, &jobs, config, options, &found))
+}
+
 /// The warning events of the last week, newest first, each explained from the knowledge base.
 pub(crate) fn recent_warnings(store: &JobStore) -> Vec<Diagnosis> {
     let since = sysstate_repo::lock::now_ns() - WITHIN_DAYS * 86_400_000_000_000;

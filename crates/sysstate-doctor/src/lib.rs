@@ -7,6 +7,8 @@
 
 mod checks;
 mod diagnose;
+
+pub use diagnose::diagnose_job;
 pub mod knowledge;
 pub mod services;
 

@@ -31,6 +31,9 @@ pub struct Config {
     /// `[agent]`: the agent's API.
     #[serde(default)]
     pub agent: AgentSection,
+    /// `[notify]`: whom the agent tells of failures.
+    #[serde(default)]
+    pub notify: NotifySection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -143,6 +146,97 @@ pub struct AgentSection {
     pub admin_group: Option<String>,
     /// Members of this group may read status, jobs, logs and events.
     pub read_group: Option<String>,
+}
+
+/// `[notify]`: the agent's notifications.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NotifySection {
+    /// What is told: `failure`, `warning`, `no-success-for 26h` (default: failure and warning).
+    pub on: Option<Vec<String>>,
+    /// A URL that gets each notice as a JSON POST.
+    pub webhook: Option<String>,
+    /// E-mail.
+    pub mail: Option<MailConfig>,
+    /// `hourly`: one message an hour with every notice since (default: one message each).
+    pub digest: Option<String>,
+}
+
+/// `[notify] mail`: to whom, through which server (or the local `sendmail`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MailConfig {
+    /// The recipient (`root@localhost`).
+    pub to: String,
+    /// The sender (default: `sysstate@` and the host name).
+    pub from: Option<String>,
+    /// An SMTP server (`host:port`), spoken to in plain SMTP (a local relay).
+    pub smtp: Option<String>,
+    /// The local `sendmail` program (the default when no `smtp` is given: `/usr/sbin/sendmail`).
+    pub sendmail: Option<String>,
+}
+
+/// What `[notify] on` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotifyRules {
+    /// A failed job (critical).
+    pub failure: bool,
+    /// A job that ended with warnings (warning).
+    pub warning: bool,
+    /// No successful backup for this long (critical; fires even when no job ran).
+    pub no_success_for: Option<std::time::Duration>,
+    /// One message an hour.
+    pub hourly: bool,
+}
+
+impl NotifySection {
+    /// True when a target is configured.
+    pub fn has_targets(&self) -> bool {
+        self.webhook.is_some() || self.mail.is_some()
+    }
+
+    /// The rules, checked.
+    pub fn rules(&self) -> Result<NotifyRules> {
+        let invalid = |detail: String| EngineError::new(ErrorCode::InvalidInput, detail);
+        let mut rules = NotifyRules::default();
+        let default = ["failure".to_string(), "warning".to_string()];
+        for rule in self.on.as_deref().unwrap_or(&default) {
+            match rule.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["failure"] => rules.failure = true,
+                ["warning"] => rules.warning = true,
+                ["no-success-for", duration] => {
+                    rules.no_success_for = Some(
+                        crate::shadow::parse_duration(duration)
+                            .map_err(|e| invalid(format!("`notify.on`: `{rule}`: {e}")))?,
+                    )
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "`notify.on`: `{rule}` is not a rule: use `failure`, `warning` or `no-success-for 26h`"
+                    )))
+                }
+            }
+        }
+        rules.hourly = match self.digest.as_deref() {
+            None => false,
+            Some("hourly") => true,
+            Some(other) => return Err(invalid(format!("`notify.digest`: `{other}`: use `hourly`, or leave it out"))),
+        };
+        if let Some(url) = &self.webhook {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(format!("`notify.webhook`: `{url}` is not an http:// or https:// URL")));
+            }
+        }
+        if let Some(mail) = &self.mail {
+            if mail.smtp.is_some() && mail.sendmail.is_some() {
+                return Err(invalid("`notify.mail`: give `smtp` or `sendmail`, not both".into()));
+            }
+            if mail.to.trim().is_empty() {
+                return Err(invalid("`notify.mail.to` is empty".into()));
+            }
+        }
+        Ok(rules)
+    }
 }
 
 /// `storage.cache-max-size` when the config has none.
@@ -375,6 +469,7 @@ impl Config {
         self.cache_max_bytes().map_err(|e| invalid("storage.cache-max-size", e.message))?;
         self.schedule.schedules().map_err(|(key, detail)| invalid(&key, detail))?;
         self.retention.policy().map_err(|e| invalid("retention", e.message))?;
+        self.notify.rules().map_err(|e| invalid("notify", e.message))?;
         Ok(())
     }
 }

@@ -141,6 +141,9 @@ error_codes! {
     RetentionRefused = "retention-refused", 1082, Error,
         cause: "the retention policy would drop every version of a group, or the backup just made",
         resolution: "keep more in `[retention]` (`daily = 7`, a longer `within`); `sysstate forget --dry-run` with the same rules shows what they keep";
+    NotificationFailed = "notification-failed", 1083, Warning,
+        cause: "a notification could not be delivered: the webhook or mail server refused it or did not answer",
+        resolution: "check the target named in `[notify]` (address, port, that the server runs); `sysstate notify test` tries every target and says how each went";
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";

@@ -180,6 +180,11 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<AgentCommand>,
     },
+    /// The agent's notifications (`[notify]`).
+    Notify {
+        #[command(subcommand)]
+        command: NotifyCommand,
+    },
     /// The event log.
     Events {
         /// Only this source: repository, shadow, writer, engine.
@@ -219,6 +224,12 @@ pub enum JobCommand {
         /// The job's id.
         id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyCommand {
+    /// Send a test message to every target in `[notify]` and say how each delivery went.
+    Test,
 }
 
 #[derive(Debug, Subcommand)]

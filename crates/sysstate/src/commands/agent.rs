@@ -196,3 +196,35 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
         _ => Outcome::Failed,
     })
 }
+
+/// `sysstate notify test`: a test message to every target, each delivery reported.
+pub fn notify_test(context: &Context<'_>) -> Result<Outcome> {
+    let section = &context.config.notify;
+    if !section.has_targets() {
+        return Err(EngineError::new(ErrorCode::InvalidInput, "`[notify]` names no target: nothing to test")
+            .with_resolution("add `webhook = \"https://…\"` or `mail = { to = \"root@localhost\", smtp = \"127.0.0.1:25\" }` to `[notify]` (docs/config.md)"));
+    }
+    let deliveries = sysstate_agent::notify::deliver(section, &sysstate_agent::notify::test_notice());
+    let failed = deliveries.iter().filter(|d| d.result.is_err()).count();
+    if context.json() {
+        let rows: Vec<Value> = deliveries
+            .iter()
+            .map(|d| json!({"target": d.target, "delivered": d.result.is_ok(), "error": d.result.as_ref().err()}))
+            .collect();
+        print_json(&json!(rows));
+    } else {
+        for delivery in &deliveries {
+            match &delivery.result {
+                Ok(()) => crate::outln!("{}: delivered", delivery.target),
+                Err(why) => crate::outln!("{}: NOT delivered: {why}", delivery.target),
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(EngineError::new(
+            ErrorCode::NotificationFailed,
+            format!("{failed} of {} targets did not take the test message", deliveries.len()),
+        ));
+    }
+    Ok(Outcome::Success)
+}

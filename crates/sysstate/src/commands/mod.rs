@@ -213,6 +213,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             backup::backup(&context, components, tags, *threads, wait.as_deref())
         }
         Command::Agent { command: None } => agent::run(&context),
+        Command::Notify { command: crate::cli::NotifyCommand::Test } => agent::notify_test(&context),
         Command::Agent { command: Some(crate::cli::AgentCommand::Status) } => agent::status(&context),
         Command::Job { command: Some(crate::cli::JobCommand::Cancel { id }), .. } => agent::cancel(&context, id),
         Command::Init => keys::init(&context),

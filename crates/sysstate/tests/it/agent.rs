@@ -369,3 +369,198 @@ fn the_units_verify_and_the_agent_speaks_systemds_notify_and_journal_protocols()
     assert!(agent.stop().success());
     datagrams_until(&notify, "STOPPING=1");
 }
+
+/// A webhook receiver on 127.0.0.1: answers the first request 503 (so the agent must retry),
+/// then 200, keeping each body.
+struct Webhook {
+    port: u16,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (kept, counted) = (bodies.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                let status = if first { "503 Service Unavailable" } else { "200 OK" };
+                if !first {
+                    kept.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                }
+                let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Webhook { port, bodies, requests }
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// aiosmtpd on 127.0.0.1, keeping each message in a Maildir; stopped when dropped.
+struct Smtp {
+    child: std::process::Child,
+    port: u16,
+    maildir: PathBuf,
+}
+
+impl Smtp {
+    fn start(dir: &Path) -> Option<Smtp> {
+        let available = std::process::Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !crate::support::require("aiosmtpd (pip install aiosmtpd)", available) {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let maildir = dir.join("maildir");
+        let child = std::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("aiosmtpd", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Some(Smtp { child, port, maildir })
+    }
+
+    fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else { return Vec::new() };
+        entries.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_failure_is_told_once_by_webhook_and_by_mail_with_the_culprit_and_the_doctors_diagnosis() {
+    let sandbox_dir = tempfile::tempdir().unwrap();
+    let Some(smtp) = Smtp::start(sandbox_dir.path()) else { return };
+    let webhook = Webhook::start();
+    let notify = format!(
+        "[notify]\non = [\"failure\", \"warning\"]\nwebhook = \"http://127.0.0.1:{}/hook\"\nmail = {{ to = \"root@localhost\", smtp = \"127.0.0.1:{}\" }}\n",
+        webhook.port, smtp.port
+    );
+    let writer = "[[writer]]\nname = \"slowdb\"\nkind = \"command\"\nfreeze = [\"sleep\", \"3\"]\nthaw = [\"true\"]\nfreeze-timeout = \"500ms\"\n";
+    let (sandbox, root) = setup(writer);
+    // After `setup`, which reads `@` as the sandbox's folder.
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+    std::fs::write(sandbox.path("config.toml"), format!("{config}\n{notify}")).unwrap();
+    // `notify test` reaches both targets (the webhook's first answer, a 503, is tried again).
+    let tested = sandbox.run_code(&["notify", "test"], 0);
+    let said = text(&tested.stdout);
+    assert!(said.contains("webhook http://127.0.0.1") && said.contains(": delivered"), "{said}");
+    assert!(said.contains("mail to root@localhost via SMTP"), "{said}");
+    assert_eq!(webhook.requests.load(std::sync::atomic::Ordering::SeqCst), 2, "the 503 was not tried again");
+    assert_eq!(smtp.messages().len(), 1);
+    assert!(smtp.messages()[0].contains("notifications work"));
+
+    // A writer that outlives its freeze window fails the backup: one notice on each target.
+    let agent = Agent::start(&sandbox, &root, &[]);
+    let failed = sandbox.run_code(&["backup", "--now"], 2);
+    assert!(text(&failed.stderr).contains("error[writer-timeout]"), "{}", text(&failed.stderr));
+    wait_for("the notices", Duration::from_secs(30), || webhook.bodies().len() == 2 && smtp.messages().len() == 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let hooks = webhook.bodies();
+    assert_eq!(hooks.len(), 2, "exactly one notice for one failure: {hooks:#?}");
+    let hook: Value = serde_json::from_str(&hooks[1]).unwrap();
+    assert_eq!(hook["level"], "critical");
+    assert_eq!(hook["job"]["error"]["code"], "writer-timeout");
+    assert!(hook["job"]["error"]["message"].as_str().unwrap().contains("slowdb"), "{hook:#}");
+    assert!(!hook["diagnosis"]["resolution"].as_str().unwrap().is_empty(), "{hook:#}");
+    assert!(
+        hook["diagnosis"]["specifics"].as_array().unwrap().iter().any(|s| s.as_str().unwrap().contains("slowdb")),
+        "{hook:#}"
+    );
+    let mails = smtp.messages();
+    let mail = mails.iter().find(|m| m.contains("writer-timeout")).unwrap_or_else(|| panic!("{mails:#?}"));
+    assert!(mail.contains("Subject: [sysstate critical]") && mail.contains("slowdb"), "{mail}");
+    assert!(mail.contains("resolution:") && mail.contains("The doctor's diagnosis"), "{mail}");
+
+    // A job the administrator cancels is not told (the writer now has the time it needs, and
+    // the job is cancelled in its freeze).
+    let reload = |from: &str, to: &str, count: usize| {
+        let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+        assert!(config.contains(from), "{config}");
+        std::fs::write(sandbox.path("config.toml"), config.replace(from, to)).unwrap();
+        rustix::process::kill_process(rustix::process::Pid::from_child(&agent.child), rustix::process::Signal::Hup)
+            .unwrap();
+        wait_for("the reload", Duration::from_secs(10), || {
+            agent.log().matches("configuration reloaded").count() == count
+        });
+    };
+    reload("freeze-timeout = \"500ms\"", "freeze-timeout = \"60s\"", 1);
+    let follower = sandbox
+        .command(&["backup", "--now"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the second backup", Duration::from_secs(20), || {
+        !sandbox.json(&["job"], 0).as_array().unwrap().is_empty()
+    });
+    let id = sandbox.json(&["job"], 0)[0]["id"].as_str().unwrap().to_string();
+    sandbox.ok(&["job", "cancel", &id]);
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(followed.status.code(), Some(2));
+    assert_eq!(jobs(&sandbox, 1)[0]["state"], "cancelled");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(webhook.bodies().len(), 2, "a cancelled job was told");
+
+    // No success for 2 s (none ever, here): the dead-man alert, once.
+    reload("\"warning\"]", "\"warning\", \"no-success-for 2s\"]", 2);
+    wait_for("the dead-man alert", Duration::from_secs(30), || webhook.bodies().len() == 3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(webhook.bodies().len(), 3, "the dead-man alert is sent once: {:#?}", webhook.bodies());
+    assert!(webhook.bodies()[2].contains("no-success-for-seconds"), "{}", webhook.bodies()[2]);
+    assert!(smtp.messages().iter().any(|m| m.contains("no successful backup for")), "{:#?}", smtp.messages());
+
+    // A target that does not answer is an event, not a failed job.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    reload(&format!("127.0.0.1:{}/hook", webhook.port), &format!("127.0.0.1:{dead}/hook"), 3);
+    reload("freeze-timeout = \"60s\"", "freeze-timeout = \"500ms\"", 4);
+    sandbox.run_code(&["backup", "--now"], 2);
+    wait_for("the failed delivery", Duration::from_secs(30), || {
+        sandbox
+            .json(&["events", "--level", "warning"], 0)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == "notification-failed")
+    });
+    let events = sandbox.json(&["events", "--level", "warning"], 0);
+    let event = events.as_array().unwrap().iter().find(|e| e["code"] == "notification-failed").unwrap();
+    assert!(event["message"].as_str().unwrap().contains(&format!("127.0.0.1:{dead}")), "{event:#}");
+    assert!(event["message"].as_str().unwrap().contains("tried 3 times"), "{event:#}");
+    let untold = sandbox.run_code(&["notify", "test"], 2);
+    assert!(text(&untold.stdout).contains("NOT delivered"), "{}", text(&untold.stdout));
+    assert!(text(&untold.stderr).contains("error[notification-failed]"), "{}", text(&untold.stderr));
+    assert!(agent.stop().success());
+}
