@@ -39,6 +39,65 @@ pub struct ApiHandle {
 }
 
 impl ApiHandle {
+    /// Serves `GET /metrics` on `address` too (`[metrics] listen`): the metrics only, to
+    /// anyone who can reach the address, with the API's bounds.
+    pub fn serve_metrics(&self, shared: Arc<Shared>, address: std::net::SocketAddr) -> Result<()> {
+        let listener = {
+            let _guard = self.runtime.enter();
+            let socket = std::net::TcpListener::bind(address).map_err(|error| {
+                EngineError::new(ErrorCode::InvalidInput, format!("cannot listen on `{address}` for metrics: {error}"))
+                    .with_resolution("choose a free address and port in `metrics.listen`")
+            })?;
+            socket.set_nonblocking(true).map_err(|e| EngineError::new(ErrorCode::Internal, e.to_string()))?;
+            tokio::net::TcpListener::from_std(socket)
+                .map_err(|e| EngineError::new(ErrorCode::Internal, e.to_string()))?
+        };
+        let stopped = self.stop.clone();
+        self.runtime.spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped.notified() => return,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let shared = shared.clone();
+                        async move {
+                            let response = if request.method() == Method::GET && request.uri().path() == "/metrics" {
+                                let config = shared.lock().config.clone();
+                                let text = blocking(move || crate::metrics::render(&shared, &config)).await;
+                                Response::builder()
+                                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                    .body(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed())
+                                    .expect("a response builds")
+                            } else {
+                                refuse(
+                                    StatusCode::NOT_FOUND,
+                                    "not-found",
+                                    "only `GET /metrics` is served here",
+                                    "scrape `/metrics`",
+                                )
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(())
+    }
+
     /// Stops serving; connections in flight are dropped.
     pub fn stop(self) {
         self.stop.notify_waiters();

@@ -41,6 +41,7 @@ pub struct Shared {
     pub store: Arc<JobStore>,
     state: Mutex<State>,
     wake: Condvar,
+    counters: Mutex<crate::metrics::Counters>,
     /// When it started (ns).
     pub started_ns: i64,
 }
@@ -101,6 +102,11 @@ pub struct Busy {
 }
 
 impl Shared {
+    /// What the agent counts for its metrics, locked.
+    pub fn counters(&self) -> MutexGuard<'_, crate::metrics::Counters> {
+        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The state, locked.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -313,12 +319,19 @@ pub fn run(options: AgentOptions) -> Result<()> {
             dead_man_sent_for: None,
         }),
         wake: Condvar::new(),
+        counters: Mutex::default(),
         started_ns: sysstate_repo::lock::now_ns(),
     });
     catch_up(&shared, &now)?;
     let signals = watch_signals(&shared)?;
     let socket = crate::socket_path();
     let api = crate::api::serve(shared.clone(), &socket)?;
+    let config = shared.lock().config.clone();
+    if let Some(address) = config.metrics.listen_address()? {
+        api.serve_metrics(shared.clone(), address)?;
+        say(format!("metrics on http://{address}/metrics"));
+    }
+    crate::metrics::write_textfile(&shared, &config);
     say(format!("started (pid {}), API on `{}`", std::process::id(), socket.display()));
     for slot in &shared.lock().slots {
         say(format!("schedule `{}`: next run {}", slot.schedule.work.key(), describe(slot.next.as_ref())));
@@ -577,6 +590,7 @@ fn work_loop(shared: &Arc<Shared>) {
             }
         };
         crate::work::execute(shared, &config, &request, cancel);
+        crate::metrics::write_textfile(shared, &config);
         let mut state = shared.lock();
         state.running = None;
         shared.wake.notify_all();

@@ -11,12 +11,14 @@
 //! - [`daemon`]: the agent's life: its lock, signals, the schedule and the worker;
 //! - [`work`]: what one queued request runs, through the engine's operations;
 //! - [`notify`]: notifications of failures, warnings and too long without a success;
+//! - [`metrics`]: metrics for Prometheus, served and as a textfile;
 //! - [`api`]: the HTTP API on the unix socket, with access by the caller's credentials;
 //! - [`client`]: the CLI's side of that API.
 
 pub mod api;
 pub mod client;
 pub mod daemon;
+pub mod metrics;
 pub mod notify;
 mod peer;
 pub mod systemd;

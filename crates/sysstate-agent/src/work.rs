@@ -132,6 +132,17 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
             );
             match made {
                 Ok(report) => {
+                    let stats = &report.version.stats;
+                    let figures = crate::metrics::BackupFigures {
+                        bytes_total: stats.bytes_total,
+                        bytes_read: stats.bytes_read,
+                        bytes_added: stats.bytes_added,
+                        bytes_stored: stats.bytes_stored,
+                        files: stats.files,
+                        freeze_window_ms: report.shadow.freeze_window_ms,
+                    };
+                    shared.counters().last_backup = Some(figures);
+                    shared.counters().repository_bytes = repository_bytes(&target);
                     if request.trigger != JobTrigger::Api {
                         if let Some(forget) = retention(shared, config, &target, request, report.id) {
                             ran.borrow_mut().push(forget);
@@ -160,10 +171,13 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
         }
     };
     let job = shared.lock().running.as_ref().and_then(|r| r.job.clone()).unwrap_or_default();
-    // Each job that ended badly is told, as `[notify]` asks.
+    // Each job that ended badly is counted, and told as `[notify]` asks.
     let options = shared.doctor_options();
     for id in ran.into_inner() {
         let Ok(Some(record)) = store.job(&id) else { continue };
+        if let (sysstate_engine::jobs::JobState::Failed, Some(error)) = (record.state, &record.error) {
+            *shared.counters().failures.entry(error.code.clone()).or_default() += 1;
+        }
         if let Some(notice) = crate::notify::for_job(store, &record, config, &options) {
             shared.tell(config, notice);
         }
@@ -176,6 +190,13 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
             &[("SYSSTATE_JOB", &job), ("SYSSTATE_ERROR_CODE", error.code.as_str())],
         ),
     }
+}
+
+/// The bytes of the repository's packs (one listing), for the metrics.
+fn repository_bytes(target: &str) -> Option<u64> {
+    let backend = ops::backend(target).ok()?;
+    let packs = backend.list(sysstate_repo::backend::FileKind::Pack).ok()?;
+    Some(packs.iter().map(|(_, size)| size).sum())
 }
 
 /// The passphrase of an existing repository, or the error that says how to give one.

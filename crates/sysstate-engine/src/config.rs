@@ -34,6 +34,9 @@ pub struct Config {
     /// `[notify]`: whom the agent tells of failures.
     #[serde(default)]
     pub notify: NotifySection,
+    /// `[metrics]`: the agent's metrics for Prometheus.
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -146,6 +149,33 @@ pub struct AgentSection {
     pub admin_group: Option<String>,
     /// Members of this group may read status, jobs, logs and events.
     pub read_group: Option<String>,
+}
+
+/// `[metrics]`: where the agent's metrics go (both are opt-in).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricsSection {
+    /// An address to serve `GET /metrics` on (`127.0.0.1:9466`).
+    pub listen: Option<String>,
+    /// A file for node_exporter's textfile collector (`/var/lib/prometheus/node-exporter/sysstate.prom`).
+    pub textfile: Option<String>,
+}
+
+impl MetricsSection {
+    /// The listen address, checked.
+    pub fn listen_address(&self) -> Result<Option<std::net::SocketAddr>> {
+        self.listen
+            .as_deref()
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    EngineError::new(
+                        ErrorCode::InvalidInput,
+                        format!("`metrics.listen`: `{text}` is not an address and port (`127.0.0.1:9466`)"),
+                    )
+                })
+            })
+            .transpose()
+    }
 }
 
 /// `[notify]`: the agent's notifications.
@@ -470,6 +500,7 @@ impl Config {
         self.schedule.schedules().map_err(|(key, detail)| invalid(&key, detail))?;
         self.retention.policy().map_err(|e| invalid("retention", e.message))?;
         self.notify.rules().map_err(|e| invalid("notify", e.message))?;
+        self.metrics.listen_address().map_err(|e| invalid("metrics", e.message))?;
         Ok(())
     }
 }

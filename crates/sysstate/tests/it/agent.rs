@@ -564,3 +564,108 @@ fn a_failure_is_told_once_by_webhook_and_by_mail_with_the_culprit_and_the_doctor
     assert!(text(&untold.stderr).contains("error[notification-failed]"), "{}", text(&untold.stderr));
     assert!(agent.stop().success());
 }
+
+/// `GET path` on 127.0.0.1:`port`: the body (`None` while nothing listens).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Prometheus query's one value, if it has one.
+fn prometheus_value(port: u16, query: &str) -> Option<f64> {
+    let encoded: String = query
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' => c.to_string(),
+            other => format!("%{:02X}", other as u32),
+        })
+        .collect();
+    let body: Value = serde_json::from_str(&http_get(port, &format!("/api/v1/query?query={encoded}"))?).ok()?;
+    body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn prometheus_scrapes_the_agents_metrics_and_they_change_as_they_should() {
+    if !crate::support::require(
+        "prometheus and promtool (Debian's prometheus)",
+        Path::new("/usr/bin/prometheus").exists(),
+    ) {
+        return;
+    }
+    let port = free_port();
+    let (sandbox, root) = setup("");
+    let textfile = sandbox.path("sysstate.prom");
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\ntextfile = \"{}\"\n", textfile.display()),
+    )
+    .unwrap();
+    let agent = Agent::start(&sandbox, &root, &[]);
+    sandbox.run_code(&["backup", "--now"], 0);
+    let succeeded = jobs(&sandbox, 1)[0].clone();
+    // Both forms pass promtool's lint.
+    let served = http_get(port, "/metrics").expect("the agent serves its metrics");
+    for (what, text) in [("served", served.clone()), ("textfile", std::fs::read_to_string(&textfile).unwrap())] {
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let checked = check.wait_with_output().unwrap();
+        assert!(checked.status.success(), "{what}: {}{}\n{text}", text_of(&checked.stdout), text_of(&checked.stderr));
+    }
+    assert!(served.contains("sysstate_last_backup_bytes{what=\"read\"}"), "{served}");
+    // A real Prometheus scrapes it every second.
+    let prometheus_port = free_port();
+    let prometheus_config = sandbox.path("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sysstate\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"),
+    )
+    .unwrap();
+    let mut prometheus = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", prometheus_config.display()))
+        .arg(format!("--storage.tsdb.path={}", sandbox.path("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let success_at = |p: u16| prometheus_value(p, "sysstate_last_success_timestamp_seconds{kind=\"backup\"}");
+    wait_for("Prometheus's first scrape", Duration::from_secs(60), || success_at(prometheus_port).is_some());
+    let ended = sysstate_types::time::parse_utc(succeeded["ended"].as_str().unwrap()).unwrap() as f64 / 1e9;
+    assert!((success_at(prometheus_port).unwrap() - ended).abs() < 0.01);
+    assert_eq!(prometheus_value(prometheus_port, "sysstate_jobs_running"), Some(0.0));
+    // A failed backup counts its code and leaves the last success where it was.
+    let failed = sandbox.command(&["backup", "--now", "--component", "nosuch"]).output().unwrap();
+    assert_eq!(failed.status.code(), Some(2), "{}", text(&failed.stderr));
+    wait_for("the failure in Prometheus", Duration::from_secs(30), || {
+        prometheus_value(prometheus_port, "sysstate_job_failures_total{code=\"component-missing\"}") == Some(1.0)
+    });
+    assert!((success_at(prometheus_port).unwrap() - ended).abs() < 0.01, "a failure moved the last success");
+    assert!(
+        prometheus_value(prometheus_port, "sysstate_last_failure_timestamp_seconds{kind=\"backup\"}").unwrap() >= ended
+    );
+    assert!(std::fs::read_to_string(&textfile)
+        .unwrap()
+        .contains("sysstate_job_failures_total{code=\"component-missing\"} 1"));
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(agent.stop().success());
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
