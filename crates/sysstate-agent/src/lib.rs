@@ -26,18 +26,4 @@ pub mod work;
 
 pub use daemon::{run, AgentOptions};
 
-use std::path::PathBuf;
-
-/// The API's socket: in `SYSSTATE_RUNTIME_DIR` when it is set, else the machine's
-/// (`/run/sysstate/agent.sock`) when an agent runs there, else in this user's runtime folder.
-pub fn socket_path() -> PathBuf {
-    const NAME: &str = "agent.sock";
-    if std::env::var_os("SYSSTATE_RUNTIME_DIR").is_some() {
-        return sysstate_engine::paths::runtime_dir().join(NAME);
-    }
-    let machine = PathBuf::from("/run/sysstate").join(NAME);
-    if machine.exists() {
-        return machine;
-    }
-    sysstate_engine::paths::runtime_dir().join(NAME)
-}
+pub use sysstate_engine::paths::agent_socket as socket_path;

@@ -235,6 +235,9 @@ fn space_check(id: &str, path: &Path, checks: &mut Vec<Check>) {
 /// The service's parts: a broken part is a failed check.
 pub(crate) fn services(config: &Config, options: &Options, checks: &mut Vec<Check>) {
     for part in crate::services::parts(config, &options.root, &paths::state_dir(), &paths::runtime_dir()) {
+        if ["agent", "api", "notifications", "metrics"].contains(&part.name.as_str()) {
+            continue; // the agent's own checks say more (`agent.*`)
+        }
         let id = format!("services.{}", part.name.replace(' ', "."));
         if part.healthy {
             checks.push(Check::ok(&id, format!("{}: {}", part.role, part.status)));

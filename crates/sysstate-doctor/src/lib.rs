@@ -5,6 +5,7 @@
 //! found and the resolution; then it diagnoses the recent failed jobs from the job store and
 //! the event log, matching each against the [`knowledge`] base with this machine's specifics.
 
+mod agent;
 mod checks;
 mod diagnose;
 
@@ -160,6 +161,7 @@ pub fn run(options: &Options) -> Report {
     let mut target = None;
     if let Some(config) = &config {
         checks::services(config, options, &mut checks);
+        agent::checks(config, &mut checks);
         checks::shadow_storage(config, options, &mut checks);
         let checked = options
             .target

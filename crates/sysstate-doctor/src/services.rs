@@ -36,27 +36,12 @@ fn part(name: impl Into<String>, role: &str, start_type: StartType, status: Stri
     Part { name: name.into(), role: role.into(), start_type, status, healthy }
 }
 
-/// The parts: the agent's (not installed until the agent exists), the event log, the shadow
-/// copy coordinator, each provider, and each writer (asked to identify itself).
+/// The parts: the agent and what it serves (API, notifications, metrics), the event log, the
+/// shadow copy coordinator, each provider, and each writer (asked to identify itself).
 pub fn parts(config: &Config, root: &Path, state_dir: &Path, runtime_dir: &Path) -> Vec<Part> {
     use StartType::*;
-    let mut parts = vec![
-        part(
-            "api",
-            "the daemon's API on a unix socket (schedules, remote control)",
-            AlwaysOn,
-            "not installed: it arrives with the agent (`sysstate daemon`); backups run from the command line".into(),
-            true,
-        ),
-        event_log(state_dir),
-        part(
-            "notifications",
-            "mail and webhook notices of failed jobs",
-            AlwaysOn,
-            "not installed: it arrives with the agent; failures are in `sysstate events`".into(),
-            true,
-        ),
-    ];
+    let mut parts = agent_parts(config);
+    parts.insert(1, event_log(state_dir));
     let holder = sysstate_shadow::lock::current_holder(runtime_dir);
     let in_use = match &holder {
         Some(holder) => format!("in use by {holder}"),
@@ -82,6 +67,82 @@ pub fn parts(config: &Config, root: &Path, state_dir: &Path, runtime_dir: &Path)
     }
     parts.extend(writers(config, root, runtime_dir));
     parts
+}
+
+/// The agent, its API, its notifications and its metrics: running or stopped. Stopped is a
+/// fault only when the config has schedules (then nothing backs up on its own).
+fn agent_parts(config: &Config) -> Vec<Part> {
+    use StartType::AlwaysOn;
+    let status = crate::agent::status().filter(|s| s["http-status"] == 200);
+    let wanted = config.schedule.schedules().is_ok_and(|s| !s.is_empty());
+    let socket = sysstate_engine::paths::agent_socket();
+    let (agent, api) = match &status {
+        Some(status) => {
+            let running = match status["running"]["job"].as_str() {
+                Some(job) => format!("running job {job}"),
+                None => "idle".to_string(),
+            };
+            (
+                (
+                    format!(
+                        "running (pid {}, since {}): {running}",
+                        status["agent"]["pid"],
+                        status["agent"]["started"].as_str().unwrap_or("?")
+                    ),
+                    true,
+                ),
+                (format!("running on `{}`", socket.display()), true),
+            )
+        }
+        None => {
+            let why = if wanted {
+                "stopped, and the config has schedules: `systemctl enable --now sysstate-agent`"
+            } else {
+                "stopped (no schedule in the config: backups run from the command line)"
+            };
+            ((why.to_string(), !wanted), (format!("stopped: nothing answers on `{}`", socket.display()), !wanted))
+        }
+    };
+    let targets: Vec<String> = [
+        config.notify.webhook.as_ref().map(|url| format!("webhook {url}")),
+        config.notify.mail.as_ref().map(|mail| format!("mail to {}", mail.to)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let notifications = match (targets.is_empty(), status.is_some()) {
+        (true, _) => ("none configured (`[notify]`): failures are in `sysstate events`".to_string(), true),
+        (false, true) => (format!("running: {}", targets.join(", ")), true),
+        (false, false) => (format!("stopped with the agent: {}", targets.join(", ")), !wanted),
+    };
+    let metrics_where: Vec<String> =
+        [config.metrics.listen.as_ref().map(|a| format!("http://{a}/metrics")), config.metrics.textfile.clone()]
+            .into_iter()
+            .flatten()
+            .collect();
+    let metrics = match (metrics_where.is_empty(), status.is_some()) {
+        (true, _) => ("none configured (`[metrics]`)".to_string(), true),
+        (false, true) => (format!("running: {}", metrics_where.join(", ")), true),
+        (false, false) => (format!("stopped with the agent: {}", metrics_where.join(", ")), !wanted),
+    };
+    vec![
+        part(
+            "agent",
+            "the agent: schedules, retention, the queue of jobs (`sysstate agent`)",
+            AlwaysOn,
+            agent.0,
+            agent.1,
+        ),
+        part(
+            "api",
+            "the agent's API on a unix socket (`sysstate agent status`, `backup --now`)",
+            AlwaysOn,
+            api.0,
+            api.1,
+        ),
+        part("notifications", "mail and webhook notices of failed jobs", AlwaysOn, notifications.0, notifications.1),
+        part("metrics", "metrics for Prometheus", AlwaysOn, metrics.0, metrics.1),
+    ]
 }
 
 fn event_log(state_dir: &Path) -> Part {

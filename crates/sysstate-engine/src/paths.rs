@@ -50,6 +50,20 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// The agent's API socket: in `SYSSTATE_RUNTIME_DIR` when it is set, else the machine's
+/// (`/run/sysstate/agent.sock`) when an agent runs there, else in this user's runtime folder.
+pub fn agent_socket() -> PathBuf {
+    const NAME: &str = "agent.sock";
+    if std::env::var_os("SYSSTATE_RUNTIME_DIR").is_some() {
+        return runtime_dir().join(NAME);
+    }
+    let machine = PathBuf::from("/run/sysstate").join(NAME);
+    if machine.exists() {
+        return machine;
+    }
+    runtime_dir().join(NAME)
+}
+
 /// The default backup target when the config names none.
 pub fn default_target() -> String {
     if is_root() {

@@ -669,3 +669,54 @@ fn prometheus_scrapes_the_agents_metrics_and_they_change_as_they_should() {
 fn text_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+#[test]
+fn the_doctor_and_services_see_the_agent_its_schedules_and_its_targets() {
+    let dead = free_port();
+    let (sandbox, root) = setup(&format!(
+        "[schedule]\nbackup = [\"02:00\"]\nprune = \"0 4 * * sun\"\n\n[notify]\nwebhook = \"http://127.0.0.1:{dead}/hook\"\n"
+    ));
+    let check = |report: &Value, id: &str| -> Value {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id}: {report:#}"))
+    };
+    // Schedules and no agent: nothing would back up on its own.
+    let report = sandbox.json(&["doctor", "--no-validate"], 2);
+    let running = check(&report, "agent.running");
+    assert_eq!(running["status"], "failed", "{running:#}");
+    assert!(running["resolution"].as_str().unwrap().contains("systemctl enable --now sysstate-agent"), "{running:#}");
+    assert!(check(&report, "agent.schedule.backup")["found"].as_str().unwrap().contains("02:00"));
+    assert!(check(&report, "agent.schedule.prune")["found"].as_str().unwrap().contains("0 4 * * sun"));
+    let webhook = check(&report, "agent.notify.webhook");
+    assert_eq!(
+        (webhook["status"].as_str(), webhook["code"].as_str()),
+        (Some("failed"), Some("notification-failed")),
+        "{webhook:#}"
+    );
+    let services = sandbox.json(&["services"], 2);
+    let agent_part = services.as_array().unwrap().iter().find(|p| p["name"] == "agent").unwrap().clone();
+    assert_eq!(agent_part["healthy"], false, "{agent_part:#}");
+    // With the agent: running, idle, its API and notifications named.
+    let agent = Agent::start(&sandbox, &root, &[]);
+    let report = sandbox.json(&["doctor", "--no-validate"], 2);
+    assert_eq!(check(&report, "agent.running")["status"], "ok");
+    assert_eq!(check(&report, "agent.last-success")["status"], "warning", "no backup yet");
+    let services = sandbox.json(&["services"], 0);
+    let part = |name: &str| services.as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+    assert!(
+        part("agent")["status"].as_str().unwrap().starts_with(&format!("running (pid {}", agent.child.id())),
+        "{:#}",
+        part("agent")
+    );
+    assert!(part("api")["status"].as_str().unwrap().starts_with("running on"), "{:#}", part("api"));
+    assert!(part("notifications")["status"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("webhook http://127.0.0.1:{dead}/hook")));
+    assert!(agent.stop().success());
+}
