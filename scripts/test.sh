@@ -93,6 +93,10 @@ if grep -q SYSSTATE_FAILPOINT target/debug/sysstate; then
 fi
 bench/run --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
 
+step "the Debian package: built by cargo deb, installed into a fresh Debian (a chroot), removed"
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+dist/deb/test.sh
+
 step "cargo test"
 log=$(mktemp)
 status=0
