@@ -6,7 +6,7 @@
 Starts `sysstate agent` in a scratch state folder whose job store holds `--jobs` ended jobs,
 lets it idle, and reports:
 - its resident memory (VmRSS, VmHWM) after the idle period;
-- the CPU it used while idle (utime + stime over `--idle` seconds), scaled to an hour;
+- the CPU it used while idle (every thread's schedstat over `--idle` seconds), scaled to an hour;
 - the latency of `GET /v1/jobs` (the newest 50, and filtered by kind and state) and
   `GET /v1/status` over the unix socket, `--requests` each: median and 99th percentile.
 
@@ -120,12 +120,16 @@ def measure(agent, work, args):
     # Warm: the first requests open the store's pages.
     for _ in range(5):
         request(sock, "/v1/jobs")
-    ticks = os.sysconf("SC_CLK_TCK")
-
     def cpu_seconds():
-        fields = open(f"/proc/{agent.pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / ticks
+        # Every thread's time on a CPU, in ns (schedstat), summed: finer than clock ticks.
+        total = 0
+        for task in os.listdir(f"/proc/{agent.pid}/task"):
+            total += int(open(f"/proc/{agent.pid}/task/{task}/schedstat").read().split()[0])
+        return total / 1e9
 
+    # The API's blocking threads end 10 s after their last work: let them, so that the threads
+    # summed before and after are the same.
+    time.sleep(15)
     before = cpu_seconds()
     time.sleep(args.idle)
     idle_cpu = cpu_seconds() - before
@@ -152,8 +156,8 @@ def measure(agent, work, args):
         "idle_seconds": args.idle,
         "rss_mib": round(status.get("VmRSS", 0), 1),
         "peak_rss_mib": round(status.get("VmHWM", 0), 1),
-        "idle_cpu_seconds": round(idle_cpu, 3),
-        "idle_cpu_seconds_per_hour": round(idle_cpu * 3600 / args.idle, 3),
+        "idle_cpu_seconds": round(idle_cpu, 6),
+        "idle_cpu_seconds_per_hour": round(idle_cpu * 3600 / args.idle, 4),
         "api": latencies,
     }, indent=2))
 

@@ -122,8 +122,13 @@ impl JobStore {
                     .map_err(|e| db_error(&path, e))?;
             }
         }
+        // The agent's lookups: the last job of a kind, and the running jobs (a few among a
+        // hundred thousand ended ones).
         connection
-            .execute_batch("CREATE INDEX IF NOT EXISTS jobs_kind_ended ON jobs (kind, ended_ns)")
+            .execute_batch(
+                "CREATE INDEX IF NOT EXISTS jobs_kind_state_ended ON jobs (kind, state, ended_ns);
+                 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started_ns) WHERE state = 'running';",
+            )
             .map_err(|e| db_error(&path, e))?;
         Ok(JobStore {
             connection: Mutex::new(connection),
@@ -548,14 +553,21 @@ impl JobStore {
     /// warnings) or in failure.
     pub fn last_ended(&self, kind: JobKind, succeeded: bool) -> Result<Option<JobRecord>> {
         let states: &[&str] = if succeeded { &["succeeded", "succeeded-with-warnings"] } else { &["failed"] };
-        self.with(|db| {
-            db.query_row(
-                "SELECT * FROM jobs WHERE kind = ?1 AND state IN (?2, ?3) ORDER BY ended_ns DESC LIMIT 1",
-                params![kind.as_str(), states[0], states[states.len() - 1]],
-                Self::read_job,
-            )
-            .optional()
-        })
+        // One index lookup per state (an `IN` would scan every job of the kind that has none).
+        let mut newest: Option<JobRecord> = None;
+        for state in states {
+            let found = self.with(|db| {
+                db.prepare_cached("SELECT * FROM jobs WHERE kind = ?1 AND state = ?2 ORDER BY ended_ns DESC LIMIT 1")?
+                    .query_row(params![kind.as_str(), state], Self::read_job)
+                    .optional()
+            })?;
+            if let Some(found) = found {
+                if newest.as_ref().is_none_or(|n| n.ended < found.ended) {
+                    newest = Some(found);
+                }
+            }
+        }
+        Ok(newest)
     }
 
     /// One job.
