@@ -465,8 +465,10 @@ fn schedule_loop(shared: &Arc<Shared>) {
     }
 }
 
-/// How often the hourly digest goes.
-const DIGEST_EVERY: Duration = Duration::from_secs(3600);
+/// How often the hourly digest goes (in tests, `SYSSTATE_FAILPOINT_DIGEST_EVERY_S`).
+fn digest_every() -> Duration {
+    Duration::from_secs(sysstate_types::failpoint::<u64>("DIGEST_EVERY_S").unwrap_or(3600))
+}
 
 /// The notices that come with time: the dead-man alert (no successful backup for too long) and
 /// the hourly digest. Returns how long until one may be due.
@@ -496,7 +498,7 @@ fn notices(shared: &Arc<Shared>, config: &Config) -> Duration {
     let mut state = shared.lock();
     if let Some(since) = state.pending_since {
         let age = since.elapsed();
-        if age >= DIGEST_EVERY || !rules.hourly {
+        if age >= digest_every() || !rules.hourly {
             let notices = std::mem::take(&mut state.pending);
             state.pending_since = None;
             drop(state);
@@ -504,7 +506,7 @@ fn notices(shared: &Arc<Shared>, config: &Config) -> Duration {
                 send(shared, config, crate::notify::digest(&notices));
             }
         } else {
-            until = until.min(DIGEST_EVERY - age);
+            until = until.min(digest_every() - age);
         }
     }
     until

@@ -720,3 +720,79 @@ fn the_doctor_and_services_see_the_agent_its_schedules_and_its_targets() {
         .contains(&format!("webhook http://127.0.0.1:{dead}/hook")));
     assert!(agent.stop().success());
 }
+
+#[test]
+fn at_its_start_the_agent_recovers_a_killed_jobs_shadow_set_and_tells_that_job() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nabort = [\"touch\", \"@/aborted\"]\nfreeze-timeout = \"60s\"\n",
+    );
+    // A command's backup killed outright in its freeze: nothing thaws the writer.
+    let mut killed = sandbox
+        .command(&["--root", root.to_str().unwrap(), "backup"])
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
+        .spawn()
+        .unwrap();
+    wait_for("the freeze", Duration::from_secs(30), || sandbox.path("frozen").exists());
+    rustix::process::kill_process(rustix::process::Pid::from_child(&killed), rustix::process::Signal::Kill).unwrap();
+    killed.wait().unwrap();
+    assert!(!sandbox.path("thawed").exists());
+    let agent = Agent::start(&sandbox, &root, &[]);
+    assert!(sandbox.path("thawed").exists() && sandbox.path("aborted").exists(), "the agent left the writer frozen");
+    assert!(agent.log().contains("recovered what a dead shadow set left"), "{}", agent.log());
+    let job = &jobs(&sandbox, 1)[0];
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the agent, at its start recovered"), "{job:#}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn job_cancel_stops_a_commands_backup_by_its_signal() {
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"app\"\nkind = \"command\"\nfreeze = [\"touch\", \"@/frozen\"]\nthaw = [\"touch\", \"@/thawed\"]\nfreeze-timeout = \"60s\"\n",
+    );
+    // No agent: the command's process gets SIGTERM, thaws its writer and stops.
+    let backup = sandbox
+        .command(&["--root", root.to_str().unwrap(), "backup"])
+        .env("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "30000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the freeze", Duration::from_secs(30), || sandbox.path("frozen").exists());
+    let id = sandbox.json(&["job"], 0)[0]["id"].as_str().unwrap().to_string();
+    let said = sandbox.ok(&["job", "cancel", &id]);
+    assert!(text(&said.stdout).contains("sent SIGTERM"), "{}", text(&said.stdout));
+    let ended = backup.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(2), "{}", text(&ended.stderr));
+    assert!(sandbox.path("thawed").exists());
+    assert_eq!(sandbox.json(&["job", "--previous", "1"], 0)[0]["state"], "cancelled");
+    // An ended job, or none: said so.
+    let again = sandbox.run_code(&["job", "cancel", &id], 2);
+    assert!(text(&again.stderr).contains("is not running"), "{}", text(&again.stderr));
+    sandbox.run_code(&["job", "cancel", "no-such-job"], 2);
+}
+
+#[test]
+fn an_hourly_digest_gathers_the_notices_into_one_message() {
+    let webhook = Webhook::start();
+    let writer = "[[writer]]\nname = \"slowdb\"\nkind = \"command\"\nfreeze = [\"sleep\", \"2\"]\nthaw = [\"true\"]\nfreeze-timeout = \"200ms\"\n";
+    let (sandbox, root) = setup(writer);
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!("{config}\n[notify]\nwebhook = \"http://127.0.0.1:{}/hook\"\ndigest = \"hourly\"\n", webhook.port),
+    )
+    .unwrap();
+    // The hour is 8 s here.
+    let agent = Agent::start(&sandbox, &root, &[("SYSSTATE_FAILPOINT_DIGEST_EVERY_S", "8")]);
+    sandbox.run_code(&["backup", "--now"], 2);
+    sandbox.run_code(&["backup", "--now"], 2);
+    assert!(webhook.bodies().is_empty(), "a notice went before the digest");
+    wait_for("the digest", Duration::from_secs(40), || !webhook.bodies().is_empty());
+    std::thread::sleep(Duration::from_secs(2));
+    let bodies = webhook.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:#?}");
+    let digest: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(digest["notices"].as_array().unwrap().len(), 2, "{digest:#}");
+    assert_eq!(digest["level"], "critical");
+    assert!(agent.stop().success());
+}
