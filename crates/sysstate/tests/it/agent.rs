@@ -59,14 +59,15 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A sandbox whose config has a `data` component, `extra` after it, and a small tree to back up.
+/// A sandbox whose config has a `data` component, `extra` after it (`@/` in it is the sandbox's
+/// folder), and a small tree to back up.
 fn setup(extra: &str) -> (Sandbox, PathBuf) {
     let sandbox = Sandbox::new();
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 40, 7);
     let config = format!(
         "[backup]\ncomponents = [\"data\"]\n\n[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n{}",
-        extra.replace('@', sandbox.dir.path().to_str().unwrap())
+        extra.replace("@/", &format!("{}/", sandbox.dir.path().display()))
     );
     std::fs::write(sandbox.path("config.toml"), config).unwrap();
     (sandbox, root)
@@ -469,10 +470,7 @@ fn a_failure_is_told_once_by_webhook_and_by_mail_with_the_culprit_and_the_doctor
         webhook.port, smtp.port
     );
     let writer = "[[writer]]\nname = \"slowdb\"\nkind = \"command\"\nfreeze = [\"sleep\", \"3\"]\nthaw = [\"true\"]\nfreeze-timeout = \"500ms\"\n";
-    let (sandbox, root) = setup(writer);
-    // After `setup`, which reads `@` as the sandbox's folder.
-    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
-    std::fs::write(sandbox.path("config.toml"), format!("{config}\n{notify}")).unwrap();
+    let (sandbox, root) = setup(&format!("{writer}\n{notify}"));
     // `notify test` reaches both targets (the webhook's first answer, a 503, is tried again).
     let tested = sandbox.run_code(&["notify", "test"], 0);
     let said = text(&tested.stdout);
@@ -795,4 +793,47 @@ fn an_hourly_digest_gathers_the_notices_into_one_message() {
     assert_eq!(digest["notices"].as_array().unwrap().len(), 2, "{digest:#}");
     assert_eq!(digest["level"], "critical");
     assert!(agent.stop().success());
+}
+
+#[test]
+fn mail_goes_through_the_local_sendmail_when_no_smtp_server_is_named() {
+    // msmtp is the local sendmail here: it takes sendmail's arguments and relays to aiosmtpd.
+    if !crate::support::require("msmtp (Debian's msmtp)", Path::new("/usr/bin/msmtp").exists()) {
+        return;
+    }
+    let sandbox_dir = tempfile::tempdir().unwrap();
+    let Some(smtp) = Smtp::start(sandbox_dir.path()) else { return };
+    let (sandbox, _root) = setup("[notify]\nmail = { to = \"root@localhost\", sendmail = \"/usr/bin/msmtp\" }\n");
+    let home = sandbox.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join(".msmtprc"),
+        format!(
+            "defaults\nauth off\ntls off\naccount default\nhost 127.0.0.1\nport {}\nfrom sysstate@localhost\n",
+            smtp.port
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(home.join(".msmtprc"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sent = sandbox.command(&["notify", "test"]).env("HOME", &home).output().unwrap();
+    assert_eq!(sent.status.code(), Some(0), "{}{}", text(&sent.stdout), text(&sent.stderr));
+    assert!(
+        text(&sent.stdout).contains("mail to root@localhost via `/usr/bin/msmtp`: delivered"),
+        "{}",
+        text(&sent.stdout)
+    );
+    wait_for("the mail", Duration::from_secs(10), || smtp.messages().len() == 1);
+    assert!(smtp.messages()[0].contains("notifications work"), "{}", smtp.messages()[0]);
+    let report = sandbox.json(&["doctor", "--no-validate"], 0);
+    let check = report["checks"].as_array().unwrap().iter().find(|c| c["id"] == "agent.notify.mail").unwrap().clone();
+    assert_eq!(check["status"], "ok", "{check:#}");
+    // A sendmail that is not there: said, with the fix.
+    std::fs::write(
+        sandbox.path("config.toml"),
+        "[notify]\nmail = { to = \"root\", sendmail = \"/usr/sbin/no-such-sendmail\" }\n",
+    )
+    .unwrap();
+    let failed = sandbox.run_code(&["notify", "test"], 2);
+    assert!(text(&failed.stdout).contains("NOT delivered"), "{}", text(&failed.stdout));
 }
