@@ -64,10 +64,10 @@ impl ApiHandle {
                 let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    serve_connection(stream, move |request: Request<Incoming>| {
                         let shared = shared.clone();
                         async move {
-                            let response = if request.method() == Method::GET && request.uri().path() == "/metrics" {
+                            if request.method() == Method::GET && request.uri().path() == "/metrics" {
                                 let config = shared.lock().config.clone();
                                 let text = blocking(move || crate::metrics::render(&shared, &config)).await;
                                 Response::builder()
@@ -81,16 +81,10 @@ impl ApiHandle {
                                     "only `GET /metrics` is served here",
                                     "scrape `/metrics`",
                                 )
-                            };
-                            Ok::<_, std::convert::Infallible>(response)
+                            }
                         }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .keep_alive(false)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    })
+                    .await;
                     drop(permit);
                 });
             }
@@ -150,21 +144,31 @@ pub fn serve(shared: Arc<Shared>, socket: &Path) -> Result<ApiHandle> {
             let peer = Peer { uid: credentials.uid(), gid: credentials.gid(), pid: credentials.pid().unwrap_or(0) };
             let shared = shared.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let (shared, peer) = (shared.clone(), peer.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(shared, peer, request).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                serve_connection(stream, move |request| handle(shared.clone(), peer.clone(), request)).await;
                 drop(permit);
             });
         }
     });
     Ok(ApiHandle { runtime, stop })
+}
+
+/// Serves one connection with `handler`: one request, its headers within [`HEADER_TIMEOUT`].
+async fn serve_connection<I, F, Fut>(io: I, handler: F)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let answer = handler(request);
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 /// An error answer: `{"error": {"code", "message", "resolution"}}`.
