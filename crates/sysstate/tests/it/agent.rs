@@ -837,3 +837,25 @@ fn mail_goes_through_the_local_sendmail_when_no_smtp_server_is_named() {
     let failed = sandbox.run_code(&["notify", "test"], 2);
     assert!(text(&failed.stdout).contains("NOT delivered"), "{}", text(&failed.stdout));
 }
+
+#[test]
+fn a_job_with_warnings_is_told_as_a_warning_naming_each() {
+    let webhook = Webhook::start();
+    let (sandbox, root) =
+        setup(&format!("[notify]\non = [\"warning\"]\nwebhook = \"http://127.0.0.1:{}/hook\"\n", webhook.port));
+    // A socket cannot be backed up: the backup stores the rest and warns.
+    let _socket = std::os::unix::net::UnixListener::bind(root.join("data/socket")).unwrap();
+    let agent = Agent::start(&sandbox, &root, &[]);
+    let output = sandbox.run_code(&["backup", "--now"], 1);
+    assert!(text(&output.stdout).contains("succeeded-with-warnings"), "{}", text(&output.stdout));
+    wait_for("the notice", Duration::from_secs(30), || !webhook.bodies().is_empty());
+    let notice: Value = serde_json::from_str(&webhook.bodies()[0]).unwrap();
+    assert_eq!(notice["level"], "warning", "{notice:#}");
+    assert_eq!(notice["job"]["state"], "succeeded-with-warnings");
+    let warnings = notice["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w["code"] == "entry-skipped" && w["message"].as_str().unwrap().contains("socket")),
+        "{notice:#}"
+    );
+    assert!(agent.stop().success());
+}
