@@ -20,6 +20,7 @@ pub mod paths;
 pub mod schedule;
 pub mod shadow;
 pub mod source;
+pub mod vault;
 
 pub use error::{EngineError, Result};
 pub use sysstate_types::ErrorCode;

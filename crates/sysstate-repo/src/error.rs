@@ -97,6 +97,8 @@ impl RepoError {
                 ErrorKind::Permission => ErrorCode::TargetPermission,
                 ErrorKind::Mismatch | ErrorKind::NotFound => ErrorCode::RepositoryCorrupt,
                 ErrorKind::Unsuitable => ErrorCode::InvalidInput,
+                ErrorKind::Forbidden => ErrorCode::VaultForbidden,
+                ErrorKind::VaultUnreachable => ErrorCode::VaultUnreachable,
                 ErrorKind::Unavailable | ErrorKind::Transient | ErrorKind::Permanent => ErrorCode::TargetUnavailable,
             },
             RepoError::NotARepository { .. } => ErrorCode::TargetUnavailable,

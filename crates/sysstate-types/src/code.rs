@@ -144,6 +144,18 @@ error_codes! {
     NotificationFailed = "notification-failed", 1083, Warning,
         cause: "a notification could not be delivered: the webhook or mail server refused it or did not answer",
         resolution: "check the target named in `[notify]` (address, port, that the server runs); `sysstate notify test` tries every target and says how each went";
+    VaultUnreachable = "vault-unreachable", 1090, Error,
+        cause: "the vault did not answer: it is not running, the address is wrong, a firewall drops the connection, or its certificate is not the one this host pinned",
+        resolution: "check that `sysstate vault serve` runs on the vault's machine and that this host reaches its address (the URL in the message); a vault re-initialised with a new certificate needs the host registered again";
+    VaultForbidden = "vault-forbidden", 1091, Error,
+        cause: "the vault refused what this host asked: a host may add data and read its own versions, never delete, overwrite or read another host's versions; or its token was revoked",
+        resolution: "what the vault allows is in the message; to restore another host's versions, the vault's administrator grants it (`sysstate vault grant --restore-from A --to B`); a revoked host registers again with new credentials";
+    VaultCredentialsExpired = "vault-credentials-expired", 1092, Error,
+        cause: "the vault credentials file has expired or was used already: each is good for one registration, for 10 days by default",
+        resolution: "on the vault, make a new one (`sysstate vault credentials --host NAME`) and register with it (`sysstate agent register FILE`)";
+    HostNameTaken = "host-name-taken", 1093, Error,
+        cause: "a host of that name is registered with the vault already",
+        resolution: "register under another name, or revoke the old host on the vault first (`sysstate vault hosts revoke NAME`) when it is the same machine rebuilt";
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";

@@ -180,6 +180,14 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<AgentCommand>,
     },
+    /// The vault: an off-machine, append-only repository service for many hosts.
+    Vault {
+        /// The vault's folder (its settings, certificates and records).
+        #[arg(long, env = "SYSSTATE_VAULT_DIR", default_value = "/var/lib/sysstate-vault")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
     /// The agent's notifications (`[notify]`).
     Notify {
         #[command(subcommand)]
@@ -237,6 +245,67 @@ pub enum AgentCommand {
     /// The agent's state: the job running, the queue, each schedule's next run, the last
     /// success and failure of each kind of job.
     Status,
+    /// Register this host with a vault: exchange the credentials file the vault made for this
+    /// host's own token (kept in the state folder, 0600).
+    Register {
+        /// The vault credentials file (`sysstate vault credentials --host NAME` made it).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Make the vault: its folder, its own certificate authority and server certificate, its
+    /// settings.
+    Init {
+        /// Where the repository is stored: a folder, or `s3://bucket/prefix`, `az://container/prefix`.
+        #[arg(long)]
+        storage: String,
+        /// The URL hosts reach the vault at (`vault://vault.example:8443`).
+        #[arg(long)]
+        url: String,
+        /// The address to serve on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: String,
+    },
+    /// Serve the vault (systemd runs it) until SIGTERM.
+    Serve,
+    /// Write a single-use credentials file for a host to register with (`sysstate agent
+    /// register FILE` on the host).
+    Credentials {
+        /// The host's name (unique in the vault).
+        #[arg(long)]
+        host: String,
+        /// How long the file is good.
+        #[arg(long, default_value = "10d")]
+        expires: String,
+        /// Where to write it (default: `HOST.vault-credentials` here).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// The registered hosts; `revoke NAME` refuses a host's token from now on.
+    Hosts {
+        #[command(subcommand)]
+        command: Option<VaultHostsCommand>,
+    },
+    /// Let one host read another's versions, to restore them onto itself.
+    Grant {
+        /// Whose versions.
+        #[arg(long)]
+        restore_from: String,
+        /// Who may read them.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VaultHostsCommand {
+    /// Revoke a host: its token is refused from now on.
+    Revoke {
+        /// The host.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -159,7 +159,7 @@ impl Source {
             | ShadowStorageOldestDeleted
             | ProviderUnsupported => Source::Shadow,
             TargetUnavailable | TargetFull | TargetPermission | RepositoryLocked | RepositoryCorrupt
-            | WrongPassphrase => Source::Repository,
+            | WrongPassphrase | VaultUnreachable | VaultForbidden => Source::Repository,
             _ => Source::Engine,
         }
     }

@@ -25,6 +25,9 @@ use sysstate_repo::{DamageHook, Repository};
 
 /// Opens the backend of a target.
 pub fn backend(target: &str) -> Result<Arc<dyn Backend>> {
+    if target.starts_with("vault://") {
+        return crate::vault::backend(target);
+    }
     backend::open_target(target).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))
 }
 

@@ -11,6 +11,7 @@ mod object;
 mod retry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod vault;
 
 pub use local::LocalBackend;
 pub use object::ObjectBackend;
@@ -81,6 +82,11 @@ pub enum ErrorKind {
     /// The target is no place for a new repository (a folder of other files, inside another
     /// repository).
     Unsuitable,
+    /// A vault refused the request: what a host may not do (delete, overwrite, read another
+    /// host's versions), or a token it does not know.
+    Forbidden,
+    /// A vault did not answer, or its certificate is not the one pinned.
+    VaultUnreachable,
     /// Anything else; retrying will not help.
     Permanent,
 }
@@ -206,6 +212,13 @@ pub struct NewFile<'a> {
 }
 
 /// Opens the backend for a target: a local path, or `s3://`, `az://`, `gs://` URLs.
+/// Opens the repository behind a vault, with this host's credentials.
+pub fn open_vault(credentials: &vault::VaultCredentials) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(RetryBackend::new(Arc::new(vault::VaultBackend::open(credentials)?))))
+}
+
+/// Opens a target that is a folder or an object store's URL (a vault's needs credentials:
+/// [`open_vault`]).
 pub fn open_target(target: &str) -> Result<Arc<dyn Backend>> {
     let backend: Arc<dyn Backend> = if target.contains("://") {
         Arc::new(ObjectBackend::open(target)?)

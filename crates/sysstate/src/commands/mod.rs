@@ -11,6 +11,7 @@ mod read;
 mod restore;
 mod shadow;
 mod upkeep;
+mod vault;
 
 use crate::cli::{Cli, Command};
 use crate::output::Printer;
@@ -215,6 +216,10 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Agent { command: None } => agent::run(&context),
         Command::Notify { command: crate::cli::NotifyCommand::Test } => agent::notify_test(&context),
         Command::Agent { command: Some(crate::cli::AgentCommand::Status) } => agent::status(&context),
+        Command::Agent { command: Some(crate::cli::AgentCommand::Register { file }) } => {
+            vault::register(&context, file)
+        }
+        Command::Vault { dir, command } => vault::vault(&context, dir, command),
         Command::Job { command: Some(crate::cli::JobCommand::Cancel { id }), .. } => agent::cancel(&context, id),
         Command::Init => keys::init(&context),
         Command::Config { command: crate::cli::ConfigCommand::Show } => read::config_show(&context),

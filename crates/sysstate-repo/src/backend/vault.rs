@@ -1,0 +1,214 @@
+//! A repository behind a sysstate vault (`vault://HOST:PORT`): the repository's files over the
+//! vault's HTTPS API (`docs/vault.md`), with the host's token and the vault's own certificate
+//! authority pinned (no outside PKI, and no other certificate is trusted). The vault decides what
+//! the host may do; its refusals come back as [`ErrorKind::Forbidden`].
+
+use super::{Backend, BackendError, ErrorKind, FileKind, Result};
+
+/// What a host holds to reach its vault (written by `sysstate agent register`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VaultCredentials {
+    /// `vault://HOST:PORT`.
+    pub vault: String,
+    /// This host's name at the vault.
+    pub host: String,
+    /// The host's token (a secret: the file is 0600).
+    pub token: String,
+    /// The vault's certificate authority, PEM: the only one trusted for it.
+    pub ca: String,
+}
+
+/// The vault's API.
+#[derive(Debug)]
+pub struct VaultBackend {
+    location: String,
+    base: String,
+    token: String,
+    client: reqwest::Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// The HTTPS base of `vault://HOST:PORT`.
+pub fn https_base(vault: &str) -> std::result::Result<String, String> {
+    let rest = vault
+        .strip_prefix("vault://")
+        .ok_or_else(|| format!("`{vault}` is not a vault URL: write `vault://HOST:PORT`"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!("`{vault}` is not a vault URL: write `vault://HOST:PORT`"));
+    }
+    Ok(format!("https://{authority}"))
+}
+
+/// A client that trusts only `ca_pem`.
+pub fn pinned_client(ca_pem: &str) -> std::result::Result<reqwest::Client, String> {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("the vault's certificate: {e}"))?;
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(300))
+        .user_agent(concat!("sysstate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The full text of a reqwest error and its causes.
+pub fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+impl VaultBackend {
+    /// Opens the vault of `credentials`.
+    pub fn open(credentials: &VaultCredentials) -> Result<VaultBackend> {
+        let fail = |message: String| BackendError {
+            kind: ErrorKind::VaultUnreachable,
+            operation: "open",
+            path: String::new(),
+            location: credentials.vault.clone(),
+            message,
+        };
+        let base = https_base(&credentials.vault).map_err(fail)?;
+        let client = pinned_client(&credentials.ca).map_err(fail)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sysstate-vault-io")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(VaultBackend {
+            location: credentials.vault.clone(),
+            base,
+            token: credentials.token.clone(),
+            client,
+            runtime,
+        })
+    }
+
+    fn url(&self, kind: FileKind, name: Option<&str>) -> String {
+        let dir = match kind {
+            FileKind::Config => "config",
+            other => other.dir(),
+        };
+        match name {
+            Some(name) => format!("{}/v1/repo/{dir}/{name}", self.base),
+            None => format!("{}/v1/repo/{dir}", self.base),
+        }
+    }
+
+    /// Sends `request`; a status that is not a success becomes the error it stands for.
+    fn send(
+        &self,
+        operation: &'static str,
+        kind: FileKind,
+        name: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes> {
+        let error = |kind_of: ErrorKind, message: String| BackendError {
+            kind: kind_of,
+            operation,
+            path: kind.path(name),
+            location: self.location.clone(),
+            message,
+        };
+        self.runtime.block_on(async {
+            let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+                let text = describe(&e);
+                let kind_of = if e.is_connect() || text.contains("certificate") {
+                    ErrorKind::VaultUnreachable
+                } else {
+                    ErrorKind::Transient
+                };
+                error(kind_of, text)
+            })?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
+            if (200..300).contains(&status) {
+                return Ok(body);
+            }
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            let kind_of = match status {
+                404 => ErrorKind::NotFound,
+                401 | 403 => ErrorKind::Forbidden,
+                409 => ErrorKind::Mismatch,
+                507 => ErrorKind::NoSpace,
+                500..=599 => ErrorKind::Transient,
+                _ => ErrorKind::Permanent,
+            };
+            Err(error(kind_of, format!("the vault answered {status}: {message}")))
+        })
+    }
+}
+
+impl Backend for VaultBackend {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn create(&self) -> Result<()> {
+        self.list(FileKind::Config).map(|_| ())
+    }
+
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        let body = self.send("list", kind, "", self.client.get(self.url(kind, None)))?;
+        serde_json::from_slice(&body).map_err(|e| BackendError {
+            kind: ErrorKind::Permanent,
+            operation: "list",
+            path: kind.dir().to_string(),
+            location: self.location.clone(),
+            message: format!("the vault's listing is not JSON: {e}"),
+        })
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        Ok(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))))?.to_vec())
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let range = format!("bytes={offset}-{}", offset + length - 1);
+        let body = self.send("read", kind, name, self.client.get(self.url(kind, Some(name))).header("range", range))?;
+        if (body.len() as u64) < length {
+            return Err(BackendError {
+                kind: ErrorKind::Mismatch,
+                operation: "read",
+                path: kind.path(name),
+                location: self.location.clone(),
+                message: format!("{} bytes where {length} were asked for", body.len()),
+            });
+        }
+        Ok(body.to_vec())
+    }
+
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        self.write_shared(kind, name, bytes::Bytes::copy_from_slice(data))
+    }
+
+    fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
+        self.send("write", kind, name, self.client.put(self.url(kind, Some(name))).body(data)).map(|_| ())
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        match self.send("remove", kind, name, self.client.delete(self.url(kind, Some(name)))) {
+            Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}

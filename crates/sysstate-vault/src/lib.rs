@@ -1,0 +1,292 @@
+//! The vault (DESIGN §1: the seed's Recovery Services vault): an HTTPS service in front of a
+//! repository in today's format, stored in a folder or in object storage whose credentials only
+//! the vault has. Hosts register with single-use, expiring credentials files and get a token of
+//! their own; with it they may add data (never delete or overwrite it) and read their own
+//! versions (another host's only with a grant). The vault never sees a passphrase or a
+//! plaintext byte: it stores what hosts encrypted. `docs/vault.md` tells the model.
+//!
+//! - [`init`]: the vault's folder, its own certificate authority and server certificate;
+//! - [`credentials`], [`hosts`], [`revoke`], [`grant`]: registration and rights;
+//! - [`server`]: the HTTPS API, and what it lets a host do;
+//! - [`state`]: the vault's records.
+
+pub mod server;
+pub mod state;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use sysstate_engine::{EngineError, ErrorCode, Result};
+
+/// The vault's settings (`vault.toml` in its folder).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VaultConfig {
+    /// Where the repository is stored: a folder, or `s3://…`, `az://…` (the credentials in the
+    /// vault's environment).
+    pub storage: String,
+    /// The address to serve on (`0.0.0.0:8443`).
+    pub listen: String,
+    /// The URL hosts reach it at (`vault://vault.example:8443`).
+    pub url: String,
+}
+
+/// The vault's folder: `/var/lib/sysstate-vault` unless named.
+pub fn default_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sysstate-vault")
+}
+
+fn io_error(what: &str, path: &Path, error: impl std::fmt::Display) -> EngineError {
+    EngineError::new(ErrorCode::StateDirPermission, format!("cannot {what} `{}`: {error}", path.display()))
+}
+
+/// Reads the vault's settings.
+pub fn config(dir: &Path) -> Result<VaultConfig> {
+    let path = dir.join("vault.toml");
+    let text = std::fs::read_to_string(&path).map_err(|error| {
+        io_error("read the vault's settings", &path, error)
+            .with_resolution("make the vault first: `sysstate vault init --storage DIR|URL --url vault://NAME:PORT`")
+    })?;
+    toml::from_str(&text).map_err(|error| {
+        EngineError::new(ErrorCode::InvalidInput, format!("the vault's settings `{}`: {error}", path.display()))
+    })
+}
+
+/// What `init` made.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Initialised {
+    /// The vault's folder.
+    pub dir: PathBuf,
+    /// Its certificate authority (hosts pin it from their credentials files).
+    pub ca: PathBuf,
+    /// The names its server certificate is good for.
+    pub names: Vec<String>,
+}
+
+/// `sysstate vault init`: the vault's folder (root's only), its certificate authority and key,
+/// a server certificate for `url`'s host name (and `localhost`, `127.0.0.1`), and its settings.
+/// Refused where a vault stands already.
+pub fn init(dir: &Path, storage: &str, listen: &str, url: &str) -> Result<Initialised> {
+    let base = sysstate_repo::backend::vault::https_base(url)
+        .map_err(|detail| EngineError::new(ErrorCode::InvalidInput, format!("`--url`: {detail}")))?;
+    let host = base.trim_start_matches("https://").rsplit_once(':').map_or(base.as_str(), |(h, _)| h);
+    let host = host.trim_start_matches("https://").trim_matches(['[', ']']).to_string();
+    if dir.join("vault.toml").exists() {
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("a vault stands in `{}` already", dir.display()),
+        )
+        .with_resolution("use it (`sysstate vault serve`), or choose another folder with `--dir`"));
+    }
+    listen.parse::<std::net::SocketAddr>().map_err(|_| {
+        EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("`--listen {listen}` is not an address and port (`0.0.0.0:8443`)"),
+        )
+    })?;
+    sysstate_engine::paths::create_private_dir(dir).map_err(|e| io_error("create", dir, e))?;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !names.contains(&host) {
+        names.insert(0, host);
+    }
+    let certificate_error =
+        |e: rcgen::Error| EngineError::new(ErrorCode::Internal, format!("cannot make the vault's certificates: {e}"));
+    let ca_key = rcgen::KeyPair::generate().map_err(certificate_error)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(certificate_error)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sysstate vault CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).map_err(certificate_error)?;
+    let server_key = rcgen::KeyPair::generate().map_err(certificate_error)?;
+    let mut server_params = rcgen::CertificateParams::new(names.clone()).map_err(certificate_error)?;
+    server_params.distinguished_name.push(rcgen::DnType::CommonName, "sysstate vault");
+    server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).map_err(certificate_error)?;
+    for (name, text) in [
+        ("ca.pem", ca.pem()),
+        ("ca-key.pem", ca_key.serialize_pem()),
+        ("server.pem", server.pem()),
+        ("server-key.pem", server_key.serialize_pem()),
+    ] {
+        let path = dir.join(name);
+        sysstate_engine::paths::write_durably(&path, text.as_bytes()).map_err(|e| io_error("write", &path, e))?;
+    }
+    let config = VaultConfig { storage: storage.to_string(), listen: listen.to_string(), url: url.to_string() };
+    let path = dir.join("vault.toml");
+    sysstate_engine::paths::write_durably(&path, toml::to_string(&config).expect("settings encode").as_bytes())
+        .map_err(|e| io_error("write", &path, e))?;
+    Ok(Initialised { dir: dir.to_path_buf(), ca: dir.join("ca.pem"), names })
+}
+
+/// A vault credentials file, as handed to a host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CredentialsFile {
+    /// `vault://HOST:PORT`.
+    pub vault: String,
+    /// The name the host registers as.
+    pub host: String,
+    /// The single-use secret.
+    pub secret: String,
+    /// The vault's certificate authority, PEM.
+    pub ca: String,
+    /// Until when it is good (RFC 3339).
+    pub expires: String,
+}
+
+/// How long a credentials file is good when not said.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(10 * 86_400);
+
+/// `sysstate vault credentials --host NAME`: a single-use credentials file that expires, written
+/// to `out` (0600). A name already registered is refused (`host-name-taken`).
+pub fn credentials(dir: &Path, host: &str, valid: Duration, out: &Path) -> Result<CredentialsFile> {
+    let config = config(dir)?;
+    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || host.len() > 64 {
+        return Err(EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("`{host}` is not a host name: use letters, digits, `-`, `_` and `.`, at most 64"),
+        ));
+    }
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| io_error("read", &dir.join("ca.pem"), e))?;
+    let secret = state::secret();
+    let now = sysstate_repo::lock::now_ns();
+    let expires_ns = now.saturating_add(valid.as_nanos().min(i64::MAX as u128) as i64);
+    state::State::change(dir, |records| {
+        if let Some(taken) = records.host(host) {
+            return Err(EngineError::new(
+                ErrorCode::HostNameTaken,
+                format!(
+                    "host `{host}` is registered with this vault already (since {})",
+                    sysstate_types::time::format_utc(taken.registered_ns)
+                ),
+            ));
+        }
+        records.pending.push(state::Pending {
+            host: host.to_string(),
+            secret_hash: state::hash(&secret),
+            made_ns: now,
+            expires_ns,
+            used_ns: None,
+        });
+        Ok(())
+    })?;
+    let file = CredentialsFile {
+        vault: config.url,
+        host: host.to_string(),
+        secret,
+        ca,
+        expires: sysstate_types::time::format_utc(expires_ns),
+    };
+    let text = serde_json::to_vec_pretty(&file).expect("credentials encode");
+    sysstate_engine::paths::write_durably(out, &text).map_err(|e| io_error("write", out, e))?;
+    Ok(file)
+}
+
+/// The hosts, as `sysstate vault hosts` lists them.
+pub fn hosts(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let records = state::State::read(dir)?;
+    Ok(records
+        .hosts
+        .iter()
+        .map(|host| {
+            let versions = records.versions.values().filter(|owner| **owner == host.name).count();
+            serde_json::json!({
+                "name": host.name,
+                "registered": sysstate_types::time::format_utc(host.registered_ns),
+                "revoked": host.revoked_ns.map(sysstate_types::time::format_utc),
+                "versions": versions,
+                "may-read": records.grants.iter().filter(|g| g.to == host.name).map(|g| g.from.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect())
+}
+
+/// Revokes host `name`: its token is refused from now on.
+pub fn revoke(dir: &Path, name: &str) -> Result<()> {
+    state::State::change(dir, |records| {
+        let now = sysstate_repo::lock::now_ns();
+        let host = records.hosts.iter_mut().find(|h| h.name == name && h.revoked_ns.is_none()).ok_or_else(|| {
+            EngineError::new(ErrorCode::InvalidInput, format!("no registered host `{name}`"))
+                .with_resolution("`sysstate vault hosts` lists them")
+        })?;
+        host.revoked_ns = Some(now);
+        // Credentials handed out for the name and not used are void too.
+        records.pending.retain(|p| p.host != name || p.used_ns.is_some());
+        Ok(())
+    })
+}
+
+/// Lets host `to` read host `from`'s versions (to restore them onto itself).
+pub fn grant(dir: &Path, from: &str, to: &str) -> Result<()> {
+    state::State::change(dir, |records| {
+        for name in [from, to] {
+            if records.host(name).is_none() {
+                return Err(EngineError::new(ErrorCode::InvalidInput, format!("no registered host `{name}`"))
+                    .with_resolution("`sysstate vault hosts` lists them"));
+            }
+        }
+        let grant = state::Grant { from: from.to_string(), to: to.to_string() };
+        if !records.grants.contains(&grant) {
+            records.grants.push(grant);
+        }
+        Ok(())
+    })
+}
+
+/// `sysstate agent register FILE`, the host's side: exchanges the credentials file for this
+/// host's token at the vault (pinning the vault's certificate from the file) and returns what
+/// the host keeps.
+pub fn register(file: &Path) -> Result<sysstate_repo::backend::vault::VaultCredentials> {
+    let text = std::fs::read(file).map_err(|e| {
+        EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("cannot read the vault credentials file `{}`: {e}", file.display()),
+        )
+    })?;
+    let credentials: CredentialsFile = serde_json::from_slice(&text).map_err(|e| {
+        EngineError::new(ErrorCode::InvalidInput, format!("`{}` is not a vault credentials file: {e}", file.display()))
+            .with_resolution("use the file `sysstate vault credentials --host NAME` wrote on the vault")
+    })?;
+    let unreachable = |detail: String| {
+        EngineError::new(
+            ErrorCode::VaultUnreachable,
+            format!("cannot reach the vault at `{}`: {detail}", credentials.vault),
+        )
+    };
+    let base = sysstate_repo::backend::vault::https_base(&credentials.vault).map_err(unreachable)?;
+    let client = sysstate_repo::backend::vault::pinned_client(&credentials.ca).map_err(unreachable)?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| unreachable(e.to_string()))?;
+    let (status, body) = runtime.block_on(async {
+        let response = client
+            .post(format!("{base}/v1/register"))
+            .header("content-type", "application/json")
+            .body(
+                serde_json::to_vec(&serde_json::json!({"host": credentials.host, "secret": credentials.secret}))
+                    .expect("JSON encodes"),
+            )
+            .send()
+            .await
+            .map_err(|e| unreachable(sysstate_repo::backend::vault::describe(&e)))?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|e| unreachable(sysstate_repo::backend::vault::describe(&e)))?;
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        Ok::<_, EngineError>((status, body))
+    })?;
+    if status != 200 {
+        let code = body["error"]["code"].as_str().and_then(ErrorCode::from_name).unwrap_or(ErrorCode::VaultForbidden);
+        let message = body["error"]["message"].as_str().unwrap_or("the vault refused the registration");
+        return Err(EngineError::new(
+            code,
+            format!("the vault at `{}` refused to register `{}`: {message}", credentials.vault, credentials.host),
+        ));
+    }
+    let token = body["token"].as_str().ok_or_else(|| unreachable("the vault answered without a token".into()))?;
+    Ok(sysstate_repo::backend::vault::VaultCredentials {
+        vault: credentials.vault,
+        host: credentials.host,
+        token: token.to_string(),
+        ca: credentials.ca,
+    })
+}

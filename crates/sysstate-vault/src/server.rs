@@ -1,0 +1,519 @@
+//! The vault's HTTPS API (`docs/vault.md`). Every request is taken as hostile: TLS first, then
+//! the host's token (`Authorization: Bearer …`) before any body is read; headers within 10 s, a
+//! body of at most 128 MiB read within 5 minutes, 256 connections at once.
+//!
+//! What a host may do, file kind by file kind (the repository's layout, `docs/FORMAT.md`):
+//!
+//! | kind | list, read | write | delete |
+//! |---|---|---|---|
+//! | `config` | yes | only while there is none (the first host creates the repository) | never |
+//! | `keys`, `data`, `index` | yes | put-if-absent (the same bytes again is success) | never |
+//! | `versions` | its own, and those of hosts it was granted | put-if-absent; the vault records it as the host's | never |
+//! | `locks` | yes | its own leases | its own leases |
+//! | `protected` | yes | never (the vault's retention decides) | never |
+//!
+//! Packs and index files are shared: hosts that share the repository key deduplicate against
+//! each other, and can read each other's data blobs if they know what to ask for (one key domain,
+//! as a shared restic repository; `docs/vault.md`).
+
+use crate::state::State;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use sysstate_repo::backend::{Backend, ErrorKind, FileKind};
+use sysstate_types::ErrorCode;
+
+type Body = Full<Bytes>;
+
+/// The largest body taken (a pack is 8 MiB; a large file's may be more).
+pub const MAX_BODY: usize = 128 << 20;
+/// How long a request's headers may take.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request may take to be read and answered.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+struct Vault {
+    dir: PathBuf,
+    storage: Arc<dyn Backend>,
+}
+
+fn answer(status: StatusCode, body: Bytes, content_type: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .expect("a response builds")
+}
+
+fn json_answer(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    answer(status, Bytes::from(serde_json::to_vec(value).expect("JSON encodes")), "application/json")
+}
+
+fn refuse(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response<Body> {
+    json_answer(
+        status,
+        &json!({"error": {"code": code.as_str(), "message": message.into(), "resolution": code.resolution()}}),
+    )
+}
+
+/// The file kind of a path segment.
+fn kind_of(dir: &str) -> Option<FileKind> {
+    Some(match dir {
+        "config" => FileKind::Config,
+        "keys" => FileKind::Key,
+        "data" => FileKind::Pack,
+        "index" => FileKind::Index,
+        "versions" => FileKind::Version,
+        "locks" => FileKind::Lock,
+        "protected" => FileKind::Protection,
+        _ => return None,
+    })
+}
+
+/// A repository file name: hex (or `config`), nothing that could climb out of its folder.
+fn valid_name(kind: FileKind, name: &str) -> bool {
+    match kind {
+        FileKind::Config => name == "config",
+        _ => !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+    }
+}
+
+/// Serves the vault in `dir` until SIGTERM or SIGINT.
+pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
+    let config = crate::config(dir)?;
+    let storage = sysstate_repo::backend::open_target(&config.storage)
+        .map_err(|e| sysstate_engine::EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    storage.create().map_err(|e| sysstate_engine::EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    let tls = tls_config(dir)?;
+    let address: std::net::SocketAddr = config.listen.parse().map_err(|_| {
+        sysstate_engine::EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("`listen = \"{}\"` is not an address and port", config.listen),
+        )
+    })?;
+    let vault = Arc::new(Vault { dir: dir.to_path_buf(), storage });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sysstate-vault")
+        .enable_all()
+        .build()
+        .map_err(|e| sysstate_engine::EngineError::new(ErrorCode::Internal, e.to_string()))?;
+    let listener = {
+        let _guard = runtime.enter();
+        let socket = std::net::TcpListener::bind(address).map_err(|error| {
+            sysstate_engine::EngineError::new(ErrorCode::InvalidInput, format!("cannot listen on `{address}`: {error}"))
+                .with_resolution("choose a free address in the vault's `vault.toml` (`listen`)")
+        })?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| sysstate_engine::EngineError::new(ErrorCode::Internal, e.to_string()))?;
+        tokio::net::TcpListener::from_std(socket)
+            .map_err(|e| sysstate_engine::EngineError::new(ErrorCode::Internal, e.to_string()))?
+    };
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .map_err(|e| sysstate_engine::EngineError::new(ErrorCode::Internal, e.to_string()))?;
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                stop.notify_one();
+            }
+        });
+    }
+    eprintln!("sysstate vault: serving `{}` on https://{address} ({})", config.storage, config.url);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    runtime.block_on(async move {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.notified() => break,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+            let (acceptor, vault) = (acceptor.clone(), vault.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request| {
+                    let vault = vault.clone();
+                    async move {
+                        let answered = tokio::time::timeout(REQUEST_TIMEOUT, handle(vault, request)).await;
+                        Ok::<_, std::convert::Infallible>(answered.unwrap_or_else(|_| {
+                            refuse(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                ErrorCode::VaultUnreachable,
+                                "the request took longer than 5 minutes",
+                            )
+                        }))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                drop(permit);
+            });
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    eprintln!("sysstate vault: stopped");
+    Ok(())
+}
+
+/// The server's TLS: its certificate and key from `vault init`.
+fn tls_config(dir: &Path) -> sysstate_engine::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: String| {
+        sysstate_engine::EngineError::new(
+            ErrorCode::InvalidInput,
+            format!("the vault's {what} in `{}`: {e}", dir.display()),
+        )
+        .with_resolution("the folder must hold what `sysstate vault init` made")
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .map_err(|e| bad("certificate", e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("certificate", e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem")).map_err(|e| bad("key", e.to_string()))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS settings", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("certificate", e.to_string()))
+}
+
+/// Runs blocking work (the storage backend, the records) off the server's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.expect("the vault's blocking work does not panic")
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::InvalidInput,
+            format!("the body is over {MAX_BODY} bytes"),
+        )),
+        Err(error) => {
+            Err(refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("cannot read the body: {error}")))
+        }
+    }
+}
+
+async fn handle(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    let segments: Vec<String> = path.trim_matches('/').split('/').map(String::from).collect();
+    let method = request.method().clone();
+    if method == Method::POST && segments == ["v1", "register"] {
+        return register(vault, request).await;
+    }
+    // Everything else is a host's: its token first.
+    let token = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let Some(token) = token else {
+        return refuse(StatusCode::UNAUTHORIZED, ErrorCode::VaultForbidden, "no token: register the host first");
+    };
+    let dir = vault.dir.clone();
+    let records = match blocking(move || State::read(&dir)).await {
+        Ok(records) => records,
+        Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
+    };
+    let Some(host) = records.host_of_token(&token).map(|h| h.name.clone()) else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::VaultForbidden,
+            "the token is not known to the vault (never registered, or revoked)",
+        );
+    };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "repo", dir]) => match kind_of(dir) {
+            Some(kind) => list(vault, records, host, kind).await,
+            None => refuse(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no file kind `{dir}`")),
+        },
+        (method, ["v1", "repo", dir, name]) => {
+            let Some(kind) = kind_of(dir).filter(|k| valid_name(*k, name)) else {
+                return refuse(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no file `{dir}/{name}`"));
+            };
+            let name = name.to_string();
+            match *method {
+                Method::GET => read(vault, records, host, kind, name, request).await,
+                Method::PUT => write(vault, records, host, kind, name, request).await,
+                Method::DELETE => delete(vault, records, host, kind, name).await,
+                _ => refuse(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    ErrorCode::InvalidInput,
+                    format!("{method} is not served on files"),
+                ),
+            }
+        }
+        _ => refuse(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no endpoint `{path}`")),
+    }
+}
+
+fn storage_error(error: sysstate_repo::backend::BackendError) -> Response<Body> {
+    let status = match error.kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Mismatch => StatusCode::CONFLICT,
+        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Transient => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    refuse(status, sysstate_repo::RepoError::from(error).code(), "the vault's storage: see its log")
+}
+
+async fn list(vault: Arc<Vault>, records: State, host: String, kind: FileKind) -> Response<Body> {
+    let storage = vault.storage.clone();
+    match blocking(move || storage.list(kind)).await {
+        Ok(files) => {
+            let files: Vec<(String, u64)> = match kind {
+                FileKind::Version => files
+                    .into_iter()
+                    .filter(|(name, _)| records.versions.get(name).is_some_and(|owner| records.may_read(&host, owner)))
+                    .collect(),
+                _ => files,
+            };
+            json_answer(StatusCode::OK, &json!(files))
+        }
+        Err(error) => storage_error(error),
+    }
+}
+
+async fn read(
+    vault: Arc<Vault>,
+    records: State,
+    host: String,
+    kind: FileKind,
+    name: String,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    if kind == FileKind::Version && !records.versions.get(&name).is_some_and(|owner| records.may_read(&host, owner)) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::VaultForbidden,
+            format!("host `{host}` may not read version {name}: it is not its own and no grant lets it"),
+        );
+    }
+    let range = request.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let range = match range.as_deref().map(parse_range) {
+        None => None,
+        Some(Some(range)) => Some(range),
+        Some(None) => {
+            return refuse(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::InvalidInput, "give `Range: bytes=FIRST-LAST`")
+        }
+    };
+    let storage = vault.storage.clone();
+    let read = blocking(move || match range {
+        Some((offset, length)) => storage.read_range(kind, &name, offset, length),
+        None => storage.read(kind, &name),
+    })
+    .await;
+    match read {
+        Ok(bytes) => answer(
+            if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK },
+            Bytes::from(bytes),
+            "application/octet-stream",
+        ),
+        Err(error) => storage_error(error),
+    }
+}
+
+/// `bytes=FIRST-LAST` as (offset, length).
+fn parse_range(text: &str) -> Option<(u64, u64)> {
+    let (first, last) = text.strip_prefix("bytes=")?.split_once('-')?;
+    let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+    (last >= first).then(|| (first, last - first + 1))
+}
+
+async fn write(
+    vault: Arc<Vault>,
+    records: State,
+    host: String,
+    kind: FileKind,
+    name: String,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    // Refused before the body is read.
+    match kind {
+        FileKind::Protection => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                ErrorCode::VaultForbidden,
+                "protection is the vault's to set: its retention keeps versions",
+            )
+        }
+        FileKind::Lock if records.locks.get(&name).is_some_and(|owner| *owner != host) => {
+            return refuse(StatusCode::FORBIDDEN, ErrorCode::VaultForbidden, format!("lease {name} is another host's"))
+        }
+        _ => {}
+    }
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
+    let written = blocking(move || -> Result<(), Response<Body>> {
+        if kind == FileKind::Config && !storage.list(FileKind::Config).map_err(storage_error)?.is_empty() {
+            let existing = storage.read(kind, &name).map_err(storage_error)?;
+            if existing != body {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::VaultForbidden,
+                    "the repository's config is written once, by its first host",
+                ));
+            }
+            return Ok(());
+        }
+        match kind {
+            // Put-if-absent: the same bytes again are success; other bytes are an overwrite.
+            FileKind::Key | FileKind::Pack | FileKind::Index | FileKind::Version | FileKind::Config => {
+                match storage.read(kind, &name) {
+                    Ok(existing) if existing == body => return Ok(()),
+                    Ok(_) => {
+                        return Err(refuse(
+                            StatusCode::FORBIDDEN,
+                            ErrorCode::VaultForbidden,
+                            format!("`{}` exists: a host may add files, never overwrite them", kind.path(&name)),
+                        ))
+                    }
+                    Err(error) if error.kind == ErrorKind::NotFound => {}
+                    Err(error) => return Err(storage_error(error)),
+                }
+            }
+            _ => {}
+        }
+        // The owner first: a version is never stored unowned.
+        if matches!(kind, FileKind::Version | FileKind::Lock) {
+            State::change(&dir, |records| {
+                let owners = if kind == FileKind::Version { &mut records.versions } else { &mut records.locks };
+                owners.insert(name.clone(), host.clone());
+                Ok(())
+            })
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message))?;
+        }
+        storage.write_shared(kind, &name, body).map_err(storage_error)
+    })
+    .await;
+    match written {
+        Ok(()) => json_answer(StatusCode::CREATED, &json!({})),
+        Err(response) => response,
+    }
+}
+
+async fn delete(vault: Arc<Vault>, records: State, host: String, kind: FileKind, name: String) -> Response<Body> {
+    if kind != FileKind::Lock || records.locks.get(&name).is_some_and(|owner| *owner != host) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::VaultForbidden,
+            format!("host `{host}` may not delete `{}`: a host adds, the vault's retention deletes", kind.path(&name)),
+        );
+    }
+    let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
+    let removed = blocking(move || {
+        storage.remove(kind, &name)?;
+        let _ = State::change(&dir, |records| {
+            records.locks.remove(&name);
+            Ok(())
+        });
+        Ok::<_, sysstate_repo::backend::BackendError>(())
+    })
+    .await;
+    match removed {
+        Ok(()) => json_answer(StatusCode::OK, &json!({})),
+        Err(error) => storage_error(error),
+    }
+}
+
+/// `POST /v1/register {"host", "secret"}`: a credentials file exchanged for the host's token.
+async fn register(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(request.into_body(), 4096).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, "a registration is a small JSON object")
+        }
+    };
+    let Ok(asked) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, "the body is not JSON");
+    };
+    let (Some(name), Some(secret)) = (asked["host"].as_str(), asked["secret"].as_str()) else {
+        return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, "send `host` and `secret`");
+    };
+    let (name, secret, dir) = (name.to_string(), secret.to_string(), vault.dir.clone());
+    let registered = blocking(move || {
+        State::change(&dir, |records| {
+            let now = sysstate_repo::lock::now_ns();
+            let hashed = crate::state::hash(&secret);
+            let refused = |code: ErrorCode, message: String| sysstate_engine::EngineError::new(code, message);
+            let pending =
+                records.pending.iter_mut().find(|p| p.host == name && p.secret_hash == hashed).ok_or_else(|| {
+                    refused(
+                        ErrorCode::VaultCredentialsExpired,
+                        format!("no credentials of host `{name}` with that secret: revoked, or never made here"),
+                    )
+                })?;
+            if let Some(used) = pending.used_ns {
+                return Err(refused(
+                    ErrorCode::VaultCredentialsExpired,
+                    format!(
+                        "the credentials file of `{name}` was used at {}: each is good for one registration",
+                        sysstate_types::time::format_utc(used)
+                    ),
+                ));
+            }
+            if now > pending.expires_ns {
+                return Err(refused(
+                    ErrorCode::VaultCredentialsExpired,
+                    format!(
+                        "the credentials file of `{name}` expired at {}",
+                        sysstate_types::time::format_utc(pending.expires_ns)
+                    ),
+                ));
+            }
+            pending.used_ns = Some(now);
+            if let Some(taken) = records.host(&name) {
+                return Err(refused(
+                    ErrorCode::HostNameTaken,
+                    format!(
+                        "host `{name}` is registered already (since {})",
+                        sysstate_types::time::format_utc(taken.registered_ns)
+                    ),
+                ));
+            }
+            let token = crate::state::secret();
+            records.hosts.push(crate::state::Host {
+                name: name.clone(),
+                token_hash: crate::state::hash(&token),
+                registered_ns: now,
+                revoked_ns: None,
+            });
+            Ok(token)
+        })
+    })
+    .await;
+    match registered {
+        Ok(token) => json_answer(StatusCode::OK, &json!({"token": token})),
+        Err(error) if error.code == ErrorCode::HostNameTaken => refuse(StatusCode::CONFLICT, error.code, error.message),
+        Err(error) if error.code == ErrorCode::VaultCredentialsExpired => {
+            refuse(StatusCode::FORBIDDEN, error.code, error.message)
+        }
+        Err(error) => refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
+    }
+}

@@ -1,0 +1,105 @@
+//! The vault (`sysstate vault …`) and a host's registration with one (`sysstate agent register`).
+
+use super::{Context, Outcome};
+use crate::cli::{VaultCommand, VaultHostsCommand};
+use crate::output::print_json;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use sysstate_engine::{EngineError, ErrorCode, Result};
+
+pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Result<Outcome> {
+    match command {
+        VaultCommand::Init { storage, url, listen } => {
+            let made = sysstate_vault::init(dir, storage, listen, url)?;
+            if context.json() {
+                print_json(&serde_json::to_value(&made).expect("reports encode"));
+            } else {
+                context.say(format!(
+                    "vault made in `{}`: storage `{storage}`, serving on {listen} as {url}; its certificate is good for {}",
+                    made.dir.display(),
+                    made.names.join(", ")
+                ));
+                context.say("next: `sysstate vault serve` (or `systemctl enable --now sysstate-vault`), then `sysstate vault credentials --host NAME` for each host");
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Serve => {
+            sysstate_vault::server::serve(dir)?;
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Credentials { host, expires, output } => {
+            let valid = sysstate_engine::shadow::parse_duration(expires)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--expires`: {e}")))?;
+            let out = output.clone().unwrap_or_else(|| PathBuf::from(format!("{host}.vault-credentials")));
+            let file = sysstate_vault::credentials(dir, host, valid, &out)?;
+            if context.json() {
+                print_json(&json!({"file": out, "host": file.host, "vault": file.vault, "expires": file.expires}));
+            } else {
+                context.say(format!(
+                    "credentials for host `{host}` written to `{}` (0600): good for one registration until {}; copy it to the host and run `sysstate agent register {}` there",
+                    out.display(),
+                    file.expires,
+                    out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                ));
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Hosts { command: None } => {
+            let hosts = sysstate_vault::hosts(dir)?;
+            if context.json() {
+                print_json(&json!(hosts));
+            } else if hosts.is_empty() {
+                crate::outln!(
+                    "no host is registered: `sysstate vault credentials --host NAME` makes a credentials file for one"
+                );
+            } else {
+                for host in &hosts {
+                    crate::outln!(
+                        "{}: registered {}{}, {} versions{}",
+                        host["name"].as_str().unwrap_or("?"),
+                        host["registered"].as_str().unwrap_or("?"),
+                        host["revoked"].as_str().map(|r| format!(", REVOKED {r}")).unwrap_or_default(),
+                        host["versions"],
+                        host["may-read"]
+                            .as_array()
+                            .filter(|a| !a.is_empty())
+                            .map(|a| format!(
+                                ", may read the versions of {}",
+                                a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+                            ))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Hosts { command: Some(VaultHostsCommand::Revoke { name }) } => {
+            sysstate_vault::revoke(dir, name)?;
+            context.say(format!("host `{name}` revoked: its token is refused from now on"));
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Grant { restore_from, to } => {
+            sysstate_vault::grant(dir, restore_from, to)?;
+            context.say(format!("host `{to}` may read the versions of `{restore_from}` (to restore them onto itself, with its passphrase)"));
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+/// `sysstate agent register FILE`.
+pub fn register(context: &Context<'_>, file: &Path) -> Result<Outcome> {
+    let credentials = sysstate_vault::register(file)?;
+    let kept = sysstate_engine::vault::save(&credentials)?;
+    if context.json() {
+        print_json(&json!({"host": credentials.host, "vault": credentials.vault, "credentials": kept}));
+    } else {
+        context.say(format!(
+            "registered as `{}` with {}: the token is kept in `{}` (0600); back up to the vault with `--target {}`",
+            credentials.host,
+            credentials.vault,
+            kept.display(),
+            credentials.vault
+        ));
+    }
+    Ok(Outcome::Success)
+}
