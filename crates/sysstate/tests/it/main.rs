@@ -21,3 +21,4 @@ mod secrets;
 mod shadow;
 mod support;
 mod upkeep;
+mod vault;

@@ -1,0 +1,258 @@
+//! The vault, run for real: `sysstate vault serve` over HTTPS on 127.0.0.1 with its own
+//! certificate authority, hosts registered with credentials files, each host a sandbox of its own
+//! (its own state folder and token), and what a host may not do tried with curl as an attacker
+//! holding the host's token would.
+
+use crate::support::{assert_job_failed, assert_same, make_tree, snapshot, text, Sandbox};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A vault serving a folder; stopped when dropped.
+struct Vault {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl Vault {
+    fn start() -> Vault {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut vault = Vault { dir, child: None, port };
+        let url = vault.url();
+        let storage = vault.dir.path().join("storage").display().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let made =
+            vault.command(&["init", "--storage", &storage, "--url", &url, "--listen", &listen]).output().unwrap();
+        assert!(made.status.success(), "{}", text(&made.stderr));
+        vault.serve();
+        vault
+    }
+
+    fn serve(&mut self) {
+        self.child = Some(self.command(&["serve"]).stderr(std::process::Stdio::null()).spawn().unwrap());
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "the vault did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::Term)
+                .unwrap();
+            assert!(child.wait().unwrap().success());
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("vault://127.0.0.1:{}", self.port)
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sysstate"));
+        command
+            .arg("vault")
+            .args(args)
+            .env("SYSSTATE_VAULT_DIR", self.dir.path().join("vault"))
+            .env("SYSSTATE_CONFIG", self.dir.path().join("none.toml"))
+            .env("SYSSTATE_STATE_DIR", self.dir.path().join("state"))
+            .env("SYSSTATE_RUNTIME_DIR", self.dir.path().join("run"))
+            .stdin(std::process::Stdio::null());
+        let _ = std::fs::write(self.dir.path().join("none.toml"), "");
+        command
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.command(args).output().unwrap();
+        assert!(output.status.success(), "`vault {}`: {}", args.join(" "), text(&output.stderr));
+        text(&output.stdout)
+    }
+
+    /// A credentials file for `host`, good for `expires`.
+    fn credentials(&self, host: &str, expires: &str) -> PathBuf {
+        let file = self.dir.path().join(format!("{host}.vault-credentials"));
+        let _ = std::fs::remove_file(&file);
+        self.ok(&["credentials", "--host", host, "--expires", expires, "--output", file.to_str().unwrap()]);
+        file
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A host: a sandbox whose target is the vault, registered as `name`, with a small tree.
+fn host(vault: &Vault, name: &str, seed: u64) -> (Sandbox, PathBuf) {
+    let mut sandbox = Sandbox::new().with_data_component();
+    sandbox.target = vault.url();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 30, seed);
+    let file = vault.credentials(name, "10d");
+    let registered = sandbox.ok(&["agent", "register", file.to_str().unwrap()]);
+    assert!(text(&registered.stdout).contains(&format!("registered as `{name}`")), "{}", text(&registered.stdout));
+    (sandbox, root)
+}
+
+fn token_of(sandbox: &Sandbox) -> String {
+    let credentials: Value =
+        serde_json::from_slice(&std::fs::read(sandbox.path("state/vault/credentials.json")).unwrap()).unwrap();
+    credentials["token"].as_str().unwrap().to_string()
+}
+
+/// curl against the vault's API with `token`, trusting only the vault's CA: the status.
+fn curl(vault: &Vault, token: &str, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+    let body_file = vault.dir.path().join("curl-body");
+    std::fs::write(&body_file, body.unwrap_or_default()).unwrap();
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+        .arg(vault.dir.path().join("vault/ca.pem"))
+        .args(["-X", method, "-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("https://127.0.0.1:{}{path}", vault.port));
+    if body.is_some() {
+        command.arg("--data-binary").arg(format!("@{}", body_file.display()));
+    }
+    let output = command.output().unwrap();
+    let out = text(&output.stdout);
+    let (body, status) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn two_hosts_add_but_never_destroy_and_see_only_their_own_versions() {
+    let vault = Vault::start();
+    let (alpha, alpha_root) = host(&vault, "alpha", 1);
+    let (beta, beta_root) = host(&vault, "beta", 2);
+    let a = alpha.backup_data(&alpha_root);
+    let b = beta.backup_data(&beta_root);
+    // Each lists its own versions only.
+    let listed = |sandbox: &Sandbox| -> Vec<String> {
+        sandbox
+            .json(&["versions"], 0)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(listed(&alpha), vec![a.clone()]);
+    assert_eq!(listed(&beta), vec![b.clone()]);
+    let listing = vault.ok(&["hosts", "--json"]);
+    let hosts: Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts:#}");
+
+    // Alpha's token, in an attacker's hands: no delete, no overwrite, nothing of beta's.
+    let token = token_of(&alpha);
+    let (status, body) = curl(&vault, &token, "DELETE", &format!("/v1/repo/versions/{a}"), None);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("vault-forbidden"), "{body}");
+    let (status, body) = curl(&vault, &token, "PUT", &format!("/v1/repo/versions/{a}"), Some(b"ransom"));
+    assert_eq!(status, 403, "an overwrite: {body}");
+    let (status, body) = curl(&vault, &token, "GET", &format!("/v1/repo/versions/{b}"), None);
+    assert_eq!(status, 403, "beta's version read by alpha: {body}");
+    let (status, body) = curl(&vault, &token, "GET", "/v1/repo/versions", None);
+    assert_eq!(status, 200);
+    assert!(body.contains(&a) && !body.contains(&b), "{body}");
+    let (_, pack_list) = curl(&vault, &token, "GET", "/v1/repo/data", None);
+    let pack = serde_json::from_str::<Value>(&pack_list).unwrap()[0][0].as_str().unwrap().to_string();
+    let (status, _) = curl(&vault, &token, "DELETE", &format!("/v1/repo/data/{pack}"), None);
+    assert_eq!(status, 403, "a pack deleted");
+    let (status, _) = curl(&vault, &token, "PUT", "/v1/repo/protected/x", Some(b""));
+    assert_eq!(status, 403);
+    let (status, _) = curl(&vault, &token, "GET", "/v1/repo/versions/..%2f..%2fstate.json", None);
+    assert!(status == 404 || status == 403, "{status}");
+    let (status, _) = curl(&vault, "not-a-token", "GET", "/v1/repo/versions", None);
+    assert_eq!(status, 403);
+
+    // The host's own tools get the same answer: forgetting its own version is refused, and said.
+    let refused = alpha.run_code(&["forget", "--version", &a], 2);
+    assert!(text(&refused.stderr).contains("error[vault-forbidden]"), "{}", text(&refused.stderr));
+    assert_job_failed(&alpha, "vault-forbidden");
+    assert_eq!(listed(&alpha), vec![a.clone()], "the version is still there");
+
+    // Beta restores alpha's system state once the vault grants it, byte for byte.
+    let denied = beta.run_code(&["restore", "--version", &a, "--to", beta.path("from-alpha").to_str().unwrap()], 2);
+    assert!(
+        text(&denied.stderr).contains("does not exist") || text(&denied.stderr).contains("vault-forbidden"),
+        "{}",
+        text(&denied.stderr)
+    );
+    vault.ok(&["grant", "--restore-from", "alpha", "--to", "beta"]);
+    let to = beta.path("from-alpha");
+    beta.ok(&["restore", "--version", &a, "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&alpha_root.join("data")), &snapshot(&to.join("data")));
+
+    // A revoked host is refused at once.
+    vault.ok(&["hosts", "revoke", "beta"]);
+    let revoked = beta.run_code(&["versions"], 2);
+    assert!(
+        text(&revoked.stderr).contains("error[vault-forbidden]") && text(&revoked.stderr).contains("revoked"),
+        "{}",
+        text(&revoked.stderr)
+    );
+}
+
+#[test]
+fn credentials_are_single_use_expire_and_names_are_unique() {
+    let vault = Vault::start();
+    let (alpha, _) = host(&vault, "alpha", 1);
+    // The same file again.
+    let file = vault.dir.path().join("alpha.vault-credentials");
+    let reused = alpha.run_code(&["agent", "register", file.to_str().unwrap()], 2);
+    assert!(
+        text(&reused.stderr).contains("error[vault-credentials-expired]") && text(&reused.stderr).contains("was used"),
+        "{}",
+        text(&reused.stderr)
+    );
+    // A file past its time.
+    let short = vault.credentials("gamma", "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let other = Sandbox::new();
+    let expired = other.run_code(&["agent", "register", short.to_str().unwrap()], 2);
+    assert!(
+        text(&expired.stderr).contains("error[vault-credentials-expired]")
+            && text(&expired.stderr).contains("expired at"),
+        "{}",
+        text(&expired.stderr)
+    );
+    // A name that is taken: refused when the file is made.
+    let taken = vault.command(&["credentials", "--host", "alpha"]).current_dir(vault.dir.path()).output().unwrap();
+    assert_eq!(taken.status.code(), Some(2));
+    assert!(text(&taken.stderr).contains("error[host-name-taken]"), "{}", text(&taken.stderr));
+    // Revoked, the name is free again, and a new file registers the rebuilt machine.
+    vault.ok(&["hosts", "revoke", "alpha"]);
+    let again = vault.credentials("alpha", "10d");
+    let rebuilt = Sandbox::new();
+    rebuilt.ok(&["agent", "register", again.to_str().unwrap()]);
+    // A file of another vault (another CA) does not reach this one: its certificate is refused.
+    let mut forged: Value = serde_json::from_slice(&std::fs::read(&again).unwrap()).unwrap();
+    let foreign = Vault::start();
+    forged["ca"] = Value::String(std::fs::read_to_string(foreign.dir.path().join("vault/ca.pem")).unwrap());
+    let forged_file = rebuilt.path("forged.vault-credentials");
+    std::fs::write(&forged_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let pinned = rebuilt.run_code(&["agent", "register", forged_file.to_str().unwrap()], 2);
+    assert!(text(&pinned.stderr).contains("error[vault-unreachable]"), "{}", text(&pinned.stderr));
+}
+
+#[test]
+fn a_vault_that_does_not_answer_is_vault_unreachable() {
+    let mut vault = Vault::start();
+    let (alpha, root) = host(&vault, "alpha", 3);
+    alpha.backup_data(&root);
+    vault.stop();
+    let output = alpha.run_code(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 2);
+    assert!(text(&output.stderr).contains("error[vault-unreachable]"), "{}", text(&output.stderr));
+    assert_job_failed(&alpha, "vault-unreachable");
+    // Back, and the host goes on where it was.
+    vault.serve();
+    alpha.backup_data(&root);
+    assert_eq!(alpha.json(&["versions"], 0).as_array().unwrap().len(), 2);
+}
