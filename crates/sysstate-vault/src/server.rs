@@ -370,15 +370,17 @@ async fn write(
         Err(response) => return response,
     };
     let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
-    let written = blocking(move || -> Result<(), Response<Body>> {
-        if kind == FileKind::Config && !storage.list(FileKind::Config).map_err(storage_error)?.is_empty() {
-            let existing = storage.read(kind, &name).map_err(storage_error)?;
+    let written = blocking(move || -> Result<(), Box<Response<Body>>> {
+        if kind == FileKind::Config
+            && !storage.list(FileKind::Config).map_err(|e| Box::new(storage_error(e)))?.is_empty()
+        {
+            let existing = storage.read(kind, &name).map_err(|e| Box::new(storage_error(e)))?;
             if existing != body {
-                return Err(refuse(
+                return Err(Box::new(refuse(
                     StatusCode::FORBIDDEN,
                     ErrorCode::VaultForbidden,
                     "the repository's config is written once, by its first host",
-                ));
+                )));
             }
             return Ok(());
         }
@@ -388,14 +390,14 @@ async fn write(
                 match storage.read(kind, &name) {
                     Ok(existing) if existing == body => return Ok(()),
                     Ok(_) => {
-                        return Err(refuse(
+                        return Err(Box::new(refuse(
                             StatusCode::FORBIDDEN,
                             ErrorCode::VaultForbidden,
                             format!("`{}` exists: a host may add files, never overwrite them", kind.path(&name)),
-                        ))
+                        )))
                     }
                     Err(error) if error.kind == ErrorKind::NotFound => {}
-                    Err(error) => return Err(storage_error(error)),
+                    Err(error) => return Err(Box::new(storage_error(error))),
                 }
             }
             _ => {}
@@ -407,14 +409,14 @@ async fn write(
                 owners.insert(name.clone(), host.clone());
                 Ok(())
             })
-            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message))?;
+            .map_err(|e| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message)))?;
         }
-        storage.write_shared(kind, &name, body).map_err(storage_error)
+        storage.write_shared(kind, &name, body).map_err(|e| Box::new(storage_error(e)))
     })
     .await;
     match written {
         Ok(()) => json_answer(StatusCode::CREATED, &json!({})),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 

@@ -329,7 +329,7 @@ fn the_units_verify_and_the_agent_speaks_systemds_notify_and_journal_protocols()
         std::fs::write(units.join(&name), unit).unwrap();
         names.push(format!("./{name}"));
     }
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
     if crate::support::require("systemd-analyze", Path::new("/usr/bin/systemd-analyze").exists()) {
         let verified = std::process::Command::new("systemd-analyze")
             .arg("verify")

@@ -256,3 +256,21 @@ fn a_vault_that_does_not_answer_is_vault_unreachable() {
     alpha.backup_data(&root);
     assert_eq!(alpha.json(&["versions"], 0).as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn a_local_repository_is_copied_to_the_vault_and_a_second_copy_sends_nothing() {
+    let vault = Vault::start();
+    let (host_sandbox, root) = host(&vault, "delta", 4);
+    // The host's local repository: its staging area.
+    let mut local = Sandbox::new().with_data_component();
+    local.dir = host_sandbox.dir;
+    local.target = local.path("local-repo").display().to_string();
+    local.backup_data(&root);
+    let vault_url = vault.url();
+    let copied = local.ok(&["copy", "--to", &vault_url]);
+    assert!(text(&copied.stdout).contains("copied version"), "{}", text(&copied.stdout));
+    let again = local.ok(&["copy", "--to", &vault_url]);
+    assert!(text(&again.stdout).contains("is already in"), "{}", text(&again.stdout));
+    let on_vault = local.json(&["versions", "--target", &vault_url], 0);
+    assert_eq!(on_vault.as_array().unwrap().len(), 1, "{on_vault:#}");
+}
