@@ -362,7 +362,7 @@ async fn status(shared: Arc<Shared>) -> Response<Body> {
     let store = shared.store.clone();
     let last = blocking(move || -> Result<Value> {
         let mut last = serde_json::Map::new();
-        for kind in [JobKind::Backup, JobKind::Forget, JobKind::Prune, JobKind::Check] {
+        for kind in [JobKind::Backup, JobKind::Forget, JobKind::Replicate, JobKind::Prune, JobKind::Check] {
             let brief = |job: Option<sysstate_engine::jobs::JobRecord>| {
                 job.map(|j| json!({"job": j.id, "ended": j.ended, "state": j.state, "trigger": j.trigger, "error": j.error}))
             };

@@ -79,7 +79,7 @@ pub fn render(shared: &Shared, config: &Config) -> String {
     out.head("sysstate_agent_start_time_seconds", "gauge", "When the agent started (Unix time).");
     out.sample("sysstate_agent_start_time_seconds", &[], shared.started_ns as f64 / 1e9);
 
-    let kinds = [JobKind::Backup, JobKind::Forget, JobKind::Prune, JobKind::Check];
+    let kinds = [JobKind::Backup, JobKind::Forget, JobKind::Replicate, JobKind::Prune, JobKind::Check];
     let last = |succeeded: bool| -> Vec<(JobKind, JobRecord)> {
         kinds.iter().filter_map(|kind| Some((*kind, shared.store.last_ended(*kind, succeeded).ok()??))).collect()
     };

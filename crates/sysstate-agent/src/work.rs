@@ -148,6 +148,9 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
                             ran.borrow_mut().push(forget);
                         }
                     }
+                    if let Some(replicated) = replicate(shared, config, &target, request) {
+                        ran.borrow_mut().push(replicated);
+                    }
                     Ok(Some(report.job))
                 }
                 Err(error) => Err(error),
@@ -190,6 +193,48 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
             &[("SYSSTATE_JOB", &job), ("SYSSTATE_ERROR_CODE", error.code.as_str())],
         ),
     }
+}
+
+/// Copies the versions the vault lacks (`[vault] url`) from the local repository, the staging
+/// area, as a `replicate` job (its id returned): what the vault has is not sent again, so a
+/// replication that was stopped resumes where it was.
+fn replicate(shared: &Arc<Shared>, config: &Config, target: &str, request: &Request) -> Option<String> {
+    let vault = config.vault.url.clone()?;
+    let passphrase_file = shared.options.passphrase_file.as_deref();
+    let id = std::cell::RefCell::new(None);
+    let ended = jobs::run_triggered(
+        &shared.store,
+        JobKind::Replicate,
+        request.trigger,
+        Some(&vault),
+        &[],
+        &NoProgress,
+        |job| {
+            *id.borrow_mut() = Some(job.id().to_string());
+            job.operation(&format!("replicating new versions to {vault}"));
+            let passphrase = require(target, passphrase_file)?;
+            let to_passphrase = match &config.vault.passphrase_file {
+                Some(file) => credentials::read_passphrase_file(file)?,
+                None => passphrase.clone(),
+            };
+            let from = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
+            let report = upkeep::replicate(
+                &from,
+                &upkeep::ReplicateRequest { to: &vault, to_passphrase: &to_passphrase, versions: &[] },
+            )?;
+            let sent = report.versions.iter().filter(|v| v.to.is_some()).count();
+            job.operation(&format!(
+                "replicated {sent} versions to {vault} ({} there already)",
+                report.versions.len() - sent
+            ));
+            Ok(report)
+        },
+    );
+    match ended {
+        Ok(_) => say(format!("replicated to {vault}")),
+        Err(error) => say(format!("replication to {vault} failed: error[{}]: {}", error.code, error.message)),
+    }
+    id.into_inner()
 }
 
 /// The bytes of the repository's packs (one listing), for the metrics.

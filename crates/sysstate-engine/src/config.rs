@@ -37,6 +37,9 @@ pub struct Config {
     /// `[metrics]`: the agent's metrics for Prometheus.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[vault]`: the vault this host replicates to.
+    #[serde(default)]
+    pub vault: VaultSection,
     /// `[[component]]`: administrators' components, added to the defaults (or replacing one of
     /// the same name).
     #[serde(default, rename = "component")]
@@ -149,6 +152,17 @@ pub struct AgentSection {
     pub admin_group: Option<String>,
     /// Members of this group may read status, jobs, logs and events.
     pub read_group: Option<String>,
+}
+
+/// `[vault]`: the vault the agent replicates each new version to (`sysstate agent register`
+/// registers the host with it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VaultSection {
+    /// `vault://NAME:PORT`.
+    pub url: Option<String>,
+    /// The vault repository's passphrase, from this file (default: the local repository's).
+    pub passphrase_file: Option<std::path::PathBuf>,
 }
 
 /// `[metrics]`: where the agent's metrics go (both are opt-in).
@@ -501,6 +515,11 @@ impl Config {
         self.retention.policy().map_err(|e| invalid("retention", e.message))?;
         self.notify.rules().map_err(|e| invalid("notify", e.message))?;
         self.metrics.listen_address().map_err(|e| invalid("metrics", e.message))?;
+        if let Some(url) = &self.vault.url {
+            if !url.starts_with("vault://") {
+                return Err(invalid("vault.url", format!("`{url}` is not a vault URL: write `vault://NAME:PORT`")));
+            }
+        }
         Ok(())
     }
 }

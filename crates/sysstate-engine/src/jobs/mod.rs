@@ -79,6 +79,8 @@ named_enum! {
         Prune => "prune",
         /// `sysstate copy`.
         Copy => "copy",
+        /// The agent's copy of new versions to its vault.
+        Replicate => "replicate",
         /// `sysstate repair`.
         Repair => "repair",
         /// The doctor's validation backup.

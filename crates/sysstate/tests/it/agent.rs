@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A running agent; stopped with SIGTERM when dropped.
-struct Agent {
+pub(crate) struct Agent {
     child: std::process::Child,
     log: PathBuf,
 }
 
 impl Agent {
-    fn start(sandbox: &Sandbox, root: &Path, env: &[(&str, &str)]) -> Agent {
+    pub(crate) fn start(sandbox: &Sandbox, root: &Path, env: &[(&str, &str)]) -> Agent {
         let log = sandbox.path(&format!("agent-{}.log", now_ns()));
         let mut command = sandbox.command(&["--root", root.to_str().unwrap(), "agent"]);
         command.envs(env.iter().copied()).stderr(std::fs::File::create(&log).unwrap());
@@ -26,7 +26,7 @@ impl Agent {
     }
 
     /// SIGTERM, then the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(mut self) -> std::process::ExitStatus {
         rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::Term)
             .unwrap();
         let status = self.child.wait().unwrap();

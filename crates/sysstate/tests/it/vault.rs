@@ -274,3 +274,52 @@ fn a_local_repository_is_copied_to_the_vault_and_a_second_copy_sends_nothing() {
     let on_vault = local.json(&["versions", "--target", &vault_url], 0);
     assert_eq!(on_vault.as_array().unwrap().len(), 1, "{on_vault:#}");
 }
+
+#[test]
+fn the_agent_replicates_each_new_version_from_its_local_repository_to_the_vault() {
+    let vault = Vault::start();
+    let (registered, root) = host(&vault, "epsilon", 5);
+    // The host backs up to its local repository (the staging area) and replicates to the vault.
+    let mut host_sandbox = Sandbox::new();
+    host_sandbox.dir = registered.dir;
+    host_sandbox.target = host_sandbox.path("local-repo").display().to_string();
+    std::fs::write(
+        host_sandbox.path("config.toml"),
+        format!(
+            "[backup]\ncomponents = [\"data\"]\n\n[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n[vault]\nurl = \"{}\"\n",
+            vault.url()
+        ),
+    )
+    .unwrap();
+    let agent = crate::agent::Agent::start(&host_sandbox, &root, &[]);
+    for round in 1..=2 {
+        std::fs::write(root.join(format!("data/round-{round}")), format!("round {round}")).unwrap();
+        host_sandbox.run_code(&["backup", "--now"], 0);
+        // The replication follows the backup's end.
+        let until = Instant::now() + Duration::from_secs(30);
+        let replicated = loop {
+            let jobs = host_sandbox.json(&["job", "--previous", "10"], 0);
+            let done: Vec<Value> =
+                jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "replicate").cloned().collect();
+            if done.len() == round {
+                break done[0].clone();
+            }
+            assert!(Instant::now() < until, "no replication after backup {round}: {jobs:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(replicated["state"], "succeeded", "{replicated:#}");
+        assert_eq!(replicated["target"], vault.url());
+        let on_vault = host_sandbox.json(&["versions", "--target", &vault.url()], 0);
+        assert_eq!(on_vault.as_array().unwrap().len(), round, "{on_vault:#}");
+        let log = std::fs::read_to_string(replicated["log-path"].as_str().unwrap()).unwrap();
+        assert!(
+            log.contains("replicated 1 versions") && log.contains(&format!("({} there already)", round - 1)),
+            "{log}"
+        );
+    }
+    assert!(agent.stop().success());
+    // What the vault holds restores byte for byte.
+    let to = host_sandbox.path("from-vault");
+    host_sandbox.ok(&["restore", "--target", &vault.url(), "--version", "latest", "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+}
