@@ -94,6 +94,31 @@ pub(crate) fn checks(config: &Config, checks: &mut Vec<Check>) {
     for target in targets(config) {
         checks.push(target);
     }
+    if let Some(url) = &config.vault.url {
+        checks.push(vault(url));
+    }
+}
+
+/// The vault the agent replicates to: this host registered with it, the vault answering with
+/// the pinned certificate, and the host's token accepted (one listing).
+fn vault(url: &str) -> Check {
+    use sysstate_repo::backend::ErrorKind;
+    let backend = match sysstate_engine::vault::backend(url) {
+        Ok(backend) => backend,
+        Err(error) => {
+            return Check::failed("agent.vault", error.message.clone(), error.resolution()).code(error.code);
+        }
+    };
+    match backend.list(sysstate_repo::backend::FileKind::Config) {
+        Ok(_) => Check::ok("agent.vault", format!("the vault `{url}` answers and accepts this host's token")),
+        Err(error) => {
+            let code = match error.kind {
+                ErrorKind::Forbidden => sysstate_types::ErrorCode::VaultForbidden,
+                _ => sysstate_types::ErrorCode::VaultUnreachable,
+            };
+            Check::failed("agent.vault", format!("the vault `{url}`: {error}"), code.resolution()).code(code)
+        }
+    }
 }
 
 /// The last successful backup, against `no-success-for` (or two days when the agent backs up on

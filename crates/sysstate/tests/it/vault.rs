@@ -247,7 +247,27 @@ fn a_vault_that_does_not_answer_is_vault_unreachable() {
     let mut vault = Vault::start();
     let (alpha, root) = host(&vault, "alpha", 3);
     alpha.backup_data(&root);
+    // The doctor checks the vault the config replicates to: registered, answering, token taken.
+    let config = std::fs::read_to_string(alpha.path("config.toml")).unwrap();
+    std::fs::write(alpha.path("config.toml"), format!("{config}\n[vault]\nurl = \"{}\"\n", vault.url())).unwrap();
+    let vault_check = |code: i32| -> Value {
+        let report = alpha.json(&["doctor", "--no-validate"], code);
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "agent.vault")
+            .cloned()
+            .unwrap_or_else(|| panic!("{report:#}"))
+    };
+    assert_eq!(vault_check(0)["status"], "ok");
     vault.stop();
+    let check = vault_check(2);
+    assert_eq!(
+        (check["status"].as_str(), check["code"].as_str()),
+        (Some("failed"), Some("vault-unreachable")),
+        "{check:#}"
+    );
     let output = alpha.run_code(&["backup", "--root", root.to_str().unwrap(), "--component", "data"], 2);
     assert!(text(&output.stderr).contains("error[vault-unreachable]"), "{}", text(&output.stderr));
     assert_job_failed(&alpha, "vault-unreachable");
@@ -255,6 +275,10 @@ fn a_vault_that_does_not_answer_is_vault_unreachable() {
     vault.serve();
     alpha.backup_data(&root);
     assert_eq!(alpha.json(&["versions"], 0).as_array().unwrap().len(), 2);
+    // Revoked: the doctor says the vault refuses this host.
+    vault.ok(&["hosts", "revoke", "alpha"]);
+    let check = vault_check(2);
+    assert_eq!(check["code"], "vault-forbidden", "{check:#}");
 }
 
 #[test]
