@@ -192,20 +192,10 @@ fn webhook(url: &str, body: &Value) -> Result<(), String> {
         match sent {
             Ok(response) if response.status().is_success() => return Ok(()),
             Ok(response) => last = format!("it answered {}", response.status()),
-            Err(error) => last = describe_reqwest(&error),
+            Err(error) => last = sysstate_repo::backend::vault::describe(&error),
         }
     }
     Err(format!("{last} (tried 3 times)"))
-}
-
-fn describe_reqwest(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 /// Sends `notice` by mail.
