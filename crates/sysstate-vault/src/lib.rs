@@ -29,6 +29,28 @@ pub struct VaultConfig {
     pub listen: String,
     /// The URL hosts reach it at (`vault://vault.example:8443`).
     pub url: String,
+    /// How long a soft-deleted version is kept, undeletable, before it is purged (`14d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_delete: Option<String>,
+}
+
+/// `soft-delete` when the settings have none.
+pub const DEFAULT_SOFT_DELETE: Duration = Duration::from_secs(14 * 86_400);
+
+impl VaultConfig {
+    /// The soft-delete window.
+    pub fn soft_delete(&self) -> Result<Duration> {
+        match &self.soft_delete {
+            None => Ok(DEFAULT_SOFT_DELETE),
+            Some(text) => sysstate_engine::shadow::parse_duration(text)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("the vault's `soft-delete`: {e}"))),
+        }
+    }
+}
+
+/// The vault's clock (ns): now; in tests, ahead by `SYSSTATE_FAILPOINT_CLOCK_AHEAD_S`.
+fn now() -> i64 {
+    sysstate_repo::lock::now_ns() + sysstate_types::failpoint::<i64>("CLOCK_AHEAD_S").unwrap_or(0) * 1_000_000_000
 }
 
 /// The vault's folder: `/var/lib/sysstate-vault` unless named.
@@ -112,7 +134,12 @@ pub fn init(dir: &Path, storage: &str, listen: &str, url: &str) -> Result<Initia
         let path = dir.join(name);
         sysstate_engine::paths::write_durably(&path, text.as_bytes()).map_err(|e| io_error("write", &path, e))?;
     }
-    let config = VaultConfig { storage: storage.to_string(), listen: listen.to_string(), url: url.to_string() };
+    let config = VaultConfig {
+        storage: storage.to_string(),
+        listen: listen.to_string(),
+        url: url.to_string(),
+        soft_delete: None,
+    };
     let path = dir.join("vault.toml");
     sysstate_engine::paths::write_durably(&path, toml::to_string(&config).expect("settings encode").as_bytes())
         .map_err(|e| io_error("write", &path, e))?;
@@ -215,6 +242,88 @@ pub fn revoke(dir: &Path, name: &str) -> Result<()> {
         records.pending.retain(|p| p.host != name || p.used_ns.is_some());
         Ok(())
     })
+}
+
+/// The versions in the vault, each with its host, when it arrived and, soft-deleted, when and
+/// until when it can be undeleted.
+pub fn versions(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let window = config(dir)?.soft_delete()?;
+    let records = state::State::read(dir)?;
+    Ok(records
+        .versions
+        .iter()
+        .map(|(name, host)| {
+            let deleted = records.deleted.get(name).copied();
+            serde_json::json!({
+                "id": name,
+                "host": host,
+                "received": records.received.get(name).copied().map(sysstate_types::time::format_utc),
+                "soft-deleted": deleted.map(sysstate_types::time::format_utc),
+                "purge-after": deleted.map(|d| sysstate_types::time::format_utc(d.saturating_add(window.as_nanos() as i64))),
+            })
+        })
+        .collect())
+}
+
+/// The full name of the version `prefix` names.
+fn version_named(records: &state::State, prefix: &str) -> Result<String> {
+    let matches: Vec<&String> = records.versions.keys().filter(|name| name.starts_with(prefix)).collect();
+    match matches.as_slice() {
+        [one] if !prefix.is_empty() => Ok((*one).clone()),
+        [] | [_] => Err(EngineError::new(ErrorCode::InvalidInput, format!("no version `{prefix}` in the vault"))
+            .with_resolution("`sysstate vault versions` lists them")),
+        _ => Err(EngineError::new(ErrorCode::InvalidInput, format!("`{prefix}` names {} versions", matches.len()))
+            .with_resolution("give more of the id")),
+    }
+}
+
+/// Soft-deletes a version: hidden from its host (and from grants), kept and undeletable for the
+/// soft-delete window, then purged by `purge`. Returns its full id.
+pub fn forget(dir: &Path, version: &str) -> Result<String> {
+    state::State::change(dir, |records| {
+        let name = version_named(records, version)?;
+        records.deleted.entry(name.clone()).or_insert_with(now);
+        Ok(name)
+    })
+}
+
+/// Brings a soft-deleted version back to its host. Returns its full id.
+pub fn undelete(dir: &Path, version: &str) -> Result<String> {
+    state::State::change(dir, |records| {
+        let name = version_named(records, version)?;
+        if records.deleted.remove(&name).is_none() {
+            return Err(EngineError::new(ErrorCode::InvalidInput, format!("version {name} is not soft-deleted")));
+        }
+        Ok(name)
+    })
+}
+
+/// Purges the versions soft-deleted longer ago than the window: their manifests are deleted
+/// from the storage (the data only they needed is freed by the next prune). Returns their ids.
+pub fn purge(dir: &Path) -> Result<Vec<String>> {
+    let config = config(dir)?;
+    let window = config.soft_delete()?.as_nanos() as i64;
+    let storage = sysstate_repo::backend::open_target(&config.storage)
+        .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    let now = now();
+    let due: Vec<String> = state::State::read(dir)?
+        .deleted
+        .iter()
+        .filter(|(_, deleted)| now >= deleted.saturating_add(window))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in &due {
+        storage
+            .remove(sysstate_repo::backend::FileKind::Version, name)
+            .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+        state::State::change(dir, |records| {
+            records.deleted.remove(name);
+            records.versions.remove(name);
+            records.received.remove(name);
+            Ok(())
+        })?;
+    }
+    Ok(due)
 }
 
 /// Lets host `to` read host `from`'s versions (to restore them onto itself).

@@ -285,10 +285,7 @@ async fn list(vault: Arc<Vault>, records: State, host: String, kind: FileKind) -
     match blocking(move || storage.list(kind)).await {
         Ok(files) => {
             let files: Vec<(String, u64)> = match kind {
-                FileKind::Version => files
-                    .into_iter()
-                    .filter(|(name, _)| records.versions.get(name).is_some_and(|owner| records.may_read(&host, owner)))
-                    .collect(),
+                FileKind::Version => files.into_iter().filter(|(name, _)| records.visible(&host, name)).collect(),
                 _ => files,
             };
             json_answer(StatusCode::OK, &json!(files))
@@ -405,8 +402,12 @@ async fn write(
         // The owner first: a version is never stored unowned.
         if matches!(kind, FileKind::Version | FileKind::Lock) {
             State::change(&dir, |records| {
-                let owners = if kind == FileKind::Version { &mut records.versions } else { &mut records.locks };
-                owners.insert(name.clone(), host.clone());
+                if kind == FileKind::Version {
+                    records.versions.insert(name.clone(), host.clone());
+                    records.received.insert(name.clone(), sysstate_repo::lock::now_ns());
+                } else {
+                    records.locks.insert(name.clone(), host.clone());
+                }
                 Ok(())
             })
             .map_err(|e| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message)))?;

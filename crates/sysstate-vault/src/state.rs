@@ -67,6 +67,13 @@ pub struct State {
     /// Lease → the host that holds it.
     #[serde(default)]
     pub locks: std::collections::BTreeMap<String, String>,
+    /// Version manifest → when it arrived (ns).
+    #[serde(default)]
+    pub received: std::collections::BTreeMap<String, i64>,
+    /// Version manifest → when the vault soft-deleted it (ns): hidden from its host, kept (and
+    /// undeletable) until the soft-delete window has passed, then purged.
+    #[serde(default)]
+    pub deleted: std::collections::BTreeMap<String, i64>,
 }
 
 /// BLAKE3 of a secret, hex.
@@ -104,6 +111,11 @@ impl State {
     /// True when `host` may read the versions `owner` wrote.
     pub fn may_read(&self, host: &str, owner: &str) -> bool {
         host == owner || self.grants.iter().any(|g| g.from == owner && g.to == host)
+    }
+
+    /// True when `host` may see version `name`: its own or granted, and not soft-deleted.
+    pub fn visible(&self, host: &str, name: &str) -> bool {
+        !self.deleted.contains_key(name) && self.versions.get(name).is_some_and(|owner| self.may_read(host, owner))
     }
 
     /// Reads the records of the vault in `dir`.

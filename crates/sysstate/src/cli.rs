@@ -288,6 +288,24 @@ pub enum VaultCommand {
         #[command(subcommand)]
         command: Option<VaultHostsCommand>,
     },
+    /// The versions in the vault: host, arrival, and for a soft-deleted one until when it can be
+    /// undeleted.
+    Versions,
+    /// Soft-delete a version: hidden from its host, undeletable for the soft-delete window (14
+    /// days by default), then purged.
+    Forget {
+        /// The version (an id or a unique prefix).
+        #[arg(long)]
+        version: String,
+    },
+    /// Bring a soft-deleted version back.
+    Undelete {
+        /// The version (an id or a unique prefix).
+        #[arg(long)]
+        version: String,
+    },
+    /// Delete the manifests of versions soft-deleted longer ago than the window.
+    Purge,
     /// Let one host read another's versions, to restore them onto itself.
     Grant {
         /// Whose versions.

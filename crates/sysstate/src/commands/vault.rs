@@ -78,6 +78,51 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
             context.say(format!("host `{name}` revoked: its token is refused from now on"));
             Ok(Outcome::Success)
         }
+        VaultCommand::Versions => {
+            let versions = sysstate_vault::versions(dir)?;
+            if context.json() {
+                print_json(&json!(versions));
+            } else if versions.is_empty() {
+                crate::outln!("the vault holds no version yet");
+            } else {
+                for version in &versions {
+                    let id = version["id"].as_str().unwrap_or("?");
+                    crate::outln!(
+                        "{}  {}  received {}{}",
+                        &id[..8.min(id.len())],
+                        version["host"].as_str().unwrap_or("?"),
+                        version["received"].as_str().unwrap_or("?"),
+                        version["soft-deleted"]
+                            .as_str()
+                            .map(|at| format!(
+                                "  SOFT-DELETED {at}, undeletable until {}",
+                                version["purge-after"].as_str().unwrap_or("?")
+                            ))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Forget { version } => {
+            let id = sysstate_vault::forget(dir, version)?;
+            context.say(format!("version {id} soft-deleted: hidden from its host; `sysstate vault undelete --version {}` brings it back until it is purged", &id[..8]));
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Undelete { version } => {
+            let id = sysstate_vault::undelete(dir, version)?;
+            context.say(format!("version {id} is back"));
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Purge => {
+            let purged = sysstate_vault::purge(dir)?;
+            if context.json() {
+                print_json(&json!({"purged": purged}));
+            } else {
+                context.say(format!("{} versions purged (soft-deleted longer ago than the window)", purged.len()));
+            }
+            Ok(Outcome::Success)
+        }
         VaultCommand::Grant { restore_from, to } => {
             sysstate_vault::grant(dir, restore_from, to)?;
             context.say(format!("host `{to}` may read the versions of `{restore_from}` (to restore them onto itself, with its passphrase)"));

@@ -347,3 +347,58 @@ fn the_agent_replicates_each_new_version_from_its_local_repository_to_the_vault(
     host_sandbox.ok(&["restore", "--target", &vault.url(), "--version", "latest", "--to", to.to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
 }
+
+#[test]
+fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window() {
+    let vault = Vault::start();
+    let (alpha, root) = host(&vault, "alpha", 6);
+    let kept = alpha.backup_data(&root);
+    std::fs::write(root.join("data/more"), b"more").unwrap();
+    let dropped = alpha.backup_data(&root);
+    vault.ok(&["forget", "--version", &dropped[..12]]);
+    let ids = |sandbox: &Sandbox| -> Vec<String> {
+        sandbox
+            .json(&["versions"], 0)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&alpha), vec![kept.clone()], "the host still sees a soft-deleted version");
+    let listed: Value = serde_json::from_str(&vault.ok(&["versions", "--json"])).unwrap();
+    let entry = listed.as_array().unwrap().iter().find(|v| v["id"] == dropped).unwrap().clone();
+    assert!(entry["soft-deleted"].is_string() && entry["purge-after"].is_string(), "{entry:#}");
+    let refused = alpha.run_code(&["restore", "--version", &dropped, "--to", alpha.path("r1").to_str().unwrap()], 2);
+    assert!(
+        text(&refused.stderr).contains("does not exist") || text(&refused.stderr).contains("vault-forbidden"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // Undeleted, it is back and restores.
+    vault.ok(&["undelete", "--version", &dropped[..12]]);
+    assert_eq!(ids(&alpha).len(), 2);
+    alpha.ok(&["restore", "--version", &dropped, "--to", alpha.path("r2").to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&alpha.path("r2/data")));
+    // Soft-deleted again: a purge inside the window keeps it; past the window (the vault's
+    // clock 15 days ahead) it is gone for good.
+    vault.ok(&["forget", "--version", &dropped]);
+    let purged: Value = serde_json::from_str(&vault.ok(&["purge", "--json"])).unwrap();
+    assert_eq!(purged["purged"].as_array().unwrap().len(), 0, "{purged:#}");
+    vault.ok(&["undelete", "--version", &dropped]);
+    vault.ok(&["forget", "--version", &dropped]);
+    let later = vault
+        .command(&["purge", "--json"])
+        .env("SYSSTATE_FAILPOINT_CLOCK_AHEAD_S", (15 * 86_400).to_string())
+        .output()
+        .unwrap();
+    assert!(later.status.success(), "{}", text(&later.stderr));
+    let purged: Value = serde_json::from_slice(&later.stdout).unwrap();
+    assert_eq!(purged["purged"], serde_json::json!([dropped.clone()]), "{purged:#}");
+    let gone = vault.command(&["undelete", "--version", &dropped]).output().unwrap();
+    assert_eq!(gone.status.code(), Some(2), "a purged version came back");
+    assert!(!vault.dir.path().join("storage/versions").join(&dropped).exists());
+    assert_eq!(ids(&alpha), vec![kept.clone()]);
+    // What is left checks clean (its data is all there).
+    alpha.ok(&["check"]);
+}
