@@ -42,6 +42,31 @@ pub const MAX_CONNECTIONS: usize = 256;
 struct Vault {
     dir: PathBuf,
     storage: Arc<dyn Backend>,
+    /// The records as last read, with the identity of the file they were read from.
+    records: std::sync::Mutex<Option<(RecordsFile, Arc<State>)>>,
+}
+
+/// What tells one `state.json` from the next: every change renames a new file over it.
+type RecordsFile = (u64, i64, i64, u64);
+
+impl Vault {
+    /// The records: read again only when `state.json` changed (every request needs them, and
+    /// a pack upload should not parse every version's owner again).
+    fn records(&self) -> sysstate_engine::Result<Arc<State>> {
+        use std::os::unix::fs::MetadataExt;
+        let identity = std::fs::metadata(self.dir.join("state.json"))
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+            .unwrap_or_default();
+        let mut cached = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, records)) = cached.as_ref() {
+            if *seen == identity {
+                return Ok(records.clone());
+            }
+        }
+        let records = Arc::new(State::read(&self.dir)?);
+        *cached = Some((identity, records.clone()));
+        Ok(records)
+    }
 }
 
 fn answer(status: StatusCode, body: Bytes, content_type: &str) -> Response<Body> {
@@ -98,7 +123,7 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
             format!("`listen = \"{}\"` is not an address and port", config.listen),
         )
     })?;
-    let vault = Arc::new(Vault { dir: dir.to_path_buf(), storage });
+    let vault = Arc::new(Vault { dir: dir.to_path_buf(), storage, records: std::sync::Mutex::new(None) });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sysstate-vault")
@@ -231,8 +256,8 @@ async fn handle(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Body>
     let Some(token) = token else {
         return refuse(StatusCode::UNAUTHORIZED, ErrorCode::VaultForbidden, "no token: register the host first");
     };
-    let dir = vault.dir.clone();
-    let records = match blocking(move || State::read(&dir)).await {
+    let reader = vault.clone();
+    let records = match blocking(move || reader.records()).await {
         Ok(records) => records,
         Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
     };
@@ -280,7 +305,7 @@ fn storage_error(error: sysstate_repo::backend::BackendError) -> Response<Body> 
     refuse(status, sysstate_repo::RepoError::from(error).code(), "the vault's storage: see its log")
 }
 
-async fn list(vault: Arc<Vault>, records: State, host: String, kind: FileKind) -> Response<Body> {
+async fn list(vault: Arc<Vault>, records: Arc<State>, host: String, kind: FileKind) -> Response<Body> {
     let storage = vault.storage.clone();
     match blocking(move || storage.list(kind)).await {
         Ok(files) => {
@@ -296,17 +321,22 @@ async fn list(vault: Arc<Vault>, records: State, host: String, kind: FileKind) -
 
 async fn read(
     vault: Arc<Vault>,
-    records: State,
+    records: Arc<State>,
     host: String,
     kind: FileKind,
     name: String,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    if kind == FileKind::Version && !records.versions.get(&name).is_some_and(|owner| records.may_read(&host, owner)) {
+    if kind == FileKind::Version && !records.visible(&host, &name) {
+        let why = if records.deleted.contains_key(&name) {
+            "the vault soft-deleted it (`sysstate vault undelete` on the vault brings it back)"
+        } else {
+            "it is not its own and no grant lets it"
+        };
         return refuse(
             StatusCode::FORBIDDEN,
             ErrorCode::VaultForbidden,
-            format!("host `{host}` may not read version {name}: it is not its own and no grant lets it"),
+            format!("host `{host}` may not read version {name}: {why}"),
         );
     }
     let range = request.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -342,7 +372,7 @@ fn parse_range(text: &str) -> Option<(u64, u64)> {
 
 async fn write(
     vault: Arc<Vault>,
-    records: State,
+    records: Arc<State>,
     host: String,
     kind: FileKind,
     name: String,
@@ -368,19 +398,6 @@ async fn write(
     };
     let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
     let written = blocking(move || -> Result<(), Box<Response<Body>>> {
-        if kind == FileKind::Config
-            && !storage.list(FileKind::Config).map_err(|e| Box::new(storage_error(e)))?.is_empty()
-        {
-            let existing = storage.read(kind, &name).map_err(|e| Box::new(storage_error(e)))?;
-            if existing != body {
-                return Err(Box::new(refuse(
-                    StatusCode::FORBIDDEN,
-                    ErrorCode::VaultForbidden,
-                    "the repository's config is written once, by its first host",
-                )));
-            }
-            return Ok(());
-        }
         match kind {
             // Put-if-absent: the same bytes again are success; other bytes are an overwrite.
             FileKind::Key | FileKind::Pack | FileKind::Index | FileKind::Version | FileKind::Config => {
@@ -421,7 +438,7 @@ async fn write(
     }
 }
 
-async fn delete(vault: Arc<Vault>, records: State, host: String, kind: FileKind, name: String) -> Response<Body> {
+async fn delete(vault: Arc<Vault>, records: Arc<State>, host: String, kind: FileKind, name: String) -> Response<Body> {
     if kind != FileKind::Lock || records.locks.get(&name).is_some_and(|owner| *owner != host) {
         return refuse(
             StatusCode::FORBIDDEN,
