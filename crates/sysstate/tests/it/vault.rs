@@ -107,6 +107,11 @@ fn token_of(sandbox: &Sandbox) -> String {
     credentials["token"].as_str().unwrap().to_string()
 }
 
+/// The ids of the versions `sandbox`'s host sees in its target.
+fn version_ids(sandbox: &Sandbox) -> Vec<String> {
+    sandbox.json(&["versions"], 0).as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect()
+}
+
 /// curl against the vault's API with `token`, trusting only the vault's CA: the status.
 fn curl(vault: &Vault, token: &str, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
     let body_file = vault.dir.path().join("curl-body");
@@ -134,17 +139,8 @@ fn two_hosts_add_but_never_destroy_and_see_only_their_own_versions() {
     let a = alpha.backup_data(&alpha_root);
     let b = beta.backup_data(&beta_root);
     // Each lists its own versions only.
-    let listed = |sandbox: &Sandbox| -> Vec<String> {
-        sandbox
-            .json(&["versions"], 0)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(listed(&alpha), vec![a.clone()]);
-    assert_eq!(listed(&beta), vec![b.clone()]);
+    assert_eq!(version_ids(&alpha), vec![a.clone()]);
+    assert_eq!(version_ids(&beta), vec![b.clone()]);
     let listing = vault.ok(&["hosts", "--json"]);
     let hosts: Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts:#}");
@@ -176,7 +172,7 @@ fn two_hosts_add_but_never_destroy_and_see_only_their_own_versions() {
     let refused = alpha.run_code(&["forget", "--version", &a], 2);
     assert!(text(&refused.stderr).contains("error[vault-forbidden]"), "{}", text(&refused.stderr));
     assert_job_failed(&alpha, "vault-forbidden");
-    assert_eq!(listed(&alpha), vec![a.clone()], "the version is still there");
+    assert_eq!(version_ids(&alpha), vec![a.clone()], "the version is still there");
 
     // Beta restores alpha's system state once the vault grants it, byte for byte.
     let denied = beta.run_code(&["restore", "--version", &a, "--to", beta.path("from-alpha").to_str().unwrap()], 2);
@@ -356,16 +352,10 @@ fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window
     std::fs::write(root.join("data/more"), b"more").unwrap();
     let dropped = alpha.backup_data(&root);
     vault.ok(&["forget", "--version", &dropped[..12]]);
-    let ids = |sandbox: &Sandbox| -> Vec<String> {
-        sandbox
-            .json(&["versions"], 0)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(ids(&alpha), vec![kept.clone()], "the host still sees a soft-deleted version");
+    assert_eq!(version_ids(&alpha), vec![kept.clone()], "the host still sees a soft-deleted version");
+    let (status, body) = curl(&vault, &token_of(&alpha), "GET", &format!("/v1/repo/versions/{dropped}"), None);
+    assert_eq!(status, 403, "a soft-deleted version read by its id: {body}");
+    assert!(body.contains("soft-deleted"), "{body}");
     let listed: Value = serde_json::from_str(&vault.ok(&["versions", "--json"])).unwrap();
     let entry = listed.as_array().unwrap().iter().find(|v| v["id"] == dropped).unwrap().clone();
     assert!(entry["soft-deleted"].is_string() && entry["purge-after"].is_string(), "{entry:#}");
@@ -377,7 +367,7 @@ fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window
     );
     // Undeleted, it is back and restores.
     vault.ok(&["undelete", "--version", &dropped[..12]]);
-    assert_eq!(ids(&alpha).len(), 2);
+    assert_eq!(version_ids(&alpha).len(), 2);
     alpha.ok(&["restore", "--version", &dropped, "--to", alpha.path("r2").to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&alpha.path("r2/data")));
     // Soft-deleted again: a purge inside the window keeps it; past the window (the vault's
@@ -398,7 +388,45 @@ fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window
     let gone = vault.command(&["undelete", "--version", &dropped]).output().unwrap();
     assert_eq!(gone.status.code(), Some(2), "a purged version came back");
     assert!(!vault.dir.path().join("storage/versions").join(&dropped).exists());
-    assert_eq!(ids(&alpha), vec![kept.clone()]);
+    assert_eq!(version_ids(&alpha), vec![kept.clone()]);
     // What is left checks clean (its data is all there).
     alpha.ok(&["check"]);
+}
+
+#[test]
+fn registrations_that_arrive_together_or_malformed_are_refused_cleanly() {
+    let vault = Vault::start();
+    // Two credentials files for one name, both registered at the same moment: one host wins.
+    let first = vault.credentials("zeta", "10d");
+    let second_file = vault.dir.path().join("zeta-2.vault-credentials");
+    std::fs::copy(&first, vault.dir.path().join("zeta-1.vault-credentials")).unwrap();
+    vault.ok(&["credentials", "--host", "zeta", "--output", second_file.to_str().unwrap()]);
+    let files = [vault.dir.path().join("zeta-1.vault-credentials"), second_file];
+    let sandboxes = [Sandbox::new(), Sandbox::new()];
+    let outputs: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let running: Vec<_> = files
+            .iter()
+            .zip(&sandboxes)
+            .map(|(file, sandbox)| scope.spawn(move || sandbox.run(&["agent", "register", file.to_str().unwrap()])))
+            .collect();
+        running.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let won = outputs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(won, 1, "{:#?}", outputs.iter().map(|o| text(&o.stderr)).collect::<Vec<_>>());
+    let lost = outputs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(text(&lost.stderr).contains("error[host-name-taken]"), "{}", text(&lost.stderr));
+    let hosts: Value = serde_json::from_str(&vault.ok(&["hosts", "--json"])).unwrap();
+    assert_eq!(hosts.as_array().unwrap().len(), 1, "{hosts:#}");
+    // Malformed and unauthenticated requests get a clear refusal, and the vault goes on.
+    let (status, body) = curl(&vault, "", "POST", "/v1/register", Some(b"{\"host\": 1"));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = curl(&vault, "", "POST", "/v1/register", Some(&[b'x'; 10_000]));
+    assert_eq!(status, 400, "an oversized registration: {body}");
+    let (status, body) = curl(&vault, "", "POST", "/v1/register", Some(br#"{"host": "zeta", "secret": "guessed"}"#));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("vault-credentials-expired"), "{body}");
+    let (status, _) = curl(&vault, "", "GET", "/v1/repo/data", None);
+    assert!(status == 401 || status == 403, "{status}");
+    let (status, _) = curl(&vault, "", "GET", "/v1/repo/nothing", None);
+    assert!(status == 401 || status == 403, "a route is shown before the token: {status}");
 }
