@@ -97,7 +97,11 @@ fn raw(sandbox: &Sandbox, request: &[u8]) -> (u16, String) {
 
 #[test]
 fn scheduled_backups_never_overlap_keep_the_retention_and_say_they_were_scheduled() {
-    let (sandbox, root) = setup("[schedule]\nbackup = [\"*/2 * * * * *\"]\n\n[retention]\nlast = 2\n");
+    // A writer writes each freeze and thaw with a nanosecond time: two backups at once would
+    // show as two freezes in a row (the jobs' times have whole seconds only).
+    let (sandbox, root) = setup(
+        "[schedule]\nbackup = [\"*/2 * * * * *\"]\n\n[retention]\nlast = 2\n\n[[writer]]\nname = \"timeline\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"echo freeze $(date +%s%N) >> @/timeline\"]\nthaw = [\"sh\", \"-c\", \"echo thaw $(date +%s%N) >> @/timeline\"]\n",
+    );
     // Each backup holds its writers frozen for 2.5 s: runs come every 2 s, so some find the
     // previous one running and are skipped, never overlapped.
     let agent = Agent::start(&sandbox, &root, &[("SYSSTATE_FAILPOINT_COMMIT_DELAY_MS", "2500")]);
@@ -112,6 +116,25 @@ fn scheduled_backups_never_overlap_keep_the_retention_and_say_they_were_schedule
     for pair in backups.windows(2) {
         let (ended, started) = (pair[0]["ended"].as_str().unwrap(), pair[1]["started"].as_str().unwrap());
         assert!(ended <= started, "two backups overlapped: {:#?}", pair);
+    }
+    // None failed (a second shadow set at once would have: `shadow-set-in-progress`); only the
+    // last may have been cancelled by the stop.
+    let (last, earlier) = backups.split_last().unwrap();
+    assert!(earlier.iter().all(|j| j["state"] == "succeeded"), "{all:#?}");
+    assert!(last["state"] == "succeeded" || last["state"] == "cancelled", "{last:#}");
+    let timeline = std::fs::read_to_string(sandbox.path("timeline")).unwrap();
+    let events: Vec<(&str, u128)> = timeline
+        .lines()
+        .map(|line| {
+            let (what, at) = line.split_once(' ').unwrap();
+            (what, at.parse().unwrap())
+        })
+        .collect();
+    assert!(events.len() >= 6, "{timeline}");
+    for (index, pair) in events.windows(2).enumerate() {
+        let expected = if index % 2 == 0 { ("freeze", "thaw") } else { ("thaw", "freeze") };
+        assert_eq!((pair[0].0, pair[1].0), expected, "two freezes at once:\n{timeline}");
+        assert!(pair[0].1 <= pair[1].1, "{timeline}");
     }
     for backup in &backups {
         assert_eq!(backup["trigger"], "schedule", "{backup:#}");
