@@ -208,6 +208,12 @@ fn credentials_are_single_use_expire_and_names_are_unique() {
         "{}",
         text(&reused.stderr)
     );
+    // A file that is not one: said, nothing sent.
+    std::fs::write(alpha.path("garbage.vault-credentials"), b"\x00{not json").unwrap();
+    let garbage = alpha.run_code(&["agent", "register", alpha.path("garbage.vault-credentials").to_str().unwrap()], 2);
+    assert!(text(&garbage.stderr).contains("is not a vault credentials file"), "{}", text(&garbage.stderr));
+    let missing = alpha.run_code(&["agent", "register", alpha.path("nowhere").to_str().unwrap()], 2);
+    assert!(text(&missing.stderr).contains("cannot read the vault credentials file"), "{}", text(&missing.stderr));
     // A file past its time.
     let short = vault.credentials("gamma", "1s");
     std::thread::sleep(Duration::from_millis(1500));
