@@ -156,6 +156,9 @@ error_codes! {
     HostNameTaken = "host-name-taken", 1093, Error,
         cause: "a host of that name is registered with the vault already",
         resolution: "register under another name, or revoke the old host on the vault first (`sysstate vault hosts revoke NAME`) when it is the same machine rebuilt";
+    VaultImmutable = "vault-immutable", 1094, Error,
+        cause: "the vault is immutable: it refuses to reduce a retention policy, to delete a version its retention still keeps, and, once locked, to be made mutable again",
+        resolution: "give a retention that keeps at least as much, or wait until the retention drops the version; `sysstate vault immutability` says since when the vault is immutable, and whether it is locked (forever)";
     RestoreFailed = "restore-failed", 1060, Error,
         cause: "a file could not be restored",
         resolution: "read the message for the file and the reason, fix the destination, and run the restore again";

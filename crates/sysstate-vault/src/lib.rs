@@ -49,7 +49,7 @@ impl VaultConfig {
 }
 
 /// The vault's clock (ns): now; in tests, ahead by `SYSSTATE_FAILPOINT_CLOCK_AHEAD_S`.
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     sysstate_repo::lock::now_ns() + sysstate_types::failpoint::<i64>("CLOCK_AHEAD_S").unwrap_or(0) * 1_000_000_000
 }
 
@@ -165,41 +165,67 @@ pub struct CredentialsFile {
 /// How long a credentials file is good when not said.
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(10 * 86_400);
 
+/// An open vault: its settings, its storage and its records there.
+#[derive(Debug)]
+pub struct Vault {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its settings.
+    pub config: VaultConfig,
+    /// Its storage (the repository, and `vault/` beside it).
+    pub storage: std::sync::Arc<dyn sysstate_repo::backend::Backend>,
+    /// Its records.
+    pub records: state::Records,
+}
+
+impl Vault {
+    /// Opens the vault in `dir`.
+    pub fn open(dir: &Path) -> Result<Vault> {
+        let config = config(dir)?;
+        let storage = sysstate_repo::backend::open_target(&config.storage).map_err(|e| {
+            EngineError::from(sysstate_repo::RepoError::from(e))
+                .with_resolution("check `storage` in the vault's `vault.toml` and the credentials in its environment")
+        })?;
+        Ok(Vault { dir: dir.to_path_buf(), config, records: state::Records::new(storage.clone()), storage })
+    }
+}
+
+fn invalid(message: String) -> EngineError {
+    EngineError::new(ErrorCode::InvalidInput, message)
+}
+
+fn no_host(name: &str) -> EngineError {
+    invalid(format!("no registered host `{name}`")).with_resolution("`sysstate vault hosts` lists them")
+}
+
 /// `sysstate vault credentials --host NAME`: a single-use credentials file that expires, written
 /// to `out` (0600). A name already registered is refused (`host-name-taken`).
 pub fn credentials(dir: &Path, host: &str, valid: Duration, out: &Path) -> Result<CredentialsFile> {
-    let config = config(dir)?;
+    let vault = Vault::open(dir)?;
     if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || host.len() > 64 {
-        return Err(EngineError::new(
-            ErrorCode::InvalidInput,
-            format!("`{host}` is not a host name: use letters, digits, `-`, `_` and `.`, at most 64"),
-        ));
+        return Err(invalid(format!("`{host}` is not a host name: use letters, digits, `-`, `_` and `.`, at most 64")));
     }
     let ca = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| io_error("read", &dir.join("ca.pem"), e))?;
+    if let Some(taken) = vault.records.fresh()?.host(host) {
+        return Err(EngineError::new(
+            ErrorCode::HostNameTaken,
+            format!(
+                "host `{host}` is registered with this vault already (since {})",
+                sysstate_types::time::format_utc(taken.registered_ns)
+            ),
+        )
+        .with_resolution(format!(
+            "revoke it first if it is gone (`sysstate vault hosts revoke {host}`), or choose another name"
+        )));
+    }
     let secret = state::secret();
-    let now = sysstate_repo::lock::now_ns();
+    let now = now();
     let expires_ns = now.saturating_add(valid.as_nanos().min(i64::MAX as u128) as i64);
-    state::State::change(dir, |records| {
-        if let Some(taken) = records.host(host) {
-            return Err(EngineError::new(
-                ErrorCode::HostNameTaken,
-                format!(
-                    "host `{host}` is registered with this vault already (since {})",
-                    sysstate_types::time::format_utc(taken.registered_ns)
-                ),
-            ));
-        }
-        records.pending.push(state::Pending {
-            host: host.to_string(),
-            secret_hash: state::hash(&secret),
-            made_ns: now,
-            expires_ns,
-            used_ns: None,
-        });
-        Ok(())
-    })?;
+    vault
+        .records
+        .add_pending(&state::hash(&secret), &state::Pending { host: host.to_string(), made_ns: now, expires_ns })?;
     let file = CredentialsFile {
-        vault: config.url,
+        vault: vault.config.url,
         host: host.to_string(),
         secret,
         ca,
@@ -212,12 +238,14 @@ pub fn credentials(dir: &Path, host: &str, valid: Duration, out: &Path) -> Resul
 
 /// The hosts, as `sysstate vault hosts` lists them.
 pub fn hosts(dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let records = state::State::read(dir)?;
+    let records = Vault::open(dir)?.records.fresh()?;
     Ok(records
         .hosts
         .iter()
+        // A registration that lost the race for its name withdrew at once: it never was a host.
+        .filter(|host| host.revoked_ns != Some(host.registered_ns))
         .map(|host| {
-            let versions = records.versions.values().filter(|owner| **owner == host.name).count();
+            let versions = records.versions.values().filter(|owner| owner.host == host.name).count();
             serde_json::json!({
                 "name": host.name,
                 "registered": sysstate_types::time::format_utc(host.registered_ns),
@@ -229,35 +257,31 @@ pub fn hosts(dir: &Path) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
-/// Revokes host `name`: its token is refused from now on.
+/// Revokes host `name`: its token is refused from now on (by every vault process within
+/// [`server::RECORDS_MAX_AGE`]), and credentials files made for the name and not used are void.
 pub fn revoke(dir: &Path, name: &str) -> Result<()> {
-    state::State::change(dir, |records| {
-        let now = sysstate_repo::lock::now_ns();
-        let host = records.hosts.iter_mut().find(|h| h.name == name && h.revoked_ns.is_none()).ok_or_else(|| {
-            EngineError::new(ErrorCode::InvalidInput, format!("no registered host `{name}`"))
-                .with_resolution("`sysstate vault hosts` lists them")
-        })?;
-        host.revoked_ns = Some(now);
-        // Credentials handed out for the name and not used are void too.
-        records.pending.retain(|p| p.host != name || p.used_ns.is_some());
-        Ok(())
-    })
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    let host = records.host(name).ok_or_else(|| no_host(name))?;
+    vault.records.revoke(&host.token_hash, now())?;
+    vault.records.drop_unused_pending(name)
 }
 
 /// The versions in the vault, each with its host, when it arrived and, soft-deleted, when and
 /// until when it can be undeleted.
 pub fn versions(dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let window = config(dir)?.soft_delete()?;
-    let records = state::State::read(dir)?;
+    let vault = Vault::open(dir)?;
+    let window = vault.config.soft_delete()?;
+    let records = vault.records.fresh()?;
     Ok(records
         .versions
         .iter()
-        .map(|(name, host)| {
+        .map(|(name, owner)| {
             let deleted = records.deleted.get(name).copied();
             serde_json::json!({
                 "id": name,
-                "host": host,
-                "received": records.received.get(name).copied().map(sysstate_types::time::format_utc),
+                "host": owner.host,
+                "received": sysstate_types::time::format_utc(owner.received_ns),
                 "soft-deleted": deleted.map(sysstate_types::time::format_utc),
                 "purge-after": deleted.map(|d| sysstate_types::time::format_utc(d.saturating_add(window.as_nanos() as i64))),
             })
@@ -270,77 +294,212 @@ fn version_named(records: &state::State, prefix: &str) -> Result<String> {
     let matches: Vec<&String> = records.versions.keys().filter(|name| name.starts_with(prefix)).collect();
     match matches.as_slice() {
         [one] if !prefix.is_empty() => Ok((*one).clone()),
-        [] | [_] => Err(EngineError::new(ErrorCode::InvalidInput, format!("no version `{prefix}` in the vault"))
+        [] | [_] => Err(invalid(format!("no version `{prefix}` in the vault"))
             .with_resolution("`sysstate vault versions` lists them")),
-        _ => Err(EngineError::new(ErrorCode::InvalidInput, format!("`{prefix}` names {} versions", matches.len()))
-            .with_resolution("give more of the id")),
+        _ => {
+            Err(invalid(format!("`{prefix}` names {} versions", matches.len())).with_resolution("give more of the id"))
+        }
     }
 }
 
+/// Versions, each with its host.
+type HostVersions = Vec<(String, String)>;
+
+/// What the retention policies keep and drop of the versions not soft-deleted: (kept, dropped).
+fn retention_plan(records: &state::State) -> (HostVersions, HostVersions) {
+    use sysstate_repo::version::{Version, VersionStats};
+    let mut by_host: std::collections::BTreeMap<&str, Vec<(sysstate_repo::Id, Version)>> = Default::default();
+    let mut names = std::collections::HashMap::new();
+    for (name, owner) in records.versions.iter().filter(|(name, _)| !records.deleted.contains_key(*name)) {
+        // The plan wants versions; the vault knows only who and when.
+        let id = sysstate_repo::Id::from_hex(name).unwrap_or_else(sysstate_repo::Id::random);
+        names.insert(id, name.clone());
+        by_host.entry(owner.host.as_str()).or_default().push((
+            id,
+            Version {
+                time_ns: owner.received_ns,
+                host: owner.host.clone(),
+                root_path: "/".into(),
+                tree: id,
+                components: Vec::new(),
+                parent: None,
+                tags: Vec::new(),
+                stats: VersionStats::default(),
+                program: String::new(),
+                shadow: None,
+                extra: Default::default(),
+            },
+        ));
+    }
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for (host, versions) in by_host {
+        let named = |ids: Vec<sysstate_repo::Id>| ids.into_iter().map(|id| (names[&id].clone(), host.to_string()));
+        match records.retention_of(host).filter(|policy| !policy.is_empty()) {
+            None => kept.extend(named(versions.iter().map(|(id, _)| *id).collect())),
+            Some(policy) => {
+                let group = sysstate_repo::forget::GroupBy { host: true, root: false, components: false, tags: false };
+                let (keep, drop) = sysstate_repo::forget::plan(&versions, &policy.policy(), group, &Default::default());
+                kept.extend(named(keep));
+                dropped.extend(named(drop));
+            }
+        }
+    }
+    (kept, dropped)
+}
+
+fn immutable(message: String) -> EngineError {
+    EngineError::new(ErrorCode::VaultImmutable, message)
+}
+
 /// Soft-deletes a version: hidden from its host (and from grants), kept and undeletable for the
-/// soft-delete window, then purged by `purge`. Returns its full id.
+/// soft-delete window, then purged by `purge`. An immutable vault refuses a version its
+/// retention keeps. Returns its full id.
 pub fn forget(dir: &Path, version: &str) -> Result<String> {
-    state::State::change(dir, |records| {
-        let name = version_named(records, version)?;
-        records.deleted.entry(name.clone()).or_insert_with(now);
-        Ok(name)
-    })
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    let name = version_named(&records, version)?;
+    if records.immutability.0 != state::Immutability::Disabled && !records.deleted.contains_key(&name) {
+        let (kept, _) = retention_plan(&records);
+        if let Some((_, host)) = kept.iter().find(|(kept, _)| *kept == name) {
+            let policy = records.retention_of(host).map_or("keep every version".into(), |p| p.describe());
+            return Err(immutable(format!(
+                "the vault is immutable ({}): version {name} of `{host}` is kept by its retention ({policy}), and an immutable vault deletes no version before its retention drops it",
+                records.immutability.0.as_str()
+            )));
+        }
+    }
+    vault.records.soft_delete(&name, now())?;
+    Ok(name)
 }
 
 /// Brings a soft-deleted version back to its host. Returns its full id.
 pub fn undelete(dir: &Path, version: &str) -> Result<String> {
-    state::State::change(dir, |records| {
-        let name = version_named(records, version)?;
-        if records.deleted.remove(&name).is_none() {
-            return Err(EngineError::new(ErrorCode::InvalidInput, format!("version {name} is not soft-deleted")));
-        }
-        Ok(name)
-    })
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    let name = version_named(&records, version)?;
+    if !records.deleted.contains_key(&name) {
+        return Err(invalid(format!("version {name} is not soft-deleted")));
+    }
+    vault.records.undelete(&name)?;
+    Ok(name)
 }
 
 /// Purges the versions soft-deleted longer ago than the window: their manifests are deleted
 /// from the storage (the data only they needed is freed by the next prune). Returns their ids.
 pub fn purge(dir: &Path) -> Result<Vec<String>> {
-    let config = config(dir)?;
-    let window = config.soft_delete()?.as_nanos() as i64;
-    let storage = sysstate_repo::backend::open_target(&config.storage)
-        .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    let vault = Vault::open(dir)?;
+    let window = vault.config.soft_delete()?.as_nanos() as i64;
     let now = now();
-    let due: Vec<String> = state::State::read(dir)?
+    let due: Vec<String> = vault
+        .records
+        .fresh()?
         .deleted
         .iter()
         .filter(|(_, deleted)| now >= deleted.saturating_add(window))
         .map(|(name, _)| name.clone())
         .collect();
     for name in &due {
-        storage
+        vault
+            .storage
             .remove(sysstate_repo::backend::FileKind::Version, name)
             .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
-        state::State::change(dir, |records| {
-            records.deleted.remove(name);
-            records.versions.remove(name);
-            records.received.remove(name);
-            Ok(())
-        })?;
+        vault.records.purged(name)?;
     }
     Ok(due)
 }
 
 /// Lets host `to` read host `from`'s versions (to restore them onto itself).
 pub fn grant(dir: &Path, from: &str, to: &str) -> Result<()> {
-    state::State::change(dir, |records| {
-        for name in [from, to] {
-            if records.host(name).is_none() {
-                return Err(EngineError::new(ErrorCode::InvalidInput, format!("no registered host `{name}`"))
-                    .with_resolution("`sysstate vault hosts` lists them"));
-            }
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    for name in [from, to] {
+        if records.host(name).is_none() {
+            return Err(no_host(name));
         }
-        let grant = state::Grant { from: from.to_string(), to: to.to_string() };
-        if !records.grants.contains(&grant) {
-            records.grants.push(grant);
+    }
+    if from == to {
+        return Err(invalid(format!("`{from}` reads its own versions already")));
+    }
+    vault.records.grant(from, to)
+}
+
+/// The vault's immutability, and since when.
+pub fn immutability(dir: &Path) -> Result<(state::Immutability, i64)> {
+    Ok(Vault::open(dir)?.records.fresh()?.immutability)
+}
+
+/// Sets the vault's immutability: `Enabled` and `Disabled` while it is not locked; `Locked`
+/// for good. Disabling a locked vault is refused (`vault-immutable`).
+pub fn set_immutability(dir: &Path, wanted: state::Immutability) -> Result<()> {
+    let vault = Vault::open(dir)?;
+    let (now_state, since) = vault.records.fresh()?.immutability;
+    if now_state == state::Immutability::Locked && wanted != state::Immutability::Locked {
+        return Err(immutable(format!(
+            "the vault's immutability was locked at {}: it cannot be {} (a lock is forever)",
+            sysstate_types::time::format_utc(since),
+            wanted.as_str()
+        )));
+    }
+    if now_state == wanted {
+        return Ok(());
+    }
+    vault.records.set_immutability(wanted, now())
+}
+
+/// The retention policies: `*` (every host) and per host, each with since when.
+pub fn retention(dir: &Path) -> Result<Vec<(String, state::Retention, i64)>> {
+    let records = Vault::open(dir)?.records.fresh()?;
+    Ok(records.retention.iter().map(|(scope, (policy, since))| (scope.clone(), policy.clone(), *since)).collect())
+}
+
+/// Sets the retention policy of `host` (or every host's, `None`); an empty policy keeps every
+/// version. An immutable vault refuses a policy that keeps less than the one in force.
+pub fn set_retention(dir: &Path, host: Option<&str>, policy: &state::Retention) -> Result<()> {
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    if let Some(host) = host {
+        if !records.hosts.iter().any(|h| h.name == host) {
+            return Err(no_host(host));
         }
-        Ok(())
-    })
+    }
+    let scope = host.unwrap_or("*");
+    if records.immutability.0 != state::Immutability::Disabled {
+        // What keeps this scope's versions now: its own policy, else every host's (for a host),
+        // else none (every version kept).
+        let current = match host {
+            Some(host) => records.retention_of(host),
+            None => records.retention.get("*").map(|(p, _)| p),
+        };
+        let reduced = match current.filter(|p| !p.is_empty()) {
+            None => !policy.is_empty(),
+            Some(current) => !policy.is_empty() && !policy.keeps_at_least(current),
+        };
+        if reduced {
+            return Err(immutable(format!(
+                "the vault is immutable ({}): the retention of {} cannot be reduced from `{}` to `{}`",
+                records.immutability.0.as_str(),
+                host.map_or("every host".to_string(), |h| format!("`{h}`")),
+                current.map_or("keep every version".into(), |p| p.describe()),
+                policy.describe()
+            ))
+            .with_resolution("give a policy that keeps at least as much in every rule"));
+        }
+    }
+    vault.records.set_retention(scope, policy, now())
+}
+
+/// Applies the retention policies: soft-deletes (or, `dry_run`, only names) the versions they
+/// drop. Returns the dropped versions with their hosts.
+pub fn apply_retention(dir: &Path, dry_run: bool) -> Result<HostVersions> {
+    let vault = Vault::open(dir)?;
+    let (_, dropped) = retention_plan(&*vault.records.fresh()?);
+    if !dry_run {
+        let now = now();
+        for (name, _) in &dropped {
+            vault.records.soft_delete(name, now)?;
+        }
+    }
+    Ok(dropped)
 }
 
 /// `sysstate agent register FILE`, the host's side: exchanges the credentials file for this

@@ -17,15 +17,16 @@
 //! as a shared restic repository; `docs/vault.md`).
 
 use crate::state::State;
+use crate::Vault;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use sysstate_repo::backend::{Backend, ErrorKind, FileKind};
+use sysstate_repo::backend::{ErrorKind, FileKind};
 use sysstate_types::ErrorCode;
 
 type Body = Full<Bytes>;
@@ -39,35 +40,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
 
-struct Vault {
-    dir: PathBuf,
-    storage: Arc<dyn Backend>,
-    /// The records as last read, with the identity of the file they were read from.
-    records: std::sync::Mutex<Option<(RecordsFile, Arc<State>)>>,
-}
-
-/// What tells one `state.json` from the next: every change renames a new file over it.
-type RecordsFile = (u64, i64, i64, u64);
-
-impl Vault {
-    /// The records: read again only when `state.json` changed (every request needs them, and
-    /// a pack upload should not parse every version's owner again).
-    fn records(&self) -> sysstate_engine::Result<Arc<State>> {
-        use std::os::unix::fs::MetadataExt;
-        let identity = std::fs::metadata(self.dir.join("state.json"))
-            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
-            .unwrap_or_default();
-        let mut cached = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((seen, records)) = cached.as_ref() {
-            if *seen == identity {
-                return Ok(records.clone());
-            }
-        }
-        let records = Arc::new(State::read(&self.dir)?);
-        *cached = Some((identity, records.clone()));
-        Ok(records)
-    }
-}
+/// How old the records a request is judged by may be: a revocation, a grant or a soft
+/// deletion made elsewhere (the CLI, another vault process) takes effect within this time.
+pub const RECORDS_MAX_AGE: Duration = Duration::from_secs(2);
+/// How often a token the records do not know makes them read again (a host registered at
+/// another vault process a moment ago; a guesser's tokens do not make the vault list faster).
+const RECORDS_MISS_AGE: Duration = Duration::from_millis(250);
 
 fn answer(status: StatusCode, body: Bytes, content_type: &str) -> Response<Body> {
     Response::builder()
@@ -112,10 +90,10 @@ fn valid_name(kind: FileKind, name: &str) -> bool {
 
 /// Serves the vault in `dir` until SIGTERM or SIGINT.
 pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
-    let config = crate::config(dir)?;
-    let storage = sysstate_repo::backend::open_target(&config.storage)
-        .map_err(|e| sysstate_engine::EngineError::from(sysstate_repo::RepoError::from(e)))?;
-    storage.create().map_err(|e| sysstate_engine::EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    let vault = Vault::open(dir)?;
+    vault.storage.create().map_err(|e| sysstate_engine::EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    vault.records.fresh()?;
+    let config = vault.config.clone();
     let tls = tls_config(dir)?;
     let address: std::net::SocketAddr = config.listen.parse().map_err(|_| {
         sysstate_engine::EngineError::new(
@@ -123,7 +101,7 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
             format!("`listen = \"{}\"` is not an address and port", config.listen),
         )
     })?;
-    let vault = Arc::new(Vault { dir: dir.to_path_buf(), storage, records: std::sync::Mutex::new(None) });
+    let vault = Arc::new(vault);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sysstate-vault")
@@ -257,7 +235,16 @@ async fn handle(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Body>
         return refuse(StatusCode::UNAUTHORIZED, ErrorCode::VaultForbidden, "no token: register the host first");
     };
     let reader = vault.clone();
-    let records = match blocking(move || reader.records()).await {
+    let known = token.clone();
+    let records = match blocking(move || {
+        let records = reader.records.state(RECORDS_MAX_AGE)?;
+        match records.host_of_token(&known) {
+            Some(_) => Ok(records),
+            None => reader.records.state(RECORDS_MISS_AGE),
+        }
+    })
+    .await
+    {
         Ok(records) => records,
         Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
     };
@@ -282,7 +269,7 @@ async fn handle(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Body>
             match *method {
                 Method::GET => read(vault, records, host, kind, name, request).await,
                 Method::PUT => write(vault, records, host, kind, name, request).await,
-                Method::DELETE => delete(vault, records, host, kind, name).await,
+                Method::DELETE => delete(vault, host, kind, name).await,
                 _ => refuse(
                     StatusCode::METHOD_NOT_ALLOWED,
                     ErrorCode::InvalidInput,
@@ -328,16 +315,26 @@ async fn read(
     request: Request<Incoming>,
 ) -> Response<Body> {
     if kind == FileKind::Version && !records.visible(&host, &name) {
-        let why = if records.deleted.contains_key(&name) {
-            "the vault soft-deleted it (`sysstate vault undelete` on the vault brings it back)"
+        // A version written through another vault process a moment ago: its owner, read now.
+        let (reader, version) = (vault.clone(), name.clone());
+        let owner = if records.versions.contains_key(&name) {
+            None
         } else {
-            "it is not its own and no grant lets it"
+            blocking(move || reader.records.owner(&version)).await.ok().flatten()
         };
-        return refuse(
-            StatusCode::FORBIDDEN,
-            ErrorCode::VaultForbidden,
-            format!("host `{host}` may not read version {name}: {why}"),
-        );
+        let deleted = records.deleted.contains_key(&name);
+        if deleted || !owner.is_some_and(|owner| records.may_read(&host, &owner.host)) {
+            let why = if deleted {
+                "the vault soft-deleted it (`sysstate vault undelete` on the vault brings it back)"
+            } else {
+                "it is not its own and no grant lets it"
+            };
+            return refuse(
+                StatusCode::FORBIDDEN,
+                ErrorCode::VaultForbidden,
+                format!("host `{host}` may not read version {name}: {why}"),
+            );
+        }
     }
     let range = request.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_string);
     let range = match range.as_deref().map(parse_range) {
@@ -396,8 +393,10 @@ async fn write(
         Ok(body) => body,
         Err(response) => return response,
     };
-    let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
     let written = blocking(move || -> Result<(), Box<Response<Body>>> {
+        let storage = &vault.storage;
+        let internal =
+            |e: sysstate_engine::EngineError| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message));
         match kind {
             // Put-if-absent: the same bytes again are success; other bytes are an overwrite.
             FileKind::Key | FileKind::Pack | FileKind::Index | FileKind::Version | FileKind::Config => {
@@ -416,18 +415,22 @@ async fn write(
             }
             _ => {}
         }
-        // The owner first: a version is never stored unowned.
-        if matches!(kind, FileKind::Version | FileKind::Lock) {
-            State::change(&dir, |records| {
-                if kind == FileKind::Version {
-                    records.versions.insert(name.clone(), host.clone());
-                    records.received.insert(name.clone(), sysstate_repo::lock::now_ns());
-                } else {
-                    records.locks.insert(name.clone(), host.clone());
-                }
-                Ok(())
-            })
-            .map_err(|e| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message)))?;
+        // The owner first: a version or a lease is never stored unowned.
+        let taken = match kind {
+            FileKind::Version => vault.records.set_owner(&name, &host, crate::now()).map_err(internal)?,
+            FileKind::Lock => match vault.records.lease_holder(&name).map_err(internal)? {
+                Some(holder) if holder != host => Err(holder),
+                Some(_) => Ok(()),
+                None => vault.records.set_lease_holder(&name, &host).map(Ok).map_err(internal)?,
+            },
+            _ => Ok(()),
+        };
+        if let Err(owner) = taken {
+            return Err(Box::new(refuse(
+                StatusCode::FORBIDDEN,
+                ErrorCode::VaultForbidden,
+                format!("`{}` is host `{owner}`'s", kind.path(&name)),
+            )));
         }
         storage.write_shared(kind, &name, body).map_err(|e| Box::new(storage_error(e)))
     })
@@ -438,27 +441,35 @@ async fn write(
     }
 }
 
-async fn delete(vault: Arc<Vault>, records: Arc<State>, host: String, kind: FileKind, name: String) -> Response<Body> {
-    if kind != FileKind::Lock || records.locks.get(&name).is_some_and(|owner| *owner != host) {
-        return refuse(
+async fn delete(vault: Arc<Vault>, host: String, kind: FileKind, name: String) -> Response<Body> {
+    let refused = |why: String| {
+        refuse(
             StatusCode::FORBIDDEN,
             ErrorCode::VaultForbidden,
-            format!("host `{host}` may not delete `{}`: a host adds, the vault's retention deletes", kind.path(&name)),
-        );
+            format!("host `{host}` may not delete `{}`: {why}", kind.path(&name)),
+        )
+    };
+    if kind != FileKind::Lock {
+        return refused("a host adds, the vault's retention deletes".into());
     }
-    let (storage, dir) = (vault.storage.clone(), vault.dir.clone());
+    let (reader, lease) = (vault.clone(), name.clone());
+    match blocking(move || reader.records.lease_holder(&lease)).await {
+        Ok(Some(holder)) if holder == host => {}
+        Ok(Some(holder)) => return refused(format!("the lease is host `{holder}`'s")),
+        Ok(None) => return refused("the vault knows no lease of that name taken by a host".into()),
+        Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
+    }
     let removed = blocking(move || {
-        storage.remove(kind, &name)?;
-        let _ = State::change(&dir, |records| {
-            records.locks.remove(&name);
-            Ok(())
-        });
-        Ok::<_, sysstate_repo::backend::BackendError>(())
+        vault.storage.remove(kind, &name).map_err(|e| Box::new(storage_error(e)))?;
+        vault
+            .records
+            .drop_lease(&name)
+            .map_err(|e| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message)))
     })
     .await;
     match removed {
         Ok(()) => json_answer(StatusCode::OK, &json!({})),
-        Err(error) => storage_error(error),
+        Err(response) => *response,
     }
 }
 
@@ -476,56 +487,58 @@ async fn register(vault: Arc<Vault>, request: Request<Incoming>) -> Response<Bod
     let (Some(name), Some(secret)) = (asked["host"].as_str(), asked["secret"].as_str()) else {
         return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, "send `host` and `secret`");
     };
-    let (name, secret, dir) = (name.to_string(), secret.to_string(), vault.dir.clone());
+    let (name, secret) = (name.to_string(), secret.to_string());
     let registered = blocking(move || {
-        State::change(&dir, |records| {
-            let now = sysstate_repo::lock::now_ns();
-            let hashed = crate::state::hash(&secret);
-            let refused = |code: ErrorCode, message: String| sysstate_engine::EngineError::new(code, message);
-            let pending =
-                records.pending.iter_mut().find(|p| p.host == name && p.secret_hash == hashed).ok_or_else(|| {
-                    refused(
-                        ErrorCode::VaultCredentialsExpired,
-                        format!("no credentials of host `{name}` with that secret: revoked, or never made here"),
-                    )
-                })?;
-            if let Some(used) = pending.used_ns {
-                return Err(refused(
-                    ErrorCode::VaultCredentialsExpired,
-                    format!(
-                        "the credentials file of `{name}` was used at {}: each is good for one registration",
-                        sysstate_types::time::format_utc(used)
-                    ),
-                ));
-            }
-            if now > pending.expires_ns {
-                return Err(refused(
-                    ErrorCode::VaultCredentialsExpired,
-                    format!(
-                        "the credentials file of `{name}` expired at {}",
-                        sysstate_types::time::format_utc(pending.expires_ns)
-                    ),
-                ));
-            }
-            pending.used_ns = Some(now);
-            if let Some(taken) = records.host(&name) {
-                return Err(refused(
-                    ErrorCode::HostNameTaken,
-                    format!(
-                        "host `{name}` is registered already (since {})",
-                        sysstate_types::time::format_utc(taken.registered_ns)
-                    ),
-                ));
-            }
-            let token = crate::state::secret();
-            records.hosts.push(crate::state::Host {
-                name: name.clone(),
-                token_hash: crate::state::hash(&token),
-                registered_ns: now,
-                revoked_ns: None,
-            });
-            Ok(token)
-        })
+        let records = vault.records.fresh()?;
+        let now = crate::now();
+        let hashed = crate::state::hash(&secret);
+        let refused = |code: ErrorCode, message: String| sysstate_engine::EngineError::new(code, message);
+        let (pending, used) = records.pending.get(&hashed).filter(|(p, _)| p.host == name).ok_or_else(|| {
+            refused(
+                ErrorCode::VaultCredentialsExpired,
+                format!("no credentials of host `{name}` with that secret: revoked, or never made here"),
+            )
+        })?;
+        let used_at = |used: i64| {
+            refused(
+                ErrorCode::VaultCredentialsExpired,
+                format!(
+                    "the credentials file of `{name}` was used at {}: each is good for one registration",
+                    sysstate_types::time::format_utc(used)
+                ),
+            )
+        };
+        if let Some(used) = used {
+            return Err(used_at(*used));
+        }
+        if now > pending.expires_ns {
+            return Err(refused(
+                ErrorCode::VaultCredentialsExpired,
+                format!(
+                    "the credentials file of `{name}` expired at {}",
+                    sysstate_types::time::format_utc(pending.expires_ns)
+                ),
+            ));
+        }
+        if !vault.records.try_use(&hashed, now)? {
+            let used = vault.records.fresh()?.pending.get(&hashed).and_then(|(_, used)| *used).unwrap_or(now);
+            return Err(used_at(used));
+        }
+        let taken = |since: i64| {
+            refused(
+                ErrorCode::HostNameTaken,
+                format!("host `{name}` is registered already (since {})", sysstate_types::time::format_utc(since)),
+            )
+        };
+        if let Some(host) = records.host(&name) {
+            return Err(taken(host.registered_ns));
+        }
+        let token = crate::state::secret();
+        if !vault.records.add_host(&name, &crate::state::hash(&token), now)? {
+            let since = vault.records.fresh()?.host(&name).map_or(now, |h| h.registered_ns);
+            return Err(taken(since));
+        }
+        Ok(token)
     })
     .await;
     match registered {

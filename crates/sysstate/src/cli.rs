@@ -315,6 +315,62 @@ pub enum VaultCommand {
         #[arg(long)]
         to: String,
     },
+    /// The vault's retention of each host's versions (on when they arrived): show it, `set` it,
+    /// or `apply` it now (the vault applies it every day by itself).
+    Retention {
+        #[command(subcommand)]
+        command: Option<VaultRetentionCommand>,
+    },
+    /// The vault's immutability: show it, `enable` or `disable` it, or `lock` it for good.
+    Immutability {
+        #[command(subcommand)]
+        command: Option<VaultImmutabilityCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VaultRetentionCommand {
+    /// Set the policy of one host (`--host`) or of every host without its own; a policy with no
+    /// rule keeps every version.
+    Set {
+        /// The host (default: every host without a policy of its own).
+        #[arg(long)]
+        host: Option<String>,
+        /// Keep the newest N.
+        #[arg(long, default_value_t = 0)]
+        last: usize,
+        /// Keep the newest of each of the last N days.
+        #[arg(long, default_value_t = 0)]
+        daily: usize,
+        /// … weeks.
+        #[arg(long, default_value_t = 0)]
+        weekly: usize,
+        /// … months.
+        #[arg(long, default_value_t = 0)]
+        monthly: usize,
+        /// … years.
+        #[arg(long, default_value_t = 0)]
+        yearly: usize,
+        /// Keep every version that arrived within this long before the host's newest (`30d`).
+        #[arg(long)]
+        within: Option<String>,
+    },
+    /// Soft-delete now what the policies drop.
+    Apply {
+        /// Only say what would be soft-deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum VaultImmutabilityCommand {
+    /// Refuse shorter retention and deletions before expiry (can be disabled again).
+    Enable,
+    /// Allow them again (refused once locked).
+    Disable,
+    /// Make the vault immutable forever: no command can disable it again.
+    Lock,
 }
 
 #[derive(Debug, Subcommand)]

@@ -161,9 +161,15 @@ impl Backend for LocalBackend {
     fn create(&self) -> Result<()> {
         let io = |e: &std::io::Error| BackendError::from_io("create", String::new(), self.location(), e);
         fs::create_dir_all(&self.root).map_err(|e| io(&e))?;
-        for kind in
-            [FileKind::Key, FileKind::Index, FileKind::Version, FileKind::Lock, FileKind::Pack, FileKind::Protection]
-        {
+        for kind in [
+            FileKind::Key,
+            FileKind::Index,
+            FileKind::Version,
+            FileKind::Lock,
+            FileKind::Pack,
+            FileKind::Protection,
+            FileKind::VaultRecord,
+        ] {
             fs::create_dir_all(self.root.join(kind.dir())).map_err(|e| io(&e))?;
         }
         for prefix in 0..=255u8 {
@@ -252,7 +258,14 @@ impl Backend for LocalBackend {
 
     fn clean_temporaries(&self, older_than: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
         let mut dirs = vec![self.root.clone()];
-        for kind in [FileKind::Key, FileKind::Index, FileKind::Version, FileKind::Lock, FileKind::Protection] {
+        for kind in [
+            FileKind::Key,
+            FileKind::Index,
+            FileKind::Version,
+            FileKind::Lock,
+            FileKind::Protection,
+            FileKind::VaultRecord,
+        ] {
             dirs.push(self.root.join(kind.dir()));
         }
         dirs.extend((0..=255u8).map(|p| self.root.join("data").join(format!("{p:02x}"))));

@@ -37,6 +37,9 @@ pub enum FileKind {
     Lock,
     /// `protected/`: one empty file per protected version, named by its id.
     Protection,
+    /// `vault/`: a vault's own records (hosts, owners of versions, soft deletions, policy), one
+    /// small file each; hosts never reach them (`sysstate-vault`).
+    VaultRecord,
 }
 
 impl FileKind {
@@ -50,6 +53,7 @@ impl FileKind {
             FileKind::Version => "versions",
             FileKind::Lock => "locks",
             FileKind::Protection => "protected",
+            FileKind::VaultRecord => "vault",
         }
     }
 

@@ -1,11 +1,12 @@
 //! The vault (`sysstate vault …`) and a host's registration with one (`sysstate agent register`).
 
 use super::{Context, Outcome};
-use crate::cli::{VaultCommand, VaultHostsCommand};
+use crate::cli::{VaultCommand, VaultHostsCommand, VaultImmutabilityCommand, VaultRetentionCommand};
 use crate::output::print_json;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use sysstate_engine::{EngineError, ErrorCode, Result};
+use sysstate_vault::state::{Immutability, Retention};
 
 pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Result<Outcome> {
     match command {
@@ -126,6 +127,96 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
         VaultCommand::Grant { restore_from, to } => {
             sysstate_vault::grant(dir, restore_from, to)?;
             context.say(format!("host `{to}` may read the versions of `{restore_from}` (to restore them onto itself, with its passphrase)"));
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Retention { command: None } => {
+            let policies = sysstate_vault::retention(dir)?;
+            if context.json() {
+                print_json(&json!(policies
+                    .iter()
+                    .map(|(scope, policy, since)| json!({"host": scope, "policy": policy, "since": sysstate_types::time::format_utc(*since)}))
+                    .collect::<Vec<_>>()));
+            } else if policies.is_empty() {
+                crate::outln!("no retention policy: the vault keeps every version (`sysstate vault retention set --daily 14 --weekly 8` sets one)");
+            } else {
+                for (scope, policy, since) in &policies {
+                    let whose = if scope == "*" { "every host".to_string() } else { format!("host `{scope}`") };
+                    crate::outln!(
+                        "{whose}: {} (since {})",
+                        policy.describe(),
+                        sysstate_types::time::format_utc(*since)
+                    );
+                }
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Retention {
+            command: Some(VaultRetentionCommand::Set { host, last, daily, weekly, monthly, yearly, within }),
+        } => {
+            let within_s = match within {
+                Some(text) => sysstate_engine::shadow::parse_duration(text)
+                    .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--within`: {e}")))?
+                    .as_secs(),
+                None => 0,
+            };
+            let policy =
+                Retention { last: *last, daily: *daily, weekly: *weekly, monthly: *monthly, yearly: *yearly, within_s };
+            sysstate_vault::set_retention(dir, host.as_deref(), &policy)?;
+            let whose = host.as_ref().map_or("every host".to_string(), |h| format!("host `{h}`"));
+            context.say(format!("retention of {whose}: {}", policy.describe()));
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Retention { command: Some(VaultRetentionCommand::Apply { dry_run }) } => {
+            let dropped = sysstate_vault::apply_retention(dir, *dry_run)?;
+            if context.json() {
+                print_json(
+                    &json!({"dry-run": dry_run, "soft-deleted": dropped.iter().map(|(id, host)| json!({"id": id, "host": host})).collect::<Vec<_>>()}),
+                );
+            } else {
+                for (id, host) in &dropped {
+                    crate::outln!(
+                        "{} {}  {host}",
+                        if *dry_run { "would soft-delete" } else { "soft-deleted" },
+                        &id[..8.min(id.len())]
+                    );
+                }
+                context.say(format!(
+                    "{} versions {}",
+                    dropped.len(),
+                    if *dry_run { "would be soft-deleted" } else { "soft-deleted" }
+                ));
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Immutability { command } => {
+            if let Some(command) = command {
+                sysstate_vault::set_immutability(
+                    dir,
+                    match command {
+                        VaultImmutabilityCommand::Enable => Immutability::Enabled,
+                        VaultImmutabilityCommand::Disable => Immutability::Disabled,
+                        VaultImmutabilityCommand::Lock => Immutability::Locked,
+                    },
+                )?;
+            }
+            let (state, since) = sysstate_vault::immutability(dir)?;
+            if context.json() {
+                print_json(
+                    &json!({"immutability": state.as_str(), "since": (since > 0).then(|| sysstate_types::time::format_utc(since))}),
+                );
+            } else {
+                let what = match state {
+                    Immutability::Disabled => "disabled: retention can be changed and versions soft-deleted at will",
+                    Immutability::Enabled => "enabled: retention cannot be reduced, nor a version deleted before its retention drops it (`sysstate vault immutability disable` allows it again)",
+                    Immutability::Locked => "locked: retention cannot be reduced, nor a version deleted before its retention drops it, ever",
+                };
+                let since = if since > 0 {
+                    format!(" (since {})", sysstate_types::time::format_utc(since))
+                } else {
+                    String::new()
+                };
+                crate::outln!("immutability {what}{since}");
+            }
             Ok(Outcome::Success)
         }
     }
