@@ -223,8 +223,16 @@ fn replicate(shared: &Arc<Shared>, config: &Config, target: &str, request: &Requ
                 &upkeep::ReplicateRequest { to: &vault, to_passphrase: &to_passphrase, versions: &[] },
             )?;
             let sent = report.versions.iter().filter(|v| v.to.is_some()).count();
+            let how = match &report.packs {
+                Some(packs) => format!(
+                    "packs sent as they are: {} sent, {} there already, {} blobs packed anew",
+                    packs.packs_sent, packs.packs_there, packs.blobs_repacked
+                ),
+                None if sent > 0 => "every blob sealed again: the local repository's key is not the vault's".into(),
+                None => "nothing to send".into(),
+            };
             job.operation(&format!(
-                "replicated {sent} versions to {vault} ({} there already)",
+                "replicated {sent} versions to {vault} ({} there already; {how})",
                 report.versions.len() - sent
             ));
             Ok(report)

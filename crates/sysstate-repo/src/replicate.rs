@@ -1,14 +1,128 @@
-//! Replication (`sysstate copy`): versions from one repository to another. Blob ids are keyed per repository, so every
-//! blob is re-identified under the destination's key and every tree is rewritten with the new
-//! ids; blobs the destination already has are not stored again.
+//! Replication (`sysstate copy`, the agent's to its vault): versions from one repository to
+//! another.
+//!
+//! Between repositories of one key (a vault's, and the local repositories made from it — see
+//! [`Repository::init_like`]) a version's packs are sent as they are: nothing is opened or sealed
+//! again, a pack the destination has already (from a replication that was stopped) is not sent
+//! again, and only where a pack holds blobs the destination has (another host's) are the
+//! missing blobs' sealed bytes packed anew. The manifest is sent as it is, so the version keeps
+//! its id. Between repositories of different keys, blob ids are keyed per repository, so every
+//! blob is re-identified under the destination's key and every tree rewritten with the new ids;
+//! blobs the destination already has are not stored again.
 
+use crate::backend::FileKind;
 use crate::error::Result;
 use crate::id::Id;
 use crate::pack::BlobKind;
 use crate::repo::Repository;
 use crate::saver::BlobSaver;
 use crate::tree::{too_deep, NodeKind, MAX_TREE_DEPTH};
-use std::collections::HashMap;
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// True when `to` holds the same key as `from` (one made from the other): packs can go as they
+/// are.
+pub fn same_key(from: &Repository, to: &Repository) -> bool {
+    from.config().id == to.config().id && from.key().bytes() == to.key().bytes()
+}
+
+/// What a replication of packs as they are sent.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PackStats {
+    /// Packs sent whole.
+    pub packs_sent: u64,
+    /// Packs the destination had already (indexed now), not sent again.
+    pub packs_there: u64,
+    /// Blobs whose sealed bytes were packed anew (their packs held blobs the destination has).
+    pub blobs_repacked: u64,
+    /// Bytes of whole packs sent.
+    pub bytes_sent: u64,
+}
+
+/// Sends what version `id` of `from` needs and `to` lacks through `saver` (on `to`, same key:
+/// [`same_key`]); `there` are the packs `to` has. The caller finishes the saver, then sends the
+/// manifest ([`send_manifest`]).
+pub fn send_packs(
+    from: &Repository,
+    saver: &BlobSaver<'_>,
+    there: &HashSet<Id>,
+    id: &Id,
+    stats: &mut PackStats,
+) -> Result<()> {
+    let version = from.read_version(id)?;
+    // Every blob the version needs: its trees, walked here (the key is ours), and their files'.
+    let mut needed: HashSet<Id> = HashSet::new();
+    let mut walk = vec![(version.tree, 0usize)];
+    while let Some((tree_id, depth)) = walk.pop() {
+        if depth > MAX_TREE_DEPTH {
+            return Err(too_deep(from, format!("tree {}", tree_id.short())));
+        }
+        if !needed.insert(tree_id) {
+            continue;
+        }
+        for node in from.read_tree(&tree_id)?.nodes {
+            match node.kind {
+                NodeKind::Dir { subtree } => walk.push((subtree, depth + 1)),
+                NodeKind::File(content) => needed.extend(content.blobs),
+                _ => {}
+            }
+        }
+    }
+    let mut packs = BTreeSet::new();
+    {
+        let index = from.index();
+        for blob in &needed {
+            if saver.has(blob) {
+                continue;
+            }
+            let location = index.get(blob).ok_or_else(|| {
+                from.corrupt(format!("blob {}", blob.short()), "no pack holds it (the index lacks it)")
+            })?;
+            packs.insert(location.pack);
+        }
+    }
+    for pack in packs {
+        let bytes = from.backend().read(FileKind::Pack, &pack.to_hex())?;
+        if Id::of_stored(&bytes) != pack {
+            return Err(from.corrupt(format!("pack {}", pack.short()), "its bytes do not match its name"));
+        }
+        let entries = crate::pack::read_header(from.key(), &bytes)
+            .map_err(|e| from.corrupt(format!("pack {}", pack.short()), e))?;
+        if entries.iter().all(|entry| !saver.has(&entry.id)) {
+            // Nothing of it is there: the pack goes as it is (or only into the index, when a
+            // stopped replication sent it).
+            if there.contains(&pack) {
+                stats.packs_there += 1;
+                saver.add_pack(pack, None, entries)?;
+            } else {
+                stats.packs_sent += 1;
+                stats.bytes_sent += bytes.len() as u64;
+                saver.add_pack(pack, Some(bytes), entries)?;
+            }
+            continue;
+        }
+        for entry in entries {
+            if !needed.contains(&entry.id) || !saver.reserve(entry.id) {
+                continue;
+            }
+            let (start, end) = (entry.offset as usize, entry.offset as usize + entry.length as usize);
+            let sealed = bytes
+                .get(start..end)
+                .ok_or_else(|| from.corrupt(format!("pack {}", pack.short()), "a blob lies outside the pack"))?;
+            saver.add_sealed(entry.kind, entry.id, sealed, entry.raw_length, entry.compressed)?;
+            stats.blobs_repacked += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Sends version `id`'s manifest from `from` to `to` as it is (same key): it keeps its id.
+pub fn send_manifest(from: &Repository, to: &Repository, id: &Id) -> Result<()> {
+    let name = id.to_hex();
+    let bytes = from.backend().read(FileKind::Version, &name)?;
+    Ok(to.backend().write(FileKind::Version, &name, &bytes)?)
+}
 
 /// Replicates version `id` of `from` into `to` (both with loaded indexes); returns the new id.
 pub fn replicate_version(from: &Repository, to: &Repository, id: &Id) -> Result<Id> {

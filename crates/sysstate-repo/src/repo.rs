@@ -77,16 +77,37 @@ impl Repository {
     /// [`Backend::create_repository`]): [`RepoError::AlreadyExists`] when one stands there, or
     /// another creator's appeared first.
     pub fn init(backend: Arc<dyn Backend>, passphrase: &[u8], kdf: KdfParams) -> Result<Repository> {
-        if Self::exists(&*backend)? {
-            return Err(RepoError::AlreadyExists { location: backend.location() });
-        }
-        let key = MasterKey::generate();
         let config = RepoConfig {
             magic: CONFIG_MAGIC.into(),
             version: FORMAT_VERSION,
             id: Id::random(),
             chunker: ChunkerParams::default(),
         };
+        Self::create(backend, MasterKey::generate(), config, passphrase, kdf)
+    }
+
+    /// Creates a new repository at the backend with the parameters and the master key of
+    /// `like`, wrapped for `passphrase`: its blob ids, chunks and seals are `like`'s, so packs go
+    /// from one to the other as they are (a host's local repository made from its vault's).
+    pub fn init_like(
+        backend: Arc<dyn Backend>,
+        like: &Repository,
+        passphrase: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Repository> {
+        Self::create(backend, MasterKey::from_bytes(*like.key.bytes()), like.config.clone(), passphrase, kdf)
+    }
+
+    fn create(
+        backend: Arc<dyn Backend>,
+        key: MasterKey,
+        config: RepoConfig,
+        passphrase: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Repository> {
+        if Self::exists(&*backend)? {
+            return Err(RepoError::AlreadyExists { location: backend.location() });
+        }
         let key_file =
             KeyFile::wrap(&key, passphrase, kdf, &host_name(), &user_name(), now_ns()).for_repository(config.id);
         let key_name = Id::random().to_hex();

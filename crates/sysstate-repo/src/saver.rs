@@ -121,6 +121,10 @@ impl Uploader {
                     .name(format!("upload-{n}"))
                     .spawn(move || {
                         for (name, bytes, blobs) in work {
+                            // Tests stop a replication midway: a pack takes this long to go.
+                            if let Some(delay) = sysstate_types::failpoint::<u64>("UPLOAD_DELAY_MS") {
+                                std::thread::sleep(std::time::Duration::from_millis(delay));
+                            }
                             let length = bytes.len() as u64;
                             let written = backend.write_shared(FileKind::Pack, &name.to_hex(), bytes.into());
                             let _ = report.send((name, blobs, length, written));
@@ -207,6 +211,27 @@ impl<'r> BlobSaver<'r> {
 
     fn write_pack(&self, pack: PackBuilder) -> Result<()> {
         let (name, bytes, blobs) = pack.finish(self.repo.key());
+        self.send_pack(name, bytes, blobs)
+    }
+
+    /// True when the repository or this saver has blob `id`.
+    pub fn has(&self, id: &Id) -> bool {
+        self.repo.index().contains(id) || self.pending.lock().expect("pending lock").contains(id)
+    }
+
+    /// Takes a whole pack as it is, from a repository of the same key (replication sends packs
+    /// without opening and sealing their blobs again): its blobs are claimed, the pack written
+    /// (unless `bytes` is `None`: the repository has the file already, from a replication that
+    /// was stopped before it was indexed), then indexed.
+    pub fn add_pack(&self, name: Id, bytes: Option<Vec<u8>>, entries: Vec<crate::pack::PackEntry>) -> Result<()> {
+        self.pending.lock().expect("pending lock").extend(entries.iter().map(|entry| entry.id));
+        match bytes {
+            Some(bytes) => self.send_pack(name, bytes, entries),
+            None => self.pack_written(name, entries, 0),
+        }
+    }
+
+    fn send_pack(&self, name: Id, bytes: Vec<u8>, blobs: Vec<crate::pack::PackEntry>) -> Result<()> {
         if blobs.iter().any(|blob| blob.kind == BlobKind::Tree) {
             // A copy that never reaches the repository is not in its index, and goes from the
             // cache at the next load of the index.

@@ -121,7 +121,7 @@ fn open_for_backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>, cr
             Ok((repo?, false, lease?))
         })?,
         (false, true) => {
-            let (repo, created) = super::open_or_create(backend.clone(), passphrase)?;
+            let (repo, created) = super::open_or_create_for(backend.clone(), passphrase, &request.config)?;
             (repo, created, Lease::acquire(backend, false, "backup")?)
         }
         (false, false) => return Ok(None),

@@ -101,6 +101,34 @@ pub fn open_or_create(backend: Arc<dyn Backend>, passphrase: &[u8]) -> Result<(R
     Ok((Repository::open(backend, passphrase)?, false))
 }
 
+/// [`open_or_create`], but a repository made here takes the key of the vault this host
+/// replicates to (`[vault] url`) when the vault holds a repository already (opened with
+/// `[vault] passphrase-file`, else `passphrase`), so that replication sends packs as they are.
+/// A vault that cannot be reached or opened leaves the new repository a key of its own: its
+/// replication then seals every blob again (the job says `re-encrypted`).
+pub fn open_or_create_for(
+    backend: Arc<dyn Backend>,
+    passphrase: &[u8],
+    config: &crate::config::Config,
+) -> Result<(Repository, bool)> {
+    if Repository::exists(&*backend)? {
+        return Ok((Repository::open(backend, passphrase)?, false));
+    }
+    let vault = config.vault.url.as_deref().and_then(|url| {
+        let vault_passphrase = match &config.vault.passphrase_file {
+            Some(file) => crate::credentials::read_passphrase_file(file).ok()?,
+            None => passphrase.to_vec(),
+        };
+        let vault_backend = crate::vault::backend(url).ok()?;
+        Repository::open(vault_backend, &vault_passphrase).ok()
+    });
+    let Some(vault) = vault else { return open_or_create(backend, passphrase) };
+    match Repository::init_like(backend.clone(), &vault, passphrase, KdfParams::default()) {
+        Err(sysstate_repo::RepoError::AlreadyExists { .. }) => Ok((Repository::open(backend, passphrase)?, false)),
+        created => Ok((created?, true)),
+    }
+}
+
 /// Creates a repository at `target` (`sysstate init`): refused where one stands already, and
 /// where the target is no place for one (see `docs/FORMAT.md`, "Creating a repository").
 pub fn init(target: &str, passphrase: &[u8]) -> Result<Repository> {

@@ -4,8 +4,10 @@
 use crate::error::{EngineError, Result};
 use crate::jobs::JobOutput;
 use serde::Serialize;
+use sysstate_repo::backend::FileKind;
 use sysstate_repo::check::CheckReport;
 use sysstate_repo::forget::{Filter, GroupBy, Policy};
+use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::prune::{PrunePlan, PruneReport};
 use sysstate_repo::version::Version;
@@ -229,6 +231,15 @@ pub struct ReplicateRequest<'a> {
     pub versions: &'a [String],
 }
 
+impl ReplicateRequest<'_> {
+    /// True when a destination made by this replication takes the source's key: a vault's
+    /// (one key domain, `docs/vault.md`), so that packs go as they are. Any other new
+    /// destination gets a key of its own, as `sysstate copy` promises.
+    fn shares_key(&self) -> bool {
+        self.to.starts_with("vault://")
+    }
+}
+
 /// One version replicated, or found already there.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -245,15 +256,30 @@ pub struct Replicated {
 pub struct ReplicationReport {
     /// Each version chosen, in order.
     pub versions: Vec<Replicated>,
+    /// How: `packs` (one key: packs sent as they are) or `re-encrypted` (another key: every blob
+    /// opened and sealed again).
+    pub mode: &'static str,
+    /// What went, when packs were sent as they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packs: Option<sysstate_repo::replicate::PackStats>,
 }
 
 impl JobOutput for ReplicationReport {}
 
-/// Replicates (`sysstate copy`) the versions the destination lacks (same time, host and root) under shared leases on
-/// both repositories, creating the destination if its target has none.
+/// Replicates (`sysstate copy`) the versions the destination lacks (same time, host and root)
+/// under shared leases on both repositories. A vault with no repository is made with the
+/// source's key ([`Repository::init_like`]), so that packs go as they are; between repositories
+/// of one key they do ([`sysstate_repo::replicate::send_packs`]), else every blob is sealed again.
 pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<ReplicationReport> {
     let backend = super::backend(request.to)?;
-    let destination = super::open_or_create(backend, request.to_passphrase)?.0;
+    let destination = if Repository::exists(&*backend)? || !request.shares_key() {
+        super::open_or_create(backend, request.to_passphrase)?.0
+    } else {
+        match Repository::init_like(backend.clone(), from, request.to_passphrase, KdfParams::default()) {
+            Err(sysstate_repo::RepoError::AlreadyExists { .. }) => Repository::open(backend, request.to_passphrase)?,
+            created => created?,
+        }
+    };
     destination.load_index()?;
     let _from_lease = from.read_lease("copy")?;
     let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;
@@ -264,12 +290,39 @@ pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<Re
     } else {
         request.versions.iter().map(|v| from.find_version(v)).collect::<std::result::Result<_, _>>()?
     };
-    let mut report = ReplicationReport { versions: Vec::new() };
-    for (id, version) in chosen {
-        let to = if existing.contains(&(version.time_ns, version.host.clone(), version.root_path.clone())) {
-            None
-        } else {
-            Some(sysstate_repo::replicate::replicate_version(from, &destination, &id)?.to_hex())
+    let missing: Vec<Id> = chosen
+        .iter()
+        .filter(|(_, v)| !existing.contains(&(v.time_ns, v.host.clone(), v.root_path.clone())))
+        .map(|(id, _)| *id)
+        .collect();
+    let same_key = sysstate_repo::replicate::same_key(from, &destination);
+    let mut packs = None;
+    if same_key && !missing.is_empty() {
+        let there: std::collections::HashSet<Id> = destination
+            .backend()
+            .list(FileKind::Pack)?
+            .into_iter()
+            .filter_map(|(name, _)| Id::from_hex(&name))
+            .collect();
+        let saver = sysstate_repo::saver::BlobSaver::new(&destination);
+        let mut stats = sysstate_repo::replicate::PackStats::default();
+        for id in &missing {
+            sysstate_repo::replicate::send_packs(from, &saver, &there, id, &mut stats)?;
+        }
+        saver.finish()?;
+        // The manifests last: a version appears only once all it needs is stored and indexed.
+        for id in &missing {
+            sysstate_repo::replicate::send_manifest(from, &destination, id)?;
+        }
+        packs = Some(stats);
+    }
+    let mut report =
+        ReplicationReport { versions: Vec::new(), mode: if same_key { "packs" } else { "re-encrypted" }, packs };
+    for (id, _) in chosen {
+        let to = match (missing.contains(&id), same_key) {
+            (false, _) => None,
+            (true, true) => Some(id.to_hex()),
+            (true, false) => Some(sysstate_repo::replicate::replicate_version(from, &destination, &id)?.to_hex()),
         };
         report.versions.push(Replicated { from: id.to_hex(), to });
     }

@@ -175,8 +175,19 @@ pub fn copy(
             }
         }
     }
+    match &report.packs {
+        Some(packs) if !copied.is_empty() => context.say(format!(
+            "packs sent as they are (one key): {} sent ({}), {} there already from a replication that stopped, {} blobs packed anew",
+            packs.packs_sent,
+            crate::output::bytes(packs.bytes_sent),
+            packs.packs_there,
+            packs.blobs_repacked
+        )),
+        None if !copied.is_empty() => context.say("every blob opened and sealed again under the destination's key (another key)"),
+        _ => {}
+    }
     if context.json() {
-        print_json(&serde_json::json!(copied));
+        print_json(&serde_json::json!({"copied": copied, "mode": report.mode, "packs": report.packs}));
     }
     Ok(context.outcome())
 }

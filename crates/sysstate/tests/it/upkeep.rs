@@ -83,11 +83,13 @@ fn copy_to_another_repository_with_its_own_key() {
     let output =
         sandbox.command(&["copy", "--to", &second, "--json"]).env("SYSSTATE_TO_PASSPHRASE", "other").output().unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
+    let first: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(first["mode"], "re-encrypted", "a new repository gets a key of its own: {first:#}");
     // Copying again copies nothing.
     let output =
         sandbox.command(&["copy", "--to", &second, "--json"]).env("SYSSTATE_TO_PASSPHRASE", "other").output().unwrap();
     let again: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(again.as_array().unwrap().len(), 0);
+    assert_eq!(again["copied"].as_array().unwrap().len(), 0, "{again:#}");
     let mut other = Sandbox::new();
     other.target = second;
     other.passphrase = Some("other".into());

@@ -363,7 +363,8 @@ fn the_agent_replicates_each_new_version_from_its_local_repository_to_the_vault(
         assert_eq!(on_vault.as_array().unwrap().len(), round, "{on_vault:#}");
         let log = std::fs::read_to_string(replicated["log-path"].as_str().unwrap()).unwrap();
         assert!(
-            log.contains("replicated 1 versions") && log.contains(&format!("({} there already)", round - 1)),
+            log.contains("replicated 1 versions")
+                && log.contains(&format!("({} there already; packs sent as they are", round - 1)),
             "{log}"
         );
     }
@@ -521,4 +522,134 @@ fn the_vaults_retention_soft_deletes_and_an_immutable_vault_refuses_to_shorten_i
     let newest = made.last().unwrap();
     alpha.ok(&["restore", "--version", newest, "--to", alpha.path("r").to_str().unwrap()]);
     assert_same(&snapshot(&root.join("data")), &snapshot(&alpha.path("r/data")));
+}
+
+/// The pack files under a repository folder.
+fn packs_in(repo: &std::path::Path) -> Vec<String> {
+    let mut packs = Vec::new();
+    for prefix in std::fs::read_dir(repo.join("data")).unwrap().flatten() {
+        for pack in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+            let name = pack.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(".tmp-") {
+                packs.push(name);
+            }
+        }
+    }
+    packs.sort();
+    packs
+}
+
+/// A host registered as `name` whose target is a local repository (its staging area) in the
+/// registered sandbox's folder, with `[vault] url` in its config.
+fn staging_host(vault: &Vault, name: &str) -> Sandbox {
+    let (registered, _) = host(vault, name, 1);
+    let mut local = Sandbox::new();
+    local.dir = registered.dir;
+    local.target = local.path("local-repo").display().to_string();
+    std::fs::write(
+        local.path("config.toml"),
+        format!("[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n[vault]\nurl = \"{}\"\n", vault.url()),
+    )
+    .unwrap();
+    local
+}
+
+#[test]
+fn a_replication_killed_midway_resumes_sending_only_what_is_missing() {
+    let vault = Vault::start();
+    let local = staging_host(&vault, "eta");
+    // 40 MiB that does not compress: five packs and more.
+    let root = local.path("root");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut rng = crate::support::Rng(0x5eed_0008);
+    for n in 0..5 {
+        std::fs::write(root.join(format!("data/big-{n}")), rng.bytes(8 << 20)).unwrap();
+    }
+    let version = local.backup_data(&root);
+    let local_packs = packs_in(std::path::Path::new(&local.target));
+    assert!(local_packs.len() >= 5, "{local_packs:?}");
+    // Each pack takes 700 ms to go: killed once two have arrived.
+    let vault_repo = vault.dir.path().join("storage");
+    let mut copy = local
+        .command(&["copy", "--to", &vault.url()])
+        .env("SYSSTATE_FAILPOINT_UPLOAD_DELAY_MS", "700")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while !vault_repo.join("data").exists() || packs_in(&vault_repo).len() < 2 {
+        assert!(Instant::now() < until, "no pack arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    copy.kill().unwrap();
+    copy.wait().unwrap();
+    let arrived = packs_in(&vault_repo);
+    assert!(arrived.len() < local_packs.len(), "the copy ended before it was killed: {arrived:?}");
+    assert!(version_ids(&local).contains(&version));
+    // Resumed: what arrived is not sent again; the rest is, as it is.
+    let resumed = local.json(&["copy", "--to", &vault.url()], 0);
+    assert_eq!(resumed["mode"], "packs", "{resumed:#}");
+    let packs = &resumed["packs"];
+    assert_eq!(packs["packs-sent"].as_u64().unwrap() as usize, local_packs.len() - arrived.len(), "{resumed:#}");
+    assert_eq!(packs["blobs-repacked"], 0, "{resumed:#}");
+    assert_eq!(packs_in(&vault_repo), local_packs, "the vault holds the local packs, each once");
+    // The version keeps its id, and restores byte for byte from the vault.
+    let on_vault = local.json(&["versions", "--target", &vault.url()], 0);
+    assert_eq!(on_vault[0]["id"], version, "{on_vault:#}");
+    let to = local.path("restored");
+    local.ok(&["restore", "--target", &vault.url(), "--version", &version, "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    local.ok(&["check", "--target", &vault.url(), "--read-data"]);
+}
+
+#[test]
+fn two_hosts_of_one_key_store_what_they_share_once() {
+    let vault = Vault::start();
+    let alpha = staging_host(&vault, "alpha");
+    let beta = staging_host(&vault, "beta");
+    let mut rng = crate::support::Rng(0x5eed_0009);
+    let shared: Vec<Vec<u8>> = (0..4).map(|_| rng.bytes(3 << 20)).collect();
+    let roots: Vec<PathBuf> = [&alpha, &beta]
+        .iter()
+        .enumerate()
+        .map(|(n, sandbox)| {
+            let root = sandbox.path("root");
+            std::fs::create_dir_all(root.join("data/etc")).unwrap();
+            for (i, bytes) in shared.iter().enumerate() {
+                std::fs::write(root.join(format!("data/shared-{i}")), bytes).unwrap();
+            }
+            std::fs::write(root.join("data/etc/hostname"), format!("host-{n}\n")).unwrap();
+            root
+        })
+        .collect();
+    // Alpha first: its local repository has a key of its own, and the vault is made with it.
+    alpha.backup_data(&roots[0]);
+    let first = alpha.json(&["copy", "--to", &vault.url()], 0);
+    assert_eq!(first["mode"], "packs", "{first:#}");
+    let vault_repo = vault.dir.path().join("storage");
+    let size = |dir: &std::path::Path| -> u64 {
+        packs_in(dir).iter().map(|p| std::fs::metadata(dir.join("data").join(&p[..2]).join(p)).unwrap().len()).sum()
+    };
+    let after_alpha = size(&vault_repo);
+    // Beta's local repository is made from the vault's key (its `[vault] url`): what it shares
+    // with alpha is not stored again.
+    beta.backup_data(&roots[1]);
+    let second = beta.json(&["copy", "--to", &vault.url()], 0);
+    assert_eq!(second["mode"], "packs", "{second:#}");
+    assert!(second["packs"]["blobs-repacked"].as_u64().unwrap() > 0, "{second:#}");
+    let after_beta = size(&vault_repo);
+    assert!(
+        after_beta * 100 <= after_alpha * 120,
+        "two near-identical hosts store {after_beta} bytes, one {after_alpha}: more than 1.2×"
+    );
+    // Each host restores its own from the vault.
+    for (sandbox, root) in [&alpha, &beta].iter().zip(&roots) {
+        let versions = sandbox.json(&["versions", "--target", &vault.url()], 0);
+        assert_eq!(versions.as_array().unwrap().len(), 1, "{versions:#}");
+        let to = sandbox.path("restored");
+        let id = versions[0]["id"].as_str().unwrap();
+        sandbox.ok(&["restore", "--target", &vault.url(), "--version", id, "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    }
 }
