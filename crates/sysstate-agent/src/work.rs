@@ -220,7 +220,12 @@ fn replicate(shared: &Arc<Shared>, config: &Config, target: &str, request: &Requ
             let from = ops::open_with(target, &passphrase, job.damage_hook(None), config)?;
             let report = upkeep::replicate(
                 &from,
-                &upkeep::ReplicateRequest { to: &vault, to_passphrase: &to_passphrase, versions: &[] },
+                &upkeep::ReplicateRequest {
+                    to: &vault,
+                    to_passphrase: &to_passphrase,
+                    versions: &[],
+                    limit: upkeep::ReplicateRequest::limit_of(config.vault.bandwidth()?),
+                },
             )?;
             let sent = report.versions.iter().filter(|v| v.to.is_some()).count();
             let how = match &report.packs {

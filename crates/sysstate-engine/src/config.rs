@@ -163,6 +163,27 @@ pub struct VaultSection {
     pub url: Option<String>,
     /// The vault repository's passphrase, from this file (default: the local repository's).
     pub passphrase_file: Option<std::path::PathBuf>,
+    /// The most replication sends per second outside work hours (`20MiB`; default: no limit).
+    pub bandwidth: Option<String>,
+    /// Work hours, local time (`08:00-18:00`), when `work-hours-bandwidth` is the limit.
+    pub work_hours: Option<String>,
+    /// The days work hours apply (default: mon to fri).
+    pub work_days: Option<Vec<String>>,
+    /// The most replication sends per second in work hours (`2MiB`; default: no limit).
+    pub work_hours_bandwidth: Option<String>,
+}
+
+impl VaultSection {
+    /// The bandwidth schedule of replication.
+    pub fn bandwidth(&self) -> Result<crate::schedule::Bandwidth> {
+        crate::schedule::Bandwidth::parse(
+            self.bandwidth.as_deref(),
+            self.work_hours.as_deref(),
+            self.work_days.as_deref(),
+            self.work_hours_bandwidth.as_deref(),
+        )
+        .map_err(|(key, detail)| EngineError::new(ErrorCode::InvalidInput, format!("`{key}`: {detail}")))
+    }
 }
 
 /// `[metrics]`: where the agent's metrics go (both are opt-in).
@@ -515,6 +536,7 @@ impl Config {
         self.retention.policy().map_err(|e| invalid("retention", e.message))?;
         self.notify.rules().map_err(|e| invalid("notify", e.message))?;
         self.metrics.listen_address().map_err(|e| invalid("metrics", e.message))?;
+        self.vault.bandwidth().map_err(|e| invalid("vault", e.message))?;
         if let Some(url) = &self.vault.url {
             if !url.starts_with("vault://") {
                 return Err(invalid("vault.url", format!("`{url}` is not a vault URL: write `vault://NAME:PORT`")));

@@ -281,3 +281,125 @@ mod tests {
         }
     }
 }
+
+/// How fast replication to the vault may send (`[vault] bandwidth`, `work-hours`,
+/// `work-hours-bandwidth`, `work-days`), as the seed's agent throttles: one limit in work hours,
+/// another (or none) outside them. Times are local.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    /// Bytes per second outside work hours (`None`: no limit).
+    pub outside: Option<u64>,
+    /// Work hours: from, until, on which days, and the bytes per second then.
+    pub work: Option<(NaiveTime, NaiveTime, Vec<Weekday>, Option<u64>)>,
+}
+
+/// Work days when `work-days` is not given.
+pub const DEFAULT_WORK_DAYS: [Weekday; 5] = [Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri];
+
+/// `20MiB` or `20MiB/s` as bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let bytes = text.trim().trim_end_matches("/s");
+    match sysstate_shadow::storage::MaxSize::parse(bytes) {
+        Ok(sysstate_shadow::storage::MaxSize::Bytes(rate)) if rate > 0 => Ok(rate),
+        _ => Err(format!("`{text}` is not a rate: give bytes per second (`20MiB`, `500KiB/s`)")),
+    }
+}
+
+impl Bandwidth {
+    /// Parses the settings; `work_hours` is `HH:MM-HH:MM` (past midnight when the end comes
+    /// first: `22:00-06:00`).
+    pub fn parse(
+        outside: Option<&str>,
+        work_hours: Option<&str>,
+        work_days: Option<&[String]>,
+        in_work_hours: Option<&str>,
+    ) -> Result<Bandwidth, (String, String)> {
+        let rate = |key: &str, text: Option<&str>| {
+            text.map(parse_rate).transpose().map_err(|detail| (format!("vault.{key}"), detail))
+        };
+        let outside = rate("bandwidth", outside)?;
+        let during = rate("work-hours-bandwidth", in_work_hours)?;
+        let work = match work_hours {
+            None if during.is_some() || work_days.is_some() => {
+                return Err((
+                    "vault.work-hours".into(),
+                    "`work-hours-bandwidth` and `work-days` need `work-hours` (`08:00-18:00`)".into(),
+                ))
+            }
+            None => None,
+            Some(text) => {
+                let bad = || ("vault.work-hours".to_string(), format!("`{text}` is not `HH:MM-HH:MM` (`08:00-18:00`)"));
+                let (from, until) = text.split_once('-').ok_or_else(bad)?;
+                let from = NaiveTime::parse_from_str(from.trim(), "%H:%M").map_err(|_| bad())?;
+                let until = NaiveTime::parse_from_str(until.trim(), "%H:%M").map_err(|_| bad())?;
+                let days = match work_days {
+                    None => DEFAULT_WORK_DAYS.to_vec(),
+                    Some(days) => days
+                        .iter()
+                        .map(|day| {
+                            day.parse::<Weekday>().map_err(|_| {
+                                (
+                                    "vault.work-days".to_string(),
+                                    format!("`{day}` is not a weekday: use mon, tue, … sun"),
+                                )
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
+                Some((from, until, days, during))
+            }
+        };
+        Ok(Bandwidth { outside, work })
+    }
+
+    /// The limit in force at `at` (bytes per second; `None`: no limit).
+    pub fn limit_at(&self, at: &DateTime<Local>) -> Option<u64> {
+        use chrono::Datelike;
+        let Some((from, until, days, during)) = &self.work else { return self.outside };
+        let time = at.time();
+        // A span past midnight belongs to the day it starts on.
+        let (inside, day) = if from <= until {
+            (time >= *from && time < *until, at.weekday())
+        } else if time >= *from {
+            (true, at.weekday())
+        } else {
+            (time < *until, at.weekday().pred())
+        };
+        if inside && days.contains(&day) {
+            *during
+        } else {
+            self.outside
+        }
+    }
+
+    /// True when no limit is ever in force.
+    pub fn is_unlimited(&self) -> bool {
+        self.outside.is_none() && self.work.as_ref().is_none_or(|(_, _, _, during)| during.is_none())
+    }
+}
+
+#[cfg(test)]
+mod bandwidth_tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn work_hours_have_their_own_limit_on_work_days() {
+        let days = ["mon".to_string(), "tue".into(), "wed".into(), "thu".into(), "fri".into()];
+        let bandwidth = Bandwidth::parse(Some("20MiB"), Some("08:00-18:00"), Some(&days), Some("2MiB/s")).unwrap();
+        let wednesday = |h, m| Local.with_ymd_and_hms(2026, 12, 2, h, m, 0).unwrap();
+        assert_eq!(bandwidth.limit_at(&wednesday(9, 0)), Some(2 << 20));
+        assert_eq!(bandwidth.limit_at(&wednesday(18, 0)), Some(20 << 20));
+        assert_eq!(bandwidth.limit_at(&wednesday(7, 59)), Some(20 << 20));
+        let saturday = Local.with_ymd_and_hms(2026, 12, 5, 9, 0, 0).unwrap();
+        assert_eq!(bandwidth.limit_at(&saturday), Some(20 << 20));
+        // A night shift: Friday 22:00 to Saturday 06:00 is Friday's.
+        let night = Bandwidth::parse(None, Some("22:00-06:00"), None, Some("1MiB")).unwrap();
+        assert_eq!(night.limit_at(&Local.with_ymd_and_hms(2026, 12, 5, 3, 0, 0).unwrap()), Some(1 << 20));
+        assert_eq!(night.limit_at(&Local.with_ymd_and_hms(2026, 12, 6, 3, 0, 0).unwrap()), None);
+        assert!(Bandwidth::parse(None, None, None, None).unwrap().is_unlimited());
+        assert_eq!(Bandwidth::parse(Some("fast"), None, None, None).unwrap_err().0, "vault.bandwidth");
+        assert_eq!(Bandwidth::parse(None, Some("8-18"), None, None).unwrap_err().0, "vault.work-hours");
+        assert_eq!(Bandwidth::parse(None, None, None, Some("1MiB")).unwrap_err().0, "vault.work-hours");
+    }
+}

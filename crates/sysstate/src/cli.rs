@@ -148,6 +148,9 @@ pub enum Command {
         /// Only these versions (default: all the destination lacks).
         #[arg(long = "version")]
         versions: Vec<String>,
+        /// The most bytes per second to send (`20MiB`; default: no limit).
+        #[arg(long)]
+        bandwidth: Option<String>,
     },
     /// Manage the repository's keys.
     Key {

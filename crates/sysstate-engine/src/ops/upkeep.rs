@@ -221,7 +221,6 @@ pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Resul
 }
 
 /// Where `copy` sends versions.
-#[derive(Debug)]
 pub struct ReplicateRequest<'a> {
     /// The destination repository (created when the target has none).
     pub to: &'a str,
@@ -229,6 +228,27 @@ pub struct ReplicateRequest<'a> {
     pub to_passphrase: &'a [u8],
     /// Versions to copy (empty: every version).
     pub versions: &'a [String],
+    /// The most bytes per second to send, asked before each write (`None`: no limit).
+    pub limit: Option<sysstate_repo::backend::Limit>,
+}
+
+impl std::fmt::Debug for ReplicateRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicateRequest")
+            .field("to", &self.to)
+            .field("versions", &self.versions)
+            .field("limited", &self.limit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicateRequest<'_> {
+    /// The limit of a bandwidth schedule (`[vault] bandwidth`, …), or none when it never limits.
+    pub fn limit_of(schedule: crate::schedule::Bandwidth) -> Option<sysstate_repo::backend::Limit> {
+        (!schedule.is_unlimited()).then(|| {
+            std::sync::Arc::new(move || schedule.limit_at(&chrono::Local::now())) as sysstate_repo::backend::Limit
+        })
+    }
 }
 
 impl ReplicateRequest<'_> {
@@ -271,7 +291,10 @@ impl JobOutput for ReplicationReport {}
 /// source's key ([`Repository::init_like`]), so that packs go as they are; between repositories
 /// of one key they do ([`sysstate_repo::replicate::send_packs`]), else every blob is sealed again.
 pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<ReplicationReport> {
-    let backend = super::backend(request.to)?;
+    let mut backend = super::backend(request.to)?;
+    if let Some(limit) = &request.limit {
+        backend = std::sync::Arc::new(sysstate_repo::backend::ThrottledBackend::new(backend, limit.clone()));
+    }
     let destination = if Repository::exists(&*backend)? || !request.shares_key() {
         super::open_or_create(backend, request.to_passphrase)?.0
     } else {

@@ -11,11 +11,13 @@ mod object;
 mod retry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod throttle;
 pub mod vault;
 
 pub use local::LocalBackend;
 pub use object::ObjectBackend;
 pub use retry::{RequestCounts, RetryBackend};
+pub use throttle::{Limit, ThrottledBackend};
 
 use std::fmt;
 use std::sync::Arc;

@@ -235,8 +235,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Forget(args) => upkeep::forget(&context, args),
         Command::Prune { dry_run } => upkeep::prune(&context, *dry_run),
         Command::Repair { part } => upkeep::repair(&context, part),
-        Command::Copy { to, to_passphrase_file, versions } => {
-            upkeep::copy(&context, to, to_passphrase_file.as_deref(), versions)
+        Command::Copy { to, to_passphrase_file, versions, bandwidth } => {
+            upkeep::copy(&context, to, to_passphrase_file.as_deref(), versions, bandwidth.as_deref())
         }
         Command::Key { command } => keys::key(&context, command),
         Command::Services => doctor::services(cli, &context.config),

@@ -150,7 +150,16 @@ pub fn copy(
     to: &str,
     to_passphrase_file: Option<&Path>,
     versions: &[String],
+    bandwidth: Option<&str>,
 ) -> Result<Outcome> {
+    let limit = match bandwidth {
+        Some(text) => {
+            let rate = sysstate_engine::schedule::parse_rate(text)
+                .map_err(|e| EngineError::new(ErrorCode::InvalidInput, format!("`--bandwidth`: {e}")))?;
+            ReplicateRequest::limit_of(sysstate_engine::schedule::Bandwidth { outside: Some(rate), work: None })
+        }
+        None => None,
+    };
     let report = context.run_job(JobKind::Copy, &[], "copying", |job| {
         let from = context.open(Some(job))?;
         // The file given wins over the environment, as for every passphrase.
@@ -162,7 +171,10 @@ pub fn copy(
             )?,
             (None, None) => context.passphrase()?,
         };
-        upkeep::replicate(&from, &ReplicateRequest { to, to_passphrase: &to_passphrase, versions })
+        upkeep::replicate(
+            &from,
+            &ReplicateRequest { to, to_passphrase: &to_passphrase, versions, limit: limit.clone() },
+        )
     })?;
     let short = |id: &str| Id::from_hex(id).map(|id| id.short()).unwrap_or_else(|| id.to_string());
     let mut copied = Vec::new();

@@ -653,3 +653,30 @@ fn two_hosts_of_one_key_store_what_they_share_once() {
         assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
     }
 }
+
+#[test]
+fn replication_keeps_to_its_bandwidth_and_a_schedule_with_a_typo_is_refused() {
+    let vault = Vault::start();
+    let local = staging_host(&vault, "theta");
+    let root = local.path("root");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut rng = crate::support::Rng(0x5eed_0010);
+    std::fs::write(root.join("data/big"), rng.bytes(12 << 20)).unwrap();
+    local.backup_data(&root);
+    // 12 MiB at 4 MiB/s: the second pack waits for the first's 2 s at least.
+    let started = Instant::now();
+    local.ok(&["copy", "--to", &vault.url(), "--bandwidth", "4MiB/s"]);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2), "12 MiB went in {took:?} at 4 MiB/s");
+    let refused = local.run_code(&["copy", "--to", &vault.url(), "--bandwidth", "fast"], 2);
+    assert!(text(&refused.stderr).contains("`--bandwidth`"), "{}", text(&refused.stderr));
+    // Work hours with a typo: every command refuses the config, naming the key.
+    let config = std::fs::read_to_string(local.path("config.toml")).unwrap();
+    std::fs::write(
+        local.path("config.toml"),
+        format!("{config}work-hours = \"8-18\"\nwork-hours-bandwidth = \"2MiB\"\n"),
+    )
+    .unwrap();
+    let refused = local.run_code(&["versions"], 2);
+    assert!(text(&refused.stderr).contains("vault.work-hours"), "{}", text(&refused.stderr));
+}
