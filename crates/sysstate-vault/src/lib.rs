@@ -10,6 +10,7 @@
 //! - [`server`]: the HTTPS API, and what it lets a host do;
 //! - [`state`]: the vault's records.
 
+pub mod jobs;
 pub mod server;
 pub mod state;
 
@@ -32,12 +33,30 @@ pub struct VaultConfig {
     /// How long a soft-deleted version is kept, undeletable, before it is purged (`14d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soft_delete: Option<String>,
+    /// The share of the packs the nightly verify reads, a different share each night (`10`:
+    /// every pack in ten nights; `100`: all of them each night).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_sample: Option<u8>,
 }
+
+/// `verify-sample` when the settings have none.
+pub const DEFAULT_VERIFY_SAMPLE: u8 = 10;
 
 /// `soft-delete` when the settings have none.
 pub const DEFAULT_SOFT_DELETE: Duration = Duration::from_secs(14 * 86_400);
 
 impl VaultConfig {
+    /// The share of the packs the nightly verify reads (1 to 100).
+    pub fn verify_sample(&self) -> Result<u8> {
+        match self.verify_sample.unwrap_or(DEFAULT_VERIFY_SAMPLE) {
+            percent @ 1..=100 => Ok(percent),
+            other => Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!("the vault's `verify-sample = {other}` is not a percent from 1 to 100"),
+            )),
+        }
+    }
+
     /// The soft-delete window.
     pub fn soft_delete(&self) -> Result<Duration> {
         match &self.soft_delete {
@@ -139,6 +158,7 @@ pub fn init(dir: &Path, storage: &str, listen: &str, url: &str) -> Result<Initia
         listen: listen.to_string(),
         url: url.to_string(),
         soft_delete: None,
+        verify_sample: None,
     };
     let path = dir.join("vault.toml");
     sysstate_engine::paths::write_durably(&path, toml::to_string(&config).expect("settings encode").as_bytes())
@@ -302,8 +322,16 @@ fn version_named(records: &state::State, prefix: &str) -> Result<String> {
     }
 }
 
-/// Versions, each with its host.
-type HostVersions = Vec<(String, String)>;
+/// A version, with its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostVersion {
+    /// Its id.
+    pub id: String,
+    /// Its host.
+    pub host: String,
+}
+
+type HostVersions = Vec<HostVersion>;
 
 /// What the retention policies keep and drop of the versions not soft-deleted: (kept, dropped).
 fn retention_plan(records: &state::State) -> (HostVersions, HostVersions) {
@@ -333,7 +361,9 @@ fn retention_plan(records: &state::State) -> (HostVersions, HostVersions) {
     }
     let (mut kept, mut dropped) = (Vec::new(), Vec::new());
     for (host, versions) in by_host {
-        let named = |ids: Vec<sysstate_repo::Id>| ids.into_iter().map(|id| (names[&id].clone(), host.to_string()));
+        let named = |ids: Vec<sysstate_repo::Id>| {
+            ids.into_iter().map(|id| HostVersion { id: names[&id].clone(), host: host.to_string() })
+        };
         match records.retention_of(host).filter(|policy| !policy.is_empty()) {
             None => kept.extend(named(versions.iter().map(|(id, _)| *id).collect())),
             Some(policy) => {
@@ -360,7 +390,7 @@ pub fn forget(dir: &Path, version: &str) -> Result<String> {
     let name = version_named(&records, version)?;
     if records.immutability.0 != state::Immutability::Disabled && !records.deleted.contains_key(&name) {
         let (kept, _) = retention_plan(&records);
-        if let Some((_, host)) = kept.iter().find(|(kept, _)| *kept == name) {
+        if let Some(HostVersion { host, .. }) = kept.iter().find(|kept| kept.id == name) {
             let policy = records.retention_of(host).map_or("keep every version".into(), |p| p.describe());
             return Err(immutable(format!(
                 "the vault is immutable ({}): version {name} of `{host}` is kept by its retention ({policy}), and an immutable vault deletes no version before its retention drops it",
@@ -384,28 +414,32 @@ pub fn undelete(dir: &Path, version: &str) -> Result<String> {
     Ok(name)
 }
 
-/// Purges the versions soft-deleted longer ago than the window: their manifests are deleted
-/// from the storage (the data only they needed is freed by the next prune). Returns their ids.
-pub fn purge(dir: &Path) -> Result<Vec<String>> {
+/// Purges the versions soft-deleted longer ago than the window, as a `vault-purge` job: their
+/// manifests are deleted from the storage (the data only they needed is freed by the next
+/// prune). Returns their ids.
+pub fn purge(dir: &Path, trigger: sysstate_engine::jobs::JobTrigger) -> Result<jobs::Purged> {
     let vault = Vault::open(dir)?;
-    let window = vault.config.soft_delete()?.as_nanos() as i64;
-    let now = now();
-    let due: Vec<String> = vault
-        .records
-        .fresh()?
-        .deleted
-        .iter()
-        .filter(|(_, deleted)| now >= deleted.saturating_add(window))
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in &due {
-        vault
-            .storage
-            .remove(sysstate_repo::backend::FileKind::Version, name)
-            .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
-        vault.records.purged(name)?;
-    }
-    Ok(due)
+    jobs::run(&vault, sysstate_engine::jobs::JobKind::VaultPurge, trigger, |job| {
+        let window = vault.config.soft_delete()?.as_nanos() as i64;
+        let now = now();
+        let due: Vec<String> = vault
+            .records
+            .fresh()?
+            .deleted
+            .iter()
+            .filter(|(_, deleted)| now >= deleted.saturating_add(window))
+            .map(|(name, _)| name.clone())
+            .collect();
+        job.operation(&format!("purging {} versions soft-deleted before the window", due.len()));
+        for name in &due {
+            vault
+                .storage
+                .remove(sysstate_repo::backend::FileKind::Version, name)
+                .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+            vault.records.purged(name)?;
+        }
+        Ok(jobs::Purged { purged: due })
+    })
 }
 
 /// Lets host `to` read host `from`'s versions (to restore them onto itself).
@@ -488,18 +522,90 @@ pub fn set_retention(dir: &Path, host: Option<&str>, policy: &state::Retention) 
     vault.records.set_retention(scope, policy, now())
 }
 
-/// Applies the retention policies: soft-deletes (or, `dry_run`, only names) the versions they
-/// drop. Returns the dropped versions with their hosts.
-pub fn apply_retention(dir: &Path, dry_run: bool) -> Result<HostVersions> {
+/// Applies the retention policies as a `vault-retention` job: soft-deletes (or, `dry_run`, only
+/// names) the versions they drop.
+pub fn apply_retention(dir: &Path, dry_run: bool, trigger: sysstate_engine::jobs::JobTrigger) -> Result<jobs::Dropped> {
     let vault = Vault::open(dir)?;
-    let (_, dropped) = retention_plan(&*vault.records.fresh()?);
-    if !dry_run {
-        let now = now();
-        for (name, _) in &dropped {
-            vault.records.soft_delete(name, now)?;
+    jobs::run(&vault, sysstate_engine::jobs::JobKind::VaultRetention, trigger, |job| {
+        let (_, dropped) = retention_plan(&*vault.records.fresh()?);
+        job.operation(&format!(
+            "{} {} versions the retention drops",
+            if dry_run { "would soft-delete" } else { "soft-deleting" },
+            dropped.len()
+        ));
+        if !dry_run {
+            let now = now();
+            for version in &dropped {
+                vault.records.soft_delete(&version.id, now)?;
+            }
+        }
+        Ok(jobs::Dropped { versions: dropped, dry_run })
+    })
+}
+
+/// Verifies the vault's storage as a `vault-verify` job (`jobs::verify`).
+pub fn verify(
+    dir: &Path,
+    sample_percent: u8,
+    trigger: sysstate_engine::jobs::JobTrigger,
+) -> Result<jobs::VerifyReport> {
+    let vault = Vault::open(dir)?;
+    jobs::run(&vault, sysstate_engine::jobs::JobKind::VaultVerify, trigger, |job| {
+        jobs::verify(&vault, sample_percent, job)
+    })
+}
+
+/// `sysstate vault report`: per host, what the vault holds of it and when the last version came;
+/// for the vault, its storage, immutability and its jobs' last runs. The data of a fleet view.
+pub fn report(dir: &Path) -> Result<serde_json::Value> {
+    let vault = Vault::open(dir)?;
+    let records = vault.records.fresh()?;
+    let now = now();
+    let overdue_after = 26 * 3600 * 1_000_000_000i64;
+    let hosts: Vec<serde_json::Value> = records
+        .hosts
+        .iter()
+        .filter(|host| host.revoked_ns != Some(host.registered_ns))
+        .map(|host| {
+            let owned: Vec<(&String, &state::Owner)> =
+                records.versions.iter().filter(|(_, owner)| owner.host == host.name).collect();
+            let kept: Vec<_> = owned.iter().filter(|(name, _)| !records.deleted.contains_key(*name)).collect();
+            let last = kept.iter().map(|(_, owner)| owner.received_ns).max();
+            serde_json::json!({
+                "name": host.name,
+                "revoked": host.revoked_ns.map(sysstate_types::time::format_utc),
+                "last-received": last.map(sysstate_types::time::format_utc),
+                "overdue": host.revoked_ns.is_none() && last.is_none_or(|last| now - last > overdue_after),
+                "versions": kept.len(),
+                "soft-deleted": owned.len() - kept.len(),
+                "retention": records.retention_of(&host.name).map_or("keep every version".into(), |p| p.describe()),
+            })
+        })
+        .collect();
+    let size = |kind| -> Result<(usize, u64)> {
+        let files = vault.storage.list(kind).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+        Ok((files.len(), files.iter().map(|(_, size)| size).sum()))
+    };
+    let (packs, pack_bytes) = size(sysstate_repo::backend::FileKind::Pack)?;
+    let (indexes, index_bytes) = size(sysstate_repo::backend::FileKind::Index)?;
+    let store = jobs::store(dir)?;
+    let mut last_jobs = serde_json::Map::new();
+    for kind in [
+        sysstate_engine::jobs::JobKind::VaultVerify,
+        sysstate_engine::jobs::JobKind::VaultRetention,
+        sysstate_engine::jobs::JobKind::VaultPurge,
+    ] {
+        let filter = sysstate_engine::jobs::JobFilter { kind: Some(kind), limit: 1, ..Default::default() };
+        if let Some(job) = store.list(&filter)?.into_iter().next() {
+            last_jobs.insert(kind.as_str().into(), serde_json::to_value(&job).expect("jobs encode"));
         }
     }
-    Ok(dropped)
+    Ok(serde_json::json!({
+        "hosts": hosts,
+        "storage": {"location": vault.config.storage, "packs": packs, "pack-bytes": pack_bytes, "index-files": indexes, "index-bytes": index_bytes},
+        "immutability": records.immutability.0.as_str(),
+        "jobs": last_jobs,
+    }))
 }
 
 /// `sysstate agent register FILE`, the host's side: exchanges the credentials file for this

@@ -102,6 +102,10 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
         )
     })?;
     let vault = Arc::new(vault);
+    let sample = config.verify_sample()?;
+    config.soft_delete()?;
+    let (stop_jobs, stopped) = std::sync::mpsc::channel::<()>();
+    let daily = daily_jobs(dir.to_path_buf(), sample, stopped);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sysstate-vault")
@@ -170,8 +174,41 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(stop_jobs);
+    let _ = daily.join();
     eprintln!("sysstate vault: stopped");
     Ok(())
+}
+
+/// How often the vault runs its jobs.
+const JOBS_EVERY: Duration = Duration::from_secs(86_400);
+
+/// The vault's daily jobs, on a thread of their own until `stopped` closes: retention, purge,
+/// and a verify of `sample` percent of the packs, each recorded in the vault's job store. The
+/// first run is at the start; then every day (in tests, every `SYSSTATE_FAILPOINT_VAULT_JOBS_EVERY_S`).
+fn daily_jobs(
+    dir: std::path::PathBuf,
+    sample: u8,
+    stopped: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    let every = sysstate_types::failpoint::<u64>("VAULT_JOBS_EVERY_S").map_or(JOBS_EVERY, Duration::from_secs);
+    std::thread::Builder::new()
+        .name("vault-jobs".into())
+        .spawn(move || loop {
+            use sysstate_engine::jobs::JobTrigger::Schedule;
+            let said = |what: &str, ended: sysstate_engine::Result<()>| {
+                if let Err(error) = ended {
+                    eprintln!("sysstate vault: the {what} job failed: error[{}]: {}", error.code, error.message);
+                }
+            };
+            said("retention", crate::apply_retention(&dir, false, Schedule).map(drop));
+            said("purge", crate::purge(&dir, Schedule).map(drop));
+            said("verify", crate::verify(&dir, sample, Schedule).map(drop));
+            if !matches!(stopped.recv_timeout(every), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+                return;
+            }
+        })
+        .expect("threads start")
 }
 
 /// The server's TLS: its certificate and key from `vault init`.

@@ -324,6 +324,16 @@ pub enum VaultCommand {
         #[command(subcommand)]
         command: Option<VaultRetentionCommand>,
     },
+    /// Read the vault's storage and check every file against its name (`--sample`: only a
+    /// rotating share of the packs, as the nightly job does).
+    Verify {
+        /// Read this percent of the packs, a different share each day (default: all).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        sample: u8,
+    },
+    /// Per host, the last version received, the versions kept and soft-deleted, whether one is
+    /// overdue; the storage used; the last run of each of the vault's jobs.
+    Report,
     /// The vault's immutability: show it, `enable` or `disable` it, or `lock` it for good.
     Immutability {
         #[command(subcommand)]

@@ -85,6 +85,12 @@ named_enum! {
         Repair => "repair",
         /// The doctor's validation backup.
         Validate => "validate",
+        /// The vault reads its storage's files and checks each against its name.
+        VaultVerify => "vault-verify",
+        /// The vault soft-deletes what its retention drops.
+        VaultRetention => "vault-retention",
+        /// The vault purges versions soft-deleted longer ago than its window.
+        VaultPurge => "vault-purge",
     }
 }
 

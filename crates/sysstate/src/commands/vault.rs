@@ -5,6 +5,7 @@ use crate::cli::{VaultCommand, VaultHostsCommand, VaultImmutabilityCommand, Vaul
 use crate::output::print_json;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use sysstate_engine::jobs::JobTrigger;
 use sysstate_engine::{EngineError, ErrorCode, Result};
 use sysstate_vault::state::{Immutability, Retention};
 
@@ -116,11 +117,69 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
             Ok(Outcome::Success)
         }
         VaultCommand::Purge => {
-            let purged = sysstate_vault::purge(dir)?;
+            let purged = sysstate_vault::purge(dir, JobTrigger::Command)?.purged;
             if context.json() {
                 print_json(&json!({"purged": purged}));
             } else {
                 context.say(format!("{} versions purged (soft-deleted longer ago than the window)", purged.len()));
+            }
+            Ok(Outcome::Success)
+        }
+        VaultCommand::Verify { sample } => {
+            let report = sysstate_vault::verify(dir, *sample, JobTrigger::Command)?;
+            if context.json() {
+                print_json(&serde_json::to_value(&report).expect("reports encode"));
+            } else {
+                for damaged in &report.damaged {
+                    crate::outln!("DAMAGED {damaged}");
+                }
+                context.say(format!(
+                    "{} files read ({} of {} packs), {} bytes: {}",
+                    report.checked,
+                    report.packs_checked,
+                    report.packs,
+                    report.bytes,
+                    if report.damaged.is_empty() {
+                        "every one matches its name".to_string()
+                    } else {
+                        format!("{} damaged", report.damaged.len())
+                    }
+                ));
+            }
+            Ok(if report.damaged.is_empty() { Outcome::Success } else { Outcome::Failed })
+        }
+        VaultCommand::Report => {
+            let report = sysstate_vault::report(dir)?;
+            if context.json() {
+                print_json(&report);
+            } else {
+                for host in report["hosts"].as_array().into_iter().flatten() {
+                    crate::outln!(
+                        "{}: {} versions kept, {} soft-deleted, last received {}{}{}; retention {}",
+                        host["name"].as_str().unwrap_or("?"),
+                        host["versions"],
+                        host["soft-deleted"],
+                        host["last-received"].as_str().unwrap_or("never"),
+                        if host["overdue"] == true { ", OVERDUE (none in 26 h)" } else { "" },
+                        host["revoked"].as_str().map(|r| format!(", REVOKED {r}")).unwrap_or_default(),
+                        host["retention"].as_str().unwrap_or("?"),
+                    );
+                }
+                let storage = &report["storage"];
+                crate::outln!(
+                    "storage `{}`: {} packs, {} bytes; immutability {}",
+                    storage["location"].as_str().unwrap_or("?"),
+                    storage["packs"],
+                    storage["pack-bytes"],
+                    report["immutability"].as_str().unwrap_or("?")
+                );
+                for (kind, job) in report["jobs"].as_object().into_iter().flatten() {
+                    crate::outln!(
+                        "last {kind}: {} at {}",
+                        job["state"].as_str().unwrap_or("?"),
+                        job["started"].as_str().unwrap_or("?")
+                    );
+                }
             }
             Ok(Outcome::Success)
         }
@@ -167,17 +226,17 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
             Ok(Outcome::Success)
         }
         VaultCommand::Retention { command: Some(VaultRetentionCommand::Apply { dry_run }) } => {
-            let dropped = sysstate_vault::apply_retention(dir, *dry_run)?;
+            let dropped = sysstate_vault::apply_retention(dir, *dry_run, JobTrigger::Command)?.versions;
             if context.json() {
-                print_json(
-                    &json!({"dry-run": dry_run, "soft-deleted": dropped.iter().map(|(id, host)| json!({"id": id, "host": host})).collect::<Vec<_>>()}),
-                );
+                print_json(&json!({"dry-run": dry_run, "soft-deleted": dropped}));
             } else {
-                for (id, host) in &dropped {
+                for version in &dropped {
+                    let id = &version.id;
                     crate::outln!(
-                        "{} {}  {host}",
+                        "{} {}  {}",
                         if *dry_run { "would soft-delete" } else { "soft-deleted" },
-                        &id[..8.min(id.len())]
+                        &id[..8.min(id.len())],
+                        version.host
                     );
                 }
                 context.say(format!(

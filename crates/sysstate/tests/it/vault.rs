@@ -31,7 +31,14 @@ impl Vault {
     }
 
     fn serve(&mut self) {
-        self.child = Some(self.command(&["serve"]).stderr(std::process::Stdio::null()).spawn().unwrap());
+        self.serve_with(&[]);
+    }
+
+    /// Serves with more environment (failpoints).
+    fn serve_with(&mut self, env: &[(&str, &str)]) {
+        let mut command = self.command(&["serve"]);
+        command.envs(env.iter().copied()).stderr(std::process::Stdio::null());
+        self.child = Some(command.spawn().unwrap());
         let until = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < until, "the vault did not start");
@@ -679,4 +686,54 @@ fn replication_keeps_to_its_bandwidth_and_a_schedule_with_a_typo_is_refused() {
     .unwrap();
     let refused = local.run_code(&["versions"], 2);
     assert!(text(&refused.stderr).contains("vault.work-hours"), "{}", text(&refused.stderr));
+}
+
+#[test]
+fn the_vaults_jobs_verify_its_storage_apply_its_retention_and_feed_its_report() {
+    let mut vault = Vault::start();
+    let (alpha, root) = host(&vault, "alpha", 11);
+    for round in 0..2 {
+        std::fs::write(root.join("data/round"), round.to_string()).unwrap();
+        alpha.backup_data(&root);
+    }
+    let clean: Value = serde_json::from_str(&vault.ok(&["verify", "--json"])).unwrap();
+    assert_eq!(clean["damaged"], serde_json::json!([]), "{clean:#}");
+    assert!(clean["packs-checked"].as_u64().unwrap() >= 2, "{clean:#}");
+    // A pack damaged on the vault's disk: the verify job fails naming it.
+    let storage = vault.dir.path().join("storage");
+    let pack = packs_in(&storage).remove(0);
+    let path = storage.join("data").join(&pack[..2]).join(&pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let damaged = vault.command(&["verify"]).output().unwrap();
+    assert_eq!(damaged.status.code(), Some(2), "{}", text(&damaged.stderr));
+    assert!(
+        text(&damaged.stdout).contains(&format!("DAMAGED `data/{}/{pack}`", &pack[..2])),
+        "{}",
+        text(&damaged.stdout)
+    );
+    let report: Value = serde_json::from_str(&vault.ok(&["report", "--json"])).unwrap();
+    let verify = &report["jobs"]["vault-verify"];
+    assert_eq!(verify["state"], "failed", "{report:#}");
+    assert_eq!(verify["error"]["code"], "repository-corrupt", "{report:#}");
+    let host = &report["hosts"][0];
+    assert_eq!(
+        (host["name"].as_str(), host["versions"].as_u64(), &host["overdue"]),
+        (Some("alpha"), Some(2), &Value::Bool(false)),
+        "{report:#}"
+    );
+    assert!(report["storage"]["pack-bytes"].as_u64().unwrap() > 0, "{report:#}");
+    // The vault runs its jobs by itself: a retention set now is applied within its period.
+    vault.ok(&["retention", "set", "--last", "1"]);
+    vault.stop();
+    vault.serve_with(&[("SYSSTATE_FAILPOINT_VAULT_JOBS_EVERY_S", "1")]);
+    let until = Instant::now() + Duration::from_secs(20);
+    while version_ids(&alpha).len() != 1 {
+        assert!(Instant::now() < until, "the vault's retention job did not run");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let report: Value = serde_json::from_str(&vault.ok(&["report", "--json"])).unwrap();
+    assert_eq!(report["jobs"]["vault-retention"]["trigger"], "schedule", "{report:#}");
+    assert_eq!(report["hosts"][0]["soft-deleted"], 1, "{report:#}");
 }
