@@ -40,81 +40,102 @@ pub struct PackStats {
     pub bytes_sent: u64,
 }
 
-/// Sends what version `id` of `from` needs and `to` lacks through `saver` (on `to`, same key:
-/// [`same_key`]); `there` are the packs `to` has. The caller finishes the saver, then sends the
-/// manifest ([`send_manifest`]).
-pub fn send_packs(
-    from: &Repository,
-    saver: &BlobSaver<'_>,
-    there: &HashSet<Id>,
-    id: &Id,
-    stats: &mut PackStats,
-) -> Result<()> {
-    let version = from.read_version(id)?;
-    // Every blob the version needs: its trees, walked here (the key is ours), and their files'.
-    let mut needed: HashSet<Id> = HashSet::new();
-    let mut walk = vec![(version.tree, 0usize)];
-    while let Some((tree_id, depth)) = walk.pop() {
-        if depth > MAX_TREE_DEPTH {
-            return Err(too_deep(from, format!("tree {}", tree_id.short())));
-        }
-        if !needed.insert(tree_id) {
-            continue;
-        }
-        for node in from.read_tree(&tree_id)?.nodes {
-            match node.kind {
-                NodeKind::Dir { subtree } => walk.push((subtree, depth + 1)),
-                NodeKind::File(content) => needed.extend(content.blobs),
-                _ => {}
-            }
-        }
+/// Sends versions of `from` to a repository of the same key ([`same_key`]) through a saver on
+/// it, packs as they are. One per replication: a tree sent for one version is not walked again
+/// for the next. The caller finishes the saver, then sends the manifests ([`send_manifest`]).
+#[derive(Debug)]
+pub struct PackSender<'a> {
+    from: &'a Repository,
+    /// The packs the destination has.
+    there: HashSet<Id>,
+    /// Every blob the versions sent so far need (their trees walked).
+    walked: HashSet<Id>,
+    /// What went.
+    pub stats: PackStats,
+}
+
+impl<'a> PackSender<'a> {
+    /// A sender from `from` to a destination that has the packs `there`.
+    pub fn new(from: &'a Repository, there: HashSet<Id>) -> PackSender<'a> {
+        PackSender { from, there, walked: HashSet::new(), stats: PackStats::default() }
     }
-    let mut packs = BTreeSet::new();
-    {
-        let index = from.index();
-        for blob in &needed {
-            if saver.has(blob) {
+
+    /// Sends what version `id` needs and the destination lacks through `saver`.
+    pub fn send(&mut self, saver: &BlobSaver<'_>, id: &Id) -> Result<()> {
+        let from = self.from;
+        let version = from.read_version(id)?;
+        // Every blob the version needs that no version sent before did: its trees, walked here
+        // (the key is ours), and their files'.
+        let mut needed: HashSet<Id> = HashSet::new();
+        let mut walk = vec![(version.tree, 0usize)];
+        while let Some((tree_id, depth)) = walk.pop() {
+            if depth > MAX_TREE_DEPTH {
+                return Err(too_deep(from, format!("tree {}", tree_id.short())));
+            }
+            if !self.walked.insert(tree_id) {
                 continue;
             }
-            let location = index.get(blob).ok_or_else(|| {
-                from.corrupt(format!("blob {}", blob.short()), "no pack holds it (the index lacks it)")
-            })?;
-            packs.insert(location.pack);
-        }
-    }
-    for pack in packs {
-        let bytes = from.backend().read(FileKind::Pack, &pack.to_hex())?;
-        if Id::of_stored(&bytes) != pack {
-            return Err(from.corrupt(format!("pack {}", pack.short()), "its bytes do not match its name"));
-        }
-        let entries = crate::pack::read_header(from.key(), &bytes)
-            .map_err(|e| from.corrupt(format!("pack {}", pack.short()), e))?;
-        if entries.iter().all(|entry| !saver.has(&entry.id)) {
-            // Nothing of it is there: the pack goes as it is (or only into the index, when a
-            // stopped replication sent it).
-            if there.contains(&pack) {
-                stats.packs_there += 1;
-                saver.add_pack(pack, None, entries)?;
-            } else {
-                stats.packs_sent += 1;
-                stats.bytes_sent += bytes.len() as u64;
-                saver.add_pack(pack, Some(bytes), entries)?;
+            needed.insert(tree_id);
+            for node in from.read_tree(&tree_id)?.nodes {
+                match node.kind {
+                    NodeKind::Dir { subtree } => walk.push((subtree, depth + 1)),
+                    NodeKind::File(content) => needed.extend(content.blobs),
+                    _ => {}
+                }
             }
-            continue;
         }
-        for entry in entries {
-            if !needed.contains(&entry.id) || !saver.reserve(entry.id) {
+        self.send_blobs(saver, &needed)
+    }
+
+    fn send_blobs(&mut self, saver: &BlobSaver<'_>, needed: &HashSet<Id>) -> Result<()> {
+        let (from, stats, there) = (self.from, &mut self.stats, &self.there);
+        let mut packs = BTreeSet::new();
+        {
+            let index = from.index();
+            for blob in needed {
+                if saver.has(blob) {
+                    continue;
+                }
+                let location = index.get(blob).ok_or_else(|| {
+                    from.corrupt(format!("blob {}", blob.short()), "no pack holds it (the index lacks it)")
+                })?;
+                packs.insert(location.pack);
+            }
+        }
+        for pack in packs {
+            let bytes = from.backend().read(FileKind::Pack, &pack.to_hex())?;
+            if Id::of_stored(&bytes) != pack {
+                return Err(from.corrupt(format!("pack {}", pack.short()), "its bytes do not match its name"));
+            }
+            let entries = crate::pack::read_header(from.key(), &bytes)
+                .map_err(|e| from.corrupt(format!("pack {}", pack.short()), e))?;
+            if entries.iter().all(|entry| !saver.has(&entry.id)) {
+                // Nothing of it is there: the pack goes as it is (or only into the index, when a
+                // stopped replication sent it).
+                if there.contains(&pack) {
+                    stats.packs_there += 1;
+                    saver.add_pack(pack, None, entries)?;
+                } else {
+                    stats.packs_sent += 1;
+                    stats.bytes_sent += bytes.len() as u64;
+                    saver.add_pack(pack, Some(bytes), entries)?;
+                }
                 continue;
             }
-            let (start, end) = (entry.offset as usize, entry.offset as usize + entry.length as usize);
-            let sealed = bytes
-                .get(start..end)
-                .ok_or_else(|| from.corrupt(format!("pack {}", pack.short()), "a blob lies outside the pack"))?;
-            saver.add_sealed(entry.kind, entry.id, sealed, entry.raw_length, entry.compressed)?;
-            stats.blobs_repacked += 1;
+            for entry in entries {
+                if !needed.contains(&entry.id) || !saver.reserve(entry.id) {
+                    continue;
+                }
+                let (start, end) = (entry.offset as usize, entry.offset as usize + entry.length as usize);
+                let sealed = bytes
+                    .get(start..end)
+                    .ok_or_else(|| from.corrupt(format!("pack {}", pack.short()), "a blob lies outside the pack"))?;
+                saver.add_sealed(entry.kind, entry.id, sealed, entry.raw_length, entry.compressed)?;
+                stats.blobs_repacked += 1;
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Sends version `id`'s manifest from `from` to `to` as it is (same key): it keeps its id.

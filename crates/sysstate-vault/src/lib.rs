@@ -262,8 +262,7 @@ pub fn hosts(dir: &Path) -> Result<Vec<serde_json::Value>> {
     Ok(records
         .hosts
         .iter()
-        // A registration that lost the race for its name withdrew at once: it never was a host.
-        .filter(|host| host.revoked_ns != Some(host.registered_ns))
+        .filter(|host| !host.withdrew())
         .map(|host| {
             let versions = records.versions.values().filter(|owner| owner.host == host.name).count();
             serde_json::json!({
@@ -565,7 +564,7 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
     let hosts: Vec<serde_json::Value> = records
         .hosts
         .iter()
-        .filter(|host| host.revoked_ns != Some(host.registered_ns))
+        .filter(|host| !host.withdrew())
         .map(|host| {
             let owned: Vec<(&String, &state::Owner)> =
                 records.versions.iter().filter(|(_, owner)| owner.host == host.name).collect();

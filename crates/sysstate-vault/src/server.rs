@@ -27,11 +27,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use sysstate_repo::backend::{ErrorKind, FileKind};
+use sysstate_repo::Id;
 use sysstate_types::ErrorCode;
 
 type Body = Full<Bytes>;
 
-/// The largest body taken (a pack is 8 MiB; a large file's may be more).
+/// The largest body taken, and the largest range read (a pack is 8 MiB; a large file's may be
+/// more).
 pub const MAX_BODY: usize = 128 << 20;
 /// How long a request's headers may take.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -357,7 +359,10 @@ async fn read(
         let owner = if records.versions.contains_key(&name) {
             None
         } else {
-            blocking(move || reader.records.owner(&version)).await.ok().flatten()
+            match blocking(move || reader.records.owner(&version)).await {
+                Ok(owner) => owner,
+                Err(error) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, error.code, error.message),
+            }
         };
         let deleted = records.deleted.contains_key(&name);
         if deleted || !owner.is_some_and(|owner| records.may_read(&host, &owner.host)) {
@@ -376,6 +381,13 @@ async fn read(
     let range = request.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_string);
     let range = match range.as_deref().map(parse_range) {
         None => None,
+        Some(Some((_, length))) if length > MAX_BODY as u64 => {
+            return refuse(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::InvalidInput,
+                format!("a range is at most {MAX_BODY} bytes"),
+            )
+        }
         Some(Some(range)) => Some(range),
         Some(None) => {
             return refuse(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::InvalidInput, "give `Range: bytes=FIRST-LAST`")
@@ -430,28 +442,20 @@ async fn write(
         Ok(body) => body,
         Err(response) => return response,
     };
+    // Packs, index files and manifests are named by the hash of their bytes (`docs/FORMAT.md`):
+    // a file under another's name would stand in for it, for every host.
+    if matches!(kind, FileKind::Pack | FileKind::Index | FileKind::Version)
+        && Id::from_hex(&name) != Some(Id::of_stored(&body))
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidInput,
+            format!("`{}`: the bytes sent are not the ones its name is the hash of", kind.path(&name)),
+        );
+    }
     let written = blocking(move || -> Result<(), Box<Response<Body>>> {
-        let storage = &vault.storage;
         let internal =
             |e: sysstate_engine::EngineError| Box::new(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code, e.message));
-        match kind {
-            // Put-if-absent: the same bytes again are success; other bytes are an overwrite.
-            FileKind::Key | FileKind::Pack | FileKind::Index | FileKind::Version | FileKind::Config => {
-                match storage.read(kind, &name) {
-                    Ok(existing) if existing == body => return Ok(()),
-                    Ok(_) => {
-                        return Err(Box::new(refuse(
-                            StatusCode::FORBIDDEN,
-                            ErrorCode::VaultForbidden,
-                            format!("`{}` exists: a host may add files, never overwrite them", kind.path(&name)),
-                        )))
-                    }
-                    Err(error) if error.kind == ErrorKind::NotFound => {}
-                    Err(error) => return Err(Box::new(storage_error(error))),
-                }
-            }
-            _ => {}
-        }
         // The owner first: a version or a lease is never stored unowned.
         let taken = match kind {
             FileKind::Version => vault.records.set_owner(&name, &host, crate::now()).map_err(internal)?,
@@ -469,7 +473,18 @@ async fn write(
                 format!("`{}` is host `{owner}`'s", kind.path(&name)),
             )));
         }
-        storage.write_shared(kind, &name, body).map_err(|e| Box::new(storage_error(e)))
+        // Put-if-absent is the storage's own promise: the same bytes again are success, other
+        // bytes (a key, the config) an overwrite, refused.
+        vault.storage.write_shared(kind, &name, body).map_err(|error| {
+            Box::new(match error.kind {
+                ErrorKind::Mismatch => refuse(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::VaultForbidden,
+                    format!("`{}` exists: a host may add files, never overwrite them", kind.path(&name)),
+                ),
+                _ => storage_error(error),
+            })
+        })
     })
     .await;
     match written {

@@ -198,6 +198,14 @@ pub struct State {
     pub retention: BTreeMap<String, (Retention, i64)>,
 }
 
+impl Host {
+    /// True when this registration lost the race for its name and withdrew at once (revoked at
+    /// the very time it registered): it never was a host, and is not listed.
+    pub fn withdrew(&self) -> bool {
+        self.revoked_ns == Some(self.registered_ns)
+    }
+}
+
 impl State {
     /// The active (not revoked) host of `name`.
     pub fn host(&self, name: &str) -> Option<&Host> {
@@ -301,8 +309,7 @@ impl State {
         }
         hosts.sort_by(|a, b| (a.registered_ns, &a.token_hash).cmp(&(b.registered_ns, &b.token_hash)));
         state.hosts = hosts;
-        // A lock is forever; otherwise the newest record says.
-        immutability.sort_by_key(|(name, _)| *name);
+        // A lock is forever; otherwise the newest record (names sort by time) says.
         state.immutability = if let Some((name, _)) = immutability.iter().find(|(_, s)| *s == Immutability::Locked) {
             (Immutability::Locked, time_of(name))
         } else {

@@ -289,7 +289,7 @@ impl JobOutput for ReplicationReport {}
 /// Replicates (`sysstate copy`) the versions the destination lacks (same time, host and root)
 /// under shared leases on both repositories. A vault with no repository is made with the
 /// source's key ([`Repository::init_like`]), so that packs go as they are; between repositories
-/// of one key they do ([`sysstate_repo::replicate::send_packs`]), else every blob is sealed again.
+/// of one key they do ([`sysstate_repo::replicate::PackSender`]), else every blob is sealed again.
 pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<ReplicationReport> {
     let mut backend = super::backend(request.to)?;
     if let Some(limit) = &request.limit {
@@ -328,16 +328,16 @@ pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<Re
             .filter_map(|(name, _)| Id::from_hex(&name))
             .collect();
         let saver = sysstate_repo::saver::BlobSaver::new(&destination);
-        let mut stats = sysstate_repo::replicate::PackStats::default();
+        let mut sender = sysstate_repo::replicate::PackSender::new(from, there);
         for id in &missing {
-            sysstate_repo::replicate::send_packs(from, &saver, &there, id, &mut stats)?;
+            sender.send(&saver, id)?;
         }
         saver.finish()?;
         // The manifests last: a version appears only once all it needs is stored and indexed.
         for id in &missing {
             sysstate_repo::replicate::send_manifest(from, &destination, id)?;
         }
-        packs = Some(stats);
+        packs = Some(sender.stats);
     }
     let mut report =
         ReplicationReport { versions: Vec::new(), mode: if same_key { "packs" } else { "re-encrypted" }, packs };

@@ -6,6 +6,7 @@
 use crate::support::{assert_job_failed, assert_same, make_tree, snapshot, text, Sandbox};
 use serde_json::Value;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A vault serving a folder; stopped when dropped.
@@ -177,8 +178,14 @@ fn two_hosts_add_but_never_destroy_and_see_only_their_own_versions() {
     let (status, body) = curl(&vault, &token, "DELETE", &format!("/v1/repo/versions/{a}"), None);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("vault-forbidden"), "{body}");
+    let manifest = curl(&vault, &token, "GET", &format!("/v1/repo/versions/{a}"), None);
     let (status, body) = curl(&vault, &token, "PUT", &format!("/v1/repo/versions/{a}"), Some(b"ransom"));
-    assert_eq!(status, 403, "an overwrite: {body}");
+    assert_eq!(status, 400, "other bytes under a manifest's name: {body}");
+    assert!(body.contains("not the ones its name is the hash of"), "{body}");
+    assert_eq!(curl(&vault, &token, "GET", &format!("/v1/repo/versions/{a}"), None), manifest, "the manifest changed");
+    let (status, body) = curl(&vault, &token, "PUT", "/v1/repo/config/config", Some(b"{\"magic\": \"ransom\"}"));
+    assert_eq!(status, 403, "an overwrite of the config: {body}");
+    assert!(body.contains("never overwrite"), "{body}");
     let (status, body) = curl(&vault, &token, "GET", &format!("/v1/repo/versions/{b}"), None);
     assert_eq!(status, 403, "beta's version read by alpha: {body}");
     let (status, body) = curl(&vault, &token, "GET", "/v1/repo/versions", None);
@@ -188,6 +195,16 @@ fn two_hosts_add_but_never_destroy_and_see_only_their_own_versions() {
     let pack = serde_json::from_str::<Value>(&pack_list).unwrap()[0][0].as_str().unwrap().to_string();
     let (status, _) = curl(&vault, &token, "DELETE", &format!("/v1/repo/data/{pack}"), None);
     assert_eq!(status, 403, "a pack deleted");
+    let (status, body) = curl(&vault, &token, "PUT", &format!("/v1/repo/data/{}", "ab".repeat(32)), Some(b"junk"));
+    assert_eq!(status, 400, "a pack under a name that is not its hash: {body}");
+    let huge = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(vault.dir.path().join("vault/ca.pem"))
+        .args(["-H", &format!("Authorization: Bearer {token}"), "-H", "Range: bytes=0-999999999999"])
+        .arg(format!("https://127.0.0.1:{}/v1/repo/data/{pack}", vault.port))
+        .output()
+        .unwrap();
+    assert_eq!(text(&huge.stdout), "416", "a range of a terabyte");
     let (status, _) = curl(&vault, &token, "PUT", "/v1/repo/protected/x", Some(b""));
     assert_eq!(status, 403);
     let (status, _) = curl(&vault, &token, "GET", "/v1/repo/vault", None);
