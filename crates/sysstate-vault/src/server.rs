@@ -7,8 +7,8 @@
 //! | kind | list, read | write | delete |
 //! |---|---|---|---|
 //! | `config` | yes | only while there is none (the first host creates the repository) | never |
-//! | `keys`, `data`, `index` | yes | put-if-absent (the same bytes again is success) | never |
-//! | `versions` | its own, and those of hosts it was granted | put-if-absent; the vault records it as the host's | never |
+//! | `keys`, `data`, `index` | yes | put-if-absent (the same bytes again is success); packs and index files named by their hash | never |
+//! | `versions` | its own, and those of hosts it was granted | put-if-absent, named by its hash; the vault records it as the host's | never |
 //! | `locks` | yes | its own leases | its own leases |
 //! | `protected` | yes | never (the vault's retention decides) | never |
 //!
