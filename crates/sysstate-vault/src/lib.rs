@@ -202,12 +202,68 @@ impl Vault {
     /// Opens the vault in `dir`.
     pub fn open(dir: &Path) -> Result<Vault> {
         let config = config(dir)?;
-        let storage = sysstate_repo::backend::open_target(&config.storage).map_err(|e| {
-            EngineError::from(sysstate_repo::RepoError::from(e))
-                .with_resolution("check `storage` in the vault's `vault.toml` and the credentials in its environment")
+        let settings = storage_settings(dir)?;
+        let storage = sysstate_repo::backend::open_target_with(&config.storage, &settings).map_err(|e| {
+            EngineError::from(sysstate_repo::RepoError::from(e)).with_resolution(format!(
+                "check `storage` in `{}` and the credentials in `{}`",
+                dir.join("vault.toml").display(),
+                dir.join(STORAGE_ENV).display()
+            ))
         })?;
         Ok(Vault { dir: dir.to_path_buf(), config, records: state::Records::new(storage.clone()), storage })
     }
+}
+
+/// The file in the vault's folder that holds the object store's credentials and settings, one
+/// `NAME=value` a line as in a systemd environment file (`AWS_ACCESS_KEY_ID=…`), read by every
+/// `sysstate vault` command: so the vault's commands work from any shell, and only the vault's
+/// folder holds the keys. They win over the environment's.
+pub const STORAGE_ENV: &str = "storage.env";
+
+/// The settings in the vault's [`STORAGE_ENV`] (none when it is absent). Refused when others
+/// than its owner may read it, or a line is not `NAME=value`.
+pub fn storage_settings(dir: &Path) -> Result<Vec<(String, String)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(STORAGE_ENV);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("read", &path, e)),
+    };
+    let mode = file.metadata().map_err(|e| io_error("read", &path, e))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(EngineError::new(
+            ErrorCode::StateDirPermission,
+            format!(
+                "`{}` holds the storage's credentials and others may read it (mode {:o})",
+                path.display(),
+                mode & 0o777
+            ),
+        )
+        .with_resolution(format!("`chmod 600 {}`, and change the keys if someone else read them", path.display())));
+    }
+    let text = std::io::read_to_string(file).map_err(|e| io_error("read", &path, e))?;
+    let mut settings = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((name, value)) = line
+            .split_once('=')
+            .filter(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        else {
+            return Err(invalid(format!("line {} of `{}` is not `NAME=value`", number + 1, path.display())));
+        };
+        let value = value.trim();
+        let unquoted = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|(open, close)| value.strip_prefix(*open)?.strip_suffix(*close))
+            .unwrap_or(value);
+        settings.push((name.to_string(), unquoted.to_string()));
+    }
+    Ok(settings)
 }
 
 fn invalid(message: String) -> EngineError {
@@ -662,4 +718,47 @@ pub fn register(file: &Path) -> Result<sysstate_repo::backend::vault::VaultCrede
         token: token.to_string(),
         ca: credentials.ca,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write_env(dir: &Path, text: &str, mode: u32) {
+        let path = dir.join(STORAGE_ENV);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn storage_settings_read_as_systemd_reads_an_environment_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(storage_settings(dir.path()).unwrap(), Vec::new(), "no file: no settings");
+        write_env(
+            dir.path(),
+            "# Garage\nAWS_ACCESS_KEY_ID=GK1\n\nexport AWS_SECRET_ACCESS_KEY=\"s=cret\"\n  AWS_REGION='garage'  \n",
+            0o600,
+        );
+        let names = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(
+            storage_settings(dir.path()).unwrap(),
+            names(&[("AWS_ACCESS_KEY_ID", "GK1"), ("AWS_SECRET_ACCESS_KEY", "s=cret"), ("AWS_REGION", "garage")])
+        );
+        write_env(dir.path(), "AWS_REGION=garage\naws secret\n", 0o600);
+        let error = storage_settings(dir.path()).unwrap_err();
+        assert!(error.to_string().contains("line 2 of"), "{error}");
+    }
+
+    #[test]
+    fn storage_settings_others_may_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_env(dir.path(), "AWS_SECRET_ACCESS_KEY=x\n", 0o644);
+        let error = storage_settings(dir.path()).unwrap_err();
+        assert_eq!(error.code, ErrorCode::StateDirPermission);
+        assert!(error.to_string().contains("mode 644"), "{error}");
+        assert!(error.resolution.as_deref().unwrap_or_default().contains("chmod 600"), "{error:?}");
+    }
 }

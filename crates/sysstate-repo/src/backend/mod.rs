@@ -217,7 +217,6 @@ pub struct NewFile<'a> {
     pub data: &'a [u8],
 }
 
-/// Opens the backend for a target: a local path, or `s3://`, `az://`, `gs://` URLs.
 /// Opens the repository behind a vault, with this host's credentials.
 pub fn open_vault(credentials: &vault::VaultCredentials) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(RetryBackend::new(Arc::new(vault::VaultBackend::open(credentials)?))))
@@ -226,8 +225,14 @@ pub fn open_vault(credentials: &vault::VaultCredentials) -> Result<Arc<dyn Backe
 /// Opens a target that is a folder or an object store's URL (a vault's needs credentials:
 /// [`open_vault`]).
 pub fn open_target(target: &str) -> Result<Arc<dyn Backend>> {
+    open_target_with(target, &[])
+}
+
+/// [`open_target`], with settings for an object store that win over the environment's: pairs
+/// named as the environment variables are (`AWS_ENDPOINT`, `AZURE_STORAGE_ACCOUNT_KEY`, …).
+pub fn open_target_with(target: &str, settings: &[(String, String)]) -> Result<Arc<dyn Backend>> {
     let backend: Arc<dyn Backend> = if target.contains("://") {
-        Arc::new(ObjectBackend::open(target)?)
+        Arc::new(ObjectBackend::open_with(target, settings)?)
     } else {
         Arc::new(LocalBackend::new(target))
     };

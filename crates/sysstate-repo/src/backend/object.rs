@@ -21,8 +21,15 @@ pub struct ObjectBackend {
 }
 
 impl ObjectBackend {
-    /// Opens `url`.
+    /// Opens `url`, its credentials from the environment.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &[])
+    }
+
+    /// Opens `url` with `settings` (named as the environment variables are: `AWS_ENDPOINT`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, …) that win over the environment. A name the store does
+    /// not know is refused, naming it.
+    pub fn open_with(url: &str, settings: &[(String, String)]) -> Result<Self> {
         let fail = |message: String| BackendError {
             kind: ErrorKind::Unavailable,
             operation: "open",
@@ -37,27 +44,44 @@ impl ObjectBackend {
         }
         // Retries are `RetryBackend`'s, which counts them: the client's own would be silent.
         let no_retries = object_store::RetryConfig { max_retries: 0, ..Default::default() };
+        // Each setting is parsed by the store's own builder, which knows its names.
+        fn apply<B, K: std::str::FromStr>(
+            mut builder: B,
+            settings: &[(String, String)],
+            with: fn(B, K, &str) -> B,
+        ) -> std::result::Result<B, String> {
+            for (name, value) in settings {
+                let key = name.to_ascii_lowercase().parse::<K>().map_err(|_| format!("unknown setting `{name}`"))?;
+                builder = with(builder, key, value);
+            }
+            Ok(builder)
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
+                apply(object_store::aws::AmazonS3Builder::from_env(), settings, |b, k, v| b.with_config(k, v))
+                    .map_err(fail)?
                     .with_bucket_name(bucket)
                     .with_retry(no_retries)
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
             "az" | "azure" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
+                apply(object_store::azure::MicrosoftAzureBuilder::from_env(), settings, |b, k, v| b.with_config(k, v))
+                    .map_err(fail)?
                     .with_container_name(bucket)
                     .with_retry(no_retries)
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
             "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(no_retries)
-                    .build()
-                    .map_err(|e| fail(e.to_string()))?,
+                apply(object_store::gcp::GoogleCloudStorageBuilder::from_env(), settings, |b, k, v| {
+                    b.with_config(k, v)
+                })
+                .map_err(fail)?
+                .with_bucket_name(bucket)
+                .with_retry(no_retries)
+                .build()
+                .map_err(|e| fail(e.to_string()))?,
             ),
             other => return Err(fail(format!("unknown scheme `{other}`: use s3://, az:// or gs://"))),
         };
@@ -168,7 +192,11 @@ impl Backend for ObjectBackend {
             .map_err(|e| self.error("list", kind, "", e))?;
         let mut out: Vec<(String, u64)> = listed
             .into_iter()
-            .filter_map(|meta| meta.location.filename().map(|name| (name.to_string(), meta.size as u64)))
+            // The store keeps a name's signs percent-encoded (`~` as `%7E`): listed as written.
+            .filter_map(|meta| {
+                let name = meta.location.filename()?;
+                Some((percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned(), meta.size as u64))
+            })
             .collect();
         out.sort();
         Ok(out)

@@ -18,7 +18,16 @@ pub fn conformance(backend: Arc<dyn Backend>) {
     kinds_do_not_mix(&*backend);
     listing_passes_a_page(&*backend);
     a_new_repository_appears_whole_once(&*backend);
-    for kind in [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock, FileKind::Config] {
+    names_with_signs_list_as_written(&*backend);
+    for kind in [
+        FileKind::VaultRecord,
+        FileKind::Pack,
+        FileKind::Index,
+        FileKind::Version,
+        FileKind::Key,
+        FileKind::Lock,
+        FileKind::Config,
+    ] {
         assert!(backend.list(kind).unwrap().is_empty(), "{kind:?}: the suite left files behind");
     }
 }
@@ -46,6 +55,17 @@ fn written_bytes_read_back(backend: &dyn Backend) {
     backend.remove(FileKind::Index, "empty").unwrap();
     backend.remove(FileKind::Pack, &name).unwrap();
     assert!(backend.list(FileKind::Pack).unwrap().is_empty(), "a removed pack is gone");
+}
+
+/// The vault's records are named with `~` (`u~HASH~TIME~RANDOM`), which an object store keeps
+/// percent-encoded: a name lists, reads and goes as it was written.
+fn names_with_signs_list_as_written(backend: &dyn Backend) {
+    let name = format!("u~{}~1700000000000000000~x", "ef".repeat(32));
+    backend.write(FileKind::VaultRecord, &name, b"{}").unwrap();
+    assert_eq!(backend.list(FileKind::VaultRecord).unwrap(), vec![(name.clone(), 2)], "listed as written");
+    assert_eq!(backend.read(FileKind::VaultRecord, &name).unwrap(), b"{}", "read by the name listed");
+    backend.remove(FileKind::VaultRecord, &name).unwrap();
+    assert!(backend.list(FileKind::VaultRecord).unwrap().is_empty(), "removed by the name listed");
 }
 
 fn same_bytes_again_succeed_other_bytes_mismatch(backend: &dyn Backend) {

@@ -11,6 +11,7 @@ mod doctor;
 mod errors;
 mod fidelity;
 mod format;
+mod garage;
 mod hostile;
 mod inplace;
 mod locks;

@@ -3,8 +3,9 @@
 //! (its own state folder and token), and what a host may not do tried with curl as an attacker
 //! holding the host's token would.
 
-use crate::support::{assert_job_failed, assert_same, make_tree, snapshot, text, Sandbox};
+use crate::support::{assert_job_failed, assert_same, make_tree, snapshot, text, Entry, Sandbox};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,18 +18,62 @@ struct Vault {
 }
 
 impl Vault {
+    /// A vault whose storage is a folder of its own.
     fn start() -> Vault {
+        Vault::start_on(None)
+    }
+
+    /// A vault whose storage is `Some((url, storage.env))`, or a folder of its own.
+    fn start_on(storage: Option<(&str, &str)>) -> Vault {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut vault = Vault { dir, child: None, port };
         let url = vault.url();
-        let storage = vault.dir.path().join("storage").display().to_string();
+        let folder = vault.dir.path().join("storage").display().to_string();
         let listen = format!("127.0.0.1:{port}");
-        let made =
-            vault.command(&["init", "--storage", &storage, "--url", &url, "--listen", &listen]).output().unwrap();
+        let made = vault
+            .command(&[
+                "init",
+                "--storage",
+                storage.map_or(folder.as_str(), |s| s.0),
+                "--url",
+                &url,
+                "--listen",
+                &listen,
+            ])
+            .output()
+            .unwrap();
         assert!(made.status.success(), "{}", text(&made.stderr));
+        if let Some((_, settings)) = storage {
+            vault.write_storage_env(settings);
+        }
         vault.serve();
         vault
+    }
+
+    /// A second process of this vault, as behind a load balancer: its certificates and
+    /// settings, its storage reached with `settings` (another endpoint), its own port.
+    fn beside(&self, settings: &str) -> Vault {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut vault = Vault { dir, child: None, port };
+        std::fs::create_dir(vault.dir.path().join("vault")).unwrap();
+        for name in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+            std::fs::copy(self.dir.path().join("vault").join(name), vault.dir.path().join("vault").join(name)).unwrap();
+        }
+        let config = std::fs::read_to_string(self.dir.path().join("vault/vault.toml")).unwrap();
+        let config = config.replace(&self.port.to_string(), &port.to_string());
+        std::fs::write(vault.dir.path().join("vault/vault.toml"), config).unwrap();
+        vault.write_storage_env(settings);
+        vault.serve();
+        vault
+    }
+
+    fn write_storage_env(&self, settings: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join("vault/storage.env");
+        std::fs::write(&path, settings).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     fn serve(&mut self) {
@@ -753,4 +798,92 @@ fn the_vaults_jobs_verify_its_storage_apply_its_retention_and_feed_its_report() 
     let report: Value = serde_json::from_str(&vault.ok(&["report", "--json"])).unwrap();
     assert_eq!(report["jobs"]["vault-retention"]["trigger"], "schedule", "{report:#}");
     assert_eq!(report["hosts"][0]["soft-deleted"], 1, "{report:#}");
+}
+
+#[test]
+fn two_vault_processes_serve_one_garage_cluster_and_a_node_killed_midway_loses_nothing() {
+    let has_garage = Command::new("garage").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !crate::support::require("`garage` (scripts/test.sh installs it)", has_garage) {
+        return;
+    }
+    let mut cluster = crate::garage::Cluster::start();
+    let storage = format!("s3://{}/vault", cluster.bucket);
+    // Two processes of one vault, each through another Garage node; the third node serves no one.
+    let first = Vault::start_on(Some((&storage, &cluster.nodes[0].storage_env(&cluster))));
+    let second = first.beside(&cluster.nodes[1].storage_env(&cluster));
+    let alpha = staging_host(&first, "alpha");
+    let beta = staging_host(&second, "beta");
+    let hosts = [(&alpha, &first), (&beta, &second)];
+    // Each host's versions, with its tree as it was.
+    let mut kept: Vec<Vec<(String, BTreeMap<PathBuf, Entry>)>> = vec![Vec::new(), Vec::new()];
+    // Alpha's first version makes the vault's repository (with alpha's key); beta's local
+    // repository is then made with the vault's key, so both send packs as they are.
+    for (n, (host, vault)) in hosts.iter().enumerate() {
+        let root = host.path("root");
+        let version = host.backup_data(&root);
+        kept[n].push((version, snapshot(&root.join("data"))));
+        let copied = host.json(&["copy", "--to", &vault.url()], 0);
+        assert_eq!(copied["mode"], "packs", "{copied:#}");
+    }
+    // Then 24 MiB each that does not compress, replicated by both at once, slowly: the third
+    // node is killed while the packs go.
+    let mut rng = crate::support::Rng(0x5eed_0011);
+    for (n, (host, _)) in hosts.iter().enumerate() {
+        let root = host.path("root");
+        for i in 0..3 {
+            std::fs::write(root.join(format!("data/big-{i}")), rng.bytes(8 << 20)).unwrap();
+        }
+        let version = host.backup_data(&root);
+        kept[n].push((version, snapshot(&root.join("data"))));
+    }
+    let mut copies: Vec<std::process::Child> = hosts
+        .iter()
+        .map(|(host, vault)| {
+            host.command(&["copy", "--to", &vault.url(), "--json"])
+                .env("SYSSTATE_FAILPOINT_UPLOAD_DELAY_MS", "600")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1_500));
+    for copy in &mut copies {
+        assert!(copy.try_wait().unwrap().is_none(), "a replication ended before the node was killed");
+    }
+    cluster.nodes[2].kill();
+    for copy in copies {
+        let output = copy.wait_with_output().unwrap();
+        assert!(output.status.success(), "a replication failed with a node down: {}", text(&output.stderr));
+        let copied: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(copied["packs"]["packs-sent"].as_u64().unwrap() >= 3, "{copied:#}");
+    }
+    // Both processes see every host's versions: the records are in the storage.
+    for vault in [&first, &second] {
+        let listed: Value = serde_json::from_str(&vault.ok(&["versions", "--json"])).unwrap();
+        let owners: Vec<&str> = listed.as_array().unwrap().iter().map(|v| v["host"].as_str().unwrap()).collect();
+        assert_eq!(
+            (owners.iter().filter(|h| **h == "alpha").count(), owners.iter().filter(|h| **h == "beta").count()),
+            (2, 2),
+            "{listed:#}"
+        );
+    }
+    // Every version restores, byte for byte, with the node still down; alpha's through the
+    // other process too (its token is a record in the storage, not in a process).
+    let restore_all = |host: &Sandbox, vault: &Vault, versions: &[(String, BTreeMap<PathBuf, Entry>)]| {
+        for (id, tree) in versions {
+            let to = host.path(&format!("restored-{}-{id}", vault.port));
+            host.ok(&["restore", "--target", &vault.url(), "--version", id, "--to", to.to_str().unwrap()]);
+            assert_same(tree, &snapshot(&to.join("data")));
+        }
+    };
+    restore_all(&alpha, &first, &kept[0]);
+    restore_all(&beta, &second, &kept[1]);
+    let credentials = alpha.path("state/vault/credentials.json");
+    let moved = std::fs::read_to_string(&credentials).unwrap().replace(&first.url(), &second.url());
+    std::fs::write(&credentials, moved).unwrap();
+    restore_all(&alpha, &second, &kept[0]);
+    // The node back: the cluster heals, and every pack reads and authenticates.
+    cluster.nodes[2].start();
+    alpha.ok(&["check", "--target", &second.url(), "--read-data"]);
 }
