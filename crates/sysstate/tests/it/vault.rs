@@ -446,14 +446,34 @@ fn the_agent_replicates_each_new_version_from_its_local_repository_to_the_vault(
 
 #[test]
 fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window() {
-    let vault = Vault::start();
-    let (alpha, root) = host(&vault, "alpha", 6);
+    soft_delete_undelete_and_purge(&Vault::start());
+}
+
+/// The same on Azurite: a vault's records and repository in Azure Blob storage, its settings
+/// from `storage.env`.
+#[test]
+fn a_vault_on_azurite_soft_deletes_undeletes_and_purges() {
+    let Some(url) = std::env::var("SYSSTATE_TEST_AZURE_URL").ok() else {
+        crate::support::require("Azurite (SYSSTATE_TEST_AZURE_URL from scripts/services.sh)", false);
+        return;
+    };
+    let storage = format!("{url}/vault-{}", std::process::id() ^ rand_suffix());
+    soft_delete_undelete_and_purge(&Vault::start_on(Some((&storage, "AZURE_STORAGE_USE_EMULATOR=true\n"))));
+}
+
+/// A number that differs between runs, for a fresh place in a shared container.
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
+fn soft_delete_undelete_and_purge(vault: &Vault) {
+    let (alpha, root) = host(vault, "alpha", 6);
     let kept = alpha.backup_data(&root);
     std::fs::write(root.join("data/more"), b"more").unwrap();
     let dropped = alpha.backup_data(&root);
     vault.change(&["forget", "--version", &dropped[..12]]);
     assert_eq!(version_ids(&alpha), vec![kept.clone()], "the host still sees a soft-deleted version");
-    let (status, body) = curl(&vault, &token_of(&alpha), "GET", &format!("/v1/repo/versions/{dropped}"), None);
+    let (status, body) = curl(vault, &token_of(&alpha), "GET", &format!("/v1/repo/versions/{dropped}"), None);
     assert_eq!(status, 403, "a soft-deleted version read by its id: {body}");
     assert!(body.contains("soft-deleted"), "{body}");
     let listed: Value = serde_json::from_str(&vault.ok(&["versions", "--json"])).unwrap();
@@ -487,7 +507,11 @@ fn a_soft_deleted_version_is_hidden_undeletable_and_purged_only_after_its_window
     assert_eq!(purged["purged"], serde_json::json!([dropped.clone()]), "{purged:#}");
     let gone = vault.command(&["undelete", "--version", &dropped]).output().unwrap();
     assert_eq!(gone.status.code(), Some(2), "a purged version came back");
-    assert!(!vault.dir.path().join("storage/versions").join(&dropped).exists());
+    let listed: Value = serde_json::from_str(&vault.ok(&["versions", "--json"])).unwrap();
+    assert!(listed.as_array().unwrap().iter().all(|v| v["id"] != dropped), "{listed:#}");
+    let (status, body) = curl(vault, &token_of(&alpha), "GET", &format!("/v1/repo/versions/{dropped}"), None);
+    // As any id the host has no version of: the vault does not tell what exists.
+    assert_eq!(status, 403, "a purged version read by its id: {body}");
     assert_eq!(version_ids(&alpha), vec![kept.clone()]);
     // What is left checks clean (its data is all there).
     alpha.ok(&["check"]);
