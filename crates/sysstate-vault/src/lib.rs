@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use sysstate_engine::{EngineError, ErrorCode, Result};
+use sysstate_repo::backend::FileKind;
 
 /// The vault's settings (`vault.toml` in its folder).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -489,7 +490,7 @@ pub fn purge(dir: &Path, trigger: sysstate_engine::jobs::JobTrigger) -> Result<j
         for name in &due {
             vault
                 .storage
-                .remove(sysstate_repo::backend::FileKind::Version, name)
+                .remove(FileKind::Version, name)
                 .map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
             vault.records.purged(name)?;
         }
@@ -617,6 +618,17 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
     let records = vault.records.fresh()?;
     let now = now();
     let overdue_after = 26 * 3600 * 1_000_000_000i64;
+    let packs = vault.storage.list(FileKind::Pack).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
+    let additions = vault.records.additions()?;
+    // What each host added: the packs it sent first, as they stand (shared blobs count for the
+    // host that sent them).
+    let mut added: std::collections::HashMap<&str, (usize, u64)> = std::collections::HashMap::new();
+    for (pack, size) in &packs {
+        let by = additions.get(pack).map_or("", String::as_str);
+        let entry = added.entry(by).or_default();
+        entry.0 += 1;
+        entry.1 += size;
+    }
     let hosts: Vec<serde_json::Value> = records
         .hosts
         .iter()
@@ -626,6 +638,7 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
                 records.versions.iter().filter(|(_, owner)| owner.host == host.name).collect();
             let kept: Vec<_> = owned.iter().filter(|(name, _)| !records.deleted.contains_key(*name)).collect();
             let last = kept.iter().map(|(_, owner)| owner.received_ns).max();
+            let (added_packs, added_bytes) = added.get(host.name.as_str()).copied().unwrap_or_default();
             serde_json::json!({
                 "name": host.name,
                 "revoked": host.revoked_ns.map(sysstate_types::time::format_utc),
@@ -633,6 +646,8 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
                 "overdue": host.revoked_ns.is_none() && last.is_none_or(|last| now - last > overdue_after),
                 "versions": kept.len(),
                 "soft-deleted": owned.len() - kept.len(),
+                "added-packs": added_packs,
+                "added-bytes": added_bytes,
                 "retention": records.retention_of(&host.name).map_or("keep every version".into(), |p| p.describe()),
             })
         })
@@ -641,8 +656,9 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
         let files = vault.storage.list(kind).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)))?;
         Ok((files.len(), files.iter().map(|(_, size)| size).sum()))
     };
-    let (packs, pack_bytes) = size(sysstate_repo::backend::FileKind::Pack)?;
-    let (indexes, index_bytes) = size(sysstate_repo::backend::FileKind::Index)?;
+    let (unattributed_packs, unattributed_bytes) = added.get("").copied().unwrap_or_default();
+    let pack_bytes: u64 = packs.iter().map(|(_, size)| size).sum();
+    let (indexes, index_bytes) = size(FileKind::Index)?;
     let store = jobs::store(dir)?;
     let mut last_jobs = serde_json::Map::new();
     for kind in [
@@ -657,7 +673,11 @@ pub fn report(dir: &Path) -> Result<serde_json::Value> {
     }
     Ok(serde_json::json!({
         "hosts": hosts,
-        "storage": {"location": vault.config.storage, "packs": packs, "pack-bytes": pack_bytes, "index-files": indexes, "index-bytes": index_bytes},
+        "storage": {
+            "location": vault.config.storage, "packs": packs.len(), "pack-bytes": pack_bytes,
+            "index-files": indexes, "index-bytes": index_bytes,
+            "unattributed-packs": unattributed_packs, "unattributed-bytes": unattributed_bytes,
+        },
         "immutability": records.immutability.0.as_str(),
         "jobs": last_jobs,
     }))

@@ -484,7 +484,13 @@ async fn write(
                 ),
                 _ => storage_error(error),
             })
-        })
+        })?;
+        // Who added the pack, for the report of what each host stores: a failure here is the
+        // upload's, so the host sends again and it is noted then.
+        if kind == FileKind::Pack {
+            vault.records.note_addition(&name, &host).map_err(internal)?;
+        }
+        Ok(())
     })
     .await;
     match written {

@@ -458,6 +458,24 @@ impl Records {
         }
     }
 
+    /// Records that `host` added `pack` (an empty file `vault-added/PACK~HOST`, outside the
+    /// records the servers cache: there is one for each pack).
+    pub fn note_addition(&self, pack: &str, host: &str) -> Result<()> {
+        self.storage.write(FileKind::VaultAddition, &format!("{pack}~{host}"), b"").map_err(|e| failed("write", e))
+    }
+
+    /// Which host added each pack (the first by name where two sent the same pack).
+    pub fn additions(&self) -> Result<std::collections::HashMap<String, String>> {
+        let listed = self.storage.list(FileKind::VaultAddition).map_err(|e| failed("list", e))?;
+        let mut added = std::collections::HashMap::new();
+        for (name, _) in listed {
+            if let Some((pack, host)) = name.split_once('~') {
+                added.entry(pack.to_string()).or_insert_with(|| host.to_string());
+            }
+        }
+        Ok(added)
+    }
+
     /// Records a credentials file for `host`, by the hash of its secret.
     pub fn add_pending(&self, secret_hash: &str, pending: &Pending) -> Result<()> {
         self.write(&format!("p~{secret_hash}"), pending)

@@ -169,6 +169,7 @@ impl Backend for LocalBackend {
             FileKind::Pack,
             FileKind::Protection,
             FileKind::VaultRecord,
+            FileKind::VaultAddition,
         ] {
             fs::create_dir_all(self.root.join(kind.dir())).map_err(|e| io(&e))?;
         }
@@ -265,6 +266,7 @@ impl Backend for LocalBackend {
             FileKind::Lock,
             FileKind::Protection,
             FileKind::VaultRecord,
+            FileKind::VaultAddition,
         ] {
             dirs.push(self.root.join(kind.dir()));
         }

@@ -42,6 +42,9 @@ pub enum FileKind {
     /// `vault/`: a vault's own records (hosts, owners of versions, soft deletions, policy), one
     /// small file each; hosts never reach them (`sysstate-vault`).
     VaultRecord,
+    /// `vault-added/`: which host added each pack (`PACK~HOST`, empty), for the vault's report
+    /// of what each host stores; hosts never reach them.
+    VaultAddition,
 }
 
 impl FileKind {
@@ -56,6 +59,7 @@ impl FileKind {
             FileKind::Lock => "locks",
             FileKind::Protection => "protected",
             FileKind::VaultRecord => "vault",
+            FileKind::VaultAddition => "vault-added",
         }
     }
 

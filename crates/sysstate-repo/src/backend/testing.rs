@@ -21,6 +21,7 @@ pub fn conformance(backend: Arc<dyn Backend>) {
     names_with_signs_list_as_written(&*backend);
     for kind in [
         FileKind::VaultRecord,
+        FileKind::VaultAddition,
         FileKind::Pack,
         FileKind::Index,
         FileKind::Version,

@@ -155,10 +155,12 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
             } else {
                 for host in report["hosts"].as_array().into_iter().flatten() {
                     crate::outln!(
-                        "{}: {} versions kept, {} soft-deleted, last received {}{}{}; retention {}",
+                        "{}: {} versions kept, {} soft-deleted, {} added in {} packs, last received {}{}{}; retention {}",
                         host["name"].as_str().unwrap_or("?"),
                         host["versions"],
                         host["soft-deleted"],
+                        sysstate_types::units::bytes(host["added-bytes"].as_u64().unwrap_or(0)),
+                        host["added-packs"],
                         host["last-received"].as_str().unwrap_or("never"),
                         if host["overdue"] == true { ", OVERDUE (none in 26 h)" } else { "" },
                         host["revoked"].as_str().map(|r| format!(", REVOKED {r}")).unwrap_or_default(),
@@ -167,10 +169,10 @@ pub fn vault(context: &Context<'_>, dir: &Path, command: &VaultCommand) -> Resul
                 }
                 let storage = &report["storage"];
                 crate::outln!(
-                    "storage `{}`: {} packs, {} bytes; immutability {}",
+                    "storage `{}`: {} packs, {}; immutability {}",
                     storage["location"].as_str().unwrap_or("?"),
                     storage["packs"],
-                    storage["pack-bytes"],
+                    sysstate_types::units::bytes(storage["pack-bytes"].as_u64().unwrap_or(0)),
                     report["immutability"].as_str().unwrap_or("?")
                 );
                 for (kind, job) in report["jobs"].as_object().into_iter().flatten() {

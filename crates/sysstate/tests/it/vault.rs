@@ -736,6 +736,15 @@ fn two_hosts_of_one_key_store_what_they_share_once() {
         after_beta * 100 <= after_alpha * 120,
         "two near-identical hosts store {after_beta} bytes, one {after_alpha}: more than 1.2×"
     );
+    // The report says what each host added.
+    let report: Value = serde_json::from_str(&vault.ok(&["report", "--json"])).unwrap();
+    let added = |name: &str| -> u64 {
+        let host = report["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name).unwrap();
+        host["added-bytes"].as_u64().unwrap()
+    };
+    assert_eq!((added("alpha"), added("beta")), (after_alpha, after_beta - after_alpha), "{report:#}");
+    assert_eq!(report["storage"]["unattributed-bytes"], 0, "{report:#}");
+    assert_eq!(report["storage"]["pack-bytes"], after_beta, "{report:#}");
     // Each host restores its own from the vault.
     for (sandbox, root) in [&alpha, &beta].iter().zip(&roots) {
         let versions = sandbox.json(&["versions", "--target", &vault.url()], 0);
