@@ -4,6 +4,7 @@
     bench/run                       # everything (as root): corpora, peers, rounds, scaling
     bench/run --corpus system       # one corpus
     bench/run --smoke               # a tiny run that checks the harness itself (CI)
+    bench/run --vault               # the vault on Garage against restic copy / restore (bench/vault.py)
 
 For each corpus, in each round, every tool does each phase before any tool does the next, in
 an order that rotates from round to round:
@@ -857,6 +858,8 @@ def main():
     parser.add_argument("--out", type=Path, help="the JSON report (default: WORK/results.json)")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the harness (CI)")
+    parser.add_argument("--vault", action="store_true",
+                        help="the vault's benchmark instead (bench/vault.py): replication and restore through a vault on Garage")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print (and with --update-docs write) the report of an earlier run")
     args = parser.parse_args()
     if args.report:
@@ -868,6 +871,15 @@ def main():
         return
     if os.geteuid() != 0:
         raise SystemExit("bench/run mounts a loop filesystem and installs the peers: run it as root")
+    if args.vault:
+        import vault
+
+        if args.smoke:
+            args.rounds, args.scale = 1, 0.01
+        _, report = vault.run_vault(args, args.sysstate or build_sysstate())
+        if args.update_docs:
+            update_docs_section("vault", report)
+        return
     if args.smoke:
         args.rounds, args.scale, args.scaling = 1, 0.01, "2000"
         args.corpus = args.corpus or ["large"]
@@ -940,6 +952,15 @@ def full_report(results):
             f"| {what} | {got} | {'yes' if ok else '**no**'} |\n" for what, got, ok in checks
         )
     return report
+
+
+def update_docs_section(name, report):
+    """Writes `report` between `<!-- NAME: begin -->` and `<!-- NAME: end -->` in docs/benchmarks.md."""
+    docs = REPO_ROOT / "docs" / "benchmarks.md"
+    before, rest = docs.read_text().split(f"<!-- {name}: begin -->", 1)
+    _, after = rest.split(f"<!-- {name}: end -->", 1)
+    docs.write_text(f"{before}<!-- {name}: begin -->\n{report}<!-- {name}: end -->{after}")
+    log(f"updated {docs}")
 
 
 def update_docs(results, report):

@@ -92,6 +92,7 @@ if grep -q SYSSTATE_FAILPOINT target/debug/sysstate; then
   exit 1
 fi
 bench/run --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
+bench/run --vault --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
 
 step "the Debian package: built by cargo deb, installed into a fresh Debian (a chroot), removed"
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
