@@ -303,21 +303,31 @@ pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<Re
             created => created?,
         }
     };
-    destination.load_index()?;
-    let _from_lease = from.read_lease("copy")?;
-    let _to_lease = Lease::acquire(destination.backend().clone(), false, "copy")?;
-    let existing: Vec<(i64, String, String)> =
-        destination.versions()?.into_iter().map(|(_, v)| (v.time_ns, v.host, v.root_path)).collect();
+    let missing_of = |chosen: &[(Id, Version)]| -> Result<Vec<Id>> {
+        let existing: Vec<(i64, String, String)> =
+            destination.versions()?.into_iter().map(|(_, v)| (v.time_ns, v.host, v.root_path)).collect();
+        Ok(chosen
+            .iter()
+            .filter(|(_, v)| !existing.contains(&(v.time_ns, v.host.clone(), v.root_path.clone())))
+            .map(|(id, _)| *id)
+            .collect())
+    };
     let chosen: Vec<(Id, Version)> = if request.versions.is_empty() {
         from.versions()?
     } else {
         request.versions.iter().map(|v| from.find_version(v)).collect::<std::result::Result<_, _>>()?
     };
-    let missing: Vec<Id> = chosen
-        .iter()
-        .filter(|(_, v)| !existing.contains(&(v.time_ns, v.host.clone(), v.root_path.clone())))
-        .map(|(id, _)| *id)
-        .collect();
+    // Nothing to send is found by reading alone, with no lease and no index: the agent
+    // replicates after every backup, and most find the vault up to date.
+    let mut missing = missing_of(&chosen)?;
+    let _leases = if missing.is_empty() {
+        None
+    } else {
+        destination.load_index()?;
+        let leases = (from.read_lease("copy")?, Lease::acquire(destination.backend().clone(), false, "copy")?);
+        missing = missing_of(&chosen)?; // again under the leases: what is there now counts
+        Some(leases)
+    };
     let same_key = sysstate_repo::replicate::same_key(from, &destination);
     let mut packs = None;
     if same_key && !missing.is_empty() {

@@ -176,7 +176,7 @@ impl Backend for VaultBackend {
     }
 
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
-        Ok(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))))?.to_vec())
+        Ok(Vec::from(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))))?))
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
@@ -194,7 +194,7 @@ impl Backend for VaultBackend {
                 message: format!("{} bytes where {length} were asked for", body.len()),
             });
         }
-        Ok(body.to_vec())
+        Ok(Vec::from(body))
     }
 
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
