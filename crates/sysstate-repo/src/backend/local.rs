@@ -161,16 +161,7 @@ impl Backend for LocalBackend {
     fn create(&self) -> Result<()> {
         let io = |e: &std::io::Error| BackendError::from_io("create", String::new(), self.location(), e);
         fs::create_dir_all(&self.root).map_err(|e| io(&e))?;
-        for kind in [
-            FileKind::Key,
-            FileKind::Index,
-            FileKind::Version,
-            FileKind::Lock,
-            FileKind::Pack,
-            FileKind::Protection,
-            FileKind::VaultRecord,
-            FileKind::VaultAddition,
-        ] {
+        for kind in FileKind::FOLDERS {
             fs::create_dir_all(self.root.join(kind.dir())).map_err(|e| io(&e))?;
         }
         for prefix in 0..=255u8 {
@@ -259,17 +250,8 @@ impl Backend for LocalBackend {
 
     fn clean_temporaries(&self, older_than: std::time::Duration, dry_run: bool) -> Result<Vec<String>> {
         let mut dirs = vec![self.root.clone()];
-        for kind in [
-            FileKind::Key,
-            FileKind::Index,
-            FileKind::Version,
-            FileKind::Lock,
-            FileKind::Protection,
-            FileKind::VaultRecord,
-            FileKind::VaultAddition,
-        ] {
-            dirs.push(self.root.join(kind.dir()));
-        }
+        // Packs' temporaries are in the prefix folders below.
+        dirs.extend(FileKind::FOLDERS.iter().filter(|k| **k != FileKind::Pack).map(|k| self.root.join(k.dir())));
         dirs.extend((0..=255u8).map(|p| self.root.join("data").join(format!("{p:02x}"))));
         let now = std::time::SystemTime::now();
         let mut found = Vec::new();

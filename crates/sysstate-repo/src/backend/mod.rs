@@ -48,6 +48,18 @@ pub enum FileKind {
 }
 
 impl FileKind {
+    /// Every kind that has a folder of its own (all but the config): a repository's layout.
+    pub const FOLDERS: [FileKind; 8] = [
+        FileKind::Key,
+        FileKind::Pack,
+        FileKind::Index,
+        FileKind::Version,
+        FileKind::Lock,
+        FileKind::Protection,
+        FileKind::VaultRecord,
+        FileKind::VaultAddition,
+    ];
+
     /// The folder name.
     pub fn dir(self) -> &'static str {
         match self {

@@ -84,8 +84,7 @@ fn ignorable(path: &Path) -> bool {
     if EMPTY_ANYWAY.contains(&name.as_str()) {
         return true;
     }
-    const LAYOUT: &[&str] = &["keys", "data", "index", "versions", "locks", "protected", "vault", "vault-added"];
-    LAYOUT.contains(&name.as_str()) && holds_no_file(path, 2)
+    super::FileKind::FOLDERS.iter().any(|kind| kind.dir() == name) && holds_no_file(path, 2)
 }
 
 /// True when `dir` is a folder whose tree, `depth` levels down, holds only folders.

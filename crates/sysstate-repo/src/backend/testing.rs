@@ -19,16 +19,7 @@ pub fn conformance(backend: Arc<dyn Backend>) {
     listing_passes_a_page(&*backend);
     a_new_repository_appears_whole_once(&*backend);
     names_with_signs_list_as_written(&*backend);
-    for kind in [
-        FileKind::VaultRecord,
-        FileKind::VaultAddition,
-        FileKind::Pack,
-        FileKind::Index,
-        FileKind::Version,
-        FileKind::Key,
-        FileKind::Lock,
-        FileKind::Config,
-    ] {
+    for kind in FileKind::FOLDERS.into_iter().chain([FileKind::Config]) {
         assert!(backend.list(kind).unwrap().is_empty(), "{kind:?}: the suite left files behind");
     }
 }
