@@ -122,8 +122,23 @@ pub fn open_or_create_for(
         let vault_backend = crate::vault::backend(url).ok()?;
         Repository::open(vault_backend, &vault_passphrase).ok()
     });
-    let Some(vault) = vault else { return open_or_create(backend, passphrase) };
-    match Repository::init_like(backend.clone(), &vault, passphrase, KdfParams::default()) {
+    match vault {
+        Some(vault) => open_or_create_like(backend, &vault, passphrase),
+        None => open_or_create(backend, passphrase),
+    }
+}
+
+/// Opens the repository at `backend`, or creates it with `like`'s key and parameters
+/// ([`Repository::init_like`]); true when created here (another creator may have come first).
+pub fn open_or_create_like(
+    backend: Arc<dyn Backend>,
+    like: &Repository,
+    passphrase: &[u8],
+) -> Result<(Repository, bool)> {
+    if Repository::exists(&*backend)? {
+        return Ok((Repository::open(backend, passphrase)?, false));
+    }
+    match Repository::init_like(backend.clone(), like, passphrase, KdfParams::default()) {
         Err(sysstate_repo::RepoError::AlreadyExists { .. }) => Ok((Repository::open(backend, passphrase)?, false)),
         created => Ok((created?, true)),
     }

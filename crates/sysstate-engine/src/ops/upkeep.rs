@@ -7,7 +7,6 @@ use serde::Serialize;
 use sysstate_repo::backend::FileKind;
 use sysstate_repo::check::CheckReport;
 use sysstate_repo::forget::{Filter, GroupBy, Policy};
-use sysstate_repo::keys::KdfParams;
 use sysstate_repo::lock::Lease;
 use sysstate_repo::prune::{PrunePlan, PruneReport};
 use sysstate_repo::version::Version;
@@ -249,9 +248,7 @@ impl ReplicateRequest<'_> {
             std::sync::Arc::new(move || schedule.limit_at(&chrono::Local::now())) as sysstate_repo::backend::Limit
         })
     }
-}
 
-impl ReplicateRequest<'_> {
     /// True when a destination made by this replication takes the source's key: a vault's
     /// (one key domain, `docs/vault.md`), so that packs go as they are. Any other new
     /// destination gets a key of its own, as `sysstate copy` promises.
@@ -295,13 +292,10 @@ pub fn replicate(from: &Repository, request: &ReplicateRequest<'_>) -> Result<Re
     if let Some(limit) = &request.limit {
         backend = std::sync::Arc::new(sysstate_repo::backend::ThrottledBackend::new(backend, limit.clone()));
     }
-    let destination = if Repository::exists(&*backend)? || !request.shares_key() {
-        super::open_or_create(backend, request.to_passphrase)?.0
+    let destination = if request.shares_key() {
+        super::open_or_create_like(backend, from, request.to_passphrase)?.0
     } else {
-        match Repository::init_like(backend.clone(), from, request.to_passphrase, KdfParams::default()) {
-            Err(sysstate_repo::RepoError::AlreadyExists { .. }) => Repository::open(backend, request.to_passphrase)?,
-            created => created?,
-        }
+        super::open_or_create(backend, request.to_passphrase)?.0
     };
     let missing_of = |chosen: &[(Id, Version)]| -> Result<Vec<Id>> {
         let existing: Vec<(i64, String, String)> =
