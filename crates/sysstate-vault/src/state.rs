@@ -431,21 +431,33 @@ impl Records {
         self.state(Duration::ZERO)
     }
 
-    /// Forgets the cached state: the next read lists again (after this process wrote).
-    pub fn invalidate(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).loaded = None;
+    /// What this process wrote (`Some`) or removed (`None`) goes into the cached state at once,
+    /// without listing the records again (a listing of an object store takes tens of
+    /// milliseconds, and every lease a host takes writes a record). When a write or removal
+    /// failed, what it did is unknown: the next read lists.
+    fn changed(&self, name: &str, body: Option<Vec<u8>>, done: bool) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if !done || cache.loaded.is_none() {
+            cache.loaded = None;
+            return;
+        }
+        match body {
+            Some(body) => cache.files.insert(name.to_string(), Arc::new(body)),
+            None => cache.files.remove(name),
+        };
+        cache.state = Arc::new(State::fold(&cache.files).0);
     }
 
     fn write(&self, name: &str, body: &impl Serialize) -> Result<()> {
         let bytes = serde_json::to_vec(body).expect("a record encodes");
         let written = self.storage.write(FileKind::VaultRecord, name, &bytes);
-        self.invalidate();
+        self.changed(name, Some(bytes), written.is_ok());
         written.map_err(|e| failed("write", e))
     }
 
     fn remove(&self, name: &str) -> Result<()> {
         let removed = self.storage.remove(FileKind::VaultRecord, name);
-        self.invalidate();
+        self.changed(name, None, removed.is_ok());
         removed.map_err(|e| failed("remove", e))
     }
 
@@ -633,6 +645,21 @@ mod tests {
         let state = records.fresh().unwrap();
         assert_eq!(state.retention_of("web2").unwrap().daily, 9);
         assert_eq!(state.retention_of("web1").unwrap().last, 2);
+    }
+
+    #[test]
+    fn what_this_process_writes_is_in_its_state_at_once_without_a_listing() {
+        let (_dir, records) = records();
+        records.fresh().unwrap();
+        // Another vault process's record: seen only when the records are listed again.
+        Records::new(records.storage.clone()).set_owner("v9", "web2", 1).unwrap().unwrap();
+        records.set_lease_holder("l1", "web1").unwrap();
+        let cached = records.state(Duration::from_secs(600)).unwrap();
+        assert_eq!(cached.locks.get("l1").map(String::as_str), Some("web1"));
+        assert!(!cached.versions.contains_key("v9"), "the write listed the records again");
+        records.drop_lease("l1").unwrap();
+        assert!(!records.state(Duration::from_secs(600)).unwrap().locks.contains_key("l1"));
+        assert!(records.fresh().unwrap().versions.contains_key("v9"));
     }
 
     #[test]
