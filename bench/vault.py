@@ -273,7 +273,7 @@ def register_again(vault, host):
 
 def summarize(rounds):
     def median(path):
-        values = [r for r in rounds]
+        values = list(rounds)
         for key in path:
             values = [v[key] for v in values]
         return round(statistics.median(values), 3)
@@ -354,7 +354,7 @@ def run_vault(args, binary):
             logs.mkdir(parents=True, exist_ok=True)
             rounds.append(one_round(str(binary), work / "run", corpus, corpus_b, number, tag, logs))
         results = {
-            "command": "bench/run --vault " + " ".join(f"--rounds {args.rounds}".split()),
+            "command": f"bench/run --vault --rounds {args.rounds} --scale {args.scale}",
             "machine": harness.machine_info("btrfs"),
             "versions": {"sysstate": harness.run([str(binary), "--version"]).strip(),
                          "restic": harness.run(["restic", "version"]).strip()},

@@ -1,6 +1,6 @@
 //! The vault's own jobs, each recorded in the vault's job store (`sysstate.db` in its folder)
-//! with its events, as a host's are: `verify` (every file of the storage read and checked against
-//! its name, or a rotating sample of the packs), `retention` (soft-deletes what the policies
+//! with its events, as a host's are: `verify` (every index file and manifest read and checked
+//! against its name, and every pack or a rotating sample of them), `retention` (soft-deletes what the policies
 //! drop) and `purge` (versions soft-deleted longer ago than the window). `sysstate vault serve`
 //! runs them every day; `sysstate vault verify|retention apply|purge` runs one now.
 
@@ -63,8 +63,9 @@ fn sample(packs: &[String], percent: u8, day: i64) -> Vec<&String> {
     packs.iter().skip(start).take(size).collect()
 }
 
-/// Reads every index file, manifest and key, and every pack (or a rotating `sample` percent of
-/// them), each checked against its name (a hash of its bytes: the vault needs no key for it).
+/// Reads every index file and manifest, and every pack (or a rotating `sample` percent of them),
+/// each checked against its name (a hash of its bytes: the vault needs no key for it). Keys and
+/// the config are not named by their bytes, and are not checked.
 pub fn verify(vault: &Vault, sample_percent: u8, job: &jobs::Job<'_>) -> Result<VerifyReport> {
     let storage = &vault.storage;
     let listing = |kind| storage.list(kind).map_err(|e| EngineError::from(sysstate_repo::RepoError::from(e)));

@@ -269,6 +269,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_setting_the_store_does_not_know_is_refused_by_name_and_known_ones_are_taken() {
+        let settings = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        let typo = ObjectBackend::open_with("s3://bucket", &settings(&[("AWS_ACESS_KEY_ID", "x")])).unwrap_err();
+        assert!(typo.message.contains("unknown setting `AWS_ACESS_KEY_ID`"), "{typo}");
+        let other_store = ObjectBackend::open_with("az://container", &settings(&[("AWS_REGION", "x")])).unwrap_err();
+        assert!(other_store.message.contains("`AWS_REGION`"), "{other_store}");
+        let known = settings(&[
+            ("AWS_ACCESS_KEY_ID", "GK1"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_ENDPOINT", "http://127.0.0.1:9"),
+            ("AWS_REGION", "garage"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]);
+        ObjectBackend::open_with("s3://bucket", &known).unwrap();
+    }
+
+    #[test]
     fn numbers_in_the_retry_prefix_are_not_status_codes() {
         let dead = "Generic S3 error: Error after 10 retries in 3.684037785s, max_retries:10, retry_timeout:180s, \
                     source:error sending request for url (http://127.0.0.1:9/nobody/x/config)";

@@ -632,6 +632,15 @@ fn packs_in(repo: &std::path::Path) -> Vec<String> {
     packs
 }
 
+/// `count` files of `size` random bytes (which do not compress), `root/data/big-N`.
+fn write_incompressible(root: &std::path::Path, seed: u64, count: usize, size: usize) {
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    let mut rng = crate::support::Rng(seed);
+    for n in 0..count {
+        std::fs::write(root.join(format!("data/big-{n}")), rng.bytes(size)).unwrap();
+    }
+}
+
 /// A host registered as `name` whose target is a local repository (its staging area) in the
 /// registered sandbox's folder, with `[vault] url` in its config.
 fn staging_host(vault: &Vault, name: &str) -> Sandbox {
@@ -653,11 +662,7 @@ fn a_replication_killed_midway_resumes_sending_only_what_is_missing() {
     let local = staging_host(&vault, "eta");
     // 40 MiB that does not compress: five packs and more.
     let root = local.path("root");
-    std::fs::create_dir_all(root.join("data")).unwrap();
-    let mut rng = crate::support::Rng(0x5eed_0008);
-    for n in 0..5 {
-        std::fs::write(root.join(format!("data/big-{n}")), rng.bytes(8 << 20)).unwrap();
-    }
+    write_incompressible(&root, 0x5eed_0008, 5, 8 << 20);
     let version = local.backup_data(&root);
     let local_packs = packs_in(std::path::Path::new(&local.target));
     assert!(local_packs.len() >= 5, "{local_packs:?}");
@@ -761,9 +766,7 @@ fn replication_keeps_to_its_bandwidth_and_a_schedule_with_a_typo_is_refused() {
     let vault = Vault::start();
     let local = staging_host(&vault, "theta");
     let root = local.path("root");
-    std::fs::create_dir_all(root.join("data")).unwrap();
-    let mut rng = crate::support::Rng(0x5eed_0010);
-    std::fs::write(root.join("data/big"), rng.bytes(12 << 20)).unwrap();
+    write_incompressible(&root, 0x5eed_0010, 1, 12 << 20);
     local.backup_data(&root);
     // 12 MiB at 4 MiB/s: the second pack waits for the first's 2 s at least.
     let started = Instant::now();
@@ -860,12 +863,9 @@ fn two_vault_processes_serve_one_garage_cluster_and_a_node_killed_midway_loses_n
     }
     // Then 24 MiB each that does not compress, replicated by both at once, slowly: the third
     // node is killed while the packs go.
-    let mut rng = crate::support::Rng(0x5eed_0011);
     for (n, (host, _)) in hosts.iter().enumerate() {
         let root = host.path("root");
-        for i in 0..3 {
-            std::fs::write(root.join(format!("data/big-{i}")), rng.bytes(8 << 20)).unwrap();
-        }
+        write_incompressible(&root, 0x5eed_0011 + n as u64, 3, 8 << 20);
         let version = host.backup_data(&root);
         kept[n].push((version, snapshot(&root.join("data"))));
     }
