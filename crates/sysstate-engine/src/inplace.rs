@@ -459,6 +459,7 @@ fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
         tags: vec!["undo".into()],
         threads: 0,
         shadow: None,
+        system: None,
         time_ns: 0,
         cancel: None,
     };

@@ -20,6 +20,7 @@ pub mod paths;
 pub mod schedule;
 pub mod shadow;
 pub mod source;
+pub mod system;
 pub mod vault;
 
 pub use error::{EngineError, Result};

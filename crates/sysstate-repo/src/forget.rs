@@ -190,6 +190,7 @@ mod tests {
                 stats: VersionStats::default(),
                 program: String::new(),
                 shadow: None,
+                system: None,
                 extra: Default::default(),
             },
         )

@@ -88,6 +88,10 @@ pub struct Version {
     /// commit durations. Filled in by the engine; opaque to the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<serde_json::Value>,
+    /// What system it is of (distribution, release, architecture, kernels): filled in by the
+    /// engine; opaque to the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<serde_json::Value>,
     /// Fields written by newer programs, kept as they are.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -152,6 +156,7 @@ mod tests {
             stats: VersionStats::default(),
             program: "sysstate test".into(),
             shadow: Some(serde_json::json!({"provider": "copy"})),
+            system: None,
             extra: Default::default(),
         };
         version.extra.insert("future-field".into(), serde_json::json!(42));

@@ -411,6 +411,7 @@ fn retention_plan(records: &state::State) -> (HostVersions, HostVersions) {
                 stats: VersionStats::default(),
                 program: String::new(),
                 shadow: None,
+                system: None,
                 extra: Default::default(),
             },
         ));

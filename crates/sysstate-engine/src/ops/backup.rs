@@ -242,6 +242,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         tags: request.tags.clone(),
         threads: request.threads,
         shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
+        system: Some(serde_json::to_value(crate::system::SystemInfo::of(&request.root)).expect("records encode")),
         // The version is of the moment the writers were frozen (in tests, by a clock that runs
         // ahead: a machine whose clock was wrong when it backed up).
         time_ns: set.record().frozen_at_ns

@@ -67,6 +67,8 @@ pub struct BackupOptions {
     pub threads: usize,
     /// The shadow copy results to record.
     pub shadow: Option<serde_json::Value>,
+    /// The system it is of, to record.
+    pub system: Option<serde_json::Value>,
     /// The time to record as the version's point in time (ns); 0 means now.
     pub time_ns: i64,
     /// Set from outside (a signal) to stop the backup; it then fails without a version.
@@ -239,6 +241,7 @@ pub fn backup<S: Source>(
         stats,
         program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
         shadow: options.shadow.clone(),
+        system: options.system.clone(),
         extra: Default::default(),
     };
     let id = repo.save_version(&version)?;

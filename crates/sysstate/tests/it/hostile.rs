@@ -66,6 +66,7 @@ fn hostile_version(sandbox: &Sandbox, build: impl FnOnce(&dyn Fn(BlobKind, Vec<u
         stats: VersionStats::default(),
         program: "hostile".into(),
         shadow: None,
+        system: None,
         extra: Default::default(),
     };
     repo.save_version(&version).unwrap().to_hex()
