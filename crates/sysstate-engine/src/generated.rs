@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 /// Where generated outputs appear in a version.
 pub const GENERATED_DIR: &str = "/.sysstate-generated";
 
+/// sysstate's own description of the disk layout, in the `disk-layout` component's folder.
+pub const LAYOUT_FILE: &str = "layout.json";
+
 /// One captured command.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -80,43 +83,28 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
                 run(dir, "rpm-packages.txt", &["rpm", &rpm_root, "-qa"], &mut out);
             }
         }
-        "disk-layout" if live => {
-            run(dir, "lsblk.json", &["lsblk", "-J", "-O"], &mut out);
-            run(dir, "blkid.txt", &["blkid"], &mut out);
-            run(dir, "findmnt.json", &["findmnt", "-J"], &mut out);
-            let disks = sysstate_fs::command("lsblk")
-                .args(["-dnpro", "NAME,TYPE,PTTYPE"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            // Only disks with a partition table: sfdisk fails on the others (zram, whole-disk
-            // filesystems), which is not a problem worth a warning.
-            let partitioned = disks.lines().filter_map(|l| {
-                let fields: Vec<&str> = l.split(' ').collect();
-                (fields.len() == 3 && fields[1] == "disk" && !fields[2].is_empty()).then_some(fields[0])
+        "disk-layout" => {
+            // sysstate's own description, which a recovery reads, for `/` and for `--root`.
+            let layout = crate::layout::describe(root);
+            let written = serde_json::to_vec_pretty(&layout).expect("layouts encode");
+            let status = std::fs::write(dir.join(LAYOUT_FILE), written).map(|_| 0);
+            out.push(Generated {
+                file: LAYOUT_FILE.into(),
+                command: vec!["sysstate".into(), "(disk layout)".into(), root.display().to_string()],
+                status: Some(status.as_ref().map_or(1, |s| *s)),
+                stderr: match status {
+                    Ok(_) => layout.notes.join("; "),
+                    Err(error) => error.to_string(),
+                },
             });
-            for disk in partitioned {
-                let name = disk.trim_start_matches("/dev/").replace('/', "-");
-                run(dir, &format!("sfdisk-{name}.txt"), &["sfdisk", "--dump", disk], &mut out);
-            }
-            if Path::new("/proc/mdstat").exists() && installed("mdadm") {
-                run(dir, "mdadm.txt", &["mdadm", "--detail", "--scan"], &mut out);
-            }
-            if installed("lvm") {
-                run(dir, "lvm.json", &["lvm", "fullreport", "--reportformat", "json"], &mut out);
-            }
-            // A LUKS header lost is the data lost: keep each one's description (keyslots,
-            // cipher, UUID) beside the layout. The header itself is `cryptsetup
-            // luksHeaderBackup`'s job, kept off backups on purpose: it opens with old keys.
-            // blkid probes the devices itself; lsblk's FSTYPE needs udev's database.
-            let devices = sysstate_fs::command("blkid")
-                .args(["-t", "TYPE=crypto_LUKS", "-o", "device"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            for device in devices.lines().filter(|l| l.starts_with("/dev/")) {
-                let name = device.trim_start_matches("/dev/").replace('/', "-");
-                run(dir, &format!("luks-{name}.txt"), &["cryptsetup", "luksDump", device], &mut out);
+            if live {
+                live_disk_layout(dir, &mut out);
+            } else {
+                // The partition tables of the root's disks, as `sfdisk` takes them back.
+                for disk in layout.disks.iter().filter(|d| !d.table.is_empty()) {
+                    let name = disk.device.trim_start_matches("/dev/").replace('/', "-");
+                    run(dir, &format!("sfdisk-{name}.txt"), &["sfdisk", "--dump", &disk.device], &mut out);
+                }
             }
         }
         "bootloader" if live && (Path::new("/sys/firmware/efi").exists() || installed("efibootmgr")) => {
@@ -126,4 +114,46 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
     }
     let _ = std::fs::write(dir.join("commands.json"), serde_json::to_vec_pretty(&out).expect("records encode"));
     out
+}
+
+/// The raw outputs of the running machine's disk tools, beside `layout.json`: what an
+/// administrator reads, and what a layout element sysstate does not describe yet keeps.
+fn live_disk_layout(dir: &Path, out: &mut Vec<Generated>) {
+    run(dir, "lsblk.json", &["lsblk", "-J", "-O"], out);
+    run(dir, "blkid.txt", &["blkid"], out);
+    run(dir, "findmnt.json", &["findmnt", "-J"], out);
+    let disks = sysstate_fs::command("lsblk")
+        .args(["-dnpro", "NAME,TYPE,PTTYPE"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // Only disks with a partition table: sfdisk fails on the others (zram, whole-disk
+    // filesystems), which is not a problem worth a warning.
+    let partitioned = disks.lines().filter_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        (fields.len() == 3 && fields[1] == "disk" && !fields[2].is_empty()).then_some(fields[0])
+    });
+    for disk in partitioned {
+        let name = disk.trim_start_matches("/dev/").replace('/', "-");
+        run(dir, &format!("sfdisk-{name}.txt"), &["sfdisk", "--dump", disk], out);
+    }
+    if Path::new("/proc/mdstat").exists() && installed("mdadm") {
+        run(dir, "mdadm.txt", &["mdadm", "--detail", "--scan"], out);
+    }
+    if installed("lvm") {
+        run(dir, "lvm.json", &["lvm", "fullreport", "--reportformat", "json"], out);
+    }
+    // A LUKS header lost is the data lost: keep each one's description (keyslots,
+    // cipher, UUID) beside the layout. The header itself is `cryptsetup
+    // luksHeaderBackup`'s job, kept off backups on purpose: it opens with old keys.
+    // blkid probes the devices itself; lsblk's FSTYPE needs udev's database.
+    let devices = sysstate_fs::command("blkid")
+        .args(["-t", "TYPE=crypto_LUKS", "-o", "device"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for device in devices.lines().filter(|l| l.starts_with("/dev/")) {
+        let name = device.trim_start_matches("/dev/").replace('/', "-");
+        run(dir, &format!("luks-{name}.txt"), &["cryptsetup", "luksDump", device], out);
+    }
 }

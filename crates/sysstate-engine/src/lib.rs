@@ -14,6 +14,7 @@ mod error;
 pub mod generated;
 pub mod inplace;
 pub mod jobs;
+pub mod layout;
 pub mod locks;
 pub mod ops;
 pub mod paths;

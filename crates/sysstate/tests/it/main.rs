@@ -17,6 +17,7 @@ mod inplace;
 mod locks;
 mod modes;
 mod postgres;
+mod recovery;
 mod roundtrip;
 mod secrets;
 mod shadow;
