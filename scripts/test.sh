@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "Debian packages"
-packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
+packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

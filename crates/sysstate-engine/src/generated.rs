@@ -87,13 +87,13 @@ pub fn generate(component: &str, root: &Path, dir: &Path) -> Vec<Generated> {
             // sysstate's own description, which a recovery reads, for `/` and for `--root`.
             let layout = crate::layout::describe(root);
             let written = serde_json::to_vec_pretty(&layout).expect("layouts encode");
-            let status = std::fs::write(dir.join(LAYOUT_FILE), written).map(|_| 0);
+            let written = std::fs::write(dir.join(LAYOUT_FILE), written);
             out.push(Generated {
                 file: LAYOUT_FILE.into(),
                 command: vec!["sysstate".into(), "(disk layout)".into(), root.display().to_string()],
-                status: Some(status.as_ref().map_or(1, |s| *s)),
-                stderr: match status {
-                    Ok(_) => layout.notes.join("; "),
+                status: Some(if written.is_ok() { 0 } else { 1 }),
+                stderr: match written {
+                    Ok(()) => layout.notes.join("; "),
                     Err(error) => error.to_string(),
                 },
             });

@@ -224,6 +224,13 @@ fn read_sys(path: &Path) -> String {
     std::fs::read_to_string(path).map(|t| t.trim().to_string()).unwrap_or_default()
 }
 
+/// The device numbers of a block device by its sysfs folder (its `dev` file, `MAJOR:MINOR`).
+fn dev_numbers(sys: &Path) -> Option<(u32, u32)> {
+    let text = read_sys(&sys.join("dev"));
+    let (major, minor) = text.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 /// The `/dev` node of a block device by its sysfs folder.
 fn dev_node(sys: &Path) -> Option<String> {
     let uevent = std::fs::read_to_string(sys.join("uevent")).ok()?;
@@ -343,12 +350,7 @@ pub fn describe(root: &Path) -> Layout {
         if real.join("partition").exists() {
             // A partition: its disk is the folder above.
             let disk = real.parent().expect("a partition's folder has a parent");
-            if let (Some(disk_node), Some(numbers)) = (
-                dev_node(disk),
-                read_sys(&disk.join("dev"))
-                    .split_once(':')
-                    .map(|(a, b)| (a.parse().unwrap_or(0), b.parse().unwrap_or(0))),
-            ) {
+            if let (Some(disk_node), Some(numbers)) = (dev_node(disk), dev_numbers(disk)) {
                 disks.insert(disk_node, numbers);
             }
         } else if real.join("dm").exists() || real.join("md").exists() {
@@ -364,11 +366,10 @@ pub fn describe(root: &Path) -> Layout {
             };
             let mut members = Vec::new();
             for slave in std::fs::read_dir(real.join("slaves")).into_iter().flatten().flatten() {
-                let slave_sys = slave.path();
-                if let Some((a, b)) = read_sys(&slave_sys.join("dev")).split_once(':') {
-                    let numbers = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+                let slave_sys = std::fs::canonicalize(slave.path()).unwrap_or_else(|_| slave.path());
+                if let Some(numbers) = dev_numbers(&slave_sys) {
                     pending.push(numbers);
-                    members.push(dev_node(&std::fs::canonicalize(&slave_sys).unwrap_or(slave_sys)).unwrap_or_default());
+                    members.push(dev_node(&slave_sys).unwrap_or_default());
                 }
             }
             layout.stacks.push(Stack { kind: kind.into(), device: node, members });
@@ -484,7 +485,7 @@ mod tests {
     fn fstab_names_a_filesystem_by_uuid_label_partuuid_or_device() {
         let fstab = parse_fstab(
             "# comment\nUUID=ABCD-1234 /boot/efi vfat umask=0077 0 1\nLABEL=root / ext4 errors=remount-ro 0 1\n\
-             PARTUUID=11111111-2222 none swap sw 0 0\n/dev/sdb1 /srv xfs\n",
+             PARTUUID=11111111-2222 none swap sw 0 0\n/dev/sdb1 /srv xfs\nonly-two fields\n\u{0}\n",
         );
         assert_eq!(fstab.len(), 4);
         assert_eq!(fstab[3].options, "defaults");

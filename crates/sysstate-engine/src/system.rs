@@ -1,8 +1,8 @@
 //! What system a version is of: distribution, release, architecture, kernels and host name, read
 //! from the backed-up root itself (its `/etc/os-release`, the ELF header of its `/bin/sh`, its
 //! `/boot`), so a backup with `--root` describes the system under that root and not the machine
-//! that ran it. Recorded in every version's manifest (`system`): a recovery installs that
-//! release, and a restore onto another server refuses a newer release onto an older one.
+//! that ran it. Recorded in every version's manifest (`system`), for a recovery to install
+//! that release and a restore onto another server to compare releases.
 
 use std::path::Path;
 
@@ -51,11 +51,6 @@ impl SystemInfo {
                 .map(|t| t.trim().to_string())
                 .unwrap_or_default(),
         }
-    }
-
-    /// The identity recorded in a version's manifest, when it has one.
-    pub fn of_version(version: &sysstate_repo::version::Version) -> Option<SystemInfo> {
-        version.system.clone().and_then(|value| serde_json::from_value(value).ok())
     }
 }
 
@@ -108,7 +103,7 @@ fn architecture(root: &Path) -> Option<String> {
 }
 
 /// Opens `path` of the system at `root` for reading, its links resolved inside the root.
-pub fn open_in_root(root: &Path, path: &str) -> Option<std::fs::File> {
+fn open_in_root(root: &Path, path: &str) -> Option<std::fs::File> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let dir = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
     let fd =
@@ -157,18 +152,6 @@ fn kernels(root: &Path) -> Vec<String> {
     out
 }
 
-/// Compares two releases of one distribution: `Less` when `a` is older than `b`. Numbered
-/// releases compare number by number (`11` < `12`, `22.04` < `24.04`); `None` when either is
-/// empty or not a number (Debian testing has no `VERSION_ID`), which the caller must treat as
-/// unknown, not as equal.
-pub fn compare_releases(a: &str, b: &str) -> Option<std::cmp::Ordering> {
-    let parse = |text: &str| -> Option<Vec<u64>> {
-        (!text.is_empty()).then_some(())?;
-        text.split('.').map(|part| part.parse().ok()).collect()
-    };
-    Some(parse(a)?.cmp(&parse(b)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +180,11 @@ mod tests {
         std::fs::write(dir.path().join("usr/bin/dash"), &header).unwrap();
         std::os::unix::fs::symlink("dash", dir.path().join("usr/bin/sh")).unwrap();
         std::os::unix::fs::symlink("usr/bin", dir.path().join("bin")).unwrap();
+        assert_eq!(architecture(dir.path()).as_deref(), Some("arm64"));
+        // A link that climbs out of the root stays inside it: `/../../usr/bin/dash` is the
+        // root's own dash, not this machine's.
+        std::fs::remove_file(dir.path().join("usr/bin/sh")).unwrap();
+        std::os::unix::fs::symlink("/../../../usr/bin/dash", dir.path().join("usr/bin/sh")).unwrap();
         assert_eq!(architecture(dir.path()).as_deref(), Some("arm64"));
         // This machine's own.
         let own = architecture(Path::new("/")).unwrap();
@@ -227,15 +215,5 @@ mod tests {
             ("debian", "12", "bookworm")
         );
         assert_eq!(info.running_kernel, None);
-    }
-
-    #[test]
-    fn releases_compare_by_number_and_unknown_is_not_equal() {
-        use std::cmp::Ordering::*;
-        assert_eq!(compare_releases("11", "12"), Some(Less));
-        assert_eq!(compare_releases("24.04", "22.04"), Some(Greater));
-        assert_eq!(compare_releases("12", "12"), Some(Equal));
-        assert_eq!(compare_releases("", "12"), None);
-        assert_eq!(compare_releases("trixie", "12"), None);
     }
 }
