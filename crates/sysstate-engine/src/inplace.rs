@@ -148,7 +148,7 @@ pub struct InPlacePlan {
     /// The report, with every field but the differences already known.
     report: InPlaceReport,
     /// The version's package selection, to write out beside the undo data.
-    selections: Option<PackageSelections>,
+    selections: Option<PackageSelection>,
 }
 
 /// Plans an in-place restore: the version's components against the live root (`packages` as
@@ -530,7 +530,7 @@ fn failpoint_kill_after() -> Option<usize> {
 }
 
 /// Reads a file of the version by its absolute path.
-fn version_file(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Vec<u8>>> {
+pub(crate) fn version_file(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Vec<u8>>> {
     let mut tree = *tree;
     let mut parts = path.trim_start_matches('/').split('/').peekable();
     while let Some(part) = parts.next() {
@@ -550,11 +550,41 @@ fn version_file(repo: &Repository, tree: &Id, path: &str) -> Result<Option<Vec<u
     Ok(None)
 }
 
-/// The version's package selection files, as stored.
+/// A version's package selection, as stored in its generated files.
 #[derive(Debug)]
-struct PackageSelections {
-    selections: Vec<u8>,
-    manual: Option<Vec<u8>>,
+pub(crate) struct PackageSelection {
+    /// `dpkg --get-selections`.
+    pub selections: Vec<u8>,
+    /// `apt-mark showmanual`, when the version has it.
+    pub manual: Option<Vec<u8>>,
+}
+
+impl PackageSelection {
+    /// The packages selected for install (or held).
+    pub fn wanted(&self) -> std::collections::BTreeSet<String> {
+        selected(&String::from_utf8_lossy(&self.selections))
+    }
+}
+
+/// The packages a `dpkg --get-selections` listing selects for install (or holds).
+fn selected(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let (name, state) = (fields.next()?, fields.next()?);
+            (state == "install" || state == "hold").then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// The version's package selection; `None` when it has none.
+pub(crate) fn package_selection(repo: &Repository, manifest: &Version) -> Result<Option<PackageSelection>> {
+    let generated = format!("{}/packages", crate::generated::GENERATED_DIR);
+    let Some(selections) = version_file(repo, &manifest.tree, &format!("{generated}/{SELECTIONS_FILE}"))? else {
+        return Ok(None);
+    };
+    let manual = version_file(repo, &manifest.tree, &format!("{generated}/{MANUAL_FILE}"))?;
+    Ok(Some(PackageSelection { selections, manual }))
 }
 
 /// The package set: the version's selection against the root's, and the commands that
@@ -563,37 +593,26 @@ fn plan_packages(
     repo: &Repository,
     manifest: &Version,
     request: &InPlaceRequest,
-) -> Result<Option<(PackagesReport, PackageSelections)>> {
-    let generated = format!("{}/packages", crate::generated::GENERATED_DIR);
-    let Some(selections) = version_file(repo, &manifest.tree, &format!("{generated}/dpkg-selections.txt"))? else {
-        return Ok(None);
-    };
-    let manual = version_file(repo, &manifest.tree, &format!("{generated}/apt-manual.txt"))?;
-    let installed = |text: &str| -> std::collections::BTreeSet<String> {
-        text.lines()
-            .filter_map(|l| {
-                let mut fields = l.split_whitespace();
-                let (name, state) = (fields.next()?, fields.next()?);
-                (state == "install" || state == "hold").then(|| name.to_string())
-            })
-            .collect()
-    };
-    let wanted = installed(&String::from_utf8_lossy(&selections));
+) -> Result<Option<(PackagesReport, PackageSelection)>> {
+    let Some(selection) = package_selection(repo, manifest)? else { return Ok(None) };
+    let wanted = selection.wanted();
     let admindir = format!("--admindir={}", request.root.join("var/lib/dpkg").display());
     let current = sysstate_fs::command("dpkg")
         .args([admindir.as_str(), "--get-selections"])
         .output()
-        .map(|o| installed(&String::from_utf8_lossy(&o.stdout)))
+        .map(|o| selected(&String::from_utf8_lossy(&o.stdout)))
         .unwrap_or_default();
     let dir = undo_dir(&request.job);
     let chroot =
         if request.root == Path::new("/") { String::new() } else { format!("chroot {} ", request.root.display()) };
     let mut commands = vec![
+        // dpkg takes selections only of packages it knows (apt does not tell it).
+        format!("{chroot}apt-cache dumpavail | {chroot}dpkg --merge-avail"),
         format!("{chroot}dpkg --clear-selections"),
         format!("{chroot}dpkg --set-selections < {}", dir.join(SELECTIONS_FILE).display()),
         format!("{chroot}apt-get -y dselect-upgrade"),
     ];
-    if manual.is_some() {
+    if selection.manual.is_some() {
         commands.push(format!("{chroot}xargs -a {} apt-mark manual", dir.join(MANUAL_FILE).display()));
     }
     let report = PackagesReport {
@@ -603,7 +622,7 @@ fn plan_packages(
         commands,
         applied: false,
     };
-    Ok(Some((report, PackageSelections { selections, manual })))
+    Ok(Some((report, selection)))
 }
 
 const SELECTIONS_FILE: &str = "dpkg-selections.txt";
@@ -611,7 +630,7 @@ const MANUAL_FILE: &str = "apt-manual.txt";
 
 /// Writes the version's selection out beside the job's undo data and, with `apply_packages`,
 /// runs the commands that reconcile the package set.
-fn apply_packages(report: &mut PackagesReport, files: &PackageSelections, request: &InPlaceRequest) -> Result<()> {
+fn apply_packages(report: &mut PackagesReport, files: &PackageSelection, request: &InPlaceRequest) -> Result<()> {
     let dir = undo_dir(&request.job);
     let file = dir.join(SELECTIONS_FILE);
     let io = |e: std::io::Error| {

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod locks;
 pub mod ops;
 pub mod paths;
+pub mod recover;
 pub mod schedule;
 pub mod shadow;
 pub mod source;

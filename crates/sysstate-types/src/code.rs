@@ -165,6 +165,18 @@ error_codes! {
     RestoreDestination = "restore-destination", 1061, Error,
         cause: "the restore's destination cannot be created or written (a file in the way, a read-only or missing mount, no permission)",
         resolution: "choose a destination directory sysstate can create and write, or fix the one named in the message, and run the restore again";
+    RecoverDiskTooSmall = "recover-disk-too-small", 1062, Error,
+        cause: "the disk given to `sysstate recover` is smaller than the partitions the version's layout records",
+        resolution: "recover onto a disk at least as large as the message says (a larger one is fine: the space after the last partition stays free)";
+    ReleaseMismatch = "release-mismatch", 1063, Error,
+        cause: "the system state is of another release than the system it would be applied to: a newer release onto an older one, or a base system of another release than the version's",
+        resolution: "apply it to a machine of the version's release (upgrade the older one first), or recover with a base system of that release";
+    RecoverUnsupported = "recover-unsupported", 1064, Error,
+        cause: "the version's disk layout or system holds something `sysstate recover` cannot rebuild yet (LVM, RAID, LUKS, several disks, btrfs subvolumes, a filesystem with no mkfs here, a system that is not Debian-based, another architecture)",
+        resolution: "rebuild that part by hand, then restore the version's components over it (`sysstate restore --to`); `docs/recovery.md` says what is recreated and what is not";
+    RecoverFailed = "recover-failed", 1065, Error,
+        cause: "a step of the recovery failed: partitioning, a mkfs, the base system, the packages, the restore or the boot loader",
+        resolution: "the message names the step, its command and what it printed; fix the cause (a mirror, a tool missing from the rescue system) and run `sysstate recover --overwrite` again: it starts over from the partitions";
     Internal = "internal", 1099, Error,
         cause: "an unexpected error inside sysstate",
         resolution: "run the command again with `-v`, and report the message and the job log";

@@ -114,6 +114,9 @@ pub enum Command {
     },
     /// Restore a version to an alternate root, or in place.
     Restore(RestoreArgs),
+    /// Rebuild a machine from a version onto a blank disk or disk image: partitions,
+    /// filesystems, base system, packages, system state, boot loader.
+    Recover(RecoverArgs),
     /// Check the repository's structure; with --read-data, every byte.
     Check {
         /// Read, decrypt and verify every blob.
@@ -557,6 +560,34 @@ pub enum KeyCommand {
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The version: `latest` or an id prefix.
+    #[arg(long, default_value = "latest")]
+    pub version: String,
+    /// The blank disk to rebuild onto: a block device (`/dev/sdb`) or a disk image file.
+    #[arg(long)]
+    pub disk: PathBuf,
+    /// Print the plan (partitions, filesystems, base system, packages, components, boot
+    /// loader) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Recover over a disk that holds a partition table or filesystems, destroying them.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// The Debian mirror debootstrap and apt install from.
+    #[arg(long, default_value = sysstate_engine::recover::DEFAULT_MIRROR)]
+    pub mirror: String,
+    /// Install the base system from this debootstrap tarball (`debootstrap --make-tarball`)
+    /// instead of downloading it.
+    #[arg(long, value_name = "FILE")]
+    pub base_tarball: Option<PathBuf>,
+    /// Restore only this component over the new system (repeat for more; default: all of the
+    /// version's but `packages`, which apt installs).
+    #[arg(long = "component", short = 'c')]
+    pub components: Vec<String>,
 }
 
 #[derive(Debug, Args)]

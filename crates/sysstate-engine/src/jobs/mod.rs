@@ -71,6 +71,10 @@ named_enum! {
         RestoreDryRun => "restore-dry-run",
         /// `sysstate restore --undo JOB`.
         Undo => "undo",
+        /// `sysstate recover`.
+        Recover => "recover",
+        /// `sysstate recover --dry-run`: plans, changes nothing.
+        RecoverDryRun => "recover-dry-run",
         /// `sysstate check`.
         Check => "check",
         /// `sysstate forget`.

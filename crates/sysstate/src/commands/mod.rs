@@ -8,6 +8,7 @@ mod help;
 mod jobs;
 mod keys;
 mod read;
+mod recover;
 mod restore;
 mod shadow;
 mod upkeep;
@@ -229,6 +230,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Items { version, components } => read::items(&context, version, components),
         Command::Components => read::components(&context),
         Command::Restore(args) => restore::restore(&context, args),
+        Command::Recover(args) => recover::recover(&context, args),
         Command::Check { read_data, read_data_sample } => {
             upkeep::check(&context, *read_data, read_data_sample.as_deref())
         }
