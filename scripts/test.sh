@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "Debian packages"
-packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
+packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools mtools qemu-system-x86 ovmf kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -55,6 +55,16 @@ if [ ! -e "$minbase.complete" ]; then
   touch "$minbase.complete"
 fi
 export SYSSTATE_TEST_MINBASE="$minbase"
+
+step "a bootable Debian disk image for the recovery boot test (built once, cached; about 2 minutes)"
+boot_image=${SYSSTATE_BOOT_IMAGE_CACHE:-/var/cache/sysstate-test/boot-bookworm.img}
+if [ ! -e "$boot_image" ]; then
+  started=$SECONDS
+  mkdir -p "$(dirname "$boot_image")"
+  scripts/boot-image.sh "$boot_image"
+  echo "built $boot_image in $((SECONDS - started)) s"
+fi
+export SYSSTATE_TEST_BOOT_IMAGE="$boot_image"
 
 step "services"
 eval "$(scripts/services.sh)"

@@ -156,7 +156,19 @@ fn mounts_under(mountinfo: &str, root: &Path) -> Vec<Mount> {
         if !target.starts_with(root) {
             continue;
         }
-        out.push(Mount { device: (major, minor), target, kind: tail[0].to_string(), options: fields[5].to_string() });
+        let mut device = (major, minor);
+        // btrfs gives its mounts an anonymous device (major 0): the block device is the source.
+        if major == 0 {
+            if let Some(source) = tail.get(1).filter(|s| s.starts_with("/dev/")) {
+                use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                if let Ok(meta) = std::fs::metadata(unescape_mount(source)) {
+                    if meta.file_type().is_block_device() {
+                        device = (rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()));
+                    }
+                }
+            }
+        }
+        out.push(Mount { device, target, kind: tail[0].to_string(), options: fields[5].to_string() });
     }
     out
 }

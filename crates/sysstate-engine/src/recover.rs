@@ -566,14 +566,7 @@ pub fn recover(repo: &Repository, request: &RecoverRequest, job: &Job<'_>) -> Re
         return Ok(report);
     }
     let staging = crate::paths::state_dir().join("recover").join(&request.job);
-    let mut run = Execution {
-        job,
-        steps: Vec::new(),
-        warnings: Vec::new(),
-        mounts: Vec::new(),
-        links: Vec::new(),
-        loop_device: None,
-    };
+    let mut run = Execution { job, steps: Vec::new(), warnings: Vec::new(), mounts: Vec::new(), loop_device: None };
     let outcome = run.execute(repo, &id, &report.plan, request, packages.as_ref(), &staging);
     let cleaned = run.clean_up(&staging);
     report.steps = std::mem::take(&mut run.steps);
@@ -590,8 +583,6 @@ struct Execution<'j, 'a> {
     warnings: Vec<String>,
     /// Mounted, in order.
     mounts: Vec<PathBuf>,
-    /// `/dev/disk/by-uuid` links made for GRUB's configuration (no udev on the rescue system).
-    links: Vec<PathBuf>,
     loop_device: Option<String>,
 }
 
@@ -873,16 +864,21 @@ impl Execution<'_, '_> {
                 self.warnings.push(format!("kernel {version} of the version is not installed (the mirror no longer has it): the recovered machine boots the kernel apt installed"));
             }
         }
-        // grub-mkconfig names the root by UUID only where udev would link it.
-        for fs in &plan.filesystems {
-            let Some(node) = devices.get(&fs.partition) else { continue };
-            let link = Path::new("/dev/disk/by-uuid").join(&fs.uuid);
-            if fs.uuid.is_empty() || link.exists() || fs.kind == "vfat" && fs.uuid.len() != 9 {
-                continue;
-            }
-            let _ = std::fs::create_dir_all("/dev/disk/by-uuid");
-            if std::os::unix::fs::symlink(node, &link).is_ok() {
-                self.links.push(link);
+        // grub-mkconfig names the root by UUID only where udev would link it: the new system
+        // gets a /dev/disk of its own (a tmpfs over the bound /dev's) with a link for each new
+        // filesystem, whatever the rescue system's udev (or another recovery) does with its own.
+        let by_uuid = staging.join("dev/disk/by-uuid");
+        let _ = std::fs::create_dir_all(staging.join("dev/disk"));
+        self.mount("boot loader", &["-t", "tmpfs", "-o", "mode=0755"], "tmpfs", &staging.join("dev/disk"))?;
+        std::fs::create_dir_all(&by_uuid).map_err(|e| {
+            EngineError::new(
+                ErrorCode::RecoverFailed,
+                format!("recovery step `boot loader`: cannot make `{}`: {e}", by_uuid.display()),
+            )
+        })?;
+        for fs in plan.filesystems.iter().filter(|f| !f.uuid.is_empty()) {
+            if let Some(node) = devices.get(&fs.partition) {
+                let _ = std::os::unix::fs::symlink(node, by_uuid.join(&fs.uuid));
             }
         }
         // The ESP's files, when it could not be mounted, go in with mtools.
@@ -1009,7 +1005,7 @@ impl Execution<'_, '_> {
         Ok(())
     }
 
-    /// Unmounts everything in reverse order, removes the links made, detaches the loop device.
+    /// Unmounts everything in reverse order and detaches the loop device.
     fn clean_up(&mut self, staging: &Path) -> Result<()> {
         let mut failures = Vec::new();
         let _ = sysstate_fs::command("sync").status();
@@ -1018,9 +1014,6 @@ impl Execution<'_, '_> {
                 failures.push(error.to_string());
                 let _ = sysstate_fs::command("umount").arg("--lazy").arg(&at).status();
             }
-        }
-        for link in self.links.drain(..) {
-            let _ = std::fs::remove_file(link);
         }
         if let Some(device) = self.loop_device.take() {
             let _ = sysstate_fs::command("partx").args(["-d", &device]).status();
