@@ -16,6 +16,7 @@
 use crate::components;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
+use crate::system::SystemInfo;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,8 +46,58 @@ pub struct InPlaceRequest {
     pub dry_run: bool,
     /// Run the package commands.
     pub apply_packages: bool,
+    /// Whose identity the root ends with; `None` when not said (refused onto another machine).
+    pub identity: Option<Identity>,
     /// The job this restore runs as: names the undo folder.
     pub job: String,
+}
+
+/// What identifies a machine, when a version is restored onto another one (`--identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Identity {
+    /// The root takes the version's host name, machine-id, SSH host keys and network
+    /// configuration: it replaces the machine the version is of.
+    Keep,
+    /// The root keeps its own: a clone of the version's system state beside the original.
+    Leave,
+}
+
+/// The files that identify a machine: host name, machine-id, SSH host keys, network
+/// configuration. `--identity leave` restores none of them.
+pub const IDENTITY_PATHS: &[&str] = &[
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/mailname",
+    "/etc/machine-id",
+    "/var/lib/dbus/machine-id",
+    "/etc/ssh/ssh_host_rsa_key",
+    "/etc/ssh/ssh_host_rsa_key.pub",
+    "/etc/ssh/ssh_host_ecdsa_key",
+    "/etc/ssh/ssh_host_ecdsa_key.pub",
+    "/etc/ssh/ssh_host_ed25519_key",
+    "/etc/ssh/ssh_host_ed25519_key.pub",
+    "/etc/ssh/ssh_host_dsa_key",
+    "/etc/ssh/ssh_host_dsa_key.pub",
+    "/etc/network/interfaces",
+    "/etc/network/interfaces.d",
+    "/etc/netplan",
+    "/etc/systemd/network",
+    "/etc/NetworkManager/system-connections",
+    "/etc/resolv.conf",
+    "/etc/udev/rules.d/70-persistent-net.rules",
+];
+
+/// The identity an in-place restore gave the root.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IdentityReport {
+    /// `keep` or `leave`.
+    pub mode: Identity,
+    /// True when the root is another machine than the version's (their machine-ids differ).
+    pub other_machine: bool,
+    /// The identity files left as the root has them (`leave`).
+    pub left: Vec<String>,
 }
 
 /// What an in-place restore found and did.
@@ -65,6 +116,8 @@ pub struct InPlaceReport {
     pub packages: Option<PackagesReport>,
     /// The job to name to `restore --undo`, when something changed.
     pub undo: Option<String>,
+    /// Whose identity the root has now.
+    pub identity: IdentityReport,
     /// Why the repository was read without a lease (read-only, or `--no-lock`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_without_lease: Option<String>,
@@ -161,7 +214,10 @@ pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Res
         request.components.clone()
     };
     let owners = rustix::process::geteuid().is_root();
-    let scope = file_scope(&manifest, &id, &names, config, owners)?;
+    check_release(&manifest, &id, &request.root)?;
+    let identity = identity(repo, &manifest, &id, request)?;
+    let mut scope = file_scope(&manifest, &id, &names, config, owners)?;
+    scope.exclude.extend(identity.left.iter().map(PathBuf::from));
     let plan = if scope.include.is_empty() {
         inplace::Plan::default()
     } else {
@@ -180,6 +236,7 @@ pub fn plan(repo: &Repository, request: &InPlaceRequest, config: &Config) -> Res
         next_boot,
         packages,
         undo: None,
+        identity,
     };
     Ok(InPlacePlan { manifest, plan, owners, report, selections })
 }
@@ -199,6 +256,88 @@ pub fn restore_in_place(repo: &Repository, request: &InPlaceRequest, config: &Co
     let mut report = if request.dry_run { plan.into_report() } else { plan.execute(repo, request, config)? };
     report.read_without_lease = lease.without();
     Ok(report)
+}
+
+/// Refuses a version of a newer release (or of another distribution) than the system at `root`:
+/// its configuration and package set would not fit the older system (as the seed refuses to
+/// restore system state onto an older OS). A version or root that does not say is let through.
+fn check_release(manifest: &Version, id: &Id, root: &Path) -> Result<()> {
+    let Some(recorded) = manifest.system.clone().and_then(|v| serde_json::from_value::<SystemInfo>(v).ok()) else {
+        return Ok(());
+    };
+    let live = SystemInfo::of(root);
+    if recorded.distribution.is_empty() || live.distribution.is_empty() {
+        return Ok(());
+    }
+    let describe = |s: &SystemInfo| match s.codename.is_empty() {
+        true => format!("{} {}", s.distribution, s.release),
+        false => format!("{} {} ({})", s.distribution, s.release, s.codename),
+    };
+    let newer = compare_releases(&recorded.release, &live.release) == std::cmp::Ordering::Greater;
+    if recorded.distribution == live.distribution && !newer {
+        return Ok(());
+    }
+    Err(EngineError::new(
+        ErrorCode::ReleaseMismatch,
+        format!(
+            "version {} is of {} and `{}` is {}: {}",
+            id.short(),
+            describe(&recorded),
+            root.display(),
+            describe(&live),
+            match newer && recorded.distribution == live.distribution {
+                true => "system state of a newer release is not applied onto an older one",
+                false => "system state of one distribution is not applied onto another",
+            }
+        ),
+    )
+    .with_resolution(format!(
+        "upgrade `{}` to {} first, or restore to a folder (`--to DIR`) and take what is needed by hand",
+        root.display(),
+        describe(&recorded)
+    )))
+}
+
+/// Orders two `VERSION_ID`s (`12`, `24.04`, `12.5`) part by part, numbers as numbers; an empty
+/// one (a rolling release) is equal to anything.
+fn compare_releases(a: &str, b: &str) -> std::cmp::Ordering {
+    if a.is_empty() || b.is_empty() {
+        return std::cmp::Ordering::Equal;
+    }
+    let parts = |s: &str| -> Vec<u64> { s.split(['.', '-']).map(|p| p.parse().unwrap_or(0)).collect() };
+    parts(a).cmp(&parts(b))
+}
+
+/// Decides whose identity the root ends with. Onto another machine than the version's (their
+/// machine-ids differ), the choice must be said: a restore that silently turned a clone into
+/// a second copy of a server (same host name, same SSH host keys) is worse than a refusal.
+fn identity(repo: &Repository, manifest: &Version, id: &Id, request: &InPlaceRequest) -> Result<IdentityReport> {
+    let theirs =
+        version_file(repo, &manifest.tree, "/etc/machine-id")?.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let ours = std::fs::read_to_string(request.root.join("etc/machine-id")).ok().map(|t| t.trim().to_string());
+    let other_machine = matches!((&theirs, &ours), (Some(a), Some(b)) if a != b && !a.is_empty() && !b.is_empty());
+    let mode = match (request.identity, other_machine) {
+        (Some(mode), _) => mode,
+        (None, false) => Identity::Keep,
+        (None, true) => {
+            return Err(EngineError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "`{}` is another machine than version {}'s (machine-id {} here, {} in the version): say whose identity it ends with",
+                    request.root.display(),
+                    id.short(),
+                    ours.unwrap_or_default(),
+                    theirs.unwrap_or_default()
+                ),
+            )
+            .with_resolution("`--identity keep` makes it the version's machine (host name, machine-id, SSH host keys, network: a replacement server); `--identity leave` keeps its own (a clone)"))
+        }
+    };
+    let left = match mode {
+        Identity::Keep => Vec::new(),
+        Identity::Leave => IDENTITY_PATHS.iter().map(|p| p.to_string()).collect(),
+    };
+    Ok(IdentityReport { mode, other_machine, left })
 }
 
 /// The paths an in-place restore compares: the components' own, without dpkg's database (the
@@ -660,4 +799,21 @@ fn apply_packages(report: &mut PackagesReport, files: &PackageSelection, request
     }
     report.applied = true;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare_releases;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn releases_compare_part_by_part_as_numbers() {
+        assert_eq!(compare_releases("12", "11"), Greater);
+        assert_eq!(compare_releases("12", "12"), Equal);
+        assert_eq!(compare_releases("9", "10"), Less, "not as text");
+        assert_eq!(compare_releases("24.04", "22.04"), Greater);
+        assert_eq!(compare_releases("22.10", "22.04"), Greater);
+        assert_eq!(compare_releases("12.5", "12"), Greater);
+        assert_eq!(compare_releases("", "12"), Equal, "a rolling release says nothing");
+    }
 }

@@ -611,6 +611,11 @@ pub struct RestoreArgs {
     /// With --in-place: also run the commands that reconcile the package set.
     #[arg(long, requires = "in_place")]
     pub apply_packages: bool,
+    /// With --in-place onto another machine: `keep` gives it the version's host name,
+    /// machine-id, SSH host keys and network configuration (a replacement server); `leave`
+    /// keeps its own (a clone).
+    #[arg(long, requires = "in_place", value_parser = ["keep", "leave"])]
+    pub identity: Option<String>,
     /// Put back what the in-place restore JOB replaced or removed, and remove what it added.
     #[arg(long, value_name = "JOB", conflicts_with_all = ["to", "in_place"])]
     pub undo: Option<String>,

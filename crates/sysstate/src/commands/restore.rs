@@ -5,7 +5,7 @@ use crate::cli::RestoreArgs;
 use crate::output::{bytes, print_json};
 use serde_json::json;
 use std::path::Path;
-use sysstate_engine::inplace::{InPlaceReport, InPlaceRequest};
+use sysstate_engine::inplace::{Identity, InPlaceReport, InPlaceRequest};
 use sysstate_engine::jobs::{JobKind, JobOutput};
 use sysstate_engine::ops::{self, RestoreRequest};
 use sysstate_engine::{EngineError, ErrorCode, Result};
@@ -83,6 +83,10 @@ fn in_place(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
             components: args.components.clone(),
             dry_run: args.dry_run,
             apply_packages: args.apply_packages,
+            identity: args.identity.as_deref().map(|mode| match mode {
+                "leave" => Identity::Leave,
+                _ => Identity::Keep,
+            }),
             job: job.id().to_string(),
         };
         sysstate_engine::inplace::restore_in_place(&context.open(Some(job))?, &request, &context.config)
@@ -113,6 +117,17 @@ fn print_in_place(context: &Context<'_>, root: &Path, report: &InPlaceReport) {
     } else if let Some(job) = &report.undo {
         context.say(format!(
             "restored version {short} in place: {added} added, {changed} changed, {removed} removed; every replaced entry is kept: `sysstate restore --undo {job}` puts them back"
+        ));
+    }
+    if report.identity.mode == Identity::Leave {
+        context.say(format!(
+            "identity: `{}` keeps its own host name, machine-id, SSH host keys and network configuration",
+            root.display()
+        ));
+    } else if report.identity.other_machine {
+        context.say(format!(
+            "identity: `{}` takes the version's host name, machine-id, SSH host keys and network configuration",
+            root.display()
         ));
     }
     for component in &report.next_boot {

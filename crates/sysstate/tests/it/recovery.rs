@@ -458,3 +458,105 @@ fn a_recovery_without_a_component_the_boot_needs_is_caught() {
         assert_ne!(after["efi"], before["efi"], "no fstab, no ESP mounted: {after:?}");
     }
 }
+
+/// A small system root with a machine's identity: host name, machine-id, an SSH host key,
+/// network configuration, and an application's configuration.
+fn server_root(at: &Path, name: &str, machine_id: &str, release: (&str, &str)) {
+    for dir in ["etc/ssh", "etc/network", "bin"] {
+        std::fs::create_dir_all(at.join(dir)).unwrap();
+    }
+    let files = [
+        ("etc/os-release", format!("ID=debian\nVERSION_ID=\"{}\"\nVERSION_CODENAME={}\n", release.0, release.1)),
+        ("etc/hostname", format!("{name}\n")),
+        ("etc/hosts", format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n")),
+        ("etc/machine-id", format!("{machine_id}\n")),
+        ("etc/ssh/ssh_host_ed25519_key", format!("{name}'s private host key\n")),
+        ("etc/ssh/ssh_host_ed25519_key.pub", format!("ssh-ed25519 {name}\n")),
+        ("etc/network/interfaces", format!("# {name}'s network\nauto eth0\n")),
+        ("etc/app.conf", format!("written on {name}\n")),
+    ];
+    for (path, text) in files {
+        std::fs::write(at.join(path), text).unwrap();
+    }
+    std::fs::copy("/bin/sh", at.join("bin/sh")).unwrap();
+}
+
+fn read(root: &Path, path: &str) -> String {
+    std::fs::read_to_string(root.join(path)).unwrap()
+}
+
+/// Restore to another server: onto a machine whose machine-id is not the version's, the
+/// restore asks whose identity the machine ends with; `--identity leave` brings the system
+/// state and keeps the machine's host name, machine-id, SSH host keys and network (a clone),
+/// `--identity keep` makes it the version's machine (a replacement); a version of a newer
+/// release is not applied onto an older system.
+#[test]
+fn a_restore_to_another_server_keeps_or_leaves_its_identity_as_told() {
+    let sandbox = Sandbox::new();
+    let (alpha, beta) = (sandbox.path("alpha"), sandbox.path("beta"));
+    server_root(&alpha, "alpha", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", ("12", "bookworm"));
+    server_root(&beta, "beta", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", ("12", "bookworm"));
+    sandbox.json(&["backup", "--root", alpha.to_str().unwrap(), "--component", "config"], 0);
+    let beta_arg = beta.to_str().unwrap();
+    let before = snapshot(&beta);
+
+    // Not said: refused, nothing changed.
+    let refused = sandbox.run_code(&["restore", "--in-place", "--root", beta_arg, "--component", "config"], 2);
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("another machine") && stderr.contains("--identity keep") && stderr.contains("--identity leave"),
+        "{stderr}"
+    );
+    assert_same(&before, &snapshot(&beta));
+
+    // A clone: the system state, not the identity.
+    let report =
+        sandbox.json(&["restore", "--in-place", "--root", beta_arg, "--component", "config", "--identity", "leave"], 0);
+    assert_eq!(report["identity"]["mode"], "leave", "{report:#}");
+    assert_eq!(report["identity"]["other-machine"], true);
+    assert_eq!(read(&beta, "etc/app.conf"), "written on alpha\n");
+    assert_eq!(read(&beta, "etc/hostname"), "beta\n");
+    assert_eq!(read(&beta, "etc/hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\tbeta\n");
+    assert_eq!(read(&beta, "etc/machine-id"), "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\n");
+    assert_eq!(read(&beta, "etc/ssh/ssh_host_ed25519_key"), "beta's private host key\n");
+    assert_eq!(read(&beta, "etc/ssh/ssh_host_ed25519_key.pub"), "ssh-ed25519 beta\n");
+    assert_eq!(read(&beta, "etc/network/interfaces"), "# beta's network\nauto eth0\n");
+    let changed: Vec<&str> =
+        report["differences"].as_array().unwrap().iter().map(|d| d["path"].as_str().unwrap()).collect();
+    assert!(changed.iter().all(|p| !p.contains("hostname") && !p.contains("ssh_host")), "{changed:?}");
+    sandbox.ok(&["restore", "--undo", report["undo"].as_str().unwrap(), "--root", beta_arg]);
+    assert_same(&before, &snapshot(&beta));
+
+    // A replacement: the version's machine.
+    let report =
+        sandbox.json(&["restore", "--in-place", "--root", beta_arg, "--component", "config", "--identity", "keep"], 0);
+    assert_eq!(report["identity"]["mode"], "keep");
+    for path in [
+        "etc/app.conf",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/machine-id",
+        "etc/ssh/ssh_host_ed25519_key",
+        "etc/network/interfaces",
+    ] {
+        assert_eq!(read(&beta, path), read(&alpha, path), "{path}");
+    }
+    sandbox.ok(&["restore", "--undo", report["undo"].as_str().unwrap(), "--root", beta_arg]);
+
+    // A newer release onto an older one: refused, named, nothing changed.
+    std::fs::write(beta.join("etc/os-release"), "ID=debian\nVERSION_ID=\"11\"\nVERSION_CODENAME=bullseye\n").unwrap();
+    let before = snapshot(&beta);
+    let refused = sandbox.run_code(&["restore", "--in-place", "--root", beta_arg, "--identity", "keep"], 2);
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("error[release-mismatch]")
+            && stderr.contains("debian 12 (bookworm)")
+            && stderr.contains("debian 11 (bullseye)"),
+        "{stderr}"
+    );
+    assert_same(&before, &snapshot(&beta));
+    assert_job_failed(&sandbox, "release-mismatch");
+    // An older version onto a newer system is allowed (the dry run shows what it would do).
+    std::fs::write(beta.join("etc/os-release"), "ID=debian\nVERSION_ID=\"13\"\nVERSION_CODENAME=trixie\n").unwrap();
+    sandbox.json(&["restore", "--in-place", "--root", beta_arg, "--identity", "keep", "--dry-run"], 0);
+}
