@@ -251,7 +251,7 @@ fn dev_node(sys: &Path) -> Option<String> {
 
 /// `blkid -p -o export DEVICE` as a map: empty when it finds nothing; a note when it could not
 /// probe (a device it may not read).
-fn probe(device: &str, notes: &mut Vec<String>) -> BTreeMap<String, String> {
+pub(crate) fn probe(device: &str, notes: &mut Vec<String>) -> BTreeMap<String, String> {
     let output = sysstate_fs::command("blkid").args(["-p", "-o", "export", device]).env("LC_ALL", "C").output();
     let output = match output {
         Ok(output) => output,

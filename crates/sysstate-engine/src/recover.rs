@@ -214,19 +214,13 @@ pub fn examine_disk(path: &Path) -> Result<TargetDisk> {
     } else {
         return Err(destination("it is neither a block device nor a disk image file".into()));
     };
-    let probe = sysstate_fs::command("blkid").args(["-p", "-o", "export"]).arg(path).env("LC_ALL", "C").output();
-    let found: BTreeMap<String, String> = probe
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect()
-        })
-        .unwrap_or_default();
+    // What cannot be probed is not taken for blank.
+    let mut unreadable = Vec::new();
+    let found = crate::layout::probe(&shown, &mut unreadable);
     let holds = match (found.get("PTTYPE"), found.get("TYPE")) {
         (Some(table), _) => format!("a {table} partition table"),
         (None, Some(kind)) => format!("a {kind} filesystem"),
+        (None, None) if !unreadable.is_empty() => format!("what blkid could not read ({})", unreadable.join("; ")),
         (None, None) => String::new(),
     };
     Ok(TargetDisk { path: shown, size_bytes, sector_size, image, holds })

@@ -176,32 +176,24 @@ fn a_base_tarball_of_another_release_is_refused() {
     let dir = std::env::temp_dir().join(format!("sysstate-tarball-{}", std::process::id()));
     let lists = dir.join("tree/var/lib/apt/lists");
     std::fs::create_dir_all(&lists).unwrap();
-    std::fs::write(lists.join("deb.debian.org_debian_dists_trixie_Release"), "Suite: testing\n").unwrap();
     let tarball = dir.join("base.tgz");
-    let status = std::process::Command::new("tar")
-        .arg("-czf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(dir.join("tree"))
-        .arg("./var")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // A tarball as debootstrap makes it, with apt lists of these releases.
+    let make = |releases: &[&str]| {
+        for release in releases {
+            std::fs::write(lists.join(format!("deb.debian.org_debian_dists_{release}_Release")), "Suite: x\n").unwrap();
+        }
+        let _ = std::fs::remove_file(&tarball);
+        let mut tar = std::process::Command::new("tar");
+        tar.arg("-czf").arg(&tarball).arg("-C").arg(dir.join("tree")).arg("./var");
+        assert!(tar.status().unwrap().success());
+    };
+    make(&["trixie"]);
     let request = RecoverRequest { base_tarball: Some(tarball.clone()), ..request() };
     let error = refusal(&layout(), &system(), blank(4 << 30), &request);
     assert_eq!(error.code, ErrorCode::ReleaseMismatch);
     assert!(error.to_string().contains("is of `trixie`"), "{error}");
     assert!(error.to_string().contains("`bookworm`"), "{error}");
-    std::fs::write(lists.join("deb.debian.org_debian_dists_bookworm_Release"), "Suite: stable\n").unwrap();
-    std::fs::remove_file(&tarball).unwrap();
-    let status = std::process::Command::new("tar")
-        .arg("-czf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(dir.join("tree"))
-        .arg("./var")
-        .status();
-    assert!(status.unwrap().success());
+    make(&["bookworm"]);
     plan("v", &layout(), &system(), blank(4 << 30), &request, "amd64").unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
