@@ -116,12 +116,29 @@ impl Schedule {
     }
 }
 
+/// A string, or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match serde::Deserialize::deserialize(deserializer).map_err(|_: D::Error| {
+        serde::de::Error::custom("`backup` takes a time of day or calendar expression, or a list of them")
+    })? {
+        OneOrMany::One(one) => Ok(vec![one]),
+        OneOrMany::Many(many) => Ok(many),
+    }
+}
+
 /// `[schedule]` in the config.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ScheduleSection {
-    /// Backup times: times of day (`"02:00"`, up to three) or calendar expressions.
-    #[serde(default)]
+    /// Backup times: times of day (`"02:00"`, up to three) or calendar expressions; one may be
+    /// written without the brackets (`backup = "02:00"`), as `prune` and `check` are.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub backup: Vec<String>,
     /// The weekdays the backup times apply to (`["sun", "wed"]`); every day when absent.
     #[serde(default)]
@@ -226,6 +243,15 @@ mod tests {
 
     fn at(h: u32, m: u32, s: u32) -> DateTime<Local> {
         Local.with_ymd_and_hms(2026, 12, 2, h, m, s).unwrap() // a Wednesday
+    }
+
+    #[test]
+    fn one_backup_time_needs_no_brackets() {
+        let section = |text: &str| toml::from_str::<ScheduleSection>(text);
+        assert_eq!(section("backup = \"* * * * *\"").unwrap().backup, ["* * * * *"]);
+        assert_eq!(section("backup = [\"02:00\", \"14:00\"]").unwrap().backup, ["02:00", "14:00"]);
+        let error = section("backup = 2").unwrap_err().to_string();
+        assert!(error.contains("a time of day or calendar expression, or a list of them"), "{error}");
     }
 
     #[test]

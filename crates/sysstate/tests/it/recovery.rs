@@ -423,16 +423,73 @@ fn a_recovered_machine_boots_like_the_original() {
     let (_, before) = original(&sandbox, &cached);
     let (recovered, report) = recover_onto(&sandbox, &cached, "recovered.img", &[]);
     assert_eq!(report["warnings"], serde_json::json!([]), "{report:#}");
+    install_agent(&sandbox, &recovered);
     let log = sandbox.path("recovered.console");
-    let (after, seconds) = boot(&recovered, &log, 300);
+    // Under TCG the agent's first backup takes about two minutes of the boot.
+    let (after, seconds) = boot(&recovered, &log, 660);
     let after = after.unwrap_or_else(|| {
         panic!(
             "the RECOVERED image printed no marker in {seconds:.0} s (the original did); its console ends:\n{}",
             tail(&log)
         )
     });
-    eprintln!("the recovered machine booted to its marker in {seconds:.1} s: {after:?}");
+    eprintln!("the recovered machine booted to its marker and ran its agent in {seconds:.1} s: {after:?}");
     assert_eq!(after, before, "the recovered machine differs from the original");
+
+    // The agent under the recovered machine's own systemd (PID 1): its scheduled backup.
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let line = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("SYSSTATE-AGENT "))
+        .unwrap_or_else(|| panic!("the recovered machine's agent reported no job; its console ends:\n{}", tail(&log)));
+    let jobs: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let job = &jobs[0];
+    assert_eq!((job["kind"].as_str(), job["trigger"].as_str()), (Some("backup"), Some("schedule")), "{job:#}");
+    assert_eq!(job["state"], "succeeded", "the agent's scheduled backup on the recovered machine: {job:#}");
+}
+
+/// The marker unit's addition on the recovered machine: wait until the agent's first job has
+/// ended, print it on the console, then power off.
+const AGENT_MARKER_UNIT: &str = "[Service]
+TimeoutStartSec=infinity
+ExecStartPost=
+ExecStartPost=/usr/local/sbin/sysstate-agent-marker
+ExecStartPost=/bin/systemctl --no-block poweroff
+";
+const AGENT_MARKER: &str = r#"#!/bin/sh
+for i in $(seq 180); do
+  sysstate job --previous 1 --json 2>/dev/null | grep -q '"ended": *"' && break
+  sleep 3
+done
+journalctl -u sysstate-agent --no-pager | tail -20
+echo "SYSSTATE-AGENT $(sysstate job --previous 1 --json | tr -d '\n')"
+"#;
+
+/// Installs sysstate and its agent into the recovered image (the unit of `dist/systemd`,
+/// enabled; a config that backs up every minute), and makes the image's marker unit wait for the
+/// agent's first job before powering off ([`AGENT_MARKER`]).
+fn install_agent(sandbox: &Sandbox, image: &Path) {
+    let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
+    let mut disk = DiskImage { device, mounts: Vec::new() };
+    let _ = Command::new("partx").args(["-a", &disk.device]).status();
+    let root = sandbox.path("recovered-root");
+    disk.mount(3, &root);
+    run("strip", &["-o", root.join("usr/bin/sysstate").to_str().unwrap(), env!("CARGO_BIN_EXE_sysstate")]);
+    let units = root.join("etc/systemd/system");
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../../dist/systemd/sysstate-agent.service");
+    std::fs::copy(unit, units.join("sysstate-agent.service")).unwrap();
+    std::fs::create_dir_all(units.join("multi-user.target.wants")).unwrap();
+    let wanted = units.join("multi-user.target.wants/sysstate-agent.service");
+    std::os::unix::fs::symlink("../sysstate-agent.service", wanted).unwrap();
+    std::fs::create_dir_all(root.join("etc/sysstate")).unwrap();
+    std::fs::create_dir_all(root.join("var/backups")).unwrap();
+    std::fs::write(root.join("etc/sysstate/config.toml"), "[schedule]\nbackup = \"* * * * *\"\n").unwrap();
+    std::fs::create_dir_all(units.join("sysstate-marker.service.d")).unwrap();
+    std::fs::write(units.join("sysstate-marker.service.d/agent.conf"), AGENT_MARKER_UNIT).unwrap();
+    let script = root.join("usr/local/sbin/sysstate-agent-marker");
+    std::fs::create_dir_all(script.parent().unwrap()).unwrap();
+    std::fs::write(&script, AGENT_MARKER).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 /// The boot test can fail: a recovery that leaves out `disk-layout` (the machine's fstab)
