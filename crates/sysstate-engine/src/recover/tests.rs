@@ -183,7 +183,7 @@ fn a_base_tarball_of_another_release_is_refused() {
             std::fs::write(lists.join(format!("deb.debian.org_debian_dists_{release}_Release")), "Suite: x\n").unwrap();
         }
         let _ = std::fs::remove_file(&tarball);
-        let mut tar = std::process::Command::new("tar");
+        let mut tar = sysstate_fs::command("tar");
         tar.arg("-czf").arg(&tarball).arg("-C").arg(dir.join("tree")).arg("./var");
         assert!(tar.status().unwrap().success());
     };
