@@ -31,6 +31,15 @@ impl DiskImage {
         disk
     }
 
+    /// An existing disk image, attached.
+    fn open(image: &Path) -> DiskImage {
+        let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
+        let disk = DiskImage { device, mounts: Vec::new() };
+        // Without udev the kernel may not have read the table: ask it (an error when it has).
+        let _ = Command::new("partx").args(["-a", &disk.device]).status();
+        disk
+    }
+
     fn partition(&self, number: u32) -> String {
         format!("{}p{number}", self.device)
     }
@@ -361,9 +370,7 @@ fn tail(log: &Path) -> String {
 
 /// Backs up the system on the disk image `image` (its root is partition 3) with `--root`.
 fn back_up_image(sandbox: &Sandbox, image: &Path) {
-    let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
-    let mut disk = DiskImage { device, mounts: Vec::new() };
-    let _ = Command::new("partx").args(["-a", &disk.device]).status();
+    let mut disk = DiskImage::open(image);
     let root = sandbox.path("original-root");
     disk.mount(3, &root);
     sandbox.json(&["backup", "--root", root.to_str().unwrap()], 0);
@@ -480,9 +487,7 @@ echo "SYSSTATE-AGENT $(sysstate job --previous 1 --json | tr -d '\n')"
 /// enabled; a config that backs up every minute), and makes the image's marker unit wait for the
 /// agent's first job before powering off ([`AGENT_MARKER`]).
 fn install_agent(sandbox: &Sandbox, image: &Path) {
-    let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
-    let mut disk = DiskImage { device, mounts: Vec::new() };
-    let _ = Command::new("partx").args(["-a", &disk.device]).status();
+    let mut disk = DiskImage::open(image);
     let root = sandbox.path("recovered-root");
     disk.mount(3, &root);
     run("strip", &["-o", root.join("usr/bin/sysstate").to_str().unwrap(), env!("CARGO_BIN_EXE_sysstate")]);
