@@ -318,6 +318,7 @@ pub fn plan(
             BY_HAND,
         ));
     }
+    check_identifiers(layout)?;
     let disks: Vec<&str> = layout.disks.iter().map(|d| d.device.as_str()).collect();
     let [source] = layout.disks.as_slice() else {
         return Err(unsupported(
@@ -482,6 +483,60 @@ pub fn plan(
         firmware,
         notes,
     })
+}
+
+/// Refuses a layout whose identifiers could not have come from sfdisk and blkid: they go into
+/// sfdisk's script, mkfs's arguments, link names and mount points, so a damaged or hostile
+/// `layout.json` must not inject a line, climb out of the staging root or name a host path.
+fn check_identifiers(layout: &Layout) -> Result<()> {
+    let hex = |s: &str| {
+        let s = s.strip_prefix("0x").unwrap_or(s);
+        s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+    };
+    let refuse = |what: String| {
+        Err(EngineError::new(
+            ErrorCode::RepositoryCorrupt,
+            format!("the version's layout.json has {what}: a recovery cannot be made from it"),
+        )
+        .with_resolution(
+            "recover from another version (`sysstate versions`); `sysstate check --read-data` checks the repository",
+        ))
+    };
+    for disk in &layout.disks {
+        if !hex(&disk.table_id) {
+            return refuse(format!("the table id `{}`, which is not hexadecimal", disk.table_id.escape_debug()));
+        }
+        for p in &disk.partitions {
+            if p.kind.is_empty() || !hex(&p.kind) || !hex(&p.uuid) {
+                return refuse(format!(
+                    "partition {} with type `{}` and GUID `{}`",
+                    p.number,
+                    p.kind.escape_debug(),
+                    p.uuid.escape_debug()
+                ));
+            }
+            if p.name.chars().any(char::is_control) {
+                return refuse(format!("partition {} named `{}`", p.number, p.name.escape_debug()));
+            }
+        }
+    }
+    for fs in &layout.filesystems {
+        if !hex(&fs.uuid) || fs.label.chars().any(char::is_control) {
+            return refuse(format!(
+                "a filesystem with UUID `{}` and label `{}`",
+                fs.uuid.escape_debug(),
+                fs.label.escape_debug()
+            ));
+        }
+        if !fs.mountpoint.is_empty() && (!fs.mountpoint.starts_with('/') || fs.mountpoint.split('/').any(|c| c == ".."))
+        {
+            return refuse(format!(
+                "the mount point `{}`, which is not an absolute path inside the root",
+                fs.mountpoint.escape_debug()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a debootstrap tarball of another release than `codename`: its apt lists name the
@@ -714,7 +769,7 @@ impl Execution<'_, '_> {
             Ok(())
         })?;
         if let Some(selection) = packages {
-            self.step("packages", |this| this.install_packages(staging, request, selection))?;
+            self.step("packages", |this| this.install_packages(staging, request, &plan.system.codename, selection))?;
         }
         let restored = self.step("restore", |this| {
             let restore = RestoreRequest {
@@ -781,6 +836,7 @@ impl Execution<'_, '_> {
         &mut self,
         staging: &Path,
         request: &RecoverRequest,
+        codename: &str,
         selection: &crate::inplace::PackageSelection,
     ) -> Result<()> {
         // No service starts inside the new system while its packages are configured.
@@ -793,11 +849,8 @@ impl Execution<'_, '_> {
         };
         std::fs::write(&policy, "#!/bin/sh\nexit 101\n").map_err(io)?;
         std::fs::set_permissions(&policy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io)?;
-        let codename = request_codename(staging);
-        if let Some(codename) = codename {
-            let sources = format!("deb {} {codename} main\n", request.mirror);
-            std::fs::write(staging.join("etc/apt/sources.list"), sources).map_err(io)?;
-        }
+        let sources = format!("deb {} {} main\n", request.mirror, codename);
+        std::fs::write(staging.join("etc/apt/sources.list"), sources).map_err(io)?;
         run("packages", chroot(staging, "apt-get").args(["update", "-q"]), None)?;
         // dpkg takes selections only of packages it knows: tell it what apt has.
         run("packages", chroot(staging, "sh").args(["-c", "apt-cache dumpavail | dpkg --merge-avail"]), None)?;
@@ -1043,12 +1096,6 @@ fn plan_root_uuid(staging: &Path) -> Result<String> {
         )),
         false => Ok(uuid),
     }
-}
-
-/// The release code name of the system at `root` (its os-release).
-fn request_codename(root: &Path) -> Option<String> {
-    let info = SystemInfo::of(root);
-    (!info.codename.is_empty()).then_some(info.codename)
 }
 
 /// The partitions of the block device `disk` by number, with a device node each (made from

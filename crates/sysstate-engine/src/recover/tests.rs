@@ -197,3 +197,40 @@ fn a_base_tarball_of_another_release_is_refused() {
     plan("v", &layout(), &system(), blank(4 << 30), &request, "amd64").unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_hostile_layout_is_refused_before_its_identifiers_reach_a_command_or_a_path() {
+    let mut injected_type = layout();
+    injected_type.disks[0].partitions[2].kind = "83\nstart=0, size=1".into();
+    let mut climbing_uuid = layout();
+    climbing_uuid.filesystems[0].uuid = "/etc/cron.d/evil".into();
+    let mut climbing_mount = layout();
+    climbing_mount.filesystems[2].mountpoint = "/boot/../../../etc".into();
+    let mut relative_mount = layout();
+    relative_mount.filesystems[2].mountpoint = "boot/efi".into();
+    let mut newline_name = layout();
+    newline_name.disks[0].partitions[0].name = "EFI\"\nlabel: dos".into();
+    let mut table_id = layout();
+    table_id.disks[0].table_id = "X\nunit: bytes".into();
+    for (layout, says) in [
+        (injected_type, "partition 3 with type"),
+        (climbing_uuid, "UUID `/etc/cron.d/evil`"),
+        (climbing_mount, "mount point `/boot/../../../etc`"),
+        (relative_mount, "mount point `boot/efi`"),
+        (newline_name, "partition 1 named"),
+        (table_id, "the table id"),
+    ] {
+        let error = refusal(&layout, &system(), blank(4 << 30), &request());
+        assert_eq!(error.code, ErrorCode::RepositoryCorrupt, "{error}");
+        assert!(error.to_string().contains(says), "`{error}` should say `{says}`");
+    }
+    // What sfdisk and blkid really print passes: a DOS table id, a DOS type, a vfat volume id.
+    let mut dos = layout();
+    dos.disks[0].table = "dos".into();
+    dos.disks[0].table_id = "0x5452574f".into();
+    for p in &mut dos.disks[0].partitions {
+        p.kind = "83".into();
+        p.uuid = String::new();
+    }
+    plan("v", &dos, &system(), blank(4 << 30), &request(), "amd64").unwrap();
+}
