@@ -133,6 +133,9 @@ rm -f "$root/tmp/BOOTX64.EFI" "$root/tmp/early.cfg"
 in_root apt-get clean
 
 for m in dev/pts dev proc sys; do umount "$root/$m"; done
+# Give the blocks apt downloaded into and deleted back to the image file (a loop device turns a
+# discard into a hole): about 600 MB less on the disk of the machine that caches the image.
+fstrim "$root" || true
 umount "$root"
 partx -d "$loop" 2>/dev/null || true
 losetup -d "$loop"

@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "Debian packages"
-packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools mtools qemu-system-x86 ovmf kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
+packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools mtools kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -29,6 +29,13 @@ if [ "${#missing[@]}" -gt 0 ] && ! { command -v node >/dev/null && [ "${missing[
     filtered=(); for p in "${missing[@]}"; do case $p in nodejs|npm) command -v node >/dev/null || filtered+=("$p");; *) filtered+=("$p");; esac; done
     [ "${#filtered[@]}" -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${filtered[@]}"
   }
+fi
+# QEMU for the recovery boot test, without its recommends: they bring a desktop's worth of
+# libraries (GTK, SDL, GStreamer: hundreds of MB of a CI disk) and a qemu-utils that conflicts
+# with a backported one already on the machine.
+if ! dpkg -s qemu-system-x86 ovmf >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 ovmf >/dev/null
 fi
 
 step "Azurite (npm) and the Azure SDK for Python (creates the test container)"
@@ -93,6 +100,8 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     echo "$target: $(grep -E '^Done' "$fuzz_log")"
   done
 )
+# Nothing after this needs the fuzz build (1.2 GB): a CI disk is better spent on the tests.
+rm -rf fuzz/target
 
 step "benchmark harness: a smoke run (checks the harness works; times nothing)"
 cargo build --quiet -p sysstate
@@ -109,11 +118,25 @@ command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
 dist/deb/test.sh
 
 step "cargo test"
+# The disk, before and after: a full disk fails tests far from its cause (the doctor warns of
+# low space, writes fail), so the log says how much there was.
+df -h / "${TMPDIR:-/tmp}" /var/tmp | awk '!seen[$0]++'
 log=$(mktemp)
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
+echo
+df -h / "${TMPDIR:-/tmp}" /var/tmp | awk '!seen[$0]++'
+if [ "$status" != 0 ]; then
+  # Each failed test's first lines, last: where a CI report that keeps only the end shows them.
+  echo
+  echo "why each failed test failed (where it panicked; the whole output is above):"
+  awk '/^---- .* stdout ----$/ { name = $2; shown = -1; print "  " name; next }
+       /^(failures:|successes:)$/ { name = "" }
+       name != "" && shown < 0 && /panicked at/ { shown = 0 }
+       name != "" && shown >= 0 && shown < 12 && NF > 0 { print "    " substr($0, 1, 400); shown++ }' "$log"
+fi
 echo
 echo "sysstate: $passed passed, $failed failed"
 exit "$status"

@@ -786,6 +786,10 @@ impl Execution<'_, '_> {
             Ok(report.stats.files)
         })?;
         self.step("boot loader", |this| this.boot_loader(plan, staging, &disk, &devices, unmounted_esp.as_ref()))?;
+        self.step("trim", |_| {
+            trim(plan, staging);
+            Ok(())
+        })?;
         Ok(restored)
     }
 
@@ -1074,6 +1078,21 @@ impl Execution<'_, '_> {
             false => Err(EngineError::new(ErrorCode::RecoverFailed, failures.join("; ")).with_resolution(
                 "unmount what `findmnt` lists under the state folder's `recover/`, then detach the disk (`losetup -d`)",
             )),
+        }
+    }
+}
+
+/// Discards the free blocks of the new filesystems: apt's downloaded packages, deleted after
+/// installing, would otherwise stay allocated on a thin-provisioned disk or a disk image (a
+/// loop device turns a discard into a hole). A disk without discard is left as it is.
+fn trim(plan: &RecoverPlan, staging: &Path) {
+    for fs in plan.filesystems.iter().filter(|f| f.mountpoint.starts_with('/')) {
+        let at = staging.join(fs.mountpoint.trim_start_matches('/'));
+        let result = sysstate_fs::command("fstrim").arg("--quiet-unsupported").arg(&at).output();
+        match result {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => tracing::info!("fstrim {}: {}", at.display(), String::from_utf8_lossy(&output.stderr).trim()),
+            Err(error) => tracing::info!("fstrim {}: {error}", at.display()),
         }
     }
 }
