@@ -181,6 +181,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     crate::paths::require_private(&crate::paths::state_dir())?;
     let progress: &dyn Progress = job;
     let (resolved, skipped_components) = components::select(&request.config, &request.root, &request.components)?;
+    job.components(&resolved.iter().map(|r| r.component.name.clone()).collect::<Vec<_>>());
     let (selections, records) = selections(&resolved)?;
     let served = crate::shadow::served_components(&request.config);
     // An existing repository opens (the key derivation takes a core for a tenth of a second,

@@ -80,6 +80,9 @@ fn default_components_are_detected_on_a_fake_root() {
         names,
         ["boot", "efi", "config", "accounts", "packages", "bootloader", "disk-layout", "systemd", "cron"]
     );
+    // The job history names what the job covered, not "none" for "the config's".
+    let job = &sandbox.json(&["job", "--previous", "1"], 0)[0];
+    assert_eq!(job["components"], serde_json::json!(names), "{job:#}");
 
     // `boot` leaves the ESP to `efi`, which restores it on its own.
     let to = sandbox.path("boot-only");
