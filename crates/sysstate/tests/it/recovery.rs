@@ -522,16 +522,29 @@ fn install_agent(sandbox: &Sandbox, image: &Path) {
 /// The boot test can fail: a recovery that leaves out `disk-layout` (the machine's fstab)
 /// boots a machine without its ESP mounted, and the comparison says so. (Its swap still comes
 /// up: systemd's gpt-auto-generator finds a swap partition by its GPT type.)
+/// This recovery reads its version from the vault, as a rescue system of a lost machine would:
+/// the host registers, its local repository is copied to the vault, and recover's every read
+/// (layout, system, package selection, files) goes through the vault.
 #[test]
-fn a_recovery_without_a_component_the_boot_needs_is_caught() {
+fn a_recovery_from_the_vault_without_a_component_the_boot_needs_is_caught() {
     let Some(cached) = boot_image() else { return };
     let (sandbox, before) = shared_original(&cached);
+    let vault = crate::vault::Vault::start();
+    let credentials = vault.credentials("lost-machine", "1d");
+    sandbox.ok(&["agent", "register", credentials.to_str().unwrap()]);
+    let vault_url = vault.url();
+    sandbox.ok(&["copy", "--to", &vault_url]);
     let components = ["boot", "efi", "config", "accounts", "bootloader", "systemd", "cron"];
-    let mut extra = Vec::new();
+    let mut extra = vec!["--target", vault_url.as_str()];
     for component in components {
         extra.extend(["--component", component]);
     }
     let (recovered, report) = recover_onto(sandbox, &cached, "without-fstab.img", &extra);
+    // (The other boot test recovers from the same sandbox's local repository meanwhile.)
+    let jobs = sandbox.json(&["job", "--previous", "10"], 0);
+    let from_vault =
+        jobs.as_array().unwrap().iter().find(|j| j["kind"] == "recover" && j["target"] == vault_url.as_str());
+    assert_eq!(from_vault.map(|j| j["state"].clone()), Some(serde_json::json!("succeeded")), "{jobs:#}");
     let _image = RemoveFile(recovered.clone());
     assert!(!report["plan"]["components"].as_array().unwrap().contains(&serde_json::json!("disk-layout")));
     let (after, seconds) = boot(&recovered, &sandbox.path("without-fstab.console"), 240);

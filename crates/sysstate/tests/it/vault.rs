@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A vault serving a folder; stopped when dropped.
-struct Vault {
+pub(crate) struct Vault {
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
     port: u16,
@@ -19,7 +19,7 @@ struct Vault {
 
 impl Vault {
     /// A vault whose storage is a folder of its own.
-    fn start() -> Vault {
+    pub(crate) fn start() -> Vault {
         Vault::start_on(None)
     }
 
@@ -100,7 +100,7 @@ impl Vault {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("vault://127.0.0.1:{}", self.port)
     }
 
@@ -145,7 +145,7 @@ impl Vault {
     }
 
     /// A credentials file for `host`, good for `expires`.
-    fn credentials(&self, host: &str, expires: &str) -> PathBuf {
+    pub(crate) fn credentials(&self, host: &str, expires: &str) -> PathBuf {
         let file = self.dir.path().join(format!("{host}.vault-credentials"));
         let _ = std::fs::remove_file(&file);
         self.ok(&["credentials", "--host", host, "--expires", expires, "--output", file.to_str().unwrap()]);
