@@ -1,16 +1,19 @@
 #!/bin/bash
 # Builds the small bootable Debian the recovery boot test backs up, recovers and boots:
-#   scripts/boot-image.sh IMAGE
-# A 2 GiB GPT disk image (UEFI): an ESP, a swap partition and an ext4 root, with a kernel,
-# systemd and GRUB, a user `tester`, a configuration file whose hash the test compares, and a unit
-# that prints a marker line on the serial console at boot and powers the machine off.
+#   scripts/boot-image.sh IMAGE [uefi|bios]
+# uefi (the default): a 2 GiB GPT disk image with an ESP, a swap partition and an ext4 root.
+# bios: a 2 GiB DOS-labelled disk image with a swap partition and an ext4 root, GRUB in its MBR.
+# Each with a kernel, systemd and GRUB, a user `tester`, a configuration file whose hash the test
+# compares, and a unit that prints a marker line on the serial console at boot and powers off.
 # No vfat mount is needed (containers often lack the module): the ESP is written with mtools.
-# Also writes IMAGE.base.tgz, a debootstrap tarball of the same release: the local cache a
-# recovery installs its base system from.
+# Also writes IMAGE.base.tgz (or SYSSTATE_BOOT_BASE, where two images share it), a debootstrap
+# tarball of the same release: the local cache a recovery installs its base system from.
 # Runs as root; takes 3-6 minutes with a network mirror. Writes IMAGE only when all of it worked.
 set -euo pipefail
 
-image=${1:?usage: boot-image.sh IMAGE}
+image=${1:?usage: boot-image.sh IMAGE [uefi|bios]}
+firmware=${2:-uefi}
+case $firmware in uefi|bios) ;; *) echo "firmware: uefi or bios, not $firmware" >&2; exit 2;; esac
 release=${SYSSTATE_BOOT_RELEASE:-bookworm}
 mirror=${SYSSTATE_MIRROR:-http://deb.debian.org/debian}
 work=$(mktemp -d /var/tmp/sysstate-boot-image.XXXXXX)
@@ -33,27 +36,39 @@ swap_uuid=0b1c3a55-5e55-4a7e-9d0c-5a5e1d000002
 root_uuid=0b1c3a55-5e55-4a7e-9d0c-5a5e1d000003
 
 truncate -s 2G "$work/disk.img"
-sfdisk --quiet "$work/disk.img" <<EOF
+if [ "$firmware" = uefi ]; then
+  sfdisk --quiet "$work/disk.img" <<EOF
 label: gpt
 label-id: 0B1C3A55-5E55-4A7E-9D0C-5A5E1D000000
 size=64MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI system", uuid=0B1C3A55-5E55-4A7E-9D0C-5A5E1D0000E1
 size=64MiB, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F, name="swap", uuid=0B1C3A55-5E55-4A7E-9D0C-5A5E1D0000E2
 type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root", uuid=0B1C3A55-5E55-4A7E-9D0C-5A5E1D0000E3
 EOF
+  swap_part=p2 root_part=p3
+else
+  sfdisk --quiet "$work/disk.img" <<EOF
+label: dos
+label-id: 0x5a5e1d00
+size=64MiB, type=82
+type=83, bootable
+EOF
+  swap_part=p1 root_part=p2
+fi
 loop=$(losetup --find --show "$work/disk.img")
 partx -a "$loop" 2>/dev/null || true
-mkfs.vfat -F 32 -i "$esp_id" -n ESP "${loop}p1" >/dev/null
-mkswap -U "$swap_uuid" -L swap "${loop}p2" >/dev/null
-mkfs.ext4 -q -U "$root_uuid" -L root "${loop}p3"
+if [ "$firmware" = uefi ]; then mkfs.vfat -F 32 -i "$esp_id" -n ESP "${loop}p1" >/dev/null; fi
+mkswap -U "$swap_uuid" -L swap "${loop}${swap_part}" >/dev/null
+mkfs.ext4 -q -U "$root_uuid" -L root "${loop}${root_part}"
 mkdir "$root"
-mount "${loop}p3" "$root"
+mount "${loop}${root_part}" "$root"
 
 # The base system for recoveries, then the image's own system.
-if [ ! -e "$image.base.tgz" ]; then
+base=${SYSSTATE_BOOT_BASE:-$image.base.tgz}
+if [ ! -e "$base" ]; then
   debootstrap --variant=minbase --make-tarball="$work/base.tgz" "$release" "$work/tarball" "$mirror" >/dev/null
-  mv "$work/base.tgz" "$image.base.tgz"
+  mv "$work/base.tgz" "$base"
 fi
-debootstrap --variant=minbase --unpack-tarball="$image.base.tgz" "$release" "$root" "$mirror" >/dev/null
+debootstrap --variant=minbase --unpack-tarball="$base" "$release" "$root" "$mirror" >/dev/null
 
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
@@ -62,15 +77,17 @@ mount -t sysfs sysfs "$root/sys"
 echo "deb $mirror $release main" >"$root/etc/apt/sources.list"
 in_root() { chroot "$root" env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 in_root apt-get update -qq
+grub=grub-efi-amd64-bin
+if [ "$firmware" = bios ]; then grub=grub-pc-bin; fi
 in_root apt-get install -y -qq --no-install-recommends \
-  systemd-sysv udev kmod linux-image-amd64 initramfs-tools grub-efi-amd64-bin grub2-common \
+  systemd-sysv udev kmod linux-image-amd64 initramfs-tools "$grub" grub2-common \
   dosfstools e2fsprogs passwd >/dev/null
 
-cat >"$root/etc/fstab" <<EOF
-UUID=$root_uuid / ext4 errors=remount-ro 0 1
-UUID=${esp_id:0:4}-${esp_id:4:4} /boot/efi vfat umask=0077,nofail 0 1
-UUID=$swap_uuid none swap sw 0 0
-EOF
+{
+  echo "UUID=$root_uuid / ext4 errors=remount-ro 0 1"
+  if [ "$firmware" = uefi ]; then echo "UUID=${esp_id:0:4}-${esp_id:4:4} /boot/efi vfat umask=0077,nofail 0 1"; fi
+  echo "UUID=$swap_uuid none swap sw 0 0"
+} >"$root/etc/fstab"
 echo sysstate-original >"$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tsysstate-original\n' >"$root/etc/hosts"
 in_root useradd --create-home --shell /bin/bash --comment "Recovery test" tester
@@ -96,8 +113,9 @@ in_root systemctl enable sysstate-marker.service >/dev/null 2>&1
 # No getty on the console the marker writes to; nothing waits for a network.
 in_root systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
 
-# GRUB, as `grub-install --removable` lays it out, without mounting the ESP.
-# (/etc/default/grub comes with grub-efi-amd64, whose postinst wants an ESP mounted: written here.)
+# GRUB: for UEFI as `grub-install --removable` lays it out, without mounting the ESP; for BIOS
+# in the MBR. (/etc/default/grub comes with grub-efi-amd64 or grub-pc, whose postinsts want more
+# than a chroot has: written here.)
 cat >"$root/etc/default/grub" <<'EOF'
 GRUB_DEFAULT=0
 GRUB_TIMEOUT=0
@@ -111,25 +129,30 @@ in_root update-initramfs -u -k all >/dev/null
 made_link=
 if [ ! -e "/dev/disk/by-uuid/$root_uuid" ]; then
   mkdir -p /dev/disk/by-uuid
-  ln -s "${loop}p3" "/dev/disk/by-uuid/$root_uuid"
+  ln -s "${loop}${root_part}" "/dev/disk/by-uuid/$root_uuid"
   made_link=/dev/disk/by-uuid/$root_uuid
 fi
-mkdir -p "$root/boot/grub/x86_64-efi"
+mkdir -p "$root/boot/grub"
 in_root update-grub >/dev/null 2>&1 || in_root update-grub
 [ -n "$made_link" ] && rm -f "$made_link"
 grep -q "root=UUID=$root_uuid" "$root/boot/grub/grub.cfg" || { echo "grub.cfg does not name the root by UUID" >&2; exit 1; }
-cp "$root"/usr/lib/grub/x86_64-efi/*.mod "$root"/usr/lib/grub/x86_64-efi/*.lst "$root/boot/grub/x86_64-efi/"
-cat >"$work/early.cfg" <<EOF
+if [ "$firmware" = uefi ]; then
+  mkdir -p "$root/boot/grub/x86_64-efi"
+  cp "$root"/usr/lib/grub/x86_64-efi/*.mod "$root"/usr/lib/grub/x86_64-efi/*.lst "$root/boot/grub/x86_64-efi/"
+  cat >"$work/early.cfg" <<EOF
 search --no-floppy --fs-uuid --set=root $root_uuid
 set prefix=(\$root)/boot/grub
 configfile \$prefix/grub.cfg
 EOF
-cp "$work/early.cfg" "$root/tmp/early.cfg"
-in_root grub-mkimage -O x86_64-efi -o /tmp/BOOTX64.EFI -c /tmp/early.cfg -p /boot/grub \
-  part_gpt part_msdos fat ext2 search search_fs_uuid normal configfile linux echo test gzio all_video efi_gop
-mmd -i "${loop}p1" ::/EFI ::/EFI/BOOT
-mcopy -i "${loop}p1" "$root/tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
-rm -f "$root/tmp/BOOTX64.EFI" "$root/tmp/early.cfg"
+  cp "$work/early.cfg" "$root/tmp/early.cfg"
+  in_root grub-mkimage -O x86_64-efi -o /tmp/BOOTX64.EFI -c /tmp/early.cfg -p /boot/grub \
+    part_gpt part_msdos fat ext2 search search_fs_uuid normal configfile linux echo test gzio all_video efi_gop
+  mmd -i "${loop}p1" ::/EFI ::/EFI/BOOT
+  mcopy -i "${loop}p1" "$root/tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+  rm -f "$root/tmp/BOOTX64.EFI" "$root/tmp/early.cfg"
+else
+  in_root grub-install --target=i386-pc "$loop"
+fi
 in_root apt-get clean
 
 for m in dev/pts dev proc sys; do umount "$root/$m"; done

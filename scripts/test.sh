@@ -63,15 +63,21 @@ if [ ! -e "$minbase.complete" ]; then
 fi
 export SYSSTATE_TEST_MINBASE="$minbase"
 
-step "a bootable Debian disk image for the recovery boot test (built once, cached; about 2 minutes)"
+step "bootable Debian disk images for the recovery boot tests, UEFI and BIOS (built once, cached; about 2 minutes each)"
 boot_image=${SYSSTATE_BOOT_IMAGE_CACHE:-/var/cache/sysstate-test/boot-bookworm.img}
-if [ ! -e "$boot_image" ]; then
-  started=$SECONDS
-  mkdir -p "$(dirname "$boot_image")"
-  scripts/boot-image.sh "$boot_image"
-  echo "built $boot_image in $((SECONDS - started)) s"
-fi
-export SYSSTATE_TEST_BOOT_IMAGE="$boot_image"
+boot_image_bios=${boot_image%.img}-bios.img
+mkdir -p "$(dirname "$boot_image")"
+for firmware in uefi bios; do
+  image=$boot_image
+  [ "$firmware" = uefi ] || image=$boot_image_bios
+  if [ ! -e "$image" ]; then
+    started=$SECONDS
+    # Both are made from one debootstrap tarball, the one recoveries install from.
+    SYSSTATE_BOOT_BASE="$boot_image.base.tgz" scripts/boot-image.sh "$image" "$firmware"
+    echo "built $image in $((SECONDS - started)) s"
+  fi
+done
+export SYSSTATE_TEST_BOOT_IMAGE="$boot_image" SYSSTATE_TEST_BOOT_IMAGE_BIOS="$boot_image_bios"
 
 step "services"
 eval "$(scripts/services.sh)"

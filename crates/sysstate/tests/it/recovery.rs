@@ -325,36 +325,78 @@ impl Drop for RemoveFile {
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
-/// The bootable Debian of `scripts/boot-image.sh` (built once and cached by `scripts/test.sh`),
-/// when it and what boots it are here.
-fn boot_image() -> Option<PathBuf> {
-    let image = std::env::var_os("SYSSTATE_TEST_BOOT_IMAGE").map(PathBuf::from).filter(|p| p.exists());
+/// How a test image boots: the two kinds `scripts/boot-image.sh` builds.
+#[derive(Clone, Copy, PartialEq)]
+enum Firmware {
+    /// GPT: ESP (1), swap (2), root (3); GRUB at the ESP's removable path; OVMF.
+    Uefi,
+    /// DOS label: swap (1), root (2); GRUB in the MBR; SeaBIOS.
+    Bios,
+}
+
+impl Firmware {
+    fn root_partition(self) -> u32 {
+        match self {
+            Firmware::Uefi => 3,
+            Firmware::Bios => 2,
+        }
+    }
+
+    /// The marker's `efi`: the ESP by type and UUID, or nothing mounted.
+    fn esp(self) -> &'static str {
+        match self {
+            Firmware::Uefi => "vfat:5A5E-1D01",
+            Firmware::Bios => "",
+        }
+    }
+}
+
+/// The bootable Debian of `scripts/boot-image.sh` for `firmware` (built once and cached by
+/// `scripts/test.sh`: SYSSTATE_TEST_BOOT_IMAGE, SYSSTATE_TEST_BOOT_IMAGE_BIOS), when it and what
+/// boots it are here.
+fn boot_image(firmware: Firmware) -> Option<PathBuf> {
+    let variable = match firmware {
+        Firmware::Uefi => "SYSSTATE_TEST_BOOT_IMAGE",
+        Firmware::Bios => "SYSSTATE_TEST_BOOT_IMAGE_BIOS",
+    };
+    let image = std::env::var_os(variable).map(PathBuf::from).filter(|p| p.exists());
     let tools = ["/usr/bin/qemu-system-x86_64", OVMF_CODE, OVMF_VARS, "/usr/bin/mcopy", "/usr/sbin/debootstrap"]
         .iter()
         .all(|p| Path::new(p).exists());
-    let here = image.is_some() && tools && is_root() && Path::new("/dev/loop-control").exists();
+    let here =
+        image.is_some() && base_tarball().exists() && tools && is_root() && Path::new("/dev/loop-control").exists();
     require(
-        "the bootable image of scripts/boot-image.sh in SYSSTATE_TEST_BOOT_IMAGE, qemu-system-x86, ovmf, mtools, debootstrap, root",
+        &format!("the bootable image of scripts/boot-image.sh in {variable} and its base tarball, qemu-system-x86, ovmf, mtools, debootstrap, root"),
         here,
     )
     .then(|| image.unwrap())
 }
 
+/// The debootstrap tarball the images were built from, beside the UEFI image: what a recovery
+/// installs its base system from, without a mirror.
+fn base_tarball() -> PathBuf {
+    let image = std::env::var_os("SYSSTATE_TEST_BOOT_IMAGE").unwrap_or_default();
+    PathBuf::from(format!("{}.base.tgz", Path::new(&image).display()))
+}
+
 /// What the image's marker unit printed at boot (`SYSSTATE-MARKER key=value … end`).
 type Marker = std::collections::BTreeMap<String, String>;
 
-/// Boots `image` in QEMU (TCG: no KVM here; UEFI; changes discarded) with its serial console in
-/// `log`, until the machine powers itself off after its marker, or `limit` seconds pass. The
-/// marker, if it came, and the seconds it took.
-fn boot(image: &Path, log: &Path, limit: u64) -> (Option<Marker>, f64) {
-    let vars = log.with_extension("vars");
-    std::fs::copy(OVMF_VARS, &vars).unwrap();
+/// Boots `image` in QEMU (TCG: no KVM here; OVMF for UEFI, QEMU's own SeaBIOS for BIOS;
+/// changes discarded) with its serial console in `log`, until the machine powers itself off
+/// after its marker, or `limit` seconds pass. The marker, if it came, and the seconds it took.
+fn boot(image: &Path, firmware: Firmware, log: &Path, limit: u64) -> (Option<Marker>, f64) {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024", "-no-reboot", "-nic", "none"])
+        .args(["-display", "none", "-monitor", "none", "-serial", &format!("file:{}", log.display())]);
+    if firmware == Firmware::Uefi {
+        let vars = log.with_extension("vars");
+        std::fs::copy(OVMF_VARS, &vars).unwrap();
+        qemu.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
+            .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.display())]);
+    }
     let started = std::time::Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024", "-no-reboot", "-nic", "none"])
-        .args(["-display", "none", "-monitor", "none", "-serial", &format!("file:{}", log.display())])
-        .args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
-        .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.display())])
+    let mut qemu = qemu
         .args(["-drive", &format!("file={},format=raw,if=virtio,snapshot=on", image.display())])
         .stdin(std::process::Stdio::null())
         .spawn()
@@ -378,22 +420,22 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// Backs up the system on the disk image `image` (its root is partition 3) with `--root`.
-fn back_up_image(sandbox: &Sandbox, image: &Path) {
+/// Backs up the system on the disk image `image` with `--root`.
+fn back_up_image(sandbox: &Sandbox, image: &Path, firmware: Firmware) {
     let mut disk = DiskImage::open(image);
     let root = sandbox.path("original-root");
-    disk.mount(3, &root);
+    disk.mount(firmware.root_partition(), &root);
     sandbox.json(&["backup", "--root", root.to_str().unwrap()], 0);
 }
 
 /// The original machine: a copy of the cached image, backed up, and booted for its marker.
-fn original(sandbox: &Sandbox, cached: &Path) -> Marker {
+fn original(sandbox: &Sandbox, cached: &Path, firmware: Firmware) -> Marker {
     let image = sandbox.path("original.img");
     run("cp", &["--sparse=always", cached.to_str().unwrap(), image.to_str().unwrap()]);
     let _image = RemoveFile(image.clone());
-    back_up_image(sandbox, &image);
+    back_up_image(sandbox, &image, firmware);
     let log = sandbox.path("original.console");
-    let (marker, seconds) = boot(&image, &log, 300);
+    let (marker, seconds) = boot(&image, firmware, &log, 300);
     let marker = marker.unwrap_or_else(|| {
         panic!(
             "the ORIGINAL image printed no marker in {seconds:.0} s: the image or QEMU is broken, not the recovery; its console ends:\n{}",
@@ -405,7 +447,7 @@ fn original(sandbox: &Sandbox, cached: &Path) -> Marker {
     assert_eq!(marker["account"], "tester:1000:Recovery_test");
     assert!(marker["packages"].parse::<u32>().unwrap() > 100, "{marker:?}");
     assert_eq!(marker["swap"], "0b1c3a55-5e55-4a7e-9d0c-5a5e1d000002");
-    assert_eq!(marker["efi"], "vfat:5A5E-1D01");
+    assert_eq!(marker["efi"], firmware.esp());
     assert_eq!(marker["config"].len(), 64);
     marker
 }
@@ -416,7 +458,7 @@ fn shared_original(cached: &Path) -> &'static (Sandbox, Marker) {
     static ORIGINAL: std::sync::OnceLock<(Sandbox, Marker)> = std::sync::OnceLock::new();
     ORIGINAL.get_or_init(|| {
         let sandbox = Sandbox::new();
-        let marker = original(&sandbox, cached);
+        let marker = original(&sandbox, cached, Firmware::Uefi);
         (sandbox, marker)
     })
 }
@@ -425,8 +467,8 @@ fn shared_original(cached: &Path) -> &'static (Sandbox, Marker) {
 fn recover_onto(sandbox: &Sandbox, cached: &Path, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
     let image = sandbox.path(name);
     std::fs::File::create(&image).unwrap().set_len(std::fs::metadata(cached).unwrap().len()).unwrap();
-    let tarball = format!("{}.base.tgz", cached.display());
-    let mut args = vec!["recover", "--disk", image.to_str().unwrap(), "--base-tarball", &tarball];
+    let tarball = base_tarball();
+    let mut args = vec!["recover", "--disk", image.to_str().unwrap(), "--base-tarball", tarball.to_str().unwrap()];
     args.extend_from_slice(extra);
     let started = std::time::Instant::now();
     let report = sandbox.json(&args, 0);
@@ -447,7 +489,7 @@ fn recover_onto(sandbox: &Sandbox, cached: &Path, name: &str, extra: &[&str]) ->
 /// installed packages, the swap area and the ESP by their recorded identifiers.
 #[test]
 fn a_recovered_machine_boots_like_the_original() {
-    let Some(cached) = boot_image() else { return };
+    let Some(cached) = boot_image(Firmware::Uefi) else { return };
     let (sandbox, before) = shared_original(&cached);
     let (recovered, report) = recover_onto(sandbox, &cached, "recovered.img", &[]);
     let _image = RemoveFile(recovered.clone());
@@ -455,7 +497,7 @@ fn a_recovered_machine_boots_like_the_original() {
     install_agent(sandbox, &recovered);
     let log = sandbox.path("recovered.console");
     // Under TCG the agent's first backup takes about two minutes of the boot.
-    let (after, seconds) = boot(&recovered, &log, 660);
+    let (after, seconds) = boot(&recovered, Firmware::Uefi, &log, 660);
     let after = after.unwrap_or_else(|| {
         panic!(
             "the RECOVERED image printed no marker in {seconds:.0} s (the original did); its console ends:\n{}",
@@ -527,7 +569,7 @@ fn install_agent(sandbox: &Sandbox, image: &Path) {
 /// (layout, system, package selection, files) goes through the vault.
 #[test]
 fn a_recovery_from_the_vault_without_a_component_the_boot_needs_is_caught() {
-    let Some(cached) = boot_image() else { return };
+    let Some(cached) = boot_image(Firmware::Uefi) else { return };
     let (sandbox, before) = shared_original(&cached);
     let vault = crate::vault::Vault::start();
     let credentials = vault.credentials("lost-machine", "1d");
@@ -540,20 +582,47 @@ fn a_recovery_from_the_vault_without_a_component_the_boot_needs_is_caught() {
         extra.extend(["--component", component]);
     }
     let (recovered, report) = recover_onto(sandbox, &cached, "without-fstab.img", &extra);
+    let _image = RemoveFile(recovered.clone());
     // (The other boot test recovers from the same sandbox's local repository meanwhile.)
     let jobs = sandbox.json(&["job", "--previous", "10"], 0);
     let from_vault =
         jobs.as_array().unwrap().iter().find(|j| j["kind"] == "recover" && j["target"] == vault_url.as_str());
     assert_eq!(from_vault.map(|j| j["state"].clone()), Some(serde_json::json!("succeeded")), "{jobs:#}");
-    let _image = RemoveFile(recovered.clone());
     assert!(!report["plan"]["components"].as_array().unwrap().contains(&serde_json::json!("disk-layout")));
-    let (after, seconds) = boot(&recovered, &sandbox.path("without-fstab.console"), 240);
+    let (after, seconds) = boot(&recovered, Firmware::Uefi, &sandbox.path("without-fstab.console"), 240);
     eprintln!("without its fstab, the recovered machine gave {after:?} in {seconds:.1} s");
     if let Some(after) = after {
         assert_ne!(&after, before, "a recovery without the fstab cannot boot the same machine");
         assert_eq!(after["host"], before["host"], "what was restored is there");
         assert_ne!(after["efi"], before["efi"], "no fstab, no ESP mounted: {after:?}");
     }
+}
+
+/// A BIOS machine on a DOS-labelled disk (swap, root; GRUB in the MBR) is recovered with GRUB
+/// for `i386-pc` written to the new disk, and boots under SeaBIOS to the original's marker.
+#[test]
+fn a_bios_machine_is_recovered_with_grub_in_its_mbr_and_boots_like_the_original() {
+    let Some(cached) = boot_image(Firmware::Bios) else { return };
+    let sandbox = Sandbox::new();
+    let before = original(&sandbox, &cached, Firmware::Bios);
+    let (recovered, report) = recover_onto(&sandbox, &cached, "recovered-bios.img", &[]);
+    let _image = RemoveFile(recovered.clone());
+    let plan = &report["plan"];
+    assert_eq!((plan["firmware"].as_str(), plan["table"].as_str()), (Some("bios"), Some("dos")), "{plan:#}");
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report:#}");
+    let mbr = std::fs::read(&recovered).unwrap();
+    assert_eq!(&mbr[510..512], &[0x55, 0xaa], "a boot sector");
+    assert!(mbr[..440].iter().any(|b| *b != 0), "GRUB's boot code in the MBR");
+    let log = sandbox.path("recovered-bios.console");
+    let (after, seconds) = boot(&recovered, Firmware::Bios, &log, 300);
+    let after = after.unwrap_or_else(|| {
+        panic!(
+            "the RECOVERED BIOS image printed no marker in {seconds:.0} s (the original did); its console ends:\n{}",
+            tail(&log)
+        )
+    });
+    eprintln!("the recovered BIOS machine booted to its marker in {seconds:.1} s");
+    assert_eq!(after, before, "the recovered BIOS machine differs from the original");
 }
 
 /// A small system root with a machine's identity: host name, machine-id, an SSH host key,
