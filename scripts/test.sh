@@ -20,15 +20,14 @@ step "Debian packages"
 packages=(acl attr libcap2-bin btrfs-progs xfsprogs e2fsprogs cryptsetup-bin debootstrap postgresql util-linux fdisk dosfstools mtools kmod python3 systemd prometheus msmtp curl dpkg-dev nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
+  # The machine's own Node.js and npm stand in for Debian's (asking apt for them beside it only
+  # ends in "held broken packages").
+  case $package in nodejs|npm) command -v node >/dev/null && command -v npm >/dev/null && continue;; esac
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
-if [ "${#missing[@]}" -gt 0 ] && ! { command -v node >/dev/null && [ "${missing[*]}" = "nodejs npm" ]; }; then
+if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || {
-    # The machine's own Node.js may stand in for Debian's.
-    filtered=(); for p in "${missing[@]}"; do case $p in nodejs|npm) command -v node >/dev/null || filtered+=("$p");; *) filtered+=("$p");; esac; done
-    [ "${#filtered[@]}" -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${filtered[@]}"
-  }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # QEMU for the recovery boot test, without its recommends: they bring a desktop's worth of
 # libraries (GTK, SDL, GStreamer: hundreds of MB of a CI disk) and a qemu-utils that conflicts
