@@ -256,6 +256,27 @@ fn a_root_on_a_partitioned_disk_records_its_layout_and_system() {
         0,
         "a refused recovery wrote to the disk"
     );
+
+    // A step that fails on the way — a mirror that does not answer, with no base tarball — is
+    // recover-failed naming the step, its command and its last lines, and leaves nothing
+    // mounted or attached.
+    if !require("debootstrap", Path::new("/usr/sbin/debootstrap").exists()) {
+        return;
+    }
+    let failed = sandbox.run_code(&["recover", "--disk", &new, "--mirror", "http://127.0.0.1:9/debian"], 2);
+    let stderr = text(&failed.stderr);
+    assert!(
+        stderr.contains("error[recover-failed]")
+            && stderr.contains("recovery step `base system` failed: `debootstrap ")
+            && stderr.contains("E: Failed getting release file http://127.0.0.1:9/debian"),
+        "{stderr}"
+    );
+    assert_job_failed(&sandbox, "recover-failed");
+    let staging = sandbox.path("state/recover");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(staging.to_str().unwrap()), "left mounted under {}:\n{mounts}", staging.display());
+    let attached = run("losetup", &["-j", &new]);
+    assert!(attached.trim().is_empty(), "the disk is still attached: {attached}");
 }
 
 /// A root on a btrfs subvolume (as Ubuntu installs it): recover does not recreate subvolumes,
