@@ -134,7 +134,8 @@ failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
 echo
 df -h / "${TMPDIR:-/tmp}" /var/tmp | awk '!seen[$0]++'
 if [ "$status" != 0 ]; then
-  # Each failed test's first lines, last: where a CI report that keeps only the end shows them.
+  # Where each failed test panicked, at the very end: a CI report that keeps only the end
+  # still shows why.
   echo
   echo "why each failed test failed (where it panicked; the whole output is above):"
   awk '/^---- .* stdout ----$/ { name = $2; shown = -1; print "  " name; next }

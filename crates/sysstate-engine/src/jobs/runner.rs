@@ -57,7 +57,6 @@ impl Job<'_> {
         &self.id
     }
 
-    /// Says what the job is doing now (`sysstate job` shows it; the job's log keeps it).
     /// Records the components the job covers, once they are resolved.
     pub fn components(&self, names: &[String]) {
         if let Err(error) = self.store.set_components(&self.id, names) {
@@ -65,6 +64,7 @@ impl Job<'_> {
         }
     }
 
+    /// Says what the job is doing now (`sysstate job` shows it; the job's log keeps it).
     pub fn operation(&self, operation: &str) {
         if let Err(error) = self.store.operation(&self.id, operation) {
             tracing::warn!("job {}: cannot record the operation `{operation}`: {}", self.id, error.message);

@@ -259,7 +259,6 @@ impl JobStore {
         }
     }
 
-    /// Sets what a job is doing now.
     /// Records the components a job covers, once resolved (a backup of "the config's
     /// components" is recorded with their names, not as none).
     pub fn set_components(&self, job: &str, components: &[String]) -> Result<()> {
@@ -267,6 +266,7 @@ impl JobStore {
         self.with(|db| db.execute("UPDATE jobs SET components = ?2 WHERE id = ?1", params![job, names])).map(|_| ())
     }
 
+    /// Sets what a job is doing now.
     pub fn operation(&self, job: &str, operation: &str) -> Result<()> {
         self.log(job, operation);
         self.with(|db| {
