@@ -634,6 +634,18 @@ fn a_bios_machine_is_recovered_with_grub_in_its_mbr_and_boots_like_the_original(
     let mbr = std::fs::read(&recovered).unwrap();
     assert_eq!(&mbr[510..512], &[0x55, 0xaa], "a boot sector");
     assert!(mbr[..440].iter().any(|b| *b != 0), "GRUB's boot code in the MBR");
+    // The new filesystems were trimmed: the image file holds what its root uses, not also the
+    // packages apt downloaded and deleted.
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&recovered).unwrap()) * 512;
+    let used: u64 = {
+        let mut disk = DiskImage::open(&recovered);
+        let root = sandbox.path("recovered-bios-root");
+        disk.mount(Firmware::Bios.root_partition(), &root);
+        let df = run("df", &["-B1", "--output=used", root.to_str().unwrap()]);
+        df.lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("df said {df}"))
+    };
+    eprintln!("the recovered BIOS image holds {allocated} bytes for {used} used by its root");
+    assert!(allocated < used + (100 << 20), "{allocated} bytes allocated for {used} used: not trimmed");
     let log = sandbox.path("recovered-bios.console");
     let (after, seconds) = boot(&recovered, Firmware::Bios, &log, 300);
     let after = after.unwrap_or_else(|| {
