@@ -14,6 +14,7 @@
 
 mod coordinator;
 mod error;
+pub mod journal;
 pub mod lock;
 pub mod pressure;
 pub mod provider;

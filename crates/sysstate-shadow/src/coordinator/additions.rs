@@ -64,6 +64,8 @@ pub(super) fn apply_additions(
                             interrupted: &never,
                             previous: None,
                             skip: &[],
+                            changed: None,
+                            forced: &[],
                         })
                         .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;
                 }

@@ -10,6 +10,7 @@ use super::set::ExtraCopy;
 use super::watchdog::{thaw_all, ThawTrigger, Watch};
 use super::{ShadowSetOptions, BASE_COPY};
 use crate::error::{ShadowError, WriterTimeout};
+use crate::journal::{self, Changes, Journal, JournalOptions};
 use crate::pressure::Pressure;
 use crate::provider::{self, Commit, CommitError, CommitRequest, Origin, Provider, ProviderChoice};
 use crate::state::WriterState;
@@ -66,6 +67,13 @@ struct Group<'a> {
     previous: Option<HashMap<PathBuf, Origin>>,
     /// What the copy before the freeze made.
     precopy: Option<Commit>,
+    /// The directories the change journal saw change since the copy before the freeze began
+    /// (absolute, as seen from the root): the commit looks at those only.
+    changed: Option<Vec<PathBuf>>,
+    /// Files the commit copies again whatever their metadata says.
+    forced: Vec<PathBuf>,
+    /// How the commit finds what changed: `journal`, `walk` or `snapshot`, and why it walks.
+    read: (&'static str, Option<String>),
 }
 
 impl Group<'_> {
@@ -85,6 +93,8 @@ impl Group<'_> {
             interrupted: stop,
             previous: self.previous.as_ref(),
             skip: &self.skip,
+            changed: self.changed.as_deref(),
+            forced: &self.forced,
         }
     }
 
@@ -109,9 +119,9 @@ impl Run<'_> {
         let (deleted, room) = self.make_room()?;
         let mut groups = self.plan_groups(room);
         self.write_back();
-        let precopy_ms = self.precopy(&mut groups)?;
+        let (precopy_ms, journal) = self.precopy(&mut groups)?;
         let (freeze_started, frozen_at_ns) = self.freeze()?;
-        let (commits, commit_ms) = self.commit(&groups)?;
+        let (commits, commit_ms) = self.commit(&mut groups, journal.as_ref())?;
         self.check_windows(commit_ms)?;
         let freeze_window_ms = self.watch.window_ms(freeze_started);
         self.post_snapshot(&groups, &commits)?;
@@ -249,6 +259,9 @@ impl Run<'_> {
                     base_bytes,
                     previous,
                     precopy: None,
+                    changed: None,
+                    forced: Vec::new(),
+                    read: ("walk", None),
                 }
             })
             .collect()
@@ -267,13 +280,18 @@ impl Run<'_> {
     }
 
     /// Brings the base copies up to date before the freeze, while everything runs; the commit
-    /// in the freeze then copies only what changed in between. Returns how long it took, ms.
-    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<u64, ShadowError> {
+    /// in the freeze then copies only what changed in between — what the change journal,
+    /// started before, names. Returns how long it took, ms, and the journal.
+    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<(u64, Option<Journal>), ShadowError> {
         if self.copy_id != BASE_COPY {
-            return Ok(0);
+            for group in groups.iter_mut() {
+                group.read = ("walk", Some("a copy kept on its own is made whole in the freeze".into()));
+            }
+            return Ok((0, None));
         }
         self.phase("bringing the base copy up to date");
         let started = Instant::now();
+        let journal = self.start_journal(groups);
         // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
         // by `shadow.commit-timeout`, a first copy of a large tree on a slow filesystem timed
         // out, was thrown away, and left the freeze to copy everything.
@@ -303,7 +321,10 @@ impl Run<'_> {
             None
         });
         match failed {
-            None => Ok(started.elapsed().as_millis() as u64),
+            None => {
+                self.check_coverage(groups, journal.as_ref());
+                Ok((started.elapsed().as_millis() as u64, journal.ok()))
+            }
             Some((_, CommitError::Interrupted)) => Err(self.interrupted()),
             Some((index, CommitError::Budget(bytes) | CommitError::NoSpace(bytes))) => {
                 Err(groups[index].storage.full(groups[index].needed.max(bytes)))
@@ -337,9 +358,11 @@ impl Run<'_> {
 
     /// Each group's provider commits its copy within `shadow.commit-timeout`; then every
     /// writer is thawed, whatever happened. Returns the commits and how long they took, ms.
-    fn commit(&self, groups: &[Group<'_>]) -> Result<(Vec<Commit>, u64), ShadowError> {
+    fn commit(&self, groups: &mut [Group<'_>], journal: Option<&Journal>) -> Result<(Vec<Commit>, u64), ShadowError> {
         self.phase("committing shadow copies");
         let started = Instant::now();
+        self.read_journal(groups, journal);
+        let groups = &*groups;
         let deadline = started + self.options.commit_timeout;
         let committed = self.trigger.with_stop_flag(|stop| {
             if let Some(ms) = sysstate_types::failpoint("COMMIT_DELAY_MS") {
@@ -364,6 +387,91 @@ impl Run<'_> {
         let commits = committed.map_err(|(index, error)| self.commit_failed(&groups[index], error, commit_ms))?;
         self.stop_if_interrupted()?;
         Ok((commits, commit_ms))
+    }
+
+    /// Starts the change journal on every filesystem the base copies are made from, before
+    /// they are brought up to date; each group that cannot use it is told why it walks.
+    fn start_journal(&self, groups: &mut [Group<'_>]) -> Result<Journal, String> {
+        let started = if sysstate_types::failpoint::<u8>("JOURNAL_OFF").is_some() {
+            Err("the change journal is off (SYSSTATE_FAILPOINT_JOURNAL_OFF)".to_string())
+        } else {
+            let root = &self.options.root;
+            let live: Vec<PathBuf> = groups
+                .iter()
+                .flat_map(|g| g.paths.iter())
+                .map(|p| root.join(p.strip_prefix("/").unwrap_or(p)))
+                .filter(|p| p.exists())
+                .chain(std::iter::once(root.clone()))
+                .collect();
+            let live: Vec<&Path> = live.iter().map(PathBuf::as_path).collect();
+            Journal::start(&live, JournalOptions::default())
+                .map_err(|e| format!("the change journal cannot start here (fanotify: {e})"))
+        };
+        if let Err(why) = &started {
+            for group in groups.iter_mut() {
+                group.read = ("walk", Some(why.clone()));
+            }
+        }
+        started
+    }
+
+    /// A group whose copy before the freeze met a filesystem the journal does not watch (one
+    /// mounted below its paths) walks.
+    fn check_coverage(&self, groups: &mut [Group<'_>], journal: Result<&Journal, &String>) {
+        for group in groups.iter_mut() {
+            let Some(precopy) = &group.precopy else {
+                group.read = ("snapshot", None);
+                continue;
+            };
+            let Ok(journal) = journal else { continue };
+            let devices: std::collections::BTreeSet<u64> = precopy.origins.values().map(|o| o.device).collect();
+            if let Some(device) = devices.into_iter().find(|d| !journal.covers(*d)) {
+                let device = format!("{}:{}", rustix::fs::major(device), rustix::fs::minor(device));
+                group.read = ("walk", Some(format!("device {device} below the copied paths is not watched")));
+            } else {
+                group.read = ("journal", None);
+            }
+        }
+    }
+
+    /// In the freeze: what each journaled group's commit looks at — the directories the
+    /// journal named, less what other groups and shadow storage hold — and the files it copies
+    /// again whatever (mapped writable now; copied before the freeze as they changed). A
+    /// journal in doubt makes every group walk.
+    fn read_journal(&self, groups: &mut [Group<'_>], journal: Option<&Journal>) {
+        let Some(journal) = journal else { return };
+        let root = std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone());
+        let changes = journal.take();
+        let live_prefixes: Vec<PathBuf> = groups
+            .iter()
+            .flat_map(|g| g.paths.iter())
+            .map(|p| root.join(p.strip_prefix("/").unwrap_or(p)))
+            .collect();
+        let mapped: Vec<PathBuf> = journal::mapped_for_writing(&live_prefixes)
+            .into_iter()
+            .filter_map(|p| p.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
+            .collect();
+        for group in groups.iter_mut().filter(|g| g.read.0 == "journal") {
+            let changed = match &changes {
+                Changes::Seen(changed) => changed,
+                Changes::Doubt(why) => {
+                    group.read = ("walk", Some(why.clone()));
+                    continue;
+                }
+            };
+            let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
+            let inside = |paths: &[PathBuf]| -> Vec<PathBuf> {
+                paths
+                    .iter()
+                    .filter_map(|d| d.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
+                    .filter(|d| under(d))
+                    .collect()
+            };
+            group.changed = Some(inside(&changed.dirs));
+            let unsettled = group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned());
+            group.forced =
+                mapped.iter().filter(|p| under(p)).cloned().chain(unsettled).chain(inside(&changed.written)).collect();
+        }
     }
 
     /// The error a failed commit of `group` ends the set with.
@@ -488,6 +596,9 @@ impl Run<'_> {
                 provider: meta.provider.clone(),
                 bytes: group.precopied_bytes() + copy.bytes,
                 files: copy.files,
+                read: group.read.0.to_string(),
+                walked_because: group.read.1.clone(),
+                dirs_looked_at: group.changed.as_ref().map(Vec::len),
             });
             if self.copy_id == BASE_COPY {
                 // What was copied in the tick it changed in is copied again next time.

@@ -35,6 +35,16 @@ pub struct CopyRecord {
     pub bytes: u64,
     /// Entries copied in the freeze.
     pub files: u64,
+    /// How the commit in the freeze found what changed since the base copy was brought up to
+    /// date: `journal` (only the directories the change journal named), `walk` (every entry)
+    /// or `snapshot` (nothing to find).
+    pub read: String,
+    /// Why it walked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walked_because: Option<String>,
+    /// With the journal: how many directories it named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirs_looked_at: Option<usize>,
 }
 
 /// What a shadow set did, recorded in the version manifest.

@@ -24,7 +24,9 @@ pub enum Reflink {
 /// With `previous` in the request (the identities a base copy at `dest` was made from), `dest`
 /// is refreshed in place: an entry whose live identity, type, size and mtime are what the base
 /// holds is kept as it is; everything else is copied again, and entries that went away are
-/// removed. The freeze then costs a `stat` of each unchanged file instead of a copy.
+/// removed. The freeze then costs a `stat` of each unchanged file instead of a copy — or, with
+/// the directories the change journal saw change since the base was refreshed
+/// ([`CommitRequest::changed`]), a `stat` of the entries of those directories only.
 #[derive(Debug, Clone, Copy)]
 pub struct CopyProvider {
     /// Whether to clone.
@@ -58,11 +60,20 @@ struct Copier<'a> {
     reflink_works: HashMap<u64, bool>,
     /// Entries whose ctime is later than this (ns since the epoch) are unsettled when copied.
     settled_before_ns: i64,
+    /// Refreshing only what the journal named: `out.origins` starts as the base's, and what is
+    /// removed from the copy is removed from it.
+    incremental: bool,
+    /// Refreshing only what the journal named: (device, inode) of multiply-linked files met or
+    /// removed, whose other names' ctimes changed without an event in their directories.
+    linked: std::collections::HashSet<(u64, u64)>,
+    /// The request's `forced`, relative to the root.
+    forced: std::collections::HashSet<&'a Path>,
 }
 
 /// A commit by copying (or cloning) entries into a mirrored tree.
 fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, CommitError> {
     let (root, dest) = (req.root, req.dest);
+    let incremental = req.changed.is_some() && req.previous.is_some();
     let mut copier = Copier {
         req,
         reflink,
@@ -71,7 +82,13 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         dirs: Vec::new(),
         reflink_works: HashMap::new(),
         settled_before_ns: sysstate_types::time::now_ns() - SETTLED.as_nanos() as i64,
+        incremental,
+        linked: Default::default(),
+        forced: req.forced.iter().map(|f| f.strip_prefix("/").unwrap_or(f)).collect(),
     };
+    if incremental {
+        copier.out.origins = req.previous.cloned().unwrap_or_default();
+    }
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     let mut done: Vec<&Path> = Vec::new();
     for path in req.paths {
@@ -98,13 +115,34 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
             copier.dirs.push((above.clone(), meta));
         }
         match std::fs::symlink_metadata(root.join(relative)) {
+            // The journal names the directories below that changed.
+            Ok(meta) if incremental && copier.same_dir(relative, &meta) => copier.dir_itself(relative, meta),
             Ok(meta) => copier.entry(relative, meta)?,
             // Gone from the live system: a base copy must not keep what it held of it.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => copier.remove(&dest.join(relative))?,
             Err(e) => return Err(CommitError::Io(ShadowError::io(root.join(relative), e))),
         }
     }
+    if let Some(changed) = req.changed.filter(|_| incremental) {
+        for dir in changed {
+            let relative = dir.strip_prefix("/").unwrap_or(dir);
+            if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
+                copier.refresh_dir(relative)?;
+            }
+        }
+        copier.relink()?;
+    }
+    for path in req.forced {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
+            if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
+                copier.entry(relative, meta)?;
+            }
+        }
+    }
     // Folders last, deepest first: creating their entries changed their times.
+    copier.dirs.sort_by(|a, b| a.0.cmp(&b.0));
+    copier.dirs.dedup_by(|a, b| a.0 == b.0);
     for (relative, meta) in copier.dirs.iter().rev() {
         apply_metadata(&root.join(relative), &dest.join(relative), meta)
             .map_err(|e| CommitError::Io(ShadowError::io(dest.join(relative), e)))?;
@@ -114,6 +152,92 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
 }
 
 impl Copier<'_> {
+    /// True when `relative` is in a path copied elsewhere (another group's, shadow storage).
+    fn skipped(&self, relative: &Path) -> bool {
+        self.req.skip.iter().any(|s| relative.starts_with(s.strip_prefix("/").unwrap_or(s)))
+    }
+
+    /// True when the base copy holds `relative` as a directory made from the live directory
+    /// `live` is (the same inode): the journal then says what changed inside it.
+    fn same_dir(&self, relative: &Path, live: &std::fs::Metadata) -> bool {
+        let previous = self.req.previous.and_then(|p| p.get(&Path::new("/").join(relative)));
+        live.is_dir()
+            && previous.is_some_and(|p| (p.device, p.inode) == (live.dev(), live.ino()))
+            && std::fs::symlink_metadata(self.req.dest.join(relative)).is_ok_and(|c| c.is_dir())
+    }
+
+    /// A directory the base holds already: its own metadata now, not its entries.
+    fn dir_itself(&mut self, relative: &Path, meta: std::fs::Metadata) {
+        self.note_origin(relative, &meta);
+        self.dirs.push((relative.to_path_buf(), meta));
+    }
+
+    /// A directory the journal named: its own metadata and each of its entries as they are
+    /// now — entries gone are removed, files compared and copied again when they changed,
+    /// folders new or replaced copied whole; folders the base holds already are entered only
+    /// when the journal named them too.
+    fn refresh_dir(&mut self, relative: &Path) -> Result<(), CommitError> {
+        let source = self.req.root.join(relative);
+        let Ok(meta) = std::fs::symlink_metadata(&source) else { return Ok(()) }; // gone: its parent was named
+        if !meta.is_dir() {
+            return Ok(());
+        }
+        if !self.same_dir(relative, &meta) {
+            // New or replaced since the base: copied whole (its parent was named too).
+            return self.entry(relative, meta);
+        }
+        self.dir_itself(relative, meta);
+        let target = self.req.dest.join(relative);
+        let mut names: Vec<_> = std::fs::read_dir(&source)
+            .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.sort();
+        let gone: Vec<_> = std::fs::read_dir(&target)
+            .map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|name| names.binary_search(name).is_err())
+            .collect();
+        for name in gone {
+            self.remove(&target.join(name))?;
+        }
+        for name in names {
+            let child = relative.join(&name);
+            match std::fs::symlink_metadata(self.req.root.join(&child)) {
+                Ok(child_meta) if self.same_dir(&child, &child_meta) => self.dir_itself(&child, child_meta),
+                Ok(child_meta) => self.entry(&child, child_meta)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CommitError::Io(ShadowError::io(self.req.root.join(&child), e))),
+            }
+        }
+        self.check_limits()
+    }
+
+    /// Every other name of a multiply-linked file met or removed: a link made or removed
+    /// through one name changes the inode's ctime under all of them, with an event only in
+    /// the directory of the name used.
+    fn relink(&mut self) -> Result<(), CommitError> {
+        if self.linked.is_empty() {
+            return Ok(());
+        }
+        let others: Vec<PathBuf> = self
+            .req
+            .previous
+            .into_iter()
+            .flatten()
+            .filter(|(_, origin)| self.linked.contains(&(origin.device, origin.inode)))
+            .map(|(path, _)| path.strip_prefix("/").unwrap_or(path).to_path_buf())
+            .collect();
+        for relative in others {
+            if let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(&relative)) {
+                if meta.is_file() {
+                    self.entry(&relative, meta)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn io_error(&self, path: &Path, error: std::io::Error) -> CommitError {
         if error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
             CommitError::NoSpace(self.out.bytes)
@@ -150,12 +274,31 @@ impl Copier<'_> {
         Ok(())
     }
 
-    /// Removes whatever stands at `target` in the copy, counting the bytes freed.
+    /// Removes whatever stands at `target` in the copy, counting the bytes freed; refreshing
+    /// only what the journal named, forgets the origins of what it held.
     fn remove(&mut self, target: &Path) -> Result<(), CommitError> {
+        if self.incremental {
+            if let Ok(relative) = target.strip_prefix(self.req.dest) {
+                let shown = Path::new("/").join(relative);
+                match std::fs::symlink_metadata(target) {
+                    Ok(meta) if meta.is_dir() => self.out.origins.retain(|path, _| !path.starts_with(&shown)),
+                    Ok(meta) => {
+                        if let Some(origin) = self.out.origins.remove(&shown).filter(|_| meta.nlink() > 1) {
+                            self.linked.insert((origin.device, origin.inode));
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.remove_tree(target)
+    }
+
+    fn remove_tree(&mut self, target: &Path) -> Result<(), CommitError> {
         let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
         if meta.is_dir() {
             for entry in std::fs::read_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?.flatten() {
-                self.remove(&entry.path())?;
+                self.remove_tree(&entry.path())?;
             }
             std::fs::remove_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?;
         } else {
@@ -170,6 +313,9 @@ impl Copier<'_> {
     /// True when the base copy already holds this live entry as it is now.
     fn unchanged(&self, relative: &Path, live: &std::fs::Metadata, copied: &std::fs::Metadata) -> bool {
         let Some(previous) = self.req.previous else { return false };
+        if self.forced.contains(relative) {
+            return false;
+        }
         previous.get(&Path::new("/").join(relative)) == Some(&Origin::of(live))
             && live.file_type() == copied.file_type()
             && (live.is_dir()
@@ -187,6 +333,9 @@ impl Copier<'_> {
         let file_type = meta.file_type();
         let copied = std::fs::symlink_metadata(&target).ok();
         let keep = copied.as_ref().is_some_and(|copied| self.unchanged(relative, &meta, copied));
+        if self.incremental && file_type.is_file() && meta.nlink() > 1 && !keep {
+            self.linked.insert((meta.dev(), meta.ino()));
+        }
         self.note_origin(relative, &meta);
         if file_type.is_dir() {
             // A folder is kept when it is one already; its entries are compared one by one.

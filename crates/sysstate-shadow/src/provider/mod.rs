@@ -197,6 +197,13 @@ pub struct CommitRequest<'a> {
     pub previous: Option<&'a HashMap<PathBuf, Origin>>,
     /// Absolute paths copied elsewhere (another volume's storage): not entered.
     pub skip: &'a [PathBuf],
+    /// Refreshing a base copy that is up to date but for what the change journal saw: the
+    /// directories where something changed since (absolute, as seen from `root`). Only those
+    /// are looked at; `None` looks at every entry.
+    pub changed: Option<&'a [PathBuf]>,
+    /// Files copied again whatever their metadata says (absolute, as seen from `root`): those
+    /// mapped shared and writable, whose writes change neither their times nor the journal.
+    pub forced: &'a [PathBuf],
 }
 
 /// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:

@@ -1,0 +1,499 @@
+//! The change journal: which directories changed on a filesystem since a point, the Linux
+//! counterpart of the NTFS change journal (USN) that Windows' backup reads.
+//!
+//! A [`Journal`] puts a fanotify mark on each whole filesystem it watches
+//! (`FAN_MARK_FILESYSTEM`) and asks the kernel to name, for every change, the directory it
+//! happened in (`FAN_REPORT_DFID_NAME`): an entry created, deleted, moved in or out, a file
+//! written, truncated or closed after writing, an owner, mode, time or extended attribute
+//! changed. A thread reads the events as they come and keeps the set of directories they
+//! named, as file handles (a directory keeps its handle when it moves; its path is looked up
+//! when the set is taken). Memory is bounded: past [`JournalOptions::max_dirs`] directories the
+//! journal stops counting and says so.
+//!
+//! It is never trusted blindly. [`Journal::take`] answers [`Changes::Doubt`] — and its user
+//! falls back to a full walk — when the kernel's queue overflowed, an event came without the
+//! directory it happened in (a link count changed through another name, say), too many
+//! directories changed, or a read failed. Writes through a shared writable mapping produce no
+//! event at all: its user must look at such files itself ([`mapped_for_writing`]).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The events the journal asks for: every change to a directory entry, a file's data or an
+/// inode's metadata, on files and directories.
+const EVENTS: u64 = libc::FAN_CREATE
+    | libc::FAN_DELETE
+    | libc::FAN_MOVED_FROM
+    | libc::FAN_MOVED_TO
+    | libc::FAN_MODIFY
+    | libc::FAN_ATTRIB
+    | libc::FAN_CLOSE_WRITE
+    | libc::FAN_DELETE_SELF
+    | libc::FAN_MOVE_SELF
+    | libc::FAN_ONDIR;
+
+/// How often the reader looks whether it must stop, ms.
+const POLL_MS: i32 = 100;
+
+/// The fixed part of an event (`struct fanotify_event_metadata`).
+const METADATA_LEN: usize = 24;
+
+/// How the journal is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalOptions {
+    /// The most directories and written files the journal remembers; past it,
+    /// [`Changes::Doubt`].
+    pub max_dirs: usize,
+    /// Read events as they come (a thread). Without it only [`Journal::take`] reads, and the
+    /// kernel's queue (16,384 events) overflows when more wait: for the tests.
+    pub reader: bool,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions { max_dirs: 65_536, reader: true }
+    }
+}
+
+/// What changed since the journal started, or why that cannot be known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// What the journal saw.
+    Seen(Changed),
+    /// The journal cannot say: read everything.
+    Doubt(String),
+}
+
+/// What the journal saw change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// The directories where something changed (entries added, removed or moved, a file's data
+    /// or an entry's metadata, or the directory's own), by their path now, sorted; directories
+    /// that no longer exist are left out (their parents are named).
+    pub dirs: Vec<PathBuf>,
+    /// Files closed after writing (by their path now, sorted): a file written through a shared
+    /// mapping made before the journal started may show no other sign, not even in its times.
+    pub written: Vec<PathBuf>,
+}
+
+/// A filesystem the journal watches.
+struct Watched {
+    /// `statfs`'s id of the filesystem, as events carry it.
+    fsid: [i32; 2],
+    /// The device number of its files.
+    device: u64,
+    /// A directory on it, to open handles with.
+    mount: OwnedFd,
+}
+
+/// A directory as events name it: (fsid, handle type, handle bytes).
+type DirKey = ([i32; 2], i32, Vec<u8>);
+
+/// What the reader gathered.
+#[derive(Default)]
+struct Gathered {
+    /// Directories named by events: (fsid, handle type, handle bytes).
+    dirs: HashSet<DirKey>,
+    /// Files closed after writing: their directory and name.
+    written: HashSet<(DirKey, Vec<u8>)>,
+    /// Why the set cannot be trusted, once it cannot.
+    doubt: Option<String>,
+}
+
+/// A change journal over one or more whole filesystems. Dropping it removes its marks.
+pub struct Journal {
+    fd: Arc<OwnedFd>,
+    watched: Arc<Vec<Watched>>,
+    gathered: Arc<Mutex<Gathered>>,
+    max_dirs: usize,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("devices", &self.devices()).finish()
+    }
+}
+
+impl Journal {
+    /// Starts watching the filesystems that hold `paths` (each one once). Needs
+    /// `CAP_SYS_ADMIN`, and filesystems that give file handles (ext4, XFS, btrfs, tmpfs).
+    pub fn start(paths: &[&Path], options: JournalOptions) -> std::io::Result<Journal> {
+        // SAFETY: plain system call; the result is checked.
+        let raw = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK | libc::FAN_REPORT_DFID_NAME,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u32,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut watched: Vec<Watched> = Vec::new();
+        for path in paths {
+            let device = std::fs::metadata(path)?.dev();
+            if watched.iter().any(|w| w.device == device) {
+                continue;
+            }
+            let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+            // SAFETY: `c_path` is a valid C string; the result is checked.
+            let marked = unsafe {
+                libc::fanotify_mark(
+                    fd.as_raw_fd(),
+                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                    EVENTS,
+                    libc::AT_FDCWD,
+                    c_path.as_ptr(),
+                )
+            };
+            if marked < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // `open_by_handle_at` wants a descriptor it can read through (not `O_PATH`).
+            let mount: OwnedFd = std::fs::File::open(path)?.into();
+            watched.push(Watched { fsid: fsid(path)?, device, mount });
+        }
+        let mut journal = Journal {
+            fd: Arc::new(fd),
+            watched: Arc::new(watched),
+            gathered: Arc::default(),
+            max_dirs: options.max_dirs,
+            stop: Arc::default(),
+            reader: None,
+        };
+        if options.reader {
+            let (fd, gathered, stop, max_dirs) =
+                (journal.fd.clone(), journal.gathered.clone(), journal.stop.clone(), journal.max_dirs);
+            journal.reader = Some(
+                std::thread::Builder::new()
+                    .name("sysstate-journal".into())
+                    .spawn(move || read_until_stopped(&fd, &gathered, &stop, max_dirs))?,
+            );
+        }
+        Ok(journal)
+    }
+
+    /// The device numbers of the filesystems watched.
+    pub fn devices(&self) -> Vec<u64> {
+        self.watched.iter().map(|w| w.device).collect()
+    }
+
+    /// True when the journal watches the filesystem of device `device`.
+    pub fn covers(&self, device: u64) -> bool {
+        self.watched.iter().any(|w| w.device == device)
+    }
+
+    /// What changed since the journal started or was last taken, and starts again from now.
+    /// Every change made before the call is in it: the kernel queues an event before the call
+    /// that made the change returns, and this reads the queue to its end.
+    pub fn take(&self) -> Changes {
+        let mut gathered = self.gathered.lock().expect("journal lock");
+        drain(&self.fd, &mut gathered, self.max_dirs);
+        let taken = std::mem::take(&mut *gathered);
+        drop(gathered);
+        if let Some(doubt) = taken.doubt {
+            return Changes::Doubt(doubt);
+        }
+        let mut resolved: std::collections::HashMap<&DirKey, Option<PathBuf>> = Default::default();
+        let mut dirs = Vec::with_capacity(taken.dirs.len());
+        for key in &taken.dirs {
+            let path = self.resolve(key);
+            dirs.extend(path.clone());
+            resolved.insert(key, path);
+        }
+        let mut written: Vec<PathBuf> = taken
+            .written
+            .iter()
+            .filter_map(|(key, name)| {
+                let dir = resolved.get(key)?.as_ref()?;
+                Some(dir.join(std::ffi::OsStr::from_bytes(name)))
+            })
+            .collect();
+        dirs.sort();
+        written.sort();
+        Changes::Seen(Changed { dirs, written })
+    }
+
+    /// The path now of the directory with this handle; `None` when it was deleted.
+    fn resolve(&self, (fsid, handle_type, bytes): &([i32; 2], i32, Vec<u8>)) -> Option<PathBuf> {
+        let watched = self.watched.iter().find(|w| w.fsid == *fsid)?;
+        // `struct file_handle` followed by its bytes, 4-aligned.
+        let mut buffer = vec![0u32; 2 + bytes.len().div_ceil(4)];
+        buffer[0] = bytes.len() as u32;
+        buffer[1] = *handle_type as u32;
+        // SAFETY: the buffer holds 8 + len bytes; copying `len` bytes after the header stays in it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buffer.as_mut_ptr().add(2).cast::<u8>(), bytes.len());
+        }
+        // SAFETY: the buffer is a `struct file_handle` as the kernel wrote it; the result is checked.
+        let raw = unsafe {
+            libc::open_by_handle_at(
+                watched.mount.as_raw_fd(),
+                buffer.as_mut_ptr().cast::<libc::file_handle>(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return None;
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let dir = unsafe { OwnedFd::from_raw_fd(raw) };
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+        // A directory removed while its handle stayed open reads " (deleted)".
+        let deleted = path.as_os_str().as_bytes().ends_with(b" (deleted)") && !path.exists();
+        (!deleted && path.is_absolute()).then_some(path)
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// `statfs`'s filesystem id of `path`, as fanotify reports it.
+fn fsid(path: &Path) -> std::io::Result<[i32; 2]> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `stat` is written by the call before it is read; the result is checked.
+    let stat = unsafe {
+        let mut stat = std::mem::zeroed::<libc::statfs>();
+        if libc::statfs(c_path.as_ptr(), &mut stat) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        stat
+    };
+    // SAFETY: `fsid_t` is two ints.
+    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(stat.f_fsid) })
+}
+
+/// The reader thread: waits for events and gathers them until told to stop.
+fn read_until_stopped(fd: &OwnedFd, gathered: &Mutex<Gathered>, stop: &AtomicBool, max_dirs: usize) {
+    while !stop.load(Ordering::SeqCst) {
+        let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid `pollfd`; the result is checked.
+        if unsafe { libc::poll(&mut poll, 1, POLL_MS) } <= 0 {
+            continue;
+        }
+        drain(fd, &mut gathered.lock().expect("journal lock"), max_dirs);
+    }
+}
+
+/// Reads every event waiting in the queue into `gathered`.
+fn drain(fd: &OwnedFd, gathered: &mut Gathered, max_dirs: usize) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match rustix::io::read(fd, &mut buffer) {
+            Ok(0) => return,
+            Ok(n) => parse(&buffer[..n], gathered, max_dirs),
+            Err(rustix::io::Errno::AGAIN) => return,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => {
+                gathered.doubt.get_or_insert(format!("reading the change journal failed: {error}"));
+                return;
+            }
+        }
+    }
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> usize {
+    u16::from_ne_bytes([bytes[at], bytes[at + 1]]) as usize
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Gathers the events in `bytes` (whole events, as `read` returns them).
+fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
+    let mut at = 0;
+    while at + METADATA_LEN <= bytes.len() {
+        let event_len = u32_at(bytes, at) as usize;
+        let metadata_len = u16_at(bytes, at + 6);
+        let mask = u64::from_ne_bytes(bytes[at + 8..at + 16].try_into().expect("8 bytes"));
+        if event_len < METADATA_LEN || at + event_len > bytes.len() {
+            gathered.doubt.get_or_insert("the change journal read an event it could not parse".into());
+            return;
+        }
+        let event = &bytes[at..at + event_len];
+        at += event_len;
+        if mask & libc::FAN_Q_OVERFLOW != 0 {
+            gathered.doubt.get_or_insert("the change journal's queue overflowed: changes were lost".into());
+            continue;
+        }
+        let mut found_dir = false;
+        let mut info = metadata_len;
+        while info + 4 <= event.len() {
+            let (info_type, info_len) = (event[info], u16_at(event, info + 2));
+            if info_len < 4 || info + info_len > event.len() {
+                break;
+            }
+            let record = &event[info..info + info_len];
+            info += info_len;
+            // header (4) + fsid (8) + handle_bytes (4) + handle_type (4) + handle [+ name]
+            if !matches!(info_type, libc::FAN_EVENT_INFO_TYPE_DFID_NAME | libc::FAN_EVENT_INFO_TYPE_DFID)
+                || record.len() < 20
+            {
+                continue;
+            }
+            let fsid = [u32_at(record, 4) as i32, u32_at(record, 8) as i32];
+            let handle_bytes = u32_at(record, 12) as usize;
+            let handle_type = u32_at(record, 16) as i32;
+            let Some(handle) = record.get(20..20 + handle_bytes) else { continue };
+            found_dir = true;
+            if gathered.doubt.is_some() {
+                continue;
+            }
+            if gathered.dirs.len() + gathered.written.len() >= max_dirs {
+                gathered.doubt = Some(format!("more than {max_dirs} directories and files changed"));
+                gathered.dirs.clear();
+                gathered.written.clear();
+                continue;
+            }
+            let key = (fsid, handle_type, handle.to_vec());
+            if mask & libc::FAN_CLOSE_WRITE != 0 && mask & libc::FAN_ONDIR == 0 {
+                // The name, NUL-terminated, follows the handle.
+                let name = &record[(20 + handle_bytes).min(record.len())..];
+                let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+                if !name.is_empty() && name != b"." {
+                    gathered.written.insert((key.clone(), name.to_vec()));
+                }
+            }
+            gathered.dirs.insert(key);
+        }
+        if !found_dir {
+            gathered.doubt.get_or_insert(format!(
+                "the change journal got an event (mask {mask:#x}) that does not name the directory it happened in"
+            ));
+        }
+    }
+}
+
+/// Files under one of `prefixes` that a process has mapped shared and writable: writes through
+/// such a mapping reach the file without any event, so a journal cannot see them (from
+/// `/proc/PID/maps`).
+pub fn mapped_for_writing(prefixes: &[PathBuf]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else { return found };
+    for process in processes.flatten() {
+        if !process.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(maps) = std::fs::read(process.path().join("maps")) else { continue };
+        for line in maps.split(|b| *b == b'\n') {
+            // address perms offset dev inode path
+            let mut fields = line.splitn(6, |b| *b == b' ');
+            let (Some(_), Some(perms)) = (fields.next(), fields.next()) else { continue };
+            if perms.len() < 4 || perms[1] != b'w' || perms[3] != b's' {
+                continue;
+            }
+            let Some(rest) = fields.nth(3) else { continue };
+            let path = Path::new(std::ffi::OsStr::from_bytes(rest.trim_ascii_start()));
+            if path.is_absolute() && prefixes.iter().any(|p| path.starts_with(p)) && !found.iter().any(|f| f == path) {
+                found.push(path.to_path_buf());
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(changes: Changes) -> Vec<PathBuf> {
+        match changes {
+            Changes::Seen(changed) => changed.dirs,
+            Changes::Doubt(why) => panic!("the journal doubts: {why}"),
+        }
+    }
+
+    #[test]
+    fn the_journal_names_the_directories_where_things_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["a/b", "c", "d/e", "f"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("a/b/file"), "one").unwrap();
+        std::fs::write(root.join("c/file"), "one").unwrap();
+        std::fs::write(root.join("f/file"), "one").unwrap();
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        assert!(journal.covers(std::fs::metadata(&root).unwrap().dev()));
+        std::fs::write(root.join("a/b/file"), "two").unwrap(); // data
+        std::fs::rename(root.join("d/e"), root.join("c/e")).unwrap(); // a directory moved
+        std::fs::set_permissions(root.join("f"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let changed = dirs(journal.take());
+        let under: Vec<_> = changed.iter().filter(|p| p.starts_with(&root)).cloned().collect();
+        for expected in ["a/b", "c", "d"] {
+            assert!(under.contains(&root.join(expected)), "{expected} is not named: {under:?}");
+        }
+        // The folder whose mode changed: named itself or through its parent.
+        assert!(under.contains(&root.join("f")) || under.contains(&root), "f's chmod is not seen: {under:?}");
+        assert!(!under.contains(&root.join("a")), "a did not change: {under:?}");
+        // Taken: it starts again.
+        std::fs::write(root.join("c/e/new"), "x").unwrap();
+        let changed = dirs(journal.take());
+        assert_eq!(changed.iter().filter(|p| p.starts_with(&root)).collect::<Vec<_>>(), [&root.join("c/e")]);
+    }
+
+    #[test]
+    fn an_overflowed_queue_and_too_many_directories_are_doubts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let journal = Journal::start(&[&root], JournalOptions { max_dirs: 65_536, reader: false }).unwrap();
+        for i in 0..20_000 {
+            std::fs::write(root.join(format!("f{i}")), "x").unwrap();
+        }
+        match journal.take() {
+            Changes::Doubt(why) => assert!(why.contains("overflowed"), "{why}"),
+            other => panic!("20,000 files past a queue of 16,384 events: {other:?}"),
+        }
+        let journal = Journal::start(&[&root], JournalOptions { max_dirs: 3, reader: true }).unwrap();
+        for i in 0..5 {
+            std::fs::create_dir(root.join(format!("d{i}"))).unwrap();
+            std::fs::write(root.join(format!("d{i}/f")), "x").unwrap();
+        }
+        match journal.take() {
+            Changes::Doubt(why) => assert!(why.contains("more than 3 directories"), "{why}"),
+            other => panic!("six directories past a bound of three: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_shared_writable_mapping_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let file = root.join("mapped");
+        std::fs::write(&file, vec![0u8; 4096]).unwrap();
+        let handle = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+        // SAFETY: a fresh mapping of a file this test owns, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                handle.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        drop(handle);
+        assert_eq!(mapped_for_writing(&[root.clone()]), [file]);
+        // SAFETY: the mapping made above.
+        assert_eq!(unsafe { libc::munmap(map, 4096) }, 0);
+        assert!(mapped_for_writing(&[root]).is_empty());
+    }
+}
