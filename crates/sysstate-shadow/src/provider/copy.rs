@@ -143,9 +143,16 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
     // Folders last, deepest first: creating their entries changed their times.
     copier.dirs.sort_by(|a, b| a.0.cmp(&b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
-    for (relative, meta) in copier.dirs.iter().rev() {
-        apply_metadata(&root.join(relative), &dest.join(relative), meta)
-            .map_err(|e| CommitError::Io(ShadowError::io(dest.join(relative), e)))?;
+    for (relative, meta) in std::mem::take(&mut copier.dirs).iter().rev() {
+        if let Err(error) = apply_metadata(&root.join(relative), &dest.join(relative), meta) {
+            if std::fs::symlink_metadata(root.join(relative)).is_ok() {
+                return Err(CommitError::Io(ShadowError::io(dest.join(relative), error)));
+            }
+            // Gone while it was copied: left out, as if it had gone before.
+            let shown = Path::new("/").join(relative);
+            copier.remove(&dest.join(relative))?;
+            copier.out.origins.retain(|path, _| !path.starts_with(&shown));
+        }
     }
     copier.out.root = dest.to_path_buf();
     Ok(copier.out)
@@ -324,7 +331,27 @@ impl Copier<'_> {
                     && live.mtime_nsec() == copied.mtime_nsec()))
     }
 
+    /// Copies (or keeps) one entry, a folder with everything in it. An entry that goes away
+    /// while it is copied — everything runs during the copy before the freeze, and processes
+    /// that are not writers during the freeze too — is left out, as if it had gone before.
     fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
+        match self.copy_entry(relative, meta) {
+            Err(CommitError::Io(error))
+                if std::fs::symlink_metadata(self.req.root.join(relative))
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                tracing::debug!(%error, path = %relative.display(), "went away while it was copied");
+                let shown = Path::new("/").join(relative);
+                self.remove(&self.req.dest.join(relative))?;
+                self.out.origins.retain(|path, _| !path.starts_with(&shown));
+                self.dirs.retain(|(dir, _)| !dir.starts_with(relative));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn copy_entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
         if self.req.skip.iter().any(|s| s.strip_prefix("/").unwrap_or(s) == relative) {
             return Ok(());
         }
@@ -342,6 +369,7 @@ impl Copier<'_> {
             let existed = copied.as_ref().is_some_and(|c| c.is_dir());
             if !existed {
                 self.remove(&target)?;
+                self.note_origin(relative, &meta); // removing forgot it
                 std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
             }
             self.dirs.push((relative.to_path_buf(), meta));
@@ -383,6 +411,7 @@ impl Copier<'_> {
         }
         if copied.is_some() {
             self.remove(&target)?;
+            self.note_origin(relative, &meta); // removing forgot it
         }
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
             self.out.unsettled.push(Path::new("/").join(relative));
@@ -390,9 +419,13 @@ impl Copier<'_> {
         let mut reflinked = false;
         if file_type.is_file() {
             if meta.nlink() > 1 {
-                if let Some(first) = self.links.get(&(meta.dev(), meta.ino())) {
-                    std::fs::hard_link(first, &target).map_err(|e| self.io_error(&target, e))?;
-                    return Ok(());
+                // The name copied first, unless it is this one (met again) or was removed since.
+                if let Some(first) = self.links.get(&(meta.dev(), meta.ino())).filter(|first| **first != target) {
+                    match std::fs::hard_link(first, &target) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(self.io_error(&target, e)),
+                    }
                 }
                 self.links.insert((meta.dev(), meta.ino()), target.clone());
             }
