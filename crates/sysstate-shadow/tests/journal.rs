@@ -317,8 +317,8 @@ fn shown(live: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.iter().filter_map(|p| p.strip_prefix(live).ok().map(|inside| Path::new("/").join(inside))).collect()
 }
 
-/// One round: the journal starts (and `flood` files are written at once), the base copy is
-/// refreshed while `before` operations run beside it, `after` more happen, then in the "freeze"
+/// One round: the journal starts (and `flood` files are made and removed at once), the base copy
+/// is refreshed while `before` operations run beside it, `after` runs, then in the "freeze"
 /// the commit looks at what the journal named. Returns whether the journal was trusted.
 fn round(
     workload: &mut Workload,
@@ -326,11 +326,15 @@ fn round(
     base: &Path,
     previous: &mut Option<HashMap<PathBuf, Origin>>,
     options: JournalOptions,
-    (flood, before, after): (usize, usize, usize),
+    (flood, before): (usize, usize),
+    after: &dyn Fn(&mut Workload),
 ) -> bool {
     let paths = [PathBuf::from("/data")];
     let provider = CopyProvider { reflink: Reflink::Never };
     let stop = AtomicBool::new(false);
+    // What changed before this round settles (see `SETTLED`): the copy before the freeze then
+    // trusts it, and only the journal can say it changed again.
+    std::thread::sleep(sysstate_shadow::provider::SETTLED + Duration::from_millis(100));
     let journal = Journal::start(&[live], options).expect("the change journal starts here (fanotify, as root)");
     // The events of one name merge into one; those of distinct names do not.
     for i in 0..flood {
@@ -359,9 +363,7 @@ fn round(
         provider.precopy(&request(live, &paths, base, &stop, previous.as_ref(), None, &[])).unwrap().unwrap();
     running.store(false, Ordering::SeqCst);
     workload.counter = beside.join().unwrap();
-    for _ in 0..after {
-        workload.step();
-    }
+    after(workload);
     // The freeze: what the journal saw, the files mapped for writing now.
     let settled = precopy.settled_origins();
     let changes = journal.take();
@@ -397,6 +399,15 @@ fn round(
     trusted
 }
 
+/// `count` random operations.
+fn steps(count: usize) -> impl Fn(&mut Workload) {
+    move |workload| {
+        for _ in 0..count {
+            workload.step();
+        }
+    }
+}
+
 #[test]
 fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
     let dir = tempfile::tempdir().unwrap();
@@ -426,7 +437,7 @@ fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
             // Mappings held across freezes go away (a close after writing, seen by the journal).
             workload.mapped.clear();
         }
-        let trusted = round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150, 150));
+        let trusted = round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150), &steps(150));
         assert!(trusted, "round {round_number}: the journal doubted without a cause");
         operations += 300;
     }
@@ -434,11 +445,48 @@ fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
     // Doubt provoked: the kernel's queue overflows (nobody reads it while 20,000 events come),
     // then the journal's own bound is passed. The walk that follows is right too.
     let overflow = JournalOptions { max_dirs: 65_536, reader: false };
-    assert!(!round(&mut workload, &live, &base, &mut previous, overflow, (20_000, 0, 150)), "no overflow seen");
+    assert!(!round(&mut workload, &live, &base, &mut previous, overflow, (20_000, 0), &steps(150)), "no overflow seen");
     let bounded = JournalOptions { max_dirs: 2, reader: true };
-    assert!(!round(&mut workload, &live, &base, &mut previous, bounded, (0, 150, 150)), "the bound of 2 not seen");
+    assert!(!round(&mut workload, &live, &base, &mut previous, bounded, (0, 150), &steps(150)), "the bound of 2 not seen");
     // And the journal is trusted again after.
-    assert!(round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150, 150)));
+    assert!(round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150), &steps(150)));
     operations += 40_000 + 750;
     eprintln!("{operations} operations in 15 rounds");
+}
+
+/// The changes no event names in their own folder, one at a time after a settled base: a link
+/// made and removed through another folder (the first name's ctime), a file written through a
+/// mapping made before the journal started and still held, and one unmapped before the freeze.
+#[test]
+fn changes_without_an_event_in_their_folder_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = std::fs::canonicalize(dir.path()).unwrap();
+    let live = top.join("live");
+    for folder in ["data/a", "data/b", "data/c"] {
+        std::fs::create_dir_all(live.join(folder)).unwrap();
+    }
+    std::fs::write(live.join("data/a/first"), "linked").unwrap();
+    std::fs::write(live.join("data/c/held"), vec![0u8; 4096]).unwrap();
+    std::fs::write(live.join("data/c/dropped"), vec![0u8; 4096]).unwrap();
+    let held = Mapping::new(&live.join("data/c/held"), 4096).unwrap();
+    let dropped = std::cell::RefCell::new(Mapping::new(&live.join("data/c/dropped"), 4096));
+    held.write(0, 1);
+    dropped.borrow().as_ref().unwrap().write(0, 1);
+    let base = top.join("storage/base");
+    let mut previous = None;
+    let mut workload = Workload { live: live.join("data"), rng: Rng(7), counter: 0, mapped: Vec::new() };
+    let nothing = |_: &mut Workload| {};
+    assert!(round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 0), &nothing));
+    let link = |_: &mut Workload| std::fs::hard_link(live.join("data/a/first"), live.join("data/b/second")).unwrap();
+    let unlink = |_: &mut Workload| std::fs::remove_file(live.join("data/b/second")).unwrap();
+    let write_held = |_: &mut Workload| held.write(1, 2);
+    let write_and_drop = |_: &mut Workload| {
+        dropped.borrow().as_ref().unwrap().write(1, 2);
+        dropped.borrow_mut().take();
+    };
+    let changes: [&dyn Fn(&mut Workload); 4] = [&link, &unlink, &write_held, &write_and_drop];
+    for change in changes {
+        assert!(round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 0), change));
+    }
+    drop(held);
 }

@@ -434,14 +434,17 @@ impl Run<'_> {
         }
     }
 
-    /// In the freeze: what each journaled group's commit looks at — the directories the
-    /// journal named, less what other groups and shadow storage hold — and the files it copies
-    /// again whatever (mapped writable now; copied before the freeze as they changed). A
-    /// journal in doubt makes every group walk.
+    /// In the freeze, for a base copy brought up to date: what each journaled group's commit
+    /// looks at — the directories the journal named under its paths — and the files every
+    /// commit copies again whatever their metadata says: mapped for writing now (their writes
+    /// move neither their times nor the journal), and with the journal, closed after writing
+    /// and copied before the freeze as they changed. A journal in doubt makes its groups walk.
     fn read_journal(&self, groups: &mut [Group<'_>], journal: Option<&Journal>) {
-        let Some(journal) = journal else { return };
+        if groups.iter().all(|g| g.previous.is_none()) {
+            return; // nothing kept from before: everything is copied
+        }
         let root = std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone());
-        let changes = journal.take();
+        let changes = journal.map(Journal::take);
         let live_prefixes: Vec<PathBuf> = groups
             .iter()
             .flat_map(|g| g.paths.iter())
@@ -451,15 +454,18 @@ impl Run<'_> {
             .into_iter()
             .filter_map(|p| p.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
             .collect();
-        for group in groups.iter_mut().filter(|g| g.read.0 == "journal") {
-            let changed = match &changes {
-                Changes::Seen(changed) => changed,
-                Changes::Doubt(why) => {
+        for group in groups.iter_mut() {
+            let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
+            // Kept or not, a file mapped for writing is copied again.
+            group.forced = mapped.iter().filter(|p| under(p)).cloned().collect();
+            let changed = match (&changes, group.read.0) {
+                (Some(Changes::Seen(changed)), "journal") => changed,
+                (Some(Changes::Doubt(why)), "journal") => {
                     group.read = ("walk", Some(why.clone()));
                     continue;
                 }
+                _ => continue,
             };
-            let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
             let inside = |paths: &[PathBuf]| -> Vec<PathBuf> {
                 paths
                     .iter()
@@ -468,9 +474,8 @@ impl Run<'_> {
                     .collect()
             };
             group.changed = Some(inside(&changed.dirs));
-            let unsettled = group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned());
-            group.forced =
-                mapped.iter().filter(|p| under(p)).cloned().chain(unsettled).chain(inside(&changed.written)).collect();
+            group.forced.extend(group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned()));
+            group.forced.extend(inside(&changed.written));
         }
     }
 
