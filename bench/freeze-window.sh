@@ -40,5 +40,8 @@ export SYSSTATE_CONFIG=$base/c.toml SYSSTATE_STATE_DIR=$base/st SYSSTATE_RUNTIME
 for i in 1 2 3 4; do "$sysstate" backup --root $base/mnt/root --target $base/repo -q; done
 "$sysstate" versions --target $base/repo --json | python3 -c "
 import sys,json
-for v in json.load(sys.stdin): s=v['shadow']; print('$kind: %d files, %s: freeze window %d ms, commit %d ms, %d entries copied' % (v['stats']['files'], list(s['providers'].values()), s['freeze-window-ms'], s['commit-ms'], s['files']))"
+for v in json.load(sys.stdin):
+    s=v['shadow']; c=s['copies'][0]
+    how=c.get('read','?') + (' (%d folders named)' % c['dirs-looked-at'] if 'dirs-looked-at' in c else '') + (': ' + c['walked-because'] if 'walked-because' in c else '')
+    print('$kind: %d files, %s: freeze window %d ms, commit %d ms, %d entries copied, read by %s' % (v['stats']['files'], list(s['providers'].values()), s['freeze-window-ms'], s['commit-ms'], s['files'], how))"
 umount $base/mnt; losetup -d $dev
