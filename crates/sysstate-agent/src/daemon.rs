@@ -44,6 +44,8 @@ pub struct Shared {
     counters: Mutex<crate::metrics::Counters>,
     /// When it started (ns).
     pub started_ns: i64,
+    /// The change journal its backups read, kept from start to stop.
+    pub journal: Option<sysstate_engine::ops::KeptJournal>,
 }
 
 /// A schedule and its next time.
@@ -301,6 +303,7 @@ pub fn run(options: AgentOptions) -> Result<()> {
         Ok(None) => {}
         Err(error) => say(format!("cannot recover an orphaned shadow set: error[{}]: {}", error.code, error.message)),
     }
+    let (config_for_journal, root_for_journal) = (config.clone(), options.root.clone());
     let shared = Arc::new(Shared {
         options,
         store,
@@ -321,6 +324,7 @@ pub fn run(options: AgentOptions) -> Result<()> {
         wake: Condvar::new(),
         counters: Mutex::default(),
         started_ns: sysstate_repo::lock::now_ns(),
+        journal: start_journal(&config_for_journal, &root_for_journal),
     });
     catch_up(&shared, &now)?;
     let signals = watch_signals(&shared)?;
@@ -545,6 +549,32 @@ impl Shared {
             passphrase: None,
             fix: false,
             validate: false,
+        }
+    }
+}
+
+/// The change journal the agent keeps for its backups, on the filesystems of the components'
+/// paths, from start to stop: a backup then costs what changed since the one before. Without it
+/// (not root, a filesystem without file handles, `SYSSTATE_FAILPOINT_JOURNAL_OFF` in tests)
+/// every backup walks its components, and its version says why.
+fn start_journal(config: &Config, root: &Path) -> Option<sysstate_engine::ops::KeptJournal> {
+    if sysstate_types::failpoint::<u8>("JOURNAL_OFF").is_some() {
+        return None;
+    }
+    let resolved = sysstate_engine::components::select(config, root, &[]).map(|(r, _)| r).unwrap_or_default();
+    let paths: Vec<PathBuf> = resolved
+        .iter()
+        .flat_map(|r| r.present.iter().map(|p| sysstate_engine::components::under_root(root, p)))
+        .chain(std::iter::once(root.to_path_buf()))
+        .collect();
+    let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    match sysstate_shadow::journal::Journal::start(&paths, Default::default()) {
+        Ok(journal) => {
+            Some(sysstate_engine::ops::KeptJournal { journal: Arc::new(journal), counts: Default::default() })
+        }
+        Err(error) => {
+            say(format!("the change journal cannot start ({error}): every backup reads all its components"));
+            None
         }
     }
 }

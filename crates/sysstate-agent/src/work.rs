@@ -106,6 +106,7 @@ pub fn execute(shared: &Arc<Shared>, config: &Config, request: &Request, cancel:
                 wait: None,
                 trigger: cancel,
                 damage: None,
+                journal: shared.journal.clone(),
             };
             let made = jobs::run_triggered(
                 store,

@@ -593,6 +593,7 @@ fn validation_backup(config: &Config, root: PathBuf, temp_target: &str) -> sysst
     let components = vec!["doctor-validation".to_string()];
     let request = sysstate_engine::ops::BackupRequest {
         damage: None,
+        journal: None,
         config,
         root,
         target: temp_target.to_string(),

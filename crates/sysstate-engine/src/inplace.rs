@@ -601,6 +601,8 @@ fn keep_for_undo(plan: &inplace::Plan, root: &Path, dir: &Path) -> Result<Id> {
         system: None,
         time_ns: 0,
         cancel: None,
+        changed: None,
+        counts: None,
     };
     let outcome = archiver::backup(&repo, &options, &sysstate_repo::source::TreeSource::new(root), &NoProgress)?;
     if let Some(warning) = outcome.warnings.first() {

@@ -106,8 +106,20 @@ struct Gathered {
     doubt: Option<String>,
 }
 
+/// A point in a journal's life: after its `take`-th take. Changes taken at position P+1 are
+/// those made after the take that made P.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// The journal (random, new with each journal: a restart is a new journal).
+    pub journal: u64,
+    /// How many times it was taken.
+    pub take: u64,
+}
+
 /// A change journal over one or more whole filesystems. Dropping it removes its marks.
 pub struct Journal {
+    id: u64,
+    takes: std::sync::atomic::AtomicU64,
     fd: Arc<OwnedFd>,
     watched: Arc<Vec<Watched>>,
     gathered: Arc<Mutex<Gathered>>,
@@ -162,7 +174,11 @@ impl Journal {
             let mount: OwnedFd = std::fs::File::open(path)?.into();
             watched.push(Watched { fsid: fsid(path)?, device, mount });
         }
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut journal = Journal {
+            id: u64::from_le_bytes(id),
+            takes: Default::default(),
             fd: Arc::new(fd),
             watched: Arc::new(watched),
             gathered: Arc::default(),
@@ -192,13 +208,20 @@ impl Journal {
         self.watched.iter().any(|w| w.device == device)
     }
 
-    /// What changed since the journal started or was last taken, and starts again from now.
-    /// Every change made before the call is in it: the kernel queues an event before the call
-    /// that made the change returns, and this reads the queue to its end.
+    /// Where the journal is: after its last take.
+    pub fn position(&self) -> Position {
+        Position { journal: self.id, take: self.takes.load(Ordering::SeqCst) }
+    }
+
+    /// What changed since the journal started or was last taken, and starts again from now
+    /// (its [`position`](Self::position) moves on by one). Every change made before the call is
+    /// in it: the kernel queues an event before the call that made the change returns, and
+    /// this reads the queue to its end.
     pub fn take(&self) -> Changes {
         let mut gathered = self.gathered.lock().expect("journal lock");
         drain(&self.fd, &mut gathered, self.max_dirs);
         let taken = std::mem::take(&mut *gathered);
+        self.takes.fetch_add(1, Ordering::SeqCst);
         drop(gathered);
         if let Some(doubt) = taken.doubt {
             return Changes::Doubt(doubt);
@@ -491,7 +514,7 @@ mod tests {
         };
         assert_ne!(map, libc::MAP_FAILED);
         drop(handle);
-        assert_eq!(mapped_for_writing(&[root.clone()]), [file]);
+        assert_eq!(mapped_for_writing(std::slice::from_ref(&root)), [file]);
         // SAFETY: the mapping made above.
         assert_eq!(unsafe { libc::munmap(map, 4096) }, 0);
         assert!(mapped_for_writing(&[root]).is_empty());

@@ -70,7 +70,14 @@ impl Mapping {
         }
         // SAFETY: a new shared mapping of an open file; the result is checked.
         let address = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
         };
         (address != libc::MAP_FAILED).then_some(Mapping { address, len })
     }
@@ -169,7 +176,11 @@ impl Workload {
                 let target = if self.rng.below(3) == 0 { self.pick(true) } else { self.pick(false) };
                 match target {
                     Some(path) if !live.join(&path).is_symlink() => {
-                        let mode = if live.join(&path).is_dir() { 0o700 | self.rng.below(0o100) as u32 } else { 0o600 | self.rng.below(0o200) as u32 };
+                        let mode = if live.join(&path).is_dir() {
+                            0o700 | self.rng.below(0o100) as u32
+                        } else {
+                            0o600 | self.rng.below(0o200) as u32
+                        };
                         std::fs::set_permissions(live.join(path), std::fs::Permissions::from_mode(mode))
                     }
                     _ => Ok(()),
@@ -178,8 +189,13 @@ impl Workload {
             8 => match self.pick(false) {
                 Some(file) if !live.join(&file).is_symlink() => {
                     let value = self.new_name("v");
-                    rustix::fs::lsetxattr(live.join(file), "user.test", value.as_bytes(), rustix::fs::XattrFlags::empty())
-                        .map_err(std::io::Error::from)
+                    rustix::fs::lsetxattr(
+                        live.join(file),
+                        "user.test",
+                        value.as_bytes(),
+                        rustix::fs::XattrFlags::empty(),
+                    )
+                    .map_err(std::io::Error::from)
                 }
                 _ => Ok(()),
             },
@@ -220,7 +236,8 @@ impl Workload {
             },
             _ => match self.pick(false) {
                 Some(file) => {
-                    let time = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + self.rng.below(1000) as u64);
+                    let time = std::time::SystemTime::UNIX_EPOCH
+                        + Duration::from_secs(1_000_000 + self.rng.below(1000) as u64);
                     std::fs::File::options().write(true).open(live.join(file)).and_then(|f| f.set_modified(time))
                 }
                 None => Ok(()),
@@ -437,7 +454,8 @@ fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
             // Mappings held across freezes go away (a close after writing, seen by the journal).
             workload.mapped.clear();
         }
-        let trusted = round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150), &steps(150));
+        let trusted =
+            round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150), &steps(150));
         assert!(trusted, "round {round_number}: the journal doubted without a cause");
         operations += 300;
     }
@@ -447,7 +465,10 @@ fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
     let overflow = JournalOptions { max_dirs: 65_536, reader: false };
     assert!(!round(&mut workload, &live, &base, &mut previous, overflow, (20_000, 0), &steps(150)), "no overflow seen");
     let bounded = JournalOptions { max_dirs: 2, reader: true };
-    assert!(!round(&mut workload, &live, &base, &mut previous, bounded, (0, 150), &steps(150)), "the bound of 2 not seen");
+    assert!(
+        !round(&mut workload, &live, &base, &mut previous, bounded, (0, 150), &steps(150)),
+        "the bound of 2 not seen"
+    );
     // And the journal is trusted again after.
     assert!(round(&mut workload, &live, &base, &mut previous, JournalOptions::default(), (0, 150), &steps(150)));
     operations += 40_000 + 750;

@@ -34,6 +34,19 @@ pub struct BackupRequest {
     pub trigger: sysstate_shadow::ThawTrigger,
     /// Told each damaged repository file the backup passes over (beside the job's events).
     pub damage: Option<sysstate_repo::DamageHook>,
+    /// A change journal kept since earlier backups (the agent's), with the counts of the trees
+    /// it met: the backup then costs what changed since the parent version.
+    pub journal: Option<KeptJournal>,
+}
+
+/// A change journal kept across backups by a long-lived process (the agent), and the entry
+/// counts of the trees its backups met.
+#[derive(Debug, Clone)]
+pub struct KeptJournal {
+    /// The journal, watching the components' filesystems.
+    pub journal: std::sync::Arc<sysstate_shadow::journal::Journal>,
+    /// Entry counts by tree.
+    pub counts: std::sync::Arc<sysstate_repo::archiver::TreeCounts>,
 }
 
 /// What a backup did.
@@ -227,6 +240,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     shadow_options.warning = Some(job.warning_hook());
     shadow_options.output = Some(job.output_hook());
     shadow_options.recovered = Some(job.recovered_hook());
+    shadow_options.journal = request.journal.as_ref().map(|kept| kept.journal.clone());
     let set = sysstate_shadow::Coordinator::new(writers)
         .create(&shadow_options, &request.trigger)
         .map_err(crate::shadow::shadow_error)?;
@@ -234,6 +248,10 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     for selection in &mut selections {
         selection.source = set.source_for(&selection.path).or(selection.source.take());
     }
+    let selection_id = selection_id(&repo, &resolved);
+    let (changed, walk) = journal_walk(&repo, parent, set.record(), request.journal.is_some(), &selection_id);
+    let mut shadow = serde_json::to_value(set.record()).expect("records encode");
+    shadow["walk"] = walk;
     let options = BackupOptions {
         root: request.root.clone(),
         selections,
@@ -242,7 +260,9 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         host: sysstate_repo::lock::host_name(),
         tags: request.tags.clone(),
         threads: request.threads,
-        shadow: Some(serde_json::to_value(set.record()).expect("records encode")),
+        changed,
+        counts: request.journal.as_ref().map(|kept| kept.counts.clone()),
+        shadow: Some(shadow),
         system: Some(serde_json::to_value(crate::system::SystemInfo::of(&request.root)).expect("records encode")),
         // The version is of the moment the writers were frozen (in tests, by a clock that runs
         // ahead: a machine whose clock was wrong when it backed up).
@@ -274,6 +294,56 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         created,
         shadow: record,
     })
+}
+
+/// An id of what the backup selects (components, paths, excludes), recorded beside the walk: a
+/// subtree is taken from the parent version only when the parent selected the same.
+fn selection_id(repo: &Repository, resolved: &[components::Resolved]) -> String {
+    let selected: Vec<_> = resolved.iter().map(|r| (&r.component.name, &r.present, &r.component.exclude)).collect();
+    repo.key().blob_id(format!("{selected:?}").as_bytes()).to_hex()[..16].to_string()
+}
+
+/// How the archiver walks: only what the shadow set's kept journal says changed since the
+/// parent version was read, or everything. Returns the changed directories (with the generated
+/// files' folder, always read again) and the record of the choice, with why it walks.
+fn journal_walk(
+    repo: &Repository,
+    parent: Option<Id>,
+    record: &sysstate_shadow::ShadowSetRecord,
+    kept: bool,
+    selection: &str,
+) -> (Option<Vec<PathBuf>>, serde_json::Value) {
+    let walk =
+        |because: &str| (None, serde_json::json!({ "read": "walk", "because": because, "selection": selection }));
+    if !kept {
+        return walk("no change journal was kept since the parent version (the agent keeps one)");
+    }
+    let Some(journal) = &record.journal else { return walk("the shadow set kept no journal") };
+    let Some(since) = journal.since else {
+        let why: Vec<&str> = record.copies.iter().filter_map(|c| c.walked_because.as_deref()).collect();
+        return walk(&if why.is_empty() {
+            "the base copy was not made at the journal's last position (the first backup since the agent started, or one in between)".to_string()
+        } else {
+            why.join("; ")
+        });
+    };
+    let Some(parent) = parent.and_then(|id| repo.read_version(&id).ok()) else { return walk("no parent version") };
+    let parent_shadow = parent.shadow.unwrap_or_default();
+    let parent_position: Option<sysstate_shadow::journal::Position> =
+        serde_json::from_value(parent_shadow["journal"].clone()).ok();
+    if parent_position != Some(since) {
+        return walk("the parent version was not read at the journal position the base copy was made at");
+    }
+    if parent_shadow["walk"]["selection"].as_str() != Some(selection) {
+        return walk("the selection (components, paths, excludes) changed since the parent version");
+    }
+    let mut changed = journal.changed.clone();
+    changed.push(PathBuf::from(crate::generated::GENERATED_DIR));
+    changed.sort();
+    changed.dedup();
+    let record =
+        serde_json::json!({ "read": "journal", "folders-named": journal.changed.len(), "selection": selection });
+    (Some(changed), record)
 }
 
 /// The shadow set options for `paths` under `root`, from the config.
@@ -312,6 +382,7 @@ fn shadow_options(
         warning: None,
         output: None,
         recovered: None,
+        journal: None,
     })
 }
 

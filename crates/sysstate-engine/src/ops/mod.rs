@@ -14,7 +14,7 @@ pub mod read;
 pub mod restore;
 pub mod upkeep;
 
-pub use backup::{backup, create_persistent, recover_shadow_set, BackupReport, BackupRequest};
+pub use backup::{backup, create_persistent, recover_shadow_set, BackupReport, BackupRequest, KeptJournal};
 pub use restore::{component_scope, restore_to, RestoreReport, RestoreRequest};
 
 use crate::error::{EngineError, Result};

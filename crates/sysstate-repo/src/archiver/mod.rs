@@ -73,6 +73,56 @@ pub struct BackupOptions {
     pub time_ns: i64,
     /// Set from outside (a signal) to stop the backup; it then fails without a version.
     pub cancel: Option<std::sync::Arc<AtomicBool>>,
+    /// What a change journal says changed since the parent version was read (absolute paths as
+    /// seen from the root, sorted): a directory with nothing at or below it in the list is the
+    /// parent's subtree as it is, not walked. `None`: every entry is looked at.
+    pub changed: Option<Vec<PathBuf>>,
+    /// Entry counts of trees met before (kept across backups by a long-lived caller, the agent):
+    /// a subtree taken from the parent is counted from its trees only once.
+    pub counts: Option<std::sync::Arc<TreeCounts>>,
+}
+
+/// Entries in a stored tree and all below it, by the tree's id: a tree never changes, so a
+/// count stays true.
+#[derive(Debug, Default)]
+pub struct TreeCounts(Mutex<std::collections::HashMap<crate::Id, Counts>>);
+
+/// What a tree holds, all levels down.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counts {
+    pub(crate) files: u64,
+    pub(crate) dirs: u64,
+    pub(crate) others: u64,
+    pub(crate) bytes: u64,
+}
+
+impl TreeCounts {
+    /// The counts of tree `id`, read from the repository where not known.
+    pub(crate) fn of(&self, repo: &Repository, id: &crate::Id) -> Result<Counts> {
+        if let Some(counts) = self.0.lock().expect("counts lock").get(id) {
+            return Ok(*counts);
+        }
+        let tree = repo.read_tree(id)?;
+        let mut counts = Counts::default();
+        for node in &tree.nodes {
+            match &node.kind {
+                crate::tree::NodeKind::Dir { subtree } => {
+                    let below = self.of(repo, subtree)?;
+                    counts.dirs += 1 + below.dirs;
+                    counts.files += below.files;
+                    counts.others += below.others;
+                    counts.bytes += below.bytes;
+                }
+                crate::tree::NodeKind::File(_) => {
+                    counts.files += 1;
+                    counts.bytes += node.size;
+                }
+                _ => counts.others += 1,
+            }
+        }
+        self.0.lock().expect("counts lock").insert(*id, counts);
+        Ok(counts)
+    }
 }
 
 /// The result of a backup.
@@ -194,7 +244,11 @@ pub fn backup<S: Source>(
             let (selections, walk_done) = (&options.selections, &walk_done);
             scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done, progress));
         }
+        let counts = options.counts.clone().unwrap_or_default();
         let mut walker = Walker {
+            changed: options.changed.as_deref().filter(|_| parent_tree.is_some()),
+            counts: &counts,
+            reused: 0,
             shared: &shared,
             source,
             names: &names,
@@ -207,6 +261,9 @@ pub fn backup<S: Source>(
         };
         let tree = walker.walk(&selection, parent_tree.as_ref(), &walk_done);
         let missed = std::mem::take(&mut walker.missed);
+        if walker.changed.is_some() {
+            tracing::debug!(reused = walker.reused, "folders taken from the parent version as the journal allowed");
+        }
         drop(walker);
         for reader in readers {
             let _ = reader.join();

@@ -79,6 +79,14 @@ impl SelectionNode {
 }
 
 pub(super) struct Walker<'a, 's, S: Source> {
+    /// What changed since the parent version, sorted (see [`BackupOptions::changed`]).
+    ///
+    /// [`BackupOptions::changed`]: super::BackupOptions::changed
+    pub(super) changed: Option<&'s [PathBuf]>,
+    /// Counts of the subtrees taken from the parent.
+    pub(super) counts: &'s super::TreeCounts,
+    /// Folders taken from the parent version whole.
+    pub(super) reused: u64,
     pub(super) shared: &'s Shared<'a>,
     pub(super) source: &'s S,
     pub(super) names: &'s Names,
@@ -263,6 +271,40 @@ impl<S: Source> Walker<'_, '_, S> {
         self.finish_dir(pending)
     }
 
+    /// The parent version's subtree of directory `shown`, when the change journal says nothing
+    /// changed at or below it since the parent was read, the parent's entry is the same
+    /// directory (device and inode), and no other selection starts inside it. Its entries are
+    /// counted into the version's figures.
+    fn unchanged_subtree(
+        &mut self,
+        shown: &Path,
+        node: &Node,
+        parent: Option<&Node>,
+        selection: Option<&SelectionNode>,
+    ) -> Result<Option<Id>> {
+        let Some(changed) = self.changed else { return Ok(None) };
+        let Some(NodeKind::Dir { subtree }) = parent.map(|p| &p.kind) else { return Ok(None) };
+        let parent = parent.expect("matched above");
+        if (parent.device, parent.inode) != (node.device, node.inode)
+            || selection.is_some_and(|s| !s.children.is_empty())
+        {
+            return Ok(None);
+        }
+        // Paths at or below `shown` sort right after it.
+        let from = changed.partition_point(|p| p.as_path() < shown);
+        if changed.get(from).is_some_and(|p| p.starts_with(shown)) {
+            return Ok(None);
+        }
+        let counts = self.counts.of(self.shared.repo, subtree)?;
+        self.stats.dirs += counts.dirs;
+        self.stats.files += counts.files;
+        self.stats.others += counts.others;
+        self.stats.bytes_total += counts.bytes;
+        self.shared.progress.file_done(counts.bytes);
+        self.reused += 1;
+        Ok(Some(*subtree))
+    }
+
     /// True when the parent version's entry changed well before the parent's point in time, so
     /// that an entry with its ctime now is the entry the parent holds. Timestamps are coarse
     /// (a clock tick): an entry changed in the tick the parent was taken in could have changed
@@ -321,6 +363,11 @@ impl<S: Source> Walker<'_, '_, S> {
             None => self.xattrs(&place, shown),
         };
         if file_type.is_dir() {
+            if let Some(subtree) = self.unchanged_subtree(shown, &node, parent_node, selection)? {
+                node.kind = NodeKind::Dir { subtree };
+                self.stats.dirs += 1;
+                return Ok(Some(Pending::Ready(node)));
+            }
             let subtree = self.load_parent_subtree(parent_node);
             let subtree = self.whole_dir(&place, shown, exclude, subtree.as_ref(), selection)?;
             self.stats.dirs += 1;

@@ -66,6 +66,10 @@ pub struct ShadowSetOptions {
     /// Told when the set took over the lock of a dead one and recovered what it left: the dead
     /// holder (with its job) and what was done, so that job's record can say so.
     pub recovered: Option<RecoveredHook>,
+    /// A change journal kept since earlier sets (the agent's): the base copies are then brought
+    /// up to date from what it saw since they were last made, and the set says what changed
+    /// since ([`ShadowSetRecord::journal`]). Without one, a set starts its own for its freeze.
+    pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
 /// A callback told a recovery of a dead shadow set: its holder and what was done.

@@ -10,7 +10,7 @@ use super::set::ExtraCopy;
 use super::watchdog::{thaw_all, ThawTrigger, Watch};
 use super::{ShadowSetOptions, BASE_COPY};
 use crate::error::{ShadowError, WriterTimeout};
-use crate::journal::{self, Changes, Journal, JournalOptions};
+use crate::journal::{self, Changes, Journal, JournalOptions, Position};
 use crate::pressure::Pressure;
 use crate::provider::{self, Commit, CommitError, CommitRequest, Origin, Provider, ProviderChoice};
 use crate::state::WriterState;
@@ -74,6 +74,32 @@ struct Group<'a> {
     forced: Vec<PathBuf>,
     /// How the commit finds what changed: `journal`, `walk` or `snapshot`, and why it walks.
     read: (&'static str, Option<String>),
+    /// True when the set's journal watches every filesystem its copy before the freeze met.
+    covered: bool,
+}
+
+/// The change journal a set uses: the caller's, kept since earlier sets, or its own.
+struct SetJournal {
+    journal: Arc<Journal>,
+    /// The caller's (the agent's), kept since earlier sets.
+    kept: bool,
+    /// The position the base copies were made at, when the copy before the freeze was brought
+    /// up to date from what the journal saw since: every change since is then known.
+    since: Option<Position>,
+    /// With `since`: the directories where something changed (absolute, as seen from the root).
+    changed: Vec<PathBuf>,
+}
+
+impl SetJournal {
+    /// Adds what a commit looked at to what changed: the directories named (as seen from the
+    /// root), and the folders of the entries it looked at again outside them.
+    fn add(&mut self, dirs: &[PathBuf], copy: &Commit) {
+        if self.since.is_none() {
+            return;
+        }
+        let again = copy.looked_again.iter().chain(&copy.unsettled).filter_map(|p| p.parent().map(Path::to_path_buf));
+        self.changed.extend(dirs.iter().cloned().chain(again));
+    }
 }
 
 impl Group<'_> {
@@ -119,13 +145,13 @@ impl Run<'_> {
         let (deleted, room) = self.make_room()?;
         let mut groups = self.plan_groups(room);
         self.write_back();
-        let (precopy_ms, journal) = self.precopy(&mut groups)?;
+        let (precopy_ms, mut journal) = self.precopy(&mut groups)?;
         let (freeze_started, frozen_at_ns) = self.freeze()?;
-        let (commits, commit_ms) = self.commit(&mut groups, journal.as_ref())?;
+        let (commits, commit_ms) = self.commit(&mut groups, journal.as_mut())?;
         self.check_windows(commit_ms)?;
         let freeze_window_ms = self.watch.window_ms(freeze_started);
         self.post_snapshot(&groups, &commits)?;
-        let mut record = self.record(&groups, &commits, deleted)?;
+        let mut record = self.record(&groups, &commits, deleted, journal.as_ref())?;
         record.freeze_window_ms = freeze_window_ms;
         record.commit_ms = commit_ms;
         record.precopy_ms = precopy_ms;
@@ -262,6 +288,7 @@ impl Run<'_> {
                     changed: None,
                     forced: Vec::new(),
                     read: ("walk", None),
+                    covered: false,
                 }
             })
             .collect()
@@ -282,7 +309,7 @@ impl Run<'_> {
     /// Brings the base copies up to date before the freeze, while everything runs; the commit
     /// in the freeze then copies only what changed in between — what the change journal,
     /// started before, names. Returns how long it took, ms, and the journal.
-    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<(u64, Option<Journal>), ShadowError> {
+    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<(u64, Option<SetJournal>), ShadowError> {
         if self.copy_id != BASE_COPY {
             for group in groups.iter_mut() {
                 group.read = ("walk", Some("a copy kept on its own is made whole in the freeze".into()));
@@ -291,7 +318,10 @@ impl Run<'_> {
         }
         self.phase("bringing the base copy up to date");
         let started = Instant::now();
-        let journal = self.start_journal(groups);
+        let mut journal = self.start_journal(groups);
+        if let Ok(journal) = &mut journal {
+            self.refresh_from(groups, journal);
+        }
         // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
         // by `shadow.commit-timeout`, a first copy of a large tree on a slow filesystem timed
         // out, was thrown away, and left the freeze to copy everything.
@@ -302,6 +332,11 @@ impl Run<'_> {
                 match copied {
                     None => {}
                     Some(Ok(copy)) => {
+                        if let (Ok(journal), Some(changed)) = (&mut journal, &group.changed) {
+                            journal.add(changed, &copy);
+                        }
+                        group.changed = None;
+                        group.forced.clear();
                         group.previous = Some(copy.settled_origins());
                         group.precopy = Some(copy);
                     }
@@ -313,6 +348,11 @@ impl Run<'_> {
                     Some(Err(error)) => {
                         // The commit in the freeze makes the copy whole and reports what fails.
                         tracing::debug!(?error, "the copy before the freeze failed; the freeze copies everything");
+                        if let Ok(journal) = &mut journal {
+                            journal.since = None;
+                        }
+                        group.changed = None;
+                        group.forced.clear();
                         group.previous = None;
                         let _ = group.storage.delete(self.copy_id);
                     }
@@ -358,10 +398,14 @@ impl Run<'_> {
 
     /// Each group's provider commits its copy within `shadow.commit-timeout`; then every
     /// writer is thawed, whatever happened. Returns the commits and how long they took, ms.
-    fn commit(&self, groups: &mut [Group<'_>], journal: Option<&Journal>) -> Result<(Vec<Commit>, u64), ShadowError> {
+    fn commit(
+        &self,
+        groups: &mut [Group<'_>],
+        mut journal: Option<&mut SetJournal>,
+    ) -> Result<(Vec<Commit>, u64), ShadowError> {
         self.phase("committing shadow copies");
         let started = Instant::now();
-        self.read_journal(groups, journal);
+        self.read_journal(groups, journal.as_ref().map(|j| &*j.journal));
         let groups = &*groups;
         let deadline = started + self.options.commit_timeout;
         let committed = self.trigger.with_stop_flag(|stop| {
@@ -386,12 +430,62 @@ impl Run<'_> {
         thaw_all(self.members, self.watch);
         let commits = committed.map_err(|(index, error)| self.commit_failed(&groups[index], error, commit_ms))?;
         self.stop_if_interrupted()?;
+        if let Some(journal) = journal.as_mut() {
+            for (group, copy) in groups.iter().zip(&commits) {
+                match &group.changed {
+                    Some(changed) => journal.add(changed, copy),
+                    None => journal.since = None, // this commit walked: the set cannot say where
+                }
+            }
+        }
         Ok((commits, commit_ms))
     }
 
-    /// Starts the change journal on every filesystem the base copies are made from, before
-    /// they are brought up to date; each group that cannot use it is told why it walks.
-    fn start_journal(&self, groups: &mut [Group<'_>]) -> Result<Journal, String> {
+    /// The live root as the journal names paths (symlinks resolved).
+    fn live_root(&self) -> PathBuf {
+        std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone())
+    }
+
+    /// With a journal kept since earlier sets, whose position is where every base copy was last
+    /// made: what changed since, for the copy before the freeze to look at (and only that).
+    /// The journal is taken either way, so that the commit's take holds only what changed
+    /// during the copy.
+    fn refresh_from(&self, groups: &mut [Group<'_>], journal: &mut SetJournal) {
+        if !journal.kept {
+            return;
+        }
+        let position = journal.journal.position();
+        let bases: Vec<Option<provider::BaseJournal>> = groups
+            .iter()
+            .map(|g| g.previous.as_ref().and(provider::read_base_journal(&g.storage.copy_dir(self.copy_id))))
+            .collect();
+        let changes = journal.journal.take();
+        let continuous = bases.iter().all(|b| b.as_ref().is_some_and(|b| b.position == position));
+        let (true, Changes::Seen(seen)) = (continuous, changes) else { return };
+        let root = self.live_root();
+        for (group, base) in groups.iter_mut().zip(bases) {
+            let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
+            let inside = |paths: &[PathBuf]| -> Vec<PathBuf> {
+                paths
+                    .iter()
+                    .filter_map(|d| d.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
+                    .filter(|d| under(d))
+                    .collect()
+            };
+            group.changed = Some(inside(&seen.dirs));
+            group.forced = inside(&seen.written);
+            group.forced.extend(base.map(|b| b.unsettled).unwrap_or_default());
+        }
+        journal.since = Some(position);
+    }
+
+    /// The change journal of this set: the caller's, kept since earlier sets, or one started
+    /// now on every filesystem the base copies are made from, before they are brought up to
+    /// date. Each group that cannot use one is told why it walks.
+    fn start_journal(&self, groups: &mut [Group<'_>]) -> Result<SetJournal, String> {
+        if let Some(journal) = &self.options.journal {
+            return Ok(SetJournal { journal: journal.clone(), kept: true, since: None, changed: Vec::new() });
+        }
         let started = if sysstate_types::failpoint::<u8>("JOURNAL_OFF").is_some() {
             Err("the change journal is off (SYSSTATE_FAILPOINT_JOURNAL_OFF)".to_string())
         } else {
@@ -405,6 +499,7 @@ impl Run<'_> {
                 .collect();
             let live: Vec<&Path> = live.iter().map(PathBuf::as_path).collect();
             Journal::start(&live, JournalOptions::default())
+                .map(|journal| SetJournal { journal: Arc::new(journal), kept: false, since: None, changed: Vec::new() })
                 .map_err(|e| format!("the change journal cannot start here (fanotify: {e})"))
         };
         if let Err(why) = &started {
@@ -417,19 +512,20 @@ impl Run<'_> {
 
     /// A group whose copy before the freeze met a filesystem the journal does not watch (one
     /// mounted below its paths) walks.
-    fn check_coverage(&self, groups: &mut [Group<'_>], journal: Result<&Journal, &String>) {
+    fn check_coverage(&self, groups: &mut [Group<'_>], journal: Result<&SetJournal, &String>) {
         for group in groups.iter_mut() {
             let Some(precopy) = &group.precopy else {
                 group.read = ("snapshot", None);
                 continue;
             };
-            let Ok(journal) = journal else { continue };
+            let Ok(SetJournal { journal, .. }) = journal else { continue };
             let devices: std::collections::BTreeSet<u64> = precopy.origins.values().map(|o| o.device).collect();
             if let Some(device) = devices.into_iter().find(|d| !journal.covers(*d)) {
                 let device = format!("{}:{}", rustix::fs::major(device), rustix::fs::minor(device));
                 group.read = ("walk", Some(format!("device {device} below the copied paths is not watched")));
             } else {
                 group.read = ("journal", None);
+                group.covered = true;
             }
         }
     }
@@ -445,11 +541,8 @@ impl Run<'_> {
         }
         let root = std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone());
         let changes = journal.map(Journal::take);
-        let live_prefixes: Vec<PathBuf> = groups
-            .iter()
-            .flat_map(|g| g.paths.iter())
-            .map(|p| root.join(p.strip_prefix("/").unwrap_or(p)))
-            .collect();
+        let live_prefixes: Vec<PathBuf> =
+            groups.iter().flat_map(|g| g.paths.iter()).map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
         let mapped: Vec<PathBuf> = journal::mapped_for_writing(&live_prefixes)
             .into_iter()
             .filter_map(|p| p.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
@@ -550,6 +643,7 @@ impl Run<'_> {
         groups: &[Group<'_>],
         commits: &[Commit],
         deleted: Vec<CopyMeta>,
+        journal: Option<&SetJournal>,
     ) -> Result<ShadowSetRecord, ShadowError> {
         let writers = (0..self.members.count())
             .map(|index| WriterRecord {
@@ -575,7 +669,9 @@ impl Run<'_> {
             deleted_to_make_room: deleted.into_iter().map(|c| c.id).collect(),
             lock_taken_over: None,
             frozen_at_ns: 0,
+            journal: None,
         };
+        let kept = journal.filter(|j| j.kept);
         for (group, copy) in groups.iter().zip(commits) {
             let precopy = group.precopy.as_ref();
             let dir = group.storage.copy_dir(self.copy_id);
@@ -609,6 +705,14 @@ impl Run<'_> {
                 // What was copied in the tick it changed in is copied again next time.
                 provider::write_origins(&dir, &copy.settled_origins())
                     .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+                // Where a kept journal stood when this copy was made: the next set brings it
+                // up to date from what the journal saw after.
+                let base = kept.filter(|_| group.covered).map(|j| provider::BaseJournal {
+                    position: j.journal.position(),
+                    unsettled: copy.unsettled.clone(),
+                });
+                provider::write_base_journal(&dir, base.as_ref())
+                    .map_err(|e| ShadowError::io(provider::journal_file(&dir), e))?;
             }
             for (device, name) in precopy.iter().flat_map(|c| &c.used).chain(&copy.used) {
                 let device = format!("{}:{}", rustix::fs::major(*device), rustix::fs::minor(*device));
@@ -618,6 +722,17 @@ impl Run<'_> {
             record.files += copy.files;
             record.precopied_files += precopy.map_or(0, |c| c.files);
         }
+        record.journal = kept.map(|j| {
+            let mut changed = j.changed.clone();
+            changed.sort();
+            changed.dedup();
+            let complete = j.since.is_some() && groups.iter().all(|g| g.covered && g.read.0 == "journal");
+            super::record::JournalRecord {
+                position: j.journal.position(),
+                since: j.since.filter(|_| complete),
+                changed: if complete { changed } else { Vec::new() },
+            }
+        });
         Ok(record)
     }
 

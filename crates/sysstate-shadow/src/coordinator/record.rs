@@ -1,8 +1,10 @@
 //! What a shadow set did, as the version manifest records it.
 
+use crate::journal::Position;
 use crate::lock::LockHolder;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// One writer's part in a shadow set, for the version manifest.
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +49,21 @@ pub struct CopyRecord {
     pub dirs_looked_at: Option<usize>,
 }
 
+/// Where a set made with a kept change journal (the agent's) stands in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalRecord {
+    /// The journal's position at the commit: the next set's changes are those after it.
+    #[serde(flatten)]
+    pub position: Position,
+    /// The position the base copies this set refreshed were made at, when every change since
+    /// is known: then [`changed`](Self::changed) says where.
+    #[serde(skip)]
+    pub since: Option<Position>,
+    /// The directories (absolute, as seen from the root) where something changed since `since`.
+    #[serde(skip)]
+    pub changed: Vec<PathBuf>,
+}
+
 /// What a shadow set did, recorded in the version manifest.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,6 +95,9 @@ pub struct ShadowSetRecord {
     pub deleted_to_make_room: Vec<String>,
     /// A lock left by a process that is gone, taken over.
     pub lock_taken_over: Option<LockHolder>,
+    /// Made with a kept change journal: where the set stands in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalRecord>,
     /// When the first writer was frozen (ns since the epoch): the set's point in time, which
     /// every copy was made at or after.
     #[serde(skip)]

@@ -115,6 +115,7 @@ impl Fixture {
             warning: None,
             output: None,
             recovered: None,
+            journal: None,
         }
     }
 

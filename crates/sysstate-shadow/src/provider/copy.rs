@@ -136,7 +136,9 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         let relative = path.strip_prefix("/").unwrap_or(path);
         if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
             if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
+                copier.out.looked_again.push(path.clone());
                 copier.entry(relative, meta)?;
+                copier.parent_touched(relative);
             }
         }
     }
@@ -171,6 +173,16 @@ impl Copier<'_> {
         live.is_dir()
             && previous.is_some_and(|p| (p.device, p.inode) == (live.dev(), live.ino()))
             && std::fs::symlink_metadata(self.req.dest.join(relative)).is_ok_and(|c| c.is_dir())
+    }
+
+    /// The folder of an entry copied again on its own (not while its folder was gone through):
+    /// its times and identity are taken again, since copying into it moved the copy's.
+    fn parent_touched(&mut self, relative: &Path) {
+        let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) else { return };
+        if let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(parent)) {
+            self.note_origin(parent, &meta);
+            self.dirs.push((parent.to_path_buf(), meta));
+        }
     }
 
     /// A directory the base holds already: its own metadata now, not its entries.
@@ -238,7 +250,9 @@ impl Copier<'_> {
         for relative in others {
             if let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(&relative)) {
                 if meta.is_file() {
+                    self.out.looked_again.push(Path::new("/").join(&relative));
                     self.entry(&relative, meta)?;
+                    self.parent_touched(&relative);
                 }
             }
         }

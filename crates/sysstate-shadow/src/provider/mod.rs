@@ -148,6 +148,9 @@ pub struct Commit {
     /// Entries this commit copied that had changed less than [`SETTLED`] before it started
     /// (absolute paths as seen from the root).
     pub unsettled: Vec<PathBuf>,
+    /// Entries looked at again outside the directories the journal named: forced, or another
+    /// name of a multiply-linked file (absolute paths as seen from the root).
+    pub looked_again: Vec<PathBuf>,
 }
 
 impl Commit {
@@ -232,6 +235,40 @@ pub fn estimate(root: &Path, paths: &[PathBuf]) -> u64 {
 /// The file beside a base copy's tree that records the live identities it was made from.
 pub fn origins_file(copy_dir: &Path) -> PathBuf {
     copy_dir.join("origins.json")
+}
+
+/// The file beside a base copy's tree that records where a kept change journal stood when the
+/// copy was made, and the entries it copied as they changed.
+pub fn journal_file(copy_dir: &Path) -> PathBuf {
+    copy_dir.join("journal.json")
+}
+
+/// Where a kept journal stood when the base copy was made, and the entries not to trust.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BaseJournal {
+    /// The journal's position.
+    pub position: crate::journal::Position,
+    /// Entries copied as they changed (absolute, as seen from the root): looked at again.
+    pub unsettled: Vec<PathBuf>,
+}
+
+/// Where a kept journal stood when the base copy was made (none: not known).
+pub fn read_base_journal(copy_dir: &Path) -> Option<BaseJournal> {
+    serde_json::from_slice(&std::fs::read(journal_file(copy_dir)).ok()?).ok()
+}
+
+/// Records where a kept journal stood when the base copy was made, or that it is not known.
+pub fn write_base_journal(copy_dir: &Path, journal: Option<&BaseJournal>) -> std::io::Result<()> {
+    let path = journal_file(copy_dir);
+    let Some(journal) = journal else {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    };
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, serde_json::to_vec(journal).expect("journal encodes"))?;
+    std::fs::rename(&temp, &path)
 }
 
 /// The identities a base copy was made from (none when unreadable: everything is copied).

@@ -34,6 +34,7 @@ pub fn backup(
         wait,
         trigger: super::shadow::signal_trigger(),
         damage: Some(context.damage_printer()),
+        journal: None,
     };
     let generated = std::cell::Cell::new(false);
     let report = context.run_job(JobKind::Backup, components, "backing up", |job| {

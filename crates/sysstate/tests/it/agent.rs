@@ -2,9 +2,10 @@
 //! few seconds (calendar expressions with seconds), its API on the sandbox's socket, and
 //! signals sent to it as systemd would.
 
-use crate::support::{assert_job_failed, is_root, make_tree, text, Sandbox};
+use crate::support::{assert_job_failed, is_root, make_tree, text, version_entries, Sandbox};
 use serde_json::Value;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -881,4 +882,71 @@ fn a_job_with_warnings_is_told_as_a_warning_naming_each() {
         "{notice:#}"
     );
     assert!(agent.stop().success());
+}
+
+/// The versions of this sandbox's repository, oldest first.
+fn versions(sandbox: &Sandbox) -> Vec<Value> {
+    sandbox.json(&["versions"], 0).as_array().unwrap().clone()
+}
+
+#[test]
+fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk_makes() {
+    if !is_root() {
+        return;
+    }
+    let (sandbox, root) = setup("");
+    make_tree(&root.join("data/more"), 300, 11);
+    std::fs::create_dir_all(root.join("data/quiet/deep/er")).unwrap();
+    std::fs::write(root.join("data/quiet/deep/er/file"), "untouched").unwrap();
+    // What the backups find settles first (copies of entries changed in the last two seconds
+    // are not trusted).
+    std::thread::sleep(Duration::from_millis(2200));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    let backup_now = || {
+        let output = sandbox.run_code(&["backup", "--now"], 0);
+        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+    };
+    backup_now();
+    backup_now();
+    // Changes of every kind, then a backup by the agent and one by a command of the same moment.
+    std::fs::write(root.join("data/more/d1/e1/new"), "new").unwrap();
+    std::fs::remove_dir_all(root.join("data/more/d2")).unwrap();
+    std::fs::rename(root.join("data/more/d3"), root.join("data/more/d4/moved")).unwrap();
+    std::fs::set_permissions(root.join("data/more/d5"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::hard_link(root.join("data/quiet/deep/er/file"), root.join("data/more/d1/link")).unwrap();
+    backup_now();
+    drop(agent);
+    sandbox.ok(&["backup", "--root", root.to_str().unwrap()]);
+    let listed = versions(&sandbox);
+    let [first, second, third, by_command] = &listed[..] else { panic!("four versions: {listed:#?}") };
+    let walk = |v: &Value| v["shadow"]["walk"].clone();
+    assert_eq!(walk(first)["read"], "walk", "{first:#}");
+    assert_eq!(walk(second)["read"], "journal", "the second backup walked: {:#}", walk(second));
+    assert_eq!(walk(second)["folders-named"], 0, "nothing changed: {:#}", walk(second));
+    assert_eq!(walk(third)["read"], "journal", "{:#}", walk(third));
+    assert!(walk(third)["folders-named"].as_u64().unwrap() >= 4, "{:#}", walk(third));
+    assert_eq!(walk(by_command)["read"], "walk");
+    assert!(walk(by_command)["because"].as_str().unwrap().contains("agent keeps one"), "{:#}", walk(by_command));
+    for version in [second, third] {
+        let copy = &version["shadow"]["copies"][0];
+        assert_eq!(copy["read"], "journal", "{copy:#}");
+    }
+    // The journaled version is the version a full walk of the same moment makes: entry for
+    // entry the same identities, times (but a folder's access time, which a walk's own
+    // listing moves), metadata and contents; and the same figures.
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    let (a, b) = (version_entries(&sandbox, &id(third)), version_entries(&sandbox, &id(by_command)));
+    let differ: Vec<_> = a
+        .iter()
+        .filter(|(path, node)| b.get(*path) != Some(node))
+        .map(|(path, node)| format!("{path}:\n  journal: {node}\n  walk:    {:?}", b.get(path)))
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{p}: only in the walk")))
+        .take(8)
+        .collect();
+    assert!(differ.is_empty(), "the journaled version differs from a full walk's:\n{}", differ.join("\n"));
+    assert!(a.len() > 300, "{} entries", a.len());
+    for figure in ["files", "dirs", "others", "bytes-total"] {
+        assert_eq!(third["stats"][figure], by_command["stats"][figure], "{figure}");
+    }
+    assert!(third["stats"]["files"].as_u64().unwrap() > 250, "{:#}", third["stats"]);
 }

@@ -387,3 +387,30 @@ impl Drop for BindMount {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Every entry of a version, by path: everything the repository records of it (identity,
+/// times, metadata, content's blob ids), for comparing two versions entry for entry — but a
+/// directory's access time, which every walk that lists the directory moves (and a walk that
+/// does not list it, like the agent's journaled one, does not).
+pub fn version_entries(sandbox: &Sandbox, version: &str) -> std::collections::BTreeMap<String, String> {
+    use sysstate_repo::tree::NodeKind;
+    let backend = sysstate_repo::backend::open_target(&sandbox.target).unwrap();
+    let repo = sysstate_repo::Repository::open(backend, sandbox.passphrase.as_deref().unwrap().as_bytes()).unwrap();
+    repo.load_index().unwrap();
+    let id = sysstate_repo::Id::from_hex(version).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![(String::new(), repo.read_version(&id).unwrap().tree)];
+    while let Some((path, tree)) = stack.pop() {
+        for mut node in repo.read_tree(&tree).unwrap().nodes {
+            let path = format!("{path}/{}", String::from_utf8_lossy(&node.name));
+            if let NodeKind::Dir { subtree } = node.kind {
+                stack.push((path.clone(), subtree));
+                // The subtree is compared entry by entry.
+                node.kind = NodeKind::Dir { subtree: sysstate_repo::Id([0; 32]) };
+                node.atime_ns = 0;
+            }
+            out.insert(path, format!("{node:?}"));
+        }
+    }
+    out
+}
