@@ -568,10 +568,17 @@ fn start_journal(config: &Config, root: &Path) -> Option<sysstate_engine::ops::K
         .chain(std::iter::once(root.to_path_buf()))
         .collect();
     let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    match sysstate_shadow::journal::Journal::start(&paths, Default::default()) {
-        Ok(journal) => {
-            Some(sysstate_engine::ops::KeptJournal { journal: Arc::new(journal), counts: Default::default() })
-        }
+    // Tests provoke the journal's doubt with a tiny bound.
+    let options = sysstate_shadow::journal::JournalOptions {
+        max_dirs: sysstate_types::failpoint("JOURNAL_MAX_DIRS").unwrap_or(65_536),
+        ..Default::default()
+    };
+    match sysstate_shadow::journal::Journal::start(&paths, options) {
+        Ok(journal) => Some(sysstate_engine::ops::KeptJournal {
+            journal: Arc::new(journal),
+            counts: Default::default(),
+            made: Default::default(),
+        }),
         Err(error) => {
             say(format!("the change journal cannot start ({error}): every backup reads all its components"));
             None

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The identity a version records for an entry in place of its metadata's own: device, and
-/// inode and ctime (ns) when they differ too (`None`: the metadata's stand).
-pub type Identity = (u64, Option<u64>, Option<i64>);
+/// inode, ctime (ns) and link count when they differ too (`None`: the metadata's stand).
+pub type Identity = (u64, Option<u64>, Option<i64>, Option<u64>);
 
 /// A tree to back up.
 pub trait Source: Sync {

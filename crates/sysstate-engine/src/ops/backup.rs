@@ -47,6 +47,9 @@ pub struct KeptJournal {
     pub journal: std::sync::Arc<sysstate_shadow::journal::Journal>,
     /// Entry counts by tree.
     pub counts: std::sync::Arc<sysstate_repo::archiver::TreeCounts>,
+    /// The version the last backup with this journal made, and the position it was read at:
+    /// the parent the next one compares with, whatever was backed up in between by others.
+    pub made: std::sync::Arc<std::sync::Mutex<Option<(sysstate_shadow::journal::Position, Id)>>>,
 }
 
 /// What a backup did.
@@ -249,7 +252,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         selection.source = set.source_for(&selection.path).or(selection.source.take());
     }
     let selection_id = selection_id(&repo, &resolved);
-    let (changed, walk) = journal_walk(&repo, parent, set.record(), request.journal.is_some(), &selection_id);
+    let (changed, walk, parent) = journal_walk(&repo, parent, set.record(), request.journal.as_ref(), &selection_id);
     let mut shadow = serde_json::to_value(set.record()).expect("records encode");
     shadow["walk"] = walk;
     let options = BackupOptions {
@@ -283,6 +286,9 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     job.operation("releasing shadow copies");
     let record = set.complete(outcome.is_ok());
     let mut outcome = outcome?;
+    if let (Some(kept), Some(journal)) = (&request.journal, &record.journal) {
+        *kept.made.lock().expect("journal lock") = Some((journal.position, outcome.id));
+    }
     outcome.warnings.extend(skipped);
     outcome.warnings.extend(generated_warnings);
     Ok(BackupReport {
@@ -304,20 +310,23 @@ fn selection_id(repo: &Repository, resolved: &[components::Resolved]) -> String 
 }
 
 /// How the archiver walks: only what the shadow set's kept journal says changed since the
-/// parent version was read, or everything. Returns the changed directories (with the generated
-/// files' folder, always read again) and the record of the choice, with why it walks.
+/// parent version was read, or everything. The parent is then the version the journal's last
+/// backup made (a command's backup in between was not read at a journal position). Returns
+/// the changed directories (with the generated files' folder, always read again), the record
+/// of the choice, with why it walks, and the parent.
 fn journal_walk(
     repo: &Repository,
-    parent: Option<Id>,
+    latest: Option<Id>,
     record: &sysstate_shadow::ShadowSetRecord,
-    kept: bool,
+    kept: Option<&KeptJournal>,
     selection: &str,
-) -> (Option<Vec<PathBuf>>, serde_json::Value) {
-    let walk =
-        |because: &str| (None, serde_json::json!({ "read": "walk", "because": because, "selection": selection }));
-    if !kept {
+) -> (Option<Vec<PathBuf>>, serde_json::Value, Option<Id>) {
+    let walk = |because: &str| {
+        (None, serde_json::json!({ "read": "walk", "because": because, "selection": selection }), latest)
+    };
+    let Some(kept) = kept else {
         return walk("no change journal was kept since the parent version (the agent keeps one)");
-    }
+    };
     let Some(journal) = &record.journal else { return walk("the shadow set kept no journal") };
     let Some(since) = journal.since else {
         let why: Vec<&str> = record.copies.iter().filter_map(|c| c.walked_because.as_deref()).collect();
@@ -327,7 +336,11 @@ fn journal_walk(
             why.join("; ")
         });
     };
-    let Some(parent) = parent.and_then(|id| repo.read_version(&id).ok()) else { return walk("no parent version") };
+    let made = *kept.made.lock().expect("journal lock");
+    let parent_id = made.filter(|(position, _)| *position == since).map(|(_, id)| id).or(latest);
+    let Some(parent) = parent_id.and_then(|id| repo.read_version(&id).ok()) else {
+        return walk("no parent version");
+    };
     let parent_shadow = parent.shadow.unwrap_or_default();
     let parent_position: Option<sysstate_shadow::journal::Position> =
         serde_json::from_value(parent_shadow["journal"].clone()).ok();
@@ -343,7 +356,7 @@ fn journal_walk(
     changed.dedup();
     let record =
         serde_json::json!({ "read": "journal", "folders-named": journal.changed.len(), "selection": selection });
-    (Some(changed), record)
+    (Some(changed), record, parent_id)
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

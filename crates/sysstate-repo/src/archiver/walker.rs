@@ -315,10 +315,11 @@ impl<S: Source> Walker<'_, '_, S> {
 
     /// Records the identity the source gives the entry instead of its metadata's own.
     fn identity(&self, shown: &Path, node: &mut Node) {
-        if let Some((device, inode, ctime_ns)) = self.source.identity(shown) {
+        if let Some((device, inode, ctime_ns, links)) = self.source.identity(shown) {
             node.device = device;
             node.inode = inode.unwrap_or(node.inode);
             node.ctime_ns = ctime_ns.unwrap_or(node.ctime_ns);
+            node.links = links.unwrap_or(node.links);
         }
     }
 

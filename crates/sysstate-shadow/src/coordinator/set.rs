@@ -62,12 +62,14 @@ impl ShadowSet {
 
     /// Maps an entry of the copy (by its absolute path as seen from the root) to the live
     /// entry's identity: `(device, inode, ctime ns)`, where `None` means the copy kept it.
-    pub fn live_identity(&self) -> impl Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>)> + Send + Sync + 'static {
+    pub fn live_identity(
+        &self,
+    ) -> impl Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>, Option<u64>)> + Send + Sync + 'static {
         let origins = self.origins.clone();
         let device = self.live_device;
         move |path| match origins.get(path) {
-            Some(origin) => Some((origin.device, Some(origin.inode), Some(origin.ctime_ns))),
-            None => device.map(|device| (device, None, None)),
+            Some(origin) => Some((origin.device, Some(origin.inode), Some(origin.ctime_ns), Some(origin.links))),
+            None => device.map(|device| (device, None, None, None)),
         }
     }
 

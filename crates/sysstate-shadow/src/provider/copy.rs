@@ -130,7 +130,6 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
                 copier.refresh_dir(relative)?;
             }
         }
-        copier.relink()?;
     }
     for path in req.forced {
         let relative = path.strip_prefix("/").unwrap_or(path);
@@ -141,6 +140,9 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
                 copier.parent_touched(relative);
             }
         }
+    }
+    if incremental {
+        copier.relink()?;
     }
     // Folders last, deepest first: creating their entries changed their times.
     copier.dirs.sort_by(|a, b| a.0.cmp(&b.0));
@@ -232,27 +234,46 @@ impl Copier<'_> {
         self.check_limits()
     }
 
-    /// Every other name of a multiply-linked file met or removed: a link made or removed
-    /// through one name changes the inode's ctime under all of them, with an event only in
-    /// the directory of the name used.
+    /// Every name of a multiply-linked file copied again or removed: a link made or removed
+    /// through one name changes the inode's ctime and link count under all of them, with an
+    /// event only in the folder of the name used; and the copy must hold all its names as one
+    /// file again, as the live system does.
     fn relink(&mut self) -> Result<(), CommitError> {
         if self.linked.is_empty() {
             return Ok(());
         }
-        let others: Vec<PathBuf> = self
-            .req
-            .previous
-            .into_iter()
-            .flatten()
-            .filter(|(_, origin)| self.linked.contains(&(origin.device, origin.inode)))
-            .map(|(path, _)| path.strip_prefix("/").unwrap_or(path).to_path_buf())
-            .collect();
-        for relative in others {
-            if let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(&relative)) {
-                if meta.is_file() {
-                    self.out.looked_again.push(Path::new("/").join(&relative));
-                    self.entry(&relative, meta)?;
-                    self.parent_touched(&relative);
+        let mut names: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
+        for (path, origin) in self.req.previous.into_iter().flatten().chain(&self.out.origins) {
+            if self.linked.contains(&(origin.device, origin.inode)) {
+                names.entry((origin.device, origin.inode)).or_default().push(path.clone());
+            }
+        }
+        for paths in names.values_mut() {
+            paths.sort();
+            paths.dedup();
+            // Each name looked at again, as it is now (a name may be gone, or another file).
+            let mut anchor: Option<(PathBuf, u64, u64)> = None;
+            for path in paths.iter() {
+                let relative = path.strip_prefix("/").unwrap_or(path);
+                let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(relative)) else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                self.out.looked_again.push(path.clone());
+                self.entry(relative, meta.clone())?;
+                self.parent_touched(relative);
+                // One copy for every name of one live file.
+                let target = self.req.dest.join(relative);
+                let Ok(copied) = std::fs::symlink_metadata(&target) else { continue };
+                match &anchor {
+                    Some((first, device, inode)) if *device == meta.dev() && *inode == meta.ino() => {
+                        if copied.ino() != std::fs::symlink_metadata(first).map(|m| m.ino()).unwrap_or(0) {
+                            self.remove_tree(&target)?;
+                            std::fs::hard_link(first, &target).map_err(|e| self.io_error(&target, e))?;
+                        }
+                    }
+                    Some(_) => {}
+                    None => anchor = Some((target, meta.dev(), meta.ino())),
                 }
             }
         }

@@ -34,12 +34,21 @@ pub struct Origin {
     pub inode: u64,
     /// `st_ctime` of the live file, ns.
     pub ctime_ns: i64,
+    /// `st_nlink` of the live file: a copy need not hold a file's names as one file (a name
+    /// copied on its own in a refresh is a file of its own), the version records the live count.
+    #[serde(default)]
+    pub links: u64,
 }
 
 impl Origin {
     /// The identity of a live entry.
     pub fn of(meta: &std::fs::Metadata) -> Origin {
-        Origin { device: meta.dev(), inode: meta.ino(), ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec() }
+        Origin {
+            device: meta.dev(),
+            inode: meta.ino(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            links: meta.nlink(),
+        }
     }
 }
 

@@ -950,3 +950,124 @@ fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk
     }
     assert!(third["stats"]["files"].as_u64().unwrap() > 250, "{:#}", third["stats"]);
 }
+
+/// A random change under `dir`: files written, removed, renamed over others, linked, chmod,
+/// extended attributes, folders made, moved and removed.
+fn random_change(dir: &Path, rng: &mut u64, serial: &mut u32) {
+    let mut next = || {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    };
+    let mut all: Vec<PathBuf> = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+            all.push(entry.path());
+        }
+    }
+    all.sort();
+    let folders: Vec<PathBuf> =
+        std::iter::once(dir.to_path_buf()).chain(all.iter().filter(|p| p.is_dir()).cloned()).collect();
+    let files: Vec<&PathBuf> = all.iter().filter(|p| p.is_file()).collect();
+    let folder = folders[(next() as usize) % folders.len()].clone();
+    let file = files.get((next() as usize) % files.len().max(1)).map(|p| (*p).clone());
+    *serial += 1;
+    let _ = match next() % 9 {
+        0 | 1 => {
+            std::fs::write(folder.join(format!("new{serial}")), vec![(next() % 250) as u8; (next() % 9000) as usize])
+        }
+        2 => file.map_or(Ok(()), |f| std::fs::write(f, format!("rewritten {serial}"))),
+        3 => file.map_or(Ok(()), std::fs::remove_file),
+        4 => match (file, files.first()) {
+            (Some(a), Some(b)) if a != **b => std::fs::rename(a, b), // renamed over another
+            _ => Ok(()),
+        },
+        5 => file.map_or(Ok(()), |f| std::fs::hard_link(f, folder.join(format!("link{serial}")))),
+        6 => file.map_or(Ok(()), |f| {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600 | (next() % 0o100) as u32))
+        }),
+        7 => std::fs::create_dir(folder.join(format!("dir{serial}"))),
+        _ => match folders.get((next() as usize) % folders.len()) {
+            // A folder moved into another (not into itself).
+            Some(other) if folder != dir && !other.starts_with(&folder) => {
+                std::fs::rename(&folder, other.join(format!("moved{serial}")))
+            }
+            _ => Ok(()),
+        },
+    };
+}
+
+#[test]
+fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
+    if !is_root() {
+        return;
+    }
+    let (sandbox, root) = setup("");
+    make_tree(&root.join("data/more"), 200, 23);
+    std::thread::sleep(Duration::from_millis(2200));
+    let seed = now_ns() as u64 | 1;
+    eprintln!("seed {seed}");
+    let (mut rng, mut serial) = (seed, 0);
+    // A full walk of the same moment: a command with its own state folder (its own base copy),
+    // into the same repository.
+    let walk_now = || {
+        let output = sandbox
+            .command(&["backup", "--root", root.to_str().unwrap()])
+            .env("SYSSTATE_STATE_DIR", sandbox.path("state-walk"))
+            .env("SYSSTATE_RUNTIME_DIR", sandbox.path("run-walk"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    };
+    let mut agent = Some(Agent::start(&sandbox, &root, &[]));
+    let mut journaled = 0;
+    for round in 0..8 {
+        match round {
+            // A restart: the new journal knows nothing of what changed before it.
+            4 => {
+                drop(agent.take());
+                agent = Some(Agent::start(&sandbox, &root, &[]));
+            }
+            // A journal that may remember only three folders: in doubt, it walks.
+            6 => {
+                drop(agent.take());
+                agent = Some(Agent::start(&sandbox, &root, &[("SYSSTATE_FAILPOINT_JOURNAL_MAX_DIRS", "3")]));
+            }
+            _ => {}
+        }
+        for _ in 0..60 {
+            random_change(&root.join("data"), &mut rng, &mut serial);
+        }
+        let output = sandbox.run_code(&["backup", "--now"], 0);
+        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+        walk_now();
+        let listed = versions(&sandbox);
+        let [.., by_agent, by_walk] = &listed[..] else { panic!("{listed:#?}") };
+        let read = by_agent["shadow"]["walk"]["read"].as_str().unwrap().to_string();
+        match round {
+            0 | 4 => assert_eq!(read, "walk", "round {round}: {:#}", by_agent["shadow"]["walk"]),
+            6 | 7 => assert_eq!(read, "walk", "round {round}: {:#}", by_agent["shadow"]),
+            _ => assert_eq!(read, "journal", "round {round}: {:#}", by_agent["shadow"]),
+        }
+        journaled += usize::from(read == "journal");
+        let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+        let (a, b) = (version_entries(&sandbox, &id(by_agent)), version_entries(&sandbox, &id(by_walk)));
+        let differ: Vec<_> = a
+            .iter()
+            .filter(|(path, node)| b.get(*path) != Some(node))
+            .map(|(path, node)| format!("{path}:\n  agent: {node}\n  walk:  {:?}", b.get(path)))
+            .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{p}: only in the walk")))
+            .take(6)
+            .collect();
+        assert!(differ.is_empty(), "round {round} (seed {seed}): the agent's version differs:\n{}", differ.join("\n"));
+        for figure in ["files", "dirs", "others", "bytes-total"] {
+            assert_eq!(by_agent["stats"][figure], by_walk["stats"][figure], "round {round}: {figure}");
+        }
+    }
+    assert_eq!(journaled, 4, "rounds 1-3 and 5 read by the journal");
+}
