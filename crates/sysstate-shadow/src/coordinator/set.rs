@@ -45,6 +45,10 @@ impl std::fmt::Debug for ShadowSet {
     }
 }
 
+/// The live identity of an entry of a copy: device, and inode, ctime (ns) and link count where
+/// the copy's are not the live ones.
+pub type LiveIdentity = (u64, Option<u64>, Option<i64>, Option<u64>);
+
 impl ShadowSet {
     /// The directory that stands for `/` in the copies.
     pub fn root(&self) -> &Path {
@@ -62,9 +66,7 @@ impl ShadowSet {
 
     /// Maps an entry of the copy (by its absolute path as seen from the root) to the live
     /// entry's identity: `(device, inode, ctime ns)`, where `None` means the copy kept it.
-    pub fn live_identity(
-        &self,
-    ) -> impl Fn(&Path) -> Option<(u64, Option<u64>, Option<i64>, Option<u64>)> + Send + Sync + 'static {
+    pub fn live_identity(&self) -> impl Fn(&Path) -> Option<LiveIdentity> + Send + Sync + 'static {
         let origins = self.origins.clone();
         let device = self.live_device;
         move |path| match origins.get(path) {
