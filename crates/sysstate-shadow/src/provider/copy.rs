@@ -68,6 +68,9 @@ struct Copier<'a> {
     linked: std::collections::HashSet<(u64, u64)>,
     /// The request's `forced`, relative to the root.
     forced: std::collections::HashSet<&'a Path>,
+    /// Refreshing only what the journal named: the entries looked at so far (relative), each
+    /// looked at once.
+    met: std::collections::HashSet<PathBuf>,
 }
 
 /// A commit by copying (or cloning) entries into a mirrored tree.
@@ -85,6 +88,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         incremental,
         linked: Default::default(),
         forced: req.forced.iter().map(|f| f.strip_prefix("/").unwrap_or(f)).collect(),
+        met: Default::default(),
     };
     if incremental {
         copier.out.origins = req.previous.cloned().unwrap_or_default();
@@ -131,9 +135,11 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
             }
         }
     }
-    for path in req.forced {
+    // A full walk met every forced file already; a refresh by the journal looks at those it
+    // did not.
+    for path in req.forced.iter().filter(|_| incremental) {
         let relative = path.strip_prefix("/").unwrap_or(path);
-        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
+        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) && !copier.met.contains(relative) {
             if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
                 copier.out.looked_again.push(path.clone());
                 copier.entry(relative, meta)?;
@@ -144,6 +150,8 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
     if incremental {
         copier.relink()?;
     }
+    // Past the deadline is past it, however little there was to look at.
+    copier.check_limits()?;
     // Folders last, deepest first: creating their entries changed their times.
     copier.dirs.sort_by(|a, b| a.0.cmp(&b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
@@ -259,9 +267,11 @@ impl Copier<'_> {
                 if !meta.is_file() {
                     continue;
                 }
-                self.out.looked_again.push(path.clone());
-                self.entry(relative, meta.clone())?;
-                self.parent_touched(relative);
+                if !self.met.contains(relative) {
+                    self.out.looked_again.push(path.clone());
+                    self.entry(relative, meta.clone())?;
+                    self.parent_touched(relative);
+                }
                 // One copy for every name of one live file.
                 let target = self.req.dest.join(relative);
                 let Ok(copied) = std::fs::symlink_metadata(&target) else { continue };
@@ -370,6 +380,9 @@ impl Copier<'_> {
     /// while it is copied — everything runs during the copy before the freeze, and processes
     /// that are not writers during the freeze too — is left out, as if it had gone before.
     fn entry(&mut self, relative: &Path, meta: std::fs::Metadata) -> Result<(), CommitError> {
+        if self.incremental {
+            self.met.insert(relative.to_path_buf());
+        }
         match self.copy_entry(relative, meta) {
             Err(CommitError::Io(error))
                 if std::fs::symlink_metadata(self.req.root.join(relative))
