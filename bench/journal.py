@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import PASSWORD, Change, log, make_system, measure, run  # noqa: E402
 
 
-def loop_filesystem(kind, base, size="4G"):
+def loop_filesystem(kind, base, size="8G"):
     """A fresh filesystem of `kind` on a loop device, mounted at base/mnt; returns the device."""
     subprocess.run(["umount", str(base / "mnt")], capture_output=True)
     shutil.rmtree(base, ignore_errors=True)

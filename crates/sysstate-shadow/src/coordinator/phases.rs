@@ -464,16 +464,8 @@ impl Run<'_> {
         let (true, Changes::Seen(seen)) = (continuous, changes) else { return };
         let root = self.live_root();
         for (group, base) in groups.iter_mut().zip(bases) {
-            let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
-            let inside = |paths: &[PathBuf]| -> Vec<PathBuf> {
-                paths
-                    .iter()
-                    .filter_map(|d| d.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
-                    .filter(|d| under(d))
-                    .collect()
-            };
-            group.changed = Some(inside(&seen.dirs));
-            group.forced = inside(&seen.written);
+            group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
+            group.forced = shown_under(&root, &seen.written, group.paths);
             group.forced.extend(base.map(|b| b.unsettled).unwrap_or_default());
         }
         journal.since = Some(position);
@@ -559,16 +551,9 @@ impl Run<'_> {
                 }
                 _ => continue,
             };
-            let inside = |paths: &[PathBuf]| -> Vec<PathBuf> {
-                paths
-                    .iter()
-                    .filter_map(|d| d.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
-                    .filter(|d| under(d))
-                    .collect()
-            };
-            group.changed = Some(inside(&changed.dirs));
+            group.changed = Some(shown_under(&root, &changed.dirs, group.paths));
             group.forced.extend(group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned()));
-            group.forced.extend(inside(&changed.written));
+            group.forced.extend(shown_under(&root, &changed.written, group.paths));
         }
     }
 
@@ -751,4 +736,13 @@ impl Run<'_> {
         }
         Made { commit, extra, record }
     }
+}
+
+/// The live paths in `live` (absolute, under `root`) that lie under one of `paths`, as seen from
+/// the root.
+fn shown_under(root: &Path, live: &[PathBuf], paths: &[PathBuf]) -> Vec<PathBuf> {
+    live.iter()
+        .filter_map(|path| path.strip_prefix(root).ok().map(|inside| Path::new("/").join(inside)))
+        .filter(|shown| paths.iter().any(|p| shown.starts_with(p)))
+        .collect()
 }

@@ -185,6 +185,20 @@ impl Copier<'_> {
             && std::fs::symlink_metadata(self.req.dest.join(relative)).is_ok_and(|c| c.is_dir())
     }
 
+    /// Removes from the copy's folder `target` the entries gone from the live one, whose
+    /// entries are `names` (sorted).
+    fn remove_gone(&mut self, target: &Path, names: &[std::ffi::OsString]) -> Result<(), CommitError> {
+        let gone: Vec<_> = std::fs::read_dir(target)
+            .map_err(|e| CommitError::Io(ShadowError::io(target, e)))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|name| names.binary_search(name).is_err())
+            .collect();
+        for name in gone {
+            self.remove(&target.join(name))?;
+        }
+        Ok(())
+    }
+
     /// The folder of an entry copied again on its own (not while its folder was gone through):
     /// its times and identity are taken again, since copying into it moved the copy's.
     fn parent_touched(&mut self, relative: &Path) {
@@ -217,19 +231,8 @@ impl Copier<'_> {
         }
         self.dir_itself(relative, meta);
         let target = self.req.dest.join(relative);
-        let mut names: Vec<_> = std::fs::read_dir(&source)
-            .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect();
-        names.sort();
-        let gone: Vec<_> = std::fs::read_dir(&target)
-            .map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .filter(|name| names.binary_search(name).is_err())
-            .collect();
-        for name in gone {
-            self.remove(&target.join(name))?;
-        }
+        let names = live_names(&source)?;
+        self.remove_gone(&target, &names)?;
         for name in names {
             let child = relative.join(&name);
             match std::fs::symlink_metadata(self.req.root.join(&child)) {
@@ -421,21 +424,9 @@ impl Copier<'_> {
                 std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
             }
             self.dirs.push((relative.to_path_buf(), meta));
-            let mut names: Vec<_> = std::fs::read_dir(&source)
-                .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?
-                .filter_map(|e| e.ok().map(|e| e.file_name()))
-                .collect();
-            names.sort();
+            let names = live_names(&source)?;
             if existed {
-                // Entries of the base that are gone from the live folder.
-                let gone: Vec<_> = std::fs::read_dir(&target)
-                    .map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?
-                    .filter_map(|e| e.ok().map(|e| e.file_name()))
-                    .filter(|name| names.binary_search(name).is_err())
-                    .collect();
-                for name in gone {
-                    self.remove(&target.join(name))?;
-                }
+                self.remove_gone(&target, &names)?;
             }
             for name in names {
                 let child = relative.join(&name);
@@ -573,6 +564,16 @@ impl Copier<'_> {
         }?;
         Ok(false)
     }
+}
+
+/// The names in the live folder `source`, sorted.
+fn live_names(source: &Path) -> Result<Vec<std::ffi::OsString>, CommitError> {
+    let mut names: Vec<_> = std::fs::read_dir(source)
+        .map_err(|e| CommitError::Io(ShadowError::io(source, e)))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// How much of a file is copied between two looks at the stop flag: a signal stops the copy of

@@ -884,6 +884,21 @@ fn a_job_with_warnings_is_told_as_a_warning_naming_each() {
     assert!(agent.stop().success());
 }
 
+/// Where two versions differ, entry for entry (see `version_entries`), at most eight, and how
+/// many entries the first holds.
+fn differences(sandbox: &Sandbox, first: &Value, second: &Value) -> (Vec<String>, usize) {
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    let (a, b) = (version_entries(sandbox, &id(first)), version_entries(sandbox, &id(second)));
+    let differ = a
+        .iter()
+        .filter(|(path, node)| b.get(*path) != Some(node))
+        .map(|(path, node)| format!("{path}:\n  first:  {node}\n  second: {:?}", b.get(path)))
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{p}: only in the second")))
+        .take(8)
+        .collect();
+    (differ, a.len())
+}
+
 /// The versions of this sandbox's repository, oldest first.
 fn versions(sandbox: &Sandbox) -> Vec<Value> {
     sandbox.json(&["versions"], 0).as_array().unwrap().clone()
@@ -934,17 +949,9 @@ fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk
     // The journaled version is the version a full walk of the same moment makes: entry for
     // entry the same identities, times (but a folder's access time, which a walk's own
     // listing moves), metadata and contents; and the same figures.
-    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
-    let (a, b) = (version_entries(&sandbox, &id(third)), version_entries(&sandbox, &id(by_command)));
-    let differ: Vec<_> = a
-        .iter()
-        .filter(|(path, node)| b.get(*path) != Some(node))
-        .map(|(path, node)| format!("{path}:\n  journal: {node}\n  walk:    {:?}", b.get(path)))
-        .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{p}: only in the walk")))
-        .take(8)
-        .collect();
+    let (differ, entries) = differences(&sandbox, third, by_command);
     assert!(differ.is_empty(), "the journaled version differs from a full walk's:\n{}", differ.join("\n"));
-    assert!(a.len() > 300, "{} entries", a.len());
+    assert!(entries > 300, "{entries} entries");
     for figure in ["files", "dirs", "others", "bytes-total"] {
         assert_eq!(third["stats"][figure], by_command["stats"][figure], "{figure}");
     }
@@ -1055,15 +1062,7 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
             _ => assert_eq!(read, "journal", "round {round}: {:#}", by_agent["shadow"]),
         }
         journaled += usize::from(read == "journal");
-        let id = |v: &Value| v["id"].as_str().unwrap().to_string();
-        let (a, b) = (version_entries(&sandbox, &id(by_agent)), version_entries(&sandbox, &id(by_walk)));
-        let differ: Vec<_> = a
-            .iter()
-            .filter(|(path, node)| b.get(*path) != Some(node))
-            .map(|(path, node)| format!("{path}:\n  agent: {node}\n  walk:  {:?}", b.get(path)))
-            .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{p}: only in the walk")))
-            .take(6)
-            .collect();
+        let (differ, _) = differences(&sandbox, by_agent, by_walk);
         assert!(differ.is_empty(), "round {round} (seed {seed}): the agent's version differs:\n{}", differ.join("\n"));
         for figure in ["files", "dirs", "others", "bytes-total"] {
             assert_eq!(by_agent["stats"][figure], by_walk["stats"][figure], "round {round}: {figure}");
