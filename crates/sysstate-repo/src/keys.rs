@@ -88,7 +88,34 @@ pub enum KeyError {
     Malformed(String),
 }
 
+/// Keys derived in this process, by a hash of what they were derived from: a long-lived process
+/// (the agent) opens its repository for every job, and argon2id is made to cost a core for a
+/// tenth of a second and 32 MiB each time. Kept in memory only, as the passphrase is; at most
+/// [`DERIVED_KEPT`].
+static DERIVED: std::sync::Mutex<Vec<([u8; 32], [u8; 32])>> = std::sync::Mutex::new(Vec::new());
+
+/// How many derived keys a process keeps.
+const DERIVED_KEPT: usize = 8;
+
 fn derive(passphrase: &[u8], salt: &[u8], params: KdfParams) -> Result<[u8; 32], KeyError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&(passphrase.len() as u64).to_le_bytes()).update(passphrase).update(salt);
+    hasher.update(&params.memory_kib.to_le_bytes()).update(&params.iterations.to_le_bytes());
+    hasher.update(&params.parallelism.to_le_bytes());
+    let id: [u8; 32] = hasher.finalize().into();
+    if let Some((_, key)) = DERIVED.lock().expect("derived keys lock").iter().find(|(known, _)| *known == id) {
+        return Ok(*key);
+    }
+    let key = derive_now(passphrase, salt, params)?;
+    let mut derived = DERIVED.lock().expect("derived keys lock");
+    if derived.len() >= DERIVED_KEPT {
+        derived.remove(0);
+    }
+    derived.push((id, key));
+    Ok(key)
+}
+
+fn derive_now(passphrase: &[u8], salt: &[u8], params: KdfParams) -> Result<[u8; 32], KeyError> {
     let argon = argon2::Argon2::new(
         argon2::Algorithm::Argon2id,
         argon2::Version::V0x13,

@@ -76,6 +76,8 @@ struct Group<'a> {
     read: (&'static str, Option<String>),
     /// True when the set's journal watches every filesystem its copy before the freeze met.
     covered: bool,
+    /// The devices the copy before the freeze met.
+    devices: std::collections::BTreeSet<u64>,
 }
 
 /// The change journal a set uses: the caller's, kept since earlier sets, or its own.
@@ -289,6 +291,7 @@ impl Run<'_> {
                     forced: Vec::new(),
                     read: ("walk", None),
                     covered: false,
+                    devices: Default::default(),
                 }
             })
             .collect()
@@ -337,7 +340,9 @@ impl Run<'_> {
                         }
                         group.changed = None;
                         group.forced.clear();
-                        group.previous = Some(copy.settled_origins());
+                        let mut copy = copy;
+                        group.devices = copy.origins.values().map(|o| o.device).collect();
+                        group.previous = Some(copy.take_settled_origins());
                         group.precopy = Some(copy);
                     }
                     Some(Err(
@@ -506,13 +511,12 @@ impl Run<'_> {
     /// mounted below its paths) walks.
     fn check_coverage(&self, groups: &mut [Group<'_>], journal: Result<&SetJournal, &String>) {
         for group in groups.iter_mut() {
-            let Some(precopy) = &group.precopy else {
+            if group.precopy.is_none() {
                 group.read = ("snapshot", None);
                 continue;
-            };
+            }
             let Ok(SetJournal { journal, .. }) = journal else { continue };
-            let devices: std::collections::BTreeSet<u64> = precopy.origins.values().map(|o| o.device).collect();
-            if let Some(device) = devices.into_iter().find(|d| !journal.covers(*d)) {
+            if let Some(device) = group.devices.iter().copied().find(|d| !journal.covers(*d)) {
                 let device = format!("{}:{}", rustix::fs::major(device), rustix::fs::minor(device));
                 group.read = ("walk", Some(format!("device {device} below the copied paths is not watched")));
             } else {
@@ -688,8 +692,17 @@ impl Run<'_> {
             });
             if self.copy_id == BASE_COPY {
                 // What was copied in the tick it changed in is copied again next time.
-                provider::write_origins(&dir, &copy.settled_origins())
-                    .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+                // As read from the record beside the base, unless something changed: the
+                // record of a large tree is megabytes.
+                let unchanged = precopy.is_some()
+                    && [precopy, Some(copy)]
+                        .into_iter()
+                        .flatten()
+                        .all(|c| !c.origins_changed && c.unsettled.is_empty());
+                if !unchanged {
+                    provider::write_origins(&dir, &copy.settled_origins())
+                        .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
+                }
                 // Where a kept journal stood when this copy was made: the next set brings it
                 // up to date from what the journal saw after.
                 let base = kept.filter(|_| group.covered).map(|j| provider::BaseJournal {

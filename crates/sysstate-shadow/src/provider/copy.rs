@@ -92,6 +92,8 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
     };
     if incremental {
         copier.out.origins = req.previous.cloned().unwrap_or_default();
+    } else {
+        copier.out.origins_changed = true; // made anew
     }
     std::fs::create_dir_all(dest).map_err(|e| CommitError::Io(ShadowError::io(dest, e)))?;
     let mut done: Vec<&Path> = Vec::new();
@@ -164,6 +166,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
             let shown = Path::new("/").join(relative);
             copier.remove(&dest.join(relative))?;
             copier.out.origins.retain(|path, _| !path.starts_with(&shown));
+            copier.out.origins_changed = true;
         }
     }
     copier.out.root = dest.to_path_buf();
@@ -302,7 +305,10 @@ impl Copier<'_> {
     }
 
     fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
-        self.out.origins.insert(Path::new("/").join(relative), Origin::of(meta));
+        let origin = Origin::of(meta);
+        if self.out.origins.insert(Path::new("/").join(relative), origin) != Some(origin) {
+            self.out.origins_changed = true;
+        }
     }
 
     /// Counts what an entry added to shadow storage: its allocated bytes, or nothing for a
@@ -336,9 +342,14 @@ impl Copier<'_> {
             if let Ok(relative) = target.strip_prefix(self.req.dest) {
                 let shown = Path::new("/").join(relative);
                 match std::fs::symlink_metadata(target) {
-                    Ok(meta) if meta.is_dir() => self.out.origins.retain(|path, _| !path.starts_with(&shown)),
+                    Ok(meta) if meta.is_dir() => {
+                        self.out.origins.retain(|path, _| !path.starts_with(&shown));
+                        self.out.origins_changed = true;
+                    }
                     Ok(meta) => {
-                        if let Some(origin) = self.out.origins.remove(&shown).filter(|_| meta.nlink() > 1) {
+                        let removed = self.out.origins.remove(&shown);
+                        self.out.origins_changed |= removed.is_some();
+                        if let Some(origin) = removed.filter(|_| meta.nlink() > 1) {
                             self.linked.insert((origin.device, origin.inode));
                         }
                     }
@@ -395,6 +406,7 @@ impl Copier<'_> {
                 let shown = Path::new("/").join(relative);
                 self.remove(&self.req.dest.join(relative))?;
                 self.out.origins.retain(|path, _| !path.starts_with(&shown));
+                self.out.origins_changed = true;
                 self.dirs.retain(|(dir, _)| !dir.starts_with(relative));
                 Ok(())
             }

@@ -160,10 +160,23 @@ pub struct Commit {
     /// Entries looked at again outside the directories the journal named: forced, or another
     /// name of a multiply-linked file (absolute paths as seen from the root).
     pub looked_again: Vec<PathBuf>,
+    /// False when `origins` is what the request's `previous` was (nothing added, changed or
+    /// removed): a base's record of them need not be written again.
+    pub origins_changed: bool,
 }
 
 impl Commit {
     /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
+    /// The origins a later commit may keep, taken out of this commit (no copy of a large map):
+    /// all but the [`unsettled`](Self::unsettled). `origins` is left empty.
+    pub fn take_settled_origins(&mut self) -> HashMap<PathBuf, Origin> {
+        let mut origins = std::mem::take(&mut self.origins);
+        for path in &self.unsettled {
+            origins.remove(path);
+        }
+        origins
+    }
+
     pub fn settled_origins(&self) -> HashMap<PathBuf, Origin> {
         let mut origins = self.origins.clone();
         for path in &self.unsettled {
