@@ -145,6 +145,13 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
     let queued = client.post("/v1/jobs", &json!({"kind": "backup", "components": components}))?.into_result()?;
     let request = queued["request"].as_u64().unwrap_or(0);
     let mut said = false;
+    // Looked at often at first (a backup that finds nothing changed ends in a tenth of a second),
+    // then less.
+    let mut pause = Duration::from_millis(5);
+    let mut wait = || {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    };
     let job = loop {
         let state = client.get(&format!("/v1/requests/{request}"))?.into_result()?;
         if let Some(job) = state["job"].as_str() {
@@ -154,7 +161,7 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
             context.say(format!("queued behind {} other job(s) of the agent", state["position"]));
             said = true;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        wait();
     };
     context.say(format!("the agent runs job {job}; following it (Ctrl-C stops following, not the job)"));
     let mut operation = String::new();
@@ -173,7 +180,7 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
             context.say(format!("   {now}"));
             operation = now.to_string();
         }
-        std::thread::sleep(Duration::from_millis(250));
+        wait();
     };
     if context.json() {
         print_json(&record);
