@@ -349,7 +349,9 @@ impl Copier<'_> {
                     Ok(meta) => {
                         let removed = self.out.origins.remove(&shown);
                         self.out.origins_changed |= removed.is_some();
-                        if let Some(origin) = removed.filter(|_| meta.nlink() > 1) {
+                        // The live file's link count when it was copied says whether other
+                        // names share it; the copy's need not (a name copied on its own).
+                        if let Some(origin) = removed.filter(|o| o.links > 1 || meta.nlink() > 1) {
                             self.linked.insert((origin.device, origin.inode));
                         }
                     }
