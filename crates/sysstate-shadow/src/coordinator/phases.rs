@@ -123,6 +123,7 @@ impl Group<'_> {
             skip: &self.skip,
             changed: self.changed.as_deref(),
             forced: &self.forced,
+            again: self.precopy.as_ref().map_or(&[], |c| &c.copied),
         }
     }
 

@@ -149,6 +149,16 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
             }
         }
     }
+    for path in req.again.iter().filter(|_| incremental) {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) && !copier.met.contains(relative) {
+            if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
+                copier.out.looked_again.push(path.clone());
+                copier.entry(relative, meta)?;
+                copier.parent_touched(relative);
+            }
+        }
+    }
     if incremental {
         copier.relink()?;
     }
@@ -250,8 +260,7 @@ impl Copier<'_> {
 
     /// Every name of a multiply-linked file copied again or removed: a link made or removed
     /// through one name changes the inode's ctime and link count under all of them, with an
-    /// event only in the folder of the name used; and the copy must hold all its names as one
-    /// file again, as the live system does.
+    /// event only in the folder of the name used.
     fn relink(&mut self) -> Result<(), CommitError> {
         if self.linked.is_empty() {
             return Ok(());
@@ -266,30 +275,13 @@ impl Copier<'_> {
             paths.sort();
             paths.dedup();
             // Each name looked at again, as it is now (a name may be gone, or another file).
-            let mut anchor: Option<(PathBuf, u64, u64)> = None;
             for path in paths.iter() {
                 let relative = path.strip_prefix("/").unwrap_or(path);
                 let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(relative)) else { continue };
-                if !meta.is_file() {
-                    continue;
-                }
-                if !self.met.contains(relative) {
+                if meta.is_file() && !self.met.contains(relative) {
                     self.out.looked_again.push(path.clone());
-                    self.entry(relative, meta.clone())?;
+                    self.entry(relative, meta)?;
                     self.parent_touched(relative);
-                }
-                // One copy for every name of one live file.
-                let target = self.req.dest.join(relative);
-                let Ok(copied) = std::fs::symlink_metadata(&target) else { continue };
-                match &anchor {
-                    Some((first, device, inode)) if *device == meta.dev() && *inode == meta.ino() => {
-                        if copied.ino() != std::fs::symlink_metadata(first).map(|m| m.ino()).unwrap_or(0) {
-                            self.remove_tree(&target)?;
-                            std::fs::hard_link(first, &target).map_err(|e| self.io_error(&target, e))?;
-                        }
-                    }
-                    Some(_) => {}
-                    None => anchor = Some((target, meta.dev(), meta.ino())),
                 }
             }
         }
@@ -346,12 +338,13 @@ impl Copier<'_> {
                         self.out.origins.retain(|path, _| !path.starts_with(&shown));
                         self.out.origins_changed = true;
                     }
-                    Ok(meta) => {
+                    Ok(_) => {
                         let removed = self.out.origins.remove(&shown);
                         self.out.origins_changed |= removed.is_some();
-                        // The live file's link count when it was copied says whether other
-                        // names share it; the copy's need not (a name copied on its own).
-                        if let Some(origin) = removed.filter(|o| o.links > 1 || meta.nlink() > 1) {
+                        // Other names may share the file whatever counts its copy or its
+                        // origin hold (a link made since through a folder not refreshed yet):
+                        // they are looked at again (one look through the origins).
+                        if let Some(origin) = removed {
                             self.linked.insert((origin.device, origin.inode));
                         }
                     }
@@ -469,11 +462,16 @@ impl Copier<'_> {
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
             self.out.unsettled.push(Path::new("/").join(relative));
         }
+        self.out.copied.push(Path::new("/").join(relative));
         let mut reflinked = false;
         if file_type.is_file() {
             if meta.nlink() > 1 {
                 // The name copied first, unless it is this one (met again) or was removed since.
-                if let Some(first) = self.links.get(&(meta.dev(), meta.ino())).filter(|first| **first != target) {
+                // A refresh by the journal copies each name on its own: the names it meets
+                // may be linked in the copy to names it does not look at, whose copies are
+                // older (versions record the live link count, not the copy's).
+                let first = self.links.get(&(meta.dev(), meta.ino())).filter(|first| **first != target);
+                if let Some(first) = first.filter(|_| !self.incremental) {
                     match std::fs::hard_link(first, &target) {
                         Ok(()) => return Ok(()),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -160,6 +160,9 @@ pub struct Commit {
     /// Entries looked at again outside the directories the journal named: forced, or another
     /// name of a multiply-linked file (absolute paths as seen from the root).
     pub looked_again: Vec<PathBuf>,
+    /// Entries this commit copied (absolute paths as seen from the root): a refresh by the
+    /// journal after it looks at each again, since it may have copied them while they changed.
+    pub copied: Vec<PathBuf>,
     /// False when `origins` is what the request's `previous` was (nothing added, changed or
     /// removed): a base's record of them need not be written again.
     pub origins_changed: bool,
@@ -229,6 +232,10 @@ pub struct CommitRequest<'a> {
     /// Files copied again whatever their metadata says (absolute, as seen from `root`): those
     /// mapped shared and writable, whose writes change neither their times nor the journal.
     pub forced: &'a [PathBuf],
+    /// With `changed`: entries looked at again besides the directories named (compared, and
+    /// copied again when they changed): what the copy before this one copied while everything
+    /// ran.
+    pub again: &'a [PathBuf],
 }
 
 /// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:
