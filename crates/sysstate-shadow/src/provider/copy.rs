@@ -138,25 +138,11 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         }
     }
     // A full walk met every forced file already; a refresh by the journal looks at those it
-    // did not.
-    for path in req.forced.iter().filter(|_| incremental) {
+    // did not, and again at what the copy before it copied.
+    for path in req.forced.iter().chain(req.again).filter(|_| incremental) {
         let relative = path.strip_prefix("/").unwrap_or(path);
-        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) && !copier.met.contains(relative) {
-            if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
-                copier.out.looked_again.push(path.clone());
-                copier.entry(relative, meta)?;
-                copier.parent_touched(relative);
-            }
-        }
-    }
-    for path in req.again.iter().filter(|_| incremental) {
-        let relative = path.strip_prefix("/").unwrap_or(path);
-        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) && !copier.met.contains(relative) {
-            if let Ok(meta) = std::fs::symlink_metadata(root.join(relative)) {
-                copier.out.looked_again.push(path.clone());
-                copier.entry(relative, meta)?;
-                copier.parent_touched(relative);
-            }
+        if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
+            copier.look_again(relative)?;
         }
     }
     if incremental {
@@ -209,6 +195,24 @@ impl Copier<'_> {
         for name in gone {
             self.remove(&target.join(name))?;
         }
+        Ok(())
+    }
+
+    /// An entry looked at outside the folders the journal named, once: compared with the base,
+    /// copied again when it changed (or is forced), its folder's times taken again.
+    fn look_again(&mut self, relative: &Path) -> Result<(), CommitError> {
+        if self.met.contains(relative) {
+            return Ok(());
+        }
+        let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(relative)) else { return Ok(()) };
+        self.out.looked_again.push(Path::new("/").join(relative));
+        if self.same_dir(relative, &meta) {
+            // Its own metadata; its entries are the journal's to name.
+            self.dir_itself(relative, meta);
+            return Ok(());
+        }
+        self.entry(relative, meta)?;
+        self.parent_touched(relative);
         Ok(())
     }
 
@@ -276,13 +280,7 @@ impl Copier<'_> {
             paths.dedup();
             // Each name looked at again, as it is now (a name may be gone, or another file).
             for path in paths.iter() {
-                let relative = path.strip_prefix("/").unwrap_or(path);
-                let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(relative)) else { continue };
-                if meta.is_file() && !self.met.contains(relative) {
-                    self.out.looked_again.push(path.clone());
-                    self.entry(relative, meta)?;
-                    self.parent_touched(relative);
-                }
+                self.look_again(path.strip_prefix("/").unwrap_or(path))?;
             }
         }
         Ok(())

@@ -1017,8 +1017,8 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
     let (sandbox, root) = setup("");
     make_tree(&root.join("data/more"), 200, 23);
     std::thread::sleep(Duration::from_millis(2200));
-    let seed = now_ns() as u64 | 1;
-    eprintln!("seed {seed}");
+    let seed = std::env::var("SYSSTATE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(now_ns() as u64 | 1);
+    eprintln!("seed {seed} (SYSSTATE_TEST_SEED={seed} replays the changes)");
     let (mut rng, mut serial) = (seed, 0);
     // A full walk of the same moment: a command with its own state folder (its own base copy),
     // into the same repository.
