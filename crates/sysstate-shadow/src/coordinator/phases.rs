@@ -485,7 +485,7 @@ impl Run<'_> {
             return Ok(SetJournal { journal: journal.clone(), kept: true, since: None, changed: Vec::new() });
         }
         let started = if sysstate_types::failpoint::<u8>("JOURNAL_OFF").is_some() {
-            Err("the change journal is off (SYSSTATE_FAILPOINT_JOURNAL_OFF)".to_string())
+            Err("the change journal is off (a test's failpoint)".to_string())
         } else {
             let root = &self.options.root;
             let live: Vec<PathBuf> = groups
