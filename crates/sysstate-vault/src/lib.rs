@@ -38,6 +38,14 @@ pub struct VaultConfig {
     /// every pack in ten nights; `100`: all of them each night).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_sample: Option<u8>,
+    /// `true`: a host's read of a pack, once its token is checked, is answered with a redirect
+    /// to a URL of the storage signed for that one object, and the host reads it from there (the
+    /// vault neither carries the bytes nor holds them). Only for object storage, and only where
+    /// hosts reach the storage's endpoint; a host that cannot falls back to reading through the
+    /// vault. Packs are ciphertext and authenticated by the host: the URL gives nothing a host
+    /// could not read through the vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reads: Option<bool>,
 }
 
 /// `verify-sample` when the settings have none.
@@ -160,6 +168,7 @@ pub fn init(dir: &Path, storage: &str, listen: &str, url: &str) -> Result<Initia
         url: url.to_string(),
         soft_delete: None,
         verify_sample: None,
+        direct_reads: None,
     };
     let path = dir.join("vault.toml");
     sysstate_engine::paths::write_durably(&path, toml::to_string(&config).expect("settings encode").as_bytes())

@@ -45,6 +45,12 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How old the records a request is judged by may be: a revocation, a grant or a soft
 /// deletion made elsewhere (the CLI, another vault process) takes effect within this time.
 pub const RECORDS_MAX_AGE: Duration = Duration::from_secs(2);
+/// How long a signed URL of a direct read is good for: the host asks for it right away, and a
+/// few minutes cover a clock between the vault and the storage a little apart.
+const DIRECT_READ_VALID_FOR: Duration = Duration::from_secs(300);
+/// The header with which a host asks for the bytes themselves (its direct read failed).
+pub const THROUGH_VAULT: &str = "x-sysstate-through-vault";
+
 /// How often a token the records do not know makes them read again (a host registered at
 /// another vault process a moment ago; a guesser's tokens do not make the vault list faster).
 const RECORDS_MISS_AGE: Duration = Duration::from_millis(250);
@@ -139,7 +145,12 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
     }
     eprintln!("sysstate vault: serving `{}` on https://{address} ({})", config.storage, config.url);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    // The last reference is dropped after the runtime, not in it: an object store's client has a
+    // runtime of its own, which may not be dropped in an asynchronous context (a vault on Garage
+    // panicked on SIGTERM).
+    let served = vault.clone();
     runtime.block_on(async move {
+        let vault = served;
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let accepted = tokio::select! {
@@ -176,6 +187,7 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(vault);
     drop(stop_jobs);
     let _ = daily.join();
     eprintln!("sysstate vault: stopped");
@@ -393,6 +405,26 @@ async fn read(
             return refuse(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::InvalidInput, "give `Range: bytes=FIRST-LAST`")
         }
     };
+    if kind == FileKind::Pack
+        && vault.config.direct_reads == Some(true)
+        && !request.headers().contains_key(THROUGH_VAULT)
+    {
+        let (storage, pack) = (vault.storage.clone(), name.clone());
+        let valid_for =
+            sysstate_types::failpoint::<u64>("DIRECT_READ_VALID_S").map_or(DIRECT_READ_VALID_FOR, Duration::from_secs);
+        match blocking(move || storage.signed_read_url(kind, &pack, valid_for)).await {
+            Ok(Some(url)) => {
+                return Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header("location", url)
+                    .body(Full::new(Bytes::new()))
+                    .expect("a response builds")
+            }
+            // A folder has no URL to give: the bytes go through the vault.
+            Ok(None) => {}
+            Err(error) => return storage_error(error),
+        }
+    }
     let storage = vault.storage.clone();
     let read = blocking(move || match range {
         Some((offset, length)) => storage.read_range(kind, &name, offset, length),

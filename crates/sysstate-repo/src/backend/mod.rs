@@ -185,6 +185,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn is_remote(&self) -> bool {
         false
     }
+    /// A URL that reads this one file without credentials, for `valid_for` (GET, `Range`
+    /// allowed): an object store signs one; `None` where the storage cannot.
+    fn signed_read_url(&self, _kind: FileKind, _name: &str, _valid_for: std::time::Duration) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// The temporary files (`.tmp-*`) of writes that never finished, older than `older_than`
     /// (repository-relative paths); removed unless `dry_run`. Object stores have none: an
     /// upload is atomic.

@@ -1,6 +1,7 @@
 use super::{Backend, BackendError, ErrorKind, FileKind, Result};
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
 use object_store::{ObjectStore, PutPayload};
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct ObjectBackend {
     store: Arc<dyn ObjectStore>,
+    /// Signs URLs that read one object without the credentials (the vault's direct reads).
+    signer: Arc<dyn Signer>,
     prefix: String,
     url: String,
     runtime: tokio::runtime::Runtime,
@@ -56,8 +59,12 @@ impl ObjectBackend {
             }
             Ok(builder)
         }
-        let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" => Arc::new(
+        fn both<S: ObjectStore + Signer>(store: S) -> (Arc<dyn ObjectStore>, Arc<dyn Signer>) {
+            let store = Arc::new(store);
+            (store.clone(), store)
+        }
+        let (store, signer) = match scheme {
+            "s3" => both(
                 apply(object_store::aws::AmazonS3Builder::from_env(), settings, |b, k, v| b.with_config(k, v))
                     .map_err(fail)?
                     .with_bucket_name(bucket)
@@ -65,7 +72,7 @@ impl ObjectBackend {
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
-            "az" | "azure" => Arc::new(
+            "az" | "azure" => both(
                 apply(object_store::azure::MicrosoftAzureBuilder::from_env(), settings, |b, k, v| b.with_config(k, v))
                     .map_err(fail)?
                     .with_container_name(bucket)
@@ -73,7 +80,7 @@ impl ObjectBackend {
                     .build()
                     .map_err(|e| fail(e.to_string()))?,
             ),
-            "gs" => Arc::new(
+            "gs" => both(
                 apply(object_store::gcp::GoogleCloudStorageBuilder::from_env(), settings, |b, k, v| {
                     b.with_config(k, v)
                 })
@@ -91,7 +98,7 @@ impl ObjectBackend {
             .enable_all()
             .build()
             .map_err(|e| fail(e.to_string()))?;
-        Ok(ObjectBackend { store, prefix: prefix.trim_matches('/').to_string(), url: url.to_string(), runtime })
+        Ok(ObjectBackend { store, signer, prefix: prefix.trim_matches('/').to_string(), url: url.to_string(), runtime })
     }
 
     fn object_path(&self, kind: FileKind, name: &str) -> ObjectPath {
@@ -209,6 +216,15 @@ impl Backend for ObjectBackend {
             // Without a copy when the body came in one buffer.
             .map(Vec::from)
             .map_err(|e| self.error("read", kind, name, e))
+    }
+
+    fn signed_read_url(&self, kind: FileKind, name: &str, valid_for: std::time::Duration) -> Result<Option<String>> {
+        let path = self.object_path(kind, name);
+        let url = self
+            .runtime
+            .block_on(self.signer.signed_url(reqwest::Method::GET, &path, valid_for))
+            .map_err(|e| self.error("sign", kind, name, e))?;
+        Ok(Some(url.to_string()))
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {

@@ -100,6 +100,10 @@ impl Backend for RetryBackend {
         self.retry(|| self.inner.clean_temporaries(older_than, dry_run))
     }
 
+    fn signed_read_url(&self, kind: FileKind, name: &str, valid_for: std::time::Duration) -> Result<Option<String>> {
+        self.inner.signed_read_url(kind, name, valid_for)
+    }
+
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
         self.retry(|| self.inner.remove(kind, name))
     }

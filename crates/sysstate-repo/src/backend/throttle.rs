@@ -85,6 +85,9 @@ impl Backend for ThrottledBackend {
     fn clean_temporaries(&self, older_than: Duration, dry_run: bool) -> Result<Vec<String>> {
         self.inner.clean_temporaries(older_than, dry_run)
     }
+    fn signed_read_url(&self, kind: FileKind, name: &str, valid_for: Duration) -> Result<Option<String>> {
+        self.inner.signed_read_url(kind, name, valid_for)
+    }
 }
 
 #[cfg(test)]

@@ -26,8 +26,17 @@ pub struct VaultBackend {
     base: String,
     token: String,
     client: reqwest::Client,
+    /// The client of direct reads (a pack's bytes from the vault's storage, at a URL the vault
+    /// signed): the system's roots, no token. Made at the first redirect.
+    storage_client: std::sync::OnceLock<std::result::Result<reqwest::Client, String>>,
+    /// Set when a direct read failed: this process reads through the vault from then on.
+    through_vault: std::sync::atomic::AtomicBool,
     runtime: tokio::runtime::Runtime,
 }
+
+/// The header that asks the vault for the bytes themselves, not a redirect (the vault's
+/// `THROUGH_VAULT`).
+const THROUGH_VAULT: &str = "x-sysstate-through-vault";
 
 /// The HTTPS base of `vault://HOST:PORT`.
 pub fn https_base(vault: &str) -> std::result::Result<String, String> {
@@ -51,6 +60,9 @@ pub fn pinned_client(ca_pem: &str) -> std::result::Result<reqwest::Client, Strin
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(300))
         .user_agent(concat!("sysstate/", env!("CARGO_PKG_VERSION")))
+        // A redirect is the vault's answer to a pack's read, taken by `VaultBackend::send`: the
+        // token never follows it.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())
 }
@@ -89,6 +101,8 @@ impl VaultBackend {
             base,
             token: credentials.token.clone(),
             client,
+            storage_client: std::sync::OnceLock::new(),
+            through_vault: std::sync::atomic::AtomicBool::new(false),
             runtime,
         })
     }
@@ -111,6 +125,7 @@ impl VaultBackend {
         kind: FileKind,
         name: &str,
         request: reqwest::RequestBuilder,
+        range: Option<String>,
     ) -> Result<bytes::Bytes> {
         let error = |kind_of: ErrorKind, message: String| BackendError {
             kind: kind_of,
@@ -119,8 +134,16 @@ impl VaultBackend {
             location: self.location.clone(),
             message,
         };
+        let mut request = request.bearer_auth(&self.token);
+        if let Some(range) = &range {
+            request = request.header("range", range);
+        }
+        if self.through_vault.load(std::sync::atomic::Ordering::Relaxed) {
+            request = request.header(THROUGH_VAULT, "1");
+        }
+        let again = request.try_clone();
         self.runtime.block_on(async {
-            let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            let mut response = request.send().await.map_err(|e| {
                 let text = describe(&e);
                 let kind_of = if e.is_connect() || text.contains("certificate") {
                     ErrorKind::VaultUnreachable
@@ -129,6 +152,26 @@ impl VaultBackend {
                 };
                 error(kind_of, text)
             })?;
+            if response.status() == reqwest::StatusCode::TEMPORARY_REDIRECT {
+                let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
+                match location {
+                    Some(location) => match self.read_direct(&location, range.as_deref()).await {
+                        Ok(body) => return Ok(body),
+                        Err(_) => {
+                            // Out of this host's reach (or the URL expired): through the vault,
+                            // now and from now on.
+                            self.through_vault.store(true, std::sync::atomic::Ordering::Relaxed);
+                            let again = again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
+                            response = again
+                                .header(THROUGH_VAULT, "1")
+                                .send()
+                                .await
+                                .map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
+                        }
+                    },
+                    None => return Err(error(ErrorKind::Permanent, "the vault redirected without a location".into())),
+                }
+            }
             let status = response.status().as_u16();
             let body = response.bytes().await.map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
             if (200..300).contains(&status) {
@@ -151,6 +194,42 @@ impl VaultBackend {
     }
 }
 
+impl VaultBackend {
+    /// A pack's bytes (or `range` of them) from the URL the vault signed: no token goes there.
+    async fn read_direct(
+        &self,
+        url: &str,
+        range: Option<&str>,
+    ) -> std::result::Result<bytes::Bytes, String> {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!("the vault redirected to `{url}`, not an HTTP URL"));
+        }
+        let client = self
+            .storage_client
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .connect_timeout(std::time::Duration::from_secs(10))
+                    .timeout(std::time::Duration::from_secs(300))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent(concat!("sysstate/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let mut request = client.get(url);
+        if let Some(range) = range {
+            request = request.header("range", range);
+        }
+        let response = request.send().await.map_err(|e| describe(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("the storage answered {}", response.status()));
+        }
+        response.bytes().await.map_err(|e| describe(&e))
+    }
+}
+
 impl Backend for VaultBackend {
     fn location(&self) -> String {
         self.location.clone()
@@ -165,7 +244,7 @@ impl Backend for VaultBackend {
     }
 
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
-        let body = self.send("list", kind, "", self.client.get(self.url(kind, None)))?;
+        let body = self.send("list", kind, "", self.client.get(self.url(kind, None)), None)?;
         serde_json::from_slice(&body).map_err(|e| BackendError {
             kind: ErrorKind::Permanent,
             operation: "list",
@@ -176,7 +255,7 @@ impl Backend for VaultBackend {
     }
 
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
-        Ok(Vec::from(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))))?))
+        Ok(Vec::from(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))), None)?))
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
@@ -184,7 +263,7 @@ impl Backend for VaultBackend {
             return Ok(Vec::new());
         }
         let range = format!("bytes={offset}-{}", offset + length - 1);
-        let body = self.send("read", kind, name, self.client.get(self.url(kind, Some(name))).header("range", range))?;
+        let body = self.send("read", kind, name, self.client.get(self.url(kind, Some(name))), Some(range))?;
         if (body.len() as u64) < length {
             return Err(BackendError {
                 kind: ErrorKind::Mismatch,
@@ -202,11 +281,11 @@ impl Backend for VaultBackend {
     }
 
     fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
-        self.send("write", kind, name, self.client.put(self.url(kind, Some(name))).body(data)).map(|_| ())
+        self.send("write", kind, name, self.client.put(self.url(kind, Some(name))).body(data), None).map(|_| ())
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
-        match self.send("remove", kind, name, self.client.delete(self.url(kind, Some(name)))) {
+        match self.send("remove", kind, name, self.client.delete(self.url(kind, Some(name))), None) {
             Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
             other => other.map(|_| ()),
         }

@@ -920,3 +920,79 @@ fn two_vault_processes_serve_one_garage_cluster_and_a_node_killed_midway_loses_n
     cluster.nodes[2].start();
     alpha.ok(&["check", "--target", &second.url(), "--read-data"]);
 }
+
+/// The bytes the vault process has written (to its sockets, mostly: it keeps nothing on disk
+/// when its storage is object storage).
+fn written_by(vault: &Vault) -> u64 {
+    let pid = vault.child.as_ref().unwrap().id();
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("wchar: ")).unwrap().trim().parse().unwrap()
+}
+
+/// With `direct-reads`, a host's read of a pack is answered, once its token is checked, with a
+/// redirect to a URL of the storage signed for that pack: the host reads the bytes from Garage
+/// and the vault carries none of them. A URL the storage refuses (expired: a clock apart)
+/// sends the host back through the vault, and the restore is the same.
+#[test]
+fn with_direct_reads_hosts_read_packs_from_the_storage_and_fall_back_to_the_vault() {
+    let Some(url) = std::env::var("SYSSTATE_TEST_S3_URL").ok() else {
+        crate::support::require("Garage (SYSSTATE_TEST_S3_URL from scripts/services.sh)", false);
+        return;
+    };
+    let settings: String = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok().map(|value| format!("{name}={value}\n")))
+        .collect();
+    let mut vault = Vault::start_on(Some((&format!("{url}/vault-direct-{}", rand_suffix()), &settings)));
+    vault.stop();
+    let config = vault.dir.path().join("vault/vault.toml");
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap() + "direct-reads = true\n").unwrap();
+    vault.serve();
+    let local = staging_host(&vault, "theta");
+    let root = local.path("root");
+    // 24 MiB that does not compress: three packs and more.
+    write_incompressible(&root, 0x5eed_0031, 3, 8 << 20);
+    let version = local.backup_data(&root);
+    local.ok(&["copy", "--to", &vault.url()]);
+
+    // A pack's read: the token first, then a redirect to a URL that needs none.
+    let pack = packs_in(std::path::Path::new(&local.target)).remove(0);
+    let token = token_of(&local);
+    let ask = |token: &str| {
+        let output = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "--cacert"])
+            .arg(vault.dir.path().join("vault/ca.pem"))
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("https://127.0.0.1:{}/v1/repo/data/{pack}", vault.port))
+            .output()
+            .unwrap();
+        text(&output.stdout)
+    };
+    assert!(ask("not-a-token").starts_with("403 "), "{}", ask("not-a-token"));
+    let answer = ask(&token);
+    let (status, location) = answer.split_once(' ').unwrap();
+    assert_eq!(status, "307", "{answer}");
+    let direct = Command::new("curl").args(["-s", "-f", "-o", "-", location]).output().unwrap();
+    assert!(direct.status.success(), "the signed URL did not read: {}", text(&direct.stderr));
+    let local_pack = std::fs::read(std::path::Path::new(&local.target).join("data").join(&pack[..2]).join(&pack)).unwrap();
+    assert!(direct.stdout == local_pack, "the signed URL read other bytes than the pack");
+
+    // A restore: byte for byte, and the pack bytes did not pass through the vault.
+    let before = written_by(&vault);
+    let to = local.path("restored-direct");
+    local.ok(&["restore", "--target", &vault.url(), "--version", &version, "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    let carried = written_by(&vault) - before;
+    assert!(carried < 4 << 20, "the vault carried {carried} bytes of a 24 MiB restore with direct reads");
+
+    // URLs that expire as they are made: the storage refuses them, the host reads through the
+    // vault, and the restore is the same.
+    vault.stop();
+    vault.serve_with(&[("SYSSTATE_FAILPOINT_DIRECT_READ_VALID_S", "0")]);
+    let before = written_by(&vault);
+    let to = local.path("restored-through");
+    local.ok(&["restore", "--target", &vault.url(), "--version", &version, "--to", to.to_str().unwrap()]);
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    let carried = written_by(&vault) - before;
+    assert!(carried >= 24 << 20, "the vault carried only {carried} bytes: the host did not fall back to it");
+}
