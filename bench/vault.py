@@ -12,7 +12,8 @@ Garage (its credentials in its `storage.env`) and a new restic repository on the
                   restic repository into Garage (made with `init --copy-chunker-params`)
     nothing-new   the same again, with nothing new
     restore       host A's version from the vault into a new ext4 filesystem, against
-                  `restic restore` from Garage (the restored trees are compared with the corpus)
+                  `restic restore` from Garage (the restored trees are compared with the corpus);
+                  the vault has `direct-reads = true`: packs come from Garage at URLs it signs
     second-host   host B, registered with the same vault, backs up a near-identical tree (the
                   corpus with 2% of its files rewritten, 1% deleted, 1% added) to its own local
                   repository (made with the vault's key) and replicates it: its time, and the
@@ -66,6 +67,9 @@ class Vault:
         settings = "".join(f"{name}={os.environ[name]}\n" for name in
                            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP")
                            if name in os.environ)
+        # Hosts here reach Garage: packs are read straight from it at URLs the vault signs.
+        with open(work / "vault" / "vault.toml", "a") as config:
+            config.write("direct-reads = true\n")
         env_file = work / "vault" / "storage.env"
         env_file.write_text(settings)
         env_file.chmod(0o600)
