@@ -168,8 +168,8 @@ impl StorageArea {
     pub fn delete(&self, id: &str) -> Result<(), ShadowError> {
         let dir = self.copy_dir(id);
         let tree = dir.join("tree");
-        if crate::provider::is_subvolume(&tree) {
-            crate::provider::delete_subvolume(&tree).map_err(|e| ShadowError::io(&tree, e))?;
+        if crate::provider::is_btrfs(&dir) {
+            crate::provider::delete_snapshot_in(&tree).map_err(|e| ShadowError::io(&tree, e))?;
         }
         make_writable(&dir);
         match std::fs::remove_dir_all(&dir) {

@@ -253,8 +253,8 @@ impl Run<'_> {
             let others = options.extra.iter().enumerate().filter(|(i, _)| Some(*i) != own);
             others.flat_map(|(_, g)| g.paths.iter().cloned()).chain(storage_dirs.iter().cloned()).collect()
         };
-        // Extra volumes are copied (or reflinked) into their own storage; a snapshot is only
-        // ever of the root's subvolume.
+        // Extra volumes go into their own storage: `btrfs` names the root's snapshot, and each
+        // other volume gets what `auto` finds for it (a snapshot of its subvolume where it can).
         let extra_choice =
             if options.provider == ProviderChoice::Btrfs { ProviderChoice::Auto } else { options.provider };
         let parts = std::iter::once((&options.storage, &options.paths[..], options.provider, skip_for(None))).chain(
@@ -266,7 +266,7 @@ impl Run<'_> {
             .map(|((storage, paths, choice, skip), room)| {
                 let dest = storage.copy_dir(self.copy_id).join("tree");
                 let provider =
-                    self.provider.clone().unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, &dest)));
+                    self.provider.clone().unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, paths, &dest)));
                 let base_bytes = if base {
                     storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes)
                 } else {
@@ -484,12 +484,15 @@ impl Run<'_> {
         if let Some(journal) = &self.options.journal {
             return Ok(SetJournal { journal: journal.clone(), kept: true, since: None, changed: Vec::new() });
         }
+        // A snapshot needs none (and fanotify cannot watch a nested btrfs subvolume).
+        let copied = || groups.iter().filter(|g| !g.provider.snapshots());
         let started = if sysstate_types::failpoint::<u8>("JOURNAL_OFF").is_some() {
             Err("the change journal is off (a test's failpoint)".to_string())
+        } else if copied().next().is_none() {
+            Err("every copy is a snapshot".to_string())
         } else {
             let root = &self.options.root;
-            let live: Vec<PathBuf> = groups
-                .iter()
+            let live: Vec<PathBuf> = copied()
                 .flat_map(|g| g.paths.iter())
                 .map(|p| root.join(p.strip_prefix("/").unwrap_or(p)))
                 .filter(|p| p.exists())
@@ -691,7 +694,8 @@ impl Run<'_> {
                 walked_because: group.read.1.clone(),
                 dirs_looked_at: group.changed.as_ref().map(Vec::len),
             });
-            if self.copy_id == BASE_COPY {
+            // A snapshot is made whole each time: nothing of it is a base.
+            if self.copy_id == BASE_COPY && copy.live_device.is_none() {
                 // What was copied in the tick it changed in is copied again next time.
                 // As read from the record beside the base, unless something changed: the
                 // record of a large tree is megabytes.
@@ -745,6 +749,8 @@ impl Run<'_> {
                 storage: group.storage.clone(),
                 paths: group.paths.clone(),
                 root: copy.root.clone(),
+                live_device: copy.live_device,
+                keep: self.options.persistent || (self.copy_id == BASE_COPY && copy.live_device.is_none()),
             });
             commit.origins.extend(copy.origins);
         }

@@ -18,6 +18,10 @@ pub(super) struct ExtraCopy {
     pub(super) storage: StorageArea,
     pub(super) paths: Vec<PathBuf>,
     pub(super) root: PathBuf,
+    /// For a snapshot: the live device its entries are recorded with.
+    pub(super) live_device: Option<u64>,
+    /// Kept after the set: a persistent copy, or a base copy (a snapshot never is one).
+    pub(super) keep: bool,
 }
 
 /// A shadow set whose copies exist: read them, then [`complete`](ShadowSet::complete).
@@ -69,9 +73,16 @@ impl ShadowSet {
     pub fn live_identity(&self) -> impl Fn(&Path) -> Option<LiveIdentity> + Send + Sync + 'static {
         let origins = self.origins.clone();
         let device = self.live_device;
+        // A volume snapshotted on its own: its entries are the live device's.
+        let snapshots: Vec<(Vec<PathBuf>, Option<u64>)> =
+            self.extra.iter().map(|extra| (extra.paths.clone(), extra.live_device)).collect();
         move |path| match origins.get(path) {
             Some(origin) => Some((origin.device, Some(origin.inode), Some(origin.ctime_ns), Some(origin.links))),
-            None => device.map(|device| (device, None, None, None)),
+            None => snapshots
+                .iter()
+                .find(|(paths, _)| paths.iter().any(|p| path.starts_with(p)))
+                .map_or(device, |(_, device)| *device)
+                .map(|device| (device, None, None, None)),
         }
     }
 
@@ -122,10 +133,10 @@ impl ShadowSet {
             if let Err(error) = self.storage.delete(&self.copy_id) {
                 tracing::warn!(%error, "cannot release the shadow copy");
             }
-            for extra in &self.extra {
-                if let Err(error) = extra.storage.delete(&self.copy_id) {
-                    tracing::warn!(%error, "cannot release the shadow copy");
-                }
+        }
+        for extra in self.extra.iter().filter(|extra| !extra.keep) {
+            if let Err(error) = extra.storage.delete(&self.copy_id) {
+                tracing::warn!(%error, "cannot release the shadow copy");
             }
         }
     }

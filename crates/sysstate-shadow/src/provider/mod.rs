@@ -2,9 +2,10 @@
 //!
 //! - `copy` works everywhere: it copies each file, with all its metadata, into shadow storage.
 //! - `reflink` clones each file's extents with `FICLONE` (XFS, btrfs): near-zero time and space.
-//! - `btrfs` takes a read-only snapshot of the subvolume holding the root.
-//! - `auto` takes a btrfs snapshot where it can, else uses reflink on each volume where it works
-//!   and copy elsewhere, and says which.
+//! - `btrfs` takes a read-only snapshot of the subvolume holding the paths.
+//! - `auto` takes a btrfs snapshot of each volume where it can (the root's, and a volume of its
+//!   own with its storage on it), else uses reflink where it works and copy elsewhere, and says
+//!   which.
 //!
 //! Each is a [`Provider`]; a future LVM or cloud-disk snapshot provider is one more impl.
 //!
@@ -16,7 +17,7 @@
 mod btrfs;
 mod copy;
 
-pub use btrfs::{delete_subvolume, is_btrfs, is_subvolume, BtrfsProvider};
+pub use btrfs::{delete_snapshot_in, delete_subvolume, is_btrfs, is_subvolume, BtrfsProvider};
 pub use copy::{CopyProvider, Reflink};
 
 use crate::error::ShadowError;
@@ -55,14 +56,14 @@ impl Origin {
 /// How a provider was asked to work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderChoice {
-    /// A btrfs snapshot where the root is a btrfs subvolume on the storage's filesystem, else
-    /// reflink where it works, else copy.
+    /// A btrfs snapshot where one btrfs subvolume on the storage's filesystem holds the paths,
+    /// else reflink where it works, else copy.
     Auto,
     /// Always copy.
     Copy,
     /// Reflink or fail.
     Reflink,
-    /// A read-only btrfs snapshot of the subvolume holding the root, or fail.
+    /// A read-only btrfs snapshot of the subvolume holding the root's paths, or fail.
     Btrfs,
 }
 
@@ -90,13 +91,13 @@ impl ProviderChoice {
         }
     }
 
-    /// The provider that makes copies of what is under `root` into `dest` for this choice:
-    /// `auto` is a btrfs snapshot where the root is a btrfs subvolume on the filesystem of
-    /// `dest`, else a copy that clones where it can.
-    pub fn provider_for(self, root: &Path, dest: &Path) -> Box<dyn Provider> {
+    /// The provider that makes copies of `paths` (as seen from `root`) into `dest` for this
+    /// choice: `auto` is a btrfs snapshot where one btrfs subvolume on the filesystem of `dest`
+    /// holds the paths, else a copy that clones where it can.
+    pub fn provider_for(self, root: &Path, paths: &[PathBuf], dest: &Path) -> Box<dyn Provider> {
         match self {
             ProviderChoice::Btrfs => Box::new(BtrfsProvider),
-            ProviderChoice::Auto if btrfs::snapshot_works(root, dest) => Box::new(BtrfsProvider),
+            ProviderChoice::Auto if btrfs::snapshot_works(root, paths, dest) => Box::new(BtrfsProvider),
             ProviderChoice::Auto => Box::new(CopyProvider { reflink: Reflink::Try }),
             ProviderChoice::Copy => Box::new(CopyProvider { reflink: Reflink::Never }),
             ProviderChoice::Reflink => Box::new(CopyProvider { reflink: Reflink::Require }),
@@ -109,6 +110,12 @@ impl ProviderChoice {
 pub trait Provider: Send + Sync {
     /// Its name, for messages (`copy`, `reflink`, `btrfs`, …).
     fn name(&self) -> &'static str;
+
+    /// True when the copy is a snapshot, made whole in the freeze at no cost that grows with
+    /// the tree: it needs no change journal.
+    fn snapshots(&self) -> bool {
+        false
+    }
 
     /// Brings a base copy at the request's `dest` up to date before the freeze, while everything
     /// runs, so that the commit in the freeze finds it current and copies only what changed in

@@ -1396,3 +1396,101 @@ fn every_listed_shadow_copy_is_deleted_by_its_listed_id_the_base_copy_too() {
     sandbox.ok(&backup_args(&root).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(sandbox.path("state/shadow/base").is_dir(), "the next backup made no base copy");
 }
+
+/// A data volume on btrfs under a root that is not (Debian's ext4 root, a btrfs `/srv`): `auto`
+/// takes a read-only snapshot of the subvolume the component lies in — the volume's own, or one
+/// nested in it — into the volume's own storage, records its entries with the live device so the
+/// next backup reads only what changed, and releases it after. Paths in two subvolumes, which
+/// one snapshot cannot hold, are reflinked; a snapshot left behind by a process that died gives
+/// way to the next copy, whatever its provider.
+#[test]
+fn auto_snapshots_the_subvolume_of_a_btrfs_data_volume_under_another_root() {
+    if !require("root and loop devices (mkfs.btrfs, btrfs-progs)", is_root() && Path::new("/dev/loop-control").exists())
+    {
+        return;
+    }
+    let run = |program: &str, args: &[&str]| {
+        let output = std::process::Command::new(program).args(args).output().unwrap();
+        assert!(output.status.success(), "{program} {args:?}: {}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let sandbox = Sandbox::new();
+    let root = sandbox.path("root");
+    make_tree(&root.join("etc"), 20, 91);
+    std::fs::create_dir_all(root.join("vol")).unwrap();
+    let fs = LoopFs::new(sandbox.dir.path(), "btrfs");
+    let _bind = BindMount::new(&fs.mount, &root.join("vol"));
+    let volume = root.join("vol");
+    run("btrfs", &["-q", "subvolume", "create", volume.join("sub").to_str().unwrap()]);
+    make_tree(&volume.join("data"), 200, 92);
+    make_tree(&volume.join("sub/data"), 200, 93);
+    let storage = volume.join("shadow");
+    let config = |provider: &str, paths: &str| {
+        std::fs::write(
+            sandbox.path("config.toml"),
+            format!(
+                "[[component]]\nname = \"etc\"\npaths = [\"/etc\"]\n\n[[component]]\nname = \"vol\"\npaths = [{paths}]\n\n[shadow]\nprovider = \"{provider}\"\n\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+                volume.display(),
+                storage.display()
+            ),
+        )
+        .unwrap();
+    };
+    let args = ["backup", "--root", root.to_str().unwrap(), "--component", "etc", "--component", "vol"];
+    // The volume's copy, as the version records it.
+    let volume_copy = |version: &serde_json::Value| -> serde_json::Value {
+        let copies = version["shadow"]["copies"].as_array().unwrap();
+        copies.iter().find(|c| c["for"] == volume.display().to_string()).unwrap().clone()
+    };
+    let nothing_left = || {
+        let subvolumes = run("btrfs", &["subvolume", "list", "-o", fs.mount.to_str().unwrap()]);
+        assert!(!subvolumes.contains("shadow"), "a snapshot was left in the storage: {subvolumes}");
+    };
+    for (paths, snapshotted, live) in [
+        ("\"/vol/data\"", "vol/data", "the volume's own subvolume"),
+        ("\"/vol/sub/data\"", "vol/sub/data", "a subvolume nested in the volume"),
+    ] {
+        config("auto", paths);
+        let first = sandbox.json(&args, 0);
+        let version = &sandbox.json(&["versions"], 0).as_array().unwrap().last().unwrap().clone();
+        let copy = volume_copy(version);
+        assert_eq!((copy["provider"].as_str(), copy["read"].as_str()), (Some("btrfs"), Some("snapshot")), "{live}: {copy}");
+        let root_copy = &version["shadow"]["copies"][0];
+        assert_eq!(root_copy["provider"], "copy", "the ext4 root is copied: {root_copy}");
+        // The snapshotted volume needs no change journal, and does not keep the root from one.
+        assert!(!root_copy.to_string().contains("journal cannot start"), "{live}: {root_copy}");
+        nothing_left();
+        // Every file of the volume is in the version; the next backup reads only what changed.
+        assert_eq!(first["stats"]["files"].as_u64().unwrap(), 220, "{live}: {}", first["stats"]);
+        std::fs::write(root.join(snapshotted).join("changed"), "new").unwrap();
+        let again = sandbox.json(&args, 0);
+        assert_eq!(again["stats"]["files-read"], 1, "{live}: the unchanged files were read again: {}", again["stats"]);
+        nothing_left();
+        let to = sandbox.path(&format!("restored-{}", snapshotted.replace('/', "-")));
+        sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join(snapshotted)), &snapshot(&to.join(snapshotted)));
+        assert_same(&snapshot(&root.join("etc")), &snapshot(&to.join("etc")));
+    }
+    // Two subvolumes: one snapshot cannot hold both, so the volume is reflinked.
+    config("auto", "\"/vol/data\", \"/vol/sub/data\"");
+    sandbox.ok(&args);
+    let version = sandbox.json(&["versions"], 0).as_array().unwrap().last().unwrap().clone();
+    assert_eq!(volume_copy(&version)["provider"], "reflink", "{}", version["shadow"]);
+    // A snapshot left where the base copy goes, as by a process killed after its commit: the
+    // next backup's copy takes its place, by snapshot and by copy alike.
+    for provider in ["auto", "copy"] {
+        config(provider, "\"/vol/sub/data\"");
+        let left = storage.join("base/tree/vol/sub");
+        let _ = std::fs::remove_dir_all(storage.join("base"));
+        std::fs::create_dir_all(left.parent().unwrap()).unwrap();
+        run("btrfs", &["-q", "subvolume", "snapshot", "-r", volume.join("sub").to_str().unwrap(), left.to_str().unwrap()]);
+        sandbox.ok(&args);
+        let version = sandbox.json(&["versions"], 0).as_array().unwrap().last().unwrap().clone();
+        let expected = if provider == "auto" { "btrfs" } else { "copy" };
+        assert_eq!(volume_copy(&version)["provider"], expected, "{provider}: {}", version["shadow"]);
+        nothing_left();
+        let to = sandbox.path(&format!("restored-after-left-{provider}"));
+        sandbox.ok(&["restore", "--to", to.to_str().unwrap()]);
+        assert_same(&snapshot(&root.join("vol/sub/data")), &snapshot(&to.join("vol/sub/data")));
+    }
+}
