@@ -63,6 +63,8 @@ struct Group<'a> {
     skip: Vec<PathBuf>,
     /// Refreshing the base copy: the bytes it held before.
     base_bytes: u64,
+    /// The provider that made the base copy (a refresh that copies nothing is still its).
+    base_provider: Option<String>,
     /// Refreshing the base copy: the live identities its entries were copied from.
     previous: Option<HashMap<PathBuf, Origin>>,
     /// What the copy before the freeze made.
@@ -267,11 +269,8 @@ impl Run<'_> {
                 let dest = storage.copy_dir(self.copy_id).join("tree");
                 let provider =
                     self.provider.clone().unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, paths, &dest)));
-                let base_bytes = if base {
-                    storage.copies().into_iter().find(|c| c.id == BASE_COPY).map_or(0, |c| c.bytes)
-                } else {
-                    0
-                };
+                let base_meta = if base { storage.copies().into_iter().find(|c| c.id == BASE_COPY) } else { None };
+                let base_bytes = base_meta.as_ref().map_or(0, |c| c.bytes);
                 // Without the record of what it was made from, a base is made anew.
                 let previous = if base { provider::read_origins(&storage.copy_dir(self.copy_id)) } else { None };
                 if base && previous.is_none() {
@@ -286,6 +285,7 @@ impl Run<'_> {
                     needed: room.needed,
                     skip,
                     base_bytes,
+                    base_provider: base_meta.map(|c| c.provider),
                     previous,
                     precopy: None,
                     changed: None,
@@ -672,7 +672,15 @@ impl Run<'_> {
                 id: self.copy_id.to_string(),
                 set: self.set_id.to_string(),
                 for_volume: group.storage.for_volume.display().to_string(),
-                provider: copy.used.values().next().copied().unwrap_or(group.provider.name()).to_string(),
+                // What copied, or what made the base a refresh found current.
+                provider: precopy
+                    .iter()
+                    .flat_map(|c| c.used.values())
+                    .chain(copy.used.values())
+                    .next()
+                    .map(|name| name.to_string())
+                    .or_else(|| group.base_provider.clone().filter(|_| group.previous.is_some()))
+                    .unwrap_or_else(|| group.provider.name().to_string()),
                 created_ns: now_ns(),
                 // A refreshed base holds what it held, less what was freed, plus what was copied.
                 bytes: group.base_bytes.saturating_sub(precopy.map_or(0, |c| c.freed)).saturating_sub(copy.freed)
