@@ -333,7 +333,17 @@ impl Copier<'_> {
                 let shown = Path::new("/").join(relative);
                 match std::fs::symlink_metadata(target) {
                     Ok(meta) if meta.is_dir() => {
-                        self.out.origins.retain(|path, _| !path.starts_with(&shown));
+                        // A file in it with other names elsewhere lost one (a folder moved
+                        // away is copied anew where it went, and its files are not the same
+                        // names): those names are looked at again.
+                        let linked = &mut self.linked;
+                        self.out.origins.retain(|path, origin| {
+                            let inside = path.starts_with(&shown);
+                            if inside && origin.links != 1 && path != &shown {
+                                linked.insert((origin.device, origin.inode));
+                            }
+                            !inside
+                        });
                         self.out.origins_changed = true;
                     }
                     Ok(_) => {
@@ -415,6 +425,14 @@ impl Copier<'_> {
         let target = self.req.dest.join(relative);
         let file_type = meta.file_type();
         let copied = std::fs::symlink_metadata(&target).ok();
+        if self.incremental {
+            // A name that stands for another file now (renamed over): the file it stood for
+            // lost a link, with an event only in this folder; its other names are looked at.
+            let before = self.out.origins.get(&Path::new("/").join(relative));
+            if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
+                self.linked.insert((before.device, before.inode));
+            }
+        }
         let keep = copied.as_ref().is_some_and(|copied| self.unchanged(relative, &meta, copied));
         if self.incremental && file_type.is_file() && meta.nlink() > 1 && !keep {
             self.linked.insert((meta.dev(), meta.ino()));
