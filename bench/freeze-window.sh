@@ -57,6 +57,6 @@ import sys,json
 for v in json.load(sys.stdin):
     s=v['shadow']; c=s['copies'][-1]
     how=c.get('read','?') + (' (%d folders named)' % c['dirs-looked-at'] if 'dirs-looked-at' in c else '') + (': ' + c['walked-because'] if 'walked-because' in c else '')
-    print('$kind: %d files, %s: freeze window %d ms, commit %d ms, %d entries copied, read by %s' % (v['stats']['files'], list(s['providers'].values()), s['freeze-window-ms'], s['commit-ms'], s['files'], how))"
+    print('$kind: %d files, %s: copy before the freeze %d ms, freeze window %d ms, commit %d ms, %d entries copied, read by %s' % (v['stats']['files'], list(s['providers'].values()), s.get('precopy-ms', 0), s['freeze-window-ms'], s['commit-ms'], s['files'], how))"
 [ "$kind" = btrfs-volume ] && umount $volume
 umount $base/mnt; losetup -d $dev
