@@ -161,7 +161,8 @@ impl VaultBackend {
                             // Out of this host's reach (or the URL expired): through the vault,
                             // now and from now on.
                             self.through_vault.store(true, std::sync::atomic::Ordering::Relaxed);
-                            let again = again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
+                            let again =
+                                again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
                             response = again
                                 .header(THROUGH_VAULT, "1")
                                 .send()
@@ -196,11 +197,7 @@ impl VaultBackend {
 
 impl VaultBackend {
     /// A pack's bytes (or `range` of them) from the URL the vault signed: no token goes there.
-    async fn read_direct(
-        &self,
-        url: &str,
-        range: Option<&str>,
-    ) -> std::result::Result<bytes::Bytes, String> {
+    async fn read_direct(&self, url: &str, range: Option<&str>) -> std::result::Result<bytes::Bytes, String> {
         if !(url.starts_with("https://") || url.starts_with("http://")) {
             return Err(format!("the vault redirected to `{url}`, not an HTTP URL"));
         }

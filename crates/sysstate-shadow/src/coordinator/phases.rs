@@ -267,8 +267,10 @@ impl Run<'_> {
             .zip(rooms)
             .map(|((storage, paths, choice, skip), room)| {
                 let dest = storage.copy_dir(self.copy_id).join("tree");
-                let provider =
-                    self.provider.clone().unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, paths, &dest)));
+                let provider = self
+                    .provider
+                    .clone()
+                    .unwrap_or_else(|| Arc::from(choice.provider_for(&options.root, paths, &dest)));
                 let base_meta = if base { storage.copies().into_iter().find(|c| c.id == BASE_COPY) } else { None };
                 let base_bytes = base_meta.as_ref().map_or(0, |c| c.bytes);
                 // Without the record of what it was made from, a base is made anew.

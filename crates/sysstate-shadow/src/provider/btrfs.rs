@@ -43,7 +43,8 @@ fn subvolume_of(root: &Path, paths: &[PathBuf]) -> Result<PathBuf, String> {
     let mut found: Vec<PathBuf> = Vec::new();
     for path in paths {
         let Ok(live) = std::fs::canonicalize(root.join(path.strip_prefix("/").unwrap_or(path))) else { continue };
-        let subvolume = subvolume_root(&live).ok_or_else(|| format!("`{}` is not in a btrfs subvolume", live.display()))?;
+        let subvolume =
+            subvolume_root(&live).ok_or_else(|| format!("`{}` is not in a btrfs subvolume", live.display()))?;
         if !found.contains(&subvolume) {
             found.push(subvolume);
         }
@@ -120,8 +121,7 @@ pub fn delete_snapshot_in(tree: &Path) -> std::io::Result<()> {
 fn snapshot(root: &Path, paths: &[PathBuf], dest: &Path, deadline: Instant) -> Result<Commit, CommitError> {
     let root = std::fs::canonicalize(root).map_err(|e| CommitError::Io(ShadowError::io(root, e)))?;
     let subvolume = subvolume_of(&root, paths).map_err(|why| CommitError::Unsupported(root.clone(), why))?;
-    let live_device =
-        std::fs::metadata(&subvolume).map_err(|e| CommitError::Io(ShadowError::io(&subvolume, e)))?.dev();
+    let live_device = std::fs::metadata(&subvolume).map_err(|e| CommitError::Io(ShadowError::io(&subvolume, e)))?.dev();
     // A base copy left by the copy provider (or a snapshot left by a process that died) gives
     // way to the snapshot.
     if std::fs::symlink_metadata(dest).is_ok() {
@@ -143,14 +143,10 @@ fn snapshot(root: &Path, paths: &[PathBuf], dest: &Path, deadline: Instant) -> R
         std::fs::create_dir_all(parent).map_err(|e| CommitError::Io(ShadowError::io(parent, e)))?;
     }
     let taken_ns = sysstate_types::time::now_ns();
-    let output = sysstate_fs::command("btrfs")
-        .args(["subvolume", "snapshot", "-r"])
-        .arg(&subvolume)
-        .arg(&at)
-        .output()
-        .map_err(|e| {
-            CommitError::Unsupported(subvolume.clone(), format!("cannot run `btrfs` (install btrfs-progs): {e}"))
-        })?;
+    let output =
+        sysstate_fs::command("btrfs").args(["subvolume", "snapshot", "-r"]).arg(&subvolume).arg(&at).output().map_err(
+            |e| CommitError::Unsupported(subvolume.clone(), format!("cannot run `btrfs` (install btrfs-progs): {e}")),
+        )?;
     if !output.status.success() {
         return Err(CommitError::Unsupported(subvolume, String::from_utf8_lossy(&output.stderr).trim().to_string()));
     }

@@ -771,6 +771,17 @@ fn btrfs_provider_takes_a_read_only_snapshot_and_auto_chooses_it() {
     assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
 }
 
+/// A root with a small `/etc`, and a second volume (a new `kind` filesystem) mounted at its
+/// `/vol`: a data volume under a root on another filesystem.
+fn root_with_volume(sandbox: &Sandbox, kind: &str, seed: u64) -> (std::path::PathBuf, LoopFs, BindMount) {
+    let root = sandbox.path("root");
+    make_tree(&root.join("etc"), 20, seed);
+    std::fs::create_dir_all(root.join("vol")).unwrap();
+    let fs = LoopFs::new(sandbox.dir.path(), kind);
+    let bind = BindMount::new(&fs.mount, &root.join("vol"));
+    (root, fs, bind)
+}
+
 #[test]
 fn each_volume_copies_into_its_own_shadow_storage() {
     if !require("root and loop devices (a second volume on XFS)", is_root() && Path::new("/dev/loop-control").exists())
@@ -778,12 +789,7 @@ fn each_volume_copies_into_its_own_shadow_storage() {
         return;
     }
     let sandbox = Sandbox::new();
-    let root = sandbox.path("root");
-    make_tree(&root.join("etc"), 20, 71);
-    std::fs::create_dir_all(root.join("vol")).unwrap();
-    // The second volume is mounted at /vol of the root, with its storage inside it.
-    let fs = LoopFs::new(sandbox.dir.path(), "xfs");
-    let _bind = BindMount::new(&fs.mount, &root.join("vol"));
+    let (root, _fs, _bind) = root_with_volume(&sandbox, "xfs", 71);
     make_tree(&root.join("vol/data"), 40, 72);
     let volume = root.join("vol");
     let storage = volume.join("shadow");
@@ -1415,11 +1421,7 @@ fn auto_snapshots_the_subvolume_of_a_btrfs_data_volume_under_another_root() {
         text(&output.stdout)
     };
     let sandbox = Sandbox::new();
-    let root = sandbox.path("root");
-    make_tree(&root.join("etc"), 20, 91);
-    std::fs::create_dir_all(root.join("vol")).unwrap();
-    let fs = LoopFs::new(sandbox.dir.path(), "btrfs");
-    let _bind = BindMount::new(&fs.mount, &root.join("vol"));
+    let (root, fs, _bind) = root_with_volume(&sandbox, "btrfs", 91);
     let volume = root.join("vol");
     run("btrfs", &["-q", "subvolume", "create", volume.join("sub").to_str().unwrap()]);
     make_tree(&volume.join("data"), 200, 92);
@@ -1454,7 +1456,11 @@ fn auto_snapshots_the_subvolume_of_a_btrfs_data_volume_under_another_root() {
         let first = sandbox.json(&args, 0);
         let version = &sandbox.json(&["versions"], 0).as_array().unwrap().last().unwrap().clone();
         let copy = volume_copy(version);
-        assert_eq!((copy["provider"].as_str(), copy["read"].as_str()), (Some("btrfs"), Some("snapshot")), "{live}: {copy}");
+        assert_eq!(
+            (copy["provider"].as_str(), copy["read"].as_str()),
+            (Some("btrfs"), Some("snapshot")),
+            "{live}: {copy}"
+        );
         let root_copy = &version["shadow"]["copies"][0];
         assert_eq!(root_copy["provider"], "copy", "the ext4 root is copied: {root_copy}");
         // The snapshotted volume needs no change journal, and does not keep the root from one.
@@ -1483,7 +1489,10 @@ fn auto_snapshots_the_subvolume_of_a_btrfs_data_volume_under_another_root() {
         let left = storage.join("base/tree/vol/sub");
         let _ = std::fs::remove_dir_all(storage.join("base"));
         std::fs::create_dir_all(left.parent().unwrap()).unwrap();
-        run("btrfs", &["-q", "subvolume", "snapshot", "-r", volume.join("sub").to_str().unwrap(), left.to_str().unwrap()]);
+        run(
+            "btrfs",
+            &["-q", "subvolume", "snapshot", "-r", volume.join("sub").to_str().unwrap(), left.to_str().unwrap()],
+        );
         sandbox.ok(&args);
         let version = sandbox.json(&["versions"], 0).as_array().unwrap().last().unwrap().clone();
         let expected = if provider == "auto" { "btrfs" } else { "copy" };

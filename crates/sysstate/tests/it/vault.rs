@@ -939,10 +939,11 @@ fn with_direct_reads_hosts_read_packs_from_the_storage_and_fall_back_to_the_vaul
         crate::support::require("Garage (SYSSTATE_TEST_S3_URL from scripts/services.sh)", false);
         return;
     };
-    let settings: String = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP"]
-        .iter()
-        .filter_map(|name| std::env::var(name).ok().map(|value| format!("{name}={value}\n")))
-        .collect();
+    let settings: String =
+        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP"]
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|value| format!("{name}={value}\n")))
+            .collect();
     let mut vault = Vault::start_on(Some((&format!("{url}/vault-direct-{}", rand_suffix()), &settings)));
     vault.stop();
     let config = vault.dir.path().join("vault/vault.toml");
@@ -974,7 +975,8 @@ fn with_direct_reads_hosts_read_packs_from_the_storage_and_fall_back_to_the_vaul
     assert_eq!(status, "307", "{answer}");
     let direct = Command::new("curl").args(["-s", "-f", "-o", "-", location]).output().unwrap();
     assert!(direct.status.success(), "the signed URL did not read: {}", text(&direct.stderr));
-    let local_pack = std::fs::read(std::path::Path::new(&local.target).join("data").join(&pack[..2]).join(&pack)).unwrap();
+    let local_pack =
+        std::fs::read(std::path::Path::new(&local.target).join("data").join(&pack[..2]).join(&pack)).unwrap();
     assert!(direct.stdout == local_pack, "the signed URL read other bytes than the pack");
 
     // A restore: byte for byte, and the pack bytes did not pass through the vault.
