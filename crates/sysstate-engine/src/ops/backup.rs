@@ -329,7 +329,12 @@ fn journal_walk(
     };
     let Some(journal) = &record.journal else { return walk("the shadow set kept no journal") };
     let Some(since) = journal.since else {
-        let why: Vec<&str> = record.copies.iter().filter_map(|c| c.walked_because.as_deref()).collect();
+        let why: Vec<&str> = journal
+            .unknown
+            .as_deref()
+            .into_iter()
+            .chain(record.copies.iter().filter_map(|c| c.walked_because.as_deref()))
+            .collect();
         return walk(&if why.is_empty() {
             "the base copy was not made at the journal's last position (the first backup since the agent started, or one in between)".to_string()
         } else {

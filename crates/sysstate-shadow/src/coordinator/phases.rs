@@ -92,6 +92,8 @@ struct SetJournal {
     since: Option<Position>,
     /// With `since`: the directories where something changed (absolute, as seen from the root).
     changed: Vec<PathBuf>,
+    /// Without `since`: why not every change since the base copies were made is known.
+    unknown: Option<String>,
 }
 
 impl SetJournal {
@@ -468,8 +470,24 @@ impl Run<'_> {
             .map(|g| g.previous.as_ref().and(provider::read_base_journal(&g.storage.copy_dir(self.copy_id))))
             .collect();
         let changes = journal.journal.take();
-        let continuous = bases.iter().all(|b| b.as_ref().is_some_and(|b| b.position == position));
-        let (true, Changes::Seen(seen)) = (continuous, changes) else { return };
+        let unknown = if groups.iter().any(|g| g.previous.is_none()) {
+            Some("the base copy had no readable record of the live files it was copied from (`origins.json` beside it): it was made anew".to_string())
+        } else if bases.iter().any(Option::is_none) {
+            Some("the base copy has no readable record of where the journal stood when it was made (`journal.json` beside it): the first backup since the agent started, or a damaged record".to_string())
+        } else if bases.iter().flatten().any(|b| b.position != position) {
+            Some("the base copy was made at another position of the journal (a command's backup in between, or before the agent restarted)".to_string())
+        } else if let Changes::Doubt(why) = &changes {
+            Some(why.clone())
+        } else {
+            None
+        };
+        let seen = match (unknown, changes) {
+            (None, Changes::Seen(seen)) => seen,
+            (why, _) => {
+                journal.unknown = why;
+                return;
+            }
+        };
         let root = self.live_root();
         for (group, base) in groups.iter_mut().zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
@@ -484,7 +502,13 @@ impl Run<'_> {
     /// date. Each group that cannot use one is told why it walks.
     fn start_journal(&self, groups: &mut [Group<'_>]) -> Result<SetJournal, String> {
         if let Some(journal) = &self.options.journal {
-            return Ok(SetJournal { journal: journal.clone(), kept: true, since: None, changed: Vec::new() });
+            return Ok(SetJournal {
+                journal: journal.clone(),
+                kept: true,
+                since: None,
+                changed: Vec::new(),
+                unknown: None,
+            });
         }
         // A snapshot needs none (and fanotify cannot watch a nested btrfs subvolume).
         let copied = || groups.iter().filter(|g| !g.provider.snapshots());
@@ -502,7 +526,13 @@ impl Run<'_> {
                 .collect();
             let live: Vec<&Path> = live.iter().map(PathBuf::as_path).collect();
             Journal::start(&live, JournalOptions::default())
-                .map(|journal| SetJournal { journal: Arc::new(journal), kept: false, since: None, changed: Vec::new() })
+                .map(|journal| SetJournal {
+                    journal: Arc::new(journal),
+                    kept: false,
+                    since: None,
+                    changed: Vec::new(),
+                    unknown: None,
+                })
                 .map_err(|e| format!("the change journal cannot start here (fanotify: {e})"))
         };
         if let Err(why) = &started {
@@ -744,6 +774,7 @@ impl Run<'_> {
                 position: j.journal.position(),
                 since: j.since.filter(|_| complete),
                 changed: if complete { changed } else { Vec::new() },
+                unknown: j.unknown.clone(),
             }
         });
         Ok(record)

@@ -62,6 +62,10 @@ pub struct JournalRecord {
     /// The directories (absolute, as seen from the root) where something changed since `since`.
     #[serde(skip)]
     pub changed: Vec<PathBuf>,
+    /// Without `since`, when the set knows it: why not every change since the base copies
+    /// were made is known.
+    #[serde(skip)]
+    pub unknown: Option<String>,
 }
 
 /// What a shadow set did, recorded in the version manifest.

@@ -1081,3 +1081,57 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
     }
     assert_eq!(journaled, 4, "rounds 1-3 and 5 read by the journal");
 }
+
+/// The base copy's records damaged (a disk error, a hand that edited them): where the journal
+/// stood (`journal.json`) and the identities the copy was made from (`origins.json`). The next
+/// backup is not misled: it walks (a base without its origins is made anew), says why, and makes
+/// the version a full walk makes; the one after reads by the journal again.
+#[test]
+fn a_damaged_record_of_the_base_copy_makes_the_agent_walk_not_trust_it() {
+    if !is_root() {
+        return;
+    }
+    let (sandbox, root) = setup("");
+    make_tree(&root.join("data/more"), 100, 29);
+    std::thread::sleep(Duration::from_millis(2200));
+    let walk_now = || {
+        let output = sandbox
+            .command(&["backup", "--root", root.to_str().unwrap()])
+            .env("SYSSTATE_STATE_DIR", sandbox.path("state-walk"))
+            .env("SYSSTATE_RUNTIME_DIR", sandbox.path("run-walk"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    };
+    let backup_now = || {
+        let output = sandbox.run_code(&["backup", "--now"], 0);
+        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+    };
+    let agent = Agent::start(&sandbox, &root, &[]);
+    backup_now();
+    backup_now();
+    let base = sandbox.path("state/shadow/base");
+    for (n, damaged) in ["journal.json", "origins.json"].into_iter().enumerate() {
+        assert!(base.join(damaged).exists(), "no {damaged} beside the base copy");
+        std::fs::write(base.join(damaged), "{\"position\": [1, ").unwrap();
+        std::fs::write(root.join(format!("data/more/changed-{n}")), "changed").unwrap();
+        std::fs::remove_file(root.join("data/more/d0/e0/f0.bin")).ok();
+        std::fs::write(root.join("data/more/d0/e0/f0.bin"), format!("rewritten {n}")).unwrap();
+        backup_now();
+        walk_now();
+        let listed = versions(&sandbox);
+        let [.., by_agent, by_walk] = &listed[..] else { panic!("{listed:#?}") };
+        assert_eq!(by_agent["shadow"]["walk"]["read"], "walk", "{damaged}: {:#}", by_agent["shadow"]);
+        let because = by_agent["shadow"]["walk"]["because"].as_str().unwrap();
+        assert!(because.contains(damaged), "{damaged}: the version does not say why it walked: {because}");
+        let (differ, _) = differences(&sandbox, by_agent, by_walk);
+        assert!(differ.is_empty(), "{damaged}: the agent's version differs:\n{}", differ.join("\n"));
+        // The base is whole again: the next backup reads by the journal.
+        std::fs::write(root.join(format!("data/more/after-{n}")), "after").unwrap();
+        backup_now();
+        let listed = versions(&sandbox);
+        let last = listed.last().unwrap();
+        assert_eq!(last["shadow"]["walk"]["read"], "journal", "after {damaged}: {:#}", last["shadow"]);
+    }
+    drop(agent);
+}
