@@ -151,6 +151,7 @@ impl Journal {
         // SAFETY: `raw` is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut watched: Vec<Watched> = Vec::new();
+        let mut unmarked = None;
         for path in paths {
             let device = std::fs::metadata(path)?.dev();
             if watched.iter().any(|w| w.device == device) {
@@ -168,11 +169,22 @@ impl Journal {
                 )
             };
             if marked < 0 {
-                return Err(std::io::Error::last_os_error());
+                let error = std::io::Error::last_os_error();
+                // A filesystem fanotify cannot mark whole (a btrfs subvolume that is not the
+                // filesystem's top, EXDEV) is left unwatched: `covers` says so, and what is
+                // copied from it walks. Any other failure is the journal's.
+                if error.raw_os_error() == Some(libc::EXDEV) {
+                    unmarked = Some(error);
+                    continue;
+                }
+                return Err(error);
             }
             // `open_by_handle_at` wants a descriptor it can read through (not `O_PATH`).
             let mount: OwnedFd = std::fs::File::open(path)?.into();
             watched.push(Watched { fsid: fsid(path)?, device, mount });
+        }
+        if let (true, Some(error)) = (watched.is_empty(), unmarked) {
+            return Err(error);
         }
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
