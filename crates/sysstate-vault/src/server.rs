@@ -26,6 +26,7 @@ use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use sysstate_repo::backend::vault::THROUGH_VAULT;
 use sysstate_repo::backend::{ErrorKind, FileKind};
 use sysstate_repo::Id;
 use sysstate_types::ErrorCode;
@@ -48,8 +49,6 @@ pub const RECORDS_MAX_AGE: Duration = Duration::from_secs(2);
 /// How long a signed URL of a direct read is good for: the host asks for it right away, and a
 /// few minutes cover a clock between the vault and the storage a little apart.
 const DIRECT_READ_VALID_FOR: Duration = Duration::from_secs(300);
-/// The header with which a host asks for the bytes themselves (its direct read failed).
-pub const THROUGH_VAULT: &str = "x-sysstate-through-vault";
 
 /// How often a token the records do not know makes them read again (a host registered at
 /// another vault process a moment ago; a guesser's tokens do not make the vault list faster).

@@ -34,9 +34,8 @@ pub struct VaultBackend {
     runtime: tokio::runtime::Runtime,
 }
 
-/// The header that asks the vault for the bytes themselves, not a redirect (the vault's
-/// `THROUGH_VAULT`).
-const THROUGH_VAULT: &str = "x-sysstate-through-vault";
+/// The header that asks the vault for the bytes themselves, not a redirect to its storage.
+pub const THROUGH_VAULT: &str = "x-sysstate-through-vault";
 
 /// The HTTPS base of `vault://HOST:PORT`.
 pub fn https_base(vault: &str) -> std::result::Result<String, String> {
@@ -50,21 +49,22 @@ pub fn https_base(vault: &str) -> std::result::Result<String, String> {
     Ok(format!("https://{authority}"))
 }
 
-/// A client that trusts only `ca_pem`.
-pub fn pinned_client(ca_pem: &str) -> std::result::Result<reqwest::Client, String> {
-    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("the vault's certificate: {e}"))?;
+/// The settings of every client of a host: rustls, bounded times, and no redirect followed (a
+/// redirect is the vault's answer to a pack's read, taken by `VaultBackend::send`: the token
+/// never follows it).
+fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(300))
         .user_agent(concat!("sysstate/", env!("CARGO_PKG_VERSION")))
-        // A redirect is the vault's answer to a pack's read, taken by `VaultBackend::send`: the
-        // token never follows it.
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| e.to_string())
+}
+
+/// A client that trusts only `ca_pem`.
+pub fn pinned_client(ca_pem: &str) -> std::result::Result<reqwest::Client, String> {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("the vault's certificate: {e}"))?;
+    client_builder().tls_built_in_root_certs(false).add_root_certificate(ca).build().map_err(|e| e.to_string())
 }
 
 /// The full text of a reqwest error and its causes.
@@ -157,9 +157,10 @@ impl VaultBackend {
                 match location {
                     Some(location) => match self.read_direct(&location, range.as_deref()).await {
                         Ok(body) => return Ok(body),
-                        Err(_) => {
+                        Err(why) => {
                             // Out of this host's reach (or the URL expired): through the vault,
                             // now and from now on.
+                            tracing::warn!(%why, "a direct read from the vault's storage failed: reading through the vault");
                             self.through_vault.store(true, std::sync::atomic::Ordering::Relaxed);
                             let again =
                                 again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
@@ -203,16 +204,7 @@ impl VaultBackend {
         }
         let client = self
             .storage_client
-            .get_or_init(|| {
-                reqwest::Client::builder()
-                    .use_rustls_tls()
-                    .connect_timeout(std::time::Duration::from_secs(10))
-                    .timeout(std::time::Duration::from_secs(300))
-                    .redirect(reqwest::redirect::Policy::none())
-                    .user_agent(concat!("sysstate/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| client_builder().build().map_err(|e| e.to_string()))
             .as_ref()
             .map_err(Clone::clone)?;
         let mut request = client.get(url);
