@@ -212,8 +212,7 @@ impl Coordinator {
         watchdog.stop();
         let phases::Made { commit, extra, mut record } = made?;
         record.lock_taken_over = taken_over;
-        // A snapshot is never a base: it is made whole each time and released after.
-        let keep_copy = options.persistent || (copy_id == BASE_COPY && commit.live_device.is_none());
+        let keep_copy = keeps_copy(options.persistent, &copy_id, &commit);
         Ok(ShadowSet {
             members,
             storage: options.storage.clone(),
@@ -230,4 +229,10 @@ impl Coordinator {
             _lock: lock,
         })
     }
+}
+
+/// True when a copy stays after its set: a persistent one, or a base copy to refresh next time
+/// (a snapshot is never a base: it is made whole each time and released after).
+fn keeps_copy(persistent: bool, copy_id: &str, commit: &crate::provider::Commit) -> bool {
+    persistent || (copy_id == BASE_COPY && commit.live_device.is_none())
 }

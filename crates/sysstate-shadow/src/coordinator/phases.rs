@@ -97,6 +97,10 @@ struct SetJournal {
 }
 
 impl SetJournal {
+    fn new(journal: Arc<Journal>, kept: bool) -> SetJournal {
+        SetJournal { journal, kept, since: None, changed: Vec::new(), unknown: None }
+    }
+
     /// Adds what a commit looked at to what changed: the directories named (as seen from the
     /// root), and the folders of the entries it looked at again outside them.
     fn add(&mut self, dirs: &[PathBuf], copy: &Commit) {
@@ -465,12 +469,13 @@ impl Run<'_> {
             return;
         }
         let position = journal.journal.position();
-        let bases: Vec<Option<provider::BaseJournal>> = groups
-            .iter()
+        // A snapshot has no base: only the copies count.
+        let copied = || groups.iter().filter(|g| !g.provider.snapshots());
+        let bases: Vec<Option<provider::BaseJournal>> = copied()
             .map(|g| g.previous.as_ref().and(provider::read_base_journal(&g.storage.copy_dir(self.copy_id))))
             .collect();
         let changes = journal.journal.take();
-        let unknown = if groups.iter().any(|g| g.previous.is_none()) {
+        let unknown = if copied().any(|g| g.previous.is_none()) {
             Some("the base copy had no readable record of the live files it was copied from (`origins.json` beside it): it was made anew".to_string())
         } else if bases.iter().any(Option::is_none) {
             Some("the base copy has no readable record of where the journal stood when it was made (`journal.json` beside it): the first backup since the agent started, or a damaged record".to_string())
@@ -489,7 +494,7 @@ impl Run<'_> {
             }
         };
         let root = self.live_root();
-        for (group, base) in groups.iter_mut().zip(bases) {
+        for (group, base) in groups.iter_mut().filter(|g| !g.provider.snapshots()).zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
             group.forced = shown_under(&root, &seen.written, group.paths);
             group.forced.extend(base.map(|b| b.unsettled).unwrap_or_default());
@@ -502,13 +507,7 @@ impl Run<'_> {
     /// date. Each group that cannot use one is told why it walks.
     fn start_journal(&self, groups: &mut [Group<'_>]) -> Result<SetJournal, String> {
         if let Some(journal) = &self.options.journal {
-            return Ok(SetJournal {
-                journal: journal.clone(),
-                kept: true,
-                since: None,
-                changed: Vec::new(),
-                unknown: None,
-            });
+            return Ok(SetJournal::new(journal.clone(), true));
         }
         // A snapshot needs none (and fanotify cannot watch a nested btrfs subvolume).
         let copied = || groups.iter().filter(|g| !g.provider.snapshots());
@@ -526,13 +525,7 @@ impl Run<'_> {
                 .collect();
             let live: Vec<&Path> = live.iter().map(PathBuf::as_path).collect();
             Journal::start(&live, JournalOptions::default())
-                .map(|journal| SetJournal {
-                    journal: Arc::new(journal),
-                    kept: false,
-                    since: None,
-                    changed: Vec::new(),
-                    unknown: None,
-                })
+                .map(|journal| SetJournal::new(Arc::new(journal), false))
                 .map_err(|e| format!("the change journal cannot start here (fanotify: {e})"))
         };
         if let Err(why) = &started {
@@ -791,7 +784,7 @@ impl Run<'_> {
                 paths: group.paths.clone(),
                 root: copy.root.clone(),
                 live_device: copy.live_device,
-                keep: self.options.persistent || (self.copy_id == BASE_COPY && copy.live_device.is_none()),
+                keep: super::keeps_copy(self.options.persistent, self.copy_id, &copy),
             });
             commit.origins.extend(copy.origins);
         }
