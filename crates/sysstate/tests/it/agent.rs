@@ -899,6 +899,24 @@ fn differences(sandbox: &Sandbox, first: &Value, second: &Value) -> (Vec<String>
     (differ, a.len())
 }
 
+/// A backup by the agent (`backup --now`), which must succeed.
+fn backup_now(sandbox: &Sandbox) {
+    let output = sandbox.run_code(&["backup", "--now"], 0);
+    assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+}
+
+/// A full walk of the same moment as the agent's last backup: a command with its own state
+/// folder (its own base copy), into the same repository.
+fn walk_now(sandbox: &Sandbox, root: &Path) {
+    let output = sandbox
+        .command(&["backup", "--root", root.to_str().unwrap()])
+        .env("SYSSTATE_STATE_DIR", sandbox.path("state-walk"))
+        .env("SYSSTATE_RUNTIME_DIR", sandbox.path("run-walk"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
+
 /// The versions of this sandbox's repository, oldest first.
 fn versions(sandbox: &Sandbox) -> Vec<Value> {
     sandbox.json(&["versions"], 0).as_array().unwrap().clone()
@@ -921,10 +939,7 @@ fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk
     // are not trusted).
     std::thread::sleep(Duration::from_millis(2200));
     let agent = Agent::start(&sandbox, &root, &[]);
-    let backup_now = || {
-        let output = sandbox.run_code(&["backup", "--now"], 0);
-        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
-    };
+    let backup_now = || backup_now(&sandbox);
     backup_now();
     backup_now();
     // Changes of every kind, then a backup by the agent and one by a command of the same moment.
@@ -1031,17 +1046,7 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
     let seed = std::env::var("SYSSTATE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(now_ns() as u64 | 1);
     eprintln!("seed {seed} (SYSSTATE_TEST_SEED={seed} replays the changes)");
     let (mut rng, mut serial) = (seed, 0);
-    // A full walk of the same moment: a command with its own state folder (its own base copy),
-    // into the same repository.
-    let walk_now = || {
-        let output = sandbox
-            .command(&["backup", "--root", root.to_str().unwrap()])
-            .env("SYSSTATE_STATE_DIR", sandbox.path("state-walk"))
-            .env("SYSSTATE_RUNTIME_DIR", sandbox.path("run-walk"))
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", text(&output.stderr));
-    };
+    let walk_now = || walk_now(&sandbox, &root);
     let mut agent = Some(Agent::start(&sandbox, &root, &[]));
     let mut journaled = 0;
     for round in 0..8 {
@@ -1061,8 +1066,7 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
         for _ in 0..60 {
             random_change(&root.join("data"), &mut rng, &mut serial);
         }
-        let output = sandbox.run_code(&["backup", "--now"], 0);
-        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
+        backup_now(&sandbox);
         walk_now();
         let listed = versions(&sandbox);
         let [.., by_agent, by_walk] = &listed[..] else { panic!("{listed:#?}") };
@@ -1094,19 +1098,8 @@ fn a_damaged_record_of_the_base_copy_makes_the_agent_walk_not_trust_it() {
     let (sandbox, root) = setup("");
     make_tree(&root.join("data/more"), 100, 29);
     std::thread::sleep(Duration::from_millis(2200));
-    let walk_now = || {
-        let output = sandbox
-            .command(&["backup", "--root", root.to_str().unwrap()])
-            .env("SYSSTATE_STATE_DIR", sandbox.path("state-walk"))
-            .env("SYSSTATE_RUNTIME_DIR", sandbox.path("run-walk"))
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", text(&output.stderr));
-    };
-    let backup_now = || {
-        let output = sandbox.run_code(&["backup", "--now"], 0);
-        assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
-    };
+    let walk_now = || walk_now(&sandbox, &root);
+    let backup_now = || backup_now(&sandbox);
     let agent = Agent::start(&sandbox, &root, &[]);
     backup_now();
     backup_now();
