@@ -10,10 +10,16 @@
 //! when the set is taken). Memory is bounded: past [`JournalOptions::max_dirs`] directories the
 //! journal stops counting and says so.
 //!
+//! A file's link count changes when a name of it is made or removed in another directory, and
+//! the kernel then reports the file itself, with no directory (`FAN_REPORT_FID`): the journal
+//! keeps those files by handle, and names them by device and inode ([`Changed::relinked`]), so
+//! that their other names are looked at again — a link made and removed between two takes
+//! leaves no other trace but a ctime.
+//!
 //! It is never trusted blindly. [`Journal::take`] answers [`Changes::Doubt`] — and its user
-//! falls back to a full walk — when the kernel's queue overflowed, an event came without the
-//! directory it happened in (a link count changed through another name, say), too many
-//! directories changed, or a read failed. Writes through a shared writable mapping produce no
+//! falls back to a full walk — when the kernel's queue overflowed, an event came that names
+//! neither a directory nor a file whose link count changed, too many directories changed, or
+//! a read failed. Writes through a shared writable mapping produce no
 //! event at all: its user must look at such files itself ([`mapped_for_writing`]).
 
 use std::collections::HashSet;
@@ -80,6 +86,11 @@ pub struct Changed {
     /// Files closed after writing (by their path now, sorted): a file written through a shared
     /// mapping made before the journal started may show no other sign, not even in its times.
     pub written: Vec<PathBuf>,
+    /// Files whose link count changed through a name in another directory, by (device, inode),
+    /// sorted; files gone since are left out. A name made and removed between two takes, or
+    /// renamed over, changes the ctime of every other name of the file with no event in their
+    /// directories: those names must be looked at again.
+    pub relinked: Vec<(u64, u64)>,
 }
 
 /// A filesystem the journal watches.
@@ -102,6 +113,9 @@ struct Gathered {
     dirs: HashSet<DirKey>,
     /// Files closed after writing: their directory and name.
     written: HashSet<(DirKey, Vec<u8>)>,
+    /// Files reported without a directory because their link count changed: (fsid, handle
+    /// type, handle bytes).
+    relinked: HashSet<DirKey>,
     /// Why the set cannot be trusted, once it cannot.
     doubt: Option<String>,
 }
@@ -141,7 +155,11 @@ impl Journal {
         // SAFETY: plain system call; the result is checked.
         let raw = unsafe {
             libc::fanotify_init(
-                libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK | libc::FAN_REPORT_DFID_NAME,
+                libc::FAN_CLASS_NOTIF
+                    | libc::FAN_CLOEXEC
+                    | libc::FAN_NONBLOCK
+                    | libc::FAN_REPORT_DFID_NAME
+                    | libc::FAN_REPORT_FID,
                 (libc::O_RDONLY | libc::O_CLOEXEC) as u32,
             )
         };
@@ -241,7 +259,7 @@ impl Journal {
         let mut resolved: std::collections::HashMap<&DirKey, Option<PathBuf>> = Default::default();
         let mut dirs = Vec::with_capacity(taken.dirs.len());
         for key in &taken.dirs {
-            let path = self.resolve(key);
+            let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
             dirs.extend(path.clone());
             resolved.insert(key, path);
         }
@@ -253,13 +271,23 @@ impl Journal {
                 Some(dir.join(std::ffi::OsStr::from_bytes(name)))
             })
             .collect();
+        let mut relinked: Vec<(u64, u64)> = taken
+            .relinked
+            .iter()
+            .filter_map(|key| {
+                let meta = rustix::fs::fstat(self.open(key, 0)?).ok()?;
+                Some((meta.st_dev, meta.st_ino))
+            })
+            .collect();
         dirs.sort();
         written.sort();
-        Changes::Seen(Changed { dirs, written })
+        relinked.sort();
+        relinked.dedup();
+        Changes::Seen(Changed { dirs, written, relinked })
     }
 
-    /// The path now of the directory with this handle; `None` when it was deleted.
-    fn resolve(&self, (fsid, handle_type, bytes): &([i32; 2], i32, Vec<u8>)) -> Option<PathBuf> {
+    /// The entry with this handle (`O_PATH`, with `flags`); `None` when it was deleted.
+    fn open(&self, (fsid, handle_type, bytes): &DirKey, flags: i32) -> Option<OwnedFd> {
         let watched = self.watched.iter().find(|w| w.fsid == *fsid)?;
         // `struct file_handle` followed by its bytes, 4-aligned.
         let mut buffer = vec![0u32; 2 + bytes.len().div_ceil(4)];
@@ -274,19 +302,20 @@ impl Journal {
             libc::open_by_handle_at(
                 watched.mount.as_raw_fd(),
                 buffer.as_mut_ptr().cast::<libc::file_handle>(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                libc::O_PATH | libc::O_CLOEXEC | flags,
             )
         };
-        if raw < 0 {
-            return None;
-        }
         // SAFETY: a new descriptor nothing else owns.
-        let dir = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
-        // A directory removed while its handle stayed open reads " (deleted)".
-        let deleted = path.as_os_str().as_bytes().ends_with(b" (deleted)") && !path.exists();
-        (!deleted && path.is_absolute()).then_some(path)
+        (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
     }
+}
+
+/// The path now of an open directory; `None` when it was deleted.
+fn path_of(dir: &OwnedFd) -> Option<PathBuf> {
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    // A directory removed while its handle stayed open reads " (deleted)".
+    let deleted = path.as_os_str().as_bytes().ends_with(b" (deleted)") && !path.exists();
+    (!deleted && path.is_absolute()).then_some(path)
 }
 
 impl Drop for Journal {
@@ -368,6 +397,7 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
             continue;
         }
         let mut found_dir = false;
+        let mut object = None;
         let mut info = metadata_len;
         while info + 4 <= event.len() {
             let (info_type, info_len) = (event[info], u16_at(event, info + 2));
@@ -377,23 +407,22 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
             let record = &event[info..info + info_len];
             info += info_len;
             // header (4) + fsid (8) + handle_bytes (4) + handle_type (4) + handle [+ name]
-            if !matches!(info_type, libc::FAN_EVENT_INFO_TYPE_DFID_NAME | libc::FAN_EVENT_INFO_TYPE_DFID)
-                || record.len() < 20
-            {
+            if record.len() < 20 {
                 continue;
             }
             let fsid = [u32_at(record, 4) as i32, u32_at(record, 8) as i32];
             let handle_bytes = u32_at(record, 12) as usize;
             let handle_type = u32_at(record, 16) as i32;
             let Some(handle) = record.get(20..20 + handle_bytes) else { continue };
-            found_dir = true;
-            if gathered.doubt.is_some() {
+            if info_type == libc::FAN_EVENT_INFO_TYPE_FID {
+                object = Some((fsid, handle_type, handle.to_vec()));
                 continue;
             }
-            if gathered.dirs.len() + gathered.written.len() >= max_dirs {
-                gathered.doubt = Some(format!("more than {max_dirs} directories and files changed"));
-                gathered.dirs.clear();
-                gathered.written.clear();
+            if !matches!(info_type, libc::FAN_EVENT_INFO_TYPE_DFID_NAME | libc::FAN_EVENT_INFO_TYPE_DFID) {
+                continue;
+            }
+            found_dir = true;
+            if full(gathered, max_dirs) {
                 continue;
             }
             let key = (fsid, handle_type, handle.to_vec());
@@ -407,12 +436,40 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
             }
             gathered.dirs.insert(key);
         }
-        if !found_dir {
-            gathered.doubt.get_or_insert(format!(
-                "the change journal got an event (mask {mask:#x}) that does not name the directory it happened in"
-            ));
+        // A file reported alone: its link count changed (`FAN_ATTRIB`: a name of it made or
+        // removed elsewhere), or it was deleted or moved (its directories are named by their
+        // own events). Anything else cannot be placed.
+        const ALONE: u64 = libc::FAN_ATTRIB | libc::FAN_DELETE_SELF | libc::FAN_MOVE_SELF;
+        match object {
+            _ if found_dir => {}
+            Some(object) if mask & libc::FAN_ONDIR == 0 && mask & !ALONE == 0 => {
+                if mask & libc::FAN_ATTRIB != 0 && !full(gathered, max_dirs) {
+                    gathered.relinked.insert(object);
+                }
+            }
+            _ => {
+                gathered.doubt.get_or_insert(format!(
+                    "the change journal got an event (mask {mask:#x}) that does not name the directory it happened in"
+                ));
+            }
         }
     }
+}
+
+/// True when the journal cannot take one more directory or file (it then doubts, and forgets
+/// what it gathered), or doubts already.
+fn full(gathered: &mut Gathered, max_dirs: usize) -> bool {
+    if gathered.doubt.is_some() {
+        return true;
+    }
+    if gathered.dirs.len() + gathered.written.len() + gathered.relinked.len() >= max_dirs {
+        gathered.doubt = Some(format!("more than {max_dirs} directories and files changed"));
+        gathered.dirs.clear();
+        gathered.written.clear();
+        gathered.relinked.clear();
+        return true;
+    }
+    false
 }
 
 /// Files under one of `prefixes` that a process has mapped shared and writable: writes through
@@ -481,6 +538,37 @@ mod tests {
         std::fs::write(root.join("c/e/new"), "x").unwrap();
         let changed = dirs(journal.take());
         assert_eq!(changed.iter().filter(|p| p.starts_with(&root)).collect::<Vec<_>>(), [&root.join("c/e")]);
+    }
+
+    #[test]
+    fn a_link_made_and_removed_elsewhere_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["a", "b", "c"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        for f in ["a/file", "c/other", "c/third"] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        // A second name made in b, moved over a file in c, then renamed over: `a/file` has one
+        // name again, its ctime moved, and nothing happened in `a`.
+        std::fs::hard_link(root.join("a/file"), root.join("b/link")).unwrap();
+        std::fs::rename(root.join("b/link"), root.join("c/other")).unwrap();
+        std::fs::rename(root.join("c/third"), root.join("c/other")).unwrap();
+        let Changes::Seen(changed) = journal.take() else { panic!("the journal doubts") };
+        let file = std::fs::metadata(root.join("a/file")).unwrap();
+        assert_eq!(file.nlink(), 1);
+        assert!(changed.relinked.contains(&(file.dev(), file.ino())), "a/file is not named: {changed:?}");
+        let under: Vec<_> = changed.dirs.iter().filter(|p| p.starts_with(&root)).cloned().collect();
+        assert_eq!(under, [root.join("b"), root.join("c")]);
+        // A file deleted is not named (its folder is).
+        std::fs::hard_link(root.join("c/other"), root.join("b/again")).unwrap();
+        std::fs::remove_file(root.join("b/again")).unwrap();
+        std::fs::remove_file(root.join("c/other")).unwrap();
+        let Changes::Seen(changed) = journal.take() else { panic!("the journal doubts") };
+        assert!(!changed.relinked.iter().any(|(_, inode)| *inode == file.ino()), "{changed:?}");
+        assert!(changed.dirs.contains(&root.join("c")), "{changed:?}");
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub(super) fn apply_additions(
                             skip: &[],
                             changed: None,
                             forced: &[],
+                            relinked: &[],
                             again: &[],
                         })
                         .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;

@@ -74,6 +74,8 @@ struct Group<'a> {
     changed: Option<Vec<PathBuf>>,
     /// Files the commit copies again whatever their metadata says.
     forced: Vec<PathBuf>,
+    /// With `changed`: files whose link count changed through a name elsewhere (device, inode).
+    relinked: Vec<(u64, u64)>,
     /// How the commit finds what changed: `journal`, `walk` or `snapshot`, and why it walks.
     read: (&'static str, Option<String>),
     /// True when the set's journal watches every filesystem its copy before the freeze met.
@@ -131,6 +133,7 @@ impl Group<'_> {
             skip: &self.skip,
             changed: self.changed.as_deref(),
             forced: &self.forced,
+            relinked: &self.relinked,
             again: self.precopy.as_ref().map_or(&[], |c| &c.copied),
         }
     }
@@ -298,6 +301,7 @@ impl Run<'_> {
                     precopy: None,
                     changed: None,
                     forced: Vec::new(),
+                    relinked: Vec::new(),
                     read: ("walk", None),
                     covered: false,
                     devices: Default::default(),
@@ -496,6 +500,7 @@ impl Run<'_> {
         let root = self.live_root();
         for (group, base) in groups.iter_mut().filter(|g| !g.provider.snapshots()).zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
+            group.relinked = seen.relinked.clone();
             group.forced = shown_under(&root, &seen.written, group.paths);
             group.forced.extend(base.map(|b| b.unsettled).unwrap_or_default());
         }
@@ -585,6 +590,7 @@ impl Run<'_> {
                 _ => continue,
             };
             group.changed = Some(shown_under(&root, &changed.dirs, group.paths));
+            group.relinked = changed.relinked.clone();
             group.forced.extend(group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned()));
             group.forced.extend(shown_under(&root, &changed.written, group.paths));
         }

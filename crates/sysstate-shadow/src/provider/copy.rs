@@ -64,7 +64,8 @@ struct Copier<'a> {
     /// removed from the copy is removed from it.
     incremental: bool,
     /// Refreshing only what the journal named: (device, inode) of multiply-linked files met or
-    /// removed, whose other names' ctimes changed without an event in their directories.
+    /// removed, and those the journal saw relinked, whose other names' ctimes changed without
+    /// an event in their directories.
     linked: std::collections::HashSet<(u64, u64)>,
     /// The request's `forced`, relative to the root.
     forced: std::collections::HashSet<&'a Path>,
@@ -86,7 +87,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         reflink_works: HashMap::new(),
         settled_before_ns: sysstate_types::time::now_ns() - SETTLED.as_nanos() as i64,
         incremental,
-        linked: Default::default(),
+        linked: req.relinked.iter().copied().filter(|_| incremental).collect(),
         forced: req.forced.iter().map(|f| f.strip_prefix("/").unwrap_or(f)).collect(),
         met: Default::default(),
     };

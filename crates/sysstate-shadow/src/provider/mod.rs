@@ -239,6 +239,9 @@ pub struct CommitRequest<'a> {
     /// Files copied again whatever their metadata says (absolute, as seen from `root`): those
     /// mapped shared and writable, whose writes change neither their times nor the journal.
     pub forced: &'a [PathBuf],
+    /// With `changed`: files whose link count the journal saw change through a name in another
+    /// directory, by (device, inode): every name the base holds of them is looked at again.
+    pub relinked: &'a [(u64, u64)],
     /// With `changed`: entries looked at again besides the directories named (compared, and
     /// copied again when they changed): what the copy before this one copied while everything
     /// ran.

@@ -955,33 +955,45 @@ fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk
     std::fs::rename(root.join("data/more/hold"), root.join("data/more/d4/hold")).unwrap();
     std::fs::write(root.join("data/more/d1/over"), "over").unwrap();
     std::fs::rename(root.join("data/more/d1/over"), root.join("data/more/d1/twin")).unwrap();
+    // A second name made in one folder, then renamed over in another: the file in the quiet
+    // folder has one name again, its ctime moved, and neither name's folder is its own (the
+    // random test found it; the journal reports the file itself).
+    std::fs::write(root.join("data/quiet/deep/solo"), "one name").unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    backup_now();
+    std::fs::hard_link(root.join("data/quiet/deep/solo"), root.join("data/more/d1/solo")).unwrap();
+    std::fs::rename(root.join("data/more/d1/solo"), root.join("data/more/d5/solo")).unwrap();
+    std::fs::write(root.join("data/more/d5/replace"), "replace").unwrap();
+    std::fs::rename(root.join("data/more/d5/replace"), root.join("data/more/d5/solo")).unwrap();
     backup_now();
     drop(agent);
     sandbox.ok(&["backup", "--root", root.to_str().unwrap()]);
     let listed = versions(&sandbox);
-    let [first, second, third, by_command] = &listed[..] else { panic!("four versions: {listed:#?}") };
+    let [first, second, third, fourth, by_command] = &listed[..] else { panic!("five versions: {listed:#?}") };
     let walk = |v: &Value| v["shadow"]["walk"].clone();
     assert_eq!(walk(first)["read"], "walk", "{first:#}");
     assert_eq!(walk(second)["read"], "journal", "the second backup walked: {:#}", walk(second));
     assert_eq!(walk(second)["folders-named"], 0, "nothing changed: {:#}", walk(second));
     assert_eq!(walk(third)["read"], "journal", "{:#}", walk(third));
     assert!(walk(third)["folders-named"].as_u64().unwrap() >= 4, "{:#}", walk(third));
+    // The folders of the two transient names, and the quiet folder of the file relinked.
+    assert_eq!(walk(fourth)["folders-named"], 3, "{:#}", walk(fourth));
     assert_eq!(walk(by_command)["read"], "walk");
     assert!(walk(by_command)["because"].as_str().unwrap().contains("agent keeps one"), "{:#}", walk(by_command));
-    for version in [second, third] {
+    for version in [second, third, fourth] {
         let copy = &version["shadow"]["copies"][0];
         assert_eq!(copy["read"], "journal", "{copy:#}");
     }
     // The journaled version is the version a full walk of the same moment makes: entry for
     // entry the same identities, times (but a folder's access time, which a walk's own
     // listing moves), metadata and contents; and the same figures.
-    let (differ, entries) = differences(&sandbox, third, by_command);
+    let (differ, entries) = differences(&sandbox, fourth, by_command);
     assert!(differ.is_empty(), "the journaled version differs from a full walk's:\n{}", differ.join("\n"));
     assert!(entries > 300, "{entries} entries");
     for figure in ["files", "dirs", "others", "bytes-total"] {
-        assert_eq!(third["stats"][figure], by_command["stats"][figure], "{figure}");
+        assert_eq!(fourth["stats"][figure], by_command["stats"][figure], "{figure}");
     }
-    assert!(third["stats"]["files"].as_u64().unwrap() > 250, "{:#}", third["stats"]);
+    assert!(fourth["stats"]["files"].as_u64().unwrap() > 250, "{:#}", fourth["stats"]);
 }
 
 /// A random change under `dir`: files written, removed, renamed over others, linked, chmod,
