@@ -67,6 +67,20 @@ pub fn seal_in_place(key: &[u8; 32], label: Label, buffer: &mut Vec<u8>) {
     buffer.extend_from_slice(&tag);
 }
 
+/// [`open`] without allocating: decrypts `sealed` where it lies and returns the plaintext, a
+/// part of it. On failure its bytes are left in no useful state.
+pub fn open_in_place<'b>(key: &[u8; 32], label: Label, sealed: &'b mut [u8]) -> Result<&'b mut [u8], OpenError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(OpenError);
+    }
+    let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+    let (body, tag) = rest.split_at_mut(rest.len() - (SEAL_OVERHEAD - NONCE_LEN));
+    XChaCha20Poly1305::new(key.into())
+        .decrypt_in_place_detached(XNonce::from_slice(nonce), label.aad(), body, chacha20poly1305::Tag::from_slice(tag))
+        .map_err(|_| OpenError)?;
+    Ok(body)
+}
+
 /// Opens what [`seal`] produced.
 pub fn open(key: &[u8; 32], label: Label, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
     if sealed.len() < SEAL_OVERHEAD {
@@ -144,6 +158,11 @@ impl MasterKey {
     pub fn open(&self, label: Label, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
         open(&self.encryption, label, sealed)
     }
+
+    /// Opens in place with the encryption key (see [`open_in_place`]).
+    pub fn open_in_place<'b>(&self, label: Label, sealed: &'b mut [u8]) -> Result<&'b mut [u8], OpenError> {
+        open_in_place(&self.encryption, label, sealed)
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +175,12 @@ mod tests {
         let sealed = key.seal(Label::Blob, b"hello");
         assert_eq!(sealed.len(), 5 + SEAL_OVERHEAD);
         assert_eq!(key.open(Label::Blob, &sealed).unwrap(), b"hello");
+        assert_eq!(key.open_in_place(Label::Blob, &mut sealed.clone()).unwrap(), b"hello");
+        assert_eq!(key.open_in_place(Label::Index, &mut sealed.clone()), Err(OpenError));
+        let mut changed = sealed.clone();
+        changed[NONCE_LEN] ^= 1;
+        assert_eq!(key.open_in_place(Label::Blob, &mut changed), Err(OpenError));
+        assert_eq!(key.open_in_place(Label::Blob, &mut sealed[..SEAL_OVERHEAD - 1].to_vec()), Err(OpenError));
         assert_eq!(key.open(Label::Index, &sealed), Err(OpenError));
         let other = MasterKey::generate();
         assert_eq!(other.open(Label::Blob, &sealed), Err(OpenError));

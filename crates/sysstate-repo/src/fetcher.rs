@@ -228,19 +228,16 @@ impl<'r> Fetcher<'r> {
     fn fetch_run(&self, pack: &Id, run: Vec<(Id, crate::pack::PackEntry)>) {
         let start = u64::from(run[0].1.offset);
         let end = run.iter().map(|(_, e)| u64::from(e.offset) + u64::from(e.length)).max().expect("a run has blobs");
-        let read = self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
+        let mut read = self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
         let mut opened = Vec::with_capacity(run.len());
         for (id, entry) in &run {
-            let fetched = match &read {
-                Ok(bytes) => {
-                    let at = (u64::from(entry.offset) - start) as usize;
-                    let sealed = &bytes[at..at + entry.length as usize];
-                    match self.repo.open_blob(pack, entry, sealed) {
-                        Ok(plain) => Fetched::Ready(Arc::new(plain)),
-                        Err(_) => Fetched::Failed,
-                    }
-                }
-                Err(_) => Fetched::Failed,
+            let at = (u64::from(entry.offset) - start) as usize;
+            // Opened where it lies (an index whose blobs overlap makes the second fail to open,
+            // and it is read again when taken); a short read fails the blobs past its end.
+            let sealed = read.as_mut().ok().and_then(|bytes| bytes.get_mut(at..at + entry.length as usize));
+            let fetched = match sealed.map(|sealed| self.repo.open_blob_in_place(pack, entry, sealed)) {
+                Some(Ok(plain)) => Fetched::Ready(Arc::new(plain)),
+                _ => Fetched::Failed,
             };
             opened.push((*id, u64::from(entry.raw_length), fetched));
         }

@@ -439,13 +439,13 @@ impl Repository {
                 return Ok(plain);
             }
         }
-        let sealed = self.backend.read_range(
+        let mut sealed = self.backend.read_range(
             FileKind::Pack,
             &location.pack.to_hex(),
             u64::from(location.entry.offset),
             u64::from(location.entry.length),
         )?;
-        self.open_blob(&location.pack, &location.entry, &sealed)
+        self.open_blob_in_place(&location.pack, &location.entry, &mut sealed)
     }
 
     /// A tree from the cache's copy of its pack, downloading the whole pack (once, checked
@@ -471,8 +471,8 @@ impl Repository {
                 return self.open_blob(pack, entry, sealed).ok();
             }
         }
-        let sealed = cache.read_range(pack, offset, length)?;
-        match self.open_blob(pack, entry, &sealed) {
+        let mut sealed = cache.read_range(pack, offset, length)?;
+        match self.open_blob_in_place(pack, entry, &mut sealed) {
             Ok(plain) => Some(plain),
             Err(_) => {
                 tracing::warn!("the cached copy of pack {} is damaged; it is read from the repository", pack.short());
@@ -484,13 +484,20 @@ impl Repository {
 
     /// Opens a sealed blob read from `pack` and checks its id.
     pub fn open_blob(&self, pack: &Id, entry: &crate::pack::PackEntry, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.open_blob_in_place(pack, entry, &mut sealed.to_vec())
+    }
+
+    /// [`open_blob`](Self::open_blob) decrypting where the sealed bytes lie (they are left in no
+    /// useful state): the plaintext is the one copy made.
+    pub fn open_blob_in_place(&self, pack: &Id, entry: &crate::pack::PackEntry, sealed: &mut [u8]) -> Result<Vec<u8>> {
         let object = || format!("blob {} in pack {}", entry.id.short(), pack.short());
-        let opened = self.key.open(Label::Blob, sealed).map_err(|_| self.corrupt(object(), "does not decrypt"))?;
+        let opened =
+            self.key.open_in_place(Label::Blob, sealed).map_err(|_| self.corrupt(object(), "does not decrypt"))?;
         let plain = if entry.compressed {
-            crate::saver::decompress(&opened, entry.raw_length as usize)
+            crate::saver::decompress(opened, entry.raw_length as usize)
                 .map_err(|e| self.corrupt(object(), format!("does not decompress: {e}")))?
         } else {
-            opened
+            opened.to_vec()
         };
         if plain.len() != entry.raw_length as usize || self.key.blob_id(&plain) != entry.id {
             return Err(self.corrupt(object(), "content does not match its id"));
