@@ -47,6 +47,12 @@ const EVENTS: u64 = libc::FAN_CREATE
 /// How often the reader looks whether it must stop, ms.
 const POLL_MS: i32 = 100;
 
+/// While events come, the reader reads them this often instead of as each one comes: a
+/// wake-up for every event took a third of a backup's CPU when its copy wrote into shadow
+/// storage on a watched filesystem. The kernel's queue holds 16,384 events: past it, the
+/// journal doubts.
+const BATCH: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The fixed part of an event (`struct fanotify_event_metadata`).
 const METADATA_LEN: usize = 24;
 
@@ -342,7 +348,8 @@ fn fsid(path: &Path) -> std::io::Result<[i32; 2]> {
     Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(stat.f_fsid) })
 }
 
-/// The reader thread: waits for events and gathers them until told to stop.
+/// The reader thread: waits for the first event, then reads what came every [`BATCH`] until
+/// a read finds nothing, and waits again; until told to stop.
 fn read_until_stopped(fd: &OwnedFd, gathered: &Mutex<Gathered>, stop: &AtomicBool, max_dirs: usize) {
     while !stop.load(Ordering::SeqCst) {
         let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -350,22 +357,28 @@ fn read_until_stopped(fd: &OwnedFd, gathered: &Mutex<Gathered>, stop: &AtomicBoo
         if unsafe { libc::poll(&mut poll, 1, POLL_MS) } <= 0 {
             continue;
         }
-        drain(fd, &mut gathered.lock().expect("journal lock"), max_dirs);
+        while drain(fd, &mut gathered.lock().expect("journal lock"), max_dirs) && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(BATCH);
+        }
     }
 }
 
-/// Reads every event waiting in the queue into `gathered`.
-fn drain(fd: &OwnedFd, gathered: &mut Gathered, max_dirs: usize) {
+/// Reads every event waiting in the queue into `gathered`; true when there was one.
+fn drain(fd: &OwnedFd, gathered: &mut Gathered, max_dirs: usize) -> bool {
     let mut buffer = vec![0u8; 64 * 1024];
+    let mut read_any = false;
     loop {
         match rustix::io::read(fd, &mut buffer) {
-            Ok(0) => return,
-            Ok(n) => parse(&buffer[..n], gathered, max_dirs),
-            Err(rustix::io::Errno::AGAIN) => return,
+            Ok(0) => return read_any,
+            Ok(n) => {
+                read_any = true;
+                parse(&buffer[..n], gathered, max_dirs);
+            }
+            Err(rustix::io::Errno::AGAIN) => return read_any,
             Err(rustix::io::Errno::INTR) => continue,
             Err(error) => {
                 gathered.doubt.get_or_insert(format!("reading the change journal failed: {error}"));
-                return;
+                return read_any;
             }
         }
     }
