@@ -4,6 +4,7 @@ journal, against a command's backups, which walk, and against restic, on ext4 an
 side in one run.
 
     bench/journal.py --sysstate target/release/sysstate [--fs ext4 btrfs] [--rounds 3] [--scale 1.0]
+    bench/journal.py --sysstate target/release/sysstate --scaling 50000 500000 [--rounds 3]
 
 For each filesystem: a loop device with the `system` corpus of bench/run (about 1 GB in 52,000
 files), then in each round, for restic, `sysstate backup` (a command: it walks) and `sysstate
@@ -12,6 +13,10 @@ and one after the realistic change of bench/run (2% rewritten, 1% deleted, 1% ad
 after). The first backups come before the rounds. Reports medians of wall time (the whole
 command: for the agent, the client that asks it and follows the job), their ratio to restic's,
 and sysstate's freeze window and how each version was read (`shadow.walk`).
+
+With `--scaling`, on ext4 only: for each count, a tree of that many small files (bench/run's
+scaling corpus), a first backup and no-change backups by each tool: the curve of what a
+no-change backup costs as the tree grows (with the journal, it should not).
 
 A benchmark, not a test: nothing is asserted; the figures go in docs/benchmarks.md.
 """
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PASSWORD, Change, log, make_system, measure, run  # noqa: E402
+from run import PASSWORD, Change, log, make_small_files, make_system, measure, run  # noqa: E402
 
 
 def loop_filesystem(kind, base, size="8G"):
@@ -37,7 +42,8 @@ def loop_filesystem(kind, base, size="8G"):
     (base / "mnt").mkdir(parents=True)
     run(["truncate", "-s", size, str(base / "img")])
     device = run(["losetup", "-f", "--show", str(base / "img")]).strip()
-    run({"ext4": ["mkfs.ext4", "-q", "-F"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}[kind] + [device])
+    # An inode for every 4 KiB: the small-file trees and their base copies need a million.
+    run({"ext4": ["mkfs.ext4", "-q", "-F", "-i", "4096"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}[kind] + [device])
     run(["mount", device, str(base / "mnt")])
     return device
 
@@ -81,22 +87,25 @@ def phase_figures(version):
     }
 
 
-def bench_fs(kind, args, work):
-    base = work / kind
-    device = loop_filesystem(kind, base)
+def bench_fs(kind, args, work, name=None, make=None, phases=("first", "nochange", "changed")):
+    """The phases on a fresh filesystem of `kind` holding the corpus `make` makes (the system
+    corpus by default)."""
+    name = name or kind
+    base = work / name
+    device = loop_filesystem(kind, base, "16G")
     try:
         root = base / "mnt" / "root"
         corpus = root / "data"
-        log(f"{kind}: making the system corpus")
-        make_system(corpus, args.scale)
+        log(f"{name}: making the corpus")
+        (make or (lambda path: make_system(path, args.scale)))(corpus)
         files = sum(1 for p in corpus.rglob("*") if p.is_file())
         time.sleep(3)  # what a backup finds settles (copies of entries changed in the last 2 s are not trusted)
         env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, RESTIC_CACHE_DIR=str(work / "restic-cache"))
-        restic_repo = work / f"restic-{kind}"
+        restic_repo = work / f"restic-{name}"
         shutil.rmtree(restic_repo, ignore_errors=True)
         run(["restic", "init", "--repo", str(restic_repo)], env=env)
-        command = Sysstate(args.sysstate, work / f"command-{kind}", base / "mnt", root)
-        agent_tool = Sysstate(args.sysstate, work / f"agent-{kind}", base / "mnt", root)
+        command = Sysstate(args.sysstate, work / f"command-{name}", base / "mnt", root)
+        agent_tool = Sysstate(args.sysstate, work / f"agent-{name}", base / "mnt", root)
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
 
@@ -112,7 +121,7 @@ def bench_fs(kind, args, work):
                            agent_tool.env, log_path=logs / "agent.log")
 
         agent = subprocess.Popen(agent_tool.command("agent"), env=agent_tool.env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=open(logs / f"agent-{kind}.err", "w"))
+                                 stdout=subprocess.DEVNULL, stderr=open(logs / f"agent-{name}.err", "w"))
         try:
             deadline = time.monotonic() + 30
             while not (agent_tool.work / "run" / "agent.sock").exists():
@@ -122,7 +131,8 @@ def bench_fs(kind, args, work):
             results = {"restic": {}, "command": {}, "agent": {}}
             figures = {"command": {}, "agent": {}}
             tools = [("restic", restic, None), ("command", by_command, command), ("agent", by_agent, agent_tool)]
-            for phase, rounds in [("first", 1), ("nochange", args.rounds), ("changed", args.rounds)]:
+            for phase in phases:
+                rounds = 1 if phase == "first" else args.rounds
                 for round_number in range(rounds):
                     change = Change(corpus, 100 + round_number, work / "kept") if phase == "changed" else None
                     if change:
@@ -132,7 +142,7 @@ def bench_fs(kind, args, work):
                         results[name].setdefault(phase, []).append(measured.wall)
                         if tool:
                             figures[name].setdefault(phase, []).append(phase_figures(tool.latest()))
-                        log(f"{kind} {phase} round {round_number}: {name} {measured.wall:.3f} s")
+                        log(f"{base.name} {phase} round {round_number}: {name} {measured.wall:.3f} s")
                     if change:
                         change.undo()
                         time.sleep(2.2)  # the undone files settle too
@@ -158,6 +168,8 @@ def main():
     parser.add_argument("--fs", nargs="+", default=["ext4", "btrfs"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--scaling", type=int, nargs="+", default=[],
+                        help="instead of the system corpus: trees of this many small files, on ext4")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/sysstate-journal-bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results-journal.json")
     args = parser.parse_args()
@@ -166,13 +178,19 @@ def main():
     args.work.mkdir(parents=True)
     report = {"date": time.strftime("%Y-%m-%d"), "sysstate": run([str(args.sysstate), "--version"]).strip(),
               "restic": run(["restic", "version"]).strip(), "filesystems": {}}
-    for kind in args.fs:
-        report["filesystems"][kind] = bench_fs(kind, args, args.work)
+    if args.scaling:
+        for count in args.scaling:
+            report["filesystems"][f"ext4-{count}"] = bench_fs(
+                "ext4", args, args.work, f"ext4-{count}", lambda path, n=count: make_small_files(path, n),
+                ("first", "nochange"))
+    else:
+        for kind in args.fs:
+            report["filesystems"][kind] = bench_fs(kind, args, args.work)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for kind, result in report["filesystems"].items():
         print(f"\n{kind}: {result['files']} files (median seconds; restic's time / this one's)")
         print(f"{'phase':<10}" + "".join(f"{name:>22}" for name in result["summary"]))
-        for phase in ["first", "nochange", "changed"]:
+        for phase in next(iter(result["summary"].values())):
             cells = [f"{s[phase]['median_s']:>8.3f} s ({s[phase]['vs_restic']:>5.2f}×)" for s in result["summary"].values()]
             print(f"{phase:<10}" + "".join(f"{c:>22}" for c in cells))
         for name in ["command", "agent"]:

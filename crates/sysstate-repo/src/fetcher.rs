@@ -228,7 +228,8 @@ impl<'r> Fetcher<'r> {
     fn fetch_run(&self, pack: &Id, run: Vec<(Id, crate::pack::PackEntry)>) {
         let start = u64::from(run[0].1.offset);
         let end = run.iter().map(|(_, e)| u64::from(e.offset) + u64::from(e.length)).max().expect("a run has blobs");
-        let mut read = self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
+        let mut read =
+            self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
         let mut opened = Vec::with_capacity(run.len());
         for (id, entry) in &run {
             let at = (u64::from(entry.offset) - start) as usize;

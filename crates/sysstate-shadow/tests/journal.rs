@@ -381,7 +381,8 @@ fn round(
         }
         side.counter
     });
-    let precopy = provider.precopy(&request(live, &paths, base, &stop, previous.as_ref(), None, &[], &[], &[])).unwrap();
+    let precopy =
+        provider.precopy(&request(live, &paths, base, &stop, previous.as_ref(), None, &[], &[], &[])).unwrap();
     running.store(false, Ordering::SeqCst);
     workload.counter = beside.join().unwrap();
     // A copy made while everything runs can meet an entry replaced between two looks at it (a

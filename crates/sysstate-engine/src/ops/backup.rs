@@ -312,15 +312,16 @@ fn selection_id(repo: &Repository, resolved: &[components::Resolved]) -> String 
 /// How the archiver walks: only what the shadow set's kept journal says changed since the
 /// parent version was read, or everything. The parent is then the version the journal's last
 /// backup made (a command's backup in between was not read at a journal position). Returns
-/// the changed directories (with the generated files' folder, always read again), the record
-/// of the choice, with why it walks, and the parent.
+/// the changed directories (with the generated files' folder, always read again) and the paths
+/// read whole (volumes copied by snapshot or not watched), the record of the choice, with why
+/// it walks, and the parent.
 fn journal_walk(
     repo: &Repository,
     latest: Option<Id>,
     record: &sysstate_shadow::ShadowSetRecord,
     kept: Option<&KeptJournal>,
     selection: &str,
-) -> (Option<Vec<PathBuf>>, serde_json::Value, Option<Id>) {
+) -> (Option<sysstate_repo::archiver::Journaled>, serde_json::Value, Option<Id>) {
     let walk = |because: &str| {
         (None, serde_json::json!({ "read": "walk", "because": because, "selection": selection }), latest)
     };
@@ -355,13 +356,18 @@ fn journal_walk(
     if parent_shadow["walk"]["selection"].as_str() != Some(selection) {
         return walk("the selection (components, paths, excludes) changed since the parent version");
     }
-    let mut changed = journal.changed.clone();
-    changed.push(PathBuf::from(crate::generated::GENERATED_DIR));
-    changed.sort();
-    changed.dedup();
-    let record =
+    let mut dirs = journal.changed.clone();
+    dirs.push(PathBuf::from(crate::generated::GENERATED_DIR));
+    // The folders above a path read whole are read too (the path is in them).
+    dirs.extend(journal.whole.iter().cloned());
+    dirs.sort();
+    dirs.dedup();
+    let mut record =
         serde_json::json!({ "read": "journal", "folders-named": journal.changed.len(), "selection": selection });
-    (Some(changed), record, parent_id)
+    if !journal.whole.is_empty() {
+        record["read-whole"] = serde_json::json!(journal.whole);
+    }
+    (Some(sysstate_repo::archiver::Journaled { dirs, whole: journal.whole.clone() }), record, parent_id)
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

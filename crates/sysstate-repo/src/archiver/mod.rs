@@ -73,13 +73,35 @@ pub struct BackupOptions {
     pub time_ns: i64,
     /// Set from outside (a signal) to stop the backup; it then fails without a version.
     pub cancel: Option<std::sync::Arc<AtomicBool>>,
-    /// What a change journal says changed since the parent version was read (absolute paths as
-    /// seen from the root, sorted): a directory with nothing at or below it in the list is the
-    /// parent's subtree as it is, not walked. `None`: every entry is looked at.
-    pub changed: Option<Vec<PathBuf>>,
+    /// What a change journal says changed since the parent version was read: a directory with
+    /// nothing at or below it named, and not in a path read whole, is the parent's subtree as it
+    /// is, not walked. `None`: every entry is looked at.
+    pub changed: Option<Journaled>,
     /// Entry counts of trees met before (kept across backups by a long-lived caller, the agent):
     /// a subtree taken from the parent is counted from its trees only once.
     pub counts: Option<std::sync::Arc<TreeCounts>>,
+}
+
+/// What a change journal says changed since the parent version was read (absolute paths as
+/// seen from the root).
+#[derive(Debug, Clone, Default)]
+pub struct Journaled {
+    /// The directories where something changed, sorted.
+    pub dirs: Vec<PathBuf>,
+    /// Paths the journal does not cover (a volume copied by snapshot, or not watched): every
+    /// entry below them is looked at.
+    pub whole: Vec<PathBuf>,
+}
+
+impl Journaled {
+    /// True when the parent's subtree of directory `shown` may be taken as it is: nothing at or
+    /// below it was named, and it is not in (nor holds) a path read whole.
+    pub fn untouched(&self, shown: &Path) -> bool {
+        // Paths at or below `shown` sort right after it.
+        let from = self.dirs.partition_point(|p| p.as_path() < shown);
+        !self.dirs.get(from).is_some_and(|p| p.starts_with(shown))
+            && !self.whole.iter().any(|w| shown.starts_with(w) || w.starts_with(shown))
+    }
 }
 
 /// Entries in a stored tree and all below it, by the tree's id: a tree never changes, so a
@@ -246,7 +268,7 @@ pub fn backup<S: Source>(
         }
         let counts = options.counts.clone().unwrap_or_default();
         let mut walker = Walker {
-            changed: options.changed.as_deref().filter(|_| parent_tree.is_some()),
+            changed: options.changed.as_ref().filter(|_| parent_tree.is_some()),
             counts: &counts,
             reused: 0,
             shared: &shared,

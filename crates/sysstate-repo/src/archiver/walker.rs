@@ -82,7 +82,7 @@ pub(super) struct Walker<'a, 's, S: Source> {
     /// What changed since the parent version, sorted (see [`BackupOptions::changed`]).
     ///
     /// [`BackupOptions::changed`]: super::BackupOptions::changed
-    pub(super) changed: Option<&'s [PathBuf]>,
+    pub(super) changed: Option<&'s super::Journaled>,
     /// Counts of the subtrees taken from the parent.
     pub(super) counts: &'s super::TreeCounts,
     /// Folders taken from the parent version whole.
@@ -290,9 +290,7 @@ impl<S: Source> Walker<'_, '_, S> {
         {
             return Ok(None);
         }
-        // Paths at or below `shown` sort right after it.
-        let from = changed.partition_point(|p| p.as_path() < shown);
-        if changed.get(from).is_some_and(|p| p.starts_with(shown)) {
+        if !changed.untouched(shown) {
             return Ok(None);
         }
         let counts = self.counts.of(self.shared.repo, subtree)?;

@@ -94,13 +94,16 @@ struct SetJournal {
     since: Option<Position>,
     /// With `since`: the directories where something changed (absolute, as seen from the root).
     changed: Vec<PathBuf>,
+    /// With `since`: the paths of the groups whose commit did not follow the journal (a
+    /// snapshot, a copy of a volume it does not watch): read whole.
+    whole: Vec<PathBuf>,
     /// Without `since`: why not every change since the base copies were made is known.
     unknown: Option<String>,
 }
 
 impl SetJournal {
     fn new(journal: Arc<Journal>, kept: bool) -> SetJournal {
-        SetJournal { journal, kept, since: None, changed: Vec::new(), unknown: None }
+        SetJournal { journal, kept, since: None, changed: Vec::new(), whole: Vec::new(), unknown: None }
     }
 
     /// Adds what a commit looked at to what changed: the directories named (as seen from the
@@ -452,7 +455,9 @@ impl Run<'_> {
             for (group, copy) in groups.iter().zip(&commits) {
                 match &group.changed {
                     Some(changed) => journal.add(changed, copy),
-                    None => journal.since = None, // this commit walked: the set cannot say where
+                    // A snapshot, or a copy that walked: its base is whole, and its paths are read
+                    // whole; the journal still says what changed under the others.
+                    None => journal.whole.extend(group.paths.iter().cloned()),
                 }
             }
         }
@@ -768,11 +773,19 @@ impl Run<'_> {
             let mut changed = j.changed.clone();
             changed.sort();
             changed.dedup();
-            let complete = j.since.is_some() && groups.iter().all(|g| g.covered && g.read.0 == "journal");
+            // Every group read by the journal is covered by it; the others are read whole.
+            let mut whole = j.whole.clone();
+            whole.extend(
+                groups.iter().filter(|g| !(g.covered && g.read.0 == "journal")).flat_map(|g| g.paths.iter().cloned()),
+            );
+            whole.sort();
+            whole.dedup();
+            let complete = j.since.is_some() && groups.iter().any(|g| g.covered && g.read.0 == "journal");
             super::record::JournalRecord {
                 position: j.journal.position(),
                 since: j.since.filter(|_| complete),
                 changed: if complete { changed } else { Vec::new() },
+                whole: if complete { whole } else { Vec::new() },
                 unknown: j.unknown.clone(),
             }
         });

@@ -62,6 +62,10 @@ pub struct JournalRecord {
     /// The directories (absolute, as seen from the root) where something changed since `since`.
     #[serde(skip)]
     pub changed: Vec<PathBuf>,
+    /// With `since`: the paths of the volumes the journal does not cover (copied by snapshot,
+    /// or not watched): read whole.
+    #[serde(skip)]
+    pub whole: Vec<PathBuf>,
     /// Without `since`, when the set knows it: why not every change since the base copies
     /// were made is known.
     #[serde(skip)]

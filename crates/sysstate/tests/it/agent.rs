@@ -996,6 +996,65 @@ fn the_agent_reads_what_its_journal_saw_change_and_makes_the_version_a_full_walk
     assert!(fourth["stats"]["files"].as_u64().unwrap() > 250, "{:#}", fourth["stats"]);
 }
 
+/// A data volume on btrfs, copied by snapshot, beside an ext4 root copied with the journal: the
+/// agent reads the volume whole and the rest by its journal (the volume no longer makes it walk
+/// everything), and its version is the one a full walk of the same moment makes.
+#[test]
+fn with_a_snapshotted_volume_the_agent_reads_the_rest_by_its_journal() {
+    if !crate::support::require(
+        "root and loop devices (mkfs.btrfs)",
+        is_root() && Path::new("/dev/loop-control").exists(),
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let (root, _fs, _bind) = crate::shadow::root_with_volume(&sandbox, "btrfs", 95);
+    make_tree(&root.join("data"), 200, 96);
+    make_tree(&root.join("vol/data"), 100, 97);
+    let volume = root.join("vol");
+    std::fs::write(
+        sandbox.path("config.toml"),
+        format!(
+            "[backup]\ncomponents = [\"data\", \"vol\"]\n\n[[component]]\nname = \"data\"\npaths = [\"/data\"]\n\n[[component]]\nname = \"vol\"\npaths = [\"/vol/data\"]\n\n[[shadow.storage]]\nfor = \"{}\"\non = \"{}\"\nmax-size = \"50%\"\n",
+            volume.display(),
+            volume.join("shadow").display()
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    backup_now(&sandbox);
+    backup_now(&sandbox);
+    // Changes on both volumes.
+    std::fs::write(root.join("data/d1/e1/new"), "new on the root").unwrap();
+    std::fs::remove_dir_all(root.join("data/d2")).unwrap();
+    std::fs::write(root.join("vol/data/d1/e1/new"), "new on the volume").unwrap();
+    std::fs::remove_dir_all(root.join("vol/data/d0")).unwrap();
+    backup_now(&sandbox);
+    drop(agent);
+    sandbox.ok(&["backup", "--root", root.to_str().unwrap()]);
+    let listed = versions(&sandbox);
+    let [_, second, third, by_command] = &listed[..] else { panic!("four versions: {listed:#?}") };
+    for version in [second, third] {
+        let walk = &version["shadow"]["walk"];
+        assert_eq!(walk["read"], "journal", "the snapshotted volume made the agent walk: {walk:#}");
+        assert_eq!(walk["read-whole"], serde_json::json!(["/vol/data"]), "{walk:#}");
+        let copies = version["shadow"]["copies"].as_array().unwrap();
+        let of = |path: &Path| copies.iter().find(|c| c["for"] == path.display().to_string()).unwrap();
+        assert_eq!((of(&volume)["provider"].as_str(), of(&volume)["read"].as_str()), (Some("btrfs"), Some("snapshot")));
+        assert_eq!(copies[0]["read"], "journal", "{:#}", copies[0]);
+    }
+    assert_eq!(second["shadow"]["walk"]["folders-named"], 0, "{:#}", second["shadow"]["walk"]);
+    // Only what changed is read again; the volume's folders are all looked at.
+    assert_eq!(third["stats"]["files-read"], 2, "{:#}", third["stats"]);
+    let (differ, entries) = differences(&sandbox, third, by_command);
+    assert!(differ.is_empty(), "the agent's version differs from a full walk's:\n{}", differ.join("\n"));
+    assert!(entries > 250, "{entries} entries");
+    for figure in ["files", "dirs", "others", "bytes-total"] {
+        assert_eq!(third["stats"][figure], by_command["stats"][figure], "{figure}");
+    }
+}
+
 /// A random change under `dir`: files written, removed, renamed over others, linked, chmod,
 /// extended attributes, folders made, moved and removed.
 fn random_change(dir: &Path, rng: &mut u64, serial: &mut u32) {

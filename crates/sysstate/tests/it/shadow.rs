@@ -489,7 +489,7 @@ fn sigterm_during_the_freeze_thaws_the_writers() {
 }
 
 /// A filesystem on a loop device, mounted; unmounted and detached on drop.
-struct LoopFs {
+pub(crate) struct LoopFs {
     mount: std::path::PathBuf,
     device: String,
 }
@@ -773,7 +773,7 @@ fn btrfs_provider_takes_a_read_only_snapshot_and_auto_chooses_it() {
 
 /// A root with a small `/etc`, and a second volume (a new `kind` filesystem) mounted at its
 /// `/vol`: a data volume under a root on another filesystem.
-fn root_with_volume(sandbox: &Sandbox, kind: &str, seed: u64) -> (std::path::PathBuf, LoopFs, BindMount) {
+pub(crate) fn root_with_volume(sandbox: &Sandbox, kind: &str, seed: u64) -> (std::path::PathBuf, LoopFs, BindMount) {
     let root = sandbox.path("root");
     make_tree(&root.join("etc"), 20, seed);
     std::fs::create_dir_all(root.join("vol")).unwrap();
