@@ -80,7 +80,7 @@ pub struct BlobLocation {
 /// number into a table of packs), about 60 bytes with the hash table's room: 500,000 blobs take
 /// about 53 MB where a map to whole [`BlobLocation`]s (the pack's name and the entry, its id
 /// again) took 118 MB.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Index {
     packs: Vec<Id>,
     pack_numbers: HashMap<Id, u32>,

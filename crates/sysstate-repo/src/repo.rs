@@ -43,6 +43,16 @@ impl std::fmt::Debug for DamageHook {
     }
 }
 
+/// The index a process loaded last, and what it was made of (see [`Repository::load_index`]).
+struct LoadedIndex {
+    location: String,
+    repository: Id,
+    files: Vec<Id>,
+    index: Arc<Index>,
+}
+
+static LAST_INDEX: Mutex<Option<LoadedIndex>> = Mutex::new(None);
+
 /// An open repository.
 #[derive(Debug)]
 pub struct Repository {
@@ -51,7 +61,7 @@ pub struct Repository {
     key_name: String,
     config: RepoConfig,
     gear: Gear,
-    index: RwLock<Index>,
+    index: RwLock<Arc<Index>>,
     /// Files passed over, by object: each told to the hook once.
     damaged: Mutex<BTreeMap<String, Damaged>>,
     damage_hook: Option<DamageHook>,
@@ -182,7 +192,7 @@ impl Repository {
             key_name,
             config,
             gear,
-            index: RwLock::new(Index::default()),
+            index: RwLock::new(Arc::default()),
             damaged: Mutex::new(BTreeMap::new()),
             damage_hook: None,
             no_lock: false,
@@ -360,22 +370,39 @@ impl Repository {
     /// Reads every index file into memory; a damaged one is passed over (its blobs count as
     /// absent, so a backup stores them again) and told to the damage hook. Returns the names of
     /// the index files read.
+    ///
+    /// The process keeps the index it loaded last (the agent runs one job after another): an
+    /// index file never changes (its name is its content's hash), so when every file that index
+    /// was made of is still listed, it is taken as it is and only the new files are read. A
+    /// file gone (a prune, a repair) makes it read everything again. (A listed file damaged in
+    /// place since is then not noticed here: `check` reads every index file itself.)
     pub fn load_index(&self) -> Result<Vec<Id>> {
-        let mut index = Index::default();
-        let mut names = Vec::new();
         let listed = self.backend.list(FileKind::Index)?;
+        let listed_names: std::collections::HashSet<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
         if let Some(cache) = &self.cache {
             // Another host's prune replaced index files: their copies go.
-            let listed: std::collections::HashSet<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
-            cache.retain(Cached::Index, |id| listed.contains(id.to_hex().as_str()));
+            cache.retain(Cached::Index, |id| listed_names.contains(id.to_hex().as_str()));
         }
-        for (name, _) in listed {
-            match self.read_index_file(&name) {
+        let (mut index, mut names) = {
+            let last = LAST_INDEX.lock().expect("last index lock");
+            match last.as_ref().filter(|last| {
+                last.location == self.location()
+                    && last.repository == self.config.id
+                    && last.files.iter().all(|f| listed_names.contains(f.to_hex().as_str()))
+            }) {
+                Some(last) => (Arc::clone(&last.index), last.files.clone()),
+                None => (Arc::default(), Vec::new()),
+            }
+        };
+        let known: std::collections::HashSet<String> = names.iter().map(Id::to_hex).collect();
+        for (name, _) in listed.iter().filter(|(name, _)| !known.contains(name)) {
+            match self.read_index_file(name) {
                 Ok(file) => {
+                    let index = Arc::make_mut(&mut index);
                     for pack in &file.packs {
                         index.add_pack(pack);
                     }
-                    names.push(Id::from_hex(&name).expect("read_index_file takes hex names only"));
+                    names.push(Id::from_hex(name).expect("read_index_file takes hex names only"));
                 }
                 // Deleted since the listing: a prune superseded it, its packs are in a newer one.
                 Err(RepoError::Backend(error)) if error.kind == ErrorKind::NotFound => {}
@@ -390,6 +417,12 @@ impl Repository {
             cache.retain(Cached::Pack, |id| trees.contains(id));
             cache.trim();
         }
+        *LAST_INDEX.lock().expect("last index lock") = Some(LoadedIndex {
+            location: self.location(),
+            repository: self.config.id,
+            files: names.clone(),
+            index: Arc::clone(&index),
+        });
         *self.index.write().expect("index lock") = index;
         Ok(names)
     }
@@ -413,13 +446,15 @@ impl Repository {
     }
 
     /// The in-memory index.
-    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+    pub fn index(&self) -> RwLockReadGuard<'_, Arc<Index>> {
         self.index.read().expect("index lock")
     }
 
     /// Adds packs to the in-memory index (after writing them).
     pub fn index_add(&self, file: &IndexFile) {
         let mut index = self.index.write().expect("index lock");
+        // Shared with the process's last load: this one's copy is its own from now on.
+        let index = Arc::make_mut(&mut index);
         for pack in &file.packs {
             index.add_pack(pack);
         }
@@ -743,6 +778,44 @@ mod tests {
         ours.backend().remove(FileKind::Key, ours.key_name()).unwrap();
         let error = Repository::open(ours.backend().clone(), b"same").unwrap_err();
         assert!(error.to_string().contains("belongs to another repository"), "{error}");
+    }
+
+    /// A second load in the same process reads only the index files that are new; one gone (a
+    /// prune) makes it read everything again.
+    #[test]
+    fn a_second_load_reads_only_new_index_files_and_all_when_one_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
+        let store = |byte: u8| {
+            let saver = crate::saver::BlobSaver::new(&repo);
+            let data = vec![byte; 5000];
+            let id = repo.key().blob_id(&data);
+            assert!(saver.reserve(id));
+            saver.store(crate::pack::BlobKind::Data, id, &data).unwrap();
+            saver.finish().unwrap();
+            id
+        };
+        let first = store(1);
+        let open = || Repository::open(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p").unwrap();
+        let one = open();
+        assert_eq!(one.load_index().unwrap().len(), 1);
+        let second = store(2);
+        let two = open();
+        let files = two.load_index().unwrap();
+        assert_eq!(files.len(), 2);
+        assert!(two.index().contains(&first) && two.index().contains(&second));
+        // The first load's index is its own still.
+        assert!(!one.index().contains(&second));
+        // An index file gone: its blobs are gone from the next load.
+        let gone = dir.path().join("repo").join(FileKind::Index.path(&files[0].to_hex()));
+        let in_gone = two.read_index_file(&files[0].to_hex()).unwrap().packs[0].blobs[0].id;
+        let kept_blob = if in_gone == first { second } else { first };
+        std::fs::remove_file(gone).unwrap();
+        let three = open();
+        assert_eq!(three.load_index().unwrap().len(), 1);
+        assert_eq!(three.index().len(), 1);
+        assert!(three.index().contains(&kept_blob));
     }
 
     /// A tree pack that is damaged in the repository is not cached, and not downloaded again for
