@@ -998,3 +998,145 @@ fn with_direct_reads_hosts_read_packs_from_the_storage_and_fall_back_to_the_vaul
     let carried = written_by(&vault) - before;
     assert!(carried >= 24 << 20, "the vault carried only {carried} bytes: the host did not fall back to it");
 }
+
+/// A stand-in for a vault that turned hostile: a TLS server with the vault's certificate in
+/// front of it, answering every read of a pack that does not ask to go through the vault with a
+/// redirect to `location`, and passing everything else on.
+const HOSTILE_PROXY: &str = r#"
+import http.server, ssl, sys, urllib.request, urllib.error
+listen, upstream, cert, key, location = sys.argv[1:6]
+honest = ssl._create_unverified_context()
+class Proxy(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def forward(self):
+        if self.command == "GET" and "/v1/repo/data/" in self.path and not self.headers.get("x-sysstate-through-vault"):
+            self.send_response(307)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        request = urllib.request.Request(f"https://127.0.0.1:{upstream}{self.path}",
+                                         data=self.rfile.read(length) if length else None, method=self.command)
+        for name, value in self.headers.items():
+            if name.lower() not in ("host", "content-length", "connection"):
+                request.add_header(name, value)
+        try:
+            answer = urllib.request.urlopen(request, context=honest)
+        except urllib.error.HTTPError as error:
+            answer = error
+        body = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(listen)), Proxy)
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+tls.load_cert_chain(cert, key)
+server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// A vault that redirects a host's pack reads where it should not gets nothing written from
+/// there: a redirect to a file on the host is refused and the host reads through the vault; a
+/// storage that answers other bytes than the pack's makes the restore fail, naming the damage,
+/// without writing them.
+#[test]
+fn a_hostile_vaults_redirects_write_nothing_they_point_to() {
+    let mut vault = Vault::start();
+    let local = staging_host(&vault, "iota");
+    let root = local.path("root");
+    write_incompressible(&root, 0x5eed_0041, 2, 1 << 20);
+    let version = local.backup_data(&root);
+    local.ok(&["copy", "--to", &vault.url()]);
+    // The vault moves to another port; the hostile stand-in takes its place.
+    vault.stop();
+    let (public, url) = (vault.port, vault.url());
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = vault.dir.path().join("vault/vault.toml");
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text_of.replace(&format!("listen = \"127.0.0.1:{public}\""), &format!("listen = \"127.0.0.1:{upstream}\"")),
+    )
+    .unwrap();
+    vault.port = upstream;
+    vault.serve();
+    let script = local.path("hostile.py");
+    std::fs::write(&script, HOSTILE_PROXY).unwrap();
+    let hostile = |location: &str| -> KillOnDrop {
+        let child = Command::new("python3")
+            .arg(&script)
+            .args([public.to_string(), upstream.to_string()])
+            .arg(vault.dir.path().join("vault/server.pem"))
+            .arg(vault.dir.path().join("vault/server-key.pem"))
+            .arg(location)
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", public)).is_err() {
+            assert!(Instant::now() < until, "the stand-in did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        KillOnDrop(child)
+    };
+    let restore = |to: &std::path::Path| {
+        local
+            .command(&["restore", "--target", &url, "--version", &version, "--to", to.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+
+    // To a file of the host's: refused, read through the vault, byte for byte.
+    let proxy = hostile("file:///etc/shadow");
+    let to = local.path("restored-file");
+    let output = restore(&to);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_same(&snapshot(&root.join("data")), &snapshot(&to.join("data")));
+    assert!(text(&output.stderr).contains("not an HTTP URL"), "the refusal is not told: {}", text(&output.stderr));
+    drop(proxy);
+
+    // To a storage that answers other bytes: nothing of them is written as the files.
+    let bogus = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bogus_port = bogus.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in bogus.incoming().flatten() {
+            let mut stream = stream;
+            let mut buffer = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buffer);
+            let body = vec![0x41u8; 4 << 20];
+            let head =
+                format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = std::io::Write::write_all(&mut stream, head.as_bytes());
+            let _ = std::io::Write::write_all(&mut stream, &body);
+        }
+    });
+    let _proxy = hostile(&format!("http://127.0.0.1:{bogus_port}/pack"));
+    let to = local.path("restored-bogus");
+    let output = restore(&to);
+    assert!(!output.status.success(), "a restore from bytes that are not the pack's succeeded");
+    let said = text(&output.stderr);
+    assert!(said.contains("does not decrypt") || said.contains("damaged"), "{said}");
+    for file in std::fs::read_dir(root.join("data")).unwrap().flatten() {
+        let restored = to.join("data").join(file.file_name());
+        if let Ok(bytes) = std::fs::read(&restored) {
+            assert!(bytes == std::fs::read(file.path()).unwrap(), "{} was written, not as it was", restored.display());
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
