@@ -9,7 +9,7 @@
 //! one with the live tree. Overflow is provoked too: the journal then doubts, and the walk
 //! that follows must be right as well.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -312,7 +312,7 @@ fn request<'a>(
     paths: &'a [PathBuf],
     dest: &'a Path,
     stop: &'a AtomicBool,
-    previous: Option<&'a HashMap<PathBuf, Origin>>,
+    previous: Option<&'a sysstate_shadow::provider::Origins>,
     changed: Option<&'a [PathBuf]>,
     forced: &'a [PathBuf],
     relinked: &'a [(u64, u64)],
@@ -346,7 +346,7 @@ fn round(
     workload: &mut Workload,
     live: &Path,
     base: &Path,
-    previous: &mut Option<HashMap<PathBuf, Origin>>,
+    previous: &mut Option<sysstate_shadow::provider::Origins>,
     options: JournalOptions,
     (flood, before): (usize, usize),
     after: &dyn Fn(&mut Workload),

@@ -218,7 +218,7 @@ impl Coordinator {
             storage: options.storage.clone(),
             copy_id,
             tree: commit.root,
-            origins: Arc::new(commit.origins),
+            origins: commit.origins,
             live_device: commit.live_device,
             taken_ns: commit.taken_ns,
             skipped: commit.skipped,

@@ -12,11 +12,11 @@ use super::{ShadowSetOptions, BASE_COPY};
 use crate::error::{ShadowError, WriterTimeout};
 use crate::journal::{self, Changes, Journal, JournalOptions, Position};
 use crate::pressure::Pressure;
-use crate::provider::{self, Commit, CommitError, CommitRequest, Origin, Provider, ProviderChoice};
+use crate::provider::{self, Commit, CommitError, CommitRequest, Provider, ProviderChoice};
 use crate::state::WriterState;
 use crate::storage::{CopyMeta, StorageArea};
 use crate::writer::{Phase, DEFAULT_PHASE_TIMEOUT};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ struct Group<'a> {
     /// The provider that made the base copy (a refresh that copies nothing is still its).
     base_provider: Option<String>,
     /// Refreshing the base copy: the live identities its entries were copied from.
-    previous: Option<HashMap<PathBuf, Origin>>,
+    previous: Option<provider::Origins>,
     /// What the copy before the freeze made.
     precopy: Option<Commit>,
     /// The directories the change journal saw change since the copy before the freeze began
@@ -805,7 +805,8 @@ impl Run<'_> {
                 live_device: copy.live_device,
                 keep: super::keeps_copy(self.options.persistent, self.copy_id, &copy),
             });
-            commit.origins.extend(copy.origins);
+            Arc::make_mut(&mut commit.origins)
+                .extend(copy.origins.iter().map(|(path, origin)| (path.clone(), *origin)));
         }
         Made { commit, extra, record }
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Whether a copy clones files' extents (`FICLONE`) instead of copying their bytes.
@@ -92,7 +93,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         met: Default::default(),
     };
     if incremental {
-        copier.out.origins = req.previous.cloned().unwrap_or_default();
+        copier.out.origins = req.previous.cloned().unwrap_or_default(); // shared until changed
     } else {
         copier.out.origins_changed = true; // made anew
     }
@@ -162,8 +163,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
             // Gone while it was copied: left out, as if it had gone before.
             let shown = Path::new("/").join(relative);
             copier.remove(&dest.join(relative))?;
-            copier.out.origins.retain(|path, _| !path.starts_with(&shown));
-            copier.out.origins_changed = true;
+            copier.forget_under(&shown);
         }
     }
     copier.out.root = dest.to_path_buf();
@@ -271,7 +271,7 @@ impl Copier<'_> {
             return Ok(());
         }
         let mut names: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
-        for (path, origin) in self.req.previous.into_iter().flatten().chain(&self.out.origins) {
+        for (path, origin) in self.req.previous.into_iter().flat_map(|p| p.iter()).chain(self.out.origins.iter()) {
             if self.linked.contains(&(origin.device, origin.inode)) {
                 names.entry((origin.device, origin.inode)).or_default().push(path.clone());
             }
@@ -295,9 +295,17 @@ impl Copier<'_> {
         }
     }
 
+    /// Forgets the origins of `shown` and everything below it.
+    fn forget_under(&mut self, shown: &Path) {
+        Arc::make_mut(&mut self.out.origins).retain(|path, _| !path.starts_with(shown));
+        self.out.origins_changed = true;
+    }
+
     fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
         let origin = Origin::of(meta);
-        if self.out.origins.insert(Path::new("/").join(relative), origin) != Some(origin) {
+        let shown = Path::new("/").join(relative);
+        if self.out.origins.get(&shown) != Some(&origin) {
+            Arc::make_mut(&mut self.out.origins).insert(shown, origin);
             self.out.origins_changed = true;
         }
     }
@@ -338,7 +346,7 @@ impl Copier<'_> {
                         // away is copied anew where it went, and its files are not the same
                         // names): those names are looked at again.
                         let linked = &mut self.linked;
-                        self.out.origins.retain(|path, origin| {
+                        Arc::make_mut(&mut self.out.origins).retain(|path, origin| {
                             let inside = path.starts_with(&shown);
                             if inside && origin.links != 1 && path != &shown {
                                 linked.insert((origin.device, origin.inode));
@@ -348,7 +356,11 @@ impl Copier<'_> {
                         self.out.origins_changed = true;
                     }
                     Ok(_) => {
-                        let removed = self.out.origins.remove(&shown);
+                        let removed = if self.out.origins.contains_key(&shown) {
+                            Arc::make_mut(&mut self.out.origins).remove(&shown)
+                        } else {
+                            None
+                        };
                         self.out.origins_changed |= removed.is_some();
                         // Other names may share the file whatever counts its copy or its
                         // origin hold (a link made since through a folder not refreshed yet):
@@ -409,8 +421,7 @@ impl Copier<'_> {
                 tracing::debug!(%error, path = %relative.display(), "went away while it was copied");
                 let shown = Path::new("/").join(relative);
                 self.remove(&self.req.dest.join(relative))?;
-                self.out.origins.retain(|path, _| !path.starts_with(&shown));
-                self.out.origins_changed = true;
+                self.forget_under(&shown);
                 self.dirs.retain(|(dir, _)| !dir.starts_with(relative));
                 Ok(())
             }

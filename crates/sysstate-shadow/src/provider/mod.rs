@@ -24,7 +24,12 @@ use crate::error::ShadowError;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Live identities by absolute path as seen from the root, shared: a map of a large tree is
+/// copied only when something in it changes (`Arc::make_mut`).
+pub type Origins = Arc<HashMap<PathBuf, Origin>>;
 
 /// The live identity of a copied entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -148,7 +153,7 @@ pub struct Commit {
     /// Entries copied.
     pub files: u64,
     /// Live identities, by absolute path as seen from the root.
-    pub origins: HashMap<PathBuf, Origin>,
+    pub origins: Origins,
     /// The provider used per volume (device number → `copy` or `reflink`).
     pub used: HashMap<u64, &'static str>,
     /// Entries not copied, with why (absolute paths as seen from the root).
@@ -179,21 +184,25 @@ impl Commit {
     /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
     /// The origins a later commit may keep, taken out of this commit (no copy of a large map):
     /// all but the [`unsettled`](Self::unsettled). `origins` is left empty.
-    pub fn take_settled_origins(&mut self) -> HashMap<PathBuf, Origin> {
-        let mut origins = std::mem::take(&mut self.origins);
-        for path in &self.unsettled {
-            origins.remove(path);
-        }
-        origins
+    pub fn take_settled_origins(&mut self) -> Origins {
+        let origins = std::mem::take(&mut self.origins);
+        without(origins, &self.unsettled)
     }
 
-    pub fn settled_origins(&self) -> HashMap<PathBuf, Origin> {
-        let mut origins = self.origins.clone();
-        for path in &self.unsettled {
+    pub fn settled_origins(&self) -> Origins {
+        without(Arc::clone(&self.origins), &self.unsettled)
+    }
+}
+
+/// `origins` but `paths` (copied only when one of them is in it).
+fn without(mut origins: Origins, paths: &[PathBuf]) -> Origins {
+    if paths.iter().any(|path| origins.contains_key(path)) {
+        let origins = Arc::make_mut(&mut origins);
+        for path in paths {
             origins.remove(path);
         }
-        origins
     }
+    origins
 }
 
 /// Why a commit stopped.
@@ -229,7 +238,7 @@ pub struct CommitRequest<'a> {
     /// Set from outside to stop ([`CommitError::Interrupted`]).
     pub interrupted: &'a std::sync::atomic::AtomicBool,
     /// Refreshing a base copy at `dest`: the live identities its entries were copied from.
-    pub previous: Option<&'a HashMap<PathBuf, Origin>>,
+    pub previous: Option<&'a Origins>,
     /// Absolute paths copied elsewhere (another volume's storage): not entered.
     pub skip: &'a [PathBuf],
     /// Refreshing a base copy that is up to date but for what the change journal saw: the
@@ -310,20 +319,61 @@ pub fn write_base_journal(copy_dir: &Path, journal: Option<&BaseJournal>) -> std
     std::fs::rename(&temp, &path)
 }
 
+/// The records of origins this process read or wrote last, by file and what the file was
+/// (device, inode, size, mtime): the agent reads its base copy's for every backup, and parsing
+/// it was most of a backup with nothing changed at 500,000 files. A record rewritten (a new
+/// file renamed in place) or changed in any way is read again.
+static KNOWN_ORIGINS: Mutex<Vec<(PathBuf, [i64; 4], Origins)>> = Mutex::new(Vec::new());
+
+/// How many records [`KNOWN_ORIGINS`] keeps (the base copies of a few volumes).
+const KNOWN_ORIGINS_MAX: usize = 4;
+
+fn file_identity(path: &Path) -> Option<[i64; 4]> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some([meta.dev() as i64, meta.ino() as i64, meta.size() as i64, meta.mtime() * 1_000_000_000 + meta.mtime_nsec()])
+}
+
+fn know_origins(path: &Path, identity: [i64; 4], origins: &Origins) {
+    let mut known = KNOWN_ORIGINS.lock().expect("origins lock");
+    known.retain(|(known, ..)| known != path);
+    if known.len() >= KNOWN_ORIGINS_MAX {
+        known.remove(0);
+    }
+    known.push((path.to_path_buf(), identity, Arc::clone(origins)));
+}
+
 /// The identities a base copy was made from (none when unreadable: everything is copied).
-pub fn read_origins(copy_dir: &Path) -> Option<HashMap<PathBuf, Origin>> {
-    let bytes = std::fs::read(origins_file(copy_dir)).ok()?;
+pub fn read_origins(copy_dir: &Path) -> Option<Origins> {
+    let path = origins_file(copy_dir);
+    let identity = file_identity(&path)?;
+    let known = KNOWN_ORIGINS.lock().expect("origins lock");
+    if let Some((.., origins)) = known.iter().find(|(known, id, _)| *known == path && *id == identity) {
+        return Some(Arc::clone(origins));
+    }
+    drop(known);
+    let bytes = std::fs::read(&path).ok()?;
     let list: Vec<(String, Origin)> = serde_json::from_slice(&bytes).ok()?;
-    Some(list.into_iter().map(|(path, origin)| (PathBuf::from(path), origin)).collect())
+    let origins: Origins = Arc::new(list.into_iter().map(|(path, origin)| (PathBuf::from(path), origin)).collect());
+    // Kept only when the file did not change while it was read.
+    if file_identity(&path) == Some(identity) {
+        know_origins(&path, identity, &origins);
+    }
+    Some(origins)
 }
 
 /// Records the identities a base copy was made from. Paths that are not UTF-8 are left out,
 /// so their entries are copied again next time.
-pub fn write_origins(copy_dir: &Path, origins: &HashMap<PathBuf, Origin>) -> std::io::Result<()> {
+pub fn write_origins(copy_dir: &Path, origins: &Origins) -> std::io::Result<()> {
     let list: Vec<(&str, &Origin)> =
         origins.iter().filter_map(|(path, origin)| Some((path.to_str()?, origin))).collect();
+    let whole = list.len() == origins.len();
     let path = origins_file(copy_dir);
     let temp = path.with_extension("json.tmp");
     std::fs::write(&temp, serde_json::to_vec(&list).expect("origins encode"))?;
-    std::fs::rename(&temp, &path)
+    std::fs::rename(&temp, &path)?;
+    // What the next read of it would give: this map, unless a path was left out.
+    if let Some(identity) = file_identity(&path).filter(|_| whole) {
+        know_origins(&path, identity, origins);
+    }
+    Ok(())
 }
