@@ -773,11 +773,8 @@ impl Run<'_> {
             let mut changed = j.changed.clone();
             changed.sort();
             changed.dedup();
-            // Every group read by the journal is covered by it; the others are read whole.
+            // Every group whose commit did not follow the journal is read whole (see `commit`).
             let mut whole = j.whole.clone();
-            whole.extend(
-                groups.iter().filter(|g| !(g.covered && g.read.0 == "journal")).flat_map(|g| g.paths.iter().cloned()),
-            );
             whole.sort();
             whole.dedup();
             let complete = j.since.is_some() && groups.iter().any(|g| g.covered && g.read.0 == "journal");

@@ -181,14 +181,15 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// The origins whose copies a later commit may keep: all but the [`unsettled`](Self::unsettled).
-    /// The origins a later commit may keep, taken out of this commit (no copy of a large map):
-    /// all but the [`unsettled`](Self::unsettled). `origins` is left empty.
+    /// The origins a later commit may keep, taken out of this commit: all but the
+    /// [`unsettled`](Self::unsettled). `origins` is left empty, so that a map this commit made
+    /// its own is not copied to remove them.
     pub fn take_settled_origins(&mut self) -> Origins {
         let origins = std::mem::take(&mut self.origins);
         without(origins, &self.unsettled)
     }
 
+    /// [`take_settled_origins`](Self::take_settled_origins), leaving this commit's.
     pub fn settled_origins(&self) -> Origins {
         without(Arc::clone(&self.origins), &self.unsettled)
     }
