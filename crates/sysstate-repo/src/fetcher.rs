@@ -1,8 +1,8 @@
 //! Reads that fit a remote medium: the blobs a restore is about to need, announced in the order
 //! it will need them, fetched ahead by a few threads with one ranged request per run of
-//! neighbouring blobs of a pack (a whole pack when most of it is wanted), opened and checked,
-//! and handed out as they are asked for. Downloading, opening and writing overlap; what is
-//! fetched but not yet taken is bounded.
+//! neighbouring blobs of a pack (a whole pack when most of it is wanted), each opened and
+//! checked as soon as its bytes are in, and handed out as they are asked for. Downloading,
+//! opening and writing overlap; what is fetched but not yet taken is bounded.
 //!
 //! A blob whose fetch failed, or that was never announced, is read the ordinary way
 //! ([`Repository::read_blob`]) when it is taken, so a failure is reported exactly as without
@@ -17,9 +17,10 @@ use std::sync::{Arc, Condvar, Mutex};
 /// Neighbouring blobs of a pack whose gap is at most this are read with one request: a gap
 /// costs less to read than a round trip does.
 const COALESCE_GAP: u64 = 512 * 1024;
-/// A request reads at most this much (more when one blob is larger): a fetcher holds what it
-/// read until it has opened every blob in it.
-const MAX_RUN: u64 = 4 << 20;
+/// A request reads at most this much (more when one blob is larger): a whole pack, mostly.
+/// Blobs are opened as their bytes arrive, so a long request delays nothing; cut into 4 MiB
+/// requests, a pack's 1 MiB blocks at the cuts were read twice by Garage.
+const MAX_RUN: u64 = 16 << 20;
 /// With the blob first in line, the fetch takes the blobs of its pack announced up to this many
 /// places behind it.
 const LOOKAHEAD: u64 = 4096;
@@ -161,9 +162,10 @@ impl<'r> Fetcher<'r> {
     /// the blobs of its pack announced soon after it, read them with as few ranged requests as
     /// their gaps allow, open them and hand them out.
     pub fn fetch(&self) {
+        let mut buffer = Vec::new();
         while let Some((pack, blobs, overdraft)) = self.next_batch() {
             for run in coalesce(blobs) {
-                self.fetch_run(&pack, run);
+                self.fetch_run(&pack, run, &mut buffer);
             }
             if overdraft {
                 let mut state = self.state.lock().expect("fetcher lock");
@@ -224,24 +226,62 @@ impl<'r> Fetcher<'r> {
         Some((pack, blobs, overdraft))
     }
 
-    /// Reads one run of neighbouring blobs with one request and hands each out.
-    fn fetch_run(&self, pack: &Id, run: Vec<(Id, crate::pack::PackEntry)>) {
+    /// Reads one run of neighbouring blobs with one request, opening and handing out each blob
+    /// as soon as its bytes are in: the first are written while the rest are on their way.
+    /// `buffer` holds the bytes of the blob being received (a fetcher keeps it from run to run,
+    /// so its memory is reused).
+    fn fetch_run(&self, pack: &Id, run: Vec<(Id, crate::pack::PackEntry)>, buffer: &mut Vec<u8>) {
         let start = u64::from(run[0].1.offset);
         let end = run.iter().map(|(_, e)| u64::from(e.offset) + u64::from(e.length)).max().expect("a run has blobs");
-        let mut read =
-            self.repo.backend().read_range(crate::backend::FileKind::Pack, &pack.to_hex(), start, end - start);
-        let mut opened = Vec::with_capacity(run.len());
-        for (id, entry) in &run {
-            let at = (u64::from(entry.offset) - start) as usize;
-            // Opened where it lies (an index whose blobs overlap makes the second fail to open,
-            // and it is read again when taken); a short read fails the blobs past its end.
-            let sealed = read.as_mut().ok().and_then(|bytes| bytes.get_mut(at..at + entry.length as usize));
-            let fetched = match sealed.map(|sealed| self.repo.open_blob_in_place(pack, entry, sealed)) {
-                Some(Ok(plain)) => Fetched::Ready(Arc::new(plain)),
-                _ => Fetched::Failed,
-            };
-            opened.push((*id, u64::from(entry.raw_length), fetched));
+        // `buffer` holds the run's bytes from `held` on; `next` is the first blob not opened.
+        buffer.clear();
+        let (mut held, mut next) = (start, 0);
+        let streamed = self.repo.backend().read_range_streamed(
+            crate::backend::FileKind::Pack,
+            &pack.to_hex(),
+            start,
+            end - start,
+            &mut |piece| {
+                buffer.extend_from_slice(piece);
+                let (mut opened, mut done) = (Vec::new(), 0);
+                while let Some((id, entry)) = run.get(next) {
+                    let (offset, length) = (u64::from(entry.offset), entry.length as usize);
+                    let Some(at) = offset.checked_sub(held).map(|at| at as usize) else {
+                        // It overlaps a blob opened before it (a hostile or damaged index): it is
+                        // read again when taken, which reports it.
+                        opened.push((*id, u64::from(entry.raw_length), Fetched::Failed));
+                        next += 1;
+                        continue;
+                    };
+                    let Some(sealed) = buffer.get_mut(at..at + length) else { break };
+                    let fetched = match self.repo.open_blob_in_place(pack, entry, sealed) {
+                        Ok(plain) => Fetched::Ready(Arc::new(plain)),
+                        Err(_) => Fetched::Failed,
+                    };
+                    opened.push((*id, u64::from(entry.raw_length), fetched));
+                    next += 1;
+                    done = done.max(at + length);
+                }
+                // What lies before the end of the blobs opened is no longer needed.
+                buffer.drain(..done);
+                held += done as u64;
+                if !opened.is_empty() {
+                    self.hand_out(opened);
+                }
+            },
+        );
+        // A failed or short read fails the blobs not received: each is read the ordinary way
+        // when taken, which reports the failure.
+        drop(streamed);
+        if next < run.len() {
+            self.hand_out(
+                run[next..].iter().map(|(id, entry)| (*id, u64::from(entry.raw_length), Fetched::Failed)).collect(),
+            );
         }
+    }
+
+    /// Blobs opened (or failed), each with its plaintext length, for the takers.
+    fn hand_out(&self, opened: Vec<(Id, u64, Fetched)>) {
         let mut state = self.state.lock().expect("fetcher lock");
         let full = state.ahead >= self.limit;
         for (id, length, fetched) in opened {
@@ -448,6 +488,88 @@ mod tests {
             for (file, data) in files.iter().zip(&taken) {
                 let expected: Vec<Vec<u8>> = file.iter().map(|&b| blobs[b].1.clone()).collect();
                 assert_eq!(data, &expected, "limit {limit}");
+            }
+        }
+    }
+
+    /// A directory repository whose ranged reads come in pieces of `piece` bytes, and stop with
+    /// a passing fault once `fail_after` bytes of one read are given (as a dropped connection).
+    #[derive(Debug)]
+    struct Dribble {
+        inner: LocalBackend,
+        piece: usize,
+        fail_after: Option<u64>,
+    }
+
+    impl crate::backend::Backend for Dribble {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn create(&self) -> crate::backend::Result<()> {
+            self.inner.create()
+        }
+        fn list(&self, kind: crate::backend::FileKind) -> crate::backend::Result<Vec<(String, u64)>> {
+            self.inner.list(kind)
+        }
+        fn read(&self, kind: crate::backend::FileKind, name: &str) -> crate::backend::Result<Vec<u8>> {
+            self.inner.read(kind, name)
+        }
+        fn read_range(
+            &self,
+            kind: crate::backend::FileKind,
+            name: &str,
+            offset: u64,
+            length: u64,
+        ) -> crate::backend::Result<Vec<u8>> {
+            self.inner.read_range(kind, name, offset, length)
+        }
+        fn read_range_streamed(
+            &self,
+            kind: crate::backend::FileKind,
+            name: &str,
+            offset: u64,
+            length: u64,
+            sink: &mut dyn FnMut(&[u8]),
+        ) -> crate::backend::Result<()> {
+            let bytes = self.inner.read_range(kind, name, offset, length)?;
+            let cut = self.fail_after.map_or(bytes.len(), |n| bytes.len().min(n as usize));
+            for piece in bytes[..cut].chunks(self.piece) {
+                sink(piece);
+            }
+            match cut < bytes.len() {
+                true => Err(crate::backend::BackendError {
+                    kind: crate::backend::ErrorKind::Transient,
+                    operation: "read",
+                    path: kind.path(name),
+                    location: self.location(),
+                    message: "the connection dropped".into(),
+                }),
+                false => Ok(()),
+            }
+        }
+        fn write(&self, kind: crate::backend::FileKind, name: &str, data: &[u8]) -> crate::backend::Result<()> {
+            self.inner.write(kind, name, data)
+        }
+        fn remove(&self, kind: crate::backend::FileKind, name: &str) -> crate::backend::Result<()> {
+            self.inner.remove(kind, name)
+        }
+    }
+
+    #[test]
+    fn blobs_received_in_pieces_are_handed_out_whole_and_a_read_cut_short_fails_only_what_it_lacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, blobs) = repository(dir.path(), 120);
+        let files: Vec<Vec<usize>> = (0..40).map(|f| vec![f * 3, f * 3 + 1, f * 3 + 2, (f * 11) % 120]).collect();
+        // Pieces smaller than a blob, about one, and larger than several; then reads that drop
+        // after 10,000 bytes: what they lacked is read again when taken.
+        for (piece, fail_after) in [(7, None), (2999, None), (100_000, None), (1000, Some(10_000))] {
+            let backend = Dribble { inner: LocalBackend::new(dir.path()), piece, fail_after };
+            let repo = Repository::open(Arc::new(backend), b"pass").unwrap();
+            repo.load_index().unwrap();
+            let taken = restore(&repo, &blobs, &files, 64 << 10);
+            for (file, data) in files.iter().zip(&taken) {
+                let expected: Vec<Vec<u8>> = file.iter().map(|&b| blobs[b].1.clone()).collect();
+                assert_eq!(data, &expected, "pieces of {piece}, failing after {fail_after:?}");
             }
         }
     }

@@ -170,6 +170,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>>;
     /// `length` bytes from `offset`.
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
+    /// [`read_range`](Backend::read_range) handing the bytes to `sink` as they arrive, in
+    /// order and in pieces of any size, so that a reader works on the first while the rest are
+    /// on their way (and keeps no copy of the whole). `Ok` when all `length` bytes were given;
+    /// after an error `sink` may have had some of them. The default reads the range whole.
+    fn read_range_streamed(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        sink(&self.read_range(kind, name, offset, length)?);
+        Ok(())
+    }
     /// Stores a file atomically and durably. An existing file with the same bytes is success; with
     /// other bytes it is an [`ErrorKind::Mismatch`] (but for locks, which are replaced).
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;

@@ -228,20 +228,51 @@ impl Backend for ObjectBackend {
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(length as usize);
+        self.read_range_streamed(kind, name, offset, length, &mut |piece| bytes.extend_from_slice(piece))?;
+        Ok(bytes)
+    }
+
+    fn read_range_streamed(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
         let path = self.object_path(kind, name);
-        let range = offset as usize..(offset + length) as usize;
-        let bytes =
-            self.runtime.block_on(self.store.get_range(&path, range)).map_err(|e| self.error("read", kind, name, e))?;
-        if bytes.len() as u64 != length {
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(offset as usize..(offset + length) as usize)),
+            ..Default::default()
+        };
+        let given = self
+            .runtime
+            .block_on(async {
+                let mut pieces = self.store.get_opts(&path, options).await?.into_stream();
+                let mut given = 0u64;
+                while let Some(piece) = pieces.try_next().await? {
+                    // Never more than was asked for, whatever the store answers.
+                    let piece = &piece[..piece.len().min((length - given) as usize)];
+                    given += piece.len() as u64;
+                    sink(piece);
+                }
+                Ok(given)
+            })
+            .map_err(|e| self.error("read", kind, name, e))?;
+        if given != length {
             return Err(BackendError {
                 kind: ErrorKind::Mismatch,
                 operation: "read",
                 path: kind.path(name),
                 location: self.url.clone(),
-                message: format!("short read: {} of {length} bytes at offset {offset}", bytes.len()),
+                message: format!("short read: {given} of {length} bytes at offset {offset}"),
             });
         }
-        Ok(Vec::from(bytes))
+        Ok(())
     }
 
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {

@@ -64,6 +64,16 @@ impl Backend for ThrottledBackend {
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         self.inner.read_range(kind, name, offset, length)
     }
+    fn read_range_streamed(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        self.inner.read_range_streamed(kind, name, offset, length, sink)
+    }
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         if kind != FileKind::Lock {
             self.pace(data.len());

@@ -118,22 +118,29 @@ impl VaultBackend {
         }
     }
 
-    /// Sends `request`; a status that is not a success becomes the error it stands for.
-    fn send(
+    fn failure(
+        &self,
+        operation: &'static str,
+        kind: FileKind,
+        name: &str,
+        kind_of: ErrorKind,
+        message: String,
+    ) -> BackendError {
+        BackendError { kind: kind_of, operation, path: kind.path(name), location: self.location.clone(), message }
+    }
+
+    /// Sends `request` (the bytes `range` of a file, when given) and answers the response of a
+    /// success, the vault's redirect to its storage followed without the token; a status that is
+    /// not a success becomes the error it stands for.
+    async fn respond(
         &self,
         operation: &'static str,
         kind: FileKind,
         name: &str,
         request: reqwest::RequestBuilder,
         range: Option<String>,
-    ) -> Result<bytes::Bytes> {
-        let error = |kind_of: ErrorKind, message: String| BackendError {
-            kind: kind_of,
-            operation,
-            path: kind.path(name),
-            location: self.location.clone(),
-            message,
-        };
+    ) -> Result<reqwest::Response> {
+        let error = |kind_of: ErrorKind, message: String| self.failure(operation, kind, name, kind_of, message);
         let mut request = request.bearer_auth(&self.token);
         if let Some(range) = &range {
             request = request.header("range", range);
@@ -142,63 +149,74 @@ impl VaultBackend {
             request = request.header(THROUGH_VAULT, "1");
         }
         let again = request.try_clone();
-        self.runtime.block_on(async {
-            let mut response = request.send().await.map_err(|e| {
-                let text = describe(&e);
-                let kind_of = if e.is_connect() || text.contains("certificate") {
-                    ErrorKind::VaultUnreachable
-                } else {
-                    ErrorKind::Transient
-                };
-                error(kind_of, text)
-            })?;
-            if response.status() == reqwest::StatusCode::TEMPORARY_REDIRECT {
-                let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
-                match location {
-                    Some(location) => match self.read_direct(&location, range.as_deref()).await {
-                        Ok(body) => return Ok(body),
-                        Err(why) => {
-                            // Out of this host's reach (or the URL expired): through the vault,
-                            // now and from now on.
-                            tracing::warn!(%why, "a direct read from the vault's storage failed: reading through the vault");
-                            self.through_vault.store(true, std::sync::atomic::Ordering::Relaxed);
-                            let again =
-                                again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
-                            response = again
-                                .header(THROUGH_VAULT, "1")
-                                .send()
-                                .await
-                                .map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
-                        }
-                    },
-                    None => return Err(error(ErrorKind::Permanent, "the vault redirected without a location".into())),
-                }
-            }
-            let status = response.status().as_u16();
-            let body = response.bytes().await.map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
-            if (200..300).contains(&status) {
-                return Ok(body);
-            }
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(String::from))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            let kind_of = match status {
-                404 => ErrorKind::NotFound,
-                401 | 403 => ErrorKind::Forbidden,
-                409 => ErrorKind::Mismatch,
-                507 => ErrorKind::NoSpace,
-                500..=599 => ErrorKind::Transient,
-                _ => ErrorKind::Permanent,
+        let mut response = request.send().await.map_err(|e| {
+            let text = describe(&e);
+            let kind_of = if e.is_connect() || text.contains("certificate") {
+                ErrorKind::VaultUnreachable
+            } else {
+                ErrorKind::Transient
             };
-            Err(error(kind_of, format!("the vault answered {status}: {message}")))
+            error(kind_of, text)
+        })?;
+        if response.status() == reqwest::StatusCode::TEMPORARY_REDIRECT {
+            let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
+            match location {
+                Some(location) => match self.read_direct(&location, range.as_deref()).await {
+                    Ok(response) => return Ok(response),
+                    Err(why) => {
+                        // Out of this host's reach (or the URL expired): through the vault,
+                        // now and from now on.
+                        tracing::warn!(%why, "a direct read from the vault's storage failed: reading through the vault");
+                        self.through_vault.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let again = again.ok_or_else(|| error(ErrorKind::Permanent, "a redirect to retry".into()))?;
+                        response = again
+                            .header(THROUGH_VAULT, "1")
+                            .send()
+                            .await
+                            .map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
+                    }
+                },
+                None => return Err(error(ErrorKind::Permanent, "the vault redirected without a location".into())),
+            }
+        }
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(response);
+        }
+        let body = response.bytes().await.map_err(|e| error(ErrorKind::Transient, describe(&e)))?;
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let kind_of = match status {
+            404 => ErrorKind::NotFound,
+            401 | 403 => ErrorKind::Forbidden,
+            409 => ErrorKind::Mismatch,
+            507 => ErrorKind::NoSpace,
+            500..=599 => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        };
+        Err(error(kind_of, format!("the vault answered {status}: {message}")))
+    }
+
+    /// [`respond`](Self::respond), and the whole body of the success.
+    fn send(
+        &self,
+        operation: &'static str,
+        kind: FileKind,
+        name: &str,
+        request: reqwest::RequestBuilder,
+        range: Option<String>,
+    ) -> Result<bytes::Bytes> {
+        self.runtime.block_on(async {
+            let response = self.respond(operation, kind, name, request, range).await?;
+            response.bytes().await.map_err(|e| self.failure(operation, kind, name, ErrorKind::Transient, describe(&e)))
         })
     }
-}
 
-impl VaultBackend {
-    /// A pack's bytes (or `range` of them) from the URL the vault signed: no token goes there.
-    async fn read_direct(&self, url: &str, range: Option<&str>) -> std::result::Result<bytes::Bytes, String> {
+    /// The answer of the storage to a read of a pack (or `range` of it) at the URL the vault
+    /// signed: no token goes there.
+    async fn read_direct(&self, url: &str, range: Option<&str>) -> std::result::Result<reqwest::Response, String> {
         if !(url.starts_with("https://") || url.starts_with("http://")) {
             return Err(format!("the vault redirected to `{url}`, not an HTTP URL"));
         }
@@ -217,7 +235,7 @@ impl VaultBackend {
         if response.status() != expected {
             return Err(format!("the storage answered {}", response.status()));
         }
-        response.bytes().await.map_err(|e| describe(&e))
+        Ok(response)
     }
 }
 
@@ -250,21 +268,45 @@ impl Backend for VaultBackend {
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(length as usize);
+        self.read_range_streamed(kind, name, offset, length, &mut |piece| bytes.extend_from_slice(piece))?;
+        Ok(bytes)
+    }
+
+    fn read_range_streamed(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
         if length == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let range = format!("bytes={offset}-{}", offset + length - 1);
-        let body = self.send("read", kind, name, self.client.get(self.url(kind, Some(name))), Some(range))?;
-        if (body.len() as u64) < length {
-            return Err(BackendError {
-                kind: ErrorKind::Mismatch,
-                operation: "read",
-                path: kind.path(name),
-                location: self.location.clone(),
-                message: format!("{} bytes where {length} were asked for", body.len()),
-            });
+        let request = self.client.get(self.url(kind, Some(name)));
+        let given = self.runtime.block_on(async {
+            let mut response = self.respond("read", kind, name, request, Some(range)).await?;
+            let mut given = 0u64;
+            while given < length {
+                let piece = response
+                    .chunk()
+                    .await
+                    .map_err(|e| self.failure("read", kind, name, ErrorKind::Transient, describe(&e)))?;
+                let Some(piece) = piece else { break };
+                // Never more than was asked for, whatever the answer holds.
+                let piece = &piece[..piece.len().min((length - given) as usize)];
+                given += piece.len() as u64;
+                sink(piece);
+            }
+            Ok(given)
+        })?;
+        if given < length {
+            let message = format!("{given} bytes where {length} were asked for");
+            return Err(self.failure("read", kind, name, ErrorKind::Mismatch, message));
         }
-        Ok(Vec::from(body))
+        Ok(())
     }
 
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
