@@ -381,6 +381,8 @@ fn failed(what: &str, error: BackendError) -> EngineError {
 pub struct Records {
     storage: Arc<dyn Backend>,
     cache: Mutex<Cache>,
+    /// Held while a host is added: this process's registrations one at a time.
+    adding: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -393,7 +395,7 @@ struct Cache {
 impl Records {
     /// The records in `storage`.
     pub fn new(storage: Arc<dyn Backend>) -> Records {
-        Records { storage, cache: Mutex::new(Cache::default()) }
+        Records { storage, cache: Mutex::new(Cache::default()), adding: Mutex::new(()) }
     }
 
     /// The state as read at most `max_age` ago (`Duration::ZERO`: read now).
@@ -518,6 +520,13 @@ impl Records {
     /// Registers `name` with the token of `token_hash`; then, of the active hosts of that name,
     /// keeps the earliest: false (and this registration revoked) when another came first.
     pub fn add_host(&self, name: &str, token_hash: &str, now_ns: i64) -> Result<bool> {
+        // This process's registrations are serialized and each sees those before it: a name
+        // registered a moment ago is taken, whatever the clock says. (Between two vault
+        // processes the earliest record wins, as below.)
+        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        if self.fresh()?.host(name).is_some() {
+            return Ok(false);
+        }
         self.write(&format!("h~{token_hash}"), &HostRecord { name: name.to_string(), registered_ns: now_ns })?;
         let state = self.fresh()?;
         let first = state.host(name).map(|h| h.token_hash.clone());
