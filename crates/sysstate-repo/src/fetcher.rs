@@ -76,11 +76,12 @@ struct State {
     overdraft: bool,
     /// Sealed bytes announced and not yet fetched.
     queued_bytes: u64,
-    /// Fetchers waiting for work, and takers waiting for a blob: a change wakes the side that
-    /// waits for it, and only when someone does (a wake-up is a system call, and waking every
-    /// thread for every blob took a fifth of a restore's CPU in the scheduler).
+    /// Fetchers waiting for work, and the blobs takers wait for (with how many wait): a change
+    /// wakes the side that waits for it, and only when someone does (a wake-up is a system
+    /// call, and waking every thread for every blob took a fifth of a restore's CPU in the
+    /// scheduler).
     idle_fetchers: usize,
-    waiting_takers: usize,
+    awaited: HashMap<Id, usize>,
     /// Fetching has begun (see [`Fetcher::start`]).
     started: bool,
     next: u64,
@@ -284,6 +285,7 @@ impl<'r> Fetcher<'r> {
     fn hand_out(&self, opened: Vec<(Id, u64, Fetched)>) {
         let mut state = self.state.lock().expect("fetcher lock");
         let full = state.ahead >= self.limit;
+        let takers = opened.iter().any(|(id, _, _)| state.awaited.contains_key(id));
         for (id, length, fetched) in opened {
             state.in_flight.remove(&id);
             if state.wanted.contains_key(&id) {
@@ -292,7 +294,7 @@ impl<'r> Fetcher<'r> {
                 state.ahead -= length; // released while it was fetched
             }
         }
-        let (takers, room) = (state.waiting_takers > 0, full && state.ahead < self.limit && state.idle_fetchers > 0);
+        let room = full && state.ahead < self.limit && state.idle_fetchers > 0;
         drop(state);
         if takers {
             self.arrived.notify_all();
@@ -339,7 +341,7 @@ impl<'r> Fetcher<'r> {
 impl BlobSource for Fetcher<'_> {
     fn blob(&self, id: &Id) -> Result<Vec<u8>> {
         let mut state = self.state.lock().expect("fetcher lock");
-        let mut waiting = false;
+        let (mut waiting, mut awaiting) = (false, false);
         let found = loop {
             match state.fetched.get(id) {
                 Some(Fetched::Ready(data)) => break Some(data.clone()),
@@ -356,12 +358,22 @@ impl BlobSource for Fetcher<'_> {
                 }
                 None => {}
             }
-            state.waiting_takers += 1;
+            if !awaiting {
+                awaiting = true;
+                *state.awaited.entry(*id).or_default() += 1;
+            }
             state = self.arrived.wait(state).expect("fetcher lock");
-            state.waiting_takers -= 1;
         };
         if waiting {
             state.starving -= 1;
+        }
+        if awaiting {
+            match state.awaited.get_mut(id) {
+                Some(count) if *count > 1 => *count -= 1,
+                _ => {
+                    state.awaited.remove(id);
+                }
+            }
         }
         let room = self.used(&mut state, id);
         drop(state);
