@@ -68,11 +68,21 @@ def run(cmd, **kwargs):
 
 
 class Measurement:
-    def __init__(self, wall, rss_kib, user, system):
+    def __init__(self, wall, rss_kib, user, system, steal=0.0):
         self.wall = wall
         self.rss_kib = rss_kib
         self.user = user
         self.system = system
+        # The share of the machine's CPU time the hypervisor gave to others meanwhile: on a
+        # shared virtual machine, what makes one round slower than the next.
+        self.steal = steal
+
+
+def cpu_times():
+    """(all, steal) CPU ticks of the machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat_file:
+        ticks = [int(n) for n in stat_file.readline().split()[1:]]
+    return sum(ticks[:8]), ticks[7]
 
 
 def measure(cmd, env, cwd=None, log_path=None):
@@ -83,6 +93,7 @@ def measure(cmd, env, cwd=None, log_path=None):
     over exec), which made every tool look as big as the harness."""
     os.sync()  # the previous phase's dirty pages are not this one's cost
     usage_path = Path(log_path).with_suffix(".time")
+    before = cpu_times()
     with open(log_path, "w") as out:
         start = time.monotonic()
         result = subprocess.run(
@@ -93,8 +104,10 @@ def measure(cmd, env, cwd=None, log_path=None):
     if result.returncode != 0:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise SystemExit(f"`{' '.join(map(str, cmd))}` failed ({result.returncode}):\n{tail}")
+    after = cpu_times()
     rss_kib, user, system = usage_path.read_text().split()[-3:]
-    return Measurement(wall, int(rss_kib), float(user), float(system))
+    steal = (after[1] - before[1]) / max(1, after[0] - before[0])
+    return Measurement(wall, int(rss_kib), float(user), float(system), steal)
 
 
 def du_bytes(path):

@@ -183,7 +183,7 @@ def one_round(binary, work, corpus, corpus_b, round_number, tag, logs):
     def timed(name, cmd, env):
         settle()
         m = harness.measure(cmd, env, log_path=logs / f"{name}.log")
-        harness.log(f"   round {round_number} {name:22} {m.wall:7.2f} s {m.rss_kib / 1024:7.0f} MiB")
+        harness.log(f"   round {round_number} {name:22} {m.wall:7.2f} s {m.rss_kib / 1024:7.0f} MiB, {m.steal:4.0%} stolen")
         return m
 
     vault = Vault(binary, work / "vault-a", f"s3://{bucket}/{prefix}/vault")
@@ -233,7 +233,9 @@ def one_round(binary, work, corpus, corpus_b, round_number, tag, logs):
             for target in targets.values():
                 target.close()
         figures["restore"] = {"sysstate_s": ours.wall, "restic_s": theirs.wall, "sysstate_rss_mib": ours.rss_kib / 1024,
-                              "restic_rss_mib": theirs.rss_kib / 1024}
+                              "restic_rss_mib": theirs.rss_kib / 1024, "sysstate_cpu_s": ours.user + ours.system,
+                              "restic_cpu_s": theirs.user + theirs.system, "sysstate_stolen": round(ours.steal, 3),
+                              "restic_stolen": round(theirs.steal, 3)}
 
         after_alpha = vault.pack_bytes()
         beta.backup(corpus_b)
