@@ -504,69 +504,6 @@ mod tests {
         }
     }
 
-    /// A directory repository whose ranged reads come in pieces of `piece` bytes, and stop with
-    /// a passing fault once `fail_after` bytes of one read are given (as a dropped connection).
-    #[derive(Debug)]
-    struct Dribble {
-        inner: LocalBackend,
-        piece: usize,
-        fail_after: Option<u64>,
-    }
-
-    impl crate::backend::Backend for Dribble {
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-        fn create(&self) -> crate::backend::Result<()> {
-            self.inner.create()
-        }
-        fn list(&self, kind: crate::backend::FileKind) -> crate::backend::Result<Vec<(String, u64)>> {
-            self.inner.list(kind)
-        }
-        fn read(&self, kind: crate::backend::FileKind, name: &str) -> crate::backend::Result<Vec<u8>> {
-            self.inner.read(kind, name)
-        }
-        fn read_range(
-            &self,
-            kind: crate::backend::FileKind,
-            name: &str,
-            offset: u64,
-            length: u64,
-        ) -> crate::backend::Result<Vec<u8>> {
-            self.inner.read_range(kind, name, offset, length)
-        }
-        fn read_range_streamed(
-            &self,
-            kind: crate::backend::FileKind,
-            name: &str,
-            offset: u64,
-            length: u64,
-            sink: &mut dyn FnMut(&[u8]),
-        ) -> crate::backend::Result<()> {
-            let bytes = self.inner.read_range(kind, name, offset, length)?;
-            let cut = self.fail_after.map_or(bytes.len(), |n| bytes.len().min(n as usize));
-            for piece in bytes[..cut].chunks(self.piece) {
-                sink(piece);
-            }
-            match cut < bytes.len() {
-                true => Err(crate::backend::BackendError {
-                    kind: crate::backend::ErrorKind::Transient,
-                    operation: "read",
-                    path: kind.path(name),
-                    location: self.location(),
-                    message: "the connection dropped".into(),
-                }),
-                false => Ok(()),
-            }
-        }
-        fn write(&self, kind: crate::backend::FileKind, name: &str, data: &[u8]) -> crate::backend::Result<()> {
-            self.inner.write(kind, name, data)
-        }
-        fn remove(&self, kind: crate::backend::FileKind, name: &str) -> crate::backend::Result<()> {
-            self.inner.remove(kind, name)
-        }
-    }
-
     #[test]
     fn blobs_received_in_pieces_are_handed_out_whole_and_a_read_cut_short_fails_only_what_it_lacked() {
         let dir = tempfile::tempdir().unwrap();
@@ -575,7 +512,7 @@ mod tests {
         // Pieces smaller than a blob, about one, and larger than several; then reads that drop
         // after 10,000 bytes: what they lacked is read again when taken.
         for (piece, fail_after) in [(7, None), (2999, None), (100_000, None), (1000, Some(10_000))] {
-            let backend = Dribble { inner: LocalBackend::new(dir.path()), piece, fail_after };
+            let backend = crate::backend::testing::Dribbling::new(dir.path(), piece, fail_after);
             let repo = Repository::open(Arc::new(backend), b"pass").unwrap();
             repo.load_index().unwrap();
             let taken = restore(&repo, &blobs, &files, 64 << 10);

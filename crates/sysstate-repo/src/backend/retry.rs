@@ -129,81 +129,21 @@ impl Backend for RetryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{BackendError, LocalBackend};
-    use std::sync::Mutex;
-
-    /// A directory whose streamed reads drop after `cut` bytes, `drops` times.
-    #[derive(Debug)]
-    struct Dropping {
-        inner: LocalBackend,
-        cut: u64,
-        drops: Mutex<u32>,
-        asked: Mutex<Vec<(u64, u64)>>,
-    }
-
-    impl Backend for Dropping {
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-        fn create(&self) -> Result<()> {
-            self.inner.create()
-        }
-        fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
-            self.inner.list(kind)
-        }
-        fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
-            self.inner.read(kind, name)
-        }
-        fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-            self.inner.read_range(kind, name, offset, length)
-        }
-        fn read_range_streamed(
-            &self,
-            kind: FileKind,
-            name: &str,
-            offset: u64,
-            length: u64,
-            sink: &mut dyn FnMut(&[u8]),
-        ) -> Result<()> {
-            self.asked.lock().unwrap().push((offset, length));
-            let bytes = self.inner.read_range(kind, name, offset, length)?;
-            let mut drops = self.drops.lock().unwrap();
-            if *drops > 0 && self.cut < length {
-                *drops -= 1;
-                sink(&bytes[..self.cut as usize]);
-                return Err(BackendError {
-                    kind: ErrorKind::Transient,
-                    operation: "read",
-                    path: kind.path(name),
-                    location: self.location(),
-                    message: "the connection dropped".into(),
-                });
-            }
-            sink(&bytes);
-            Ok(())
-        }
-        fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
-            self.inner.write(kind, name, data)
-        }
-        fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
-            self.inner.remove(kind, name)
-        }
-    }
+    use crate::backend::testing::Dribbling;
 
     #[test]
     fn a_streamed_read_that_drops_goes_on_from_the_first_byte_not_given() {
         let dir = tempfile::tempdir().unwrap();
-        let local = LocalBackend::new(dir.path());
-        local.create().unwrap();
+        let dribbling = Arc::new(Dribbling::new(dir.path(), usize::MAX, Some(1000)));
+        *dribbling.drops.lock().unwrap() = 2;
+        dribbling.create().unwrap();
         let data: Vec<u8> = (0..10_000u32).map(|n| (n * 7) as u8).collect();
-        local.write(FileKind::Pack, "ab", &data).unwrap();
-        let dropping =
-            Arc::new(Dropping { inner: local, cut: 1000, drops: Mutex::new(2), asked: Mutex::new(Vec::new()) });
-        let retry = RetryBackend::new(dropping.clone());
+        dribbling.write(FileKind::Pack, "ab", &data).unwrap();
+        let retry = RetryBackend::new(dribbling.clone());
         let mut got = Vec::new();
         retry.read_range_streamed(FileKind::Pack, "ab", 500, 9000, &mut |piece| got.extend_from_slice(piece)).unwrap();
         assert_eq!(got, data[500..9500]);
         // Each try again asked only for what was missing.
-        assert_eq!(*dropping.asked.lock().unwrap(), [(500, 9000), (1500, 8000), (2500, 7000)]);
+        assert_eq!(*dribbling.asked.lock().unwrap(), [(500, 9000), (1500, 8000), (2500, 7000)]);
     }
 }

@@ -24,6 +24,87 @@ pub fn conformance(backend: Arc<dyn Backend>) {
     }
 }
 
+/// A directory whose streamed reads come in pieces of `piece` bytes and, `drops` times, stop
+/// with a passing fault once `cut` bytes of a read are given (a dropped connection): what the
+/// tests of readers over a network need. It records each streamed read asked for.
+#[derive(Debug)]
+pub struct Dribbling {
+    /// Where the bytes are.
+    pub inner: super::LocalBackend,
+    /// The size of each piece given (at least 1).
+    pub piece: usize,
+    /// Where a read that drops stops.
+    pub cut: Option<u64>,
+    /// How many reads still drop.
+    pub drops: std::sync::Mutex<u32>,
+    /// (offset, length) of every streamed read, in order.
+    pub asked: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Dribbling {
+    /// Reads of `dir` in pieces of `piece` bytes, every one dropping after `cut` bytes.
+    pub fn new(dir: &std::path::Path, piece: usize, cut: Option<u64>) -> Dribbling {
+        let inner = super::LocalBackend::new(dir);
+        Dribbling { inner, piece, cut, drops: std::sync::Mutex::new(u32::MAX), asked: Default::default() }
+    }
+}
+
+impl Backend for Dribbling {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn create(&self) -> super::Result<()> {
+        self.inner.create()
+    }
+    fn list(&self, kind: FileKind) -> super::Result<Vec<(String, u64)>> {
+        self.inner.list(kind)
+    }
+    fn read(&self, kind: FileKind, name: &str) -> super::Result<Vec<u8>> {
+        self.inner.read(kind, name)
+    }
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> super::Result<Vec<u8>> {
+        self.inner.read_range(kind, name, offset, length)
+    }
+    fn read_range_streamed(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        length: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> super::Result<()> {
+        self.asked.lock().unwrap().push((offset, length));
+        let bytes = self.inner.read_range(kind, name, offset, length)?;
+        let mut drops = self.drops.lock().unwrap();
+        let cut = match self.cut {
+            Some(cut) if *drops > 0 && (cut as usize) < bytes.len() => {
+                *drops -= 1;
+                cut as usize
+            }
+            _ => bytes.len(),
+        };
+        for piece in bytes[..cut].chunks(self.piece) {
+            sink(piece);
+        }
+        if cut < bytes.len() {
+            return Err(super::BackendError {
+                kind: ErrorKind::Transient,
+                operation: "read",
+                path: kind.path(name),
+                location: self.location(),
+                message: "the connection dropped".into(),
+            });
+        }
+        Ok(())
+    }
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> super::Result<()> {
+        self.inner.write(kind, name, data)
+    }
+    fn remove(&self, kind: FileKind, name: &str) -> super::Result<()> {
+        self.inner.remove(kind, name)
+    }
+}
+
 const KINDS: [FileKind; 5] = [FileKind::Pack, FileKind::Index, FileKind::Version, FileKind::Key, FileKind::Lock];
 
 fn empty_place_lists_nothing(backend: &dyn Backend) {
@@ -39,6 +120,13 @@ fn written_bytes_read_back(backend: &dyn Backend) {
     assert_eq!(backend.read(FileKind::Pack, &name).unwrap(), data, "a pack reads back");
     assert_eq!(backend.read_range(FileKind::Pack, &name, 1000, 10).unwrap(), &data[1000..1010], "a range");
     assert_eq!(backend.read_range(FileKind::Pack, &name, 99_990, 10).unwrap(), &data[99_990..], "the last bytes");
+    let mut streamed = Vec::new();
+    backend
+        .read_range_streamed(FileKind::Pack, &name, 1000, 90_000, &mut |piece| streamed.extend_from_slice(piece))
+        .unwrap();
+    assert!(streamed == data[1000..91_000], "a range streamed holds the range's bytes");
+    let past_the_end = backend.read_range_streamed(FileKind::Pack, &name, 99_990, 20, &mut |_| {});
+    assert!(past_the_end.is_err(), "a range streamed past the end is an error");
     assert_eq!(backend.list(FileKind::Pack).unwrap(), vec![(name.clone(), data.len() as u64)], "listed with its size");
     // An empty file is a file.
     backend.write(FileKind::Index, "empty", b"").unwrap();
