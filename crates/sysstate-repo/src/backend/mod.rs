@@ -148,6 +148,15 @@ impl BackendError {
     }
 }
 
+/// [`Backend::read_range`] gathered from [`Backend::read_range_streamed`], for the backends
+/// whose reads stream. The room reserved up front is bounded: `length` may come from a
+/// damaged or hostile index.
+fn gather_range(backend: &dyn Backend, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(length.min(16 << 20) as usize);
+    backend.read_range_streamed(kind, name, offset, length, &mut |piece| bytes.extend_from_slice(piece))?;
+    Ok(bytes)
+}
+
 /// Result of backend operations.
 pub type Result<T> = std::result::Result<T, BackendError>;
 

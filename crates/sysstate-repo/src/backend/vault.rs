@@ -268,9 +268,7 @@ impl Backend for VaultBackend {
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-        let mut bytes = Vec::with_capacity(length as usize);
-        self.read_range_streamed(kind, name, offset, length, &mut |piece| bytes.extend_from_slice(piece))?;
-        Ok(bytes)
+        super::gather_range(self, kind, name, offset, length)
     }
 
     fn read_range_streamed(
