@@ -13,6 +13,7 @@ Garage (its credentials in its `storage.env`) and a new restic repository on the
     nothing-new   the same again, with nothing new
     restore       host A's version from the vault into a new ext4 filesystem, against
                   `restic restore` from Garage (the restored trees are compared with the corpus);
+                  each starts with the page cache dropped (see `timed`)
                   the vault has `direct-reads = true`: packs come from Garage at URLs it signs
     second-host   host B, registered with the same vault, backs up a near-identical tree (the
                   corpus with 2% of its files rewritten, 1% deleted, 1% added) to its own local
@@ -182,6 +183,13 @@ def one_round(binary, work, corpus, corpus_b, round_number, tag, logs):
 
     def timed(name, cmd, env):
         settle()
+        if name.startswith("restore"):
+            # With the page cache left as it is, the third 1.4 GB restore in a row took twice the
+            # system time of the first two (4.0 s → 9.6 s, measured by hand; with the cache
+            # dropped before each: 3.4–4.0 s each), so the tool that restored second in a round
+            # paid for the first. Each restore starts with an empty page cache.
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         m = harness.measure(cmd, env, log_path=logs / f"{name}.log")
         harness.log(f"   round {round_number} {name:22} {m.wall:7.2f} s {m.rss_kib / 1024:7.0f} MiB, {m.steal:4.0%} stolen")
         return m
