@@ -632,6 +632,16 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_that_read_the_clock_earlier_but_comes_later_loses() {
+        let (_dir, records) = records();
+        assert!(records.add_host("web1", &hash("a"), 20).unwrap());
+        // Its clock reading is the earlier, but the name was taken when it came.
+        assert!(!records.add_host("web1", &hash("b"), 10).unwrap(), "both registrations won");
+        let state = records.fresh().unwrap();
+        assert_eq!(state.host("web1").unwrap().token_hash, hash("a"), "the first host lost its name");
+    }
+
+    #[test]
     fn a_credentials_file_is_used_by_its_first_attempt_only() {
         let (_dir, records) = records();
         records.add_pending("s", &Pending { host: "web1".into(), made_ns: 1, expires_ns: 100 }).unwrap();
