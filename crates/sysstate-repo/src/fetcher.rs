@@ -524,6 +524,36 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_a_hostile_index_lays_over_one_already_opened_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, blobs) = repository(dir.path(), 10);
+        // Pieces of 7 bytes: the blob before it is opened, and its bytes let go, before the
+        // impostor's turn comes.
+        let backend = crate::backend::testing::Dribbling::new(dir.path(), 7, None);
+        let repo = Repository::open(Arc::new(backend), b"pass").unwrap();
+        repo.load_index().unwrap();
+        let real = repo.index().get(&blobs[3].0).unwrap();
+        let impostor = Id::from_hex(&"7a".repeat(32)).unwrap();
+        let entry = crate::pack::PackEntry { id: impostor, offset: real.entry.offset + 10, ..real.entry };
+        repo.index_add(&crate::index::IndexFile {
+            packs: vec![crate::index::IndexPack { pack: real.pack, blobs: vec![entry] }],
+            ..Default::default()
+        });
+        let fetcher = Fetcher::new(&repo, 1 << 20);
+        fetcher.announce(&[blobs[3].0, impostor, blobs[4].0]);
+        fetcher.start();
+        std::thread::scope(|scope| {
+            scope.spawn(|| fetcher.fetch());
+            assert_eq!(fetcher.blob(&blobs[3].0).unwrap(), blobs[3].1);
+            let error = fetcher.blob(&impostor).unwrap_err();
+            assert_eq!(error.code(), sysstate_types::ErrorCode::RepositoryCorrupt, "{error}");
+            assert!(error.to_string().contains(&impostor.short()), "{error}");
+            assert_eq!(fetcher.blob(&blobs[4].0).unwrap(), blobs[4].1);
+            fetcher.close();
+        });
+    }
+
+    #[test]
     fn a_blob_never_announced_or_damaged_is_read_the_ordinary_way_and_reported_so() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, blobs) = repository(dir.path(), 10);

@@ -43,9 +43,9 @@ pub struct RestoreOptions {
 }
 /// The most a restore from a remote repository fetches ahead of the files it writes (plaintext,
 /// counted from the start of each fetch). With reads streamed (a fetcher holds no whole
-/// request), 64 MiB restored the vault benchmark's tree from Garage in 5.1–5.4 s against
-/// 6.1–6.6 s with 32 MiB (writers waited for blobs in flight; the machine idled), at 200–220 MiB
-/// peak; 96 MiB was no faster and took 50 MiB more.
+/// request) and 16 MiB requests, 64 MiB restored the vault benchmark's tree from Garage in
+/// 5.1–5.6 s, against 6.1–6.6 s with 4 MiB requests and 32 MiB (writers waited for blobs in
+/// flight; the machine idled), at 200–220 MiB peak; 96 MiB was no faster and took 50 MiB more.
 const FETCH_AHEAD: u64 = 64 << 20;
 
 /// Counters of a restore.

@@ -157,6 +157,14 @@ fn gather_range(backend: &dyn Backend, kind: FileKind, name: &str, offset: u64, 
     Ok(bytes)
 }
 
+/// Hands `piece` to `sink`, but never more than `length` bytes in all (whatever a store
+/// answers); `given` counts what was handed.
+fn give(piece: &[u8], given: &mut u64, length: u64, sink: &mut dyn FnMut(&[u8])) {
+    let piece = &piece[..piece.len().min(length.saturating_sub(*given) as usize)];
+    *given += piece.len() as u64;
+    sink(piece);
+}
+
 /// Result of backend operations.
 pub type Result<T> = std::result::Result<T, BackendError>;
 
@@ -282,4 +290,16 @@ pub fn open_target_with(target: &str, settings: &[(String, String)]) -> Result<A
         Arc::new(LocalBackend::new(target))
     };
     Ok(Arc::new(RetryBackend::new(backend)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_that_answers_more_than_was_asked_gives_only_what_was_asked() {
+        let (mut given, mut got) = (0, Vec::new());
+        for piece in [&[1u8, 2, 3][..], &[4, 5, 6, 7], &[8, 9]] {
+            super::give(piece, &mut given, 5, &mut |bytes| got.extend_from_slice(bytes));
+        }
+        assert_eq!((given, got), (5, vec![1, 2, 3, 4, 5]));
+    }
 }

@@ -252,11 +252,9 @@ impl Backend for ObjectBackend {
             .block_on(async {
                 let mut pieces = self.store.get_opts(&path, options).await?.into_stream();
                 let mut given = 0u64;
-                while let Some(piece) = pieces.try_next().await? {
-                    // Never more than was asked for, whatever the store answers.
-                    let piece = &piece[..piece.len().min((length - given) as usize)];
-                    given += piece.len() as u64;
-                    sink(piece);
+                while given < length {
+                    let Some(piece) = pieces.try_next().await? else { break };
+                    super::give(&piece, &mut given, length, sink);
                 }
                 Ok(given)
             })

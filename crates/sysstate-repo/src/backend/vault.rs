@@ -199,17 +199,17 @@ impl VaultBackend {
         Err(error(kind_of, format!("the vault answered {status}: {message}")))
     }
 
-    /// [`respond`](Self::respond), and the whole body of the success.
+    /// [`respond`](Self::respond) to a request for a whole file (or none), and the whole body of
+    /// the success.
     fn send(
         &self,
         operation: &'static str,
         kind: FileKind,
         name: &str,
         request: reqwest::RequestBuilder,
-        range: Option<String>,
     ) -> Result<bytes::Bytes> {
         self.runtime.block_on(async {
-            let response = self.respond(operation, kind, name, request, range).await?;
+            let response = self.respond(operation, kind, name, request, None).await?;
             response.bytes().await.map_err(|e| self.failure(operation, kind, name, ErrorKind::Transient, describe(&e)))
         })
     }
@@ -253,7 +253,7 @@ impl Backend for VaultBackend {
     }
 
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
-        let body = self.send("list", kind, "", self.client.get(self.url(kind, None)), None)?;
+        let body = self.send("list", kind, "", self.client.get(self.url(kind, None)))?;
         serde_json::from_slice(&body).map_err(|e| BackendError {
             kind: ErrorKind::Permanent,
             operation: "list",
@@ -264,7 +264,7 @@ impl Backend for VaultBackend {
     }
 
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
-        Ok(Vec::from(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))), None)?))
+        Ok(Vec::from(self.send("read", kind, name, self.client.get(self.url(kind, Some(name))))?))
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
@@ -293,10 +293,7 @@ impl Backend for VaultBackend {
                     .await
                     .map_err(|e| self.failure("read", kind, name, ErrorKind::Transient, describe(&e)))?;
                 let Some(piece) = piece else { break };
-                // Never more than was asked for, whatever the answer holds.
-                let piece = &piece[..piece.len().min((length - given) as usize)];
-                given += piece.len() as u64;
-                sink(piece);
+                super::give(&piece, &mut given, length, sink);
             }
             Ok(given)
         })?;
@@ -312,11 +309,11 @@ impl Backend for VaultBackend {
     }
 
     fn write_shared(&self, kind: FileKind, name: &str, data: bytes::Bytes) -> Result<()> {
-        self.send("write", kind, name, self.client.put(self.url(kind, Some(name))).body(data), None).map(|_| ())
+        self.send("write", kind, name, self.client.put(self.url(kind, Some(name))).body(data)).map(|_| ())
     }
 
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
-        match self.send("remove", kind, name, self.client.delete(self.url(kind, Some(name))), None) {
+        match self.send("remove", kind, name, self.client.delete(self.url(kind, Some(name)))) {
             Err(error) if error.kind == ErrorKind::NotFound => Ok(()),
             other => other.map(|_| ()),
         }
