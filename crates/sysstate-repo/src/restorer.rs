@@ -429,20 +429,27 @@ fn make_dir(dir: &OwnedFd, name: &[u8]) -> std::io::Result<()> {
 }
 
 /// Creates the symlink, device or fifo `node` as `name` in `dir`, with its metadata.
-pub(crate) fn make_special(owners: bool, dir: &OwnedFd, name: &[u8], node: &Node) -> std::io::Result<()> {
-    clear(dir, name)?;
-    let name = OsStr::from_bytes(name);
+pub(crate) fn make_special(owners: bool, dir: &OwnedFd, name_bytes: &[u8], node: &Node) -> std::io::Result<()> {
+    let name = OsStr::from_bytes(name_bytes);
     let mode = Mode::from_raw_mode(node.mode & 0o777);
-    match &node.kind {
-        NodeKind::Symlink { target } => rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)?,
+    let make = || match &node.kind {
+        NodeKind::Symlink { target } => rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name),
         NodeKind::CharDevice { rdev } => {
-            rustix::fs::mknodat(dir, name, rustix::fs::FileType::CharacterDevice, mode, *rdev)?
+            rustix::fs::mknodat(dir, name, rustix::fs::FileType::CharacterDevice, mode, *rdev)
         }
         NodeKind::BlockDevice { rdev } => {
-            rustix::fs::mknodat(dir, name, rustix::fs::FileType::BlockDevice, mode, *rdev)?
+            rustix::fs::mknodat(dir, name, rustix::fs::FileType::BlockDevice, mode, *rdev)
         }
-        NodeKind::Fifo => rustix::fs::mknodat(dir, name, rustix::fs::FileType::Fifo, mode, 0)?,
+        NodeKind::Fifo => rustix::fs::mknodat(dir, name, rustix::fs::FileType::Fifo, mode, 0),
         NodeKind::File(_) | NodeKind::Dir { .. } => unreachable!("files and directories are made elsewhere"),
+    };
+    // Into an empty target the make succeeds at once; only an existing entry costs an unlink.
+    match make() {
+        Err(rustix::io::Errno::EXIST) => {
+            clear(dir, name_bytes)?;
+            make()?
+        }
+        other => other?,
     }
     // Set by name: symlinks must not be followed, and devices and fifos must not be opened
     // (opening a fifo blocks).
@@ -512,7 +519,9 @@ fn write_file_taking(
 ) -> std::io::Result<u64> {
     let name_os = OsStr::from_bytes(name);
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mode = Mode::from_raw_mode(0o600);
+    // Created with its permissions (less the umask; never the set-ID or sticky bits, which a
+    // change of owner would clear): most files then need no change of mode afterwards.
+    let mode = Mode::from_raw_mode(node.mode & 0o777);
     // Into an empty target the create succeeds at once; only an existing entry (restoring over
     // an earlier restore) costs an unlink.
     let fd = match rustix::fs::openat(dir, name_os, flags, mode) {
@@ -616,13 +625,21 @@ pub(crate) fn apply_metadata(owners: bool, target: Target<'_>, node: &Node) -> s
     };
     match target {
         Target::Fd(fd) => {
-            if owners {
+            // Each change of owner or mode is a journalled inode update; most files are created
+            // with the owner and mode they are to have (root's, with the version's permissions),
+            // and a look costs far less than setting them again.
+            let now = rustix::fs::fstat(fd)?;
+            if owners && (now.st_uid, now.st_gid) != (node.uid, node.gid) {
                 rustix::fs::fchown(fd, Some(uid), Some(gid))?;
             }
             for (name, value) in &node.xattrs {
                 set_xattr_fd(fd, name, value)?;
             }
-            rustix::fs::fchmod(fd, Mode::from_raw_mode(node.mode & 0o7777))?;
+            // An ACL set as an attribute rewrites the group bits, and a change of owner clears
+            // set-user-ID and set-group-ID bits: after either, the mode is set whatever it was.
+            if !node.xattrs.is_empty() || now.st_mode & 0o7777 != node.mode & 0o7777 {
+                rustix::fs::fchmod(fd, Mode::from_raw_mode(node.mode & 0o7777))?;
+            }
             rustix::fs::futimens(fd, &times)?;
         }
         Target::ByName(dir, name) => {
