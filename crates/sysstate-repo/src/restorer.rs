@@ -196,6 +196,7 @@ pub fn restore_tree(
             .map(|_| {
                 let (rx, shared) = (rx.clone(), &shared);
                 scope.spawn(move || {
+                    exact_modes_in_this_thread();
                     let mut cached: Option<(PathBuf, OwnedFd)> = None;
                     for job in rx {
                         for node in &job.nodes {
@@ -519,8 +520,8 @@ fn write_file_taking(
 ) -> std::io::Result<u64> {
     let name_os = OsStr::from_bytes(name);
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    // Created with its permissions (less the umask; never the set-ID or sticky bits, which a
-    // change of owner would clear): most files then need no change of mode afterwards.
+    // Created with its permissions (never the set-ID or sticky bits, which a change of owner
+    // would clear), in a thread whose umask is 0: most files need no change of mode after.
     let mode = Mode::from_raw_mode(node.mode & 0o777);
     // Into an empty target the create succeeds at once; only an existing entry (restoring over
     // an earlier restore) costs an unlink.
@@ -605,10 +606,21 @@ pub(crate) enum Target<'f> {
     ByName(std::os::fd::BorrowedFd<'f>, &'f OsStr),
 }
 
+/// Gives this thread its own umask, 0, in place of the process's 077: a file it creates with the
+/// version's permission bits has them, and needs no change of mode after (`apply_metadata`
+/// looks, so a thread that cannot have its own umask only changes more modes).
+fn exact_modes_in_this_thread() {
+    if rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
+        rustix::process::umask(Mode::empty());
+    }
+}
+
 /// Sets `node`'s owner (when `owners` and root), extended attributes, mode and times on `target`.
 pub(crate) fn apply_metadata(owners: bool, target: Target<'_>, node: &Node) -> std::io::Result<()> {
     use rustix::fs::{Gid, Timespec, Timestamps, Uid};
-    let is_root = rustix::process::geteuid().is_root();
+    // Asked once: a process's effective user does not change, and this runs for every entry.
+    static IS_ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let is_root = *IS_ROOT.get_or_init(|| rustix::process::geteuid().is_root());
     let owners = owners && is_root && node.uid != u32::MAX && node.gid != u32::MAX;
     // SAFETY: `u32::MAX` (the "do not change" value) was excluded above; any other value is a
     // valid id to pass to chown.
