@@ -70,5 +70,5 @@ pub fn log(priority: u8, message: &str, fields: &[(&str, &str)]) {
             return;
         }
     }
-    eprintln!("sysstate agent: {message}");
+    sysstate_engine::errln!("sysstate agent: {message}");
 }

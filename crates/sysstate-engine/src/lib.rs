@@ -26,4 +26,15 @@ pub mod system;
 pub mod vault;
 
 pub use error::{EngineError, Result};
+
+/// `eprintln!` that lets a stderr it cannot write go (a log file on a full disk, `2>/dev/full`,
+/// a journal that went away): the job's own outcome and exit code stand, instead of a panic
+/// about printing.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 pub use sysstate_types::ErrorCode;

@@ -142,7 +142,7 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
             }
         });
     }
-    eprintln!("sysstate vault: serving `{}` on https://{address} ({})", config.storage, config.url);
+    sysstate_engine::errln!("sysstate vault: serving `{}` on https://{address} ({})", config.storage, config.url);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     // The last reference is dropped after the runtime, not in it: an object store's client has a
     // runtime of its own, which may not be dropped in an asynchronous context (a vault on Garage
@@ -189,7 +189,7 @@ pub fn serve(dir: &Path) -> sysstate_engine::Result<()> {
     drop(vault);
     drop(stop_jobs);
     let _ = daily.join();
-    eprintln!("sysstate vault: stopped");
+    sysstate_engine::errln!("sysstate vault: stopped");
     Ok(())
 }
 
@@ -211,7 +211,11 @@ fn daily_jobs(
             use sysstate_engine::jobs::JobTrigger::Schedule;
             let said = |what: &str, ended: sysstate_engine::Result<()>| {
                 if let Err(error) = ended {
-                    eprintln!("sysstate vault: the {what} job failed: error[{}]: {}", error.code, error.message);
+                    sysstate_engine::errln!(
+                        "sysstate vault: the {what} job failed: error[{}]: {}",
+                        error.code,
+                        error.message
+                    );
                 }
             };
             said("retention", crate::apply_retention(&dir, false, Schedule).map(drop));

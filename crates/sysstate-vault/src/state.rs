@@ -420,7 +420,7 @@ impl Records {
         }
         let (state, damaged) = State::fold(&files);
         if !damaged.is_empty() {
-            eprintln!("sysstate vault: records that do not parse, skipped: {}", damaged.join(", "));
+            sysstate_engine::errln!("sysstate vault: records that do not parse, skipped: {}", damaged.join(", "));
         }
         cache.files = files;
         cache.state = Arc::new(state);

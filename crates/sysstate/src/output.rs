@@ -45,11 +45,11 @@ pub fn print_error(error: &EngineError, json: bool) {
 
 /// `error[code]: message`, then the cause and resolution lines, on stderr.
 pub fn print_error_text(error: &EngineError) {
-    eprintln!("error[{}]: {}", error.code, error.message);
-    eprintln!("  cause: {}", error.cause());
-    eprintln!("  resolution: {}", error.resolution());
+    sysstate_engine::errln!("error[{}]: {}", error.code, error.message);
+    sysstate_engine::errln!("  cause: {}", error.cause());
+    sysstate_engine::errln!("  resolution: {}", error.resolution());
     if let Some(note) = not_root_note(&error.message) {
-        eprintln!("  note: {note}");
+        sysstate_engine::errln!("  note: {note}");
     }
 }
 
@@ -141,8 +141,8 @@ impl Bar {
     /// Prints a line above the bar.
     pub fn println(&self, line: &str) {
         match &self.0 {
-            Some(bar) => bar.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(bar) => bar.suspend(|| sysstate_engine::errln!("{line}")),
+            None => sysstate_engine::errln!("{line}"),
         }
     }
 }

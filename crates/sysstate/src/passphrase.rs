@@ -96,7 +96,7 @@ fn prompt(text: &str) -> Result<Vec<u8>> {
 
 /// Tells where the random key of a new repository was kept, and that it must be kept safe.
 pub fn note_generated_key(target: &str, key: &Path) {
-    eprintln!(
+    sysstate_engine::errln!(
         "note: no passphrase was given, so the new repository at `{target}` is protected by a random key kept in `{}` (mode 0600). Keep a copy of that file somewhere safe: without it the backups cannot be read. It works as `--passphrase-file`.",
         key.display()
     );

@@ -138,7 +138,7 @@ pub fn cancel(context: &Context<'_>, id: &str) -> Result<Outcome> {
 pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcome> {
     let Some(client) = Client::find() else {
         if !context.cli.global.quiet {
-            eprintln!("note: no agent runs on this machine: backing up in this process");
+            sysstate_engine::errln!("note: no agent runs on this machine: backing up in this process");
         }
         return super::backup::backup(context, components, &[], 0, None);
     };
@@ -193,9 +193,9 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
     }
     let error = &record["error"];
     if let Some(code) = error["code"].as_str() {
-        eprintln!("error[{code}]: {}", error["message"].as_str().unwrap_or(""));
-        eprintln!("  cause: {}", error["cause"].as_str().unwrap_or(""));
-        eprintln!("  resolution: {}", error["resolution"].as_str().unwrap_or(""));
+        sysstate_engine::errln!("error[{code}]: {}", error["message"].as_str().unwrap_or(""));
+        sysstate_engine::errln!("  cause: {}", error["cause"].as_str().unwrap_or(""));
+        sysstate_engine::errln!("  resolution: {}", error["resolution"].as_str().unwrap_or(""));
     }
     Ok(match record["state"].as_str() {
         Some("succeeded") => Outcome::Success,

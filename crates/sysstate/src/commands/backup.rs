@@ -85,7 +85,7 @@ pub fn backup(
         ));
     }
     if !report.warnings.is_empty() && context.shows_text() {
-        eprintln!(
+        sysstate_engine::errln!(
             "{} entries could not be backed up (listed above); the version holds everything else",
             report.warnings.len()
         );

@@ -97,7 +97,7 @@ impl Context<'_> {
     /// Says that the repository was read without a lease, and why.
     fn note_unleased(&self, why: Option<&String>) {
         if let (Some(why), false) = (why, self.cli.global.quiet) {
-            eprintln!("note: read without a lease: {why}; a prune elsewhere could remove what is read");
+            sysstate_engine::errln!("note: read without a lease: {why}; a prune elsewhere could remove what is read");
         }
     }
 
@@ -119,7 +119,7 @@ impl Context<'_> {
         let passed_over = self.passed_over.clone();
         DamageHook(Arc::new(move |damaged| {
             passed_over.fetch_add(1, Ordering::Relaxed);
-            eprintln!("warning: {damaged}");
+            sysstate_engine::errln!("warning: {damaged}");
         }))
     }
 

@@ -61,14 +61,17 @@ pub fn restore(context: &Context<'_>, args: &RestoreArgs) -> Result<Outcome> {
     // What the repository could not give back is listed with --quiet too: it is the failure.
     if context.cli.global.quiet {
         for damaged in &report.damaged {
-            eprintln!("not restored: {}: {}", damaged.path, damaged.message);
+            sysstate_engine::errln!("not restored: {}: {}", damaged.path, damaged.message);
         }
     }
     if let Some(error) = failure {
         return Err(error);
     }
     if !report.warnings.is_empty() && context.shows_text() {
-        eprintln!("{} entries could not be restored (listed above); everything else was", report.warnings.len());
+        sysstate_engine::errln!(
+            "{} entries could not be restored (listed above); everything else was",
+            report.warnings.len()
+        );
     }
     Ok(context.warned(report.warnings.len()))
 }

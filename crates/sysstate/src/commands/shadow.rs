@@ -22,7 +22,7 @@ pub fn signal_trigger() -> ThawTrigger {
     let fired = trigger.clone();
     let _ = std::thread::Builder::new().name("sysstate-signals".into()).spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            eprintln!("sysstate: signal {signal}: thawing writers and stopping");
+            sysstate_engine::errln!("sysstate: signal {signal}: thawing writers and stopping");
             fired.fire(signal);
             fired.wait_thawed(std::time::Duration::from_secs(60));
             std::thread::sleep(std::time::Duration::from_secs(30));
@@ -203,7 +203,7 @@ pub fn storage(context: &Context<'_>, command: Option<&StorageCommand>) -> Resul
     if let Some(StorageCommand::Resize { for_volume, on, max_size }) = command {
         let setting = StorageSetting { for_volume: for_volume.clone(), on: on.clone(), max_size: max_size.clone() };
         for warning in shadow::resize(&state_dir, setting)? {
-            eprintln!("warning[shadow-storage-oldest-deleted]: {warning}");
+            sysstate_engine::errln!("warning[shadow-storage-oldest-deleted]: {warning}");
         }
         if !context.json() {
             crate::outln!("shadow storage for `{for_volume}` on `{on}`: max size {max_size}");

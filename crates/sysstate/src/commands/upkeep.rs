@@ -29,13 +29,13 @@ pub fn check(context: &Context<'_>, read_data: bool, sample: Option<&str>) -> Re
         return Ok(super::json_report(value, failure.as_ref(), Outcome::warned(report.warnings.len())));
     }
     for warning in &report.warnings {
-        eprintln!("warning: {warning}");
+        sysstate_engine::errln!("warning: {warning}");
     }
     for error in &report.errors {
-        eprintln!("damage: {error}");
+        sysstate_engine::errln!("damage: {error}");
     }
     for file in &report.damaged_files {
-        eprintln!("cannot be restored whole: {file}");
+        sysstate_engine::errln!("cannot be restored whole: {file}");
     }
     context.say(format!(
         "checked {} versions, {} packs, {} blobs{}: {}",
@@ -224,7 +224,7 @@ pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
     match &outcome {
         RepairOutcome::Index(report) => {
             for pack in &report.unreadable {
-                eprintln!("warning: the header of pack {pack}");
+                sysstate_engine::errln!("warning: the header of pack {pack}");
             }
             for stray in &report.strays {
                 context.say(format!("{} `{stray}` (not a repository file)", would("removed", "would remove")));
@@ -249,7 +249,7 @@ pub fn repair(context: &Context<'_>, part: &RepairCommand) -> Result<Outcome> {
                 context.say(format!("damaged pack {pack}"));
             }
             for file in &report.files_lacking {
-                eprintln!("lacks data: {file}");
+                sysstate_engine::errln!("lacks data: {file}");
             }
             context.say(format!(
                 "read {} packs ({}): {} damaged; {} intact blobs {}, {} blobs lost{}",
