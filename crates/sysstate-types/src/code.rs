@@ -124,7 +124,7 @@ error_codes! {
         cause: "no key of the repository opens with the passphrase given",
         resolution: "give the right passphrase through `SYSSTATE_PASSPHRASE`, `--passphrase-file` or the prompt";
     StateDirPermission = "state-dir-permission", 1040, Error,
-        cause: "the state directory is not owned by the service user, is open to others, or is not writable",
+        cause: "the state directory is not owned by the service user, is open to others, or is not writable; or its filesystem is full",
         resolution: "run `sysstate doctor --fix`, or set its owner to the service user and its mode to 0700";
     InvalidInput = "invalid-input", 1050, Error,
         cause: "a command-line argument or configuration value is not valid",

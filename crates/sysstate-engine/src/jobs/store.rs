@@ -65,8 +65,26 @@ fn now_ns() -> i64 {
 }
 
 fn db_error(path: &Path, error: rusqlite::Error) -> EngineError {
-    EngineError::new(ErrorCode::StateDirPermission, format!("the job database `{}`: {error}", path.display()))
-        .with_resolution("check that the state directory is writable by the service user (`sysstate doctor --fix`)")
+    // SQLite says "database or disk is full" when a page does not fit, but "disk I/O error" when
+    // its shared-memory index or log cannot grow: the filesystem's free space tells.
+    let full = matches!(error.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull))
+        || path.parent().and_then(|dir| rustix::fs::statvfs(dir).ok()).is_some_and(|fs| {
+            // Root may write into the blocks ext4 reserves; anyone else may not.
+            let blocks = if rustix::process::geteuid().is_root() { fs.f_bfree } else { fs.f_bavail };
+            blocks.saturating_mul(fs.f_frsize) < 1 << 20
+        });
+    let error =
+        EngineError::new(ErrorCode::StateDirPermission, format!("the job database `{}`: {error}", path.display()));
+    if full {
+        // Not a permission: the filesystem that holds it has no room to record the job.
+        let dir = path.parent().unwrap_or(path).display();
+        error.with_cause(format!("the filesystem holding the state directory `{dir}` is full")).with_resolution(format!(
+            "free space on that filesystem (`df -h {dir}`; `sysstate doctor` shows it as `state-dir.space`), then run the job again"
+        ))
+    } else {
+        error
+            .with_resolution("check that the state directory is writable by the service user (`sysstate doctor --fix`)")
+    }
 }
 
 /// The store.

@@ -259,6 +259,77 @@ fn a_closed_stdout_is_not_a_panic() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
 }
 
+/// Output to a full disk (`2>/dev/full`, or a log file on a full filesystem): the failure is
+/// still the job's, with its exit code and its job record, not a panic about printing (it
+/// exited 101 and the record said nothing of why).
+#[test]
+fn output_to_a_full_disk_is_not_a_panic() {
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 19);
+    sandbox.backup_data(&root);
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    // A failure, printed to a full stderr: the repository at the target is not there.
+    let output = sandbox
+        .command(&["restore", "--target", sandbox.path("nothing-here").to_str().unwrap(), "--to", "/tmp/x"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stdout));
+    // A success whose summary goes to a full stdout, its warnings to a full stderr.
+    let restored = sandbox.path("restored");
+    let output = sandbox
+        .command(&["restore", "--to", restored.to_str().unwrap(), "--json"])
+        .stdout(full())
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(restored.join("data").is_dir(), "the restore did not happen");
+}
+
+/// The state directory's filesystem is full: the job database cannot record the job. The
+/// code is the state directory's, but the message says full, not a permission, and the doctor
+/// shows the space.
+#[test]
+fn a_full_state_directory_is_called_full_not_a_permission() {
+    if !require("root (mount a small tmpfs)", is_root()) {
+        return;
+    }
+    let sandbox = Sandbox::new().with_data_component();
+    let root = sandbox.path("root");
+    make_tree(&root.join("data"), 3, 20);
+    let state = sandbox.path("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]).arg(&state).status();
+    assert!(mounted.unwrap().success(), "mount a tmpfs on the state directory");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    sandbox.backup_data(&root);
+    // Fill what is left, as a runaway log would.
+    let mut filler = std::fs::File::create(state.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[7u8; 65536]).is_ok() {}
+    drop(filler);
+    let output = sandbox.run(&["backup", "--root", root.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("error[state-dir-permission]") && stderr.contains("is full"), "{stderr}");
+    assert!(stderr.contains(&format!("df -h {}", state.display())), "{stderr}");
+    assert!(!stderr.contains("writable by the service user"), "{stderr}");
+    // The doctor sees the space.
+    let output = sandbox.run(&["doctor", "--no-validate", "--json"]);
+    let doctor: serde_json::Value = serde_json::from_slice(&output.stdout).expect("the doctor's report is JSON");
+    let space = doctor["checks"].as_array().unwrap().iter().find(|c| c["id"] == "state-dir.space");
+    assert!(space.is_some_and(|c| c["status"] != "ok"), "{doctor:#}");
+}
+
 /// An absurd `--threads` is refused with the limit, not a panic.
 #[test]
 fn too_many_threads_are_refused() {
