@@ -301,16 +301,7 @@ fn a_full_state_directory_is_called_full_not_a_permission() {
     let root = sandbox.path("root");
     make_tree(&root.join("data"), 3, 20);
     let state = sandbox.path("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]).arg(&state).status();
-    assert!(mounted.unwrap().success(), "mount a tmpfs on the state directory");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let _tmpfs = Tmpfs::mount(&state, "size=4m,mode=0700");
     sandbox.backup_data(&root);
     // Fill what is left, as a runaway log would.
     let mut filler = std::fs::File::create(state.join("filler")).unwrap();
