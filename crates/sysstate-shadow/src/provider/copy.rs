@@ -249,11 +249,11 @@ impl Copier<'_> {
         }
         self.dir_itself(relative, meta);
         let target = self.req.dest.join(relative);
-        let (names, entries) = live_entries(&source)?;
+        let names = live_names(&source)?;
         self.remove_gone(&target, &names)?;
-        for (name, live) in names.iter().zip(entries) {
-            let child = relative.join(name);
-            match live.metadata() {
+        for name in names {
+            let child = relative.join(&name);
+            match std::fs::symlink_metadata(self.req.root.join(&child)) {
                 Ok(child_meta) if self.same_dir(&child, &child_meta) => self.dir_itself(&child, child_meta),
                 Ok(child_meta) => self.entry(&child, child_meta)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -459,13 +459,13 @@ impl Copier<'_> {
                 std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
             }
             self.dirs.push((relative.to_path_buf(), meta));
-            let (names, entries) = live_entries(&source)?;
+            let names = live_names(&source)?;
             if existed {
                 self.remove_gone(&target, &names)?;
             }
-            for (name, live) in names.iter().zip(entries) {
-                let child = relative.join(name);
-                match live.metadata() {
+            for name in names {
+                let child = relative.join(&name);
+                match std::fs::symlink_metadata(self.req.root.join(&child)) {
                     Ok(child_meta) => self.entry(&child, child_meta)?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(CommitError::Io(ShadowError::io(self.req.root.join(&child), e))),
@@ -606,17 +606,14 @@ impl Copier<'_> {
     }
 }
 
-/// The names in the live folder `source`, sorted, and their entries in the same order. An
-/// entry's `metadata()` is looked up from the open folder (`statx` on the folder's descriptor
-/// and the name, not following it), not by walking its whole path again: a walk of every
-/// component was the most of a 2%-changed backup's lookups.
-fn live_entries(source: &Path) -> Result<(Vec<std::ffi::OsString>, Vec<std::fs::DirEntry>), CommitError> {
-    let mut entries: Vec<_> = std::fs::read_dir(source)
+/// The names in the live folder `source`, sorted.
+fn live_names(source: &Path) -> Result<Vec<std::ffi::OsString>, CommitError> {
+    let mut names: Vec<_> = std::fs::read_dir(source)
         .map_err(|e| CommitError::Io(ShadowError::io(source, e)))?
-        .filter_map(|e| e.ok().map(|e| (e.file_name(), e)))
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
         .collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Ok(entries.into_iter().unzip())
+    names.sort();
+    Ok(names)
 }
 
 /// How much of a file is copied between two looks at the stop flag: a signal stops the copy of
