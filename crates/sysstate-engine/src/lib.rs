@@ -26,10 +26,11 @@ pub mod system;
 pub mod vault;
 
 pub use error::{EngineError, Result};
+pub use sysstate_types::ErrorCode;
 
 /// `eprintln!` that lets a stderr it cannot write go (a log file on a full disk, `2>/dev/full`,
 /// a journal that went away): the job's own outcome and exit code stand, instead of a panic
-/// about printing.
+/// about printing. The stderr twin of the binary's `outln!`.
 #[macro_export]
 macro_rules! errln {
     ($($arg:tt)*) => {{
@@ -37,4 +38,3 @@ macro_rules! errln {
         let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
 }
-pub use sysstate_types::ErrorCode;

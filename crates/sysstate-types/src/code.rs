@@ -125,7 +125,7 @@ error_codes! {
         resolution: "give the right passphrase through `SYSSTATE_PASSPHRASE`, `--passphrase-file` or the prompt";
     StateDirPermission = "state-dir-permission", 1040, Error,
         cause: "the state directory is not owned by the service user, is open to others, or is not writable; or its filesystem is full",
-        resolution: "run `sysstate doctor --fix`, or set its owner to the service user and its mode to 0700";
+        resolution: "run `sysstate doctor --fix`, or set its owner to the service user and its mode to 0700; if its filesystem is full, free space on it";
     InvalidInput = "invalid-input", 1050, Error,
         cause: "a command-line argument or configuration value is not valid",
         resolution: "correct the argument or configuration key named in the message";
