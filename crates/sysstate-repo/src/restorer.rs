@@ -647,9 +647,12 @@ pub(crate) fn apply_metadata(owners: bool, target: Target<'_>, node: &Node) -> s
             for (name, value) in &node.xattrs {
                 set_xattr_fd(fd, name, value)?;
             }
-            // An ACL set as an attribute rewrites the group bits, and a change of owner clears
-            // set-user-ID and set-group-ID bits: after either, the mode is set whatever it was.
-            if !node.xattrs.is_empty() || now.st_mode & 0o7777 != node.mode & 0o7777 {
+            // An access ACL set as an attribute rewrites the permission bits: after one, the mode
+            // is set whatever it was. (Set-ID bits, which a change of owner clears, are never
+            // given at the create, so the look before it stands.) Other attributes — SELinux
+            // labels, capabilities — leave the mode alone.
+            let acl = node.xattrs.iter().any(|(name, _)| name.as_slice() == b"system.posix_acl_access");
+            if acl || now.st_mode & 0o7777 != node.mode & 0o7777 {
                 rustix::fs::fchmod(fd, Mode::from_raw_mode(node.mode & 0o7777))?;
             }
             rustix::fs::futimens(fd, &times)?;
