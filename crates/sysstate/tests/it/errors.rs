@@ -271,12 +271,19 @@ fn output_to_a_full_disk_is_not_a_panic() {
     let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
     // A failure, printed to a full stderr: the repository at the target is not there.
     let output = sandbox
-        .command(&["restore", "--target", sandbox.path("nothing-here").to_str().unwrap(), "--to", "/tmp/x"])
+        .command(&[
+            "restore",
+            "--target",
+            sandbox.path("nothing-here").to_str().unwrap(),
+            "--to",
+            sandbox.path("unused").to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(full())
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stdout));
+    assert_job_failed(&sandbox, "target-unavailable");
     // A success whose summary goes to a full stdout, its warnings to a full stderr.
     let restored = sandbox.path("restored");
     let output = sandbox
