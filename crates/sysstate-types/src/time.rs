@@ -14,6 +14,13 @@ pub fn format_utc(ns: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Formats nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC, milliseconds):
+/// for logs, where the steps of a job that take less than a second are told apart.
+pub fn format_utc_ms(ns: i64) -> String {
+    let whole = format_utc(ns);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ns.rem_euclid(1_000_000_000) / 1_000_000)
+}
+
 /// `45 s`, `3 min 20 s`, `2 h 5 min`: a duration as people read it.
 pub fn format_duration_s(seconds: u64) -> String {
     match seconds {
@@ -73,6 +80,8 @@ mod tests {
         assert_eq!(parse_utc("2026-11-18T11:06:40Z"), Some(1_795_000_000 * 1_000_000_000));
         assert_eq!(parse_utc("2024-02-29"), Some(days_from_civil(2024, 2, 29) * 86_400 * 1_000_000_000));
         assert_eq!(parse_utc("2024-13-01"), None);
+        assert_eq!(format_utc_ms(1_795_000_000 * 1_000_000_000 + 7_999_999), "2026-11-18T11:06:40.007Z");
+        assert_eq!(format_utc_ms(-1), "1969-12-31T23:59:59.999Z");
         for day in [-1000, 0, 59, 60, 365, 10_957, 20_000, 100_000] {
             let (y, m, d) = civil_from_days(day);
             assert_eq!(days_from_civil(y, m, d), day);

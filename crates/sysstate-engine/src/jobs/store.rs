@@ -273,7 +273,7 @@ impl JobStore {
         use std::io::Write;
         let path = self.state_dir.join("logs").join(format!("{job}.log"));
         if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(file, "{} {line}", sysstate_types::time::format_utc(now_ns()));
+            let _ = writeln!(file, "{} {line}", sysstate_types::time::format_utc_ms(now_ns()));
         }
     }
 
