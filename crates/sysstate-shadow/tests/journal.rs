@@ -342,6 +342,10 @@ fn shown(live: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
 /// One round: the journal starts (and `flood` files are made and removed at once), the base copy
 /// is refreshed while `before` operations run beside it, `after` runs, then in the "freeze"
 /// the commit looks at what the journal named. Returns whether the journal was trusted.
+/// Entries copied before the freeze as they changed that the journal did not name after, and
+/// that the commit therefore kept: the rounds must meet some, or they do not test keeping them.
+static UNSETTLED_KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn round(
     workload: &mut Workload,
     live: &Path,
@@ -398,7 +402,7 @@ fn round(
     };
     after(workload);
     // The freeze: what the journal saw, the files mapped for writing now.
-    let settled = precopy.settled_origins();
+    let mut settled = precopy.settled_origins();
     let changes = journal.take();
     let trusted = matches!(changes, Changes::Seen(_)) || !base_made;
     let (changed, mut forced, relinked) = match changes {
@@ -406,7 +410,18 @@ fn round(
         Changes::Doubt(_) => (None, Vec::new(), Vec::new()),
     };
     forced.extend(shown(live, &journal::mapped_for_writing(&[live.to_path_buf()])));
-    forced.extend(precopy.unsettled.iter().cloned());
+    // As the coordinator does: with the journal, what the copy before copied as it changed is
+    // copied again only where the journal named it since; walking, all of it.
+    match &changed {
+        Some(named) => {
+            let unsettled = precopy.unsettled_origins();
+            let count = unsettled.len();
+            let again = sysstate_shadow::provider::settle_by_journal(unsettled, named, &mut settled);
+            UNSETTLED_KEPT.fetch_add(count - again.len(), Ordering::SeqCst);
+            forced.extend(again);
+        }
+        None => forced.extend(precopy.unsettled.iter().cloned()),
+    }
     let settled = base_made.then_some(&settled);
     let commit = provider
         .commit(&request(live, &paths, base, &stop, settled, changed.as_deref(), &forced, &relinked, &precopy.copied))
@@ -477,6 +492,9 @@ fn a_commit_guided_by_the_journal_is_the_commit_a_full_walk_makes() {
         assert!(trusted, "round {round_number}: the journal doubted without a cause");
         operations += 300;
     }
+    let kept = UNSETTLED_KEPT.load(Ordering::SeqCst);
+    eprintln!("{kept} entries copied as they changed were kept by the journal's word");
+    assert!(kept > 0, "no round kept an entry copied as it changed: that path went untested");
     drop(early);
     // Doubt provoked: the kernel's queue overflows (nobody reads it while 20,000 events come),
     // then the journal's own bound is passed. The walk that follows is right too.

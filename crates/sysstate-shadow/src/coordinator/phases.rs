@@ -69,6 +69,10 @@ struct Group<'a> {
     previous: Option<provider::Origins>,
     /// What the copy before the freeze made.
     precopy: Option<Commit>,
+    /// The live identities of the entries the copy before the freeze copied as they changed
+    /// (its `unsettled`), left out of `previous`: a commit that follows the journal keeps
+    /// those the journal did not name since, and copies the others again.
+    unsettled: Vec<(PathBuf, provider::Origin)>,
     /// The directories the change journal saw change since the copy before the freeze began
     /// (absolute, as seen from the root): the commit looks at those only.
     changed: Option<Vec<PathBuf>>,
@@ -302,6 +306,7 @@ impl Run<'_> {
                     base_provider: base_meta.map(|c| c.provider),
                     previous,
                     precopy: None,
+                    unsettled: Vec::new(),
                     changed: None,
                     forced: Vec::new(),
                     relinked: Vec::new(),
@@ -358,6 +363,7 @@ impl Run<'_> {
                         group.forced.clear();
                         let mut copy = copy;
                         group.devices = copy.origins.values().map(|o| o.device).collect();
+                        group.unsettled = copy.unsettled_origins();
                         group.previous = Some(copy.take_settled_origins());
                         group.precopy = Some(copy);
                     }
@@ -375,6 +381,7 @@ impl Run<'_> {
                         group.changed = None;
                         group.forced.clear();
                         group.previous = None;
+                        group.unsettled.clear();
                         let _ = group.storage.delete(self.copy_id);
                     }
                 }
@@ -594,9 +601,13 @@ impl Run<'_> {
                 }
                 _ => continue,
             };
-            group.changed = Some(shown_under(&root, &changed.dirs, group.paths));
+            let named = shown_under(&root, &changed.dirs, group.paths);
+            if let Some(previous) = &mut group.previous {
+                let unsettled = std::mem::take(&mut group.unsettled);
+                group.forced.extend(provider::settle_by_journal(unsettled, &named, previous));
+            }
+            group.changed = Some(named);
             group.relinked = changed.relinked.clone();
-            group.forced.extend(group.precopy.iter().flat_map(|c| c.unsettled.iter().cloned()));
             group.forced.extend(shown_under(&root, &changed.written, group.paths));
         }
     }

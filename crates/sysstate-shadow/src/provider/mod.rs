@@ -193,6 +193,31 @@ impl Commit {
     pub fn settled_origins(&self) -> Origins {
         without(Arc::clone(&self.origins), &self.unsettled)
     }
+
+    /// The live identities of the [`unsettled`](Self::unsettled) entries, which the settled
+    /// origins leave out: for [`settle_by_journal`].
+    pub fn unsettled_origins(&self) -> Vec<(PathBuf, Origin)> {
+        self.unsettled.iter().filter_map(|path| Some((path.clone(), self.origins.get(path)?.clone()))).collect()
+    }
+}
+
+/// For a commit that follows the change journal, what becomes of the entries the copy before
+/// it copied as they changed (`unsettled`, with their live identities then): a change since, in
+/// the tick they were copied in, may not show in their times, but the journal names their
+/// folder (or the entry itself, for a folder's own change). Those it named (`named`: folders,
+/// as seen from the root) are returned, to be copied again whatever their metadata says; the
+/// others are as they were copied, and go back into `previous` to be kept.
+pub fn settle_by_journal(unsettled: Vec<(PathBuf, Origin)>, named: &[PathBuf], previous: &mut Origins) -> Vec<PathBuf> {
+    let named: std::collections::HashSet<&Path> = named.iter().map(PathBuf::as_path).collect();
+    let mut again = Vec::new();
+    for (path, origin) in unsettled {
+        if named.contains(path.as_path()) || path.parent().is_some_and(|parent| named.contains(parent)) {
+            again.push(path);
+        } else {
+            Arc::make_mut(previous).insert(path, origin);
+        }
+    }
+    again
 }
 
 /// `origins` but `paths` (copied only when one of them is in it).
