@@ -10,7 +10,7 @@ For each filesystem: a loop device with the `system` corpus of bench/run (about 
 files), then in each round, for restic, `sysstate backup` (a command: it walks) and `sysstate
 backup --now` (the agent's backup, read through its journal): a backup with nothing changed,
 and one after the realistic change of bench/run (2% rewritten, 1% deleted, 1% added; undone
-after). The first backups come before the rounds (with `--first-rounds N`, N of them, each from
+after, and the undone tree backed up untimed by each tool, so that each round's change is 2%). The first backups come before the rounds (with `--first-rounds N`, N of them, each from
 nothing — repositories, state and shadow storage removed, the agent started again — and each
 tool going first in turn). Reports medians of wall time (the whole
 command: for the agent, the client that asks it and follows the job), their ratio to restic's,
@@ -198,6 +198,10 @@ def bench_fs(kind, args, work, name=None, make=None, phases=("first", "nochange"
                     if change:
                         change.undo()
                         time.sleep(2.2)  # the undone files settle too
+                        # Each tool backs up the undone tree, untimed: the next round's change
+                        # is then the 2% of its phase, not that and the undoing of this one.
+                        for name, backup, tool in tools:
+                            backup()
         finally:
             agent.terminate()
             agent.wait()
