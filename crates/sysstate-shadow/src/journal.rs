@@ -7,8 +7,11 @@
 //! written, truncated or closed after writing, an owner, mode, time or extended attribute
 //! changed. A thread reads the events as they come and keeps the set of directories they
 //! named, as file handles (a directory keeps its handle when it moves; its path is looked up
-//! when the set is taken). Memory is bounded: past [`JournalOptions::max_dirs`] directories the
-//! journal stops counting and says so.
+//! when the set is taken), and for each the names of the entries that changed in it, so that
+//! a reader looks at those entries only ([`Changed::names`]). Memory is bounded: past
+//! [`JournalOptions::max_dirs`] directories the journal stops counting and says so; past
+//! [`MAX_NAMES_PER_DIR`] names in one directory, or [`MAX_NAMES`] in all, a directory is kept
+//! without its names and read whole.
 //!
 //! A file's link count changes when a name of it is made or removed in another directory, and
 //! the kernel then reports the file itself, with no directory (`FAN_REPORT_FID`): the journal
@@ -53,6 +56,14 @@ const POLL_MS: i32 = 100;
 /// journal doubts.
 const BATCH: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The most entry names the journal keeps for one directory; past it the directory is read
+/// whole (every entry looked at), as one whose names are not known.
+pub const MAX_NAMES_PER_DIR: usize = 4096;
+
+/// The most entry names the journal keeps in all (a few megabytes); past it, each directory
+/// that gets another name is kept without its names.
+pub const MAX_NAMES: usize = 262_144;
+
 /// The fixed part of an event (`struct fanotify_event_metadata`).
 const METADATA_LEN: usize = 24;
 
@@ -89,6 +100,11 @@ pub struct Changed {
     /// or an entry's metadata, or the directory's own), by their path now, sorted; directories
     /// that no longer exist are left out (their parents are named).
     pub dirs: Vec<PathBuf>,
+    /// For the directories of `dirs` whose changes all named an entry in them: those entries'
+    /// names, sorted (empty when only the directory itself changed). A directory of `dirs` that
+    /// is not here changed in a way that named no entry, or in too many: every entry in it is
+    /// looked at.
+    pub names: EntryNames,
     /// Files closed after writing (by their path now, sorted): a file written through a shared
     /// mapping made before the journal started may show no other sign, not even in its times.
     pub written: Vec<PathBuf>,
@@ -98,6 +114,10 @@ pub struct Changed {
     /// directories: those names must be looked at again.
     pub relinked: Vec<(u64, u64)>,
 }
+
+/// Directories (absolute paths) and the names of the entries in them that changed: see
+/// [`Changed::names`].
+pub type EntryNames = std::collections::HashMap<PathBuf, Vec<std::ffi::OsString>>;
 
 /// A filesystem the journal watches.
 struct Watched {
@@ -115,8 +135,11 @@ type DirKey = ([i32; 2], i32, Vec<u8>);
 /// What the reader gathered.
 #[derive(Default)]
 struct Gathered {
-    /// Directories named by events: (fsid, handle type, handle bytes).
-    dirs: HashSet<DirKey>,
+    /// Directories named by events: (fsid, handle type, handle bytes), with the names of the
+    /// entries the events named in each (`None`: read whole).
+    dirs: std::collections::HashMap<DirKey, Option<HashSet<Vec<u8>>>>,
+    /// How many names `dirs` holds.
+    names: usize,
     /// Files closed after writing: their directory and name.
     written: HashSet<(DirKey, Vec<u8>)>,
     /// Files reported without a directory because their link count changed: (fsid, handle
@@ -264,8 +287,14 @@ impl Journal {
         }
         let mut resolved: std::collections::HashMap<&DirKey, Option<PathBuf>> = Default::default();
         let mut dirs = Vec::with_capacity(taken.dirs.len());
-        for key in &taken.dirs {
+        let mut names = EntryNames::new();
+        for (key, named) in &taken.dirs {
             let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
+            if let (Some(path), Some(named)) = (&path, named) {
+                let mut named: Vec<_> = named.iter().map(|n| std::ffi::OsStr::from_bytes(n).to_os_string()).collect();
+                named.sort();
+                names.insert(path.clone(), named);
+            }
             dirs.extend(path.clone());
             resolved.insert(key, path);
         }
@@ -289,7 +318,7 @@ impl Journal {
         written.sort();
         relinked.sort();
         relinked.dedup();
-        Changes::Seen(Changed { dirs, written, relinked })
+        Changes::Seen(Changed { dirs, names, written, relinked })
     }
 
     /// The entry with this handle (`O_PATH`, with `flags`); `None` when it was deleted.
@@ -439,15 +468,28 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
                 continue;
             }
             let key = (fsid, handle_type, handle.to_vec());
-            if mask & libc::FAN_CLOSE_WRITE != 0 && mask & libc::FAN_ONDIR == 0 {
-                // The name, NUL-terminated, follows the handle.
-                let name = &record[(20 + handle_bytes).min(record.len())..];
-                let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-                if !name.is_empty() && name != b"." {
-                    gathered.written.insert((key.clone(), name.to_vec()));
+            // The name, NUL-terminated, follows the handle (none, or `.`: the directory itself).
+            let name = match info_type {
+                libc::FAN_EVENT_INFO_TYPE_DFID_NAME => {
+                    let name = &record[(20 + handle_bytes).min(record.len())..];
+                    &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())]
+                }
+                _ => &[],
+            };
+            let entry = !name.is_empty() && name != b".";
+            if entry && mask & libc::FAN_CLOSE_WRITE != 0 && mask & libc::FAN_ONDIR == 0 {
+                gathered.written.insert((key.clone(), name.to_vec()));
+            }
+            let total = gathered.names;
+            let named = gathered.dirs.entry(key).or_insert_with(|| Some(HashSet::new()));
+            if let Some(names) = named.as_mut().filter(|_| entry) {
+                if names.len() >= MAX_NAMES_PER_DIR || total >= MAX_NAMES {
+                    gathered.names -= names.len();
+                    *named = None;
+                } else if names.insert(name.to_vec()) {
+                    gathered.names += 1;
                 }
             }
-            gathered.dirs.insert(key);
         }
         // A file reported alone: its link count changed (`FAN_ATTRIB`: a name of it made or
         // removed elsewhere), or it was deleted or moved (its directories are named by their
@@ -478,6 +520,7 @@ fn full(gathered: &mut Gathered, max_dirs: usize) -> bool {
     if gathered.dirs.len() + gathered.written.len() + gathered.relinked.len() >= max_dirs {
         gathered.doubt = Some(format!("more than {max_dirs} directories and files changed"));
         gathered.dirs.clear();
+        gathered.names = 0;
         gathered.written.clear();
         gathered.relinked.clear();
         return true;
@@ -551,6 +594,38 @@ mod tests {
         std::fs::write(root.join("c/e/new"), "x").unwrap();
         let changed = dirs(journal.take());
         assert_eq!(changed.iter().filter(|p| p.starts_with(&root)).collect::<Vec<_>>(), [&root.join("c/e")]);
+    }
+
+    #[test]
+    fn the_journal_names_the_entries_that_changed_in_each_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["a", "b", "many"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        for f in ["a/kept", "a/written", "a/gone", "b/moved"] {
+            std::fs::write(root.join(f), "one").unwrap();
+        }
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        std::fs::write(root.join("a/written"), "two").unwrap();
+        std::fs::remove_file(root.join("a/gone")).unwrap();
+        std::fs::rename(root.join("b/moved"), root.join("a/arrived")).unwrap();
+        std::fs::set_permissions(root.join("b"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        // More names in one folder than the journal keeps: it is read whole.
+        for i in 0..=MAX_NAMES_PER_DIR {
+            std::fs::File::create(root.join(format!("many/{i}"))).unwrap();
+        }
+        let Changes::Seen(changed) = journal.take() else { panic!("the journal doubts") };
+        let names = |dir: &str| changed.names.get(&root.join(dir)).cloned();
+        assert_eq!(names("a"), Some(vec!["arrived".into(), "gone".into(), "written".into()]), "{:?}", changed.names);
+        assert_eq!(names("b"), Some(vec!["moved".into()]));
+        // b's own mode: named as an entry of the root, or as b itself (no name).
+        assert!(
+            names("").is_some_and(|n| n.contains(&"b".into())) || changed.dirs.contains(&root.join("b")),
+            "{:?}",
+            changed.names
+        );
+        assert!(changed.dirs.contains(&root.join("many")) && names("many").is_none(), "{:?}", changed.dirs);
     }
 
     #[test]

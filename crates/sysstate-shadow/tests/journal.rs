@@ -328,6 +328,7 @@ fn request<'a>(
         previous,
         skip: &[],
         changed,
+        names: None,
         forced,
         relinked,
         again,
@@ -405,9 +406,16 @@ fn round(
     let mut settled = precopy.settled_origins();
     let changes = journal.take();
     let trusted = matches!(changes, Changes::Seen(_)) || !base_made;
-    let (changed, mut forced, relinked) = match changes {
-        Changes::Seen(seen) => (Some(shown(live, &seen.dirs)), shown(live, &seen.written), seen.relinked),
-        Changes::Doubt(_) => (None, Vec::new(), Vec::new()),
+    let (changed, names, mut forced, relinked) = match changes {
+        Changes::Seen(seen) => {
+            let names: sysstate_shadow::journal::EntryNames = seen
+                .names
+                .iter()
+                .filter_map(|(dir, names)| Some((Path::new("/").join(dir.strip_prefix(live).ok()?), names.clone())))
+                .collect();
+            (Some(shown(live, &seen.dirs)), Some(names), shown(live, &seen.written), seen.relinked)
+        }
+        Changes::Doubt(_) => (None, None, Vec::new(), Vec::new()),
     };
     forced.extend(shown(live, &journal::mapped_for_writing(&[live.to_path_buf()])));
     // As the coordinator does: with the journal, what the copy before copied as it changed is
@@ -424,7 +432,10 @@ fn round(
     }
     let settled = base_made.then_some(&settled);
     let commit = provider
-        .commit(&request(live, &paths, base, &stop, settled, changed.as_deref(), &forced, &relinked, &precopy.copied))
+        .commit(&CommitRequest {
+            names: names.as_ref(),
+            ..request(live, &paths, base, &stop, settled, changed.as_deref(), &forced, &relinked, &precopy.copied)
+        })
         .unwrap();
     // A full copy of the same moment.
     let reference_dir = base.with_file_name("reference");

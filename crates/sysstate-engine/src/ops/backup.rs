@@ -367,7 +367,8 @@ fn journal_walk(
     if !journal.whole.is_empty() {
         record["read-whole"] = serde_json::json!(journal.whole);
     }
-    (Some(sysstate_repo::archiver::Journaled { dirs, whole: journal.whole.clone() }), record, parent_id)
+    let names = journal.names.clone();
+    (Some(sysstate_repo::archiver::Journaled { dirs, whole: journal.whole.clone(), names }), record, parent_id)
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

@@ -91,6 +91,11 @@ pub struct Journaled {
     /// Paths the journal does not cover (a volume copied by snapshot, or not watched): every
     /// entry below them is looked at.
     pub whole: Vec<PathBuf>,
+    /// For directories of `dirs` whose every change named an entry in them: those entries'
+    /// names, sorted. The other entries of such a directory are the parent version's, when it
+    /// is the directory the parent version holds there; a directory of `dirs` not here is read
+    /// whole.
+    pub names: std::collections::HashMap<PathBuf, Vec<std::ffi::OsString>>,
 }
 
 impl Journaled {

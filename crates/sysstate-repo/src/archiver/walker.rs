@@ -172,7 +172,7 @@ impl<S: Source> Walker<'_, '_, S> {
         parent: Option<&Tree>,
     ) -> Result<Subtree> {
         if let Some(exclude) = &selection.whole {
-            return self.whole_dir(&dir, shown, exclude.as_ref(), parent, Some(selection));
+            return self.whole_dir(&dir, shown, exclude.as_ref(), parent, Some(selection), false);
         }
         let mut pending = Vec::new();
         for (name, child) in &selection.children {
@@ -212,7 +212,10 @@ impl<S: Source> Walker<'_, '_, S> {
     }
 
     /// A directory selected whole. `selection` holds paths selected again inside it (another
-    /// component's), which its excludes do not apply to.
+    /// component's), which its excludes do not apply to. `same` says that `parent` is this
+    /// directory's tree in the parent version (the same device and inode): then, where the
+    /// change journal named the entries that changed in it, the others are taken from `parent`
+    /// without looking at them.
     fn whole_dir(
         &mut self,
         dir: &S::Place,
@@ -220,6 +223,7 @@ impl<S: Source> Walker<'_, '_, S> {
         exclude: Option<&GlobSet>,
         parent: Option<&Tree>,
         selection: Option<&SelectionNode>,
+        same: bool,
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
         let mut entries = self.source.list(dir).unwrap_or_else(|error| {
@@ -236,6 +240,7 @@ impl<S: Source> Walker<'_, '_, S> {
             }
         }
         entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let named = self.changed.filter(|_| same).and_then(|changed| changed.names.get(shown));
         let mut pending = Vec::with_capacity(entries.len());
         let mut found_nested = std::collections::HashSet::new();
         for name in entries {
@@ -252,6 +257,14 @@ impl<S: Source> Walker<'_, '_, S> {
                 }
             }
             let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
+            if let (Some(named), Some(parent_node), None) = (named, parent_node, nested) {
+                if named.binary_search(&name).is_err() {
+                    if let Some(reused) = self.not_named(&shown_child, parent_node)? {
+                        pending.push(reused);
+                        continue;
+                    }
+                }
+            }
             let at = nested.and_then(|n| n.source.as_deref());
             let trusted = parent_node.filter(|p| self.trusted(p));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
@@ -301,6 +314,33 @@ impl<S: Source> Walker<'_, '_, S> {
         self.shared.progress.file_done(counts.bytes);
         self.reused += 1;
         Ok(Some(*subtree))
+    }
+
+    /// An entry of a directory the journal named by entries, not named itself: unchanged since
+    /// the parent version was read, which holds it as it is. A folder is taken so only when
+    /// nothing at or below it was named either (`None`: it is looked at).
+    fn not_named(&mut self, shown: &Path, parent: &Node) -> Result<Option<Pending>> {
+        match &parent.kind {
+            NodeKind::Dir { subtree } => {
+                if !self.changed.is_some_and(|changed| changed.untouched(shown)) {
+                    return Ok(None);
+                }
+                let counts = self.counts.of(self.shared.repo, subtree)?;
+                self.stats.dirs += counts.dirs + 1;
+                self.stats.files += counts.files;
+                self.stats.others += counts.others;
+                self.stats.bytes_total += counts.bytes;
+                self.shared.progress.file_done(counts.bytes);
+                self.reused += 1;
+            }
+            NodeKind::File(_) => {
+                self.stats.files += 1;
+                self.stats.bytes_total += parent.size;
+                self.shared.progress.file_done(parent.size);
+            }
+            _ => self.stats.others += 1,
+        }
+        Ok(Some(Pending::Ready(parent.clone())))
     }
 
     /// True when the parent version's entry changed well before the parent's point in time, so
@@ -367,8 +407,9 @@ impl<S: Source> Walker<'_, '_, S> {
                 self.stats.dirs += 1;
                 return Ok(Some(Pending::Ready(node)));
             }
+            let same = parent_node.is_some_and(|p| (p.device, p.inode) == (node.device, node.inode));
             let subtree = self.load_parent_subtree(parent_node);
-            let subtree = self.whole_dir(&place, shown, exclude, subtree.as_ref(), selection)?;
+            let subtree = self.whole_dir(&place, shown, exclude, subtree.as_ref(), selection, same)?;
             self.stats.dirs += 1;
             return Ok(Some(subtree.entry(node)));
         }

@@ -65,6 +65,7 @@ pub(super) fn apply_additions(
                             previous: None,
                             skip: &[],
                             changed: None,
+                            names: None,
                             forced: &[],
                             relinked: &[],
                             again: &[],

@@ -10,7 +10,7 @@ use super::set::ExtraCopy;
 use super::watchdog::{thaw_all, ThawTrigger, Watch};
 use super::{ShadowSetOptions, BASE_COPY};
 use crate::error::{ShadowError, WriterTimeout};
-use crate::journal::{self, Changes, Journal, JournalOptions, Position};
+use crate::journal::{self, Changes, EntryNames, Journal, JournalOptions, Position};
 use crate::pressure::Pressure;
 use crate::provider::{self, Commit, CommitError, CommitRequest, Provider, ProviderChoice};
 use crate::state::WriterState;
@@ -76,6 +76,9 @@ struct Group<'a> {
     /// The directories the change journal saw change since the copy before the freeze began
     /// (absolute, as seen from the root): the commit looks at those only.
     changed: Option<Vec<PathBuf>>,
+    /// With `changed`: the names of the entries that changed in those of its directories the
+    /// journal named by their entries (as seen from the root); the others are looked at whole.
+    names: Option<EntryNames>,
     /// Files the commit copies again whatever their metadata says.
     forced: Vec<PathBuf>,
     /// With `changed`: files whose link count changed through a name elsewhere (device, inode).
@@ -98,6 +101,11 @@ struct SetJournal {
     since: Option<Position>,
     /// With `since`: the directories where something changed (absolute, as seen from the root).
     changed: Vec<PathBuf>,
+    /// With `since`: for directories of `changed`, the entries in them that changed, unless a
+    /// change in the directory named none (then it is in `named_whole`).
+    entries: std::collections::HashMap<PathBuf, std::collections::BTreeSet<std::ffi::OsString>>,
+    /// With `since`: directories of `changed` that are read whole.
+    named_whole: std::collections::HashSet<PathBuf>,
     /// With `since`: the paths of the groups whose commit did not follow the journal (a
     /// snapshot, a copy of a volume it does not watch): read whole.
     whole: Vec<PathBuf>,
@@ -107,17 +115,49 @@ struct SetJournal {
 
 impl SetJournal {
     fn new(journal: Arc<Journal>, kept: bool) -> SetJournal {
-        SetJournal { journal, kept, since: None, changed: Vec::new(), whole: Vec::new(), unknown: None }
+        SetJournal {
+            journal,
+            kept,
+            since: None,
+            changed: Vec::new(),
+            entries: Default::default(),
+            named_whole: Default::default(),
+            whole: Vec::new(),
+            unknown: None,
+        }
     }
 
     /// Adds what a commit looked at to what changed: the directories named (as seen from the
-    /// root), and the folders of the entries it looked at again outside them.
-    fn add(&mut self, dirs: &[PathBuf], copy: &Commit) {
+    /// root), with the entries named in them (`names`), and the entries it looked at again
+    /// outside them.
+    fn add(&mut self, dirs: &[PathBuf], names: Option<&EntryNames>, copy: &Commit) {
         if self.since.is_none() {
             return;
         }
-        let again = copy.looked_again.iter().chain(&copy.unsettled).filter_map(|p| p.parent().map(Path::to_path_buf));
-        self.changed.extend(dirs.iter().cloned().chain(again));
+        for dir in dirs {
+            match names.and_then(|names| names.get(dir)) {
+                Some(named) => self.entries.entry(dir.clone()).or_default().extend(named.iter().cloned()),
+                None => {
+                    self.named_whole.insert(dir.clone());
+                }
+            }
+        }
+        self.changed.extend(dirs.iter().cloned());
+        for path in copy.looked_again.iter().chain(&copy.unsettled) {
+            if let (Some(parent), Some(name)) = (path.parent(), path.file_name()) {
+                self.entries.entry(parent.to_path_buf()).or_default().insert(name.to_os_string());
+                self.changed.push(parent.to_path_buf());
+            }
+        }
+    }
+
+    /// The entries named in each directory of `changed` not read whole.
+    fn names(&self) -> EntryNames {
+        self.entries
+            .iter()
+            .filter(|(dir, _)| !self.named_whole.contains(*dir))
+            .map(|(dir, names)| (dir.clone(), names.iter().cloned().collect()))
+            .collect()
     }
 }
 
@@ -139,6 +179,7 @@ impl Group<'_> {
             previous: self.previous.as_ref(),
             skip: &self.skip,
             changed: self.changed.as_deref(),
+            names: self.names.as_ref(),
             forced: &self.forced,
             relinked: &self.relinked,
             again: self.precopy.as_ref().map_or(&[], |c| &c.copied),
@@ -308,6 +349,7 @@ impl Run<'_> {
                     precopy: None,
                     unsettled: Vec::new(),
                     changed: None,
+                    names: None,
                     forced: Vec::new(),
                     relinked: Vec::new(),
                     read: ("walk", None),
@@ -357,9 +399,10 @@ impl Run<'_> {
                     None => {}
                     Some(Ok(copy)) => {
                         if let (Ok(journal), Some(changed)) = (&mut journal, &group.changed) {
-                            journal.add(changed, &copy);
+                            journal.add(changed, group.names.as_ref(), &copy);
                         }
                         group.changed = None;
+                        group.names = None;
                         group.forced.clear();
                         let mut copy = copy;
                         group.devices = copy.origins.values().map(|o| o.device).collect();
@@ -379,6 +422,7 @@ impl Run<'_> {
                             journal.since = None;
                         }
                         group.changed = None;
+                        group.names = None;
                         group.forced.clear();
                         group.previous = None;
                         group.unsettled.clear();
@@ -461,7 +505,7 @@ impl Run<'_> {
         if let Some(journal) = journal.as_mut() {
             for (group, copy) in groups.iter().zip(&commits) {
                 match &group.changed {
-                    Some(changed) => journal.add(changed, copy),
+                    Some(changed) => journal.add(changed, group.names.as_ref(), copy),
                     // A snapshot, or a copy that walked: its base is whole, and its paths are read
                     // whole; the journal still says what changed under the others.
                     None => journal.whole.extend(group.paths.iter().cloned()),
@@ -512,6 +556,7 @@ impl Run<'_> {
         let root = self.live_root();
         for (group, base) in groups.iter_mut().filter(|g| !g.provider.snapshots()).zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
+            group.names = Some(shown_names(&root, &seen.names, group.paths));
             group.relinked = seen.relinked.clone();
             group.forced = shown_under(&root, &seen.written, group.paths);
             group.forced.extend(base.map(|b| b.unsettled).unwrap_or_default());
@@ -607,6 +652,7 @@ impl Run<'_> {
                 group.forced.extend(provider::settle_by_journal(unsettled, &named, previous));
             }
             group.changed = Some(named);
+            group.names = Some(shown_names(&root, &changed.names, group.paths));
             group.relinked = changed.relinked.clone();
             group.forced.extend(shown_under(&root, &changed.written, group.paths));
         }
@@ -793,6 +839,7 @@ impl Run<'_> {
                 position: j.journal.position(),
                 since: j.since.filter(|_| complete),
                 changed: if complete { changed } else { Vec::new() },
+                names: if complete { j.names() } else { Default::default() },
                 whole: if complete { whole } else { Vec::new() },
                 unknown: j.unknown.clone(),
             }
@@ -822,6 +869,16 @@ impl Run<'_> {
 
 /// The live paths in `live` (absolute, under `root`) that lie under one of `paths`, as seen from
 /// the root.
+/// [`shown_under`] for the keys of a journal's entry names.
+fn shown_names(root: &Path, live: &EntryNames, paths: &[PathBuf]) -> EntryNames {
+    live.iter()
+        .filter_map(|(path, names)| {
+            let shown = Path::new("/").join(path.strip_prefix(root).ok()?);
+            paths.iter().any(|p| shown.starts_with(p)).then(|| (shown, names.clone()))
+        })
+        .collect()
+}
+
 fn shown_under(root: &Path, live: &[PathBuf], paths: &[PathBuf]) -> Vec<PathBuf> {
     live.iter()
         .filter_map(|path| path.strip_prefix(root).ok().map(|inside| Path::new("/").join(inside)))

@@ -62,6 +62,10 @@ pub struct JournalRecord {
     /// The directories (absolute, as seen from the root) where something changed since `since`.
     #[serde(skip)]
     pub changed: Vec<PathBuf>,
+    /// For directories of `changed` whose changes all named entries in them: those entries.
+    /// The others are read whole.
+    #[serde(skip)]
+    pub names: crate::journal::EntryNames,
     /// With `since`: the paths of the volumes the journal does not cover (copied by snapshot,
     /// or not watched): read whole.
     #[serde(skip)]

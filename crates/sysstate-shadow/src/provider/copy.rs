@@ -73,6 +73,8 @@ struct Copier<'a> {
     /// Refreshing only what the journal named: the entries looked at so far (relative), each
     /// looked at once.
     met: std::collections::HashSet<PathBuf>,
+    /// Entries made in or removed from the copy so far: whether looking at one changed its folder.
+    edits: u64,
 }
 
 /// A commit by copying (or cloning) entries into a mirrored tree.
@@ -91,6 +93,7 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         linked: req.relinked.iter().copied().filter(|_| incremental).collect(),
         forced: req.forced.iter().map(|f| f.strip_prefix("/").unwrap_or(f)).collect(),
         met: Default::default(),
+        edits: 0,
     };
     if incremental {
         copier.out.origins = req.previous.cloned().unwrap_or_default(); // shared until changed
@@ -212,13 +215,16 @@ impl Copier<'_> {
             self.dir_itself(relative, meta);
             return Ok(());
         }
+        let edits = self.edits;
         self.entry(relative, meta)?;
-        self.parent_touched(relative);
+        if self.edits != edits {
+            self.parent_touched(relative);
+        }
         Ok(())
     }
 
-    /// The folder of an entry copied again on its own (not while its folder was gone through):
-    /// its times and identity are taken again, since copying into it moved the copy's.
+    /// The folder of an entry copied again or removed on its own (not while its folder was gone
+    /// through): its times and identity are taken again, since changing it moved the copy's.
     fn parent_touched(&mut self, relative: &Path) {
         let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) else { return };
         if let Ok(meta) = std::fs::symlink_metadata(self.req.root.join(parent)) {
@@ -236,7 +242,8 @@ impl Copier<'_> {
     /// A directory the journal named: its own metadata and each of its entries as they are
     /// now — entries gone are removed, files compared and copied again when they changed,
     /// folders new or replaced copied whole; folders the base holds already are entered only
-    /// when the journal named them too.
+    /// when the journal named them too. When the journal named the entries that changed in
+    /// it, only those are looked at.
     fn refresh_dir(&mut self, relative: &Path) -> Result<(), CommitError> {
         let source = self.req.root.join(relative);
         let Ok(meta) = std::fs::symlink_metadata(&source) else { return Ok(()) }; // gone: its parent was named
@@ -249,14 +256,23 @@ impl Copier<'_> {
         }
         self.dir_itself(relative, meta);
         let target = self.req.dest.join(relative);
-        let names = live_names(&source)?;
-        self.remove_gone(&target, &names)?;
+        let named = self.req.names.and_then(|names| names.get(&Path::new("/").join(relative)));
+        let names = match named {
+            Some(named) => named.clone(),
+            None => {
+                let names = live_names(&source)?;
+                self.remove_gone(&target, &names)?;
+                names
+            }
+        };
         for name in names {
             let child = relative.join(&name);
             match std::fs::symlink_metadata(self.req.root.join(&child)) {
                 Ok(child_meta) if self.same_dir(&child, &child_meta) => self.dir_itself(&child, child_meta),
                 Ok(child_meta) => self.entry(&child, child_meta)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Gone from the live folder (a name the journal named, or one gone since the
+                // folder was listed): gone from the copy.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.remove(&target.join(&name))?,
                 Err(e) => return Err(CommitError::Io(ShadowError::io(self.req.root.join(&child), e))),
             }
         }
@@ -378,6 +394,7 @@ impl Copier<'_> {
 
     fn remove_tree(&mut self, target: &Path) -> Result<(), CommitError> {
         let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+        self.edits += 1;
         if meta.is_dir() {
             for entry in std::fs::read_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?.flatten() {
                 self.remove_tree(&entry.path())?;
@@ -457,6 +474,7 @@ impl Copier<'_> {
                 self.remove(&target)?;
                 self.note_origin(relative, &meta); // removing forgot it
                 std::fs::create_dir(&target).map_err(|e| self.io_error(&target, e))?;
+                self.edits += 1;
             }
             self.dirs.push((relative.to_path_buf(), meta));
             let names = live_names(&source)?;
@@ -475,7 +493,7 @@ impl Copier<'_> {
         }
         if keep {
             if file_type.is_file() && !self.out.used.contains_key(&meta.dev()) {
-                let provider = self.provider_on(&source, &target, meta.dev());
+                let provider = self.provider_on(&source, meta.dev());
                 self.out.used.insert(meta.dev(), provider);
             }
             if file_type.is_file() && meta.nlink() > 1 {
@@ -491,6 +509,7 @@ impl Copier<'_> {
             self.out.unsettled.push(Path::new("/").join(relative));
         }
         self.out.copied.push(Path::new("/").join(relative));
+        self.edits += 1;
         let mut reflinked = false;
         if file_type.is_file() {
             if meta.nlink() > 1 {
@@ -539,15 +558,17 @@ impl Copier<'_> {
         self.charge(&target, reflinked)
     }
 
-    /// Which provider copies files of `device` here: `reflink` when cloning `source` beside
-    /// `target` works (tried once per device), else `copy`. For the record of a commit that
-    /// kept every file it met.
-    fn provider_on(&mut self, source: &Path, target: &Path, device: u64) -> &'static str {
+    /// Which provider copies files of `device` here: `reflink` when cloning `source` into
+    /// shadow storage works (tried once per device), else `copy`. For the record of a commit
+    /// that kept every file it met.
+    fn provider_on(&mut self, source: &Path, device: u64) -> &'static str {
         if self.reflink == Reflink::Never {
             return "copy";
         }
+        // Beside the copy's tree, not in it: a file made and removed in a folder of the copy
+        // would move the folder's times.
+        let probe = self.req.dest.with_file_name(".sysstate-reflink-probe");
         let works = *self.reflink_works.entry(device).or_insert_with(|| {
-            let probe = target.with_file_name(".sysstate-reflink-probe");
             let cloned = File::open(source).and_then(|input| {
                 let output = File::create(&probe)?;
                 rustix::fs::ioctl_ficlone(&output, &input).map_err(std::io::Error::from)

@@ -271,6 +271,10 @@ pub struct CommitRequest<'a> {
     /// directories where something changed since (absolute, as seen from `root`). Only those
     /// are looked at; `None` looks at every entry.
     pub changed: Option<&'a [PathBuf]>,
+    /// With `changed`: for the directories the journal named by their entries, those entries'
+    /// names (keyed as `changed` is): only they are looked at in those directories, which are
+    /// not listed. A directory of `changed` not in it is looked at whole.
+    pub names: Option<&'a crate::journal::EntryNames>,
     /// Files copied again whatever their metadata says (absolute, as seen from `root`): those
     /// mapped shared and writable, whose writes change neither their times nor the journal.
     pub forced: &'a [PathBuf],

@@ -1081,7 +1081,7 @@ fn random_change(dir: &Path, rng: &mut u64, serial: &mut u32) {
     let folder = folders[(next() as usize) % folders.len()].clone();
     let file = files.get((next() as usize) % files.len().max(1)).map(|p| (*p).clone());
     *serial += 1;
-    let _ = match next() % 9 {
+    let _ = match next() % 10 {
         0 | 1 => {
             std::fs::write(folder.join(format!("new{serial}")), vec![(next() % 250) as u8; (next() % 9000) as usize])
         }
@@ -1096,6 +1096,14 @@ fn random_change(dir: &Path, rng: &mut u64, serial: &mut u32) {
             std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600 | (next() % 0o100) as u32))
         }),
         7 => std::fs::create_dir(folder.join(format!("dir{serial}"))),
+        // A folder renamed over an empty one: another directory, with entries the journal
+        // never named, where the parent version holds one of the same name.
+        8 => match folders.iter().find(|f| std::fs::read_dir(f).is_ok_and(|mut d| d.next().is_none())) {
+            Some(empty) if folder != dir && !empty.starts_with(&folder) && folder != *empty => {
+                std::fs::rename(&folder, empty)
+            }
+            _ => Ok(()),
+        },
         _ => match folders.get((next() as usize) % folders.len()) {
             // A folder moved into another (not into itself).
             Some(other) if folder != dir && !other.starts_with(&folder) => {
