@@ -197,7 +197,7 @@ impl Commit {
     /// The live identities of the [`unsettled`](Self::unsettled) entries, which the settled
     /// origins leave out: for [`settle_by_journal`].
     pub fn unsettled_origins(&self) -> Vec<(PathBuf, Origin)> {
-        self.unsettled.iter().filter_map(|path| Some((path.clone(), self.origins.get(path)?.clone()))).collect()
+        self.unsettled.iter().filter_map(|path| Some((path.clone(), *self.origins.get(path)?))).collect()
     }
 }
 
