@@ -55,21 +55,13 @@ pub(super) fn apply_additions(
                 CopyAddition::FromLive(path) => {
                     let never = AtomicBool::new(false);
                     CopyProvider { reflink: Reflink::Never }
-                        .commit(&CommitRequest {
-                            root: live_root,
-                            paths: std::slice::from_ref(path),
-                            dest: copy_root,
-                            deadline: Instant::now() + Duration::from_secs(3600),
-                            budget: u64::MAX,
-                            interrupted: &never,
-                            previous: None,
-                            skip: &[],
-                            changed: None,
-                            names: None,
-                            forced: &[],
-                            relinked: &[],
-                            again: &[],
-                        })
+                        .commit(&CommitRequest::whole(
+                            live_root,
+                            std::slice::from_ref(path),
+                            copy_root,
+                            Instant::now() + Duration::from_secs(3600),
+                            &never,
+                        ))
                         .map_err(|e| ShadowError::io(path, std::io::Error::other(format!("{e:?}"))))?;
                 }
                 CopyAddition::Remove(path) => {

@@ -798,22 +798,9 @@ mod tests {
     fn commit(live: &Path, dest: &Path, previous: Option<&super::super::Origins>) -> Commit {
         let never = AtomicBool::new(false);
         let paths = [PathBuf::from("/data")];
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
         CopyProvider { reflink: Reflink::Never }
-            .commit(&CommitRequest {
-                root: live,
-                paths: &paths,
-                dest,
-                deadline: Instant::now() + std::time::Duration::from_secs(60),
-                budget: u64::MAX,
-                interrupted: &never,
-                previous,
-                skip: &[],
-                changed: None,
-                names: None,
-                forced: &[],
-                relinked: &[],
-                again: &[],
-            })
+            .commit(&CommitRequest { previous, ..CommitRequest::whole(live, &paths, dest, deadline, &never) })
             .unwrap()
     }
 

@@ -287,6 +287,34 @@ pub struct CommitRequest<'a> {
     pub again: &'a [PathBuf],
 }
 
+impl<'a> CommitRequest<'a> {
+    /// A whole copy of `paths` from `root` into `dest`: no base to refresh, no journal, no
+    /// budget; stopped by `deadline` or `interrupted` only.
+    pub fn whole(
+        root: &'a Path,
+        paths: &'a [PathBuf],
+        dest: &'a Path,
+        deadline: Instant,
+        interrupted: &'a std::sync::atomic::AtomicBool,
+    ) -> CommitRequest<'a> {
+        CommitRequest {
+            root,
+            paths,
+            dest,
+            deadline,
+            budget: u64::MAX,
+            interrupted,
+            previous: None,
+            skip: &[],
+            changed: None,
+            names: None,
+            forced: &[],
+            relinked: &[],
+            again: &[],
+        }
+    }
+}
+
 /// How long before a copy an entry's ctime must lie for its copy to be trusted in the freeze:
 /// timestamps are coarse (a clock tick; a second on some filesystems), so a file changed in the
 /// tick it was copied in may change again without its ctime moving.
