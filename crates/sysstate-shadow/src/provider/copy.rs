@@ -361,8 +361,8 @@ impl Copier<'_> {
     }
 
     /// Refreshing only what the journal named: forgets the origins of what the copy holds at
-    /// `target` (`meta`), which is removed or written over, and marks the other names of its
-    /// files to be looked at again.
+    /// `target` (`meta`), which is removed, and marks the other names of its files to be
+    /// looked at again.
     fn forget_copied(&mut self, target: &Path, meta: &std::fs::Metadata) {
         if self.incremental {
             if let Ok(relative) = target.strip_prefix(self.req.dest) {
@@ -510,23 +510,10 @@ impl Copier<'_> {
             }
             return self.check_limits();
         }
-        // A changed file whose copy is a file of its own is written over where it stands:
-        // removing the old copy and making a new one was a third of what refreshing a changed
-        // file cost on ext4. Not where a name of it may share it, where holes must stay holes
-        // (the copy writes only the data of a sparse file), nor where the copy clones.
-        let over = copied.as_ref().filter(|copied| {
-            copied.is_file()
-                && copied.nlink() == 1
-                && file_type.is_file()
-                && meta.nlink() == 1
-                && meta.blocks() * 512 >= meta.size()
-                && !self.clones(meta.dev())
-        });
-        if let Some(copied) = over {
-            self.forget_copied(&target, copied);
-            self.out.freed += copied.blocks() * 512;
-            self.note_origin(relative, &meta); // forgotten
-        } else if copied.is_some() {
+        // Removed and made anew, not written over: the old copy's pages are seldom cached, and
+        // writing over a file reads each page it does not cover whole (its last) first — a
+        // read per changed file, which made the agent's 2%-changed backup a fifth slower.
+        if copied.is_some() {
             self.remove(&target)?;
             self.note_origin(relative, &meta); // removing forgot it
         }
@@ -552,7 +539,7 @@ impl Copier<'_> {
                 }
                 self.links.insert((meta.dev(), meta.ino()), target.clone());
             }
-            reflinked = self.copy_file(&source, &target, &meta, over.is_some())?;
+            reflinked = self.copy_file(&source, &target, &meta)?;
         } else if file_type.is_symlink() {
             let link = std::fs::read_link(&source).map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?;
             std::os::unix::fs::symlink(link, &target).map_err(|e| self.io_error(&target, e))?;
@@ -579,8 +566,7 @@ impl Copier<'_> {
             )
             .map_err(|e| self.io_error(&target, e.into()))?;
         }
-        apply_metadata(&source, &target, &meta, over.is_none())
-            .map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+        apply_metadata(&source, &target, &meta, true).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
         self.charge(&target, reflinked)
     }
 
@@ -614,15 +600,8 @@ impl Copier<'_> {
         self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true)
     }
 
-    /// Copies a file's content into a new file at `target`, or `over` the file there; true
-    /// when it was reflinked.
-    fn copy_file(
-        &mut self,
-        source: &Path,
-        target: &Path,
-        meta: &std::fs::Metadata,
-        over: bool,
-    ) -> Result<bool, CommitError> {
+    /// Copies a file's content into a new file at `target`; true when it was reflinked.
+    fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<bool, CommitError> {
         let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
         let input = std::fs::OpenOptions::new()
             .read(true)
@@ -635,16 +614,11 @@ impl Copier<'_> {
                     .open(source)
             })
             .map_err(|e| CommitError::Io(ShadowError::io(source, e)))?;
-        let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(target);
-        let output = match over {
-            // Not root, a copy made read-only cannot be opened to write: made anew.
-            true => std::fs::OpenOptions::new().write(true).open(target).or_else(|error| match error.kind() {
-                std::io::ErrorKind::PermissionDenied => std::fs::remove_file(target).and_then(|()| create()),
-                _ => Err(error),
-            }),
-            false => create(),
-        }
-        .map_err(|e| self.io_error(target, e))?;
+        let output = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .map_err(|e| self.io_error(target, e))?;
         let device = meta.dev();
         if self.clones(device) {
             match rustix::fs::ioctl_ficlone(&output, &input) {
@@ -662,9 +636,7 @@ impl Copier<'_> {
             }
         }
         self.out.used.insert(device, "copy");
-        // Written over, what the old copy held past the new size goes.
-        let copied = copy_data(&input, &output, meta, self.req.interrupted);
-        match copied.and_then(|()| if over { output.set_len(meta.size()) } else { Ok(()) }) {
+        match copy_data(&input, &output, meta, self.req.interrupted) {
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => Err(CommitError::Interrupted),
             other => other.map_err(|e| self.io_error(target, e)),
         }?;
@@ -755,8 +727,8 @@ fn copy_by_hand(
 }
 
 /// Owner, xattrs (read from `source`), mode and times of `meta` onto `target` (neither is
-/// followed through a final symlink). A target not `fresh` (a file written over) loses the
-/// attributes `source` does not have.
+/// followed through a final symlink). A target not `fresh` (a folder kept from an earlier
+/// copy) loses the attributes `source` does not have.
 fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata, fresh: bool) -> std::io::Result<()> {
     let is_symlink = meta.file_type().is_symlink();
     if rustix::process::geteuid().is_root() {
@@ -805,7 +777,7 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_file_is_written_over_in_its_copy_and_loses_what_the_live_file_lost() {
+    fn a_refreshed_copy_loses_what_the_live_entries_lost() {
         let dir = tempfile::tempdir().unwrap();
         let (live, dest) = (dir.path().join("live"), dir.path().join("copy"));
         let data = live.join("data");
@@ -825,8 +797,6 @@ mod tests {
         }
         std::thread::sleep(SETTLED);
         let first = commit(&live, &dest, None);
-        let copied = |name: &str| std::fs::symlink_metadata(dest.join("data").join(name)).unwrap();
-        let (file_inode, twin_inode) = (copied("file").ino(), copied("twin").ino());
         // The file shrinks and loses an attribute and permission bits; the twin changes through
         // one name; the folder loses an attribute.
         std::fs::write(data.join("file"), "short now").unwrap();
@@ -835,8 +805,6 @@ mod tests {
         std::fs::write(data.join("folder/twin"), "changed through one name").unwrap();
         rustix::fs::lremovexattr(data.join("folder"), "user.gone").unwrap();
         commit(&live, &dest, Some(&first.settled_origins()));
-        assert_eq!(copied("file").ino(), file_inode, "the file was not written over where it stood");
-        assert_ne!(copied("twin").ino(), twin_inode, "a file with two names was written over");
         for name in ["file", "twin", "folder/twin", "folder"] {
             let (l, c) = (data.join(name), dest.join("data").join(name));
             if l.is_file() {
