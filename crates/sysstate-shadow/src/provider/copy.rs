@@ -354,21 +354,11 @@ impl Copier<'_> {
     /// Removes whatever stands at `target` in the copy, counting the bytes freed; refreshing
     /// only what the journal named, forgets the origins of what it held.
     fn remove(&mut self, target: &Path) -> Result<(), CommitError> {
-        if let Ok(meta) = std::fs::symlink_metadata(target) {
-            self.forget_copied(target, &meta);
-        }
-        self.remove_tree(target)
-    }
-
-    /// Refreshing only what the journal named: forgets the origins of what the copy holds at
-    /// `target` (`meta`), which is removed, and marks the other names of its files to be
-    /// looked at again.
-    fn forget_copied(&mut self, target: &Path, meta: &std::fs::Metadata) {
         if self.incremental {
             if let Ok(relative) = target.strip_prefix(self.req.dest) {
                 let shown = Path::new("/").join(relative);
-                match meta {
-                    meta if meta.is_dir() => {
+                match std::fs::symlink_metadata(target) {
+                    Ok(meta) if meta.is_dir() => {
                         // A file in it with other names elsewhere lost one (a folder moved
                         // away is copied anew where it went, and its files are not the same
                         // names): those names are looked at again.
@@ -382,7 +372,7 @@ impl Copier<'_> {
                         });
                         self.out.origins_changed = true;
                     }
-                    _ => {
+                    Ok(_) => {
                         let removed = if self.out.origins.contains_key(&shown) {
                             Arc::make_mut(&mut self.out.origins).remove(&shown)
                         } else {
@@ -396,9 +386,11 @@ impl Copier<'_> {
                             self.linked.insert((origin.device, origin.inode));
                         }
                     }
+                    Err(_) => {}
                 }
             }
         }
+        self.remove_tree(target)
     }
 
     fn remove_tree(&mut self, target: &Path) -> Result<(), CommitError> {
@@ -595,11 +587,6 @@ impl Copier<'_> {
         }
     }
 
-    /// True when files of `device` are cloned, or may be (not tried yet).
-    fn clones(&self, device: u64) -> bool {
-        self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true)
-    }
-
     /// Copies a file's content into a new file at `target`; true when it was reflinked.
     fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<bool, CommitError> {
         let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
@@ -620,7 +607,7 @@ impl Copier<'_> {
             .open(target)
             .map_err(|e| self.io_error(target, e))?;
         let device = meta.dev();
-        if self.clones(device) {
+        if self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true) {
             match rustix::fs::ioctl_ficlone(&output, &input) {
                 Ok(()) => {
                     self.reflink_works.insert(device, true);
