@@ -76,10 +76,34 @@ struct Copier<'a> {
     met: std::collections::HashSet<PathBuf>,
     /// Entries made in or removed from the copy so far: whether looking at one changed its folder.
     edits: u64,
+    /// The threads that copy files while the walk goes on (none with one core: each file is
+    /// copied as it is met).
+    pool: Option<Pool>,
+    /// What the copying threads share with the walk.
+    shared: Arc<Shared>,
+    /// Files handed to the pool and not yet copied (relative paths), and how many of them each
+    /// folder holds: what the walk does there must wait for them.
+    queued_at: std::collections::HashSet<PathBuf>,
+    queued_in: HashMap<PathBuf, usize>,
 }
 
-/// A commit by copying (or cloning) entries into a mirrored tree.
+/// A commit by copying (or cloning) entries into a mirrored tree: the walk on this thread,
+/// the files' copies on a pool of threads while it goes on.
 fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, CommitError> {
+    let shared = Arc::new(Shared::default());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        let pool = (cores > 1).then(|| Pool::start(scope, cores.min(COPY_THREADS_MAX), req, reflink, &shared));
+        walk_and_copy(req, reflink, pool, Arc::clone(&shared))
+    })
+}
+
+fn walk_and_copy(
+    req: &CommitRequest<'_>,
+    reflink: Reflink,
+    pool: Option<Pool>,
+    shared: Arc<Shared>,
+) -> Result<Commit, CommitError> {
     let (root, dest) = (req.root, req.dest);
     let incremental = req.changed.is_some() && req.previous.is_some();
     let mut copier = Copier {
@@ -95,6 +119,10 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         forced: req.forced.iter().map(|f| f.strip_prefix("/").unwrap_or(f)).collect(),
         met: Default::default(),
         edits: 0,
+        pool,
+        shared,
+        queued_at: Default::default(),
+        queued_in: HashMap::new(),
     };
     if incremental {
         copier.out.origins = req.previous.cloned().unwrap_or_default(); // shared until changed
@@ -152,8 +180,10 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         }
     }
     if incremental {
+        copier.copy_queued()?;
         copier.relink()?;
     }
+    copier.copy_queued()?;
     // Past the deadline is past it, however little there was to look at.
     copier.check_limits()?;
     // Folders last, deepest first: creating their entries changed their times.
@@ -171,7 +201,8 @@ fn copy_tree(req: &CommitRequest<'_>, reflink: Reflink) -> Result<Commit, Commit
         }
     }
     copier.out.root = dest.to_path_buf();
-    Ok(copier.out)
+    copier.out.bytes = copier.shared.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(std::mem::take(&mut copier.out))
 }
 
 impl Copier<'_> {
@@ -192,6 +223,9 @@ impl Copier<'_> {
     /// Removes from the copy's folder `target` the entries gone from the live one, whose
     /// entries are `names` (sorted).
     fn remove_gone(&mut self, target: &Path, names: &[std::ffi::OsString]) -> Result<(), CommitError> {
+        if target.strip_prefix(self.req.dest).is_ok_and(|folder| self.queued_in.contains_key(folder)) {
+            self.copy_queued()?;
+        }
         let gone: Vec<_> = std::fs::read_dir(target)
             .map_err(|e| CommitError::Io(ShadowError::io(target, e)))?
             .filter_map(|e| e.ok().map(|e| e.file_name()))
@@ -305,11 +339,7 @@ impl Copier<'_> {
     }
 
     fn io_error(&self, path: &Path, error: std::io::Error) -> CommitError {
-        if error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
-            CommitError::NoSpace(self.out.bytes)
-        } else {
-            CommitError::Io(ShadowError::io(path, error))
-        }
+        write_error(path, error, self.shared.written())
     }
 
     /// Forgets the origins of `shown` and everything below it.
@@ -327,78 +357,73 @@ impl Copier<'_> {
         }
     }
 
-    /// Counts what an entry added to shadow storage: its allocated bytes, or nothing for a
-    /// reflinked file, whose extents are shared with the live file.
-    fn charge(&mut self, path: &Path, reflinked: bool) -> Result<(), CommitError> {
-        let allocated =
-            if reflinked { 0 } else { std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0) };
-        self.out.bytes += allocated;
+    /// Counts what an entry added to shadow storage: its allocated bytes.
+    fn charge(&mut self, path: &Path) -> Result<(), CommitError> {
+        let bytes = std::fs::symlink_metadata(path).map(|m| m.blocks() * 512).unwrap_or(0);
+        self.shared.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         self.out.files += 1;
         self.check_limits()
     }
 
     /// The budget, the deadline and the stop flag, checked after every entry.
     fn check_limits(&mut self) -> Result<(), CommitError> {
-        if self.out.bytes > self.req.budget {
-            return Err(CommitError::Budget(self.out.bytes));
-        }
-        if Instant::now() > self.req.deadline {
-            return Err(CommitError::Timeout);
-        }
-        if self.req.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(CommitError::Interrupted);
-        }
-        Ok(())
+        limits(self.req, self.shared.written())
     }
 
     /// Removes whatever stands at `target` in the copy, counting the bytes freed; refreshing
     /// only what the journal named, forgets the origins of what it held.
     fn remove(&mut self, target: &Path) -> Result<(), CommitError> {
-        if self.incremental {
-            if let Ok(relative) = target.strip_prefix(self.req.dest) {
-                let shown = Path::new("/").join(relative);
-                match std::fs::symlink_metadata(target) {
-                    Ok(meta) if meta.is_dir() => {
-                        // A file in it with other names elsewhere lost one (a folder moved
-                        // away is copied anew where it went, and its files are not the same
-                        // names): those names are looked at again.
-                        let linked = &mut self.linked;
-                        Arc::make_mut(&mut self.out.origins).retain(|path, origin| {
-                            let inside = path.starts_with(&shown);
-                            if inside && origin.links != 1 && path != &shown {
-                                linked.insert((origin.device, origin.inode));
-                            }
-                            !inside
-                        });
-                        self.out.origins_changed = true;
-                    }
-                    Ok(_) => {
-                        let removed = if self.out.origins.contains_key(&shown) {
-                            Arc::make_mut(&mut self.out.origins).remove(&shown)
-                        } else {
-                            None
-                        };
-                        self.out.origins_changed |= removed.is_some();
-                        // Other names may share the file whatever counts its copy or its
-                        // origin hold (a link made since through a folder not refreshed yet):
-                        // they are looked at again (one look through the origins).
-                        if let Some(origin) = removed {
-                            self.linked.insert((origin.device, origin.inode));
-                        }
-                    }
-                    Err(_) => {}
-                }
-            }
+        self.copy_queued_at(target, false)?;
+        let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+        if meta.is_dir() {
+            self.copy_queued_at(target, true)?;
         }
-        self.remove_tree(target)
+        self.forget_copied(target, &meta);
+        self.remove_tree(target, &meta)
     }
 
-    fn remove_tree(&mut self, target: &Path) -> Result<(), CommitError> {
-        let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+    /// Refreshing only what the journal named: forgets the origins of what the copy holds at
+    /// `target` (`meta`), which is about to be removed, and marks the other names of its files
+    /// to be looked at again.
+    fn forget_copied(&mut self, target: &Path, meta: &std::fs::Metadata) {
+        if !self.incremental {
+            return;
+        }
+        let Ok(relative) = target.strip_prefix(self.req.dest) else { return };
+        let shown = Path::new("/").join(relative);
+        if meta.is_dir() {
+            // A file in it with other names elsewhere lost one (a folder moved away is copied
+            // anew where it went, and its files are not the same names): those names are
+            // looked at again.
+            let linked = &mut self.linked;
+            Arc::make_mut(&mut self.out.origins).retain(|path, origin| {
+                let inside = path.starts_with(&shown);
+                if inside && origin.links != 1 && path != &shown {
+                    linked.insert((origin.device, origin.inode));
+                }
+                !inside
+            });
+            self.out.origins_changed = true;
+            return;
+        }
+        let removed =
+            if self.out.origins.contains_key(&shown) { Arc::make_mut(&mut self.out.origins).remove(&shown) } else { None };
+        self.out.origins_changed |= removed.is_some();
+        // Other names may share the file whatever counts its copy or its origin hold (a link
+        // made since through a folder not refreshed yet): they are looked at again (one look
+        // through the origins).
+        if let Some(origin) = removed {
+            self.linked.insert((origin.device, origin.inode));
+        }
+    }
+
+    fn remove_tree(&mut self, target: &Path, meta: &std::fs::Metadata) -> Result<(), CommitError> {
         self.edits += 1;
         if meta.is_dir() {
             for entry in std::fs::read_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?.flatten() {
-                self.remove_tree(&entry.path())?;
+                if let Ok(inner) = entry.metadata() {
+                    self.remove_tree(&entry.path(), &inner)?;
+                }
             }
             std::fs::remove_dir(target).map_err(|e| CommitError::Io(ShadowError::io(target, e)))?;
         } else {
@@ -454,6 +479,8 @@ impl Copier<'_> {
         let source = self.req.root.join(relative);
         let target = self.req.dest.join(relative);
         let file_type = meta.file_type();
+        // Met again (a folder copied whole and named too): compared with the copy made first.
+        self.copy_queued_at(&target, false)?;
         let copied = std::fs::symlink_metadata(&target).ok();
         if self.incremental {
             // A name that stands for another file now (renamed over): the file it stood for
@@ -490,7 +517,7 @@ impl Copier<'_> {
                     Err(e) => return Err(CommitError::Io(ShadowError::io(self.req.root.join(&child), e))),
                 }
             }
-            return if existed { self.check_limits() } else { self.charge(&target, false) };
+            return if existed { self.check_limits() } else { self.charge(&target) };
         }
         if keep {
             if file_type.is_file() && !self.out.used.contains_key(&meta.dev()) {
@@ -505,8 +532,17 @@ impl Copier<'_> {
         // Removed and made anew, not written over: the old copy's pages are seldom cached, and
         // writing over a file reads each page it does not cover whole (its last) first — a
         // read per changed file, which made the agent's 2%-changed backup a fifth slower.
-        if copied.is_some() {
-            self.remove(&target)?;
+        // A file's copy is made by the threads that copy the queue; the old copy, when it is
+        // not a folder, is removed there too.
+        let mut replaces = None;
+        if let Some(copied) = copied.as_ref() {
+            if file_type.is_file() && !copied.is_dir() {
+                self.forget_copied(&target, copied);
+                replaces = Some(if copied.nlink() <= 1 { copied.blocks() * 512 } else { 0 });
+                self.edits += 1;
+            } else {
+                self.remove(&target)?;
+            }
             self.note_origin(relative, &meta); // removing forgot it
         }
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
@@ -514,16 +550,22 @@ impl Copier<'_> {
         }
         self.out.copied.push(Path::new("/").join(relative));
         self.edits += 1;
-        let mut reflinked = false;
         if file_type.is_file() {
-            if meta.nlink() > 1 {
+            let linked = meta.nlink() > 1;
+            if linked {
                 // The name copied first, unless it is this one (met again) or was removed since.
                 // A refresh by the journal copies each name on its own: the names it meets
                 // may be linked in the copy to names it does not look at, whose copies are
                 // older (versions record the live link count, not the copy's).
                 let first = self.links.get(&(meta.dev(), meta.ino())).filter(|first| **first != target);
-                if let Some(first) = first.filter(|_| !self.incremental) {
-                    match std::fs::hard_link(first, &target) {
+                if let Some(first) = first.filter(|_| !self.incremental).cloned() {
+                    // The first name must be there to be linked to.
+                    self.copy_queued_at(&first, false)?;
+                    if let Some(freed) = replaces {
+                        std::fs::remove_file(&target).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+                        self.out.freed += freed;
+                    }
+                    match std::fs::hard_link(&first, &target) {
                         Ok(()) => return Ok(()),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Err(e) => return Err(self.io_error(&target, e)),
@@ -531,7 +573,8 @@ impl Copier<'_> {
                 }
                 self.links.insert((meta.dev(), meta.ino()), target.clone());
             }
-            reflinked = self.copy_file(&source, &target, &meta)?;
+            let clone = self.clones(meta.dev());
+            return self.queue(QueuedFile { relative: relative.to_path_buf(), meta, replaces, clone });
         } else if file_type.is_symlink() {
             let link = std::fs::read_link(&source).map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?;
             std::os::unix::fs::symlink(link, &target).map_err(|e| self.io_error(&target, e))?;
@@ -559,7 +602,7 @@ impl Copier<'_> {
             .map_err(|e| self.io_error(&target, e.into()))?;
         }
         apply_metadata(&source, &target, &meta, true).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
-        self.charge(&target, reflinked)
+        self.charge(&target)
     }
 
     /// Which provider copies files of `device` here: `reflink` when cloning `source` into
@@ -587,48 +630,298 @@ impl Copier<'_> {
         }
     }
 
-    /// Copies a file's content into a new file at `target`; true when it was reflinked.
-    fn copy_file(&mut self, source: &Path, target: &Path, meta: &std::fs::Metadata) -> Result<bool, CommitError> {
-        let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
-        let input = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(flags)
-            .open(source)
-            .or_else(|_| {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(source)
-            })
-            .map_err(|e| CommitError::Io(ShadowError::io(source, e)))?;
-        let output = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(target)
-            .map_err(|e| self.io_error(target, e))?;
-        let device = meta.dev();
-        if self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true) {
-            match rustix::fs::ioctl_ficlone(&output, &input) {
-                Ok(()) => {
-                    self.reflink_works.insert(device, true);
-                    self.out.used.insert(device, "reflink");
-                    return Ok(true);
-                }
-                Err(error) if self.reflink == Reflink::Require => {
-                    return Err(CommitError::Unsupported(source.to_path_buf(), error.to_string()));
-                }
-                Err(_) => {
-                    self.reflink_works.insert(device, false);
+    /// True when a file on `device` is to be cloned (as far as is known yet).
+    fn clones(&self, device: u64) -> bool {
+        self.reflink != Reflink::Never && *self.reflink_works.get(&device).unwrap_or(&true)
+    }
+
+    /// Waits for the queued files' copies when one is at `target` (or `below` it, a folder):
+    /// what is done there next must find them made.
+    fn copy_queued_at(&mut self, target: &Path, below: bool) -> Result<(), CommitError> {
+        let Ok(relative) = target.strip_prefix(self.req.dest) else { return Ok(()) };
+        let queued = match below {
+            false => self.queued_at.contains(relative),
+            true => self.queued_in.keys().any(|folder| folder.starts_with(relative)),
+        };
+        if queued {
+            self.copy_queued()?;
+        }
+        Ok(())
+    }
+
+    /// Hands a file to the pool, or copies it now without one; takes in what the pool copied
+    /// meanwhile.
+    fn queue(&mut self, file: QueuedFile) -> Result<(), CommitError> {
+        let Some(pool) = &mut self.pool else {
+            let outcome = copy_queued_file(self.req, self.reflink, &file, &self.shared).map(Some);
+            return self.copied(file, outcome).and_then(|()| self.check_limits());
+        };
+        self.queued_at.insert(file.relative.clone());
+        *self.queued_in.entry(parent_of(&file.relative)).or_default() += 1;
+        pool.pending += 1;
+        // The threads are gone only when one panicked: the scope's join reports it.
+        let _ = pool.jobs.send(file);
+        while let Some((file, outcome)) = self.pool.as_mut().and_then(Pool::try_done) {
+            self.copied(file, outcome)?;
+        }
+        self.check_limits()
+    }
+
+    /// Waits for every file handed to the pool to be copied.
+    fn copy_queued(&mut self) -> Result<(), CommitError> {
+        while let Some((file, outcome)) = self.pool.as_mut().and_then(Pool::done) {
+            self.copied(file, outcome)?;
+        }
+        self.check_limits()
+    }
+
+    /// Takes in what copying a queued file did.
+    fn copied(&mut self, file: QueuedFile, outcome: Outcome) -> Result<(), CommitError> {
+        if self.pool.is_some() {
+            self.queued_at.remove(&file.relative);
+            let folder = parent_of(&file.relative);
+            if let Some(count) = self.queued_in.get_mut(&folder) {
+                *count -= 1;
+                if *count == 0 {
+                    self.queued_in.remove(&folder);
                 }
             }
         }
-        self.out.used.insert(device, "copy");
-        match copy_data(&input, &output, meta, self.req.interrupted) {
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => Err(CommitError::Interrupted),
-            other => other.map_err(|e| self.io_error(target, e)),
-        }?;
-        Ok(false)
+        match outcome {
+            // Skipped after another failed, which the walk meets too.
+            Ok(None) => Ok(()),
+            Ok(Some(copied)) => {
+                self.out.files += 1;
+                self.out.freed += copied.freed;
+                self.out.used.insert(file.meta.dev(), copied.used);
+                if file.clone {
+                    self.reflink_works.insert(file.meta.dev(), copied.used == "reflink");
+                }
+                Ok(())
+            }
+            Err(error) if went_away(self.req, &file.relative, &error) => {
+                tracing::debug!(?error, path = %file.relative.display(), "went away while it was copied");
+                self.remove(&self.req.dest.join(&file.relative))?;
+                self.forget_under(&Path::new("/").join(&file.relative));
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
+}
+
+/// The folder a relative path is in ("" for one at the top).
+fn parent_of(relative: &Path) -> PathBuf {
+    relative.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// What the copying threads share with the walk.
+#[derive(Default)]
+struct Shared {
+    /// Bytes allocated in shadow storage so far.
+    bytes: std::sync::atomic::AtomicU64,
+    /// Set when a copy failed or the walk stopped: the threads copy nothing more.
+    failed: std::sync::atomic::AtomicBool,
+    /// Devices where a clone failed: not tried again.
+    unclonable: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    fn written(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Threads that copy the files the walk queues, while it goes on: a refresh spends most of its
+/// time in the calls that remove, make, fill and label each file, each waiting on the
+/// filesystem.
+struct Pool {
+    jobs: std::sync::mpsc::SyncSender<QueuedFile>,
+    done: std::sync::mpsc::Receiver<(QueuedFile, Outcome)>,
+    /// Files sent and not yet received back.
+    pending: usize,
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        threads: usize,
+        req: &'scope CommitRequest<'_>,
+        reflink: Reflink,
+        shared: &Arc<Shared>,
+    ) -> Pool {
+        use std::sync::atomic::Ordering;
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<QueuedFile>(QUEUE_MAX);
+        let (report, done) = std::sync::mpsc::channel();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for _ in 0..threads {
+            let (queue, report, shared) = (Arc::clone(&queue), report.clone(), Arc::clone(shared));
+            scope.spawn(move || loop {
+                let next = queue.lock().expect("copy queue lock").recv();
+                let Ok(file) = next else { break };
+                // Not copied once one failed: the walk stops with that failure.
+                let outcome = match shared.failed.load(Ordering::Relaxed) {
+                    true => Ok(None),
+                    false => copy_queued_file(req, reflink, &file, &shared)
+                        .and_then(|copied| limits(req, shared.written()).map(|()| Some(copied))),
+                };
+                if outcome.as_ref().is_err_and(|error| !went_away(req, &file.relative, error)) {
+                    shared.failed.store(true, Ordering::Relaxed);
+                }
+                if report.send((file, outcome)).is_err() {
+                    break;
+                }
+            });
+        }
+        Pool { jobs, done, pending: 0, shared: Arc::clone(shared) }
+    }
+
+    /// The next file copied, waiting for it; none when none is pending.
+    fn done(&mut self) -> Option<(QueuedFile, Outcome)> {
+        if self.pending == 0 {
+            return None;
+        }
+        let done = self.done.recv().ok()?;
+        self.pending -= 1;
+        Some(done)
+    }
+
+    /// The next file copied, if one is.
+    fn try_done(&mut self) -> Option<(QueuedFile, Outcome)> {
+        let done = self.done.try_recv().ok()?;
+        self.pending -= 1;
+        Some(done)
+    }
+}
+
+impl Drop for Pool {
+    /// The walk is over, done or failed: what is still queued is not copied.
+    fn drop(&mut self) {
+        self.shared.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many files the walk queues ahead of the copying threads.
+const QUEUE_MAX: usize = 4096;
+
+/// The most threads that copy files at once.
+const COPY_THREADS_MAX: usize = 8;
+
+/// A regular file queued to be copied by the [`Pool`].
+struct QueuedFile {
+    /// Its path, relative to the root (and to the copy's).
+    relative: PathBuf,
+    /// The live file's metadata when it was met.
+    meta: std::fs::Metadata,
+    /// The copy held a file there before, to be removed first (the bytes that frees).
+    replaces: Option<u64>,
+    /// Whether its extents are to be cloned.
+    clone: bool,
+}
+
+/// What became of a queued file: copied, not copied after another failed (`None`), or failed.
+type Outcome = Result<Option<CopiedFile>, CommitError>;
+
+/// What copying a queued file made.
+struct CopiedFile {
+    /// Bytes freed by removing the copy it replaces.
+    freed: u64,
+    /// `reflink` or `copy`.
+    used: &'static str,
+}
+
+/// True when `error` copying `relative` is only that the live entry went away meanwhile:
+/// everything runs during the copy before the freeze, and processes that are not writers
+/// during the freeze too. It is left out, as if it had gone before.
+fn went_away(req: &CommitRequest<'_>, relative: &Path, error: &CommitError) -> bool {
+    matches!(error, CommitError::Io(_))
+        && std::fs::symlink_metadata(req.root.join(relative)).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// The budget (against `bytes` allocated so far), the deadline and the stop flag.
+fn limits(req: &CommitRequest<'_>, bytes: u64) -> Result<(), CommitError> {
+    if bytes > req.budget {
+        return Err(CommitError::Budget(bytes));
+    }
+    if Instant::now() > req.deadline {
+        return Err(CommitError::Timeout);
+    }
+    if req.interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(CommitError::Interrupted);
+    }
+    Ok(())
+}
+
+/// A failure to write `path` in shadow storage: [`CommitError::NoSpace`] when it is full (with
+/// the `bytes` written so far).
+fn write_error(path: &Path, error: std::io::Error, bytes: u64) -> CommitError {
+    if error.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+        CommitError::NoSpace(bytes)
+    } else {
+        CommitError::Io(ShadowError::io(path, error))
+    }
+}
+
+/// Copies (or clones) a queued file into a new file in the copy, with its metadata, removing
+/// the copy it replaces first, and counts the bytes it allocated in `shared`.
+fn copy_queued_file(
+    req: &CommitRequest<'_>,
+    reflink: Reflink,
+    file: &QueuedFile,
+    shared: &Shared,
+) -> Result<CopiedFile, CommitError> {
+    let written = || shared.written();
+    let unclonable = &shared.unclonable;
+    let (source, target) = (req.root.join(&file.relative), req.dest.join(&file.relative));
+    let mut freed = 0;
+    if let Some(replaced) = file.replaces {
+        match std::fs::remove_file(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(CommitError::Io(ShadowError::io(&target, e))),
+            _ => freed = replaced,
+        }
+    }
+    let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32;
+    let input = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(&source)
+        .or_else(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&source)
+        })
+        .map_err(|e| CommitError::Io(ShadowError::io(&source, e)))?;
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&target)
+        .map_err(|e| write_error(&target, e, written()))?;
+    let mut used = "copy";
+    let device = file.meta.dev();
+    if file.clone && !unclonable.lock().expect("clone lock").contains(&device) {
+        match rustix::fs::ioctl_ficlone(&output, &input) {
+            Ok(()) => used = "reflink",
+            Err(error) if reflink == Reflink::Require => {
+                return Err(CommitError::Unsupported(source, error.to_string()));
+            }
+            Err(_) => unclonable.lock().expect("clone lock").push(device),
+        }
+    }
+    if used == "copy" {
+        match copy_data(&input, &output, &file.meta, req.interrupted) {
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => Err(CommitError::Interrupted),
+            other => other.map_err(|e| write_error(&target, e, written())),
+        }?;
+    }
+    apply_metadata(&source, &target, &file.meta, true).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+    // A clone shares its extents with the live file: it allocates nothing.
+    if used == "copy" {
+        let bytes = output.metadata().map_or(0, |m| m.blocks() * 512);
+        shared.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(CopiedFile { freed, used })
 }
 
 /// The names in the live folder `source`, sorted.
