@@ -136,7 +136,7 @@ impl Subtree {
 impl<S: Source> Walker<'_, '_, S> {
     /// Walks the selection from the root and stores every tree; returns the root tree's id.
     pub(super) fn walk(&mut self, selection: &SelectionNode, parent: Option<&Tree>, done: &AtomicBool) -> Result<Id> {
-        let subtree = self.selected_dir(self.source.root(), Path::new("/"), selection, parent);
+        let subtree = self.selected_dir(self.source.root(), Path::new("/"), selection, parent.cloned());
         done.store(true, Ordering::Relaxed);
         match subtree? {
             Subtree::Stored(id) => Ok(id),
@@ -169,7 +169,7 @@ impl<S: Source> Walker<'_, '_, S> {
         dir: S::Place,
         shown: &Path,
         selection: &SelectionNode,
-        parent: Option<&Tree>,
+        parent: Option<Tree>,
     ) -> Result<Subtree> {
         if let Some(exclude) = &selection.whole {
             return self.whole_dir(&dir, shown, exclude.as_ref(), parent, Some(selection), false);
@@ -186,11 +186,11 @@ impl<S: Source> Walker<'_, '_, S> {
                 child.selected_under(&shown_child, &mut self.missed);
                 continue;
             };
-            let parent_node = parent.and_then(|tree| tree.get(name));
+            let parent_node = parent.as_ref().and_then(|tree| tree.get(name));
             if child.whole.is_none() && meta.is_dir() {
                 let subtree = self.load_parent_subtree(parent_node);
                 let xattrs = self.xattrs(&place, &shown_child);
-                let subtree = self.selected_dir(place, &shown_child, child, subtree.as_ref())?;
+                let subtree = self.selected_dir(place, &shown_child, child, subtree)?;
                 self.stats.dirs += 1;
                 let mut node = node_from_metadata(name, &meta, xattrs, self.names, NodeKind::Fifo);
                 self.identity(&shown_child, &mut node);
@@ -221,15 +221,23 @@ impl<S: Source> Walker<'_, '_, S> {
         dir: &S::Place,
         shown: &Path,
         exclude: Option<&GlobSet>,
-        parent: Option<&Tree>,
+        parent: Option<Tree>,
         selection: Option<&SelectionNode>,
         same: bool,
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
-        let mut entries = self.source.list(dir).unwrap_or_else(|error| {
-            self.shared.warn(shown, format!("cannot list the directory: {error}"));
-            Vec::new()
-        });
+        let named = self.changed.filter(|_| same).and_then(|changed| changed.names.get(shown));
+        let mut entries = match (named, &parent) {
+            // The journal named every entry added, removed, replaced or changed here since the
+            // parent version: the others are the parent's, and the folder is not listed.
+            (Some(named), Some(tree)) => {
+                tree.nodes.iter().map(|node| OsStr::from_bytes(&node.name).to_os_string()).chain(named.iter().cloned()).collect()
+            }
+            _ => self.source.list(dir).unwrap_or_else(|error| {
+                self.shared.warn(shown, format!("cannot list the directory: {error}"));
+                Vec::new()
+            }),
+        };
         // Selections read from elsewhere are not in this directory's listing.
         if let Some(selection) = selection {
             for (name, child) in &selection.children {
@@ -240,7 +248,9 @@ impl<S: Source> Walker<'_, '_, S> {
             }
         }
         entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        let named = self.changed.filter(|_| same).and_then(|changed| changed.names.get(shown));
+        entries.dedup();
+        // The parent's nodes, taken out as their names come (both are sorted by name).
+        let mut parent_nodes = parent.map(|tree| tree.nodes).unwrap_or_default().into_iter().peekable();
         let mut pending = Vec::with_capacity(entries.len());
         let mut found_nested = std::collections::HashSet::new();
         for name in entries {
@@ -256,15 +266,22 @@ impl<S: Source> Walker<'_, '_, S> {
                     continue;
                 }
             }
-            let parent_node = parent.and_then(|tree| tree.get(name.as_bytes()));
-            if let (Some(named), Some(parent_node), None) = (named, parent_node, nested) {
-                if named.binary_search(&name).is_err() {
-                    if let Some(reused) = self.not_named(&shown_child, parent_node)? {
-                        pending.push(reused);
-                        continue;
-                    }
+            while parent_nodes.next_if(|node| node.name.as_slice() < name.as_bytes()).is_some() {}
+            let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
+            let reused = match (named, parent_node.as_ref(), nested) {
+                (Some(named), Some(node), None) => {
+                    named.binary_search(&name).is_err() && self.not_named(&shown_child, node)?
                 }
-            }
+                _ => false,
+            };
+            let parent_node = match parent_node {
+                Some(node) if reused => {
+                    pending.push(Pending::Ready(node));
+                    continue;
+                }
+                other => other,
+            };
+            let parent_node = parent_node.as_ref();
             let at = nested.and_then(|n| n.source.as_deref());
             let trusted = parent_node.filter(|p| self.trusted(p));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
@@ -317,13 +334,13 @@ impl<S: Source> Walker<'_, '_, S> {
     }
 
     /// An entry of a directory the journal named by entries, not named itself: unchanged since
-    /// the parent version was read, which holds it as it is. A folder is taken so only when
-    /// nothing at or below it was named either (`None`: it is looked at).
-    fn not_named(&mut self, shown: &Path, parent: &Node) -> Result<Option<Pending>> {
+    /// the parent version was read, which holds it as it is (true; counted). A folder is taken
+    /// so only when nothing at or below it was named either (false: it is looked at).
+    fn not_named(&mut self, shown: &Path, parent: &Node) -> Result<bool> {
         match &parent.kind {
             NodeKind::Dir { subtree } => {
                 if !self.changed.is_some_and(|changed| changed.untouched(shown)) {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 let counts = self.counts.of(self.shared.repo, subtree)?;
                 self.stats.dirs += counts.dirs + 1;
@@ -340,7 +357,7 @@ impl<S: Source> Walker<'_, '_, S> {
             }
             _ => self.stats.others += 1,
         }
-        Ok(Some(Pending::Ready(parent.clone())))
+        Ok(true)
     }
 
     /// True when the parent version's entry changed well before the parent's point in time, so
@@ -409,7 +426,7 @@ impl<S: Source> Walker<'_, '_, S> {
             }
             let same = parent_node.is_some_and(|p| (p.device, p.inode) == (node.device, node.inode));
             let subtree = self.load_parent_subtree(parent_node);
-            let subtree = self.whole_dir(&place, shown, exclude, subtree.as_ref(), selection, same)?;
+            let subtree = self.whole_dir(&place, shown, exclude, subtree, selection, same)?;
             self.stats.dirs += 1;
             return Ok(Some(subtree.entry(node)));
         }
