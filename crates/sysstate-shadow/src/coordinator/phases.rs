@@ -67,6 +67,8 @@ struct Group<'a> {
     base_provider: Option<String>,
     /// Refreshing the base copy: the live identities its entries were copied from.
     previous: Option<provider::Origins>,
+    /// Refreshing the base copy: what its records of origins were when `previous` was read.
+    record: Option<provider::RecordIdentity>,
     /// What the copy before the freeze made.
     precopy: Option<Commit>,
     /// The live identities of the entries the copy before the freeze copied as they changed
@@ -331,7 +333,8 @@ impl Run<'_> {
                 let base_meta = if base { storage.copies().into_iter().find(|c| c.id == BASE_COPY) } else { None };
                 let base_bytes = base_meta.as_ref().map_or(0, |c| c.bytes);
                 // Without the record of what it was made from, a base is made anew.
-                let previous = if base { provider::read_origins(&storage.copy_dir(self.copy_id)) } else { None };
+                let read = if base { provider::read_origins_as(&storage.copy_dir(self.copy_id)) } else { None };
+                let (previous, record) = read.unzip();
                 if base && previous.is_none() {
                     let _ = storage.delete(self.copy_id);
                 }
@@ -346,6 +349,7 @@ impl Run<'_> {
                     base_bytes,
                     base_provider: base_meta.map(|c| c.provider),
                     previous,
+                    record,
                     precopy: None,
                     unsettled: Vec::new(),
                     changed: None,
@@ -536,7 +540,7 @@ impl Run<'_> {
             .collect();
         let changes = journal.journal.take();
         let unknown = if copied().any(|g| g.previous.is_none()) {
-            Some("the base copy had no readable record of the live files it was copied from (`origins.json` beside it): it was made anew".to_string())
+            Some("the base copy had no readable record of the live files it was copied from (`origins.json` and `origins.log` beside it): it was made anew".to_string())
         } else if bases.iter().any(Option::is_none) {
             Some("the base copy has no readable record of where the journal stood when it was made (`journal.json` beside it): the first backup since the agent started, or a damaged record".to_string())
         } else if bases.iter().flatten().any(|b| b.position != position) {
@@ -806,7 +810,15 @@ impl Run<'_> {
                         .flatten()
                         .all(|c| !c.origins_changed && c.unsettled.is_empty());
                 if !unchanged {
-                    provider::write_origins(&dir, &copy.settled_origins())
+                    // What changed since the records were read, when both copies followed the
+                    // journal: appended to them.
+                    let touched = [precopy, Some(copy)].into_iter().flatten().try_fold(Vec::new(), |mut all, c| {
+                        all.extend(c.touched.as_ref()?.iter().chain(&c.unsettled).cloned());
+                        Some(all)
+                    });
+                    let changed = group.record.zip(touched.filter(|_| precopy.is_some()));
+                    let changed = changed.as_ref().map(|(record, paths)| (*record, &paths[..]));
+                    provider::write_origins(&dir, &copy.settled_origins(), changed)
                         .map_err(|e| ShadowError::io(provider::origins_file(&dir), e))?;
                 }
                 // Where a kept journal stood when this copy was made: the next set brings it

@@ -126,6 +126,7 @@ fn walk_and_copy(
     };
     if incremental {
         copier.out.origins = req.previous.cloned().unwrap_or_default(); // shared until changed
+        copier.out.touched = Some(Vec::new());
     } else {
         copier.out.origins_changed = true; // made anew
     }
@@ -344,7 +345,7 @@ impl Copier<'_> {
 
     /// Forgets the origins of `shown` and everything below it.
     fn forget_under(&mut self, shown: &Path) {
-        Arc::make_mut(&mut self.out.origins).retain(|path, _| !path.starts_with(shown));
+        retain_origins(&mut self.out.origins, self.out.touched.as_mut(), |path, _| !path.starts_with(shown));
         self.out.origins_changed = true;
     }
 
@@ -352,6 +353,9 @@ impl Copier<'_> {
         let origin = Origin::of(meta);
         let shown = Path::new("/").join(relative);
         if self.out.origins.get(&shown) != Some(&origin) {
+            if let Some(touched) = &mut self.out.touched {
+                touched.push(shown.clone());
+            }
             Arc::make_mut(&mut self.out.origins).insert(shown, origin);
             self.out.origins_changed = true;
         }
@@ -396,7 +400,7 @@ impl Copier<'_> {
             // anew where it went, and its files are not the same names): those names are
             // looked at again.
             let linked = &mut self.linked;
-            Arc::make_mut(&mut self.out.origins).retain(|path, origin| {
+            retain_origins(&mut self.out.origins, self.out.touched.as_mut(), |path, origin| {
                 let inside = path.starts_with(&shown);
                 if inside && origin.links != 1 && path != &shown {
                     linked.insert((origin.device, origin.inode));
@@ -408,6 +412,9 @@ impl Copier<'_> {
         }
         let removed =
             if self.out.origins.contains_key(&shown) { Arc::make_mut(&mut self.out.origins).remove(&shown) } else { None };
+        if let (Some(touched), Some(_)) = (&mut self.out.touched, removed) {
+            touched.push(shown);
+        }
         self.out.origins_changed |= removed.is_some();
         // Other names may share the file whatever counts its copy or its origin hold (a link
         // made since through a folder not refreshed yet): they are looked at again (one look
@@ -708,6 +715,21 @@ impl Copier<'_> {
             Err(error) => Err(error),
         }
     }
+}
+
+/// Keeps the origins `keep` says to keep, noting those it removes in `touched` (if given).
+fn retain_origins(
+    origins: &mut super::Origins,
+    mut touched: Option<&mut Vec<PathBuf>>,
+    mut keep: impl FnMut(&PathBuf, &Origin) -> bool,
+) {
+    Arc::make_mut(origins).retain(|path, origin| {
+        let kept = keep(path, origin);
+        if let (false, Some(touched)) = (kept, touched.as_mut()) {
+            touched.push(path.clone());
+        }
+        kept
+    });
 }
 
 /// The folder a relative path is in ("" for one at the top).

@@ -1165,8 +1165,9 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
     assert_eq!(journaled, 4, "rounds 1-3 and 5 read by the journal");
 }
 
-/// The base copy's records damaged (a disk error, a hand that edited them): where the journal
-/// stood (`journal.json`) and the identities the copy was made from (`origins.json`). The next
+/// The base copy's records damaged (a disk error, a hand that edited them, a write cut short):
+/// where the journal stood (`journal.json`) and the identities the copy was made from
+/// (`origins.json`, and `origins.log`, what changed since, by then). The next
 /// backup is not misled: it walks (a base without its origins is made anew), says why, and makes
 /// the version a full walk makes; the one after reads by the journal again.
 #[test]
@@ -1183,9 +1184,15 @@ fn a_damaged_record_of_the_base_copy_makes_the_agent_walk_not_trust_it() {
     backup_now();
     backup_now();
     let base = sandbox.path("state/shadow/base");
-    for (n, damaged) in ["journal.json", "origins.json"].into_iter().enumerate() {
+    for (n, damaged) in ["journal.json", "origins.json", "origins.log"].into_iter().enumerate() {
         assert!(base.join(damaged).exists(), "no {damaged} beside the base copy");
-        std::fs::write(base.join(damaged), "{\"position\": [1, ").unwrap();
+        // Cut short inside a JSON value, where no record ends.
+        let mut text = std::fs::read(base.join(damaged)).unwrap();
+        text.truncate(text.len() / 2);
+        while text.last().is_some_and(|b| b"\n]}".contains(b)) {
+            text.pop();
+        }
+        std::fs::write(base.join(damaged), text).unwrap();
         std::fs::write(root.join(format!("data/more/changed-{n}")), "changed").unwrap();
         std::fs::remove_file(root.join("data/more/d0/e0/f0.bin")).ok();
         std::fs::write(root.join("data/more/d0/e0/f0.bin"), format!("rewritten {n}")).unwrap();
