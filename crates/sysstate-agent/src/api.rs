@@ -247,14 +247,7 @@ async fn route(
             Ok(body) => start(shared, &peer, body),
             Err(response) => response,
         },
-        (&Method::GET, ["v1", "jobs", id]) => {
-            let id = id.to_string();
-            match blocking(move || shared.store.job(&id)).await {
-                Ok(Some(job)) => reply(StatusCode::OK, &serde_json::to_value(job).expect("jobs encode")),
-                Ok(None) => not_found(segments[2]),
-                Err(error) => engine_error(&error),
-            }
-        }
+        (&Method::GET, ["v1", "jobs", id]) => job(shared, id.to_string(), &query).await,
         (&Method::GET, ["v1", "jobs", id, "events"]) => {
             let id = id.to_string();
             let filter = EventFilter { job: Some(id.clone()), ..Default::default() };
@@ -281,6 +274,52 @@ async fn route(
             format!("no endpoint `/{}`", segments.join("/")),
             "docs/api.md lists the endpoints",
         ),
+    }
+}
+
+/// The longest `GET /v1/jobs/ID?wait=MS` waits.
+const JOB_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// How often a waiting `GET /v1/jobs/ID?wait=MS` looks at the job's row.
+const JOB_WAIT_LOOK: Duration = Duration::from_millis(5);
+
+/// `GET /v1/jobs/ID[?wait=MS]`: the job; with `wait`, once it is no longer running or its
+/// current operation changed from the one it had when asked, or after MS milliseconds (at most
+/// ten seconds), whichever comes first — a client following a job learns of its end within
+/// milliseconds without asking every few.
+async fn job(shared: Arc<Shared>, id: String, query: &str) -> Response<Body> {
+    let wait = match query_value(query, "wait").map(str::parse::<u64>) {
+        None => Duration::ZERO,
+        Some(Ok(ms)) => Duration::from_millis(ms).min(JOB_WAIT_MAX),
+        Some(Err(_)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "`wait` is not a number of milliseconds".to_string(),
+                "give `wait=MS`, at most 10000",
+            )
+        }
+    };
+    let until = tokio::time::Instant::now() + wait;
+    let mut asked_during = None;
+    loop {
+        let store = shared.store.clone();
+        let row = {
+            let id = id.clone();
+            blocking(move || store.job(&id)).await
+        };
+        let job = match row {
+            Ok(Some(job)) => job,
+            Ok(None) => return not_found(&id),
+            Err(error) => return engine_error(&error),
+        };
+        let operation = job.current_operation.clone();
+        let changed = asked_during.as_ref().is_some_and(|asked| *asked != operation);
+        if job.state != JobState::Running || changed || tokio::time::Instant::now() >= until {
+            return reply(StatusCode::OK, &serde_json::to_value(job).expect("jobs encode"));
+        }
+        asked_during.get_or_insert(operation);
+        tokio::time::sleep(JOB_WAIT_LOOK).await;
     }
 }
 

@@ -172,18 +172,23 @@ pub fn backup_now(context: &Context<'_>, components: &[String]) -> Result<Outcom
     let record = loop {
         // The job's record from the agent; from the job store when the agent went away (a
         // stop cancels its job: the record then says how it ended).
-        let record = match client.get(&format!("/v1/jobs/{job}")) {
+        // The agent answers once the job ended or its operation changed (or five seconds
+        // passed): its end is seen within milliseconds, not at the next look.
+        let record = match client.get(&format!("/v1/jobs/{job}?wait=5000")) {
             Ok(answer) => answer.into_result()?,
             Err(_) => serde_json::to_value(store.job(&job)?).expect("jobs encode"),
         };
         if record["state"] != "running" {
             break record;
         }
-        if let Some(now) = record["current-operation"].as_str().filter(|now| *now != operation) {
-            context.say(format!("   {now}"));
-            operation = now.to_string();
+        match record["current-operation"].as_str().filter(|now| *now != operation) {
+            Some(now) => {
+                context.say(format!("   {now}"));
+                operation = now.to_string();
+            }
+            // Nothing new: the wait passed (or an agent that does not wait answered at once).
+            None => wait(),
         }
-        wait();
     };
     if context.json() {
         print_json(&record);

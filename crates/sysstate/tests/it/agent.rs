@@ -275,6 +275,9 @@ fn the_api_answers_by_the_callers_credentials_and_refuses_what_is_malformed() {
     assert_eq!(code, 404, "{body}");
     let (code, _) = raw(&sandbox, b"this is not http\r\n\r\n");
     assert_eq!(code, 400);
+    let (code, body) = raw(&sandbox, b"GET /v1/jobs/none?wait=soon HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("milliseconds"), "{body}");
     // A backup asked for now runs, and its log and events are there to read.
     let output = sandbox.run_code(&["backup", "--now"], 0);
     assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
@@ -283,6 +286,12 @@ fn the_api_answers_by_the_callers_credentials_and_refuses_what_is_malformed() {
     let (code, log) = raw(&sandbox, format!("GET /v1/jobs/{id}/log?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
     assert_eq!(code, 200);
     assert!(log.contains("ended: succeeded"), "{log}");
+    // A job that ended is answered at once, whatever the wait asked for.
+    let asked = std::time::Instant::now();
+    let (code, body) = raw(&sandbox, format!("GET /v1/jobs/{id}?wait=10000 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"succeeded\""), "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "an ended job was waited on for {:?}", asked.elapsed());
     let (code, listed) = raw(&sandbox, b"GET /v1/jobs?kind=backup&state=succeeded&limit=5 HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(code, 200);
     assert!(listed.contains(id), "{listed}");
