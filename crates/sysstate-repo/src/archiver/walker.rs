@@ -230,9 +230,12 @@ impl<S: Source> Walker<'_, '_, S> {
         let mut entries = match (named, &parent) {
             // The journal named every entry added, removed, replaced or changed here since the
             // parent version: the others are the parent's, and the folder is not listed.
-            (Some(named), Some(tree)) => {
-                tree.nodes.iter().map(|node| OsStr::from_bytes(&node.name).to_os_string()).chain(named.iter().cloned()).collect()
-            }
+            (Some(named), Some(tree)) => tree
+                .nodes
+                .iter()
+                .map(|node| OsStr::from_bytes(&node.name).to_os_string())
+                .chain(named.iter().cloned())
+                .collect(),
             _ => self.source.list(dir).unwrap_or_else(|error| {
                 self.shared.warn(shown, format!("cannot list the directory: {error}"));
                 Vec::new()

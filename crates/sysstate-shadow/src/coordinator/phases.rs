@@ -370,8 +370,9 @@ impl Run<'_> {
     /// (its base was made by copying, not cloning): a copy reads dirty pages as they are, and
     /// writing back what a 2% change left dirty was a twentieth of such a backup on ext4.
     fn write_back(&self, groups: &[Group<'_>]) {
-        let copies_bytes =
-            |g: &Group<'_>| !g.provider.snapshots() && (g.provider.name() == "copy" || g.base_provider.as_deref() == Some("copy"));
+        let copies_bytes = |g: &Group<'_>| {
+            !g.provider.snapshots() && (g.provider.name() == "copy" || g.base_provider.as_deref() == Some("copy"))
+        };
         if groups.iter().all(copies_bytes) {
             return;
         }

@@ -410,8 +410,11 @@ impl Copier<'_> {
             self.out.origins_changed = true;
             return;
         }
-        let removed =
-            if self.out.origins.contains_key(&shown) { Arc::make_mut(&mut self.out.origins).remove(&shown) } else { None };
+        let removed = if self.out.origins.contains_key(&shown) {
+            Arc::make_mut(&mut self.out.origins).remove(&shown)
+        } else {
+            None
+        };
         if let (Some(touched), Some(_)) = (&mut self.out.touched, removed) {
             touched.push(shown);
         }
@@ -899,7 +902,9 @@ fn copy_queued_file(
     let mut freed = 0;
     if let Some(replaced) = file.replaces {
         match std::fs::remove_file(&target) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(CommitError::Io(ShadowError::io(&target, e))),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CommitError::Io(ShadowError::io(&target, e)))
+            }
             _ => freed = replaced,
         }
     }

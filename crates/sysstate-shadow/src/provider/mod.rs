@@ -547,7 +547,8 @@ mod tests {
     fn the_record_of_origins_logs_what_changed_and_reads_back_whole() {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
-        let paths = |range: std::ops::Range<u64>| range.map(|n| PathBuf::from(format!("/data/f{n}"))).collect::<Vec<_>>();
+        let paths =
+            |range: std::ops::Range<u64>| range.map(|n| PathBuf::from(format!("/data/f{n}"))).collect::<Vec<_>>();
         let mut origins: Origins = Arc::new(paths(0..1000).into_iter().zip((0..1000).map(origin)).collect());
         write_origins(dir, &origins, None).unwrap();
         assert!(!origins_log_file(dir).exists(), "a first record is written whole");
@@ -558,7 +559,12 @@ mod tests {
         map.insert(PathBuf::from("/data/f1"), origin(5001));
         map.insert(PathBuf::from("/data/new"), origin(5002));
         map.remove(Path::new("/data/f2"));
-        let changed = [PathBuf::from("/data/f1"), PathBuf::from("/data/new"), PathBuf::from("/data/f2"), PathBuf::from("/data/f1")];
+        let changed = [
+            PathBuf::from("/data/f1"),
+            PathBuf::from("/data/new"),
+            PathBuf::from("/data/f2"),
+            PathBuf::from("/data/f1"),
+        ];
         write_origins(dir, &origins, Some((read, &changed))).unwrap();
         assert_eq!(std::fs::metadata(origins_file(dir)).unwrap().len(), whole_size, "rewritten whole");
         let log = std::fs::read_to_string(origins_log_file(dir)).unwrap();
