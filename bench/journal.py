@@ -229,7 +229,8 @@ def main():
     parser.add_argument("--scaling", type=int, nargs="+", default=[],
                         help="instead of the system corpus: trees of this many small files, on ext4")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/sysstate-journal-bench"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results-journal.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the results go (results-journal.json, or results-journal-scaling.json with --scaling)")
     args = parser.parse_args()
     args.sysstate = args.sysstate.resolve()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -244,7 +245,8 @@ def main():
     else:
         for kind in args.fs:
             report["filesystems"][kind] = bench_fs(kind, args, args.work)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out = args.out or Path(__file__).resolve().parent / ("results-journal-scaling.json" if args.scaling else "results-journal.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
     for kind, result in report["filesystems"].items():
         print(f"\n{kind}: {result['files']} files (median seconds; restic's time / this one's)")
         print(f"{'phase':<10}" + "".join(f"{name:>22}" for name in result["summary"]))
