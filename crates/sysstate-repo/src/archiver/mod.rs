@@ -286,7 +286,7 @@ pub fn backup<S: Source>(
             in_flight: 0,
             missed: Vec::new(),
         };
-        let tree = walker.walk(&selection, parent_tree.as_ref(), &walk_done);
+        let tree = walker.walk(&selection, parent_tree, &walk_done);
         let missed = std::mem::take(&mut walker.missed);
         if walker.changed.is_some() {
             tracing::debug!(reused = walker.reused, "folders taken from the parent version as the journal allowed");

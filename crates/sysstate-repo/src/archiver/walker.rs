@@ -135,8 +135,8 @@ impl Subtree {
 
 impl<S: Source> Walker<'_, '_, S> {
     /// Walks the selection from the root and stores every tree; returns the root tree's id.
-    pub(super) fn walk(&mut self, selection: &SelectionNode, parent: Option<&Tree>, done: &AtomicBool) -> Result<Id> {
-        let subtree = self.selected_dir(self.source.root(), Path::new("/"), selection, parent.cloned());
+    pub(super) fn walk(&mut self, selection: &SelectionNode, parent: Option<Tree>, done: &AtomicBool) -> Result<Id> {
+        let subtree = self.selected_dir(self.source.root(), Path::new("/"), selection, parent);
         done.store(true, Ordering::Relaxed);
         match subtree? {
             Subtree::Stored(id) => Ok(id),
