@@ -147,6 +147,9 @@ struct Gathered {
     relinked: HashSet<DirKey>,
     /// Why the set cannot be trusted, once it cannot.
     doubt: Option<String>,
+    /// A directory was moved or removed: the paths [`Journal::take`] keeps for directories
+    /// may no longer be theirs.
+    dirs_moved: bool,
 }
 
 /// A point in a journal's life: after its `take`-th take. Changes taken at position P+1 are
@@ -167,6 +170,11 @@ pub struct Journal {
     watched: Arc<Vec<Watched>>,
     gathered: Arc<Mutex<Gathered>>,
     max_dirs: usize,
+    /// The path of each directory an earlier take looked up, by handle: kept until a take
+    /// finds a directory moved or removed (or doubts), so each is looked up once, not at every
+    /// take (`open_by_handle_at` and `readlink` of a few thousand directories — the copies of
+    /// other backups on the filesystem too — were half of the journal's take).
+    paths: Mutex<std::collections::HashMap<DirKey, PathBuf>>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -242,6 +250,7 @@ impl Journal {
             watched: Arc::new(watched),
             gathered: Arc::default(),
             max_dirs: options.max_dirs,
+            paths: Mutex::default(),
             stop: Arc::default(),
             reader: None,
         };
@@ -276,12 +285,23 @@ impl Journal {
     /// (its [`position`](Self::position) moves on by one). Every change made before the call is
     /// in it: the kernel queues an event before the call that made the change returns, and
     /// this reads the queue to its end.
+    ///
+    /// Directories are named by their paths when the queue was read. A path looked up at an
+    /// earlier take is used again while no directory moved or was removed since: every such
+    /// move or removal comes with an event (`FAN_ONDIR`), and the take that reads it looks every
+    /// path up again. A directory moved after the queue was read is named by its path before
+    /// the move (looked up afresh, by its path after it); the move's events are in the next take
+    /// either way.
     pub fn take(&self) -> Changes {
         let mut gathered = self.gathered.lock().expect("journal lock");
         drain(&self.fd, &mut gathered, self.max_dirs);
         let taken = std::mem::take(&mut *gathered);
         self.takes.fetch_add(1, Ordering::SeqCst);
         drop(gathered);
+        let mut paths = self.paths.lock().expect("journal paths lock");
+        if taken.doubt.is_some() || taken.dirs_moved || paths.len() > self.max_dirs {
+            paths.clear();
+        }
         if let Some(doubt) = taken.doubt {
             return Changes::Doubt(doubt);
         }
@@ -289,7 +309,16 @@ impl Journal {
         let mut dirs = Vec::with_capacity(taken.dirs.len());
         let mut names = EntryNames::new();
         for (key, named) in &taken.dirs {
-            let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
+            let path = match paths.get(key) {
+                Some(path) => Some(path.clone()),
+                None => {
+                    let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
+                    if let Some(path) = &path {
+                        paths.insert(key.clone(), path.clone());
+                    }
+                    path
+                }
+            };
             if let (Some(path), Some(named)) = (&path, named) {
                 let mut named: Vec<_> = named.iter().map(|n| std::ffi::OsStr::from_bytes(n).to_os_string()).collect();
                 named.sort();
@@ -298,6 +327,7 @@ impl Journal {
             dirs.extend(path.clone());
             resolved.insert(key, path);
         }
+        drop(paths);
         let mut written: Vec<PathBuf> = taken
             .written
             .iter()
@@ -437,6 +467,11 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
         if mask & libc::FAN_Q_OVERFLOW != 0 {
             gathered.doubt.get_or_insert("the change journal's queue overflowed: changes were lost".into());
             continue;
+        }
+        const MOVED: u64 =
+            libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO | libc::FAN_MOVE_SELF | libc::FAN_DELETE | libc::FAN_DELETE_SELF;
+        if mask & libc::FAN_ONDIR != 0 && mask & MOVED != 0 {
+            gathered.dirs_moved = true;
         }
         let mut found_dir = false;
         let mut object = None;
@@ -594,6 +629,41 @@ mod tests {
         std::fs::write(root.join("c/e/new"), "x").unwrap();
         let changed = dirs(journal.take());
         assert_eq!(changed.iter().filter(|p| p.starts_with(&root)).collect::<Vec<_>>(), [&root.join("c/e")]);
+    }
+
+    /// The paths a take keeps for directories are looked up again once one moved or was removed:
+    /// a change after the move is named at the directory's new path, never its old one.
+    #[test]
+    fn a_directory_moved_since_an_earlier_take_is_named_by_its_new_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["a/inner", "b", "c/deep/er"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        let under =
+            |changes: Changes| -> Vec<PathBuf> { dirs(changes).into_iter().filter(|p| p.starts_with(&root)).collect() };
+        // Each take: something changed in the folders, so their paths are kept...
+        for round in 0..2 {
+            std::fs::write(root.join("a/inner/file"), format!("{round}")).unwrap();
+            std::fs::write(root.join("c/deep/er/file"), format!("{round}")).unwrap();
+            assert_eq!(under(journal.take()), [root.join("a/inner"), root.join("c/deep/er")]);
+        }
+        // ...then a folder moves (alone in its take), and another's parent is renamed.
+        std::fs::rename(root.join("a/inner"), root.join("b/inner")).unwrap();
+        std::fs::rename(root.join("c/deep"), root.join("c/shallow")).unwrap();
+        journal.take();
+        std::fs::write(root.join("b/inner/file"), "moved").unwrap();
+        std::fs::write(root.join("c/shallow/er/file"), "moved").unwrap();
+        assert_eq!(under(journal.take()), [root.join("b/inner"), root.join("c/shallow/er")]);
+        // A folder removed, and another made at its path: the new one is named, at that path.
+        std::fs::write(root.join("b/inner/file"), "again").unwrap();
+        journal.take();
+        std::fs::remove_dir_all(root.join("b/inner")).unwrap();
+        std::fs::rename(root.join("c/shallow/er"), root.join("b/inner")).unwrap();
+        journal.take();
+        std::fs::write(root.join("b/inner/file"), "replaced").unwrap();
+        assert_eq!(under(journal.take()), [root.join("b/inner")]);
     }
 
     #[test]

@@ -288,10 +288,8 @@ impl JobStore {
     pub fn operation(&self, job: &str, operation: &str) -> Result<()> {
         self.log(job, operation);
         self.with(|db| {
-            db.execute(
-                "UPDATE jobs SET current_operation = ?2, heartbeat_ns = ?3 WHERE id = ?1",
-                params![job, operation, now_ns()],
-            )
+            db.prepare_cached("UPDATE jobs SET current_operation = ?2, heartbeat_ns = ?3 WHERE id = ?1")?
+                .execute(params![job, operation, now_ns()])
         })
         .map(|_| ())
     }
@@ -299,17 +297,17 @@ impl JobStore {
     /// Updates a job's progress.
     pub fn progress(&self, job: &str, progress: &JobProgress) -> Result<()> {
         self.with(|db| {
-            db.execute(
+            db.prepare_cached(
                 "UPDATE jobs SET bytes_done = ?2, bytes_total = ?3, files_done = ?4, files_total = ?5, heartbeat_ns = ?6 WHERE id = ?1",
-                params![
+            )?
+            .execute(params![
                     job,
                     progress.bytes_done,
                     progress.bytes_total,
                     progress.files_done,
                     progress.files_total,
                     now_ns()
-                ],
-            )
+            ])
         })
         .map(|_| ())
     }
@@ -597,7 +595,10 @@ impl JobStore {
 
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
-        self.with(|db| db.query_row("SELECT * FROM jobs WHERE id = ?1", params![id], Self::read_job).optional())
+        // Asked every few milliseconds while a client waits for a job (`GET /v1/jobs/ID?wait=`).
+        self.with(|db| {
+            db.prepare_cached("SELECT * FROM jobs WHERE id = ?1")?.query_row(params![id], Self::read_job).optional()
+        })
     }
 
     /// Events, oldest first.

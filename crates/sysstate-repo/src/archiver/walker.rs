@@ -286,7 +286,11 @@ impl<S: Source> Walker<'_, '_, S> {
             };
             let parent_node = parent_node.as_ref();
             let at = nested.and_then(|n| n.source.as_deref());
-            let trusted = parent_node.filter(|p| self.trusted(p));
+            // An entry named here (by the journal, or looked at again by the copy) has most likely
+            // changed since the parent version: its live entry is looked up only if the copy's
+            // is not the parent's, and the copy's is looked up at once.
+            let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
+            let trusted = parent_node.filter(|p| !named_here && self.trusted(p));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
             if nested.is_some() {
                 found_nested.insert(name.as_bytes().to_vec());
