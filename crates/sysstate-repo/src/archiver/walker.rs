@@ -271,10 +271,10 @@ impl<S: Source> Walker<'_, '_, S> {
             }
             while parent_nodes.next_if(|node| node.name.as_slice() < name.as_bytes()).is_some() {}
             let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
+            // Named here by the journal (or looked at again by the copy).
+            let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
             let reused = match (named, parent_node.as_ref(), nested) {
-                (Some(named), Some(node), None) => {
-                    named.binary_search(&name).is_err() && self.not_named(&shown_child, node)?
-                }
+                (Some(_), Some(node), None) => !named_here && self.not_named(&shown_child, node)?,
                 _ => false,
             };
             let parent_node = match parent_node {
@@ -286,10 +286,8 @@ impl<S: Source> Walker<'_, '_, S> {
             };
             let parent_node = parent_node.as_ref();
             let at = nested.and_then(|n| n.source.as_deref());
-            // An entry named here (by the journal, or looked at again by the copy) has most likely
-            // changed since the parent version: its live entry is looked up only if the copy's
-            // is not the parent's, and the copy's is looked up at once.
-            let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
+            // An entry named here most likely changed since the parent version, so its live entry
+            // is no twin of the parent's: it is looked up in the copy at once.
             let trusted = parent_node.filter(|p| !named_here && self.trusted(p));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
             if nested.is_some() {
