@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine as root: installs what the tests need (Debian
-# packages, Azurite from npm, Garage built once with cargo and kept in cargo's bin folder),
-# starts the services on 127.0.0.1, then runs formatting and lint checks and every test.
+# packages, Azurite from npm, Garage built once with cargo in the background and kept in cargo's
+# bin folder), starts the services on 127.0.0.1, then runs formatting and lint checks and every
+# test.
 #
 # SYSSTATE_TEST_REQUIRE=all (set here) makes a test fail, not skip, when root, a loop device or a
 # service is missing: CI must run everything. Unset it to run the suite elsewhere; the tests
@@ -14,6 +15,23 @@ step() { printf '\n==> %s\n' "$*"; }
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/test.sh installs packages and uses loop devices: run it as root" >&2
   exit 2
+fi
+
+# The tools cargo builds (Garage takes most of a fresh machine's setup: about 17 minutes on two
+# cores) build in the background while the steps below wait on the network and the disk (apt,
+# npm, debootstrap, the boot images); the services step waits for them.
+tools_log=$(mktemp)
+tools_pid=
+if ! command -v garage >/dev/null || ! command -v cargo-fuzz >/dev/null || ! command -v cargo-deb >/dev/null; then
+  step "Garage, cargo-fuzz and cargo-deb: cargo install in the background (cached in cargo's bin folder; log in $tools_log)"
+  (
+    command -v garage >/dev/null || cargo install garage --locked --no-default-features --features bundled-libs,lmdb,sqlite
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+  ) >"$tools_log" 2>&1 &
+  tools_pid=$!
+  # A step that fails below ends the script: the build in the background ends with it.
+  trap 'kill "$tools_pid" 2>/dev/null || true' EXIT
 fi
 
 step "Debian packages"
@@ -43,10 +61,6 @@ python3 -c 'import azure.storage.blob' 2>/dev/null || python3 -m pip install -q 
 step "aiosmtpd (PyPI): the SMTP server the agent's mail goes to"
 python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd
 
-step "Garage (cargo install, cached in cargo's bin folder)"
-if ! command -v garage >/dev/null; then
-  cargo install garage --locked --no-default-features --features bundled-libs,lmdb,sqlite
-fi
 
 step "loop devices"
 [ -e /dev/loop-control ] || modprobe loop || true
@@ -78,6 +92,16 @@ for firmware in uefi bios; do
 done
 export SYSSTATE_TEST_BOOT_IMAGE="$boot_image" SYSSTATE_TEST_BOOT_IMAGE_BIOS="$boot_image_bios"
 
+if [ -n "$tools_pid" ]; then
+  step "waiting for the background cargo install of Garage, cargo-fuzz and cargo-deb"
+  if ! wait "$tools_pid"; then
+    echo "cargo install of Garage, cargo-fuzz or cargo-deb failed; the end of its log:" >&2
+    tail -n 60 "$tools_log" >&2
+    exit 1
+  fi
+  echo "built in the background: $(grep -Ec '^ +Installed' "$tools_log") tools"
+fi
+
 step "services"
 eval "$(scripts/services.sh)"
 export SYSSTATE_TEST_REQUIRE=all
@@ -92,7 +116,6 @@ step "fuzz targets: build, and run each briefly"
 # cargo fuzz wants a nightly toolchain and this machine has only stable: RUSTC_BOOTSTRAP lets the
 # stable compiler take its flags. No sanitizer: the decoders are safe Rust, so libFuzzer's
 # coverage and our own assertions (round trips, name validation) are what finds bugs here.
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 (
   cd fuzz
   export RUSTC_BOOTSTRAP=1
@@ -119,7 +142,6 @@ bench/run --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysst
 bench/run --vault --smoke --sysstate target/debug/sysstate --work "${TMPDIR:-/tmp}/sysstate-bench-smoke" >/dev/null
 
 step "the Debian package: built by cargo deb, installed into a fresh Debian (a chroot), removed"
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
 dist/deb/test.sh
 
 step "cargo test"
