@@ -110,7 +110,9 @@ impl Journaled {
 }
 
 /// Entries in a stored tree and all below it, by the tree's id: a tree never changes, so a
-/// count stays true.
+/// count stays true. Counted as a backup stores each tree, or from the repository's trees when a
+/// subtree taken from the parent was never counted (kept across backups by a long-lived caller,
+/// the agent, that is only the first backup).
 #[derive(Debug, Default)]
 pub struct TreeCounts(Mutex<std::collections::HashMap<crate::Id, Counts>>);
 
@@ -123,6 +125,29 @@ pub(crate) struct Counts {
     pub(crate) bytes: u64,
 }
 
+impl Counts {
+    /// Adds a tree's node, `below` being its subtree's counts when it is a directory.
+    fn add(&mut self, node: &crate::tree::Node, below: Option<Counts>) {
+        match (&node.kind, below) {
+            (crate::tree::NodeKind::Dir { .. }, Some(below)) => {
+                self.dirs += 1 + below.dirs;
+                self.files += below.files;
+                self.others += below.others;
+                self.bytes += below.bytes;
+            }
+            (crate::tree::NodeKind::File(_), _) => {
+                self.files += 1;
+                self.bytes += node.size;
+            }
+            _ => self.others += 1,
+        }
+    }
+}
+
+/// Counts kept at most: about 80 bytes each (a few times the trees of the largest system trees a
+/// version holds). Past it they are dropped and counted again as they are met.
+const MAX_COUNTS: usize = 500_000;
+
 impl TreeCounts {
     /// The counts of tree `id`, read from the repository where not known.
     pub(crate) fn of(&self, repo: &Repository, id: &crate::Id) -> Result<Counts> {
@@ -132,23 +157,40 @@ impl TreeCounts {
         let tree = repo.read_tree(id)?;
         let mut counts = Counts::default();
         for node in &tree.nodes {
-            match &node.kind {
-                crate::tree::NodeKind::Dir { subtree } => {
-                    let below = self.of(repo, subtree)?;
-                    counts.dirs += 1 + below.dirs;
-                    counts.files += below.files;
-                    counts.others += below.others;
-                    counts.bytes += below.bytes;
-                }
-                crate::tree::NodeKind::File(_) => {
-                    counts.files += 1;
-                    counts.bytes += node.size;
-                }
-                _ => counts.others += 1,
-            }
+            let below = match &node.kind {
+                crate::tree::NodeKind::Dir { subtree } => Some(self.of(repo, subtree)?),
+                _ => None,
+            };
+            counts.add(node, below);
         }
-        self.0.lock().expect("counts lock").insert(*id, counts);
+        Self::keep(&mut self.0.lock().expect("counts lock"), *id, counts);
         Ok(counts)
+    }
+
+    /// Counts the tree a backup stores as `id`, from its nodes and the counts of its subtrees
+    /// (stored or counted before it). Then a later backup that takes it from its parent does not
+    /// read it and all below it again to count it. A subtree not counted leaves it uncounted.
+    pub(crate) fn stored(&self, id: crate::Id, nodes: &[crate::tree::Node]) {
+        let mut known = self.0.lock().expect("counts lock");
+        let mut counts = Counts::default();
+        for node in nodes {
+            let below = match &node.kind {
+                crate::tree::NodeKind::Dir { subtree } => match known.get(subtree) {
+                    Some(below) => Some(*below),
+                    None => return,
+                },
+                _ => None,
+            };
+            counts.add(node, below);
+        }
+        Self::keep(&mut known, id, counts);
+    }
+
+    fn keep(known: &mut std::collections::HashMap<crate::Id, Counts>, id: crate::Id, counts: Counts) {
+        if known.len() >= MAX_COUNTS {
+            known.clear();
+        }
+        known.insert(id, counts);
     }
 }
 

@@ -530,6 +530,7 @@ impl<S: Source> Walker<'_, '_, S> {
         self.shared.check_abort()?;
         let bytes = tree.encode();
         let id = self.shared.repo.key().blob_id(&bytes);
+        self.counts.stored(id, &tree.nodes);
         if self.shared.saver.reserve(id)
             && self.blob_tx.send(BlobJob { kind: BlobKind::Tree, id, data: bytes }).is_err()
         {
