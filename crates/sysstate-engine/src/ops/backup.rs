@@ -34,19 +34,19 @@ pub struct BackupRequest {
     pub trigger: sysstate_shadow::ThawTrigger,
     /// Told each damaged repository file the backup passes over (beside the job's events).
     pub damage: Option<sysstate_repo::DamageHook>,
-    /// A change journal kept since earlier backups (the agent's), with the counts of the trees
-    /// it met: the backup then costs what changed since the parent version.
+    /// A change journal kept since earlier backups (the agent's), with what they kept of the trees
+    /// they met: the backup then costs what changed since the parent version.
     pub journal: Option<KeptJournal>,
 }
 
-/// A change journal kept across backups by a long-lived process (the agent), and the entry
-/// counts of the trees its backups met.
+/// A change journal kept across backups by a long-lived process (the agent), and what its
+/// backups kept of the trees they met (their entry counts, the last version's trees decoded).
 #[derive(Debug, Clone)]
 pub struct KeptJournal {
     /// The journal, watching the components' filesystems.
     pub journal: std::sync::Arc<sysstate_shadow::journal::Journal>,
-    /// Entry counts by tree.
-    pub counts: std::sync::Arc<sysstate_repo::archiver::TreeCounts>,
+    /// Entry counts by tree, and the last version's trees decoded.
+    pub counts: std::sync::Arc<sysstate_repo::archiver::KnownTrees>,
     /// The version the last backup with this journal made, and the position it was read at:
     /// the parent the next one compares with, whatever was backed up in between by others.
     pub made: std::sync::Arc<std::sync::Mutex<Option<(sysstate_shadow::journal::Position, Id)>>>,

@@ -83,8 +83,10 @@ pub(super) struct Walker<'a, 's, S: Source> {
     ///
     /// [`BackupOptions::changed`]: super::BackupOptions::changed
     pub(super) changed: Option<&'s super::Journaled>,
-    /// Counts of the subtrees taken from the parent.
-    pub(super) counts: &'s super::TreeCounts,
+    /// Counts of the subtrees taken from the parent, and the parent's trees decoded.
+    pub(super) counts: &'s super::KnownTrees,
+    /// Keep the trees stored in `counts`, decoded (it is kept across backups).
+    pub(super) keep_trees: bool,
     /// Folders taken from the parent version whole.
     pub(super) reused: u64,
     pub(super) shared: &'s Shared<'a>,
@@ -392,7 +394,7 @@ impl<S: Source> Walker<'_, '_, S> {
 
     fn load_parent_subtree(&self, parent_node: Option<&Node>) -> Option<Tree> {
         match parent_node.map(|n| &n.kind) {
-            Some(NodeKind::Dir { subtree }) => self.shared.repo.read_tree(subtree).ok(),
+            Some(NodeKind::Dir { subtree }) => self.counts.take(self.shared.repo, subtree).ok(),
             _ => None,
         }
     }
@@ -531,6 +533,9 @@ impl<S: Source> Walker<'_, '_, S> {
         let bytes = tree.encode();
         let id = self.shared.repo.key().blob_id(&bytes);
         self.counts.stored(id, &tree.nodes);
+        if self.keep_trees {
+            self.counts.keep(id, tree);
+        }
         if self.shared.saver.reserve(id)
             && self.blob_tx.send(BlobJob { kind: BlobKind::Tree, id, data: bytes }).is_err()
         {
