@@ -53,6 +53,17 @@ struct LoadedIndex {
 
 static LAST_INDEX: Mutex<Option<LoadedIndex>> = Mutex::new(None);
 
+/// The version manifests this process read and checked, by repository (its location and id): a
+/// manifest is named by the hash of its bytes and never changes, so a long-lived process (the
+/// agent, whose every backup looks for its parent among all versions) reads only those new since
+/// its last listing. At most [`KEPT_VERSIONS_MAX`] in all: past it, the others go first.
+static READ_VERSIONS: std::sync::LazyLock<Mutex<ReadVersions>> = std::sync::LazyLock::new(Default::default);
+
+type ReadVersions = std::collections::HashMap<(String, Id), std::collections::HashMap<Id, Version>>;
+
+/// About two years of hourly backups of one repository (a manifest takes a few KiB decoded).
+const KEPT_VERSIONS_MAX: usize = 20_000;
+
 /// An open repository.
 #[derive(Debug)]
 pub struct Repository {
@@ -562,6 +573,9 @@ impl Repository {
             let listed: std::collections::HashSet<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
             cache.retain(Cached::Version, |id| listed.contains(id.to_hex().as_str()));
         }
+        let repository = (self.location(), self.config.id);
+        let mut known = READ_VERSIONS.lock().expect("read versions lock").remove(&repository).unwrap_or_default();
+        let mut read = std::collections::HashMap::with_capacity(listed.len());
         for (name, _) in listed {
             let Some(id) = Id::from_hex(&name) else {
                 self.pass_over(
@@ -571,8 +585,16 @@ impl Repository {
                 );
                 continue;
             };
+            if let Some(version) = known.remove(&id) {
+                out.push((id, version.clone()));
+                read.insert(id, version);
+                continue;
+            }
             match self.read_version(&id) {
-                Ok(version) => out.push((id, version)),
+                Ok(version) => {
+                    read.insert(id, version.clone());
+                    out.push((id, version));
+                }
                 // Forgotten since the listing.
                 Err(RepoError::VersionNotFound(_)) => {}
                 Err(RepoError::Corrupt { object, detail, .. }) => {
@@ -581,6 +603,16 @@ impl Repository {
                 Err(error) => return Err(error),
             }
         }
+        // Those no longer listed (forgotten) are dropped with `known`.
+        let mut kept = READ_VERSIONS.lock().expect("read versions lock");
+        let others: usize = kept.values().map(|versions| versions.len()).sum();
+        if others + read.len() > KEPT_VERSIONS_MAX {
+            kept.clear();
+        }
+        if read.len() <= KEPT_VERSIONS_MAX {
+            kept.insert(repository, read);
+        }
+        drop(kept);
         out.sort_by_key(|(id, version)| (version.time_ns, *id));
         Ok(out)
     }
@@ -816,6 +848,47 @@ mod tests {
         assert_eq!(three.load_index().unwrap().len(), 1);
         assert_eq!(three.index().len(), 1);
         assert!(three.index().contains(&kept_blob));
+    }
+
+    /// A second listing in the same process reads only the manifests that are new: one read
+    /// before is taken from memory (its file damaged since is not read), a forgotten one is gone,
+    /// and another repository at the same place reads its own.
+    #[test]
+    fn a_second_listing_reads_only_new_version_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let at = dir.path().join("repo");
+        let repo = Repository::init(Arc::new(LocalBackend::new(&at)), b"p", cheap).unwrap();
+        let version = |hour: i64| Version {
+            time_ns: hour * 3600 * 1_000_000_000,
+            host: "h".into(),
+            root_path: "/".into(),
+            tree: Id::random(),
+            components: vec![],
+            parent: None,
+            tags: vec![],
+            stats: Default::default(),
+            program: String::new(),
+            shadow: None,
+            system: None,
+            extra: Default::default(),
+        };
+        let first = repo.save_version(&version(1)).unwrap();
+        let second = repo.save_version(&version(2)).unwrap();
+        let ids = |repo: &Repository| repo.versions().unwrap().into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(&repo), [first, second]);
+        std::fs::write(at.join(FileKind::Version.path(&first.to_hex())), b"damaged since").unwrap();
+        repo.forget_version(&second).unwrap();
+        let third = repo.save_version(&version(3)).unwrap();
+        let again = Repository::open(Arc::new(LocalBackend::new(&at)), b"p").unwrap();
+        assert_eq!(ids(&again), [first, third], "the first manifest was read again, or the forgotten one kept");
+        // A new repository where the old one was: nothing of the old one's is taken.
+        std::fs::remove_dir_all(&at).unwrap();
+        let new = Repository::init(Arc::new(LocalBackend::new(&at)), b"p", cheap).unwrap();
+        assert!(ids(&new).is_empty());
+        let fourth = new.save_version(&version(4)).unwrap();
+        std::fs::write(at.join(FileKind::Version.path(&fourth.to_hex())), b"damaged").unwrap();
+        assert!(ids(&new).is_empty(), "a damaged manifest never read was taken as a version");
     }
 
     /// A tree pack that is damaged in the repository is not cached, and not downloaded again for
