@@ -43,7 +43,7 @@ impl std::fmt::Debug for DamageHook {
     }
 }
 
-/// The index a process loaded last, and what it was made of (see [`Repository::load_index`]).
+/// An index a process loaded, and what it was made of (see [`Repository::load_index`]).
 struct LoadedIndex {
     location: String,
     repository: Id,
@@ -51,7 +51,17 @@ struct LoadedIndex {
     index: Arc<Index>,
 }
 
-static LAST_INDEX: Mutex<Option<LoadedIndex>> = Mutex::new(None);
+/// The indexes the process loaded last, the newest last: one for each of the last
+/// [`LOADED_INDEXES_MAX`] repositories (an agent backs up to one and copies to another).
+static LAST_INDEX: Mutex<Vec<LoadedIndex>> = Mutex::new(Vec::new());
+
+const LOADED_INDEXES_MAX: usize = 4;
+
+impl LoadedIndex {
+    fn of(&self, repo: &Repository) -> bool {
+        self.location == repo.location() && self.repository == repo.config.id
+    }
+}
 
 /// The version manifests this process read and checked, by repository (its location and id): a
 /// manifest is named by the hash of its bytes and never changes, so a long-lived process (the
@@ -396,11 +406,10 @@ impl Repository {
         }
         let (mut index, mut names) = {
             let last = LAST_INDEX.lock().expect("last index lock");
-            match last.as_ref().filter(|last| {
-                last.location == self.location()
-                    && last.repository == self.config.id
-                    && last.files.iter().all(|f| listed_names.contains(f.to_hex().as_str()))
-            }) {
+            match last
+                .iter()
+                .find(|last| last.of(self) && last.files.iter().all(|f| listed_names.contains(f.to_hex().as_str())))
+            {
                 Some(last) => (Arc::clone(&last.index), last.files.clone()),
                 None => (Arc::default(), Vec::new()),
             }
@@ -428,12 +437,18 @@ impl Repository {
             cache.retain(Cached::Pack, |id| trees.contains(id));
             cache.trim();
         }
-        *LAST_INDEX.lock().expect("last index lock") = Some(LoadedIndex {
+        let mut last = LAST_INDEX.lock().expect("last index lock");
+        last.retain(|last| !last.of(self));
+        if last.len() == LOADED_INDEXES_MAX {
+            last.remove(0);
+        }
+        last.push(LoadedIndex {
             location: self.location(),
             repository: self.config.id,
             files: names.clone(),
             index: Arc::clone(&index),
         });
+        drop(last);
         *self.index.write().expect("index lock") = index;
         Ok(names)
     }
@@ -468,6 +483,28 @@ impl Repository {
         let index = Arc::make_mut(&mut index);
         for pack in &file.packs {
             index.add_pack(pack);
+        }
+    }
+
+    /// Adds the packs of index file `name`, which this process just wrote, to the in-memory
+    /// index. When the index is the process's last load (see [`Repository::load_index`]), that
+    /// is changed in place and names the file too, instead of the index being copied whole for
+    /// a few new packs (megabytes for a large repository, at the end of every backup).
+    pub(crate) fn index_written(&self, name: Id, file: &IndexFile) {
+        let mut index = self.index.write().expect("index lock");
+        let mut last = LAST_INDEX.lock().expect("last index lock");
+        let mut last = last.iter_mut().find(|last| last.of(self) && Arc::ptr_eq(&last.index, &index));
+        if let Some(last) = &mut last {
+            // Its second reference, let go while the index changes.
+            drop(std::mem::take(&mut last.index));
+        }
+        let changed = Arc::make_mut(&mut index);
+        for pack in &file.packs {
+            changed.add_pack(pack);
+        }
+        if let Some(last) = last {
+            last.index = Arc::clone(&index);
+            last.files.push(name);
         }
     }
 
@@ -848,6 +885,35 @@ mod tests {
         assert_eq!(three.load_index().unwrap().len(), 1);
         assert_eq!(three.index().len(), 1);
         assert!(three.index().contains(&kept_blob));
+    }
+
+    /// The index file a backup writes goes into the process's last load, which is changed in
+    /// place: the next load in the process shares that index and does not read the file (here
+    /// damaged since), and a load elsewhere (another process, another repository handle without
+    /// it) would read it.
+    #[test]
+    fn the_index_a_process_writes_joins_its_last_load_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let at = dir.path().join("repo");
+        Repository::init(Arc::new(LocalBackend::new(&at)), b"p", cheap).unwrap();
+        let open = || Repository::open(Arc::new(LocalBackend::new(&at)), b"p").unwrap();
+        let repo = open();
+        repo.load_index().unwrap();
+        let saver = crate::saver::BlobSaver::new(&repo);
+        let data = vec![7u8; 5000];
+        let id = repo.key().blob_id(&data);
+        assert!(saver.reserve(id));
+        saver.store(crate::pack::BlobKind::Data, id, &data).unwrap();
+        saver.finish().unwrap();
+        assert!(repo.index().contains(&id));
+        let written = repo.backend().list(FileKind::Index).unwrap();
+        assert_eq!(written.len(), 1);
+        std::fs::write(at.join(FileKind::Index.path(&written[0].0)), b"damaged since").unwrap();
+        let next = open();
+        assert_eq!(next.load_index().unwrap().len(), 1);
+        assert!(next.index().contains(&id), "the written index file was read again");
+        assert!(Arc::ptr_eq(&next.index(), &repo.index()), "the index was copied");
     }
 
     /// A second listing in the same process reads only the manifests that are new: one read

@@ -291,7 +291,7 @@ impl<'r> BlobSaver<'r> {
         let name = Id::of_stored(&bytes);
         self.repo.backend().write(FileKind::Index, &name.to_hex(), &bytes)?;
         self.repo.cache_written(crate::cache::Cached::Index, &name, &bytes);
-        self.repo.index_add(&file);
+        self.repo.index_written(name, &file);
         let mut pending = self.pending.lock().expect("pending lock");
         for pack in &file.packs {
             for blob in &pack.blobs {
