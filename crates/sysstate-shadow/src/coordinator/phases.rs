@@ -848,11 +848,11 @@ impl Run<'_> {
         }
         record.journal = kept.map(|j| {
             let mut changed = j.changed.clone();
-            changed.sort();
+            changed.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
             changed.dedup();
             // Every group whose commit did not follow the journal is read whole (see `commit`).
             let mut whole = j.whole.clone();
-            whole.sort();
+            whole.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
             whole.dedup();
             let complete = j.since.is_some() && groups.iter().any(|g| g.covered && g.read.0 == "journal");
             super::record::JournalRecord {

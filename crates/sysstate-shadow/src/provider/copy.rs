@@ -188,7 +188,7 @@ fn walk_and_copy(
     // Past the deadline is past it, however little there was to look at.
     copier.check_limits()?;
     // Folders last, deepest first: creating their entries changed their times.
-    copier.dirs.sort_by(|a, b| a.0.cmp(&b.0));
+    copier.dirs.sort_by(|a, b| sysstate_fs::path_order(&a.0, &b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
     for (relative, meta) in std::mem::take(&mut copier.dirs).iter().rev() {
         if let Err(error) = apply_metadata(&root.join(relative), &dest.join(relative), meta, false) {
