@@ -446,7 +446,7 @@ fn round(
     assert!(differ.is_empty(), "the journaled copy differs from a full copy of the same moment: {differ:#?}");
     let differ = differences(&walked, &now);
     assert!(differ.is_empty(), "a full copy differs from the live tree: {differ:#?}");
-    let key = |(path, o): (&PathBuf, &Origin)| (path.clone(), o.device, o.inode, o.ctime_ns);
+    let key = |(path, o): (&std::sync::Arc<Path>, &Origin)| (path.to_path_buf(), o.device, o.inode, o.ctime_ns);
     let mut a: Vec<_> = commit.origins.iter().map(key).collect();
     let mut b: Vec<_> = reference.origins.iter().map(key).collect();
     a.sort();

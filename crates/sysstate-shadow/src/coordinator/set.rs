@@ -3,11 +3,9 @@
 use super::members::Members;
 use super::record::ShadowSetRecord;
 use crate::lock::ShadowSetLock;
-use crate::provider::Origin;
 use crate::state::WriterState;
 use crate::storage::StorageArea;
 use crate::writer::{Phase, DEFAULT_PHASE_TIMEOUT};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +28,7 @@ pub struct ShadowSet {
     pub(super) storage: StorageArea,
     pub(super) copy_id: String,
     pub(super) tree: PathBuf,
-    pub(super) origins: Arc<HashMap<PathBuf, Origin>>,
+    pub(super) origins: crate::provider::Origins,
     pub(super) live_device: Option<u64>,
     pub(super) taken_ns: Option<i64>,
     pub(super) skipped: Vec<(PathBuf, String)>,

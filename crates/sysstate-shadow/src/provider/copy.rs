@@ -215,7 +215,7 @@ impl Copier<'_> {
     /// True when the base copy holds `relative` as a directory made from the live directory
     /// `live` is (the same inode): the journal then says what changed inside it.
     fn same_dir(&self, relative: &Path, live: &std::fs::Metadata) -> bool {
-        let previous = self.req.previous.and_then(|p| p.get(&Path::new("/").join(relative)));
+        let previous = self.req.previous.and_then(|p| p.get(Path::new("/").join(relative).as_path()));
         live.is_dir()
             && previous.is_some_and(|p| (p.device, p.inode) == (live.dev(), live.ino()))
             && std::fs::symlink_metadata(self.req.dest.join(relative)).is_ok_and(|c| c.is_dir())
@@ -325,7 +325,7 @@ impl Copier<'_> {
         let mut names: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
         for (path, origin) in self.req.previous.into_iter().flat_map(|p| p.iter()).chain(self.out.origins.iter()) {
             if self.linked.contains(&(origin.device, origin.inode)) {
-                names.entry((origin.device, origin.inode)).or_default().push(path.clone());
+                names.entry((origin.device, origin.inode)).or_default().push(path.to_path_buf());
             }
         }
         for paths in names.values_mut() {
@@ -352,11 +352,11 @@ impl Copier<'_> {
     fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
         let origin = Origin::of(meta);
         let shown = Path::new("/").join(relative);
-        if self.out.origins.get(&shown) != Some(&origin) {
+        if self.out.origins.get(shown.as_path()) != Some(&origin) {
             if let Some(touched) = &mut self.out.touched {
                 touched.push(shown.clone());
             }
-            Arc::make_mut(&mut self.out.origins).insert(shown, origin);
+            Arc::make_mut(&mut self.out.origins).insert(shown.into(), origin);
             self.out.origins_changed = true;
         }
     }
@@ -402,7 +402,7 @@ impl Copier<'_> {
             let linked = &mut self.linked;
             retain_origins(&mut self.out.origins, self.out.touched.as_mut(), |path, origin| {
                 let inside = path.starts_with(&shown);
-                if inside && origin.links != 1 && path != &shown {
+                if inside && origin.links != 1 && path != shown.as_path() {
                     linked.insert((origin.device, origin.inode));
                 }
                 !inside
@@ -410,8 +410,8 @@ impl Copier<'_> {
             self.out.origins_changed = true;
             return;
         }
-        let removed = if self.out.origins.contains_key(&shown) {
-            Arc::make_mut(&mut self.out.origins).remove(&shown)
+        let removed = if self.out.origins.contains_key(shown.as_path()) {
+            Arc::make_mut(&mut self.out.origins).remove(shown.as_path())
         } else {
             None
         };
@@ -451,7 +451,7 @@ impl Copier<'_> {
         if self.forced.contains(relative) {
             return false;
         }
-        previous.get(&Path::new("/").join(relative)) == Some(&Origin::of(live))
+        previous.get(Path::new("/").join(relative).as_path()) == Some(&Origin::of(live))
             && live.file_type() == copied.file_type()
             && (live.is_dir()
                 || (live.size() == copied.size()
@@ -495,7 +495,7 @@ impl Copier<'_> {
         if self.incremental {
             // A name that stands for another file now (renamed over): the file it stood for
             // lost a link, with an event only in this folder; its other names are looked at.
-            let before = self.out.origins.get(&Path::new("/").join(relative));
+            let before = self.out.origins.get(Path::new("/").join(relative).as_path());
             if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
                 self.linked.insert((before.device, before.inode));
             }
@@ -724,12 +724,12 @@ impl Copier<'_> {
 fn retain_origins(
     origins: &mut super::Origins,
     mut touched: Option<&mut Vec<PathBuf>>,
-    mut keep: impl FnMut(&PathBuf, &Origin) -> bool,
+    mut keep: impl FnMut(&Path, &Origin) -> bool,
 ) {
     Arc::make_mut(origins).retain(|path, origin| {
         let kept = keep(path, origin);
         if let (false, Some(touched)) = (kept, touched.as_mut()) {
-            touched.push(path.clone());
+            touched.push(path.to_path_buf());
         }
         kept
     });
