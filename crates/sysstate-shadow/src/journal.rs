@@ -293,6 +293,15 @@ impl Journal {
     /// the move (looked up afresh, by its path after it); the move's events are in the next take
     /// either way.
     pub fn take(&self) -> Changes {
+        self.take_under(&[])
+    }
+
+    /// [`take`](Self::take), naming only what is at or under one of `prefixes` (absolute live
+    /// paths; none: everything). The rest of the filesystem changes too — shadow storage on it
+    /// most of all, where the copies themselves are written — and sorting and handing on its
+    /// folders cost as much as the components' own.
+    pub fn take_under(&self, prefixes: &[PathBuf]) -> Changes {
+        let wanted = |path: &Path| prefixes.is_empty() || prefixes.iter().any(|prefix| path.starts_with(prefix));
         let mut gathered = self.gathered.lock().expect("journal lock");
         drain(&self.fd, &mut gathered, self.max_dirs);
         let taken = std::mem::take(&mut *gathered);
@@ -310,13 +319,13 @@ impl Journal {
         let mut names = EntryNames::new();
         for (key, named) in &taken.dirs {
             let path = match paths.get(key) {
-                Some(path) => Some(path.clone()),
+                Some(path) => wanted(path).then(|| path.clone()),
                 None => {
                     let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
                     if let Some(path) = &path {
                         paths.insert(key.clone(), path.clone());
                     }
-                    path
+                    path.filter(|path| wanted(path))
                 }
             };
             if let (Some(path), Some(named)) = (&path, named) {
@@ -630,6 +639,25 @@ mod tests {
         std::fs::write(root.join("c/e/new"), "x").unwrap();
         let changed = dirs(journal.take());
         assert_eq!(changed.iter().filter(|p| p.starts_with(&root)).collect::<Vec<_>>(), [&root.join("c/e")]);
+    }
+
+    /// A take under some paths names only what changed at or under them: its folders, the
+    /// entries named in them and the files closed after writing.
+    #[test]
+    fn a_take_under_paths_names_only_what_is_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["kept/inner", "kept-not", "other"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        for d in ["kept", "kept/inner", "kept-not", "other"] {
+            std::fs::write(root.join(d).join("file"), "x").unwrap();
+        }
+        let Changes::Seen(changed) = journal.take_under(&[root.join("kept")]) else { panic!("the journal doubts") };
+        assert_eq!(changed.dirs, [root.join("kept"), root.join("kept/inner")]);
+        assert_eq!(changed.written, [root.join("kept/file"), root.join("kept/inner/file")]);
+        assert_eq!(changed.names.keys().collect::<std::collections::BTreeSet<_>>(), changed.dirs.iter().collect());
     }
 
     /// The paths a take keeps for directories are looked up again once one moved or was removed:

@@ -546,7 +546,10 @@ impl Run<'_> {
         let bases: Vec<Option<provider::BaseJournal>> = copied()
             .map(|g| g.previous.as_ref().and(provider::read_base_journal(&g.storage.copy_dir(self.copy_id))))
             .collect();
-        let changes = journal.journal.take();
+        let root = self.live_root();
+        let live: Vec<PathBuf> =
+            copied().flat_map(|g| g.paths.iter()).map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
+        let changes = journal.journal.take_under(&live);
         let unknown = if copied().any(|g| g.previous.is_none()) {
             Some("the base copy had no readable record of the live files it was copied from (`origins.json` and `origins.log` beside it): it was made anew".to_string())
         } else if bases.iter().any(Option::is_none) {
@@ -565,7 +568,6 @@ impl Run<'_> {
                 return;
             }
         };
-        let root = self.live_root();
         for (group, base) in groups.iter_mut().filter(|g| !g.provider.snapshots()).zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
             group.names = Some(shown_names(&root, &seen.names, group.paths));
@@ -639,9 +641,9 @@ impl Run<'_> {
             return; // nothing kept from before: everything is copied
         }
         let root = std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone());
-        let changes = journal.map(Journal::take);
         let live_prefixes: Vec<PathBuf> =
             groups.iter().flat_map(|g| g.paths.iter()).map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
+        let changes = journal.map(|journal| journal.take_under(&live_prefixes));
         let mapped: Vec<PathBuf> = journal::mapped_for_writing(&live_prefixes)
             .into_iter()
             .filter_map(|p| p.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
