@@ -259,8 +259,26 @@ impl<S: Source> Walker<'_, '_, S> {
         let mut pending = Vec::with_capacity(entries.len());
         let mut found_nested = std::collections::HashSet::new();
         for name in entries {
-            let shown_child = shown.join(&name);
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
+            while parent_nodes.next_if(|node| node.name.as_slice() < name.as_bytes()).is_some() {}
+            let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
+            // Named here by the journal (or looked at again by the copy).
+            let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
+            // Not named in a folder named by its entries: the parent's entry as it is — its path
+            // is not even made, nor matched against the excludes (the parent version was made
+            // with the same selection, so it holds no entry they leave out).
+            let reused = match (named, parent_node.as_ref(), nested) {
+                (Some(_), Some(node), None) => !named_here && self.not_named(shown, node)?,
+                _ => false,
+            };
+            let parent_node = match parent_node {
+                Some(node) if reused => {
+                    pending.push(Pending::Ready(node));
+                    continue;
+                }
+                other => other,
+            };
+            let shown_child = shown.join(&name);
             let exclude = match nested.and_then(|n| n.whole.as_ref()) {
                 Some(own) => own.as_ref(),
                 None => exclude,
@@ -271,21 +289,6 @@ impl<S: Source> Walker<'_, '_, S> {
                     continue;
                 }
             }
-            while parent_nodes.next_if(|node| node.name.as_slice() < name.as_bytes()).is_some() {}
-            let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
-            // Named here by the journal (or looked at again by the copy).
-            let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
-            let reused = match (named, parent_node.as_ref(), nested) {
-                (Some(_), Some(node), None) => !named_here && self.not_named(&shown_child, node)?,
-                _ => false,
-            };
-            let parent_node = match parent_node {
-                Some(node) if reused => {
-                    pending.push(Pending::Ready(node));
-                    continue;
-                }
-                other => other,
-            };
             let parent_node = parent_node.as_ref();
             let at = nested.and_then(|n| n.source.as_deref());
             // An entry named here most likely changed since the parent version, so its live entry
@@ -340,13 +343,15 @@ impl<S: Source> Walker<'_, '_, S> {
         Ok(Some(*subtree))
     }
 
-    /// An entry of a directory the journal named by entries, not named itself: unchanged since
-    /// the parent version was read, which holds it as it is (true; counted). A folder is taken
-    /// so only when nothing at or below it was named either (false: it is looked at).
-    fn not_named(&mut self, shown: &Path, parent: &Node) -> Result<bool> {
+    /// An entry of directory `dir` (as shown) the journal named by entries, not named itself:
+    /// unchanged since the parent version was read, which holds it as it is (true; counted). A
+    /// folder is taken so only when nothing at or below it was named either (false: it is
+    /// looked at).
+    fn not_named(&mut self, dir: &Path, parent: &Node) -> Result<bool> {
         match &parent.kind {
             NodeKind::Dir { subtree } => {
-                if !self.changed.is_some_and(|changed| changed.untouched(shown)) {
+                let shown = dir.join(OsStr::from_bytes(&parent.name));
+                if !self.changed.is_some_and(|changed| changed.untouched(&shown)) {
                     return Ok(false);
                 }
                 let counts = self.counts.of(self.shared.repo, subtree)?;
