@@ -26,9 +26,27 @@ pub fn path_order(a: &Path, b: &Path) -> std::cmp::Ordering {
 /// Every extended attribute of `path` (not following a final symlink), sorted by name. A
 /// filesystem without xattr support gives none.
 pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    read_xattrs_with(
+        |names| rustix::fs::llistxattr(path, names),
+        |name, value| rustix::fs::lgetxattr(path, name, value),
+    )
+}
+
+/// [`read_xattrs`] of an open file.
+pub fn read_file_xattrs(file: &File) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    read_xattrs_with(
+        |names| rustix::fs::flistxattr(file, names),
+        |name, value| rustix::fs::fgetxattr(file, name, value),
+    )
+}
+
+fn read_xattrs_with(
+    list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+    get: impl Fn(&OsStr, &mut [u8]) -> rustix::io::Result<usize>,
+) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut names = vec![0u8; 1024];
     let length = loop {
-        match rustix::fs::llistxattr(path, &mut names) {
+        match list(&mut names) {
             Ok(length) => break length,
             Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -39,7 +57,7 @@ pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     for name in names[..length].split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let mut value = vec![0u8; 256];
         loop {
-            match rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value) {
+            match get(OsStr::from_bytes(name), &mut value) {
                 Ok(len) => {
                     value.truncate(len);
                     out.push((name.to_vec(), value));
@@ -59,10 +77,29 @@ pub fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 /// Sets the extended attributes on `path` (not following a final symlink). On a symlink,
 /// attributes the kernel refuses to non-root users are skipped.
 pub fn write_xattrs(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], is_symlink: bool) -> std::io::Result<()> {
+    let skippable = is_symlink && !rustix::process::geteuid().is_root();
+    write_xattrs_with(xattrs, skippable, |name, value| {
+        rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+    })
+}
+
+/// [`write_xattrs`] on an open file.
+pub fn write_file_xattrs(file: &File, xattrs: &[(Vec<u8>, Vec<u8>)]) -> std::io::Result<()> {
+    write_xattrs_with(xattrs, false, |name, value| {
+        rustix::fs::fsetxattr(file, name, value, rustix::fs::XattrFlags::empty())
+    })
+}
+
+/// Sets each of `xattrs` with `set`; one refused (`EPERM`) is skipped when `skip_refused`.
+fn write_xattrs_with(
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    skip_refused: bool,
+    set: impl Fn(&OsStr, &[u8]) -> rustix::io::Result<()>,
+) -> std::io::Result<()> {
     for (name, value) in xattrs {
-        match rustix::fs::lsetxattr(path, OsStr::from_bytes(name), value, rustix::fs::XattrFlags::empty()) {
+        match set(OsStr::from_bytes(name), value) {
             Ok(()) => {}
-            Err(rustix::io::Errno::PERM) if is_symlink && !rustix::process::geteuid().is_root() => {}
+            Err(rustix::io::Errno::PERM) if skip_refused => {}
             Err(error) => {
                 return Err(std::io::Error::other(format!(
                     "cannot set extended attribute `{}`: {error}",

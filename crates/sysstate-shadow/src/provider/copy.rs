@@ -942,7 +942,7 @@ fn copy_queued_file(
             other => other.map_err(|e| write_error(&target, e, written())),
         }?;
     }
-    apply_metadata(&source, &target, &file.meta, true).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+    apply_file_metadata(&input, &output, &file.meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
     // A clone shares its extents with the live file: it allocates nothing.
     if used == "copy" {
         let bytes = output.metadata().map_or(0, |m| m.blocks() * 512);
@@ -1065,6 +1065,23 @@ fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata, fresh:
         last_modification: rustix::fs::Timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
     };
     rustix::fs::utimensat(rustix::fs::CWD, target, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// [`apply_metadata`] for a file just made (`output`) from `input`: through their descriptors,
+/// not five walks of their paths per file copied.
+fn apply_file_metadata(input: &File, output: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::fchown(output, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    // After chown, which clears file capabilities.
+    sysstate_fs::write_file_xattrs(output, &sysstate_fs::read_file_xattrs(input)?)?;
+    rustix::fs::fchmod(output, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
+        last_modification: rustix::fs::Timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
+    };
+    rustix::fs::futimens(output, &times)?;
     Ok(())
 }
 
