@@ -31,7 +31,7 @@ if ! command -v garage >/dev/null || ! command -v cargo-fuzz >/dev/null || ! com
   ) >"$tools_log" 2>&1 &
   tools_pid=$!
   # A step that fails below ends the script: the build in the background ends with it.
-  trap 'kill "$tools_pid" 2>/dev/null || true' EXIT
+  trap 'pkill -P "$tools_pid" 2>/dev/null; kill "$tools_pid" 2>/dev/null || true' EXIT
 fi
 
 step "Debian packages"

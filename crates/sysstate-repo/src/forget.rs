@@ -173,27 +173,10 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::VersionStats;
 
     fn version(days: i64, hours: i64) -> (Id, Version) {
         let time_ns = (days * 86_400 + hours * 3600) * 1_000_000_000;
-        (
-            Id::random(),
-            Version {
-                time_ns,
-                host: "h".into(),
-                root_path: "/".into(),
-                tree: Id::random(),
-                components: vec![],
-                parent: None,
-                tags: vec![],
-                stats: VersionStats::default(),
-                program: String::new(),
-                shadow: None,
-                system: None,
-                extra: Default::default(),
-            },
-        )
+        (Id::random(), Version::at(time_ns))
     }
 
     #[test]

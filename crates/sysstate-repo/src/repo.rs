@@ -925,20 +925,7 @@ mod tests {
         let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
         let at = dir.path().join("repo");
         let repo = Repository::init(Arc::new(LocalBackend::new(&at)), b"p", cheap).unwrap();
-        let version = |hour: i64| Version {
-            time_ns: hour * 3600 * 1_000_000_000,
-            host: "h".into(),
-            root_path: "/".into(),
-            tree: Id::random(),
-            components: vec![],
-            parent: None,
-            tags: vec![],
-            stats: Default::default(),
-            program: String::new(),
-            shadow: None,
-            system: None,
-            extra: Default::default(),
-        };
+        let version = |hour: i64| Version::at(hour * 3600 * 1_000_000_000);
         let first = repo.save_version(&version(1)).unwrap();
         let second = repo.save_version(&version(2)).unwrap();
         let ids = |repo: &Repository| repo.versions().unwrap().into_iter().map(|(id, _)| id).collect::<Vec<_>>();

@@ -112,6 +112,26 @@ pub enum VersionError {
 }
 
 impl Version {
+    /// A version of host `h`, root `/`, at `time_ns`, with a random tree and nothing else: for
+    /// tests of what is done with versions, not of what they hold.
+    #[cfg(test)]
+    pub(crate) fn at(time_ns: i64) -> Version {
+        Version {
+            time_ns,
+            host: "h".into(),
+            root_path: "/".into(),
+            tree: Id::random(),
+            components: vec![],
+            parent: None,
+            tags: vec![],
+            stats: VersionStats::default(),
+            program: String::new(),
+            shadow: None,
+            system: None,
+            extra: Default::default(),
+        }
+    }
+
     /// Seals and frames it.
     pub fn encode(&self, key: &MasterKey) -> Vec<u8> {
         let plain = serde_json::to_vec(self).expect("versions encode");

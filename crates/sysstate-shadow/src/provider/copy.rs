@@ -1060,12 +1060,16 @@ fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata, fresh:
     if !is_symlink {
         std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777))?;
     }
-    let times = rustix::fs::Timestamps {
+    rustix::fs::utimensat(rustix::fs::CWD, target, &times_of(meta), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// The access and modification times of `meta`, to set on a copy.
+fn times_of(meta: &std::fs::Metadata) -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
         last_modification: rustix::fs::Timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
-    };
-    rustix::fs::utimensat(rustix::fs::CWD, target, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
-    Ok(())
+    }
 }
 
 /// [`apply_metadata`] for a file just made (`output`) from `input`: through their descriptors,
@@ -1077,11 +1081,7 @@ fn apply_file_metadata(input: &File, output: &File, meta: &std::fs::Metadata) ->
     // After chown, which clears file capabilities.
     sysstate_fs::write_file_xattrs(output, &sysstate_fs::read_file_xattrs(input)?)?;
     rustix::fs::fchmod(output, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
-        last_modification: rustix::fs::Timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
-    };
-    rustix::fs::futimens(output, &times)?;
+    rustix::fs::futimens(output, &times_of(meta))?;
     Ok(())
 }
 
