@@ -1223,3 +1223,49 @@ fn a_damaged_record_of_the_base_copy_makes_the_agent_walk_not_trust_it() {
     }
     drop(agent);
 }
+
+/// The selection changed between two of the agent's backups (a file excluded in a folder the
+/// journal names by another entry): the next backup walks, says why, and leaves the file out —
+/// an entry of a named folder is taken from the parent only while the selection is the parent's.
+#[test]
+fn a_changed_selection_makes_the_agent_walk_and_leave_out_what_it_now_excludes() {
+    if !is_root() {
+        return;
+    }
+    let (sandbox, root) = setup("");
+    let excluded = root.join("data/d1/e1/f1.bin");
+    assert!(excluded.exists(), "the tree has no {}", excluded.display());
+    std::thread::sleep(Duration::from_millis(2200));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    backup_now(&sandbox);
+    backup_now(&sandbox);
+    let config = std::fs::read_to_string(sandbox.path("config.toml")).unwrap();
+    std::fs::write(sandbox.path("config.toml"), format!("{config}exclude = [\"/data/d1/e1/f1.bin\"]\n")).unwrap();
+    rustix::process::kill_process(rustix::process::Pid::from_child(&agent.child), rustix::process::Signal::Hup)
+        .unwrap();
+    wait_for("the agent's reload", Duration::from_secs(20), || agent.log().contains("configuration reloaded"));
+    // The folder of the excluded file is named by the journal, by another entry.
+    std::fs::write(root.join("data/d1/e1/new"), "new").unwrap();
+    backup_now(&sandbox);
+    walk_now(&sandbox, &root);
+    std::fs::write(root.join("data/d1/e1/after"), "after").unwrap();
+    backup_now(&sandbox);
+    drop(agent);
+    let listed = versions(&sandbox);
+    let [_, second, changed, by_walk, after] = &listed[..] else { panic!("five versions: {listed:#?}") };
+    let walk = |v: &Value| v["shadow"]["walk"].clone();
+    assert_eq!(walk(second)["read"], "journal", "{:#}", walk(second));
+    assert_eq!(walk(changed)["read"], "walk", "the changed selection was read by the journal: {:#}", walk(changed));
+    let because = walk(changed)["because"].as_str().unwrap().to_string();
+    assert!(because.contains("selection"), "the version does not say the selection changed: {because}");
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    let entries = version_entries(&sandbox, &id(changed));
+    assert!(!entries.keys().any(|p| p.ends_with("d1/e1/f1.bin")), "the excluded file is in the version");
+    assert!(entries.keys().any(|p| p.ends_with("d1/e1/new")), "the new file is not in the version");
+    let (differ, _) = differences(&sandbox, changed, by_walk);
+    assert!(differ.is_empty(), "the agent's version differs from a full walk's:\n{}", differ.join("\n"));
+    // With the new selection recorded, the next backup reads by the journal again.
+    assert_eq!(walk(after)["read"], "journal", "{:#}", walk(after));
+    let entries = version_entries(&sandbox, &id(after));
+    assert!(!entries.keys().any(|p| p.ends_with("d1/e1/f1.bin")), "the excluded file came back");
+}
