@@ -316,7 +316,6 @@ fn request<'a>(
     changed: Option<&'a [PathBuf]>,
     forced: &'a [PathBuf],
     relinked: &'a [(u64, u64)],
-    again: &'a [PathBuf],
 ) -> CommitRequest<'a> {
     CommitRequest {
         root: live,
@@ -331,7 +330,6 @@ fn request<'a>(
         names: None,
         forced,
         relinked,
-        again,
     }
 }
 
@@ -386,8 +384,7 @@ fn round(
         }
         side.counter
     });
-    let precopy =
-        provider.precopy(&request(live, &paths, base, &stop, previous.as_ref(), None, &[], &[], &[])).unwrap();
+    let precopy = provider.precopy(&request(live, &paths, base, &stop, previous.as_ref(), None, &[], &[])).unwrap();
     running.store(false, Ordering::SeqCst);
     workload.counter = beside.join().unwrap();
     // A copy made while everything runs can meet an entry replaced between two looks at it (a
@@ -434,13 +431,13 @@ fn round(
     let commit = provider
         .commit(&CommitRequest {
             names: names.as_ref(),
-            ..request(live, &paths, base, &stop, settled, changed.as_deref(), &forced, &relinked, &precopy.copied)
+            ..request(live, &paths, base, &stop, settled, changed.as_deref(), &forced, &relinked)
         })
         .unwrap();
     // A full copy of the same moment.
     let reference_dir = base.with_file_name("reference");
     let _ = std::fs::remove_dir_all(&reference_dir);
-    let reference = provider.commit(&request(live, &paths, &reference_dir, &stop, None, None, &[], &[], &[])).unwrap();
+    let reference = provider.commit(&request(live, &paths, &reference_dir, &stop, None, None, &[], &[])).unwrap();
     let (journaled, walked, now) = (look(base), look(&reference_dir), look(live));
     let differ = differences(&journaled, &walked);
     assert!(differ.is_empty(), "the journaled copy differs from a full copy of the same moment: {differ:#?}");

@@ -17,6 +17,7 @@ use crate::state::WriterState;
 use crate::storage::{CopyMeta, StorageArea};
 use crate::writer::{Phase, DEFAULT_PHASE_TIMEOUT};
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -184,7 +185,6 @@ impl Group<'_> {
             names: self.names.as_ref(),
             forced: &self.forced,
             relinked: &self.relinked,
-            again: self.precopy.as_ref().map_or(&[], |c| &c.copied),
         }
     }
 
@@ -215,7 +215,9 @@ impl Run<'_> {
         self.check_windows(commit_ms)?;
         let freeze_window_ms = self.watch.window_ms(freeze_started);
         self.post_snapshot(&groups, &commits)?;
+        let recording = Instant::now();
         let mut record = self.record(&groups, &commits, deleted, journal.as_ref())?;
+        tracing::debug!(ms = recording.elapsed().as_millis() as u64, "shadow set recorded");
         record.freeze_window_ms = freeze_window_ms;
         record.commit_ms = commit_ms;
         record.precopy_ms = precopy_ms;
@@ -400,6 +402,7 @@ impl Run<'_> {
         if let Ok(journal) = &mut journal {
             self.refresh_from(groups, journal);
         }
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "journal taken before the copy");
         // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
         // by `shadow.commit-timeout`, a first copy of a large tree on a slow filesystem timed
         // out, was thrown away, and left the freeze to copy everything.
@@ -512,8 +515,21 @@ impl Run<'_> {
         });
         let commit_ms = started.elapsed().as_millis() as u64;
         thaw_all(self.members, self.watch);
-        let commits = committed.map_err(|(index, error)| self.commit_failed(&groups[index], error, commit_ms))?;
+        let mut commits = committed.map_err(|(index, error)| self.commit_failed(&groups[index], error, commit_ms))?;
         self.stop_if_interrupted()?;
+        let root = self.live_root();
+        for (group, copy) in groups.iter().zip(commits.iter_mut()) {
+            // What the copy before the freeze left out (a socket) and the commit did not meet
+            // again is left out still, while it is there.
+            for (path, why) in group.precopy.iter().flat_map(|precopy| &precopy.skipped) {
+                let live = root.join(path.strip_prefix("/").unwrap_or(path));
+                if !copy.skipped.iter().any(|(p, _)| p == path)
+                    && std::fs::symlink_metadata(live).is_ok_and(|m| m.file_type().is_socket())
+                {
+                    copy.skipped.push((path.clone(), why.clone()));
+                }
+            }
+        }
         if let Some(journal) = journal.as_mut() {
             for (group, copy) in groups.iter().zip(&commits) {
                 match &group.changed {
@@ -643,11 +659,18 @@ impl Run<'_> {
         let root = std::fs::canonicalize(&self.options.root).unwrap_or_else(|_| self.options.root.clone());
         let live_prefixes: Vec<PathBuf> =
             groups.iter().flat_map(|g| g.paths.iter()).map(|p| root.join(p.strip_prefix("/").unwrap_or(p))).collect();
+        let started = Instant::now();
         let changes = journal.map(|journal| journal.take_under(&live_prefixes));
+        let taken = started.elapsed();
         let mapped: Vec<PathBuf> = journal::mapped_for_writing(&live_prefixes)
             .into_iter()
             .filter_map(|p| p.strip_prefix(&root).ok().map(|inside| Path::new("/").join(inside)))
             .collect();
+        tracing::debug!(
+            take_ms = taken.as_millis() as u64,
+            mapped_ms = (started.elapsed() - taken).as_millis() as u64,
+            "journal taken and mappings listed in the freeze"
+        );
         for group in groups.iter_mut() {
             let under = |path: &Path| group.paths.iter().any(|p| path.starts_with(p));
             // Kept or not, a file mapped for writing is copied again.

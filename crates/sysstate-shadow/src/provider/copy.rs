@@ -173,8 +173,10 @@ fn walk_and_copy(
         }
     }
     // A full walk met every forced file already; a refresh by the journal looks at those it
-    // did not, and again at what the copy before it copied.
-    for path in req.forced.iter().chain(req.again).filter(|_| incremental) {
+    // did not. What the copy before it copied is not looked at again: a change since shows in
+    // the journal's take (its folder is named), and one made in the tick it was copied in,
+    // which its times may not show, is forced by `settle_by_journal` (its `unsettled`).
+    for path in req.forced.iter().filter(|_| incremental) {
         let relative = path.strip_prefix("/").unwrap_or(path);
         if done.iter().any(|d| relative.starts_with(d)) && !copier.skipped(relative) {
             copier.look_again(relative)?;
@@ -191,7 +193,7 @@ fn walk_and_copy(
     copier.dirs.sort_by(|a, b| sysstate_fs::path_order(&a.0, &b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
     for (relative, meta) in std::mem::take(&mut copier.dirs).iter().rev() {
-        if let Err(error) = apply_metadata(&root.join(relative), &dest.join(relative), meta, false) {
+        if let Err(error) = apply_dir_metadata(&root.join(relative), &dest.join(relative), meta) {
             if std::fs::symlink_metadata(root.join(relative)).is_ok() {
                 return Err(CommitError::Io(ShadowError::io(dest.join(relative), error)));
             }
@@ -322,9 +324,13 @@ impl Copier<'_> {
         if self.linked.is_empty() {
             return Ok(());
         }
+        // One pass over every origin (twice the base's entries): a sorted list of the few files
+        // looked for is searched faster than a hashed set.
+        let mut linked: Vec<(u64, u64)> = self.linked.iter().copied().collect();
+        linked.sort_unstable();
         let mut names: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
         for (path, origin) in self.req.previous.into_iter().flat_map(|p| p.iter()).chain(self.out.origins.iter()) {
-            if self.linked.contains(&(origin.device, origin.inode)) {
+            if linked.binary_search(&(origin.device, origin.inode)).is_ok() {
                 names.entry((origin.device, origin.inode)).or_default().push(path.to_path_buf());
             }
         }
@@ -558,7 +564,6 @@ impl Copier<'_> {
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
             self.out.unsettled.push(Path::new("/").join(relative));
         }
-        self.out.copied.push(Path::new("/").join(relative));
         self.edits += 1;
         if file_type.is_file() {
             let linked = meta.nlink() > 1;
@@ -611,7 +616,7 @@ impl Copier<'_> {
             )
             .map_err(|e| self.io_error(&target, e.into()))?;
         }
-        apply_metadata(&source, &target, &meta, true).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+        apply_metadata(&source, &target, &meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
         self.charge(&target)
     }
 
@@ -923,6 +928,7 @@ fn copy_queued_file(
     let output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(file.meta.mode() & 0o777)
         .open(&target)
         .map_err(|e| write_error(&target, e, written()))?;
     let mut used = "copy";
@@ -942,11 +948,11 @@ fn copy_queued_file(
             other => other.map_err(|e| write_error(&target, e, written())),
         }?;
     }
-    apply_file_metadata(&input, &output, &file.meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
+    let copy =
+        apply_file_metadata(&input, &output, &file.meta).map_err(|e| CommitError::Io(ShadowError::io(&target, e)))?;
     // A clone shares its extents with the live file: it allocates nothing.
     if used == "copy" {
-        let bytes = output.metadata().map_or(0, |m| m.blocks() * 512);
-        shared.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        shared.bytes.fetch_add(copy.blocks() * 512, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(CopiedFile { freed, used })
 }
@@ -1033,34 +1039,55 @@ fn copy_by_hand(
     Ok(())
 }
 
-/// Owner, xattrs (read from `source`), mode and times of `meta` onto `target` (neither is
-/// followed through a final symlink). A target not `fresh` (a folder kept from an earlier
-/// copy) loses the attributes `source` does not have.
-fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata, fresh: bool) -> std::io::Result<()> {
+/// The metadata of `meta` (the live entry at `source`) onto `target`, an entry just made in
+/// the copy (a symlink, a device, a FIFO).
+fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     let is_symlink = meta.file_type().is_symlink();
     if rustix::process::geteuid().is_root() {
         std::os::unix::fs::lchown(target, Some(meta.uid()), Some(meta.gid()))?;
     }
-    let xattrs = sysstate_fs::read_xattrs(source)?;
-    if !fresh {
-        for (name, _) in sysstate_fs::read_xattrs(target)? {
-            if xattrs.binary_search_by(|(n, _)| n.cmp(&name)).is_err() {
-                match rustix::fs::lremovexattr(target, std::ffi::OsStr::from_bytes(&name)) {
-                    Ok(()) | Err(rustix::io::Errno::NODATA) => {}
-                    // The label the storage's security module gives every file it makes: a
-                    // new copy keeps it too.
-                    Err(_) if name == b"security.selinux" => {}
-                    Err(error) => return Err(error.into()),
-                }
-            }
-        }
-    }
     // After chown, which clears file capabilities.
-    sysstate_fs::write_xattrs(target, &xattrs, is_symlink)?;
+    sysstate_fs::write_xattrs(target, &sysstate_fs::read_xattrs(source)?, is_symlink)?;
     if !is_symlink {
         std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777))?;
     }
     rustix::fs::utimensat(rustix::fs::CWD, target, &times_of(meta), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// The metadata of the live folder `source` (`meta`) onto its copy `target`, through one
+/// descriptor, set only where the copy differs but for the times (its entries changed them):
+/// a folder the refresh met is mostly as it was, and setting its owner, mode and attributes
+/// again walked its path five times and wrote its inode for nothing.
+fn apply_dir_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use rustix::fs::OFlags;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = File::from(rustix::fs::open(target, flags, rustix::fs::Mode::empty())?);
+    let copy = dir.metadata()?;
+    let chowned = rustix::process::geteuid().is_root() && (copy.uid(), copy.gid()) != (meta.uid(), meta.gid());
+    if chowned {
+        std::os::unix::fs::fchown(&dir, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    let xattrs = sysstate_fs::read_xattrs(source)?;
+    let held = sysstate_fs::read_file_xattrs(&dir)?;
+    for (name, _) in &held {
+        if xattrs.binary_search_by(|(n, _)| n.cmp(name)).is_err() {
+            match rustix::fs::fremovexattr(&dir, std::ffi::OsStr::from_bytes(name)) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                // The label the storage's security module gives every file it makes: a new
+                // copy keeps it too.
+                Err(_) if name == b"security.selinux" => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    let differ: Vec<_> = xattrs.into_iter().filter(|x| held.binary_search(x).is_err()).collect();
+    sysstate_fs::write_file_xattrs(&dir, &differ)?;
+    // A chown may have cleared mode bits: the mode is set again after one.
+    if chowned || copy.mode() & 0o7777 != meta.mode() & 0o7777 {
+        rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
+    }
+    rustix::fs::futimens(&dir, &times_of(meta))?;
     Ok(())
 }
 
@@ -1072,17 +1099,30 @@ fn times_of(meta: &std::fs::Metadata) -> rustix::fs::Timestamps {
     }
 }
 
-/// [`apply_metadata`] for a file just made (`output`) from `input`: through their descriptors,
-/// not five walks of their paths per file copied.
-fn apply_file_metadata(input: &File, output: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
-    if rustix::process::geteuid().is_root() {
+/// [`apply_metadata`] for a file just made and written (`output`) from `input`: through their
+/// descriptors, not five walks of their paths per file copied, and the owner and mode set only
+/// where the new file's differ (it is made with the live file's permission bits). Returns the
+/// copy's metadata at the end, for the bytes it holds.
+fn apply_file_metadata(input: &File, output: &File, meta: &std::fs::Metadata) -> std::io::Result<std::fs::Metadata> {
+    let made = output.metadata()?;
+    let chowned = rustix::process::geteuid().is_root() && (made.uid(), made.gid()) != (meta.uid(), meta.gid());
+    if chowned {
         std::os::unix::fs::fchown(output, Some(meta.uid()), Some(meta.gid()))?;
     }
     // After chown, which clears file capabilities.
-    sysstate_fs::write_file_xattrs(output, &sysstate_fs::read_file_xattrs(input)?)?;
-    rustix::fs::fchmod(output, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
+    let xattrs = sysstate_fs::read_file_xattrs(input)?;
+    sysstate_fs::write_file_xattrs(output, &xattrs)?;
+    // A chown may have cleared mode bits (set-user-ID): the mode is set again after one.
+    if chowned || made.mode() & 0o7777 != meta.mode() & 0o7777 {
+        rustix::fs::fchmod(output, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
+    }
     rustix::fs::futimens(output, &times_of(meta))?;
-    Ok(())
+    // Attributes too large for the inode take a block of their own.
+    if xattrs.is_empty() {
+        Ok(made)
+    } else {
+        output.metadata()
+    }
 }
 
 #[cfg(test)]

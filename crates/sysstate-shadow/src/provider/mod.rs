@@ -173,9 +173,6 @@ pub struct Commit {
     /// Entries looked at again outside the directories the journal named: forced, or another
     /// name of a multiply-linked file (absolute paths as seen from the root).
     pub looked_again: Vec<PathBuf>,
-    /// Entries this commit copied (absolute paths as seen from the root): a refresh by the
-    /// journal after it looks at each again, since it may have copied them while they changed.
-    pub copied: Vec<PathBuf>,
     /// False when `origins` is what the request's `previous` was (nothing added, changed or
     /// removed): a base's record of them need not be written again.
     pub origins_changed: bool,
@@ -286,10 +283,6 @@ pub struct CommitRequest<'a> {
     /// With `changed`: files whose link count the journal saw change through a name in another
     /// directory, by (device, inode): every name the base holds of them is looked at again.
     pub relinked: &'a [(u64, u64)],
-    /// With `changed`: entries looked at again besides the directories named (compared, and
-    /// copied again when they changed): what the copy before this one copied while everything
-    /// ran.
-    pub again: &'a [PathBuf],
 }
 
 impl<'a> CommitRequest<'a> {
@@ -315,7 +308,6 @@ impl<'a> CommitRequest<'a> {
             names: None,
             forced: &[],
             relinked: &[],
-            again: &[],
         }
     }
 }
