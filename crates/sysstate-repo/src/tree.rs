@@ -155,7 +155,10 @@ impl Tree {
     /// Encodes deterministically; nodes are sorted first.
     pub fn encode(&mut self) -> Vec<u8> {
         self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let out = vec![TREE_FORMAT];
+        // About what a node takes (a name, a few numbers, a blob id or two): the buffer is
+        // seldom grown and copied on the way.
+        let mut out = Vec::with_capacity(1 + self.nodes.len() * 128);
+        out.push(TREE_FORMAT);
         postcard::to_extend(self, out).expect("trees encode")
     }
 

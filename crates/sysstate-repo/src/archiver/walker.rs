@@ -229,15 +229,36 @@ impl<S: Source> Walker<'_, '_, S> {
     ) -> Result<Subtree> {
         self.shared.check_abort()?;
         let named = self.changed.filter(|_| same).and_then(|changed| changed.names.get(shown));
-        let mut entries = match (named, &parent) {
+        let mut pending = Vec::new();
+        let mut parent = parent;
+        let mut entries = match (named, &mut parent) {
             // The journal named every entry added, removed, replaced or changed here since the
-            // parent version: the others are the parent's, and the folder is not listed.
-            (Some(named), Some(tree)) => tree
-                .nodes
-                .iter()
-                .map(|node| OsStr::from_bytes(&node.name).to_os_string())
-                .chain(named.iter().cloned())
-                .collect(),
+            // parent version: the others are the parent's, and the folder is not listed. An
+            // entry not named (nor selected again inside) is the parent's entry as it is — its
+            // path is not even made, nor matched against the excludes (the parent version was
+            // made with the same selection, so it holds no entry they leave out). The others
+            // are looked at below.
+            (Some(named), Some(tree)) => {
+                let mut looked_at = Vec::new();
+                for node in std::mem::take(&mut tree.nodes) {
+                    let name = OsStr::from_bytes(&node.name);
+                    let nested = selection.is_some_and(|s| s.children.contains_key(node.name.as_slice()));
+                    if !nested
+                        && named.binary_search_by(|n| n.as_os_str().cmp(name)).is_err()
+                        && self.not_named(shown, &node)?
+                    {
+                        pending.push(Pending::Ready(node));
+                    } else {
+                        looked_at.push(node);
+                    }
+                }
+                tree.nodes = looked_at;
+                tree.nodes
+                    .iter()
+                    .map(|node| OsStr::from_bytes(&node.name).to_os_string())
+                    .chain(named.iter().cloned())
+                    .collect()
+            }
             _ => self.source.list(dir).unwrap_or_else(|error| {
                 self.shared.warn(shown, format!("cannot list the directory: {error}"));
                 Vec::new()
@@ -256,7 +277,7 @@ impl<S: Source> Walker<'_, '_, S> {
         entries.dedup();
         // The parent's nodes, taken out as their names come (both are sorted by name).
         let mut parent_nodes = parent.map(|tree| tree.nodes).unwrap_or_default().into_iter().peekable();
-        let mut pending = Vec::with_capacity(entries.len());
+        pending.reserve(entries.len());
         let mut found_nested = std::collections::HashSet::new();
         for name in entries {
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
@@ -264,20 +285,6 @@ impl<S: Source> Walker<'_, '_, S> {
             let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
             // Named here by the journal (or looked at again by the copy).
             let named_here = named.is_some_and(|named| named.binary_search(&name).is_ok());
-            // Not named in a folder named by its entries: the parent's entry as it is — its path
-            // is not even made, nor matched against the excludes (the parent version was made
-            // with the same selection, so it holds no entry they leave out).
-            let reused = match (named, parent_node.as_ref(), nested) {
-                (Some(_), Some(node), None) => !named_here && self.not_named(shown, node)?,
-                _ => false,
-            };
-            let parent_node = match parent_node {
-                Some(node) if reused => {
-                    pending.push(Pending::Ready(node));
-                    continue;
-                }
-                other => other,
-            };
             let shown_child = shown.join(&name);
             let exclude = match nested.and_then(|n| n.whole.as_ref()) {
                 Some(own) => own.as_ref(),
