@@ -20,7 +20,7 @@ pub type Identity = (u64, Option<u64>, Option<i64>, Option<u64>);
 /// A tree to back up.
 pub trait Source: Sync {
     /// Where the source reads one entry (its own business; the archiver only hands it back).
-    type Place: Send;
+    type Place: Send + Sync;
 
     /// The root (`/`).
     fn root(&self) -> Self::Place;

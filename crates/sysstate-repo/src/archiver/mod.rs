@@ -31,7 +31,7 @@ use globset::GlobSet;
 use reader::{reader, FileJob};
 use sealer::{sealer, BlobJob};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, Ordering};
 use std::sync::Mutex;
 use walker::{prefetch_metadata, SelectionNode, Walker};
 
@@ -357,6 +357,8 @@ pub fn backup<S: Source>(
     let mut stats = VersionStats::default();
 
     let walk_done = AtomicBool::new(false);
+    // One walker per core at most: the readers and sealers need theirs too.
+    let spare_walkers = AtomicIsize::new(threads as isize - 1);
     let walked = std::thread::scope(|scope| {
         let (file_tx, file_rx) = bounded::<FileJob<S::Place>>(threads * 16);
         let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
@@ -393,6 +395,7 @@ pub fn backup<S: Source>(
             stats: &mut stats,
             in_flight: 0,
             missed: Vec::new(),
+            spare: &spare_walkers,
         };
         let tree = walker.walk(&selection, parent_tree, &walk_done);
         let missed = std::mem::take(&mut walker.missed);
@@ -520,5 +523,79 @@ mod tests {
         let figures = |v: &Version| (v.stats.files, v.stats.dirs, v.stats.others, v.stats.bytes_total);
         assert_eq!(figures(&second.version), figures(&walked.version));
         assert_eq!(second.version.stats.files, 4);
+    }
+
+    /// A journaled walk of a tree changed in many folders, its halves walked by several threads
+    /// at once, makes the version a full walk makes: the same trees and figures.
+    #[test]
+    fn a_journaled_walk_in_several_threads_is_a_full_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let mut all = vec![String::new()];
+        for top in 0..8 {
+            for sub in 0..4 {
+                let folder = format!("t{top}/s{sub}");
+                std::fs::create_dir_all(root.join(&folder)).unwrap();
+                for file in 0..3 {
+                    std::fs::write(root.join(format!("{folder}/f{file}")), format!("{folder} {file}")).unwrap();
+                    all.push(format!("{folder}/f{file}"));
+                }
+                all.push(folder);
+            }
+            all.push(format!("t{top}"));
+        }
+        let settle = |paths: &[String]| {
+            let later = std::fs::FileTimes::new()
+                .set_accessed(std::time::SystemTime::now() + std::time::Duration::from_secs(3600));
+            for path in paths {
+                std::fs::File::open(root.join(path)).unwrap().set_times(later).unwrap();
+            }
+        };
+        settle(&all);
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
+        repo.load_index().unwrap();
+        let source = crate::source::TreeSource::new(&root);
+        let threads = |options: BackupOptions| BackupOptions { threads: 4, ..options };
+        let kept = Arc::new(KnownTrees::default());
+        let first =
+            backup(&repo, &threads(options(&root, None, None, Some(&kept))), &source, &crate::NoProgress).unwrap();
+        // A file changed in every folder but one, a file added in some (its access time set
+        // past its change, as the others', which a read moves otherwise).
+        let mut names = std::collections::HashMap::new();
+        let mut added = Vec::new();
+        for top in 0..8 {
+            for sub in 0..4 {
+                if (top, sub) == (3, 2) {
+                    continue;
+                }
+                let folder = format!("t{top}/s{sub}");
+                std::fs::write(root.join(format!("{folder}/f1")), format!("{folder} changed")).unwrap();
+                let mut named = vec![std::ffi::OsString::from("f1")];
+                if sub == top % 4 {
+                    std::fs::write(root.join(format!("{folder}/new")), "new").unwrap();
+                    added.push(format!("{folder}/new"));
+                    named.push("new".into());
+                }
+                names.insert(PathBuf::from(format!("/{folder}")), named);
+            }
+        }
+        settle(&added);
+        let mut dirs: Vec<PathBuf> = names.keys().cloned().collect();
+        dirs.sort();
+        let changed = Journaled { dirs, whole: Vec::new(), names };
+        let second = backup(
+            &repo,
+            &threads(options(&root, Some(first.id), Some(changed), Some(&kept))),
+            &source,
+            &crate::NoProgress,
+        )
+        .unwrap();
+        let walked = backup(&repo, &options(&root, None, None, None), &source, &crate::NoProgress).unwrap();
+        assert_eq!(second.version.tree, walked.version.tree);
+        let figures = |v: &Version| (v.stats.files, v.stats.dirs, v.stats.others, v.stats.bytes_total);
+        assert_eq!(figures(&second.version), figures(&walked.version));
+        assert_eq!(second.version.stats.files, 8 * 4 * 3 + 8);
+        assert_eq!(second.version.stats.files_read, 31 + 8, "{:?}", second.version.stats);
     }
 }

@@ -20,7 +20,7 @@ use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 
 /// A selection tree: which children of a directory are selected, and whether a directory is
 /// selected whole.
@@ -101,6 +101,18 @@ pub(super) struct Walker<'a, 's, S: Source> {
     pub(super) in_flight: usize,
     /// Selected paths the source does not hold.
     pub(super) missed: Vec<PathBuf>,
+    /// Walkers that may still start beside those walking now (see [`Walker::entries_in`]); below
+    /// zero while a thread that waited for another half walks again.
+    pub(super) spare: &'s AtomicIsize,
+}
+
+/// What a directory's entries are looked at with.
+struct InDir<'d, P> {
+    dir: &'d P,
+    shown: &'d Path,
+    exclude: Option<&'d GlobSet>,
+    selection: Option<&'d SelectionNode>,
+    named: Option<&'d Vec<std::ffi::OsString>>,
 }
 
 /// How many files may be read while the walker goes on to the next directories. The walker
@@ -275,11 +287,114 @@ impl<S: Source> Walker<'_, '_, S> {
         }
         entries.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         entries.dedup();
+        let in_dir = InDir { dir, shown, exclude, selection, named };
+        let parent_nodes = parent.map(|tree| tree.nodes).unwrap_or_default();
+        let (looked_at, found_nested) = self.entries_in(&in_dir, entries, parent_nodes)?;
+        pending.extend(looked_at);
+        // Paths selected again inside this one that it does not hold.
+        for (name, child) in selection.iter().flat_map(|s| &s.children) {
+            if !found_nested.contains(name) {
+                child.selected_under(&shown.join(OsStr::from_bytes(name)), &mut self.missed);
+            }
+        }
+        self.finish_dir(pending)
+    }
+
+    /// The entries `names` (sorted) of a directory, with the parent's nodes among them
+    /// (sorted): each looked up and walked. Two halves are walked at once, on this thread and a
+    /// new one, when a walker is spare and each half holds a folder the journal named
+    /// something below (a journaled walk is most of the read of a backup that changed little,
+    /// and a thread went through it alone while the other core mostly waited). Returns the
+    /// entries and the names of the paths selected again inside that it found.
+    fn entries_in(
+        &mut self,
+        in_dir: &InDir<'_, S::Place>,
+        mut names: Vec<std::ffi::OsString>,
+        mut parent_nodes: Vec<Node>,
+    ) -> Result<(Vec<Pending>, std::collections::HashSet<Vec<u8>>)> {
+        let Some(split) = self.split_at(in_dir.shown, &names, &parent_nodes) else {
+            return self.look_at_entries(in_dir, names, parent_nodes);
+        };
+        let second_names = names.split_off(split);
+        let second_nodes =
+            parent_nodes.split_off(parent_nodes.partition_point(|n| n.name.as_slice() < second_names[0].as_bytes()));
+        let mut stats = VersionStats::default();
+        let (first, second) = std::thread::scope(|scope| {
+            let mut other = Walker {
+                changed: self.changed,
+                counts: self.counts,
+                keep_trees: self.keep_trees,
+                reused: 0,
+                shared: self.shared,
+                source: self.source,
+                names: self.names,
+                parent_time_ns: self.parent_time_ns,
+                file_tx: self.file_tx.clone(),
+                blob_tx: self.blob_tx.clone(),
+                stats: &mut stats,
+                in_flight: 0,
+                missed: Vec::new(),
+                spare: self.spare,
+            };
+            let second = scope.spawn(move || {
+                let looked = other.look_at_entries(in_dir, second_names, second_nodes);
+                other.spare.fetch_add(1, Ordering::SeqCst);
+                (looked, other.in_flight, other.reused, other.missed)
+            });
+            let first = self.look_at_entries(in_dir, names, parent_nodes);
+            // Waiting for the other half, this thread walks nothing: another may start.
+            self.spare.fetch_add(1, Ordering::SeqCst);
+            let second = second.join();
+            self.spare.fetch_sub(1, Ordering::SeqCst);
+            (first, second)
+        });
+        let (second, in_flight, reused, missed) = second.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // Its files in flight are waited for here, with this directory's.
+        self.in_flight += in_flight;
+        self.reused += reused;
+        self.missed.extend(missed);
+        self.stats.files += stats.files;
+        self.stats.dirs += stats.dirs;
+        self.stats.others += stats.others;
+        self.stats.bytes_total += stats.bytes_total;
+        let (mut pending, mut found) = first?;
+        let (more, found_more) = second?;
+        pending.extend(more);
+        found.extend(found_more);
+        Ok((pending, found))
+    }
+
+    /// Where to split `names` into two halves to walk at once (see [`Walker::entries_in`]),
+    /// taking a spare walker for the second; `None` to walk them here.
+    fn split_at(&self, shown: &Path, names: &[std::ffi::OsString], parent_nodes: &[Node]) -> Option<usize> {
+        let changed = self.changed?;
+        // The folders of the parent that the journal named something at or below.
+        let busy: Vec<usize> = parent_nodes
+            .iter()
+            .filter(|node| matches!(node.kind, NodeKind::Dir { .. }))
+            .filter(|node| !changed.untouched(&shown.join(OsStr::from_bytes(&node.name))))
+            .filter_map(|node| names.binary_search_by(|n| n.as_bytes().cmp(&node.name)).ok())
+            .collect();
+        if busy.len() < 2 {
+            return None;
+        }
+        self.spare.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |spare| (spare > 0).then(|| spare - 1)).ok()?;
+        Some(busy[busy.len() / 2])
+    }
+
+    /// [`Walker::entries_in`] on this thread.
+    fn look_at_entries(
+        &mut self,
+        in_dir: &InDir<'_, S::Place>,
+        names: Vec<std::ffi::OsString>,
+        parent_nodes: Vec<Node>,
+    ) -> Result<(Vec<Pending>, std::collections::HashSet<Vec<u8>>)> {
+        let InDir { dir, shown, exclude, selection, named } = *in_dir;
         // The parent's nodes, taken out as their names come (both are sorted by name).
-        let mut parent_nodes = parent.map(|tree| tree.nodes).unwrap_or_default().into_iter().peekable();
-        pending.reserve(entries.len());
+        let mut parent_nodes = parent_nodes.into_iter().peekable();
+        let mut pending = Vec::with_capacity(names.len());
         let mut found_nested = std::collections::HashSet::new();
-        for name in entries {
+        for name in names {
             let nested = selection.and_then(|s| s.children.get(name.as_bytes()));
             while parent_nodes.next_if(|node| node.name.as_slice() < name.as_bytes()).is_some() {}
             let parent_node = parent_nodes.next_if(|node| node.name.as_slice() == name.as_bytes());
@@ -309,13 +424,7 @@ impl<S: Source> Walker<'_, '_, S> {
                 pending.push(entry);
             }
         }
-        // Paths selected again inside this one that it does not hold.
-        for (name, child) in selection.iter().flat_map(|s| &s.children) {
-            if !found_nested.contains(name) {
-                child.selected_under(&shown.join(OsStr::from_bytes(name)), &mut self.missed);
-            }
-        }
-        self.finish_dir(pending)
+        Ok((pending, found_nested))
     }
 
     /// The parent version's subtree of directory `shown`, when the change journal says nothing
