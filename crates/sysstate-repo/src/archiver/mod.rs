@@ -584,6 +584,7 @@ mod tests {
         let mut dirs: Vec<PathBuf> = names.keys().cloned().collect();
         dirs.sort();
         let changed = Journaled { dirs, whole: Vec::new(), names };
+        let splits = walker::SPLITS.load(Ordering::SeqCst);
         let second = backup(
             &repo,
             &threads(options(&root, Some(first.id), Some(changed), Some(&kept))),
@@ -597,5 +598,7 @@ mod tests {
         assert_eq!(figures(&second.version), figures(&walked.version));
         assert_eq!(second.version.stats.files, 8 * 4 * 3 + 8);
         assert_eq!(second.version.stats.files_read, 31 + 8, "{:?}", second.version.stats);
+        // Only this test walks by a journal with walkers to spare.
+        assert!(walker::SPLITS.load(Ordering::SeqCst) > splits, "no folder was split between walkers");
     }
 }

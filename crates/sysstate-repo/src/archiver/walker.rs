@@ -106,6 +106,10 @@ pub(super) struct Walker<'a, 's, S: Source> {
     pub(super) spare: &'s AtomicIsize,
 }
 
+/// How many folders were split between two walkers (for the tests: that they were).
+#[cfg(test)]
+pub(super) static SPLITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// What a directory's entries are looked at with.
 struct InDir<'d, P> {
     dir: &'d P,
@@ -368,6 +372,10 @@ impl<S: Source> Walker<'_, '_, S> {
     /// taking a spare walker for the second; `None` to walk them here.
     fn split_at(&self, shown: &Path, names: &[std::ffi::OsString], parent_nodes: &[Node]) -> Option<usize> {
         let changed = self.changed?;
+        // Most folders are met with no walker spare: their entries are not looked through.
+        if self.spare.load(Ordering::Relaxed) <= 0 {
+            return None;
+        }
         // The folders of the parent that the journal named something at or below.
         let busy: Vec<usize> = parent_nodes
             .iter()
@@ -379,6 +387,8 @@ impl<S: Source> Walker<'_, '_, S> {
             return None;
         }
         self.spare.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |spare| (spare > 0).then(|| spare - 1)).ok()?;
+        #[cfg(test)]
+        SPLITS.fetch_add(1, Ordering::SeqCst);
         Some(busy[busy.len() / 2])
     }
 

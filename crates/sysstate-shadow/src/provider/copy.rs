@@ -1056,23 +1056,35 @@ fn apply_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std
 }
 
 /// The metadata of the live folder `source` (`meta`) onto its copy `target`, through one
-/// descriptor, set only where the copy differs but for the times (its entries changed them):
-/// a folder the refresh met is mostly as it was, and setting its owner, mode and attributes
-/// again walked its path five times and wrote its inode for nothing.
+/// descriptor (see [`set_metadata`]): a folder the refresh met is mostly as it was, and setting
+/// its owner, mode and attributes again walked its path five times and wrote its inode for
+/// nothing. It loses the attributes the live folder no longer has.
 fn apply_dir_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     use rustix::fs::OFlags;
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let dir = File::from(rustix::fs::open(target, flags, rustix::fs::Mode::empty())?);
-    let copy = dir.metadata()?;
-    let chowned = rustix::process::geteuid().is_root() && (copy.uid(), copy.gid()) != (meta.uid(), meta.gid());
-    if chowned {
-        std::os::unix::fs::fchown(&dir, Some(meta.uid()), Some(meta.gid()))?;
-    }
-    let xattrs = sysstate_fs::read_xattrs(source)?;
     let held = sysstate_fs::read_file_xattrs(&dir)?;
-    for (name, _) in &held {
+    set_metadata(&dir, &dir.metadata()?, meta, sysstate_fs::read_xattrs(source)?, &held)
+}
+
+/// Owner, extended attributes, mode and times of `meta` onto the copy `copy` (now as `current`,
+/// holding the attributes `held`), each set only where it differs but for the times: `xattrs`
+/// (sorted) replace `held` (sorted).
+fn set_metadata(
+    copy: &File,
+    current: &std::fs::Metadata,
+    meta: &std::fs::Metadata,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    held: &[(Vec<u8>, Vec<u8>)],
+) -> std::io::Result<()> {
+    let chowned = rustix::process::geteuid().is_root() && (current.uid(), current.gid()) != (meta.uid(), meta.gid());
+    if chowned {
+        std::os::unix::fs::fchown(copy, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    // After chown, which clears file capabilities.
+    for (name, _) in held {
         if xattrs.binary_search_by(|(n, _)| n.cmp(name)).is_err() {
-            match rustix::fs::fremovexattr(&dir, std::ffi::OsStr::from_bytes(name)) {
+            match rustix::fs::fremovexattr(copy, std::ffi::OsStr::from_bytes(name)) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 // The label the storage's security module gives every file it makes: a new
                 // copy keeps it too.
@@ -1082,13 +1094,12 @@ fn apply_dir_metadata(source: &Path, target: &Path, meta: &std::fs::Metadata) ->
         }
     }
     let differ: Vec<_> = xattrs.into_iter().filter(|x| held.binary_search(x).is_err()).collect();
-    sysstate_fs::write_file_xattrs(&dir, &differ)?;
-    // A chown may have cleared mode bits: the mode is set again after one.
-    if chowned || copy.mode() & 0o7777 != meta.mode() & 0o7777 {
-        rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
+    sysstate_fs::write_file_xattrs(copy, &differ)?;
+    // A chown may have cleared mode bits (set-user-ID): the mode is set again after one.
+    if chowned || current.mode() & 0o7777 != meta.mode() & 0o7777 {
+        rustix::fs::fchmod(copy, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
     }
-    rustix::fs::futimens(&dir, &times_of(meta))?;
-    Ok(())
+    Ok(rustix::fs::futimens(copy, &times_of(meta))?)
 }
 
 /// The access and modification times of `meta`, to set on a copy.
@@ -1101,27 +1112,18 @@ fn times_of(meta: &std::fs::Metadata) -> rustix::fs::Timestamps {
 
 /// [`apply_metadata`] for a file just made and written (`output`) from `input`: through their
 /// descriptors, not five walks of their paths per file copied, and the owner and mode set only
-/// where the new file's differ (it is made with the live file's permission bits). Returns the
-/// copy's metadata at the end, for the bytes it holds.
+/// where the new file's differ (it is made with the live file's permission bits; see
+/// [`set_metadata`]). Returns the copy's metadata at the end, for the bytes it holds.
 fn apply_file_metadata(input: &File, output: &File, meta: &std::fs::Metadata) -> std::io::Result<std::fs::Metadata> {
     let made = output.metadata()?;
-    let chowned = rustix::process::geteuid().is_root() && (made.uid(), made.gid()) != (meta.uid(), meta.gid());
-    if chowned {
-        std::os::unix::fs::fchown(output, Some(meta.uid()), Some(meta.gid()))?;
-    }
-    // After chown, which clears file capabilities.
     let xattrs = sysstate_fs::read_file_xattrs(input)?;
-    sysstate_fs::write_file_xattrs(output, &xattrs)?;
-    // A chown may have cleared mode bits (set-user-ID): the mode is set again after one.
-    if chowned || made.mode() & 0o7777 != meta.mode() & 0o7777 {
-        rustix::fs::fchmod(output, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))?;
-    }
-    rustix::fs::futimens(output, &times_of(meta))?;
+    let labelled = !xattrs.is_empty();
+    set_metadata(output, &made, meta, xattrs, &[])?;
     // Attributes too large for the inode take a block of their own.
-    if xattrs.is_empty() {
-        Ok(made)
-    } else {
+    if labelled {
         output.metadata()
+    } else {
+        Ok(made)
     }
 }
 
