@@ -308,9 +308,11 @@ impl Journal {
         self.takes.fetch_add(1, Ordering::SeqCst);
         drop(gathered);
         let mut paths = self.paths.lock().expect("journal paths lock");
-        if taken.doubt.is_some() || taken.dirs_moved || paths.len() > self.max_dirs {
+        let forgotten = taken.doubt.is_some() || taken.dirs_moved || paths.len() > self.max_dirs;
+        if forgotten {
             paths.clear();
         }
+        let mut looked_up = 0usize;
         if let Some(doubt) = taken.doubt {
             return Changes::Doubt(doubt);
         }
@@ -321,6 +323,7 @@ impl Journal {
             let path = match paths.get(key) {
                 Some(path) => wanted(path).then(|| path.clone()),
                 None => {
+                    looked_up += 1;
                     let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
                     if let Some(path) = &path {
                         paths.insert(key.clone(), path.clone());
@@ -353,6 +356,14 @@ impl Journal {
                 Some((meta.st_dev, meta.st_ino))
             })
             .collect();
+        tracing::debug!(
+            dirs = taken.dirs.len(),
+            looked_up,
+            forgotten,
+            relinked = taken.relinked.len(),
+            still_there = relinked.len(),
+            "journal read"
+        );
         // In the order of their components, compared as bytes (see `path_order`).
         dirs.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
         written.sort_unstable_by(|a, b| sysstate_fs::path_order(a, b));
@@ -543,7 +554,12 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
         match object {
             _ if found_dir => {}
             Some(object) if mask & libc::FAN_ONDIR == 0 && mask & !ALONE == 0 => {
-                if mask & libc::FAN_ATTRIB != 0 && !full(gathered, max_dirs) {
+                // A file whose last name went (every removal of a file's copy in shadow storage,
+                // a few thousand per backup) has no name left to look at: forgotten now, not
+                // opened in vain at the take (under the freeze, for the copy's own removals).
+                if mask & libc::FAN_DELETE_SELF != 0 {
+                    gathered.relinked.remove(&object);
+                } else if mask & libc::FAN_ATTRIB != 0 && !full(gathered, max_dirs) {
                     gathered.relinked.insert(object);
                 }
             }
@@ -756,6 +772,31 @@ mod tests {
         let Changes::Seen(changed) = journal.take() else { panic!("the journal doubts") };
         assert!(!changed.relinked.iter().any(|(_, inode)| *inode == file.ino()), "{changed:?}");
         assert!(changed.dirs.contains(&root.join("c")), "{changed:?}");
+    }
+
+    #[test]
+    fn a_file_whose_last_name_went_is_forgotten_before_the_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        for i in 0..50 {
+            std::fs::write(root.join(format!("a/f{i}")), "x").unwrap();
+        }
+        std::fs::write(root.join("a/kept"), "x").unwrap();
+        let journal = Journal::start(&[&root], JournalOptions { reader: false, ..Default::default() }).unwrap();
+        for i in 0..50 {
+            std::fs::remove_file(root.join(format!("a/f{i}"))).unwrap();
+        }
+        std::fs::hard_link(root.join("a/kept"), root.join("a/link")).unwrap();
+        std::fs::remove_file(root.join("a/link")).unwrap();
+        let mut gathered = journal.gathered.lock().unwrap();
+        drain(&journal.fd, &mut gathered, journal.max_dirs);
+        // Each removal's link count change came alone; only the file still there is kept.
+        let kept = std::fs::metadata(root.join("a/kept")).unwrap();
+        assert_eq!(gathered.relinked.len(), 1, "51 files relinked, 50 of them gone");
+        drop(gathered);
+        let Changes::Seen(changed) = journal.take() else { panic!("the journal doubts") };
+        assert_eq!(changed.relinked, [(kept.dev(), kept.ino())]);
     }
 
     #[test]
