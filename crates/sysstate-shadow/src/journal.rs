@@ -147,9 +147,40 @@ struct Gathered {
     relinked: HashSet<DirKey>,
     /// Why the set cannot be trusted, once it cannot.
     doubt: Option<String>,
-    /// A directory was moved or removed: the paths [`Journal::take`] keeps for directories
-    /// may no longer be theirs.
-    dirs_moved: bool,
+    /// How many directory moves and removals were read since the journal started (carried
+    /// from take to take): a path looked up before the last of them may no longer be its
+    /// directory's.
+    moves: u64,
+    /// Directories named for the first time since the last take, for the reader to look up
+    /// while nothing waits for them.
+    fresh: Vec<DirKey>,
+}
+
+impl Gathered {
+    /// What was gathered since the last take, leaving only what is carried over.
+    fn take(&mut self) -> Gathered {
+        std::mem::replace(self, Gathered { moves: self.moves, ..Gathered::default() })
+    }
+}
+
+/// The paths of directories looked up, by handle.
+#[derive(Default)]
+struct Paths {
+    by_key: std::collections::HashMap<DirKey, PathBuf>,
+    /// [`Gathered::moves`] when they were looked up: once more were read, they are forgotten.
+    moves: u64,
+}
+
+impl Paths {
+    /// Forgets every path when a directory moved or was removed after they were looked up.
+    fn forget_before(&mut self, moves: u64) -> bool {
+        let stale = self.moves < moves;
+        if stale {
+            self.by_key.clear();
+            self.moves = moves;
+        }
+        stale
+    }
 }
 
 /// A point in a journal's life: after its `take`-th take. Changes taken at position P+1 are
@@ -170,11 +201,12 @@ pub struct Journal {
     watched: Arc<Vec<Watched>>,
     gathered: Arc<Mutex<Gathered>>,
     max_dirs: usize,
-    /// The path of each directory an earlier take looked up, by handle: kept until a take
-    /// finds a directory moved or removed (or doubts), so each is looked up once, not at every
-    /// take (`open_by_handle_at` and `readlink` of a few thousand directories — the copies of
-    /// other backups on the filesystem too — were half of the journal's take).
-    paths: Mutex<std::collections::HashMap<DirKey, PathBuf>>,
+    /// The path of each directory looked up, by handle: kept until a directory moves or is
+    /// removed (or the journal doubts), so each is looked up once, not at every take
+    /// (`open_by_handle_at` and `readlink` of a few thousand directories — the copies of
+    /// other backups on the filesystem too — were half of the journal's take). The reader
+    /// looks up each directory as events first name it, so a backup's take finds most known.
+    paths: Arc<Mutex<Paths>>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -250,18 +282,21 @@ impl Journal {
             watched: Arc::new(watched),
             gathered: Arc::default(),
             max_dirs: options.max_dirs,
-            paths: Mutex::default(),
+            paths: Arc::default(),
             stop: Arc::default(),
             reader: None,
         };
         if options.reader {
-            let (fd, gathered, stop, max_dirs) =
-                (journal.fd.clone(), journal.gathered.clone(), journal.stop.clone(), journal.max_dirs);
-            journal.reader = Some(
-                std::thread::Builder::new()
-                    .name("sysstate-journal".into())
-                    .spawn(move || read_until_stopped(&fd, &gathered, &stop, max_dirs))?,
-            );
+            let reader = Reader {
+                fd: journal.fd.clone(),
+                watched: journal.watched.clone(),
+                gathered: journal.gathered.clone(),
+                paths: journal.paths.clone(),
+                stop: journal.stop.clone(),
+                max_dirs: journal.max_dirs,
+            };
+            journal.reader =
+                Some(std::thread::Builder::new().name("sysstate-journal".into()).spawn(move || reader.run())?);
         }
         Ok(journal)
     }
@@ -286,10 +321,11 @@ impl Journal {
     /// in it: the kernel queues an event before the call that made the change returns, and
     /// this reads the queue to its end.
     ///
-    /// Directories are named by their paths when the queue was read. A path looked up at an
-    /// earlier take is used again while no directory moved or was removed since: every such
-    /// move or removal comes with an event (`FAN_ONDIR`), and the take that reads it looks every
-    /// path up again. A directory moved after the queue was read is named by its path before
+    /// Directories are named by their paths when the queue was read. A path looked up earlier
+    /// (by the reader as events first named its directory, or by an earlier take) is used
+    /// again while no directory moved or was removed since: every such move or removal comes
+    /// with an event (`FAN_ONDIR`), and once one is read every path looked up before it is
+    /// forgotten and looked up again. A directory moved after the queue was read is named by its path before
     /// the move (looked up afresh, by its path after it); the move's events are in the next take
     /// either way.
     pub fn take(&self) -> Changes {
@@ -304,14 +340,16 @@ impl Journal {
         let wanted = |path: &Path| prefixes.is_empty() || prefixes.iter().any(|prefix| path.starts_with(prefix));
         let mut gathered = self.gathered.lock().expect("journal lock");
         drain(&self.fd, &mut gathered, self.max_dirs);
-        let taken = std::mem::take(&mut *gathered);
+        let taken = gathered.take();
         self.takes.fetch_add(1, Ordering::SeqCst);
         drop(gathered);
-        let mut paths = self.paths.lock().expect("journal paths lock");
-        let forgotten = taken.doubt.is_some() || taken.dirs_moved || paths.len() > self.max_dirs;
-        if forgotten {
-            paths.clear();
+        let mut known = self.paths.lock().expect("journal paths lock");
+        let doubted = taken.doubt.is_some() || known.by_key.len() > self.max_dirs;
+        if doubted {
+            known.by_key.clear();
         }
+        let forgotten = known.forget_before(taken.moves) || doubted;
+        let paths = &mut known.by_key;
         let mut looked_up = 0usize;
         if let Some(doubt) = taken.doubt {
             return Changes::Doubt(doubt);
@@ -324,7 +362,7 @@ impl Journal {
                 Some(path) => wanted(path).then(|| path.clone()),
                 None => {
                     looked_up += 1;
-                    let path = self.open(key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir));
+                    let path = dir_path(&self.watched, key);
                     if let Some(path) = &path {
                         paths.insert(key.clone(), path.clone());
                     }
@@ -339,7 +377,7 @@ impl Journal {
             dirs.extend(path.clone());
             resolved.insert(key, path);
         }
-        drop(paths);
+        drop(known);
         let mut written: Vec<PathBuf> = taken
             .written
             .iter()
@@ -352,7 +390,7 @@ impl Journal {
             .relinked
             .iter()
             .filter_map(|key| {
-                let meta = rustix::fs::fstat(self.open(key, 0)?).ok()?;
+                let meta = rustix::fs::fstat(open_handle(&self.watched, key, 0)?).ok()?;
                 Some((meta.st_dev, meta.st_ino))
             })
             .collect();
@@ -371,29 +409,35 @@ impl Journal {
         relinked.dedup();
         Changes::Seen(Changed { dirs, names, written, relinked })
     }
+}
 
-    /// The entry with this handle (`O_PATH`, with `flags`); `None` when it was deleted.
-    fn open(&self, (fsid, handle_type, bytes): &DirKey, flags: i32) -> Option<OwnedFd> {
-        let watched = self.watched.iter().find(|w| w.fsid == *fsid)?;
-        // `struct file_handle` followed by its bytes, 4-aligned.
-        let mut buffer = vec![0u32; 2 + bytes.len().div_ceil(4)];
-        buffer[0] = bytes.len() as u32;
-        buffer[1] = *handle_type as u32;
-        // SAFETY: the buffer holds 8 + len bytes; copying `len` bytes after the header stays in it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buffer.as_mut_ptr().add(2).cast::<u8>(), bytes.len());
-        }
-        // SAFETY: the buffer is a `struct file_handle` as the kernel wrote it; the result is checked.
-        let raw = unsafe {
-            libc::open_by_handle_at(
-                watched.mount.as_raw_fd(),
-                buffer.as_mut_ptr().cast::<libc::file_handle>(),
-                libc::O_PATH | libc::O_CLOEXEC | flags,
-            )
-        };
-        // SAFETY: a new descriptor nothing else owns.
-        (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+/// The entry with this handle on one of the `watched` filesystems (`O_PATH`, with `flags`);
+/// `None` when it was deleted.
+fn open_handle(watched: &[Watched], (fsid, handle_type, bytes): &DirKey, flags: i32) -> Option<OwnedFd> {
+    let watched = watched.iter().find(|w| w.fsid == *fsid)?;
+    // `struct file_handle` followed by its bytes, 4-aligned.
+    let mut buffer = vec![0u32; 2 + bytes.len().div_ceil(4)];
+    buffer[0] = bytes.len() as u32;
+    buffer[1] = *handle_type as u32;
+    // SAFETY: the buffer holds 8 + len bytes; copying `len` bytes after the header stays in it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buffer.as_mut_ptr().add(2).cast::<u8>(), bytes.len());
     }
+    // SAFETY: the buffer is a `struct file_handle` as the kernel wrote it; the result is checked.
+    let raw = unsafe {
+        libc::open_by_handle_at(
+            watched.mount.as_raw_fd(),
+            buffer.as_mut_ptr().cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC | flags,
+        )
+    };
+    // SAFETY: a new descriptor nothing else owns.
+    (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The path now of the directory with this handle; `None` when it was deleted.
+fn dir_path(watched: &[Watched], key: &DirKey) -> Option<PathBuf> {
+    open_handle(watched, key, libc::O_DIRECTORY).and_then(|dir| path_of(&dir))
 }
 
 /// The path now of an open directory; `None` when it was deleted.
@@ -428,17 +472,65 @@ fn fsid(path: &Path) -> std::io::Result<[i32; 2]> {
     Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(stat.f_fsid) })
 }
 
-/// The reader thread: waits for the first event, then reads what came every [`BATCH`] until
-/// a read finds nothing, and waits again; until told to stop.
-fn read_until_stopped(fd: &OwnedFd, gathered: &Mutex<Gathered>, stop: &AtomicBool, max_dirs: usize) {
-    while !stop.load(Ordering::SeqCst) {
-        let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid `pollfd`; the result is checked.
-        if unsafe { libc::poll(&mut poll, 1, POLL_MS) } <= 0 {
-            continue;
+/// What the reader thread shares with its journal.
+struct Reader {
+    fd: Arc<OwnedFd>,
+    watched: Arc<Vec<Watched>>,
+    gathered: Arc<Mutex<Gathered>>,
+    paths: Arc<Mutex<Paths>>,
+    stop: Arc<AtomicBool>,
+    max_dirs: usize,
+}
+
+/// How many directories the reader looks up under one hold of the paths' lock: a take waits
+/// for at most these (a millisecond or two).
+const LOOKUPS_PER_HOLD: usize = 64;
+
+impl Reader {
+    /// Waits for the first event, then reads what came every [`BATCH`] until a read finds
+    /// nothing, looking up the directories first named, and waits again; until told to stop.
+    fn run(self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let mut poll = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid `pollfd`; the result is checked.
+            if unsafe { libc::poll(&mut poll, 1, POLL_MS) } <= 0 {
+                continue;
+            }
+            loop {
+                let (read, fresh, moves) = {
+                    let mut gathered = self.gathered.lock().expect("journal lock");
+                    let read = drain(&self.fd, &mut gathered, self.max_dirs);
+                    (read, std::mem::take(&mut gathered.fresh), gathered.moves)
+                };
+                self.look_up(&fresh, moves);
+                if !read || self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(BATCH);
+            }
         }
-        while drain(fd, &mut gathered.lock().expect("journal lock"), max_dirs) && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(BATCH);
+    }
+
+    /// Looks up the paths of `fresh` directories not known yet, as they are now: after the
+    /// `moves`-th directory move read, and so after every move that paths known before were
+    /// looked up under.
+    fn look_up(&self, fresh: &[DirKey], moves: u64) {
+        for keys in fresh.chunks(LOOKUPS_PER_HOLD) {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut paths = self.paths.lock().expect("journal paths lock");
+            paths.forget_before(moves);
+            if paths.by_key.len() > self.max_dirs {
+                return;
+            }
+            for key in keys {
+                if !paths.by_key.contains_key(key) {
+                    if let Some(path) = dir_path(&self.watched, key) {
+                        paths.by_key.insert(key.clone(), path);
+                    }
+                }
+            }
         }
     }
 }
@@ -492,7 +584,7 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
         const MOVED: u64 =
             libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO | libc::FAN_MOVE_SELF | libc::FAN_DELETE | libc::FAN_DELETE_SELF;
         if mask & libc::FAN_ONDIR != 0 && mask & MOVED != 0 {
-            gathered.dirs_moved = true;
+            gathered.moves += 1;
         }
         let mut found_dir = false;
         let mut object = None;
@@ -537,7 +629,13 @@ fn parse(bytes: &[u8], gathered: &mut Gathered, max_dirs: usize) {
                 gathered.written.insert((key.clone(), name.to_vec()));
             }
             let total = gathered.names;
-            let named = gathered.dirs.entry(key).or_insert_with(|| Some(HashSet::new()));
+            let named = match gathered.dirs.entry(key) {
+                std::collections::hash_map::Entry::Occupied(named) => named.into_mut(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    gathered.fresh.push(new.key().clone());
+                    new.insert(Some(HashSet::new()))
+                }
+            };
             if let Some(names) = named.as_mut().filter(|_| entry) {
                 if names.len() >= MAX_NAMES_PER_DIR || total >= MAX_NAMES {
                     gathered.names -= names.len();
@@ -709,6 +807,33 @@ mod tests {
         journal.take();
         std::fs::write(root.join("b/inner/file"), "replaced").unwrap();
         assert_eq!(under(journal.take()), [root.join("b/inner")]);
+    }
+
+    #[test]
+    fn the_reader_looks_up_folders_as_they_are_named_and_forgets_them_when_one_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["a/inner", "b"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let journal = Journal::start(&[&root], JournalOptions::default()).unwrap();
+        let known = |path: &Path| journal.paths.lock().unwrap().by_key.values().any(|p| p == path);
+        let waited = |path: &Path| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !known(path) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            known(path)
+        };
+        // Named by an event, looked up by the reader before any take.
+        std::fs::write(root.join("a/inner/file"), "x").unwrap();
+        assert!(waited(&root.join("a/inner")), "the reader did not look up a/inner");
+        // Moved after the reader looked it up: the take names it where it is now.
+        std::fs::rename(root.join("a/inner"), root.join("b/inner")).unwrap();
+        std::fs::write(root.join("b/inner/file"), "moved").unwrap();
+        let named: Vec<_> = dirs(journal.take()).into_iter().filter(|p| p.starts_with(&root)).collect();
+        assert_eq!(named, [root.join("a"), root.join("b"), root.join("b/inner")]);
+        assert!(!known(&root.join("a/inner")), "a path from before the move is still kept");
     }
 
     #[test]

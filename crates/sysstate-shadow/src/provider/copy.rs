@@ -787,20 +787,29 @@ impl Pool {
         let queue = Arc::new(std::sync::Mutex::new(queue));
         for _ in 0..threads {
             let (queue, report, shared) = (Arc::clone(&queue), report.clone(), Arc::clone(shared));
-            scope.spawn(move || loop {
-                let next = queue.lock().expect("copy queue lock").recv();
-                let Ok(file) = next else { break };
-                // Not copied once one failed: the walk stops with that failure.
-                let outcome = match shared.failed.load(Ordering::Relaxed) {
-                    true => Ok(None),
-                    false => copy_queued_file(req, reflink, &file, &shared)
-                        .and_then(|copied| limits(req, shared.written()).map(|()| Some(copied))),
-                };
-                if outcome.as_ref().is_err_and(|error| !went_away(req, &file.relative, error)) {
-                    shared.failed.store(true, Ordering::Relaxed);
+            scope.spawn(move || {
+                // This thread's own umask, none: a copy is made with its live file's permission
+                // bits, not given them by a chmod after (the process's private umask took the
+                // group's and others' off every copy). Left as it is if the thread cannot have
+                // its own: the process's then stays too.
+                if rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
+                    rustix::process::umask(rustix::fs::Mode::empty());
                 }
-                if report.send((file, outcome)).is_err() {
-                    break;
+                loop {
+                    let next = queue.lock().expect("copy queue lock").recv();
+                    let Ok(file) = next else { break };
+                    // Not copied once one failed: the walk stops with that failure.
+                    let outcome = match shared.failed.load(Ordering::Relaxed) {
+                        true => Ok(None),
+                        false => copy_queued_file(req, reflink, &file, &shared)
+                            .and_then(|copied| limits(req, shared.written()).map(|()| Some(copied))),
+                    };
+                    if outcome.as_ref().is_err_and(|error| !went_away(req, &file.relative, error)) {
+                        shared.failed.store(true, Ordering::Relaxed);
+                    }
+                    if report.send((file, outcome)).is_err() {
+                        break;
+                    }
                 }
             });
         }
@@ -1180,6 +1189,35 @@ mod tests {
             let (lm, cm) = (std::fs::symlink_metadata(&l).unwrap(), std::fs::symlink_metadata(&c).unwrap());
             assert_eq!((cm.mode(), cm.len(), cm.mtime()), (lm.mode(), lm.len(), lm.mtime()), "{name}");
         }
+    }
+
+    /// The process's umask, as the kernel says (reading it by setting it would race the
+    /// other tests).
+    fn process_umask() -> String {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status.lines().find(|l| l.starts_with("Umask:")).unwrap().to_string()
+    }
+
+    #[test]
+    fn copies_have_their_files_modes_and_the_process_keeps_its_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, dest) = (dir.path().join("live"), dir.path().join("copy"));
+        let data = live.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let modes = [0o644, 0o755, 0o640, 0o600, 0o666, 0o4755, 0o2750, 0o1777];
+        for (i, mode) in modes.iter().enumerate() {
+            let path = data.join(format!("f{i}"));
+            std::fs::write(&path, format!("{mode:o}")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        let before = process_umask();
+        commit(&live, &dest, None);
+        for (i, mode) in modes.iter().enumerate() {
+            let copy = std::fs::symlink_metadata(dest.join(format!("data/f{i}"))).unwrap();
+            assert_eq!(copy.mode() & 0o7777, *mode, "f{i}: {:o}", copy.mode());
+        }
+        // The copying threads' umask was their own.
+        assert_eq!(process_umask(), before);
     }
 
     #[test]
