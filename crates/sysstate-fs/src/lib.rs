@@ -325,6 +325,16 @@ pub fn private_umask() {
     INHERITED_UMASK.store(inherited.bits(), std::sync::atomic::Ordering::SeqCst);
 }
 
+/// Gives this thread its own umask, 0, in place of the process's [`private_umask`]: a file it
+/// creates with its permission bits has them, and needs no change of mode after (a restore's
+/// workers, the copy provider's copying threads). A thread that cannot have its own keeps the
+/// process's — its callers look at each mode, and only change more of them.
+pub fn exact_modes_in_this_thread() {
+    if rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
+        rustix::process::umask(rustix::fs::Mode::empty());
+    }
+}
+
 /// A command to run `program` with sysstate's environment less its secrets
 /// ([`SECRET_VARIABLES`]), and with the umask sysstate was started with: writers' commands and
 /// processes, the generated components' tools, the package manager, `btrfs`. Every program

@@ -196,7 +196,7 @@ pub fn restore_tree(
             .map(|_| {
                 let (rx, shared) = (rx.clone(), &shared);
                 scope.spawn(move || {
-                    exact_modes_in_this_thread();
+                    sysstate_fs::exact_modes_in_this_thread();
                     let mut cached: Option<(PathBuf, OwnedFd)> = None;
                     for job in rx {
                         for node in &job.nodes {
@@ -604,15 +604,6 @@ pub(crate) enum Target<'f> {
     Fd(std::os::fd::BorrowedFd<'f>),
     /// Set by name in a directory, without following or opening it.
     ByName(std::os::fd::BorrowedFd<'f>, &'f OsStr),
-}
-
-/// Gives this thread its own umask, 0, in place of the process's 077: a file it creates with the
-/// version's permission bits has them, and needs no change of mode after (`apply_metadata`
-/// looks, so a thread that cannot have its own umask only changes more modes).
-fn exact_modes_in_this_thread() {
-    if rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
-        rustix::process::umask(Mode::empty());
-    }
 }
 
 /// Sets `node`'s owner (when `owners` and root), extended attributes, mode and times on `target`.

@@ -788,13 +788,10 @@ impl Pool {
         for _ in 0..threads {
             let (queue, report, shared) = (Arc::clone(&queue), report.clone(), Arc::clone(shared));
             scope.spawn(move || {
-                // This thread's own umask, none: a copy is made with its live file's permission
-                // bits, not given them by a chmod after (the process's private umask took the
-                // group's and others' off every copy). Left as it is if the thread cannot have
-                // its own: the process's then stays too.
-                if rustix::thread::unshare(rustix::thread::UnshareFlags::FS).is_ok() {
-                    rustix::process::umask(rustix::fs::Mode::empty());
-                }
+                // A copy is made with its live file's permission bits, not given them by a
+                // chmod after (the process's private umask took the group's and others' off
+                // every copy).
+                sysstate_fs::exact_modes_in_this_thread();
                 loop {
                     let next = queue.lock().expect("copy queue lock").recv();
                     let Ok(file) = next else { break };
