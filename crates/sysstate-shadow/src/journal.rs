@@ -337,7 +337,18 @@ impl Journal {
     /// most of all, where the copies themselves are written — and sorting and handing on its
     /// folders cost as much as the components' own.
     pub fn take_under(&self, prefixes: &[PathBuf]) -> Changes {
-        let wanted = |path: &Path| prefixes.is_empty() || prefixes.iter().any(|prefix| path.starts_with(prefix));
+        // As `Path::starts_with`, on bytes (the prefixes made of their components, as the
+        // kernel's paths are): a take passes over every folder changed on the filesystem, and
+        // most are not wanted (other copies in shadow storage).
+        let prefixes: Vec<PathBuf> = prefixes.iter().map(|p| p.components().collect()).collect();
+        let wanted = |path: &Path| {
+            let path = path.as_os_str().as_bytes();
+            prefixes.is_empty()
+                || prefixes.iter().map(|p| p.as_os_str().as_bytes()).any(|prefix| {
+                    let prefix = prefix.strip_suffix(b"/").unwrap_or(prefix);
+                    path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/'))
+                })
+        };
         let mut gathered = self.gathered.lock().expect("journal lock");
         drain(&self.fd, &mut gathered, self.max_dirs);
         let taken = gathered.take();
@@ -354,7 +365,6 @@ impl Journal {
         if let Some(doubt) = taken.doubt {
             return Changes::Doubt(doubt);
         }
-        let mut resolved: std::collections::HashMap<&DirKey, Option<PathBuf>> = Default::default();
         let mut dirs = Vec::with_capacity(taken.dirs.len());
         let mut names = EntryNames::new();
         for (key, named) in &taken.dirs {
@@ -374,18 +384,18 @@ impl Journal {
                 named.sort();
                 names.insert(path.clone(), named);
             }
-            dirs.extend(path.clone());
-            resolved.insert(key, path);
+            dirs.extend(path);
         }
-        drop(known);
+        // Every folder of a written file is one of the folders above: looked up there.
         let mut written: Vec<PathBuf> = taken
             .written
             .iter()
             .filter_map(|(key, name)| {
-                let dir = resolved.get(key)?.as_ref()?;
+                let dir = paths.get(key).filter(|dir| wanted(dir))?;
                 Some(dir.join(std::ffi::OsStr::from_bytes(name)))
             })
             .collect();
+        drop(known);
         let mut relinked: Vec<(u64, u64)> = taken
             .relinked
             .iter()
@@ -768,7 +778,9 @@ mod tests {
         for d in ["kept", "kept/inner", "kept-not", "other"] {
             std::fs::write(root.join(d).join("file"), "x").unwrap();
         }
-        let Changes::Seen(changed) = journal.take_under(&[root.join("kept")]) else { panic!("the journal doubts") };
+        // Named loosely (a doubled separator, a trailing one), as a configuration may.
+        let loose = PathBuf::from(format!("{}//kept/", root.display()));
+        let Changes::Seen(changed) = journal.take_under(&[loose]) else { panic!("the journal doubts") };
         assert_eq!(changed.dirs, [root.join("kept"), root.join("kept/inner")]);
         assert_eq!(changed.written, [root.join("kept/file"), root.join("kept/inner/file")]);
         assert_eq!(changed.names.keys().collect::<std::collections::BTreeSet<_>>(), changed.dirs.iter().collect());

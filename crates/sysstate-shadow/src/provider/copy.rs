@@ -190,8 +190,10 @@ fn walk_and_copy(
     // Past the deadline is past it, however little there was to look at.
     copier.check_limits()?;
     // Folders last, deepest first: creating their entries changed their times.
+    let started = Instant::now();
     copier.dirs.sort_by(|a, b| sysstate_fs::path_order(&a.0, &b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
+    let folders = copier.dirs.len();
     for (relative, meta) in std::mem::take(&mut copier.dirs).iter().rev() {
         if let Err(error) = apply_dir_metadata(&root.join(relative), &dest.join(relative), meta) {
             if std::fs::symlink_metadata(root.join(relative)).is_ok() {
@@ -203,6 +205,7 @@ fn walk_and_copy(
             copier.forget_under(&shown);
         }
     }
+    tracing::debug!(folders, ms = started.elapsed().as_millis() as u64, "copied folders' metadata set");
     copier.out.root = dest.to_path_buf();
     copier.out.bytes = copier.shared.bytes.load(std::sync::atomic::Ordering::Relaxed);
     Ok(std::mem::take(&mut copier.out))
