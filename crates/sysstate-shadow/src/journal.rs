@@ -325,9 +325,9 @@ impl Journal {
     /// (by the reader as events first named its directory, or by an earlier take) is used
     /// again while no directory moved or was removed since: every such move or removal comes
     /// with an event (`FAN_ONDIR`), and once one is read every path looked up before it is
-    /// forgotten and looked up again. A directory moved after the queue was read is named by its path before
-    /// the move (looked up afresh, by its path after it); the move's events are in the next take
-    /// either way.
+    /// forgotten and looked up again. A directory moved after the queue was read is named by
+    /// its path before the move (looked up afresh, by its path after it); the move's events are
+    /// in the next take either way.
     pub fn take(&self) -> Changes {
         self.take_under(&[])
     }
