@@ -359,6 +359,43 @@ pub fn command(program: impl AsRef<OsStr>) -> std::process::Command {
 
 #[cfg(test)]
 mod tests {
+    /// A lock that only `/proc/locks` shows: taken through a second name of the file, outside
+    /// the selection, while the process holds the file open under it for reading (its fdinfo
+    /// there shows no lock). The lazily read table must still be read and find it.
+    #[test]
+    fn a_lock_taken_through_another_name_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let (selected, outside) = (root.join("selected"), root.join("outside"));
+        std::fs::create_dir_all(&selected).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let (file, other_name) = (selected.join("db"), outside.join("db"));
+        std::fs::write(&file, "x").unwrap();
+        std::fs::hard_link(&file, &other_name).unwrap();
+        let ready = root.join("ready");
+        let code = "import fcntl, sys, time\n\
+                    reading = open(sys.argv[1])\n\
+                    locking = open(sys.argv[2], 'r+')\n\
+                    fcntl.lockf(locking, fcntl.LOCK_EX)\n\
+                    open(sys.argv[3], 'w').close()\n\
+                    time.sleep(30)\n";
+        let mut holder = std::process::Command::new("python3")
+            .args(["-c", code])
+            .args([&file, &other_name, &ready])
+            .spawn()
+            .expect("python3 runs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ready.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let busy = super::busy_files(std::slice::from_ref(&selected));
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(ready.exists(), "the holder did not take its lock");
+        let found: Vec<_> = busy.iter().map(|b| (b.path.clone(), b.pid, b.locked)).collect();
+        assert_eq!(found, [(file, holder.id(), true)]);
+    }
+
     /// [`path_order`] orders paths as [`Path::cmp`] does, separators and bytes around them
     /// included.
     #[test]
