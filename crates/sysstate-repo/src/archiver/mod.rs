@@ -325,122 +325,198 @@ pub fn backup<S: Source>(
     source: &S,
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
-    let started = std::time::Instant::now();
-    let time_ns = if options.time_ns != 0 { options.time_ns } else { crate::lock::now_ns() };
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-    } else {
-        options.threads
-    };
-    let counts = options.counts.clone().unwrap_or_default();
-    let (parent_tree, parent_time_ns) = match options.parent {
-        Some(parent) => {
-            let version = repo.read_version(&parent)?;
-            (Some(counts.take(repo, &version.tree)?), version.time_ns)
-        }
-        None => (None, 0),
-    };
-    let shared = Shared {
-        repo,
-        cancel: options.cancel.clone(),
-        saver: BlobSaver::new(repo),
-        progress,
-        warnings: Mutex::new(Vec::new()),
-        failure: Mutex::new(None),
-        abort: AtomicBool::new(false),
-        files_read: AtomicU64::new(0),
-        bytes_read: AtomicU64::new(0),
-        helpers: Helpers::new(),
-    };
-    let selection = SelectionNode::build(&options.selections);
-    let names = Names::load(&options.root);
-    let mut stats = VersionStats::default();
+    let mut session = Session::new(repo, options, progress);
+    let parent = options.parent.map(|id| Pass::of_version(repo, &id)).transpose()?;
+    let pass = session.pass(source, &options.selections, options.changed.as_ref(), parent)?;
+    session.finish(options, pass)
+}
 
-    let walk_done = AtomicBool::new(false);
-    // One walker per core at most: the readers and sealers need theirs too.
-    let spare_walkers = AtomicIsize::new(threads as isize - 1);
-    let walked = std::thread::scope(|scope| {
-        let (file_tx, file_rx) = bounded::<FileJob<S::Place>>(threads * 16);
-        let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
-        let mut readers = Vec::new();
-        for _ in 0..threads {
-            let (file_rx, blob_tx, shared) = (file_rx.clone(), blob_tx.clone(), &shared);
-            readers.push(scope.spawn(move || reader(shared, source, file_rx, blob_tx)));
-        }
-        for _ in 0..threads {
-            let (blob_rx, shared) = (blob_rx.clone(), &shared);
-            scope.spawn(move || sealer(shared, blob_rx));
-        }
-        drop(file_rx);
-        drop(blob_rx);
-        // Without a parent every entry is looked up: a second thread warms the cache from the
-        // far end. With one, most are not (unchanged entries may be found elsewhere by the
-        // source), and a prefetch would look every one up.
-        if parent_tree.is_none() {
-            let prefetched = source.prefetch_root();
-            let (selections, walk_done) = (&options.selections, &walk_done);
-            scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done, progress));
-        }
-        let mut walker = Walker {
-            changed: options.changed.as_ref().filter(|_| parent_tree.is_some()),
-            counts: &counts,
-            keep_trees: options.counts.is_some(),
-            reused: 0,
-            shared: &shared,
-            source,
-            names: &names,
-            parent_time_ns,
-            file_tx,
-            blob_tx,
-            stats: &mut stats,
-            in_flight: 0,
-            missed: Vec::new(),
-            spare: &spare_walkers,
-        };
-        let tree = walker.walk(&selection, parent_tree, &walk_done);
-        let missed = std::mem::take(&mut walker.missed);
-        if walker.changed.is_some() {
-            tracing::debug!(reused = walker.reused, "folders taken from the parent version as the journal allowed");
-        }
-        drop(walker);
-        for reader in readers {
-            let _ = reader.join();
-        }
-        tree.map(|tree| (tree, missed))
-    });
-    let (tree, missed) = walked?;
-    shared.check_abort()?;
-    // A version that silently lacks a selected path would lie: none is saved.
-    if !missed.is_empty() {
-        return Err(RepoError::Unread { paths: missed.iter().map(|p| p.display().to_string()).collect() });
+/// What a walk made: a root tree, read from what its source showed from a point in time on.
+/// A later pass may take it as its parent, as a backup takes its parent version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// The root tree.
+    pub tree: Id,
+    /// When its walk began (ns since the epoch): an entry whose ctime is not settled before it
+    /// may have changed again unseen while it was read (see [`settled_before`]).
+    ///
+    /// [`settled_before`]: crate::meta::settled_before
+    pub time_ns: i64,
+}
+
+impl Pass {
+    /// Version `id`'s tree and point in time.
+    pub fn of_version(repo: &Repository, id: &Id) -> Result<Pass> {
+        let version = repo.read_version(id)?;
+        Ok(Pass { tree: version.tree, time_ns: version.time_ns })
     }
-    shared.saver.finish()?;
+}
 
-    let warnings = shared.warnings.into_inner().expect("warnings lock");
-    stats.files_read = shared.files_read.load(Ordering::Relaxed);
-    stats.files_unchanged = stats.files - stats.files_read;
-    stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
-    stats.blobs_added = shared.saver.stats.blobs.load(Ordering::Relaxed);
-    stats.bytes_added = shared.saver.stats.raw_bytes.load(Ordering::Relaxed);
-    stats.bytes_stored = shared.saver.stats.stored_bytes.load(Ordering::Relaxed);
-    stats.errors = warnings.len() as u64;
-    stats.duration_ms = started.elapsed().as_millis() as u64;
-    let version = Version {
-        time_ns,
-        host: options.host.clone(),
-        root_path: options.root.display().to_string(),
-        tree,
-        components: options.components.clone(),
-        parent: options.parent,
-        tags: options.tags.clone(),
-        stats,
-        program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
-        shadow: options.shadow.clone(),
-        system: options.system.clone(),
-        extra: Default::default(),
-    };
-    let id = repo.save_version(&version)?;
-    Ok(BackupOutcome { id, version, warnings })
+/// A backup made in one pass or more over one saver, its version saved at the end: a pass walks
+/// a source against a parent (the parent version's tree, or an earlier pass's) and stores the
+/// trees and blobs it makes; [`Session::finish`] writes the last packs and the index, then the
+/// version of the pass it is given. A pass that reads the live files before a freeze, then one
+/// that reads again from the shadow copy only what changed since, read each changed file once
+/// when nothing changes in between.
+pub struct Session<'a> {
+    shared: Shared<'a>,
+    counts: std::sync::Arc<KnownTrees>,
+    keep_trees: bool,
+    names: Names,
+    threads: usize,
+    started: std::time::Instant,
+    /// The figures of the last pass.
+    stats: VersionStats,
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("threads", &self.threads).field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Session<'a> {
+    /// A session for a backup with `options` (its root, threads, cancel flag and kept trees) into
+    /// `repo` (whose index must be loaded).
+    pub fn new(repo: &'a Repository, options: &BackupOptions, progress: &'a dyn Progress) -> Session<'a> {
+        let threads = if options.threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            options.threads
+        };
+        Session {
+            shared: Shared {
+                repo,
+                cancel: options.cancel.clone(),
+                saver: BlobSaver::new(repo),
+                progress,
+                warnings: Mutex::new(Vec::new()),
+                failure: Mutex::new(None),
+                abort: AtomicBool::new(false),
+                files_read: AtomicU64::new(0),
+                bytes_read: AtomicU64::new(0),
+                helpers: Helpers::new(),
+            },
+            counts: options.counts.clone().unwrap_or_default(),
+            keep_trees: options.counts.is_some(),
+            names: Names::load(&options.root),
+            threads,
+            started: std::time::Instant::now(),
+            stats: VersionStats::default(),
+        }
+    }
+
+    /// Walks `selections` as `source` shows them, against `parent`: with `changed` (what
+    /// changed since the parent was read), only what it names. Returns the pass's root tree.
+    pub fn pass<S: Source>(
+        &mut self,
+        source: &S,
+        selections: &[Selection],
+        changed: Option<&Journaled>,
+        parent: Option<Pass>,
+    ) -> Result<Pass> {
+        let time_ns = crate::lock::now_ns();
+        let (parent_tree, parent_time_ns) = match parent {
+            Some(parent) => (Some(self.counts.take(self.shared.repo, &parent.tree)?), parent.time_ns),
+            None => (None, 0),
+        };
+        let (shared, threads, progress) = (&self.shared, self.threads, self.shared.progress);
+        let selection = SelectionNode::build(selections);
+        let mut stats = VersionStats::default();
+        let walk_done = AtomicBool::new(false);
+        // One walker per core at most: the readers and sealers need theirs too.
+        let spare_walkers = AtomicIsize::new(threads as isize - 1);
+        let walked = std::thread::scope(|scope| {
+            let (file_tx, file_rx) = bounded::<FileJob<S::Place>>(threads * 16);
+            let (blob_tx, blob_rx) = bounded::<BlobJob>(threads);
+            let mut readers = Vec::new();
+            for _ in 0..threads {
+                let (file_rx, blob_tx) = (file_rx.clone(), blob_tx.clone());
+                readers.push(scope.spawn(move || reader(shared, source, file_rx, blob_tx)));
+            }
+            for _ in 0..threads {
+                let blob_rx = blob_rx.clone();
+                scope.spawn(move || sealer(shared, blob_rx));
+            }
+            drop(file_rx);
+            drop(blob_rx);
+            // Without a parent every entry is looked up: a second thread warms the cache from
+            // the far end. With one, most are not (unchanged entries may be found elsewhere by
+            // the source), and a prefetch would look every one up.
+            if parent_tree.is_none() {
+                let prefetched = source.prefetch_root();
+                let walk_done = &walk_done;
+                scope.spawn(move || prefetch_metadata(&prefetched, selections, walk_done, progress));
+            }
+            let mut walker = Walker {
+                changed: changed.filter(|_| parent_tree.is_some()),
+                counts: &self.counts,
+                keep_trees: self.keep_trees,
+                reused: 0,
+                shared,
+                source,
+                names: &self.names,
+                parent_time_ns,
+                file_tx,
+                blob_tx,
+                stats: &mut stats,
+                in_flight: 0,
+                missed: Vec::new(),
+                spare: &spare_walkers,
+            };
+            let tree = walker.walk(&selection, parent_tree, &walk_done);
+            let missed = std::mem::take(&mut walker.missed);
+            if walker.changed.is_some() {
+                tracing::debug!(reused = walker.reused, "folders taken from the parent as the journal allowed");
+            }
+            drop(walker);
+            for reader in readers {
+                let _ = reader.join();
+            }
+            tree.map(|tree| (tree, missed))
+        });
+        let (tree, missed) = walked?;
+        self.shared.check_abort()?;
+        // A version that silently lacks a selected path would lie: none is saved.
+        if !missed.is_empty() {
+            return Err(RepoError::Unread { paths: missed.iter().map(|p| p.display().to_string()).collect() });
+        }
+        self.stats = stats;
+        Ok(Pass { tree, time_ns })
+    }
+
+    /// Writes what is still to write and saves the version of `pass` (the last), with
+    /// `options`' parent, host, tags, components and records. Its figures are the last pass's;
+    /// the files and bytes read, and the blobs added, those of every pass.
+    pub fn finish(self, options: &BackupOptions, pass: Pass) -> Result<BackupOutcome> {
+        let Session { shared, started, mut stats, .. } = self;
+        shared.saver.finish()?;
+        let warnings = shared.warnings.into_inner().expect("warnings lock");
+        stats.files_read = shared.files_read.load(Ordering::Relaxed);
+        stats.files_unchanged = stats.files.saturating_sub(stats.files_read);
+        stats.bytes_read = shared.bytes_read.load(Ordering::Relaxed);
+        stats.blobs_added = shared.saver.stats.blobs.load(Ordering::Relaxed);
+        stats.bytes_added = shared.saver.stats.raw_bytes.load(Ordering::Relaxed);
+        stats.bytes_stored = shared.saver.stats.stored_bytes.load(Ordering::Relaxed);
+        stats.errors = warnings.len() as u64;
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        let version = Version {
+            time_ns: if options.time_ns != 0 { options.time_ns } else { pass.time_ns },
+            host: options.host.clone(),
+            root_path: options.root.display().to_string(),
+            tree: pass.tree,
+            components: options.components.clone(),
+            parent: options.parent,
+            tags: options.tags.clone(),
+            stats,
+            program: format!("sysstate {}", env!("CARGO_PKG_VERSION")),
+            shadow: options.shadow.clone(),
+            system: options.system.clone(),
+            extra: Default::default(),
+        };
+        let id = shared.repo.save_version(&version)?;
+        Ok(BackupOutcome { id, version, warnings })
+    }
 }
 
 #[cfg(test)]
@@ -523,6 +599,75 @@ mod tests {
         let figures = |v: &Version| (v.stats.files, v.stats.dirs, v.stats.others, v.stats.bytes_total);
         assert_eq!(figures(&second.version), figures(&walked.version));
         assert_eq!(second.version.stats.files, 4);
+    }
+
+    /// A backup in two passes — the first against the parent version by what changed since it,
+    /// the second against the first by what changed since that began — makes the version a
+    /// full walk of the tree as it stands after both makes, with the blobs of both passes in
+    /// the index and a file changed between the passes as it is at the end.
+    #[test]
+    fn a_second_pass_by_what_changed_since_the_first_is_a_full_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let files = ["a/b/changed", "a/b/same", "a/c/file", "d/e/file", "d/f/file"];
+        for path in files {
+            std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+            std::fs::write(root.join(path), path).unwrap();
+        }
+        // Reading a file or listing a folder would move its access time (relatime) where it is
+        // not after its last change: the parent's nodes would then differ from the walk's.
+        let settle = |paths: &[&str]| {
+            let later = std::fs::FileTimes::new()
+                .set_accessed(std::time::SystemTime::now() + std::time::Duration::from_secs(3600));
+            for path in paths {
+                std::fs::File::open(root.join(path)).unwrap().set_times(later).unwrap();
+            }
+        };
+        settle(&["", "a", "a/b", "a/c", "d", "d/e", "d/f"]);
+        settle(&files);
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
+        repo.load_index().unwrap();
+        let source = crate::source::TreeSource::new(&root);
+        let kept = Arc::new(KnownTrees::default());
+        let first = backup(&repo, &options(&root, None, None, Some(&kept)), &source, &crate::NoProgress).unwrap();
+        let journal = |named: &[(&str, &[&str])]| Journaled {
+            dirs: named.iter().map(|(dir, _)| PathBuf::from(dir)).collect(),
+            whole: Vec::new(),
+            names: named
+                .iter()
+                .map(|(dir, names)| (PathBuf::from(dir), names.iter().map(std::ffi::OsString::from).collect()))
+                .collect(),
+        };
+        // Before the first pass: a file changed, one added.
+        std::fs::write(root.join("a/b/changed"), "changed before the first pass").unwrap();
+        std::fs::write(root.join("d/e/new"), "added before the first pass").unwrap();
+        settle(&["a/b", "d/e", "a/b/changed", "d/e/new"]);
+        let before_first = journal(&[("/a/b", &["changed"]), ("/d/e", &["new"])]);
+        let last = options(&root, Some(first.id), None, Some(&kept));
+        let mut session = Session::new(&repo, &last, &crate::NoProgress);
+        let parent = Pass::of_version(&repo, &first.id).unwrap();
+        let draft = session.pass(&source, &last.selections, Some(&before_first), Some(parent)).unwrap();
+        // Between the passes: the added file changed again, another changed, one removed.
+        std::fs::write(root.join("d/e/new"), "added, then changed between the passes").unwrap();
+        std::fs::write(root.join("a/c/file"), "changed between the passes").unwrap();
+        std::fs::remove_file(root.join("a/b/same")).unwrap();
+        settle(&["a/b", "a/c", "d/e", "d/e/new", "a/c/file"]);
+        let between = journal(&[("/a/b", &["same"]), ("/a/c", &["file"]), ("/d/e", &["new"])]);
+        let pass = session.pass(&source, &last.selections, Some(&between), Some(draft)).unwrap();
+        assert_ne!(pass.tree, draft.tree);
+        let second = session.finish(&last, pass).unwrap();
+        assert_eq!(second.version.parent, Some(first.id));
+        let walked = backup(&repo, &options(&root, None, None, None), &source, &crate::NoProgress).unwrap();
+        assert_eq!(second.version.tree, walked.version.tree);
+        let figures = |v: &Version| (v.stats.files, v.stats.dirs, v.stats.others, v.stats.bytes_total);
+        assert_eq!(figures(&second.version), figures(&walked.version));
+        assert_eq!(second.version.stats.files, 5);
+        // Both passes' reads: the two files changed before the first, and the two after.
+        assert!(second.version.stats.files_read >= 4, "{:?}", second.version.stats);
+        // Every blob the version holds is in the index the session wrote.
+        let report = crate::check::check(&repo, crate::check::ReadData::All, &crate::NoProgress).unwrap();
+        assert!(report.errors.is_empty() && report.damaged_files.is_empty(), "{:?}", report.errors);
     }
 
     /// A journaled walk of a tree changed in many folders, its halves walked by several threads
