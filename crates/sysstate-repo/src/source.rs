@@ -68,12 +68,24 @@ pub trait Source: Sync {
 #[derive(Debug, Clone)]
 pub struct TreeSource {
     root: PathBuf,
+    /// Paths it does not show (absolute, under `root`).
+    hidden: Vec<PathBuf>,
 }
 
 impl TreeSource {
     /// The tree under `root`.
     pub fn new(root: impl Into<PathBuf>) -> TreeSource {
-        TreeSource { root: root.into() }
+        TreeSource { root: root.into(), hidden: Vec::new() }
+    }
+
+    /// The tree under `root` but for the entries at `hidden` (absolute paths under it): the
+    /// live system read beside the shadow storage it holds.
+    pub fn hiding(root: impl Into<PathBuf>, hidden: Vec<PathBuf>) -> TreeSource {
+        TreeSource { root: root.into(), hidden }
+    }
+
+    fn shows(&self, path: &Path) -> bool {
+        !self.hidden.iter().any(|hidden| hidden == path)
     }
 }
 
@@ -92,11 +104,18 @@ impl Source for TreeSource {
         _parent: Option<&Node>,
     ) -> std::io::Result<Option<(Metadata, PathBuf)>> {
         let path = at.map_or_else(|| dir.join(name), Path::to_path_buf);
+        if !self.shows(&path) {
+            return Ok(None);
+        }
         metadata(&path).map(|meta| meta.map(|meta| (meta, path)))
     }
 
     fn list(&self, dir: &PathBuf) -> std::io::Result<Vec<OsString>> {
-        list(dir)
+        let mut names = list(dir)?;
+        if !self.hidden.is_empty() {
+            names.retain(|name| self.shows(&dir.join(name)));
+        }
+        Ok(names)
     }
 
     fn xattrs(&self, entry: &PathBuf) -> std::io::Result<Xattrs> {

@@ -23,8 +23,8 @@ pub mod storage;
 pub mod writer;
 
 pub use coordinator::{
-    Coordinator, PhaseHook, RecoveredHook, Recovery, ShadowSet, ShadowSetOptions, ShadowSetRecord, ThawTrigger,
-    VolumeGroup, WarningHook, WriterRecord, BASE_COPY,
+    BeforeFreeze, Coordinator, InFreeze, JournalRecord, LiveRead, PhaseHook, RecoveredHook, Recovery, ShadowSet,
+    ShadowSetOptions, ShadowSetRecord, ThawTrigger, VolumeGroup, WarningHook, WriterRecord, BASE_COPY,
 };
 pub use error::{FreezePart, ShadowError, WriterFailure, WriterTimeout};
 pub use lock::{LockHolder, ShadowSetLock};

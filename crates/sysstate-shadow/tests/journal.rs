@@ -330,6 +330,7 @@ fn request<'a>(
         names: None,
         forced,
         relinked,
+        contents: true,
     }
 }
 

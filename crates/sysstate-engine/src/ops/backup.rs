@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::jobs::{Job, JobOutput};
 use std::path::{Path, PathBuf};
-use sysstate_repo::archiver::{self, BackupOptions, Selection};
+use sysstate_repo::archiver::{self, BackupOptions, Journaled, Selection};
 use sysstate_repo::lock::Lease;
 use sysstate_repo::version::{ComponentRecord, Version};
 use sysstate_repo::{Id, Progress, Repository, Warning};
@@ -244,35 +244,50 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     shadow_options.output = Some(job.output_hook());
     shadow_options.recovered = Some(job.recovered_hook());
     shadow_options.journal = request.journal.as_ref().map(|kept| kept.journal.clone());
-    let set = sysstate_shadow::Coordinator::new(writers)
-        .create(&shadow_options, &request.trigger)
-        .map_err(crate::shadow::shadow_error)?;
-    let mut selections = selections;
-    for selection in &mut selections {
-        selection.source = set.source_for(&selection.path).or(selection.source.take());
-    }
     let selection_id = selection_id(&repo, &resolved);
-    let (changed, walk, parent) = journal_walk(&repo, parent, set.record(), request.journal.as_ref(), &selection_id);
-    let mut shadow = serde_json::to_value(set.record()).expect("records encode");
-    shadow["walk"] = walk;
-    let options = BackupOptions {
+    let mut options = BackupOptions {
         root: request.root.clone(),
         selections,
         components: records,
-        parent,
+        parent: None,
         host: sysstate_repo::lock::host_name(),
         tags: request.tags.clone(),
         threads: request.threads,
-        changed,
+        changed: None,
         counts: request.journal.as_ref().map(|kept| kept.counts.clone()),
-        shadow: Some(shadow),
+        shadow: None,
         system: Some(serde_json::to_value(crate::system::SystemInfo::of(&request.root)).expect("records encode")),
-        // The version is of the moment the writers were frozen (in tests, by a clock that runs
-        // ahead: a machine whose clock was wrong when it backed up).
-        time_ns: set.record().frozen_at_ns
-            + sysstate_types::failpoint::<i64>("CLOCK_AHEAD_S").unwrap_or(0) * 1_000_000_000,
+        time_ns: 0,
         cancel: Some(request.trigger.flag()),
     };
+    let mut session = archiver::Session::new(&repo, &options, progress);
+    // With the agent's journal since the parent version, the files changed since are read live
+    // before the freeze (a first pass), and only what changes while they are read is copied in
+    // the freeze and read again from the copy (a second pass).
+    let live_parent = request.journal.as_ref().and_then(|kept| live_parent(&repo, kept, &selection_id));
+    let storages = std::iter::once(&shadow_options.storage).chain(shadow_options.extra.iter().map(|g| &g.storage));
+    let live_source =
+        sysstate_repo::source::TreeSource::hiding(&request.root, storages.map(|s| s.on.clone()).collect());
+    let mut draft = None;
+    let made = {
+        let mut read = |before: &sysstate_shadow::BeforeFreeze<'_>| {
+            let Some((parent, _)) = live_parent else { return };
+            let mut dirs = before.changed.to_vec();
+            dirs.push(PathBuf::from(crate::generated::GENERATED_DIR));
+            dirs.sort();
+            dirs.dedup();
+            let changed = Journaled { dirs, whole: Vec::new(), names: before.names.clone(), reread: Vec::new() };
+            let pass = archiver::Pass::of_version(&repo, &parent)
+                .and_then(|parent| session.pass(&live_source, &options.selections, Some(&changed), Some(parent)));
+            draft = Some(pass.map(|pass| (pass, before.changed.len())));
+        };
+        let live = live_parent.map(|(_, parent_at)| sysstate_shadow::LiveRead { parent_at, read: &mut read });
+        sysstate_shadow::Coordinator::new(writers).create_reading_live(&shadow_options, &request.trigger, live)
+    };
+    let set = made.map_err(crate::shadow::shadow_error)?;
+    for selection in &mut options.selections {
+        selection.source = set.source_for(&selection.path).or(selection.source.take());
+    }
     job.operation("reading shadow copies");
     let skipped: Vec<Warning> = set
         .skipped()
@@ -281,7 +296,57 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         .collect();
     skipped.iter().for_each(|w| progress.warning(w));
     let source = crate::source::ShadowSource::new(&set, &request.root);
-    let outcome = archiver::backup(&repo, &options, &source, progress)
+    let in_freeze = set
+        .record()
+        .journal
+        .as_ref()
+        .filter(|journal| journal.since.is_some() && journal.since == live_parent.map(|(_, at)| at))
+        .and_then(|journal| journal.in_freeze.as_ref());
+    let mut shadow = serde_json::to_value(set.record()).expect("records encode");
+    let pass = match (draft, in_freeze) {
+        (Some(Err(error)), _) => Err(error),
+        (Some(Ok((draft, named))), Some(in_freeze)) => {
+            options.parent = live_parent.map(|(id, _)| id);
+            shadow["walk"] = serde_json::json!({
+                "read": "journal",
+                "folders-named": named,
+                "read-live": true,
+                "folders-named-in-freeze": in_freeze.changed.len(),
+                "selection": selection_id,
+            });
+            let changed = Journaled {
+                dirs: in_freeze.changed.clone(),
+                whole: Vec::new(),
+                names: in_freeze.names.clone(),
+                reread: in_freeze.reread.clone(),
+            };
+            session.pass(&source, &options.selections, Some(&changed), Some(draft))
+        }
+        // Nothing read live, or the commit did not follow the journal (it then walked, and the
+        // copy is whole): one pass over the copy, by the journal or whole.
+        _ => {
+            let (changed, walk, parent) = journal_walk(
+                &repo,
+                live_parent.map(|(id, _)| id).or(parent),
+                set.record(),
+                request.journal.as_ref(),
+                &selection_id,
+            );
+            shadow["walk"] = walk;
+            options.parent = parent;
+            parent
+                .map(|id| archiver::Pass::of_version(&repo, &id))
+                .transpose()
+                .and_then(|parent| session.pass(&source, &options.selections, changed.as_ref(), parent))
+        }
+    };
+    options.shadow = Some(shadow);
+    // The version is of the moment the writers were frozen (in tests, by a clock that runs
+    // ahead: a machine whose clock was wrong when it backed up).
+    options.time_ns =
+        set.record().frozen_at_ns + sysstate_types::failpoint::<i64>("CLOCK_AHEAD_S").unwrap_or(0) * 1_000_000_000;
+    let outcome = pass
+        .and_then(|pass| session.finish(&options, pass))
         .map_err(|e| incomplete(e, &options.components, &request.root));
     job.operation("releasing shadow copies");
     let record = set.complete(outcome.is_ok());
@@ -321,7 +386,7 @@ fn journal_walk(
     record: &sysstate_shadow::ShadowSetRecord,
     kept: Option<&KeptJournal>,
     selection: &str,
-) -> (Option<sysstate_repo::archiver::Journaled>, serde_json::Value, Option<Id>) {
+) -> (Option<Journaled>, serde_json::Value, Option<Id>) {
     let walk = |because: &str| {
         (None, serde_json::json!({ "read": "walk", "because": because, "selection": selection }), latest)
     };
@@ -368,7 +433,21 @@ fn journal_walk(
         record["read-whole"] = serde_json::json!(journal.whole);
     }
     let names = journal.names.clone();
-    (Some(sysstate_repo::archiver::Journaled { dirs, whole: journal.whole.clone(), names }), record, parent_id)
+    (Some(Journaled { dirs, whole: journal.whole.clone(), names, reread: Vec::new() }), record, parent_id)
+}
+
+/// The agent's last version and the journal position it was read at, when the next backup may
+/// read what changed since it live before the freeze: it selected the same, and was read where
+/// the journal says. The shadow set checks that its base copy was made there too.
+fn live_parent(
+    repo: &Repository,
+    kept: &KeptJournal,
+    selection: &str,
+) -> Option<(Id, sysstate_shadow::journal::Position)> {
+    let (position, id) = (*kept.made.lock().expect("journal lock"))?;
+    let shadow = repo.read_version(&id).ok()?.shadow.unwrap_or_default();
+    let at: sysstate_shadow::journal::Position = serde_json::from_value(shadow["journal"].clone()).ok()?;
+    (at == position && shadow["walk"]["selection"].as_str() == Some(selection)).then_some((id, position))
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

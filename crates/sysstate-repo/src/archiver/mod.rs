@@ -96,6 +96,9 @@ pub struct Journaled {
     /// is the directory the parent version holds there; a directory of `dirs` not here is read
     /// whole.
     pub names: std::collections::HashMap<PathBuf, Vec<std::ffi::OsString>>,
+    /// Files to read again whatever their metadata says, sorted: a shadow copy's commit copied
+    /// them again for a change their times may not show (written through a shared mapping).
+    pub reread: Vec<PathBuf>,
 }
 
 impl Journaled {
@@ -106,6 +109,11 @@ impl Journaled {
         let from = self.dirs.partition_point(|p| p.as_path() < shown);
         !self.dirs.get(from).is_some_and(|p| p.starts_with(shown))
             && !self.whole.iter().any(|w| shown.starts_with(w) || w.starts_with(shown))
+    }
+
+    /// True when the file `shown` is to be read again whatever its metadata says.
+    pub fn reread(&self, shown: &Path) -> bool {
+        self.reread.binary_search_by(|p| p.as_path().cmp(shown)).is_ok()
     }
 }
 
@@ -282,6 +290,9 @@ pub(super) struct Shared<'a> {
     pub(super) bytes_read: AtomicU64,
     /// Segments of big files for idle readers to cut.
     pub(super) helpers: Helpers,
+    /// Files done are told to `progress`: in a session's first pass only, which goes through
+    /// the whole selection (a later one goes through it again, reading only what changed).
+    pub(super) counting: AtomicBool,
 }
 
 impl Shared<'_> {
@@ -289,6 +300,13 @@ impl Shared<'_> {
         let warning = Warning { path: path.display().to_string(), message };
         self.progress.warning(&warning);
         self.warnings.lock().expect("warnings lock").push(warning);
+    }
+
+    /// A file's content read or taken from the parent: told to `progress` while counting.
+    pub(super) fn file_done(&self, bytes: u64) {
+        if self.counting.load(Ordering::Relaxed) {
+            self.progress.file_done(bytes);
+        }
     }
 
     pub(super) fn fail(&self, error: RepoError) {
@@ -396,6 +414,7 @@ impl<'a> Session<'a> {
                 files_read: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
                 helpers: Helpers::new(),
+                counting: AtomicBool::new(true),
             },
             counts: options.counts.clone().unwrap_or_default(),
             keep_trees: options.counts.is_some(),
@@ -475,6 +494,7 @@ impl<'a> Session<'a> {
             }
             tree.map(|tree| (tree, missed))
         });
+        self.shared.counting.store(false, Ordering::Relaxed);
         let (tree, missed) = walked?;
         self.shared.check_abort()?;
         // A version that silently lacks a selected path would lie: none is saved.
@@ -580,6 +600,7 @@ mod tests {
             dirs: vec!["/a/b".into()],
             whole: Vec::new(),
             names: [(PathBuf::from("/a/b"), vec!["changed".into()])].into(),
+            reread: Vec::new(),
         };
         for pack in repo.index().tree_packs() {
             repo.backend().remove(FileKind::Pack, &pack.to_hex()).unwrap();
@@ -638,6 +659,7 @@ mod tests {
                 .iter()
                 .map(|(dir, names)| (PathBuf::from(dir), names.iter().map(std::ffi::OsString::from).collect()))
                 .collect(),
+            reread: Vec::new(),
         };
         // Before the first pass: a file changed, one added.
         std::fs::write(root.join("a/b/changed"), "changed before the first pass").unwrap();
@@ -728,7 +750,7 @@ mod tests {
         settle(&added);
         let mut dirs: Vec<PathBuf> = names.keys().cloned().collect();
         dirs.sort();
-        let changed = Journaled { dirs, whole: Vec::new(), names };
+        let changed = Journaled { dirs, whole: Vec::new(), names, reread: Vec::new() };
         let splits = walker::SPLITS.load(Ordering::SeqCst);
         let second = backup(
             &repo,

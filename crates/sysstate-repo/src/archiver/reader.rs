@@ -53,7 +53,7 @@ pub(super) fn reader<S: Source>(
         if let Ok((_, size)) = &result {
             shared.files_read.fetch_add(1, Ordering::Relaxed);
             shared.bytes_read.fetch_add(*size, Ordering::Relaxed);
-            shared.progress.file_done(*size);
+            shared.file_done(*size);
         }
         let _ = job.reply.send(result);
     }

@@ -425,7 +425,7 @@ impl<S: Source> Walker<'_, '_, S> {
             let at = nested.and_then(|n| n.source.as_deref());
             // An entry named here most likely changed since the parent version, so its live entry
             // is no twin of the parent's: it is looked up in the copy at once.
-            let trusted = parent_node.filter(|p| !named_here && self.trusted(p));
+            let trusted = parent_node.filter(|p| !named_here && self.trusted(p, &shown_child));
             let Some((meta, place)) = self.find(dir, &name, &shown_child, at, trusted) else { continue };
             if nested.is_some() {
                 found_nested.insert(name.as_bytes().to_vec());
@@ -464,7 +464,7 @@ impl<S: Source> Walker<'_, '_, S> {
         self.stats.files += counts.files;
         self.stats.others += counts.others;
         self.stats.bytes_total += counts.bytes;
-        self.shared.progress.file_done(counts.bytes);
+        self.shared.file_done(counts.bytes);
         self.reused += 1;
         Ok(Some(*subtree))
     }
@@ -485,13 +485,13 @@ impl<S: Source> Walker<'_, '_, S> {
                 self.stats.files += counts.files;
                 self.stats.others += counts.others;
                 self.stats.bytes_total += counts.bytes;
-                self.shared.progress.file_done(counts.bytes);
+                self.shared.file_done(counts.bytes);
                 self.reused += 1;
             }
             NodeKind::File(_) => {
                 self.stats.files += 1;
                 self.stats.bytes_total += parent.size;
-                self.shared.progress.file_done(parent.size);
+                self.shared.file_done(parent.size);
             }
             _ => self.stats.others += 1,
         }
@@ -501,9 +501,12 @@ impl<S: Source> Walker<'_, '_, S> {
     /// True when the parent version's entry changed well before the parent's point in time, so
     /// that an entry with its ctime now is the entry the parent holds. Timestamps are coarse
     /// (a clock tick): an entry changed in the tick the parent was taken in could have changed
-    /// again in that tick, after the copy, without its ctime moving; such an entry is read again.
-    fn trusted(&self, parent: &Node) -> bool {
-        settled_before(parent.ctime_ns, self.parent_time_ns)
+    /// again in that tick, after the copy, without its ctime moving; such an entry is read again,
+    /// as is one the journal says to read again (`shown`, see [`Journaled::reread`]).
+    ///
+    /// [`Journaled::reread`]: super::Journaled::reread
+    fn trusted(&self, parent: &Node, shown: &Path) -> bool {
+        settled_before(parent.ctime_ns, self.parent_time_ns) && !self.changed.is_some_and(|c| c.reread(shown))
     }
 
     /// Records the identity the source gives the entry instead of its metadata's own.
@@ -550,7 +553,7 @@ impl<S: Source> Walker<'_, '_, S> {
         let mut node = node_from_metadata(name, &meta, Vec::new(), self.names, NodeKind::Fifo);
         self.identity(shown, &mut node);
         // A directory's parent subtree is compared entry by entry whatever its own ctime.
-        let trusted_parent = parent_node.filter(|p| self.trusted(p));
+        let trusted_parent = parent_node.filter(|p| self.trusted(p, shown));
         let untouched_parent = trusted_parent.filter(|p| untouched(p, &node, file_type));
         node.xattrs = match untouched_parent {
             Some(parent) => parent.xattrs.clone(),
@@ -575,7 +578,7 @@ impl<S: Source> Walker<'_, '_, S> {
                 if let NodeKind::File(content) = &parent.kind {
                     if self.shared.repo.has_blobs(&content.blobs) {
                         node.kind = NodeKind::File(content.clone());
-                        self.shared.progress.file_done(meta.size());
+                        self.shared.file_done(meta.size());
                         return Ok(Some(Pending::Ready(node)));
                     }
                 }

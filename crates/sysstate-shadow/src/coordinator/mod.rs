@@ -13,7 +13,7 @@ mod watchdog;
 #[cfg(test)]
 mod tests;
 
-pub use record::{ShadowSetRecord, WriterRecord};
+pub use record::{InFreeze, JournalRecord, ShadowSetRecord, WriterRecord};
 pub use recover::Recovery;
 pub use set::ShadowSet;
 pub use watchdog::ThawTrigger;
@@ -98,6 +98,33 @@ impl std::fmt::Debug for WarningHook {
     }
 }
 
+/// A caller that reads the files changed since its parent version live, before the freeze,
+/// rather than from the copy after it (see [`Coordinator::create_reading_live`]).
+pub struct LiveRead<'h> {
+    /// The journal position its parent version was read at: the set reads live only where the
+    /// base copy was made there too, so that the journal says everything that changed since.
+    pub parent_at: crate::journal::Position,
+    /// Told, once the copy before the freeze has brought the base copy's folders up to date,
+    /// what changed since `parent_at`: it reads those files live then. Every change it may have
+    /// missed while it read is what the commit's take names ([`record::InFreeze`]).
+    pub read: &'h mut dyn FnMut(&BeforeFreeze<'_>),
+}
+
+impl std::fmt::Debug for LiveRead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveRead").field("parent_at", &self.parent_at).finish_non_exhaustive()
+    }
+}
+
+/// What changed since [`LiveRead::parent_at`], as the copy before the freeze found it.
+#[derive(Debug)]
+pub struct BeforeFreeze<'a> {
+    /// The directories (absolute, as seen from the root) where something changed, sorted.
+    pub changed: &'a [PathBuf],
+    /// For directories of `changed` whose changes all named entries in them: those entries.
+    pub names: &'a crate::journal::EntryNames,
+}
+
 /// Paths on one volume and the storage area that holds their copies.
 #[derive(Debug, Clone)]
 pub struct VolumeGroup {
@@ -169,6 +196,22 @@ impl Coordinator {
     /// Makes a shadow set. On failure, every writer is thawed and aborted and nothing is left
     /// in shadow storage.
     pub fn create(self, options: &ShadowSetOptions, trigger: &ThawTrigger) -> Result<ShadowSet, ShadowError> {
+        self.create_reading_live(options, trigger, None)
+    }
+
+    /// [`create`](Self::create), for a caller that reads what changed since its parent live
+    /// before the freeze (`live`). Where the set can let it — one volume, copied by the copy
+    /// provider from a base made at `live.parent_at`, the journal kept since — the copy before
+    /// the freeze copies no file's content: `live.read` is told what changed, and reads it; the
+    /// commit copies what changed after (the set's record says what: its journal's
+    /// [`in_freeze`](record::JournalRecord::in_freeze)). Elsewhere the set is made as `create`
+    /// makes it, and `live.read` is not called.
+    pub fn create_reading_live(
+        self,
+        options: &ShadowSetOptions,
+        trigger: &ThawTrigger,
+        live: Option<LiveRead<'_>>,
+    ) -> Result<ShadowSet, ShadowError> {
         let (lock, taken_over) = ShadowSetLock::acquire(&options.runtime_dir, &options.holder, options.wait)?;
         let set_id = new_id();
         let mut writers = self.writers;
@@ -208,7 +251,7 @@ impl Coordinator {
             copy_id: &copy_id,
             provider: self.provider,
         };
-        let made = run.run();
+        let made = run.run(live);
         watchdog.stop();
         let phases::Made { commit, extra, mut record } = made?;
         record.lock_taken_over = taken_over;

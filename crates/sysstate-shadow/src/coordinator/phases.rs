@@ -5,10 +5,10 @@
 use super::additions::apply_additions;
 use super::guard::FailureGuard;
 use super::members::Members;
-use super::record::{ShadowSetRecord, WriterRecord};
+use super::record::{InFreeze, ShadowSetRecord, WriterRecord};
 use super::set::ExtraCopy;
 use super::watchdog::{thaw_all, ThawTrigger, Watch};
-use super::{ShadowSetOptions, BASE_COPY};
+use super::{BeforeFreeze, LiveRead, ShadowSetOptions, BASE_COPY};
 use crate::error::{ShadowError, WriterTimeout};
 use crate::journal::{self, Changes, EntryNames, Journal, JournalOptions, Position};
 use crate::pressure::Pressure;
@@ -92,6 +92,14 @@ struct Group<'a> {
     covered: bool,
     /// The devices the copy before the freeze met.
     devices: std::collections::BTreeSet<u64>,
+    /// False while the copy before the freeze copies no file's content (the caller reads the
+    /// changed files live: see [`LiveRead`]).
+    contents: bool,
+    /// The caller read this group's changed files live before the freeze: its commit looks at
+    /// every entry of the directories the journal named, and what it named is recorded apart.
+    live: bool,
+    /// With `live`: the names the commit's take gave (the commit itself looks at whole folders).
+    freeze_names: Option<EntryNames>,
 }
 
 /// The change journal a set uses: the caller's, kept since earlier sets, or its own.
@@ -114,6 +122,10 @@ struct SetJournal {
     whole: Vec<PathBuf>,
     /// Without `since`: why not every change since the base copies were made is known.
     unknown: Option<String>,
+    /// With `since`, when the caller read the changed files live: what changed while it read.
+    in_freeze: Option<InFreeze>,
+    /// A base copy was last made for a caller that read the changed files live.
+    base_read_live: bool,
 }
 
 impl SetJournal {
@@ -127,6 +139,8 @@ impl SetJournal {
             named_whole: Default::default(),
             whole: Vec::new(),
             unknown: None,
+            in_freeze: None,
+            base_read_live: false,
         }
     }
 
@@ -185,6 +199,7 @@ impl Group<'_> {
             names: self.names.as_ref(),
             forced: &self.forced,
             relinked: &self.relinked,
+            contents: self.contents,
         }
     }
 
@@ -202,14 +217,14 @@ struct Room {
 impl Run<'_> {
     /// Takes the set through every phase. On failure the guard thaws and aborts the writers and
     /// deletes what was made.
-    pub(super) fn run(self) -> Result<Made, ShadowError> {
+    pub(super) fn run(self, live: Option<LiveRead<'_>>) -> Result<Made, ShadowError> {
         let storages = std::iter::once(&self.options.storage).chain(self.options.extra.iter().map(|g| &g.storage));
         let mut guard = FailureGuard::new(self.members, self.watch, storages.collect(), self.copy_id);
         self.prepare(&mut guard)?;
         let (deleted, room) = self.make_room()?;
         let mut groups = self.plan_groups(room);
         self.write_back(&groups);
-        let (precopy_ms, mut journal) = self.precopy(&mut groups)?;
+        let (precopy_ms, mut journal) = self.precopy(&mut groups, live)?;
         let (freeze_started, frozen_at_ns) = self.freeze()?;
         let (commits, commit_ms) = self.commit(&mut groups, journal.as_mut())?;
         self.check_windows(commit_ms)?;
@@ -361,6 +376,9 @@ impl Run<'_> {
                     read: ("walk", None),
                     covered: false,
                     devices: Default::default(),
+                    contents: true,
+                    live: false,
+                    freeze_names: None,
                 }
             })
             .collect()
@@ -389,7 +407,11 @@ impl Run<'_> {
     /// Brings the base copies up to date before the freeze, while everything runs; the commit
     /// in the freeze then copies only what changed in between — what the change journal,
     /// started before, names. Returns how long it took, ms, and the journal.
-    fn precopy(&self, groups: &mut [Group<'_>]) -> Result<(u64, Option<SetJournal>), ShadowError> {
+    fn precopy(
+        &self,
+        groups: &mut [Group<'_>],
+        live: Option<LiveRead<'_>>,
+    ) -> Result<(u64, Option<SetJournal>), ShadowError> {
         if self.copy_id != BASE_COPY {
             for group in groups.iter_mut() {
                 group.read = ("walk", Some("a copy kept on its own is made whole in the freeze".into()));
@@ -401,6 +423,26 @@ impl Run<'_> {
         let mut journal = self.start_journal(groups);
         if let Ok(journal) = &mut journal {
             self.refresh_from(groups, journal);
+        }
+        // The caller reads the changed files live where the journal says every change since
+        // its parent, for every group (one volume, copied): their content is not copied now.
+        let mut live = live.filter(|live| {
+            journal.as_ref().is_ok_and(|journal| journal.since == Some(live.parent_at))
+                && self.options.extra.is_empty()
+                && groups.iter().all(|g| !g.provider.snapshots() && g.changed.is_some() && g.previous.is_some())
+        });
+        for group in groups.iter_mut().filter(|_| live.is_some()) {
+            (group.contents, group.live) = (false, true);
+        }
+        let read_live_before = journal.as_ref().is_ok_and(|j| j.base_read_live && j.since.is_some());
+        if let (Ok(journal), true) = (journal.as_mut(), live.is_none() && read_live_before) {
+            journal.since = None;
+            journal.unknown = Some("the base copy was last brought up to date for a backup that read the changed files live, not from it: every entry is compared".into());
+            for group in groups.iter_mut() {
+                (group.changed, group.names) = (None, None);
+                group.relinked.clear();
+                group.forced.clear();
+            }
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "journal taken before the copy");
         // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
@@ -450,7 +492,24 @@ impl Run<'_> {
         match failed {
             None => {
                 self.check_coverage(groups, journal.as_ref());
-                Ok((started.elapsed().as_millis() as u64, journal.ok()))
+                let precopy_ms = started.elapsed().as_millis() as u64;
+                for group in groups.iter_mut() {
+                    group.contents = true;
+                }
+                if let (Some(live), Ok(journal)) = (&mut live, &journal) {
+                    // A copy that failed was thrown away (the freeze copies it whole): nothing
+                    // is read live then, and the commit's walk makes the copy whole.
+                    if journal.since.is_some() && groups.iter().all(|g| g.live && g.previous.is_some()) {
+                        self.phase("reading changed files before the freeze");
+                        let mut changed = journal.changed.clone();
+                        changed.sort();
+                        changed.dedup();
+                        (live.read)(&BeforeFreeze { changed: &changed, names: &journal.names() });
+                    } else {
+                        groups.iter_mut().for_each(|g| g.live = false);
+                    }
+                }
+                Ok((precopy_ms, journal.ok()))
             }
             Some((_, CommitError::Interrupted)) => Err(self.interrupted()),
             Some((index, CommitError::Budget(bytes) | CommitError::NoSpace(bytes))) => {
@@ -531,9 +590,10 @@ impl Run<'_> {
             }
         }
         if let Some(journal) = journal.as_mut() {
+            journal.in_freeze = in_freeze(groups, &commits);
             for (group, copy) in groups.iter().zip(&commits) {
                 match &group.changed {
-                    Some(changed) => journal.add(changed, group.names.as_ref(), copy),
+                    Some(changed) => journal.add(changed, group.freeze_names.as_ref().or(group.names.as_ref()), copy),
                     // A snapshot, or a copy that walked: its base is whole, and its paths are read
                     // whole; the journal still says what changed under the others.
                     None => journal.whole.extend(group.paths.iter().cloned()),
@@ -584,6 +644,7 @@ impl Run<'_> {
                 return;
             }
         };
+        journal.base_read_live = bases.iter().flatten().any(|b| b.read_live);
         for (group, base) in groups.iter_mut().filter(|g| !g.provider.snapshots()).zip(bases) {
             group.changed = Some(shown_under(&root, &seen.dirs, group.paths));
             group.names = Some(shown_names(&root, &seen.names, group.paths));
@@ -688,8 +749,15 @@ impl Run<'_> {
                 let unsettled = std::mem::take(&mut group.unsettled);
                 group.forced.extend(provider::settle_by_journal(unsettled, &named, previous));
             }
+            // Read live before the freeze, the copy's folders hold the files changed before
+            // as they were (or not at all, new ones): every folder a read from the copy may
+            // list — those named, those above them, the paths themselves — is looked at whole.
+            let named = if group.live { with_folders_above(named, group.paths, &root) } else { named };
             group.changed = Some(named);
-            group.names = Some(shown_names(&root, &changed.names, group.paths));
+            let names = shown_names(&root, &changed.names, group.paths);
+            // Read live before the freeze, a folder named may hold files changed before that
+            // the copy did not take then: the commit looks at all of it.
+            (group.names, group.freeze_names) = if group.live { (None, Some(names)) } else { (Some(names), None) };
             group.relinked = changed.relinked.clone();
             group.forced.extend(shown_under(&root, &changed.written, group.paths));
         }
@@ -859,6 +927,7 @@ impl Run<'_> {
                 let base = kept.filter(|_| group.covered).map(|j| provider::BaseJournal {
                     position: j.journal.position(),
                     unsettled: copy.unsettled.clone(),
+                    read_live: group.live,
                 });
                 provider::write_base_journal(&dir, base.as_ref())
                     .map_err(|e| ShadowError::io(provider::journal_file(&dir), e))?;
@@ -887,6 +956,7 @@ impl Run<'_> {
                 names: if complete { j.names() } else { Default::default() },
                 whole: if complete { whole } else { Vec::new() },
                 unknown: j.unknown.clone(),
+                in_freeze: j.in_freeze.clone().filter(|_| complete),
             }
         });
         Ok(record)
@@ -915,6 +985,76 @@ impl Run<'_> {
 /// The live paths in `live` (absolute, under `root`) that lie under one of `paths`, as seen from
 /// the root.
 /// [`shown_under`] for the keys of a journal's entry names.
+/// When every group's changed files were read live before the freeze and its commit followed
+/// the journal: what changed since the copy before the freeze took it — the folders the commit
+/// looked at, the names in them, and the files it looked at again outside them, each with its
+/// folder named by it.
+fn in_freeze(groups: &[Group<'_>], commits: &[Commit]) -> Option<InFreeze> {
+    if !groups.iter().all(|g| g.live && g.changed.is_some()) {
+        return None;
+    }
+    let mut made = InFreeze::default();
+    for (group, copy) in groups.iter().zip(commits) {
+        made.changed.extend(group.changed.iter().flatten().cloned());
+        made.names.extend(group.freeze_names.clone().unwrap_or_default());
+        made.reread.extend(copy.looked_again.iter().chain(&copy.unsettled).cloned());
+    }
+    // A file looked at again outside the folders the commit looked at whole (another name of a
+    // file whose links changed): its folder and those above it hold other files as they were
+    // before the live read, so a read of the copy lists none of them — it names the file in
+    // its folder, and nothing in those above.
+    let looked_at: std::collections::HashSet<PathBuf> = made.changed.iter().cloned().collect();
+    let paths: Vec<&PathBuf> = groups.iter().flat_map(|g| g.paths.iter()).collect();
+    for path in &made.reread {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { continue };
+        let within = paths.iter().find(|p| dir.starts_with(p));
+        for above in dir.ancestors().take_while(|a| within.is_some_and(|p| a.starts_with(p))) {
+            if !looked_at.contains(above) && !made.names.contains_key(above) {
+                made.changed.push(above.to_path_buf());
+                made.names.insert(above.to_path_buf(), Vec::new());
+            }
+        }
+        if let Some(names) = made.names.get_mut(dir) {
+            names.push(name.to_os_string());
+        }
+    }
+    made.changed.sort();
+    made.changed.dedup();
+    for names in made.names.values_mut() {
+        names.sort();
+        names.dedup();
+    }
+    made.reread.sort();
+    made.reread.dedup();
+    Some(made)
+}
+
+/// The folders `named` (as seen from the root), with every folder above each up to the path
+/// of `paths` it is in, and those of `paths` that are folders (live under `root`), in path
+/// order.
+fn with_folders_above(named: Vec<PathBuf>, paths: &[PathBuf], root: &Path) -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = paths
+        .iter()
+        .filter(|path| {
+            std::fs::symlink_metadata(root.join(path.strip_prefix("/").unwrap_or(path))).is_ok_and(|m| m.is_dir())
+        })
+        .cloned()
+        .collect();
+    for dir in named {
+        let within = paths.iter().find(|path| dir.starts_with(path));
+        all.extend(
+            dir.ancestors()
+                .skip(1)
+                .take_while(|above| within.is_some_and(|path| above.starts_with(path)))
+                .map(Path::to_path_buf),
+        );
+        all.push(dir);
+    }
+    all.sort_by(|a, b| sysstate_fs::path_order(a, b));
+    all.dedup();
+    all
+}
+
 fn shown_names(root: &Path, live: &EntryNames, paths: &[PathBuf]) -> EntryNames {
     live.iter()
         .filter_map(|(path, names)| {

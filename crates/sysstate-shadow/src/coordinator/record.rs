@@ -74,6 +74,25 @@ pub struct JournalRecord {
     /// were made is known.
     #[serde(skip)]
     pub unknown: Option<String>,
+    /// With `since`, when the caller read the changed files live before the freeze: what
+    /// changed after the copy before the freeze took the journal, which the commit copied.
+    #[serde(skip)]
+    pub in_freeze: Option<InFreeze>,
+}
+
+/// What changed while a caller read the changed files live before the freeze (from the copy
+/// before the freeze's take of the journal to the commit's): the commit copied it, and it is
+/// to be read again from the copy.
+#[derive(Debug, Clone, Default)]
+pub struct InFreeze {
+    /// The directories (absolute, as seen from the root) where something changed, sorted. The
+    /// commit looked at every entry of each, so the copy holds each as it was in the freeze.
+    pub changed: Vec<PathBuf>,
+    /// For directories of `changed` whose changes all named entries in them: those entries.
+    pub names: crate::journal::EntryNames,
+    /// Files the commit copied again whatever their metadata said (mapped for writing, another
+    /// name of a file whose links changed): to be read again whatever it says.
+    pub reread: Vec<PathBuf>,
 }
 
 /// What a shadow set did, recorded in the version manifest.

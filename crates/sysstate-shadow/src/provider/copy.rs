@@ -358,6 +358,21 @@ impl Copier<'_> {
         self.out.origins_changed = true;
     }
 
+    /// Notes that what the copy holds at `relative` (perhaps nothing) is not the live file
+    /// `meta`: its origin names the live file, so that its other names are found by it, with a
+    /// ctime no file has, so that whatever meets it copies it again.
+    fn note_stale_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
+        let stale = Origin { ctime_ns: STALE_CTIME, ..Origin::of(meta) };
+        let shown = Path::new("/").join(relative);
+        if self.out.origins.get(shown.as_path()) != Some(&stale) {
+            if let Some(touched) = &mut self.out.touched {
+                touched.push(shown.clone());
+            }
+            Arc::make_mut(&mut self.out.origins).insert(shown.into(), stale);
+            self.out.origins_changed = true;
+        }
+    }
+
     fn note_origin(&mut self, relative: &Path, meta: &std::fs::Metadata) {
         let origin = Origin::of(meta);
         let shown = Path::new("/").join(relative);
@@ -563,6 +578,16 @@ impl Copier<'_> {
                 self.remove(&target)?;
             }
             self.note_origin(relative, &meta); // removing forgot it
+        }
+        if file_type.is_file() && !self.req.contents {
+            // Read live before the freeze: what the copy holds here (if anything) stays, and is
+            // not what the live file is.
+            self.note_stale_origin(relative, &meta);
+            if !self.out.used.contains_key(&meta.dev()) {
+                let provider = self.provider_on(&source, meta.dev());
+                self.out.used.insert(meta.dev(), provider);
+            }
+            return self.check_limits();
         }
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
             self.out.unsettled.push(Path::new("/").join(relative));
@@ -858,6 +883,10 @@ struct QueuedFile {
     /// Whether its extents are to be cloned.
     clone: bool,
 }
+
+/// The ctime of the origin of a file whose copy is out of date (see
+/// [`CommitRequest::contents`]): no live file has it.
+const STALE_CTIME: i64 = i64::MIN;
 
 /// What became of a queued file: copied, not copied after another failed (`None`), or failed.
 type Outcome = Result<Option<CopiedFile>, CommitError>;

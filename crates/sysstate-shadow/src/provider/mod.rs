@@ -283,6 +283,12 @@ pub struct CommitRequest<'a> {
     /// With `changed`: files whose link count the journal saw change through a name in another
     /// directory, by (device, inode): every name the base holds of them is looked at again.
     pub relinked: &'a [(u64, u64)],
+    /// False when the caller reads the changed files live before the freeze: a refresh by the
+    /// journal then brings folders, links and metadata up to date but copies no file's content.
+    /// A file whose copy is out of date keeps it, with no origin recorded, so that whatever
+    /// meets it later copies it again (the commit in the freeze, a walk); one new since is not
+    /// made.
+    pub contents: bool,
 }
 
 impl<'a> CommitRequest<'a> {
@@ -308,6 +314,7 @@ impl<'a> CommitRequest<'a> {
             names: None,
             forced: &[],
             relinked: &[],
+            contents: true,
         }
     }
 }
@@ -353,6 +360,11 @@ pub struct BaseJournal {
     pub position: crate::journal::Position,
     /// Entries copied as they changed (absolute, as seen from the root): looked at again.
     pub unsettled: Vec<PathBuf>,
+    /// The files changed before it was made were read live, not copied: the copy holds older
+    /// ones where the journal named nothing since (their origins say so, see
+    /// [`CommitRequest::contents`]). A set that reads from the copy alone compares every entry.
+    #[serde(default)]
+    pub read_live: bool,
 }
 
 /// Where a kept journal stood when the base copy was made (none: not known).

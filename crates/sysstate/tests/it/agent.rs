@@ -910,7 +910,15 @@ fn differences(sandbox: &Sandbox, first: &Value, second: &Value) -> (Vec<String>
 
 /// A backup by the agent (`backup --now`), which must succeed.
 fn backup_now(sandbox: &Sandbox) {
-    let output = sandbox.run_code(&["backup", "--now"], 0);
+    let output = sandbox.command(&["backup", "--now"]).output().unwrap();
+    if output.status.code() != Some(0) {
+        let job = sandbox.command(&["job", "--previous", "1"]).output().unwrap();
+        let log = text(&job.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("log: "))
+            .map(|p| std::fs::read_to_string(p.trim()).unwrap_or_default());
+        panic!("{}\n{}\n{}", text(&output.stdout), text(&job.stdout), log.unwrap_or_default());
+    }
     assert!(text(&output.stdout).contains("succeeded"), "{}", text(&output.stdout));
 }
 
@@ -1064,6 +1072,39 @@ fn with_a_snapshotted_volume_the_agent_reads_the_rest_by_its_journal() {
     }
 }
 
+/// A backup that reads the changed files live leaves the base copy holding the older files:
+/// the next backup that cannot read live (its parent version gone) compares every entry of the
+/// copy, not only what the journal named since, and makes the version a full walk makes.
+#[test]
+fn after_files_read_live_a_backup_that_reads_the_copy_compares_all_of_it() {
+    if !is_root() {
+        return;
+    }
+    let (sandbox, root) = setup("");
+    std::thread::sleep(Duration::from_millis(2200));
+    let agent = Agent::start(&sandbox, &root, &[]);
+    backup_now(&sandbox);
+    backup_now(&sandbox);
+    std::fs::write(root.join("data/d1/e1/f1.bin"), "read live, not copied").unwrap();
+    backup_now(&sandbox);
+    let listed = versions(&sandbox);
+    let live = listed.last().unwrap();
+    assert_eq!(live["shadow"]["walk"]["read-live"], true, "{:#}", live["shadow"]["walk"]);
+    // Its parent gone, the next backup reads the copy alone.
+    sandbox.json(&["forget", "--version", live["id"].as_str().unwrap()], 0);
+    backup_now(&sandbox);
+    drop(agent);
+    sandbox.ok(&["backup", "--root", root.to_str().unwrap()]);
+    let listed = versions(&sandbox);
+    let [.., by_agent, by_command] = &listed[..] else { panic!("{listed:#?}") };
+    let (differ, entries) = differences(&sandbox, by_agent, by_command);
+    assert!(differ.is_empty(), "the version differs from a full walk's:\n{}", differ.join("\n"));
+    assert!(entries > 40, "{entries} entries");
+    let walk = &by_agent["shadow"]["walk"];
+    assert_eq!(walk["read"], "walk", "{walk:#}");
+    assert!(walk["because"].as_str().unwrap().contains("read the changed files live"), "{walk:#}");
+}
+
 /// A random change under `dir`: files written, removed, renamed over others, linked, chmod,
 /// extended attributes, folders made, moved and removed.
 fn random_change(dir: &Path, rng: &mut u64, serial: &mut u32) {
@@ -1128,7 +1169,11 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
     if !is_root() {
         return;
     }
-    let (sandbox, root) = setup("");
+    // A writer that, when armed, waits in the freeze for the test to change the tree: after the
+    // agent read the changed files live, before the commit's take of the journal.
+    let (sandbox, root) = setup(
+        "[[writer]]\nname = \"changer\"\nkind = \"command\"\nfreeze = [\"sh\", \"-c\", \"if [ -e @/armed ]; then touch @/freezing; while [ ! -e @/changed ]; do sleep 0.01; done; rm -f @/armed @/freezing @/changed; fi\"]\nfreeze-timeout = \"120s\"\n",
+    );
     make_tree(&root.join("data/more"), 200, 23);
     std::thread::sleep(Duration::from_millis(2200));
     let seed = std::env::var("SYSSTATE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(now_ns() as u64 | 1);
@@ -1154,7 +1199,20 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
         for _ in 0..60 {
             random_change(&root.join("data"), &mut rng, &mut serial);
         }
-        backup_now(&sandbox);
+        // Twenty more in the freeze.
+        std::fs::write(sandbox.path("armed"), "").unwrap();
+        std::thread::scope(|scope| {
+            let backup = scope.spawn(|| backup_now(&sandbox));
+            while !sandbox.path("freezing").exists() {
+                assert!(!backup.is_finished(), "round {round}: the backup ended without freezing the writer");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for _ in 0..20 {
+                random_change(&root.join("data"), &mut rng, &mut serial);
+            }
+            std::fs::write(sandbox.path("changed"), "").unwrap();
+            backup.join().unwrap();
+        });
         walk_now();
         let listed = versions(&sandbox);
         let [.., by_agent, by_walk] = &listed[..] else { panic!("{listed:#?}") };
@@ -1162,11 +1220,22 @@ fn the_agents_journal_holds_through_random_changes_restarts_and_doubt() {
         match round {
             0 | 4 => assert_eq!(read, "walk", "round {round}: {:#}", by_agent["shadow"]["walk"]),
             6 | 7 => assert_eq!(read, "walk", "round {round}: {:#}", by_agent["shadow"]),
-            _ => assert_eq!(read, "journal", "round {round}: {:#}", by_agent["shadow"]),
+            _ => {
+                assert_eq!(read, "journal", "round {round}: {:#}", by_agent["shadow"]);
+                // The changed files were read live, and what changed in the freeze again.
+                let walk = &by_agent["shadow"]["walk"];
+                assert_eq!(walk["read-live"], true, "round {round}: {walk:#}");
+                assert!(walk["folders-named-in-freeze"].as_u64().unwrap() > 1, "round {round}: {walk:#}");
+            }
         }
         journaled += usize::from(read == "journal");
         let (differ, _) = differences(&sandbox, by_agent, by_walk);
-        assert!(differ.is_empty(), "round {round} (seed {seed}): the agent's version differs:\n{}", differ.join("\n"));
+        assert!(
+            differ.is_empty(),
+            "round {round} (seed {seed}): the agent's version differs:\n{}\n{:#}",
+            differ.join("\n"),
+            by_agent["shadow"]["walk"]
+        );
         for figure in ["files", "dirs", "others", "bytes-total"] {
             assert_eq!(by_agent["stats"][figure], by_walk["stats"][figure], "round {round}: {figure}");
         }
