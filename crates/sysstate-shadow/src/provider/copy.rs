@@ -358,6 +358,32 @@ impl Copier<'_> {
         self.out.origins_changed = true;
     }
 
+    /// A live file the caller reads before the freeze (see [`CommitRequest::contents`]): kept
+    /// where the copy holds it as it is (by its origin, which moves with every change), else its
+    /// origin marked out of date; the copy itself is not looked at.
+    fn file_read_live(&mut self, relative: &Path, source: &Path, meta: &std::fs::Metadata) -> Result<(), CommitError> {
+        if !self.out.used.contains_key(&meta.dev()) {
+            let provider = self.provider_on(source, meta.dev());
+            self.out.used.insert(meta.dev(), provider);
+        }
+        let before = self.out.origins.get(Path::new("/").join(relative).as_path()).copied();
+        if before == Some(Origin::of(meta)) && !self.forced.contains(relative) {
+            return self.check_limits();
+        }
+        if self.incremental {
+            // The file a name stood for before (renamed over) lost a link; a file with other
+            // names changed under them too: those are looked at again.
+            if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
+                self.linked.insert((before.device, before.inode));
+            }
+            if meta.nlink() > 1 {
+                self.linked.insert((meta.dev(), meta.ino()));
+            }
+        }
+        self.note_stale_origin(relative, meta);
+        self.check_limits()
+    }
+
     /// Notes that what the copy holds at `relative` (perhaps nothing) is not the live file
     /// `meta`: its origin names the live file, so that its other names are found by it, with a
     /// ctime no file has, so that whatever meets it copies it again.
@@ -407,6 +433,12 @@ impl Copier<'_> {
             self.copy_queued_at(target, true)?;
         }
         self.forget_copied(target, &meta);
+        if !self.req.contents && !meta.is_dir() {
+            // Read live before the freeze: a copy whose origin is forgotten is compared (and
+            // here removed) by whatever meets it next; removing it now was a quarter of the copy
+            // before the freeze.
+            return Ok(());
+        }
         self.remove_tree(target, &meta)
     }
 
@@ -513,6 +545,9 @@ impl Copier<'_> {
         let source = self.req.root.join(relative);
         let target = self.req.dest.join(relative);
         let file_type = meta.file_type();
+        if file_type.is_file() && !self.req.contents {
+            return self.file_read_live(relative, &source, &meta);
+        }
         // Met again (a folder copied whole and named too): compared with the copy made first.
         self.copy_queued_at(&target, false)?;
         let copied = std::fs::symlink_metadata(&target).ok();
@@ -578,16 +613,6 @@ impl Copier<'_> {
                 self.remove(&target)?;
             }
             self.note_origin(relative, &meta); // removing forgot it
-        }
-        if file_type.is_file() && !self.req.contents {
-            // Read live before the freeze: what the copy holds here (if anything) stays, and is
-            // not what the live file is.
-            self.note_stale_origin(relative, &meta);
-            if !self.out.used.contains_key(&meta.dev()) {
-                let provider = self.provider_on(&source, meta.dev());
-                self.out.used.insert(meta.dev(), provider);
-            }
-            return self.check_limits();
         }
         if Origin::of(&meta).ctime_ns >= self.settled_before_ns {
             self.out.unsettled.push(Path::new("/").join(relative));
