@@ -189,7 +189,12 @@ fn walk_and_copy(
     copier.copy_queued()?;
     // Past the deadline is past it, however little there was to look at.
     copier.check_limits()?;
-    // Folders last, deepest first: creating their entries changed their times.
+    // Folders last, deepest first: creating their entries changed their times. Not when the
+    // files are read live: whatever reads a folder of the copy after has it looked at (and its
+    // metadata set) in the freeze first.
+    if !req.contents {
+        copier.dirs.clear();
+    }
     let started = Instant::now();
     copier.dirs.sort_by(|a, b| sysstate_fs::path_order(&a.0, &b.0));
     copier.dirs.dedup_by(|a, b| a.0 == b.0);
