@@ -7,7 +7,7 @@
 use crate::tree::Node;
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Extended attributes: names and values.
@@ -70,18 +70,21 @@ pub struct TreeSource {
     root: PathBuf,
     /// Paths it does not show (absolute, under `root`).
     hidden: Vec<PathBuf>,
+    /// Sockets are not shown either.
+    no_sockets: bool,
 }
 
 impl TreeSource {
     /// The tree under `root`.
     pub fn new(root: impl Into<PathBuf>) -> TreeSource {
-        TreeSource { root: root.into(), hidden: Vec::new() }
+        TreeSource { root: root.into(), hidden: Vec::new(), no_sockets: false }
     }
 
-    /// The tree under `root` but for the entries at `hidden` (absolute paths under it): the
-    /// live system read beside the shadow storage it holds.
-    pub fn hiding(root: impl Into<PathBuf>, hidden: Vec<PathBuf>) -> TreeSource {
-        TreeSource { root: root.into(), hidden }
+    /// The live system under `root`, read beside a shadow copy of it: the entries at `hidden`
+    /// (absolute paths under it, the shadow storage) are not shown, nor sockets (the shadow set
+    /// reports those it leaves out).
+    pub fn live(root: impl Into<PathBuf>, hidden: Vec<PathBuf>) -> TreeSource {
+        TreeSource { root: root.into(), hidden, no_sockets: true }
     }
 
     fn shows(&self, path: &Path) -> bool {
@@ -107,7 +110,8 @@ impl Source for TreeSource {
         if !self.shows(&path) {
             return Ok(None);
         }
-        metadata(&path).map(|meta| meta.map(|meta| (meta, path)))
+        let meta = metadata(&path)?.filter(|meta| !(self.no_sockets && meta.file_type().is_socket()));
+        Ok(meta.map(|meta| (meta, path)))
     }
 
     fn list(&self, dir: &PathBuf) -> std::io::Result<Vec<OsString>> {
@@ -162,5 +166,34 @@ pub fn open_file(path: &Path) -> std::io::Result<File> {
             std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The live system beside its shadow copy shows neither the shadow storage in it nor its
+    /// sockets; a plain tree shows both.
+    #[test]
+    fn the_live_source_hides_shadow_storage_and_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("file"), "kept").unwrap();
+        std::fs::create_dir(root.join("shadow")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
+        let names = |source: &TreeSource| {
+            let mut names = source.list(&root).unwrap();
+            names.sort();
+            names
+        };
+        let found =
+            |source: &TreeSource, name: &str| source.entry(&root, OsStr::new(name), None, None).unwrap().is_some();
+        let live = TreeSource::live(&root, vec![root.join("shadow")]);
+        assert_eq!(names(&live), ["file", "socket"]);
+        assert!(found(&live, "file") && !found(&live, "shadow") && !found(&live, "socket"));
+        let plain = TreeSource::new(&root);
+        assert_eq!(names(&plain), ["file", "shadow", "socket"]);
+        assert!(found(&plain, "shadow") && found(&plain, "socket"));
     }
 }

@@ -266,8 +266,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     // the freeze and read again from the copy (a second pass).
     let live_parent = request.journal.as_ref().and_then(|kept| live_parent(&repo, kept, &selection_id));
     let storages = std::iter::once(&shadow_options.storage).chain(shadow_options.extra.iter().map(|g| &g.storage));
-    let live_source =
-        sysstate_repo::source::TreeSource::hiding(&request.root, storages.map(|s| s.on.clone()).collect());
+    let live_source = sysstate_repo::source::TreeSource::live(&request.root, storages.map(|s| s.on.clone()).collect());
     let mut draft = None;
     let made = {
         let mut read = |before: &sysstate_shadow::BeforeFreeze<'_>| {
@@ -325,13 +324,8 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
         // Nothing read live, or the commit did not follow the journal (it then walked, and the
         // copy is whole): one pass over the copy, by the journal or whole.
         _ => {
-            let (changed, walk, parent) = journal_walk(
-                &repo,
-                live_parent.map(|(id, _)| id).or(parent),
-                set.record(),
-                request.journal.as_ref(),
-                &selection_id,
-            );
+            let (changed, walk, parent) =
+                journal_walk(&repo, parent, set.record(), request.journal.as_ref(), &selection_id);
             shadow["walk"] = walk;
             options.parent = parent;
             parent
