@@ -569,6 +569,14 @@ mod tests {
         }
     }
 
+    /// A repository in `dir/repo`, its index loaded.
+    fn new_repo(dir: &Path) -> Repository {
+        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(Arc::new(LocalBackend::new(dir.join("repo"))), b"p", cheap).unwrap();
+        repo.load_index().unwrap();
+        repo
+    }
+
     /// A backup with kept trees takes its parent's trees of the folders the journal named from
     /// memory: with every pack of trees gone from the repository it still makes the version a
     /// full walk makes (the same trees, the same figures), where a backup without them fails to
@@ -588,9 +596,7 @@ mod tests {
         for path in ["", "a", "a/b", "a/b/changed", "a/b/same", "a/c", "a/c/file", "d", "d/e", "d/e/file"] {
             std::fs::File::open(root.join(path)).unwrap().set_times(later).unwrap();
         }
-        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
-        repo.load_index().unwrap();
+        let repo = new_repo(dir.path());
         let source = crate::source::TreeSource::new(&root);
         let kept = Arc::new(KnownTrees::default());
         let first = backup(&repo, &options(&root, None, None, Some(&kept)), &source, &crate::NoProgress).unwrap();
@@ -646,9 +652,7 @@ mod tests {
         };
         settle(&["", "a", "a/b", "a/c", "d", "d/e", "d/f"]);
         settle(&files);
-        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
-        repo.load_index().unwrap();
+        let repo = new_repo(dir.path());
         let source = crate::source::TreeSource::new(&root);
         let kept = Arc::new(KnownTrees::default());
         let first = backup(&repo, &options(&root, None, None, Some(&kept)), &source, &crate::NoProgress).unwrap();
@@ -719,9 +723,7 @@ mod tests {
             }
         };
         settle(&all);
-        let cheap = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(Arc::new(LocalBackend::new(dir.path().join("repo"))), b"p", cheap).unwrap();
-        repo.load_index().unwrap();
+        let repo = new_repo(dir.path());
         let source = crate::source::TreeSource::new(&root);
         let threads = |options: BackupOptions| BackupOptions { threads: 4, ..options };
         let kept = Arc::new(KnownTrees::default());

@@ -434,15 +434,24 @@ impl Run<'_> {
         for group in groups.iter_mut().filter(|_| live.is_some()) {
             (group.contents, group.live) = (false, true);
         }
+        // A base copy last made for a caller that read live holds older files where nothing
+        // named them since: one that will be read from is compared whole (what the journal
+        // named still goes into the record: the journal is right about what changed).
         let read_live_before = journal.as_ref().is_ok_and(|j| j.base_read_live && j.since.is_some());
-        if let (Ok(journal), true) = (journal.as_mut(), live.is_none() && read_live_before) {
-            journal.since = None;
-            journal.unknown = Some("the base copy was last brought up to date for a backup that read the changed files live, not from it: every entry is compared".into());
-            for group in groups.iter_mut() {
-                (group.changed, group.names) = (None, None);
-                group.relinked.clear();
-                group.forced.clear();
-            }
+        let compare_whole = live.is_none() && read_live_before;
+        let named: Vec<_> = groups
+            .iter_mut()
+            .map(|group| match compare_whole {
+                true => {
+                    group.relinked.clear();
+                    group.forced.clear();
+                    (group.changed.take(), group.names.take())
+                }
+                false => (None, None),
+            })
+            .collect();
+        if compare_whole {
+            tracing::debug!("the base copy was made for a backup that read live: it is compared whole");
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "journal taken before the copy");
         // Nothing is frozen yet: this copy takes what it takes (a signal still stops it). Bound
@@ -455,8 +464,10 @@ impl Run<'_> {
                 match copied {
                     None => {}
                     Some(Ok(copy)) => {
-                        if let (Ok(journal), Some(changed)) = (&mut journal, &group.changed) {
-                            journal.add(changed, group.names.as_ref(), &copy);
+                        let (before, before_names) = &named[index];
+                        if let (Ok(journal), Some(changed)) = (&mut journal, group.changed.as_ref().or(before.as_ref()))
+                        {
+                            journal.add(changed, group.names.as_ref().or(before_names.as_ref()), &copy);
                         }
                         group.changed = None;
                         group.names = None;
