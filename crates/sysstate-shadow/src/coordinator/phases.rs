@@ -442,11 +442,8 @@ impl Run<'_> {
         let named: Vec<_> = groups
             .iter_mut()
             .map(|group| match compare_whole {
-                true => {
-                    group.relinked.clear();
-                    group.forced.clear();
-                    (group.changed.take(), group.names.take())
-                }
+                // Its forced files are copied again still (a whole comparison trusts times).
+                true => (group.changed.take(), group.names.take()),
                 false => (None, None),
             })
             .collect();
@@ -993,9 +990,6 @@ impl Run<'_> {
     }
 }
 
-/// The live paths in `live` (absolute, under `root`) that lie under one of `paths`, as seen from
-/// the root.
-/// [`shown_under`] for the keys of a journal's entry names.
 /// When every group's changed files were read live before the freeze and its commit followed
 /// the journal: what changed since the copy before the freeze took it — the folders the commit
 /// looked at, the names in them, and the files it looked at again outside them, each with its
@@ -1066,6 +1060,7 @@ fn with_folders_above(named: Vec<PathBuf>, paths: &[PathBuf], root: &Path) -> Ve
     all
 }
 
+/// [`shown_under`] for the keys of a journal's entry names.
 fn shown_names(root: &Path, live: &EntryNames, paths: &[PathBuf]) -> EntryNames {
     live.iter()
         .filter_map(|(path, names)| {
@@ -1075,6 +1070,8 @@ fn shown_names(root: &Path, live: &EntryNames, paths: &[PathBuf]) -> EntryNames 
         .collect()
 }
 
+/// The live paths in `live` (absolute, under `root`) that lie under one of `paths`, as seen from
+/// the root.
 fn shown_under(root: &Path, live: &[PathBuf], paths: &[PathBuf]) -> Vec<PathBuf> {
     live.iter()
         .filter_map(|path| path.strip_prefix(root).ok().map(|inside| Path::new("/").join(inside)))
