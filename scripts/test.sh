@@ -30,8 +30,11 @@ if ! command -v garage >/dev/null || ! command -v cargo-fuzz >/dev/null || ! com
     command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
   ) >"$tools_log" 2>&1 &
   tools_pid=$!
-  # A step that fails below ends the script: the build in the background ends with it.
-  trap 'pkill -P "$tools_pid" 2>/dev/null; kill "$tools_pid" 2>/dev/null || true' EXIT
+  # A step that fails below ends the script: the build in the background ends with it. The trap
+  # must not fail itself: under `set -e` a failing command in an EXIT trap becomes the script's
+  # exit status (a pkill that found nothing made a fresh machine's run exit 1 after every test
+  # passed).
+  trap '{ pkill -P "$tools_pid"; kill "$tools_pid"; } 2>/dev/null || true' EXIT
 fi
 
 step "Debian packages"
@@ -100,6 +103,7 @@ if [ -n "$tools_pid" ]; then
     exit 1
   fi
   echo "built in the background: $(grep -Ec '^ +Installed' "$tools_log") tools"
+  trap - EXIT
 fi
 
 step "services"
