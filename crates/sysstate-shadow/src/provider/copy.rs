@@ -364,26 +364,42 @@ impl Copier<'_> {
     /// where the copy holds it as it is (by its origin, which moves with every change), else its
     /// origin marked out of date; the copy itself is not looked at.
     fn file_read_live(&mut self, relative: &Path, source: &Path, meta: &std::fs::Metadata) -> Result<(), CommitError> {
-        if !self.out.used.contains_key(&meta.dev()) {
-            let provider = self.provider_on(source, meta.dev());
-            self.out.used.insert(meta.dev(), provider);
-        }
-        let before = self.out.origins.get(Path::new("/").join(relative).as_path()).copied();
+        self.note_provider(source, meta.dev());
+        let before = self.origin_of(relative);
         if before == Some(Origin::of(meta)) && !self.forced.contains(relative) {
             return self.check_limits();
         }
-        if self.incremental {
-            // The file a name stood for before (renamed over) lost a link; a file with other
-            // names changed under them too: those are looked at again.
-            if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
-                self.linked.insert((before.device, before.inode));
-            }
-            if meta.nlink() > 1 {
-                self.linked.insert((meta.dev(), meta.ino()));
-            }
+        self.note_renamed_over(before, meta);
+        if self.incremental && meta.nlink() > 1 {
+            // A file with other names changed under them too: those are looked at again.
+            self.linked.insert((meta.dev(), meta.ino()));
         }
         self.note_stale_origin(relative, meta);
         self.check_limits()
+    }
+
+    /// What the base's record says the copy holds at `relative`.
+    fn origin_of(&self, relative: &Path) -> Option<Origin> {
+        self.out.origins.get(Path::new("/").join(relative).as_path()).copied()
+    }
+
+    /// A name that stands for another file now than `before` (renamed over): the file it stood
+    /// for lost a link, with an event only in this folder; its other names are looked at.
+    fn note_renamed_over(&mut self, before: Option<Origin>, meta: &std::fs::Metadata) {
+        if !self.incremental {
+            return;
+        }
+        if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
+            self.linked.insert((before.device, before.inode));
+        }
+    }
+
+    /// Notes the provider that copies (or would copy) the files of `device`.
+    fn note_provider(&mut self, source: &Path, device: u64) {
+        if !self.out.used.contains_key(&device) {
+            let provider = self.provider_on(source, device);
+            self.out.used.insert(device, provider);
+        }
     }
 
     /// Notes that what the copy holds at `relative` (perhaps nothing) is not the live file
@@ -549,14 +565,7 @@ impl Copier<'_> {
         // Met again (a folder copied whole and named too): compared with the copy made first.
         self.copy_queued_at(&target, false)?;
         let copied = std::fs::symlink_metadata(&target).ok();
-        if self.incremental {
-            // A name that stands for another file now (renamed over): the file it stood for
-            // lost a link, with an event only in this folder; its other names are looked at.
-            let before = self.out.origins.get(Path::new("/").join(relative).as_path());
-            if let Some(before) = before.filter(|b| (b.device, b.inode) != (meta.dev(), meta.ino()) && b.links != 1) {
-                self.linked.insert((before.device, before.inode));
-            }
-        }
+        self.note_renamed_over(self.origin_of(relative), &meta);
         let keep = copied.as_ref().is_some_and(|copied| self.unchanged(relative, &meta, copied));
         if self.incremental && file_type.is_file() && meta.nlink() > 1 && !keep {
             self.linked.insert((meta.dev(), meta.ino()));
@@ -587,9 +596,8 @@ impl Copier<'_> {
             return if existed { self.check_limits() } else { self.charge(&target) };
         }
         if keep {
-            if file_type.is_file() && !self.out.used.contains_key(&meta.dev()) {
-                let provider = self.provider_on(&source, meta.dev());
-                self.out.used.insert(meta.dev(), provider);
+            if file_type.is_file() {
+                self.note_provider(&source, meta.dev());
             }
             if file_type.is_file() && meta.nlink() > 1 {
                 self.links.entry((meta.dev(), meta.ino())).or_insert(target);

@@ -285,9 +285,9 @@ pub struct CommitRequest<'a> {
     pub relinked: &'a [(u64, u64)],
     /// False when the caller reads the changed files live before the freeze: a refresh by the
     /// journal then brings folders, links and metadata up to date but copies no file's content.
-    /// A file whose copy is out of date keeps it, with no origin recorded, so that whatever
-    /// meets it later copies it again (the commit in the freeze, a walk); one new since is not
-    /// made.
+    /// A file whose copy is out of date keeps it, its origin marked out of date (a ctime no file
+    /// has), so that whatever meets it later copies it again (the commit in the freeze, a walk);
+    /// a deleted file's copy stays with its origin forgotten; one new since is not made.
     pub contents: bool,
 }
 
