@@ -271,10 +271,7 @@ pub fn backup(request: &BackupRequest, passphrase: &[u8], job: &Job<'_>) -> Resu
     let made = {
         let mut read = |before: &sysstate_shadow::BeforeFreeze<'_>| {
             let Some((parent, _)) = live_parent else { return };
-            let mut dirs = before.changed.to_vec();
-            dirs.push(PathBuf::from(crate::generated::GENERATED_DIR));
-            dirs.sort();
-            dirs.dedup();
+            let dirs = with_generated(before.changed.to_vec());
             let changed = Journaled { dirs, whole: Vec::new(), names: before.names.clone(), reread: Vec::new() };
             let pass = archiver::Pass::of_version(&repo, &parent)
                 .and_then(|parent| session.pass(&live_source, &options.selections, Some(&changed), Some(parent)));
@@ -403,24 +400,11 @@ fn journal_walk(
     };
     let made = *kept.made.lock().expect("journal lock");
     let parent_id = made.filter(|(position, _)| *position == since).map(|(_, id)| id).or(latest);
-    let Some(parent) = parent_id.and_then(|id| repo.read_version(&id).ok()) else {
-        return walk("no parent version");
-    };
-    let parent_shadow = parent.shadow.unwrap_or_default();
-    let parent_position: Option<sysstate_shadow::journal::Position> =
-        serde_json::from_value(parent_shadow["journal"].clone()).ok();
-    if parent_position != Some(since) {
-        return walk("the parent version was not read at the journal position the base copy was made at");
+    if let Err(why) = journal_parent(repo, parent_id, since, selection) {
+        return walk(why);
     }
-    if parent_shadow["walk"]["selection"].as_str() != Some(selection) {
-        return walk("the selection (components, paths, excludes) changed since the parent version");
-    }
-    let mut dirs = journal.changed.clone();
-    dirs.push(PathBuf::from(crate::generated::GENERATED_DIR));
     // The folders above a path read whole are read too (the path is in them).
-    dirs.extend(journal.whole.iter().cloned());
-    dirs.sort();
-    dirs.dedup();
+    let dirs = with_generated(journal.changed.iter().chain(&journal.whole).cloned().collect());
     let mut record =
         serde_json::json!({ "read": "journal", "folders-named": journal.changed.len(), "selection": selection });
     if !journal.whole.is_empty() {
@@ -439,9 +423,35 @@ fn live_parent(
     selection: &str,
 ) -> Option<(Id, sysstate_shadow::journal::Position)> {
     let (position, id) = (*kept.made.lock().expect("journal lock"))?;
-    let shadow = repo.read_version(&id).ok()?.shadow.unwrap_or_default();
-    let at: sysstate_shadow::journal::Position = serde_json::from_value(shadow["journal"].clone()).ok()?;
-    (at == position && shadow["walk"]["selection"].as_str() == Some(selection)).then_some((id, position))
+    journal_parent(repo, Some(id), position, selection).ok().map(|()| (id, position))
+}
+
+/// Whether version `id` can be the parent of a backup read by the journal from position `at`
+/// on: it was read at `at`, with the same selection. If not, why not.
+fn journal_parent(
+    repo: &Repository,
+    id: Option<Id>,
+    at: sysstate_shadow::journal::Position,
+    selection: &str,
+) -> std::result::Result<(), &'static str> {
+    let parent = id.and_then(|id| repo.read_version(&id).ok()).ok_or("no parent version")?;
+    let shadow = parent.shadow.unwrap_or_default();
+    let read_at: Option<sysstate_shadow::journal::Position> = serde_json::from_value(shadow["journal"].clone()).ok();
+    if read_at != Some(at) {
+        return Err("the parent version was not read at the journal position the base copy was made at");
+    }
+    if shadow["walk"]["selection"].as_str() != Some(selection) {
+        return Err("the selection (components, paths, excludes) changed since the parent version");
+    }
+    Ok(())
+}
+
+/// `dirs` with the generated components' folder, which every backup reads again, sorted.
+fn with_generated(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    dirs.push(PathBuf::from(crate::generated::GENERATED_DIR));
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }
 
 /// The shadow set options for `paths` under `root`, from the config.

@@ -431,21 +431,20 @@ impl Run<'_> {
                 && self.options.extra.is_empty()
                 && groups.iter().all(|g| !g.provider.snapshots() && g.changed.is_some() && g.previous.is_some())
         });
-        for group in groups.iter_mut().filter(|_| live.is_some()) {
-            (group.contents, group.live) = (false, true);
+        if live.is_some() {
+            for group in groups.iter_mut() {
+                (group.contents, group.live) = (false, true);
+            }
         }
         // A base copy last made for a caller that read live holds older files where nothing
         // named them since: one that will be read from is compared whole (what the journal
         // named still goes into the record: the journal is right about what changed).
         let read_live_before = journal.as_ref().is_ok_and(|j| j.base_read_live && j.since.is_some());
         let compare_whole = live.is_none() && read_live_before;
+        // Its forced files are copied again still (a whole comparison trusts times).
         let named: Vec<_> = groups
             .iter_mut()
-            .map(|group| match compare_whole {
-                // Its forced files are copied again still (a whole comparison trusts times).
-                true => (group.changed.take(), group.names.take()),
-                false => (None, None),
-            })
+            .map(|group| if compare_whole { (group.changed.take(), group.names.take()) } else { (None, None) })
             .collect();
         if compare_whole {
             tracing::debug!("the base copy was made for a backup that read live: it is compared whole");
