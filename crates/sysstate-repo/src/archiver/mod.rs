@@ -671,9 +671,20 @@ mod tests {
         settle(&["a/b", "d/e", "a/b/changed", "d/e/new"]);
         let before_first = journal(&[("/a/b", &["changed"]), ("/d/e", &["new"])]);
         let last = options(&root, Some(first.id), None, Some(&kept));
-        let mut session = Session::new(&repo, &last, &crate::NoProgress);
+        // Progress counts the first pass, which goes through the whole selection, and only it.
+        struct Counted(std::sync::atomic::AtomicU64);
+        impl crate::Progress for Counted {
+            fn file_done(&self, bytes: u64) {
+                self.0.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
+        let counted = Counted(AtomicU64::new(0));
+        let at_first: u64 =
+            files.iter().chain(&["d/e/new"]).map(|path| std::fs::metadata(root.join(path)).unwrap().len()).sum();
+        let mut session = Session::new(&repo, &last, &counted);
         let parent = Pass::of_version(&repo, &first.id).unwrap();
         let draft = session.pass(&source, &last.selections, Some(&before_first), Some(parent)).unwrap();
+        assert_eq!(counted.0.load(Ordering::Relaxed), at_first, "the first pass's bytes");
         // Between the passes: the added file changed again, another changed, one removed.
         std::fs::write(root.join("d/e/new"), "added, then changed between the passes").unwrap();
         std::fs::write(root.join("a/c/file"), "changed between the passes").unwrap();
@@ -683,6 +694,7 @@ mod tests {
         let pass = session.pass(&source, &last.selections, Some(&between), Some(draft)).unwrap();
         assert_ne!(pass.tree, draft.tree);
         let second = session.finish(&last, pass).unwrap();
+        assert_eq!(counted.0.load(Ordering::Relaxed), at_first, "the second pass counted too");
         assert_eq!(second.version.parent, Some(first.id));
         let walked = backup(&repo, &options(&root, None, None, None), &source, &crate::NoProgress).unwrap();
         assert_eq!(second.version.tree, walked.version.tree);
